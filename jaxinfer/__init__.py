@@ -1,0 +1,30 @@
+"""jaxinfer: fast, memory-lean training and generation of large language models in JAX.
+
+The public API::
+
+    model = jaxinfer.load_pretrained("path/to/hf_dir", dtype="float32")
+    logits = model(input_ids)                          # int32 [batch, seq] -> [batch, seq, vocab]
+    out = jaxinfer.generate(model, input_ids, max_new_tokens=32)
+    jaxinfer.save_pretrained(model, "out_dir")
+    tok = jaxinfer.load_tokenizer("path/to/hf_dir")
+"""
+
+from jaxinfer.assets import default_model_dir
+from jaxinfer.checkpoint import load_pretrained, save_pretrained
+from jaxinfer.config import LlamaConfig, RopeScaling
+from jaxinfer.generate import generate
+from jaxinfer.models import LlamaForCausalLM
+from jaxinfer.tokenizer import load_tokenizer
+
+__version__ = "0.1.0"
+
+__all__ = [
+    "LlamaConfig",
+    "LlamaForCausalLM",
+    "RopeScaling",
+    "default_model_dir",
+    "generate",
+    "load_pretrained",
+    "load_tokenizer",
+    "save_pretrained",
+]

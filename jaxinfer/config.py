@@ -1,0 +1,219 @@
+"""Model configuration: one frozen dataclass for the Llama family, read from and written to HF config.json.
+
+Llama 2/3, Mistral and Qwen2 differ only in a handful of switches (rope scaling, projection biases,
+sliding window), so one config and one decoder cover all three. The config is hashable so that jitted
+functions can take it as a static argument.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
+SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+SUPPORTED_DTYPES = ("float32", "bfloat16")
+
+
+@dataclasses.dataclass(frozen=True)
+class RopeScaling:
+    """Rotary-frequency rescaling for context extension (HF `rope_parameters` / `rope_scaling`)."""
+
+    rope_type: str = "default"
+    factor: float = 1.0
+    low_freq_factor: float = 1.0
+    high_freq_factor: float = 4.0
+    original_max_position_embeddings: int = 8192
+
+    def __post_init__(self) -> None:
+        if self.rope_type not in SUPPORTED_ROPE_TYPES:
+            raise ValueError(
+                f"rope_scaling type must be one of {SUPPORTED_ROPE_TYPES}; got {self.rope_type!r}"
+            )
+        if self.factor <= 0:
+            raise ValueError(f"rope_scaling factor must be positive; got {self.factor}")
+
+
+@dataclasses.dataclass(frozen=True)
+class LlamaConfig:
+    """Architecture of a Llama-family decoder and the dtypes it runs in.
+
+    `param_dtype` is how weights are stored, `dtype` the compute dtype of matmuls; normalization,
+    softmax and logits are always float32.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    num_attention_heads: int
+    num_key_value_heads: int
+    max_position_embeddings: int
+    head_dim: int | None = None
+    model_type: str = "llama"
+    rms_norm_eps: float = 1e-6
+    rope_theta: float = 10000.0
+    rope_scaling: RopeScaling | None = None
+    qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
+    o_bias: bool = False  # Llama with attention_bias
+    mlp_bias: bool = False
+    sliding_window: int | None = None  # Mistral: a query sees at most this many keys
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+
+    def __post_init__(self) -> None:
+        if self.head_dim is None:
+            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1))
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        elif isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"model_type must be one of {SUPPORTED_MODEL_TYPES}; got {self.model_type!r}"
+            )
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                     "head_dim"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.num_attention_heads % self.num_key_value_heads:
+            raise ValueError(
+                "num_attention_heads must be a multiple of num_key_value_heads; got "
+                f"{self.num_attention_heads} and {self.num_key_value_heads}"
+            )
+        if self.sliding_window is not None and self.sliding_window <= 0:
+            raise ValueError(f"sliding_window must be positive or None; got {self.sliding_window}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in SUPPORTED_DTYPES:
+                raise ValueError(
+                    f"{name} must be one of {SUPPORTED_DTYPES}; got {getattr(self, name)!r}"
+                )
+
+    @property
+    def num_query_groups(self) -> int:
+        """Query heads that share one KV head (1 = multi-head, num_attention_heads = multi-query)."""
+        return self.num_attention_heads // self.num_key_value_heads
+
+    def replace(self, **changes: Any) -> LlamaConfig:
+        return dataclasses.replace(self, **changes)
+
+    # ------------------------------------------------------------------ HF interop
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], *, dtype: str = "float32") -> LlamaConfig:
+        """Build from a Hugging Face config dict (transformers 4.x or 5.x spelling)."""
+        model_type = hf.get("model_type")
+        if model_type not in SUPPORTED_MODEL_TYPES:
+            raise ValueError(
+                f"config.json: model_type must be one of {SUPPORTED_MODEL_TYPES}; got {model_type!r}"
+            )
+        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                    "num_attention_heads")
+        missing = [key for key in required if key not in hf]
+        if missing:
+            raise ValueError(f"config.json: missing required field(s) {missing}")
+        act = hf.get("hidden_act", "silu")
+        if act != "silu":
+            raise ValueError(f"config.json: hidden_act must be 'silu' for {model_type}; got {act!r}")
+        if model_type == "qwen2" and hf.get("use_sliding_window", False):
+            raise ValueError("config.json: qwen2 with use_sliding_window=true is not supported yet")
+
+        # transformers 5 folds theta and scaling into rope_parameters; 4.x has rope_theta + rope_scaling
+        rope = dict(hf.get("rope_parameters") or {})
+        legacy = hf.get("rope_scaling") or {}
+        rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
+        scaling = {**legacy, **{k: v for k, v in rope.items() if k != "rope_theta"}}
+        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        rope_scaling = None
+        if rope_type != "default":
+            fields = {f.name for f in dataclasses.fields(RopeScaling)}
+            rope_scaling = RopeScaling(
+                rope_type=rope_type,
+                **{k: v for k, v in scaling.items() if k in fields and k != "rope_type"},
+            )
+
+        attention_bias = bool(hf.get("attention_bias", False))
+        eos = hf.get("eos_token_id")
+        return cls(
+            model_type=model_type,
+            vocab_size=hf["vocab_size"],
+            hidden_size=hf["hidden_size"],
+            intermediate_size=hf["intermediate_size"],
+            num_hidden_layers=hf["num_hidden_layers"],
+            num_attention_heads=hf["num_attention_heads"],
+            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
+            head_dim=hf.get("head_dim"),
+            max_position_embeddings=hf.get("max_position_embeddings", 2048),
+            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
+            rope_theta=rope_theta,
+            rope_scaling=rope_scaling,
+            qkv_bias=attention_bias or model_type == "qwen2",
+            o_bias=attention_bias and model_type == "llama",
+            mlp_bias=bool(hf.get("mlp_bias", False)),
+            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
+            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+            bos_token_id=hf.get("bos_token_id"),
+            eos_token_id=() if eos is None else eos,
+            dtype=dtype,
+            param_dtype=dtype,
+        )
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json that transformers loads back into the same architecture."""
+        architectures = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
+                         "qwen2": "Qwen2ForCausalLM"}
+        rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
+        if self.rope_scaling is not None:
+            rope_parameters.update(dataclasses.asdict(self.rope_scaling))
+        hf: dict[str, Any] = {
+            "architectures": [architectures[self.model_type]],
+            "model_type": self.model_type,
+            "vocab_size": self.vocab_size,
+            "hidden_size": self.hidden_size,
+            "intermediate_size": self.intermediate_size,
+            "num_hidden_layers": self.num_hidden_layers,
+            "num_attention_heads": self.num_attention_heads,
+            "num_key_value_heads": self.num_key_value_heads,
+            "head_dim": self.head_dim,
+            "max_position_embeddings": self.max_position_embeddings,
+            "rms_norm_eps": self.rms_norm_eps,
+            "hidden_act": "silu",
+            "rope_parameters": rope_parameters,
+            # transformers 4.x reads these two instead of rope_parameters
+            "rope_theta": self.rope_theta,
+            "rope_scaling": None if self.rope_scaling is None else {
+                k: v for k, v in rope_parameters.items() if k != "rope_theta"},
+            "tie_word_embeddings": self.tie_word_embeddings,
+            "bos_token_id": self.bos_token_id,
+            "eos_token_id": (self.eos_token_id[0] if len(self.eos_token_id) == 1
+                             else list(self.eos_token_id) or None),
+            "torch_dtype": self.param_dtype,
+        }
+        if self.model_type == "llama":
+            hf["attention_bias"] = self.qkv_bias
+            hf["mlp_bias"] = self.mlp_bias
+        if self.model_type == "mistral":
+            hf["sliding_window"] = self.sliding_window
+        if self.model_type == "qwen2":
+            hf["use_sliding_window"] = False
+        return hf
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, *, dtype: str = "float32") -> LlamaConfig:
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
+        return cls.from_hf_config(hf, dtype=dtype)

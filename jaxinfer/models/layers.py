@@ -1,0 +1,82 @@
+"""Building blocks shared by the decoders: linear, embedding, RMSNorm, SwiGLU MLP.
+
+Every parameter carries `logical_axes` metadata (DESIGN.md's logical names). The `sharding` package
+maps those names to mesh axes, so a new parallel layout never edits a model.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+INIT_STDDEV = 0.02  # the initializer_range of HF Llama configs
+
+
+def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
+    """A trainable parameter tagged with one logical axis name per dimension."""
+    if len(axes) != value.ndim:
+        raise ValueError(f"logical axes {tuple(axes)} do not match parameter shape {value.shape}")
+    return nnx.Param(value, logical_axes=tuple(axes))
+
+
+class Linear(nnx.Module):
+    """y = x @ kernel (+ bias); kernel [in, out] stored in param_dtype, matmul in compute dtype."""
+
+    def __init__(self, in_features: int, out_features: int, *, axes: tuple[str, str], use_bias: bool,
+                 dtype: jnp.dtype, param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        init = jax.random.normal(rngs.params(), (in_features, out_features), jnp.float32) * INIT_STDDEV
+        self.kernel = param(init.astype(param_dtype), axes)
+        self.bias = param(jnp.zeros((out_features,), param_dtype), axes[1:]) if use_bias else None
+        self.dtype = dtype
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
+        y = jnp.dot(x.astype(self.dtype), self.kernel[...].astype(self.dtype))
+        if self.bias is not None:
+            y = y + self.bias[...].astype(self.dtype)
+        return y
+
+
+class Embedding(nnx.Module):
+    """Token embedding table [vocab, embed]; `attend` reuses it as a tied output projection."""
+
+    def __init__(self, vocab_size: int, features: int, *, dtype: jnp.dtype, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        init = jax.random.normal(rngs.params(), (vocab_size, features), jnp.float32) * INIT_STDDEV
+        self.embedding = param(init.astype(param_dtype), ("vocab", "embed"))
+        self.dtype = dtype
+
+    def __call__(self, ids: jax.Array) -> jax.Array:  # [batch, seq] -> [batch, seq, embed]
+        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+
+    def attend(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed] -> [batch, seq, vocab]
+        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+
+
+class RMSNorm(nnx.Module):
+    """Root-mean-square norm computed in float32, scaled after casting back (as HF Llama does)."""
+
+    def __init__(self, features: int, *, eps: float, param_dtype: jnp.dtype):
+        self.weight = param(jnp.ones((features,), param_dtype), ("embed",))
+        self.eps = eps
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [..., embed]
+        x32 = x.astype(jnp.float32)
+        normed = x32 * jax.lax.rsqrt(jnp.mean(x32 * x32, axis=-1, keepdims=True) + self.eps)
+        return self.weight[...].astype(x.dtype) * normed.astype(x.dtype)
+
+
+class SwiGLU(nnx.Module):
+    """down(silu(gate(x)) * up(x)), the Llama feed-forward block."""
+
+    def __init__(self, features: int, hidden: int, *, use_bias: bool, dtype: jnp.dtype,
+                 param_dtype: jnp.dtype, rngs: nnx.Rngs):
+        kw = dict(use_bias=use_bias, dtype=dtype, param_dtype=param_dtype, rngs=rngs)
+        self.gate_proj = Linear(features, hidden, axes=("embed", "mlp"), **kw)
+        self.up_proj = Linear(features, hidden, axes=("embed", "mlp"), **kw)
+        self.down_proj = Linear(hidden, features, axes=("mlp", "embed"), **kw)
+
+    def __call__(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed]
+        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))

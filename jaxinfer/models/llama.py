@@ -1,0 +1,110 @@
+"""Llama-family decoder (Llama 2/3, Mistral, Qwen2) as a Flax NNX module.
+
+The parameter tree mirrors Hugging Face's module names (`layers[i].self_attn.q_proj.kernel`) so that
+checkpoint conversion is a rename plus a transpose. `__call__` is a plain traceable forward pass;
+`forward` adds the KV cache that generation uses.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxinfer.config import LlamaConfig
+from jaxinfer.models.attention import attention
+from jaxinfer.models.inputs import check_input_ids
+from jaxinfer.models.kv_cache import KVCache, LayerKV
+from jaxinfer.models.layers import Embedding, Linear, RMSNorm, SwiGLU
+from jaxinfer.models.rope import apply_rotary, inverse_frequencies, rotary_tables
+
+
+class SelfAttention(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        kw = dict(dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+        self.q_proj = Linear(c.hidden_size, c.num_attention_heads * c.head_dim,
+                             axes=("embed", "heads"), use_bias=c.qkv_bias, **kw)
+        self.k_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim,
+                             axes=("embed", "kv_heads"), use_bias=c.qkv_bias, **kw)
+        self.v_proj = Linear(c.hidden_size, c.num_key_value_heads * c.head_dim,
+                             axes=("embed", "kv_heads"), use_bias=c.qkv_bias, **kw)
+        self.o_proj = Linear(c.num_attention_heads * c.head_dim, c.hidden_size,
+                             axes=("heads", "embed"), use_bias=c.o_bias, **kw)
+        self.num_heads, self.num_kv_heads, self.head_dim = (
+            c.num_attention_heads, c.num_key_value_heads, c.head_dim)
+        self.sliding_window = c.sliding_window
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
+                 kv: LayerKV | None, start: jax.Array) -> tuple[jax.Array, LayerKV | None]:
+        batch, t, _ = x.shape  # x [batch, T, embed]
+        q = self.q_proj(x).reshape(batch, t, self.num_heads, self.head_dim)
+        k = self.k_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim)
+        v = self.v_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim)
+        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        if kv is not None:
+            kv = kv.write(k, v, start)
+            k, v = kv.k.astype(q.dtype), kv.v.astype(q.dtype)  # [batch, max_len, Hkv, D]
+        out = attention(q, k, v, positions, sliding_window=self.sliding_window)
+        return self.o_proj(out.reshape(batch, t, self.num_heads * self.head_dim)), kv
+
+
+class DecoderLayer(nnx.Module):
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps,
+                                       param_dtype=jnp.dtype(c.param_dtype))
+        self.self_attn = SelfAttention(c, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps,
+                                                param_dtype=jnp.dtype(c.param_dtype))
+        self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias,
+                          dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+
+    def __call__(self, x, cos, sin, positions, kv, start):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+
+class LlamaForCausalLM(nnx.Module):
+    """Token ids [batch, seq] -> next-token logits float32 [batch, seq, vocab]."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
+                                      param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+        self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=jnp.dtype(c.param_dtype))
+        self.lm_head = None if c.tie_word_embeddings else Linear(
+            c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False,
+            dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        check_input_ids(input_ids, self.config)
+        logits, _ = self.forward(input_ids)
+        return logits
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        return KVCache.zeros(c.num_hidden_layers, batch, max_len, c.num_key_value_heads,
+                             c.head_dim, jnp.dtype(c.dtype))
+
+    def forward(self, input_ids: jax.Array, cache: KVCache | None = None,
+                start: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+        """Logits for input_ids [batch, T] at positions start..start+T-1, reading and extending
+        `cache` when given (prefill: start=0 with the whole prompt; decode: one token at a time)."""
+        batch, t = input_ids.shape
+        start = jnp.asarray(start, jnp.int32)
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+        cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
+        x = self.embed_tokens(input_ids)  # [batch, T, embed]
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.layers[i]
+            x, kv = layer(x, cos, sin, positions, kv, start)
+            new_layers.append(kv)
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        new_cache = None if cache is None else KVCache(tuple(new_layers))
+        return logits.astype(jnp.float32), new_cache
