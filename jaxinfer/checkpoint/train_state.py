@@ -1,0 +1,43 @@
+"""Orbax checkpoints of the whole training state.
+
+Orbax writes each step to a temporary directory and renames it when complete, so a run killed
+mid-save leaves the previous checkpoint intact; `latest_step` only ever sees finished ones.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+import jax
+import orbax.checkpoint as ocp
+
+
+class TrainStateCheckpointer:
+    """Save and restore a train-state pytree (params, optimizer state, step, RNG, data position)."""
+
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
+        self.directory = Path(directory).absolute()
+        self._manager = ocp.CheckpointManager(
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+
+    def latest_step(self) -> int | None:
+        return self._manager.latest_step()
+
+    def save(self, step: int, state: Any) -> None:
+        self._manager.save(step, args=ocp.args.StandardSave(state))
+
+    def restore(self, target: Any, step: int | None = None) -> Any:
+        """Restore into the structure, shapes and dtypes of `target` (a live or abstract state)."""
+        step = self.latest_step() if step is None else step
+        if step is None:
+            raise FileNotFoundError(f"no checkpoint to restore in {self.directory}")
+        abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
+        return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
+
+    def wait(self) -> None:
+        self._manager.wait_until_finished()
+
+    def close(self) -> None:
+        self._manager.close()

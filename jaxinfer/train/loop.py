@@ -1,0 +1,156 @@
+"""The training loop: jitted steps, periodic evaluation, orbax checkpoints, exact resume.
+
+A run directory holds everything needed to continue: the model's config.json, the tokenizer, the
+train settings, orbax checkpoints of the full train state and a metrics.jsonl loss log. Resuming
+restores the state of the latest checkpoint, drops log lines written after it, and continues; since
+batches are a function of the data position, the loss curve is the uninterrupted run's.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
+from jaxinfer.models.llama import LlamaForCausalLM
+from jaxinfer.train.data import TokenWindows
+from jaxinfer.train.optimizer import learning_rate_schedule, make_optimizer
+from jaxinfer.train.step import make_eval_step, make_train_step
+
+log = logging.getLogger(__name__)
+
+METRICS_FILE = "metrics.jsonl"
+TRAIN_CONFIG_FILE = "train_config.json"
+
+
+@dataclasses.dataclass(frozen=True)
+class TrainConfig:
+    steps: int = 1000
+    batch_size: int = 16
+    seq_len: int = 256
+    grad_accum: int = 1  # micro-batches averaged per optimizer update
+    learning_rate: float = 3e-3
+    warmup_steps: int = 100
+    weight_decay: float = 0.1
+    clip_norm: float = 1.0
+    eval_every: int = 100
+    eval_batches: int = 8
+    checkpoint_every: int = 100
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
+                     "checkpoint_every"):
+            if getattr(self, name) < 1:
+                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
+        if self.learning_rate <= 0:
+            raise ValueError(f"learning_rate must be positive; got {self.learning_rate}")
+
+    def save(self, path: Path) -> None:
+        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
+
+    @classmethod
+    def load(cls, path: Path) -> TrainConfig:
+        return cls(**json.loads(path.read_text()))
+
+
+@dataclasses.dataclass
+class TrainResult:
+    model: LlamaForCausalLM
+    history: list[dict]  # one record per step: step, loss, grad_norm, lr and (some) eval_loss
+    wall_seconds: float  # this invocation only
+
+
+def _read_history(path: Path, up_to_step: int) -> list[dict]:
+    if not path.exists():
+        return []
+    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
+    return [r for r in records if r["step"] <= up_to_step]
+
+
+def train(model: LlamaForCausalLM, train_tokens: np.ndarray, eval_tokens: np.ndarray,
+          config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
+          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+    """Train `model` (not modified; the trained model is returned) on next-token prediction.
+
+    With `resume=True` and a checkpoint in run_dir, continue from it; `on_step` sees each record."""
+    run_dir = Path(run_dir)
+    run_dir.mkdir(parents=True, exist_ok=True)
+    if config.eval_every and len(eval_tokens) < config.seq_len + 2:
+        raise ValueError(f"held-out set has {len(eval_tokens)} tokens; need more than "
+                         f"seq_len + 1 = {config.seq_len + 1}")
+    (run_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+    config.save(run_dir / TRAIN_CONFIG_FILE)
+
+    data = TokenWindows(train_tokens, config.seq_len, config.batch_size * config.grad_accum,
+                        seed=config.seed)
+    eval_set = [jnp.asarray(b) for b in
+                TokenWindows(eval_tokens, config.seq_len, config.batch_size).fixed_batches(
+                    config.eval_batches)]
+    tx = make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
+                        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+                        clip_norm=config.clip_norm)
+    graphdef, params = nnx.split(model)
+    state = {
+        "params": params,
+        "opt_state": tx.init(params),
+        "step": jnp.int32(0),
+        "rng": jax.random.key_data(jax.random.key(config.seed)),  # for stochastic layers
+        "data_position": jnp.int32(0),
+    }
+    checkpointer = TrainStateCheckpointer(run_dir / "checkpoints")
+    if resume and checkpointer.latest_step() is not None:
+        state = checkpointer.restore(state)
+        log.info("resumed from step %d in %s", int(state["step"]), run_dir)
+    start_step = int(state["step"])
+    history = _read_history(run_dir / METRICS_FILE, start_step)
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
+
+    train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
+    schedule = learning_rate_schedule(config.learning_rate, config.steps, config.warmup_steps)
+    began = time.perf_counter()
+    params, opt_state = state["params"], state["opt_state"]
+    position, rng = int(state["data_position"]), state["rng"]
+    bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
+               desc="train", disable=not progress, dynamic_ncols=True)
+    metrics = (run_dir / METRICS_FILE).open("a")
+    try:
+        for step in bar:
+            batches = data.batch(position).reshape(
+                config.grad_accum, config.batch_size, config.seq_len + 1)
+            params, opt_state, loss, grad_norm = train_step(params, opt_state, jnp.asarray(batches))
+            position += 1
+            rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
+            record = {"step": step + 1, "loss": float(loss), "grad_norm": float(grad_norm),
+                      "lr": float(schedule(step)),
+                      "tokens": (step + 1) * config.batch_size * config.grad_accum * config.seq_len}
+            if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
+                eval_loss = float(np.mean([eval_step(params, b) for b in eval_set]))
+                record.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
+            history.append(record)
+            metrics.write(json.dumps(record) + "\n")
+            metrics.flush()
+            bar.set_postfix(loss=f"{record['loss']:.3f}", **(
+                {"eval": f"{record['eval_loss']:.3f}"} if "eval_loss" in record else {}))
+            if (step + 1) % config.checkpoint_every == 0 or step + 1 == config.steps:
+                checkpointer.save(step + 1, {
+                    "params": params, "opt_state": opt_state, "step": jnp.int32(step + 1),
+                    "rng": rng, "data_position": jnp.int32(position)})
+            if on_step is not None:
+                on_step(record)
+    finally:
+        metrics.close()
+        checkpointer.wait()
+        checkpointer.close()
+    return TrainResult(nnx.merge(graphdef, params), history, time.perf_counter() - began)
