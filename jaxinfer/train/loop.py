@@ -127,6 +127,7 @@ def train(model: LlamaForCausalLM, train_tokens: np.ndarray, eval_tokens: np.nda
     metrics = (run_dir / METRICS_FILE).open("a")
     try:
         for step in bar:
+            step_began = time.perf_counter()
             batches = data.batch(position).reshape(
                 config.grad_accum, config.batch_size, config.seq_len + 1)
             params, opt_state, loss, grad_norm = train_step(params, opt_state, jnp.asarray(batches))
@@ -138,6 +139,7 @@ def train(model: LlamaForCausalLM, train_tokens: np.ndarray, eval_tokens: np.nda
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
                 eval_loss = float(np.mean([eval_step(params, b) for b in eval_set]))
                 record.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
+            record["seconds"] = time.perf_counter() - step_began
             history.append(record)
             metrics.write(json.dumps(record) + "\n")
             metrics.flush()
