@@ -26,7 +26,7 @@ from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.models.llama import LlamaForCausalLM
 from jaxinfer.train.data import TokenWindows
 from jaxinfer.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxinfer.train.step import make_eval_step, make_train_step
+from jaxinfer.train.step import eval_step, train_step
 
 log = logging.getLogger(__name__)
 
@@ -117,7 +117,6 @@ def train(model: LlamaForCausalLM, train_tokens: np.ndarray, eval_tokens: np.nda
     history = _read_history(run_dir / METRICS_FILE, start_step)
     (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
 
-    train_step, eval_step = make_train_step(graphdef, tx), make_eval_step(graphdef)
     schedule = learning_rate_schedule(config.learning_rate, config.steps, config.warmup_steps)
     began = time.perf_counter()
     params, opt_state = state["params"], state["opt_state"]
@@ -130,14 +129,15 @@ def train(model: LlamaForCausalLM, train_tokens: np.ndarray, eval_tokens: np.nda
             step_began = time.perf_counter()
             batches = data.batch(position).reshape(
                 config.grad_accum, config.batch_size, config.seq_len + 1)
-            params, opt_state, loss, grad_norm = train_step(params, opt_state, jnp.asarray(batches))
+            params, opt_state, loss, grad_norm = train_step(
+                graphdef, tx, params, opt_state, jnp.asarray(batches))
             position += 1
             rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
             record = {"step": step + 1, "loss": float(loss), "grad_norm": float(grad_norm),
                       "lr": float(schedule(step)),
                       "tokens": (step + 1) * config.batch_size * config.grad_accum * config.seq_len}
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                eval_loss = float(np.mean([eval_step(params, b) for b in eval_set]))
+                eval_loss = float(np.mean([eval_step(graphdef, params, b) for b in eval_set]))
                 record.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
             record["seconds"] = time.perf_counter() - step_began
             history.append(record)

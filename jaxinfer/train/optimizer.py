@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import optax
 
@@ -14,6 +16,7 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int,
         decay_steps=max(total_steps, warmup_steps + 1), end_value=peak * min_lr_ratio)
 
 
+@functools.cache  # equal settings -> the same object, so jitted steps that take it stay cached
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
                    weight_decay: float, clip_norm: float, min_lr_ratio: float = 0.1
                    ) -> optax.GradientTransformation:

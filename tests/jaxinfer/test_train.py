@@ -1,0 +1,146 @@
+"""Training: the loss falls, gradient accumulation is exact, and a killed run resumes on the same curve."""
+
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxinfer
+from jaxinfer.assets import corpus_sample_path
+from jaxinfer.tokenizer import train_bpe
+from jaxinfer.train import TokenWindows, TrainConfig, split_held_out, tokenize_corpus, train
+from jaxinfer.train.optimizer import make_optimizer
+from jaxinfer.train.step import train_step
+
+# Same program, same inputs, same CPU: a resumed run must match bit for bit; the margin only
+# absorbs a different XLA thread schedule.
+RESUME_RTOL = 1e-6
+# Accumulating two half-batches sums the same per-token terms in another order.
+ACCUM_ATOL = 1e-5
+
+
+@pytest.fixture(scope="module")
+def corpus_tokens():
+    text = corpus_sample_path().read_text()
+    tokenizer = train_bpe(text.splitlines(), vocab_size=320)
+    return split_held_out(tokenize_corpus(text, tokenizer), 0.1), tokenizer.get_vocab_size()
+
+
+def tiny_model(vocab_size: int, seed: int = 0) -> jaxinfer.LlamaForCausalLM:
+    config = jaxinfer.LlamaConfig(vocab_size=vocab_size, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                                  max_position_embeddings=64)
+    return jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
+
+
+def test_loss_decreases_on_small_corpus(corpus_tokens, tmp_path):
+    (train_tokens, eval_tokens), vocab = corpus_tokens
+    config = TrainConfig(steps=30, batch_size=8, seq_len=32, learning_rate=1e-2, warmup_steps=5,
+                         eval_every=15, checkpoint_every=30)
+    result = train(tiny_model(vocab), train_tokens, eval_tokens, config, tmp_path, progress=False)
+    losses = [r["loss"] for r in result.history]
+    evals = [r["eval_loss"] for r in result.history if "eval_loss" in r]
+    assert losses[0] > np.log(vocab) - 0.5  # starts near uniform
+    assert np.mean(losses[-5:]) < losses[0] - 1.0
+    assert evals[-1] < evals[0]
+
+
+def test_train_leaves_input_model_unchanged(corpus_tokens, tmp_path):
+    (train_tokens, eval_tokens), vocab = corpus_tokens
+    model = tiny_model(vocab)
+    before = jax.tree.map(np.array, nnx.state(model))
+    config = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=2, checkpoint_every=2)
+    result = train(model, train_tokens, eval_tokens, config, tmp_path, progress=False)
+    after = nnx.state(model)
+    assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
+    trained = nnx.state(result.model)
+    assert not all(np.array_equal(a, b)
+                   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trained)))
+
+
+def test_gradient_accumulation_matches_full_batch(corpus_tokens):
+    (train_tokens, _), vocab = corpus_tokens
+    graphdef, params = nnx.split(tiny_model(vocab))
+    tx = make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1,
+                        clip_norm=1.0)
+    batch = TokenWindows(train_tokens, seq_len=16, batch_size=8).batch(0)  # [8, 17]
+    full = train_step(graphdef, tx, params, tx.init(params), batch[None])
+    accumulated = train_step(graphdef, tx, params, tx.init(params), batch.reshape(2, 4, 17))
+    np.testing.assert_allclose(full[2], accumulated[2], atol=ACCUM_ATOL)
+    for a, b in zip(jax.tree.leaves(full[0]), jax.tree.leaves(accumulated[0])):
+        np.testing.assert_allclose(a, b, atol=ACCUM_ATOL)
+
+
+def test_batches_are_a_function_of_position():
+    windows = TokenWindows(np.arange(1000, dtype=np.int32), seq_len=8, batch_size=4, seed=3)
+    np.testing.assert_array_equal(windows.batch(5), windows.batch(5))
+    assert not np.array_equal(windows.batch(5), windows.batch(6))
+    rows = windows.batch(0)
+    np.testing.assert_array_equal(rows[:, 1:] - rows[:, :-1], 1)  # contiguous windows
+
+
+class Crash(Exception):
+    pass
+
+
+def test_killed_run_resumes_on_the_same_loss_curve(corpus_tokens, tmp_path):
+    (train_tokens, eval_tokens), vocab = corpus_tokens
+    config = TrainConfig(steps=8, batch_size=4, seq_len=16, learning_rate=1e-2, warmup_steps=2,
+                         eval_every=4, checkpoint_every=3)
+    model = tiny_model(vocab)
+    straight = train(model, train_tokens, eval_tokens, config, tmp_path / "a", progress=False)
+
+    def crash_after_step_5(record):
+        if record["step"] == 5:
+            raise Crash
+
+    with pytest.raises(Crash):
+        train(model, train_tokens, eval_tokens, config, tmp_path / "b", progress=False,
+              on_step=crash_after_step_5)
+    resumed = train(model, train_tokens, eval_tokens, config, tmp_path / "b", progress=False,
+                    resume=True)
+    assert [r["step"] for r in resumed.history] == list(range(1, 9))  # step 4, 5 were redone from 3
+    np.testing.assert_allclose([r["loss"] for r in resumed.history],
+                               [r["loss"] for r in straight.history], rtol=RESUME_RTOL)
+    for a, b in zip(jax.tree.leaves(nnx.state(resumed.model)),
+                    jax.tree.leaves(nnx.state(straight.model))):
+        np.testing.assert_allclose(a, b, rtol=RESUME_RTOL, atol=1e-7)
+
+
+@pytest.mark.slow
+def test_cli_train_survives_sigkill_and_resumes(tmp_path):
+    """The real thing: SIGKILL the `jaxinfer train` process once a checkpoint exists, then --resume."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(corpus_sample_path().read_text()[:60000])
+    config = tmp_path / "config.json"
+    config.write_text('{"model_type": "llama", "vocab_size": 300, "hidden_size": 32, '
+                      '"intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, '
+                      '"num_key_value_heads": 1, "max_position_embeddings": 64}')
+    args = ["--steps", "40", "--batch-size", "2", "--seq-len", "16", "--eval-every", "20",
+            "--checkpoint-every", "5", "--vocab-size", "300"]
+    cmd = [sys.executable, "-m", "jaxinfer.cli", "train", "--corpus", str(corpus), "--config",
+           str(config)]
+    subprocess.run(cmd + ["--out", str(tmp_path / "a")] + args, check=True, capture_output=True)
+
+    run_b = tmp_path / "b"
+    proc = subprocess.Popen(cmd + ["--out", str(run_b)] + args, stdout=subprocess.DEVNULL,
+                            stderr=subprocess.DEVNULL)
+    deadline = time.time() + 120
+    while time.time() < deadline and not (run_b / "checkpoints" / "10").exists():
+        time.sleep(0.05)
+    os.kill(proc.pid, signal.SIGKILL)
+    proc.wait()
+    subprocess.run([sys.executable, "-m", "jaxinfer.cli", "train", "--out", str(run_b), "--resume"],
+                   check=True, capture_output=True)
+
+    def losses(run):
+        import json
+        return [json.loads(line)["loss"] for line in (run / "metrics.jsonl").read_text().splitlines()]
+
+    np.testing.assert_allclose(losses(run_b), losses(tmp_path / "a"), rtol=RESUME_RTOL)
