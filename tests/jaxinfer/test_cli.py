@@ -1,0 +1,48 @@
+"""The command line: generate on the embedded model, convert, and clear errors with exit code 2."""
+
+import json
+
+import numpy as np
+import pytest
+
+import jaxinfer
+from jaxinfer import cli
+
+
+def test_generate_uses_embedded_model_and_reports_speed(capsys):
+    assert cli.main(["generate", "In the beginning", "--max-new-tokens", "8"]) == 0
+    out, err = capsys.readouterr()
+    assert out.startswith("In the beginning")
+    assert len(out.strip()) > len("In the beginning")
+    assert "tokens/s" in err
+
+
+def test_generate_continuation_is_the_greedy_continuation(capsys):
+    model_dir = jaxinfer.default_model_dir()
+    model, tok = jaxinfer.load_pretrained(model_dir), jaxinfer.load_tokenizer(model_dir)
+    ids = np.array([tok.encode("And God said").ids], dtype=np.int32)
+    expected = tok.decode(np.asarray(jaxinfer.generate(model, ids, max_new_tokens=6))[0].tolist())
+    assert cli.main(["generate", "And God said", "--max-new-tokens", "6"]) == 0
+    assert capsys.readouterr().out.strip() == expected.strip()
+
+
+def test_convert_to_sharded_bfloat16(tmp_path):
+    dst = tmp_path / "converted"
+    assert cli.main(["convert", str(jaxinfer.default_model_dir()), str(dst), "--dtype", "bfloat16",
+                     "--shard-size-mb", "2"]) == 0
+    index = json.loads((dst / "model.safetensors.index.json").read_text())
+    assert len(set(index["weight_map"].values())) > 1
+    assert (dst / "tokenizer.json").exists()
+    assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    model = jaxinfer.load_pretrained(dst, dtype="bfloat16")
+    assert np.isfinite(np.asarray(model(np.array([[1, 2, 3]], dtype=np.int32)))).all()
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--model", "/nonexistent/model"], "does not exist"),
+    (["train", "--out", "/tmp/jaxinfer-no-such-run", "--resume"], "no run to resume"),
+    (["train", "--out", "/tmp/x"], "--corpus is required"),
+], ids=["missing-model", "resume-without-run", "train-without-corpus"])
+def test_errors_exit_2_with_message(argv, message, capsys):
+    assert cli.main(argv) == 2
+    assert message in capsys.readouterr().err
