@@ -133,6 +133,10 @@ class LlamaConfig:
         rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
         scaling = {**legacy, **{k: v for k, v in rope.items() if k != "rope_theta"}}
         rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+        if rope_type == "llama3" and "original_max_position_embeddings" not in scaling:
+            # transformers falls back to the model's own context length
+            scaling["original_max_position_embeddings"] = hf.get(
+                "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
         rope_scaling = None
         if rope_type != "default":
             fields = {f.name for f in dataclasses.fields(RopeScaling)}
@@ -141,7 +145,8 @@ class LlamaConfig:
                 **{k: v for k, v in scaling.items() if k in fields and k != "rope_type"},
             )
 
-        attention_bias = bool(hf.get("attention_bias", False))
+        # HF's Mistral and Qwen2 classes ignore attention_bias / mlp_bias; only Llama reads them
+        attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
         eos = hf.get("eos_token_id")
         return cls(
             model_type=model_type,
@@ -158,7 +163,7 @@ class LlamaConfig:
             rope_scaling=rope_scaling,
             qkv_bias=attention_bias or model_type == "qwen2",
             o_bias=attention_bias and model_type == "llama",
-            mlp_bias=bool(hf.get("mlp_bias", False)),
+            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
             sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
             tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
             bos_token_id=hf.get("bos_token_id"),
@@ -168,7 +173,23 @@ class LlamaConfig:
         )
 
     def to_hf_config(self) -> dict[str, Any]:
-        """The config.json that transformers loads back into the same architecture."""
+        """The config.json that transformers loads back into the same architecture.
+
+        Raises ValueError for switch combinations HF's classes cannot express, rather than writing
+        a checkpoint that transformers would run as a different model."""
+        problems = []
+        if self.model_type == "llama" and self.qkv_bias != self.o_bias:
+            problems.append("llama's attention_bias covers q/k/v and o together; got "
+                            f"qkv_bias={self.qkv_bias}, o_bias={self.o_bias}")
+        if self.model_type == "mistral" and (self.qkv_bias or self.o_bias or self.mlp_bias):
+            problems.append("mistral has no qkv_bias, o_bias or mlp_bias")
+        if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias or self.mlp_bias):
+            problems.append("qwen2 needs qkv_bias=True and has no o_bias or mlp_bias")
+        if self.sliding_window is not None and self.model_type != "mistral":
+            problems.append(f"sliding_window is only expressible for mistral; got {self.model_type}")
+        if problems:
+            raise ValueError("config cannot be written as a Hugging Face config.json: "
+                             + "; ".join(problems))
         architectures = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                          "qwen2": "Qwen2ForCausalLM"}
         rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}

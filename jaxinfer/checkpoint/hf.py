@@ -15,7 +15,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors import safe_open
+from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 
 from jaxinfer.config import LlamaConfig
@@ -54,8 +54,11 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     if not single.exists():
         raise FileNotFoundError(
             f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; expected safetensors weights")
-    with safe_open(single, framework="flax") as f:
-        return {name: single for name in f.keys()}
+    try:
+        with safe_open(single, framework="flax") as f:
+            return {name: single for name in f.keys()}
+    except SafetensorError as e:
+        raise ValueError(f"{single} is not a readable safetensors file: {e}") from None
 
 
 def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32") -> LlamaForCausalLM:
@@ -95,9 +98,12 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32") -> Lla
                 continue
             name, transposed = wanted[path]
             file = files[name]
-            if file not in handles:
-                handles[file] = safe_open(file, framework="flax").__enter__()
-            tensor = handles[file].get_tensor(name)
+            try:
+                if file not in handles:
+                    handles[file] = safe_open(file, framework="flax").__enter__()
+                tensor = handles[file].get_tensor(name)
+            except SafetensorError as e:
+                raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from None
             expected = var.value.shape[::-1] if transposed else var.value.shape
             if tensor.shape != expected:
                 raise ValueError(f"tensor {name!r} in {file.name} has shape {list(tensor.shape)}; "

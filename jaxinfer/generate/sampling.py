@@ -47,7 +47,7 @@ def filter_logits(logits: jax.Array, params: SamplingArrays) -> jax.Array:
     # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p (at least one)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = mass_before < params.top_p
+    keep = (mass_before < params.top_p) | (params.top_p >= 1.0)  # f32 cumsum can round to 1
     cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)  # [batch, 1]
     return jnp.where(logits < cutoff, NEG_INF, logits)
 

@@ -50,7 +50,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
     if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
         raise ValueError(f"seed must be an integer; got {seed!r}")
     params = make_sampling_params(temperature, top_k, top_p)
-    check_input_ids(input_ids, model.config, new_tokens=int(max_new_tokens))
+    input_ids = check_input_ids(input_ids, model.config, new_tokens=int(max_new_tokens))
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if max_new_tokens == 0:
         return input_ids

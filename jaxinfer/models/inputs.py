@@ -8,11 +8,18 @@ import numpy as np
 from jaxinfer.config import LlamaConfig
 
 
-def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0) -> None:
-    """Raise ValueError unless input_ids is an integer [batch, seq] array of in-vocabulary ids that
-    leaves room for `new_tokens` more positions within the model's context.
+def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0):
+    """Return input_ids as an array after checking that it is an integer [batch, seq] array of
+    in-vocabulary ids that leaves room for `new_tokens` more positions within the model's context.
 
-    Value checks are skipped for traced arrays (inside jit the caller is responsible)."""
+    Nested lists are accepted. Value checks are skipped for traced arrays (inside jit the caller
+    is responsible)."""
+    if isinstance(input_ids, (list, tuple)):
+        try:
+            input_ids = np.asarray(input_ids)
+        except ValueError:
+            raise ValueError("input_ids must be a rectangular [batch, seq] array; got ragged "
+                             "nested lists") from None
     shape = getattr(input_ids, "shape", None)
     dtype = getattr(input_ids, "dtype", None)
     if shape is None or len(shape) != 2:
@@ -29,7 +36,7 @@ def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0) -> N
             f"{config.max_position_embeddings} positions (max_position_embeddings)"
         )
     if isinstance(input_ids, jax.core.Tracer):
-        return
+        return input_ids
     ids = np.asarray(input_ids)
     low, high = int(ids.min()), int(ids.max())
     if low < 0 or high >= config.vocab_size:
@@ -37,3 +44,4 @@ def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0) -> N
         raise ValueError(
             f"input_ids must lie in [0, {config.vocab_size}) (vocab_size); found token id {bad}"
         )
+    return input_ids

@@ -81,8 +81,8 @@ class LlamaForCausalLM(nnx.Module):
             dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
-        check_input_ids(input_ids, self.config)
-        logits, _ = self.forward(input_ids)
+        input_ids = check_input_ids(input_ids, self.config)
+        logits, _ = self.forward(jnp.asarray(input_ids))
         return logits
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
