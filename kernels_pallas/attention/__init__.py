@@ -1,0 +1,103 @@
+"""Attention: ``flash_attention``, ``merge_attention`` and the ``tile_fraction`` helper.
+
+One function, several implementations (DESIGN.md):
+
+* ``reference`` (``reference.py``): plain jnp in float32, materializes the scores. The oracle.
+* ``xla`` (``xla.py``): online softmax over KV blocks in jnp, memory linear in S, block-sparse loop
+  bounds, custom VJP. What CPU users run.
+* ``pallas`` (``pallas_gpu.py``): FlashAttention-2 Pallas kernels (forward, dq, dk/dv) lowered
+  through Triton on NVIDIA GPUs; on CPU they run with ``interpret=True`` (how the tests exercise
+  them). There is no TPU (Mosaic) kernel yet, so ``backend="pallas"`` raises on TPU.
+* ``auto``: pallas on GPU, xla on CPU and TPU.
+"""
+
+from __future__ import annotations
+
+import jax
+
+from kernels_pallas.attention import checks, pallas_gpu, reference, xla
+from kernels_pallas.attention.merge import merge_attention
+from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
+                                             default_block_sizes, tile_fraction)
+
+__all__ = ["flash_attention", "merge_attention", "tile_fraction", "BlockSizes",
+           "DEFAULT_BLOCK_SIZES"]
+
+
+def _resolve_backend(backend: str) -> tuple[str, bool]:
+    """-> (implementation, interpret)."""
+    platform = jax.default_backend()
+    if backend == "auto":
+        backend = "pallas" if platform == "gpu" else "xla"
+    if backend == "pallas":
+        if platform == "tpu":
+            raise NotImplementedError(
+                "backend='pallas' has no TPU (Mosaic) kernel yet; use backend='xla' or 'auto'")
+        return "pallas", platform != "gpu"
+    return backend, False
+
+
+def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=None,
+                    softmax_scale=None, logit_softcap=None, return_lse=False, backend="auto",
+                    block_q=None, block_k=None):
+    """Exact softmax attention with memory linear in sequence length.
+
+    Args:
+      q: [batch, T, Hq, D]. k, v: [batch, S, Hkv, D], Hq % Hkv == 0 (GQA/MQA; K/V are never
+        repeated). One dtype for all three: float32, bfloat16 or float16; softmax statistics and
+        accumulators are float32.
+      causal: T == S, or T < S with the queries being the LAST T of the S positions (query row r
+        sits at position r + S - T), so the causal mask aligns bottom-right as chunked prefill
+        needs: key j is visible to row r iff j <= r + S - T.
+      segment_ids: int [batch, S] (ids of all S positions; the queries take the last T), or a pair
+        (q_ids [batch, T], kv_ids [batch, S]). A query sees only keys with its own id.
+      local_window: (left, right) or an int w meaning (w, w), as in
+        ``jax.nn.dot_product_attention``'s ``local_window_size``: the query at position p sees keys
+        p - left .. p + right. Combined with ``causal`` the right side is 0 in effect.
+      softmax_scale: multiplies q·k; default 1/sqrt(D).
+      logit_softcap: scores become cap * tanh(scores / cap) (after scaling), as in Gemma 2.
+      return_lse: also return the float32 log-sum-exp of the (scaled, capped) scores
+        [batch, T, Hq]; gradients flow through it too (``merge_attention``, ring attention).
+      backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU/TPU).
+      block_q, block_k: tile sizes (forward and backward); None takes the backend's defaults
+        from ``DEFAULT_BLOCK_SIZES``. Pallas needs powers of two >= 16.
+
+    Returns:
+      out [batch, T, Hq, D] in q's dtype, and with ``return_lse`` also lse float32 [batch, T, Hq].
+      A query row that sees no key at all (only possible through segment ids) gets out = 0 and
+      lse = -inf, and zero gradients.
+    """
+    checks.check_qkv(q, k, v)
+    checks.check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend)
+    window = checks.check_window(local_window)
+    batch, t, _, d = q.shape
+    s = k.shape[1]
+    q_ids, kv_ids = checks.check_segment_ids(segment_ids, batch, t, s)
+    impl, interpret = _resolve_backend(backend)
+    checks.check_block("block_q", block_q, pallas=impl == "pallas", minimum=16)
+    checks.check_block("block_k", block_k, pallas=impl == "pallas", minimum=16)
+    scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
+    softcap = None if logit_softcap is None else float(logit_softcap)
+    spec = MaskSpec(t, s, causal, window, q_ids is not None)
+
+    if impl == "reference":
+        out, lse = reference.attention(q, k, v, causal=causal, q_segment_ids=q_ids,
+                                       kv_segment_ids=kv_ids, local_window=window,
+                                       softmax_scale=scale, logit_softcap=softcap)
+        out = out.astype(q.dtype)
+    else:
+        blocks = default_block_sizes(impl, d)
+        bq = blocks.block_q if block_q is None else block_q
+        bk = blocks.block_k if block_k is None else block_k
+        if impl == "xla":
+            out, lse = xla.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
+                                           softcap=softcap, block_q=bq, block_k=bk)
+        else:
+            blocks = BlockSizes(
+                block_q=bq, block_k=bk,
+                block_q_bwd=blocks.block_q_bwd if block_q is None else block_q,
+                block_k_bwd=blocks.block_k_bwd if block_k is None else block_k)
+            out, lse = pallas_gpu.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
+                                                  softcap=softcap, blocks=blocks,
+                                                  interpret=interpret)
+    return (out, lse) if return_lse else out

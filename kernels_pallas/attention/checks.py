@@ -1,0 +1,122 @@
+"""Validation of flash_attention's arguments: one ValueError/TypeError per mistake, at the API."""
+
+from __future__ import annotations
+
+import numbers
+
+import jax.numpy as jnp
+
+BACKENDS = ("auto", "reference", "xla", "pallas")
+DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
+
+
+def _shape(x) -> str:
+    return "[" + ", ".join(str(n) for n in x.shape) + "]"
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, numbers.Real) and not isinstance(x, bool)
+
+
+def check_qkv(q, k, v) -> None:
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(f"{name} must be an array; got {type(x).__name__}")
+    if q.ndim != 4:
+        raise ValueError(f"q must have rank 4 [batch, T, Hq, D]; got q {_shape(q)}")
+    if k.ndim != 4:
+        raise ValueError(f"k must have rank 4 [batch, S, Hkv, D]; got k {_shape(k)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {_shape(k)} and v {_shape(v)}")
+    if q.shape[0] != k.shape[0]:
+        raise ValueError(f"q and k must have the same batch size; "
+                         f"got q {_shape(q)} and k {_shape(k)}")
+    if q.shape[3] != k.shape[3]:
+        raise ValueError(f"q and k must have the same head dim D; "
+                         f"got q {_shape(q)} and k {_shape(k)}")
+    if min(q.shape) < 1 or min(k.shape) < 1:
+        raise ValueError(f"q and k must have no empty axis; got q {_shape(q)} and k {_shape(k)}")
+    hq, hkv = q.shape[2], k.shape[2]
+    if hq % hkv:
+        raise ValueError(f"the number of query heads must be a multiple of the number of KV heads "
+                         f"(Hq % Hkv == 0); got Hq={hq}, Hkv={hkv}")
+    t, s = q.shape[1], k.shape[1]
+    if t > s:
+        raise ValueError(f"q may not be longer than k (T <= S: the queries are the last T of the S "
+                         f"positions); got T={t}, S={s}")
+    dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
+    if len(dtypes) != 1:
+        raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
+    if jnp.dtype(q.dtype) not in DTYPES:
+        raise ValueError(f"q, k and v must be float32, bfloat16 or float16; got {q.dtype}")
+
+
+def check_segment_ids(segment_ids, batch: int, t: int, s: int):
+    """-> (q_ids int32 [batch, T], kv_ids int32 [batch, S]) or (None, None)."""
+    if segment_ids is None:
+        return None, None
+    single = not isinstance(segment_ids, (tuple, list))
+    if single:
+        q_ids = kv_ids = segment_ids
+        expected = (("segment_ids", segment_ids, (batch, s), "[batch, S]"),)
+    else:
+        if len(segment_ids) != 2:
+            raise ValueError(f"segment_ids must be an array [batch, S] or a pair "
+                             f"(q_ids [batch, T], kv_ids [batch, S]); "
+                             f"got a sequence of {len(segment_ids)}")
+        q_ids, kv_ids = segment_ids
+        expected = (("segment_ids[0] (q_ids)", q_ids, (batch, t), "[batch, T]"),
+                    ("segment_ids[1] (kv_ids)", kv_ids, (batch, s), "[batch, S]"))
+    for name, ids, shape, label in expected:
+        if not (hasattr(ids, "shape") and hasattr(ids, "dtype")):
+            raise TypeError(f"{name} must be an integer array; got {type(ids).__name__}")
+        if tuple(ids.shape) != shape:
+            raise ValueError(f"{name} must have shape {label} = [{shape[0]}, {shape[1]}]; "
+                             f"got {_shape(ids)}")
+        if not jnp.issubdtype(ids.dtype, jnp.integer):
+            raise ValueError(f"{name} must have an integer dtype; got {ids.dtype}")
+    kv_ids = jnp.asarray(kv_ids, jnp.int32)
+    # One array covers all S positions; the queries are the last T of them.
+    q_ids = kv_ids[:, s - t:] if single else jnp.asarray(q_ids, jnp.int32)
+    return q_ids, kv_ids
+
+
+def check_window(local_window):
+    if local_window is None:
+        return None
+    if _is_int(local_window):
+        local_window = (local_window, local_window)
+    if (not isinstance(local_window, (tuple, list)) or len(local_window) != 2
+            or not all(_is_int(w) and w >= 0 for w in local_window)):
+        raise ValueError(f"local_window must be None, an int >= 0 or a pair (left, right) of ints "
+                         f">= 0; got {local_window!r}")
+    return (int(local_window[0]), int(local_window[1]))
+
+
+def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend) -> None:
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {causal!r}")
+    if not isinstance(return_lse, bool):
+        raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
+    if softmax_scale is not None and not (_is_real(softmax_scale) and softmax_scale != 0):
+        raise ValueError(f"softmax_scale must be None or a nonzero Python number; "
+                         f"got {softmax_scale!r}")
+    if logit_softcap is not None and not (_is_real(logit_softcap) and logit_softcap > 0):
+        raise ValueError(f"logit_softcap must be None or a Python number > 0; "
+                         f"got {logit_softcap!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+
+
+def check_block(name: str, block, *, pallas: bool, minimum: int) -> None:
+    if block is None:
+        return
+    if not _is_int(block) or block < 1:
+        raise ValueError(f"{name} must be None or a positive int; got {block!r}")
+    if pallas and (block < minimum or block & (block - 1)):
+        raise ValueError(f"{name} must be a power of two >= {minimum} for the Pallas backend "
+                         f"(Triton tiles); got {block}")

@@ -1,0 +1,57 @@
+"""The definition of attention: plain jnp, float32, the full [T, S] score matrix. The oracle.
+
+Materializes scores and probabilities ([batch, Hkv, groups, T, S] float32), so memory is quadratic
+in sequence length; it exists to be obviously right and to differentiate through plain autodiff.
+The mask is written out densely here, independently of the tiled masks in ``tiling.py``.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+
+def dense_mask(t: int, s: int, *, causal: bool, local_window, q_segment_ids=None,
+               kv_segment_ids=None) -> jax.Array:
+    """Bool [batch or 1, T, S]. Queries are the last T of S positions (bottom-right alignment)."""
+    q_pos = jnp.arange(t)[:, None] + (s - t)  # [T, 1]
+    k_pos = jnp.arange(s)[None, :]  # [1, S]
+    mask = jnp.ones((t, s), dtype=bool)
+    if causal:
+        mask &= k_pos <= q_pos
+    if local_window is not None:
+        left, right = local_window
+        mask &= (k_pos >= q_pos - left) & (k_pos <= q_pos + right)
+    mask = mask[None]
+    if q_segment_ids is not None:
+        mask = mask & (q_segment_ids[:, :, None] == kv_segment_ids[:, None, :])
+    return mask
+
+
+def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
+              local_window=None, softmax_scale=None, logit_softcap=None):
+    """q [batch, T, Hq, D]; k, v [batch, S, Hkv, D] -> (out [batch, T, Hq, D] float32,
+    lse [batch, T, Hq] float32). Rows that see no key give out 0 and lse -inf.
+    """
+    batch, t, hq, d = q.shape
+    s, hkv = k.shape[1], k.shape[2]
+    scale = d ** -0.5 if softmax_scale is None else softmax_scale
+    qg = q.astype(jnp.float32).reshape(batch, t, hkv, hq // hkv, d)  # [batch, T, Hkv, groups, D]
+    scores = jnp.einsum("btkgd,bskd->bkgts", qg, k.astype(jnp.float32)) * scale
+    if logit_softcap is not None:
+        scores = logit_softcap * jnp.tanh(scores / logit_softcap)
+    mask = dense_mask(t, s, causal=causal, local_window=local_window,
+                      q_segment_ids=q_segment_ids, kv_segment_ids=kv_segment_ids)
+    scores = jnp.where(mask[:, None, None], scores, -jnp.inf)  # [batch, Hkv, groups, T, S]
+    row_max = jnp.max(scores, axis=-1, keepdims=True)
+    # The result does not depend on the shift; a fully masked row (max -inf) shifts by 0.
+    shift = jax.lax.stop_gradient(jnp.where(jnp.isfinite(row_max), row_max, 0.0))
+    weights = jnp.exp(scores - shift)  # masked entries are exactly 0
+    denom = jnp.sum(weights, axis=-1)  # [batch, Hkv, groups, T]
+    seen = denom > 0
+    safe_denom = jnp.where(seen, denom, 1.0)
+    out = jnp.einsum("bkgts,bskd->btkgd", weights, v.astype(jnp.float32))
+    out = out / jnp.moveaxis(safe_denom, -1, 1)[..., None]
+    lse = jnp.where(seen, jnp.log(safe_denom) + shift[..., 0], -jnp.inf)
+    lse = jnp.moveaxis(lse, -1, 1).reshape(batch, t, hq)  # [batch, T, Hq]
+    return out.reshape(batch, t, hq, d), lse

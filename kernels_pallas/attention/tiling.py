@@ -1,0 +1,210 @@
+"""Tile logic shared by the XLA and Pallas paths: block sizes, padding, in-tile masks, sparsity.
+
+Positions. Key slot ``c`` sits at position ``c``; query row ``r`` sits at position ``r + S - T``
+(the queries are the last T positions, so a causal mask aligns bottom-right). Key ``c`` is visible
+to query ``r`` iff
+
+    r < T and c < S                                   (padding is never visible)
+    and (not causal or c <= pos)                       (pos = r + S - T)
+    and (window is None or pos - left <= c <= pos + right)
+    and (segments is None or q_ids[r] == kv_ids[c]).
+
+Block sparsity. For a q block the visible keys of the causal/window band form one contiguous
+interval (each row sees an interval whose ends grow with the row), so the KV blocks a q block must
+visit are a contiguous range ``[lo, hi)``, and likewise the q blocks a KV block must visit. With
+segment ids, a tile whose q-id range ``[min, max]`` and kv-id range do not intersect is dropped too;
+the loops then run from the first to the last surviving tile, which is exact for packed sequences
+(sorted ids) and conservative (computes some empty tiles, masked) for unsorted ids.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+
+# A large finite negative for masked scores: exp(MASK - m) underflows to 0 without inf - inf NaNs.
+MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+
+
+@dataclasses.dataclass(frozen=True)
+class BlockSizes:
+    """Tile sizes: forward (block_q x block_k) and backward (block_q_bwd x block_k_bwd)."""
+
+    block_q: int
+    block_k: int
+    block_q_bwd: int
+    block_k_bwd: int
+
+
+# One table for every backend's default tiles. The Pallas GPU numbers follow the Triton FA2
+# tutorial's shapes and are not yet tuned on a card; wide heads halve the tiles so q, k, v and the
+# accumulator fit in shared memory/registers.
+DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
+    "xla": BlockSizes(block_q=512, block_k=512, block_q_bwd=512, block_k_bwd=512),
+    "pallas_gpu": BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64),
+    "pallas_gpu_wide": BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32),
+}
+PALLAS_WIDE_HEAD_DIM = 256  # padded head dims at or above this use "pallas_gpu_wide"
+PALLAS_MIN_BLOCK = 16  # Triton's dot needs every operand dimension >= 16
+
+
+def default_block_sizes(backend: str, head_dim: int) -> BlockSizes:
+    """The table entry for ``backend`` ("xla" or "pallas") at this head dim."""
+    if backend == "xla":
+        return DEFAULT_BLOCK_SIZES["xla"]
+    if padded_head_dim(head_dim) >= PALLAS_WIDE_HEAD_DIM:
+        return DEFAULT_BLOCK_SIZES["pallas_gpu_wide"]
+    return DEFAULT_BLOCK_SIZES["pallas_gpu"]
+
+
+def next_power_of_2(n: int) -> int:
+    return 1 << max(0, (n - 1).bit_length())
+
+
+def padded_head_dim(head_dim: int) -> int:
+    """Triton tiles are powers of two, at least 16 wide."""
+    return max(PALLAS_MIN_BLOCK, next_power_of_2(head_dim))
+
+
+def cdiv(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclasses.dataclass(frozen=True)
+class MaskSpec:
+    """Static description of the mask (see the module docstring for the rule)."""
+
+    t: int
+    s: int
+    causal: bool
+    window: tuple[int, int] | None
+    segments: bool
+
+    @property
+    def offset(self) -> int:
+        return self.s - self.t
+
+
+def tile_mask(spec: MaskSpec, rows, cols, q_seg=None, kv_seg=None, *, t_pad: int, s_pad: int):
+    """Boolean visibility of a tile, or None when nothing in it can be masked.
+
+    rows int32 [..., bq, 1] and cols int32 [..., 1, bk] are padded-array indices; q_seg [..., bq, 1]
+    and kv_seg [..., 1, bk] the matching segment ids. Only jnp comparisons, so it runs inside a
+    Pallas kernel as well as in plain XLA.
+    """
+    mask = None
+
+    def conj(a, b):
+        return b if a is None else a & b
+
+    if t_pad != spec.t:
+        mask = conj(mask, rows < spec.t)
+    if s_pad != spec.s:
+        mask = conj(mask, cols < spec.s)
+    pos = rows + spec.offset
+    if spec.causal:
+        mask = conj(mask, cols <= pos)
+    if spec.window is not None:
+        left, right = spec.window
+        mask = conj(mask, (cols >= pos - left) & (cols <= pos + right))
+    if spec.segments:
+        mask = conj(mask, q_seg == kv_seg)
+    return mask
+
+
+def pad_to(x: jax.Array, axis: int, size: int, mode: str = "constant") -> jax.Array:
+    """Pad ``axis`` of ``x`` at the end up to ``size`` (zeros, or edge values for segment ids)."""
+    extra = size - x.shape[axis]
+    if extra == 0:
+        return x
+    widths = [(0, 0)] * x.ndim
+    widths[axis] = (0, extra)
+    return jnp.pad(x, widths, mode=mode)
+
+
+def block_visibility(spec: MaskSpec, block_q: int, block_k: int, t_pad: int, s_pad: int,
+                     q_seg=None, kv_seg=None) -> jax.Array:
+    """Bool [batch or 1, t_pad // block_q, s_pad // block_k]: may the tile hold a visible pair?
+
+    q_seg int32 [batch, t_pad], kv_seg int32 [batch, s_pad] are edge-padded segment ids (padding
+    repeats the last id, so it never widens a block's id range).
+    """
+    nq, nk = t_pad // block_q, s_pad // block_k
+    r0 = jnp.arange(nq, dtype=jnp.int32) * block_q
+    r1 = jnp.minimum(r0 + block_q, spec.t) - 1
+    c0 = jnp.arange(nk, dtype=jnp.int32) * block_k
+    c1 = jnp.minimum(c0 + block_k, spec.s) - 1
+    p0, p1 = r0 + spec.offset, r1 + spec.offset
+    lower = jnp.zeros_like(p0)
+    upper = jnp.full_like(p1, spec.s - 1)
+    if spec.window is not None:
+        left, right = spec.window
+        lower = jnp.maximum(p0 - left, 0)
+        upper = jnp.minimum(p1 + right, spec.s - 1)
+    if spec.causal:
+        upper = jnp.minimum(upper, p1)
+    vis = ((c0[None, :] <= upper[:, None]) & (c1[None, :] >= lower[:, None])
+           & (r0[:, None] < spec.t) & (c0[None, :] < spec.s))  # [nq, nk]
+    vis = vis[None]
+    if spec.segments:
+        qb = q_seg.reshape(q_seg.shape[0], nq, block_q)
+        kb = kv_seg.reshape(kv_seg.shape[0], nk, block_k)
+        q_min, q_max = qb.min(-1), qb.max(-1)  # [batch, nq]
+        k_min, k_max = kb.min(-1), kb.max(-1)  # [batch, nk]
+        vis = (vis & (q_min[:, :, None] <= k_max[:, None, :])
+               & (q_max[:, :, None] >= k_min[:, None, :]))
+    return vis
+
+
+def loop_bounds(vis: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """[..., n, m] bool -> int32 lo, hi [..., n]: first and one-past-last visible column.
+
+    A row with no visible column gets lo = hi = 0 (an empty loop).
+    """
+    m = vis.shape[-1]
+    any_ = vis.any(-1)
+    lo = jnp.argmax(vis, axis=-1)
+    hi = m - jnp.argmax(vis[..., ::-1], axis=-1)
+    return (jnp.where(any_, lo, 0).astype(jnp.int32), jnp.where(any_, hi, 0).astype(jnp.int32))
+
+
+def tile_fraction(t: int, s: int, *, causal: bool = False, local_window=None, segment_ids=None,
+                  block_q: int | None = None, block_k: int | None = None) -> float:
+    """Fraction of the (block_q x block_k) tiles of a T x S score matrix that the kernels compute.
+
+    ``local_window`` is ``(left, right)`` or an int (symmetric); ``segment_ids`` an int array
+    [batch, S] (T == S) or a pair ([batch, T], [batch, S]); the fraction is averaged over the batch.
+    Defaults to the Pallas GPU forward tiles. 1.0 means dense; the run time of the masked part of
+    attention scales with this number.
+    """
+    defaults = DEFAULT_BLOCK_SIZES["pallas_gpu"]
+    block_q = defaults.block_q if block_q is None else block_q
+    block_k = defaults.block_k if block_k is None else block_k
+    if isinstance(local_window, int):
+        local_window = (local_window, local_window)
+    q_seg = kv_seg = None
+    if segment_ids is not None:
+        if isinstance(segment_ids, (tuple, list)):
+            q_seg, kv_seg = (jnp.asarray(a, jnp.int32) for a in segment_ids)
+        else:
+            kv_seg = jnp.asarray(segment_ids, jnp.int32)
+            q_seg = kv_seg[:, s - t:]
+    nq, nk = cdiv(t, block_q), cdiv(s, block_k)
+    spec = MaskSpec(t, s, bool(causal), None if local_window is None else tuple(local_window),
+                    segment_ids is not None)
+    batch = 1 if q_seg is None else q_seg.shape[0]
+    return float(_computed_tiles(spec, block_q, block_k, q_seg, kv_seg)) / (batch * nq * nk)
+
+
+@functools.partial(jax.jit, static_argnums=(0, 1, 2))
+def _computed_tiles(spec: MaskSpec, block_q: int, block_k: int, q_seg, kv_seg):
+    t_pad, s_pad = cdiv(spec.t, block_q) * block_q, cdiv(spec.s, block_k) * block_k
+    if spec.segments:
+        q_seg = pad_to(q_seg, 1, t_pad, mode="edge")
+        kv_seg = pad_to(kv_seg, 1, s_pad, mode="edge")
+    vis = block_visibility(spec, block_q, block_k, t_pad, s_pad, q_seg, kv_seg)
+    lo, hi = loop_bounds(vis)
+    return jnp.sum(hi - lo)

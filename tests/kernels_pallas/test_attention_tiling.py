@@ -1,0 +1,77 @@
+"""Block sparsity (tile_fraction, loop bounds) and Triton lowering of the Pallas kernels."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import tile_fraction
+from kernels_pallas.attention import pallas_gpu, tiling
+from kernels_pallas.attention.reference import dense_mask
+
+
+def test_tile_fraction_causal_square_is_lower_triangle():
+    # 4 x 4 tiles of 16: the causal mask leaves the 10 tiles on and below the diagonal.
+    assert tile_fraction(64, 64, causal=True, block_q=16, block_k=16) == 10 / 16
+
+
+def test_tile_fraction_causal_prefix_aligns_bottom_right():
+    # T=32 queries are positions 32..63: q block 0 sees keys 0..47 (3 tiles), block 1 all 4.
+    assert tile_fraction(32, 64, causal=True, block_q=16, block_k=16) == 7 / 8
+
+
+def test_tile_fraction_window_is_a_band():
+    # Row p sees p-15..p: q block i needs kv blocks i-1 and i (block 0 only itself): 7 of 16.
+    assert tile_fraction(64, 64, local_window=(15, 0), block_q=16, block_k=16) == 7 / 16
+    assert tile_fraction(64, 64, block_q=16, block_k=16) == 1.0
+
+
+def test_tile_fraction_packed_segments_are_block_diagonal():
+    ids = jnp.asarray([[0] * 32 + [1] * 32], jnp.int32)
+    assert tile_fraction(64, 64, segment_ids=ids, block_q=16, block_k=16) == 8 / 16
+    assert tile_fraction(64, 64, causal=True, segment_ids=ids, block_q=16, block_k=16) == 6 / 16
+
+
+@pytest.mark.parametrize("t,s,causal,window", [(17, 33, True, None), (33, 33, False, (5, 3)),
+                                               (40, 100, True, (20, 0)), (100, 100, False, None)])
+def test_loop_bounds_cover_exactly_the_non_empty_tiles(t, s, causal, window):
+    """Every tile holding a visible pair is inside [lo, hi), and every visited tile holds one."""
+    bq, bk = 16, 8
+    spec = tiling.MaskSpec(t, s, causal, window, False)
+    t_pad, s_pad = tiling.cdiv(t, bq) * bq, tiling.cdiv(s, bk) * bk
+    lo, hi = jax.jit(lambda: tiling.loop_bounds(
+        tiling.block_visibility(spec, bq, bk, t_pad, s_pad)))()
+    dense = np.zeros((t_pad, s_pad), bool)
+    dense[:t, :s] = np.asarray(dense_mask(t, s, causal=causal, local_window=window))[0]
+    tiles = dense.reshape(t_pad // bq, bq, s_pad // bk, bk).any(axis=(1, 3))
+    for i in range(t_pad // bq):
+        visited = np.zeros(s_pad // bk, bool)
+        visited[int(lo[0, i]):int(hi[0, i])] = True
+        np.testing.assert_array_equal(visited, tiles[i])
+
+
+@pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
+def test_pallas_kernels_lower_to_triton(d):
+    """Forward, dq and dk/dv kernels pass the Triton lowering (power-of-two tiles etc.) for the
+    head dims the issue requires; lowering needs no GPU. Compiling to PTX does."""
+    pytest.importorskip("jax.experimental.pallas.triton")
+    batch, t, s, hq, hkv = 2, 100, 300, 6, 2  # odd lengths, GQA with 3 heads per KV head
+    dt = jnp.bfloat16
+    q = jax.ShapeDtypeStruct((batch, t, hq, d), dt)
+    kv = jax.ShapeDtypeStruct((batch, s, hkv, d), dt)
+    ids_q = jax.ShapeDtypeStruct((batch, t), jnp.int32)
+    ids_kv = jax.ShapeDtypeStruct((batch, s), jnp.int32)
+    spec = tiling.MaskSpec(t, s, True, (64, 0), True)
+
+    def fwd_bwd(q, k, v, q_ids, kv_ids):
+        def attend(q, k, v):
+            return pallas_gpu.flash_attention(
+                q, k, v, q_ids, kv_ids, spec=spec, scale=0.1, softcap=30.0,
+                blocks=tiling.default_block_sizes("pallas", d), interpret=False)
+        outs, vjp = jax.vjp(attend, q, k, v)
+        return vjp(outs)
+
+    lowered = jax.jit(fwd_bwd).trace(q, kv, kv, ids_q, ids_kv).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3

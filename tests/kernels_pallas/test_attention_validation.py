@@ -1,0 +1,68 @@
+"""flash_attention rejects bad input at the API, naming the argument, the expectation, the value."""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+import pytest
+
+from kernels_pallas import flash_attention
+
+Q = jnp.zeros((2, 8, 4, 16), jnp.float32)
+KV = jnp.zeros((2, 8, 2, 16), jnp.float32)
+
+
+@pytest.mark.parametrize("q,k,v,match", [
+    (jnp.zeros((8, 4, 16)), KV, KV, r"q must have rank 4 \[batch, T, Hq, D\]; got q \[8, 4, 16\]"),
+    (Q, jnp.zeros((2, 8, 16)), jnp.zeros((2, 8, 16)), r"k must have rank 4"),
+    (Q, KV, jnp.zeros((2, 8, 1, 16)), r"k and v must have the same shape; got k \[2, 8, 2, 16\] "
+                                      r"and v \[2, 8, 1, 16\]"),
+    (Q, jnp.zeros((2, 8, 3, 16)), jnp.zeros((2, 8, 3, 16)), r"Hq % Hkv == 0\); got Hq=4, Hkv=3"),
+    (Q, jnp.zeros((2, 4, 2, 16)), jnp.zeros((2, 4, 2, 16)), r"T <= S.*got T=8, S=4"),
+    (Q, jnp.zeros((3, 8, 2, 16)), jnp.zeros((3, 8, 2, 16)), r"same batch size"),
+    (Q, jnp.zeros((2, 8, 2, 8)), jnp.zeros((2, 8, 2, 8)), r"same head dim D"),
+    (Q.astype(jnp.int32), KV.astype(jnp.int32), KV.astype(jnp.int32),
+     r"must be float32, bfloat16 or float16; got int32"),
+    (Q, KV.astype(jnp.bfloat16), KV.astype(jnp.bfloat16),
+     r"must share a dtype; got float32, bfloat16"),
+])
+def test_bad_shapes_and_dtypes_raise_value_error(q, k, v, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, k, v)
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(segment_ids=jnp.zeros((2, 7), jnp.int32)),
+     r"segment_ids must have shape \[batch, S\] = \[2, 8\]; got \[2, 7\]"),
+    (dict(segment_ids=jnp.zeros((2, 8), jnp.float32)), r"segment_ids must have an integer dtype"),
+    (dict(segment_ids=(jnp.zeros((2, 5), jnp.int32), jnp.zeros((2, 8), jnp.int32))),
+     r"segment_ids\[0\] \(q_ids\) must have shape \[batch, T\] = \[2, 8\]; got \[2, 5\]"),
+    (dict(segment_ids=(jnp.zeros((2, 8), jnp.int32),)), r"or a pair .* got a sequence of 1"),
+    (dict(local_window=(3, -1)), r"local_window must be .* pair \(left, right\) .* got \(3, -1\)"),
+    (dict(local_window=(1, 2, 3)), r"local_window must be"),
+    (dict(local_window=2.5), r"local_window must be"),
+    (dict(logit_softcap=0.0), r"logit_softcap must be None or a Python number > 0; got 0.0"),
+    (dict(softmax_scale=0), r"softmax_scale must be None or a nonzero"),
+    (dict(backend="cuda"), r"backend must be one of .*; got 'cuda'"),
+    (dict(backend="pallas", block_q=24), r"block_q must be a power of two >= 16 .*; got 24"),
+    (dict(backend="pallas", block_k=8), r"block_k must be a power of two >= 16 .*; got 8"),
+    (dict(backend="xla", block_k=0), r"block_k must be None or a positive int; got 0"),
+])
+def test_bad_options_raise_value_error(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attention(Q, KV, KV, **kwargs)
+
+
+def test_non_bool_flags_and_non_arrays_raise_type_error():
+    with pytest.raises(TypeError, match=r"causal must be a bool; got 1"):
+        flash_attention(Q, KV, KV, causal=1)
+    with pytest.raises(TypeError, match=r"k must be an array; got list"):
+        flash_attention(Q, [1, 2], KV)
+
+
+def test_single_segment_array_with_t_less_than_s_gives_queries_the_last_ids():
+    q = jnp.ones((1, 3, 1, 16))
+    kv = jnp.ones((1, 5, 1, 16))
+    ids = jnp.asarray([[0, 0, 1, 1, 1]], jnp.int32)
+    out_single = flash_attention(q, kv, kv, segment_ids=ids, backend="reference")
+    out_pair = flash_attention(q, kv, kv, segment_ids=(ids[:, 2:], ids), backend="reference")
+    assert jnp.array_equal(out_single, out_pair)

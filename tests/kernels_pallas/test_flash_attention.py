@@ -1,0 +1,99 @@
+"""flash_attention: every backend against the float32 reference, forward and all three gradients."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import flash_attention
+from tests.kernels_pallas.attention_cases import (CASES, F32_TOL, LSE_ATOL, TOLS, Case,
+                                                  forward_and_grads, make_inputs, oracle, rel_err)
+
+BACKENDS = ["xla", "pallas"]  # pallas runs its kernels with interpret=True on CPU
+
+
+def _check_against_oracle(backend: str, case: Case, **blocks):
+    q, k, v, seg, ct_out, ct_lse = make_inputs(case)
+    out, lse, grads = forward_and_grads(backend, case, q, k, v, seg, ct_out, ct_lse, **blocks)
+    ref_out, ref_lse, ref_grads = oracle(case)
+    tol = TOLS[case.dtype]
+    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    assert lse.shape == (case.batch, case.t, case.hq)
+    assert rel_err(out, ref_out) < tol, "out"
+    # Rows that see no key (segment ids absent from the keys): out exactly 0, lse exactly -inf.
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
+    assert np.all(np.asarray(out, np.float32)[np.isinf(ref_lse)] == 0)
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+    for name, g, ref_g, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+        assert rel_err(g, ref_g) < tol, name
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_forward_lse_and_grads_match_reference(backend, case):
+    _check_against_oracle(backend, case, block_q=case.block_q, block_k=case.block_k)
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_default_blocks_match_reference(backend):
+    """Default tiles (larger than T and S here: one tile, shrunk and padded) are right too."""
+    case = Case("defaults_mha_full_odd", batch=2, t=37, s=37, hq=2, hkv=2, d=16)
+    _check_against_oracle(backend, case)
+
+
+def test_sweep_includes_rows_that_see_no_key():
+    """The empty-row checks in _check_against_oracle are exercised by some case."""
+    case = next(c for c in CASES if c.segments == "pair_empty")
+    _, _, _, (q_ids, kv_ids), _, _ = make_inputs(case)
+    empty = ~np.any(np.asarray(q_ids)[:, :, None] == np.asarray(kv_ids)[:, None, :], axis=-1)
+    assert empty.any() and not empty.all()
+
+
+@pytest.mark.parametrize("causal,window", [(False, None), (True, None), (True, (4, 0)),
+                                           (False, (3, 2))])
+def test_reference_matches_jax_nn_dot_product_attention(causal, window):
+    """The oracle agrees with jax.nn's definition where both apply (T == S, GQA, no segments)."""
+    rng = np.random.default_rng(1)
+    q = jnp.asarray(rng.standard_normal((2, 12, 4, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((2, 12, 2, 8)), jnp.float32)
+    v = jnp.asarray(rng.standard_normal((2, 12, 2, 8)), jnp.float32)
+    ours = jax.jit(lambda q, k, v: flash_attention(q, k, v, causal=causal, local_window=window,
+                                                    backend="reference"))(q, k, v)
+    theirs = jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q, k, v, is_causal=causal, local_window_size=window))(q, k, v)
+    np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=1e-6)
+
+
+def test_auto_backend_on_cpu_is_xla_and_grads_without_lse_match_reference():
+    """backend="auto" runs on CPU, and jax.grad works when the lse is not returned."""
+    rng = np.random.default_rng(2)
+    q = jnp.asarray(rng.standard_normal((1, 9, 2, 8)), jnp.float32)
+    k = jnp.asarray(rng.standard_normal((1, 9, 1, 8)), jnp.float32)
+
+    def loss(backend):
+        return jax.jit(jax.value_and_grad(
+            lambda q, k: jnp.sum(jnp.sin(flash_attention(q, k, k, causal=True, backend=backend))),
+            argnums=(0, 1)))
+
+    assert jax.default_backend() == "cpu"
+    (value, grads), (ref_value, ref_grads) = loss("auto")(q, k), loss("reference")(q, k)
+    np.testing.assert_allclose(value, ref_value, rtol=F32_TOL)
+    for g, ref_g in zip(grads, ref_grads):
+        assert rel_err(g, ref_g) < F32_TOL
+
+
+def test_float16_forward_on_xla_matches_reference():
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.standard_normal((1, 17, 2, 16)), jnp.float16)
+    k = jnp.asarray(rng.standard_normal((1, 17, 1, 16)), jnp.float16)
+    out = jax.jit(lambda q, k: flash_attention(q, k, k, causal=True, backend="xla", block_q=16,
+                                               block_k=16))(q, k)
+    up = q.astype(jnp.float32), k.astype(jnp.float32)
+    ref = jax.jit(lambda q, k: flash_attention(q, k, k, causal=True, backend="reference"))(*up)
+    assert out.dtype == jnp.float16
+    assert rel_err(out, ref) < TOLS["float16"]
