@@ -53,7 +53,15 @@ def filter_logits(logits: jax.Array, params: SamplingArrays) -> jax.Array:
 
 
 def sample_next_token(logits: jax.Array, params: SamplingArrays, key: jax.Array) -> jax.Array:
-    """One token id per row of logits [batch, vocab] -> int32 [batch]."""
-    greedy = jnp.argmax(logits, axis=-1)
-    sampled = jax.random.categorical(key, filter_logits(logits, params), axis=-1)
-    return jnp.where(params.temperature > 0, sampled, greedy).astype(jnp.int32)
+    """One token id per row of logits [batch, vocab] -> int32 [batch].
+
+    Branches (not masks) keep greedy decoding free of the vocabulary sort and the random draw."""
+    def sample() -> jax.Array:
+        filtered = jax.lax.cond(
+            (params.top_k > 0) | (params.top_p < 1.0),
+            lambda: filter_logits(logits, params),
+            lambda: logits / jnp.maximum(params.temperature, 1e-6))
+        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+
+    return jax.lax.cond(params.temperature > 0, sample,
+                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
