@@ -15,6 +15,7 @@ from typing import Any, Mapping
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
+ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas")  # see kernels_pallas.flash_attention
 
 
 @dataclasses.dataclass(frozen=True)
@@ -41,7 +42,9 @@ class LlamaConfig:
     """Architecture of a Llama-family decoder and the dtypes it runs in.
 
     `param_dtype` is how weights are stored, `dtype` the compute dtype of matmuls; normalization,
-    softmax and logits are always float32.
+    softmax and logits are always float32. `attention_backend` picks the implementation of
+    `kernels_pallas.flash_attention` for uncached forward passes (training, scoring); it is a run
+    setting, not part of the HF config.
     """
 
     vocab_size: int
@@ -65,6 +68,7 @@ class LlamaConfig:
     eos_token_id: tuple[int, ...] = ()
     dtype: str = "float32"
     param_dtype: str = "float32"
+    attention_backend: str = "auto"
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -93,6 +97,9 @@ class LlamaConfig:
             )
         if self.sliding_window is not None and self.sliding_window <= 0:
             raise ValueError(f"sliding_window must be positive or None; got {self.sliding_window}")
+        if self.attention_backend not in ATTENTION_BACKENDS:
+            raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}; "
+                             f"got {self.attention_backend!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in SUPPORTED_DTYPES:
                 raise ValueError(
@@ -109,7 +116,8 @@ class LlamaConfig:
 
     # ------------------------------------------------------------------ HF interop
     @classmethod
-    def from_hf_config(cls, hf: Mapping[str, Any], *, dtype: str = "float32") -> LlamaConfig:
+    def from_hf_config(cls, hf: Mapping[str, Any], *, dtype: str = "float32",
+                       attention_backend: str = "auto") -> LlamaConfig:
         """Build from a Hugging Face config dict (transformers 4.x or 5.x spelling)."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
@@ -170,6 +178,7 @@ class LlamaConfig:
             eos_token_id=() if eos is None else eos,
             dtype=dtype,
             param_dtype=dtype,
+            attention_backend=attention_backend,
         )
 
     def to_hf_config(self) -> dict[str, Any]:
@@ -229,7 +238,8 @@ class LlamaConfig:
         return hf
 
     @classmethod
-    def from_json_file(cls, path: str | os.PathLike, *, dtype: str = "float32") -> LlamaConfig:
+    def from_json_file(cls, path: str | os.PathLike, *, dtype: str = "float32",
+                       attention_backend: str = "auto") -> LlamaConfig:
         try:
             with open(path) as f:
                 hf = json.load(f)
@@ -237,4 +247,4 @@ class LlamaConfig:
             raise ValueError(f"{path} is not valid JSON: {e}") from None
         if not isinstance(hf, dict):
             raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
-        return cls.from_hf_config(hf, dtype=dtype)
+        return cls.from_hf_config(hf, dtype=dtype, attention_backend=attention_backend)

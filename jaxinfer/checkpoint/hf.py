@@ -61,10 +61,12 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
         raise ValueError(f"{single} is not a readable safetensors file: {e}") from None
 
 
-def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32") -> LlamaForCausalLM:
+def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
+                    attention_backend: str = "auto") -> LlamaForCausalLM:
     """Load a local Hugging Face model directory (config.json + safetensors) as an NNX model.
 
-    `dtype` ("float32" or "bfloat16") is both the parameter and the compute dtype."""
+    `dtype` ("float32" or "bfloat16") is both the parameter and the compute dtype;
+    `attention_backend` is that of `kernels_pallas.flash_attention`."""
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -72,7 +74,8 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32") -> Lla
     if not config_file.exists():
         raise FileNotFoundError(
             f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    config = LlamaConfig.from_json_file(config_file, dtype=dtype)
+    config = LlamaConfig.from_json_file(config_file, dtype=dtype,
+                                        attention_backend=attention_backend)
     files = _tensor_files(model_dir)
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))

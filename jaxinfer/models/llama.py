@@ -12,7 +12,7 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import LlamaConfig
-from jaxinfer.models.attention import attention
+from jaxinfer.models.attention import cached_attention, causal_attention
 from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import Embedding, Linear, RMSNorm, SwiGLU
@@ -34,6 +34,7 @@ class SelfAttention(nnx.Module):
         self.num_heads, self.num_kv_heads, self.head_dim = (
             c.num_attention_heads, c.num_key_value_heads, c.head_dim)
         self.sliding_window = c.sliding_window
+        self.attention_backend = c.attention_backend
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                  kv: LayerKV | None, start: jax.Array) -> tuple[jax.Array, LayerKV | None]:
@@ -42,10 +43,13 @@ class SelfAttention(nnx.Module):
         k = self.k_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim)
         v = self.v_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
-        if kv is not None:
+        if kv is None:
+            out = causal_attention(q, k, v, sliding_window=self.sliding_window,
+                                   backend=self.attention_backend)
+        else:
             kv = kv.write(k, v, start)
-            k, v = kv.k.astype(q.dtype), kv.v.astype(q.dtype)  # [batch, max_len, Hkv, D]
-        out = attention(q, k, v, positions, sliding_window=self.sliding_window)
+            out = cached_attention(q, kv.k.astype(q.dtype), kv.v.astype(q.dtype), positions,
+                                   sliding_window=self.sliding_window)  # cache [batch, max_len, Hkv, D]
         return self.o_proj(out.reshape(batch, t, self.num_heads * self.head_dim)), kv
 
 

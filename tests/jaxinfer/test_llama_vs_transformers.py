@@ -209,6 +209,14 @@ def test_logits_match_transformers(built):
     np.testing.assert_allclose(got, built.expected_logits, rtol=0, atol=LOGITS_ATOL)
 
 
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+def test_logits_match_transformers_with_every_attention_backend(built, backend):
+    """The uncached forward runs kernels_pallas.flash_attention; pallas runs in interpret mode here."""
+    model = jaxinfer.load_pretrained(built.hf_dir, attention_backend=backend)
+    np.testing.assert_allclose(jx_logits(model, built.ids), built.expected_logits,
+                               rtol=0, atol=LOGITS_ATOL)
+
+
 def test_greedy_generation_matches_transformers(built):
     got = np.asarray(jaxinfer.generate(built.model, jnp.asarray(built.ids), max_new_tokens=NEW_TOKENS,
                                        temperature=0.0))
