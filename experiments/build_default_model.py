@@ -18,7 +18,7 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from experiments.common import RESULTS, environment, print_table, write_json
+from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
 from jaxinfer import cli
 from jaxinfer.assets import ASSETS, corpus_sample_path
 
@@ -80,7 +80,8 @@ def main() -> None:
     record = {"experiment": "build_default_model", "quick": args.quick, **environment(),
               "corpus": "King James Bible (Debian bible-kjv), one verse per line",
               "corpus_bytes": corpus.stat().st_size, "model_config": model_config,
-              "train_settings": settings, **summary,
+              "train_settings": settings,
+              **{k: v for k, v in summary.items() if k != "wall_seconds_this_invocation"},
               "wall_seconds_total": sum(r.get("seconds", 0) for r in history) or None,
               "eval_curve": [{k: r[k] for k in ("step", "loss", "eval_loss", "eval_perplexity")}
                              for r in history if "eval_loss" in r]}
@@ -89,7 +90,13 @@ def main() -> None:
         target = ASSETS / "default_model"
         shutil.rmtree(target, ignore_errors=True)
         shutil.copytree(run / "model", target)
-    print(f"wrote {write_json(record, args.out)}")
+    evals = record["eval_curve"]
+    png = plot_curves({"train (per step)": ([r["step"] for r in history], [r["loss"] for r in history]),
+                       "held-out": ([r["step"] for r in evals], [r["eval_loss"] for r in evals])},
+                      xlabel="step", ylabel="cross-entropy (nats/token)",
+                      title="embedded default model on the KJV Bible",
+                      out=Path(args.out).with_suffix(".png"))
+    print(f"wrote {write_json(record, args.out)} and {png}")
 
 
 if __name__ == "__main__":

@@ -17,6 +17,7 @@ import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
+from tqdm.auto import tqdm
 
 from jaxinfer.config import LlamaConfig
 from jaxinfer.models.llama import LlamaForCausalLM
@@ -96,7 +97,8 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
 
     handles: dict[Path, object] = {}
     try:
-        for path, var in flat:
+        for path, var in tqdm(flat, desc=f"loading {model_dir.name}", unit="tensor", leave=False,
+                              disable=None):  # None: a bar on terminals only
             if path not in wanted:
                 continue
             name, transposed = wanted[path]
