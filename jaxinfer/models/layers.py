@@ -12,6 +12,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from sharding import constrain
+
 INIT_STDDEV = 0.02  # the initializer_range of HF Llama configs
 
 
@@ -79,4 +81,7 @@ class SwiGLU(nnx.Module):
         self.down_proj = Linear(hidden, features, axes=("mlp", "embed"), **kw)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed]
-        return self.down_proj(jax.nn.silu(self.gate_proj(x)) * self.up_proj(x))
+        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # [batch, seq, mlp]
+        if hidden.ndim == 3:
+            hidden = constrain(hidden, ("batch", "seq", "act_mlp"))
+        return self.down_proj(hidden)

@@ -17,6 +17,14 @@ from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import Embedding, Linear, RMSNorm, SwiGLU
 from jaxinfer.models.rope import apply_rotary, inverse_frequencies, rotary_tables
+from sharding import constrain
+
+# Logical names of activation dimensions (sharding/rules.py maps them to mesh axes).
+RESIDUAL = ("batch", "res_seq", "act_embed")
+Q_AXES = ("batch", "seq", "act_heads", "head_dim")
+KV_AXES = ("batch", "seq", "act_kv_heads", "head_dim")
+CACHE_AXES = ("batch", "cache_seq", "act_kv_heads", "head_dim")
+LOGITS = ("batch", "seq", "act_vocab")
 
 
 class SelfAttention(nnx.Module):
@@ -39,17 +47,19 @@ class SelfAttention(nnx.Module):
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                  kv: LayerKV | None, start: jax.Array) -> tuple[jax.Array, LayerKV | None]:
         batch, t, _ = x.shape  # x [batch, T, embed]
-        q = self.q_proj(x).reshape(batch, t, self.num_heads, self.head_dim)
-        k = self.k_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim)
-        v = self.v_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim)
+        q = constrain(self.q_proj(x).reshape(batch, t, self.num_heads, self.head_dim), Q_AXES)
+        k = constrain(self.k_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim), KV_AXES)
+        v = constrain(self.v_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim), KV_AXES)
         q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
         if kv is None:
             out = causal_attention(q, k, v, sliding_window=self.sliding_window,
                                    backend=self.attention_backend)
         else:
             kv = kv.write(k, v, start)
+            kv = LayerKV(constrain(kv.k, CACHE_AXES), constrain(kv.v, CACHE_AXES))
             out = cached_attention(q, kv.k.astype(q.dtype), kv.v.astype(q.dtype), positions,
                                    sliding_window=self.sliding_window)  # cache [batch, max_len, Hkv, D]
+        out = constrain(out, Q_AXES)
         return self.o_proj(out.reshape(batch, t, self.num_heads * self.head_dim)), kv
 
 
@@ -91,8 +101,9 @@ class LlamaForCausalLM(nnx.Module):
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
-        return KVCache.zeros(c.num_hidden_layers, batch, max_len, c.num_key_value_heads,
-                             c.head_dim, jnp.dtype(c.dtype))
+        cache = KVCache.zeros(c.num_hidden_layers, batch, max_len, c.num_key_value_heads,
+                              c.head_dim, jnp.dtype(c.dtype))
+        return jax.tree.map(lambda a: constrain(a, CACHE_AXES), cache)
 
     def forward(self, input_ids: jax.Array, cache: KVCache | None = None,
                 start: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
@@ -102,13 +113,15 @@ class LlamaForCausalLM(nnx.Module):
         start = jnp.asarray(start, jnp.int32)
         positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
         cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
-        x = self.embed_tokens(input_ids)  # [batch, T, embed]
+        x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
         new_layers = []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]
             x, kv = layer(x, cos, sin, positions, kv, start)
+            x = constrain(x, RESIDUAL)
             new_layers.append(kv)
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = constrain(logits, LOGITS)
         new_cache = None if cache is None else KVCache(tuple(new_layers))
         return logits.astype(jnp.float32), new_cache

@@ -1,0 +1,126 @@
+"""Rule tables: logical axis names (carried by parameters and activations) -> mesh axes.
+
+A table is a plain dict `{logical name: mesh axis | tuple of mesh axes | None}`; a name that is
+absent, or maps to None, is replicated (flax's convention for logical rules). Changing a parallel
+layout is choosing another table, never editing the model.
+
+Parameter names (jaxinfer/models/layers.py): "vocab", "embed", "heads", "kv_heads", "mlp".
+Activation names (constrained inside the model through `sharding.constrain`):
+  "batch"        the batch dimension of every activation
+  "res_seq"      the sequence dimension of the residual stream (norm inputs/outputs); Megatron
+                 sequence parallelism shards it over "tensor"
+  "seq"          the sequence dimension inside attention and the MLP
+  "act_embed"    the model-width dimension of the residual stream
+  "act_heads", "act_kv_heads", "head_dim"   q / k, v and attention outputs [batch, seq, H, D]
+  "act_mlp"      the MLP hidden activation
+  "act_vocab"    logits
+  "cache_seq"    the slot dimension of the KV cache [batch, cache_seq, act_kv_heads, head_dim]
+"""
+
+from __future__ import annotations
+
+from typing import Mapping, Sequence
+
+from jax.sharding import PartitionSpec
+
+Rules = Mapping[str, "str | tuple[str, ...] | None"]
+
+PARAM_NAMES = ("vocab", "embed", "heads", "kv_heads", "mlp")
+ACTIVATION_NAMES = ("batch", "res_seq", "seq", "act_embed", "act_heads", "act_kv_heads", "head_dim",
+                    "act_mlp", "act_vocab", "cache_seq")
+
+# Data parallelism runs over both "data" and "fsdp": under FSDP the fsdp axis is a data axis whose
+# parameters are sharded rather than replicated, so a batch always splits over the two.
+_BATCH = ("data", "fsdp")
+_REPLICATED_ACTIVATIONS = {name: None for name in ACTIVATION_NAMES} | {"batch": _BATCH}
+# Megatron: column-parallel q/k/v/gate/up (output features over "tensor"), row-parallel o/down
+# (input features over "tensor"), vocab-parallel embedding and lm_head; activations follow.
+_MEGATRON_PARAMS = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", "mlp": "tensor"}
+_MEGATRON_ACTIVATIONS = {"act_heads": "tensor", "act_kv_heads": "tensor", "act_mlp": "tensor",
+                         "act_vocab": "tensor"}
+
+PRESETS: dict[str, dict] = {
+    # parameters replicated; the batch split over data x fsdp
+    "dp": {name: None for name in PARAM_NAMES} | _REPLICATED_ACTIVATIONS,
+    # ZeRO-3 style: every weight sharded along its model-width ("embed") dimension over fsdp,
+    # all-gathered by XLA where a matmul needs it; optimizer state follows the parameters
+    "fsdp": {name: None for name in PARAM_NAMES} | {"embed": "fsdp"} | _REPLICATED_ACTIVATIONS,
+    # Megatron tensor parallelism, data parallel across data x fsdp
+    "tp": {"embed": None} | _MEGATRON_PARAMS | _REPLICATED_ACTIVATIONS | _MEGATRON_ACTIVATIONS,
+    # Megatron TP with sequence-parallel norms: the residual stream is split over "tensor" along
+    # the sequence, so XLA turns each all-reduce into reduce-scatter + all-gather
+    "tp_sp": {"embed": None} | _MEGATRON_PARAMS | _REPLICATED_ACTIVATIONS | _MEGATRON_ACTIVATIONS
+             | {"res_seq": "tensor"},
+    # 2-D: Megatron TP inside, FSDP on the remaining (embed) weight dimension
+    "fsdp_tp": {"embed": "fsdp"} | _MEGATRON_PARAMS | _REPLICATED_ACTIVATIONS
+               | _MEGATRON_ACTIVATIONS,
+}
+
+
+def rules_for(name: str) -> dict:
+    """A fresh copy of the preset rule table `name` (edit it freely)."""
+    if name not in PRESETS:
+        raise ValueError(f"unknown sharding preset {name!r}; expected one of {sorted(PRESETS)}")
+    return dict(PRESETS[name])
+
+
+def _mesh_axes_of(value, name: str) -> tuple[str, ...]:
+    """A rule value normalised to a tuple of mesh axis names (empty = replicated)."""
+    if value is None:
+        return ()
+    if isinstance(value, str):
+        return (value,)
+    if isinstance(value, (tuple, list)) and all(isinstance(a, str) for a in value):
+        return tuple(value)
+    raise ValueError(f"rule for logical axis {name!r} must be a mesh axis name, a tuple of them or "
+                     f"None; got {value!r}")
+
+
+def resolve(rules: Rules | str) -> dict:
+    """A preset name or a table -> a table (a preset name goes through rules_for)."""
+    if isinstance(rules, str):
+        return rules_for(rules)
+    if not isinstance(rules, Mapping):
+        raise TypeError(f"rules must be a preset name or a dict of logical name -> mesh axes; "
+                        f"got {type(rules).__name__}")
+    return dict(rules)
+
+
+def logical_to_mesh_axes(axes: Sequence[str | None], rules: Rules) -> tuple[tuple[str, ...], ...]:
+    """Per dimension, the tuple of mesh axes it is split over (empty = replicated)."""
+    out, used = [], {}
+    for dim, name in enumerate(axes):
+        mesh_axes = () if name is None else _mesh_axes_of(rules.get(name), name)
+        for a in mesh_axes:
+            if a in used:
+                raise ValueError(
+                    f"mesh axis {a!r} is assigned to two dimensions of logical axes {tuple(axes)} "
+                    f"({axes[used[a]]!r} and {name!r}); a mesh axis can split only one dimension")
+            used[a] = dim
+        out.append(mesh_axes)
+    return tuple(out)
+
+
+def spec_entry(mesh_axes: tuple[str, ...]):
+    """A PartitionSpec entry for a dimension split over `mesh_axes`."""
+    if not mesh_axes:
+        return None
+    return mesh_axes[0] if len(mesh_axes) == 1 else mesh_axes
+
+
+def logical_to_spec(axes: Sequence[str | None], rules: Rules | str) -> PartitionSpec:
+    """Logical axis names of an array's dimensions -> the PartitionSpec under `rules`.
+
+    ("embed", "heads") under rules_for("fsdp_tp") -> PartitionSpec("fsdp", "tensor")."""
+    rules = resolve(rules)
+    return PartitionSpec(*(spec_entry(m) for m in logical_to_mesh_axes(axes, rules)))
+
+
+def check_rules_match_mesh(rules: Rules, mesh_axis_names: Sequence[str]) -> None:
+    """Every mesh axis a rule names must exist in the mesh."""
+    mesh_axis_names = tuple(mesh_axis_names)
+    for name, value in rules.items():
+        for a in _mesh_axes_of(value, name):
+            if a not in mesh_axis_names:
+                raise ValueError(f"rule {name!r} -> {value!r} names mesh axis {a!r}, which the "
+                                 f"mesh does not have (its axes: {tuple(mesh_axis_names)})")

@@ -1,0 +1,148 @@
+"""Meshes, rule tables and activation constraints, without a model (fast)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from jax.sharding import PartitionSpec as P
+
+import sharding
+
+
+def test_make_mesh_names_sizes_and_auto_axes():
+    mesh = sharding.make_mesh(data=2, fsdp=1, tensor=2, sequence=2)
+    assert dict(mesh.shape) == {"data": 2, "fsdp": 1, "expert": 1, "sequence": 2, "tensor": 2}
+    assert set(mesh.axis_names) == {"data", "fsdp", "tensor", "sequence", "expert"}
+    assert mesh.devices.size == 8 and len(set(mesh.devices.flat)) == 8
+    # Auto, so GSPMD propagates shardings (jax.make_mesh alone defaults to Explicit)
+    if hasattr(jax.sharding, "AxisType"):
+        assert all(t == jax.sharding.AxisType.Auto for t in mesh.axis_types)
+
+
+def test_make_mesh_over_a_subset_of_devices():
+    mesh = sharding.make_mesh(tensor=4, devices=jax.devices()[:4])
+    assert mesh.shape["tensor"] == 4 and mesh.devices.size == 4
+
+
+@pytest.mark.parametrize("sizes", [dict(data=3), dict(data=2, tensor=2), dict(tensor=16)])
+def test_make_mesh_rejects_sizes_that_do_not_multiply_to_the_devices(sizes):
+    with pytest.raises(ValueError, match="multiply to the number of devices"):
+        sharding.make_mesh(**sizes)
+
+
+@pytest.mark.parametrize("bad", [0, -2, 2.0, True])
+def test_make_mesh_rejects_non_positive_integer_sizes(bad):
+    with pytest.raises(ValueError, match="data must be an integer >= 1"):
+        sharding.make_mesh(data=bad)
+
+
+def test_unknown_preset_lists_the_presets():
+    listing = r"unknown sharding preset 'zero9'.*'dp'.*'fsdp'.*'fsdp_tp'.*'tp'"
+    with pytest.raises(ValueError, match=listing):
+        sharding.rules_for("zero9")
+
+
+def test_rules_for_returns_an_editable_copy():
+    rules = sharding.rules_for("tp")
+    rules["kv_heads"] = None
+    assert sharding.rules_for("tp")["kv_heads"] == "tensor"
+
+
+# Megatron's layout for a Llama block (../shared/research/parallelism.md section 4), written out by
+# hand as the independent expectation; kernels are [in, out].
+MEGATRON = {
+    ("vocab", "embed"): P("tensor", None),        # vocab-parallel embedding
+    ("embed", "heads"): P(None, "tensor"),        # q: column-parallel
+    ("embed", "kv_heads"): P(None, "tensor"),     # k, v: column-parallel
+    ("heads", "embed"): P("tensor", None),        # o: row-parallel
+    ("embed", "mlp"): P(None, "tensor"),          # gate, up: column-parallel
+    ("mlp", "embed"): P("tensor", None),          # down: row-parallel
+    ("embed", "vocab"): P(None, "tensor"),        # lm_head: vocab-parallel
+    ("embed",): P(None),                          # norms replicated
+}
+
+
+@pytest.mark.parametrize("axes", list(MEGATRON))
+def test_tp_preset_is_megatron(axes):
+    assert sharding.logical_to_spec(axes, sharding.rules_for("tp")) == MEGATRON[axes]
+
+
+@pytest.mark.parametrize("axes", list(MEGATRON))
+def test_fsdp_tp_adds_fsdp_on_the_embed_dimension(axes):
+    want = P(*("fsdp" if name == "embed" else entry for name, entry in zip(axes, MEGATRON[axes])))
+    assert sharding.logical_to_spec(axes, "fsdp_tp") == want
+
+
+def test_fsdp_and_dp_presets():
+    assert sharding.logical_to_spec(("embed", "mlp"), "fsdp") == P("fsdp", None)
+    assert sharding.logical_to_spec(("vocab", "embed"), "dp") == P(None, None)
+    for preset in ("dp", "fsdp", "tp", "fsdp_tp"):
+        assert sharding.logical_to_spec(("batch", "seq", "act_embed"), preset) == \
+            P(("data", "fsdp"), None, None)
+
+
+def test_custom_rules_tuples_none_and_unknown_names():
+    rules = {"batch": ("data", "fsdp"), "mlp": "tensor", "embed": None}
+    assert sharding.logical_to_spec(("batch", None, "mlp", "embed", "not_in_table"), rules) == \
+        P(("data", "fsdp"), None, "tensor", None, None)
+
+
+def test_one_mesh_axis_on_two_dimensions_is_an_error():
+    with pytest.raises(ValueError, match="mesh axis 'tensor' is assigned to two dimensions"):
+        sharding.logical_to_spec(("embed", "mlp"), {"embed": "tensor", "mlp": "tensor"})
+
+
+def test_malformed_rule_value_is_an_error():
+    with pytest.raises(ValueError, match="rule for logical axis 'mlp'"):
+        sharding.logical_to_spec(("mlp",), {"mlp": 3})
+
+
+def test_rule_naming_a_missing_mesh_axis_is_an_error():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Auto,))
+    with pytest.raises(ValueError, match="names mesh axis 'tensor'"):
+        with sharding.use_rules(mesh, "tp"):
+            pass
+
+
+@pytest.mark.skipif(not hasattr(jax.sharding, "AxisType"), reason="no axis types in this jax")
+def test_explicit_mesh_is_rejected_with_the_fix():
+    mesh = jax.make_mesh((8,), ("data",), axis_types=(jax.sharding.AxisType.Explicit,))
+    with pytest.raises(ValueError, match=r"\('data',\) are Explicit.*sharding\.make_mesh"):
+        with sharding.use_rules(mesh, {"batch": "data"}):
+            pass
+    with pytest.raises(ValueError, match="are Explicit"):
+        sharding.state_shardings({"x": jnp.ones(8)}, mesh, {})
+
+
+def test_constrain_is_identity_without_rules():
+    x = jnp.ones((8, 4))
+    assert sharding.constrain(x, ("batch", "act_embed")) is x
+    assert sharding.active_rules() is None
+
+
+def test_constrain_applies_rules_and_jit_retraces_inside_use_rules():
+    mesh = sharding.make_mesh(data=2, tensor=4)
+    f = jax.jit(lambda x: sharding.constrain(x * 2, ("batch", "act_mlp")))
+    x = jnp.arange(64.0).reshape(8, 8)
+    plain = f(x)  # traced with no rules: no constraint
+    assert plain.sharding.is_fully_replicated
+    with sharding.use_rules(mesh, "tp"):
+        y = f(x)  # must not reuse the unconstrained trace
+        assert y.sharding.spec == P("data", "tensor")
+        assert y.addressable_shards[0].data.shape == (4, 2)
+    with sharding.use_rules(mesh, "dp"):
+        assert f(x).addressable_shards[0].data.shape == (4, 8)  # another table, another trace
+    np.testing.assert_array_equal(np.asarray(y), np.asarray(plain))
+
+
+def test_constrain_leaves_an_indivisible_activation_dimension_whole():
+    mesh = sharding.make_mesh(data=8)
+    with sharding.use_rules(mesh, "dp"):
+        y = jax.jit(lambda x: sharding.constrain(x, ("batch", "act_embed")))(jnp.ones((1, 8)))
+    assert y.addressable_shards[0].data.shape == (1, 8)  # a decode batch of 1 is not an error
+
+
+def test_constrain_rank_mismatch_is_an_error():
+    with sharding.use_rules(sharding.make_mesh(data=8), "dp"):
+        with pytest.raises(ValueError, match="do not match the array's shape"):
+            sharding.constrain(jnp.ones((8, 4)), ("batch",))
