@@ -1,0 +1,164 @@
+"""GPTQ (Frantar et al., ICLR 2023): one-shot second-order quantization of one linear layer.
+
+Minimizes ``||X W - X W_hat||^2`` for a weight W [K, N] (Linear kernel layout [in, out]; the
+paper's W is its transpose) given the layer Hessian ``H = 2 X^T X`` [K, K]. Input rows are
+quantized one at a time in (optionally act-ordered) sequence; each row's rounding error is spread
+over the not-yet-quantized rows through the upper Cholesky factor U of ``H^-1``:
+
+1. dead inputs (H_ii = 0): H_ii = 1 and W[i] = 0;
+2. act-order: perm = argsort(diag H, descending); permute W's rows and H;
+3. relative dampening: H += damp * mean(diag H) * I;
+4. U = upper Cholesky factor of H^-1 (row i / U_ii is row i's error-propagation vector);
+5. blocks of ``block_size`` rows: within a block each row is quantized, ``e = (w - q) / U_ii``
+   and the block's later rows get ``-= U[i, :] e``; after the block (lazy batch update) all
+   later rows get ``-= U[block, :]^T E``;
+6. grids: per channel (fit once up front), static groups (fit up front in original order,
+   g_idx = k // G), or dynamic groups fit on the current error-updated rows when a group starts,
+   consecutive in the permuted order (g_idx[perm[p]] = p // G).
+
+Everything runs inside one ``jax.jit`` in float32 (fori_loops over blocks and rows).
+"""
+
+from __future__ import annotations
+
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+
+from jaxinfer.quant.grid import fit_grid, fit_group_grids, quantize_to_grid
+from kernels_pallas.quant_matmul import QuantizedWeight, check_quant_params
+
+_HI = lax.Precision.HIGHEST
+
+
+def _effective_block(block_size: int, g: int, dynamic_groups: bool) -> int:
+    """Dynamic groups must start inside a block and fit in it: block a multiple of G."""
+    if not dynamic_groups:
+        return block_size
+    return g if g >= block_size else (block_size // g) * g
+
+
+def _inverse_hessian_factor(h: jax.Array) -> jax.Array:
+    """Upper U with U^T U = H^-1, for symmetric positive definite H [K, K]."""
+    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+    chol = jnp.linalg.cholesky(h)
+    chol_inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
+    h_inv = jnp.dot(chol_inv.T, chol_inv, precision=_HI)
+    return jnp.linalg.cholesky(h_inv).T
+
+
+@functools.partial(jax.jit, static_argnames=("group_size", "block_size", "static_groups"))
+def _gptq(w, h, damp, bits, sym, act_order, *, group_size, block_size, static_groups):
+    k, n = w.shape
+    g = k if group_size == -1 else group_size
+    n_groups = k // g
+    dynamic = group_size != -1 and not static_groups
+    bs = _effective_block(block_size, g, dynamic)
+    kp = -(-k // bs) * bs
+
+    w = w.astype(jnp.float32)
+    h = h.astype(jnp.float32)
+    dead = jnp.diag(h) == 0
+    h = h + jnp.diag(dead.astype(jnp.float32))
+    w = jnp.where(dead[:, None], 0.0, w)
+    if not dynamic:  # grids fit up front, original row order
+        fixed_scales, fixed_zeros = fit_group_grids(w, bits, group_size, sym)  # [groups, N]
+    perm = jnp.where(act_order, jnp.argsort(-jnp.diag(h), stable=True), jnp.arange(k))
+    w = w[perm]
+    h = h[perm][:, perm]
+    h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
+    u = _inverse_hessian_factor(h)  # [K, K] upper
+
+    # Pad to whole blocks: padded rows are zero weights with an identity factor, so they quantize
+    # exactly (zero is on every grid) and propagate nothing.
+    w = jnp.pad(w, ((0, kp - k), (0, 0)))
+    u = jnp.pad(u, ((0, kp - k), (0, kp - k))) + jnp.diag(
+        jnp.concatenate([jnp.zeros((k,)), jnp.ones((kp - k,))]))
+    # Group of each permuted position, for grids fit up front.
+    pos_group = jnp.pad(perm // g, (0, kp - k), mode="edge")
+
+    def quantize_block(b, carry):
+        w, q_all, scales, zeros = carry
+        i1 = b * bs
+        w1 = lax.dynamic_slice(w, (i1, 0), (bs, n))  # [bs, N]
+        u1 = lax.dynamic_slice(u, (i1, i1), (bs, bs))  # [bs, bs]
+
+        def quantize_row(i, c):
+            w1, q1, err1, scale, zero, scales, zeros = c
+            if dynamic:
+                def refit(_):
+                    s, z = fit_grid(lax.dynamic_slice(w1, (i, 0), (g, n)), bits, sym)
+                    gi = (i1 + i) // g
+                    return s, z, scales.at[gi].set(s), zeros.at[gi].set(z)
+                scale, zero, scales, zeros = lax.cond(
+                    i % g == 0, refit, lambda _: (scale, zero, scales, zeros), None)
+            else:
+                gi = pos_group[i1 + i]
+                scale, zero = fixed_scales[gi], fixed_zeros[gi]
+            row = w1[i]  # [N]
+            q = quantize_to_grid(row, scale, zero, bits)
+            err = (row - scale * (q - zero)) / u1[i, i]
+            w1 = w1 - u1[i][:, None] * err[None, :]  # U is upper: rows < i untouched
+            return (w1, q1.at[i].set(q), err1.at[i].set(err), scale, zero, scales, zeros)
+
+        init = (w1, jnp.zeros((bs, n), jnp.float32), jnp.zeros((bs, n), jnp.float32),
+                jnp.ones((n,), jnp.float32), jnp.zeros((n,), jnp.float32), scales, zeros)
+        _, q1, err1, _, _, scales, zeros = lax.fori_loop(0, bs, quantize_row, init)
+        q_all = lax.dynamic_update_slice(q_all, q1, (i1, 0))
+        # Lazy batch update of all later rows (rows of this block are final in q1 already).
+        u_rows = lax.dynamic_slice(u, (i1, 0), (bs, kp))  # [bs, Kp]
+        w = w - jnp.dot(u_rows.T, err1, precision=_HI)
+        return w, q_all, scales, zeros
+
+    groups_p = kp // g if dynamic else 1
+    carry = (w, jnp.zeros((kp, n), jnp.float32), jnp.ones((groups_p, n), jnp.float32),
+             jnp.zeros((groups_p, n), jnp.float32))
+    _, q_perm, scales, zeros = lax.fori_loop(0, kp // bs, quantize_block, carry)
+
+    q = jnp.zeros((k, n), jnp.int32).at[perm].set(q_perm[:k].astype(jnp.int32))
+    if dynamic:
+        scales, zeros = scales[:n_groups], zeros[:n_groups]
+        g_idx = jnp.zeros((k,), jnp.int32).at[perm].set(jnp.arange(k, dtype=jnp.int32) // g)
+    else:
+        scales, zeros = fixed_scales, fixed_zeros
+        g_idx = jnp.arange(k, dtype=jnp.int32) // g
+    return q, scales, zeros.astype(jnp.int32), g_idx
+
+
+def gptq_quantize_layer(w, hessian, bits: int = 4, group_size: int = 128, sym: bool = True,
+                        act_order: bool = False, damp: float = 0.01, block_size: int = 128,
+                        static_groups: bool = False) -> QuantizedWeight:
+    """GPTQ-quantize one weight.
+
+    Args:
+      w: [K, N] float weight (Linear kernel layout: [in, out]).
+      hessian: [K, K] from ``hessian_from_activations`` / ``accumulate_hessian`` on the layer's
+        inputs (any positive scale).
+      bits: 2, 3, 4 or 8. group_size: rows per group, -1 for per channel; must divide K.
+      sym: symmetric grid (zero at the middle) or asymmetric.
+      act_order: quantize rows in order of decreasing Hessian diagonal (GPTQ's desc_act).
+      damp: relative dampening, a fraction of mean(diag H). block_size: lazy-update block.
+      static_groups: fit group grids up front in original order (g_idx = k // G even with
+        act_order), instead of on the error-updated weights as groups start.
+
+    Returns:
+      ``QuantizedWeight`` (its ``g_idx`` is GPTQ's; act-ordered groups are stored sorted).
+    """
+    w, hessian = jnp.asarray(w), jnp.asarray(hessian)
+    check_quant_params(w.shape, bits, group_size)
+    k = w.shape[0]
+    if hessian.shape != (k, k):
+        raise ValueError(f"hessian must be [K, K] = [{k}, {k}]; got {list(hessian.shape)}")
+    if not damp >= 0:
+        raise ValueError(f"damp must be >= 0; got {damp!r}")
+    if not isinstance(block_size, int) or block_size <= 0:
+        raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    # bits, sym and act_order are traced so that they share one compilation per shape.
+    q, scales, zeros, g_idx = _gptq(w, hessian, jnp.float32(damp), jnp.float32(bits),
+                                    jnp.bool_(sym), jnp.bool_(act_order), group_size=group_size,
+                                    block_size=block_size, static_groups=bool(static_groups))
+    g_idx = g_idx if act_order and group_size != -1 and not static_groups else None
+    return QuantizedWeight.from_ints(q, scales, zeros, bits=bits, group_size=group_size,
+                                     g_idx=g_idx)

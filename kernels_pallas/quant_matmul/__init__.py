@@ -1,0 +1,119 @@
+"""Quantized matmul: ``quant_matmul(x, w)`` for a packed ``QuantizedWeight`` ``w`` [K, N].
+
+One function, several implementations (DESIGN.md):
+
+* ``reference`` (``reference.py``): dequantize the weight to float32, then ``jnp.dot``. The oracle.
+* ``xla`` (``xla.py``): per-group contraction on the raw integers with scales applied late.
+* ``pallas`` (``pallas_gpu.py``): a Pallas kernel that unpacks slots, subtracts zeros and applies
+  group scales inside, float32 accumulation; lowered through Triton on NVIDIA GPUs and run with
+  ``interpret=True`` on CPU. No TPU (Mosaic) lowering yet.
+* ``auto``: pallas on GPU, xla on CPU and TPU.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+
+from kernels_pallas.quant_matmul import pallas_gpu, reference, xla
+from kernels_pallas.quant_matmul.weight import (SUPPORTED_BITS, QuantizedWeight,
+                                                check_quant_params, pack_planar, unpack_planar,
+                                                values_per_word)
+
+__all__ = ["quant_matmul", "QuantizedWeight", "DEFAULT_BLOCK_SIZES", "SUPPORTED_BITS",
+           "check_quant_params", "pack_planar", "unpack_planar"]
+
+BACKENDS = ("auto", "reference", "xla", "pallas")
+# Per-backend tile defaults. block_k counts packed word rows (block_k * vpw weight rows per tile);
+# it is lowered to the largest power of two dividing both K / vpw and the group size.
+DEFAULT_BLOCK_SIZES = {"pallas": dict(block_m=16, block_n=128, block_k=64)}
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _resolve_backend(backend: str) -> tuple[str, bool]:
+    """-> (implementation, interpret)."""
+    platform = jax.default_backend()
+    if backend == "auto":
+        backend = "pallas" if platform == "gpu" else "xla"
+    if backend == "pallas":
+        if platform == "tpu":
+            raise NotImplementedError(
+                "backend='pallas' has no TPU (Mosaic) kernel yet; use backend='xla' or 'auto'")
+        return "pallas", platform != "gpu"
+    return backend, False
+
+
+def _pow2_divisor(a: int, cap: int) -> int:
+    """Largest power of two <= cap dividing a."""
+    b = 1
+    while b * 2 <= cap and a % (b * 2) == 0:
+        b *= 2
+    return b
+
+
+def _check_block(name, value, *, require_pow2_min16):
+    if value is None:
+        return
+    if not isinstance(value, int) or value <= 0:
+        raise ValueError(f"{name} must be a positive int; got {value!r}")
+    if require_pow2_min16 and (value < 16 or value & (value - 1)):
+        raise ValueError(f"{name} must be a power of two >= 16 for the pallas backend on GPU; "
+                         f"got {value}")
+
+
+def quant_matmul(x, w: QuantizedWeight, *, backend: str = "auto", block_m: int | None = None,
+                 block_n: int | None = None, block_k: int | None = None):
+    """y = x @ dequantize(w), with float32 accumulation.
+
+    Args:
+      x: [..., K] float32, bfloat16 or float16 activations.
+      w: ``QuantizedWeight`` of shape (K, N).
+      backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla elsewhere).
+      block_m, block_n, block_k: pallas tiles (rows of x, output columns, packed word rows);
+        None takes ``DEFAULT_BLOCK_SIZES``. On GPU they must be powers of two >= 16, and block_k
+        must divide both K / vpw and the group size (vpw = 32 // slot bits).
+
+    Returns:
+      [..., N] in x's dtype.
+    """
+    if not isinstance(w, QuantizedWeight):
+        raise TypeError(f"w must be a QuantizedWeight; got {type(w).__name__}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if not hasattr(x, "shape") or x.ndim < 1:
+        raise ValueError(f"x must be an array [..., K]; got {type(x).__name__}")
+    if x.dtype not in _FLOAT_DTYPES:
+        raise TypeError(f"x must be float32, bfloat16 or float16; got {x.dtype}")
+    k, n = w.shape
+    if x.shape[-1] != k:
+        raise ValueError(f"x's last dimension must equal the weight's in_features K={k}; got x "
+                         f"{list(x.shape)}")
+    impl, interpret = _resolve_backend(backend)
+    lead = x.shape[:-1]
+    x2 = x.reshape(-1, k)  # [M, K]
+    if impl == "reference":
+        y = reference.quant_matmul(x2, w)
+    elif impl == "xla":
+        y = xla.quant_matmul(x2, w)
+    else:
+        on_gpu = not interpret
+        for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+            _check_block(name, value, require_pow2_min16=on_gpu)
+        defaults = DEFAULT_BLOCK_SIZES["pallas"]
+        kw = k // values_per_word(w.bits)
+        limit = _pow2_divisor(kw, 1 << 30)
+        limit = min(limit, _pow2_divisor(w.group_size, 1 << 30))
+        if block_k is None:
+            block_k = min(defaults["block_k"], limit)
+        if kw % block_k or w.group_size % block_k:
+            raise ValueError(f"block_k must divide K / vpw = {kw} and group_size = "
+                             f"{w.group_size}; got block_k={block_k}")
+        if on_gpu and block_k < 16:
+            raise ValueError(f"the pallas backend on GPU needs K / vpw = {kw} and group_size = "
+                             f"{w.group_size} to share a power-of-two divisor >= 16; use "
+                             f"backend='xla'")
+        bm = block_m or defaults["block_m"]
+        bn = block_n or min(defaults["block_n"], max(16, 1 << (n - 1).bit_length()))
+        y = pallas_gpu.quant_matmul(x2, w, block_m=bm, block_n=bn, block_k=block_k,
+                                    interpret=interpret)
+    return y.astype(x.dtype).reshape(*lead, n)

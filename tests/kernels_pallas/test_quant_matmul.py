@@ -1,0 +1,129 @@
+"""quant_matmul: every backend equals the dequantized float matmul (``reference.py``)."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas.quant_matmul import (QuantizedWeight, pack_planar, quant_matmul,
+                                         unpack_planar)
+
+# f32: the backends sum the same products in different orders (per group, scales late).
+F32_RTOL, F32_ATOL = 1e-5, 1e-5
+# bf16: outputs are rounded to bfloat16 (8 mantissa bits); the backends differ before rounding.
+BF16_RTOL, BF16_ATOL = 2e-2, 2e-2
+
+
+def _random_weight(k, n, bits, group_size, *, desc_act=False, seed=0):
+    rng = np.random.default_rng(seed)
+    g = k if group_size == -1 else group_size
+    q = rng.integers(0, 2 ** bits, (k, n))
+    zeros = rng.integers(0, 2 ** bits, (k // g, n))
+    scales = rng.uniform(0.5, 1.5, (k // g, n)).astype(np.float32) / 2 ** bits
+    g_idx = np.arange(k) // g
+    if desc_act:
+        g_idx = g_idx[rng.permutation(k)]
+    return QuantizedWeight.from_ints(q, scales, zeros, bits=bits, group_size=group_size,
+                                     g_idx=g_idx), (q, scales, zeros, g_idx)
+
+
+def test_reference_equals_numpy_dequantized_matmul():
+    w, (q, scales, zeros, g_idx) = _random_weight(128, 24, 4, 32, desc_act=True)
+    x = np.random.default_rng(1).normal(size=(3, 128)).astype(np.float32)
+    expect = x.astype(np.float64) @ (scales[g_idx] * (q - zeros[g_idx]))
+    np.testing.assert_allclose(np.asarray(quant_matmul(jnp.asarray(x), w, backend="reference")),
+                               expect, rtol=F32_RTOL, atol=F32_ATOL)
+
+
+CASES = [  # (lead shape of x, K, N, bits, group_size, desc_act)
+    ((5,), 256, 48, 4, 32, True),  # odd M, N not a power of two, act-order groups
+    ((19,), 128, 160, 4, -1, False),  # per channel; pallas: 2 x 2 programs, M and N padded
+    ((7,), 256, 32, 8, 64, False),
+    ((1, 1), 256, 32, 2, 64, True),  # extra leading axis
+    ((3,), 256, 32, 3, 128, False),  # 3-bit in 4-bit slots
+]
+
+
+# Every case in float32; bfloat16 activations on the int4 cases (the dtype path does not depend
+# on the bit width, and interpret mode is slow on CPU).
+BACKEND_CASES = [(backend, dtype, *case) for case in CASES for dtype in (jnp.float32, jnp.bfloat16)
+                 for backend in ("xla", "pallas") if dtype == jnp.float32 or case[3] == 4]
+
+
+@pytest.mark.parametrize("backend, dtype, lead, k, n, bits, group_size, desc_act", BACKEND_CASES)
+def test_backends_match_reference(backend, dtype, lead, k, n, bits, group_size, desc_act):
+    w, _ = _random_weight(k, n, bits, group_size, desc_act=desc_act)
+    x = jnp.asarray(np.random.default_rng(2).normal(size=(*lead, k)), dtype)
+    got = quant_matmul(x, w, backend=backend)
+    want = quant_matmul(x, w, backend="reference")
+    assert got.shape == (*lead, n) and got.dtype == dtype
+    rtol, atol = (F32_RTOL, F32_ATOL) if dtype == jnp.float32 else (BF16_RTOL, BF16_ATOL)
+    np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
+                               rtol=rtol, atol=atol)
+
+
+def test_pallas_explicit_blocks_loop_over_row_blocks_and_match_reference():
+    # block_k=16 < K / vpw = 32: two row blocks per program, each inside one 128-row group.
+    w, _ = _random_weight(256, 64, 4, 128, desc_act=True, seed=3)
+    x = jnp.asarray(np.random.default_rng(4).normal(size=(9, 256)), jnp.float32)
+    got = quant_matmul(x, w, backend="pallas", block_m=16, block_n=64, block_k=16)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(quant_matmul(x, w, backend="reference")),
+                               rtol=F32_RTOL, atol=F32_ATOL)
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_planar_packing_round_trips_and_fills_slots_by_row_runs(bits):
+    q = jnp.asarray(np.random.default_rng(bits).integers(0, 2 ** bits, (64, 8)), jnp.int32)
+    packed = pack_planar(q, bits)
+    slot = 4 if bits == 3 else bits
+    vpw = 32 // slot
+    assert packed.shape == (64 // vpw, 8) and packed.dtype == jnp.int32
+    np.testing.assert_array_equal(np.asarray(unpack_planar(packed, bits)), np.asarray(q))
+    # Slot 1 of word row 0 holds row K / vpw (planar layout).
+    words = np.asarray(packed).view(np.uint32)
+    np.testing.assert_array_equal((words[0] >> slot) & (2 ** slot - 1), np.asarray(q)[64 // vpw])
+
+
+def test_quant_matmul_rejects_bad_arguments():
+    w, _ = _random_weight(128, 32, 4, 32)
+    x = jnp.ones((2, 128), jnp.float32)
+    with pytest.raises(ValueError, match="in_features K=128"):
+        quant_matmul(jnp.ones((2, 96)), w)
+    with pytest.raises(TypeError, match="must be a QuantizedWeight"):
+        quant_matmul(x, jnp.ones((128, 32)))
+    with pytest.raises(ValueError, match="backend must be one of"):
+        quant_matmul(x, w, backend="cuda")
+    with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
+        quant_matmul(jnp.ones((2, 128), jnp.int32), w)
+    with pytest.raises(ValueError, match="block_k must divide"):
+        quant_matmul(x, w, backend="pallas", block_k=12)
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(bits=5), "bits must be one of"),
+    (dict(group_size=48), "group_size must divide K"),
+    (dict(g_idx=np.zeros(128, np.int64)), "exactly group_size=32 rows"),
+    (dict(scales=np.ones((3, 32))), "scales and zeros must be"),
+])
+def test_quantized_weight_rejects_bad_arguments(kwargs, message):
+    args = dict(q=np.zeros((128, 32), np.int32), scales=np.ones((4, 32)),
+                zeros=np.zeros((4, 32), np.int32), bits=4, group_size=32)
+    with pytest.raises(ValueError, match=message):
+        QuantizedWeight.from_ints(**{**args, **kwargs})
+
+
+def test_pallas_kernel_lowers_to_triton_for_cuda():
+    # No GPU here: exporting for the cuda platform runs the Pallas -> Triton IR lowering, which
+    # catches shapes and ops Triton rejects (Triton -> PTX compilation still needs a GPU).
+    from jax import export
+
+    from kernels_pallas.quant_matmul import pallas_gpu
+    w, _ = _random_weight(256, 64, 4, 32, desc_act=True)
+    x = jnp.ones((5, 256), jnp.bfloat16)
+    def fn(x, w):
+        return pallas_gpu.quant_matmul(x, w, block_m=16, block_n=64, block_k=16, interpret=False)
+
+    triton = "__gpu$xla.gpu.triton"
+    exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
+        export.DisabledSafetyCheck.custom_call(triton)])(x, w)
+    assert triton in exported.mlir_module()
