@@ -12,9 +12,9 @@ One function, several implementations (DESIGN.md):
 
 from __future__ import annotations
 
-import jax
 import jax.numpy as jnp
 
+from kernels_pallas.backend import resolve_backend
 from kernels_pallas.quant_matmul import pallas_gpu, reference, xla
 from kernels_pallas.quant_matmul.weight import (SUPPORTED_BITS, QuantizedWeight,
                                                 check_quant_params, pack_planar, unpack_planar,
@@ -28,19 +28,6 @@ BACKENDS = ("auto", "reference", "xla", "pallas")
 # it is lowered to the largest power of two dividing both K / vpw and the group size.
 DEFAULT_BLOCK_SIZES = {"pallas": dict(block_m=16, block_n=128, block_k=64)}
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _resolve_backend(backend: str) -> tuple[str, bool]:
-    """-> (implementation, interpret)."""
-    platform = jax.default_backend()
-    if backend == "auto":
-        backend = "pallas" if platform == "gpu" else "xla"
-    if backend == "pallas":
-        if platform == "tpu":
-            raise NotImplementedError(
-                "backend='pallas' has no TPU (Mosaic) kernel yet; use backend='xla' or 'auto'")
-        return "pallas", platform != "gpu"
-    return backend, False
 
 
 def _pow2_divisor(a: int, cap: int) -> int:
@@ -88,7 +75,7 @@ def quant_matmul(x, w: QuantizedWeight, *, backend: str = "auto", block_m: int |
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must equal the weight's in_features K={k}; got x "
                          f"{list(x.shape)}")
-    impl, interpret = _resolve_backend(backend)
+    impl, interpret = resolve_backend(backend)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
     if impl == "reference":
