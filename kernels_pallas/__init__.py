@@ -4,6 +4,9 @@ Each op is a folder with a public function, a plain-jnp reference, an XLA path a
 for GPU and TPU (see DESIGN.md). This package imports only jax.
 """
 
-from kernels_pallas.attention import flash_attention, merge_attention, tile_fraction
+from kernels_pallas.attention import (flash_attention, merge_attention, paged_decode_attention,
+                                      tile_fraction)
+from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul
 
-__all__ = ["flash_attention", "merge_attention", "tile_fraction"]
+__all__ = ["QuantizedWeight", "flash_attention", "merge_attention", "paged_decode_attention",
+           "quant_matmul", "tile_fraction"]

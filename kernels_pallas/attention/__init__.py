@@ -1,4 +1,5 @@
-"""Attention: ``flash_attention``, ``merge_attention`` and the ``tile_fraction`` helper.
+"""Attention: ``flash_attention``, ``paged_decode_attention``, ``merge_attention`` and the
+``tile_fraction`` helper.
 
 One function, several implementations (DESIGN.md):
 
@@ -9,32 +10,25 @@ One function, several implementations (DESIGN.md):
   through Triton on NVIDIA GPUs; on CPU they run with ``interpret=True`` (how the tests exercise
   them). There is no TPU (Mosaic) kernel yet, so ``backend="pallas"`` raises on TPU.
 * ``auto``: pallas on GPU, xla on CPU and TPU.
+
+``paged_decode_attention`` follows the same pattern: ``reference.py`` (gather every page, dense
+attention), ``paged_xla.py`` (online softmax over chunks of pages) and ``paged_pallas_gpu.py``
+(flash-decoding: context splits per (sequence, KV head), merged by ``merge_attention``).
 """
 
 from __future__ import annotations
 
-import jax
+import jax.numpy as jnp
 
-from kernels_pallas.attention import checks, pallas_gpu, reference, xla
+from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_xla, pallas_gpu, reference,
+                                      xla)
 from kernels_pallas.attention.merge import merge_attention
+from kernels_pallas.backend import resolve_backend
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
                                              default_block_sizes, tile_fraction)
 
-__all__ = ["flash_attention", "merge_attention", "tile_fraction", "BlockSizes",
-           "DEFAULT_BLOCK_SIZES"]
-
-
-def _resolve_backend(backend: str) -> tuple[str, bool]:
-    """-> (implementation, interpret)."""
-    platform = jax.default_backend()
-    if backend == "auto":
-        backend = "pallas" if platform == "gpu" else "xla"
-    if backend == "pallas":
-        if platform == "tpu":
-            raise NotImplementedError(
-                "backend='pallas' has no TPU (Mosaic) kernel yet; use backend='xla' or 'auto'")
-        return "pallas", platform != "gpu"
-    return backend, False
+__all__ = ["flash_attention", "paged_decode_attention", "merge_attention", "tile_fraction",
+           "BlockSizes", "DEFAULT_BLOCK_SIZES"]
 
 
 def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=None,
@@ -73,7 +67,7 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
     batch, t, _, d = q.shape
     s = k.shape[1]
     q_ids, kv_ids = checks.check_segment_ids(segment_ids, batch, t, s)
-    impl, interpret = _resolve_backend(backend)
+    impl, interpret = resolve_backend(backend)
     checks.check_block("block_q", block_q, pallas=impl == "pallas", minimum=16)
     checks.check_block("block_k", block_k, pallas=impl == "pallas", minimum=16)
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
@@ -100,4 +94,67 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
             out, lse = pallas_gpu.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
                                                   softcap=softcap, blocks=blocks,
                                                   interpret=interpret)
+    return (out, lse) if return_lse else out
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_scale=None,
+                           backend="auto", num_splits=None, pages_per_block=None,
+                           return_lse=False):
+    """Attention of one new query token per sequence over a KV cache kept in fixed-size pages.
+
+    Args:
+      q: [batch, Hq, D], the query of each sequence's newest token.
+      k_pages, v_pages: [num_pages, page_size, Hkv, D] (vLLM's layout), Hq % Hkv == 0; same dtype
+        as q (float32, bfloat16 or float16). Softmax statistics and accumulators are float32.
+      page_table: int [batch, pages_per_seq]: token p of sequence b lives in page
+        ``page_table[b, p // page_size]`` at slot ``p % page_size``. Entries past a sequence's
+        length are never read (any value in range will do).
+      lengths: int [batch], valid tokens per sequence, 0 <= lengths <= pages_per_seq * page_size.
+        A sequence of length 0 gets out = 0 (and lse = -inf).
+      softmax_scale: multiplies q·k; default 1/sqrt(D).
+      backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU/TPU, and xla
+        wherever page_size is not a power of two, which the Pallas kernel needs).
+      num_splits: pallas only: context splits per (sequence, KV head) (flash-decoding); None
+        picks enough to fill the GPU (``paged_pallas_gpu.default_num_splits``).
+      pages_per_block: pages gathered per loop step; None gives ~512 tokens a step on xla and
+        ~64 on pallas (raised there to a power of two covering >= 16 tokens).
+      return_lse: also return the float32 log-sum-exp [batch, Hq] (to merge with other parts).
+
+    Returns:
+      out [batch, Hq, D] in q's dtype (and lse float32 [batch, Hq] with ``return_lse``).
+      Decode only: no gradients are defined through the xla and pallas paths.
+
+    The page table's and lengths' ranges are validated when they are concrete (not under jit).
+    """
+    checks.check_paged(q, k_pages, v_pages, page_table, lengths)
+    checks.check_scalars(False, softmax_scale, None, return_lse, backend)
+    page_size = k_pages.shape[1]
+    for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block)):
+        checks.check_block(name, value, pallas=False, minimum=1)
+    power_of_two_pages = page_size & (page_size - 1) == 0
+    if backend == "auto" and not power_of_two_pages:
+        backend = "xla"  # the Triton kernel needs power-of-two pages; auto picks what runs
+    impl, interpret = resolve_backend(backend)
+    if impl == "pallas" and not power_of_two_pages:
+        raise ValueError(f"the Pallas backend needs a power-of-two page_size (Triton tiles); "
+                         f"got page_size={page_size}; use backend='xla'")
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    page_table = jnp.asarray(page_table, jnp.int32)
+    lengths = jnp.asarray(lengths, jnp.int32)
+    if impl == "reference":
+        out, lse = reference.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
+                                                    softmax_scale=scale)
+        out = out.astype(q.dtype)
+    elif impl == "xla":
+        if pages_per_block is None:
+            pages_per_block = paged_xla.default_pages_per_block(page_size, page_table.shape[1])
+        out, lse = paged_xla.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
+                                                    scale=scale, pages_per_block=pages_per_block)
+    else:
+        if num_splits is None:
+            num_splits = paged_pallas_gpu.default_num_splits(q.shape[0], k_pages.shape[2],
+                                                             page_table.shape[1])
+        out, lse = paged_pallas_gpu.paged_decode_attention(
+            q, k_pages, v_pages, page_table, lengths, scale=scale, num_splits=num_splits,
+            pages_per_block=pages_per_block, interpret=interpret)
     return (out, lse) if return_lse else out

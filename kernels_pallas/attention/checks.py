@@ -1,10 +1,13 @@
-"""Validation of flash_attention's arguments: one ValueError/TypeError per mistake, at the API."""
+"""Validation of flash_attention's and paged_decode_attention's arguments at the API: one
+ValueError/TypeError per mistake."""
 
 from __future__ import annotations
 
 import numbers
 
+import jax
 import jax.numpy as jnp
+import numpy as np
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -120,3 +123,63 @@ def check_block(name: str, block, *, pallas: bool, minimum: int) -> None:
     if pallas and (block < minimum or block & (block - 1)):
         raise ValueError(f"{name} must be a power of two >= {minimum} for the Pallas backend "
                          f"(Triton tiles); got {block}")
+
+
+def check_paged(q, k_pages, v_pages, page_table, lengths) -> None:
+    """paged_decode_attention's arrays: ranks, shapes, dtypes and (when concrete) index ranges."""
+    for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages),
+                    ("page_table", page_table), ("lengths", lengths)):
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(f"{name} must be an array; got {type(x).__name__}")
+    if q.ndim != 3:
+        raise ValueError(f"q must have rank 3 [batch, Hq, D] (one query token per sequence); "
+                         f"got q {_shape(q)}")
+    if k_pages.ndim != 4:
+        raise ValueError(f"k_pages must have rank 4 [num_pages, page_size, Hkv, D]; "
+                         f"got k_pages {_shape(k_pages)}")
+    if k_pages.shape != v_pages.shape:
+        raise ValueError(f"k_pages and v_pages must have the same shape; "
+                         f"got k_pages {_shape(k_pages)} and v_pages {_shape(v_pages)}")
+    if min(q.shape) < 1 or min(k_pages.shape) < 1:
+        raise ValueError(f"q and k_pages must have no empty axis; "
+                         f"got q {_shape(q)} and k_pages {_shape(k_pages)}")
+    if q.shape[2] != k_pages.shape[3]:
+        raise ValueError(f"q and k_pages must have the same head dim D; "
+                         f"got q {_shape(q)} and k_pages {_shape(k_pages)}")
+    hq, hkv = q.shape[1], k_pages.shape[2]
+    if hq % hkv:
+        raise ValueError(f"the number of query heads must be a multiple of the number of KV heads "
+                         f"(Hq % Hkv == 0); got Hq={hq}, Hkv={hkv}")
+    dtypes = {jnp.dtype(x.dtype) for x in (q, k_pages, v_pages)}
+    if len(dtypes) != 1:
+        raise ValueError(f"q, k_pages and v_pages must share a dtype; "
+                         f"got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+    if jnp.dtype(q.dtype) not in DTYPES:
+        raise ValueError(f"q, k_pages and v_pages must be float32, bfloat16 or float16; "
+                         f"got {q.dtype}")
+    batch = q.shape[0]
+    if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.shape[1] < 1:
+        raise ValueError(f"page_table must have shape [batch, pages_per_seq] with batch={batch} "
+                         f"and pages_per_seq >= 1; got {_shape(page_table)}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape [batch] = [{batch}]; got {_shape(lengths)}")
+    for name, x in (("page_table", page_table), ("lengths", lengths)):
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must have an integer dtype (int32); got {x.dtype}")
+    num_pages, page_size = k_pages.shape[:2]
+    capacity = page_table.shape[1] * page_size
+    # Values are checked only when concrete (outside jit); under jit they are trusted.
+    if _concrete(page_table):
+        pt = np.asarray(page_table)
+        if pt.min() < 0 or pt.max() >= num_pages:
+            raise ValueError(f"page_table entries must lie in [0, num_pages) = [0, {num_pages}); "
+                             f"got values in [{pt.min()}, {pt.max()}]")
+    if _concrete(lengths):
+        ln = np.asarray(lengths)
+        if ln.min() < 0 or ln.max() > capacity:
+            raise ValueError(f"lengths must lie in [0, pages_per_seq * page_size] = "
+                             f"[0, {capacity}]; got values in [{ln.min()}, {ln.max()}]")
+
+
+def _concrete(x) -> bool:
+    return not isinstance(x, jax.core.Tracer)

@@ -55,3 +55,29 @@ def attention(q, k, v, *, causal=False, q_segment_ids=None, kv_segment_ids=None,
     lse = jnp.where(seen, jnp.log(safe_denom) + shift[..., 0], -jnp.inf)
     lse = jnp.moveaxis(lse, -1, 1).reshape(batch, t, hq)  # [batch, T, Hq]
     return out.reshape(batch, t, hq, d), lse
+
+
+def gather_pages(pages, page_table):
+    """pages [num_pages, page_size, Hkv, D], page_table [batch, pages_per_seq] ->
+    the contiguous context [batch, pages_per_seq * page_size, Hkv, D]."""
+    batch, pages_per_seq = page_table.shape
+    gathered = pages[page_table]  # [batch, pages_per_seq, page_size, Hkv, D]
+    return gathered.reshape(batch, pages_per_seq * pages.shape[1], *pages.shape[2:])
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_scale):
+    """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D]; page_table int32
+    [batch, pages_per_seq]; lengths int32 [batch] -> (out [batch, Hq, D] float32,
+    lse [batch, Hq] float32).
+
+    Gathers every page into a dense context (memory batch x pages_per_seq x page_size) and runs
+    dense attention with the keys at positions >= length masked (as a second segment id).
+    """
+    k = gather_pages(k_pages, page_table)  # [batch, L, Hkv, D]
+    v = gather_pages(v_pages, page_table)
+    positions = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]  # [1, L]
+    kv_ids = (positions >= lengths[:, None]).astype(jnp.int32)  # 0 valid, 1 past the length
+    q_ids = jnp.zeros((q.shape[0], 1), jnp.int32)
+    out, lse = attention(q[:, None], k, v, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
+                         softmax_scale=softmax_scale)
+    return out[:, 0], lse[:, 0]

@@ -1,0 +1,244 @@
+"""Attention speed: forward and forward+backward time and TFLOP/s of every implementation, one run.
+
+    python -m experiments.bench_attention            # GPU: S 512..16K, D 64/128, bfloat16
+    python -m experiments.bench_attention --quick    # seconds on a CPU
+
+Implementations, all on the same inputs in the same process:
+  xla, pallas, reference   kernels_pallas.flash_attention(backend=...) (pallas runs in interpret
+                           mode on CPU: it measures the interpreter, not a kernel)
+  jax_nn_xla               jax.nn.dot_product_attention(implementation="xla")   (the peer)
+  jax_nn_cudnn             jax.nn.dot_product_attention(implementation="cudnn") (GPU only)
+  jax_pallas_mha           jax.experimental.pallas.ops.gpu.attention.mha (Triton; GPU only)
+
+Shapes follow FlashAttention-2's benchmark: batch x S = 16K tokens and Hq = 2048 / D heads on a
+GPU (smaller on CPU). FLOPs count the matmuls a dense kernel would do on the visible part of the
+score matrix: forward 4·B·H·S²·D (halved, exactly (S+1)/2S, when causal), forward+backward 3.5x
+that (FA2's convention: the backward does 5 matmuls to the forward's 2). Every implementation is
+credited with the same count, so TFLOP/s ratios are speed ratios. ``speedup_vs_<peer>`` is
+time(peer) / time(impl) on the same row settings. A failed configuration (e.g. out of memory for
+the reference at 16K) is recorded with its error and skipped.
+
+A second table times ``paged_decode_attention`` (one query token per sequence over a shuffled page
+table) for xla, pallas and reference, against ``jax.nn.dot_product_attention`` on the same context
+stored contiguously, and reports the K/V bytes read per second next to a streaming copy's
+bandwidth measured in the same run (the issue's target: >= 80% of it on a GPU). --no-paged skips it.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+
+from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from kernels_pallas import flash_attention, paged_decode_attention
+
+OURS = ("xla", "pallas", "reference")
+
+
+def timed(fn, args, reps: int) -> list[float]:
+    """Seconds per call after one compile-and-run warm-up."""
+    jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def attention_fn(impl: str, causal: bool, **options):
+    """(q, k, v) -> out for one implementation name (see the module docstring)."""
+    if impl in OURS:
+        return lambda q, k, v: flash_attention(q, k, v, causal=causal, backend=impl, **options)
+    if impl.startswith("jax_nn_"):
+        which = impl.removeprefix("jax_nn_")
+        return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
+                                                            implementation=which, **options)
+    if impl == "jax_pallas_mha":
+        from jax.experimental.pallas.ops.gpu import attention as pallas_attention
+
+        def mha(q, k, v):
+            return pallas_attention.mha(q, k, v, None, sm_scale=q.shape[-1] ** -0.5,
+                                        causal=causal)
+        return mha
+    raise ValueError(f"unknown implementation {impl!r}")
+
+
+def with_backward(attend):
+    """(q, k, v) -> (dq, dk, dv) of sum(out * ct): forward and backward in one program."""
+    def fwd_bwd(q, k, v, ct):
+        _, vjp = jax.vjp(attend, q, k, v)
+        return vjp(ct)
+    return fwd_bwd
+
+
+def attention_flops(batch: int, heads: int, t: int, s: int, d: int, causal: bool, mode: str):
+    visible = t * s if not causal else t * (t + 1) // 2 + t * (s - t)
+    fwd = 4.0 * batch * heads * visible * d
+    return fwd if mode == "fwd" else 3.5 * fwd
+
+
+def default_impls(platform: str) -> list[str]:
+    impls = ["xla", "pallas", "reference", "jax_nn_xla"]
+    if platform == "gpu":
+        impls += ["jax_nn_cudnn", "jax_pallas_mha"]
+    return impls
+
+
+def add_ratios(rows: list[dict], key_fields: tuple[str, ...], peers: list[str]) -> None:
+    """speedup_vs_<peer> = time(peer) / time(row) among rows sharing ``key_fields``."""
+    times = {(tuple(r[f] for f in key_fields), r["impl"]): r.get("median_ms") for r in rows}
+    for r in rows:
+        key = tuple(r[f] for f in key_fields)
+        for peer in peers:
+            peer_ms = times.get((key, peer))
+            if peer_ms and r.get("median_ms"):
+                r[f"speedup_vs_{peer}"] = peer_ms / r["median_ms"]
+
+
+def bench_paged(args, rng, gpu: bool) -> tuple[list[dict], float]:
+    """Paged decode rows (ms, K/V GB/s, fraction of the streaming bandwidth) and that bandwidth."""
+    batch, hq, hkv, d, page, ctx = ((8, 32, 8, 128, 16, 8192) if gpu else
+                                    (4, 8, 2, 64, 16, 2048))
+    if args.quick:
+        batch, ctx = 2, 256
+    dtype = jnp.dtype(args.dtype)
+    pages_per_seq = ctx // page
+    num_pages = batch * pages_per_seq
+    shape = (num_pages, page, hkv, d)
+    k_pages, v_pages = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(2))
+    q = jnp.asarray(rng.standard_normal((batch, hq, d)), dtype)
+    table = jnp.asarray(rng.permutation(num_pages).reshape(batch, pages_per_seq), jnp.int32)
+    lengths = jnp.full((batch,), ctx, jnp.int32)
+    kv_bytes = 2 * batch * ctx * hkv * d * dtype.itemsize
+    # The same context, contiguous, for the dense peer: [batch, ctx, Hkv, D].
+    k_dense, v_dense = (x[table].reshape(batch, ctx, hkv, d) for x in (k_pages, v_pages))
+
+    copy = jax.jit(lambda k, v: (k + 1, v + 1))  # reads and writes every K/V byte once
+    stream_gbps = 2 * kv_bytes / statistics.median(timed(copy, (k_pages, v_pages), args.reps)) / 1e9
+    runs = {impl: (jax.jit(lambda q, k, v, t, n, impl=impl: paged_decode_attention(
+        q, k, v, t, n, backend=impl)), (q, k_pages, v_pages, table, lengths)) for impl in OURS}
+    runs["jax_nn_xla_dense"] = (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
+        q[:, None], k, v, implementation="xla")[:, 0]), (q, k_dense, v_dense))
+    rows = []
+    for impl, (fn, inputs) in runs.items():
+        row = {"impl": impl, "batch": batch, "Hq": hq, "Hkv": hkv, "D": d, "page_size": page,
+               "context": ctx}
+        try:
+            times = timed(fn, inputs, args.reps)
+        except Exception as e:  # noqa: BLE001
+            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            rows.append(row)
+            continue
+        med = statistics.median(times)
+        row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
+                   kv_GBps=kv_bytes / med / 1e9, frac_of_stream=kv_bytes / med / 1e9 / stream_gbps)
+        rows.append(row)
+    peer = next((r["median_ms"] for r in rows if r["impl"] == "jax_nn_xla_dense"
+                 and "median_ms" in r), None)
+    for r in rows:
+        if peer and "median_ms" in r:
+            r["speedup_vs_jax_nn_xla_dense"] = peer / r["median_ms"]
+    return rows, stream_gbps
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--seq-lens", type=int, nargs="+", default=None)
+    parser.add_argument("--head-dims", type=int, nargs="+", default=[64, 128])
+    parser.add_argument("--masks", nargs="+", default=["causal", "full"])
+    parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
+    parser.add_argument("--impls", nargs="+", default=None)
+    parser.add_argument("--tokens", type=int, default=None, help="batch x S (default 16K on GPU)")
+    parser.add_argument("--hidden", type=int, default=None, help="Hq x D (default 2048 on GPU)")
+    parser.add_argument("--kv-heads", type=int, default=None, help="default: Hq (no GQA)")
+    parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
+    parser.add_argument("--reps", type=int, default=5)
+    parser.add_argument("--no-paged", dest="paged", action="store_false",
+                        help="skip the paged decode table")
+    parser.add_argument("--out", default=str(RESULTS / "bench_attention.json"))
+    args = parser.parse_args()
+    platform = jax.default_backend()
+    gpu = platform == "gpu"
+    args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
+    args.impls = args.impls or default_impls(platform)
+    args.seq_lens = args.seq_lens or ([512, 1024, 2048, 4096, 8192, 16384] if gpu
+                                      else [256, 512, 1024])
+    args.tokens = args.tokens or (16384 if gpu else 1024)
+    args.hidden = args.hidden or (2048 if gpu else 256)
+    if args.quick:
+        args.seq_lens, args.head_dims, args.masks = [256], [64], ["causal"]
+        args.tokens, args.hidden, args.reps = 256, 128, 2
+
+    rng = np.random.default_rng(0)
+    dtype = jnp.dtype(args.dtype)
+    rows = []
+    for mask in args.masks:
+        causal = mask == "causal"
+        for d in args.head_dims:
+            for s in args.seq_lens:
+                batch, heads = max(1, args.tokens // s), max(1, args.hidden // d)
+                kv_heads = args.kv_heads or heads
+                q, k, v, ct = (jnp.asarray(rng.standard_normal(shape), dtype) for shape in (
+                    (batch, s, heads, d), (batch, s, kv_heads, d), (batch, s, kv_heads, d),
+                    (batch, s, heads, d)))
+                for mode in args.modes:
+                    for impl in args.impls:
+                        row = {"mask": mask, "D": d, "S": s, "batch": batch, "heads": heads,
+                               "mode": mode, "impl": impl}
+                        attend = attention_fn(impl, causal)
+                        fn = jax.jit(attend if mode == "fwd" else with_backward(attend))
+                        inputs = (q, k, v) if mode == "fwd" else (q, k, v, ct)
+                        try:
+                            times = timed(fn, inputs, args.reps)
+                        except Exception as e:  # noqa: BLE001  (OOM, unsupported shape...)
+                            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                            print(f"skipped {impl} {mask} D={d} S={s} {mode}: {row['error']}")
+                            rows.append(row)
+                            continue
+                        med = statistics.median(times)
+                        flops = attention_flops(batch, heads, s, s, d, causal, mode)
+                        row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3,
+                                   max_ms=max(times) * 1e3, tflops=flops / med / 1e12)
+                        rows.append(row)
+    peers = [p for p in ("jax_nn_xla", "jax_nn_cudnn") if p in args.impls]
+    add_ratios(rows, ("mask", "D", "S", "mode"), peers)
+    columns = ["mask", "D", "S", "mode", "impl", "median_ms", "min_ms", "max_ms", "tflops"]
+    print_table(rows, columns + [f"speedup_vs_{p}" for p in peers])
+    paged_rows, stream_gbps = bench_paged(args, rng, gpu) if args.paged else ([], None)
+    if paged_rows:
+        print(f"\npaged decode (streaming copy: {stream_gbps:.3g} GB/s)")
+        print_table(paged_rows, ["impl", "batch", "Hq", "Hkv", "D", "page_size", "context",
+                                 "median_ms", "min_ms", "max_ms", "kv_GBps", "frac_of_stream",
+                                 "speedup_vs_jax_nn_xla_dense"])
+    if not gpu and "pallas" in args.impls:
+        print("note: pallas ran in interpret mode on CPU; its times measure the interpreter")
+
+    out = Path(args.out)
+    out.parent.mkdir(parents=True, exist_ok=True)
+    mask, d, mode = args.masks[0], args.head_dims[-1], args.modes[-1]
+    curves = {}
+    for impl in args.impls:
+        pts = [(r["S"], r["tflops"]) for r in rows if r["impl"] == impl and r["mask"] == mask
+               and r["D"] == d and r["mode"] == mode and "tflops" in r]
+        if pts:
+            curves[impl] = ([p[0] for p in pts], [p[1] for p in pts])
+    png = plot_curves(curves, xlabel="sequence length S", ylabel="TFLOP/s",
+                      title=f"{mask} attention {mode}, D={d}, {args.dtype}",
+                      out=out.with_suffix(".png"))
+    record = {"experiment": "bench_attention", "quick": args.quick, **environment(),
+              "settings": vars(args), "flops_convention": "fwd 4*B*H*visible*D; fwd_bwd 3.5x",
+              "rows": rows, "paged_decode": {"stream_GBps": stream_gbps, "rows": paged_rows},
+              "png": str(png)}
+    print(f"wrote {write_json(record, out)} and {png}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,179 @@
+"""Paged decode attention as a Pallas flash-decoding kernel for NVIDIA GPUs (Triton lowering;
+``interpret=True`` on CPU).
+
+Algorithm (flash-decoding). Grid (batch, Hkv, num_splits). The page table of a sequence is cut
+into ``num_splits`` contiguous runs of ``pages_per_split`` entries; program (b, h, s) walks run s
+of sequence b, up to the last page its length reaches, ``pages_per_block`` pages per step: it
+reads those page indices from the page table, gathers the pages' K and V rows of KV head h into a
+[pages_per_block * page_size, D] tile, scores it against all ``groups`` query heads of the head
+group at once ([groups, D] x [D, block]), masks positions >= length and keeps a float32 online
+softmax (running max, sum, accumulator). It writes a partial output [groups, D] and its
+log-sum-exp; runs past the length write out 0 and lse -inf. The splits are then merged exactly with
+``merge_attention`` (an XLA epilogue over [batch, Hkv, num_splits, groups, D] float32, small next
+to the KV pages).
+
+Memory touched: each program reads its q tile once, and each KV page of its run once (K/V are
+read once per KV head, not once per query head); HBM traffic is the visited pages plus the
+partials. The page table and lengths are kernel inputs (Triton has no scalar prefetch).
+
+Shapes. Triton needs power-of-two loads of at least 16 for its dot: the wrapper pads the query
+group to a power of two >= 16, D to a power of two, and the page table and lengths to power-of-two
+lengths; page_size must be a power of two (checked by the public function) and
+pages_per_block * page_size >= 16. ``pages_per_split`` is a multiple of ``pages_per_block``, so a
+block never reaches into the next split's pages. A head dim that is not a power of two (80, 96)
+costs a padded copy of the whole page pool per call: keep D a power of two for serving.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels_pallas.attention import tiling
+from kernels_pallas.attention.merge import merge_attention
+from kernels_pallas.attention.tiling import MASK_VALUE
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+TARGET_PROGRAMS = 256  # enough programs to fill an H100's 132 SMs about twice
+MIN_PAGES_PER_SPLIT = 4  # below this, merging partials costs more than the extra parallelism
+TARGET_BLOCK_TOKENS = 64  # tokens per step: the Triton FA2 forward's KV tile at D <= 128
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    scale: float
+    page_size: int
+    pages_per_block: int
+    pages_per_split: int
+    num_splits: int
+    interpret: bool
+
+
+def default_num_splits(batch: int, hkv: int, pages_per_seq: int) -> int:
+    """Split the context until batch x Hkv x splits reaches ~TARGET_PROGRAMS (a power of two)."""
+    splits = tiling.next_power_of_2(tiling.cdiv(TARGET_PROGRAMS, batch * hkv))
+    most = max(1, pages_per_seq // MIN_PAGES_PER_SPLIT)
+    while splits > 1 and splits > most:
+        splits //= 2
+    return splits
+
+
+def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
+    """A power of two giving ~TARGET_BLOCK_TOKENS per step, and >= 16 tokens (Triton's dot)."""
+    wanted = max(1, TARGET_BLOCK_TOKENS // page_size)
+    return max(min(wanted, tiling.next_power_of_2(pages_per_seq)),
+               tiling.cdiv(tiling.PALLAS_MIN_BLOCK, page_size))
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float,
+                           num_splits: int, pages_per_block: int | None, interpret: bool):
+    """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D] (page_size a power of two);
+    page_table int32 [batch, pages_per_seq]; lengths int32 [batch]
+    -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq]).
+
+    ``pages_per_block`` (None: ``default_pages_per_block``) is raised to a power of two with
+    pages_per_block * page_size >= 16; ``num_splits`` shrinks so that no split is empty.
+    """
+    batch, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    groups = hq // hkv
+    pages_per_seq = page_table.shape[1]
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(page_size, pages_per_seq)
+    ppb = max(tiling.next_power_of_2(pages_per_block),
+              tiling.cdiv(tiling.PALLAS_MIN_BLOCK, page_size))
+    num_splits = max(1, min(num_splits, tiling.cdiv(pages_per_seq, ppb)))
+    per_split = tiling.cdiv(tiling.cdiv(pages_per_seq, num_splits), ppb) * ppb
+    num_splits = tiling.cdiv(pages_per_seq, per_split)
+    cfg = _Config(scale, page_size, ppb, per_split, num_splits, interpret)
+    d_pad = tiling.padded_head_dim(d)
+    g_pad = max(tiling.PALLAS_MIN_BLOCK, tiling.next_power_of_2(groups))
+    qg = q.reshape(batch, hkv, groups, d)  # [batch, Hkv, groups, D]
+    qg = tiling.pad_to(tiling.pad_to(qg, 2, g_pad), 3, d_pad)
+    kp = tiling.pad_to(k_pages, 3, d_pad)
+    vp = tiling.pad_to(v_pages, 3, d_pad)
+    # Padding entries point at page 0 (a valid index); their positions are past every length.
+    table = tiling.pad_to(page_table.astype(jnp.int32), 1,
+                          tiling.next_power_of_2(num_splits * per_split))
+    lens = tiling.pad_to(lengths.astype(jnp.int32), 0, tiling.next_power_of_2(batch))
+    out, lse = _partials(qg, kp, vp, table, lens, cfg)  # [batch, Hkv, splits, g_pad, (d_pad)]
+    out, lse = out[:, :, :, :groups, :d], lse[:, :, :, :groups]
+    merged_out, merged_lse = out[:, :, 0], lse[:, :, 0]
+    for s in range(1, num_splits):
+        merged_out, merged_lse = merge_attention(merged_out, merged_lse, out[:, :, s], lse[:, :, s])
+    return (merged_out.reshape(batch, hq, d).astype(q.dtype), merged_lse.reshape(batch, hq))
+
+
+def _compiler_params(d_pad: int, interpret: bool):
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton  # GPU only; deprecated from jax 0.11
+    return pltriton.CompilerParams(num_warps=4 if d_pad <= 128 else 8, num_stages=2)
+
+
+def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+    b, split = pl.program_id(0), pl.program_id(2)
+    ps, ppb = cfg.page_size, cfg.pages_per_block
+    block = ps * ppb
+    length = len_ref[b]
+    first = split * cfg.pages_per_split
+    last = jnp.minimum(first + cfg.pages_per_split, (length + ps - 1) // ps)
+    steps = jnp.maximum(last - first + ppb - 1, 0) // ppb
+    q = q_ref[...]  # [g_pad, D]
+    d_pad = q.shape[1]
+
+    def body(step, carry):
+        acc, m, l = carry
+        page0 = first + step * ppb
+        ids = table_ref[pl.ds(page0, ppb)]  # [ppb] page indices
+        k = k_ref[ids].reshape(block, d_pad)  # gathered [ppb * page_size, D]
+        v = v_ref[ids].reshape(block, d_pad)
+        s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+        mask = (page0 * ps + jnp.arange(block, dtype=jnp.int32))[None, :] < length  # [1, block]
+        s = jnp.where(mask, s, MASK_VALUE)  # [g_pad, block]
+        m_new = jnp.maximum(m, jnp.max(s, axis=1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
+        l = l * corr + jnp.sum(p, axis=1)
+        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc * corr[:, None] + pv, m_new, l
+
+    g_pad = q.shape[0]
+    init = (jnp.zeros(q.shape, jnp.float32), jnp.full((g_pad,), -jnp.inf, jnp.float32),
+            jnp.zeros((g_pad,), jnp.float32))
+    acc, m, l = lax.fori_loop(0, steps, body, init)  # empty when the run lies past the length
+    seen = l > 0.0
+    safe_l = jnp.where(seen, l, 1.0)
+    o_ref[...] = acc / safe_l[:, None]
+    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+
+
+def _partials(q, k_pages, v_pages, table, lens, cfg: _Config):
+    batch, hkv, g_pad, d_pad = q.shape
+    num_pages, page_size = k_pages.shape[:2]
+    sq = pl.squeezed
+    splits = cfg.num_splits
+    page_spec = pl.BlockSpec((num_pages, page_size, sq, d_pad), lambda b, h, s: (0, 0, h, 0))
+    return pl.pallas_call(
+        functools.partial(_kernel, cfg=cfg),
+        grid=(batch, hkv, splits),
+        in_specs=[
+            pl.BlockSpec((lens.shape[0],), lambda b, h, s: (0,)),
+            pl.BlockSpec((sq, table.shape[1]), lambda b, h, s: (b, 0)),
+            pl.BlockSpec((sq, sq, g_pad, d_pad), lambda b, h, s: (b, h, 0, 0)),
+            page_spec,
+            page_spec,
+        ],
+        out_specs=[pl.BlockSpec((sq, sq, sq, g_pad, d_pad), lambda b, h, s: (b, h, s, 0, 0)),
+                   pl.BlockSpec((sq, sq, sq, g_pad), lambda b, h, s: (b, h, s, 0))],
+        out_shape=[jax.ShapeDtypeStruct((batch, hkv, splits, g_pad, d_pad), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, hkv, splits, g_pad), jnp.float32)],
+        compiler_params=_compiler_params(d_pad, cfg.interpret),
+        interpret=cfg.interpret,
+        name="paged_decode_attention",
+    )(lens, table, q, k_pages, v_pages)

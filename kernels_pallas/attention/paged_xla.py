@@ -1,0 +1,70 @@
+"""Paged decode attention in plain jnp: online softmax over chunks of pages.
+
+Algorithm. One query token per sequence. A ``while`` loop walks the page table in chunks of
+``pages_per_block`` pages, as far as the longest sequence needs; each step gathers the chunk's K and
+V pages of every sequence ([batch, pages_per_block * page_size, Hkv, D]), scores them against the
+query heads of each KV head group, masks positions >= length and folds the chunk into a float32
+running max, sum and accumulator. Rows whose length is 0 see nothing: out 0, lse -inf.
+
+Memory touched: the query, the visited pages and one chunk of gathered K/V plus its score tile; the
+whole gathered context is never materialized. GQA views q as [batch, Hkv, groups, D], so K/V are
+never repeated. Decode only: no VJP.
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+from jax import lax
+
+from kernels_pallas.attention import tiling
+from kernels_pallas.attention.tiling import MASK_VALUE
+
+DEFAULT_CHUNK_TOKENS = 512  # tokens gathered per loop step: large enough to amortize the loop
+
+
+def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
+    return max(1, min(pages_per_seq, DEFAULT_CHUNK_TOKENS // page_size))
+
+
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float,
+                           pages_per_block: int):
+    """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D]; page_table int32
+    [batch, pages_per_seq]; lengths int32 [batch] -> (out [batch, Hq, D] in q.dtype,
+    lse float32 [batch, Hq])."""
+    batch, hq, d = q.shape
+    page_size, hkv = k_pages.shape[1], k_pages.shape[2]
+    groups = hq // hkv
+    chunk = pages_per_block * page_size
+    n_chunks = tiling.cdiv(page_table.shape[1], pages_per_block)
+    # Padding entries point at page 0 (a valid index); their positions are past every length.
+    table = tiling.pad_to(page_table, 1, n_chunks * pages_per_block)
+    qg = q.reshape(batch, hkv, groups, d)  # [batch, Hkv, groups, D]
+    stat_shape = (batch, hkv, groups)
+
+    def body(j, carry):
+        acc, m, l = carry
+        ids = lax.dynamic_slice_in_dim(table, j * pages_per_block, pages_per_block, 1)
+        k = k_pages[ids].reshape(batch, chunk, hkv, d)  # [batch, chunk, Hkv, D]
+        v = v_pages[ids].reshape(batch, chunk, hkv, d)
+        s = jnp.einsum("bhgd,bkhd->bhgk", qg, k, preferred_element_type=jnp.float32) * scale
+        pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
+        mask = (pos[None, :] < lengths[:, None])[:, None, None, :]  # [batch, 1, 1, chunk]
+        s = jnp.where(mask, s, MASK_VALUE)
+        m_new = jnp.maximum(m, s.max(-1))
+        corr = jnp.exp(m - m_new)
+        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # empty rows keep l == 0
+        l = l * corr + p.sum(-1)
+        acc = acc * corr[..., None] + jnp.einsum(
+            "bhgk,bkhd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+        return acc, m_new, l
+
+    init = (jnp.zeros((*stat_shape, d), jnp.float32), jnp.full(stat_shape, -jnp.inf),
+            jnp.zeros(stat_shape, jnp.float32))
+    # Walk only as far as the longest sequence needs (a dynamic trip count, so a while loop).
+    needed = (jnp.max(lengths).astype(jnp.int32) + chunk - 1) // chunk
+    acc, m, l = lax.fori_loop(0, needed, body, init)
+    seen = l > 0
+    safe_l = jnp.where(seen, l, 1.0)
+    out = (acc / safe_l[..., None]).reshape(batch, hq, d).astype(q.dtype)
+    lse = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf).reshape(batch, hq)
+    return out, lse

@@ -1,0 +1,202 @@
+"""paged_decode_attention: every backend against dense float64 attention over the gathered pages."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import paged_decode_attention
+from kernels_pallas.attention import paged_pallas_gpu
+from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
+
+
+@dataclasses.dataclass(frozen=True)
+class PagedCase:
+    name: str
+    hq: int
+    hkv: int
+    d: int
+    page_size: int
+    pages_per_seq: int
+    lengths: tuple[int, ...]
+    dtype: str = "float32"
+    num_pages: int = 40
+
+
+# Ragged lengths: 0 (nothing to see), 1, odd lengths ending mid-page, exactly one page, and the
+# full capacity. Pages are drawn from a shuffled pool larger than needed, and two sequences share
+# their first page (prefix sharing), so the tables are non-contiguous and non-monotone.
+CASES = [
+    PagedCase("gqa1_f32", hq=2, hkv=2, d=16, page_size=16, pages_per_seq=5,
+              lengths=(0, 37, 80, 16)),
+    PagedCase("gqa2_bf16_small_pages", hq=4, hkv=2, d=32, page_size=4, pages_per_seq=9,
+              lengths=(1, 35, 36, 13), dtype="bfloat16"),
+    PagedCase("gqa4_f32_head_dim_80", hq=8, hkv=2, d=80, page_size=16, pages_per_seq=4,
+              lengths=(64, 5, 0, 49)),
+    PagedCase("gqa8_bf16", hq=8, hkv=1, d=16, page_size=8, pages_per_seq=6,
+              lengths=(47, 48, 3, 29), dtype="bfloat16"),
+]
+
+# Backend options that force several loop steps or context splits at these small sizes.
+# pallas: one page per step where pages hold >= 16 tokens, 2 or 4 pages (the minimum 16 tokens)
+# for smaller ones; its default blocks and splits run in test_default_options_*.
+BACKENDS = [("reference", {}), ("xla", {}), ("xla", {"pages_per_block": 2}),
+            ("pallas", {"num_splits": 3, "pages_per_block": 1})]
+
+
+def make_inputs(case: PagedCase, seed: int = 0):
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(case.dtype)
+    batch = len(case.lengths)
+    q = jnp.asarray(rng.standard_normal((batch, case.hq, case.d)), dt)
+    shape = (case.num_pages, case.page_size, case.hkv, case.d)
+    k_pages = jnp.asarray(rng.standard_normal(shape), dt)
+    v_pages = jnp.asarray(rng.standard_normal(shape), dt)
+    table = rng.permutation(case.num_pages)[:batch * case.pages_per_seq]
+    table = table.reshape(batch, case.pages_per_seq)
+    table[1, 0] = table[0, 0]  # shared prefix page
+    return q, k_pages, v_pages, jnp.asarray(table, jnp.int32), jnp.asarray(case.lengths, jnp.int32)
+
+
+def dense_oracle(q, k_pages, v_pages, table, lengths, scale=None):
+    """float64 numpy: gather each sequence's pages, keep its first `length` keys, softmax."""
+    q, k_pages, v_pages = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                           for x in (q, k_pages, v_pages))
+    batch, hq, d = q.shape
+    hkv = k_pages.shape[2]
+    scale = d ** -0.5 if scale is None else scale
+    out = np.zeros((batch, hq, d))
+    lse = np.full((batch, hq), -np.inf)
+    for b in range(batch):
+        n = int(lengths[b])
+        if n == 0:
+            continue
+        k = np.concatenate([k_pages[p] for p in np.asarray(table[b])])[:n]  # [n, Hkv, D]
+        v = np.concatenate([v_pages[p] for p in np.asarray(table[b])])[:n]
+        for h in range(hq):
+            kh = h // (hq // hkv)
+            s = k[:, kh] @ q[b, h] * scale  # [n]
+            w = np.exp(s - s.max())
+            out[b, h] = w @ v[:, kh] / w.sum()
+            lse[b, h] = s.max() + np.log(w.sum())
+    return out, lse
+
+
+@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
+@pytest.mark.parametrize("backend,options", BACKENDS,
+                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
+def test_matches_dense_attention_over_gathered_pages(backend, options, case):
+    q, k_pages, v_pages, table, lengths = make_inputs(case)
+    run = jax.jit(lambda *a: paged_decode_attention(*a, backend=backend, return_lse=True,
+                                                    **options))
+    out, lse = run(q, k_pages, v_pages, table, lengths)
+    ref_out, ref_lse = dense_oracle(q, k_pages, v_pages, table, lengths)
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:2]
+    assert rel_err(out, ref_out) < TOLS[case.dtype]
+    empty = np.asarray(lengths) == 0
+    assert np.all(np.asarray(out, np.float32)[empty] == 0)  # length 0: zeros, not NaN
+    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend", ["auto", "xla", "pallas"])
+def test_default_options_and_softmax_scale_match_oracle(backend):
+    """Default chunking/splits (one chunk, one split at this size) and a custom scale."""
+    case = CASES[0]
+    q, k_pages, v_pages, table, lengths = make_inputs(case, seed=1)
+    out = paged_decode_attention(q, k_pages, v_pages, table, lengths, softmax_scale=0.7,
+                                 backend=backend)
+    ref_out, _ = dense_oracle(q, k_pages, v_pages, table, lengths, scale=0.7)
+    assert rel_err(out, ref_out) < TOLS[case.dtype]
+
+
+def test_odd_page_size_runs_on_auto_through_xla():
+    """page_size 12 (not a power of two): auto falls back to xla, which pages any size."""
+    case = PagedCase("odd_pages", hq=4, hkv=1, d=16, page_size=12, pages_per_seq=3,
+                     lengths=(25, 36, 7, 0))
+    q, k_pages, v_pages, table, lengths = make_inputs(case)
+    out = paged_decode_attention(q, k_pages, v_pages, table, lengths, backend="auto",
+                                 pages_per_block=2)
+    ref_out, _ = dense_oracle(q, k_pages, v_pages, table, lengths)
+    assert rel_err(out, ref_out) < TOLS[case.dtype]
+
+
+def test_default_pages_per_block_cover_16_tokens_and_stay_in_the_table():
+    assert paged_pallas_gpu.default_pages_per_block(page_size=16, pages_per_seq=512) == 4
+    assert paged_pallas_gpu.default_pages_per_block(page_size=4, pages_per_seq=2) == 4
+    assert paged_pallas_gpu.default_pages_per_block(page_size=128, pages_per_seq=8) == 1
+
+
+def test_default_num_splits_fill_the_grid_but_keep_pages_per_split():
+    assert paged_pallas_gpu.default_num_splits(batch=1, hkv=8, pages_per_seq=1024) == 32
+    assert paged_pallas_gpu.default_num_splits(batch=64, hkv=8, pages_per_seq=1024) == 1
+    # 16 pages allow at most 4 splits of >= MIN_PAGES_PER_SPLIT pages.
+    assert paged_pallas_gpu.default_num_splits(batch=1, hkv=1, pages_per_seq=16) == 4
+
+
+Q = jnp.zeros((2, 4, 16), jnp.float32)
+PAGES = jnp.zeros((6, 8, 2, 16), jnp.float32)
+TABLE = jnp.asarray([[0, 1], [2, 3]], jnp.int32)
+LENGTHS = jnp.asarray([3, 16], jnp.int32)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((Q[0], PAGES, PAGES, TABLE, LENGTHS), {},
+     r"q must have rank 3 \[batch, Hq, D\].*got q \[4, 16\]"),
+    ((Q, PAGES[0], PAGES[0], TABLE, LENGTHS), {}, r"k_pages must have rank 4"),
+    ((Q, PAGES, PAGES[:, :4], TABLE, LENGTHS), {},
+     r"k_pages and v_pages must have the same shape"),
+    ((Q, PAGES[..., :8], PAGES[..., :8], TABLE, LENGTHS), {}, r"same head dim D"),
+    ((jnp.zeros((2, 3, 16)), PAGES, PAGES, TABLE, LENGTHS), {},
+     r"Hq % Hkv == 0\); got Hq=3, Hkv=2"),
+    ((Q, PAGES.astype(jnp.bfloat16), PAGES.astype(jnp.bfloat16), TABLE, LENGTHS), {},
+     r"must share a dtype"),
+    ((Q, PAGES, PAGES, TABLE[:1], LENGTHS), {},
+     r"page_table must have shape \[batch, pages_per_seq\]"),
+    ((Q, PAGES, PAGES, TABLE, LENGTHS[:1]), {},
+     r"lengths must have shape \[batch\] = \[2\]; got \[1\]"),
+    ((Q, PAGES, PAGES, TABLE.astype(jnp.float32), LENGTHS), {},
+     r"page_table must have an integer"),
+    ((Q, PAGES, PAGES, TABLE + 4, LENGTHS), {},
+     r"page_table entries must lie in \[0, num_pages\) = \[0, 6\); got values in \[4, 7\]"),
+    ((Q, PAGES, PAGES, TABLE, jnp.asarray([3, 17], jnp.int32)), {},
+     r"lengths must lie in \[0, pages_per_seq \* page_size\] = \[0, 16\]; got values in \[3, 17\]"),
+    ((Q, PAGES, PAGES, TABLE, LENGTHS), {"backend": "tpu"}, r"backend must be one of"),
+    ((Q, PAGES, PAGES, TABLE, LENGTHS), {"num_splits": 0},
+     r"num_splits must be None or a positive"),
+    ((Q, jnp.zeros((6, 12, 2, 16)), jnp.zeros((6, 12, 2, 16)), TABLE, LENGTHS),
+     {"backend": "pallas"}, r"power-of-two page_size .* got page_size=12"),
+])
+def test_bad_input_raises_value_error(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        paged_decode_attention(*args, **kwargs)
+
+
+def test_under_jit_the_table_and_lengths_are_traced_and_unchecked():
+    out = jax.jit(lambda t, n: paged_decode_attention(Q, PAGES, PAGES, t, n))(TABLE, LENGTHS)
+    assert out.shape == Q.shape
+
+
+@pytest.mark.parametrize("page_size,d,hq,hkv", [(16, 128, 8, 2), (8, 80, 4, 4), (32, 256, 32, 4)])
+def test_pallas_paged_kernel_lowers_to_triton(page_size, d, hq, hkv):
+    """The kernel passes the Triton lowering (page gathers, padded D and groups, small pages)."""
+    pytest.importorskip("jax.experimental.pallas.triton")
+    q = jax.ShapeDtypeStruct((3, hq, d), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((50, page_size, hkv, d), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((3, 7), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((3,), jnp.int32)
+
+    def attend(q, k, v, table, lengths):
+        return paged_pallas_gpu.paged_decode_attention(q, k, v, table, lengths, scale=0.1,
+                                                       num_splits=2, pages_per_block=None,
+                                                       interpret=False)
+
+    lowered = jax.jit(attend).trace(q, pages, pages, table, lengths).lower(
+        lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
