@@ -1,0 +1,127 @@
+"""Long convolutions: ``fftconv(u, k)``, a depthwise convolution with filters as long as the
+sequence, computed by FFT (FlashFFTConv), with gating, a skip bias, partial and frequency-sparse
+filters.
+
+One function, several implementations (DESIGN.md):
+
+* ``reference`` (``reference.py``): the direct O(N·L) convolution in float32. The oracle.
+* ``xla`` (``xla.py``): ``jnp.fft.rfft`` of size M = 2P (P = power of two >= N), gates and bias in
+  the same jnp graph; backward by autodiff through the FFT. What CPU users run.
+* ``pallas`` (``pallas_gpu.py``): the order-2 Monarch FFT convolution as a Pallas kernel (DFT and
+  twiddle matrices as real/imaginary matmuls, gates fused) with a custom VJP, lowered through
+  Triton on NVIDIA GPUs and run with ``interpret=True`` on CPU. No TPU (Mosaic) kernel yet.
+* ``auto``: pallas on GPU, xla on CPU and TPU.
+
+All backends convolve circularly at the same size M (``monarch.fft_size``), which is what makes
+``freq_sparsity`` mean the same thing everywhere (``filters.py``).
+"""
+
+from __future__ import annotations
+
+import jax.numpy as jnp
+
+from kernels_pallas.backend import resolve_backend
+from kernels_pallas.fftconv import pallas_gpu, reference, xla
+
+__all__ = ["fftconv", "DEFAULT_BLOCK_SIZES", "BACKENDS"]
+
+BACKENDS = ("auto", "reference", "xla", "pallas")
+# Per-backend tile defaults: channels per Pallas program (each channel is one fused FFT conv of
+# a whole sequence, so one is already a sizeable program; raise it for short sequences).
+DEFAULT_BLOCK_SIZES = {"pallas": dict(block_c=1)}
+_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
+
+
+def _shape(x) -> str:
+    return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def _check_float(name: str, x) -> None:
+    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
+        raise TypeError(f"{name} must be an array; got {type(x).__name__}")
+    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
+        raise TypeError(f"{name} must be float32, bfloat16 or float16; got {x.dtype}")
+
+
+def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c):
+    _check_float("u", u)
+    _check_float("k", k)
+    if u.ndim != 3:
+        raise ValueError(f"u must be [batch, channels, N]; got shape {_shape(u)}")
+    if k.ndim != 2:
+        raise ValueError(f"k must be [channels, L]; got shape {_shape(k)}")
+    b, c, n = u.shape
+    if k.shape[0] != c:
+        raise ValueError(f"k must have u's {c} channels; got u {_shape(u)} and k {_shape(k)}")
+    if not 1 <= k.shape[1] <= n:
+        raise ValueError(f"k's length L must satisfy 1 <= L <= N = {n}; got k {_shape(k)}")
+    for name, gate in (("pre_gate", pre_gate), ("post_gate", post_gate)):
+        if gate is not None:
+            _check_float(name, gate)
+            if gate.shape != u.shape:
+                raise ValueError(f"{name} must have u's shape {_shape(u)}; got {_shape(gate)}")
+    if bias is not None:
+        _check_float("bias", bias)
+        if bias.shape != (c,):
+            raise ValueError(f"bias must be [channels] = [{c}]; got {_shape(bias)}")
+    if partial is not None and (isinstance(partial, bool) or not isinstance(partial, int)
+                                or not 1 <= partial <= k.shape[1]):
+        raise ValueError(f"partial must be an int in [1, L = {k.shape[1]}] or None; "
+                         f"got {partial!r}")
+    if not isinstance(freq_sparsity, (int, float)) or not 0.0 <= freq_sparsity < 1.0:
+        raise ValueError(f"freq_sparsity must be a float in [0, 1); got {freq_sparsity!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if block_c is not None and (not isinstance(block_c, int) or block_c < 1 or c % block_c):
+        raise ValueError(f"block_c must be a positive int dividing channels = {c}; "
+                         f"got {block_c!r}")
+
+
+def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=None, partial=None,
+            freq_sparsity=0.0, backend="auto", block_c=None):
+    """Depthwise long convolution of each channel of u with its own filter, by FFT.
+
+    Args:
+      u: [batch, channels, N], float32, bfloat16 or float16. Any N (padded inside).
+      k: [channels, L], 1 <= L <= N, the filter taps (float32 recommended; computed in float32).
+      bidirectional: False (causal): y[b,c,t] = sum_{s=0}^{min(t, L-1)} k[c,s] * v[b,c,t-s].
+        True (centred, non-causal, like ``np.convolve(..., mode="same")``): with the centre tap
+        o = (L - 1) // 2, y[b,c,t] = sum_s k[c,s] * v[b,c,t + o - s] over 0 <= t + o - s < N;
+        tap o multiplies v[t]; taps s < o look ahead o - s steps, taps s > o look back s - o.
+        M2-BERT's two-filter form (circular [k_fwd, 0] + [0, rev(k_bwd)], k_fwd and k_bwd of
+        length l) is this with k = concat(rev(k_bwd), k_fwd, [0]) (L = 2l + 1, o = l).
+      pre_gate, post_gate: [batch, channels, N] or None: v = pre_gate * u and
+        y = post_gate * (conv(v, k) + bias * v).
+      bias: [channels] or None: the skip term bias[c] * v[b,c,t] (Hyena's "D").
+      partial: keep only the first ``partial`` taps of k (the rest are treated as zero).
+      freq_sparsity: r in [0, 1): the filter's spectrum at the FFT size M keeps only the lowest
+        (1 - r) of the frequencies 0..M/2 (``filters.effective_filter``); 0 is the exact
+        convolution. (The bias is not filtered.)
+      backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU/TPU).
+      block_c: pallas only: channels per program; None takes ``DEFAULT_BLOCK_SIZES``.
+
+    Returns:
+      y [batch, channels, N] in u's dtype (computed in float32). Differentiable in u, k, the
+      gates and the bias on every backend (pallas: custom VJP).
+    """
+    _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c)
+    l = k.shape[1]
+    offset = (l - 1) // 2 if bidirectional else 0
+    if partial is not None and partial < l:
+        if bidirectional:  # keep the centre where it was: zero the dropped taps
+            k = k * (jnp.arange(l) < partial).astype(k.dtype)
+        else:
+            k = k[:, :partial]
+    impl, interpret = resolve_backend(backend)
+    freq_sparsity = float(freq_sparsity)
+    if impl == "reference":
+        y = reference.fftconv(u, k, offset=offset, pre_gate=pre_gate, post_gate=post_gate,
+                              bias=bias, freq_sparsity=freq_sparsity)
+    elif impl == "xla":
+        y = xla.fftconv(u, k, pre_gate, post_gate, bias, offset=offset,
+                        freq_sparsity=freq_sparsity)
+    else:
+        bc = DEFAULT_BLOCK_SIZES["pallas"]["block_c"] if block_c is None else block_c
+        y = pallas_gpu.fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, bc,
+                               interpret)
+    return y.astype(u.dtype)
