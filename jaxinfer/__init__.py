@@ -6,6 +6,7 @@ The public API::
     logits = model(input_ids)                          # int32 [batch, seq] -> [batch, seq, vocab]
     out = jaxinfer.generate(model, input_ids, max_new_tokens=32)
     jaxinfer.save_pretrained(model, "out_dir")
+    qmodel = jaxinfer.quantize(model, method="gptq", bits=4, calibration=token_ids)
     tok = jaxinfer.load_tokenizer("path/to/hf_dir")
 """
 
@@ -14,6 +15,7 @@ from jaxinfer.checkpoint import load_pretrained, save_pretrained
 from jaxinfer.config import LlamaConfig, RopeScaling
 from jaxinfer.generate import generate
 from jaxinfer.models import LlamaForCausalLM
+from jaxinfer.quant import quantize
 from jaxinfer.tokenizer import load_tokenizer
 
 __version__ = "0.1.0"
@@ -26,5 +28,6 @@ __all__ = [
     "generate",
     "load_pretrained",
     "load_tokenizer",
+    "quantize",
     "save_pretrained",
 ]

@@ -20,6 +20,7 @@ from safetensors.flax import save_file
 from tqdm.auto import tqdm
 
 from jaxinfer.config import LlamaConfig
+from jaxinfer.models.layers import QuantParam
 from jaxinfer.models.llama import LlamaForCausalLM
 
 log = logging.getLogger(__name__)
@@ -127,6 +128,9 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, toke
 
     With `max_shard_bytes` the weights are split into shards plus `model.safetensors.index.json`;
     a `tokenizers.Tokenizer` given as `tokenizer` is saved beside them as tokenizer.json."""
+    if nnx.to_flat_state(nnx.state(model, QuantParam)):
+        raise ValueError("save_pretrained cannot write quantized (packed) weights yet; save the "
+                         "float model and quantize after loading")
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, jax.Array] = {}

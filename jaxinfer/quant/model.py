@@ -1,0 +1,229 @@
+"""Quantize a whole decoder: ``quantize(model, method="gptq" | "rtn", ...)`` -> a new model.
+
+Every decoder linear layer (attention q/k/v/o, MLP gate/up/down) becomes a ``QuantizedLinear``
+holding a packed ``QuantizedWeight``; embeddings, norms and lm_head stay float. The input model
+is left untouched (the new model is an ``nnx.clone`` whose layers are then replaced).
+
+GPTQ follows AutoGPTQ's true-sequential recipe, block by block:
+
+1. the calibration hidden states ``x`` [batch, seq, embed] entering the block (embeddings for
+   block 0) are run through the *partly quantized* block up to the next group of layers, whose
+   inputs are folded into a running Hessian ``2 X^T X / n``;
+2. groups, in order: q/k/v (one shared input and Hessian), o, gate/up (shared), down; each group
+   is quantized before the next group's inputs are captured, so later layers see (and compensate
+   for) the quantization error of earlier ones;
+3. the fully quantized block then maps ``x`` to the next block's input.
+
+Capturing stops the forward pass at the wanted layer (``_StopAt`` raises with its input while
+the jitted capture traces), so each capture computes only the part of the block before that
+layer; blocks of one structure share compilations. Calibration batches are kept as
+hidden states, one [batch, seq, embed] array (compute dtype) per batch.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from tqdm.auto import tqdm
+
+from jaxinfer.models.inputs import check_input_ids
+from jaxinfer.models.layers import Linear, QuantizedLinear
+from jaxinfer.models.rope import inverse_frequencies, rotary_tables
+from jaxinfer.quant.gptq import gptq_quantize_layer
+from jaxinfer.quant.hessian import HessianState, accumulate_hessian
+from jaxinfer.quant.rtn import quantize_rtn
+from kernels_pallas.quant_matmul import SUPPORTED_BITS, QuantizedWeight, check_quant_params
+
+logger = logging.getLogger(__name__)
+
+METHODS = ("gptq", "rtn")
+QUANT_BACKENDS = ("auto", "reference", "xla", "pallas")
+# True-sequential order inside a block: (parent attribute, layer names sharing one input).
+LAYER_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")),
+                ("self_attn", ("o_proj",)),
+                ("mlp", ("gate_proj", "up_proj")),
+                ("mlp", ("down_proj",)))
+
+
+class _Captured(Exception):
+    def __init__(self, x):
+        super().__init__("captured layer input")
+        self.x = x
+
+
+class _StopAt(nnx.Module):
+    """Stands in for a linear layer: raises with the layer's input, ending the forward pass."""
+
+    def __call__(self, x):
+        raise _Captured(x)
+
+
+def _linear_layers(model):
+    """(block index, parent module, name, Linear) for every decoder linear layer, in order."""
+    for i, block in enumerate(model.layers):
+        for parent_name, names in LAYER_GROUPS:
+            parent = getattr(block, parent_name)
+            for name in names:
+                yield i, parent, name, getattr(parent, name)
+
+
+def _check_args(model, method, bits, group_size, act_order, sym, backend, damp):
+    if method not in METHODS:
+        raise ValueError(f"method must be one of {METHODS}; got {method!r}")
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"bits must be one of {SUPPORTED_BITS}; got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (
+            group_size != -1 and group_size <= 0):
+        raise ValueError(f"group_size must be a positive int or -1 (per channel); "
+                         f"got {group_size!r}")
+    for name, value in (("act_order", act_order), ("sym", sym)):
+        if not isinstance(value, (bool, np.bool_)):
+            raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
+    if not (isinstance(damp, (int, float)) and damp >= 0):
+        raise ValueError(f"damp must be a number >= 0; got {damp!r}")
+    if backend not in QUANT_BACKENDS:
+        raise ValueError(f"backend must be one of {QUANT_BACKENDS}; got {backend!r}")
+    if not hasattr(model, "layers") or not hasattr(model, "config"):
+        raise TypeError(f"model must be a jaxinfer decoder (LlamaForCausalLM); "
+                        f"got {type(model).__name__}")
+    for i, parent, name, layer in _linear_layers(model):
+        if not isinstance(layer, Linear):
+            raise ValueError(f"layers[{i}].{name} is already quantized "
+                             f"({type(layer).__name__}); quantize a float model")
+        try:
+            check_quant_params(layer.kernel.shape, bits, group_size)
+        except ValueError as e:
+            raise ValueError(f"layers[{i}].{name} [in={layer.kernel.shape[0]}, "
+                             f"out={layer.kernel.shape[1]}]: {e}") from None
+
+
+def _calibration_batches(calibration, config) -> list[jax.Array]:
+    """Validated int32 [n_samples, seq_len] batches from an array or an iterable of arrays."""
+    if calibration is None:
+        raise ValueError("calibration must be given for method='gptq': int32 token ids "
+                         "[n_samples, seq_len] or an iterable of such batches; got None")
+    if hasattr(calibration, "shape") or (isinstance(calibration, (list, tuple)) and calibration
+                                         and np.ndim(calibration[0]) == 1):
+        batches = [calibration]
+    else:
+        try:
+            batches = list(calibration)
+        except TypeError:
+            raise ValueError(f"calibration must be an int array [n_samples, seq_len] or an "
+                             f"iterable of them; got {type(calibration).__name__}") from None
+    if not batches:
+        raise ValueError("calibration must hold at least one batch of token ids; got none")
+    out = []
+    for b, batch in enumerate(batches):
+        try:
+            ids = check_input_ids(batch, config)
+        except ValueError as e:
+            raise ValueError(f"calibration batch {b}: {e}") from None
+        out.append(jnp.asarray(ids, jnp.int32))
+    return out
+
+
+def _replace(parent, name, layer: Linear, weight: QuantizedWeight, backend: str):
+    axes = layer.kernel.get_metadata()["logical_axes"]
+    bias = None if layer.bias is None else layer.bias[...]
+    setattr(parent, name, QuantizedLinear(weight, bias, axes=axes, dtype=layer.dtype,
+                                          backend=backend))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "parent_name", "name"))
+def _capture(graphdef, state, x, rope, *, parent_name, name):
+    """Input of ``block.<parent_name>.<name>`` [batch, seq, features] when the block runs on x.
+
+    The stand-in raises while tracing; the exception carries a tracer of this same trace, so
+    returning it is sound and XLA prunes the rest of the block.
+    """
+    block = nnx.merge(graphdef, state)
+    setattr(getattr(block, parent_name), name, _StopAt())
+    try:
+        block(x, *rope, None, 0)
+    except _Captured as c:
+        return c.x
+    raise RuntimeError(f"{parent_name}.{name} was never called by the decoder block")
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def _run_block(graphdef, state, x, rope):
+    """The block's output hidden states [batch, seq, embed] for input x."""
+    return nnx.merge(graphdef, state)(x, *rope, None, 0)[0]
+
+
+def quantize(model, method: str = "gptq", bits: int = 4, group_size: int = 128,
+             act_order: bool = True, sym: bool = True, calibration=None, *,
+             damp: float = 0.01, backend: str = "auto", static_groups: bool = False):
+    """A new model whose decoder linear layers hold packed ``bits``-bit weights.
+
+    Args:
+      model: a float ``LlamaForCausalLM`` (left unchanged).
+      method: "gptq" (needs ``calibration``) or "rtn" (round to nearest; ignores calibration and
+        act_order).
+      bits: 2, 3, 4 or 8. group_size: input rows per scale/zero group, -1 for per channel; must
+        divide every layer's in_features.
+      act_order: GPTQ's desc_act (quantize inputs by decreasing Hessian diagonal).
+      sym: symmetric grid (zero point in the middle) or asymmetric.
+      calibration: int token ids [n_samples, seq_len], or an iterable of such batches.
+      damp: GPTQ's relative Hessian dampening. backend: ``quant_matmul`` backend of the layers.
+      static_groups: GPTQ grids fit up front (see ``gptq_quantize_layer``).
+
+    Returns:
+      The quantized model (same class; linear layers are ``QuantizedLinear``).
+    """
+    _check_args(model, method, bits, group_size, act_order, sym, backend, damp)
+    batches = _calibration_batches(calibration, model.config) if method == "gptq" else None
+    new = nnx.clone(model)
+    n_layers = len(new.layers) * sum(len(names) for _, names in LAYER_GROUPS)
+    bar = tqdm(total=n_layers, desc=f"{method} {bits}-bit", unit="layer", disable=None)
+    try:
+        if method == "rtn":
+            for i, parent, name, layer in list(_linear_layers(new)):
+                bar.set_postfix_str(f"layers[{i}].{name}")
+                weight = quantize_rtn(layer.kernel[...], bits=bits, group_size=group_size,
+                                      sym=bool(sym))
+                _replace(parent, name, layer, weight, backend)
+                bar.update()
+        else:
+            _gptq_model(new, batches, bar, backend=backend, bits=bits, group_size=group_size,
+                        act_order=bool(act_order), sym=bool(sym), damp=float(damp),
+                        static_groups=bool(static_groups))
+    finally:
+        bar.close()
+    return new
+
+
+def _gptq_model(model, batches, bar, *, backend, **gptq_kw):
+    config = model.config
+    inv_freq = inverse_frequencies(config)
+    ropes, hidden = [], []
+    for ids in batches:
+        positions = jnp.broadcast_to(jnp.arange(ids.shape[1], dtype=jnp.int32), ids.shape)
+        cos, sin = rotary_tables(positions, inv_freq)
+        ropes.append((cos, sin, positions))
+        hidden.append(model.embed_tokens(ids))  # [batch, seq, embed]
+    for i, block in enumerate(model.layers):
+        for parent_name, names in LAYER_GROUPS:
+            parent = getattr(block, parent_name)
+            first = getattr(parent, names[0])
+            state = HessianState.zeros(first.kernel.shape[0])
+            graphdef, params = nnx.split(block)
+            for x, rope in zip(hidden, ropes):
+                x_in = _capture(graphdef, params, x, rope, parent_name=parent_name,
+                                name=names[0])
+                state = accumulate_hessian(state, x_in)
+            for name in names:
+                bar.set_postfix_str(f"layers[{i}].{name}")
+                layer = getattr(parent, name)
+                weight = gptq_quantize_layer(layer.kernel[...], state.h, **gptq_kw)
+                _replace(parent, name, layer, weight, backend)
+                bar.update()
+        graphdef, params = nnx.split(block)
+        hidden = [_run_block(graphdef, params, x, rope) for x, rope in zip(hidden, ropes)]
+        logger.info("GPTQ: quantized block %d of %d", i + 1, len(model.layers))
