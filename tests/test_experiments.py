@@ -11,7 +11,7 @@ ROOT = Path(__file__).parents[1]
 
 
 @pytest.mark.slow
-@pytest.mark.parametrize("name", ["build_default_model", "bench_generate"])
+@pytest.mark.parametrize("name", ["build_default_model", "bench_generate", "quant_quality"])
 def test_experiment_quick_mode_writes_results(name, tmp_path):
     out = tmp_path / f"{name}.json"
     proc = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--quick", "--out", str(out)],
