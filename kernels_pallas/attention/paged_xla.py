@@ -50,13 +50,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
         pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
         mask = (pos[None, :] < lengths[:, None])[:, None, None, :]  # [batch, 1, 1, chunk]
         s = jnp.where(mask, s, MASK_VALUE)
-        m_new = jnp.maximum(m, s.max(-1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.where(mask, jnp.exp(s - m_new[..., None]), 0.0)  # empty rows keep l == 0
-        l = l * corr + p.sum(-1)
-        acc = acc * corr[..., None] + jnp.einsum(
-            "bhgk,bkhd->bhgd", p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc, m_new, l
+        return tiling.online_softmax_step(acc, m, l, s, mask, v, "bhgk,bkhd->bhgd")
 
     init = (jnp.zeros((*stat_shape, d), jnp.float32), jnp.full(stat_shape, -jnp.inf),
             jnp.zeros(stat_shape, jnp.float32))

@@ -115,6 +115,25 @@ def tile_mask(spec: MaskSpec, rows, cols, q_seg=None, kv_seg=None, *, t_pad: int
     return mask
 
 
+def online_softmax_step(acc: jax.Array, m: jax.Array, l: jax.Array, s: jax.Array,
+                        mask: jax.Array | None, v: jax.Array, spec: str):
+    """Fold one block of scores into the running softmax state (the FlashAttention recurrence).
+
+    acc f32 [..., D] is the unnormalized output, m f32 [...] the running max, l f32 [...] the running
+    sum; s f32 [..., k] are the block's scores (masked entries already MASK_VALUE); `spec` is the
+    einsum of probabilities with v. Masked probabilities are zeroed, so a row that sees nothing
+    keeps l == 0."""
+    m_new = jnp.maximum(m, s.max(-1))
+    corr = jnp.exp(m - m_new)
+    p = jnp.exp(s - m_new[..., None])
+    if mask is not None:
+        p = jnp.where(mask, p, 0.0)
+    l = l * corr + p.sum(-1)
+    acc = acc * corr[..., None] + jnp.einsum(spec, p.astype(v.dtype), v,
+                                             preferred_element_type=jnp.float32)
+    return acc, m_new, l
+
+
 def pad_to(x: jax.Array, axis: int, size: int, mode: str = "constant") -> jax.Array:
     """Pad ``axis`` of ``x`` at the end up to ``size`` (zeros, or edge values for segment ids)."""
     extra = size - x.shape[axis]

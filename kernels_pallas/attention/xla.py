@@ -106,15 +106,7 @@ def _forward(q, k, v, q_seg, kv_seg, bounds, cfg):
             mask = _mask(cfg, i, j, q_seg, kv_seg)
             if mask is not None:
                 s = jnp.where(mask, s, MASK_VALUE)
-            m_new = jnp.maximum(m, s.max(-1))
-            corr = jnp.exp(m - m_new)
-            p = jnp.exp(s - m_new[..., None])
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)  # rows with nothing visible keep l == 0
-            l = l * corr + p.sum(-1)
-            acc = acc * corr[..., None] + jnp.einsum(
-                "bhgqk,bkhd->bhgqd", p.astype(v.dtype), vj, preferred_element_type=jnp.float32)
-            return acc, m_new, l
+            return tiling.online_softmax_step(acc, m, l, s, mask, vj, "bhgqk,bkhd->bhgqd")
 
         init = (jnp.zeros((*stat_shape, d), jnp.float32), jnp.full(stat_shape, -jnp.inf),
                 jnp.zeros(stat_shape, jnp.float32))
