@@ -2,7 +2,8 @@
 # One lent-GPU session: kernel correctness on the GPU (the kernel tests, compiled, not interpreted),
 # then the benchmark tables. Everything lands in $OUT (default: experiments/results/gpu).
 #   PYTHONPATH=. bash experiments/gpu_session.sh [section ...]   # sections: env tests attention
-#                                                                #   sparse generate quant fftconv
+#                                                                #   tune attention128 sparse
+#                                                                #   generate quant fftconv
 set -u
 OUT=${OUT:-experiments/results/gpu}
 mkdir -p "$OUT"
@@ -24,6 +25,12 @@ for section in "${sections[@]}"; do
       timeout 150 python3 -m experiments.bench_attention --seq-lens 1024 4096 16384 \
         --head-dims 128 --masks causal full --reps 10 \
         --impls pallas xla jax_nn_xla jax_nn_cudnn jax_pallas_mha --out "$OUT/bench_attention.json" ;;
+    tune)
+      timeout 100 python3 -m experiments.tune_attention --out "$OUT/tune_attention.json" ;;
+    attention128)
+      timeout 60 python3 -m experiments.bench_attention --seq-lens 4096 16384 --head-dims 128 \
+        --masks causal --reps 10 --no-paged --impls pallas jax_nn_cudnn jax_pallas_mha \
+        --out "$OUT/bench_attention_causal.json" ;;
     sparse)
       timeout 60 python3 -m experiments.bench_sparse_attention --windows 256 1024 4096 \
         --modes fwd fwd_bwd --out "$OUT/bench_sparse_attention.json" ;;

@@ -18,6 +18,8 @@ attention), ``paged_xla.py`` (online softmax over chunks of pages) and ``paged_p
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax.numpy as jnp
 
 from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_xla, pallas_gpu, reference,
@@ -33,7 +35,7 @@ __all__ = ["flash_attention", "paged_decode_attention", "merge_attention", "tile
 
 def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=None,
                     softmax_scale=None, logit_softcap=None, return_lse=False, backend="auto",
-                    block_q=None, block_k=None):
+                    block_q=None, block_k=None, block_sizes=None):
     """Exact softmax attention with memory linear in sequence length.
 
     Args:
@@ -55,6 +57,8 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
       backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU/TPU).
       block_q, block_k: tile sizes (forward and backward); None takes the backend's defaults
         from ``DEFAULT_BLOCK_SIZES``. Pallas needs powers of two >= 16.
+      block_sizes: a whole ``BlockSizes`` (every kernel's tiles and Triton's warps and stages)
+        in place of the backend's default; block_q / block_k still override its tiles.
 
     Returns:
       out [batch, T, Hq, D] in q's dtype, and with ``return_lse`` also lse float32 [batch, T, Hq].
@@ -70,6 +74,7 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
     impl, interpret = resolve_backend(backend)
     checks.check_block("block_q", block_q, pallas=impl == "pallas", minimum=16)
     checks.check_block("block_k", block_k, pallas=impl == "pallas", minimum=16)
+    checks.check_block_sizes(block_sizes, pallas=impl == "pallas")
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
     softcap = None if logit_softcap is None else float(logit_softcap)
     spec = MaskSpec(t, s, causal, window, q_ids is not None)
@@ -80,17 +85,18 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
                                        softmax_scale=scale, logit_softcap=softcap)
         out = out.astype(q.dtype)
     else:
-        blocks = default_block_sizes(impl, d)
-        bq = blocks.block_q if block_q is None else block_q
-        bk = blocks.block_k if block_k is None else block_k
+        blocks = block_sizes or default_block_sizes(impl, d)
+        if block_q is not None:
+            blocks = dataclasses.replace(blocks, block_q=block_q, block_q_bwd=block_q,
+                                         block_q_dq=block_q)
+        if block_k is not None:
+            blocks = dataclasses.replace(blocks, block_k=block_k, block_k_bwd=block_k,
+                                         block_k_dq=block_k)
         if impl == "xla":
             out, lse = xla.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
-                                           softcap=softcap, block_q=bq, block_k=bk)
+                                           softcap=softcap, block_q=blocks.block_q,
+                                           block_k=blocks.block_k)
         else:
-            blocks = BlockSizes(
-                block_q=bq, block_k=bk,
-                block_q_bwd=blocks.block_q_bwd if block_q is None else block_q,
-                block_k_bwd=blocks.block_k_bwd if block_k is None else block_k)
             out, lse = pallas_gpu.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
                                                   softcap=softcap, blocks=blocks,
                                                   interpret=interpret)

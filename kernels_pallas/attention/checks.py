@@ -3,11 +3,14 @@ ValueError/TypeError per mistake."""
 
 from __future__ import annotations
 
+import dataclasses
 import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kernels_pallas.attention.tiling import BlockSizes
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
@@ -123,6 +126,19 @@ def check_block(name: str, block, *, pallas: bool, minimum: int) -> None:
     if pallas and (block < minimum or block & (block - 1)):
         raise ValueError(f"{name} must be a power of two >= {minimum} for the Pallas backend "
                          f"(Triton tiles); got {block}")
+
+
+def check_block_sizes(blocks, *, pallas: bool) -> None:
+    """A user's ``BlockSizes``: every tile a valid block for the backend, launch settings >= 1."""
+    if blocks is None:
+        return
+    if not isinstance(blocks, BlockSizes):
+        raise TypeError(f"block_sizes must be a BlockSizes or None; got {type(blocks).__name__}")
+    for field in dataclasses.fields(blocks):
+        value = getattr(blocks, field.name)
+        minimum = 16 if field.name.startswith("block") else 1
+        check_block(f"block_sizes.{field.name}", value, pallas=pallas and minimum == 16,
+                    minimum=minimum)
 
 
 def check_paged(q, k_pages, v_pages, page_table, lengths) -> None:

@@ -31,6 +31,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import math
 
 import jax
 import jax.numpy as jnp
@@ -44,19 +45,26 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
 
 
+LOG2E = math.log2(math.e)  # scores are kept in base 2: exp(x) = exp2(x * log2(e))
+
+
 @dataclasses.dataclass(frozen=True)
 class _Config:
     spec: MaskSpec
     scale: float
     softcap: float | None
-    block_q: int
-    block_k: int
-    block_q_bwd: int
-    block_k_bwd: int
+    blocks: tiling.BlockSizes  # shrunk to the padded lengths
     t_pad: int
     s_pad: int
     groups: int
     interpret: bool
+
+    @property
+    def masked(self) -> bool:
+        """Can any tile hold an invisible pair (mask, window, segments or padding)?"""
+        spec = self.spec
+        return (spec.causal or spec.window is not None or spec.segments
+                or self.t_pad != spec.t or self.s_pad != spec.s)
 
 
 def flash_attention(q, k, v, q_seg, kv_seg, *, spec: MaskSpec, scale: float,
@@ -70,13 +78,17 @@ def flash_attention(q, k, v, q_seg, kv_seg, *, spec: MaskSpec, scale: float,
     d = q.shape[-1]
     t_cap = tiling.next_power_of_2(max(spec.t, tiling.PALLAS_MIN_BLOCK))
     s_cap = tiling.next_power_of_2(max(spec.s, tiling.PALLAS_MIN_BLOCK))
-    bq, bk = min(blocks.block_q, t_cap), min(blocks.block_k, s_cap)
-    bq_b, bk_b = min(blocks.block_q_bwd, t_cap), min(blocks.block_k_bwd, s_cap)
-    # Powers of two: the larger block is a multiple of the smaller, so one padding serves both.
-    t_pad = tiling.cdiv(spec.t, max(bq, bq_b)) * max(bq, bq_b)
-    s_pad = tiling.cdiv(spec.s, max(bk, bk_b)) * max(bk, bk_b)
-    cfg = _Config(spec, scale, softcap, bq, bk, bq_b, bk_b, t_pad, s_pad,
-                  q.shape[2] // k.shape[2], interpret)
+    bq_dq, bk_dq = blocks.dq
+    blocks = dataclasses.replace(
+        blocks, block_q=min(blocks.block_q, t_cap), block_k=min(blocks.block_k, s_cap),
+        block_q_bwd=min(blocks.block_q_bwd, t_cap), block_k_bwd=min(blocks.block_k_bwd, s_cap),
+        block_q_dq=min(bq_dq, t_cap), block_k_dq=min(bk_dq, s_cap))
+    # Powers of two: the largest block is a multiple of the others, so one padding serves all.
+    q_multiple = max(blocks.block_q, blocks.block_q_bwd, blocks.block_q_dq)
+    k_multiple = max(blocks.block_k, blocks.block_k_bwd, blocks.block_k_dq)
+    t_pad = tiling.cdiv(spec.t, q_multiple) * q_multiple
+    s_pad = tiling.cdiv(spec.s, k_multiple) * k_multiple
+    cfg = _Config(spec, scale, softcap, blocks, t_pad, s_pad, q.shape[2] // k.shape[2], interpret)
     d_pad = tiling.padded_head_dim(d)
     qp = tiling.pad_to(tiling.pad_to(q, 1, t_pad), 3, d_pad)
     kp = tiling.pad_to(tiling.pad_to(k, 1, s_pad), 3, d_pad)
@@ -88,66 +100,96 @@ def flash_attention(q, k, v, q_seg, kv_seg, *, spec: MaskSpec, scale: float,
     return out[:, :spec.t, :, :d], lse[:, :spec.t]
 
 
-def _bounds(cfg, block_q, block_k, q_seg, kv_seg, batch):
-    """int32 (kv_lo, kv_hi) [batch, nq_pow2] and (q_lo, q_hi) [batch, nk_pow2] loop bounds."""
+def _bounds(cfg, block_q, block_k, q_seg, kv_seg, batch, *, transpose: bool):
+    """Loop bounds of one kernel's tiles: int32 [batch, n_pow2] tables (lo, full_lo, full_hi, hi).
+
+    Per q block (per KV block with ``transpose``) the visited tiles are [lo, hi); of these,
+    [full_lo, full_hi) are fully visible and skip the in-tile mask. Rows without full tiles get
+    full_lo = full_hi = hi, so the whole range runs masked."""
     vis = tiling.block_visibility(cfg.spec, block_q, block_k, cfg.t_pad, cfg.s_pad, q_seg, kv_seg)
+    full = tiling.full_visibility(cfg.spec, block_q, block_k, cfg.t_pad, cfg.s_pad)
+    if transpose:
+        vis, full = jnp.swapaxes(vis, 1, 2), jnp.swapaxes(full, 1, 2)
     vis = jnp.broadcast_to(vis, (batch, *vis.shape[1:]))
-    out = []
-    for v in (vis, jnp.swapaxes(vis, 1, 2)):
-        n = v.shape[1]
-        for bound in tiling.loop_bounds(v):
-            # Triton loads power-of-two blocks: pad the per-block table (padding is never read).
-            out.append(tiling.pad_to(bound, 1, tiling.next_power_of_2(n)))
-    return out
+    full = jnp.broadcast_to(full, vis.shape)
+    lo, hi = tiling.loop_bounds(vis)
+    full_lo, full_hi = tiling.loop_bounds(full)
+    has_full = full.any(-1)
+    full_lo, full_hi = jnp.where(has_full, full_lo, hi), jnp.where(has_full, full_hi, hi)
+    n = tiling.next_power_of_2(vis.shape[1])
+    # Triton loads power-of-two blocks: pad the per-block table (padding is never read).
+    return [tiling.pad_to(b, 1, n) for b in (lo, full_lo, full_hi, hi)]
 
 
-def _compiler_params(cfg, d_pad):
+def _compiler_params(cfg, d_pad, *, backward: bool):
     if cfg.interpret:
         return None
     from jax.experimental.pallas import triton as pltriton  # GPU only; deprecated from jax 0.11
-    return pltriton.CompilerParams(num_warps=4 if d_pad <= 64 else 8, num_stages=2)
+    b = cfg.blocks
+    warps = b.num_warps_bwd if backward else b.num_warps
+    return pltriton.CompilerParams(num_warps=warps or (4 if d_pad <= 64 else 8),
+                                   num_stages=b.num_stages_bwd if backward else b.num_stages)
+
+
+def _banded_loop(bounds_refs, index, body, init, masked: bool):
+    """fori_loop over the tiles [lo, hi) of row ``index``: masked edges, unmasked middle.
+
+    ``body(j, carry, masked)`` handles tile j; without any possible mask one plain loop runs."""
+    lo, full_lo, full_hi, hi = (ref[index] for ref in bounds_refs)
+    if not masked:
+        return lax.fori_loop(lo, hi, functools.partial(body, masked=False), init)
+    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), init)
+    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
 def _scores(cfg, q, k):
-    """[bq, D] x [bk, D] -> float32 scores [bq, bk] and tanh(raw / cap) (or None)."""
-    raw = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+    """[bq, D] x [bk, D] -> float32 scores in base 2 (scaled, soft-capped, times log2(e)) [bq, bk]
+    and tanh(raw / cap) (or None)."""
+    raw = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32)
     if cfg.softcap is None:
-        return raw, None
-    th = jnp.tanh(raw / cfg.softcap)
-    return cfg.softcap * th, th
+        return raw * (cfg.scale * LOG2E), None
+    th = jnp.tanh(raw * (cfg.scale / cfg.softcap))
+    return th * (cfg.softcap * LOG2E), th
 
 
-def _mask(cfg, row0, col0, bq, bk, q_seg, kv_seg):
-    rows = row0 + jnp.arange(bq, dtype=jnp.int32)[:, None]
-    cols = col0 + jnp.arange(bk, dtype=jnp.int32)[None, :]
-    return tiling.tile_mask(cfg.spec, rows, cols, q_seg, kv_seg, t_pad=cfg.t_pad, s_pad=cfg.s_pad)
+def _masked_scores(cfg, q, k, row0, col0, q_seg, kv_seg, masked: bool):
+    """_scores with invisible pairs set to MASK_VALUE (only in tiles that may hold any)."""
+    s, th = _scores(cfg, q, k)
+    mask = None
+    if masked:
+        rows = row0 + jnp.arange(q.shape[0], dtype=jnp.int32)[:, None]
+        cols = col0 + jnp.arange(k.shape[0], dtype=jnp.int32)[None, :]
+        mask = tiling.tile_mask(cfg.spec, rows, cols, q_seg, kv_seg, t_pad=cfg.t_pad,
+                                s_pad=cfg.s_pad)
+        if mask is not None:
+            s = jnp.where(mask, s, MASK_VALUE)
+    return s, th, mask
 
 
-def _fwd_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, *refs, cfg):
+def _fwd_kernel(*refs, cfg):
+    bounds, (q_ref, k_ref, v_ref), refs = refs[:4], refs[4:7], refs[7:]
     if cfg.spec.segments:
         q_seg_ref, kv_seg_ref, o_ref, lse_ref = refs
     else:
         o_ref, lse_ref = refs
-    bq, bk = cfg.block_q, cfg.block_k
+    bq, bk = cfg.blocks.block_q, cfg.blocks.block_k
     i = pl.program_id(0)
     q = q_ref[...]  # [bq, D]
     q_seg = q_seg_ref[...][:, None] if cfg.spec.segments else None
 
-    def body(j, carry):
+    def body(j, carry, masked):
         acc, m, l = carry
         col0 = j * bk
         k = k_ref[pl.ds(col0, bk), :]  # [bk, D]
         v = v_ref[pl.ds(col0, bk), :]
-        s, _ = _scores(cfg, q, k)  # [bq, bk]
         kv_seg = kv_seg_ref[pl.ds(col0, bk)][None, :] if cfg.spec.segments else None
-        mask = _mask(cfg, i * bq, col0, bq, bk, q_seg, kv_seg)
-        if mask is not None:
-            s = jnp.where(mask, s, MASK_VALUE)
+        s, _, mask = _masked_scores(cfg, q, k, i * bq, col0, q_seg, kv_seg, masked)  # [bq, bk]
         m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.exp(s - m_new[:, None])
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)  # rows with nothing visible keep l == 0
+        corr = jnp.exp2(m - m_new)
+        p = jnp.exp2(s - m_new[:, None])
+        if mask is not None and cfg.spec.segments:
+            p = jnp.where(mask, p, 0.0)  # only segment ids can leave a real row empty: keep l == 0
         l = l * corr + jnp.sum(p, axis=1)
         acc = acc * corr[:, None] + jnp.dot(p.astype(v.dtype), v,
                                             preferred_element_type=jnp.float32)
@@ -155,69 +197,64 @@ def _fwd_kernel(kv_lo_ref, kv_hi_ref, q_ref, k_ref, v_ref, *refs, cfg):
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    acc, m, l = lax.fori_loop(kv_lo_ref[i], kv_hi_ref[i], body, init)
+    acc, m, l = _banded_loop(bounds, i, body, init, cfg.masked)
     seen = l > 0.0
     safe_l = jnp.where(seen, l, 1.0)
     o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+    lse_ref[...] = jnp.where(seen, (m + jnp.log2(safe_l)) / LOG2E, -jnp.inf)
 
 
-def _dq_kernel(kv_lo_ref, kv_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, cfg):
+def _dq_kernel(*refs, cfg):
+    bounds, (q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref), refs = refs[:4], refs[4:10], refs[10:]
     if cfg.spec.segments:
         q_seg_ref, kv_seg_ref, dq_ref = refs
     else:
         (dq_ref,) = refs
-    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+    bq, bk = cfg.blocks.dq
     i = pl.program_id(0)
     q, do = q_ref[...], do_ref[...]  # [bq, D]
-    lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]  # [bq, 1]
+    lse, delta = lse_ref[...][:, None], delta_ref[...][:, None]  # [bq, 1], lse in base 2
     q_seg = q_seg_ref[...][:, None] if cfg.spec.segments else None
 
-    def body(j, dq):
+    def body(j, dq, masked):
         col0 = j * bk
         k = k_ref[pl.ds(col0, bk), :]
         v = v_ref[pl.ds(col0, bk), :]
-        s, th = _scores(cfg, q, k)
-        p = jnp.exp(s - lse)
         kv_seg = kv_seg_ref[pl.ds(col0, bk)][None, :] if cfg.spec.segments else None
-        mask = _mask(cfg, i * bq, col0, bq, bk, q_seg, kv_seg)
-        if mask is not None:
-            p = jnp.where(mask, p, 0.0)
+        s, th, _ = _masked_scores(cfg, q, k, i * bq, col0, q_seg, kv_seg, masked)
+        p = jnp.exp2(s - lse)  # masked scores give exactly 0
         dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
         ds = p * (dp - delta)
         if th is not None:
             ds = ds * (1.0 - th * th)
         return dq + jnp.dot(ds.astype(k.dtype), k, preferred_element_type=jnp.float32)
 
-    dq = lax.fori_loop(kv_lo_ref[i], kv_hi_ref[i], body, jnp.zeros(q.shape, jnp.float32))
+    dq = _banded_loop(bounds, i, body, jnp.zeros(q.shape, jnp.float32), cfg.masked)
     dq_ref[...] = (dq * cfg.scale).astype(dq_ref.dtype)
 
 
-def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, cfg):
+def _dkv_kernel(*refs, cfg):
+    bounds, (q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref), refs = refs[:4], refs[4:10], refs[10:]
     if cfg.spec.segments:
         q_seg_ref, kv_seg_ref, dk_ref, dv_ref = refs
     else:
         dk_ref, dv_ref = refs
-    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
+    bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
     j = pl.program_id(0)
     k, v = k_ref[...], v_ref[...]  # [bk, D]
     kv_seg = kv_seg_ref[...][None, :] if cfg.spec.segments else None
-    lo, hi = q_lo_ref[j], q_hi_ref[j]
 
     def head(g, carry):
-        def body(i, carry):
+        def body(i, carry, masked):
             dk, dv = carry
             row0 = i * bq
             q = q_ref[pl.ds(row0, bq), g, :]  # [bq, D]
             do = do_ref[pl.ds(row0, bq), g, :]
-            lse = lse_ref[g, pl.ds(row0, bq)][:, None]
+            lse = lse_ref[g, pl.ds(row0, bq)][:, None]  # base 2
             delta = delta_ref[g, pl.ds(row0, bq)][:, None]
-            s, th = _scores(cfg, q, k)
-            p = jnp.exp(s - lse)
             q_seg = q_seg_ref[pl.ds(row0, bq)][:, None] if cfg.spec.segments else None
-            mask = _mask(cfg, row0, j * bk, bq, bk, q_seg, kv_seg)
-            if mask is not None:
-                p = jnp.where(mask, p, 0.0)
+            s, th, _ = _masked_scores(cfg, q, k, row0, j * bk, q_seg, kv_seg, masked)
+            p = jnp.exp2(s - lse)
             dv = dv + lax.dot_general(p.astype(do.dtype), do, _TN,
                                       preferred_element_type=jnp.float32)
             dp = lax.dot_general(do, v, _NT, preferred_element_type=jnp.float32)
@@ -228,7 +265,7 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
                                       preferred_element_type=jnp.float32)
             return dk, dv
 
-        return lax.fori_loop(lo, hi, body, carry)
+        return _banded_loop(bounds, j, body, carry, cfg.masked)
 
     zeros = jnp.zeros(k.shape, jnp.float32)
     dk, dv = lax.fori_loop(0, cfg.groups, head, (zeros, zeros))
@@ -238,18 +275,16 @@ def _dkv_kernel(q_lo_ref, q_hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_
 
 def _forward(q, k, v, q_seg, kv_seg, cfg):
     batch, _, hq, d_pad = q.shape
-    bq, bk, groups = cfg.block_q, cfg.block_k, cfg.groups
-    kv_lo, kv_hi, _, _ = _bounds(cfg, bq, bk, q_seg, kv_seg, batch)
-    nq_tab = kv_lo.shape[1]
+    bq, bk, groups = cfg.blocks.block_q, cfg.blocks.block_k, cfg.groups
+    bounds = _bounds(cfg, bq, bk, q_seg, kv_seg, batch, transpose=False)
     sq = pl.squeezed
-    in_specs = [
-        pl.BlockSpec((sq, nq_tab), lambda i, b, h: (b, 0)),
-        pl.BlockSpec((sq, nq_tab), lambda i, b, h: (b, 0)),
+    table = pl.BlockSpec((sq, bounds[0].shape[1]), lambda i, b, h: (b, 0))
+    in_specs = [table] * 4 + [
         pl.BlockSpec((sq, bq, sq, d_pad), lambda i, b, h: (b, i, h, 0)),
         pl.BlockSpec((sq, cfg.s_pad, sq, d_pad), lambda i, b, h: (b, 0, h // groups, 0)),
         pl.BlockSpec((sq, cfg.s_pad, sq, d_pad), lambda i, b, h: (b, 0, h // groups, 0)),
     ]
-    args = [kv_lo, kv_hi, q, k, v]
+    args = [*bounds, q, k, v]
     if cfg.spec.segments:
         in_specs += [pl.BlockSpec((sq, bq), lambda i, b, h: (b, i)),
                      pl.BlockSpec((sq, cfg.s_pad), lambda i, b, h: (b, 0))]
@@ -262,7 +297,7 @@ def _forward(q, k, v, q_seg, kv_seg, cfg):
                    pl.BlockSpec((sq, sq, bq), lambda i, b, h: (b, h, i))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((batch, hq, cfg.t_pad), jnp.float32)],
-        compiler_params=_compiler_params(cfg, d_pad),
+        compiler_params=_compiler_params(cfg, d_pad, backward=False),
         interpret=cfg.interpret,
         name="flash_attention_fwd",
     )(*args)
@@ -272,21 +307,19 @@ def _forward(q, k, v, q_seg, kv_seg, cfg):
 def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg):
     batch, _, hq, d_pad = q.shape
     hkv, groups = k.shape[2], cfg.groups
-    bq, bk = cfg.block_q_bwd, cfg.block_k_bwd
-    kv_lo, kv_hi, q_lo, q_hi = _bounds(cfg, bq, bk, q_seg, kv_seg, batch)
     # dS = P * (dP - delta); the lse cotangent adds P * d_lse, folded into delta.
     delta = jnp.sum(out.astype(jnp.float32) * d_out.astype(jnp.float32), -1)  # [batch, T_pad, Hq]
     delta = jnp.swapaxes(delta, 1, 2) - d_lse  # [batch, Hq, T_pad]
-    # Empty rows have lse -inf; +inf makes their recomputed probabilities exactly 0.
-    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
+    # The kernels work in base 2. Empty rows have lse -inf; +inf makes their recomputed
+    # probabilities exactly 0.
+    lse = jnp.where(lse == -jnp.inf, jnp.inf, lse * LOG2E)
     sq = pl.squeezed
     seg_args = [q_seg, kv_seg] if cfg.spec.segments else []
-    params = _compiler_params(cfg, d_pad)
+    params = _compiler_params(cfg, d_pad, backward=True)
 
-    nq_tab = kv_lo.shape[1]
-    dq_specs = [
-        pl.BlockSpec((sq, nq_tab), lambda i, b, h: (b, 0)),
-        pl.BlockSpec((sq, nq_tab), lambda i, b, h: (b, 0)),
+    bq, bk = cfg.blocks.dq
+    dq_bounds = _bounds(cfg, bq, bk, q_seg, kv_seg, batch, transpose=False)
+    dq_specs = [pl.BlockSpec((sq, dq_bounds[0].shape[1]), lambda i, b, h: (b, 0))] * 4 + [
         pl.BlockSpec((sq, bq, sq, d_pad), lambda i, b, h: (b, i, h, 0)),
         pl.BlockSpec((sq, bq, sq, d_pad), lambda i, b, h: (b, i, h, 0)),
         pl.BlockSpec((sq, sq, bq), lambda i, b, h: (b, h, i)),
@@ -306,12 +339,11 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg):
         compiler_params=params,
         interpret=cfg.interpret,
         name="flash_attention_dq",
-    )(kv_lo, kv_hi, q, d_out, lse, delta, k, v, *seg_args)
+    )(*dq_bounds, q, d_out, lse, delta, k, v, *seg_args)
 
-    nk_tab = q_lo.shape[1]
-    dkv_specs = [
-        pl.BlockSpec((sq, nk_tab), lambda j, b, h: (b, 0)),
-        pl.BlockSpec((sq, nk_tab), lambda j, b, h: (b, 0)),
+    bq, bk = cfg.blocks.block_q_bwd, cfg.blocks.block_k_bwd
+    dkv_bounds = _bounds(cfg, bq, bk, q_seg, kv_seg, batch, transpose=True)
+    dkv_specs = [pl.BlockSpec((sq, dkv_bounds[0].shape[1]), lambda j, b, h: (b, 0))] * 4 + [
         pl.BlockSpec((sq, cfg.t_pad, groups, d_pad), lambda j, b, h: (b, 0, h, 0)),
         pl.BlockSpec((sq, cfg.t_pad, groups, d_pad), lambda j, b, h: (b, 0, h, 0)),
         pl.BlockSpec((sq, groups, cfg.t_pad), lambda j, b, h: (b, h, 0)),
@@ -332,7 +364,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg):
         compiler_params=params,
         interpret=cfg.interpret,
         name="flash_attention_dkv",
-    )(q_lo, q_hi, q, d_out, lse, delta, k, v, *seg_args)
+    )(*dkv_bounds, q, d_out, lse, delta, k, v, *seg_args)
     return dq, dk, dv
 
 

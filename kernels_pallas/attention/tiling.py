@@ -31,17 +31,33 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 
 @dataclasses.dataclass(frozen=True)
 class BlockSizes:
-    """Tile sizes: forward (block_q x block_k) and backward (block_q_bwd x block_k_bwd)."""
+    """Tiles and Triton launch settings of the three attention kernels.
+
+    Forward tiles are (block_q x block_k), the dk/dv kernel's (block_q_bwd x block_k_bwd) and the dq
+    kernel's (block_q_dq x block_k_dq), which default to the dk/dv ones. The backward kernels like
+    asymmetric tiles: dk/dv holds a KV tile and streams narrow q tiles, dq the reverse. num_warps
+    None picks 4 for head dims up to 64 and 8 above; the XLA path reads only the tile sizes."""
 
     block_q: int
     block_k: int
     block_q_bwd: int
     block_k_bwd: int
+    block_q_dq: int | None = None
+    block_k_dq: int | None = None
+    num_warps: int | None = None
+    num_warps_bwd: int | None = None
+    num_stages: int = 2
+    num_stages_bwd: int = 2
+
+    @property
+    def dq(self) -> tuple[int, int]:
+        """(block_q, block_k) of the dq kernel."""
+        return (self.block_q_dq or self.block_q_bwd, self.block_k_dq or self.block_k_bwd)
 
 
-# One table for every backend's default tiles. The Pallas GPU numbers follow the Triton FA2
-# tutorial's shapes and are not yet tuned on a card; wide heads halve the tiles so q, k, v and the
-# accumulator fit in shared memory/registers.
+# One table for every backend's default tiles. The Pallas GPU entries were chosen by
+# experiments/tune_attention.py on an H200 (bfloat16, D = 128; see BENCHMARKS.md); wide heads halve
+# the tiles so q, k, v and the accumulator fit in shared memory and registers.
 DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
     "xla": BlockSizes(block_q=512, block_k=512, block_q_bwd=512, block_k_bwd=512),
     "pallas_gpu": BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64),
@@ -188,6 +204,29 @@ def loop_bounds(vis: jax.Array) -> tuple[jax.Array, jax.Array]:
     lo = jnp.argmax(vis, axis=-1)
     hi = m - jnp.argmax(vis[..., ::-1], axis=-1)
     return (jnp.where(any_, lo, 0).astype(jnp.int32), jnp.where(any_, hi, 0).astype(jnp.int32))
+
+
+def full_visibility(spec: MaskSpec, block_q: int, block_k: int, t_pad: int,
+                    s_pad: int) -> jax.Array:
+    """Bool [1, t_pad // block_q, s_pad // block_k]: is every pair of the tile visible?
+
+    Such tiles skip the in-tile mask. With segment ids no tile is known to be full (ids are data),
+    so every tile is masked. Within a row of tiles the full ones are contiguous (the band's interior),
+    which lets a kernel split its loop into masked edges and an unmasked middle."""
+    nq, nk = t_pad // block_q, s_pad // block_k
+    if spec.segments:
+        return jnp.zeros((1, nq, nk), bool)
+    r0 = jnp.arange(nq, dtype=jnp.int32) * block_q
+    c0 = jnp.arange(nk, dtype=jnp.int32) * block_k
+    r1, c1 = r0 + block_q - 1, c0 + block_k - 1
+    p0, p1 = r0 + spec.offset, r1 + spec.offset  # positions of the tile's first and last row
+    full = (r1[:, None] < spec.t) & (c1[None, :] < spec.s)
+    if spec.causal:
+        full &= c1[None, :] <= p0[:, None]
+    if spec.window is not None:
+        left, right = spec.window
+        full &= (c0[None, :] >= p1[:, None] - left) & (c1[None, :] <= p0[:, None] + right)
+    return full[None]
 
 
 def tile_fraction(t: int, s: int, *, causal: bool = False, local_window=None, segment_ids=None,

@@ -24,3 +24,15 @@ def test_attention_experiment_quick_mode_writes_results(name, tmp_path):
     assert record["rows"] and out.with_suffix(".png").exists()
     if name == "attention_memory":
         assert record["linear_checks"]["xla"]["linear"], record["linear_checks"]
+
+
+@pytest.mark.slow
+def test_tune_attention_quick_mode_checks_every_variant_against_the_reference(tmp_path):
+    out = tmp_path / "tune_attention.json"
+    proc = subprocess.run([sys.executable, "-m", "experiments.tune_attention", "--quick", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    rows = record["forward"] + record["backward"] + record["paged_decode"]
+    assert rows and all("error" not in r for r in rows), rows
+    assert max(r["max_rel_err"] for r in rows) < 1e-5  # float32 on CPU: reordered sums only

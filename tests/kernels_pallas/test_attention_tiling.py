@@ -52,6 +52,28 @@ def test_loop_bounds_cover_exactly_the_non_empty_tiles(t, s, causal, window):
         np.testing.assert_array_equal(visited, tiles[i])
 
 
+@pytest.mark.parametrize("t,s,causal,window", [(17, 33, True, None), (48, 48, True, None),
+                                               (33, 33, False, (5, 3)), (40, 100, True, (20, 0)),
+                                               (64, 128, False, (40, 24)), (100, 100, False, None)])
+def test_full_tiles_are_exactly_the_unmasked_ones_and_contiguous(t, s, causal, window):
+    """full_visibility marks a tile iff all its pairs are visible (those skip the in-tile mask), and
+    per row of tiles they form one run, as the kernels' masked-edge / unmasked-middle loops need."""
+    bq, bk = 16, 8
+    spec = tiling.MaskSpec(t, s, causal, window, False)
+    t_pad, s_pad = tiling.cdiv(t, bq) * bq, tiling.cdiv(s, bk) * bk
+    full = np.asarray(tiling.full_visibility(spec, bq, bk, t_pad, s_pad))[0]
+    dense = np.zeros((t_pad, s_pad), bool)
+    dense[:t, :s] = np.asarray(dense_mask(t, s, causal=causal, local_window=window))[0]
+    np.testing.assert_array_equal(full, dense.reshape(t_pad // bq, bq, s_pad // bk, bk).all((1, 3)))
+    for row in full.astype(int):
+        assert np.count_nonzero(np.diff(np.concatenate([[0], row, [0]]))) <= 2
+
+
+def test_no_tile_is_full_with_segment_ids():
+    spec = tiling.MaskSpec(32, 32, False, None, True)
+    assert not np.asarray(tiling.full_visibility(spec, 16, 16, 32, 32)).any()
+
+
 @pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
 def test_pallas_kernels_lower_to_triton(d):
     """Forward, dq and dk/dv kernels pass the Triton lowering (power-of-two tiles etc.) for the

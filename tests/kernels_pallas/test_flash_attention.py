@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import flash_attention
+from kernels_pallas.backend import resolve_backend
 from tests.kernels_pallas.attention_cases import (CASES, F32_TOL, LSE_ATOL, TOLS, Case,
                                                   forward_and_grads, make_inputs, oracle, rel_err)
 
@@ -69,8 +70,8 @@ def test_reference_matches_jax_nn_dot_product_attention(causal, window):
     np.testing.assert_allclose(ours, theirs, atol=1e-6, rtol=1e-6)
 
 
-def test_auto_backend_on_cpu_is_xla_and_grads_without_lse_match_reference():
-    """backend="auto" runs on CPU, and jax.grad works when the lse is not returned."""
+def test_auto_backend_picks_the_platform_kernel_and_grads_without_lse_match_reference():
+    """backend="auto" is xla on CPU and pallas on GPU; jax.grad works when the lse is not returned."""
     rng = np.random.default_rng(2)
     q = jnp.asarray(rng.standard_normal((1, 9, 2, 8)), jnp.float32)
     k = jnp.asarray(rng.standard_normal((1, 9, 1, 8)), jnp.float32)
@@ -80,7 +81,8 @@ def test_auto_backend_on_cpu_is_xla_and_grads_without_lse_match_reference():
             lambda q, k: jnp.sum(jnp.sin(flash_attention(q, k, k, causal=True, backend=backend))),
             argnums=(0, 1)))
 
-    assert jax.default_backend() == "cpu"
+    gpu = jax.default_backend() == "gpu"
+    assert resolve_backend("auto") == (("pallas", False) if gpu else ("xla", False))
     (value, grads), (ref_value, ref_grads) = loss("auto")(q, k), loss("reference")(q, k)
     np.testing.assert_allclose(value, ref_value, rtol=F32_TOL)
     for g, ref_g in zip(grads, ref_grads):

@@ -96,7 +96,7 @@ def test_quant_matmul_rejects_bad_arguments():
     with pytest.raises(TypeError, match="float32, bfloat16 or float16"):
         quant_matmul(jnp.ones((2, 128), jnp.int32), w)
     with pytest.raises(ValueError, match="block_k must divide"):
-        quant_matmul(x, w, backend="pallas", block_k=12)
+        quant_matmul(x, w, backend="pallas", block_k=32)  # K / vpw = 16 packed rows
 
 
 @pytest.mark.parametrize("kwargs, message", [
