@@ -49,8 +49,10 @@ def main() -> None:
     import transformers
 
     model = jaxinfer.load_pretrained(args.model)
+    # The peer runs where PyTorch's fast device is, as jax does: CUDA when there is one.
+    torch_device = "cuda" if torch.cuda.is_available() else "cpu"
     hf_model = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
-    hf_model.eval()
+    hf_model.to(torch_device).eval()
     tokenizer = jaxinfer.load_tokenizer(args.model)
     text = Path(jaxinfer.assets.corpus_sample_path()).read_text()
     stream = np.array(tokenizer.encode(text[:20000]).ids, dtype=np.int32)
@@ -59,7 +61,7 @@ def main() -> None:
     for batch in args.batch_sizes:
         starts = np.linspace(0, len(stream) - args.prompt_len - 1, batch).astype(int)
         ids = np.stack([stream[s:s + args.prompt_len] for s in starts])  # [batch, prompt_len]
-        torch_ids = torch.from_numpy(ids.astype(np.int64))
+        torch_ids = torch.from_numpy(ids.astype(np.int64)).to(torch_device)
 
         def run_jax():
             return np.asarray(jax.block_until_ready(
@@ -69,7 +71,7 @@ def main() -> None:
             with torch.no_grad():
                 return hf_model.generate(torch_ids, attention_mask=torch.ones_like(torch_ids),
                                          do_sample=False, max_new_tokens=args.new_tokens,
-                                         min_new_tokens=args.new_tokens, pad_token_id=0).numpy()
+                                         min_new_tokens=args.new_tokens, pad_token_id=0).cpu().numpy()
 
         jax_times, torch_times = _timed(run_jax, args.reps), _timed(run_torch, args.reps)
         agree = float(np.mean(run_jax()[:, args.prompt_len:] == run_torch()[:, args.prompt_len:]))
@@ -88,6 +90,7 @@ def main() -> None:
                        "greedy_token_agreement"])
     record = {"experiment": "bench_generate", "quick": args.quick, **environment(),
               "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+              "torch_device": torch_device,
               "transformers_version": transformers.__version__, "model": Path(args.model).name,
               "settings": vars(args), "rows": rows}
     print(f"wrote {write_json(record, args.out)}")
