@@ -5,17 +5,25 @@ from __future__ import annotations
 import jax
 
 
-def resolve_backend(backend: str) -> tuple[str, bool]:
-    """Map a user's backend ("auto" | "reference" | "xla" | "pallas") to (implementation, interpret).
+def resolve_backend(backend: str, *, tpu_kernel: bool = False) -> tuple[str, bool]:
+    """Map a user's backend to (implementation, interpret).
 
-    "auto" is the Pallas kernel on GPU and the XLA path elsewhere; "pallas" on a CPU runs the kernel
-    in interpret mode (how the tests exercise kernel code). No op has a TPU (Mosaic) kernel yet."""
+    ``backend`` is "auto" | "reference" | "xla" | "pallas", or "pallas_tpu" for an op with a TPU
+    kernel (``tpu_kernel``). "auto" is the Pallas kernel on GPU (and on TPU where the op has one)
+    and the XLA path elsewhere. "pallas" is the platform's kernel: Triton on GPU, Mosaic on TPU, and
+    on a CPU the Triton kernel in interpret mode (how the tests exercise kernel code). "pallas_tpu"
+    forces the Mosaic kernel, interpreted off a TPU, so CPU tests reach it too."""
     platform = jax.default_backend()
     if backend == "auto":
-        backend = "pallas" if platform == "gpu" else "xla"
+        backend = "pallas" if platform == "gpu" or (platform == "tpu" and tpu_kernel) else "xla"
     if backend == "pallas":
         if platform == "tpu":
-            raise NotImplementedError(
-                "backend='pallas' has no TPU (Mosaic) kernel yet; use backend='xla' or 'auto'")
+            if not tpu_kernel:
+                raise NotImplementedError(
+                    "backend='pallas' has no TPU (Mosaic) kernel for this op yet; use backend='xla' "
+                    "or 'auto'")
+            return "pallas_tpu", False
         return "pallas", platform != "gpu"
+    if backend == "pallas_tpu":
+        return "pallas_tpu", platform != "tpu"
     return backend, False

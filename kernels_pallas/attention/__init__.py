@@ -8,8 +8,11 @@ One function, several implementations (DESIGN.md):
   bounds, custom VJP. What CPU users run.
 * ``pallas`` (``pallas_gpu.py``): FlashAttention-2 Pallas kernels (forward, dq, dk/dv) lowered
   through Triton on NVIDIA GPUs; on CPU they run with ``interpret=True`` (how the tests exercise
-  them). There is no TPU (Mosaic) kernel yet, so ``backend="pallas"`` raises on TPU.
-* ``auto``: pallas on GPU, xla on CPU and TPU.
+  them).
+* ``pallas_tpu`` (``pallas_tpu.py``): the same algorithm as Mosaic kernels for TPUs (the KV loop
+  is the grid's sequential axis, softmax state in VMEM scratch); what ``pallas`` and ``auto`` run
+  on a TPU. Named explicitly it runs interpreted off a TPU, which is how CPU tests reach it.
+* ``auto``: pallas on GPU and TPU, xla on CPU.
 
 ``paged_decode_attention`` follows the same pattern: ``reference.py`` (gather every page, dense
 attention), ``paged_xla.py`` (online softmax over chunks of pages) and ``paged_pallas_gpu.py``
@@ -22,8 +25,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_xla, pallas_gpu, reference,
-                                      xla)
+from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_xla, pallas_gpu, pallas_tpu,
+                                      reference, xla)
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
@@ -54,7 +57,8 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
       logit_softcap: scores become cap * tanh(scores / cap) (after scaling), as in Gemma 2.
       return_lse: also return the float32 log-sum-exp of the (scaled, capped) scores
         [batch, T, Hq]; gradients flow through it too (``merge_attention``, ring attention).
-      backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU/TPU).
+      backend: "reference" | "xla" | "pallas" | "pallas_tpu" | "auto" (pallas on GPU and TPU,
+        xla on CPU).
       block_q, block_k: tile sizes (forward and backward); None takes the backend's defaults
         from ``DEFAULT_BLOCK_SIZES``. Pallas needs powers of two >= 16.
       block_sizes: a whole ``BlockSizes`` (every kernel's tiles and Triton's warps and stages)
@@ -66,15 +70,17 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
       lse = -inf, and zero gradients.
     """
     checks.check_qkv(q, k, v)
-    checks.check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend)
+    checks.check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
+                         backends=checks.FLASH_BACKENDS)
     window = checks.check_window(local_window)
     batch, t, _, d = q.shape
     s = k.shape[1]
     q_ids, kv_ids = checks.check_segment_ids(segment_ids, batch, t, s)
-    impl, interpret = resolve_backend(backend)
-    checks.check_block("block_q", block_q, pallas=impl == "pallas", minimum=16)
-    checks.check_block("block_k", block_k, pallas=impl == "pallas", minimum=16)
-    checks.check_block_sizes(block_sizes, pallas=impl == "pallas")
+    impl, interpret = resolve_backend(backend, tpu_kernel=True)
+    pallas = impl.startswith("pallas")
+    checks.check_block("block_q", block_q, pallas=pallas, minimum=16)
+    checks.check_block("block_k", block_k, pallas=pallas, minimum=16)
+    checks.check_block_sizes(block_sizes, pallas=pallas)
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
     softcap = None if logit_softcap is None else float(logit_softcap)
     spec = MaskSpec(t, s, causal, window, q_ids is not None)
@@ -96,6 +102,10 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
             out, lse = xla.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
                                            softcap=softcap, block_q=blocks.block_q,
                                            block_k=blocks.block_k)
+        elif impl == "pallas_tpu":
+            out, lse = pallas_tpu.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
+                                                  softcap=softcap, block_q=blocks.block_q,
+                                                  block_k=blocks.block_k, interpret=interpret)
         else:
             out, lse = pallas_gpu.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
                                                   softcap=softcap, blocks=blocks,

@@ -62,15 +62,17 @@ DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
     "xla": BlockSizes(block_q=512, block_k=512, block_q_bwd=512, block_k_bwd=512),
     "pallas_gpu": BlockSizes(block_q=128, block_k=64, block_q_bwd=64, block_k_bwd=64),
     "pallas_gpu_wide": BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32),
+    # MXU-sized tiles; the Mosaic kernels use the forward tiles for the backward too.
+    "pallas_tpu": BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128),
 }
 PALLAS_WIDE_HEAD_DIM = 256  # padded head dims at or above this use "pallas_gpu_wide"
 PALLAS_MIN_BLOCK = 16  # Triton's dot needs every operand dimension >= 16
 
 
 def default_block_sizes(backend: str, head_dim: int) -> BlockSizes:
-    """The table entry for ``backend`` ("xla" or "pallas") at this head dim."""
-    if backend == "xla":
-        return DEFAULT_BLOCK_SIZES["xla"]
+    """The table entry for ``backend`` ("xla", "pallas" or "pallas_tpu") at this head dim."""
+    if backend in ("xla", "pallas_tpu"):
+        return DEFAULT_BLOCK_SIZES[backend]
     if padded_head_dim(head_dim) >= PALLAS_WIDE_HEAD_DIM:
         return DEFAULT_BLOCK_SIZES["pallas_gpu_wide"]
     return DEFAULT_BLOCK_SIZES["pallas_gpu"]

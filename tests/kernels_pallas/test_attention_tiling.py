@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import tile_fraction
-from kernels_pallas.attention import pallas_gpu, tiling
+from kernels_pallas.attention import pallas_gpu, pallas_tpu, tiling
 from kernels_pallas.attention.reference import dense_mask
 
 
@@ -97,3 +97,29 @@ def test_pallas_kernels_lower_to_triton(d):
 
     lowered = jax.jit(fwd_bwd).trace(q, kv, kv, ids_q, ids_kv).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3
+
+
+@pytest.mark.parametrize("d", [64, 80, 128])
+def test_tpu_kernels_lower_to_mosaic(d):
+    """Forward, dq and dk/dv pass the Mosaic lowering, which checks TPU block-shape rules (last two
+    block dims divisible by 8 and 128 or whole); lowering needs no TPU. Compiling does."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    batch, t, s, hq, hkv = 2, 100, 300, 6, 2
+    dt = jnp.bfloat16
+    q = jax.ShapeDtypeStruct((batch, t, hq, d), dt)
+    kv = jax.ShapeDtypeStruct((batch, s, hkv, d), dt)
+    ids_q = jax.ShapeDtypeStruct((batch, t), jnp.int32)
+    ids_kv = jax.ShapeDtypeStruct((batch, s), jnp.int32)
+    spec = tiling.MaskSpec(t, s, True, (64, 0), True)
+    blocks = tiling.default_block_sizes("pallas_tpu", d)
+
+    def fwd_bwd(q, k, v, q_ids, kv_ids):
+        def attend(q, k, v):
+            return pallas_tpu.flash_attention(
+                q, k, v, q_ids, kv_ids, spec=spec, scale=0.1, softcap=30.0,
+                block_q=blocks.block_q, block_k=blocks.block_k, interpret=False)
+        outs, vjp = jax.vjp(attend, q, k, v)
+        return vjp(outs)
+
+    lowered = jax.jit(fwd_bwd).trace(q, kv, kv, ids_q, ids_kv).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 3

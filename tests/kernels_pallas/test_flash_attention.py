@@ -40,6 +40,18 @@ def test_forward_lse_and_grads_match_reference(backend, case):
     _check_against_oracle(backend, case, block_q=case.block_q, block_k=case.block_k)
 
 
+# The TPU (Mosaic) kernel interpreted on a CPU costs ~15 s a case: three cases cover GQA + causal
+# prefix, empty rows through segment ids, and bf16 + softcap by default; the rest run with --slow.
+TPU_DEFAULT_CASES = ("gqa2_causal_prefix", "segment_pair_empty_rows", "softcap_scale_bf16")
+
+
+@pytest.mark.parametrize("case", [
+    pytest.param(c, marks=() if c.name in TPU_DEFAULT_CASES else pytest.mark.slow) for c in CASES],
+    ids=lambda c: c.name)
+def test_tpu_kernel_forward_lse_and_grads_match_reference(case):
+    _check_against_oracle("pallas_tpu", case, block_q=case.block_q, block_k=case.block_k)
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_blocks_match_reference(backend):
     """Default tiles (larger than T and S here: one tile, shrunk and padded) are right too."""
