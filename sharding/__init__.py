@@ -7,16 +7,26 @@ parallelism (DESIGN.md). Imports jax (flax.nnx only to read parameter metadata).
     model = sharding.shard(model, mesh, rules)               # every parameter placed by its axes
     with sharding.use_rules(mesh, rules):                    # activation constraints inside models
         out = jaxinfer.generate(model, prompts)
+
+Sequence parallelism: `sequence_parallel_attention(q, k, v, mesh=mesh, impl="ring" | "ulysses")`
+over the "sequence" axis (ring attention with zig-zag balancing, or DeepSpeed-Ulysses).
 """
 
 from sharding.constraints import active_rules, constrain, use_rules
 from sharding.mesh import MESH_AXES, axis_size, make_mesh
 from sharding.params import batch_sharding, head_counts_of, place, shard, state_shardings
-from sharding.rules import (ACTIVATION_NAMES, PARAM_NAMES, PRESETS, Rules, logical_to_spec,
-                            rules_for)
+from sharding.ring_attention import ring_attention, ring_attention_shard
+from sharding.rules import (ACTIVATION_NAMES, PARAM_NAMES, PRESETS, SEQUENCE_PARALLEL_IMPL, Rules,
+                            logical_to_spec, rules_for)
+from sharding.sequence_parallel import communication_elements, sequence_parallel_attention
+from sharding.ulysses import ulysses_attention, ulysses_attention_shard
+from sharding.zigzag import zigzag_permute, zigzag_positions, zigzag_unpermute
 
 __all__ = [
-    "ACTIVATION_NAMES", "MESH_AXES", "PARAM_NAMES", "PRESETS", "Rules", "active_rules", "axis_size",
-    "batch_sharding", "constrain", "head_counts_of", "logical_to_spec", "make_mesh", "place",
-    "rules_for", "shard", "state_shardings", "use_rules",
+    "ACTIVATION_NAMES", "MESH_AXES", "PARAM_NAMES", "PRESETS", "Rules", "SEQUENCE_PARALLEL_IMPL",
+    "active_rules", "axis_size", "batch_sharding", "communication_elements", "constrain",
+    "head_counts_of", "logical_to_spec", "make_mesh", "place", "ring_attention",
+    "ring_attention_shard", "rules_for", "sequence_parallel_attention", "shard", "state_shardings",
+    "ulysses_attention", "ulysses_attention_shard", "use_rules", "zigzag_permute",
+    "zigzag_positions", "zigzag_unpermute",
 ]

@@ -39,6 +39,9 @@ _MEGATRON_PARAMS = {"vocab": "tensor", "heads": "tensor", "kv_heads": "tensor", 
 _MEGATRON_ACTIVATIONS = {"act_heads": "tensor", "act_kv_heads": "tensor", "act_mlp": "tensor",
                          "act_vocab": "tensor"}
 
+_SEQUENCE_PARALLEL = ({name: None for name in PARAM_NAMES} | {"embed": "fsdp"}
+                      | _REPLICATED_ACTIVATIONS | {"seq": "sequence", "res_seq": "sequence"})
+
 PRESETS: dict[str, dict] = {
     # parameters replicated; the batch split over data x fsdp
     "dp": {name: None for name in PARAM_NAMES} | _REPLICATED_ACTIVATIONS,
@@ -54,7 +57,16 @@ PRESETS: dict[str, dict] = {
     # 2-D: Megatron TP inside, FSDP on the remaining (embed) weight dimension
     "fsdp_tp": {"embed": "fsdp"} | _MEGATRON_PARAMS | _REPLICATED_ACTIVATIONS
                | _MEGATRON_ACTIVATIONS,
+    # sequence (context) parallelism: every activation's sequence dimension split over
+    # "sequence", parameters as under "fsdp"; attention must then run through
+    # sharding.sequence_parallel_attention with the impl SEQUENCE_PARALLEL_IMPL names
+    "sp_ring": _SEQUENCE_PARALLEL,
+    "sp_ulysses": _SEQUENCE_PARALLEL,
 }
+
+# The attention algorithm each sequence-parallel preset stands for (the tables are the same: the
+# layout of the arrays does not depend on how attention exchanges them).
+SEQUENCE_PARALLEL_IMPL = {"sp_ring": "ring", "sp_ulysses": "ulysses"}
 
 
 def rules_for(name: str) -> dict:

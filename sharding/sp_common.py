@@ -1,0 +1,74 @@
+"""Plumbing shared by the sequence-parallel attentions (ring, Ulysses): a `shard_map` that works
+on every jax this project meets, and validation of q, k, v and the mesh at the public boundary
+(inside the shard_map a shape error would name per-device shapes)."""
+
+from __future__ import annotations
+
+from typing import Callable, Sequence
+
+import jax
+from jax.sharding import Mesh, PartitionSpec
+
+LAYOUTS = ("contiguous", "zigzag")
+
+
+def shard_map(f: Callable, *, mesh: Mesh, in_specs, out_specs) -> Callable:
+    """`jax.shard_map` (jax >= 0.7) or `jax.experimental.shard_map.shard_map` (older).
+
+    The replication check is off: every output here is sharded over the sequence axis, so it can
+    prove nothing, and the ring's custom VJP carries per-device residuals it cannot type."""
+    if hasattr(jax, "shard_map"):
+        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)
+    from jax.experimental.shard_map import shard_map as experimental_shard_map
+    return experimental_shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
+                                  check_rep=False)
+
+
+def axis_size(mesh: Mesh, axis: str, *, name: str = "axis") -> int:
+    """Size of mesh axis `axis`; a ValueError naming the mesh's axes when it is missing."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
+    if axis not in mesh.axis_names:
+        raise ValueError(f"{name}={axis!r} is not an axis of the mesh; its axes are "
+                         f"{tuple(mesh.axis_names)}")
+    return int(mesh.shape[axis])
+
+
+def check_qkv(q, k, v, segment_ids, *, num_shards: int, layout: str, causal: bool) -> None:
+    """q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads, head_dim], segment_ids
+    None or int [batch, seq]; the sequence splits into num_shards (2 * num_shards chunks for the
+    causal zig-zag layout)."""
+    if layout not in LAYOUTS:
+        raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
+    for name, x in (("q", q), ("k", k), ("v", v)):
+        if getattr(x, "ndim", None) != 4:
+            raise ValueError(f"{name} must be [batch, seq, heads, head_dim]; got shape "
+                             f"{getattr(x, 'shape', None)}")
+    if k.shape != v.shape:
+        raise ValueError(f"k and v must have the same shape; got k {list(k.shape)} and v "
+                         f"{list(v.shape)}")
+    if (q.shape[0], q.shape[1], q.shape[3]) != (k.shape[0], k.shape[1], k.shape[3]):
+        raise ValueError(f"q and k must share batch, seq and head_dim (self-attention over one "
+                         f"sharded sequence); got q {list(q.shape)} and k {list(k.shape)}")
+    if q.shape[2] % k.shape[2]:
+        raise ValueError(f"query heads must be a multiple of KV heads; got {q.shape[2]} query "
+                         f"and {k.shape[2]} KV heads")
+    seq = q.shape[1]
+    chunks = 2 * num_shards if (causal and layout == "zigzag") else num_shards
+    if seq % chunks:
+        what = (f"2 * {num_shards} chunks (zig-zag layout)" if chunks != num_shards
+                else f"{num_shards} shards")
+        raise ValueError(f"the sequence length must split into {what}; got seq={seq}, which "
+                         f"{chunks} does not divide")
+    if segment_ids is not None and tuple(segment_ids.shape) != tuple(q.shape[:2]):
+        raise ValueError(f"segment_ids must be [batch, seq] = {list(q.shape[:2])}; got "
+                         f"{list(segment_ids.shape)}")
+
+
+def activation_specs(axis: str, batch_axes: str | Sequence[str] | None
+                     ) -> tuple[PartitionSpec, PartitionSpec]:
+    """PartitionSpecs of [batch, seq, heads, head_dim] activations and [batch, seq] ids: the
+    sequence split over `axis`, the batch over `batch_axes` (None: replicated)."""
+    batch = tuple(batch_axes) if isinstance(batch_axes, (list, tuple)) else batch_axes
+    return PartitionSpec(batch, axis, None, None), PartitionSpec(batch, axis)
