@@ -1,0 +1,150 @@
+"""Hugging Face Mixtral checkpoints: config.json + safetensors <-> `MixtralForCausalLM`.
+
+On disk (Mixtral-8x7B's files, and what transformers 5.x `save_pretrained` writes) each expert is
+three linear weights, [out, in] like every HF linear:
+
+    model.layers.{l}.block_sparse_moe.gate.weight            [E, D]   router
+    model.layers.{l}.block_sparse_moe.experts.{e}.w1.weight  [F, D]   gate projection
+    model.layers.{l}.block_sparse_moe.experts.{e}.w3.weight  [F, D]   up projection
+    model.layers.{l}.block_sparse_moe.experts.{e}.w2.weight  [D, F]   down projection
+
+transformers 5.x fuses them in memory (`mlp.experts.gate_up_proj` [E, 2F, D] with gate rows
+first, `mlp.experts.down_proj` [E, D, F], router `mlp.gate.weight`) through its
+conversion_mapping; a file in that fused layout loads here too. jaxinfer stacks experts as
+gate_proj/up_proj [E, D, F] and down_proj [E, F, D]. Everything else is named as in hf.py.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.flax import save_file
+
+from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, SINGLE_FILE, _tensor_files, _TensorReader,
+                                    hf_name)
+from jaxinfer.models.mixtral import MixtralForCausalLM
+from jaxinfer.models.mixtral_config import MixtralConfig
+
+log = logging.getLogger(__name__)
+
+# jaxinfer stacked expert parameter -> (HF per-expert linear, half of the fused gate_up_proj)
+EXPERT_LINEARS = {"gate_proj": ("w1", 0), "up_proj": ("w3", 1), "down_proj": ("w2", None)}
+
+
+def _layer_prefix(path: tuple) -> str:
+    return f"model.layers.{path[1]}"
+
+
+def _read_stacked_expert(reader: _TensorReader, path: tuple, shape: tuple[int, ...]) -> np.ndarray:
+    """One stacked expert parameter [E, in, out] from per-expert or fused HF tensors."""
+    leaf = str(path[-1])
+    w, half = EXPERT_LINEARS[leaf]
+    prefix = _layer_prefix(path)
+    num_experts = shape[0]
+    per_expert = [f"{prefix}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(num_experts)]
+    if all(name in reader.files for name in per_expert):
+        stacked = np.stack([np.asarray(reader.get(name)) for name in per_expert])  # [E, out, in]
+    else:
+        fused = f"{prefix}.mlp.experts." + ("down_proj" if half is None else "gate_up_proj")
+        if fused not in reader.files:
+            raise ValueError(f"checkpoint has neither {per_expert[0]!r} (per-expert layout) nor "
+                             f"{fused!r} (transformers' fused layout)")
+        stacked = np.asarray(reader.get(fused))
+        if half is not None:  # [E, 2F, D]: gate rows, then up rows
+            f = stacked.shape[1] // 2
+            stacked = stacked[:, half * f:(half + 1) * f]
+    stacked = np.swapaxes(stacked, 1, 2)  # [E, in, out]
+    if stacked.shape != tuple(shape):
+        raise ValueError(f"expert weights {leaf} of layer {path[1]} have shape "
+                         f"{list(stacked.shape)} after stacking; config.json implies "
+                         f"{list(shape)}")
+    return stacked
+
+
+def _router_name(reader: _TensorReader, path: tuple) -> str:
+    name = hf_name(path)[0]
+    fused = name.replace(".block_sparse_moe.", ".mlp.")
+    return name if name in reader.files or fused not in reader.files else fused
+
+
+def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
+                 attention_backend: str = "auto", moe_impl: str = "dropless",
+                 capacity_factor: float = 1.25) -> MixtralForCausalLM:
+    """Load a local HF Mixtral directory (config.json + safetensors, single or sharded)."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json; expected a Hugging Face model directory")
+    config = MixtralConfig.from_json_file(config_file, dtype=dtype,
+                                          attention_backend=attention_backend,
+                                          moe_impl=moe_impl, capacity_factor=capacity_factor)
+    files = _tensor_files(model_dir)
+    abstract = nnx.eval_shape(lambda: MixtralForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    used: set[str] = set()
+    with _TensorReader(files) as reader:
+        for path, var in flat:
+            if not isinstance(var, nnx.Param):
+                continue
+            shape = tuple(var.value.shape)
+            if str(path[-1]) in EXPERT_LINEARS:
+                value = _read_stacked_expert(reader, path, shape)
+            else:
+                name, transposed = hf_name(path)
+                if "block_sparse_moe" in name:
+                    name = _router_name(reader, path)
+                if name not in files:
+                    raise ValueError(f"checkpoint in {model_dir} is missing tensor {name!r} that "
+                                     f"config.json implies")
+                value = np.asarray(reader.get(name))
+                value = value.T if transposed else value
+                if value.shape != shape:
+                    raise ValueError(f"tensor {name!r} has shape {list(value.shape)[::-1]}; "
+                                     f"config.json implies {list(shape)[::-1]}")
+                used.add(name)
+            var.value = jnp.asarray(value, dtype=var.value.dtype)
+    unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES)
+                        and ".experts." not in n
+                        and not (n == "lm_head.weight" and config.tie_word_embeddings))
+    if unexpected:
+        log.warning("ignoring %d tensor(s) the model does not use, e.g. %s",
+                    len(unexpected), unexpected[:5])
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def mixtral_tensors(model: MixtralForCausalLM) -> dict[str, np.ndarray]:
+    """{HF tensor name: array} in the per-expert on-disk layout."""
+    tensors: dict[str, np.ndarray] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = np.asarray(var.value)
+        leaf = str(path[-1])
+        if leaf in EXPERT_LINEARS:
+            w = EXPERT_LINEARS[leaf][0]
+            for e in range(value.shape[0]):
+                name = f"{_layer_prefix(path)}.block_sparse_moe.experts.{e}.{w}.weight"
+                tensors[name] = np.ascontiguousarray(value[e].T)
+            continue
+        name, transposed = hf_name(path)
+        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
+    return tensors
+
+
+def save_mixtral(model: MixtralForCausalLM, out_dir: str | os.PathLike) -> Path:
+    """Write config.json and model.safetensors that transformers loads as MixtralForCausalLM."""
+    if not isinstance(model, MixtralForCausalLM):
+        raise TypeError(f"model must be a MixtralForCausalLM; got {type(model).__name__}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: jnp.asarray(v) for k, v in mixtral_tensors(model).items()}
+    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+    # transformers refuses safetensors files without a format tag
+    save_file(tensors, out_dir / SINGLE_FILE, metadata={"format": "pt"})
+    return out_dir

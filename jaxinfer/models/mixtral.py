@@ -1,0 +1,131 @@
+"""Mixtral-style sparse MoE decoder: Llama/Mistral attention blocks whose MLP is a top-k routed
+mixture of SwiGLU experts (jaxinfer/models/moe.py), as a Flax NNX module.
+
+The interface matches `LlamaForCausalLM` (`__call__`, `init_cache`, `forward`), so
+`jaxinfer.generate` runs it unchanged; `forward_with_routing` also returns every layer's router
+logits (for `moe.load_balancing_loss` and routing statistics) and the capacity-drop counts.
+Parameter names mirror HF's module names (`layers[i].block_sparse_moe.gate.kernel`,
+`...experts.gate_proj` stacked over experts); jaxinfer/checkpoint/hf_mixtral.py converts them.
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.models.inputs import check_input_ids
+from jaxinfer.models.kv_cache import KVCache, LayerKV
+from jaxinfer.models.layers import Embedding, Linear, RMSNorm
+from jaxinfer.models.llama import CACHE_AXES, LOGITS, RESIDUAL, SelfAttention
+from jaxinfer.models.mixtral_config import MixtralConfig
+from jaxinfer.models.moe import SparseMoE
+from jaxinfer.models.rope import inverse_frequencies, rotary_tables
+from sharding import constrain
+from sharding.placement import permute_experts
+
+
+class RoutingOutput(NamedTuple):
+    """A forward pass's routing record: router_logits float32 [layers, batch * seq, E] and
+    dropped int32 [layers] (token-choices dropped by capacity routing; 0 when dropless)."""
+
+    router_logits: jax.Array
+    dropped: jax.Array
+
+
+class MixtralDecoderLayer(nnx.Module):
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+        c = config
+        pd = jnp.dtype(c.param_dtype)
+        self.input_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=pd)
+        self.self_attn = SelfAttention(c, rngs=rngs)
+        self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=pd)
+        self.block_sparse_moe = SparseMoE(c, rngs=rngs)
+
+    def __call__(self, x, cos, sin, positions, kv: LayerKV | None, start):
+        """x [batch, T, embed] -> (x, kv, router_logits [batch * T, E], dropped)."""
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start)
+        x = x + h
+        moe = self.block_sparse_moe(self.post_attention_layernorm(x))
+        return x + moe.y, kv, moe.router_logits, moe.dropped
+
+
+class MixtralForCausalLM(nnx.Module):
+    """Token ids [batch, seq] -> next-token logits float32 [batch, seq, vocab]."""
+
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+        if not isinstance(config, MixtralConfig):
+            raise TypeError(f"config must be a MixtralConfig; got {type(config).__name__}")
+        c = config
+        self.config = c
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
+                                      param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+        self.layers = nnx.List([MixtralDecoderLayer(c, rngs=rngs)
+                                for _ in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=jnp.dtype(c.param_dtype))
+        self.lm_head = None if c.tie_word_embeddings else Linear(
+            c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False,
+            dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+
+    def __call__(self, input_ids: jax.Array) -> jax.Array:
+        input_ids = check_input_ids(input_ids, self.config)
+        logits, _ = self.forward(jnp.asarray(input_ids))
+        return logits
+
+    def init_cache(self, batch: int, max_len: int) -> KVCache:
+        c = self.config
+        cache = KVCache.zeros(c.num_hidden_layers, batch, max_len, c.num_key_value_heads,
+                              c.head_dim, jnp.dtype(c.dtype))
+        return jax.tree.map(lambda a: constrain(a, CACHE_AXES), cache)
+
+    def forward(self, input_ids: jax.Array, cache: KVCache | None = None,
+                start: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+        """Logits for input_ids [batch, T] at positions start..start+T-1 (as LlamaForCausalLM)."""
+        logits, cache, _ = self.forward_with_routing(input_ids, cache, start)
+        return logits, cache
+
+    def forward_with_routing(self, input_ids: jax.Array, cache: KVCache | None = None,
+                             start: jax.Array | int = 0
+                             ) -> tuple[jax.Array, KVCache | None, RoutingOutput]:
+        """`forward` plus every layer's router logits and capacity-drop count."""
+        batch, t = input_ids.shape
+        start = jnp.asarray(start, jnp.int32)
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+        cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
+        x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
+        new_layers, router_logits, dropped = [], [], []
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.layers[i]
+            x, kv, logits_i, dropped_i = layer(x, cos, sin, positions, kv, start)
+            x = constrain(x, RESIDUAL)
+            new_layers.append(kv)
+            router_logits.append(logits_i)
+            dropped.append(dropped_i)
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = constrain(logits, LOGITS)
+        new_cache = None if cache is None else KVCache(tuple(new_layers))
+        routing = RoutingOutput(jnp.stack(router_logits), jnp.stack(dropped))
+        return logits.astype(jnp.float32), new_cache, routing
+
+
+def apply_expert_placement(model: MixtralForCausalLM, perm: np.ndarray) -> None:
+    """Reorder every layer's experts in place so that new expert s of layer l is old expert
+    perm[l, s] (router columns and stacked weights together: the model computes the same
+    function). With perm = sharding.placement.placement_permutation(device_of), contiguous
+    sharding of the "expert" axis puts each expert on the device the placement chose."""
+    perm = np.asarray(perm)
+    want = (model.config.num_hidden_layers, model.config.num_local_experts)
+    if perm.shape != want:
+        raise ValueError(f"perm must be [layers, experts] = {list(want)}; got {list(perm.shape)}")
+    for layer, p in zip(model.layers, perm):
+        moe = layer.block_sparse_moe
+        names = ("gate_proj", "up_proj", "down_proj")
+        router, experts = permute_experts(
+            moe.gate.kernel[...], {n: getattr(moe.experts, n)[...] for n in names}, p)
+        moe.gate.kernel[...] = router
+        for n in names:
+            getattr(moe.experts, n)[...] = experts[n]

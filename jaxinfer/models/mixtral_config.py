@@ -1,0 +1,118 @@
+"""`MixtralConfig`: a Llama-family config plus the sparse mixture-of-experts fields of HF Mixtral.
+
+It subclasses `LlamaConfig` so that every piece that reads attention / rope / norm fields (the
+attention block, rotary tables, generation, sharding's head-count checks) takes it unchanged; the
+Llama fields are validated by LlamaConfig's own rules (as a Mistral-style decoder: no biases,
+optional sliding window), the MoE fields here.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Mapping
+
+from jaxinfer.config import LlamaConfig
+
+MIXTRAL_MODEL_TYPE = "mixtral"
+# "dropless": sort tokens by expert + ragged_dot, never drops (HF Mixtral's semantics).
+# "capacity": one-hot dispatch/combine einsums with a fixed capacity per expert (drops overflow).
+# "expert_parallel": capacity dispatch with all_to_all over the mesh axis the active sharding
+#     rules give the logical "expert" axis (sharding/expert_parallel.py); without active rules it
+#     runs as "capacity" on one device, which is the same computation with one token group.
+MOE_IMPLS = ("dropless", "capacity", "expert_parallel")
+
+
+@dataclasses.dataclass(frozen=True)
+class MixtralConfig(LlamaConfig):
+    """Mixtral: Llama attention blocks whose MLP is `num_local_experts` SwiGLU experts, each token
+    routed to its `num_experts_per_tok` highest-scoring experts (softmax over all experts, top-k,
+    weights renormalised over the k).
+
+    `router_aux_loss_coef` weights HF's Switch load-balancing loss; `router_jitter_noise` is kept
+    for config.json round trips (HF applies it only in training; jaxinfer does not). `moe_impl`,
+    `capacity_factor` are run settings (not written to config.json): capacity per expert is
+    ceil(capacity_factor * tokens * k / num_experts) per token group.
+    """
+
+    model_type: str = MIXTRAL_MODEL_TYPE
+    rope_theta: float = 1e6
+    rms_norm_eps: float = 1e-5
+    num_local_experts: int = 8
+    num_experts_per_tok: int = 2
+    router_aux_loss_coef: float = 0.001
+    router_jitter_noise: float = 0.0
+    moe_impl: str = "dropless"
+    capacity_factor: float = 1.25
+
+    def _validate(self) -> None:
+        if self.model_type != MIXTRAL_MODEL_TYPE:
+            raise ValueError(f"model_type must be {MIXTRAL_MODEL_TYPE!r}; got {self.model_type!r}")
+        if self.qkv_bias or self.o_bias or self.mlp_bias:
+            raise ValueError("mixtral has no qkv_bias, o_bias or mlp_bias; got "
+                             f"{self.qkv_bias}, {self.o_bias}, {self.mlp_bias}")
+        # the attention / norm / dtype fields follow the Llama family's rules (as Mistral)
+        llama_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LlamaConfig)}
+        LlamaConfig(**{**llama_fields, "model_type": "mistral"})
+        for name in ("num_local_experts", "num_experts_per_tok"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if self.num_experts_per_tok > self.num_local_experts:
+            raise ValueError(f"num_experts_per_tok must be <= num_local_experts; got "
+                             f"{self.num_experts_per_tok} > {self.num_local_experts}")
+        if self.moe_impl not in MOE_IMPLS:
+            raise ValueError(f"moe_impl must be one of {MOE_IMPLS}; got {self.moe_impl!r}")
+        if not self.capacity_factor > 0:
+            raise ValueError(f"capacity_factor must be positive; got {self.capacity_factor}")
+
+    # ------------------------------------------------------------------ HF interop
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], *, dtype: str = "float32",
+                       attention_backend: str = "auto", moe_impl: str = "dropless",
+                       capacity_factor: float = 1.25) -> MixtralConfig:
+        """Build from a Hugging Face Mixtral config dict (transformers 4.x or 5.x spelling)."""
+        if hf.get("model_type") != MIXTRAL_MODEL_TYPE:
+            raise ValueError(f"config.json: model_type must be {MIXTRAL_MODEL_TYPE!r}; "
+                             f"got {hf.get('model_type')!r}")
+        # Mixtral's attention is Mistral's: read the shared fields through LlamaConfig's parser
+        as_mistral = {**hf, "model_type": "mistral"}
+        if "rope_theta" not in hf and "rope_theta" not in (hf.get("rope_parameters") or {}):
+            as_mistral["rope_theta"] = 1e6  # HF Mixtral's default_theta
+        base = LlamaConfig.from_hf_config(as_mistral, dtype=dtype,
+                                          attention_backend=attention_backend)
+        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(LlamaConfig)}
+        fields.update(model_type=MIXTRAL_MODEL_TYPE,
+                      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)))
+        return cls(**fields,
+                   num_local_experts=int(hf.get("num_local_experts", 8)),
+                   num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
+                   router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                   router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
+                   moe_impl=moe_impl, capacity_factor=capacity_factor)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """The config.json that transformers loads as MixtralForCausalLM."""
+        llama_fields = {f.name: getattr(self, f.name) for f in dataclasses.fields(LlamaConfig)}
+        hf = LlamaConfig(**{**llama_fields, "model_type": "mistral"}).to_hf_config()
+        hf.update(architectures=["MixtralForCausalLM"], model_type=MIXTRAL_MODEL_TYPE,
+                  num_local_experts=self.num_local_experts,
+                  num_experts_per_tok=self.num_experts_per_tok,
+                  router_aux_loss_coef=self.router_aux_loss_coef,
+                  router_jitter_noise=self.router_jitter_noise)
+        return hf
+
+    @classmethod
+    def from_json_file(cls, path: str | os.PathLike, *, dtype: str = "float32",
+                       attention_backend: str = "auto", moe_impl: str = "dropless",
+                       capacity_factor: float = 1.25) -> MixtralConfig:
+        try:
+            with open(path) as f:
+                hf = json.load(f)
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{path} is not valid JSON: {e}") from None
+        if not isinstance(hf, dict):
+            raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
+        return cls.from_hf_config(hf, dtype=dtype, attention_backend=attention_backend,
+                                  moe_impl=moe_impl, capacity_factor=capacity_factor)

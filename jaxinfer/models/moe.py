@@ -1,0 +1,193 @@
+"""Sparse mixture-of-experts feed-forward block (Mixtral) and its load-balancing loss.
+
+Experts are stored stacked, `[num_experts, ...]` with logical axis "expert" first, so a rule
+table that maps "expert" to a mesh axis shards them without model changes.
+
+Token dispatch, chosen by `MixtralConfig.moe_impl`:
+- "dropless" (default): sort the T*K token-choices by expert, run the experts as grouped matmuls
+  (`jax.lax.ragged_dot` over the sorted rows, one group per expert) and unsort. Static shapes
+  (T*K rows) make it jit-friendly; it never drops a token, which is HF Mixtral's semantics, and
+  costs T*K*D*F per matmul instead of the E*C*D*F of a padded capacity buffer plus the T*E*C*D
+  one-hot einsums. This is the path the transformers parity test runs.
+- "capacity": GShard one-hot dispatch/combine einsums into fixed [E, C, D] buffers, overflow
+  dropped (sharding/expert_parallel.py); the single-device twin of expert parallelism.
+- "expert_parallel": the same capacity routing as a shard_map with all_to_all over the mesh axis
+  that the active sharding rules (`sharding.use_rules`) assign to the logical "expert" axis; the
+  model never names a mesh axis. Without active rules (or with "expert" unsharded, or too few
+  tokens to split over the token shards, as in a decode step) it runs as "capacity".
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+from typing import Sequence
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from jaxinfer.models.layers import INIT_STDDEV, Linear, param
+from jaxinfer.models.mixtral_config import MixtralConfig
+from sharding.constraints import active_rules
+from sharding.expert_parallel import (MoEResult, capacity_moe, expert_capacity,
+                                      expert_parallel_moe, route_top_k)
+
+log = logging.getLogger(__name__)
+
+
+def swiglu_experts(params: dict[str, jax.Array], xs: jax.Array) -> jax.Array:
+    """Every expert on its own rows: xs [E, N, D] with params gate/up [E, D, F], down [E, F, D]
+    -> [E, N, D]. The expert function handed to capacity and expert-parallel dispatch."""
+    dtype = xs.dtype
+    gate = jnp.einsum("end,edf->enf", xs, params["gate"].astype(dtype))
+    up = jnp.einsum("end,edf->enf", xs, params["up"].astype(dtype))
+    return jnp.einsum("enf,efd->end", jax.nn.silu(gate) * up, params["down"].astype(dtype))
+
+
+def dropless_moe(x: jax.Array, weights: jax.Array, expert_ids: jax.Array,
+                 params: dict[str, jax.Array]) -> jax.Array:
+    """x [T, D]; weights float32 [T, K]; expert_ids int32 [T, K]; params as `swiglu_experts`
+    -> [T, D]. Sort-based grouping + ragged_dot: every choice is served."""
+    t, k = expert_ids.shape
+    num_experts = params["gate"].shape[0]
+    dtype = x.dtype
+    flat = expert_ids.reshape(t * k)  # [T*K], choice (t, j) at row t*K + j
+    order = jnp.argsort(flat, stable=True)  # rows grouped by expert
+    group_sizes = jnp.bincount(flat, length=num_experts).astype(jnp.int32)  # [E]
+    xs = x[order // k]  # [T*K, D]
+    gate = jax.lax.ragged_dot(xs, params["gate"].astype(dtype), group_sizes)  # [T*K, F]
+    up = jax.lax.ragged_dot(xs, params["up"].astype(dtype), group_sizes)
+    ys = jax.lax.ragged_dot(jax.nn.silu(gate) * up, params["down"].astype(dtype),
+                            group_sizes)  # [T*K, D]
+    ys = ys[jnp.argsort(order)].reshape(t, k, -1)  # back to (token, choice) order
+    y = jnp.sum(ys.astype(jnp.float32) * weights[..., None], axis=1)
+    return y.astype(dtype)
+
+
+class Experts(nnx.Module):
+    """`num_experts` SwiGLU FFNs stacked: gate_proj, up_proj [E, embed, mlp], down_proj
+    [E, mlp, embed] (HF's per-expert w1, w3, w2 transposed and stacked)."""
+
+    def __init__(self, num_experts: int, features: int, hidden: int, *, param_dtype: jnp.dtype,
+                 rngs: nnx.Rngs):
+        def init(shape):
+            return (jax.random.normal(rngs.params(), shape, jnp.float32)
+                    * INIT_STDDEV).astype(param_dtype)
+
+        self.gate_proj = param(init((num_experts, features, hidden)), ("expert", "embed", "mlp"))
+        self.up_proj = param(init((num_experts, features, hidden)), ("expert", "embed", "mlp"))
+        self.down_proj = param(init((num_experts, hidden, features)), ("expert", "mlp", "embed"))
+
+    def params(self) -> dict[str, jax.Array]:
+        return {"gate": self.gate_proj[...], "up": self.up_proj[...],
+                "down": self.down_proj[...]}
+
+
+class SparseMoE(nnx.Module):
+    """Top-k routed SwiGLU experts (HF `MixtralSparseMoeBlock`): x [batch, seq, embed] ->
+    MoEResult(y [batch, seq, embed], router_logits float32 [batch * seq, E], dropped)."""
+
+    def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
+        c = config
+        self.gate = Linear(c.hidden_size, c.num_local_experts, axes=("embed", None),
+                           use_bias=False, dtype=jnp.dtype(c.dtype),
+                           param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+        self.experts = Experts(c.num_local_experts, c.hidden_size, c.intermediate_size,
+                               param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+        self.top_k = c.num_experts_per_tok
+        self.impl = c.moe_impl
+        self.capacity_factor = c.capacity_factor
+        self.dtype = jnp.dtype(c.dtype)
+
+    def __call__(self, x: jax.Array) -> MoEResult:
+        batch, seq, d = x.shape
+        tokens = x.reshape(batch * seq, d).astype(self.dtype)  # [T, D]
+        router = self.gate.kernel[...]  # [D, E]
+        params = self.experts.params()
+        if self.impl == "dropless":
+            logits, weights, ids = route_top_k(tokens, router, self.top_k)
+            result = MoEResult(dropless_moe(tokens, weights, ids, params), logits,
+                               jnp.zeros((), jnp.int32))
+        else:
+            result = self._capacity_routed(tokens, router, params)
+        return result._replace(y=result.y.reshape(batch, seq, d))
+
+    def _capacity_routed(self, tokens: jax.Array, router: jax.Array,
+                         params: dict[str, jax.Array]) -> MoEResult:
+        placement = _expert_placement() if self.impl == "expert_parallel" else None
+        if placement is not None and tokens.shape[0] % math.prod(
+                placement[0].shape[a] for a in placement[2]):
+            # a decode step's few tokens cannot split over every token shard: route them on
+            # each device redundantly (the same capacity routing as one token group)
+            log.debug("%d tokens do not split over mesh axes %s: capacity routing without "
+                      "expert parallelism", tokens.shape[0], placement[2])
+            placement = None
+        if placement is None:
+            capacity = expert_capacity(tokens.shape[0], router.shape[1], self.top_k,
+                                       self.capacity_factor)
+            return capacity_moe(tokens, router, params, swiglu_experts, top_k=self.top_k,
+                                capacity=capacity)
+        mesh, expert_axis, token_axes = placement
+        return expert_parallel_moe(tokens, router, params, swiglu_experts, mesh=mesh,
+                                   top_k=self.top_k, capacity_factor=self.capacity_factor,
+                                   expert_axis=expert_axis, token_axes=token_axes)
+
+
+def _expert_placement() -> tuple[jax.sharding.Mesh, str, tuple[str, ...]] | None:
+    """(mesh, expert mesh axis, token mesh axes) from the active sharding rules, or None when no
+    rules are active or they leave "expert" unsharded. Tokens split over the rules' "batch" axes
+    plus the expert axis."""
+    active = active_rules()
+    if active is None:
+        return None
+    table = active.table
+    expert = table.get("expert")
+    if isinstance(expert, (tuple, list)):
+        if len(expert) != 1:
+            raise ValueError(f"expert parallelism needs the logical 'expert' axis on one mesh "
+                             f"axis; the rules map it to {expert!r}")
+        expert = expert[0]
+    if expert is None or active.mesh.shape[expert] == 1:
+        log.debug("moe_impl='expert_parallel' without a sharded 'expert' axis: capacity routing")
+        return None
+    batch = table.get("batch") or ()
+    batch = (batch,) if isinstance(batch, str) else tuple(batch)
+    token_axes = tuple(a for a in active.mesh.axis_names if a in batch or a == expert)
+    return active.mesh, expert, token_axes
+
+
+def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, top_k: int,
+                        attention_mask: jax.Array | None = None) -> jax.Array:
+    """HF Mixtral's `load_balancing_loss_func` (Switch Transformer eq. 4-6, counting all k
+    choices): E * sum_e f_e * P_e over the tokens of all layers, where f_e is the fraction of
+    token-choices routed to expert e (divided by tokens, so it sums to k) and P_e the mean router
+    probability. router_logits: one [batch * seq, E] array per layer; attention_mask
+    [batch, seq] (1 = real token) excludes padding. Returns a float32 scalar."""
+    if not router_logits:
+        raise ValueError("router_logits must hold one [tokens, experts] array per layer; got none")
+    mask = None if attention_mask is None else attention_mask.reshape(-1).astype(jnp.float32)
+    counts = jnp.zeros((num_experts,), jnp.float32)
+    prob_sum = jnp.zeros((num_experts,), jnp.float32)
+    rows = jnp.zeros((), jnp.float32)
+    for logits in router_logits:  # [T, E]
+        probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
+        _, ids = jax.lax.top_k(probs, top_k)  # [T, K]
+        weight = jnp.ones(ids.shape[0], jnp.float32) if mask is None else mask  # [T]
+        choices = jax.nn.one_hot(ids, num_experts, dtype=jnp.float32)  # [T, K, E]
+        counts = counts + jnp.einsum("tke,t->e", choices, weight)
+        prob_sum = prob_sum + jnp.einsum("te,t->e", probs, weight)
+        rows = rows + jnp.sum(weight)
+    return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))
+
+
+
+def router_z_loss(router_logits: Sequence[jax.Array]) -> jax.Array:
+    """ST-MoE's router z-loss (weight ~1e-3 in training): the mean over layers and tokens of
+    (logsumexp_e logits[t, e])^2, which keeps router logits small so the float32 softmax stays
+    well-conditioned. router_logits: one [tokens, E] array per layer. Returns a float32 scalar."""
+    if not router_logits:
+        raise ValueError("router_logits must hold one [tokens, experts] array per layer; got none")
+    per_layer = [jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
+                 for logits in router_logits]
+    return jnp.mean(jnp.stack(per_layer))

@@ -1,0 +1,237 @@
+"""jaxinfer's Mixtral (sparse MoE decoder) against transformers' MixtralForCausalLM (PyTorch, CPU,
+float32, tiny random config) as the oracle: logits, router logits, the load-balancing loss,
+greedy generation, and checkpoint conversion both ways (per-expert and fused layouts)."""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+torch = pytest.importorskip("torch")
+transformers = pytest.importorskip("transformers")
+safetensors_torch = pytest.importorskip("safetensors.torch")
+
+import jaxinfer  # noqa: E402
+from jaxinfer.checkpoint.hf_mixtral import load_mixtral, save_mixtral  # noqa: E402
+from jaxinfer.models.mixtral import MixtralForCausalLM, apply_expert_placement  # noqa: E402
+from jaxinfer.models.mixtral_config import MixtralConfig  # noqa: E402
+from jaxinfer.models.moe import load_balancing_loss, router_z_loss  # noqa: E402
+
+# float32 both sides, "highest" matmul precision (conftest): only summation order differs
+# (torch's per-expert index_add vs a grouped matmul + weighted sum), ~1e-6 on O(1) logits.
+LOGITS_ATOL = 1e-4
+ROUTER_ATOL = 1e-5  # router logits are one layer deeper than the input: less accumulated drift
+AUX_LOSS_RTOL = 1e-5  # a ratio of float32 sums over a few dozen tokens
+# HF's default initializer_range (0.02) makes the router near-uniform and logits tiny, which would
+# hide routing mistakes; 0.2 gives O(1) router logits with clear top-k margins.
+INITIALIZER_RANGE = 0.2
+VOCAB, BATCH, SEQ, NEW_TOKENS = 96, 2, 12, 4
+NUM_EXPERTS, TOP_K = 4, 2
+
+
+def hf_config():
+    rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
+    if int(transformers.__version__.split(".")[0]) < 5:
+        rope = {"rope_theta": 10000.0}
+    return transformers.MixtralConfig(
+        vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+        num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, rms_norm_eps=1e-5,
+        initializer_range=INITIALIZER_RANGE, bos_token_id=1, eos_token_id=2, **rope)
+
+
+@nnx.jit
+def _forward(model: MixtralForCausalLM, ids: jax.Array):
+    """Jitted forward_with_routing: one compile instead of op-by-op dispatch (faster on CPU)."""
+    logits, _, routing = model.forward_with_routing(ids)
+    return logits, routing
+
+
+def forward(model: MixtralForCausalLM, ids: np.ndarray):
+    logits, routing = _forward(model, jnp.asarray(ids))
+    return np.asarray(logits), routing
+
+
+@pytest.fixture(scope="module", autouse=True)
+def single_threaded_torch():
+    """Idle torch worker threads slow XLA compilation on a 2-core machine."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@dataclasses.dataclass
+class Built:
+    hf_model: object
+    hf_dir: object
+    model: MixtralForCausalLM
+    ids: np.ndarray
+    hf_out: object
+
+
+@pytest.fixture(scope="module")
+def built(tmp_path_factory) -> Built:
+    torch.manual_seed(0)
+    hf_model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(), attn_implementation="eager").eval()
+    gen = torch.Generator().manual_seed(1)
+    with torch.no_grad():  # norm weights start at 1, which would hide norm mistakes
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+    hf_model.generation_config.eos_token_id = None
+    hf_model.generation_config.pad_token_id = 0
+    hf_dir = tmp_path_factory.mktemp("hf_mixtral")
+    hf_model.save_pretrained(hf_dir, safe_serialization=True)
+    ids = np.random.default_rng(0).integers(0, VOCAB, (BATCH, SEQ)).astype(np.int32)
+    with torch.no_grad():
+        hf_out = hf_model(torch.from_numpy(ids).long(), output_router_logits=True)
+    return Built(hf_model, hf_dir, load_mixtral(hf_dir), ids, hf_out)
+
+
+def test_checkpoint_on_disk_uses_per_expert_names(built):
+    """The conversion reads the layout transformers actually writes (w1/w2/w3 per expert)."""
+    index = set(safetensors_torch.load_file(built.hf_dir / "model.safetensors"))
+    assert "model.layers.0.block_sparse_moe.experts.3.w2.weight" in index
+    assert "model.layers.1.block_sparse_moe.gate.weight" in index
+
+
+def test_logits_match_transformers(built):
+    got, _ = forward(built.model, built.ids)
+    assert got.shape == (BATCH, SEQ, VOCAB) and got.dtype == np.float32
+    np.testing.assert_allclose(got, built.hf_out.logits.numpy(), rtol=0, atol=LOGITS_ATOL)
+
+
+def test_router_logits_and_aux_loss_match_transformers(built):
+    _, routing = forward(built.model, built.ids)
+    assert routing.router_logits.shape == (2, BATCH * SEQ, NUM_EXPERTS)
+    for layer, want in enumerate(built.hf_out.router_logits):
+        np.testing.assert_allclose(np.asarray(routing.router_logits[layer]), want.numpy(),
+                                   rtol=0, atol=ROUTER_ATOL)
+    np.testing.assert_array_equal(np.asarray(routing.dropped), 0)
+    aux = load_balancing_loss(list(routing.router_logits), NUM_EXPERTS, TOP_K)
+    np.testing.assert_allclose(float(aux), float(built.hf_out.aux_loss), rtol=AUX_LOSS_RTOL)
+
+
+def test_router_z_loss_matches_its_definition(built):
+    """ST-MoE eq. 5, computed independently in float64 numpy from HF's router logits."""
+    from scipy.special import logsumexp
+    logits = [r.numpy().astype(np.float64) for r in built.hf_out.router_logits]
+    want = np.mean([np.mean(logsumexp(x, axis=-1) ** 2) for x in logits])
+    got = router_z_loss([jnp.asarray(x, jnp.float32) for x in logits])
+    np.testing.assert_allclose(float(got), want, rtol=AUX_LOSS_RTOL)
+
+
+def test_masked_aux_loss_matches_transformers(built):
+    mask = np.ones((BATCH, SEQ), np.int64)
+    mask[1, :5] = 0  # left padding on the second row
+    logits = tuple(torch.from_numpy(np.asarray(r)) for r in built.hf_out.router_logits)
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    want = load_balancing_loss_func(logits, NUM_EXPERTS, TOP_K, torch.from_numpy(mask))
+    got = load_balancing_loss([jnp.asarray(r.numpy()) for r in logits], NUM_EXPERTS, TOP_K,
+                              jnp.asarray(mask))
+    np.testing.assert_allclose(float(got), float(want), rtol=AUX_LOSS_RTOL)
+    unmasked = load_balancing_loss([jnp.asarray(r.numpy()) for r in logits], NUM_EXPERTS, TOP_K)
+    assert abs(float(unmasked) - float(got)) > 1e-4  # the mask is not a no-op here
+
+
+def test_capacity_routing_with_ample_capacity_equals_dropless(built):
+    """capacity_factor = E / K gives every expert room for all tokens: nothing can drop."""
+    model = load_mixtral(built.hf_dir, moe_impl="capacity", capacity_factor=NUM_EXPERTS / TOP_K)
+    logits, routing = forward(model, built.ids)
+    np.testing.assert_array_equal(np.asarray(routing.dropped), 0)
+    np.testing.assert_allclose(np.asarray(logits), built.hf_out.logits.numpy(), rtol=0,
+                               atol=LOGITS_ATOL)
+
+
+def test_small_capacity_drops_tokens_and_changes_logits(built):
+    model = load_mixtral(built.hf_dir, moe_impl="capacity", capacity_factor=0.25)
+    logits, routing = forward(model, built.ids)
+    capacity = int(np.ceil(0.25 * BATCH * SEQ * TOP_K / NUM_EXPERTS))
+    # per layer, at most E * C of the T * K choices are served
+    assert (np.asarray(routing.dropped) >= BATCH * SEQ * TOP_K - NUM_EXPERTS * capacity).all()
+    assert np.abs(np.asarray(logits) - built.hf_out.logits.numpy()).max() > 100 * LOGITS_ATOL
+
+
+def test_greedy_generation_matches_transformers(built):
+    got = np.asarray(jaxinfer.generate(built.model, jnp.asarray(built.ids),
+                                       max_new_tokens=NEW_TOKENS, temperature=0.0))
+    with torch.no_grad():
+        ids = torch.from_numpy(built.ids).long()
+        want = built.hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS).numpy()
+    np.testing.assert_array_equal(got, want)
+
+
+def test_export_loads_in_transformers_with_same_logits(built, tmp_path):
+    save_mixtral(built.model, tmp_path)
+    names = set(safetensors_torch.load_file(tmp_path / "model.safetensors"))
+    assert names == set(safetensors_torch.load_file(built.hf_dir / "model.safetensors"))
+    reloaded = transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", dtype=torch.float32).eval()
+    assert type(reloaded) is type(built.hf_model)
+    with torch.no_grad():
+        got = reloaded(torch.from_numpy(built.ids).long()).logits.numpy()
+    np.testing.assert_allclose(got, built.hf_out.logits.numpy(), rtol=0, atol=LOGITS_ATOL)
+
+
+def test_fused_in_memory_layout_loads(built, tmp_path):
+    """transformers 5's in-memory names (mlp.gate, experts.gate_up_proj / down_proj) also load."""
+    state = {k: v.contiguous() for k, v in built.hf_model.state_dict().items()}
+    assert any(k.endswith("mlp.experts.gate_up_proj") for k in state)
+    safetensors_torch.save_file(state, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    (tmp_path / "config.json").write_text((built.hf_dir / "config.json").read_text())
+    got, _ = forward(load_mixtral(tmp_path), built.ids)
+    np.testing.assert_allclose(got, built.hf_out.logits.numpy(), rtol=0, atol=LOGITS_ATOL)
+
+
+def test_config_round_trips_through_hf_config(built):
+    hf = json.loads((built.hf_dir / "config.json").read_text())
+    config = MixtralConfig.from_hf_config(hf)
+    assert (config.num_local_experts, config.num_experts_per_tok) == (NUM_EXPERTS, TOP_K)
+    assert config.router_aux_loss_coef == hf["router_aux_loss_coef"]
+    assert MixtralConfig.from_hf_config(config.to_hf_config()) == config
+    assert config.to_hf_config()["architectures"] == ["MixtralForCausalLM"]
+
+
+def test_bad_config_raises_clear_errors():
+    base = dict(vocab_size=32, hidden_size=16, intermediate_size=24, num_hidden_layers=1,
+                num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32)
+    with pytest.raises(ValueError, match="num_experts_per_tok must be <= num_local_experts"):
+        MixtralConfig(**base, num_local_experts=2, num_experts_per_tok=3)
+    with pytest.raises(ValueError, match="moe_impl must be one of"):
+        MixtralConfig(**base, moe_impl="magic")
+    with pytest.raises(ValueError, match="num_attention_heads must be a multiple"):
+        MixtralConfig(**{**base, "num_key_value_heads": 3})
+    with pytest.raises(ValueError, match="model_type must be 'mixtral'"):
+        MixtralConfig.from_hf_config({"model_type": "llama"})
+
+
+def test_expert_weights_carry_the_expert_logical_axis(built):
+    experts = built.model.layers[0].block_sparse_moe.experts
+    for name in ("gate_proj", "up_proj", "down_proj"):
+        var = getattr(experts, name)
+        assert var.get_metadata()["logical_axes"][0] == "expert"
+        assert var.shape[0] == NUM_EXPERTS
+
+
+def test_expert_placement_permutation_leaves_logits_unchanged(built):
+    """A placement reorders each layer's experts (router columns with them): same function."""
+    model = load_mixtral(built.hf_dir)
+    perm = np.stack([np.random.default_rng(layer).permutation(NUM_EXPERTS) for layer in range(2)])
+    apply_expert_placement(model, perm)
+    logits, routing = forward(model, built.ids)
+    np.testing.assert_allclose(logits, built.hf_out.logits.numpy(), rtol=0, atol=LOGITS_ATOL)
+    for layer, want in enumerate(built.hf_out.router_logits):
+        np.testing.assert_allclose(np.asarray(routing.router_logits[layer]),
+                                   want.numpy()[:, perm[layer]], rtol=0, atol=ROUTER_ATOL)
+    with pytest.raises(ValueError, match="perm must be"):
+        apply_expert_placement(model, perm[:1])

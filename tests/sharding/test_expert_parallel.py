@@ -1,0 +1,164 @@
+"""Expert parallelism (shard_map + all_to_all over the "expert" mesh axis) against single-device
+MoE: dropless routing when capacity is ample, per-shard capacity routing when it is not."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import sharding
+from jaxinfer.models.mixtral import MixtralForCausalLM
+from jaxinfer.models.mixtral_config import MixtralConfig
+from jaxinfer.models.moe import dropless_moe, swiglu_experts
+from sharding.expert_parallel import (capacity_dispatch, capacity_moe, expert_capacity,
+                                      expert_parallel_moe, route_top_k)
+
+# float32 with "highest" precision: the one-hot einsums add exact zeros, so EP and single-device
+# differ only in the order of the expert matmul and the k-way weighted sum.
+F32_ATOL = 2e-5
+T, D, F, E, K = 64, 16, 24, 8, 2
+
+
+def moe_inputs(seed: int = 0):
+    rng = np.random.default_rng(seed)  # numpy: eager jax.random compiles threefry, slow on CPU
+
+    def normal(*shape, scale=1.0):
+        return jnp.asarray(scale * rng.normal(size=shape), jnp.float32)
+
+    x, router = normal(T, D), normal(D, E)
+    params = {"gate": normal(E, D, F, scale=0.3), "up": normal(E, D, F, scale=0.3),
+              "down": normal(E, F, D, scale=0.3)}
+    return x, router, params
+
+
+@jax.jit
+def dropless_reference(x, router, params):
+    """Single-device dropless MoE (sort + ragged_dot), jitted: one compile, not op-by-op."""
+    _, weights, ids = route_top_k(x, router, K)
+    return dropless_moe(x, weights, ids, params)
+
+
+def expert_mesh(p: int, data: int = 1):
+    return sharding.make_mesh(data=data, expert=p, devices=jax.devices()[:p * data])
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_ep_equals_dropless_single_device_with_ample_capacity(p):
+    x, router, params = moe_inputs()
+    want = dropless_reference(x, router, params)
+    # cf = E / K: every expert has a slot for every local token, so nothing can drop
+    got = jax.jit(lambda x, r, w: expert_parallel_moe(
+        x, r, w, swiglu_experts, mesh=expert_mesh(p), top_k=K, capacity_factor=E / K))(
+            x, router, params)
+    assert int(got.dropped) == 0
+    np.testing.assert_allclose(np.asarray(got.y), np.asarray(want), rtol=0, atol=F32_ATOL)
+    np.testing.assert_allclose(np.asarray(got.router_logits), np.asarray(x @ router),
+                               rtol=0, atol=F32_ATOL)
+
+
+@pytest.mark.parametrize("p", [2, 4, 8])
+def test_ep_with_forced_drops_equals_per_shard_capacity_routing(p):
+    """Each device's tokens are one capacity group: the oracle routes each slice on one device."""
+    x, router, params = moe_inputs(seed=1)
+    cf = 0.5
+    got = jax.jit(lambda x, r, w: expert_parallel_moe(
+        x, r, w, swiglu_experts, mesh=expert_mesh(p), top_k=K, capacity_factor=cf))(
+            x, router, params)
+    capacity = expert_capacity(T // p, E, K, cf)
+    slices = jax.jit(lambda x: [capacity_moe(xs, router, params, swiglu_experts, top_k=K,
+                                             capacity=capacity) for xs in jnp.split(x, p)])(x)
+    want_y = jnp.concatenate([s.y for s in slices])
+    want_dropped = sum(int(s.dropped) for s in slices)
+    assert want_dropped > 0
+    assert int(got.dropped) == want_dropped
+    np.testing.assert_allclose(np.asarray(got.y), np.asarray(want_y), rtol=0, atol=F32_ATOL)
+
+
+def test_ep_over_data_and_expert_axes_equals_dropless():
+    """Tokens split over data x expert; experts replicated over data, all_to_all within each."""
+    x, router, params = moe_inputs(seed=2)
+    got = jax.jit(lambda x, r, w: expert_parallel_moe(
+        x, r, w, swiglu_experts, mesh=expert_mesh(4, data=2), top_k=K, capacity_factor=E / K,
+        token_axes=("data", "expert")))(x, router, params)
+    assert int(got.dropped) == 0
+    np.testing.assert_allclose(np.asarray(got.y), np.asarray(dropless_reference(x, router, params)),
+                               rtol=0, atol=F32_ATOL)
+
+
+def test_ep_gradients_match_single_device_capacity_routing():
+    x, router, params = moe_inputs(seed=3)
+    mesh = expert_mesh(4)
+
+    def loss_ep(x, params):
+        out = expert_parallel_moe(x, router, params, swiglu_experts, mesh=mesh, top_k=K,
+                                  capacity_factor=E / K)
+        return jnp.sum(out.y ** 2)
+
+    def loss_ref(x, params):
+        capacity = expert_capacity(T // 4, E, K, E / K)
+        ys = [capacity_moe(xs, router, params, swiglu_experts, top_k=K, capacity=capacity).y
+              for xs in jnp.split(x, 4)]
+        return jnp.sum(jnp.concatenate(ys) ** 2)
+
+    got = jax.jit(jax.grad(loss_ep, argnums=(0, 1)))(x, params)
+    want = jax.jit(jax.grad(loss_ref, argnums=(0, 1)))(x, params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(np.asarray(g), np.asarray(w), rtol=1e-4, atol=1e-4)
+
+
+def test_capacity_dispatch_serves_first_choices_before_second_choices():
+    """Choice-major priority: with capacity 1, expert 0 goes to token 1's first choice even
+    though token 0 (earlier) wanted it as a second choice."""
+    ids = jnp.array([[1, 0], [0, 1], [2, 3]], jnp.int32)  # [T=3, K=2]
+    weights = jnp.array([[0.6, 0.4], [0.7, 0.3], [0.5, 0.5]], jnp.float32)
+    dispatch, combine, dropped = capacity_dispatch(ids, weights, num_experts=4, capacity=1)
+    assert dispatch.shape == (3, 4, 1)
+    served = np.asarray(dispatch[..., 0]).astype(int)  # [T, E]
+    np.testing.assert_array_equal(served, [[0, 1, 0, 0], [1, 0, 0, 0], [0, 0, 1, 1]])
+    assert int(dropped) == 2  # token 0 -> expert 0 and token 1 -> expert 1 (second choices)
+    np.testing.assert_allclose(np.asarray(combine[1, 0, 0]), 0.7)
+
+
+def test_bad_layouts_raise_clear_errors():
+    x, router, params = moe_inputs()
+    with pytest.raises(ValueError, match="num_experts=8 must be divisible by the size 3"):
+        mesh = sharding.make_mesh(expert=3, devices=jax.devices()[:3])
+        expert_parallel_moe(x[:63], router, params, swiglu_experts, mesh=mesh, top_k=K,
+                            capacity_factor=1.0)
+    with pytest.raises(ValueError, match="token count 60 must be divisible by the 8"):
+        expert_parallel_moe(x[:60], router, params, swiglu_experts, mesh=expert_mesh(8),
+                            top_k=K, capacity_factor=1.0)
+    with pytest.raises(ValueError, match="every expert parameter must lead with num_experts"):
+        bad = dict(params, down=params["down"][:4])
+        expert_parallel_moe(x, router, bad, swiglu_experts, mesh=expert_mesh(2), top_k=K,
+                            capacity_factor=1.0)
+
+
+def test_mixtral_model_expert_parallel_under_rules_equals_dropless():
+    """The model names no mesh axis: the rules' "expert" entry turns on the shard_map path."""
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
+                           max_position_embeddings=32, num_local_experts=E, num_experts_per_tok=K)
+    # initialise once, in one jitted program (eager init compiles the RNG per parameter shape)
+    state = jax.jit(lambda: nnx.state(MixtralForCausalLM(config, rngs=nnx.Rngs(0))))()
+
+    def build(c):
+        return nnx.merge(nnx.graphdef(nnx.eval_shape(lambda: MixtralForCausalLM(
+            c, rngs=nnx.Rngs(0)))), state)
+
+    dropless = build(config)
+    ep_model = build(config.replace(moe_impl="expert_parallel", capacity_factor=E / K))
+    ids = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+    mesh = expert_mesh(4, data=2)
+    rules = sharding.rules_for("dp") | {"expert": "expert"}
+    sharded = sharding.shard(ep_model, mesh, rules)
+    spec = sharded.layers[0].block_sparse_moe.experts.gate_proj[...].sharding.spec
+    assert spec[0] == "expert"
+    with sharding.use_rules(mesh, rules):
+        logits, _, routing = nnx.jit(lambda m, i: m.forward_with_routing(i))(sharded, ids)
+    want, _, _ = nnx.jit(lambda m, i: m.forward_with_routing(i))(dropless, ids)
+    np.testing.assert_array_equal(np.asarray(routing.dropped), 0)
+    np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=0, atol=1e-4)

@@ -1,0 +1,94 @@
+"""Expert placement: routing statistics, the balance and co-location objectives, and that
+applying a placement (permuting router columns and stacked experts) leaves the MoE unchanged."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from sharding.expert_parallel import capacity_moe
+from sharding.placement import (RoutingStats, cross_device_transitions, device_loads,
+                                greedy_placement, load_imbalance, permute_experts,
+                                placement_permutation, round_robin_placement, routing_statistics)
+
+F32_ATOL = 1e-5  # permuted experts: same products, summed in another order
+
+
+def test_routing_statistics_counts_loads_and_all_top_k_transitions():
+    ids = np.array([[[0, 1], [2, 0]],      # layer 0: token 0 -> {0, 1}, token 1 -> {2, 0}
+                    [[3, 2], [3, 1]]])     # layer 1: token 0 -> {3, 2}, token 1 -> {3, 1}
+    stats = routing_statistics(ids, num_experts=4)
+    np.testing.assert_array_equal(stats.loads, [[2, 1, 1, 0], [0, 1, 1, 2]])
+    want = np.zeros((1, 4, 4), int)
+    for i, j in [(0, 3), (0, 2), (1, 3), (1, 2), (2, 3), (2, 1), (0, 3), (0, 1)]:
+        want[0, i, j] += 1
+    np.testing.assert_array_equal(stats.transitions, want)
+
+
+def test_greedy_balances_skewed_loads_better_than_round_robin():
+    rng = np.random.default_rng(0)
+    loads = np.stack([rng.permutation(1000.0 / np.arange(1, 17) ** 1.2) for _ in range(3)])
+    stats = RoutingStats(loads, np.zeros((2, 16, 16)))
+    device_of = greedy_placement(stats, num_devices=4)
+    for row in device_of:  # every device holds E / G experts
+        np.testing.assert_array_equal(np.bincount(row, minlength=4), 4)
+    greedy = load_imbalance(device_of, loads, 4)
+    rr = load_imbalance(round_robin_placement(3, 16, 4), loads, 4)
+    assert (greedy <= rr + 1e-9).all() and greedy.mean() < rr.mean()
+    # LPT's guarantee: the fullest device exceeds the mean by at most the largest expert
+    per_device = device_loads(device_of, loads, 4)
+    assert (per_device.max(1) <= per_device.mean(1) + loads.max(1) + 1e-9).all()
+
+
+def test_greedy_colocates_block_structured_transitions():
+    """Experts {2g, 2g+1} at layer l always hand over to experts {g, g+4} at layer l+1: a
+    placement exists with no cross-device transition, and equal loads keep balance free."""
+    experts, devices = 8, 4
+    transitions = np.zeros((1, experts, experts))
+    for g in range(devices):
+        for i in (2 * g, 2 * g + 1):
+            for j in (g, g + 4):
+                transitions[0, i, j] = 10
+    stats = RoutingStats(np.full((2, experts), 40.0), transitions)
+    device_of = greedy_placement(stats, devices, load_slack=0.0)
+    assert int(cross_device_transitions(device_of, transitions).sum()) == 0
+    rr = round_robin_placement(2, experts, devices)
+    assert int(cross_device_transitions(rr, transitions).sum()) > 0
+    np.testing.assert_allclose(load_imbalance(device_of, stats.loads, devices), 1.0)
+
+
+def test_applying_a_placement_leaves_moe_outputs_unchanged():
+    t, d, f, e, k = 32, 8, 12, 8, 2
+    rng = np.random.default_rng(0)  # numpy: eager jax.random compiles threefry, slow on CPU
+    x = jnp.asarray(rng.normal(size=(t, d)), jnp.float32)
+    router = jnp.asarray(rng.normal(size=(d, e)), jnp.float32)
+    params = {"w_in": jnp.asarray(rng.normal(size=(e, d, f)), jnp.float32),
+              "w_out": jnp.asarray(rng.normal(size=(e, f, d)), jnp.float32)}
+
+    def ffn(p, xs):  # [E, N, D]
+        return jnp.einsum("enf,efd->end", jnp.tanh(jnp.einsum("end,edf->enf", xs, p["w_in"])),
+                          p["w_out"])
+
+    device_of = np.array([[3, 0, 1, 2, 0, 1, 3, 2]])
+    perm = placement_permutation(device_of)[0]
+    # contiguous sharding of the permuted experts puts each on its assigned device
+    np.testing.assert_array_equal(device_of[0][perm], np.repeat(np.arange(4), 2))
+    router_p, params_p = permute_experts(router, params, perm)
+    moe = jax.jit(lambda x, r, p: capacity_moe(x, r, p, ffn, top_k=k, capacity=t))
+    want, got = moe(x, router, params), moe(x, router_p, params_p)
+    np.testing.assert_allclose(np.asarray(got.y), np.asarray(want.y), rtol=0, atol=F32_ATOL)
+    np.testing.assert_allclose(np.asarray(got.router_logits),
+                               np.asarray(want.router_logits)[:, perm], rtol=0, atol=F32_ATOL)
+
+
+def test_bad_inputs_raise_clear_errors():
+    with pytest.raises(ValueError, match="num_experts=6 must be divisible by num_devices=4"):
+        greedy_placement(RoutingStats(np.ones((2, 6)), np.zeros((1, 6, 6))), 4)
+    with pytest.raises(ValueError, match="transitions must be"):
+        greedy_placement(RoutingStats(np.ones((2, 8)), np.zeros((2, 8, 8))), 4)
+    with pytest.raises(ValueError, match="expert_ids must lie in"):
+        routing_statistics(np.full((1, 2, 2), 9), num_experts=8)
+    with pytest.raises(ValueError, match="perm must be a permutation"):
+        permute_experts(jnp.zeros((4, 3)), {}, np.array([0, 0, 1]))
