@@ -10,11 +10,19 @@ parallelism (DESIGN.md). Imports jax (flax.nnx only to read parameter metadata).
 
 Sequence parallelism: `sequence_parallel_attention(q, k, v, mesh=mesh, impl="ring" | "ulysses")`
 over the "sequence" axis (ring attention with zig-zag balancing, or DeepSpeed-Ulysses).
+Expert parallelism: `expert_parallel_moe` (all_to_all dispatch over the "expert" axis, preset "ep")
+and expert placement from routing statistics (`routing_statistics`, `greedy_placement`).
 """
 
 from sharding.constraints import active_rules, constrain, use_rules
+from sharding.expert_parallel import (MoEResult, capacity_dispatch, capacity_moe, expert_capacity,
+                                      expert_parallel_moe, route_top_k)
 from sharding.mesh import MESH_AXES, axis_size, make_mesh
 from sharding.params import batch_sharding, head_counts_of, place, shard, state_shardings
+from sharding.placement import (RoutingStats, contiguous_placement, cross_device_transitions,
+                                device_loads, greedy_placement, load_imbalance,
+                                placement_permutation, permute_experts, round_robin_placement,
+                                routing_statistics)
 from sharding.ring_attention import ring_attention, ring_attention_shard
 from sharding.rules import (ACTIVATION_NAMES, PARAM_NAMES, PRESETS, SEQUENCE_PARALLEL_IMPL, Rules,
                             logical_to_spec, rules_for)
@@ -23,7 +31,11 @@ from sharding.ulysses import ulysses_attention, ulysses_attention_shard
 from sharding.zigzag import zigzag_permute, zigzag_positions, zigzag_unpermute
 
 __all__ = [
-    "ACTIVATION_NAMES", "MESH_AXES", "PARAM_NAMES", "PRESETS", "Rules", "SEQUENCE_PARALLEL_IMPL",
+    "ACTIVATION_NAMES", "MESH_AXES", "MoEResult", "PARAM_NAMES", "PRESETS", "Rules",
+    "RoutingStats", "SEQUENCE_PARALLEL_IMPL", "capacity_dispatch", "capacity_moe",
+    "contiguous_placement", "cross_device_transitions", "device_loads", "expert_capacity",
+    "expert_parallel_moe", "greedy_placement", "load_imbalance", "permute_experts",
+    "placement_permutation", "round_robin_placement", "route_top_k", "routing_statistics",
     "active_rules", "axis_size", "batch_sharding", "communication_elements", "constrain",
     "head_counts_of", "logical_to_spec", "make_mesh", "place", "ring_attention",
     "ring_attention_shard", "rules_for", "sequence_parallel_attention", "shard", "state_shardings",

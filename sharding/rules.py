@@ -25,7 +25,7 @@ from jax.sharding import PartitionSpec
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
-PARAM_NAMES = ("vocab", "embed", "heads", "kv_heads", "mlp")
+PARAM_NAMES = ("vocab", "embed", "heads", "kv_heads", "mlp", "expert")
 ACTIVATION_NAMES = ("batch", "res_seq", "seq", "act_embed", "act_heads", "act_kv_heads", "head_dim",
                     "act_mlp", "act_vocab", "cache_seq")
 
@@ -62,6 +62,10 @@ PRESETS: dict[str, dict] = {
     # sharding.sequence_parallel_attention with the impl SEQUENCE_PARALLEL_IMPL names
     "sp_ring": _SEQUENCE_PARALLEL,
     "sp_ulysses": _SEQUENCE_PARALLEL,
+    # expert parallelism: MoE experts split over "expert", which also carries data parallelism
+    # for everything else (tokens are routed to their experts' devices by all_to_all)
+    "ep": {name: None for name in PARAM_NAMES} | _REPLICATED_ACTIVATIONS
+          | {"expert": "expert", "batch": (*_BATCH, "expert")},
 }
 
 # The attention algorithm each sequence-parallel preset stands for (the tables are the same: the

@@ -81,6 +81,14 @@ def test_fsdp_and_dp_presets():
             P(("data", "fsdp"), None, None)
 
 
+def test_ep_preset_splits_experts_and_routes_the_batch_over_the_expert_axis():
+    logical_to_spec = sharding.logical_to_spec
+    assert logical_to_spec(("expert", "embed", "mlp"), "ep") == P("expert", None, None)
+    assert logical_to_spec(("batch", "seq", "act_embed"), "ep") == P(("data", "fsdp", "expert"),
+                                                                    None, None)
+    assert all(logical_to_spec((name,), "dp") == P(None) for name in ("expert", "mlp"))
+
+
 def test_custom_rules_tuples_none_and_unknown_names():
     rules = {"batch": ("data", "fsdp"), "mlp": "tensor", "embed": None}
     assert sharding.logical_to_spec(("batch", None, "mlp", "embed", "not_in_table"), rules) == \
