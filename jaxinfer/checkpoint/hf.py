@@ -2,6 +2,11 @@
 
 Parameter names follow HF's module names, so the mapping is mechanical: prefix `model.`, rename
 `kernel`/`embedding` to `weight`, and transpose linear kernels (HF stores [out, in]).
+
+GPTQ checkpoints (a GPTQ `quantization_config`, see `gptq_config.py`) hold, per quantized decoder
+linear layer, `<module>.{qweight,qzeros,scales,g_idx}` in AutoGPTQ's packing (`gptq_format.py`)
+instead of `<module>.weight`; they load into `QuantizedLinear` layers (repacked once into the
+kernel layout), and `save_pretrained` writes a model holding such layers in that format.
 """
 
 from __future__ import annotations
@@ -19,9 +24,15 @@ from safetensors import SafetensorError, safe_open
 from safetensors.flax import save_file
 from tqdm.auto import tqdm
 
+from jaxinfer.checkpoint.gptq_config import (QUANTIZE_CONFIG_FILE, GPTQConfig, GPTQLayerSpec,
+                                             gptq_config_for, read_gptq_config)
+from jaxinfer.checkpoint.gptq_format import FORMATS, from_gptq_tensors, to_gptq_tensors
 from jaxinfer.config import LlamaConfig
-from jaxinfer.models.layers import QuantParam
+from jaxinfer.models.layers import QuantizedLinear
+from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.llama import LlamaForCausalLM
+from jaxinfer.quant.model import QUANT_BACKENDS, quantized_linear
+from kernels_pallas.quant_matmul import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
@@ -29,6 +40,7 @@ SINGLE_FILE = "model.safetensors"
 INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exporters write that carry no parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
+GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -63,12 +75,104 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
         raise ValueError(f"{single} is not a readable safetensors file: {e}") from None
 
 
+class _TensorReader:
+    """Reads named tensors (jax arrays), opening each safetensors file once."""
+
+    def __init__(self, files: dict[str, Path]):
+        self.files = files
+        self.handles: dict[Path, object] = {}
+
+    def __enter__(self) -> _TensorReader:
+        return self
+
+    def __exit__(self, *exc) -> None:
+        for handle in self.handles.values():
+            handle.__exit__(None, None, None)
+
+    def get(self, name: str) -> jax.Array:
+        file = self.files[name]
+        try:
+            if file not in self.handles:
+                self.handles[file] = safe_open(file, framework="flax").__enter__()
+            return self.handles[file].get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from None
+
+
+def _gptq_modules(flat, gptq: GPTQConfig, files) -> dict[tuple, tuple[str, GPTQLayerSpec]]:
+    """{kernel path: (HF module name, spec)} for each decoder linear the checkpoint quantizes."""
+    out = {}
+    for path, var in flat:
+        if not (isinstance(var, nnx.Param) and path[0] == "layers" and path[-1] == "kernel"):
+            continue
+        module = hf_name(path)[0].removesuffix(".weight")
+        spec = gptq.layer_spec(module)
+        if spec is None:  # excluded by a "-:" dynamic rule: a float weight
+            continue
+        missing = [f"{module}.{t}" for t in GPTQ_TENSORS[:3] if f"{module}.{t}" not in files]
+        if spec.desc_act and f"{module}.g_idx" not in files:
+            missing.append(f"{module}.g_idx")
+        if missing:
+            raise ValueError(f"GPTQ checkpoint is missing tensor(s) {missing} (quantization_config "
+                             f"quantizes {module} with bits={spec.bits})")
+        out[path] = (module, spec)
+    return out
+
+
+def _read_gptq_weight(reader: _TensorReader, module: str, spec: GPTQLayerSpec,
+                      shape: tuple[int, int], checkpoint_format: str) -> QuantizedWeight:
+    """One layer's GPTQ tensors, checked against the [in, out] = [K, N] shape the config implies."""
+    k, n = shape
+    b, g = spec.bits, spec.group_size
+    if g != -1 and k % g:
+        raise ValueError(f"{module}: group_size={g} does not divide in_features={k}")
+    if (k * b) % 32 or (n * b) % 32:
+        raise ValueError(f"{module}: {b}-bit packing needs in_features*bits and out_features*bits "
+                         f"to be multiples of 32; got [in={k}, out={n}]")
+    groups = 1 if g == -1 else k // g
+    expected = {"qweight": (k * b // 32, n), "qzeros": (groups, n * b // 32),
+                "scales": (groups, n), "g_idx": (k,)}
+    tensors = {}
+    for t, want in expected.items():
+        name = f"{module}.{t}"
+        if name not in reader.files:  # only g_idx may be absent (checked by _gptq_modules)
+            continue
+        x = np.asarray(reader.get(name))
+        if tuple(x.shape) != want:
+            raise ValueError(f"tensor {name!r} has shape {list(x.shape)}; bits={b}, "
+                             f"group_size={g} and the layer's [in={k}, out={n}] imply "
+                             f"{list(want)}")
+        integer = t != "scales"
+        if integer != np.issubdtype(x.dtype, np.integer) or (t in ("qweight", "qzeros")
+                                                            and x.dtype != np.int32):
+            raise ValueError(f"tensor {name!r} must be "
+                             f"{'a float type' if t == 'scales' else 'int32'}; got {x.dtype}")
+        tensors[t] = x
+    try:
+        return from_gptq_tensors(tensors["qweight"], tensors["qzeros"], tensors["scales"],
+                                 tensors.get("g_idx"), bits=b, group_size=g,
+                                 checkpoint_format=checkpoint_format)
+    except ValueError as e:
+        raise ValueError(f"{module}: {e}") from None
+
+
+def _module_at(model, path: tuple):
+    node = model
+    for p in path:
+        node = node[p] if isinstance(p, int) else getattr(node, p)
+    return node
+
+
 def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
-                    attention_backend: str = "auto") -> LlamaForCausalLM:
+                    attention_backend: str = "auto",
+                    quant_backend: str = "auto") -> LlamaForCausalLM:
     """Load a local Hugging Face model directory (config.json + safetensors) as an NNX model.
 
     `dtype` ("float32" or "bfloat16") is both the parameter and the compute dtype;
-    `attention_backend` is that of `kernels_pallas.flash_attention`."""
+    `attention_backend` is that of `kernels_pallas.flash_attention`. A GPTQ checkpoint loads
+    with `QuantizedLinear` layers whose `quant_matmul` backend is `quant_backend`."""
+    if quant_backend not in QUANT_BACKENDS:
+        raise ValueError(f"quant_backend must be one of {QUANT_BACKENDS}; got {quant_backend!r}")
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
@@ -76,61 +180,102 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
     if not config_file.exists():
         raise FileNotFoundError(
             f"{model_dir} has no config.json; expected a Hugging Face model directory")
+    if json.loads(config_file.read_text()).get("model_type") == "mixtral":
+        from jaxinfer.checkpoint.hf_mixtral import load_mixtral  # it imports this module
+
+        return load_mixtral(model_dir, dtype=dtype, attention_backend=attention_backend)
     config = LlamaConfig.from_json_file(config_file, dtype=dtype,
                                         attention_backend=attention_backend)
+    gptq = read_gptq_config(model_dir, json.loads(config_file.read_text()))
     files = _tensor_files(model_dir)
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     wanted = {path: hf_name(path) for path, var in flat if isinstance(var, nnx.Param)}
+    quantized = _gptq_modules(flat, gptq, files) if gptq else {}
+    for path in quantized:
+        del wanted[path]
     missing = [name for name, _ in wanted.values() if name not in files]
     if missing:
         raise ValueError(
             f"checkpoint in {model_dir} is missing {len(missing)} tensor(s) that config.json "
             f"implies, e.g. {missing[:5]}")
-    unexpected = set(files) - {name for name, _ in wanted.values()}
-    unexpected = sorted(n for n in unexpected if not n.endswith(IGNORED_SUFFIXES)
+    used = {name for name, _ in wanted.values()}
+    used |= {f"{module}.{t}" for module, _ in quantized.values() for t in GPTQ_TENSORS}
+    unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES)
                         and not (n == "lm_head.weight" and config.tie_word_embeddings))
     if unexpected:
         log.warning("ignoring %d tensor(s) the model does not use, e.g. %s",
                     len(unexpected), unexpected[:5])
 
-    handles: dict[Path, object] = {}
-    try:
+    with _TensorReader(files) as reader:
         for path, var in tqdm(flat, desc=f"loading {model_dir.name}", unit="tensor", leave=False,
                               disable=None):  # None: a bar on terminals only
             if path not in wanted:
                 continue
             name, transposed = wanted[path]
-            file = files[name]
-            try:
-                if file not in handles:
-                    handles[file] = safe_open(file, framework="flax").__enter__()
-                tensor = handles[file].get_tensor(name)
-            except SafetensorError as e:
-                raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from None
+            tensor = reader.get(name)
             expected = var.value.shape[::-1] if transposed else var.value.shape
             if tensor.shape != expected:
-                raise ValueError(f"tensor {name!r} in {file.name} has shape {list(tensor.shape)}; "
-                                 f"config.json implies {list(expected)}")
+                raise ValueError(f"tensor {name!r} in {files[name].name} has shape "
+                                 f"{list(tensor.shape)}; config.json implies {list(expected)}")
             tensor = tensor.T if transposed else tensor
             var.value = jnp.asarray(tensor, dtype=var.value.dtype)
-    finally:
-        for handle in handles.values():
-            handle.__exit__(None, None, None)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+        model = nnx.merge(graphdef, nnx.from_flat_state(flat))
+        for path, (module, spec) in quantized.items():
+            parent, name = _module_at(model, path[:-2]), path[-2]
+            layer = getattr(parent, name)
+            weight = _read_gptq_weight(reader, module, spec, tuple(layer.kernel.shape),
+                                       gptq.checkpoint_format)
+            setattr(parent, name, quantized_linear(layer, weight, quant_backend))
+    if quantized:
+        log.info("loaded %d GPTQ layers (%s, %d-bit base)", len(quantized),
+                 gptq.checkpoint_format, gptq.bits)
+    return model
+
+
+def _gptq_tensors(model, checkpoint_format: str | None) -> tuple[dict, GPTQConfig | None]:
+    """({tensor name: array}, config) for the model's QuantizedLinear layers; ({}, None) if none."""
+    weights = {hf_name(path + ("kernel",))[0].removesuffix(".weight"): node.weight
+               for path, node in nnx.iter_graph(model) if isinstance(node, QuantizedLinear)}
+    if not weights:
+        return {}, None
+    if checkpoint_format is None:  # v1 (widest reader support) unless a zero point is 0
+        v1_ok = all(bool((w.zeros >= 1).all()) for w in weights.values())
+        checkpoint_format = "gptq" if v1_ok else "gptq_v2"
+    elif checkpoint_format not in FORMATS:
+        raise ValueError(f"checkpoint_format must be one of {FORMATS} or None; "
+                         f"got {checkpoint_format!r}")
+    tensors = {}
+    for module, w in weights.items():
+        for t, x in to_gptq_tensors(w, checkpoint_format).items():
+            tensors[f"{module}.{t}"] = jnp.asarray(x)
+    return tensors, gptq_config_for(weights, checkpoint_format)
 
 
 def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, tokenizer=None,
-                    max_shard_bytes: int | None = None) -> Path:
+                    max_shard_bytes: int | None = None,
+                    checkpoint_format: str | None = None) -> Path:
     """Write config.json and safetensors that `transformers.AutoModelForCausalLM` loads back.
 
     With `max_shard_bytes` the weights are split into shards plus `model.safetensors.index.json`;
-    a `tokenizers.Tokenizer` given as `tokenizer` is saved beside them as tokenizer.json."""
-    if nnx.to_flat_state(nnx.state(model, QuantParam)):
-        raise ValueError("save_pretrained cannot write quantized (packed) weights yet; save the "
-                         "float model and quantize after loading")
+    a `tokenizers.Tokenizer` given as `tokenizer` is saved beside them as tokenizer.json.
+    A model with `QuantizedLinear` layers is written as an HF GPTQ checkpoint (a
+    `quantization_config` in config.json, also written as quantize_config.json):
+    `checkpoint_format` "gptq" (v1), "gptq_v2", or None for v1 unless some zero point is 0
+    (which v1 cannot store). A Mixtral model is written by `hf_mixtral.save_mixtral` (one file)."""
+    if isinstance(model, MixtralForCausalLM):
+        from jaxinfer.checkpoint.hf_mixtral import save_mixtral
+
+        if max_shard_bytes is not None or checkpoint_format is not None:
+            raise ValueError("a Mixtral model is saved as one float safetensors file; "
+                             "max_shard_bytes and checkpoint_format do not apply")
+        out_dir = save_mixtral(model, out_dir)
+        if tokenizer is not None:
+            tokenizer.save(str(out_dir / "tokenizer.json"))
+        return out_dir
+    gptq_tensors, gptq = _gptq_tensors(model, checkpoint_format)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     tensors: dict[str, jax.Array] = {}
@@ -138,8 +283,15 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, toke
         name, transposed = hf_name(path)
         value = np.asarray(var.value)
         tensors[name] = jnp.asarray(np.ascontiguousarray(value.T if transposed else value))
+    tensors.update(gptq_tensors)
 
-    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+    hf_config = model.config.to_hf_config()
+    if gptq is not None:
+        hf_config["quantization_config"] = gptq.to_dict()
+        (out_dir / QUANTIZE_CONFIG_FILE).write_text(json.dumps(gptq.to_dict(), indent=2) + "\n")
+    else:  # a stale one would make the float checkpoint read as GPTQ
+        (out_dir / QUANTIZE_CONFIG_FILE).unlink(missing_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
     metadata = {"format": "pt"}  # transformers refuses safetensors files without a format tag
     if max_shard_bytes is None:
         save_file(tensors, out_dir / SINGLE_FILE, metadata=metadata)

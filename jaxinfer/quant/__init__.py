@@ -4,6 +4,7 @@
 import only jax) and re-exported here.
 """
 
+from jaxinfer.quant.calibration import token_chunks
 from jaxinfer.quant.gptq import gptq_quantize_layer
 from jaxinfer.quant.grid import (dequantize_from_grid, fit_grid, fit_group_grids,
                                  quantize_to_grid)
@@ -25,4 +26,5 @@ __all__ = [
     "quantize",
     "quantize_rtn",
     "quantize_to_grid",
+    "token_chunks",
 ]

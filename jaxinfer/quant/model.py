@@ -128,11 +128,19 @@ def _calibration_batches(calibration, config) -> list[jax.Array]:
     return out
 
 
-def _replace(parent, name, layer: Linear, weight: QuantizedWeight, backend: str):
+def quantized_linear(layer: Linear, weight: QuantizedWeight, backend: str) -> QuantizedLinear:
+    """A ``QuantizedLinear`` taking ``layer``'s place: its logical axes, compute dtype and bias,
+    with ``weight`` (same [in, out] shape) instead of the float kernel."""
+    if weight.shape != tuple(layer.kernel.shape):
+        raise ValueError(f"weight must have the layer's shape {list(layer.kernel.shape)}; "
+                         f"got {list(weight.shape)}")
     axes = layer.kernel.get_metadata()["logical_axes"]
     bias = None if layer.bias is None else layer.bias[...]
-    setattr(parent, name, QuantizedLinear(weight, bias, axes=axes, dtype=layer.dtype,
-                                          backend=backend))
+    return QuantizedLinear(weight, bias, axes=axes, dtype=layer.dtype, backend=backend)
+
+
+def _replace(parent, name, layer: Linear, weight: QuantizedWeight, backend: str):
+    setattr(parent, name, quantized_linear(layer, weight, backend))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "parent_name", "name"))

@@ -176,14 +176,3 @@ def test_gptq_4bit_closer_to_float_than_rtn_on_embedded_model_and_kjv_text():
     kl_rtn = _mean_kl(ref, _logits(rtn, held_out))
     # Measured with 32 calibration chunks: KL 0.00044 (GPTQ) vs 0.0025 (RTN); 0.5 leaves margin.
     assert kl_gptq < 0.5 * kl_rtn, (kl_gptq, kl_rtn)
-
-
-def test_save_pretrained_refuses_quantized_model(tmp_path):
-    config = jaxinfer.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
-                                  num_hidden_layers=1, num_attention_heads=2,
-                                  num_key_value_heads=1, max_position_embeddings=32)
-    model = jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0))
-    quantized = jaxinfer.quantize(model, method="rtn", bits=8, group_size=32)
-    with pytest.raises(ValueError, match="quantized"):
-        jaxinfer.save_pretrained(quantized, tmp_path)
-    assert not (tmp_path / "model.safetensors").exists()

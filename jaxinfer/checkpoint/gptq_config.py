@@ -1,0 +1,169 @@
+"""The ``quantization_config`` of an HF GPTQ checkpoint: read, validate, write, resolve per module.
+
+Where it lives: ``config.json["quantization_config"]`` (transformers) with ``quant_method: "gptq"``,
+or a ``quantize_config.json`` beside it (AutoGPTQ). The fields that change how tensors decode are
+``bits``, ``group_size`` (-1 = per channel) and the checkpoint format (``format``, or the legacy
+``checkpoint_format``: "gptq" = v1 "zeros minus one", "gptq_v2"); ``desc_act`` and ``sym`` describe
+how the weights were made (act-order shows in ``g_idx``, asymmetry in ``qzeros``).
+
+Per-module overrides follow GPTQModel's ``dynamic`` (also read by vLLM): an ordered map of regular
+expressions over module names (``model.layers.0.mlp.down_proj``), ``re.match``-ed in order, the
+first match wins; a ``"-:"`` prefix leaves matching modules unquantized (float ``weight``), a
+``"+:"`` prefix or none overrides fields such as ``bits`` and ``group_size``. ``save_pretrained``
+writes one exact-name override per layer that differs from the most common setting.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import re
+from pathlib import Path
+from typing import Any
+
+from jaxinfer.checkpoint.gptq_format import FORMATS
+from kernels_pallas.quant_matmul import SUPPORTED_BITS, QuantizedWeight
+
+QUANTIZE_CONFIG_FILE = "quantize_config.json"
+OVERRIDABLE = ("bits", "group_size", "desc_act", "sym")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQLayerSpec:
+    """How one module's tensors decode."""
+
+    bits: int
+    group_size: int  # -1: per channel
+    desc_act: bool
+    sym: bool
+
+
+def _check_spec(spec: dict, where: str) -> None:
+    bits, group_size = spec.get("bits"), spec.get("group_size")
+    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
+        raise ValueError(f"{where}: bits must be one of {SUPPORTED_BITS}; got {bits!r}")
+    if isinstance(group_size, bool) or not isinstance(group_size, int) or (
+            group_size != -1 and group_size <= 0):
+        raise ValueError(f"{where}: group_size must be a positive int or -1 (per channel); "
+                         f"got {group_size!r}")
+    for key in ("desc_act", "sym"):
+        if not isinstance(spec.get(key), bool):
+            raise ValueError(f"{where}: {key} must be true or false; got {spec.get(key)!r}")
+
+
+@dataclasses.dataclass(frozen=True)
+class GPTQConfig:
+    """A validated GPTQ ``quantization_config``; ``dynamic`` keeps its (significant) order."""
+
+    bits: int
+    group_size: int
+    desc_act: bool = False
+    sym: bool = True
+    checkpoint_format: str = "gptq"
+    dynamic: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+
+    @classmethod
+    def from_dict(cls, d: dict, source: str = "quantization_config") -> GPTQConfig:
+        """Validate a config dict; unsupported variants raise ``ValueError`` naming the field."""
+        if not isinstance(d, dict):
+            raise ValueError(f"{source} must be a JSON object; got {type(d).__name__}")
+        method = d.get("quant_method", "gptq")
+        if method != "gptq":
+            raise ValueError(f"{source}: quant_method {method!r} is not supported; jaxinfer reads "
+                             f"GPTQ checkpoints (quant_method 'gptq')")
+        formats = {d[k] for k in ("format", "checkpoint_format") if d.get(k) is not None}
+        if len(formats) > 1:
+            raise ValueError(f"{source}: format and checkpoint_format disagree; got {formats}")
+        fmt = formats.pop() if formats else "gptq"
+        if d.get("is_marlin_format") or fmt not in FORMATS:
+            raise ValueError(f"{source}: checkpoint format must be one of {FORMATS}; got "
+                             f"{'marlin' if d.get('is_marlin_format') else fmt!r} (Marlin-packed "
+                             f"checkpoints are not supported)")
+        if d.get("lm_head"):
+            raise ValueError(f"{source}: a quantized lm_head (lm_head: true) is not supported")
+        base = {"bits": d.get("bits"), "group_size": d.get("group_size", -1),
+                "desc_act": d.get("desc_act", False), "sym": d.get("sym", True)}
+        _check_spec(base, source)
+        dynamic = d.get("dynamic") or {}
+        if not isinstance(dynamic, dict):
+            raise ValueError(f"{source}: dynamic must map module regexes to overrides; got "
+                             f"{type(dynamic).__name__}")
+        for pattern, override in dynamic.items():
+            where = f"{source}.dynamic[{pattern!r}]"
+            try:
+                re.compile(pattern.removeprefix("-:").removeprefix("+:"))
+            except re.error as e:
+                raise ValueError(f"{where}: not a valid regular expression ({e})") from None
+            if not isinstance(override, dict) or set(override) - set(OVERRIDABLE):
+                raise ValueError(f"{where}: overrides must be a dict with keys among "
+                                 f"{OVERRIDABLE}; got {override!r}")
+            if not pattern.startswith("-:"):
+                _check_spec({**base, **override}, where)
+        return cls(checkpoint_format=fmt, dynamic=dict(dynamic), **base)
+
+    def to_dict(self) -> dict[str, Any]:
+        """The ``quantization_config`` written to config.json (and quantize_config.json)."""
+        d = {"quant_method": "gptq", "bits": self.bits, "group_size": self.group_size,
+             "desc_act": self.desc_act, "sym": self.sym, "lm_head": False,
+             # transformers >= 5 reads ``format``; AutoGPTQ and older readers ``checkpoint_format``
+             "format": self.checkpoint_format, "checkpoint_format": self.checkpoint_format}
+        if self.dynamic:
+            d["dynamic"] = self.dynamic
+        return d
+
+    def layer_spec(self, module: str) -> GPTQLayerSpec | None:
+        """The spec of module ``module`` (HF name), or None where ``dynamic`` excludes it."""
+        base = {"bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act,
+                "sym": self.sym}
+        for pattern, override in self.dynamic.items():
+            if pattern.startswith("-:"):
+                if re.match(pattern[2:], module):
+                    return None
+            elif re.match(pattern.removeprefix("+:"), module):
+                return GPTQLayerSpec(**{**base, **override})
+        return GPTQLayerSpec(**base)
+
+
+def read_gptq_config(model_dir: Path, hf_config: dict) -> GPTQConfig | None:
+    """The checkpoint's GPTQ config, or None for a float checkpoint.
+
+    A ``quantization_config`` of another method (AWQ, bitsandbytes...) raises."""
+    if "quantization_config" in hf_config:
+        return GPTQConfig.from_dict(hf_config["quantization_config"],
+                                    f"{model_dir / 'config.json'}: quantization_config")
+    file = model_dir / QUANTIZE_CONFIG_FILE
+    if file.exists():
+        try:
+            d = json.loads(file.read_text())
+        except json.JSONDecodeError as e:
+            raise ValueError(f"{file} is not valid JSON: {e}") from None
+        return GPTQConfig.from_dict(d, str(file))
+    return None
+
+
+def _is_symmetric(w: QuantizedWeight) -> bool:
+    """GPTQ's symmetric grid puts every zero at 2**(bits-1) (8 at 4 bits)."""
+    return bool((w.zeros == 2 ** (w.bits - 1)).all())
+
+
+def gptq_config_for(weights: dict[str, QuantizedWeight], checkpoint_format: str) -> GPTQConfig:
+    """The config describing ``weights`` ({HF module name: weight}): the (bits, group_size) that
+    fits most layers as the base and an exact-name ``dynamic`` override for every other layer.
+
+    A layer whose one group spans all its rows fits both group_size -1 and its in_features."""
+    def fits(w: QuantizedWeight, bits: int, group_size: int) -> bool:
+        return w.bits == bits and w.group_size == (w.in_features if group_size == -1
+                                                   else group_size)
+
+    candidates = sorted({(w.bits, g) for w in weights.values() for g in (w.group_size, -1)},
+                        key=lambda c: (-c[0], c[1] == -1, c[1]))
+    bits, group_size = max(candidates, key=lambda c: sum(fits(w, *c) for w in weights.values()))
+    dynamic = {}
+    for name, w in weights.items():
+        if not fits(w, bits, group_size):
+            g = -1 if w.group_size == w.in_features else w.group_size
+            dynamic["+:" + re.escape(name) + "$"] = {"bits": w.bits, "group_size": g}
+    return GPTQConfig(bits=bits, group_size=group_size,
+                      desc_act=any(w.perm is not None for w in weights.values()),
+                      sym=all(_is_symmetric(w) for w in weights.values()),
+                      checkpoint_format=checkpoint_format, dynamic=dynamic)

@@ -1,0 +1,274 @@
+"""HF GPTQ checkpoints: save_pretrained writes AutoGPTQ's layout, load_pretrained reads it back
+(and reads a checkpoint the test builds from the format description), unsupported ones fail clearly.
+
+Layout expected by AutoGPTQ / transformers (research brief "Checkpoint format"), per quantized
+linear module with K = in_features, N = out_features, b = bits, G = group_size (-1 -> K):
+qweight int32 [K*b/32, N] (bit stream along K, LSB first), qzeros int32 [K/G, N*b/32] (along N;
+v1 "gptq" stores zero - 1), scales float16 [K/G, N], g_idx int32 [K]; no ``<module>.weight``.
+"""
+
+import json
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+from safetensors.numpy import load_file, save_file
+
+import jaxinfer
+from jaxinfer.models.layers import Linear, QuantizedLinear
+
+CONFIG = jaxinfer.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
+                              num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+                              max_position_embeddings=64)
+LINEARS = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
+           "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
+GROUP = 32
+# Re-running the same dequantized weights with rows stored in another within-group order (load
+# re-derives the act-order permutation from g_idx) only reorders float32 sums.
+LOGIT_ATOL = 1e-5
+
+
+def _module(model, dotted):
+    layer, parent, name = dotted.split(".")
+    return getattr(getattr(model.layers[int(layer)], parent), name)
+
+
+def _ids():
+    return jnp.asarray(np.random.default_rng(3).integers(0, 16, (2, 24)), jnp.int32)
+
+
+@nnx.jit
+def _logits(m, ids):
+    return m(ids)
+
+
+def _with_fp16_scales(model):
+    """A copy whose QuantizedLinear scales are rounded to float16, as the checkpoint stores them."""
+    out = nnx.clone(model)
+    for _, node in nnx.iter_graph(out):
+        if isinstance(node, QuantizedLinear):
+            node.scales.value = node.scales.value.astype(jnp.float16)
+    return out
+
+
+@pytest.fixture(scope="module")
+def model():
+    return jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0))
+
+
+@pytest.fixture(scope="module")
+def rtn4(model):
+    return jaxinfer.quantize(model, method="rtn", bits=4, group_size=GROUP)
+
+
+@pytest.fixture(scope="module")
+def gptq_act_order(model):
+    calibration = jnp.asarray(np.random.default_rng(1).integers(0, 16, (4, 32)), jnp.int32)
+    return jaxinfer.quantize(model, method="gptq", bits=4, group_size=GROUP, act_order=True,
+                             calibration=calibration)
+
+
+def _assert_round_trip(quantized, tmp_path, **save_kw):
+    jaxinfer.save_pretrained(quantized, tmp_path, **save_kw)
+    loaded = jaxinfer.load_pretrained(tmp_path)
+    expected = _with_fp16_scales(quantized)
+    for i in range(CONFIG.num_hidden_layers):
+        for name in LINEARS:
+            got, want = _module(loaded, f"{i}.{name}"), _module(expected, f"{i}.{name}")
+            assert isinstance(got, QuantizedLinear), name
+            assert (got.bits, got.group_size) == (want.bits, want.group_size), name
+            np.testing.assert_array_equal(np.asarray(got.weight.dequantize()),
+                                          np.asarray(want.weight.dequantize()), err_msg=name)
+    ids = _ids()
+    np.testing.assert_allclose(np.asarray(_logits(loaded, ids)),
+                               np.asarray(_logits(expected, ids)), rtol=0, atol=LOGIT_ATOL)
+    return loaded
+
+
+@pytest.mark.slow
+def test_gptq_act_order_model_round_trips_through_hf_checkpoint(gptq_act_order, tmp_path):
+    loaded = _assert_round_trip(gptq_act_order, tmp_path)
+    assert _module(loaded, "0.self_attn.q_proj").perm is not None  # act-order survived
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["desc_act"] is True and qc["sym"] is True
+
+
+@pytest.mark.parametrize("bits, sym, checkpoint_format",
+                         [(2, True, "gptq"), (3, False, "gptq_v2"),
+                          pytest.param(8, True, "gptq", marks=pytest.mark.slow)])
+def test_rtn_model_round_trips_through_hf_checkpoint(model, tmp_path, bits, sym,
+                                                     checkpoint_format):
+    quantized = jaxinfer.quantize(model, method="rtn", bits=bits, group_size=GROUP, sym=sym)
+    _assert_round_trip(quantized, tmp_path, checkpoint_format=checkpoint_format)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["sym"], qc["format"]) == (bits, sym, checkpoint_format)
+
+
+def test_saved_tensors_have_autogptq_names_shapes_and_dtypes(rtn4, tmp_path):
+    jaxinfer.save_pretrained(rtn4, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    b = 4
+    for i in range(CONFIG.num_hidden_layers):
+        for name in LINEARS:
+            module = f"model.layers.{i}.{name}"
+            k, n = _module(rtn4, f"{i}.{name}").shape
+            groups = k // GROUP
+            assert f"{module}.weight" not in tensors
+            expect = {"qweight": ((k * b // 32, n), np.int32),
+                      "qzeros": ((groups, n * b // 32), np.int32),
+                      "scales": ((groups, n), np.float16), "g_idx": ((k,), np.int32)}
+            for t, (shape, dtype) in expect.items():
+                x = tensors[f"{module}.{t}"]
+                assert (x.shape, x.dtype) == (shape, dtype), (module, t, x.shape, x.dtype)
+            # Symmetric 4-bit in v1: every stored zero is 8 - 1, i.e. words 0x77777777.
+            assert np.all(tensors[f"{module}.qzeros"].view(np.uint32) == 0x77777777)
+            g_idx = tensors[f"{module}.g_idx"]
+            np.testing.assert_array_equal(np.bincount(g_idx), np.full(groups, GROUP))
+    assert "model.embed_tokens.weight" in tensors and "model.norm.weight" in tensors
+    config = json.loads((tmp_path / "config.json").read_text())
+    qc = config["quantization_config"]
+    assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "checkpoint_format")} == {
+        "quant_method": "gptq", "bits": 4, "group_size": GROUP, "checkpoint_format": "gptq"}
+    assert json.loads((tmp_path / "quantize_config.json").read_text()) == qc
+
+
+def _stream_pack(vals, bits):
+    """Independent packer from the format description: int [R, C] -> int32 [R*bits/32, C]."""
+    r, c = vals.shape
+    words = np.zeros((r * bits // 32, c), np.uint64)
+    for k in range(r):
+        for t in range(bits):
+            i = k * bits + t
+            words[i // 32] |= ((vals[k].astype(np.uint64) >> np.uint64(t)) & np.uint64(1)) \
+                << np.uint64(i % 32)
+    return words.astype(np.uint32).view(np.int32)
+
+
+def _hand_built_checkpoint(model, tmp_path, bits, excluded):
+    """Save ``model`` as float, then swap each linear module (except ``excluded``, kept float by
+    a "-:" dynamic rule) for random v1 GPTQ tensors with a desc_act g_idx. Returns
+    {module: dequantized weight [K, N]} per the format's formula."""
+    jaxinfer.save_pretrained(model, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    rng = np.random.default_rng(5)
+    weights = {}
+    for i in range(CONFIG.num_hidden_layers):
+        for name in LINEARS:
+            module = f"model.layers.{i}.{name}"
+            if module == excluded:
+                continue
+            n, k = tensors.pop(f"{module}.weight").shape  # HF stores [out, in]
+            groups = k // GROUP
+            q = rng.integers(0, 2 ** bits, (k, n))
+            z = rng.integers(1, 2 ** bits, (groups, n))
+            scales = rng.uniform(0.002, 0.02, (groups, n)).astype(np.float16)
+            g_idx = (np.arange(k) // GROUP)[rng.permutation(k)].astype(np.int32)
+            tensors.update({f"{module}.qweight": _stream_pack(q, bits),
+                            f"{module}.qzeros": np.ascontiguousarray(
+                                _stream_pack((z - 1).T, bits).T),
+                            f"{module}.scales": scales, f"{module}.g_idx": g_idx})
+            weights[module] = scales.astype(np.float32)[g_idx] * (q - z[g_idx])
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {
+        "quant_method": "gptq", "bits": bits, "group_size": GROUP, "desc_act": True,
+        "sym": False, "checkpoint_format": "gptq",
+        "dynamic": {"-:" + excluded.replace(".", r"\."): {}}}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    return weights
+
+
+@pytest.mark.parametrize("bits", [pytest.param(3, marks=pytest.mark.slow), 4])
+def test_hand_built_gptq_checkpoint_loads_and_matches_dequantized_float_model(model, tmp_path,
+                                                                              bits):
+    excluded = "model.layers.1.mlp.down_proj"
+    weights = _hand_built_checkpoint(model, tmp_path, bits, excluded)
+    loaded = jaxinfer.load_pretrained(tmp_path)
+    dense = nnx.clone(model)
+    for module, w in weights.items():
+        dotted = module.removeprefix("model.layers.")
+        layer = _module(loaded, dotted)
+        assert isinstance(layer, QuantizedLinear) and layer.bits == bits
+        np.testing.assert_allclose(np.asarray(layer.weight.dequantize()), w, rtol=1e-6,
+                                   atol=1e-7, err_msg=module)
+        _module(dense, dotted).kernel.value = jnp.asarray(w)
+    assert isinstance(_module(loaded, excluded.removeprefix("model.layers.")), Linear)
+    ids = _ids()
+    np.testing.assert_allclose(np.asarray(_logits(loaded, ids)),
+                               np.asarray(_logits(dense, ids)), rtol=0, atol=LOGIT_ATOL)
+
+
+def test_mixed_per_layer_bits_round_trip_with_dynamic_overrides(model, rtn4, tmp_path):
+    mixed = nnx.clone(rtn4)
+    two_bit = jaxinfer.quantize(model, method="rtn", bits=2, group_size=-1)
+    for dotted in ("0.mlp.down_proj", "1.self_attn.v_proj"):
+        layer, parent, name = dotted.split(".")
+        setattr(getattr(mixed.layers[int(layer)], parent), name, _module(two_bit, dotted))
+    jaxinfer.save_pretrained(mixed, tmp_path)
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert (qc["bits"], qc["group_size"]) == (4, GROUP)
+    assert qc["dynamic"] == {r"+:model\.layers\.0\.mlp\.down_proj$": {"bits": 2, "group_size": -1},
+                             r"+:model\.layers\.1\.self_attn\.v_proj$": {"bits": 2,
+                                                                         "group_size": -1}}
+    loaded = _assert_round_trip(mixed, tmp_path / "again")
+    assert _module(loaded, "0.mlp.down_proj").bits == 2
+    assert _module(loaded, "0.mlp.up_proj").bits == 4
+
+
+def _edit_config(path, **changes):
+    config = json.loads((path / "config.json").read_text())
+    config["quantization_config"].update(changes)
+    (path / "config.json").write_text(json.dumps(config))
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(bits=5), r"bits must be one of \(2, 3, 4, 8\); got 5"),
+    (dict(quant_method="awq"), "quant_method 'awq' is not supported"),
+    (dict(checkpoint_format="marlin", format="marlin"), "checkpoint format must be one of"),
+    (dict(format="gptq_v2"), "format and checkpoint_format disagree"),
+    (dict(bits=2), r"qweight' has shape \[(8|16), 64\]; bits=2, group_size=32 and the layer's "
+                   r"\[in=(64|128), out=64\] imply \[(4|8), 64\]"),
+    (dict(group_size=48), "group_size=48 does not divide in_features=(64|128)"),
+    (dict(dynamic={"+:(": {"bits": 4}}), "not a valid regular expression"),
+])
+def test_unsupported_or_inconsistent_gptq_config_raises_clearly(rtn4, tmp_path, changes, match):
+    jaxinfer.save_pretrained(rtn4, tmp_path)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=match):
+        jaxinfer.load_pretrained(tmp_path)
+
+
+def test_missing_gptq_tensor_is_named(rtn4, tmp_path):
+    jaxinfer.save_pretrained(rtn4, tmp_path)
+    tensors = load_file(tmp_path / "model.safetensors")
+    del tensors["model.layers.1.mlp.up_proj.qzeros"]
+    save_file(tensors, tmp_path / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model\.layers\.1\.mlp\.up_proj"
+                                         r"\.qzeros'\]"):
+        jaxinfer.load_pretrained(tmp_path)
+
+
+def test_v1_checkpoint_cannot_hold_zero_point_zero(model, tmp_path):
+    quantized = jaxinfer.quantize(model, method="rtn", bits=2, group_size=GROUP, sym=False)
+    zeros = _module(quantized, "0.mlp.up_proj").zeros  # an all-positive group would get zero 0
+    zeros.value = zeros.value.at[0, 0].set(0)
+    with pytest.raises(ValueError, match="cannot represent a zero point of 0"):
+        jaxinfer.save_pretrained(quantized, tmp_path, checkpoint_format="gptq")
+    jaxinfer.save_pretrained(quantized, tmp_path)  # the default falls back to v2
+    qc = json.loads((tmp_path / "config.json").read_text())["quantization_config"]
+    assert qc["format"] == "gptq_v2"
+
+
+def test_quantize_config_json_alone_marks_a_gptq_checkpoint(rtn4, tmp_path):
+    """AutoGPTQ's layout: quantize_config.json beside a config.json without quantization_config."""
+    jaxinfer.save_pretrained(rtn4, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["quantization_config"]
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = jaxinfer.load_pretrained(tmp_path)
+    assert _module(loaded, "1.mlp.gate_proj").bits == 4
+    # Saving a float model over it removes the now stale quantize_config.json.
+    jaxinfer.save_pretrained(jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(1)), tmp_path)
+    assert not (tmp_path / "quantize_config.json").exists()
+    assert isinstance(_module(jaxinfer.load_pretrained(tmp_path), "1.mlp.gate_proj"), Linear)

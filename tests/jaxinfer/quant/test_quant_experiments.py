@@ -1,0 +1,48 @@
+"""The quantization experiments run in --quick mode and write their JSON record and PNG."""
+
+from __future__ import annotations
+
+import json
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).parents[3]
+# float32 on CPU: every backend computes the same dequantized products, only summed in another
+# order (per group, scales applied late), so results agree to a few float32 ulps of the output.
+F32_MAX_REL_ERR = 1e-5
+
+
+def _run_quick(name: str, out: Path) -> dict:
+    proc = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--quick", "--out",
+                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    record = json.loads(out.read_text())
+    assert record["experiment"] == name and record["quick"] is True and record["jax_version"]
+    assert record["rows"] and out.with_suffix(".png").exists()
+    return record
+
+
+@pytest.mark.slow
+def test_bench_quant_matmul_quick_checks_every_backend_and_width_against_reference(tmp_path):
+    record = _run_quick("bench_quant_matmul", tmp_path / "bench_quant_matmul.json")
+    rows = record["rows"]
+    assert all("error" not in r for r in rows), [r for r in rows if "error" in r]
+    assert {(r["impl"], r["bits"]) for r in rows if r["impl"] != "dense"} == {
+        (impl, bits) for impl in ("pallas", "xla") for bits in (2, 3, 4)}
+    assert max(r["max_rel_err"] for r in rows) < F32_MAX_REL_ERR
+    assert all(r["speedup_vs_dense"] > 0 and r["weight_GBps"] > 0 for r in rows)
+
+
+@pytest.mark.slow
+def test_quant_perplexity_quick_reports_float_rtn_and_gptq(tmp_path):
+    record = _run_quick("quant_perplexity", tmp_path / "quant_perplexity.json")
+    rows = {r["method"]: r for r in record["rows"]}
+    assert set(rows) == {"float", "rtn", "gptq"}
+    # 4-bit per-channel keeps this model usable: perplexity within 2x of float (measured ~1.0x).
+    float_ppl = rows["float"]["perplexity"]
+    for method in ("rtn", "gptq"):
+        assert 0.5 * float_ppl < rows[method]["perplexity"] < 2 * float_ppl, rows
+        assert 4 < rows[method]["bits_per_weight"] < 4.2
