@@ -248,3 +248,113 @@ class LlamaConfig:
         if not isinstance(hf, dict):
             raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
         return cls.from_hf_config(hf, dtype=dtype, attention_backend=attention_backend)
+
+
+HYENA_MODEL_TYPE = "hyena"
+FFTCONV_BACKENDS = ("auto", "reference", "xla", "pallas")  # see kernels_pallas.fftconv
+
+
+@dataclasses.dataclass(frozen=True)
+class HyenaConfig:
+    """Architecture of a Hyena decoder (Poli et al. 2023): attention replaced by gated long
+    convolutions whose filters are implicit (a small sine network over positions, times a decay).
+
+    `order` N: the input is projected to N + 1 streams (x_0 .. x_{N-1}, v) and v goes through
+    N - 1 gated long convolutions. The filter fields follow the safari reference implementation:
+    `filter_emb_dim` positional features (t plus (emb_dim - 1) / 2 sin/cos bands, so it is odd),
+    an FFN of width `filter_hidden_size` with `filter_inner_layers` hidden layers and sine
+    activations of initial frequency `filter_sine_freq`, and an exponential decay window whose
+    per-channel rates reach `filter_decay_target` at fractions `filter_decay_fast` ..
+    `filter_decay_slow` of the context. `filter_squash` is the soft threshold lambda of "Simple
+    Hardware-Efficient Long Convolutions" (k -> sign(k) max(|k| - lambda, 0)); 0 disables it.
+    `max_position_embeddings` is the longest sequence (the filters' length).
+    `fftconv_backend` picks `kernels_pallas.fftconv`'s implementation; it is a run setting.
+    """
+
+    vocab_size: int
+    hidden_size: int
+    intermediate_size: int
+    num_hidden_layers: int
+    max_position_embeddings: int
+    order: int = 2
+    short_filter_size: int = 3
+    filter_emb_dim: int = 33
+    filter_hidden_size: int = 64
+    filter_inner_layers: int = 1
+    filter_sine_freq: float = 1.0
+    filter_decay_fast: float = 0.3
+    filter_decay_slow: float = 1.5
+    filter_decay_target: float = 1e-2
+    filter_squash: float = 0.0
+    model_type: str = HYENA_MODEL_TYPE
+    rms_norm_eps: float = 1e-6
+    tie_word_embeddings: bool = False
+    bos_token_id: int | None = None
+    eos_token_id: tuple[int, ...] = ()
+    dtype: str = "float32"
+    param_dtype: str = "float32"
+    fftconv_backend: str = "auto"
+
+    def __post_init__(self) -> None:
+        if isinstance(self.eos_token_id, int):
+            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
+        elif isinstance(self.eos_token_id, list):
+            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        self._validate()
+
+    def _validate(self) -> None:
+        if self.model_type != HYENA_MODEL_TYPE:
+            raise ValueError(f"model_type must be {HYENA_MODEL_TYPE!r}; got {self.model_type!r}")
+        for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                     "max_position_embeddings", "short_filter_size", "filter_hidden_size"):
+            value = getattr(self, name)
+            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+                raise ValueError(f"{name} must be a positive integer; got {value!r}")
+        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order < 2:
+            raise ValueError(f"order must be an integer >= 2 (one long convolution at least); "
+                             f"got {self.order!r}")
+        if not isinstance(self.filter_inner_layers, int) or self.filter_inner_layers < 0:
+            raise ValueError(f"filter_inner_layers must be a non-negative integer; "
+                             f"got {self.filter_inner_layers!r}")
+        emb = self.filter_emb_dim
+        if not isinstance(emb, int) or isinstance(emb, bool) or emb < 3 or emb % 2 == 0:
+            raise ValueError(f"filter_emb_dim must be an odd integer >= 3 (t plus sin/cos pairs); "
+                             f"got {emb!r}")
+        if self.filter_sine_freq <= 0:
+            raise ValueError(f"filter_sine_freq must be positive; got {self.filter_sine_freq}")
+        if not 0 < self.filter_decay_fast <= self.filter_decay_slow:
+            raise ValueError("filter_decay_fast and filter_decay_slow must satisfy 0 < fast <= "
+                             f"slow; got {self.filter_decay_fast} and {self.filter_decay_slow}")
+        if not 0 < self.filter_decay_target < 1:
+            raise ValueError(f"filter_decay_target must lie in (0, 1); "
+                             f"got {self.filter_decay_target}")
+        if self.filter_squash < 0:
+            raise ValueError(f"filter_squash must be >= 0; got {self.filter_squash}")
+        if self.fftconv_backend not in FFTCONV_BACKENDS:
+            raise ValueError(f"fftconv_backend must be one of {FFTCONV_BACKENDS}; "
+                             f"got {self.fftconv_backend!r}")
+        for name in ("dtype", "param_dtype"):
+            if getattr(self, name) not in SUPPORTED_DTYPES:
+                raise ValueError(
+                    f"{name} must be one of {SUPPORTED_DTYPES}; got {getattr(self, name)!r}")
+
+    def replace(self, **changes: Any) -> HyenaConfig:
+        return dataclasses.replace(self, **changes)
+
+    def to_hf_config(self) -> dict[str, Any]:
+        """A config.json dict (no transformers class exists for Hyena; the keys are this
+        dataclass's fields, so `from_hf_config` reads it back exactly)."""
+        hf = dataclasses.asdict(self)
+        hf["eos_token_id"] = list(self.eos_token_id)
+        hf["architectures"] = ["HyenaForCausalLM"]
+        del hf["fftconv_backend"]  # a run setting, like LlamaConfig's attention_backend
+        return hf
+
+    @classmethod
+    def from_hf_config(cls, hf: Mapping[str, Any], *, fftconv_backend: str = "auto"
+                       ) -> HyenaConfig:
+        if hf.get("model_type") != HYENA_MODEL_TYPE:
+            raise ValueError(f"config.json: model_type must be {HYENA_MODEL_TYPE!r}; "
+                             f"got {hf.get('model_type')!r}")
+        fields = {f.name for f in dataclasses.fields(cls)} - {"fftconv_backend"}
+        return cls(**{k: v for k, v in hf.items() if k in fields}, fftconv_backend=fftconv_backend)

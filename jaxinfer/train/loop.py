@@ -23,7 +23,6 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
-from jaxinfer.models.llama import LlamaForCausalLM
 from jaxinfer.train.data import TokenWindows
 from jaxinfer.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxinfer.train.step import eval_step, train_step
@@ -67,7 +66,7 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TrainResult:
-    model: LlamaForCausalLM
+    model: nnx.Module  # the trained LlamaForCausalLM or HyenaForCausalLM
     history: list[dict]  # one record per step: step, loss, grad_norm, lr and (some) eval_loss
     wall_seconds: float  # this invocation only
 
@@ -79,10 +78,13 @@ def _read_history(path: Path, up_to_step: int) -> list[dict]:
     return [r for r in records if r["step"] <= up_to_step]
 
 
-def train(model: LlamaForCausalLM, train_tokens: np.ndarray, eval_tokens: np.ndarray,
+def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
           config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
     """Train `model` (not modified; the trained model is returned) on next-token prediction.
+
+    Any causal LM with `forward(ids) -> (logits, cache)` and a `config.to_hf_config()` trains here
+    (LlamaForCausalLM, HyenaForCausalLM).
 
     With `resume=True` and a checkpoint in run_dir, continue from it; `on_step` sees each record."""
     run_dir = Path(run_dir)

@@ -1,0 +1,147 @@
+"""Hyena decoder: causal, the same logits on every fftconv backend, right shapes and dtypes,
+implicit filters that decay and squash, clear config errors, and it trains with the shared step."""
+
+import dataclasses
+import json
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from jaxinfer.config import HyenaConfig
+from jaxinfer.models.hyena import HyenaForCausalLM
+from jaxinfer.models.hyena_filter import decay_window, squash
+from jaxinfer.train import TrainConfig, train
+
+# FFT convolution (xla/pallas) rounds every output with ~eps * log2(M) relative error, so a later
+# token perturbs earlier logits by float32 noise only; measured ~3e-8 on these sizes.
+FFT_LEAK_ATOL = 1e-6
+# Backends differ by FFT rounding through two layers (f32); measured ~1e-6 on these sizes.
+BACKEND_ATOL = 2e-5
+VOCAB, SEQ = 32, 40
+
+
+def tiny_config(**changes) -> HyenaConfig:
+    base = dict(vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                max_position_embeddings=64, filter_hidden_size=16, filter_emb_dim=5,
+                fftconv_backend="xla")
+    return HyenaConfig(**(base | changes))
+
+
+def tiny_model(seed: int = 0, **changes) -> HyenaForCausalLM:
+    return HyenaForCausalLM(tiny_config(**changes), rngs=nnx.Rngs(seed))
+
+
+def jitted(model: HyenaForCausalLM):
+    """ids -> logits, compiled once (eager op-by-op dispatch makes these tests slow)."""
+    graphdef, params = nnx.split(model)
+    forward = jax.jit(lambda p, ids: nnx.merge(graphdef, p).forward(ids)[0])
+    return lambda ids: np.asarray(forward(params, jnp.asarray(ids)))
+
+
+def _ids(batch: int = 2, seq: int = SEQ, seed: int = 0) -> np.ndarray:
+    return np.random.default_rng(seed).integers(0, VOCAB, (batch, seq), dtype=np.int32)
+
+
+@pytest.mark.parametrize("backend,atol,order", [
+    ("reference", 0.0, 2), ("reference", 0.0, 3), ("xla", FFT_LEAK_ATOL, 2)])
+def test_changing_a_token_never_changes_earlier_logits(backend, atol, order):
+    model = jitted(tiny_model(fftconv_backend=backend, order=order))
+    ids = _ids()
+    base = np.asarray(model(ids))
+    for t in (0, 17, SEQ - 1):
+        changed = ids.copy()
+        changed[:, t] = (changed[:, t] + 1) % VOCAB
+        out = np.asarray(model(changed))
+        np.testing.assert_allclose(out[:, :t], base[:, :t], rtol=0, atol=atol)
+        assert np.abs(out[:, t] - base[:, t]).max() > 1e-3  # the token itself does matter
+
+
+def test_prefix_logits_equal_full_sequence_logits():
+    """Filters depend on the context length l_max only, so a prefix is scored identically."""
+    model = jitted(tiny_model(fftconv_backend="reference"))
+    ids = _ids()
+    np.testing.assert_allclose(model(ids[:, :23]), model(ids)[:, :23], rtol=1e-5, atol=1e-6)
+
+
+def test_fftconv_backends_give_the_same_logits():
+    ids = _ids(batch=1, seq=24)
+    logits = {b: jitted(tiny_model(fftconv_backend=b, num_hidden_layers=1))(ids)
+              for b in ("reference", "xla", "pallas")}
+    np.testing.assert_allclose(logits["xla"], logits["reference"], atol=BACKEND_ATOL)
+    np.testing.assert_allclose(logits["pallas"], logits["reference"], atol=BACKEND_ATOL)
+
+
+@pytest.mark.parametrize("dtype,tied", [("float32", False), ("bfloat16", True)])
+def test_logits_shape_and_dtype(dtype, tied):
+    model = tiny_model(dtype=dtype, param_dtype=dtype, tie_word_embeddings=tied)
+    logits = jitted(model)(_ids(batch=3, seq=9))
+    assert logits.shape == (3, 9, VOCAB) and logits.dtype == np.float32
+    assert np.isfinite(np.asarray(logits)).all()
+    assert (model.lm_head is None) == tied
+    filt = model.layers[0].mixer.filter(9)
+    assert filt.dtype == jnp.float32 and filt.shape == (16, 9)  # (order - 1) * hidden channels
+
+
+def test_every_parameter_carries_logical_axes():
+    state = nnx.state(tiny_model(), nnx.Param)
+    is_var = lambda x: isinstance(x, nnx.Variable)  # noqa: E731
+    for path, var in jax.tree.leaves_with_path(state, is_leaf=is_var):
+        axes = var.get_metadata().get("logical_axes")
+        assert axes is not None and len(axes) == var[...].ndim, path
+
+
+def test_implicit_filters_decay_and_squash_zeroes_small_taps():
+    window = np.asarray(decay_window(64, 64, 4, fast=0.3, slow=1.5, target=1e-2))
+    assert np.all(np.diff(window, axis=1) < 0)  # every channel's window decays in time
+    np.testing.assert_allclose(window[-1, round(0.3 * 63)], 1e-2, rtol=0.1)  # fastest channel
+    k = jnp.asarray([-0.3, -0.05, 0.0, 0.02, 0.5])
+    np.testing.assert_allclose(squash(k, 0.1), [-0.2, 0.0, 0.0, 0.0, 0.4], atol=1e-7)
+    plain = tiny_model().layers[0].mixer.filter(64)
+    squashed = tiny_model(filter_squash=0.01).layers[0].mixer.filter(64)
+    assert np.mean(np.asarray(squashed) == 0) > np.mean(np.asarray(plain) == 0)
+
+
+def test_inputs_are_checked():
+    model = tiny_model(num_hidden_layers=1)
+    assert model([[1, 2, 3]]).shape == (1, 3, VOCAB)  # nested lists are accepted
+    with pytest.raises(ValueError, match="max_position_embeddings"):
+        model(np.zeros((1, 65), np.int32))
+    with pytest.raises(ValueError, match="vocab_size"):
+        model(np.full((1, 4), VOCAB, np.int32))
+    with pytest.raises(ValueError, match="cache must be None"):
+        model.forward(jnp.zeros((1, 4), jnp.int32), cache=object())
+    with pytest.raises(TypeError, match="HyenaConfig"):
+        HyenaForCausalLM(dataclasses.asdict(tiny_config()), rngs=nnx.Rngs(0))
+
+
+@pytest.mark.parametrize("field,value", [
+    ("hidden_size", 0), ("order", 1), ("filter_emb_dim", 4), ("filter_squash", -1.0),
+    ("filter_decay_fast", 2.0), ("filter_decay_target", 1.5), ("fftconv_backend", "cuda"),
+    ("dtype", "float16"), ("model_type", "llama"), ("short_filter_size", 0),
+])
+def test_bad_config_names_the_field(field, value):
+    with pytest.raises(ValueError, match=field):
+        tiny_config(**{field: value})
+
+
+def test_config_round_trips_through_hf_dict():
+    config = tiny_config(order=3, eos_token_id=[2], fftconv_backend="reference")
+    again = HyenaConfig.from_hf_config(config.to_hf_config(), fftconv_backend="reference")
+    assert again == config
+
+
+@pytest.mark.slow  # compiles a train and an eval step: ~30-80 s on a shared 2-core CPU
+def test_shared_train_loop_lowers_loss_and_writes_a_loadable_config(tmp_path):
+    tokens = np.tile(np.arange(8, dtype=np.int32), 200)  # the next token is always predictable
+    config = TrainConfig(steps=25, batch_size=4, seq_len=32, learning_rate=1e-2, warmup_steps=1,
+                         weight_decay=0.0, eval_every=25, eval_batches=1, checkpoint_every=25)
+    result = train(tiny_model(num_hidden_layers=1), tokens, tokens, config, tmp_path,
+                   progress=False)
+    losses = [r["loss"] for r in result.history]
+    assert losses[0] > np.log(VOCAB) - 1.0 and losses[-1] < 0.5 * losses[0]
+    assert isinstance(result.model, HyenaForCausalLM)
+    saved = json.loads((tmp_path / "config.json").read_text())
+    assert HyenaConfig.from_hf_config(saved, fftconv_backend="xla") == result.model.config
