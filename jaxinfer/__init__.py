@@ -5,6 +5,9 @@ The public API::
     model = jaxinfer.load_pretrained("path/to/hf_dir", dtype="float32")
     logits = model(input_ids)                          # int32 [batch, seq] -> [batch, seq, vocab]
     out = jaxinfer.generate(model, input_ids, max_new_tokens=32)
+    engine = jaxinfer.Engine(model)                    # continuous batching over a paged KV cache
+    rid = engine.submit(prompt_ids, jaxinfer.SamplingParams(max_tokens=64, temperature=0.8))
+    results = engine.run_until_done()                  # {request id: generated token ids}
     jaxinfer.save_pretrained(model, "out_dir")
     qmodel = jaxinfer.quantize(model, method="gptq", bits=4, calibration=token_ids)
     tok = jaxinfer.load_tokenizer("path/to/hf_dir")
@@ -13,7 +16,7 @@ The public API::
 from jaxinfer.assets import default_model_dir
 from jaxinfer.checkpoint import load_pretrained, save_pretrained
 from jaxinfer.config import LlamaConfig, RopeScaling
-from jaxinfer.generate import generate
+from jaxinfer.generate import Engine, SamplingParams, generate
 from jaxinfer.models import LlamaForCausalLM
 from jaxinfer.quant import quantize
 from jaxinfer.tokenizer import load_tokenizer
@@ -21,9 +24,11 @@ from jaxinfer.tokenizer import load_tokenizer
 __version__ = "0.1.0"
 
 __all__ = [
+    "Engine",
     "LlamaConfig",
     "LlamaForCausalLM",
     "RopeScaling",
+    "SamplingParams",
     "default_model_dir",
     "generate",
     "load_pretrained",

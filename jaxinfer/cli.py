@@ -1,4 +1,4 @@
-"""The `jaxinfer` command line: generate, train, convert."""
+"""The `jaxinfer` command line: generate, train, convert, quantize."""
 
 from __future__ import annotations
 
@@ -24,6 +24,11 @@ EXAMPLES = {
   jaxinfer convert path/to/hf_dir out_dir --dtype bfloat16
   jaxinfer convert path/to/hf_dir out_dir --shard-size-mb 500   # sharded safetensors + index
 """,
+    "quantize": """examples:
+  jaxinfer quantize path/to/hf_dir out_dir --method gptq --bits 4 --group-size 128
+  jaxinfer quantize path/to/hf_dir out_dir --bits 3 --calibration my_text.txt --n-samples 128
+  jaxinfer quantize path/to/hf_dir out_dir --method rtn --bits 8 --group-size -1
+""",
 }
 
 
@@ -43,6 +48,11 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=int, default=1, help="copies of the prompt decoded together")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--max-batch", type=int, default=64, help="engine: sequences in flight")
+    gen.add_argument("--page-size", type=int, default=16, help="engine: tokens per KV page")
+    gen.add_argument("--num-pages", type=int, help="engine: KV pages (default: sized from memory)")
+    gen.add_argument("--max-tokens-per-step", type=int, default=512,
+                     help="engine: token budget of one step (decodes + prompt chunks)")
 
     tr = sub.add_parser("train", help="train or fine-tune on a text corpus", epilog=EXAMPLES["train"],
                         formatter_class=fmt)
@@ -72,12 +82,31 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("dst")
     cv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     cv.add_argument("--shard-size-mb", type=float, help="split weights into shards of this size")
+
+    qz = sub.add_parser("quantize", help="GPTQ/RTN-quantize a model into an HF GPTQ checkpoint",
+                        epilog=EXAMPLES["quantize"], formatter_class=fmt)
+    qz.add_argument("model", help="HF model directory (float weights)")
+    qz.add_argument("out", help="output directory (GPTQ checkpoint + tokenizer)")
+    qz.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
+    qz.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
+    qz.add_argument("--group-size", type=int, default=128, help="-1 = per channel")
+    qz.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
+                    help="GPTQ desc_act")
+    qz.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
+                    help="symmetric grid")
+    qz.add_argument("--damp", type=float, default=0.01, help="GPTQ relative Hessian dampening")
+    qz.add_argument("--calibration", help="UTF-8 text file (default: the embedded KJV sample)")
+    qz.add_argument("--n-samples", type=int, default=32, help="calibration chunks")
+    qz.add_argument("--seq-len", type=int, default=128, help="tokens per calibration chunk")
+    qz.add_argument("--held-out", type=float, default=0.05,
+                    help="fraction at the end of the text never used for calibration")
+    qz.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"],
+                    help="default: gptq (v1) unless a zero point is 0")
     return parser
 
 
 def _generate(args: argparse.Namespace) -> int:
     import jax
-    import numpy as np
 
     import jaxinfer
 
@@ -87,24 +116,24 @@ def _generate(args: argparse.Namespace) -> int:
     prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
     if not prompt_ids:
         raise ValueError("the prompt encodes to no tokens")
-    ids = np.array([prompt_ids] * args.batch_size, dtype=np.int32)
-    kwargs = dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature,
-                  top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    params = jaxinfer.SamplingParams(max_tokens=args.max_new_tokens, temperature=args.temperature,
+                                     top_k=args.top_k, top_p=args.top_p, seed=args.seed)
+    engine = jaxinfer.Engine(model, max_batch=args.max_batch, page_size=args.page_size,
+                             num_pages=args.num_pages,
+                             max_tokens_per_step=args.max_tokens_per_step, tokenizer=tokenizer)
+    prompts = [prompt_ids] * args.batch_size
     t0 = time.perf_counter()
-    jax.block_until_ready(jaxinfer.generate(model, ids, **kwargs))  # compiles
+    engine.generate(prompts, params)  # compiles the step buckets this workload needs
     compile_s = time.perf_counter() - t0
     t0 = time.perf_counter()
-    out = np.asarray(jax.block_until_ready(jaxinfer.generate(model, ids, **kwargs)))
+    outputs = engine.generate(prompts, params)
     run_s = time.perf_counter() - t0
-    new = out[0, len(prompt_ids):].tolist()
-    for eos in model.config.eos_token_id:
-        if eos in new:
-            new = new[:new.index(eos)]
+    new = [t for t in outputs[0] if t not in model.config.eos_token_id]
     print(args.prompt + tokenizer.decode(new))
-    total = args.batch_size * args.max_new_tokens
+    total = sum(len(o) for o in outputs)
     print(f"\n[{model_dir.name}: {total} tokens in {run_s:.3f} s = {total / run_s:.1f} tokens/s "
-          f"(batch {args.batch_size}, {jax.devices()[0].platform}; first call incl. compile "
-          f"{compile_s:.1f} s)]", file=sys.stderr)
+          f"(engine, {args.batch_size} requests, {jax.devices()[0].platform}; first call incl. "
+          f"compile {compile_s:.1f} s)]", file=sys.stderr)
     return 0
 
 
@@ -195,11 +224,43 @@ def _convert(args: argparse.Namespace) -> int:
     return 0
 
 
+def _quantize(args: argparse.Namespace) -> int:
+    import shutil
+
+    import jaxinfer
+    from jaxinfer.quant import token_chunks
+    from jaxinfer.train.data import read_corpus, split_held_out, tokenize_corpus
+
+    model = jaxinfer.load_pretrained(args.model)
+    calibration = None
+    if args.method == "gptq":
+        tokenizer = jaxinfer.load_tokenizer(args.model)
+        text_file = args.calibration or jaxinfer.assets.corpus_sample_path()
+        tokens, _ = split_held_out(tokenize_corpus(read_corpus(text_file), tokenizer),
+                                   args.held_out)
+        calibration = token_chunks(tokens, args.seq_len, args.n_samples)
+        print(f"calibration: {calibration.shape[0]} x {args.seq_len} tokens from {text_file}")
+    t0 = time.perf_counter()
+    quantized = jaxinfer.quantize(model, method=args.method, bits=args.bits,
+                                  group_size=args.group_size, act_order=args.act_order,
+                                  sym=args.sym, calibration=calibration, damp=args.damp)
+    seconds = time.perf_counter() - t0
+    out = jaxinfer.save_pretrained(quantized, args.out, checkpoint_format=args.checkpoint_format)
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (Path(args.model) / extra).exists():
+            shutil.copy(Path(args.model) / extra, out / extra)
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    print(f"{args.method} {args.bits}-bit (group size {args.group_size}) in {seconds:.1f} s; "
+          f"wrote {out} ({size / 2**20:.2f} MiB of safetensors)")
+    return 0
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxinfer").setLevel(logging.INFO)
-    command = {"generate": _generate, "train": _train, "convert": _convert}[args.command]
+    command = {"generate": _generate, "train": _train, "convert": _convert,
+               "quantize": _quantize}[args.command]
     try:
         return command(args)
     except (ValueError, FileNotFoundError) as e:

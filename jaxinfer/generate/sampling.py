@@ -1,7 +1,9 @@
-"""Next-token selection: greedy, temperature, top-k and top-p (nucleus) sampling.
+"""Next-token selection: greedy, temperature, top-k, top-p (nucleus), min-p and repetition penalty.
 
-Parameters are traced arrays, not Python constants, so one compiled decode loop serves every
-setting. Filters apply in Hugging Face's order: temperature, then top-k, then top-p.
+Parameters are traced arrays, not Python constants, so one compiled step serves every setting. Each
+field is a scalar (one setting for the whole batch, as `generate` uses) or a [batch] array (one
+setting per row, as the serving engine uses). Filters apply in Hugging Face's order: repetition
+penalty, temperature, top-k, top-p, then min-p.
 """
 
 from __future__ import annotations
@@ -16,9 +18,11 @@ NEG_INF = -jnp.inf
 
 
 class SamplingArrays(NamedTuple):
-    temperature: jax.Array  # float32 scalar; 0 means greedy
-    top_k: jax.Array  # int32 scalar; 0 means no top-k filter
-    top_p: jax.Array  # float32 scalar; 1 means no nucleus filter
+    temperature: jax.Array  # float32 scalar or [batch]; 0 means greedy
+    top_k: jax.Array  # int32 scalar or [batch]; 0 means no top-k filter
+    top_p: jax.Array  # float32 scalar or [batch]; 1 means no nucleus filter
+    min_p: jax.Array | float = 0.0  # float32 scalar or [batch]; 0 means no min-p filter
+    repetition_penalty: jax.Array | float = 1.0  # float32 scalar or [batch]; 1 means none
 
 
 def make_sampling_params(temperature: float, top_k: int | None, top_p: float | None) -> SamplingArrays:
@@ -35,33 +39,73 @@ def make_sampling_params(temperature: float, top_k: int | None, top_p: float | N
                           jnp.float32(1.0 if top_p is None else top_p))
 
 
+def _per_row(value, batch: int) -> jax.Array:
+    """A scalar or [batch] parameter as a [batch, 1] column that broadcasts against the vocab."""
+    return jnp.broadcast_to(jnp.asarray(value), (batch,))[:, None]
+
+
+def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty) -> jax.Array:
+    """HF's rule on tokens already in the sequence: positive logits / penalty, negative * penalty.
+
+    logits [batch, vocab]; seen bool [batch, vocab]; penalty scalar or [batch] (1 = no change)."""
+    p = _per_row(penalty, logits.shape[0])
+    penalized = jnp.where(logits > 0, logits / p, logits * p)
+    return jnp.where(seen, penalized, logits)
+
+
 def filter_logits(logits: jax.Array, params: SamplingArrays) -> jax.Array:
-    """Scale by temperature and mask tokens outside top-k / top-p with -inf. logits [batch, vocab]."""
-    logits = logits / jnp.maximum(params.temperature, 1e-6)
+    """Scale by temperature and mask tokens outside top-k / top-p / min-p with -inf.
+
+    logits [batch, vocab] -> [batch, vocab]."""
+    batch, vocab = logits.shape
+    logits = logits / jnp.maximum(_per_row(params.temperature, batch), 1e-6)
     sorted_desc = -jnp.sort(-logits, axis=-1)  # [batch, vocab]
-    vocab = logits.shape[-1]
-    k = jnp.where(params.top_k > 0, jnp.minimum(params.top_k, vocab), vocab)
-    kth = jnp.take(sorted_desc, k - 1, axis=-1)[:, None]  # [batch, 1]
+    top_k = _per_row(params.top_k, batch)
+    k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # [batch, 1]
+    kth = jnp.take_along_axis(sorted_desc, k - 1, axis=-1)  # [batch, 1]
     logits = jnp.where(logits < kth, NEG_INF, logits)
     sorted_desc = jnp.where(jnp.arange(vocab) < k, sorted_desc, NEG_INF)
     # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p (at least one)
+    top_p = _per_row(params.top_p, batch)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < params.top_p) | (params.top_p >= 1.0)  # f32 cumsum can round to 1
+    keep = (mass_before < top_p) | (top_p >= 1.0)  # f32 cumsum can round to 1
     cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)  # [batch, 1]
-    return jnp.where(logits < cutoff, NEG_INF, logits)
+    logits = jnp.where(logits < cutoff, NEG_INF, logits)
+    # min-p: drop tokens less likely than min_p times the most likely one (the top token stays)
+    min_p = _per_row(params.min_p, batch)
+    floor = sorted_desc[:, :1] + jnp.log(jnp.maximum(min_p, 1e-30))  # [batch, 1] in logit space
+    return jnp.where((min_p > 0) & (logits < floor), NEG_INF, logits)
 
 
-def sample_next_token(logits: jax.Array, params: SamplingArrays, key: jax.Array) -> jax.Array:
+def sample_next_token(logits: jax.Array, params: SamplingArrays, key: jax.Array,
+                      seen: jax.Array | None = None) -> jax.Array:
     """One token id per row of logits [batch, vocab] -> int32 [batch].
 
-    Branches (not masks) keep greedy decoding free of the vocabulary sort and the random draw."""
-    def sample() -> jax.Array:
-        filtered = jax.lax.cond(
-            (params.top_k > 0) | (params.top_p < 1.0),
-            lambda: filter_logits(logits, params),
-            lambda: logits / jnp.maximum(params.temperature, 1e-6))
-        return jax.random.categorical(key, filtered, axis=-1).astype(jnp.int32)
+    key: one PRNG key for the whole batch, or a [batch] array of keys (one stream per row, so that
+    a row's draw does not depend on the other rows). seen: bool [batch, vocab], the tokens each row
+    has seen, needed only for a repetition penalty. Rows with temperature 0 take the argmax.
+    Branches (not masks) keep all-greedy batches free of the vocabulary sort and the random draw."""
+    batch = logits.shape[0]
+    if seen is not None:
+        logits = jax.lax.cond(jnp.any(jnp.asarray(params.repetition_penalty) != 1.0),
+                              lambda: apply_repetition_penalty(logits, seen,
+                                                               params.repetition_penalty),
+                              lambda: logits)
+    greedy = jnp.argmax(logits, axis=-1).astype(jnp.int32)
+    temperature = jnp.broadcast_to(jnp.asarray(params.temperature), (batch,))
 
-    return jax.lax.cond(params.temperature > 0, sample,
-                        lambda: jnp.argmax(logits, axis=-1).astype(jnp.int32))
+    def sample() -> jax.Array:
+        needs_filter = (jnp.any(jnp.asarray(params.top_k) > 0)
+                        | jnp.any(jnp.asarray(params.top_p) < 1.0)
+                        | jnp.any(jnp.asarray(params.min_p) > 0))
+        filtered = jax.lax.cond(
+            needs_filter, lambda: filter_logits(logits, params),
+            lambda: logits / jnp.maximum(temperature[:, None], 1e-6))
+        if key.shape == ():
+            drawn = jax.random.categorical(key, filtered, axis=-1)
+        else:
+            drawn = jax.vmap(lambda k, row: jax.random.categorical(k, row))(key, filtered)
+        return jnp.where(temperature > 0, drawn.astype(jnp.int32), greedy)
+
+    return jax.lax.cond(jnp.any(temperature > 0), sample, lambda: greedy)

@@ -6,6 +6,9 @@ keys live at absolute slots 0..S-1 and unwritten slots lie beyond every query's 
 position-based mask expresses causality, cache validity and the window at once (until the paged
 decode kernel replaces this path). Query heads are grouped over KV heads by a reshape: K/V are never
 repeated in memory.
+
+The serving engine's paged path (`paged_attention`) treats a flat batch of tokens from many
+sequences as that many one-query decodes, each over its own sequence's pages.
 """
 
 from __future__ import annotations
@@ -13,10 +16,15 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas import flash_attention
+from kernels_pallas import flash_attention, paged_decode_attention
+from kernels_pallas.backend import resolve_backend
 
 # A large finite negative: fully masked rows stay finite instead of producing NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
+# Context tokens the XLA paged path gathers per loop step when every token of a step is a query:
+# its gather is [T, chunk, Hkv, D], so a short chunk keeps it near each token's real context (the
+# kernel's decode default, ~512, made a 256-token step of short prompts 3-9x slower on CPU).
+PAGED_XLA_CHUNK_TOKENS = 64
 
 
 def attention_mask(q_positions: jax.Array, kv_len: int, sliding_window: int | None) -> jax.Array:
@@ -54,3 +62,18 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     probs = jax.nn.softmax(scores, axis=-1).astype(v.dtype)  # [batch, Hkv, groups, T, S]
     out = jnp.einsum("bkgts,bskd->btkgd", probs, v, preferred_element_type=jnp.float32)
     return out.reshape(batch, t, hq, d).astype(q.dtype)
+
+
+def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_rows: jax.Array,
+                    lengths: jax.Array, *, backend: str) -> jax.Array:
+    """Each token of a flat batch attends over its own sequence's first `lengths` cached keys.
+
+    q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_rows int32
+    [T, pages_per_seq]; lengths int32 [T] -> [T, Hq, D]. The token's own K/V must already be in
+    the pages, so a chunk of prompt tokens is causal by giving token p the length p + 1.
+    """
+    pages_per_block = None
+    if resolve_backend(backend)[0] == "xla":
+        pages_per_block = max(1, min(page_rows.shape[1], PAGED_XLA_CHUNK_TOKENS // k_pages.shape[1]))
+    return paged_decode_attention(q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), page_rows,
+                                  lengths, backend=backend, pages_per_block=pages_per_block)

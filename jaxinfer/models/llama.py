@@ -2,7 +2,8 @@
 
 The parameter tree mirrors Hugging Face's module names (`layers[i].self_attn.q_proj.kernel`) so that
 checkpoint conversion is a rename plus a transpose. `__call__` is a plain traceable forward pass;
-`forward` adds the KV cache that generation uses.
+`forward` adds the KV cache that generation uses; `forward_paged` runs a flat batch of tokens from
+many sequences over the serving engine's paged KV cache.
 """
 
 from __future__ import annotations
@@ -12,10 +13,11 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import LlamaConfig
-from jaxinfer.models.attention import cached_attention, causal_attention
+from jaxinfer.models.attention import cached_attention, causal_attention, paged_attention
 from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import Embedding, Linear, RMSNorm, SwiGLU
+from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, PagedLayerKV
 from jaxinfer.models.rope import apply_rotary, inverse_frequencies, rotary_tables
 from sharding import constrain
 
@@ -44,13 +46,29 @@ class SelfAttention(nnx.Module):
         self.sliding_window = c.sliding_window
         self.attention_backend = c.attention_backend
 
-    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
-                 kv: LayerKV | None, start: jax.Array) -> tuple[jax.Array, LayerKV | None]:
-        batch, t, _ = x.shape  # x [batch, T, embed]
+    def _project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
+        """x [batch, T, embed] -> rotated q [batch, T, Hq, D]; rotated k, v [batch, T, Hkv, D]."""
+        batch, t, _ = x.shape
         q = constrain(self.q_proj(x).reshape(batch, t, self.num_heads, self.head_dim), Q_AXES)
         k = constrain(self.k_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim), KV_AXES)
         v = constrain(self.v_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim), KV_AXES)
-        q, k = apply_rotary(q, cos, sin), apply_rotary(k, cos, sin)
+        return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
+
+    def paged(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: PagedLayerKV,
+              meta: PagedBatch) -> tuple[jax.Array, PagedLayerKV]:
+        """x [1, T, embed]: T tokens of many sequences. Writes their K/V into the pages first, then
+        each token attends over its own sequence up to and including itself."""
+        _, t, _ = x.shape
+        q, k, v = self._project(x, cos, sin)
+        kv = kv.write(k[0], v[0], meta.write_slots)
+        out = paged_attention(q[0], kv.k, kv.v, meta.page_rows, meta.lengths,
+                              backend=self.attention_backend)  # [T, Hq, D]
+        return self.o_proj(out.reshape(1, t, self.num_heads * self.head_dim)), kv
+
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
+                 kv: LayerKV | None, start: jax.Array) -> tuple[jax.Array, LayerKV | None]:
+        batch, t, _ = x.shape  # x [batch, T, embed]
+        q, k, v = self._project(x, cos, sin)
         if kv is None:
             out = causal_attention(q, k, v, sliding_window=self.sliding_window,
                                    backend=self.attention_backend)
@@ -76,6 +94,11 @@ class DecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, positions, kv, start):
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start)
+        x = x + h
+        return x + self.mlp(self.post_attention_layernorm(x)), kv
+
+    def paged(self, x, cos, sin, kv: PagedLayerKV, meta: PagedBatch):
+        h, kv = self.self_attn.paged(self.input_layernorm(x), cos, sin, kv, meta)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -125,3 +148,27 @@ class LlamaForCausalLM(nnx.Module):
         logits = constrain(logits, LOGITS)
         new_cache = None if cache is None else KVCache(tuple(new_layers))
         return logits.astype(jnp.float32), new_cache
+
+    def init_paged_cache(self, num_pages: int, page_size: int) -> PagedKVCache:
+        c = self.config
+        return PagedKVCache.zeros(c.num_hidden_layers, num_pages, page_size,
+                                  c.num_key_value_heads, c.head_dim, jnp.dtype(c.dtype))
+
+    def forward_paged(self, input_ids: jax.Array, meta: PagedBatch, cache: PagedKVCache,
+                      logit_rows: jax.Array) -> tuple[jax.Array, PagedKVCache]:
+        """One flat batch of T tokens from many sequences over the paged KV cache.
+
+        input_ids int32 [T]; meta: positions, K/V write slots, page-table rows and attention lengths
+        per token; logit_rows int32 [R]: the tokens whose next-token logits are wanted (the last
+        token of each sequence in the batch), so the vocabulary projection runs on R rows, not T.
+        Returns logits float32 [R, vocab] and the cache with the T tokens' K/V written."""
+        positions = meta.positions[None]  # [1, T]
+        cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
+        x = self.embed_tokens(input_ids[None])  # [1, T, embed]
+        new_layers = []
+        for layer, kv in zip(self.layers, cache.layers):
+            x, kv = layer.paged(x, cos, sin, kv, meta)
+            new_layers.append(kv)
+        x = self.norm(x[:, logit_rows])  # [1, R, embed]
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return logits[0].astype(jnp.float32), PagedKVCache(tuple(new_layers))

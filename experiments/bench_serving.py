@@ -1,0 +1,253 @@
+"""Serving benchmark in vLLM's manner: Poisson arrivals into `jaxinfer.Engine`; latency, throughput.
+
+    python -m experiments.bench_serving            # 64 requests at 4, 16 and inf requests/s
+    python -m experiments.bench_serving --quick    # seconds on a CPU
+
+Workload: prompts cut from the sample corpus with lengths uniform in [--prompt-len], outputs of
+lengths uniform in [--output-len], generated exactly (ignore_eos, as vLLM's benchmarks do), greedy.
+Gaps between arrivals are exponential (Poisson, vLLM's burstiness 1); rate inf submits all at once.
+The engine is warmed up over every token bucket first, so no compilation is timed.
+
+Metrics per rate (vLLM's definitions): TTFT (arrival to first token), TPOT ((last - first token
+time) / (tokens - 1)), ITL (gaps between streamed tokens), p50 and p99 of each; output tokens/s
+and requests/s over the run. The peer is `transformers` `generate` on the same requests in static
+batches of --peer-batch (left-padded, each batch decoding to its longest output; only the requested
+tokens count), run offline; the ratio compares it with the engine's offline (rate inf) throughput.
+
+Decode roofline (serving.md §4): a decode step must read the weights W and every sequence's KV,
+bytes = W + sum_i c_i * KV bytes per token; t_roofline = bytes / bandwidth, with the bandwidth
+measured here (a large on-device copy). Percent of roofline = sum t_roofline / sum t_measured over
+the decode-only steps of the rate-inf run.
+"""
+
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+from pathlib import Path
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+import jaxinfer
+from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from jaxinfer.models.paged_kv import page_bytes
+
+
+def make_workload(stream: np.ndarray, args, rng: np.random.Generator) -> list[tuple[list, int]]:
+    """(prompt ids, output length) per request."""
+    work = []
+    for _ in range(args.num_requests):
+        length = int(rng.integers(args.prompt_len[0], args.prompt_len[1] + 1))
+        start = int(rng.integers(0, len(stream) - length))
+        work.append((stream[start:start + length].tolist(),
+                     int(rng.integers(args.output_len[0], args.output_len[1] + 1))))
+    return work
+
+
+def percentile(values: list[float], q: float) -> float:
+    return float(np.percentile(values, q)) if values else float("nan")
+
+
+def serve(engine: jaxinfer.Engine, work, rate: float, rng: np.random.Generator) -> dict:
+    """Run the workload with Poisson arrivals at `rate` requests/s; per-request token times."""
+    gaps = rng.exponential(1.0 / rate, len(work)) if np.isfinite(rate) else np.zeros(len(work))
+    arrivals = np.cumsum(gaps) - gaps[0]
+    token_times: dict[int, list[float]] = {}
+    arrival_of: dict[int, float] = {}
+    steps = []  # (seconds, StepStats)
+    next_request, t0 = 0, time.perf_counter()
+    while next_request < len(work) or engine.num_unfinished:
+        now = time.perf_counter() - t0
+        while next_request < len(work) and arrivals[next_request] <= now:
+            prompt, out_len = work[next_request]
+            rid = engine.submit(prompt, jaxinfer.SamplingParams(
+                max_tokens=out_len, temperature=0.0, ignore_eos=True))
+            arrival_of[rid] = t0 + arrivals[next_request]
+            token_times[rid] = []
+            next_request += 1
+        if not engine.num_unfinished:  # idle until the next arrival
+            time.sleep(max(0.0, arrivals[next_request] - (time.perf_counter() - t0)))
+            continue
+        s0 = time.perf_counter()
+        events = engine.step()
+        s1 = time.perf_counter()
+        steps.append((s1 - s0, engine.last_step))
+        for event in events:
+            token_times[event.request_id].extend([s1] * len(event.token_ids))
+    elapsed = time.perf_counter() - t0
+    engine.run_until_done()
+    ttft = [times[0] - arrival_of[rid] for rid, times in token_times.items()]
+    tpot = [(t[-1] - t[0]) / (len(t) - 1) for t in token_times.values() if len(t) > 1]
+    itl = [b - a for t in token_times.values() for a, b in zip(t, t[1:])]
+    out_tokens = sum(len(t) for t in token_times.values())
+    return {"elapsed_s": elapsed, "output_tokens": out_tokens, "steps": steps,
+            "ttft": ttft, "tpot": tpot, "itl": itl}
+
+
+def measure_bandwidth(nbytes: int = 1 << 28) -> float:
+    """Bytes/s of a large on-device copy (read + write counted)."""
+    x = jnp.ones(nbytes // 4, jnp.float32)
+    copy = jax.jit(lambda a: a + 1.0)
+    jax.block_until_ready(copy(x))
+    times = []
+    for _ in range(5):
+        t0 = time.perf_counter()
+        jax.block_until_ready(copy(x))
+        times.append(time.perf_counter() - t0)
+    return 2 * nbytes / statistics.median(times)
+
+
+def decode_roofline(steps, weight_bytes: int, kv_token_bytes: int, bandwidth: float) -> dict:
+    decode = [(t, s) for t, s in steps if s.decode_only]
+    if not decode:
+        return {"decode_steps": 0}
+    t_measured = sum(t for t, _ in decode)
+    t_roof = sum((weight_bytes + s.kv_tokens * kv_token_bytes) / bandwidth for _, s in decode)
+    return {"decode_steps": len(decode), "decode_seconds": t_measured,
+            "roofline_seconds": t_roof, "percent_of_roofline": 100.0 * t_roof / t_measured,
+            "mean_decode_batch": statistics.mean(s.sampled for _, s in decode)}
+
+
+def run_peer(args, work, torch_device: str) -> dict:
+    """transformers generate over the same requests in static batches (offline)."""
+    import torch
+    import transformers
+
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    hf.to(torch_device).eval()
+
+    def run_batch(batch):
+        width = max(len(p) for p, _ in batch)
+        ids = np.zeros((len(batch), width), np.int64)
+        mask = np.zeros_like(ids)
+        for i, (prompt, _) in enumerate(batch):
+            ids[i, width - len(prompt):] = prompt
+            mask[i, width - len(prompt):] = 1
+        new = max(n for _, n in batch)
+        with torch.no_grad():
+            hf.generate(torch.from_numpy(ids).to(torch_device),
+                        attention_mask=torch.from_numpy(mask).to(torch_device), do_sample=False,
+                        max_new_tokens=new, min_new_tokens=new, pad_token_id=0)
+
+    batches = [work[i:i + args.peer_batch] for i in range(0, len(work), args.peer_batch)]
+    run_batch(batches[0])  # warm-up: allocator and thread pools
+    t0 = time.perf_counter()
+    for batch in batches:
+        run_batch(batch)
+    elapsed = time.perf_counter() - t0
+    tokens = sum(n for _, n in work)
+    return {"elapsed_s": elapsed, "output_tokens": tokens, "tok_s": tokens / elapsed,
+            "req_s": len(work) / elapsed, "transformers_version": transformers.__version__,
+            "torch_version": torch.__version__, "torch_device": torch_device}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default=str(jaxinfer.default_model_dir()))
+    parser.add_argument("--num-requests", type=int, default=64)
+    parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, float("inf")])
+    parser.add_argument("--prompt-len", type=int, nargs=2, default=[16, 128])
+    parser.add_argument("--output-len", type=int, nargs=2, default=[16, 64])
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--num-pages", type=int)
+    parser.add_argument("--max-tokens-per-step", type=int, default=256)
+    parser.add_argument("--peer-batch", type=int, default=8)
+    parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "bench_serving.json"))
+    args = parser.parse_args()
+    if args.quick:
+        args.num_requests, args.rates = 8, [32.0, float("inf")]
+        args.prompt_len, args.output_len = [8, 24], [4, 8]
+        args.max_batch, args.max_tokens_per_step, args.peer_batch = 8, 16, 4
+
+    import torch
+
+    model = jaxinfer.load_pretrained(args.model)
+    config = model.config
+    tokenizer = jaxinfer.load_tokenizer(args.model)
+    text = Path(jaxinfer.assets.corpus_sample_path()).read_text()
+    stream = np.array(tokenizer.encode(text[:200000]).ids, dtype=np.int32)
+    rng = np.random.default_rng(args.seed)
+    work = make_workload(stream, args, rng)
+
+    engine = jaxinfer.Engine(model, max_batch=args.max_batch, page_size=args.page_size,
+                             num_pages=args.num_pages, max_tokens_per_step=args.max_tokens_per_step)
+    t0 = time.perf_counter()
+    engine.warmup()
+    compile_s = time.perf_counter() - t0
+
+    rows, runs = [], {}
+    for rate in args.rates:
+        run = serve(engine, work, rate, np.random.default_rng(args.seed + 1))
+        runs[rate] = run
+        rows.append({
+            "rate_req_s": rate, "tok_s": run["output_tokens"] / run["elapsed_s"],
+            "req_s": len(work) / run["elapsed_s"],
+            "ttft_p50_ms": 1e3 * percentile(run["ttft"], 50),
+            "ttft_p99_ms": 1e3 * percentile(run["ttft"], 99),
+            "tpot_p50_ms": 1e3 * percentile(run["tpot"], 50),
+            "tpot_p99_ms": 1e3 * percentile(run["tpot"], 99),
+            "itl_p50_ms": 1e3 * percentile(run["itl"], 50),
+            "itl_p99_ms": 1e3 * percentile(run["itl"], 99),
+            "steps": len(run["steps"]),
+        })
+    print_table(rows, list(rows[0]))
+
+    weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
+    kv_token_bytes = page_bytes(config.num_hidden_layers, 1, config.num_key_value_heads,
+                                config.head_dim, config.dtype)
+    bandwidth = measure_bandwidth()
+    offline = runs.get(float("inf"), runs[args.rates[-1]])
+    roofline = decode_roofline(offline["steps"], weight_bytes, kv_token_bytes, bandwidth)
+    print(f"\ndecode roofline: W = {weight_bytes / 2**20:.1f} MiB, KV {kv_token_bytes} B/token, "
+          f"measured bandwidth {bandwidth / 1e9:.1f} GB/s -> "
+          f"{roofline.get('percent_of_roofline', float('nan')):.1f}% of roofline over "
+          f"{roofline['decode_steps']} decode steps")
+
+    peer = None
+    if not args.no_peer:
+        torch_device = "cuda" if torch.cuda.is_available() else "cpu"
+        peer = run_peer(args, work, torch_device)
+        engine_tok_s = offline["output_tokens"] / offline["elapsed_s"]
+        peer["engine_over_peer"] = engine_tok_s / peer["tok_s"]
+        print(f"peer transformers.generate (static batches of {args.peer_batch}, "
+              f"{torch_device}): {peer['tok_s']:.1f} tok/s; engine offline {engine_tok_s:.1f} "
+              f"tok/s = {peer['engine_over_peer']:.2f}x")
+
+    out = Path(args.out)
+    finite = [r for r in rows if np.isfinite(r["rate_req_s"])]
+    png = None
+    if finite:
+        rates = [r["rate_req_s"] for r in finite]
+        png = plot_curves({"TTFT p50": (rates, [r["ttft_p50_ms"] for r in finite]),
+                           "TTFT p99": (rates, [r["ttft_p99_ms"] for r in finite]),
+                           "TPOT p50": (rates, [r["tpot_p50_ms"] for r in finite]),
+                           "ITL p99": (rates, [r["itl_p99_ms"] for r in finite])},
+                          xlabel="request rate (req/s)", ylabel="ms",
+                          title=f"jaxinfer.Engine latency, {Path(args.model).name}",
+                          out=out.with_suffix(".png"))
+        print(f"wrote {png}")
+    settings = {k: (v if not isinstance(v, float) or np.isfinite(v) else "inf")
+                for k, v in vars(args).items()}
+    settings["rates"] = [r if np.isfinite(r) else "inf" for r in args.rates]
+    record = {"experiment": "bench_serving", "quick": args.quick, **environment(),
+              "model": Path(args.model).name, "settings": settings,
+              "num_pages": engine.num_pages, "compile_s": compile_s,
+              "rows": [{**r, "rate_req_s": r["rate_req_s"] if np.isfinite(r["rate_req_s"])
+                        else "inf"} for r in rows],
+              "roofline": {**roofline, "weight_bytes": weight_bytes,
+                           "kv_bytes_per_token": kv_token_bytes,
+                           "measured_bandwidth_bytes_s": bandwidth},
+              "peer": peer, "png": None if png is None else str(png)}
+    print(f"wrote {write_json(record, out)}")
+
+
+if __name__ == "__main__":
+    main()

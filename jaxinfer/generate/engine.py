@@ -1,0 +1,312 @@
+"""`Engine`: continuous-batching generation over a paged KV cache.
+
+    engine = Engine(model, max_batch=64, page_size=16, num_pages=None, max_tokens_per_step=512)
+    rid = engine.submit(prompt_ids, SamplingParams(max_tokens=64, temperature=0.8, seed=0))
+    for request_id, new_token_ids, finished in engine.stream():
+        ...
+    results = engine.run_until_done()        # {request id: generated token ids}
+    outputs = engine.generate([prompt_a, prompt_b], params)
+
+Also: `abort(request_id)`, `step()` (one step by hand), `warmup()` (compile every token bucket so
+serving never compiles), `last_step` (what the last step computed), `num_preemptions`.
+
+A Python scheduler (`scheduler.py`) picks each step's tokens; one jitted, fixed-shape step
+(`engine_step.py`) runs them. Requests are validated completely at `submit`, so a bad request is
+refused there and never reaches a step shared with others. With `n > 1` a request runs as n
+sequences sharing the prompt; its events and result then hold one token list per sample.
+"""
+
+from __future__ import annotations
+
+import logging
+from typing import Iterator, NamedTuple, Sequence
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.generate.engine_step import StepInputs, compiled_step, empty_inputs
+from jaxinfer.generate.paged_cache import default_num_pages, pages_for
+from jaxinfer.generate.sampling_params import SamplingParams
+from jaxinfer.generate.scheduler import Chunk, Request, Scheduler
+
+log = logging.getLogger(__name__)
+
+MIN_BUCKET = 8  # smallest token bucket: fewer compilations; padding a decode step is cheap
+
+
+class Event(NamedTuple):
+    """New tokens of one request from one step (a list per sample when the request has n > 1)."""
+
+    request_id: int
+    token_ids: list
+    finished: bool
+
+
+class StepStats(NamedTuple):
+    """What the last step computed (for benchmarks and logs)."""
+
+    tokens: int  # real tokens in the step
+    bucket: int  # token slots compiled for (tokens + padding)
+    sampled: int  # sequences that got a new token
+    decode_only: bool  # every token was a decode (the case the decode roofline models)
+    kv_tokens: int  # keys attended in all, sum of (position + 1) over the tokens
+
+
+def token_buckets(max_tokens_per_step: int) -> tuple[int, ...]:
+    """Step sizes compiled: powers of two from MIN_BUCKET, and max_tokens_per_step itself."""
+    sizes, size = [], MIN_BUCKET
+    while size < max_tokens_per_step:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_tokens_per_step)
+
+
+def _check_positive_int(name: str, value) -> None:
+    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
+        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
+
+
+class Engine:
+    """Serve many requests at once on one model (see the module docstring for the API).
+
+    max_batch: sequences in flight at once. page_size: tokens per KV page. num_pages: pages in the
+    pool, None to size it from device memory (logged). max_tokens_per_step: the token budget of one
+    step (decodes plus prompt chunks). tokenizer: needed only for stop strings. max_model_len: the
+    longest sequence served (default: the model's context); it sizes the page tables.
+    """
+
+    def __init__(self, model, max_batch: int = 64, page_size: int = 16,
+                 num_pages: int | None = None, max_tokens_per_step: int = 512, *, tokenizer=None,
+                 max_model_len: int | None = None):
+        config = model.config
+        _check_positive_int("max_batch", max_batch)
+        _check_positive_int("page_size", page_size)
+        _check_positive_int("max_tokens_per_step", max_tokens_per_step)
+        if max_model_len is None:
+            max_model_len = config.max_position_embeddings
+        _check_positive_int("max_model_len", max_model_len)
+        if max_model_len > config.max_position_embeddings:
+            raise ValueError(f"max_model_len must be <= the model's context "
+                             f"({config.max_position_embeddings}); got {max_model_len}")
+        if config.sliding_window is not None and config.sliding_window < max_model_len:
+            raise ValueError(f"the paged engine has no sliding-window attention yet: need "
+                             f"max_model_len <= sliding_window ({config.sliding_window}); "
+                             f"got max_model_len={max_model_len}")
+        self.config = config
+        self.tokenizer = tokenizer
+        self.max_batch, self.page_size = int(max_batch), int(page_size)
+        self.max_model_len = int(max_model_len)
+        self.pages_per_seq = pages_for(self.max_model_len, self.page_size)
+        if num_pages is None:
+            num_pages = default_num_pages(config, self.page_size, self.max_batch,
+                                          self.max_model_len)
+        _check_positive_int("num_pages", num_pages)
+        self.num_pages = int(num_pages)
+        self.buckets = token_buckets(int(max_tokens_per_step))
+        graphdef, self._state = nnx.split(model)
+        self._step = compiled_step(graphdef)
+        self._cache = model.init_paged_cache(self.num_pages, self.page_size)
+        self._seen = jnp.zeros((self.max_batch, config.vocab_size), bool)  # [B, vocab]
+        self._scheduler = Scheduler(self.max_batch, self.page_size, self.num_pages,
+                                    int(max_tokens_per_step))
+        self._live: dict[int, list[Request]] = {}  # request id -> its samples, until finished
+        self._results: dict[int, list] = {}  # finished, not yet returned by run_until_done
+        self._next_id = 0
+        self._arrivals = 0
+        self.last_step: StepStats | None = None
+
+    @property
+    def num_preemptions(self) -> int:
+        """Preemptions so far (each one recomputes a request from its tokens)."""
+        return self._scheduler.num_preemptions
+
+    @property
+    def num_unfinished(self) -> int:
+        """Requests submitted and neither finished nor aborted."""
+        return len(self._live)
+
+    def submit(self, prompt_ids, params: SamplingParams | None = None) -> int:
+        """Queue a request; returns its id. Raises ValueError (TypeError) for anything that could
+        never be served: empty or out-of-vocabulary prompt, prompt + max_tokens beyond the context
+        or the page pool, stop strings without a tokenizer."""
+        params = SamplingParams() if params is None else params
+        if not isinstance(params, SamplingParams):
+            raise TypeError(f"params must be a SamplingParams; got {type(params).__name__}")
+        prompt = self._check_prompt(prompt_ids)
+        total = len(prompt) + params.max_tokens
+        if total > self.max_model_len:
+            raise ValueError(f"prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} "
+                             f"exceeds max_model_len={self.max_model_len}")
+        needed = pages_for(total - 1, self.page_size)  # the last token's K/V is never written
+        if needed > self.num_pages:
+            raise ValueError(f"prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} "
+                             f"needs {needed} KV pages of {self.page_size} tokens; the pool has "
+                             f"{self.num_pages}")
+        if params.stop and self.tokenizer is None:
+            raise ValueError(f"stop strings {params.stop!r} need a tokenizer: "
+                             f"Engine(model, tokenizer=...)")
+        bad = [t for t in params.stop_token_ids if t >= self.config.vocab_size]
+        if bad:
+            raise ValueError(f"stop_token_ids must lie in [0, {self.config.vocab_size}) "
+                             f"(vocab_size); got {bad}")
+        request_id = self._next_id
+        self._next_id += 1
+        samples = []
+        for i in range(params.n):
+            samples.append(Request(request_id, i, prompt, params, self._arrivals))
+            self._arrivals += 1
+            self._scheduler.add(samples[-1])
+        self._live[request_id] = samples
+        return request_id
+
+    def abort(self, request_id: int) -> list:
+        """Stop a queued or running request; returns what it generated so far."""
+        samples = self._live.pop(request_id, None)
+        if samples is None:
+            raise KeyError(f"unknown request id {request_id!r}: never submitted, already finished "
+                           f"or already aborted")
+        for request in samples:
+            self._scheduler.finish(request)
+        return self._output(samples)
+
+    def step(self) -> list[Event]:
+        """Run one scheduled step; returns the events it produced (empty when idle)."""
+        chunks = self._scheduler.schedule()
+        if not chunks:
+            return []
+        inputs, sampled = self._build_inputs(chunks)
+        self.last_step = StepStats(
+            tokens=int(inputs.valid.sum()), bucket=len(inputs.valid), sampled=len(sampled),
+            decode_only=all(chunk.count == 1 and chunk.samples for chunk in chunks),
+            kv_tokens=int((inputs.positions + 1)[inputs.valid].sum()))
+        tokens, self._cache, self._seen = self._step(self._state, self._cache,
+                                                      self._seen, inputs)
+        tokens = np.asarray(tokens)
+        new: dict[int, list[tuple[Request, int]]] = {}
+        for chunk in chunks:
+            chunk.request.computed += chunk.count
+        for row, request in enumerate(sampled):
+            token = int(tokens[row])
+            request.output.append(token)
+            if self._should_stop(request, token):
+                self._scheduler.finish(request)
+            new.setdefault(request.request_id, []).append((request, token))
+        return [self._event(request_id, produced) for request_id, produced in new.items()]
+
+    def stream(self) -> Iterator[Event]:
+        """Step until every submitted request has finished, yielding events as tokens appear."""
+        while self._scheduler.has_work():
+            yield from self.step()
+
+    def run_until_done(self) -> dict[int, list]:
+        """Finish every request; returns {request id: generated token ids} of every request that
+        finished since the last call (including ones already partly read through stream())."""
+        for _ in self.stream():
+            pass
+        results, self._results = self._results, {}
+        return results
+
+    def generate(self, prompts: Sequence, params: SamplingParams | Sequence[SamplingParams] | None
+                 = None) -> list[list]:
+        """Submit a batch of prompts and serve until they finish; their outputs in prompt order.
+        Other requests progress meanwhile; their results stay for run_until_done."""
+        if params is None or isinstance(params, SamplingParams):
+            params = [params] * len(prompts)
+        if len(params) != len(prompts):
+            raise ValueError(f"params must be one SamplingParams or one per prompt; got "
+                             f"{len(params)} for {len(prompts)} prompts")
+        ids: list[int] = []
+        try:
+            for prompt, p in zip(prompts, params):
+                ids.append(self.submit(prompt, p))
+        except (TypeError, ValueError):
+            for request_id in ids:  # all or nothing: no half-submitted batch keeps running
+                self.abort(request_id)
+            raise
+        while any(i in self._live for i in ids):
+            self.step()
+        return [self._results.pop(i) for i in ids]
+
+    def warmup(self) -> None:
+        """Compile the step for every token bucket (all-padding steps change nothing)."""
+        for tokens in self.buckets:
+            inputs = empty_inputs(tokens, min(tokens, self.max_batch), self.max_batch,
+                                  self.pages_per_seq)
+            _, self._cache, self._seen = self._step(self._state, self._cache,
+                                                     self._seen, inputs)
+
+    def _check_prompt(self, prompt_ids) -> list[int]:
+        try:
+            ids = np.asarray(prompt_ids)
+        except ValueError:
+            raise ValueError("prompt_ids must be a flat sequence of token ids; got ragged "
+                             "nested lists") from None
+        if ids.ndim != 1 or ids.size == 0:
+            raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of token ids; got "
+                             f"shape {ids.shape}")
+        if not np.issubdtype(ids.dtype, np.integer):
+            raise ValueError(f"prompt_ids must hold integer token ids; got dtype {ids.dtype}")
+        low, high = int(ids.min()), int(ids.max())
+        if low < 0 or high >= self.config.vocab_size:
+            raise ValueError(f"prompt_ids must lie in [0, {self.config.vocab_size}) (vocab_size); "
+                             f"found token id {low if low < 0 else high}")
+        return ids.tolist()
+
+    def _build_inputs(self, chunks: list[Chunk]) -> tuple[StepInputs, list[Request]]:
+        total = sum(chunk.count for chunk in chunks)
+        tokens = next(b for b in self.buckets if b >= total)
+        inputs = empty_inputs(tokens, min(tokens, self.max_batch), self.max_batch,
+                              self.pages_per_seq)
+        sampled: list[Request] = []
+        i = 0
+        for chunk in chunks:
+            request, end = chunk.request, chunk.start + chunk.count
+            span = slice(i, i + chunk.count)
+            inputs.token_ids[span] = request.tokens[chunk.start:end]
+            inputs.positions[span] = np.arange(chunk.start, end)
+            inputs.token_slot[span] = request.slot
+            inputs.valid[span] = True
+            inputs.page_table[request.slot, :len(request.pages)] = request.pages
+            i += chunk.count
+            if chunk.samples:
+                row, p = len(sampled), request.params
+                inputs.logit_rows[row] = i - 1
+                inputs.sample_slot[row] = request.slot
+                inputs.temperature[row] = p.temperature
+                inputs.top_k[row] = p.top_k or 0
+                inputs.top_p[row] = 1.0 if p.top_p is None else p.top_p
+                inputs.min_p[row] = p.min_p or 0.0
+                inputs.repetition_penalty[row] = p.repetition_penalty
+                inputs.seed[row] = p.seed
+                inputs.sample_index[row] = request.sample_index
+                sampled.append(request)
+        return inputs, sampled
+
+    def _should_stop(self, request: Request, token: int) -> bool:
+        p = request.params
+        if len(request.output) >= p.max_tokens or token in p.stop_token_ids:
+            return True
+        if not p.ignore_eos and token in self.config.eos_token_id:
+            return True
+        if p.stop:
+            text = self.tokenizer.decode(request.output)
+            return any(s in text for s in p.stop)
+        return False
+
+    def _event(self, request_id: int, produced: list[tuple[Request, int]]) -> Event:
+        samples = self._live[request_id]
+        done = all(r.finished for r in samples)
+        if done:
+            del self._live[request_id]
+            self._results[request_id] = self._output(samples)
+        if len(samples) == 1:
+            return Event(request_id, [produced[0][1]], done)
+        per_sample: list[list[int]] = [[] for _ in samples]
+        for request, token in produced:
+            per_sample[request.sample_index].append(token)
+        return Event(request_id, per_sample, done)
+
+    @staticmethod
+    def _output(samples: list[Request]) -> list:
+        return list(samples[0].output) if len(samples) == 1 else [list(r.output) for r in samples]

@@ -1,0 +1,98 @@
+"""The engine's jitted step: one fixed-shape flat batch of tokens through the model, then sampling.
+
+A step takes T token slots (a bucket size) that mix decode tokens of running requests with prompt
+chunks of waiting ones (Dynamic SplitFuse), writes their K/V into the pages, lets each token attend
+over its own sequence, and samples the next token at R = min(T, max_batch) rows (the last token of
+each sequence in the step). All sampling settings are [R] arrays, so the compiled step depends
+only on (T, R): serving never recompiles after each bucket has run once.
+
+Each row's random key is fold_in(fold_in(key(seed), sample_index), position): a request's draws
+depend on its own settings and positions, never on what else shares the step.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.generate.sampling import SamplingArrays, sample_next_token
+from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache
+
+
+class StepInputs(NamedTuple):
+    """Host-built inputs of one step: T token slots, R sampling rows, B request slots."""
+
+    token_ids: np.ndarray  # int32 [T]
+    positions: np.ndarray  # int32 [T]
+    token_slot: np.ndarray  # int32 [T]: request slot of each token
+    valid: np.ndarray  # bool [T]: False for padding
+    page_table: np.ndarray  # int32 [B, pages_per_seq]
+    logit_rows: np.ndarray  # int32 [R]: token index whose logits each sampling row takes
+    sample_slot: np.ndarray  # int32 [R]: request slot of each sampling row
+    temperature: np.ndarray  # float32 [R]
+    top_k: np.ndarray  # int32 [R]
+    top_p: np.ndarray  # float32 [R]
+    min_p: np.ndarray  # float32 [R]
+    repetition_penalty: np.ndarray  # float32 [R]
+    seed: np.ndarray  # uint32 [R]
+    sample_index: np.ndarray  # int32 [R]: which of a request's n samples
+
+
+def empty_inputs(tokens: int, rows: int, max_batch: int, pages_per_seq: int) -> StepInputs:
+    """All-padding inputs of one bucket: writes are dropped, rows are greedy (warm-up, filling)."""
+    zeros_t = np.zeros(tokens, np.int32)
+    zeros_r = np.zeros(rows, np.int32)
+    return StepInputs(
+        token_ids=zeros_t, positions=zeros_t.copy(), token_slot=zeros_t.copy(),
+        valid=np.zeros(tokens, bool), page_table=np.zeros((max_batch, pages_per_seq), np.int32),
+        logit_rows=zeros_r, sample_slot=zeros_r.copy(), temperature=np.zeros(rows, np.float32),
+        top_k=zeros_r.copy(), top_p=np.ones(rows, np.float32), min_p=np.zeros(rows, np.float32),
+        repetition_penalty=np.ones(rows, np.float32), seed=np.zeros(rows, np.uint32),
+        sample_index=zeros_r.copy())
+
+
+def _row_key(seed: jax.Array, sample_index: jax.Array, position: jax.Array) -> jax.Array:
+    """The key of one draw: a function of the request's seed, sample and position only."""
+    return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), sample_index), position)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_step(graphdef: nnx.GraphDef):
+    """The jitted step of one model structure, shared by every engine on it.
+
+    Binding the graph definition here, not passing it as a static argument, keeps its (slow)
+    hash out of every step's dispatch; the page and `seen` buffers are donated."""
+    return jax.jit(functools.partial(_step, graphdef), donate_argnums=(1, 2))
+
+
+def _step(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache, seen: jax.Array,
+          inputs: StepInputs) -> tuple[jax.Array, PagedKVCache, jax.Array]:
+    """One step. seen bool [B, vocab] marks the tokens each slot's sequence holds (for the
+    repetition penalty). Returns (next tokens int32 [R], cache, seen)."""
+    model = nnx.merge(graphdef, state)
+    page_size = cache.page_size
+    max_batch = seen.shape[0]
+    pos, slot, valid = inputs.positions, inputs.token_slot, inputs.valid
+    page_rows = inputs.page_table[slot]  # [T, pages_per_seq]
+    page = jnp.take_along_axis(page_rows, (pos // page_size)[:, None], axis=1)[:, 0]  # [T]
+    out_of_pool = cache.num_pages * page_size
+    meta = PagedBatch(positions=pos,
+                      write_slots=jnp.where(valid, page * page_size + pos % page_size, out_of_pool),
+                      page_rows=page_rows, lengths=jnp.where(valid, pos + 1, 0))
+    logits, cache = model.forward_paged(inputs.token_ids, meta, cache, inputs.logit_rows)
+
+    # a sequence at position 0 (new, or recomputed after preemption) drops its slot's past
+    seen = seen.at[jnp.where(valid & (pos == 0), slot, max_batch)].set(False, mode="drop")
+    seen = seen.at[jnp.where(valid, slot, max_batch), inputs.token_ids].set(True, mode="drop")
+
+    params = SamplingArrays(inputs.temperature, inputs.top_k, inputs.top_p, inputs.min_p,
+                            inputs.repetition_penalty)
+    new_positions = pos[inputs.logit_rows] + 1  # [R]: position of the token being sampled
+    keys = jax.vmap(_row_key)(inputs.seed, inputs.sample_index, new_positions)
+    tokens = sample_next_token(logits, params, keys, seen[inputs.sample_slot])
+    return tokens, cache, seen

@@ -1,0 +1,89 @@
+"""`SamplingParams`: one request's generation settings, validated once at construction.
+
+Every field is checked here so that a bad value fails at `Engine.submit` with a message naming the
+field, the expected range and the value given, and never inside a jitted step shared with others.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from numbers import Integral, Real
+
+MAX_SEED = 2**32 - 1  # seeds travel to the device as uint32
+
+
+def _is_int(x) -> bool:
+    return isinstance(x, Integral) and not isinstance(x, bool)
+
+
+def _is_real(x) -> bool:
+    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
+
+
+@dataclasses.dataclass(frozen=True)
+class SamplingParams:
+    """Settings of one request (vLLM's names and meanings).
+
+    max_tokens: tokens to generate; exact unless a stop condition ends the request earlier.
+    temperature: 0 is greedy; otherwise logits are divided by it before sampling.
+    top_k, top_p, min_p: None disables the filter. repetition_penalty: 1.0 disables it (HF's rule
+    over prompt and generated tokens). stop_token_ids: tokens that end the request (kept in the
+    output). stop: strings that end the request once the decoded output contains one (needs the
+    engine's tokenizer; the token completing the match is kept). seed: with the sample index and
+    the position it determines every random draw, so the output does not depend on the batch.
+    n: independent samples of the same prompt. ignore_eos: keep going past the model's EOS.
+    """
+
+    max_tokens: int = 16
+    temperature: float = 1.0
+    top_k: int | None = None
+    top_p: float | None = None
+    min_p: float | None = None
+    repetition_penalty: float = 1.0
+    stop_token_ids: tuple[int, ...] = ()
+    stop: tuple[str, ...] = ()
+    seed: int = 0
+    n: int = 1
+    ignore_eos: bool = False
+
+    def __post_init__(self) -> None:
+        # lists are accepted for the tuple fields; the frozen dataclass stores tuples (hashable)
+        for name in ("stop_token_ids", "stop"):
+            value = getattr(self, name)
+            if isinstance(value, (str, int)):
+                value = (value,)
+            if isinstance(value, list):
+                value = tuple(value)
+            object.__setattr__(self, name, value)
+        self._validate()
+
+    def _validate(self) -> None:
+        def fail(name: str, expected: str) -> None:
+            raise ValueError(f"SamplingParams.{name} must be {expected}; "
+                             f"got {getattr(self, name)!r}")
+
+        if not _is_int(self.max_tokens) or self.max_tokens < 1:
+            fail("max_tokens", "an integer >= 1")
+        if not _is_real(self.temperature) or self.temperature < 0:
+            fail("temperature", "a finite number >= 0")
+        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
+            fail("top_k", "None or an integer >= 1")
+        if self.top_p is not None and (not _is_real(self.top_p) or not 0 < self.top_p <= 1):
+            fail("top_p", "None or a number in (0, 1]")
+        if self.min_p is not None and (not _is_real(self.min_p) or not 0 <= self.min_p <= 1):
+            fail("min_p", "None or a number in [0, 1]")
+        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
+            fail("repetition_penalty", "a finite number > 0")
+        if not isinstance(self.stop_token_ids, tuple) or not all(
+                _is_int(t) and t >= 0 for t in self.stop_token_ids):
+            fail("stop_token_ids", "a tuple of integer token ids >= 0")
+        if not isinstance(self.stop, tuple) or not all(
+                isinstance(s, str) and s for s in self.stop):
+            fail("stop", "a tuple of non-empty strings")
+        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
+            fail("seed", f"an integer in [0, {MAX_SEED}]")
+        if not _is_int(self.n) or self.n < 1:
+            fail("n", "an integer >= 1")
+        if not isinstance(self.ignore_eos, bool):
+            fail("ignore_eos", "a bool")

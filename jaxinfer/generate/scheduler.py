@@ -1,0 +1,145 @@
+"""The engine's Python scheduler: FCFS admission, chunked prefill fused with decode, preemption.
+
+Every step (Dynamic SplitFuse, vLLM V1's rule):
+1. Running requests, decodes first and then unfinished prompt chunks, oldest first, each get
+   min(tokens left to compute, budget left) tokens. A request that needs a page when none is free
+   preempts the newest running request (its pages are freed and it is requeued at the front of the
+   waiting queue, to be recomputed from prompt + generated tokens).
+2. Waiting requests, in arrival order, are admitted while a slot is free and the KV of their whole
+   sequence fits in the free pages; each gets a chunk of what is left of the budget. A waiting
+   request never preempts a running one, and none is admitted in a step that preempted (the
+   freed pages go to the running requests that needed them, not to a new prompt).
+Prefill and decode are the same operation here: compute the tokens not yet in the cache; the step
+samples a token for a request only when its chunk reaches the end of its sequence.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+
+from jaxinfer.generate.paged_cache import PageAllocator, pages_for
+from jaxinfer.generate.sampling_params import SamplingParams
+
+
+@dataclasses.dataclass(eq=False)
+class Request:
+    """One sequence: a request with n == 1, or one of the n samples of a request."""
+
+    request_id: int
+    sample_index: int
+    prompt: list[int]
+    params: SamplingParams
+    arrival: int  # FCFS order and preemption order (largest = newest)
+    output: list[int] = dataclasses.field(default_factory=list)
+    computed: int = 0  # tokens whose K/V are in the cache
+    slot: int | None = None
+    pages: list[int] = dataclasses.field(default_factory=list)
+    finished: bool = False
+    preemptions: int = 0
+
+    @property
+    def tokens(self) -> list[int]:
+        return self.prompt + self.output
+
+    @property
+    def remaining(self) -> int:
+        """Tokens to compute before the next token can be sampled."""
+        return len(self.prompt) + len(self.output) - self.computed
+
+
+@dataclasses.dataclass
+class Chunk:
+    """`count` tokens of `request` from position `start`; samples iff they reach its end."""
+
+    request: Request
+    start: int
+    count: int
+
+    @property
+    def samples(self) -> bool:
+        return self.start + self.count == len(self.request.prompt) + len(self.request.output)
+
+
+class Scheduler:
+    def __init__(self, max_batch: int, page_size: int, num_pages: int, max_tokens_per_step: int):
+        self.page_size = page_size
+        self.max_tokens_per_step = max_tokens_per_step
+        self.allocator = PageAllocator(num_pages)
+        self.free_slots = list(range(max_batch - 1, -1, -1))
+        self.waiting: collections.deque[Request] = collections.deque()
+        self.running: list[Request] = []
+        self.num_preemptions = 0
+
+    def add(self, request: Request) -> None:
+        self.waiting.append(request)
+
+    def has_work(self) -> bool:
+        return bool(self.waiting or self.running)
+
+    def finish(self, request: Request) -> None:
+        """Release a finished (or aborted) request's slot and pages."""
+        request.finished = True
+        if request in self.running:
+            self._release(request)
+            self.running.remove(request)
+        elif request in self.waiting:
+            self.waiting.remove(request)
+
+    def schedule(self) -> list[Chunk]:
+        """The chunks of the next step, at most max_tokens_per_step tokens in all."""
+        budget = self.max_tokens_per_step
+        chunks: dict[int, Chunk] = {}  # id(request) -> chunk, in scheduling order
+        preempted = False
+        for request in sorted(self.running, key=lambda r: (r.remaining > 1, r.arrival)):
+            if budget == 0:
+                break
+            if request not in self.running:  # preempted earlier in this loop
+                continue
+            count = min(request.remaining, budget)
+            while not self._grow(request, request.computed + count):
+                victim = max(self.running, key=lambda r: r.arrival)
+                dropped = chunks.pop(id(victim), None)
+                budget += dropped.count if dropped else 0
+                self._preempt(victim)
+                preempted = True
+                if victim is request:
+                    break
+            if request in self.running:
+                chunks[id(request)] = Chunk(request, request.computed, count)
+                budget -= count
+        while not preempted and self.waiting and budget > 0 and self.free_slots:
+            request = self.waiting[0]
+            if pages_for(len(request.tokens), self.page_size) > self.allocator.num_free:
+                break
+            self.waiting.popleft()
+            request.slot = self.free_slots.pop()
+            self.running.append(request)
+            count = min(request.remaining, budget)
+            self._grow(request, request.computed + count)
+            chunks[id(request)] = Chunk(request, request.computed, count)
+            budget -= count
+        return list(chunks.values())
+
+    def _grow(self, request: Request, tokens: int) -> bool:
+        """Give the request pages for `tokens` tokens; False (and no change) if too few are free."""
+        missing = pages_for(tokens, self.page_size) - len(request.pages)
+        if missing > self.allocator.num_free:
+            return False
+        if missing > 0:
+            request.pages += self.allocator.allocate(missing)
+        return True
+
+    def _preempt(self, request: Request) -> None:
+        self._release(request)
+        self.running.remove(request)
+        request.computed = 0
+        request.preemptions += 1
+        self.num_preemptions += 1
+        self.waiting.appendleft(request)
+
+    def _release(self, request: Request) -> None:
+        self.allocator.free(request.pages)
+        request.pages = []
+        self.free_slots.append(request.slot)
+        request.slot = None

@@ -1,0 +1,283 @@
+"""Properties of the serving `Engine` on a tiny random Llama, on CPU.
+
+The oracle is `jaxinfer.generate` on each request alone (CONVENTIONS.md): whatever the arrival
+times, batch mix, chunk sizes and preemptions, the engine's greedy tokens must equal it. All tests
+share one engine geometry (ENGINE) so the step compiles once per bucket for the whole module, and
+the pages are deliberately scarce so that preemption happens.
+"""
+
+from __future__ import annotations
+
+import functools
+import logging
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxinfer
+
+VOCAB = 96
+EOS = 13  # a token the greedy continuations of the test prompts produce (see test_eos_*)
+CONFIG = jaxinfer.LlamaConfig(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    eos_token_id=EOS)
+# 10 pages of 4 tokens hold fewer than two of the longest requests (13 + 12 tokens): preemption.
+ENGINE = dict(max_batch=4, page_size=4, num_pages=10, max_tokens_per_step=16)
+PROMPT_LENGTHS = (3, 8, 13)  # few lengths: each one compiles the oracle once
+ORACLE_NEW = 12  # every oracle continuation has this many tokens; requests take a prefix
+GREEDY = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0.0, ignore_eos=True)
+
+
+@pytest.fixture(scope="module")
+def model():
+    """O(1) logits and attention scores (the default init is near-uniform, where a wrong page or
+    position would barely move the argmax)."""
+    model = jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):
+        offset = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
+        return jnp.asarray(offset + 0.5 * rng.normal(size=x.shape), x.dtype)
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model, nnx.Param)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def oracle(model):
+    """Greedy continuation (ORACLE_NEW tokens) of one prompt by `jaxinfer.generate` alone."""
+    @functools.lru_cache(maxsize=None)
+    def run(prompt: tuple[int, ...]) -> list[int]:
+        out = jaxinfer.generate(model, np.array([prompt], np.int32), max_new_tokens=ORACLE_NEW)
+        return np.asarray(out)[0, len(prompt):].tolist()
+    return lambda prompt: run(tuple(prompt))
+
+
+def random_prompts(rng: np.random.Generator, count: int) -> list[list[int]]:
+    return [rng.integers(0, VOCAB, size=rng.choice(PROMPT_LENGTHS)).tolist() for _ in range(count)]
+
+
+class CharTokenizer:
+    """Each token id decodes to one letter: enough for stop strings."""
+
+    @staticmethod
+    def decode(ids) -> str:
+        return "".join(chr(ord("a") + i % 26) for i in ids)
+
+
+def serve_with_arrivals(engine, arrivals: list[tuple[int, list[int], jaxinfer.SamplingParams]]):
+    """Submit each (step, prompt, params) once the engine has run `step` steps; serve to the end.
+    Returns the request ids (in the order of `arrivals`) and {id: tokens} from stream events."""
+    pending = sorted(range(len(arrivals)), key=lambda i: arrivals[i][0])
+    ids, streamed, step = [None] * len(arrivals), {}, 0
+    while pending:
+        while pending and arrivals[pending[0]][0] <= step:
+            i = pending.pop(0)
+            ids[i] = engine.submit(arrivals[i][1], arrivals[i][2])
+        for event in engine.step():
+            streamed.setdefault(event.request_id, []).extend(event.token_ids)
+        step += 1
+    for event in engine.stream():
+        streamed.setdefault(event.request_id, []).extend(event.token_ids)
+    return ids, streamed
+
+
+def test_greedy_matches_generate_alone_under_random_schedule_with_preemption(model, oracle):
+    rng = np.random.default_rng(1)
+    prompts = random_prompts(rng, 10)
+    params = [jaxinfer.SamplingParams(max_tokens=int(rng.integers(1, ORACLE_NEW + 1)),
+                                      temperature=0.0, ignore_eos=True) for _ in prompts]
+    arrivals = [(int(rng.integers(0, 12)), p, sp) for p, sp in zip(prompts, params)]
+    engine = jaxinfer.Engine(model, **ENGINE)
+    ids, streamed = serve_with_arrivals(engine, arrivals)
+    results = engine.run_until_done()
+    assert engine.num_preemptions > 0, "pages were meant to be scarce enough to preempt"
+    assert sorted(results) == sorted(ids)
+    for rid, (_, prompt, sp) in zip(ids, arrivals):
+        assert results[rid] == oracle(prompt)[:sp.max_tokens], f"request {rid}"
+        assert streamed[rid] == results[rid]
+
+
+def test_generate_batch_returns_outputs_in_prompt_order_with_exact_max_tokens(model, oracle):
+    rng = np.random.default_rng(2)
+    prompts = random_prompts(rng, 5)
+    params = [jaxinfer.SamplingParams(max_tokens=m, temperature=0.0, ignore_eos=True)
+              for m in (1, 2, 5, 11, 12)]
+    outputs = jaxinfer.Engine(model, **ENGINE).generate(prompts, params)
+    assert [len(o) for o in outputs] == [1, 2, 5, 11, 12]
+    for prompt, sp, out in zip(prompts, params, outputs):
+        assert out == oracle(prompt)[:sp.max_tokens]
+
+
+SAMPLED = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=1.0, top_k=40, top_p=0.95,
+                                  min_p=0.01, repetition_penalty=1.3, seed=123, ignore_eos=True)
+
+
+def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model):
+    prompt = np.random.default_rng(3).integers(0, VOCAB, size=8).tolist()
+    alone = jaxinfer.Engine(model, **ENGINE).generate([prompt], SAMPLED)[0]
+    assert jaxinfer.Engine(model, **ENGINE).generate([prompt], SAMPLED)[0] == alone
+
+    rng = np.random.default_rng(4)
+    others = [(int(rng.integers(0, 4)), p, jaxinfer.SamplingParams(
+        max_tokens=ORACLE_NEW, temperature=0.7, seed=int(rng.integers(0, 100)), ignore_eos=True))
+        for p in random_prompts(rng, 4)]
+    engine = jaxinfer.Engine(model, **ENGINE)
+    ids, _ = serve_with_arrivals(engine, others + [(2, prompt, SAMPLED)])
+    results = engine.run_until_done()
+    assert engine.num_preemptions > 0
+    assert results[ids[-1]] == alone
+
+    other_seed = jaxinfer.Engine(model, **ENGINE).generate(
+        [prompt], jaxinfer.SamplingParams(**{**SAMPLED.__dict__, "seed": 124}))[0]
+    assert other_seed != alone
+
+
+def test_n_samples_share_the_prompt_and_sample_zero_matches_n_equals_one(model):
+    prompt = np.random.default_rng(5).integers(0, VOCAB, size=3).tolist()
+    engine = jaxinfer.Engine(model, **ENGINE)
+    single = engine.generate([prompt], SAMPLED)[0]
+    three = engine.generate([prompt], jaxinfer.SamplingParams(**{**SAMPLED.__dict__, "n": 3}))[0]
+    assert len(three) == 3 and all(len(s) == ORACLE_NEW for s in three)
+    assert three[0] == single
+    assert three[1] != three[0] and three[2] != three[0]
+
+    rid = engine.submit(prompt, jaxinfer.SamplingParams(**{**SAMPLED.__dict__, "n": 3}))
+    per_sample, finished = [[], [], []], []
+    for event in engine.stream():
+        assert event.request_id == rid and len(event.token_ids) == 3
+        for sample, new in zip(per_sample, event.token_ids):
+            sample.extend(new)
+        finished.append(event.finished)
+    assert finished[-1] and not any(finished[:-1])
+    assert per_sample == three == engine.run_until_done()[rid]
+
+
+def test_no_compilation_after_warmup(model):
+    engine = jaxinfer.Engine(model, **ENGINE)
+    engine.warmup()
+    compiles = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        cache_entries = engine._step._cache_size()
+        rng = np.random.default_rng(6)
+        kinds = [GREEDY, SAMPLED, jaxinfer.SamplingParams(max_tokens=5, temperature=0.5, n=2)]
+        arrivals = [(int(rng.integers(0, 10)), p, kinds[i % 3])
+                    for i, p in enumerate(random_prompts(rng, 9))]
+        serve_with_arrivals(engine, arrivals)
+        assert len(engine.run_until_done()) == 9
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert compiles == []
+    assert engine._step._cache_size() == cache_entries
+
+
+def test_stop_token_ids_end_the_request_and_are_kept(model, oracle):
+    prompt = np.random.default_rng(7).integers(0, VOCAB, size=8).tolist()
+    want = oracle(prompt)
+    stop = want[4]
+    params = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0.0,
+                                     stop_token_ids=(stop,), ignore_eos=True)
+    out = jaxinfer.Engine(model, **ENGINE).generate([prompt], params)[0]
+    assert out == want[:want.index(stop) + 1]
+
+
+def test_stop_strings_end_the_request_once_the_text_contains_them(model, oracle):
+    prompt = np.random.default_rng(8).integers(0, VOCAB, size=13).tolist()
+    want = oracle(prompt)
+    text = CharTokenizer.decode(want)
+    stop = text[5:8]
+    end = text.index(stop) + len(stop)  # one letter per token
+    params = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0.0, stop=[stop],
+                                     ignore_eos=True)
+    engine = jaxinfer.Engine(model, **ENGINE, tokenizer=CharTokenizer())
+    assert engine.generate([prompt], params)[0] == want[:end]
+
+
+def test_eos_ends_the_request_unless_ignore_eos(model, oracle):
+    prompts = random_prompts(np.random.default_rng(9), 6)
+    hits = [p for p in prompts if EOS in oracle(p)]
+    assert hits, f"precondition: some greedy continuation should contain EOS={EOS}"
+    engine = jaxinfer.Engine(model, **ENGINE)
+    stopped = engine.generate(hits, jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0))
+    ignored = engine.generate(hits, GREEDY)
+    for prompt, out, full in zip(hits, stopped, ignored):
+        want = oracle(prompt)
+        assert out == want[:want.index(EOS) + 1]
+        assert full == want
+
+
+BAD_PARAMS = {
+    "max_tokens": 0, "temperature": -0.5, "top_k": 0, "top_p": 1.5, "min_p": -0.1,
+    "repetition_penalty": 0.0, "stop_token_ids": (-1,), "stop": ("",), "seed": -3, "n": 0,
+    "ignore_eos": "yes",
+}
+
+
+@pytest.mark.parametrize("field", list(BAD_PARAMS))
+def test_invalid_sampling_value_names_the_field_and_the_value(field):
+    with pytest.raises(ValueError, match=rf"SamplingParams\.{field} must be .*; got"):
+        jaxinfer.SamplingParams(**{field: BAD_PARAMS[field]})
+
+
+def test_bad_requests_are_refused_and_the_engine_keeps_serving(model, oracle):
+    engine = jaxinfer.Engine(model, **ENGINE)
+    rng = np.random.default_rng(10)
+    good = random_prompts(rng, 3)
+    first = engine.submit(good[0], GREEDY)
+    cases = [
+        ([], GREEDY, "non-empty"),
+        ([[1, 2], [3, 4]], GREEDY, "1-D"),
+        ([1, VOCAB], GREEDY, r"\[0, 96\)"),
+        ([1.5, 2.0], GREEDY, "integer token ids"),
+        (list(range(60)), GREEDY, "exceeds max_model_len=64"),
+        (list(range(40)), jaxinfer.SamplingParams(max_tokens=10), "needs 13 KV pages"),
+        ([1, 2], jaxinfer.SamplingParams(stop=["x"]), "need a tokenizer"),
+        ([1, 2], jaxinfer.SamplingParams(stop_token_ids=(VOCAB,)), "stop_token_ids"),
+    ]
+    for prompt, params, message in cases:
+        with pytest.raises(ValueError, match=message):
+            engine.submit(prompt, params)
+    with pytest.raises(TypeError, match="SamplingParams"):
+        engine.submit([1, 2], {"max_tokens": 3})
+    with pytest.raises(KeyError, match="unknown request id 999"):
+        engine.abort(999)
+    second = engine.submit(good[1], GREEDY)
+    aborted = engine.submit(good[2], GREEDY)
+    engine.step()
+    engine.abort(aborted)
+    with pytest.raises(KeyError, match="unknown request id"):
+        engine.abort(aborted)
+    with pytest.raises(ValueError, match="non-empty"):
+        engine.generate([good[2], []], GREEDY)  # refused as a whole: good[2] is not left running
+    results = engine.run_until_done()
+    assert sorted(results) == [first, second]
+    assert results[first] == oracle(good[0]) and results[second] == oracle(good[1])
+
+
+def test_engine_arguments_are_validated(model):
+    with pytest.raises(ValueError, match="max_batch must be an integer >= 1; got 0"):
+        jaxinfer.Engine(model, max_batch=0)
+    with pytest.raises(ValueError, match="max_model_len must be <= the model's context"):
+        jaxinfer.Engine(model, max_model_len=65)
+    with pytest.raises(ValueError, match="sliding_window"):
+        windowed = jaxinfer.LlamaForCausalLM(CONFIG.replace(model_type="mistral", sliding_window=8),
+                                             rngs=nnx.Rngs(0))
+        jaxinfer.Engine(windowed, num_pages=4)
+
+
+def test_pool_size_from_memory_is_logged_and_bounded_by_what_max_batch_can_use(model, caplog):
+    with caplog.at_level(logging.INFO, logger="jaxinfer.generate.paged_cache"):
+        engine = jaxinfer.Engine(model, max_batch=2, page_size=8, max_tokens_per_step=8)
+    # on CPU the 1 GiB cap is far above 2 sequences x 64 positions, so those bound the pool
+    assert engine.num_pages == 2 * (CONFIG.max_position_embeddings // 8)
+    assert f"KV pool: {engine.num_pages} pages of 8 tokens" in caplog.text
