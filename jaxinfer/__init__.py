@@ -15,9 +15,10 @@ The public API::
 
 from jaxinfer.assets import default_model_dir
 from jaxinfer.checkpoint import load_pretrained, save_pretrained
-from jaxinfer.config import LlamaConfig, RopeScaling
-from jaxinfer.generate import Engine, SamplingParams, generate
-from jaxinfer.models import LlamaForCausalLM
+from jaxinfer.config import HyenaConfig, LlamaConfig, RopeScaling
+from jaxinfer.generate import Engine, SamplingParams, generate, speculative_generate
+from jaxinfer.models import (HyenaForCausalLM, LlamaForCausalLM, MixtralConfig,
+                             MixtralForCausalLM)
 from jaxinfer.quant import quantize
 from jaxinfer.tokenizer import load_tokenizer
 
@@ -25,8 +26,12 @@ __version__ = "0.1.0"
 
 __all__ = [
     "Engine",
+    "HyenaConfig",
+    "HyenaForCausalLM",
     "LlamaConfig",
     "LlamaForCausalLM",
+    "MixtralConfig",
+    "MixtralForCausalLM",
     "RopeScaling",
     "SamplingParams",
     "default_model_dir",
@@ -35,4 +40,5 @@ __all__ = [
     "load_tokenizer",
     "quantize",
     "save_pretrained",
+    "speculative_generate",
 ]

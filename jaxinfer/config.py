@@ -16,6 +16,7 @@ SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas")  # see kernels_pallas.flash_attention
+SEQUENCE_PARALLEL_IMPLS = ("ring", "ulysses")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -43,8 +44,9 @@ class LlamaConfig:
 
     `param_dtype` is how weights are stored, `dtype` the compute dtype of matmuls; normalization,
     softmax and logits are always float32. `attention_backend` picks the implementation of
-    `kernels_pallas.flash_attention` for uncached forward passes (training, scoring); it is a run
-    setting, not part of the HF config.
+    `kernels_pallas.flash_attention` for uncached forward passes (training, scoring), and
+    `sequence_parallel` the algorithm ("ring" or "ulysses") attention uses when the active sharding
+    rules split the sequence over a mesh axis; both are run settings, not part of the HF config.
     """
 
     vocab_size: int
@@ -69,6 +71,7 @@ class LlamaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     attention_backend: str = "auto"
+    sequence_parallel: str = "ring"  # "ring" | "ulysses": used where the rules split "seq"
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -100,6 +103,9 @@ class LlamaConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}; "
                              f"got {self.attention_backend!r}")
+        if self.sequence_parallel not in SEQUENCE_PARALLEL_IMPLS:
+            raise ValueError(f"sequence_parallel must be one of {SEQUENCE_PARALLEL_IMPLS}; "
+                             f"got {self.sequence_parallel!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in SUPPORTED_DTYPES:
                 raise ValueError(

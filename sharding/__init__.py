@@ -25,7 +25,7 @@ from sharding.placement import (RoutingStats, contiguous_placement, cross_device
                                 routing_statistics)
 from sharding.ring_attention import ring_attention, ring_attention_shard
 from sharding.rules import (ACTIVATION_NAMES, PARAM_NAMES, PRESETS, SEQUENCE_PARALLEL_IMPL, Rules,
-                            logical_to_spec, rules_for)
+                            logical_to_mesh_axes, logical_to_spec, rules_for)
 from sharding.sequence_parallel import communication_elements, sequence_parallel_attention
 from sharding.ulysses import ulysses_attention, ulysses_attention_shard
 from sharding.zigzag import zigzag_permute, zigzag_positions, zigzag_unpermute
@@ -37,8 +37,8 @@ __all__ = [
     "expert_parallel_moe", "greedy_placement", "load_imbalance", "permute_experts",
     "placement_permutation", "round_robin_placement", "route_top_k", "routing_statistics",
     "active_rules", "axis_size", "batch_sharding", "communication_elements", "constrain",
-    "head_counts_of", "logical_to_spec", "make_mesh", "place", "ring_attention",
-    "ring_attention_shard", "rules_for", "sequence_parallel_attention", "shard", "state_shardings",
-    "ulysses_attention", "ulysses_attention_shard", "use_rules", "zigzag_permute",
-    "zigzag_positions", "zigzag_unpermute",
+    "head_counts_of", "logical_to_mesh_axes", "logical_to_spec", "make_mesh", "place",
+    "ring_attention", "ring_attention_shard", "rules_for", "sequence_parallel_attention", "shard",
+    "state_shardings", "ulysses_attention", "ulysses_attention_shard", "use_rules",
+    "zigzag_permute", "zigzag_positions", "zigzag_unpermute",
 ]

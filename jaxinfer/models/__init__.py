@@ -1,6 +1,10 @@
-"""Flax NNX language models."""
+"""Flax NNX language models: Llama-family decoders, Mixtral sparse MoE, Hyena long convolutions."""
 
+from jaxinfer.models.hyena import HyenaForCausalLM
 from jaxinfer.models.kv_cache import KVCache
 from jaxinfer.models.llama import LlamaForCausalLM
+from jaxinfer.models.mixtral import MixtralForCausalLM
+from jaxinfer.models.mixtral_config import MixtralConfig
 
-__all__ = ["KVCache", "LlamaForCausalLM"]
+__all__ = ["HyenaForCausalLM", "KVCache", "LlamaForCausalLM", "MixtralConfig",
+           "MixtralForCausalLM"]

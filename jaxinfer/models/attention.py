@@ -16,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+import sharding
 from kernels_pallas import flash_attention, paged_decode_attention
 from kernels_pallas.backend import resolve_backend
 
@@ -38,10 +39,24 @@ def attention_mask(q_positions: jax.Array, kv_len: int, sliding_window: int | No
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window: int | None,
-                     backend: str) -> jax.Array:
-    """Self-attention over one whole sequence: q [batch, T, Hq, D]; k, v [batch, T, Hkv, D]."""
+                     backend: str, sequence_parallel: str = "ring") -> jax.Array:
+    """Self-attention over one whole sequence: q [batch, T, Hq, D]; k, v [batch, T, Hkv, D].
+
+    Where the active sharding rules split "seq" over a mesh axis of more than one device, it runs
+    as ring or Ulysses attention (`sequence_parallel`) over that axis; a sliding window always
+    takes Ulysses, since the ring's blocks cannot carry one. The sequence stays in its natural
+    (contiguous) order, so positions and data need no permutation."""
     # HF's window: query p sees key j iff p - j < sliding_window, i.e. left = sliding_window - 1
     window = None if sliding_window is None else (sliding_window - 1, 0)
+    active = sharding.active_rules()
+    if active is not None:
+        seq_axes, batch_axes = sharding.logical_to_mesh_axes(("seq", "batch"), active.table)
+        if len(seq_axes) == 1 and sharding.axis_size(active.mesh, seq_axes) > 1:
+            impl = "ulysses" if window is not None else sequence_parallel
+            return sharding.sequence_parallel_attention(
+                q, k, v, mesh=active.mesh, impl=impl, causal=True, axis=seq_axes[0],
+                layout="contiguous", local_window=window, backend=backend,
+                batch_axes=batch_axes or None)
     return flash_attention(q, k, v, causal=True, local_window=window, backend=backend)
 
 

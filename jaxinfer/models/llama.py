@@ -45,6 +45,7 @@ class SelfAttention(nnx.Module):
             c.num_attention_heads, c.num_key_value_heads, c.head_dim)
         self.sliding_window = c.sliding_window
         self.attention_backend = c.attention_backend
+        self.sequence_parallel = c.sequence_parallel
 
     def _project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
         """x [batch, T, embed] -> rotated q [batch, T, Hq, D]; rotated k, v [batch, T, Hkv, D]."""
@@ -71,7 +72,8 @@ class SelfAttention(nnx.Module):
         q, k, v = self._project(x, cos, sin)
         if kv is None:
             out = causal_attention(q, k, v, sliding_window=self.sliding_window,
-                                   backend=self.attention_backend)
+                                   backend=self.attention_backend,
+                                   sequence_parallel=self.sequence_parallel)
         else:
             kv = kv.write(k, v, start)
             kv = LayerKV(constrain(kv.k, CACHE_AXES), constrain(kv.v, CACHE_AXES))

@@ -38,6 +38,9 @@ LAYOUTS = {  # id -> (preset, mesh sizes)
     "tp-2x4": ("tp", dict(data=2, tensor=4)),
     "tp_sp-2x4": ("tp_sp", dict(data=2, tensor=4)),
     "fsdp_tp-2x2x2": ("fsdp_tp", dict(data=2, fsdp=2, tensor=2)),
+    # sequence parallelism: attention runs as ring / Ulysses attention over "sequence"
+    "sp_ring-2x4": ("sp_ring", dict(data=2, sequence=4)),
+    "sp_ulysses-2x4": ("sp_ulysses", dict(data=2, sequence=4)),
 }
 
 # Per-device shard shapes written out by hand from the layouts (not derived with sharding's own
@@ -56,6 +59,8 @@ SHARD_SHAPES = {
     "tp_sp-2x4": TP4,
     "fsdp_tp-2x2x2": dict(q=(16, 16), k=(16, 8), o=(16, 16), down=(32, 16), emb=(32, 16),
                           lm=(16, 32), norm=(16,)),
+    "sp_ring-2x4": FULL,  # parameters as under fsdp, whose axis has size 1 here
+    "sp_ulysses-2x4": FULL,
 }
 
 
@@ -120,18 +125,27 @@ def test_parameters_are_split_as_the_layout_says(model, name):
     for n in LAYOUTS])
 def test_logits_loss_and_grads_match_single_device(model, batch, single_device, name):
     mesh, rules = layout(name)
+    impl = sharding.SEQUENCE_PARALLEL_IMPL.get(LAYOUTS[name][0])
+    if impl is not None:  # the config picks the algorithm; the same seed gives the same weights
+        model = jaxinfer.LlamaForCausalLM(dataclasses.replace(CONFIG, sequence_parallel=impl),
+                                          rngs=nnx.Rngs(0))
     graphdef, params = nnx.split(sharding.shard(model, mesh, rules))
     batch = jax.device_put(batch, sharding.batch_sharding(mesh, rules, ("batch", None)))
     with sharding.use_rules(mesh, rules):
         loss, logits, grads = loss_logits_grads(graphdef, params, batch)
+        if impl is not None:  # attention really exchanged K/V blocks, or heads, between devices
+            hlo = loss_logits_grads.lower(graphdef, params, batch).as_text()
+            assert ("collective_permute" if impl == "ring" else "all_to_all") in hlo
     ref_loss, ref_logits, ref_grads = single_device
     np.testing.assert_allclose(loss, ref_loss, rtol=FWD_RTOL, atol=FWD_ATOL)
     np.testing.assert_allclose(logits, ref_logits, rtol=FWD_RTOL, atol=FWD_ATOL)
-    # the batch ran split over data x fsdp, and under Megatron presets the logits over vocab
+    # the batch ran split over data x fsdp, under Megatron presets the logits over vocab, and
+    # under sequence parallelism the sequence over "sequence"
     sizes = LAYOUTS[name][1]
     vocab_split = sizes.get("tensor", 1) if "tp" in LAYOUTS[name][0] else 1
     assert logits.addressable_shards[0].data.shape == (
-        BATCH // (sizes.get("data", 1) * sizes.get("fsdp", 1)), 8, CONFIG.vocab_size // vocab_split)
+        BATCH // (sizes.get("data", 1) * sizes.get("fsdp", 1)), 8 // sizes.get("sequence", 1),
+        CONFIG.vocab_size // vocab_split)
     for (path, g), r in zip(jax.tree_util.tree_leaves_with_path(grads), jax.tree.leaves(ref_grads)):
         atol = GRAD_ATOL_SCALE * max(1.0, float(np.abs(r).max()))
         np.testing.assert_allclose(np.asarray(g), r, rtol=GRAD_RTOL, atol=atol,
