@@ -163,6 +163,16 @@ def _module_at(model, path: tuple):
     return node
 
 
+def _model_type(config_file: Path) -> str | None:
+    """config.json's model_type, or None where the file is malformed (the config class reading it
+    next reports that with the details)."""
+    try:
+        hf = json.loads(config_file.read_text())
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        return None
+    return hf.get("model_type") if isinstance(hf, dict) else None
+
+
 def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
                     attention_backend: str = "auto",
                     quant_backend: str = "auto") -> LlamaForCausalLM:
@@ -180,7 +190,7 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
     if not config_file.exists():
         raise FileNotFoundError(
             f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    if json.loads(config_file.read_text()).get("model_type") == "mixtral":
+    if _model_type(config_file) == "mixtral":
         from jaxinfer.checkpoint.hf_mixtral import load_mixtral  # it imports this module
 
         return load_mixtral(model_dir, dtype=dtype, attention_backend=attention_backend)
