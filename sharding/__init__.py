@@ -10,11 +10,13 @@ parallelism (DESIGN.md). Imports jax (flax.nnx only to read parameter metadata).
 
 Sequence parallelism: `sequence_parallel_attention(q, k, v, mesh=mesh, impl="ring" | "ulysses")`
 over the "sequence" axis (ring attention with zig-zag balancing, or DeepSpeed-Ulysses).
+Multi-host: `sharding.initialize(...)` in every process first; meshes then span all processes.
 Expert parallelism: `expert_parallel_moe` (all_to_all dispatch over the "expert" axis, preset "ep")
 and expert placement from routing statistics (`routing_statistics`, `greedy_placement`).
 """
 
 from sharding.constraints import active_rules, constrain, use_rules
+from sharding.distributed import initialize
 from sharding.expert_parallel import (MoEResult, capacity_dispatch, capacity_moe, expert_capacity,
                                       expert_parallel_moe, route_top_k)
 from sharding.mesh import MESH_AXES, axis_size, make_mesh
@@ -37,7 +39,7 @@ __all__ = [
     "expert_parallel_moe", "greedy_placement", "load_imbalance", "permute_experts",
     "placement_permutation", "round_robin_placement", "route_top_k", "routing_statistics",
     "active_rules", "axis_size", "batch_sharding", "communication_elements", "constrain",
-    "head_counts_of", "logical_to_mesh_axes", "logical_to_spec", "make_mesh", "place",
+    "head_counts_of", "initialize", "logical_to_mesh_axes", "logical_to_spec", "make_mesh", "place",
     "ring_attention", "ring_attention_shard", "rules_for", "sequence_parallel_attention", "shard",
     "state_shardings", "ulysses_attention", "ulysses_attention_shard", "use_rules",
     "zigzag_permute", "zigzag_positions", "zigzag_unpermute",

@@ -1,0 +1,61 @@
+"""Multi-host: two processes of 4 CPU devices, joined by `sharding.initialize`, train on one
+8-device mesh and get the losses of one process with 8 devices."""
+
+from __future__ import annotations
+
+import json
+import os
+import socket
+import subprocess
+import sys
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+import sharding
+from tests.sharding.test_sharded_llama import LOSS_RTOL
+
+ROOT = Path(__file__).parents[2]
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("localhost", 0))
+        return s.getsockname()[1]
+
+
+def _run_job(count: int) -> dict:
+    """Start `count` worker processes on a fresh port; the JSON line process 0 prints."""
+    port = _free_port()
+    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices come from the worker
+    procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.multihost_worker", str(port),
+                               str(i), str(count)], cwd=ROOT, env=env, text=True,
+                              stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+             for i in range(count)]
+    outs = []
+    for p in procs:
+        out, err = p.communicate(timeout=300)
+        assert p.returncode == 0, err[-3000:]
+        outs.append(out)
+    return json.loads(outs[0].strip().splitlines()[-1])
+
+
+@pytest.mark.slow
+def test_two_processes_of_four_devices_train_like_one_process_of_eight():
+    two = _run_job(2)
+    one = _run_job(1)
+    assert two["processes"] == 2 and one["processes"] == 1
+    assert two["devices"] == one["devices"] == 8
+    np.testing.assert_allclose(two["losses"], one["losses"], rtol=LOSS_RTOL)
+    assert two["losses"][-1] < two["losses"][0]
+
+
+@pytest.mark.parametrize("kwargs, message", [
+    (dict(num_processes=0), "num_processes must be"),
+    (dict(num_processes=2, process_id=2), "process_id must be in"),
+    (dict(local_device_count=1.5), "local_device_count must be"),
+])
+def test_initialize_rejects_bad_arguments_before_touching_jax(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        sharding.initialize("localhost:1", **kwargs)
