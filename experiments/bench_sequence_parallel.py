@@ -37,7 +37,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 import argparse  # noqa: E402
 import re  # noqa: E402
 import statistics  # noqa: E402
-import time  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -46,23 +45,13 @@ import numpy as np  # noqa: E402
 from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import sharding  # noqa: E402
+from experiments.bench_attention import timed  # noqa: E402
 from experiments.common import (RESULTS, environment, plot_curves, print_table,  # noqa: E402
                                 write_json)
 from kernels_pallas import flash_attention  # noqa: E402
 
 IMPLS = ("single", "ring", "ulysses")
 MODES = ("fwd", "fwd_bwd")
-
-
-def timed(fn, args, reps: int) -> list[float]:
-    """Seconds per call after one compile-and-run warm-up."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return times
 
 
 _COMPUTATION = re.compile(r"^(?:ENTRY )?%?([\w.\-]+) .*\{$")

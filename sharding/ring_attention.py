@@ -89,14 +89,8 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bool 
     sp_common.check_qkv(q, k, v, segment_ids, num_shards=size, layout=layout, causal=causal)
     cfg = RingConfig(axis, size, bool(causal), layout,
                      None if softmax_scale is None else float(softmax_scale), backend)
-    act, ids = sp_common.activation_specs(axis, batch_axes)
-    if segment_ids is None:
-        fn = sp_common.shard_map(lambda q, k, v: ring_attention_shard(q, k, v, cfg=cfg),
-                                 mesh=mesh, in_specs=(act, act, act), out_specs=act)
-        return fn(q, k, v)
-    fn = sp_common.shard_map(lambda q, k, v, s: ring_attention_shard(q, k, v, s, cfg=cfg),
-                             mesh=mesh, in_specs=(act, act, act, ids), out_specs=act)
-    return fn(q, k, v, jnp.asarray(segment_ids, jnp.int32))
+    return sp_common.shard_over_sequence(functools.partial(ring_attention_shard, cfg=cfg), q, k, v, segment_ids,
+                                         mesh=mesh, axis=axis, batch_axes=batch_axes)
 
 
 def ring_attention_shard(q, k, v, segment_ids=None, *, cfg: RingConfig):

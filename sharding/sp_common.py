@@ -7,6 +7,7 @@ from __future__ import annotations
 from typing import Callable, Sequence
 
 import jax
+import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 LAYOUTS = ("contiguous", "zigzag")
@@ -72,3 +73,15 @@ def activation_specs(axis: str, batch_axes: str | Sequence[str] | None
     sequence split over `axis`, the batch over `batch_axes` (None: replicated)."""
     batch = tuple(batch_axes) if isinstance(batch_axes, (list, tuple)) else batch_axes
     return PartitionSpec(batch, axis, None, None), PartitionSpec(batch, axis)
+
+
+def shard_over_sequence(body, q, k, v, segment_ids, *, mesh, axis: str, batch_axes):
+    """Run ``body(q, k, v[, segment_ids])`` on each device's sequence shard (a `shard_map` over
+    ``axis``, the batch split over ``batch_axes``); the output keeps q's sharding."""
+    act, ids = activation_specs(axis, batch_axes)
+    if segment_ids is None:
+        return shard_map(lambda q, k, v: body(q, k, v), mesh=mesh, in_specs=(act, act, act),
+                         out_specs=act)(q, k, v)
+    return shard_map(lambda q, k, v, s: body(q, k, v, s), mesh=mesh,
+                     in_specs=(act, act, act, ids), out_specs=act)(
+                         q, k, v, jnp.asarray(segment_ids, jnp.int32))

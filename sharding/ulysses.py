@@ -22,6 +22,7 @@ so the gathered sequence is un-permuted locally before the attention and re-perm
 from __future__ import annotations
 
 import dataclasses
+import functools
 import logging
 from typing import Sequence
 
@@ -93,14 +94,8 @@ def ulysses_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bo
     cfg = UlyssesConfig(axis, size, bool(causal), layout,
                         None if softmax_scale is None else float(softmax_scale), backend, repeats,
                         local_window)
-    act, ids = sp_common.activation_specs(axis, batch_axes)
-    if segment_ids is None:
-        fn = sp_common.shard_map(lambda q, k, v: ulysses_attention_shard(q, k, v, cfg=cfg),
-                                 mesh=mesh, in_specs=(act, act, act), out_specs=act)
-        return fn(q, k, v)
-    fn = sp_common.shard_map(lambda q, k, v, s: ulysses_attention_shard(q, k, v, s, cfg=cfg),
-                             mesh=mesh, in_specs=(act, act, act, ids), out_specs=act)
-    return fn(q, k, v, jnp.asarray(segment_ids, jnp.int32))
+    return sp_common.shard_over_sequence(functools.partial(ulysses_attention_shard, cfg=cfg), q, k, v, segment_ids,
+                                         mesh=mesh, axis=axis, batch_axes=batch_axes)
 
 
 def ulysses_attention_shard(q, k, v, segment_ids=None, *, cfg: UlyssesConfig):

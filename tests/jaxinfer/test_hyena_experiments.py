@@ -1,24 +1,16 @@
 """The Hyena experiments run in --quick mode and write their JSON records, so neither rots."""
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.experiment_runs import run_quick
 
 
 @pytest.mark.slow  # each compiles a few small programs: ~20-70 s on a shared 2-core CPU
 @pytest.mark.parametrize("name", ["associative_recall", "bench_fftconv"])
 def test_experiment_quick_mode_writes_results(name, tmp_path):
-    out = tmp_path / f"{name}.json"
-    command = [sys.executable, "-m", f"experiments.{name}", "--quick", "--out", str(out)]
-    proc = subprocess.run(command, cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads(out.read_text())
-    assert record["quick"] is True and record["jax_version"]
+    record = run_quick(name, tmp_path / f"{name}.json")
     rows = record["rows"]
     assert rows and all("error" not in r for r in rows), rows
     assert Path(record["png"]).exists()

@@ -3,27 +3,19 @@ single-device run and writes its JSON record and PNG."""
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
-from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[2]
+from tests.experiment_runs import run_quick
+
 F32_ATOL = 1e-5  # forward outputs vs single device: online softmax reorders float32 sums
 
 
 @pytest.mark.slow  # ~20 s of compiles alone on 2 cores
 def test_bench_sequence_parallel_quick_mode_writes_results(tmp_path):
     out = tmp_path / "bench_sequence_parallel.json"
-    proc = subprocess.run([sys.executable, "-m", "experiments.bench_sequence_parallel", "--quick",
-                           "--out", str(out)], cwd=ROOT, capture_output=True, text=True,
-                          timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads(out.read_text())
-    assert record["experiment"] == "bench_sequence_parallel" and record["quick"] is True
-    assert record["jax_version"] and out.with_suffix(".png").exists()
+    record = run_quick("bench_sequence_parallel", out)
+    assert record["experiment"] == "bench_sequence_parallel" and out.with_suffix(".png").exists()
     rows = record["rows"]
     assert {(r["impl"], r["mode"]) for r in rows} == {
         (impl, mode) for impl in ("single", "ring", "ulysses") for mode in ("fwd", "fwd_bwd")}

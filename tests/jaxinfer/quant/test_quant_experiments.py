@@ -2,25 +2,20 @@
 
 from __future__ import annotations
 
-import json
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).parents[3]
+from tests.experiment_runs import run_quick
+
 # float32 on CPU: every backend computes the same dequantized products, only summed in another
 # order (per group, scales applied late), so results agree to a few float32 ulps of the output.
 F32_MAX_REL_ERR = 1e-5
 
 
 def _run_quick(name: str, out: Path) -> dict:
-    proc = subprocess.run([sys.executable, "-m", f"experiments.{name}", "--quick", "--out",
-                           str(out)], cwd=ROOT, capture_output=True, text=True, timeout=600)
-    assert proc.returncode == 0, proc.stderr[-3000:]
-    record = json.loads(out.read_text())
-    assert record["experiment"] == name and record["quick"] is True and record["jax_version"]
+    record = run_quick(name, out)
+    assert record["experiment"] == name
     assert record["rows"] and out.with_suffix(".png").exists()
     return record
 
