@@ -105,15 +105,17 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
 
-class LlamaForCausalLM(nnx.Module):
-    """Token ids [batch, seq] -> next-token logits float32 [batch, seq, vocab]."""
+class DecoderLM(nnx.Module):
+    """What every decoder here shares: token embedding, a stack of layers (``make_layer()`` each),
+    the final norm and the tied or untied LM head, the checked ``__call__`` and the dense KV cache.
+    Subclasses define ``forward``."""
 
-    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, make_layer, *, rngs: nnx.Rngs):
         c = config
         self.config = c
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
                                       param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-        self.layers = nnx.List([DecoderLayer(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
+        self.layers = nnx.List([make_layer() for _ in range(c.num_hidden_layers)])
         self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=jnp.dtype(c.param_dtype))
         self.lm_head = None if c.tie_word_embeddings else Linear(
             c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False,
@@ -130,14 +132,30 @@ class LlamaForCausalLM(nnx.Module):
                               c.head_dim, jnp.dtype(c.dtype))
         return jax.tree.map(lambda a: constrain(a, CACHE_AXES), cache)
 
+    def positions_and_rotary(self, batch: int, t: int, start: jax.Array | int):
+        """int32 positions [batch, T] = start..start+T-1 and their rotary tables (cos, sin)."""
+        start = jnp.asarray(start, jnp.int32)
+        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+        return start, positions, rotary_tables(positions, inverse_frequencies(self.config))
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: x [batch, T, embed] -> float32 logits [batch, T, vocab]."""
+        x = self.norm(x)
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        return constrain(logits, LOGITS).astype(jnp.float32)
+
+
+class LlamaForCausalLM(DecoderLM):
+    """Token ids [batch, seq] -> next-token logits float32 [batch, seq, vocab]."""
+
+    def __init__(self, config: LlamaConfig, *, rngs: nnx.Rngs):
+        super().__init__(config, lambda: DecoderLayer(config, rngs=rngs), rngs=rngs)
+
     def forward(self, input_ids: jax.Array, cache: KVCache | None = None,
                 start: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
         """Logits for input_ids [batch, T] at positions start..start+T-1, reading and extending
         `cache` when given (prefill: start=0 with the whole prompt; decode: one token at a time)."""
-        batch, t = input_ids.shape
-        start = jnp.asarray(start, jnp.int32)
-        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
-        cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
+        start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start)
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
         new_layers = []
         for i, layer in enumerate(self.layers):
@@ -145,11 +163,8 @@ class LlamaForCausalLM(nnx.Module):
             x, kv = layer(x, cos, sin, positions, kv, start)
             x = constrain(x, RESIDUAL)
             new_layers.append(kv)
-        x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        logits = constrain(logits, LOGITS)
         new_cache = None if cache is None else KVCache(tuple(new_layers))
-        return logits.astype(jnp.float32), new_cache
+        return self.logits(x), new_cache
 
     def init_paged_cache(self, num_pages: int, page_size: int) -> PagedKVCache:
         c = self.config

@@ -17,13 +17,11 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.kv_cache import KVCache, LayerKV
-from jaxinfer.models.layers import Embedding, Linear, RMSNorm
-from jaxinfer.models.llama import CACHE_AXES, LOGITS, RESIDUAL, SelfAttention
+from jaxinfer.models.layers import RMSNorm
+from jaxinfer.models.llama import RESIDUAL, DecoderLM, SelfAttention
 from jaxinfer.models.mixtral_config import MixtralConfig
 from jaxinfer.models.moe import SparseMoE
-from jaxinfer.models.rope import inverse_frequencies, rotary_tables
 from sharding import constrain
 from sharding.placement import permute_experts
 
@@ -53,33 +51,13 @@ class MixtralDecoderLayer(nnx.Module):
         return x + moe.y, kv, moe.router_logits, moe.dropped
 
 
-class MixtralForCausalLM(nnx.Module):
+class MixtralForCausalLM(DecoderLM):
     """Token ids [batch, seq] -> next-token logits float32 [batch, seq, vocab]."""
 
     def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
         if not isinstance(config, MixtralConfig):
             raise TypeError(f"config must be a MixtralConfig; got {type(config).__name__}")
-        c = config
-        self.config = c
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
-                                      param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-        self.layers = nnx.List([MixtralDecoderLayer(c, rngs=rngs)
-                                for _ in range(c.num_hidden_layers)])
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=jnp.dtype(c.param_dtype))
-        self.lm_head = None if c.tie_word_embeddings else Linear(
-            c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False,
-            dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
-        input_ids = check_input_ids(input_ids, self.config)
-        logits, _ = self.forward(jnp.asarray(input_ids))
-        return logits
-
-    def init_cache(self, batch: int, max_len: int) -> KVCache:
-        c = self.config
-        cache = KVCache.zeros(c.num_hidden_layers, batch, max_len, c.num_key_value_heads,
-                              c.head_dim, jnp.dtype(c.dtype))
-        return jax.tree.map(lambda a: constrain(a, CACHE_AXES), cache)
+        super().__init__(config, lambda: MixtralDecoderLayer(config, rngs=rngs), rngs=rngs)
 
     def forward(self, input_ids: jax.Array, cache: KVCache | None = None,
                 start: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
@@ -91,10 +69,7 @@ class MixtralForCausalLM(nnx.Module):
                              start: jax.Array | int = 0
                              ) -> tuple[jax.Array, KVCache | None, RoutingOutput]:
         """`forward` plus every layer's router logits and capacity-drop count."""
-        batch, t = input_ids.shape
-        start = jnp.asarray(start, jnp.int32)
-        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
-        cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
+        start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start)
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
         new_layers, router_logits, dropped = [], [], []
         for i, layer in enumerate(self.layers):
@@ -104,12 +79,9 @@ class MixtralForCausalLM(nnx.Module):
             new_layers.append(kv)
             router_logits.append(logits_i)
             dropped.append(dropped_i)
-        x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        logits = constrain(logits, LOGITS)
         new_cache = None if cache is None else KVCache(tuple(new_layers))
         routing = RoutingOutput(jnp.stack(router_logits), jnp.stack(dropped))
-        return logits.astype(jnp.float32), new_cache, routing
+        return self.logits(x), new_cache, routing
 
 
 def apply_expert_placement(model: MixtralForCausalLM, perm: np.ndarray) -> None:
