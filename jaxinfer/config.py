@@ -38,6 +38,18 @@ class RopeScaling:
             raise ValueError(f"rope_scaling factor must be positive; got {self.factor}")
 
 
+def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
+    """A config.json as a dict, with errors that name the file."""
+    try:
+        with open(path) as f:
+            hf = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{path} is not valid JSON: {e}") from None
+    if not isinstance(hf, dict):
+        raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
+    return hf
+
+
 @dataclasses.dataclass(frozen=True)
 class LlamaConfig:
     """Architecture of a Llama-family decoder and the dtypes it runs in.
@@ -246,14 +258,8 @@ class LlamaConfig:
     @classmethod
     def from_json_file(cls, path: str | os.PathLike, *, dtype: str = "float32",
                        attention_backend: str = "auto") -> LlamaConfig:
-        try:
-            with open(path) as f:
-                hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(hf, dict):
-            raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
-        return cls.from_hf_config(hf, dtype=dtype, attention_backend=attention_backend)
+        return cls.from_hf_config(read_config_json(path), dtype=dtype,
+                                  attention_backend=attention_backend)
 
 
 HYENA_MODEL_TYPE = "hyena"

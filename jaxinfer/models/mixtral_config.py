@@ -9,11 +9,10 @@ optional sliding window), the MoE fields here.
 from __future__ import annotations
 
 import dataclasses
-import json
 import os
 from typing import Any, Mapping
 
-from jaxinfer.config import LlamaConfig
+from jaxinfer.config import LlamaConfig, read_config_json
 
 MIXTRAL_MODEL_TYPE = "mixtral"
 # "dropless": sort tokens by expert + ragged_dot, never drops (HF Mixtral's semantics).
@@ -107,12 +106,6 @@ class MixtralConfig(LlamaConfig):
     def from_json_file(cls, path: str | os.PathLike, *, dtype: str = "float32",
                        attention_backend: str = "auto", moe_impl: str = "dropless",
                        capacity_factor: float = 1.25) -> MixtralConfig:
-        try:
-            with open(path) as f:
-                hf = json.load(f)
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{path} is not valid JSON: {e}") from None
-        if not isinstance(hf, dict):
-            raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
-        return cls.from_hf_config(hf, dtype=dtype, attention_backend=attention_backend,
-                                  moe_impl=moe_impl, capacity_factor=capacity_factor)
+        return cls.from_hf_config(read_config_json(path), dtype=dtype,
+                                  attention_backend=attention_backend, moe_impl=moe_impl,
+                                  capacity_factor=capacity_factor)

@@ -17,6 +17,7 @@ from safetensors.numpy import load_file, save_file
 
 import jaxinfer
 from jaxinfer.models.layers import Linear, QuantizedLinear
+from tests.jaxinfer.quant.test_gptq_format import _stream_pack  # the independent packer
 
 CONFIG = jaxinfer.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
@@ -131,18 +132,6 @@ def test_saved_tensors_have_autogptq_names_shapes_and_dtypes(rtn4, tmp_path):
     assert {k: qc[k] for k in ("quant_method", "bits", "group_size", "checkpoint_format")} == {
         "quant_method": "gptq", "bits": 4, "group_size": GROUP, "checkpoint_format": "gptq"}
     assert json.loads((tmp_path / "quantize_config.json").read_text()) == qc
-
-
-def _stream_pack(vals, bits):
-    """Independent packer from the format description: int [R, C] -> int32 [R*bits/32, C]."""
-    r, c = vals.shape
-    words = np.zeros((r * bits // 32, c), np.uint64)
-    for k in range(r):
-        for t in range(bits):
-            i = k * bits + t
-            words[i // 32] |= ((vals[k].astype(np.uint64) >> np.uint64(t)) & np.uint64(1)) \
-                << np.uint64(i % 32)
-    return words.astype(np.uint32).view(np.int32)
 
 
 def _hand_built_checkpoint(model, tmp_path, bits, excluded):
