@@ -3,7 +3,7 @@ decoding, shared-prefix (Hydragen) attention, SnapKV selection and int8 KV quant
 
 from jaxinfer.generate.engine import Engine, Event, StepStats
 from jaxinfer.generate.hydragen import shared_prefix_attention
-from jaxinfer.generate.kv_quant import dequantize_kv, quantize_kv
+from jaxinfer.models.kv_quant import dequantize_kv, quantize_kv
 from jaxinfer.generate.sampling import SamplingArrays, sample_next_token
 from jaxinfer.generate.sampling_params import SamplingParams
 from jaxinfer.generate.snapkv import snapkv_select

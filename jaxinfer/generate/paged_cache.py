@@ -49,11 +49,11 @@ def pages_for(tokens: int, page_size: int) -> int:
 
 
 def default_num_pages(config: LlamaConfig, page_size: int, max_batch: int,
-                      max_model_len: int) -> int:
+                      max_model_len: int, kv_dtype: str | None = None) -> int:
     """Pages that fit in memory: a fraction of the free device memory (a fixed cap on CPU), never
-    more than max_batch full-length sequences can use."""
+    more than max_batch full-length sequences can use. kv_dtype None: the model's dtype."""
     per_page = page_bytes(config.num_hidden_layers, page_size, config.num_key_value_heads,
-                          config.head_dim, config.dtype)
+                          config.head_dim, config.dtype if kv_dtype is None else kv_dtype)
     useful = max_batch * pages_for(max_model_len, page_size)
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None

@@ -17,6 +17,7 @@ import jax
 import jax.numpy as jnp
 
 import sharding
+from jaxinfer.models.paged_kv import PagedLayerKV
 from kernels_pallas import flash_attention, paged_decode_attention
 from kernels_pallas.backend import resolve_backend
 
@@ -79,16 +80,21 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     return out.reshape(batch, t, hq, d).astype(q.dtype)
 
 
-def paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, page_rows: jax.Array,
-                    lengths: jax.Array, *, backend: str) -> jax.Array:
+def paged_attention(q: jax.Array, kv: PagedLayerKV, page_rows: jax.Array, lengths: jax.Array,
+                    *, backend: str) -> jax.Array:
     """Each token of a flat batch attends over its own sequence's first `lengths` cached keys.
 
-    q [T, Hq, D]; k_pages, v_pages [num_pages, page_size, Hkv, D]; page_rows int32
-    [T, pages_per_seq]; lengths int32 [T] -> [T, Hq, D]. The token's own K/V must already be in
-    the pages, so a chunk of prompt tokens is causal by giving token p the length p + 1.
+    q [T, Hq, D]; kv: one layer's pages [num_pages, page_size, Hkv, D] (float, or int8 with
+    scales); page_rows int32 [T, pages_per_seq]; lengths int32 [T] -> [T, Hq, D]. The token's
+    own K/V must already be in the pages, so a chunk of prompt tokens is causal by giving token p
+    the length p + 1.
     """
     pages_per_block = None
     if resolve_backend(backend)[0] == "xla":
-        pages_per_block = max(1, min(page_rows.shape[1], PAGED_XLA_CHUNK_TOKENS // k_pages.shape[1]))
-    return paged_decode_attention(q, k_pages.astype(q.dtype), v_pages.astype(q.dtype), page_rows,
-                                  lengths, backend=backend, pages_per_block=pages_per_block)
+        pages_per_block = max(1, min(page_rows.shape[1], PAGED_XLA_CHUNK_TOKENS // kv.k.shape[1]))
+    k_pages, v_pages = kv.k, kv.v
+    if not kv.quantized:
+        k_pages, v_pages = k_pages.astype(q.dtype), v_pages.astype(q.dtype)
+    return paged_decode_attention(q, k_pages, v_pages, page_rows, lengths, backend=backend,
+                                  pages_per_block=pages_per_block, k_scales=kv.k_scale,
+                                  v_scales=kv.v_scale)

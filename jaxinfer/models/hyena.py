@@ -11,8 +11,14 @@ The short convolution is depthwise and causal (a few taps, local token mixing); 
 h_i [D, seq] come from ``hyena_filter.ImplicitFilter``. Each step is one ``fftconv`` call with the
 gates fused (pre_gate = x_i; post_gate = x_0 on the last step). Every operation is causal, so
 logits at t depend on tokens <= t only. Blocks are pre-norm like Llama: RMSNorm -> Hyena mixer,
-RMSNorm -> SwiGLU MLP. `forward` has the signature the training step calls
-(``jaxinfer.train.step``); there is no recurrent decoding state yet, so `cache` must be None.
+RMSNorm -> SwiGLU MLP.
+
+`forward(input_ids, cache, start)` has the Llama decoders' signature, so the training step and
+``jaxinfer.generate`` drive either model. With a ``HyenaCache`` (``init_cache``, see
+``hyena_cache.py``) the prefill (a static start of 0) runs the FFT path and records each layer's
+short-convolution window and gated long-convolution inputs; every later call computes its tokens'
+long convolutions as direct sums over those records, O(context) per token instead of an FFT over
+the whole sequence.
 """
 
 from __future__ import annotations
@@ -24,6 +30,8 @@ import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import HyenaConfig
+from jaxinfer.models.hyena_cache import (HyenaCache, HyenaLayerCache, cached_long_conv,
+                                         write_positions)
 from jaxinfer.models.hyena_filter import ImplicitFilter
 from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.layers import Embedding, Linear, RMSNorm, SwiGLU, param
@@ -33,6 +41,11 @@ from sharding import constrain
 # Logical names of activation dimensions (sharding/rules.py maps them to mesh axes).
 RESIDUAL = ("batch", "res_seq", "act_embed")
 LOGITS = ("batch", "seq", "act_vocab")
+# Decoding cache: the short window [batch, taps, channels], gated inputs [batch, D, max_len] and
+# filters [N-1, D, max_len]; channels split like the in_proj outputs they come from.
+SHORT_CACHE_AXES = ("batch", None, "act_heads")
+LONG_CACHE_AXES = ("batch", "act_heads", "cache_seq")
+FILTER_CACHE_AXES = (None, "act_heads", None)
 
 
 class ShortConv(nnx.Module):
@@ -47,12 +60,18 @@ class ShortConv(nnx.Module):
         self.bias = param(b.astype(param_dtype), ("heads",))
         self.size, self.dtype = size, dtype
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [batch, seq, channels]
-        seq = x.shape[1]
-        xp = jnp.pad(x.astype(self.dtype), ((0, 0), (self.size - 1, 0), (0, 0)))
+    def __call__(self, x: jax.Array, history: jax.Array | None = None
+                 ) -> tuple[jax.Array, jax.Array]:
+        """x [batch, seq, channels] following `history` [batch, size - 1, channels], the inputs
+        just before it (None: the sequence starts here, zeros) -> (y [batch, seq, channels], the
+        last size - 1 inputs: the history for the next call)."""
+        batch, seq, channels = x.shape
+        if history is None:
+            history = jnp.zeros((batch, self.size - 1, channels), self.dtype)
+        xp = jnp.concatenate([history.astype(self.dtype), x.astype(self.dtype)], axis=1)
         w = self.kernel[...].astype(self.dtype)  # [size, channels]
         y = sum(w[j] * xp[:, j:j + seq] for j in range(self.size))
-        return y + self.bias[...].astype(self.dtype)
+        return y + self.bias[...].astype(self.dtype), xp[:, seq:]
 
 
 class HyenaOperator(nnx.Module):
@@ -75,19 +94,49 @@ class HyenaOperator(nnx.Module):
         self.out_proj = Linear(d, d, axes=("heads", "embed"), use_bias=True, **kw)
         self.order, self.hidden_size = n, d
         self.backend = c.fftconv_backend
+        self.dtype = kw["dtype"]
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [batch, seq, D]
+    def long_filters(self, length: int) -> jax.Array:
+        """[N-1, D, length] float32: the taps of each long convolution."""
+        return self.filter(length).reshape(self.order - 1, self.hidden_size, length)
+
+    def init_cache(self, batch: int, max_len: int) -> HyenaLayerCache:
+        """An empty decoding cache for `batch` sequences of up to `max_len` positions."""
+        n, d = self.order, self.hidden_size
+        short = jnp.zeros((batch, self.short_conv.size - 1, (n + 1) * d), self.dtype)
+        long = tuple(constrain(jnp.zeros((batch, d, max_len), self.dtype), LONG_CACHE_AXES)
+                     for _ in range(n - 1))
+        return HyenaLayerCache(short=constrain(short, SHORT_CACHE_AXES), long=long,
+                               filter=constrain(self.long_filters(max_len), FILTER_CACHE_AXES))
+
+    def __call__(self, x: jax.Array, cache: HyenaLayerCache | None = None,
+                 start: jax.Array | int = 0) -> tuple[jax.Array, HyenaLayerCache | None]:
+        """x [batch, T, D] at positions start..start+T-1 -> (y [batch, T, D], extended cache).
+
+        Without a cache, or with one at a static start of 0 (prefill), each long convolution is
+        one FFT over the T tokens; otherwise it is a direct sum over the cached inputs."""
         batch, seq, d = x.shape
-        u = self.short_conv(self.in_proj(x))  # [batch, seq, (N+1) D]
-        u = u.transpose(0, 2, 1).reshape(batch, self.order + 1, d, seq)  # [batch, N+1, D, seq]
-        gates, v = [u[:, i] for i in range(self.order)], u[:, self.order]  # each [batch, D, seq]
-        k = self.filter(seq).reshape(self.order - 1, d, seq)  # [N-1, D, seq] float32
-        for step in range(self.order - 1):
-            last = step == self.order - 2
-            v = fftconv(v, k[step], pre_gate=gates[self.order - 1 - step],
-                        post_gate=gates[0] if last else None,
-                        bias=self.filter_bias[step].astype(v.dtype), backend=self.backend)
-        return self.out_proj(v.transpose(0, 2, 1))  # [batch, seq, D]
+        n = self.order
+        short = None if cache is None else cache.short
+        u, short = self.short_conv(self.in_proj(x), short)  # [batch, T, (N+1) D]
+        u = u.transpose(0, 2, 1).reshape(batch, n + 1, d, seq)  # [batch, N+1, D, T]
+        gates, v = [u[:, i] for i in range(n)], u[:, n]  # each [batch, D, T]
+        k = self.long_filters(seq) if cache is None else cache.filter  # [N-1, D, T or max_len]
+        use_fft = cache is None or (isinstance(start, int) and start == 0)
+        long = []
+        for step in range(n - 1):
+            gate, post_gate = gates[n - 1 - step], gates[0] if step == n - 2 else None
+            if cache is not None:
+                w = gate.astype(jnp.float32) * v.astype(jnp.float32)  # [batch, D, T]
+                long.append(write_positions(cache.long[step], w, start))
+            if use_fft:
+                v = fftconv(v, k[step, :, :seq], pre_gate=gate, post_gate=post_gate,
+                            bias=self.filter_bias[step].astype(v.dtype), backend=self.backend)
+            else:
+                v = cached_long_conv(long[-1], w, k[step], start, self.filter_bias[step],
+                                     post_gate).astype(v.dtype)
+        new_cache = None if cache is None else HyenaLayerCache(short, tuple(long), cache.filter)
+        return self.out_proj(v.transpose(0, 2, 1)), new_cache  # [batch, T, D]
 
 
 class HyenaBlock(nnx.Module):
@@ -102,9 +151,11 @@ class HyenaBlock(nnx.Module):
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, use_bias=False,
                           dtype=jnp.dtype(c.dtype), param_dtype=pd, rngs=rngs)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [batch, seq, D]
-        x = x + self.mixer(self.mixer_norm(x))
-        return x + self.mlp(self.mlp_norm(x))
+    def __call__(self, x: jax.Array, cache: HyenaLayerCache | None = None,
+                 start: jax.Array | int = 0) -> tuple[jax.Array, HyenaLayerCache | None]:
+        h, cache = self.mixer(self.mixer_norm(x), cache, start)  # [batch, T, D]
+        x = x + h
+        return x + self.mlp(self.mlp_norm(x)), cache
 
 
 class HyenaForCausalLM(nnx.Module):
@@ -129,18 +180,36 @@ class HyenaForCausalLM(nnx.Module):
         logits, _ = self.forward(jnp.asarray(input_ids))
         return logits
 
-    def forward(self, input_ids: jax.Array, cache: None = None, start: int = 0
-                ) -> tuple[jax.Array, None]:
-        """(logits [batch, T, vocab] float32, None) for input_ids [batch, T] from position 0.
+    def init_cache(self, batch: int, max_len: int) -> HyenaCache:
+        """An empty decoding cache for `batch` sequences of up to `max_len` positions
+        (<= max_position_embeddings); it materializes every layer's long filters once."""
+        return HyenaCache(tuple(layer.mixer.init_cache(batch, max_len) for layer in self.layers))
 
-        The `cache` / `start` arguments mirror LlamaForCausalLM.forward so that the training step
-        drives either model; Hyena has no incremental decoding state yet."""
-        if cache is not None or (isinstance(start, int) and start != 0):
-            raise ValueError("HyenaForCausalLM.forward has no decoding cache: cache must be None "
-                             f"and start 0; got cache={type(cache).__name__}, start={start!r}")
+    def forward(self, input_ids: jax.Array, cache: HyenaCache | None = None,
+                start: jax.Array | int = 0) -> tuple[jax.Array, HyenaCache | None]:
+        """Logits [batch, T, vocab] float32 for input_ids [batch, T] at positions
+        start..start+T-1, reading and extending `cache` when given (prefill: start=0 with the
+        whole prompt; decode: continue where the cache stands, one token or several at a time).
+
+        Without a cache the sequence starts at position 0."""
+        if cache is not None and not isinstance(cache, HyenaCache):
+            raise TypeError(f"cache must be a HyenaCache (from init_cache) or None; "
+                            f"got {type(cache).__name__}")
+        if isinstance(start, int):
+            if cache is None and start != 0:
+                raise ValueError(f"without a cache, start must be 0 (nothing precedes the "
+                                 f"input); got start={start}")
+            end = start + input_ids.shape[1]
+            if cache is not None and not 0 <= start < end <= cache.max_len:
+                raise ValueError(f"positions start..start+T-1 = {start}..{end - 1} must lie in "
+                                 f"the cache's [0, {cache.max_len}) (init_cache max_len)")
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
-        for layer in self.layers:
-            x = constrain(layer(x), RESIDUAL)
+        new_layers = []
+        for i, layer in enumerate(self.layers):
+            x, layer_cache = layer(x, None if cache is None else cache.layers[i], start)
+            x = constrain(x, RESIDUAL)
+            new_layers.append(layer_cache)
         x = self.norm(x)
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        return constrain(logits, LOGITS).astype(jnp.float32), None
+        new_cache = None if cache is None else HyenaCache(tuple(new_layers))
+        return constrain(logits, LOGITS).astype(jnp.float32), new_cache

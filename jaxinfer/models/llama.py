@@ -62,7 +62,7 @@ class SelfAttention(nnx.Module):
         _, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
         kv = kv.write(k[0], v[0], meta.write_slots)
-        out = paged_attention(q[0], kv.k, kv.v, meta.page_rows, meta.lengths,
+        out = paged_attention(q[0], kv, meta.page_rows, meta.lengths,
                               backend=self.attention_backend)  # [T, Hq, D]
         return self.o_proj(out.reshape(1, t, self.num_heads * self.head_dim)), kv
 
@@ -166,10 +166,13 @@ class LlamaForCausalLM(DecoderLM):
         new_cache = None if cache is None else KVCache(tuple(new_layers))
         return self.logits(x), new_cache
 
-    def init_paged_cache(self, num_pages: int, page_size: int) -> PagedKVCache:
+    def init_paged_cache(self, num_pages: int, page_size: int,
+                         kv_dtype: jnp.dtype | str | None = None) -> PagedKVCache:
+        """An empty page pool in kv_dtype (None: the model's dtype; "int8": quantized pages)."""
         c = self.config
         return PagedKVCache.zeros(c.num_hidden_layers, num_pages, page_size,
-                                  c.num_key_value_heads, c.head_dim, jnp.dtype(c.dtype))
+                                  c.num_key_value_heads, c.head_dim,
+                                  jnp.dtype(c.dtype if kv_dtype is None else kv_dtype))
 
     def forward_paged(self, input_ids: jax.Array, meta: PagedBatch, cache: PagedKVCache,
                       logit_rows: jax.Array) -> tuple[jax.Array, PagedKVCache]:

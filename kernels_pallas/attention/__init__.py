@@ -26,7 +26,7 @@ import dataclasses
 import jax.numpy as jnp
 
 from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_xla, pallas_gpu, pallas_tpu,
-                                      reference, xla)
+                                      reference, tiling, xla)
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
@@ -115,13 +115,14 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_scale=None,
                            backend="auto", num_splits=None, pages_per_block=None,
-                           return_lse=False):
+                           return_lse=False, k_scales=None, v_scales=None):
     """Attention of one new query token per sequence over a KV cache kept in fixed-size pages.
 
     Args:
       q: [batch, Hq, D], the query of each sequence's newest token.
       k_pages, v_pages: [num_pages, page_size, Hkv, D] (vLLM's layout), Hq % Hkv == 0; same dtype
-        as q (float32, bfloat16 or float16). Softmax statistics and accumulators are float32.
+        as q (float32, bfloat16 or float16), or int8 with ``k_scales``/``v_scales``. Softmax
+        statistics and accumulators are float32.
       page_table: int [batch, pages_per_seq]: token p of sequence b lives in page
         ``page_table[b, p // page_size]`` at slot ``p % page_size``. Entries past a sequence's
         length are never read (any value in range will do).
@@ -135,6 +136,9 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
       pages_per_block: pages gathered per loop step; None gives ~512 tokens a step on xla and
         ~64 on pallas (raised there to a power of two covering >= 16 tokens).
       return_lse: also return the float32 log-sum-exp [batch, Hq] (to merge with other parts).
+      k_scales, v_scales: float32 [num_pages, page_size, Hkv], only with int8 pages: the page
+        holds values whose K (V) is ``values * scale`` per (token, head). Each backend dequantizes
+        the pages it gathers (in the kernel on pallas), so HBM traffic is the int8 pages.
 
     Returns:
       out [batch, Hq, D] in q's dtype (and lse float32 [batch, Hq] with ``return_lse``).
@@ -142,7 +146,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
 
     The page table's and lengths' ranges are validated when they are concrete (not under jit).
     """
-    checks.check_paged(q, k_pages, v_pages, page_table, lengths)
+    checks.check_paged(q, k_pages, v_pages, page_table, lengths, k_scales, v_scales)
     checks.check_scalars(False, softmax_scale, None, return_lse, backend)
     page_size = k_pages.shape[1]
     for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block)):
@@ -158,19 +162,23 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
     page_table = jnp.asarray(page_table, jnp.int32)
     lengths = jnp.asarray(lengths, jnp.int32)
     if impl == "reference":
-        out, lse = reference.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
-                                                    softmax_scale=scale)
+        out, lse = reference.paged_decode_attention(
+            q, tiling.dequantize(k_pages, k_scales, q.dtype),
+            tiling.dequantize(v_pages, v_scales, q.dtype), page_table, lengths,
+            softmax_scale=scale)
         out = out.astype(q.dtype)
     elif impl == "xla":
         if pages_per_block is None:
             pages_per_block = paged_xla.default_pages_per_block(page_size, page_table.shape[1])
         out, lse = paged_xla.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
-                                                    scale=scale, pages_per_block=pages_per_block)
+                                                    scale=scale, pages_per_block=pages_per_block,
+                                                    k_scales=k_scales, v_scales=v_scales)
     else:
         if num_splits is None:
             num_splits = paged_pallas_gpu.default_num_splits(q.shape[0], k_pages.shape[2],
                                                              page_table.shape[1])
         out, lse = paged_pallas_gpu.paged_decode_attention(
             q, k_pages, v_pages, page_table, lengths, scale=scale, num_splits=num_splits,
-            pages_per_block=pages_per_block, interpret=interpret)
+            pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,
+            v_scales=v_scales)
     return (out, lse) if return_lse else out

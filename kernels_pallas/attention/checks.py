@@ -143,7 +143,7 @@ def check_block_sizes(blocks, *, pallas: bool) -> None:
                     minimum=minimum)
 
 
-def check_paged(q, k_pages, v_pages, page_table, lengths) -> None:
+def check_paged(q, k_pages, v_pages, page_table, lengths, k_scales=None, v_scales=None) -> None:
     """paged_decode_attention's arrays: ranks, shapes, dtypes and (when concrete) index ranges."""
     for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages),
                     ("page_table", page_table), ("lengths", lengths)):
@@ -168,13 +168,9 @@ def check_paged(q, k_pages, v_pages, page_table, lengths) -> None:
     if hq % hkv:
         raise ValueError(f"the number of query heads must be a multiple of the number of KV heads "
                          f"(Hq % Hkv == 0); got Hq={hq}, Hkv={hkv}")
-    dtypes = {jnp.dtype(x.dtype) for x in (q, k_pages, v_pages)}
-    if len(dtypes) != 1:
-        raise ValueError(f"q, k_pages and v_pages must share a dtype; "
-                         f"got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
     if jnp.dtype(q.dtype) not in DTYPES:
-        raise ValueError(f"q, k_pages and v_pages must be float32, bfloat16 or float16; "
-                         f"got {q.dtype}")
+        raise ValueError(f"q must be float32, bfloat16 or float16; got {q.dtype}")
+    _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales)
     batch = q.shape[0]
     if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.shape[1] < 1:
         raise ValueError(f"page_table must have shape [batch, pages_per_seq] with batch={batch} "
@@ -201,3 +197,25 @@ def check_paged(q, k_pages, v_pages, page_table, lengths) -> None:
 
 def _concrete(x) -> bool:
     return not isinstance(x, jax.core.Tracer)
+
+
+def _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales) -> None:
+    """Float pages share q's dtype; int8 pages come with float32 scales [num_pages, page_size,
+    Hkv] for K and for V (and only int8 pages take scales)."""
+    if jnp.dtype(k_pages.dtype) != jnp.dtype(v_pages.dtype):
+        raise ValueError(f"k_pages and v_pages must share a dtype; got {k_pages.dtype} and "
+                         f"{v_pages.dtype}")
+    if jnp.dtype(k_pages.dtype) != jnp.dtype(jnp.int8):
+        if k_scales is not None or v_scales is not None:
+            raise ValueError(f"k_scales/v_scales go with int8 pages; got {k_pages.dtype} pages")
+        if jnp.dtype(k_pages.dtype) != jnp.dtype(q.dtype):
+            raise ValueError(f"q, k_pages and v_pages must share a dtype (or the pages be int8 "
+                             f"with scales); got {q.dtype}, {k_pages.dtype}, {v_pages.dtype}")
+        return
+    for name, scales in (("k_scales", k_scales), ("v_scales", v_scales)):
+        if scales is None:
+            raise ValueError(f"int8 pages need {name}: float32 [num_pages, page_size, Hkv] = "
+                             f"{list(k_pages.shape[:3])}")
+        if scales.shape != k_pages.shape[:3] or jnp.dtype(scales.dtype) != jnp.float32:
+            raise ValueError(f"{name} must be float32 [num_pages, page_size, Hkv] = "
+                             f"{list(k_pages.shape[:3])}; got {scales.dtype} {_shape(scales)}")

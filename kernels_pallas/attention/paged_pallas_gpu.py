@@ -52,6 +52,7 @@ class _Config:
     pages_per_split: int
     num_splits: int
     interpret: bool
+    quantized: bool  # int8 pages with float32 scales per (token, head)
 
 
 def default_num_splits(batch: int, hkv: int, pages_per_seq: int) -> int:
@@ -71,8 +72,10 @@ def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float,
-                           num_splits: int, pages_per_block: int | None, interpret: bool):
-    """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D] (page_size a power of two);
+                           num_splits: int, pages_per_block: int | None, interpret: bool,
+                           k_scales=None, v_scales=None):
+    """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D] (page_size a power of two; int8
+    with float32 scales [num_pages, page_size, Hkv], dequantized in the kernel after the gather);
     page_table int32 [batch, pages_per_seq]; lengths int32 [batch]
     -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq]).
 
@@ -90,7 +93,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     num_splits = max(1, min(num_splits, tiling.cdiv(pages_per_seq, ppb)))
     per_split = tiling.cdiv(tiling.cdiv(pages_per_seq, num_splits), ppb) * ppb
     num_splits = tiling.cdiv(pages_per_seq, per_split)
-    cfg = _Config(scale, page_size, ppb, per_split, num_splits, interpret)
+    quantized = k_scales is not None
+    cfg = _Config(scale, page_size, ppb, per_split, num_splits, interpret, quantized)
     d_pad = tiling.padded_head_dim(d)
     g_pad = max(tiling.PALLAS_MIN_BLOCK, tiling.next_power_of_2(groups))
     qg = q.reshape(batch, hkv, groups, d)  # [batch, Hkv, groups, D]
@@ -101,7 +105,9 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     table = tiling.pad_to(page_table.astype(jnp.int32), 1,
                           tiling.next_power_of_2(num_splits * per_split))
     lens = tiling.pad_to(lengths.astype(jnp.int32), 0, tiling.next_power_of_2(batch))
-    out, lse = _partials(qg, kp, vp, table, lens, cfg)  # [batch, Hkv, splits, g_pad, (d_pad)]
+    scales = (k_scales, v_scales) if quantized else ()
+    # [batch, Hkv, splits, g_pad, (d_pad)]
+    out, lse = _partials(qg, kp, vp, scales, table, lens, cfg)
     out, lse = out[:, :, :, :groups, :d], lse[:, :, :, :groups]
     merged_out, merged_lse = out[:, :, 0], lse[:, :, 0]
     for s in range(1, num_splits):
@@ -116,7 +122,10 @@ def _compiler_params(d_pad: int, interpret: bool):
     return pltriton.CompilerParams(num_warps=4 if d_pad <= 128 else 8, num_stages=2)
 
 
-def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Config):
+def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
+    """refs: (k_scale_ref, v_scale_ref, o_ref, lse_ref) with int8 pages, else (o_ref, lse_ref)."""
+    ks_ref, vs_ref = refs[:2] if cfg.quantized else (None, None)
+    o_ref, lse_ref = refs[-2:]
     b, split = pl.program_id(0), pl.program_id(2)
     ps, ppb = cfg.page_size, cfg.pages_per_block
     block = ps * ppb
@@ -131,8 +140,9 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Co
         acc, m, l = carry
         page0 = first + step * ppb
         ids = table_ref[pl.ds(page0, ppb)]  # [ppb] page indices
-        k = k_ref[ids].reshape(block, d_pad)  # gathered [ppb * page_size, D]
-        v = v_ref[ids].reshape(block, d_pad)
+        k, v = (tiling.dequantize(ref[ids], None if s_ref is None else s_ref[ids], q.dtype)
+                .reshape(block, d_pad)  # gathered [ppb * page_size, D]
+                for ref, s_ref in ((k_ref, ks_ref), (v_ref, vs_ref)))
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
         mask = (page0 * ps + jnp.arange(block, dtype=jnp.int32))[None, :] < length  # [1, block]
         s = jnp.where(mask, s, MASK_VALUE)  # [g_pad, block]
@@ -153,12 +163,13 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, o_ref, lse_ref, *, cfg: _Co
     lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
 
 
-def _partials(q, k_pages, v_pages, table, lens, cfg: _Config):
+def _partials(q, k_pages, v_pages, scales, table, lens, cfg: _Config):
     batch, hkv, g_pad, d_pad = q.shape
     num_pages, page_size = k_pages.shape[:2]
     sq = pl.squeezed
     splits = cfg.num_splits
     page_spec = pl.BlockSpec((num_pages, page_size, sq, d_pad), lambda b, h, s: (0, 0, h, 0))
+    scale_spec = pl.BlockSpec((num_pages, page_size, sq), lambda b, h, s: (0, 0, h))
     return pl.pallas_call(
         functools.partial(_kernel, cfg=cfg),
         grid=(batch, hkv, splits),
@@ -168,6 +179,7 @@ def _partials(q, k_pages, v_pages, table, lens, cfg: _Config):
             pl.BlockSpec((sq, sq, g_pad, d_pad), lambda b, h, s: (b, h, 0, 0)),
             page_spec,
             page_spec,
+            *[scale_spec] * len(scales),
         ],
         out_specs=[pl.BlockSpec((sq, sq, sq, g_pad, d_pad), lambda b, h, s: (b, h, s, 0, 0)),
                    pl.BlockSpec((sq, sq, sq, g_pad), lambda b, h, s: (b, h, s, 0))],
@@ -176,4 +188,4 @@ def _partials(q, k_pages, v_pages, table, lens, cfg: _Config):
         compiler_params=_compiler_params(d_pad, cfg.interpret),
         interpret=cfg.interpret,
         name="paged_decode_attention",
-    )(lens, table, q, k_pages, v_pages)
+    )(lens, table, q, k_pages, v_pages, *scales)

@@ -27,10 +27,10 @@ def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float,
-                           pages_per_block: int):
-    """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D]; page_table int32
-    [batch, pages_per_seq]; lengths int32 [batch] -> (out [batch, Hq, D] in q.dtype,
-    lse float32 [batch, Hq])."""
+                           pages_per_block: int, k_scales=None, v_scales=None):
+    """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D] (int8 with scales [num_pages,
+    page_size, Hkv], dequantized chunk by chunk); page_table int32 [batch, pages_per_seq];
+    lengths int32 [batch] -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq])."""
     batch, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     groups = hq // hkv
@@ -44,8 +44,9 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     def body(j, carry):
         acc, m, l = carry
         ids = lax.dynamic_slice_in_dim(table, j * pages_per_block, pages_per_block, 1)
-        k = k_pages[ids].reshape(batch, chunk, hkv, d)  # [batch, chunk, Hkv, D]
-        v = v_pages[ids].reshape(batch, chunk, hkv, d)
+        k, v = (tiling.dequantize(pages[ids], None if scales is None else scales[ids], q.dtype)
+                .reshape(batch, chunk, hkv, d)  # [batch, chunk, Hkv, D]
+                for pages, scales in ((k_pages, k_scales), (v_pages, v_scales)))
         s = jnp.einsum("bhgd,bkhd->bhgk", qg, k, preferred_element_type=jnp.float32) * scale
         pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
         mask = (pos[None, :] < lengths[:, None])[:, None, None, :]  # [batch, 1, 1, chunk]

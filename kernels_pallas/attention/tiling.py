@@ -152,6 +152,14 @@ def online_softmax_step(acc: jax.Array, m: jax.Array, l: jax.Array, s: jax.Array
     return acc, m_new, l
 
 
+def dequantize(values: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
+    """int8 K/V values [..., D] times their float32 scales [...] (one per token and head), in
+    `dtype`; float values (scales None) are only cast. The product is formed in float32."""
+    if scales is None:
+        return values.astype(dtype)
+    return (values.astype(jnp.float32) * scales[..., None].astype(jnp.float32)).astype(dtype)
+
+
 def pad_to(x: jax.Array, axis: int, size: int, mode: str = "constant") -> jax.Array:
     """Pad ``axis`` of ``x`` at the end up to ``size`` (zeros, or edge values for segment ids)."""
     extra = size - x.shape[axis]

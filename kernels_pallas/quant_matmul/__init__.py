@@ -1,4 +1,5 @@
-"""Quantized matmul: ``quant_matmul(x, w)`` for a packed ``QuantizedWeight`` ``w`` [K, N].
+"""Quantized matmul: ``quant_matmul(x, w)`` for a packed ``QuantizedWeight`` ``w`` [K, N] (or a
+``MixedQuantizedWeight`` of 4-bit and 2-bit row groups: one matmul per part on any backend).
 
 One function, several implementations (DESIGN.md):
 
@@ -16,12 +17,13 @@ import jax.numpy as jnp
 
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.quant_matmul import pallas_gpu, reference, xla
+from kernels_pallas.quant_matmul.mixed_weight import MIXED_BITS, MixedQuantizedWeight
 from kernels_pallas.quant_matmul.weight import (SUPPORTED_BITS, QuantizedWeight,
                                                 check_quant_params, pack_planar, unpack_planar,
                                                 values_per_word)
 
-__all__ = ["quant_matmul", "QuantizedWeight", "DEFAULT_BLOCK_SIZES", "SUPPORTED_BITS",
-           "check_quant_params", "pack_planar", "unpack_planar"]
+__all__ = ["quant_matmul", "QuantizedWeight", "MixedQuantizedWeight", "DEFAULT_BLOCK_SIZES",
+           "MIXED_BITS", "SUPPORTED_BITS", "check_quant_params", "pack_planar", "unpack_planar"]
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
 # Per-backend tile defaults. block_k counts packed word rows (block_k * vpw weight rows per tile);
@@ -48,23 +50,28 @@ def _check_block(name, value, *, require_pow2_min16):
                          f"got {value}")
 
 
-def quant_matmul(x, w: QuantizedWeight, *, backend: str = "auto", block_m: int | None = None,
-                 block_n: int | None = None, block_k: int | None = None):
+def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str = "auto",
+                 block_m: int | None = None, block_n: int | None = None,
+                 block_k: int | None = None):
     """y = x @ dequantize(w), with float32 accumulation.
 
     Args:
       x: [..., K] float32, bfloat16 or float16 activations.
-      w: ``QuantizedWeight`` of shape (K, N).
+      w: ``QuantizedWeight`` or ``MixedQuantizedWeight`` (2/4-bit groups; int2/int3-class
+        storage) of shape (K, N). A mixed weight is one gather of x into its storage order and
+        one quantized matmul per part (``mixed_weight.py``), each on the chosen backend.
       backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla elsewhere).
       block_m, block_n, block_k: pallas tiles (rows of x, output columns, packed word rows);
         None takes ``DEFAULT_BLOCK_SIZES``. On GPU they must be powers of two >= 16, and block_k
-        must divide both K / vpw and the group size (vpw = 32 // slot bits).
+        must divide both K / vpw and the group size (vpw = 32 // slot bits; for a mixed weight,
+        of each part).
 
     Returns:
       [..., N] in x's dtype.
     """
-    if not isinstance(w, QuantizedWeight):
-        raise TypeError(f"w must be a QuantizedWeight; got {type(w).__name__}")
+    if not isinstance(w, (QuantizedWeight, MixedQuantizedWeight)):
+        raise TypeError(f"w must be a QuantizedWeight or MixedQuantizedWeight; got "
+                        f"{type(w).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if not hasattr(x, "shape") or x.ndim < 1:
@@ -75,32 +82,46 @@ def quant_matmul(x, w: QuantizedWeight, *, backend: str = "auto", block_m: int |
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must equal the weight's in_features K={k}; got x "
                          f"{list(x.shape)}")
-    impl, interpret = resolve_backend(backend)
+    blocks = dict(backend=backend, block_m=block_m, block_n=block_n, block_k=block_k)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
-    if impl == "reference":
-        y = reference.quant_matmul(x2, w)
-    elif impl == "xla":
-        y = xla.quant_matmul(x2, w)
+    if isinstance(w, QuantizedWeight):
+        y = _matmul_2d(x2, w, **blocks)
     else:
-        on_gpu = not interpret
-        for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-            _check_block(name, value, require_pow2_min16=on_gpu)
-        defaults = DEFAULT_BLOCK_SIZES["pallas"]
-        kw = k // values_per_word(w.bits)
-        limit = _pow2_divisor(kw, 1 << 30)
-        limit = min(limit, _pow2_divisor(w.group_size, 1 << 30))
-        if block_k is None:
-            block_k = min(defaults["block_k"], limit)
-        if kw % block_k or w.group_size % block_k:
-            raise ValueError(f"block_k must divide K / vpw = {kw} and group_size = "
-                             f"{w.group_size}; got block_k={block_k}")
-        if on_gpu and block_k < 16:
-            raise ValueError(f"the pallas backend on GPU needs K / vpw = {kw} and group_size = "
-                             f"{w.group_size} to share a power-of-two divisor >= 16; use "
-                             f"backend='xla'")
-        bm = block_m or defaults["block_m"]
-        bn = block_n or min(defaults["block_n"], max(16, 1 << (n - 1).bit_length()))
-        y = pallas_gpu.quant_matmul(x2, w, block_m=bm, block_n=bn, block_k=block_k,
-                                    interpret=interpret)
+        xs = jnp.take(x2, w.perm, axis=-1)  # [M, K] in storage order: high rows, then low rows
+        y, start = 0.0, 0
+        for part in w.parts:
+            rows = part.shape[0]
+            y = y + _matmul_2d(xs[:, start:start + rows], part, **blocks)  # [M, N] float32
+            start += rows
     return y.astype(x.dtype).reshape(*lead, n)
+
+
+def _matmul_2d(x2, w: QuantizedWeight, *, backend, block_m, block_n, block_k):
+    """x2 [M, K] (validated) @ w [K, N] -> float32 [M, N] on the resolved backend."""
+    k, n = w.shape
+    impl, interpret = resolve_backend(backend)
+    if impl == "reference":
+        return reference.quant_matmul(x2, w)
+    if impl == "xla":
+        return xla.quant_matmul(x2, w)
+    on_gpu = not interpret
+    for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
+        _check_block(name, value, require_pow2_min16=on_gpu)
+    defaults = DEFAULT_BLOCK_SIZES["pallas"]
+    kw = k // values_per_word(w.bits)
+    limit = _pow2_divisor(kw, 1 << 30)
+    limit = min(limit, _pow2_divisor(w.group_size, 1 << 30))
+    if block_k is None:
+        block_k = min(defaults["block_k"], limit)
+    if kw % block_k or w.group_size % block_k:
+        raise ValueError(f"block_k must divide K / vpw = {kw} and group_size = "
+                         f"{w.group_size}; got block_k={block_k}")
+    if on_gpu and block_k < 16:
+        raise ValueError(f"the pallas backend on GPU needs K / vpw = {kw} and group_size = "
+                         f"{w.group_size} to share a power-of-two divisor >= 16; use "
+                         f"backend='xla'")
+    bm = block_m or defaults["block_m"]
+    bn = block_n or min(defaults["block_n"], max(16, 1 << (n - 1).bit_length()))
+    return pallas_gpu.quant_matmul(x2, w, block_m=bm, block_n=bn, block_k=block_k,
+                                   interpret=interpret)

@@ -70,6 +70,13 @@ class QuantizedWeight:
         return self.shape[0] // self.group_size
 
     @property
+    def bits_per_weight(self) -> float:
+        """Stored bits per weight as an HF GPTQ checkpoint holds them: the ``bits``-bit integer
+        plus, per group and output column, a float16 scale and a ``bits``-bit zero. Not counted:
+        the act-order row index (int32 [K], like GPTQ's ``g_idx``: ``32 / N`` bits per weight)."""
+        return self.bits + (16 + self.bits) / self.group_size
+
+    @property
     def g_idx(self) -> jax.Array:
         """int32 [K]: the group of each ORIGINAL input row (GPTQ's ``g_idx``)."""
         k = self.shape[0]

@@ -11,7 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from jaxinfer.generate.kv_quant import dequantize_kv, quantize_kv
+from jaxinfer.models.kv_quant import dequantize_kv, quantize_kv
 from kernels_pallas import flash_attention
 
 # x_hat = q * scale rounds in float32 at magnitudes up to 127 * scale: 127 * 2**-24 * scale, i.e.

@@ -105,6 +105,31 @@ def test_matches_dense_attention_over_gathered_pages(backend, options, case):
     np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
 
 
+def quantize_pages(pages):
+    """int8 pages and float32 scales [num_pages, page_size, Hkv]: max-abs per (token, head)."""
+    pages = np.asarray(pages, np.float32)
+    scales = np.abs(pages).max(-1) / 127
+    values = np.round(pages / np.where(scales > 0, scales, 1)[..., None]).astype(np.int8)
+    return jnp.asarray(values), jnp.asarray(scales)
+
+
+@pytest.mark.parametrize("backend,options", BACKENDS[:2] + BACKENDS[3:],
+                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
+@pytest.mark.parametrize("case", [CASES[1], CASES[2]], ids=lambda c: c.name)
+def test_int8_pages_match_dense_attention_over_dequantized_pages(backend, options, case):
+    """int8 pages with per-(token, head) scales: every backend dequantizes what it gathers; the
+    oracle attends over values * scales, so the tolerance is the float one of q's dtype."""
+    q, k_pages, v_pages, table, lengths = make_inputs(case, seed=2)
+    (k8, ks), (v8, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
+    out = paged_decode_attention(q, k8, v8, table, lengths, k_scales=ks, v_scales=vs,
+                                 backend=backend, **options)
+    dequantized = [np.asarray(x, np.float32) * np.asarray(s)[..., None]
+                   for x, s in ((k8, ks), (v8, vs))]
+    ref_out, _ = dense_oracle(q, *dequantized, table, lengths)
+    assert out.dtype == q.dtype
+    assert rel_err(out, ref_out) < TOLS[case.dtype]
+
+
 @pytest.mark.parametrize("backend", ["auto", "xla", "pallas"])
 def test_default_options_and_softmax_scale_match_oracle(backend):
     """Default chunking/splits (one chunk, one split at this size) and a custom scale."""
@@ -167,6 +192,12 @@ LENGTHS = jnp.asarray([3, 16], jnp.int32)
      r"page_table entries must lie in \[0, num_pages\) = \[0, 6\); got values in \[4, 7\]"),
     ((Q, PAGES, PAGES, TABLE, jnp.asarray([3, 17], jnp.int32)), {},
      r"lengths must lie in \[0, pages_per_seq \* page_size\] = \[0, 16\]; got values in \[3, 17\]"),
+    ((Q, PAGES.astype(jnp.int8), PAGES.astype(jnp.int8), TABLE, LENGTHS), {},
+     r"int8 pages need k_scales: float32 \[num_pages, page_size, Hkv\] = \[6, 8, 2\]"),
+    ((Q, PAGES.astype(jnp.int8), PAGES.astype(jnp.int8), TABLE, LENGTHS),
+     {"k_scales": PAGES[..., 0], "v_scales": PAGES[:, :4, :, 0]}, r"v_scales must be float32"),
+    ((Q, PAGES, PAGES, TABLE, LENGTHS), {"k_scales": PAGES[..., 0], "v_scales": PAGES[..., 0]},
+     r"k_scales/v_scales go with int8 pages"),
     ((Q, PAGES, PAGES, TABLE, LENGTHS), {"backend": "tpu"}, r"backend must be one of"),
     ((Q, PAGES, PAGES, TABLE, LENGTHS), {"num_splits": 0},
      r"num_splits must be None or a positive"),
@@ -183,20 +214,23 @@ def test_under_jit_the_table_and_lengths_are_traced_and_unchecked():
     assert out.shape == Q.shape
 
 
-@pytest.mark.parametrize("page_size,d,hq,hkv", [(16, 128, 8, 2), (8, 80, 4, 4), (32, 256, 32, 4)])
-def test_pallas_paged_kernel_lowers_to_triton(page_size, d, hq, hkv):
-    """The kernel passes the Triton lowering (page gathers, padded D and groups, small pages)."""
+@pytest.mark.parametrize("page_size,d,hq,hkv,int8", [(16, 128, 8, 2, False), (8, 80, 4, 4, False),
+                                                     (32, 256, 32, 4, False), (16, 128, 8, 2, True)])
+def test_pallas_paged_kernel_lowers_to_triton(page_size, d, hq, hkv, int8):
+    """The kernel passes the Triton lowering (page gathers, padded D and groups, small pages,
+    int8 pages dequantized in the kernel)."""
     pytest.importorskip("jax.experimental.pallas.triton")
     q = jax.ShapeDtypeStruct((3, hq, d), jnp.bfloat16)
-    pages = jax.ShapeDtypeStruct((50, page_size, hkv, d), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((50, page_size, hkv, d), jnp.int8 if int8 else jnp.bfloat16)
+    scales = jax.ShapeDtypeStruct((50, page_size, hkv), jnp.float32) if int8 else None
     table = jax.ShapeDtypeStruct((3, 7), jnp.int32)
     lengths = jax.ShapeDtypeStruct((3,), jnp.int32)
 
-    def attend(q, k, v, table, lengths):
+    def attend(q, k, v, table, lengths, ks, vs):
         return paged_pallas_gpu.paged_decode_attention(q, k, v, table, lengths, scale=0.1,
                                                        num_splits=2, pages_per_block=None,
-                                                       interpret=False)
+                                                       interpret=False, k_scales=ks, v_scales=vs)
 
-    lowered = jax.jit(attend).trace(q, pages, pages, table, lengths).lower(
+    lowered = jax.jit(attend).trace(q, pages, pages, table, lengths, scales, scales).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1

@@ -16,26 +16,29 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.attention.tiling import dequantize
+
 INT8_MAX = 127
 
 
 def quantize_kv(x: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """x [batch, seq, kv_heads, head_dim] (any float dtype) -> (int8 values, same shape;
-    float32 scales [batch, seq, kv_heads]). An all-zero vector gets scale 0 and values 0."""
-    if x.ndim != 4 or not jnp.issubdtype(x.dtype, jnp.floating):
-        raise ValueError(f"x must be a float [batch, seq, kv_heads, head_dim] array; got "
+    """x [..., kv_heads, head_dim] (any float dtype; [batch, seq, kv_heads, head_dim] for a dense
+    cache, [tokens, kv_heads, head_dim] for paged writes) -> (int8 values, same shape; float32
+    scales [..., kv_heads]). An all-zero vector gets scale 0 and values 0."""
+    if x.ndim < 2 or not jnp.issubdtype(x.dtype, jnp.floating):
+        raise ValueError(f"x must be a float [..., kv_heads, head_dim] array; got "
                          f"{x.dtype} {list(x.shape)}")
     x = x.astype(jnp.float32)
-    scale = jnp.max(jnp.abs(x), axis=-1) / INT8_MAX  # [batch, seq, kv_heads]
+    scale = jnp.max(jnp.abs(x), axis=-1) / INT8_MAX  # [..., kv_heads]
     safe = jnp.where(scale > 0, scale, 1.0)[..., None]
     values = jnp.clip(jnp.round(x / safe), -INT8_MAX, INT8_MAX).astype(jnp.int8)
     return values, scale
 
 
 def dequantize_kv(values: jax.Array, scale: jax.Array, dtype=jnp.float32) -> jax.Array:
-    """int8 values [batch, seq, kv_heads, head_dim] and scales [batch, seq, kv_heads] -> x_hat
+    """int8 values [..., kv_heads, head_dim] and scales [..., kv_heads] -> x_hat
     in `dtype` (the attention's compute dtype; the product is formed in float32)."""
     if values.dtype != jnp.int8 or values.shape[:-1] != scale.shape:
         raise ValueError(f"values must be int8 [..., head_dim] with scale [...]; got values "
                          f"{values.dtype} {list(values.shape)} and scale {list(scale.shape)}")
-    return (values.astype(jnp.float32) * scale[..., None].astype(jnp.float32)).astype(dtype)
+    return dequantize(values, scale, dtype)
