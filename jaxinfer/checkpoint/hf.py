@@ -27,7 +27,8 @@ from tqdm.auto import tqdm
 from jaxinfer.checkpoint.gptq_config import (QUANTIZE_CONFIG_FILE, GPTQConfig, GPTQLayerSpec,
                                              gptq_config_for, read_gptq_config)
 from jaxinfer.checkpoint.gptq_format import FORMATS, from_gptq_tensors, to_gptq_tensors
-from jaxinfer.config import LlamaConfig
+from jaxinfer.config import HYENA_MODEL_TYPE, LlamaConfig
+from jaxinfer.models.hyena import HyenaForCausalLM
 from jaxinfer.models.layers import QuantizedLinear
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.llama import LlamaForCausalLM
@@ -190,10 +191,15 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
     if not config_file.exists():
         raise FileNotFoundError(
             f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    if _model_type(config_file) == "mixtral":
+    model_type = _model_type(config_file)
+    if model_type == "mixtral":
         from jaxinfer.checkpoint.hf_mixtral import load_mixtral  # it imports this module
 
         return load_mixtral(model_dir, dtype=dtype, attention_backend=attention_backend)
+    if model_type == HYENA_MODEL_TYPE:
+        from jaxinfer.checkpoint.hf_hyena import load_hyena  # it imports this module
+
+        return load_hyena(model_dir, dtype=dtype)
     config = LlamaConfig.from_json_file(config_file, dtype=dtype,
                                         attention_backend=attention_backend)
     gptq = read_gptq_config(model_dir, json.loads(config_file.read_text()))
@@ -274,14 +280,17 @@ def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, toke
     A model with `QuantizedLinear` layers is written as an HF GPTQ checkpoint (a
     `quantization_config` in config.json, also written as quantize_config.json):
     `checkpoint_format` "gptq" (v1), "gptq_v2", or None for v1 unless some zero point is 0
-    (which v1 cannot store). A Mixtral model is written by `hf_mixtral.save_mixtral` (one file)."""
-    if isinstance(model, MixtralForCausalLM):
+    (which v1 cannot store). A Mixtral model is written by `hf_mixtral.save_mixtral` and a Hyena
+    model by `hf_hyena.save_hyena` (one file each)."""
+    if isinstance(model, (MixtralForCausalLM, HyenaForCausalLM)):
+        from jaxinfer.checkpoint.hf_hyena import save_hyena
         from jaxinfer.checkpoint.hf_mixtral import save_mixtral
 
         if max_shard_bytes is not None or checkpoint_format is not None:
-            raise ValueError("a Mixtral model is saved as one float safetensors file; "
+            raise ValueError(f"a {type(model).__name__} is saved as one float safetensors file; "
                              "max_shard_bytes and checkpoint_format do not apply")
-        out_dir = save_mixtral(model, out_dir)
+        save = save_mixtral if isinstance(model, MixtralForCausalLM) else save_hyena
+        out_dir = save(model, out_dir)
         if tokenizer is not None:
             tokenizer.save(str(out_dir / "tokenizer.json"))
         return out_dir

@@ -82,6 +82,10 @@ class Engine:
     def __init__(self, model, max_batch: int = 64, page_size: int = 16,
                  num_pages: int | None = None, max_tokens_per_step: int = 512, *, tokenizer=None,
                  max_model_len: int | None = None, kv_dtype: str | None = None):
+        if not hasattr(model, "forward_paged"):
+            raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
+                            f"Mixtral); {type(model).__name__} has no paged KV cache: use "
+                            f"jaxinfer.generate")
         config = model.config
         _check_positive_int("max_batch", max_batch)
         _check_positive_int("page_size", page_size)

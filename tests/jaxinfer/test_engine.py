@@ -306,6 +306,11 @@ def test_engine_arguments_are_validated(model):
         windowed = jaxinfer.LlamaForCausalLM(CONFIG.replace(model_type="mistral", sliding_window=8),
                                              rngs=nnx.Rngs(0))
         jaxinfer.Engine(windowed, num_pages=4)
+    hyena = jaxinfer.HyenaForCausalLM(jaxinfer.HyenaConfig(
+        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
+        max_position_embeddings=16), rngs=nnx.Rngs(0))
+    with pytest.raises(TypeError, match="has no paged KV cache: use jaxinfer.generate"):
+        jaxinfer.Engine(hyena)
 
 
 def test_pool_size_from_memory_is_logged_and_bounded_by_what_max_batch_can_use(model, caplog):

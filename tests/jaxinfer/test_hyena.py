@@ -1,7 +1,9 @@
 """Hyena decoder: causal, the same logits on every fftconv backend, right shapes and dtypes,
-implicit filters that decay and squash, clear config errors, and it trains with the shared step."""
+implicit filters that decay and squash, clear config errors, it trains with the shared step,
+round-trips through save/load_pretrained, and decodes from its cache as the full forward scores."""
 
 import dataclasses
+import functools
 import json
 
 import jax
@@ -9,7 +11,9 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from safetensors.numpy import load_file, save_file
 
+import jaxinfer
 from jaxinfer.config import HyenaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
 from jaxinfer.models.hyena_filter import decay_window, squash
@@ -20,6 +24,9 @@ from jaxinfer.train import TrainConfig, train
 FFT_LEAK_ATOL = 1e-6
 # Backends differ by FFT rounding through two layers (f32); measured ~1e-6 on these sizes.
 BACKEND_ATOL = 2e-5
+# Cached decoding sums the long convolutions directly where the full forward uses FFTs (f32);
+# measured ~3e-8 on these sizes.
+DECODE_ATOL = 1e-5
 VOCAB, SEQ = 32, 40
 
 
@@ -111,8 +118,13 @@ def test_inputs_are_checked():
         model(np.zeros((1, 65), np.int32))
     with pytest.raises(ValueError, match="vocab_size"):
         model(np.full((1, 4), VOCAB, np.int32))
-    with pytest.raises(ValueError, match="cache must be None"):
+    with pytest.raises(TypeError, match="HyenaCache"):
         model.forward(jnp.zeros((1, 4), jnp.int32), cache=object())
+    with pytest.raises(ValueError, match="without a cache, start must be 0"):
+        model.forward(jnp.zeros((1, 4), jnp.int32), start=3)
+    with pytest.raises(ValueError, match="init_cache max_len"):
+        cache = jax.eval_shape(lambda: model.init_cache(1, 8))
+        model.forward(jnp.zeros((1, 4), jnp.int32), cache, start=6)
     with pytest.raises(TypeError, match="HyenaConfig"):
         HyenaForCausalLM(dataclasses.asdict(tiny_config()), rngs=nnx.Rngs(0))
 
@@ -145,3 +157,85 @@ def test_shared_train_loop_lowers_loss_and_writes_a_loadable_config(tmp_path):
     assert isinstance(result.model, HyenaForCausalLM)
     saved = json.loads((tmp_path / "config.json").read_text())
     assert HyenaConfig.from_hf_config(saved, fftconv_backend="xla") == result.model.config
+
+
+
+@pytest.fixture(scope="module")
+def decoder() -> HyenaForCausalLM:
+    """One order-3 model (two chained long convolutions) for the checkpoint and decoding tests:
+    eager initialization dominates their time on a shared CPU. Its fftconv backend is the one
+    load_pretrained picks, so a loaded copy has the same graph and reuses `_logits`' compile."""
+    return tiny_model(order=3, num_hidden_layers=1, fftconv_backend="auto")
+
+
+@functools.partial(jax.jit, static_argnums=0)
+def _logits(graphdef: nnx.GraphDef, state: nnx.State, ids: jax.Array) -> jax.Array:
+    return nnx.merge(graphdef, state).forward(ids)[0]
+
+
+def logits_of(model: HyenaForCausalLM, ids: np.ndarray) -> np.ndarray:
+    """The full (uncached) forward's logits [batch, seq, vocab]."""
+    return np.asarray(_logits(*nnx.split(model), jnp.asarray(ids)))
+
+
+def test_save_and_load_pretrained_give_identical_logits(decoder, tmp_path):
+    out = jaxinfer.save_pretrained(decoder, tmp_path / "hyena")
+    assert json.loads((out / "config.json").read_text())["model_type"] == "hyena"
+    loaded = jaxinfer.load_pretrained(out)
+    assert isinstance(loaded, HyenaForCausalLM) and loaded.config == decoder.config
+    saved, again = (nnx.to_flat_state(nnx.state(m, nnx.Param)) for m in (decoder, loaded))
+    for (path, a), (_, b) in zip(saved, again, strict=True):
+        np.testing.assert_array_equal(np.asarray(a.value), np.asarray(b.value), err_msg=str(path))
+    ids = _ids(batch=2, seq=14)
+    np.testing.assert_array_equal(logits_of(loaded, ids), logits_of(decoder, ids))
+
+
+def test_tampered_checkpoint_names_the_missing_or_misshapen_tensor(decoder, tmp_path):
+    out = jaxinfer.save_pretrained(decoder, tmp_path / "hyena")
+    weights = out / "model.safetensors"
+    tensors = load_file(weights)
+    name = "model.layers.0.mixer.filter.out"
+    save_file({k: v for k, v in tensors.items() if k != name}, weights)
+    with pytest.raises(ValueError, match=f"missing 1 tensor.*{name}"):
+        jaxinfer.load_pretrained(out)
+    name = "model.layers.0.mixer.short_conv.weight"  # [(N+1) D, taps] = [64, 3]
+    save_file(tensors | {name: tensors[name][:, :2].copy()}, weights)
+    with pytest.raises(ValueError, match=rf"{name}.*shape \[64, 2\].*implies \[64, 3\]"):
+        jaxinfer.load_pretrained(out)
+
+
+def test_cached_decode_logits_match_full_forward(decoder):
+    """Prefill 4 tokens (FFT path), then 4 chunks of 2 tokens from the cache (direct path at a
+    traced start): every chunk's logits equal the full forward's there. One-token steps are
+    what `generate` runs (next test)."""
+    graphdef, state = nnx.split(decoder)
+
+    @jax.jit
+    def cached(state: nnx.State, ids: jax.Array) -> jax.Array:  # ids [batch, 12]
+        model = nnx.merge(graphdef, state)
+        cache = model.init_cache(ids.shape[0], 14)
+        prefill, cache = model.forward(ids[:, :4], cache, 0)
+
+        def step(cache, start):
+            chunk = jax.lax.dynamic_slice_in_dim(ids, start, 2, axis=1)  # [batch, 2]
+            logits, cache = model.forward(chunk, cache, start)
+            return cache, logits
+
+        _, chunks = jax.lax.scan(step, cache, jnp.arange(4, 12, 2))  # [4, batch, 2, vocab]
+        chunks = chunks.transpose(1, 0, 2, 3).reshape(ids.shape[0], 8, -1)
+        return jnp.concatenate([prefill, chunks], axis=1)  # [batch, 12, vocab]
+
+    ids = _ids(batch=2, seq=14)
+    full = logits_of(decoder, ids)[:, :12]
+    np.testing.assert_allclose(np.asarray(cached(state, jnp.asarray(ids[:, :12]))), full,
+                               rtol=0, atol=DECODE_ATOL)
+
+
+def test_greedy_generate_equals_token_by_token_recomputation(decoder):
+    """Each token generate picks from its cache is the argmax of the full forward over the
+    sequence so far (one full forward of the result scores every step: the model is causal)."""
+    prompt = _ids(batch=2, seq=6, seed=1)
+    out = np.asarray(jaxinfer.generate(decoder, prompt, max_new_tokens=8))
+    np.testing.assert_array_equal(out[:, :6], prompt)
+    logits = logits_of(decoder, out)  # [batch, 14, vocab]
+    np.testing.assert_array_equal(out[:, 6:], logits[:, 5:-1].argmax(-1))

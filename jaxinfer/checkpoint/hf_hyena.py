@@ -1,0 +1,106 @@
+"""Hyena checkpoints: config.json + safetensors <-> `HyenaForCausalLM`.
+
+No transformers class exists for Hyena, so the layout is this module's, written in hf.py's
+conventions (names follow the NNX module path with a `model.` prefix, kernels become `weight`
+stored [out, in]), so that the files read like a Llama checkpoint's:
+
+    model.embed_tokens.weight                          [vocab, D]
+    model.layers.{l}.mixer_norm.weight                 [D]
+    model.layers.{l}.mixer.in_proj.{weight,bias}       [(N+1) D, D], [(N+1) D]
+    model.layers.{l}.mixer.short_conv.weight           [(N+1) D, short_filter_size]  depthwise taps
+    model.layers.{l}.mixer.short_conv.bias             [(N+1) D]
+    model.layers.{l}.mixer.filter.sines.{i}.weight     [hidden, in]   implicit filter's sine FFN
+    model.layers.{l}.mixer.filter.sines.{i}.{bias,freq} [hidden]
+    model.layers.{l}.mixer.filter.out                  [hidden, (N-1) D]
+    model.layers.{l}.mixer.filter_bias                 [N-1, D]      skip term of each long conv
+    model.layers.{l}.mixer.out_proj.{weight,bias}      [D, D], [D]
+    model.layers.{l}.mlp_norm.weight, model.layers.{l}.mlp.{gate,up,down}_proj.weight
+    model.norm.weight, lm_head.weight (absent when tie_word_embeddings)
+
+config.json holds `HyenaConfig.to_hf_config()` (model_type "hyena"), which `load_pretrained`
+dispatches on.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+from pathlib import Path
+
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from safetensors.flax import save_file
+
+from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, SINGLE_FILE, _tensor_files, _TensorReader,
+                                    hf_name)
+from jaxinfer.config import HyenaConfig, read_config_json
+from jaxinfer.models.hyena import HyenaForCausalLM
+
+log = logging.getLogger(__name__)
+
+
+def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
+               fftconv_backend: str = "auto") -> HyenaForCausalLM:
+    """Load a directory written by `save_hyena` (safetensors single or sharded).
+
+    `dtype` ("float32" or "bfloat16") becomes both the parameter and the compute dtype, as in
+    `load_pretrained`; the implicit filters stay float32 whatever it is."""
+    model_dir = Path(model_dir)
+    config_file = model_dir / "config.json"
+    if not config_file.exists():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json; expected a Hugging Face model directory")
+    config = HyenaConfig.from_hf_config(read_config_json(config_file),
+                                        fftconv_backend=fftconv_backend)
+    config = config.replace(dtype=dtype, param_dtype=dtype)
+    files = _tensor_files(model_dir)
+    abstract = nnx.eval_shape(lambda: HyenaForCausalLM(config, rngs=nnx.Rngs(0)))
+    graphdef, state = nnx.split(abstract)
+    flat = nnx.to_flat_state(state)
+    wanted = {path: hf_name(path) for path, var in flat if isinstance(var, nnx.Param)}
+    missing = [name for name, _ in wanted.values() if name not in files]
+    if missing:
+        raise ValueError(
+            f"checkpoint in {model_dir} is missing {len(missing)} tensor(s) that config.json "
+            f"implies, e.g. {missing[:5]}")
+    used = {name for name, _ in wanted.values()}
+    unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES))
+    if unexpected:
+        log.warning("ignoring %d tensor(s) the model does not use, e.g. %s",
+                    len(unexpected), unexpected[:5])
+    with _TensorReader(files) as reader:
+        for path, var in flat:
+            if path not in wanted:
+                continue
+            name, transposed = wanted[path]
+            tensor = reader.get(name)
+            expected = var.value.shape[::-1] if transposed else var.value.shape
+            if tensor.shape != expected:
+                raise ValueError(f"tensor {name!r} in {files[name].name} has shape "
+                                 f"{list(tensor.shape)}; config.json implies {list(expected)}")
+            var.value = jnp.asarray(tensor.T if transposed else tensor, dtype=var.value.dtype)
+    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def hyena_tensors(model: HyenaForCausalLM) -> dict[str, np.ndarray]:
+    """{tensor name: array} in the on-disk layout of the module docstring."""
+    tensors: dict[str, np.ndarray] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        name, transposed = hf_name(path)
+        value = np.asarray(var.value)
+        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
+    return tensors
+
+
+def save_hyena(model: HyenaForCausalLM, out_dir: str | os.PathLike) -> Path:
+    """Write config.json and model.safetensors that `load_hyena` reads back exactly."""
+    if not isinstance(model, HyenaForCausalLM):
+        raise TypeError(f"model must be a HyenaForCausalLM; got {type(model).__name__}")
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    tensors = {k: jnp.asarray(v) for k, v in hyena_tensors(model).items()}
+    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
+    save_file(tensors, out_dir / SINGLE_FILE, metadata={"format": "pt"})
+    return out_dir
