@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.generate.engine_step import StepInputs, compiled_step, empty_inputs
+from jaxinfer.generate.engine_step import StepInputs, compiled_step, empty_inputs, mark_seen
 from jaxinfer.generate.paged_cache import default_num_pages, pages_for
 from jaxinfer.generate.sampling_params import SamplingParams
 from jaxinfer.generate.scheduler import Chunk, Request, Scheduler
@@ -77,11 +77,14 @@ class Engine:
     kv_dtype: None stores K/V in the model's dtype; "int8" stores int8 values with a float32
     scale per (token, KV head) (`jaxinfer.models.kv_quant`), which fits about twice the pages in
     the same memory at head_dim 64 (3.8x against float32 at 128) for a bounded attention error.
+    prefix_caching: reuse the K/V pages of prompt blocks already computed (hashed by content and
+    position; see `scheduler.py`): a shared system prompt is computed once while it stays cached.
     """
 
     def __init__(self, model, max_batch: int = 64, page_size: int = 16,
                  num_pages: int | None = None, max_tokens_per_step: int = 512, *, tokenizer=None,
-                 max_model_len: int | None = None, kv_dtype: str | None = None):
+                 max_model_len: int | None = None, kv_dtype: str | None = None,
+                 prefix_caching: bool = True):
         if not hasattr(model, "forward_paged"):
             raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
                             f"Mixtral); {type(model).__name__} has no paged KV cache: use "
@@ -119,7 +122,7 @@ class Engine:
         self._cache = model.init_paged_cache(self.num_pages, self.page_size, kv_dtype)
         self._seen = jnp.zeros((self.max_batch, config.vocab_size), bool)  # [B, vocab]
         self._scheduler = Scheduler(self.max_batch, self.page_size, self.num_pages,
-                                    int(max_tokens_per_step))
+                                    int(max_tokens_per_step), bool(prefix_caching))
         self._live: dict[int, list[Request]] = {}  # request id -> its samples, until finished
         self._results: dict[int, list] = {}  # finished, not yet returned by run_until_done
         self._next_id = 0
@@ -130,6 +133,11 @@ class Engine:
     def num_preemptions(self) -> int:
         """Preemptions so far (each one recomputes a request from its tokens)."""
         return self._scheduler.num_preemptions
+
+    @property
+    def num_cached_tokens(self) -> int:
+        """Prompt tokens so far whose K/V came from the prefix cache instead of being computed."""
+        return self._scheduler.num_cached_tokens
 
     @property
     def num_unfinished(self) -> int:
@@ -185,6 +193,9 @@ class Engine:
         chunks = self._scheduler.schedule()
         if not chunks:
             return []
+        for chunk in chunks:
+            if chunk.request.from_cache:  # its cached tokens never pass through a step
+                self._mark_seen(chunk.request)
         inputs, sampled = self._build_inputs(chunks)
         self.last_step = StepStats(
             tokens=int(inputs.valid.sum()), bucket=len(inputs.valid), sampled=len(sampled),
@@ -196,6 +207,7 @@ class Engine:
         new: dict[int, list[tuple[Request, int]]] = {}
         for chunk in chunks:
             chunk.request.computed += chunk.count
+            self._scheduler.register_computed(chunk.request)
         for row, request in enumerate(sampled):
             token = int(tokens[row])
             request.output.append(token)
@@ -239,12 +251,22 @@ class Engine:
         return [self._results.pop(i) for i in ids]
 
     def warmup(self) -> None:
-        """Compile the step for every token bucket (all-padding steps change nothing)."""
+        """Compile the step for every token bucket and the prefix-cache hit's `mark_seen`
+        (all-padding steps and an out-of-range slot change nothing)."""
+        padding = np.full(self.pages_per_seq * self.page_size, self.config.vocab_size, np.int32)
+        self._seen = mark_seen(self._seen, np.int32(self.max_batch), padding)
         for tokens in self.buckets:
             inputs = empty_inputs(tokens, min(tokens, self.max_batch), self.max_batch,
                                   self.pages_per_seq)
             _, self._cache, self._seen = self._step(self._state, self._cache,
                                                      self._seen, inputs)
+
+    def _mark_seen(self, request: Request) -> None:
+        """Set the slot's repetition-penalty row to the request's cached tokens."""
+        ids = np.full(self.pages_per_seq * self.page_size, self.config.vocab_size, np.int32)  # [L]
+        ids[:request.computed] = request.tokens[:request.computed]
+        self._seen = mark_seen(self._seen, np.int32(request.slot), ids)
+        request.from_cache = False
 
     def _check_prompt(self, prompt_ids) -> list[int]:
         try:

@@ -96,3 +96,12 @@ def _step(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache, seen: j
     keys = jax.vmap(_row_key)(inputs.seed, inputs.sample_index, new_positions)
     tokens = sample_next_token(logits, params, keys, seen[inputs.sample_slot])
     return tokens, cache, seen
+
+
+@functools.partial(jax.jit, donate_argnums=0)
+def mark_seen(seen: jax.Array, slot: jax.Array, token_ids: jax.Array) -> jax.Array:
+    """seen bool [B, vocab] with row `slot` replaced by the tokens token_ids int32 [L] (ids >=
+    vocab are padding; a slot >= B changes nothing): a sequence whose prefix came from the
+    cache starts with it marked."""
+    row = jnp.zeros(seen.shape[1], bool).at[token_ids].set(True, mode="drop")
+    return seen.at[slot].set(row, mode="drop")

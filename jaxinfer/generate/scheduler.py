@@ -11,6 +11,10 @@ Every step (Dynamic SplitFuse, vLLM V1's rule):
    freed pages go to the running requests that needed them, not to a new prompt).
 Prefill and decode are the same operation here: compute the tokens not yet in the cache; the step
 samples a token for a request only when its chunk reaches the end of its sequence.
+
+Prefix caching: an admitted request starts from the longest run of its full blocks already in the
+pool (`PageAllocator`), always leaving at least its last token to compute (the step that computes
+it produces the logits to sample from). Every page a request fills is registered for later ones.
 """
 
 from __future__ import annotations
@@ -18,7 +22,7 @@ from __future__ import annotations
 import collections
 import dataclasses
 
-from jaxinfer.generate.paged_cache import PageAllocator, pages_for
+from jaxinfer.generate.paged_cache import PageAllocator, block_hashes, pages_for
 from jaxinfer.generate.sampling_params import SamplingParams
 
 
@@ -37,6 +41,9 @@ class Request:
     pages: list[int] = dataclasses.field(default_factory=list)
     finished: bool = False
     preemptions: int = 0
+    hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full blocks so far
+    registered: int = 0  # leading pages registered in the prefix cache
+    from_cache: bool = False  # admitted with a prefix-cache hit, not yet stepped
 
     @property
     def tokens(self) -> list[int]:
@@ -62,8 +69,11 @@ class Chunk:
 
 
 class Scheduler:
-    def __init__(self, max_batch: int, page_size: int, num_pages: int, max_tokens_per_step: int):
+    def __init__(self, max_batch: int, page_size: int, num_pages: int, max_tokens_per_step: int,
+                 prefix_caching: bool = True):
         self.page_size = page_size
+        self.prefix_caching = prefix_caching
+        self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
         self.max_tokens_per_step = max_tokens_per_step
         self.allocator = PageAllocator(num_pages)
         self.free_slots = list(range(max_batch - 1, -1, -1))
@@ -110,9 +120,15 @@ class Scheduler:
                 budget -= count
         while not preempted and self.waiting and budget > 0 and self.free_slots:
             request = self.waiting[0]
-            if pages_for(len(request.tokens), self.page_size) > self.allocator.num_free:
+            hits = self._acquire_prefix(request)
+            if pages_for(len(request.tokens), self.page_size) - len(hits) > self.allocator.num_free:
+                self.allocator.free(hits)
                 break
             self.waiting.popleft()
+            request.pages, request.registered = hits, len(hits)
+            request.computed = len(hits) * self.page_size
+            request.from_cache = bool(hits)
+            self.num_cached_tokens += request.computed
             request.slot = self.free_slots.pop()
             self.running.append(request)
             count = min(request.remaining, budget)
@@ -120,6 +136,32 @@ class Scheduler:
             chunks[id(request)] = Chunk(request, request.computed, count)
             budget -= count
         return list(chunks.values())
+
+    def register_computed(self, request: Request) -> None:
+        """Offer the request's newly filled pages to the prefix cache."""
+        if not self.prefix_caching:
+            return
+        full = request.computed // self.page_size
+        hashes = self._block_hashes(request, full)
+        for i in range(request.registered, full):
+            self.allocator.register(request.pages[i], hashes[i])
+        request.registered = max(request.registered, full)
+
+    def _acquire_prefix(self, request: Request) -> list[int]:
+        """Pages of the longest cached run of the request's leading blocks (not its last token)."""
+        if not self.prefix_caching:
+            return []
+        usable = (len(request.tokens) - 1) // self.page_size
+        return self.allocator.acquire_cached(self._block_hashes(request, usable))
+
+    def _block_hashes(self, request: Request, blocks: int) -> list[bytes]:
+        """Hashes of the request's first `blocks` blocks (memoized on the request)."""
+        known = len(request.hashes)
+        if blocks > known:
+            tokens = request.tokens[:blocks * self.page_size]
+            request.hashes += block_hashes(tokens, self.page_size, known,
+                                           request.hashes[-1] if known else b"")
+        return request.hashes[:blocks]
 
     def _grow(self, request: Request, tokens: int) -> bool:
         """Give the request pages for `tokens` tokens; False (and no change) if too few are free."""
@@ -140,6 +182,6 @@ class Scheduler:
 
     def _release(self, request: Request) -> None:
         self.allocator.free(request.pages)
-        request.pages = []
+        request.pages, request.registered = [], 0
         self.free_slots.append(request.slot)
         request.slot = None

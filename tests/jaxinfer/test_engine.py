@@ -104,6 +104,20 @@ def test_greedy_matches_generate_alone_under_random_schedule_with_preemption(mod
         assert streamed[rid] == results[rid]
 
 
+def test_prefix_cache_hits_serve_the_oracle_tokens_under_preemption(model, oracle):
+    """Prompts share two 8-token prefixes (2 pages); later arrivals find them in the pool."""
+    rng = np.random.default_rng(6)
+    prefixes = [rng.integers(0, VOCAB, 8).tolist() for _ in range(2)]
+    prompts = [prefixes[i % 2] + rng.integers(0, VOCAB, 5).tolist() for i in range(8)]
+    arrivals = [(2 * i, p, GREEDY) for i, p in enumerate(prompts)]
+    engine = jaxinfer.Engine(model, **ENGINE)
+    ids, _ = serve_with_arrivals(engine, arrivals)
+    results = engine.run_until_done()
+    assert engine.num_cached_tokens >= 8 and engine.num_preemptions > 0
+    for rid, prompt in zip(ids, prompts):
+        assert results[rid] == oracle(prompt), f"request {rid}"
+
+
 def test_generate_batch_returns_outputs_in_prompt_order_with_exact_max_tokens(model, oracle):
     rng = np.random.default_rng(2)
     prompts = random_prompts(rng, 5)
@@ -168,6 +182,17 @@ def test_seeded_sampling_is_reproducible_and_independent_of_the_batch(model):
     other_seed = jaxinfer.Engine(model, **ENGINE).generate(
         [prompt], jaxinfer.SamplingParams(**{**SAMPLED.__dict__, "seed": 124}))[0]
     assert other_seed != alone
+
+
+def test_a_prefix_cache_hit_keeps_seeded_sampling_with_repetition_penalty_exact(model):
+    """The cached prompt tokens never pass through a step, yet the penalty must see them."""
+    prompt = np.random.default_rng(7).integers(0, VOCAB, size=13).tolist()
+    uncached = jaxinfer.Engine(model, **ENGINE, prefix_caching=False).generate([prompt], SAMPLED)
+    engine = jaxinfer.Engine(model, **ENGINE)
+    first = engine.generate([prompt], SAMPLED)
+    again = engine.generate([prompt], SAMPLED)
+    assert engine.num_cached_tokens == 12  # 3 full pages; the last token is always computed
+    assert first == again == uncached
 
 
 def test_n_samples_share_the_prompt_and_sample_zero_matches_n_equals_one(model):
@@ -306,11 +331,10 @@ def test_engine_arguments_are_validated(model):
         windowed = jaxinfer.LlamaForCausalLM(CONFIG.replace(model_type="mistral", sliding_window=8),
                                              rngs=nnx.Rngs(0))
         jaxinfer.Engine(windowed, num_pages=4)
-    hyena = jaxinfer.HyenaForCausalLM(jaxinfer.HyenaConfig(
-        vocab_size=VOCAB, hidden_size=8, intermediate_size=16, num_hidden_layers=1,
-        max_position_embeddings=16), rngs=nnx.Rngs(0))
-    with pytest.raises(TypeError, match="has no paged KV cache: use jaxinfer.generate"):
-        jaxinfer.Engine(hyena)
+    class HyenaLike:  # a model without forward_paged (as HyenaForCausalLM)
+        config = CONFIG
+    with pytest.raises(TypeError, match="HyenaLike has no paged KV cache: use jaxinfer.generate"):
+        jaxinfer.Engine(HyenaLike())
 
 
 def test_pool_size_from_memory_is_logged_and_bounded_by_what_max_batch_can_use(model, caplog):
