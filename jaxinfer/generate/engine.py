@@ -27,6 +27,7 @@ from flax import nnx
 
 from jaxinfer.generate.engine_step import StepInputs, compiled_step, empty_inputs, mark_seen
 from jaxinfer.generate.paged_cache import default_num_pages, pages_for
+from jaxinfer.generate.prompt_lookup import lookup_draft
 from jaxinfer.generate.sampling_params import SamplingParams
 from jaxinfer.generate.scheduler import Chunk, Request, Scheduler
 
@@ -48,7 +49,7 @@ class StepStats(NamedTuple):
 
     tokens: int  # real tokens in the step
     bucket: int  # token slots compiled for (tokens + padding)
-    sampled: int  # sequences that got a new token
+    sampled: int  # sampling rows: the last token of each finished chunk, plus its draft tokens
     decode_only: bool  # every token was a decode (the case the decode roofline models)
     kv_tokens: int  # keys attended in all, sum of (position + 1) over the tokens
 
@@ -77,6 +78,10 @@ class Engine:
     kv_dtype: None stores K/V in the model's dtype; "int8" stores int8 values with a float32
     scale per (token, KV head) (`jaxinfer.models.kv_quant`), which fits about twice the pages in
     the same memory at head_dim 64 (3.8x against float32 at 128) for a bounded attention error.
+    speculative_tokens: prompt-lookup drafts of up to this many tokens per decode step (0: off),
+    found from the last `lookup_ngram` tokens (`prompt_lookup.py`); verified in the same step, so
+    outputs are unchanged and a step may emit several tokens of a request. Counts:
+    `num_draft_tokens`, `num_accepted_tokens`.
     prefix_caching: reuse the K/V pages of prompt blocks already computed (hashed by content and
     position; see `scheduler.py`): a shared system prompt is computed once while it stays cached.
     """
@@ -84,7 +89,8 @@ class Engine:
     def __init__(self, model, max_batch: int = 64, page_size: int = 16,
                  num_pages: int | None = None, max_tokens_per_step: int = 512, *, tokenizer=None,
                  max_model_len: int | None = None, kv_dtype: str | None = None,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, speculative_tokens: int = 0,
+                 lookup_ngram: int = 3):
         if not hasattr(model, "forward_paged"):
             raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
                             f"Mixtral); {type(model).__name__} has no paged KV cache: use "
@@ -106,6 +112,13 @@ class Engine:
         if kv_dtype not in (None, "int8"):
             raise ValueError(f"kv_dtype must be None (the model's dtype) or 'int8'; got "
                              f"{kv_dtype!r}")
+        if isinstance(speculative_tokens, bool) or not isinstance(speculative_tokens, int) \
+                or speculative_tokens < 0:
+            raise ValueError(f"speculative_tokens must be an integer >= 0; got "
+                             f"{speculative_tokens!r}")
+        _check_positive_int("lookup_ngram", lookup_ngram)
+        self.speculative_tokens, self.lookup_ngram = speculative_tokens, int(lookup_ngram)
+        self.num_draft_tokens = self.num_accepted_tokens = 0
         self.config = config
         self.tokenizer = tokenizer
         self.max_batch, self.page_size = int(max_batch), int(page_size)
@@ -117,6 +130,7 @@ class Engine:
         _check_positive_int("num_pages", num_pages)
         self.num_pages = int(num_pages)
         self.buckets = token_buckets(int(max_tokens_per_step))
+        self.max_rows = self.max_batch * (1 + speculative_tokens)  # sampling rows of a step
         graphdef, self._state = nnx.split(model)
         self._step = compiled_step(graphdef)
         self._cache = model.init_paged_cache(self.num_pages, self.page_size, kv_dtype)
@@ -190,31 +204,66 @@ class Engine:
 
     def step(self) -> list[Event]:
         """Run one scheduled step; returns the events it produced (empty when idle)."""
+        if self.speculative_tokens:
+            self._propose_drafts()
         chunks = self._scheduler.schedule()
         if not chunks:
             return []
         for chunk in chunks:
             if chunk.request.from_cache:  # its cached tokens never pass through a step
                 self._mark_seen(chunk.request)
-        inputs, sampled = self._build_inputs(chunks)
+        inputs, rows = self._build_inputs(chunks)
         self.last_step = StepStats(
-            tokens=int(inputs.valid.sum()), bucket=len(inputs.valid), sampled=len(sampled),
-            decode_only=all(chunk.count == 1 and chunk.samples for chunk in chunks),
+            tokens=int(inputs.valid.sum()), bucket=len(inputs.valid), sampled=rows,
+            decode_only=all(chunk.start + 1 >= len(chunk.request.prompt) for chunk in chunks),
             kv_tokens=int((inputs.positions + 1)[inputs.valid].sum()))
         tokens, self._cache, self._seen = self._step(self._state, self._cache,
                                                       self._seen, inputs)
-        tokens = np.asarray(tokens)
+        tokens = np.asarray(tokens).tolist()
         new: dict[int, list[tuple[Request, int]]] = {}
+        row = 0
         for chunk in chunks:
-            chunk.request.computed += chunk.count
-            self._scheduler.register_computed(chunk.request)
-        for row, request in enumerate(sampled):
-            token = int(tokens[row])
-            request.output.append(token)
-            if self._should_stop(request, token):
-                self._scheduler.finish(request)
-            new.setdefault(request.request_id, []).append((request, token))
+            request = chunk.request
+            if not chunk.samples:
+                request.computed += chunk.count
+                self._scheduler.register_computed(request)
+            else:
+                drafted = len(request.draft)
+                produced = self._accept(request, chunk, tokens[row:row + drafted + 1])
+                row += drafted + 1
+                new.setdefault(request.request_id, []).extend((request, t) for t in produced)
         return [self._event(request_id, produced) for request_id, produced in new.items()]
+
+    def _accept(self, request: Request, chunk: Chunk, sampled: list[int]) -> list[int]:
+        """Append the tokens sampled at the chunk's last token and draft tokens: each draft token
+        stands while it equals the token sampled before it, so every kept token is the one plain
+        decoding would sample there (same logits, same key). Returns the appended tokens."""
+        draft, request.draft = request.draft, []
+        kept, stop = [], False
+        for i, token in enumerate(sampled):
+            request.output.append(token)
+            kept.append(token)
+            stop = self._should_stop(request, token)
+            if stop or i == len(draft) or token != draft[i]:
+                break
+        accepted = len(kept) - 1  # draft tokens whose K/V this step computed correctly
+        request.computed = chunk.start + chunk.count - len(draft) + accepted
+        self.num_draft_tokens += len(draft)
+        self.num_accepted_tokens += accepted
+        self._scheduler.register_computed(request)  # before finish frees the pages
+        if stop:
+            self._scheduler.finish(request)
+        return kept
+
+    def _propose_drafts(self) -> None:
+        """Prompt-lookup drafts for running requests that decode (not those with a repetition
+        penalty: a draft token would count as seen before it is accepted)."""
+        for request in self._scheduler.running:
+            p = request.params
+            if request.remaining != 1 or p.repetition_penalty != 1.0:
+                continue
+            room = min(self.speculative_tokens, p.max_tokens - len(request.output) - 1)
+            request.draft = lookup_draft(request.tokens, self.lookup_ngram, room)
 
     def stream(self) -> Iterator[Event]:
         """Step until every submitted request has finished, yielding events as tokens appear."""
@@ -256,7 +305,7 @@ class Engine:
         padding = np.full(self.pages_per_seq * self.page_size, self.config.vocab_size, np.int32)
         self._seen = mark_seen(self._seen, np.int32(self.max_batch), padding)
         for tokens in self.buckets:
-            inputs = empty_inputs(tokens, min(tokens, self.max_batch), self.max_batch,
+            inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
                                   self.pages_per_seq)
             _, self._cache, self._seen = self._step(self._state, self._cache,
                                                      self._seen, inputs)
@@ -285,13 +334,14 @@ class Engine:
                              f"found token id {low if low < 0 else high}")
         return ids.tolist()
 
-    def _build_inputs(self, chunks: list[Chunk]) -> tuple[StepInputs, list[Request]]:
+    def _build_inputs(self, chunks: list[Chunk]) -> tuple[StepInputs, int]:
+        """The step's arrays; sampling rows follow the chunks' order, one per token sampled at (a
+        chunk's last token and its draft tokens). Returns the inputs and the number of rows."""
         total = sum(chunk.count for chunk in chunks)
         tokens = next(b for b in self.buckets if b >= total)
-        inputs = empty_inputs(tokens, min(tokens, self.max_batch), self.max_batch,
+        inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
                               self.pages_per_seq)
-        sampled: list[Request] = []
-        i = 0
+        i = row = 0
         for chunk in chunks:
             request, end = chunk.request, chunk.start + chunk.count
             span = slice(i, i + chunk.count)
@@ -302,18 +352,19 @@ class Engine:
             inputs.page_table[request.slot, :len(request.pages)] = request.pages
             i += chunk.count
             if chunk.samples:
-                row, p = len(sampled), request.params
-                inputs.logit_rows[row] = i - 1
-                inputs.sample_slot[row] = request.slot
-                inputs.temperature[row] = p.temperature
-                inputs.top_k[row] = p.top_k or 0
-                inputs.top_p[row] = 1.0 if p.top_p is None else p.top_p
-                inputs.min_p[row] = p.min_p or 0.0
-                inputs.repetition_penalty[row] = p.repetition_penalty
-                inputs.seed[row] = p.seed
-                inputs.sample_index[row] = request.sample_index
-                sampled.append(request)
-        return inputs, sampled
+                p = request.params
+                rows = slice(row, row + len(request.draft) + 1)
+                inputs.logit_rows[rows] = np.arange(i - len(request.draft) - 1, i)
+                inputs.sample_slot[rows] = request.slot
+                inputs.temperature[rows] = p.temperature
+                inputs.top_k[rows] = p.top_k or 0
+                inputs.top_p[rows] = 1.0 if p.top_p is None else p.top_p
+                inputs.min_p[rows] = p.min_p or 0.0
+                inputs.repetition_penalty[rows] = p.repetition_penalty
+                inputs.seed[rows] = p.seed
+                inputs.sample_index[rows] = request.sample_index
+                row = rows.stop
+        return inputs, row
 
     def _should_stop(self, request: Request, token: int) -> bool:
         p = request.params
@@ -333,7 +384,7 @@ class Engine:
             del self._live[request_id]
             self._results[request_id] = self._output(samples)
         if len(samples) == 1:
-            return Event(request_id, [produced[0][1]], done)
+            return Event(request_id, [token for _, token in produced], done)
         per_sample: list[list[int]] = [[] for _ in samples]
         for request, token in produced:
             per_sample[request.sample_index].append(token)

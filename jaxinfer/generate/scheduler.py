@@ -44,20 +44,23 @@ class Request:
     hashes: list[bytes] = dataclasses.field(default_factory=list)  # of its full blocks so far
     registered: int = 0  # leading pages registered in the prefix cache
     from_cache: bool = False  # admitted with a prefix-cache hit, not yet stepped
+    draft: list[int] = dataclasses.field(default_factory=list)  # speculative tokens to verify
 
     @property
     def tokens(self) -> list[int]:
-        return self.prompt + self.output
+        """The sequence: prompt, generated tokens and the draft under verification."""
+        return self.prompt + self.output + self.draft
 
     @property
     def remaining(self) -> int:
-        """Tokens to compute before the next token can be sampled."""
-        return len(self.prompt) + len(self.output) - self.computed
+        """Tokens to compute before the next token (and one per draft token) can be sampled."""
+        return len(self.tokens) - self.computed
 
 
 @dataclasses.dataclass
 class Chunk:
-    """`count` tokens of `request` from position `start`; samples iff they reach its end."""
+    """`count` tokens of `request` from position `start`; samples iff they reach its end (at the
+    last token and at each draft token)."""
 
     request: Request
     start: int
@@ -65,7 +68,7 @@ class Chunk:
 
     @property
     def samples(self) -> bool:
-        return self.start + self.count == len(self.request.prompt) + len(self.request.output)
+        return self.start + self.count == len(self.request.tokens)
 
 
 class Scheduler:
@@ -107,6 +110,8 @@ class Scheduler:
             if request not in self.running:  # preempted earlier in this loop
                 continue
             count = min(request.remaining, budget)
+            if request.draft:
+                count = self._fit_draft(request, count)
             while not self._grow(request, request.computed + count):
                 victim = max(self.running, key=lambda r: r.arrival)
                 dropped = chunks.pop(id(victim), None)
@@ -147,6 +152,14 @@ class Scheduler:
             self.allocator.register(request.pages[i], hashes[i])
         request.registered = max(request.registered, full)
 
+    def _fit_draft(self, request: Request, count: int) -> int:
+        """Trim the draft to the step's budget and to the pages it can get without preempting
+        anyone (a guess never costs another request its pages); returns the chunk's count."""
+        room = len(request.pages) * self.page_size + self.allocator.num_free * self.page_size
+        keep = max(0, min(count, room - request.computed) - 1)
+        del request.draft[keep:]
+        return request.remaining
+
     def _acquire_prefix(self, request: Request) -> list[int]:
         """Pages of the longest cached run of the request's leading blocks (not its last token)."""
         if not self.prefix_caching:
@@ -176,6 +189,7 @@ class Scheduler:
         self._release(request)
         self.running.remove(request)
         request.computed = 0
+        request.draft = []
         request.preemptions += 1
         self.num_preemptions += 1
         self.waiting.appendleft(request)

@@ -118,6 +118,29 @@ def test_prefix_cache_hits_serve_the_oracle_tokens_under_preemption(model, oracl
         assert results[rid] == oracle(prompt), f"request {rid}"
 
 
+def test_prompt_lookup_drafts_keep_greedy_and_seeded_outputs_and_get_accepted(model, oracle):
+    """Drafts are verified by sampling where plain decoding would (same logits and keys): greedy
+    stays the oracle's, seeded sampling the non-speculative engine's, with scarce pages."""
+    rng = np.random.default_rng(8)
+    motifs = [rng.integers(0, VOCAB, 4).tolist() for _ in range(4)]
+    prompts = [m + m[:4] if i % 2 else (m * 4)[:13] for i, m in enumerate(motifs)]  # repetitive
+    prompts += random_prompts(rng, 3)
+    arrivals = [(int(rng.integers(0, 6)), p, GREEDY) for p in prompts]
+    engine = jaxinfer.Engine(model, **ENGINE, speculative_tokens=3)
+    ids, streamed = serve_with_arrivals(engine, arrivals)
+    results = engine.run_until_done()
+    assert 0 < engine.num_accepted_tokens <= engine.num_draft_tokens
+    for rid, prompt in zip(ids, prompts):
+        assert results[rid] == streamed[rid] == oracle(prompt), f"request {rid}"
+
+    sampled = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0.5, seed=5,
+                                      ignore_eos=True)
+    plain = jaxinfer.Engine(model, **ENGINE).generate(prompts[:4], sampled)
+    speculative = jaxinfer.Engine(model, **ENGINE, speculative_tokens=3, lookup_ngram=1)
+    assert speculative.generate(prompts[:4], sampled) == plain
+    assert speculative.num_accepted_tokens > 0
+
+
 def test_generate_batch_returns_outputs_in_prompt_order_with_exact_max_tokens(model, oracle):
     rng = np.random.default_rng(2)
     prompts = random_prompts(rng, 5)

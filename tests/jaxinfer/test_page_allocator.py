@@ -33,3 +33,14 @@ def test_freed_registered_pages_stay_findable_until_evicted_least_recent_first()
     assert pool.acquire_cached(h) == [0, 1]  # block 2's page now holds other content
     with pytest.raises(ValueError, match="only 0 are free"):
         pool.allocate(1)
+
+
+def test_prompt_lookup_proposes_what_followed_the_latest_earlier_match():
+    from jaxinfer.generate.prompt_lookup import lookup_draft
+
+    tokens = [5, 6, 7, 1, 5, 6, 8, 2, 9, 5, 6]
+    assert lookup_draft(tokens, ngram=2, max_tokens=3) == [8, 2, 9]  # latest match, not the first
+    assert lookup_draft(tokens, ngram=2, max_tokens=1) == [8]
+    assert lookup_draft(tokens, ngram=3, max_tokens=3) == []  # (9, 5, 6) never occurred before
+    assert lookup_draft([4, 4], ngram=1, max_tokens=5) == [4]  # a match may run up to the end
+    assert lookup_draft(tokens, ngram=2, max_tokens=0) == []
