@@ -1,5 +1,6 @@
 """experiments/moe_placement runs in --quick mode and writes its JSON record and PNGs; on the
-skewed traces its placement beats round-robin on both balance and traffic."""
+skewed traces the greedy placement beats round-robin on both balance and traffic, and the MILP
+placement beats contiguous on traffic; the ratio columns are against contiguous and greedy."""
 
 from __future__ import annotations
 
@@ -22,3 +23,7 @@ def test_moe_placement_quick_mode_writes_results(tmp_path):
     assert skewed["greedy"]["imbalance_mean"] < skewed["round_robin"]["imbalance_mean"]
     assert skewed["greedy"]["cross_transitions"] < skewed["round_robin"]["cross_transitions"]
     assert skewed["greedy"]["cross_transitions"] < skewed["lpt"]["cross_transitions"]
+    assert skewed["ilp"]["cross_transitions"] < skewed["contiguous"]["cross_transitions"]
+    assert skewed["contiguous"]["traffic_vs_contig"] == skewed["greedy"]["traffic_vs_greedy"] == 1
+    assert skewed["ilp"]["imbalance_vs_greedy"] == (skewed["ilp"]["imbalance_mean"]
+                                                    / skewed["greedy"]["imbalance_mean"])
