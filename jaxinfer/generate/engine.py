@@ -13,7 +13,8 @@ serving never compiles), `last_step` (what the last step computed), `num_preempt
 A Python scheduler (`scheduler.py`) picks each step's tokens; one jitted, fixed-shape step
 (`engine_step.py`) runs them. Requests are validated completely at `submit`, so a bad request is
 refused there and never reaches a step shared with others. With `n > 1` a request runs as n
-sequences sharing the prompt; its events and result then hold one token list per sample.
+sequences sharing the prompt; its events and result then hold one token list per sample (with
+`first_finish`, First Finish Search, the result is the first finished sample's list alone).
 """
 
 from __future__ import annotations
@@ -379,10 +380,15 @@ class Engine:
 
     def _event(self, request_id: int, produced: list[tuple[Request, int]]) -> Event:
         samples = self._live[request_id]
+        winners = [r for r in samples if r.finished] if samples[0].params.first_finish else []
+        for request in samples if winners else ():  # First Finish Search: the rest stop now
+            if not request.finished:
+                self._scheduler.finish(request)
         done = all(r.finished for r in samples)
         if done:
             del self._live[request_id]
-            self._results[request_id] = self._output(samples)
+            self._results[request_id] = (list(winners[0].output) if winners
+                                         else self._output(samples))
         if len(samples) == 1:
             return Event(request_id, [token for _, token in produced], done)
         per_sample: list[list[int]] = [[] for _ in samples]

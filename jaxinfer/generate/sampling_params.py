@@ -33,6 +33,9 @@ class SamplingParams:
     engine's tokenizer; the token completing the match is kept). seed: with the sample index and
     the position it determines every random draw, so the output does not depend on the batch.
     n: independent samples of the same prompt. ignore_eos: keep going past the model's EOS.
+    first_finish: First Finish Search: of the n samples, the first to finish is the result (a
+    single token list) and the others stop there; the shortest trace tends to be the correct one
+    for reasoning models, and the request costs the latency of its quickest sample.
     """
 
     max_tokens: int = 16
@@ -46,6 +49,7 @@ class SamplingParams:
     seed: int = 0
     n: int = 1
     ignore_eos: bool = False
+    first_finish: bool = False
 
     def __post_init__(self) -> None:
         # lists are accepted for the tuple fields; the frozen dataclass stores tuples (hashable)
@@ -87,3 +91,5 @@ class SamplingParams:
             fail("n", "an integer >= 1")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "a bool")
+        if not isinstance(self.first_finish, bool):
+            fail("first_finish", "a bool")

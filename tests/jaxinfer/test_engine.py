@@ -238,6 +238,21 @@ def test_n_samples_share_the_prompt_and_sample_zero_matches_n_equals_one(model):
     assert per_sample == three == engine.run_until_done()[rid]
 
 
+def test_first_finish_search_returns_the_sample_that_stops_first(model):
+    """Samples do not depend on each other (seeded by sample index), so the n=4 run shows every
+    sample's full trace; First Finish Search must return the shortest (the lowest index on a tie)."""
+    prompt = np.random.default_rng(9).integers(0, VOCAB, size=8).tolist()
+    params = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=1.0, seed=11, n=4,
+                                     stop_token_ids=tuple(range(0, VOCAB, 6)), ignore_eos=True)
+    engine = jaxinfer.Engine(model, **ENGINE)
+    traces = engine.generate([prompt], params)[0]
+    assert len({len(t) for t in traces}) > 1, "stop tokens were meant to end samples unevenly"
+    first = engine.generate([prompt], jaxinfer.SamplingParams(**{**params.__dict__,
+                                                                 "first_finish": True}))[0]
+    assert first == min(traces, key=len)
+    assert engine.num_unfinished == 0
+
+
 def test_no_compilation_after_warmup(model):
     engine = jaxinfer.Engine(model, **ENGINE)
     engine.warmup()
@@ -300,7 +315,7 @@ def test_eos_ends_the_request_unless_ignore_eos(model, oracle):
 BAD_PARAMS = {
     "max_tokens": 0, "temperature": -0.5, "top_k": 0, "top_p": 1.5, "min_p": -0.1,
     "repetition_penalty": 0.0, "stop_token_ids": (-1,), "stop": ("",), "seed": -3, "n": 0,
-    "ignore_eos": "yes",
+    "ignore_eos": "yes", "first_finish": 1,
 }
 
 
