@@ -22,6 +22,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxinfer.checkpoint.gptq_format import FORMATS
+from jaxinfer.quant.mixed_linear import MIXED_PART_NAMES
 from kernels_pallas.quant_matmul import SUPPORTED_BITS, QuantizedWeight
 
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
@@ -150,7 +151,16 @@ def gptq_config_for(weights: dict[str, QuantizedWeight], checkpoint_format: str)
     """The config describing ``weights`` ({HF module name: weight}): the (bits, group_size) that
     fits most layers as the base and an exact-name ``dynamic`` override for every other layer.
 
-    A layer whose one group spans all its rows fits both group_size -1 and its in_features."""
+    A layer whose one group spans all its rows fits both group_size -1 and its in_features.
+    Mixed 2/4-bit layers (their parts appear as ``<layer>.high`` / ``<layer>.low``) are refused:
+    the format has one bit width per layer."""
+    mixed = sorted({name.rsplit(".", 1)[0] for name in weights
+                    if name.rsplit(".", 1)[-1] in MIXED_PART_NAMES})
+    if mixed:
+        raise ValueError(f"{len(mixed)} layer(s) hold mixed 2/4-bit weights (e.g. {mixed[0]}); an "
+                         f"HF GPTQ checkpoint has one bit width per layer, so a mixed model "
+                         f"cannot be saved in GPTQ format; quantize with a single bits value to "
+                         f"save it")
     def fits(w: QuantizedWeight, bits: int, group_size: int) -> bool:
         return w.bits == bits and w.group_size == (w.in_features if group_size == -1
                                                    else group_size)

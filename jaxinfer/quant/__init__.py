@@ -1,7 +1,8 @@
-"""Weight quantization: round-to-nearest and GPTQ, producing packed ``QuantizedWeight``s.
+"""Weight quantization: round-to-nearest and GPTQ, producing packed ``QuantizedWeight``s (or, for
+mixed 2/4-bit groups, ``MixedQuantizedWeight``s).
 
-``QuantizedWeight`` is defined in ``kernels_pallas.quant_matmul`` (the kernels take it and may
-import only jax) and re-exported here.
+``QuantizedWeight`` and ``MixedQuantizedWeight`` are defined in ``kernels_pallas.quant_matmul`` (the
+kernels take them and may import only jax) and re-exported here.
 """
 
 from jaxinfer.quant.calibration import token_chunks
@@ -9,12 +10,16 @@ from jaxinfer.quant.gptq import gptq_quantize_layer
 from jaxinfer.quant.grid import (dequantize_from_grid, fit_grid, fit_group_grids,
                                  quantize_to_grid)
 from jaxinfer.quant.hessian import HessianState, accumulate_hessian, hessian_from_activations
+from jaxinfer.quant.mixed import select_high_groups
+from jaxinfer.quant.mixed_linear import MixedQuantizedLinear
 from jaxinfer.quant.model import quantize
 from jaxinfer.quant.rtn import quantize_rtn
-from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul
+from kernels_pallas.quant_matmul import MixedQuantizedWeight, QuantizedWeight, quant_matmul
 
 __all__ = [
     "HessianState",
+    "MixedQuantizedLinear",
+    "MixedQuantizedWeight",
     "QuantizedWeight",
     "accumulate_hessian",
     "dequantize_from_grid",
@@ -26,5 +31,6 @@ __all__ = [
     "quantize",
     "quantize_rtn",
     "quantize_to_grid",
+    "select_high_groups",
     "token_chunks",
 ]

@@ -16,6 +16,9 @@ over the not-yet-quantized rows through the upper Cholesky factor U of ``H^-1``:
    g_idx = k // G), or dynamic groups fit on the current error-updated rows when a group starts,
    consecutive in the permuted order (g_idx[perm[p]] = p // G).
 
+Mixed 2/4-bit: each group is quantized on its own grid, so a per-group width is all it takes (the
+grid of a 4-bit group has 16 levels, of a 2-bit group 4); the error feedback is unchanged.
+
 Everything runs inside one ``jax.jit`` in float32 (fori_loops over blocks and rows).
 """
 
@@ -25,10 +28,12 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax import lax
 
 from jaxinfer.quant.grid import fit_grid, fit_group_grids, quantize_to_grid
-from kernels_pallas.quant_matmul import QuantizedWeight, check_quant_params
+from jaxinfer.quant.mixed import check_mixed_args, group_bit_widths, packed_weight, packing_bits
+from kernels_pallas.quant_matmul import MixedQuantizedWeight, QuantizedWeight, check_quant_params
 
 _HI = lax.Precision.HIGHEST
 
@@ -49,8 +54,16 @@ def _inverse_hessian_factor(h: jax.Array) -> jax.Array:
     return jnp.linalg.cholesky(h_inv).T
 
 
+def _act_order_perm(h, xp=jnp):
+    """int [K]: rows of h [K, K] by decreasing Hessian diagonal (dead inputs count as 1, as step 1
+    sets). ``xp`` is jnp inside the jitted GPTQ, numpy for the host-side group choice."""
+    d = xp.diag(h)
+    return xp.argsort(-xp.where(d == 0, 1.0, d), stable=True)
+
+
 @functools.partial(jax.jit, static_argnames=("group_size", "block_size", "static_groups"))
-def _gptq(w, h, damp, bits, sym, act_order, *, group_size, block_size, static_groups):
+def _gptq(w, h, damp, group_bits, sym, act_order, *, group_size, block_size, static_groups):
+    # group_bits f32 [groups]: each group's width (groups in g_idx numbering).
     k, n = w.shape
     g = k if group_size == -1 else group_size
     n_groups = k // g
@@ -64,8 +77,8 @@ def _gptq(w, h, damp, bits, sym, act_order, *, group_size, block_size, static_gr
     h = h + jnp.diag(dead.astype(jnp.float32))
     w = jnp.where(dead[:, None], 0.0, w)
     if not dynamic:  # grids fit up front, original row order
-        fixed_scales, fixed_zeros = fit_group_grids(w, bits, group_size, sym)  # [groups, N]
-    perm = jnp.where(act_order, jnp.argsort(-jnp.diag(h), stable=True), jnp.arange(k))
+        fixed_scales, fixed_zeros = fit_group_grids(w, group_bits, group_size, sym)  # [groups, N]
+    perm = jnp.where(act_order, _act_order_perm(h), jnp.arange(k))
     w = w[perm]
     h = h[perm][:, perm]
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
@@ -87,15 +100,15 @@ def _gptq(w, h, damp, bits, sym, act_order, *, group_size, block_size, static_gr
 
         def quantize_row(i, c):
             w1, q1, err1, scale, zero, scales, zeros = c
+            gi = (i1 + i) // g if dynamic else pos_group[i1 + i]
+            bits = group_bits[gi]  # padded rows index past the end: clamped, and they are zero
             if dynamic:
                 def refit(_):
                     s, z = fit_grid(lax.dynamic_slice(w1, (i, 0), (g, n)), bits, sym)
-                    gi = (i1 + i) // g
                     return s, z, scales.at[gi].set(s), zeros.at[gi].set(z)
                 scale, zero, scales, zeros = lax.cond(
                     i % g == 0, refit, lambda _: (scale, zero, scales, zeros), None)
             else:
-                gi = pos_group[i1 + i]
                 scale, zero = fixed_scales[gi], fixed_zeros[gi]
             row = w1[i]  # [N]
             q = quantize_to_grid(row, scale, zero, bits)
@@ -127,27 +140,36 @@ def _gptq(w, h, damp, bits, sym, act_order, *, group_size, block_size, static_gr
     return q, scales, zeros.astype(jnp.int32), g_idx
 
 
-def gptq_quantize_layer(w, hessian, bits: int = 4, group_size: int = 128, sym: bool = True,
-                        act_order: bool = False, damp: float = 0.01, block_size: int = 128,
-                        static_groups: bool = False) -> QuantizedWeight:
+def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size: int = 128,
+                        sym: bool = True, act_order: bool = False, damp: float = 0.01,
+                        block_size: int = 128, static_groups: bool = False, *,
+                        high_fraction: float | None = None,
+                        criterion: str | None = None) -> QuantizedWeight | MixedQuantizedWeight:
     """GPTQ-quantize one weight.
 
     Args:
       w: [K, N] float weight (Linear kernel layout: [in, out]).
       hessian: [K, K] from ``hessian_from_activations`` / ``accumulate_hessian`` on the layer's
         inputs (any positive scale).
-      bits: 2, 3, 4 or 8. group_size: rows per group, -1 for per channel; must divide K.
+      bits: 2, 3, 4 or 8; or the pair (2, 4) for mixed 2/4-bit groups (``jaxinfer.quant.mixed``):
+        each group is quantized on its own grid at its own width.
+      group_size: rows per group, -1 for per channel (not with mixed bits); must divide K.
       sym: symmetric grid (zero at the middle) or asymmetric.
       act_order: quantize rows in order of decreasing Hessian diagonal (GPTQ's desc_act).
       damp: relative dampening, a fraction of mean(diag H). block_size: lazy-update block.
       static_groups: fit group grids up front in original order (g_idx = k // G even with
         act_order), instead of on the error-updated weights as groups start.
+      high_fraction: mixed bits only: fraction of groups kept at 4 bits (default 0.25).
+      criterion: mixed bits only: "range" (default) or "hessian" picks the 4-bit groups, among
+        GPTQ's groups (runs of act order when act_order and not static_groups).
 
     Returns:
-      ``QuantizedWeight`` (its ``g_idx`` is GPTQ's; act-ordered groups are stored sorted).
+      ``QuantizedWeight`` (its ``g_idx`` is GPTQ's; act-ordered groups are stored sorted), or a
+      ``MixedQuantizedWeight`` for mixed bits.
     """
     w, hessian = jnp.asarray(w), jnp.asarray(hessian)
-    check_quant_params(w.shape, bits, group_size)
+    mixed = check_mixed_args(bits, group_size, high_fraction, criterion)
+    check_quant_params(w.shape, packing_bits(bits), group_size)
     k = w.shape[0]
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [K, K] = [{k}, {k}]; got {list(hessian.shape)}")
@@ -155,10 +177,19 @@ def gptq_quantize_layer(w, hessian, bits: int = 4, group_size: int = 128, sym: b
         raise ValueError(f"damp must be >= 0; got {damp!r}")
     if not isinstance(block_size, int) or block_size <= 0:
         raise ValueError(f"block_size must be a positive int; got {block_size!r}")
-    # bits, sym and act_order are traced so that they share one compilation per shape.
-    q, scales, zeros, g_idx = _gptq(w, hessian, jnp.float32(damp), jnp.float32(bits),
+    act_grouped = act_order and group_size != -1 and not static_groups
+    # Mixed widths are chosen among the groups GPTQ forms: runs of its quantization order.
+    w_g, h_g = w, hessian
+    if mixed and act_grouped:  # host-side: no device gather compiled per layer shape
+        w_g, h_g = np.asarray(w), np.asarray(hessian)
+        order = _act_order_perm(h_g, np)
+        w_g, h_g = w_g[order], h_g[order][:, order]
+    group_bits, high = group_bit_widths(w_g, bits, group_size, sym=bool(sym),
+                                        high_fraction=high_fraction, criterion=criterion,
+                                        hessian=h_g)
+    # group_bits, sym and act_order are traced so that they share one compilation per shape.
+    q, scales, zeros, g_idx = _gptq(w, hessian, jnp.float32(damp), jnp.asarray(group_bits),
                                     jnp.bool_(sym), jnp.bool_(act_order), group_size=group_size,
                                     block_size=block_size, static_groups=bool(static_groups))
-    g_idx = g_idx if act_order and group_size != -1 and not static_groups else None
-    return QuantizedWeight.from_ints(q, scales, zeros, bits=bits, group_size=group_size,
-                                     g_idx=g_idx)
+    return packed_weight(q, scales, zeros, bits=bits, group_size=group_size, high=high,
+                         g_idx=g_idx if act_grouped else None)

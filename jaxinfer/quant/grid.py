@@ -34,14 +34,16 @@ def fit_grid(w: jax.Array, bits: int, sym: bool) -> tuple[jax.Array, jax.Array]:
     return scale, zero
 
 
-def fit_group_grids(w: jax.Array, bits: int, group_size: int, sym: bool):
+def fit_group_grids(w: jax.Array, bits, group_size: int, sym: bool):
     """Grids for consecutive row groups of ``w`` [K, N] -> (scales, zeros) f32 [K // G, N].
 
+    ``bits`` is one width for all groups or a per-group array [K // G] (mixed 2/4-bit).
     ``group_size`` -1 means one group (per output channel). ``K % G == 0`` is the caller's check.
     """
     k, n = w.shape
     g = k if group_size == -1 else group_size
-    return jax.vmap(lambda blk: fit_grid(blk, bits, sym))(w.reshape(k // g, g, n))
+    group_bits = jnp.broadcast_to(jnp.asarray(bits, jnp.float32), (k // g,))  # [groups]
+    return jax.vmap(lambda blk, b: fit_grid(blk, b, sym))(w.reshape(k // g, g, n), group_bits)
 
 
 def quantize_to_grid(w, scale, zero, bits: int) -> jax.Array:

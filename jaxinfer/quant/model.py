@@ -1,8 +1,9 @@
 """Quantize a whole decoder: ``quantize(model, method="gptq" | "rtn", ...)`` -> a new model.
 
 Every decoder linear layer (attention q/k/v/o, MLP gate/up/down) becomes a ``QuantizedLinear``
-holding a packed ``QuantizedWeight``; embeddings, norms and lm_head stay float. The input model
-is left untouched (the new model is an ``nnx.clone`` whose layers are then replaced).
+holding a packed ``QuantizedWeight`` (a ``MixedQuantizedLinear`` holding a
+``MixedQuantizedWeight`` for mixed 2/4-bit); embeddings, norms and lm_head stay float. The input
+model is left untouched (the new model is an ``nnx.clone`` whose layers are then replaced).
 
 GPTQ follows AutoGPTQ's true-sequential recipe, block by block:
 
@@ -36,8 +37,10 @@ from jaxinfer.models.layers import Linear, QuantizedLinear
 from jaxinfer.models.rope import inverse_frequencies, rotary_tables
 from jaxinfer.quant.gptq import gptq_quantize_layer
 from jaxinfer.quant.hessian import HessianState, accumulate_hessian
+from jaxinfer.quant.mixed import check_mixed_args, packing_bits
+from jaxinfer.quant.mixed_linear import MixedQuantizedLinear
 from jaxinfer.quant.rtn import quantize_rtn
-from kernels_pallas.quant_matmul import SUPPORTED_BITS, QuantizedWeight, check_quant_params
+from kernels_pallas.quant_matmul import MixedQuantizedWeight, QuantizedWeight, check_quant_params
 
 logger = logging.getLogger(__name__)
 
@@ -72,15 +75,18 @@ def _linear_layers(model):
                 yield i, parent, name, getattr(parent, name)
 
 
-def _check_args(model, method, bits, group_size, act_order, sym, backend, damp):
+def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, high_fraction,
+                criterion):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
-        raise ValueError(f"bits must be one of {SUPPORTED_BITS}; got {bits!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (
             group_size != -1 and group_size <= 0):
         raise ValueError(f"group_size must be a positive int or -1 (per channel); "
                          f"got {group_size!r}")
+    check_mixed_args(bits, group_size, high_fraction, criterion)
+    if method == "rtn" and criterion == "hessian":
+        raise ValueError("criterion='hessian' needs layer Hessians from calibration: use "
+                         "method='gptq', or criterion='range' with method='rtn'")
     for name, value in (("act_order", act_order), ("sym", sym)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
@@ -96,7 +102,7 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp):
             raise ValueError(f"layers[{i}].{name} is already quantized "
                              f"({type(layer).__name__}); quantize a float model")
         try:
-            check_quant_params(layer.kernel.shape, bits, group_size)
+            check_quant_params(layer.kernel.shape, packing_bits(bits), group_size)
         except ValueError as e:
             raise ValueError(f"layers[{i}].{name} [in={layer.kernel.shape[0]}, "
                              f"out={layer.kernel.shape[1]}]: {e}") from None
@@ -128,18 +134,22 @@ def _calibration_batches(calibration, config) -> list[jax.Array]:
     return out
 
 
-def quantized_linear(layer: Linear, weight: QuantizedWeight, backend: str) -> QuantizedLinear:
-    """A ``QuantizedLinear`` taking ``layer``'s place: its logical axes, compute dtype and bias,
-    with ``weight`` (same [in, out] shape) instead of the float kernel."""
+def quantized_linear(layer: Linear, weight: QuantizedWeight | MixedQuantizedWeight,
+                     backend: str) -> QuantizedLinear | MixedQuantizedLinear:
+    """A ``QuantizedLinear`` (``MixedQuantizedLinear`` for a mixed weight) taking ``layer``'s
+    place: its logical axes, compute dtype and bias, with ``weight`` (same [in, out] shape)
+    instead of the float kernel."""
     if weight.shape != tuple(layer.kernel.shape):
         raise ValueError(f"weight must have the layer's shape {list(layer.kernel.shape)}; "
                          f"got {list(weight.shape)}")
     axes = layer.kernel.get_metadata()["logical_axes"]
     bias = None if layer.bias is None else layer.bias[...]
-    return QuantizedLinear(weight, bias, axes=axes, dtype=layer.dtype, backend=backend)
+    cls = MixedQuantizedLinear if isinstance(weight, MixedQuantizedWeight) else QuantizedLinear
+    return cls(weight, bias, axes=axes, dtype=layer.dtype, backend=backend)
 
 
-def _replace(parent, name, layer: Linear, weight: QuantizedWeight, backend: str):
+def _replace(parent, name, layer: Linear, weight: QuantizedWeight | MixedQuantizedWeight,
+             backend: str):
     setattr(parent, name, quantized_linear(layer, weight, backend))
 
 
@@ -165,43 +175,55 @@ def _run_block(graphdef, state, x, rope):
     return nnx.merge(graphdef, state)(x, *rope, None, 0)[0]
 
 
-def quantize(model, method: str = "gptq", bits: int = 4, group_size: int = 128,
+def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group_size: int = 128,
              act_order: bool = True, sym: bool = True, calibration=None, *,
-             damp: float = 0.01, backend: str = "auto", static_groups: bool = False):
+             damp: float = 0.01, backend: str = "auto", static_groups: bool = False,
+             high_fraction: float | None = None, criterion: str | None = None):
     """A new model whose decoder linear layers hold packed ``bits``-bit weights.
 
     Args:
       model: a float ``LlamaForCausalLM`` (left unchanged).
       method: "gptq" (needs ``calibration``) or "rtn" (round to nearest; ignores calibration and
         act_order).
-      bits: 2, 3, 4 or 8. group_size: input rows per scale/zero group, -1 for per channel; must
-        divide every layer's in_features.
+      bits: 2, 3, 4 or 8; or the pair (2, 4): mixed 2/4-bit, a fraction ``high_fraction`` of
+        each layer's groups at 4 bits and the rest at 2 (``jaxinfer.quant.mixed``); the layers'
+        ``weight.bits_per_weight`` gives the average stored bits per weight.
+      group_size: input rows per scale/zero group, -1 for per channel (not with mixed bits);
+        must divide every layer's in_features.
       act_order: GPTQ's desc_act (quantize inputs by decreasing Hessian diagonal).
       sym: symmetric grid (zero point in the middle) or asymmetric.
       calibration: int token ids [n_samples, seq_len], or an iterable of such batches.
       damp: GPTQ's relative Hessian dampening. backend: ``quant_matmul`` backend of the layers.
       static_groups: GPTQ grids fit up front (see ``gptq_quantize_layer``).
+      high_fraction: mixed bits only: fraction of groups kept at 4 bits, in [0, 1] (default
+        0.25; rounded per layer so both parts hold whole packed words).
+      criterion: mixed bits only: how the 4-bit groups are chosen, "range" (default: largest
+        weight range) or "hessian" (largest Hessian-weighted 2-bit error; method "gptq" only).
 
     Returns:
-      The quantized model (same class; linear layers are ``QuantizedLinear``).
+      The quantized model (same class; linear layers are ``QuantizedLinear``, or
+      ``MixedQuantizedLinear`` for mixed bits).
     """
-    _check_args(model, method, bits, group_size, act_order, sym, backend, damp)
+    _check_args(model, method, bits, group_size, act_order, sym, backend, damp, high_fraction,
+                criterion)
+    mixed_kw = dict(high_fraction=high_fraction, criterion=criterion)
     batches = _calibration_batches(calibration, model.config) if method == "gptq" else None
     new = nnx.clone(model)
     n_layers = len(new.layers) * sum(len(names) for _, names in LAYER_GROUPS)
-    bar = tqdm(total=n_layers, desc=f"{method} {bits}-bit", unit="layer", disable=None)
+    width = "/".join(map(str, bits)) if isinstance(bits, (tuple, list)) else bits
+    bar = tqdm(total=n_layers, desc=f"{method} {width}-bit", unit="layer", disable=None)
     try:
         if method == "rtn":
             for i, parent, name, layer in list(_linear_layers(new)):
                 bar.set_postfix_str(f"layers[{i}].{name}")
                 weight = quantize_rtn(layer.kernel[...], bits=bits, group_size=group_size,
-                                      sym=bool(sym))
+                                      sym=bool(sym), **mixed_kw)
                 _replace(parent, name, layer, weight, backend)
                 bar.update()
         else:
             _gptq_model(new, batches, bar, backend=backend, bits=bits, group_size=group_size,
                         act_order=bool(act_order), sym=bool(sym), damp=float(damp),
-                        static_groups=bool(static_groups))
+                        static_groups=bool(static_groups), **mixed_kw)
     finally:
         bar.close()
     return new

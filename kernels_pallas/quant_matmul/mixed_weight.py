@@ -11,6 +11,9 @@ part unchanged. Storage order is the high part's rows, then the low part's; ``pe
 storage row ``i`` to its original input row, so ``x @ W == x[..., perm[:K_high]] @ high +
 x[..., perm[K_high:]] @ low``: one gather of x, then two quantized matmuls. The parts' own
 ``perm`` is None (any act-order is folded into the mixed ``perm``). A part with no groups is None.
+The Pallas kernel on GPU further needs each part's word rows (K_part / vpw) and the group size to
+share a power-of-two divisor >= 16 (e.g. groups of 128 and an even number of 2-bit groups);
+``quant_matmul`` says so when a part misses it (the xla backend takes any part).
 """
 
 from __future__ import annotations

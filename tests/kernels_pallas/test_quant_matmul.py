@@ -5,8 +5,8 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas.quant_matmul import (QuantizedWeight, pack_planar, quant_matmul,
-                                         unpack_planar)
+from kernels_pallas.quant_matmul import (MixedQuantizedWeight, QuantizedWeight, pack_planar,
+                                         quant_matmul, unpack_planar)
 
 # f32: the backends sum the same products in different orders (per group, scales late).
 F32_RTOL, F32_ATOL = 1e-5, 1e-5
@@ -71,6 +71,46 @@ def test_pallas_explicit_blocks_loop_over_row_blocks_and_match_reference():
                                rtol=F32_RTOL, atol=F32_ATOL)
 
 
+def _random_mixed_weight(k, n, group_size, high, *, seed=0):
+    """Random mixed weight: groups in ``high`` (bool [groups]) hold 4-bit integers, the rest 2-bit;
+    act-order-like scattered groups. Returns the weight and its float64 numpy dequantization."""
+    rng = np.random.default_rng(seed)
+    groups = k // group_size
+    maxq = np.where(high, 16, 4)  # [groups]
+    g_idx = (np.arange(k) // group_size)[rng.permutation(k)]
+    q = rng.integers(0, maxq[g_idx][:, None], (k, n))
+    zeros = rng.integers(0, maxq[:, None], (groups, n))
+    scales = rng.uniform(0.5, 1.5, (groups, n)).astype(np.float32) / maxq[:, None]
+    w = MixedQuantizedWeight.from_ints(q, scales, zeros, high, group_size=group_size, g_idx=g_idx)
+    return w, scales[g_idx].astype(np.float64) * (q - zeros[g_idx])
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+def test_mixed_weight_matmul_equals_dequantized_float_matmul(backend):
+    high = np.array([0, 1, 0, 0, 1, 0, 0, 0], bool)
+    w, dense = _random_mixed_weight(128, 24, 16, high)
+    assert (w.high.bits, w.high.shape, w.low.bits, w.low.shape) == (4, (32, 24), 2, (96, 24))
+    x = np.random.default_rng(1).normal(size=(2, 3, 128)).astype(np.float32)
+    got = quant_matmul(jnp.asarray(x), w, backend=backend)
+    assert got.shape == (2, 3, 24) and got.dtype == jnp.float32
+    np.testing.assert_allclose(np.asarray(got), x.astype(np.float64) @ dense, rtol=F32_RTOL,
+                               atol=F32_ATOL)
+
+
+def test_mixed_weight_with_no_high_groups_is_all_2bit_and_dequantizes_exactly():
+    w, dense = _random_mixed_weight(128, 8, 16, np.zeros(8, bool), seed=2)
+    assert w.high is None and w.high_fraction == 0 and w.low.bits == 2
+    np.testing.assert_allclose(np.asarray(w.dequantize()), dense, rtol=1e-6)
+
+
+def test_bits_per_weight_counts_integers_scales_and_zeros():
+    uniform, _ = _random_weight(128, 8, 4, 32)
+    assert uniform.bits_per_weight == 4 + (16 + 4) / 32
+    mixed, _ = _random_mixed_weight(128, 8, 16, np.array([1, 0, 0, 1, 0, 0, 0, 0], bool))
+    assert mixed.high_fraction == 0.25
+    assert mixed.bits_per_weight == 0.25 * (4 + 20 / 16) + 0.75 * (2 + 18 / 16)
+
+
 @pytest.mark.parametrize("bits", [2, 3, 4, 8])
 def test_planar_packing_round_trips_and_fills_slots_by_row_runs(bits):
     q = jnp.asarray(np.random.default_rng(bits).integers(0, 2 ** bits, (64, 8)), jnp.int32)
@@ -89,7 +129,7 @@ def test_quant_matmul_rejects_bad_arguments():
     x = jnp.ones((2, 128), jnp.float32)
     with pytest.raises(ValueError, match="in_features K=128"):
         quant_matmul(jnp.ones((2, 96)), w)
-    with pytest.raises(TypeError, match="must be a QuantizedWeight"):
+    with pytest.raises(TypeError, match="must be a QuantizedWeight or MixedQuantizedWeight"):
         quant_matmul(x, jnp.ones((128, 32)))
     with pytest.raises(ValueError, match="backend must be one of"):
         quant_matmul(x, w, backend="cuda")

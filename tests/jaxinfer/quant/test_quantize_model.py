@@ -8,7 +8,7 @@ from flax import nnx
 
 import jaxinfer
 from jaxinfer.models.layers import Linear, QuantizedLinear
-from jaxinfer.quant import QuantizedWeight
+from jaxinfer.quant import MixedQuantizedLinear, MixedQuantizedWeight, QuantizedWeight
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -18,6 +18,9 @@ GROUP = 32
 CONFIG = jaxinfer.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=64,
                               num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=64, qkv_bias=True, mlp_bias=True)
+# A mixed layer computes the products of x and its dequantized weight, summed per part and group
+# in float32 (outputs ~1e-1): only the summation order differs.
+MIXED_ATOL = 1e-5
 # 8-bit RTN with groups of 32: per-weight error <= scale/2 = max|w|/255 (~0.3% of the range);
 # measured max |logit diff| 6.7e-3 on logits of std 0.16 (4-bit RTN: ~0.1); bound 3x that.
 RTN8_LOGIT_ATOL = 2e-2
@@ -121,8 +124,35 @@ def test_rtn_8bit_logits_match_float(model):
                                atol=RTN8_LOGIT_ATOL)
 
 
+def test_mixed_rtn_model_layers_compute_their_dequantized_weights_and_refuse_gptq_save(
+        model, tmp_path):
+    q = jaxinfer.quantize(model, method="rtn", bits=(2, 4), group_size=GROUP, high_fraction=0.5)
+    for block in q.layers:
+        for name in LINEAR_NAMES:
+            layer = _get(block, name)
+            assert isinstance(layer, MixedQuantizedLinear), name
+            assert isinstance(layer.weight, MixedQuantizedWeight)
+            # in_features 64 = 2 groups of 32: one 4-bit group, one 2-bit group.
+            assert layer.weight.high_fraction == 0.5
+            assert (layer.high.weight.bits, layer.low.weight.bits) == (4, 2)
+    # One layer (with a bias) against its dequantized float weight; the whole model's forward
+    # with mixed layers runs in the quant_perplexity experiment's test.
+    layer = q.layers[1].self_attn.q_proj
+    x = jax.random.normal(jax.random.key(0), (2, 3, 64), jnp.float32)
+    want = x @ layer.weight.dequantize() + layer.bias[...]
+    np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), atol=MIXED_ATOL)
+    with pytest.raises(ValueError, match="hold mixed 2/4-bit weights .* one bit width per layer"):
+        jaxinfer.save_pretrained(q, tmp_path)
+
+
 @pytest.mark.parametrize("kwargs, match", [
     (dict(method="awq"), "method must be one of"),
+    (dict(method="rtn", bits=(2, 3)), r"mixed bits must be \(low, high\) = \(2, 4\)"),
+    (dict(method="rtn", bits=(2, 4), high_fraction=1.1), r"high_fraction must be a number in"),
+    (dict(method="rtn", bits=(2, 4), group_size=-1), "group_size must be a positive int, got -1"),
+    (dict(method="rtn", bits=(2, 4), group_size=GROUP, criterion="hessian"),
+     "criterion='hessian' needs layer Hessians"),
+    (dict(method="rtn", bits=4, group_size=GROUP, high_fraction=0.5), "apply only to mixed"),
     (dict(method="rtn", bits=5), "bits must be one of"),
     (dict(method="rtn", bits=True), "bits must be one of"),
     (dict(method="rtn", group_size=48), "group_size must divide K"),
