@@ -53,6 +53,7 @@ class StepStats(NamedTuple):
     sampled: int  # sampling rows: the last token of each finished chunk, plus its draft tokens
     decode_only: bool  # every token was a decode (the case the decode roofline models)
     kv_tokens: int  # keys attended in all, sum of (position + 1) over the tokens
+    shared_prefix: int  # tokens of the prefix attended Hydragen-style (0: none this step)
 
 
 def token_buckets(max_tokens_per_step: int) -> tuple[int, ...]:
@@ -83,6 +84,9 @@ class Engine:
     found from the last `lookup_ngram` tokens (`prompt_lookup.py`); verified in the same step, so
     outputs are unchanged and a step may emit several tokens of a request. Counts:
     `num_draft_tokens`, `num_accepted_tokens`.
+    hydragen: in a step where several sequences start with the same cached pages, attend to those
+    pages once for all their tokens (one dense attention, Hydragen) and page through only the rest
+    of each sequence; costs one more compiled variant per token bucket.
     prefix_caching: reuse the K/V pages of prompt blocks already computed (hashed by content and
     position; see `scheduler.py`): a shared system prompt is computed once while it stays cached.
     """
@@ -91,7 +95,7 @@ class Engine:
                  num_pages: int | None = None, max_tokens_per_step: int = 512, *, tokenizer=None,
                  max_model_len: int | None = None, kv_dtype: str | None = None,
                  prefix_caching: bool = True, speculative_tokens: int = 0,
-                 lookup_ngram: int = 3):
+                 lookup_ngram: int = 3, hydragen: bool = False):
         if not hasattr(model, "forward_paged"):
             raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
                             f"Mixtral); {type(model).__name__} has no paged KV cache: use "
@@ -120,6 +124,7 @@ class Engine:
         _check_positive_int("lookup_ngram", lookup_ngram)
         self.speculative_tokens, self.lookup_ngram = speculative_tokens, int(lookup_ngram)
         self.num_draft_tokens = self.num_accepted_tokens = 0
+        self.hydragen = bool(hydragen)
         self.config = config
         self.tokenizer = tokenizer
         self.max_batch, self.page_size = int(max_batch), int(page_size)
@@ -217,7 +222,8 @@ class Engine:
         self.last_step = StepStats(
             tokens=int(inputs.valid.sum()), bucket=len(inputs.valid), sampled=rows,
             decode_only=all(chunk.start + 1 >= len(chunk.request.prompt) for chunk in chunks),
-            kv_tokens=int((inputs.positions + 1)[inputs.valid].sum()))
+            kv_tokens=int((inputs.positions + 1)[inputs.valid].sum()),
+            shared_prefix=int(inputs.prefix_len))
         tokens, self._cache, self._seen = self._step(self._state, self._cache,
                                                       self._seen, inputs)
         tokens = np.asarray(tokens).tolist()
@@ -306,10 +312,11 @@ class Engine:
         padding = np.full(self.pages_per_seq * self.page_size, self.config.vocab_size, np.int32)
         self._seen = mark_seen(self._seen, np.int32(self.max_batch), padding)
         for tokens in self.buckets:
-            inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
-                                  self.pages_per_seq)
-            _, self._cache, self._seen = self._step(self._state, self._cache,
-                                                     self._seen, inputs)
+            for prefix_pages in (0, self.pages_per_seq) if self.hydragen else (0,):
+                inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
+                                      self.pages_per_seq, prefix_pages)
+                _, self._cache, self._seen = self._step(self._state, self._cache,
+                                                         self._seen, inputs)
 
     def _mark_seen(self, request: Request) -> None:
         """Set the slot's repetition-penalty row to the request's cached tokens."""
@@ -340,8 +347,11 @@ class Engine:
         chunk's last token and its draft tokens). Returns the inputs and the number of rows."""
         total = sum(chunk.count for chunk in chunks)
         tokens = next(b for b in self.buckets if b >= total)
+        prefix, group = self._shared_prefix(chunks) if self.hydragen else ([], [])
         inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
-                              self.pages_per_seq)
+                              self.pages_per_seq, self.pages_per_seq if prefix else 0)
+        inputs.prefix_pages[:len(prefix)] = prefix
+        inputs.prefix_len[...] = len(prefix) * self.page_size
         i = row = 0
         for chunk in chunks:
             request, end = chunk.request, chunk.start + chunk.count
@@ -350,6 +360,7 @@ class Engine:
             inputs.positions[span] = np.arange(chunk.start, end)
             inputs.token_slot[span] = request.slot
             inputs.valid[span] = True
+            inputs.prefix_member[span] = any(chunk is member for member in group)
             inputs.page_table[request.slot, :len(request.pages)] = request.pages
             i += chunk.count
             if chunk.samples:
@@ -366,6 +377,31 @@ class Engine:
                 inputs.sample_index[rows] = request.sample_index
                 row = rows.stop
         return inputs, row
+
+    def _shared_prefix(self, chunks: list[Chunk]) -> tuple[list[int], list[Chunk]]:
+        """The run of leading pages that the most page reads can share: among chunks whose
+        sequences start on the same page (prefix caching shares pages, never copies them), the
+        longest common run lying wholly before each chunk's first token. ([], []) if none."""
+        by_first_page: dict[int, list[Chunk]] = {}
+        for chunk in chunks:
+            if chunk.request.pages:
+                by_first_page.setdefault(chunk.request.pages[0], []).append(chunk)
+        best: tuple[list[int], list[Chunk]] = ([], [])
+        best_saved = 0
+        for group in by_first_page.values():
+            if len(group) < 2:
+                continue
+            limit = min(chunk.start for chunk in group) // self.page_size
+            pages = group[0].request.pages
+            common = 0
+            while common < limit and all(len(c.request.pages) > common
+                                         and c.request.pages[common] == pages[common]
+                                         for c in group):
+                common += 1
+            saved = (sum(chunk.count for chunk in group) - 1) * common  # page reads saved
+            if saved > best_saved:
+                best, best_saved = (pages[:common], group), saved
+        return best
 
     def _should_stop(self, request: Request, token: int) -> bool:
         p = request.params

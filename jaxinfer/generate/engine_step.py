@@ -21,7 +21,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.generate.sampling import SamplingArrays, sample_next_token
-from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache
+from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, SharedPrefix
 
 
 class StepInputs(NamedTuple):
@@ -41,10 +41,15 @@ class StepInputs(NamedTuple):
     repetition_penalty: np.ndarray  # float32 [R]
     seed: np.ndarray  # uint32 [R]
     sample_index: np.ndarray  # int32 [R]: which of a request's n samples
+    prefix_pages: np.ndarray  # int32 [P]: pages of a prefix shared by several sequences; P = 0: none
+    prefix_len: np.ndarray  # int32 []: its tokens
+    prefix_member: np.ndarray  # bool [T]: tokens of the sequences that share it
 
 
-def empty_inputs(tokens: int, rows: int, max_batch: int, pages_per_seq: int) -> StepInputs:
-    """All-padding inputs of one bucket: writes are dropped, rows are greedy (warm-up, filling)."""
+def empty_inputs(tokens: int, rows: int, max_batch: int, pages_per_seq: int,
+                 prefix_pages: int = 0) -> StepInputs:
+    """All-padding inputs of one bucket: writes are dropped, rows are greedy (warm-up, filling).
+    prefix_pages > 0 compiles the shared-prefix (Hydragen) variant, with no member yet."""
     zeros_t = np.zeros(tokens, np.int32)
     zeros_r = np.zeros(rows, np.int32)
     return StepInputs(
@@ -53,7 +58,8 @@ def empty_inputs(tokens: int, rows: int, max_batch: int, pages_per_seq: int) -> 
         logit_rows=zeros_r, sample_slot=zeros_r.copy(), temperature=np.zeros(rows, np.float32),
         top_k=zeros_r.copy(), top_p=np.ones(rows, np.float32), min_p=np.zeros(rows, np.float32),
         repetition_penalty=np.ones(rows, np.float32), seed=np.zeros(rows, np.uint32),
-        sample_index=zeros_r.copy())
+        sample_index=zeros_r.copy(), prefix_pages=np.zeros(prefix_pages, np.int32),
+        prefix_len=np.zeros((), np.int32), prefix_member=np.zeros(tokens, bool))
 
 
 def _row_key(seed: jax.Array, sample_index: jax.Array, position: jax.Array) -> jax.Array:
@@ -81,9 +87,12 @@ def _step(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache, seen: j
     page_rows = inputs.page_table[slot]  # [T, pages_per_seq]
     page = jnp.take_along_axis(page_rows, (pos // page_size)[:, None], axis=1)[:, 0]  # [T]
     out_of_pool = cache.num_pages * page_size
+    shared = None
+    if inputs.prefix_pages.shape[0]:  # static: a step with a shared prefix compiles its own variant
+        shared = SharedPrefix(inputs.prefix_pages, inputs.prefix_len, inputs.prefix_member)
     meta = PagedBatch(positions=pos,
                       write_slots=jnp.where(valid, page * page_size + pos % page_size, out_of_pool),
-                      page_rows=page_rows, lengths=jnp.where(valid, pos + 1, 0))
+                      page_rows=page_rows, lengths=jnp.where(valid, pos + 1, 0), shared=shared)
     logits, cache = model.forward_paged(inputs.token_ids, meta, cache, inputs.logit_rows)
 
     # a sequence at position 0 (new, or recomputed after preemption) drops its slot's past

@@ -17,8 +17,9 @@ import jax
 import jax.numpy as jnp
 
 import sharding
-from jaxinfer.models.paged_kv import PagedLayerKV
-from kernels_pallas import flash_attention, paged_decode_attention
+from jaxinfer.models.paged_kv import PagedLayerKV, SharedPrefix
+from kernels_pallas import flash_attention, merge_attention, paged_decode_attention
+from kernels_pallas.attention.tiling import dequantize
 from kernels_pallas.backend import resolve_backend
 
 # A large finite negative: fully masked rows stay finite instead of producing NaN.
@@ -81,13 +82,14 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
 
 
 def paged_attention(q: jax.Array, kv: PagedLayerKV, page_rows: jax.Array, lengths: jax.Array,
-                    *, backend: str) -> jax.Array:
+                    *, backend: str, shared: SharedPrefix | None = None) -> jax.Array:
     """Each token of a flat batch attends over its own sequence's first `lengths` cached keys.
 
     q [T, Hq, D]; kv: one layer's pages [num_pages, page_size, Hkv, D] (float, or int8 with
     scales); page_rows int32 [T, pages_per_seq]; lengths int32 [T] -> [T, Hq, D]. The token's
     own K/V must already be in the pages, so a chunk of prompt tokens is causal by giving token p
-    the length p + 1.
+    the length p + 1. With `shared`, member tokens read the shared prefix once for all of them
+    (Hydragen) and page through only the rest of their sequence.
     """
     pages_per_block = None
     if resolve_backend(backend)[0] == "xla":
@@ -95,6 +97,21 @@ def paged_attention(q: jax.Array, kv: PagedLayerKV, page_rows: jax.Array, length
     k_pages, v_pages = kv.k, kv.v
     if not kv.quantized:
         k_pages, v_pages = k_pages.astype(q.dtype), v_pages.astype(q.dtype)
-    return paged_decode_attention(q, k_pages, v_pages, page_rows, lengths, backend=backend,
-                                  pages_per_block=pages_per_block, k_scales=kv.k_scale,
-                                  v_scales=kv.v_scale)
+    skip = 0 if shared is None else jnp.where(shared.member, shared.length, 0)  # [T] tokens
+    if shared is not None:  # members start paging after the prefix
+        page_size, pages_per_seq = kv.k.shape[1], page_rows.shape[1]
+        cols = jnp.arange(pages_per_seq)[None, :] + (skip // page_size)[:, None]
+        page_rows = jnp.take_along_axis(page_rows, jnp.minimum(cols, pages_per_seq - 1), axis=1)
+    out, lse = paged_decode_attention(q, k_pages, v_pages, page_rows, lengths - skip,
+                                      backend=backend, pages_per_block=pages_per_block,
+                                      k_scales=kv.k_scale, v_scales=kv.v_scale, return_lse=True)
+    if shared is None:
+        return out
+    prefix_k, prefix_v = (dequantize(pages[shared.pages], None if s is None else s[shared.pages],
+                                     q.dtype).reshape(1, -1, *pages.shape[2:])
+                          for pages, s in ((kv.k, kv.k_scale), (kv.v, kv.v_scale)))
+    in_prefix = jnp.arange(prefix_k.shape[1]) < shared.length  # [prefix_pages * page_size]
+    segments = (shared.member.astype(jnp.int32)[None], jnp.where(in_prefix, 1, 2)[None])
+    out_p, lse_p = flash_attention(q[None], prefix_k, prefix_v, segment_ids=segments,
+                                   return_lse=True, backend=backend)  # non-members see nothing
+    return merge_attention(out_p[0], lse_p[0], out, lse)[0]

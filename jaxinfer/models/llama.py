@@ -63,7 +63,7 @@ class SelfAttention(nnx.Module):
         q, k, v = self._project(x, cos, sin)
         kv = kv.write(k[0], v[0], meta.write_slots)
         out = paged_attention(q[0], kv, meta.page_rows, meta.lengths,
-                              backend=self.attention_backend)  # [T, Hq, D]
+                              backend=self.attention_backend, shared=meta.shared)  # [T, Hq, D]
         return self.o_proj(out.reshape(1, t, self.num_heads * self.head_dim)), kv
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,

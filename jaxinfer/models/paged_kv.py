@@ -18,6 +18,16 @@ from flax import struct
 from jaxinfer.models.kv_quant import quantize_kv
 
 
+class SharedPrefix(NamedTuple):
+    """Leading pages that several sequences of a batch share (prefix caching hands out the same
+    pages), attended Hydragen-style: all member tokens against the prefix in one dense attention,
+    then each over the rest of its own pages, merged by log-sum-exp."""
+
+    pages: jax.Array  # int32 [prefix_pages]: the prefix's pages (padding entries any valid page)
+    length: jax.Array  # int32 []: prefix tokens, a multiple of page_size
+    member: jax.Array  # bool [T]: tokens of sequences that start with the prefix (and lie past it)
+
+
 class PagedBatch(NamedTuple):
     """Per-token metadata of one flat batch of T token slots (padding slots included)."""
 
@@ -25,6 +35,7 @@ class PagedBatch(NamedTuple):
     write_slots: jax.Array  # int32 [T]: flat K/V slot page*page_size+offset; out of range = skip
     page_rows: jax.Array  # int32 [T, pages_per_seq]: the page table of each token's sequence
     lengths: jax.Array  # int32 [T]: keys each token attends to (position + 1; 0 for padding)
+    shared: SharedPrefix | None = None  # a prefix shared by some of the sequences, if any
 
 
 @struct.dataclass

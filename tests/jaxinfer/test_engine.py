@@ -104,16 +104,29 @@ def test_greedy_matches_generate_alone_under_random_schedule_with_preemption(mod
         assert streamed[rid] == results[rid]
 
 
-def test_prefix_cache_hits_serve_the_oracle_tokens_under_preemption(model, oracle):
-    """Prompts share two 8-token prefixes (2 pages); later arrivals find them in the pool."""
+@pytest.mark.parametrize("hydragen", [False, True], ids=["paged", "hydragen"])
+def test_prefix_cache_hits_serve_the_oracle_tokens_under_preemption(model, oracle, hydragen):
+    """Prompts share 8-token prefixes (2 pages); later arrivals find them in the pool. With
+    hydragen (one prefix, pages for three sequences at once) the sequences sharing it attend to
+    its pages together."""
     rng = np.random.default_rng(6)
-    prefixes = [rng.integers(0, VOCAB, 8).tolist() for _ in range(2)]
-    prompts = [prefixes[i % 2] + rng.integers(0, VOCAB, 5).tolist() for i in range(8)]
+    prefixes = [rng.integers(0, VOCAB, 8).tolist() for _ in range(1 if hydragen else 2)]
+    prompts = [prefixes[i % len(prefixes)] + rng.integers(0, VOCAB, 5).tolist() for i in range(8)]
     arrivals = [(2 * i, p, GREEDY) for i, p in enumerate(prompts)]
-    engine = jaxinfer.Engine(model, **ENGINE)
+    engine = jaxinfer.Engine(model, **{**ENGINE, "num_pages": 16 if hydragen else 10},
+                             hydragen=hydragen)
+    shared, step = [], engine.step
+
+    def recording_step():
+        events = step()
+        shared.append(engine.last_step.shared_prefix if events else 0)
+        return events
+
+    engine.step = recording_step
     ids, _ = serve_with_arrivals(engine, arrivals)
     results = engine.run_until_done()
-    assert engine.num_cached_tokens >= 8 and engine.num_preemptions > 0
+    assert engine.num_cached_tokens >= 8 and (hydragen or engine.num_preemptions > 0)
+    assert max(shared) == (8 if hydragen else 0)
     for rid, prompt in zip(ids, prompts):
         assert results[rid] == oracle(prompt), f"request {rid}"
 
