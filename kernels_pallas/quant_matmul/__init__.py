@@ -7,8 +7,11 @@ One function, several implementations (DESIGN.md):
 * ``xla`` (``xla.py``): per-group contraction on the raw integers with scales applied late.
 * ``pallas`` (``pallas_gpu.py``): a Pallas kernel that unpacks slots, subtracts zeros and applies
   group scales inside, float32 accumulation; lowered through Triton on NVIDIA GPUs and run with
-  ``interpret=True`` on CPU. No TPU (Mosaic) lowering yet.
-* ``auto``: pallas on GPU, xla on CPU and TPU.
+  ``interpret=True`` on CPU.
+* ``pallas_tpu`` (``pallas_tpu.py``): the same computation tiled for Mosaic (K as a sequential
+  grid axis, accumulator in VMEM); what ``pallas`` runs on a TPU, interpreted elsewhere. It needs
+  K / vpw and the group size to share a multiple of 128 (or the group to span K / vpw).
+* ``auto``: pallas on GPU and TPU, xla on CPU.
 """
 
 from __future__ import annotations
@@ -16,7 +19,7 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from kernels_pallas.backend import resolve_backend
-from kernels_pallas.quant_matmul import pallas_gpu, reference, xla
+from kernels_pallas.quant_matmul import pallas_gpu, pallas_tpu, reference, xla
 from kernels_pallas.quant_matmul.mixed_weight import MIXED_BITS, MixedQuantizedWeight
 from kernels_pallas.quant_matmul.weight import (SUPPORTED_BITS, QuantizedWeight,
                                                 check_quant_params, pack_planar, unpack_planar,
@@ -25,7 +28,7 @@ from kernels_pallas.quant_matmul.weight import (SUPPORTED_BITS, QuantizedWeight,
 __all__ = ["quant_matmul", "QuantizedWeight", "MixedQuantizedWeight", "DEFAULT_BLOCK_SIZES",
            "MIXED_BITS", "SUPPORTED_BITS", "check_quant_params", "pack_planar", "unpack_planar"]
 
-BACKENDS = ("auto", "reference", "xla", "pallas")
+BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_tpu")
 # Per-backend tile defaults. block_k counts packed word rows (block_k * vpw weight rows per tile);
 # it is lowered to the largest power of two dividing both K / vpw and the group size.
 DEFAULT_BLOCK_SIZES = {"pallas": dict(block_m=16, block_n=128, block_k=64)}
@@ -60,7 +63,8 @@ def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str =
       w: ``QuantizedWeight`` or ``MixedQuantizedWeight`` (2/4-bit groups; int2/int3-class
         storage) of shape (K, N). A mixed weight is one gather of x into its storage order and
         one quantized matmul per part (``mixed_weight.py``), each on the chosen backend.
-      backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla elsewhere).
+      backend: "reference" | "xla" | "pallas" | "pallas_tpu" | "auto" (pallas on GPU and TPU,
+        xla on CPU).
       block_m, block_n, block_k: pallas tiles (rows of x, output columns, packed word rows);
         None takes ``DEFAULT_BLOCK_SIZES``. On GPU they must be powers of two >= 16, and block_k
         must divide both K / vpw and the group size (vpw = 32 // slot bits; for a mixed weight,
@@ -100,11 +104,15 @@ def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str =
 def _matmul_2d(x2, w: QuantizedWeight, *, backend, block_m, block_n, block_k):
     """x2 [M, K] (validated) @ w [K, N] -> float32 [M, N] on the resolved backend."""
     k, n = w.shape
-    impl, interpret = resolve_backend(backend)
+    impl, interpret = resolve_backend(backend, tpu_kernel=True)
+    if backend == "auto" and not _kernel_takes(impl, interpret, w):
+        impl = "xla"  # auto runs what the shape allows; an explicit "pallas" raises instead
     if impl == "reference":
         return reference.quant_matmul(x2, w)
     if impl == "xla":
         return xla.quant_matmul(x2, w)
+    if impl == "pallas_tpu":
+        return _tpu_matmul(x2, w, block_m, block_n, block_k, interpret)
     on_gpu = not interpret
     for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
         _check_block(name, value, require_pow2_min16=on_gpu)
@@ -124,4 +132,39 @@ def _matmul_2d(x2, w: QuantizedWeight, *, backend, block_m, block_n, block_k):
     bm = block_m or defaults["block_m"]
     bn = block_n or min(defaults["block_n"], max(16, 1 << (n - 1).bit_length()))
     return pallas_gpu.quant_matmul(x2, w, block_m=bm, block_n=bn, block_k=block_k,
+                                   interpret=interpret)
+
+
+def _kernel_takes(impl: str, interpret: bool, w: QuantizedWeight) -> bool:
+    """Whether the platform's kernel tiles this weight with default blocks (GPU: K / vpw and the
+    group size share a power of two >= 16; TPU: see ``pallas_tpu.default_block_k``)."""
+    kw = w.shape[0] // values_per_word(w.bits)
+    if impl == "pallas_tpu":
+        return pallas_tpu.default_block_k(kw, w.group_size) is not None
+    if impl == "pallas" and not interpret:
+        return min(_pow2_divisor(kw, 1 << 30), _pow2_divisor(w.group_size, 1 << 30)) >= 16
+    return True
+
+
+def _tpu_matmul(x2, w: QuantizedWeight, block_m, block_n, block_k, interpret: bool):
+    """The Mosaic kernel's tiles: block_m a multiple of 8 (default: M rounded up to 8, at most
+    128), block_n a multiple of 128 (default 256 where N allows), block_k from
+    ``pallas_tpu.default_block_k`` unless given."""
+    k, n = w.shape
+    kw = k // values_per_word(w.bits)
+    if block_k is None:
+        block_k = pallas_tpu.default_block_k(kw, w.group_size)
+        if block_k is None:
+            raise ValueError(f"the TPU kernel needs K / vpw = {kw} and group_size = "
+                             f"{w.group_size} to share a multiple of 128 (or the group to span "
+                             f"K / vpw); use backend='xla'")
+    if kw % block_k or w.group_size % block_k or (block_k % pallas_tpu.LANES and block_k != kw):
+        raise ValueError(f"block_k must be a multiple of 128 (or K / vpw = {kw}) dividing K / vpw "
+                         f"and group_size = {w.group_size}; got block_k={block_k}")
+    bm = block_m or min(128, -(-x2.shape[0] // pallas_tpu.SUBLANES) * pallas_tpu.SUBLANES)
+    bn = block_n or (256 if n >= 256 else pallas_tpu.LANES)
+    if bm % pallas_tpu.SUBLANES or bn % pallas_tpu.LANES:
+        raise ValueError(f"the TPU kernel needs block_m a multiple of 8 and block_n of 128; got "
+                         f"block_m={bm}, block_n={bn}")
+    return pallas_tpu.quant_matmul(x2, w, block_m=bm, block_n=bn, block_k=block_k,
                                    interpret=interpret)

@@ -167,3 +167,41 @@ def test_pallas_kernel_lowers_to_triton_for_cuda():
     exported = export.export(jax.jit(fn), platforms=["cuda"], disabled_checks=[
         export.DisabledSafetyCheck.custom_call(triton)])(x, w)
     assert triton in exported.mlir_module()
+
+
+TPU_CASES = [  # (M, K, N, bits, group_size, desc_act): K / vpw and the group share 128 rows
+    (5, 1024, 200, 8, 128, True),  # 2 sequential K steps, odd M and N padded, act-order groups
+    (3, 1024, 128, 4, -1, False),  # per channel: one group spans K / vpw
+]
+# float32 sums of K = 1024 products in another order: |error| ~ sqrt(K) eps sum|x w| ~ 1e-4 here
+TPU_ATOL = 1e-4
+
+
+@pytest.mark.parametrize("m, k, n, bits, group_size, desc_act", TPU_CASES)
+def test_tpu_kernel_matches_reference_in_interpret_mode(m, k, n, bits, group_size, desc_act):
+    w, _ = _random_weight(k, n, bits, group_size, desc_act=desc_act, seed=5)
+    x = jnp.asarray(np.random.default_rng(6).normal(size=(m, k)), jnp.float32)
+    got = quant_matmul(x, w, backend="pallas_tpu")
+    np.testing.assert_allclose(np.asarray(got), np.asarray(quant_matmul(x, w, backend="reference")),
+                               rtol=F32_RTOL, atol=TPU_ATOL)
+
+
+def test_tpu_kernel_lowers_to_mosaic_and_rejects_groups_it_cannot_tile():
+    """Exporting for TPU runs the Pallas -> Mosaic lowering, which checks the block rules."""
+    from jax import export
+
+    from kernels_pallas.quant_matmul import pallas_tpu
+    w, _ = _random_weight(2048, 256, 4, 128, desc_act=True)
+    x = jnp.ones((1, 2048), jnp.bfloat16)  # decode: M = 1 padded to 8
+
+    def fn(x, w):
+        return pallas_tpu.quant_matmul(x, w, block_m=8, block_n=128, block_k=128, interpret=False)
+
+    exported = export.export(jax.jit(fn), platforms=["tpu"])(x, w)
+    assert "tpu_custom_call" in exported.mlir_module()
+    assert pallas_tpu.default_block_k(kw=256, group_size=128) == 128
+    assert pallas_tpu.default_block_k(kw=64, group_size=1024) == 64  # the group spans Kw
+    assert pallas_tpu.default_block_k(kw=256, group_size=32) is None
+    small_groups, _ = _random_weight(1024, 32, 4, 32)  # Kw = 128 rows, groups of 32
+    with pytest.raises(ValueError, match="share a multiple of 128"):
+        quant_matmul(jnp.ones((2, 1024)), small_groups, backend="pallas_tpu")
