@@ -15,6 +15,11 @@ A Python scheduler (`scheduler.py`) picks each step's tokens; one jitted, fixed-
 refused there and never reaches a step shared with others. With `n > 1` a request runs as n
 sequences sharing the prompt; its events and result then hold one token list per sample (with
 `first_finish`, First Finish Search, the result is the first finished sample's list alone).
+
+SnapKV (`snapkv_budget`): a prompt longer than the budget is prefilled whole, its last chunk
+holding the observation window; right after that step `snapkv.compress_sequence` keeps `budget`
+of its cached tokens per KV head, in place in its first pages, and frees the rest. Its later
+tokens keep their true rotary positions but attend over budget + (tokens since the prompt) keys.
 """
 
 from __future__ import annotations
@@ -22,6 +27,7 @@ from __future__ import annotations
 import logging
 from typing import Iterator, NamedTuple, Sequence
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
@@ -31,6 +37,7 @@ from jaxinfer.generate.paged_cache import default_num_pages, pages_for
 from jaxinfer.generate.prompt_lookup import lookup_draft
 from jaxinfer.generate.sampling_params import SamplingParams
 from jaxinfer.generate.scheduler import Chunk, Request, Scheduler
+from jaxinfer.generate.snapkv import compress_sequence
 
 log = logging.getLogger(__name__)
 
@@ -52,7 +59,7 @@ class StepStats(NamedTuple):
     bucket: int  # token slots compiled for (tokens + padding)
     sampled: int  # sampling rows: the last token of each finished chunk, plus its draft tokens
     decode_only: bool  # every token was a decode (the case the decode roofline models)
-    kv_tokens: int  # keys attended in all, sum of (position + 1) over the tokens
+    kv_tokens: int  # keys attended in all, sum of (cache slot + 1) over the tokens
     shared_prefix: int  # tokens of the prefix attended Hydragen-style (0: none this step)
 
 
@@ -89,13 +96,18 @@ class Engine:
     of each sequence; costs one more compiled variant per token bucket.
     prefix_caching: reuse the K/V pages of prompt blocks already computed (hashed by content and
     position; see `scheduler.py`): a shared system prompt is computed once while it stays cached.
+    snapkv_budget: None (off), or compress each prompt longer than this to this many cached
+    tokens per KV head once it is prefilled (SnapKV: the votes of its last `snapkv_window` tokens'
+    attention, avg-pooled over 5 positions, pick them; the window is always kept). Such prompts
+    take no part in prefix caching; their tokens' K/V no longer depend on the prompt alone.
     """
 
     def __init__(self, model, max_batch: int = 64, page_size: int = 16,
                  num_pages: int | None = None, max_tokens_per_step: int = 512, *, tokenizer=None,
                  max_model_len: int | None = None, kv_dtype: str | None = None,
                  prefix_caching: bool = True, speculative_tokens: int = 0,
-                 lookup_ngram: int = 3, hydragen: bool = False):
+                 lookup_ngram: int = 3, hydragen: bool = False,
+                 snapkv_budget: int | None = None, snapkv_window: int = 8):
         if not hasattr(model, "forward_paged"):
             raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
                             f"Mixtral); {type(model).__name__} has no paged KV cache: use "
@@ -122,6 +134,17 @@ class Engine:
             raise ValueError(f"speculative_tokens must be an integer >= 0; got "
                              f"{speculative_tokens!r}")
         _check_positive_int("lookup_ngram", lookup_ngram)
+        _check_positive_int("snapkv_window", snapkv_window)
+        if snapkv_budget is not None:
+            _check_positive_int("snapkv_budget", snapkv_budget)
+            if snapkv_window > min(snapkv_budget, max_tokens_per_step):
+                raise ValueError(f"snapkv_window must be <= snapkv_budget and <= "
+                                 f"max_tokens_per_step (the window's queries come from one step);"
+                                 f" got snapkv_window={snapkv_window}, snapkv_budget="
+                                 f"{snapkv_budget}, max_tokens_per_step={max_tokens_per_step}")
+        # the step returns the queries of snapkv_window tokens even when SnapKV is off (a few
+        # rows), so that engines of one geometry share one compiled step either way
+        self.snapkv_budget, self.snapkv_window = snapkv_budget, int(snapkv_window)
         self.speculative_tokens, self.lookup_ngram = speculative_tokens, int(lookup_ngram)
         self.num_draft_tokens = self.num_accepted_tokens = 0
         self.hydragen = bool(hydragen)
@@ -142,7 +165,8 @@ class Engine:
         self._cache = model.init_paged_cache(self.num_pages, self.page_size, kv_dtype)
         self._seen = jnp.zeros((self.max_batch, config.vocab_size), bool)  # [B, vocab]
         self._scheduler = Scheduler(self.max_batch, self.page_size, self.num_pages,
-                                    int(max_tokens_per_step), bool(prefix_caching))
+                                    int(max_tokens_per_step), bool(prefix_caching),
+                                    self.snapkv_window)
         self._live: dict[int, list[Request]] = {}  # request id -> its samples, until finished
         self._results: dict[int, list] = {}  # finished, not yet returned by run_until_done
         self._next_id = 0
@@ -192,7 +216,9 @@ class Engine:
         self._next_id += 1
         samples = []
         for i in range(params.n):
-            samples.append(Request(request_id, i, prompt, params, self._arrivals))
+            compress = self.snapkv_budget is not None and len(prompt) > self.snapkv_budget
+            samples.append(Request(request_id, i, prompt, params, self._arrivals,
+                                   compress=compress))
             self._arrivals += 1
             self._scheduler.add(samples[-1])
         self._live[request_id] = samples
@@ -222,10 +248,13 @@ class Engine:
         self.last_step = StepStats(
             tokens=int(inputs.valid.sum()), bucket=len(inputs.valid), sampled=rows,
             decode_only=all(chunk.start + 1 >= len(chunk.request.prompt) for chunk in chunks),
-            kv_tokens=int((inputs.positions + 1)[inputs.valid].sum()),
+            kv_tokens=int((inputs.positions - inputs.cache_offset + 1)[inputs.valid].sum()),
             shared_prefix=int(inputs.prefix_len))
-        tokens, self._cache, self._seen = self._step(self._state, self._cache,
-                                                      self._seen, inputs)
+        tokens, self._cache, self._seen, queries = self._step(self._state, self._cache,
+                                                               self._seen, inputs)
+        for chunk in chunks:
+            if chunk.compresses:  # before the chunk's request may finish and free its pages
+                self._compress(chunk.request, queries)
         tokens = np.asarray(tokens).tolist()
         new: dict[int, list[tuple[Request, int]]] = {}
         row = 0
@@ -307,16 +336,30 @@ class Engine:
         return [self._results.pop(i) for i in ids]
 
     def warmup(self) -> None:
-        """Compile the step for every token bucket and the prefix-cache hit's `mark_seen`
-        (all-padding steps and an out-of-range slot change nothing)."""
+        """Compile the step for every token bucket, the prefix-cache hit's `mark_seen` and, with
+        SnapKV, the compression (all-padding steps, an out-of-range slot and a page row of
+        out-of-range pages change nothing)."""
         padding = np.full(self.pages_per_seq * self.page_size, self.config.vocab_size, np.int32)
         self._seen = mark_seen(self._seen, np.int32(self.max_batch), padding)
         for tokens in self.buckets:
             for prefix_pages in (0, self.pages_per_seq) if self.hydragen else (0,):
                 inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
-                                      self.pages_per_seq, prefix_pages)
-                _, self._cache, self._seen = self._step(self._state, self._cache,
-                                                         self._seen, inputs)
+                                      self.pages_per_seq, prefix_pages, self.snapkv_window)
+                _, self._cache, self._seen, queries = self._step(self._state, self._cache,
+                                                                  self._seen, inputs)
+        if self.snapkv_budget is not None:
+            self._cache = compress_sequence(
+                self._cache, queries, np.full(self.pages_per_seq, self.num_pages, np.int32),
+                np.int32(self.snapkv_budget + 1), budget=self.snapkv_budget)
+
+    def _compress(self, request: Request, queries: jax.Array) -> None:
+        """SnapKV on the request's just-computed prompt: queries [layers, W, Hq, D] are its
+        window's (the step's observe_rows). Frees the pages past the budget."""
+        page_row = np.full(self.pages_per_seq, self.num_pages, np.int32)  # padding: never written
+        page_row[:len(request.pages)] = request.pages
+        self._cache = compress_sequence(self._cache, queries, page_row,
+                                        np.int32(len(request.prompt)), budget=self.snapkv_budget)
+        self._scheduler.compressed(request, self.snapkv_budget)
 
     def _mark_seen(self, request: Request) -> None:
         """Set the slot's repetition-penalty row to the request's cached tokens."""
@@ -349,7 +392,8 @@ class Engine:
         tokens = next(b for b in self.buckets if b >= total)
         prefix, group = self._shared_prefix(chunks) if self.hydragen else ([], [])
         inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
-                              self.pages_per_seq, self.pages_per_seq if prefix else 0)
+                              self.pages_per_seq, self.pages_per_seq if prefix else 0,
+                              self.snapkv_window)
         inputs.prefix_pages[:len(prefix)] = prefix
         inputs.prefix_len[...] = len(prefix) * self.page_size
         i = row = 0
@@ -358,11 +402,14 @@ class Engine:
             span = slice(i, i + chunk.count)
             inputs.token_ids[span] = request.tokens[chunk.start:end]
             inputs.positions[span] = np.arange(chunk.start, end)
+            inputs.cache_offset[span] = request.offset
             inputs.token_slot[span] = request.slot
             inputs.valid[span] = True
             inputs.prefix_member[span] = any(chunk is member for member in group)
             inputs.page_table[request.slot, :len(request.pages)] = request.pages
             i += chunk.count
+            if chunk.compresses:  # the scheduler lets one chunk per step do so
+                inputs.observe_rows[:] = np.arange(i - self.snapkv_window, i)
             if chunk.samples:
                 p = request.params
                 rows = slice(row, row + len(request.draft) + 1)

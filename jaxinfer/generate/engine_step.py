@@ -6,6 +6,12 @@ over its own sequence, and samples the next token at R = min(T, max_batch) rows 
 each sequence in the step). All sampling settings are [R] arrays, so the compiled step depends
 only on (T, R): serving never recompiles after each bucket has run once.
 
+A token's rotary position and its cache slot differ by its sequence's `cache_offset`: a sequence
+whose prompt SnapKV compressed keeps `budget` slots for its prompt, so its later tokens sit
+prompt_len - budget slots before their positions (and attend over that many fewer keys). The step
+also returns every layer's queries at `observe_rows`: the observation window of a prompt that ends
+in this step and is compressed after it (`snapkv.compress_sequence`).
+
 Each row's random key is fold_in(fold_in(key(seed), sample_index), position): a request's draws
 depend on its own settings and positions, never on what else shares the step.
 """
@@ -28,7 +34,8 @@ class StepInputs(NamedTuple):
     """Host-built inputs of one step: T token slots, R sampling rows, B request slots."""
 
     token_ids: np.ndarray  # int32 [T]
-    positions: np.ndarray  # int32 [T]
+    positions: np.ndarray  # int32 [T]: rotary position of each token
+    cache_offset: np.ndarray  # int32 [T]: position - cache slot (SnapKV-dropped prompt tokens)
     token_slot: np.ndarray  # int32 [T]: request slot of each token
     valid: np.ndarray  # bool [T]: False for padding
     page_table: np.ndarray  # int32 [B, pages_per_seq]
@@ -44,22 +51,26 @@ class StepInputs(NamedTuple):
     prefix_pages: np.ndarray  # int32 [P]: pages of a prefix shared by several sequences; P = 0: none
     prefix_len: np.ndarray  # int32 []: its tokens
     prefix_member: np.ndarray  # bool [T]: tokens of the sequences that share it
+    observe_rows: np.ndarray  # int32 [W]: tokens whose queries the step returns
 
 
 def empty_inputs(tokens: int, rows: int, max_batch: int, pages_per_seq: int,
-                 prefix_pages: int = 0) -> StepInputs:
+                 prefix_pages: int = 0, observe: int = 0) -> StepInputs:
     """All-padding inputs of one bucket: writes are dropped, rows are greedy (warm-up, filling).
-    prefix_pages > 0 compiles the shared-prefix (Hydragen) variant, with no member yet."""
+    prefix_pages > 0 compiles the shared-prefix (Hydragen) variant, with no member yet; observe:
+    the tokens whose queries the step returns (the engine's SnapKV window)."""
     zeros_t = np.zeros(tokens, np.int32)
     zeros_r = np.zeros(rows, np.int32)
     return StepInputs(
-        token_ids=zeros_t, positions=zeros_t.copy(), token_slot=zeros_t.copy(),
+        token_ids=zeros_t, positions=zeros_t.copy(), cache_offset=zeros_t.copy(),
+        token_slot=zeros_t.copy(),
         valid=np.zeros(tokens, bool), page_table=np.zeros((max_batch, pages_per_seq), np.int32),
         logit_rows=zeros_r, sample_slot=zeros_r.copy(), temperature=np.zeros(rows, np.float32),
         top_k=zeros_r.copy(), top_p=np.ones(rows, np.float32), min_p=np.zeros(rows, np.float32),
         repetition_penalty=np.ones(rows, np.float32), seed=np.zeros(rows, np.uint32),
         sample_index=zeros_r.copy(), prefix_pages=np.zeros(prefix_pages, np.int32),
-        prefix_len=np.zeros((), np.int32), prefix_member=np.zeros(tokens, bool))
+        prefix_len=np.zeros((), np.int32), prefix_member=np.zeros(tokens, bool),
+        observe_rows=np.zeros(observe, np.int32))
 
 
 def _row_key(seed: jax.Array, sample_index: jax.Array, position: jax.Array) -> jax.Array:
@@ -77,23 +88,27 @@ def compiled_step(graphdef: nnx.GraphDef):
 
 
 def _step(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache, seen: jax.Array,
-          inputs: StepInputs) -> tuple[jax.Array, PagedKVCache, jax.Array]:
+          inputs: StepInputs) -> tuple[jax.Array, PagedKVCache, jax.Array, jax.Array]:
     """One step. seen bool [B, vocab] marks the tokens each slot's sequence holds (for the
-    repetition penalty). Returns (next tokens int32 [R], cache, seen)."""
+    repetition penalty). Returns (next tokens int32 [R], cache, seen, queries at observe_rows
+    [layers, W, Hq, D])."""
     model = nnx.merge(graphdef, state)
     page_size = cache.page_size
     max_batch = seen.shape[0]
     pos, slot, valid = inputs.positions, inputs.token_slot, inputs.valid
     page_rows = inputs.page_table[slot]  # [T, pages_per_seq]
-    page = jnp.take_along_axis(page_rows, (pos // page_size)[:, None], axis=1)[:, 0]  # [T]
+    cached = pos - inputs.cache_offset  # [T]: cache slot of each token in its sequence
+    page = jnp.take_along_axis(page_rows, (cached // page_size)[:, None], axis=1)[:, 0]  # [T]
     out_of_pool = cache.num_pages * page_size
     shared = None
     if inputs.prefix_pages.shape[0]:  # static: a step with a shared prefix compiles its own variant
         shared = SharedPrefix(inputs.prefix_pages, inputs.prefix_len, inputs.prefix_member)
     meta = PagedBatch(positions=pos,
-                      write_slots=jnp.where(valid, page * page_size + pos % page_size, out_of_pool),
-                      page_rows=page_rows, lengths=jnp.where(valid, pos + 1, 0), shared=shared)
-    logits, cache = model.forward_paged(inputs.token_ids, meta, cache, inputs.logit_rows)
+                      write_slots=jnp.where(valid, page * page_size + cached % page_size,
+                                            out_of_pool),
+                      page_rows=page_rows, lengths=jnp.where(valid, cached + 1, 0), shared=shared)
+    logits, cache, queries = model.forward_paged(inputs.token_ids, meta, cache, inputs.logit_rows,
+                                                 inputs.observe_rows)
 
     # a sequence at position 0 (new, or recomputed after preemption) drops its slot's past
     seen = seen.at[jnp.where(valid & (pos == 0), slot, max_batch)].set(False, mode="drop")
@@ -104,7 +119,7 @@ def _step(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache, seen: j
     new_positions = pos[inputs.logit_rows] + 1  # [R]: position of the token being sampled
     keys = jax.vmap(_row_key)(inputs.seed, inputs.sample_index, new_positions)
     tokens = sample_next_token(logits, params, keys, seen[inputs.sample_slot])
-    return tokens, cache, seen
+    return tokens, cache, seen, queries
 
 
 @functools.partial(jax.jit, donate_argnums=0)

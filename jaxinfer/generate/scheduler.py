@@ -15,6 +15,11 @@ samples a token for a request only when its chunk reaches the end of its sequenc
 Prefix caching: an admitted request starts from the longest run of its full blocks already in the
 pool (`PageAllocator`), always leaving at least its last token to compute (the step that computes
 it produces the logits to sample from). Every page a request fills is registered for later ones.
+
+SnapKV: a request marked `compress` (its prompt is longer than the engine's budget) ends its
+prompt with a chunk holding at least the whole observation window (so the step sees the window's
+queries), one such chunk per step; the engine then compresses its pages (`compressed`). Such a
+request neither takes nor offers prefix-cache pages: compression rewrites its pages in place.
 """
 
 from __future__ import annotations
@@ -45,6 +50,8 @@ class Request:
     registered: int = 0  # leading pages registered in the prefix cache
     from_cache: bool = False  # admitted with a prefix-cache hit, not yet stepped
     draft: list[int] = dataclasses.field(default_factory=list)  # speculative tokens to verify
+    compress: bool = False  # SnapKV compresses its prompt's K/V once the prompt is computed
+    offset: int = 0  # prompt tokens compression dropped: cache slot = position - offset
 
     @property
     def tokens(self) -> list[int]:
@@ -55,6 +62,11 @@ class Request:
     def remaining(self) -> int:
         """Tokens to compute before the next token (and one per draft token) can be sampled."""
         return len(self.tokens) - self.computed
+
+    @property
+    def cached(self) -> int:
+        """Cache slots its computed tokens fill (fewer than `computed` once compressed)."""
+        return self.computed - self.offset
 
 
 @dataclasses.dataclass
@@ -70,11 +82,18 @@ class Chunk:
     def samples(self) -> bool:
         return self.start + self.count == len(self.request.tokens)
 
+    @property
+    def compresses(self) -> bool:
+        """It completes a prompt that SnapKV compresses after this step."""
+        prompt = len(self.request.prompt)
+        return self.request.compress and self.start < prompt == self.start + self.count
+
 
 class Scheduler:
     def __init__(self, max_batch: int, page_size: int, num_pages: int, max_tokens_per_step: int,
-                 prefix_caching: bool = True):
+                 prefix_caching: bool = True, snapkv_window: int = 0):
         self.page_size = page_size
+        self.snapkv_window = snapkv_window
         self.prefix_caching = prefix_caching
         self.num_cached_tokens = 0  # prompt tokens taken from the prefix cache instead of computed
         self.max_tokens_per_step = max_tokens_per_step
@@ -103,7 +122,7 @@ class Scheduler:
         """The chunks of the next step, at most max_tokens_per_step tokens in all."""
         budget = self.max_tokens_per_step
         chunks: dict[int, Chunk] = {}  # id(request) -> chunk, in scheduling order
-        preempted = False
+        preempted = observing = False  # observing: a chunk of this step compresses its prompt
         for request in sorted(self.running, key=lambda r: (r.remaining > 1, r.arrival)):
             if budget == 0:
                 break
@@ -112,7 +131,10 @@ class Scheduler:
             count = min(request.remaining, budget)
             if request.draft:
                 count = self._fit_draft(request, count)
-            while not self._grow(request, request.computed + count):
+            count = self._fit_window(request, count, observing)
+            if count == 0:
+                continue
+            while not self._grow(request, request.cached + count):
                 victim = max(self.running, key=lambda r: r.arrival)
                 dropped = chunks.pop(id(victim), None)
                 budget += dropped.count if dropped else 0
@@ -122,11 +144,15 @@ class Scheduler:
                     break
             if request in self.running:
                 chunks[id(request)] = Chunk(request, request.computed, count)
+                observing |= chunks[id(request)].compresses
                 budget -= count
         while not preempted and self.waiting and budget > 0 and self.free_slots:
             request = self.waiting[0]
-            hits = self._acquire_prefix(request)
-            if pages_for(len(request.tokens), self.page_size) - len(hits) > self.allocator.num_free:
+            hits = self._acquire_prefix(request)  # none for a request to compress: computed stays 0
+            count = self._fit_window(request, min(len(request.tokens) - len(hits) * self.page_size,
+                                                  budget), observing)
+            if count == 0 or (pages_for(len(request.tokens), self.page_size) - len(hits)
+                              > self.allocator.num_free):
                 self.allocator.free(hits)
                 break
             self.waiting.popleft()
@@ -136,15 +162,23 @@ class Scheduler:
             self.num_cached_tokens += request.computed
             request.slot = self.free_slots.pop()
             self.running.append(request)
-            count = min(request.remaining, budget)
-            self._grow(request, request.computed + count)
+            self._grow(request, request.cached + count)
             chunks[id(request)] = Chunk(request, request.computed, count)
+            observing |= chunks[id(request)].compresses
             budget -= count
         return list(chunks.values())
 
+    def compressed(self, request: Request, budget: int) -> None:
+        """SnapKV compressed the request's prompt to `budget` cache slots: free the pages past
+        them; its later tokens sit len(prompt) - budget slots before their positions."""
+        keep = pages_for(budget, self.page_size)
+        self.allocator.free(request.pages[keep:])
+        del request.pages[keep:]
+        request.offset = len(request.prompt) - budget
+
     def register_computed(self, request: Request) -> None:
         """Offer the request's newly filled pages to the prefix cache."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or request.compress:
             return
         full = request.computed // self.page_size
         hashes = self._block_hashes(request, full)
@@ -156,13 +190,25 @@ class Scheduler:
         """Trim the draft to the step's budget and to the pages it can get without preempting
         anyone (a guess never costs another request its pages); returns the chunk's count."""
         room = len(request.pages) * self.page_size + self.allocator.num_free * self.page_size
-        keep = max(0, min(count, room - request.computed) - 1)
+        keep = max(0, min(count, room - request.cached) - 1)
         del request.draft[keep:]
         return request.remaining
 
+    def _fit_window(self, request: Request, count: int, observing: bool) -> int:
+        """Cut the chunk of a prompt still to compress so that it either ends the prompt, holding
+        its whole observation window, while no other chunk of the step does (`observing`), or
+        ends before the window. Keeps computed <= len(prompt) - window until the prompt ends;
+        returns the chunk's count (0: nothing this step)."""
+        end = len(request.prompt)
+        if not request.compress or request.computed >= end:
+            return count
+        if request.computed + count >= end and not observing:
+            return end - request.computed
+        return min(count, end - self.snapkv_window - request.computed)
+
     def _acquire_prefix(self, request: Request) -> list[int]:
         """Pages of the longest cached run of the request's leading blocks (not its last token)."""
-        if not self.prefix_caching:
+        if not self.prefix_caching or request.compress:
             return []
         usable = (len(request.tokens) - 1) // self.page_size
         return self.allocator.acquire_cached(self._block_hashes(request, usable))
@@ -188,7 +234,7 @@ class Scheduler:
     def _preempt(self, request: Request) -> None:
         self._release(request)
         self.running.remove(request)
-        request.computed = 0
+        request.computed = request.offset = 0
         request.draft = []
         request.preemptions += 1
         self.num_preemptions += 1

@@ -56,15 +56,16 @@ class SelfAttention(nnx.Module):
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def paged(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: PagedLayerKV,
-              meta: PagedBatch) -> tuple[jax.Array, PagedLayerKV]:
+              meta: PagedBatch) -> tuple[jax.Array, PagedLayerKV, jax.Array]:
         """x [1, T, embed]: T tokens of many sequences. Writes their K/V into the pages first, then
-        each token attends over its own sequence up to and including itself."""
+        each token attends over its own sequence's first `meta.lengths` cached keys. Also returns
+        the rotated queries [T, Hq, D] (SnapKV's observation window is taken from them)."""
         _, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
         kv = kv.write(k[0], v[0], meta.write_slots)
         out = paged_attention(q[0], kv, meta.page_rows, meta.lengths,
                               backend=self.attention_backend, shared=meta.shared)  # [T, Hq, D]
-        return self.o_proj(out.reshape(1, t, self.num_heads * self.head_dim)), kv
+        return self.o_proj(out.reshape(1, t, self.num_heads * self.head_dim)), kv, q[0]
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                  kv: LayerKV | None, start: jax.Array) -> tuple[jax.Array, LayerKV | None]:
@@ -100,9 +101,9 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
     def paged(self, x, cos, sin, kv: PagedLayerKV, meta: PagedBatch):
-        h, kv = self.self_attn.paged(self.input_layernorm(x), cos, sin, kv, meta)
+        h, kv, q = self.self_attn.paged(self.input_layernorm(x), cos, sin, kv, meta)
         x = x + h
-        return x + self.mlp(self.post_attention_layernorm(x)), kv
+        return x + self.mlp(self.post_attention_layernorm(x)), kv, q
 
 
 class DecoderLM(nnx.Module):
@@ -175,20 +176,26 @@ class LlamaForCausalLM(DecoderLM):
                                   jnp.dtype(c.dtype if kv_dtype is None else kv_dtype))
 
     def forward_paged(self, input_ids: jax.Array, meta: PagedBatch, cache: PagedKVCache,
-                      logit_rows: jax.Array) -> tuple[jax.Array, PagedKVCache]:
+                      logit_rows: jax.Array, observe_rows: jax.Array | None = None) -> tuple:
         """One flat batch of T tokens from many sequences over the paged KV cache.
 
-        input_ids int32 [T]; meta: positions, K/V write slots, page-table rows and attention lengths
-        per token; logit_rows int32 [R]: the tokens whose next-token logits are wanted (the last
-        token of each sequence in the batch), so the vocabulary projection runs on R rows, not T.
-        Returns logits float32 [R, vocab] and the cache with the T tokens' K/V written."""
+        input_ids int32 [T]; meta: positions (for RoPE), K/V write slots, page-table rows and
+        attention lengths per token (a SnapKV-compressed sequence attends over fewer cached keys
+        than its position); logit_rows int32 [R]: the tokens whose next-token logits are wanted
+        (the last token of each sequence in the batch), so the vocabulary projection runs on R
+        rows, not T. Returns logits float32 [R, vocab] and the cache with the T tokens' K/V
+        written; with observe_rows int32 [W] also every layer's rotated queries of those tokens,
+        [layers, W, Hq, D] (SnapKV's observation window)."""
         positions = meta.positions[None]  # [1, T]
         cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
         x = self.embed_tokens(input_ids[None])  # [1, T, embed]
-        new_layers = []
+        new_layers, queries = [], []
         for layer, kv in zip(self.layers, cache.layers):
-            x, kv = layer.paged(x, cos, sin, kv, meta)
+            x, kv, q = layer.paged(x, cos, sin, kv, meta)
             new_layers.append(kv)
+            if observe_rows is not None:
+                queries.append(q[observe_rows])  # [W, Hq, D]
         x = self.norm(x[:, logit_rows])  # [1, R, embed]
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        return logits[0].astype(jnp.float32), PagedKVCache(tuple(new_layers))
+        out = logits[0].astype(jnp.float32), PagedKVCache(tuple(new_layers))
+        return out if observe_rows is None else (*out, jnp.stack(queries))

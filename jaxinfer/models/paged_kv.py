@@ -34,7 +34,8 @@ class PagedBatch(NamedTuple):
     positions: jax.Array  # int32 [T]: position of each token in its own sequence
     write_slots: jax.Array  # int32 [T]: flat K/V slot page*page_size+offset; out of range = skip
     page_rows: jax.Array  # int32 [T, pages_per_seq]: the page table of each token's sequence
-    lengths: jax.Array  # int32 [T]: keys each token attends to (position + 1; 0 for padding)
+    lengths: jax.Array  # int32 [T]: keys each token attends to (its cache slot + 1: position + 1
+    # unless SnapKV compressed its sequence's prompt; 0 for padding)
     shared: SharedPrefix | None = None  # a prefix shared by some of the sequences, if any
 
 

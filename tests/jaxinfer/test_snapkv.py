@@ -1,9 +1,10 @@
-"""SnapKV selection: the window and the budget are kept, votes follow their definition, and the
-kept K/V approximate full attention better than a random selection of the same size.
+"""SnapKV selection: the window and the budget are kept, votes follow their definition, the
+kept K/V approximate full attention better than a random selection of the same size, and the
+engine's in-place compression of a sequence's pages moves exactly the selected tokens.
 
 Oracles: a numpy transcription of the voting rule (softmax of the window's scores, causal in the
 window, summed over rows and GQA groups, pooled with zero padding); full-KV attention for the
-approximation check.
+approximation check; `snapkv_select` on the unpaged K for the page compression.
 """
 
 from __future__ import annotations
@@ -15,7 +16,8 @@ import pytest
 from flax import nnx
 
 import jaxinfer
-from jaxinfer.generate.snapkv import observation_votes, snapkv_select
+from jaxinfer.generate.snapkv import compress_sequence, observation_votes, snapkv_select
+from jaxinfer.models.paged_kv import PagedKVCache, PagedLayerKV
 from jaxinfer.models.rope import apply_rotary, inverse_frequencies, rotary_tables
 
 # float32 softmax and sums against float64 numpy
@@ -111,6 +113,34 @@ def test_bad_arguments_raise_value_error():
         snapkv_select(q, k, v, budget=5, pooling="median")
     with pytest.raises(ValueError, match="k and v"):
         snapkv_select(q, k, v[:, :5], budget=5)
+
+
+def test_compress_sequence_moves_each_heads_kept_tokens_to_the_first_slots_of_its_pages():
+    """int8 pages of one 13-token sequence on pages 5, 2, 0, 3 of 4 tokens (padded to 6 pages):
+    afterwards slot j < budget of head h holds, values and scales, the j-th position that
+    `snapkv_select` keeps on the dequantized K; other pages are untouched."""
+    s, w, budget, page_size, hq, hkv, d = 13, 3, 7, 4, 4, 2, 8
+    rng = np.random.default_rng(5)
+    q = jnp.asarray(rng.normal(size=(1, w, hq, d)), jnp.float32)  # one layer's window queries
+    pages = [5, 2, 0, 3]
+    page_row = np.array(pages + [7, 7], np.int32)  # two padding entries (>= num_pages)
+    slots = np.array([pages[i // page_size] * page_size + i % page_size for i in range(s)])
+    pools = []  # k values, v values, k scales, v scales: [7 pages, page_size, Hkv(, D)]
+    for shape in ((7, page_size, hkv, d),) * 2:
+        pools.append(rng.integers(-127, 128, shape).astype(np.int8))
+    for shape in ((7, page_size, hkv),) * 2:
+        pools.append(rng.uniform(0.01, 0.1, shape).astype(np.float32))
+    cache = PagedKVCache((PagedLayerKV(*(jnp.asarray(p) for p in pools)),))
+    k = pools[0].reshape(-1, hkv, d)[slots] * pools[2].reshape(-1, hkv)[slots, :, None]
+    kept = np.asarray(select(q, k[None], k[None], budget=budget)[2])[0]  # [budget, Hkv]
+    out = compress_sequence(cache, q, jnp.asarray(page_row), jnp.int32(s), budget=budget)
+    for name, before in zip(("k", "v", "k_scale", "v_scale"), pools):
+        got = np.asarray(getattr(out.layers[0], name)).reshape(-1, *before.shape[2:])
+        flat = before.reshape(got.shape)
+        for h in range(hkv):
+            np.testing.assert_array_equal(got[slots[:budget], h], flat[slots[kept[:, h]], h])
+        untouched = np.setdiff1d(np.arange(len(flat)), slots[:budget])
+        np.testing.assert_array_equal(got[untouched], flat[untouched])
 
 
 # ----------------------------------------------------------------- on a model's attention
