@@ -1,5 +1,6 @@
 """Long-convolution speed and memory: ``kernels_pallas.fftconv`` (xla, pallas) against a plain
-``jnp.fft.rfft`` causal convolution, forward and forward+backward, over sequence lengths.
+``jnp.fft.rfft`` causal convolution, forward and forward+backward, over sequence lengths; and the
+forward time versus ``freq_sparsity`` and versus ``partial`` at one sequence length.
 
     python -m experiments.bench_fftconv                # GPU: N 1K..64K, bf16 and f32, H = 768
                                                        # (~90 s on an H200, deadline included)
@@ -21,6 +22,29 @@ implementations run first and the Pallas kernel last (in increasing N, both dtyp
 was measured (noting the configuration still running) and exits, since a launched GPU program
 cannot be interrupted.
 The JSON is also rewritten after every configuration.
+
+Sweeps (``record["sweeps"]``, forward only, float32, N = --sweep-n: 4096, 256 with --quick),
+timed for the backends where the option changes the work, plus xla as the control:
+  freq_sparsity s  xla: no saving. Every backend convolves at the same FFT size M whatever s
+           (``filters.effective_filter`` low-passes the filter, it does not shrink the transform),
+           so xla still runs the full rfft/irfft of every (batch row, channel) and s only adds a
+           filter rfft/irfft per channel. pallas: the kernel skips the D-order DFT columns whose
+           frequencies are all dropped (``monarch.frequency_columns``, padded to a power of two):
+           ``kernel_cols`` Nk of N2 and ``kernel_mflop``, the kernel's real-matmul work per
+           (batch row, channel), show what is saved (timed on GPU only: the CPU interpreter's time
+           would not show it).
+           ``rel_err_random`` and ``rel_err_hyena`` = |y_s - y_0| / |y_0| (xla) on the timed
+           random filter (a flat spectrum: the worst case) and on a freshly initialized Hyena
+           implicit filter (smooth and decaying, the filters the option is meant for; not with
+           --quick, as building it costs seconds of compilation).
+  partial L  xla: no saving (the L taps are zero-padded to M before the same FFTs). reference:
+           the direct O(N L) convolution, the one backend whose work falls with L; it runs only up
+           to --reference-max-taps taps (CPU, B = H = 16: ~2-3 s per call at 1024 taps, ~40 s at
+           4096). pallas is not swept: like xla it pads the filter to M.
+  (The reference is not swept over s: with s > 0 it is, by definition, an O(N M) circular sum.)
+The settings of one sweep and implementation are timed in turn, one call each per round (a
+shared machine's load then falls on all alike). ``time_ratio`` = time / time of the same
+implementation at the most exact setting it ran (s = 0; the longest L).
 """
 
 from __future__ import annotations
@@ -38,9 +62,12 @@ import numpy as np
 
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
 from kernels_pallas import fftconv
+from kernels_pallas.fftconv import filters, monarch
 
 PEER = "jnp_fft"
 SLOW_CALL_S = 5.0  # fewer repetitions when one call is slow: about this many seconds of timing
+SWEEP_DTYPE = "float32"  # the sweeps compare work and accuracy; float32 keeps the error exact
+SWEEP_IMPLS = {"freq_sparsity": ("xla", "pallas"), "partial": ("xla", "reference")}
 
 
 def jnp_fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
@@ -50,10 +77,11 @@ def jnp_fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
     return jnp.fft.irfft(spec, n=2 * n)[..., :n].astype(u.dtype)
 
 
-def conv_fn(impl: str):
+def conv_fn(impl: str, **options):
+    """(u, k) -> y of one implementation; `options`: fftconv keywords (freq_sparsity, partial)."""
     if impl == PEER:
         return jnp_fft_conv
-    return lambda u, k: fftconv(u, k, backend=impl)
+    return lambda u, k: fftconv(u, k, backend=impl, **options)
 
 
 def with_backward(conv):
@@ -81,10 +109,10 @@ def temp_mib(compiled) -> float | None:
     return None if temp is None else temp / 2**20
 
 
-def measure(row: dict, impl: str, mode: str, inputs: tuple, reps: int) -> None:
-    """Compile, read memory, time; fills `row` in place (raises on failure). `row["phase"]`
-    says what is running, for the deadline watchdog's note."""
-    conv = conv_fn(impl)
+def prepare(row: dict, conv, mode: str, inputs: tuple) -> tuple:
+    """Compile `conv` (u, k) -> y (or its forward+backward), read its memory, make the warm-up
+    call; fills `row` in place (raises on failure). Returns (compiled, its arguments, repetitions
+    to time). `row["phase"]` says what is running, for the deadline watchdog's note."""
     fn = jax.jit(conv if mode == "fwd" else with_backward(conv))
     args = inputs[:2] if mode == "fwd" else inputs
     row["phase"] = "compile"
@@ -97,11 +125,56 @@ def measure(row: dict, impl: str, mode: str, inputs: tuple, reps: int) -> None:
     jax.block_until_ready(compiled(*args))
     first = time.perf_counter() - t0
     row["phase"] = "timing"
-    times = timed(compiled, args, max(1, min(reps, int(SLOW_CALL_S / max(first, 1e-9)))))
+    return compiled, args, int(SLOW_CALL_S / max(first, 1e-9))
+
+
+def record_times(row: dict, times: list[float]) -> None:
+    """Median, spread and count of the seconds per call, in ms, into `row`."""
     med = statistics.median(times)
-    row.pop("phase")
+    row.pop("phase", None)
     row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
                reps=len(times))
+
+
+def record_error(row: dict, error: Exception) -> None:
+    """Record a failed row's error: its type and first line."""
+    row.pop("phase", None)
+    row["error"] = f"{type(error).__name__}: {str(error).splitlines()[0][:200]}"
+
+
+def measure(row: dict, conv, mode: str, inputs: tuple, reps: int) -> None:
+    """Compile, read memory, time `conv` (u, k) -> y; fills `row` in place (raises on failure)."""
+    compiled, args, affordable = prepare(row, conv, mode, inputs)
+    record_times(row, timed(compiled, args, max(1, min(reps, affordable))))
+
+
+def measure_alternating(rows: list[dict], inputs: tuple, reps: int) -> None:
+    """Time the rows of one sweep and implementation in turn, one call of each per round, so
+    that a shared machine's changing load falls on every setting alike (the sweep compares them
+    with each other); fills the rows in place, a failing one with its error."""
+    ready = []  # (row, compiled, arguments, repetitions, times)
+    for row in rows:
+        try:
+            compiled, args, affordable = prepare(
+                row, conv_fn(row["impl"], **{row["sweep"]: row["value"]}), row["mode"], inputs)
+            ready.append((row, compiled, args, max(1, min(reps, affordable)), []))
+        except Exception as e:  # noqa: BLE001 - record and go on to the next one
+            record_error(row, e)
+    for i in range(max((n for _, _, _, n, _ in ready), default=0)):
+        for row, compiled, args, n, times in ready:
+            if i < n:
+                times += timed(compiled, args, 1)
+    for row, _, _, _, times in ready:
+        record_times(row, times)
+
+
+def sweep_groups(rows: list[dict]) -> list[list[dict]]:
+    """The rows not skipped, grouped by (sweep, implementation), in order."""
+    groups: dict[tuple[str, str], list[dict]] = {}
+    for r in rows:
+        if "skipped" not in r:
+            groups.setdefault((r["sweep"], r["impl"]), []).append(r)
+    return list(groups.values())
 
 
 def add_ratios(rows: list[dict]) -> None:
@@ -133,6 +206,90 @@ def plan(args, gpu: bool) -> list[dict]:
     return rows
 
 
+def plan_sweeps(args, gpu: bool) -> list[dict]:
+    """Rows of the freq_sparsity and partial sweeps at N = args.sweep_n (see the docstring)."""
+    n = args.sweep_n
+    batch = max(1, min(args.max_batch, args.elements // (args.channels * n)))
+    rows = []
+    for sweep, values in (("freq_sparsity", args.sparsities), ("partial", args.partials)):
+        for impl in SWEEP_IMPLS[sweep]:
+            for value in values:
+                row = {"sweep": sweep, "value": value, "impl": impl, "dtype": SWEEP_DTYPE,
+                       "N": n, "batch": batch, "H": args.channels, "mode": "fwd"}
+                if impl == "pallas":
+                    row.update(pallas_kernel_work(n, value))
+                    if not gpu:  # interpreted, its time would not show the skipped columns
+                        row["skipped"] = "pallas interprets on CPU (swept on GPU only)"
+                if impl == "reference" and value > args.reference_max_taps:
+                    row["skipped"] = (f"direct O(N L) convolution: more than "
+                                      f"--reference-max-taps={args.reference_max_taps} taps")
+                rows.append(row)
+    return rows
+
+
+def pallas_kernel_work(n: int, freq_sparsity: float) -> dict:
+    """What freq_sparsity leaves of the Pallas kernel's DFT work at length n: the kept D-order
+    columns Nk of N2 and the real-matmul MFLOP per (batch row, channel), counted from the 12
+    matmuls ``pallas_gpu``'s docstring lists (the Nk-wide ones are what sparsity shrinks)."""
+    m = monarch.fft_size(n)
+    n1, n2 = monarch.monarch_factors(m)
+    nk = len(monarch.frequency_columns(m, filters.keep_frequencies(m, freq_sparsity)))
+    flops = 2 * (2 * n1 * (n1 // 2) * n2 + 8 * n1 * n2 * nk + 2 * (n1 // 2) * n1 * n2)
+    return {"kernel_cols": f"{nk}/{n2}", "kernel_mflop": flops / 1e6}
+
+
+def hyena_filter(channels: int, n: int) -> jax.Array:
+    """[channels, n] float32: a freshly initialized Hyena implicit filter with HyenaConfig's
+    filter defaults (sine FFN times exponential decay), seed 0."""
+    # imported here, not at the top: importing jaxinfer costs --quick (which skips this) seconds
+    from flax import nnx
+
+    from jaxinfer.config import HyenaConfig
+    from jaxinfer.models.hyena_filter import ImplicitFilter
+
+    c = HyenaConfig(vocab_size=1, hidden_size=channels, intermediate_size=1, num_hidden_layers=1,
+                    max_position_embeddings=n)
+    return ImplicitFilter(channels, l_max=n, emb_dim=c.filter_emb_dim, hidden=c.filter_hidden_size,
+                          inner_layers=c.filter_inner_layers, sine_freq=c.filter_sine_freq,
+                          decay_fast=c.filter_decay_fast, decay_slow=c.filter_decay_slow,
+                          decay_target=c.filter_decay_target, squash_lambda=c.filter_squash,
+                          rngs=nnx.Rngs(0))(n)
+
+
+def add_sparsity_errors(rows: list[dict], inputs: tuple, hyena: bool) -> None:
+    """rel_err_random and, if `hyena`, rel_err_hyena (|y_s - y_0| / |y_0|, xla backend) on each
+    freq_sparsity row: the accuracy side of the trade, on the timed random filter and on a Hyena
+    filter."""
+    u, k = inputs[:2]
+    taps_by_name = {"random": k}
+    if hyena:
+        taps_by_name["hyena"] = hyena_filter(k.shape[0], u.shape[-1])
+    errors: dict[float, dict[str, float]] = {}
+    for name, taps in taps_by_name.items():
+        exact = fftconv(u, taps, backend="xla")
+        for s in sorted({r["value"] for r in rows}):
+            y = fftconv(u, taps, backend="xla", freq_sparsity=s)
+            errors.setdefault(s, {})[f"rel_err_{name}"] = float(
+                jnp.linalg.norm(y - exact) / jnp.linalg.norm(exact))
+    for r in rows:
+        r.update(errors[r["value"]])
+
+
+def add_sweep_ratios(rows: list[dict]) -> None:
+    """time_ratio: each sweep row's time over its implementation's at the most exact setting it
+    ran: s = 0, or the longest L (the reference is not run at L = N)."""
+    base: dict[tuple[str, str], dict] = {}
+    for r in rows:
+        key = (r["sweep"], r["impl"])
+        if "median_ms" in r and (key not in base or (r["value"] < base[key]["value"]
+                                                     if r["sweep"] == "freq_sparsity"
+                                                     else r["value"] > base[key]["value"])):
+            base[key] = r
+    for r in rows:
+        if "median_ms" in r:
+            r["time_ratio"] = r["median_ms"] / base[(r["sweep"], r["impl"])]["median_ms"]
+
+
 def make_inputs(row: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     """u, ct [batch, H, N] in the row's dtype and k [H, N] float32, drawn on the device."""
     key_u, key_k, key_ct = jax.random.split(jax.random.key(row["N"]), 3)
@@ -145,12 +302,41 @@ def make_inputs(row: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 COLUMNS = ["dtype", "N", "batch", "H", "mode", "impl", "median_ms", "min_ms", "max_ms",
            f"speedup_vs_{PEER}", "temp_MiB", "compile_s", "error", "skipped"]
+SWEEP_COLUMNS = ["sweep", "value", "impl", "N", "batch", "H", "median_ms", "min_ms", "max_ms",
+                 "time_ratio", "rel_err_random", "rel_err_hyena", "kernel_cols",
+                 "kernel_mflop", "error", "skipped"]
+
+
+def plot_sweeps(sweeps: list[dict], out: Path) -> list[str]:
+    """One PNG per sweep: time_ratio per implementation (and, for freq_sparsity, the relative
+    errors) versus the swept value."""
+    pngs = []
+    for sweep, xlabel in (("freq_sparsity", "freq_sparsity s"), ("partial", "partial taps L")):
+        curves = {}
+        for impl in SWEEP_IMPLS[sweep]:
+            done = [r for r in sweeps if (r["sweep"], r["impl"]) == (sweep, impl)
+                    and "time_ratio" in r]
+            if done:
+                curves[f"{impl} time ratio"] = ([r["value"] for r in done],
+                                                [r["time_ratio"] for r in done])
+        errs = [r for r in sweeps if r["sweep"] == sweep and r["impl"] == "xla"
+                and "rel_err_random" in r]
+        for name in ("random", "hyena"):
+            if errs and f"rel_err_{name}" in errs[0]:
+                curves[f"rel. error, {name} filter"] = ([r["value"] for r in errs],
+                                                        [r[f"rel_err_{name}"] for r in errs])
+        if curves:
+            pngs.append(str(plot_curves(
+                curves, xlabel=xlabel, ylabel="ratio", title=f"fftconv, N = {sweeps[0]['N']}",
+                out=out.with_name(f"{out.stem}_{sweep}.png"))))
+    return pngs
 
 
 def finish(record: dict, out: Path, args) -> None:
-    """Table, PNG (median time versus N for the first dtype) and the JSON record."""
+    """Tables, PNGs (median time versus N for the first dtype; the sweeps) and the JSON record."""
     rows = record["rows"]
     add_ratios(rows)
+    add_sweep_ratios(record["sweeps"])
     print_table(sorted(rows, key=lambda r: (args.dtypes.index(r["dtype"]), r["N"],
                                             args.modes.index(r["mode"]),
                                             args.impls.index(r["impl"]))), COLUMNS)
@@ -165,7 +351,12 @@ def finish(record: dict, out: Path, args) -> None:
     if curves:
         record["png"] = str(plot_curves(curves, xlabel="sequence length N", ylabel="median ms",
                                         title=f"fftconv, {first}", out=out.with_suffix(".png")))
-    print(f"wrote {write_json(record, out)} {record.get('png', '')}", flush=True)
+    if record["sweeps"]:
+        print()
+        print_table(record["sweeps"], SWEEP_COLUMNS)
+        record["sweep_pngs"] = plot_sweeps(record["sweeps"], out)
+    print(f"wrote {write_json(record, out)} {record.get('png', '')} "
+          f"{' '.join(record.get('sweep_pngs', []))}", flush=True)
 
 
 def main() -> None:
@@ -188,6 +379,12 @@ def main() -> None:
                         help="write what was measured and exit after this many seconds, even "
                              "while a configuration is still running (default: 85 on GPU, none "
                              "on CPU)")
+    parser.add_argument("--sweep-n", type=int, default=None,
+                        help="N of the freq_sparsity and partial sweeps (default 4096)")
+    parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
+    parser.add_argument("--partials", type=int, nargs="+", default=None,
+                        help="partial taps L (default N/256, N/32, N/4, N)")
+    parser.add_argument("--reference-max-taps", type=int, default=1024)
     parser.add_argument("--out", default=str(RESULTS / "bench_fftconv.json"))
     args = parser.parse_args()
     gpu = jax.default_backend() == "gpu"
@@ -196,25 +393,30 @@ def main() -> None:
                                       else [256, 1024, 4096])
     args.channels = args.channels or (768 if gpu else 16)
     args.elements = args.elements or (2**28 if gpu else 2**20)
-    args.reps = args.reps or (10 if gpu else 3)
+    args.reps = args.reps or 10  # a shared CPU is noisy: as many as on a GPU (capped per call)
     args.budget_s = args.budget_s or (60.0 if gpu else None)
     args.deadline_s = args.deadline_s or (85.0 if gpu else None)
+    args.sweep_n = args.sweep_n or 4096
     if args.quick:
         args.seq_lens, args.channels, args.elements, args.reps = [256], 4, 2**11, 2
+        args.sweep_n, args.sparsities = 256, [0.0, 0.75]  # N of the N sweep: same inputs
+        args.partials = args.partials or [args.sweep_n // 4]  # runs the code, times no trend
+    args.partials = args.partials or [args.sweep_n // d for d in (256, 32, 4, 1)]
 
     out = Path(args.out)
     began = time.perf_counter()
-    rows = plan(args, gpu)
-    record = {**environment(), "quick": args.quick, "settings": vars(args), "rows": rows}
+    rows, sweeps = plan(args, gpu), plan_sweeps(args, gpu)
+    record = {**environment(), "quick": args.quick, "settings": vars(args), "rows": rows,
+              "sweeps": sweeps}
     lock = threading.Lock()  # finish() runs once: from the watchdog or at the end
 
     def on_deadline() -> None:
         with lock:
-            running = [r for r in rows if r.get("phase")]
+            running = [r for r in rows + sweeps if r.get("phase")]
             for r in running:
                 r["error"] = (f"still in {r.pop('phase')} at the {args.deadline_s:.0f} s "
                               "deadline (run stopped)")
-            for r in rows:
+            for r in rows + sweeps:
                 if not {"median_ms", "error", "skipped"} & r.keys():
                     r["skipped"] = "not reached before the deadline"
             record["wall_s"] = time.perf_counter() - began
@@ -226,27 +428,42 @@ def main() -> None:
         watchdog = threading.Timer(args.deadline_s, on_deadline)
         watchdog.daemon = True
         watchdog.start()
+    freq_rows = [r for r in sweeps if r["sweep"] == "freq_sparsity"]
+    if freq_rows:  # before any timing: a few untimed xla programs on the sweep's inputs
+        add_sparsity_errors(freq_rows, make_inputs(freq_rows[0]), hyena=not args.quick)
+    # units of work: cheap rows first, then the Pallas sweep at its moderate N, then the Pallas
+    # N sweep, whose largest N is the run's riskiest; a sweep's rows are timed together
+    units = ([[r] for r in rows if r["impl"] != "pallas" and "skipped" not in r]
+             + sweep_groups([r for r in sweeps if r["impl"] != "pallas"])
+             + sweep_groups([r for r in sweeps if r["impl"] == "pallas"])
+             + [[r] for r in rows if r["impl"] == "pallas" and "skipped" not in r])
     inputs_key, inputs = None, None
-    for row in rows:
-        if "skipped" in row:
-            continue
+    for unit in units:
         if args.budget_s is not None and time.perf_counter() - began > args.budget_s:
-            row["skipped"] = f"time budget of {args.budget_s:.0f} s spent"
+            for row in unit:
+                row["skipped"] = f"time budget of {args.budget_s:.0f} s spent"
             continue
+        first = unit[0]
         try:
-            key = (row["dtype"], row["N"], row["batch"])
+            key = (first["dtype"], first["N"], first["batch"])
             if key != inputs_key:
                 inputs_key, inputs = key, None  # free the previous size first
-                inputs = make_inputs(row)
-            measure(row, row["impl"], row["mode"], inputs, args.reps)
+                inputs = make_inputs(first)
+            if "sweep" in first:
+                measure_alternating(unit, inputs, args.reps)
+            else:
+                measure(first, conv_fn(first["impl"]), first["mode"], inputs, args.reps)
         except Exception as e:  # noqa: BLE001 - record and go on to the next one
-            row.pop("phase", None)
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+            for row in unit:
+                if not {"median_ms", "error"} & row.keys():
+                    record_error(row, e)
         with lock:
             add_ratios(rows)
             write_json(record, out)
-        print(f"{row['dtype']} N={row['N']} {row['mode']} {row['impl']}: "
-              f"{row.get('median_ms', row.get('error'))}", flush=True)
+        for row in unit:
+            sweep = f" {row['sweep']}={row['value']}" if "sweep" in row else ""
+            print(f"{row['dtype']} N={row['N']} {row['mode']} {row['impl']}{sweep}: "
+                  f"{row.get('median_ms', row.get('error'))}", flush=True)
     if watchdog is not None:
         watchdog.cancel()
     record["wall_s"] = time.perf_counter() - began

@@ -52,11 +52,19 @@ def percentile(values: list[float], q: float) -> float:
     return float(np.percentile(values, q)) if values else float("nan")
 
 
+def corpus_stream(tokenizer) -> np.ndarray:
+    """Token ids [T] of the start of the embedded corpus sample, the text workloads are cut from."""
+    text = Path(jaxinfer.assets.corpus_sample_path()).read_text()
+    return np.array(tokenizer.encode(text[:200000]).ids, dtype=np.int32)
+
+
 def serve(engine: jaxinfer.Engine, work, rate: float, rng: np.random.Generator) -> dict:
-    """Run the workload with Poisson arrivals at `rate` requests/s; per-request token times."""
+    """Run the workload with Poisson arrivals at `rate` requests/s; per-request token times and
+    generated token ids (by request id)."""
     gaps = rng.exponential(1.0 / rate, len(work)) if np.isfinite(rate) else np.zeros(len(work))
     arrivals = np.cumsum(gaps) - gaps[0]
     token_times: dict[int, list[float]] = {}
+    outputs: dict[int, list[int]] = {}
     arrival_of: dict[int, float] = {}
     steps = []  # (seconds, StepStats)
     next_request, t0 = 0, time.perf_counter()
@@ -67,7 +75,7 @@ def serve(engine: jaxinfer.Engine, work, rate: float, rng: np.random.Generator) 
             rid = engine.submit(prompt, jaxinfer.SamplingParams(
                 max_tokens=out_len, temperature=0.0, ignore_eos=True))
             arrival_of[rid] = t0 + arrivals[next_request]
-            token_times[rid] = []
+            token_times[rid], outputs[rid] = [], []
             next_request += 1
         if not engine.num_unfinished:  # idle until the next arrival
             time.sleep(max(0.0, arrivals[next_request] - (time.perf_counter() - t0)))
@@ -78,6 +86,7 @@ def serve(engine: jaxinfer.Engine, work, rate: float, rng: np.random.Generator) 
         steps.append((s1 - s0, engine.last_step))
         for event in events:
             token_times[event.request_id].extend([s1] * len(event.token_ids))
+            outputs[event.request_id].extend(event.token_ids)
     elapsed = time.perf_counter() - t0
     engine.run_until_done()
     ttft = [times[0] - arrival_of[rid] for rid, times in token_times.items()]
@@ -85,7 +94,22 @@ def serve(engine: jaxinfer.Engine, work, rate: float, rng: np.random.Generator) 
     itl = [b - a for t in token_times.values() for a, b in zip(t, t[1:])]
     out_tokens = sum(len(t) for t in token_times.values())
     return {"elapsed_s": elapsed, "output_tokens": out_tokens, "steps": steps,
-            "ttft": ttft, "tpot": tpot, "itl": itl}
+            "ttft": ttft, "tpot": tpot, "itl": itl, "outputs": outputs}
+
+
+def latency_row(run: dict, num_requests: int) -> dict:
+    """Throughput and vLLM's latency percentiles (ms) of one `serve` run, as table columns."""
+    return {
+        "tok_s": run["output_tokens"] / run["elapsed_s"],
+        "req_s": num_requests / run["elapsed_s"],
+        "ttft_p50_ms": 1e3 * percentile(run["ttft"], 50),
+        "ttft_p99_ms": 1e3 * percentile(run["ttft"], 99),
+        "tpot_p50_ms": 1e3 * percentile(run["tpot"], 50),
+        "tpot_p99_ms": 1e3 * percentile(run["tpot"], 99),
+        "itl_p50_ms": 1e3 * percentile(run["itl"], 50),
+        "itl_p99_ms": 1e3 * percentile(run["itl"], 99),
+        "steps": len(run["steps"]),
+    }
 
 
 def measure_bandwidth(nbytes: int = 1 << 28) -> float:
@@ -172,8 +196,7 @@ def main() -> None:
     model = jaxinfer.load_pretrained(args.model)
     config = model.config
     tokenizer = jaxinfer.load_tokenizer(args.model)
-    text = Path(jaxinfer.assets.corpus_sample_path()).read_text()
-    stream = np.array(tokenizer.encode(text[:200000]).ids, dtype=np.int32)
+    stream = corpus_stream(tokenizer)
     rng = np.random.default_rng(args.seed)
     work = make_workload(stream, args, rng)
 
@@ -187,17 +210,7 @@ def main() -> None:
     for rate in args.rates:
         run = serve(engine, work, rate, np.random.default_rng(args.seed + 1))
         runs[rate] = run
-        rows.append({
-            "rate_req_s": rate, "tok_s": run["output_tokens"] / run["elapsed_s"],
-            "req_s": len(work) / run["elapsed_s"],
-            "ttft_p50_ms": 1e3 * percentile(run["ttft"], 50),
-            "ttft_p99_ms": 1e3 * percentile(run["ttft"], 99),
-            "tpot_p50_ms": 1e3 * percentile(run["tpot"], 50),
-            "tpot_p99_ms": 1e3 * percentile(run["tpot"], 99),
-            "itl_p50_ms": 1e3 * percentile(run["itl"], 50),
-            "itl_p99_ms": 1e3 * percentile(run["itl"], 99),
-            "steps": len(run["steps"]),
-        })
+        rows.append({"rate_req_s": rate, **latency_row(run, len(work))})
     print_table(rows, list(rows[0]))
 
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))

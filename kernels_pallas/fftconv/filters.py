@@ -18,8 +18,13 @@ import jax.numpy as jnp
 
 
 def keep_frequencies(m: int, freq_sparsity: float) -> int:
-    """Largest kept |frequency| (in bins of size M): the lowest (1 - r) of 0 .. M/2."""
-    return int((1.0 - freq_sparsity) * (m // 2))
+    """Largest kept |frequency| (in bins of size M): M/2 (all) at freq_sparsity 0, otherwise the
+    lowest (1 - s) M/2 frequencies 0 .. (1 - s) M/2 - 1 are kept. Exclusive of (1 - s) M/2, so
+    s = 1/2 keeps exactly half the Monarch kernel's DFT columns (not half plus one, which the
+    kernel would pad back to all of them)."""
+    if freq_sparsity == 0:
+        return m // 2
+    return max(0, int((1.0 - freq_sparsity) * (m // 2)) - 1)
 
 
 def effective_filter(k, bias, *, m: int, offset: int, freq_sparsity: float):

@@ -1,4 +1,5 @@
-"""experiments/bench_serving runs in --quick mode and writes its JSON record, so it never rots."""
+"""experiments/bench_serving and bench_engine_features run in --quick mode and write their JSON
+records, so they never rot."""
 
 from pathlib import Path
 
@@ -12,4 +13,20 @@ def test_bench_serving_quick_mode_writes_results(tmp_path):
     record = run_quick("bench_serving", tmp_path / "bench_serving.json")
     assert all(row["tok_s"] > 0 for row in record["rows"])
     assert record["peer"]["engine_over_peer"] > 0
+    assert Path(record["png"]).exists()
+
+
+@pytest.mark.slow
+def test_bench_engine_features_quick_mode_writes_results(tmp_path):
+    record = run_quick("bench_engine_features", tmp_path / "bench_engine_features.json")
+    rows = {row["config"]: row for row in record["rows"]}
+    assert set(rows) == {"no_prefix_cache", "prefix_cache", "hydragen", "int8_kv",
+                         "no_speculation", "lookup"}
+    assert all(row["tok_s"] > 0 for row in rows.values())
+    # the shared prefix is computed once: every later request takes its full pages from the cache
+    assert rows["no_prefix_cache"]["cached_tokens"] == 0 < rows["prefix_cache"]["cached_tokens"]
+    # exact features reproduce the peer's greedy tokens
+    assert rows["prefix_cache"]["same_outputs"] == rows["hydragen"]["same_outputs"] == 1.0
+    assert rows["lookup"]["same_outputs"] == 1.0 and 0.0 <= rows["lookup"]["acceptance"] <= 1.0
+    assert rows["int8_kv"]["kv_bytes_per_token"] < rows["prefix_cache"]["kv_bytes_per_token"]
     assert Path(record["png"]).exists()

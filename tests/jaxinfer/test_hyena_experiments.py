@@ -20,3 +20,10 @@ def test_experiment_quick_mode_writes_results(name, tmp_path):
     else:
         assert {r["impl"] for r in rows if "median_ms" in r} == {"xla", "pallas", "jnp_fft"}
         assert all(r["temp_MiB"] is not None for r in rows)
+        sweeps = record["sweeps"]
+        timed = {(r["sweep"], r["impl"]) for r in sweeps if "median_ms" in r}
+        assert {("freq_sparsity", "xla"), ("partial", "xla"), ("partial", "reference")} <= timed
+        assert all("error" not in r for r in sweeps), sweeps
+        errors = {r["value"]: r["rel_err_random"] for r in sweeps if r["sweep"] == "freq_sparsity"}
+        assert errors[0.0] == 0.0 < errors[max(errors)]  # s = 0 is the exact convolution
+        assert all(Path(png).exists() for png in record["sweep_pngs"])
