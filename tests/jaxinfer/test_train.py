@@ -122,8 +122,8 @@ def test_cli_train_survives_sigkill_and_resumes(tmp_path):
     config.write_text('{"model_type": "llama", "vocab_size": 300, "hidden_size": 32, '
                       '"intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, '
                       '"num_key_value_heads": 1, "max_position_embeddings": 64}')
-    args = ["--steps", "40", "--batch-size", "2", "--seq-len", "16", "--eval-every", "20",
-            "--checkpoint-every", "5", "--vocab-size", "300"]
+    args = ["--steps", "16", "--batch-size", "2", "--seq-len", "16", "--eval-every", "8",
+            "--checkpoint-every", "4", "--vocab-size", "300"]
     cmd = [sys.executable, "-m", "jaxinfer.cli", "train", "--corpus", str(corpus), "--config",
            str(config)]
     subprocess.run(cmd + ["--out", str(tmp_path / "a")] + args, check=True, capture_output=True)
@@ -132,7 +132,7 @@ def test_cli_train_survives_sigkill_and_resumes(tmp_path):
     proc = subprocess.Popen(cmd + ["--out", str(run_b)] + args, stdout=subprocess.DEVNULL,
                             stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
-    while time.time() < deadline and not (run_b / "checkpoints" / "10").exists():
+    while time.time() < deadline and not (run_b / "checkpoints" / "8").exists():
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
