@@ -174,6 +174,30 @@ def _model_type(config_file: Path) -> str | None:
     return hf.get("model_type") if isinstance(hf, dict) else None
 
 
+def read_param(reader: "_TensorReader", files: dict, name: str, transposed: bool,
+               current: jax.Array) -> jax.Array:
+    """Tensor `name` as the value of a parameter now holding `current` (its shape and dtype),
+    transposed from the on-disk [out, in] layout where `transposed`; a clear error on a shape
+    that config.json does not imply."""
+    tensor = reader.get(name)
+    expected = current.shape[::-1] if transposed else current.shape
+    if tensor.shape != expected:
+        raise ValueError(f"tensor {name!r} in {files[name].name} has shape "
+                         f"{list(tensor.shape)}; config.json implies {list(expected)}")
+    return jnp.asarray(tensor.T if transposed else tensor, dtype=current.dtype)
+
+
+def write_single_file(hf_config: dict, tensors: dict, out_dir: str | os.PathLike) -> Path:
+    """config.json and one model.safetensors (tagged format "pt": transformers refuses untagged
+    files) in out_dir, created if needed."""
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
+    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, out_dir / SINGLE_FILE,
+              metadata={"format": "pt"})
+    return out_dir
+
+
 def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
                     attention_backend: str = "auto",
                     quant_backend: str = "auto") -> LlamaForCausalLM:
@@ -230,14 +254,7 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
                               disable=None):  # None: a bar on terminals only
             if path not in wanted:
                 continue
-            name, transposed = wanted[path]
-            tensor = reader.get(name)
-            expected = var.value.shape[::-1] if transposed else var.value.shape
-            if tensor.shape != expected:
-                raise ValueError(f"tensor {name!r} in {files[name].name} has shape "
-                                 f"{list(tensor.shape)}; config.json implies {list(expected)}")
-            tensor = tensor.T if transposed else tensor
-            var.value = jnp.asarray(tensor, dtype=var.value.dtype)
+            var.value = read_param(reader, files, *wanted[path], var.value)
         model = nnx.merge(graphdef, nnx.from_flat_state(flat))
         for path, (module, spec) in quantized.items():
             parent, name = _module_at(model, path[:-2]), path[-2]

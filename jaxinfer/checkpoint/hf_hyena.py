@@ -23,18 +23,15 @@ dispatches on.
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
 
-import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.flax import save_file
 
-from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, SINGLE_FILE, _tensor_files, _TensorReader,
-                                    hf_name)
+from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, _tensor_files, _TensorReader, hf_name,
+                                    read_param, write_single_file)
 from jaxinfer.config import HyenaConfig, read_config_json
 from jaxinfer.models.hyena import HyenaForCausalLM
 
@@ -74,13 +71,7 @@ def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
         for path, var in flat:
             if path not in wanted:
                 continue
-            name, transposed = wanted[path]
-            tensor = reader.get(name)
-            expected = var.value.shape[::-1] if transposed else var.value.shape
-            if tensor.shape != expected:
-                raise ValueError(f"tensor {name!r} in {files[name].name} has shape "
-                                 f"{list(tensor.shape)}; config.json implies {list(expected)}")
-            var.value = jnp.asarray(tensor.T if transposed else tensor, dtype=var.value.dtype)
+            var.value = read_param(reader, files, *wanted[path], var.value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 
@@ -98,9 +89,4 @@ def save_hyena(model: HyenaForCausalLM, out_dir: str | os.PathLike) -> Path:
     """Write config.json and model.safetensors that `load_hyena` reads back exactly."""
     if not isinstance(model, HyenaForCausalLM):
         raise TypeError(f"model must be a HyenaForCausalLM; got {type(model).__name__}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: jnp.asarray(v) for k, v in hyena_tensors(model).items()}
-    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
-    save_file(tensors, out_dir / SINGLE_FILE, metadata={"format": "pt"})
-    return out_dir
+    return write_single_file(model.config.to_hf_config(), hyena_tensors(model), out_dir)

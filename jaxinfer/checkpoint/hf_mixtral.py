@@ -16,7 +16,6 @@ gate_proj/up_proj [E, D, F] and down_proj [E, F, D]. Everything else is named as
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 from pathlib import Path
@@ -24,10 +23,9 @@ from pathlib import Path
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
-from safetensors.flax import save_file
 
-from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, SINGLE_FILE, _tensor_files, _TensorReader,
-                                    hf_name)
+from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, _tensor_files, _TensorReader, hf_name,
+                                    write_single_file)
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
 
@@ -141,10 +139,4 @@ def save_mixtral(model: MixtralForCausalLM, out_dir: str | os.PathLike) -> Path:
     """Write config.json and model.safetensors that transformers loads as MixtralForCausalLM."""
     if not isinstance(model, MixtralForCausalLM):
         raise TypeError(f"model must be a MixtralForCausalLM; got {type(model).__name__}")
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors = {k: jnp.asarray(v) for k, v in mixtral_tensors(model).items()}
-    (out_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
-    # transformers refuses safetensors files without a format tag
-    save_file(tensors, out_dir / SINGLE_FILE, metadata={"format": "pt"})
-    return out_dir
+    return write_single_file(model.config.to_hf_config(), mixtral_tensors(model), out_dir)

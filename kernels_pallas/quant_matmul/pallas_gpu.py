@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.quant_matmul.weight import QuantizedWeight, slot_bits, values_per_word
+from kernels_pallas.quant_matmul.weight import (QuantizedWeight, slot_bits, tiled_operands,
+                                                values_per_word)
 
 
 def _kernel(x_ref, qw_ref, s_ref, z_ref, o_ref, *, kw, block_k, group_size, sb, vpw):
@@ -60,10 +61,6 @@ def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
     return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
 
 
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
-
-
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "interpret"))
 def quant_matmul(x: jax.Array, w: QuantizedWeight, *, block_m: int, block_n: int, block_k: int,
                  interpret: bool) -> jax.Array:
@@ -73,14 +70,8 @@ def quant_matmul(x: jax.Array, w: QuantizedWeight, *, block_m: int, block_n: int
     m = x.shape[0]
     sb, vpw = slot_bits(w.bits), values_per_word(w.bits)
     kw = k // vpw
-    if w.perm is not None:
-        x = jnp.take(x, w.perm, axis=-1)
-    m_pad, n_pad = _round_up(m, block_m), _round_up(n, block_n)
-    x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
-    qw, scales, zeros = w.qweight, w.scales, w.zeros
-    if n_pad != n:  # zero columns: zero scales, so they contribute nothing and are sliced off
-        pad = ((0, 0), (0, n_pad - n))
-        qw, scales, zeros = jnp.pad(qw, pad), jnp.pad(scales, pad), jnp.pad(zeros, pad)
+    x, qw, scales, zeros = tiled_operands(x, w, block_m, block_n)
+    m_pad, n_pad = x.shape[0], qw.shape[1]
     groups = scales.shape[0]
     kernel = functools.partial(_kernel, kw=kw, block_k=block_k, group_size=w.group_size, sb=sb,
                                vpw=vpw)

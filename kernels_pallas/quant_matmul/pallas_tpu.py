@@ -26,7 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.quant_matmul.weight import QuantizedWeight, slot_bits, values_per_word
+from kernels_pallas.quant_matmul.weight import (QuantizedWeight, slot_bits, tiled_operands,
+                                                values_per_word)
 
 LANES = 128  # TPU vector lanes: the minor block dims are multiples of this
 SUBLANES = 8  # and the second-minor ones multiples of this (float32)
@@ -68,10 +69,6 @@ def default_block_k(kw: int, group_size: int) -> int | None:
     return kw if group_size % kw == 0 else None
 
 
-def _round_up(a: int, b: int) -> int:
-    return -(-a // b) * b
-
-
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "interpret"))
 def quant_matmul(x: jax.Array, w: QuantizedWeight, *, block_m: int, block_n: int, block_k: int,
                  interpret: bool) -> jax.Array:
@@ -81,15 +78,9 @@ def quant_matmul(x: jax.Array, w: QuantizedWeight, *, block_m: int, block_n: int
     m = x.shape[0]
     sb, vpw = slot_bits(w.bits), values_per_word(w.bits)
     kw = k // vpw
-    if w.perm is not None:
-        x = jnp.take(x, w.perm, axis=-1)
-    m_pad, n_pad = _round_up(m, block_m), _round_up(n, block_n)
-    x = jnp.pad(x, ((0, m_pad - m), (0, 0)))
+    x, qw, scales, zeros = tiled_operands(x, w, block_m, block_n)
+    m_pad, n_pad = x.shape[0], qw.shape[1]
     xs = x.reshape(m_pad, vpw, kw).transpose(1, 0, 2)  # [vpw, M, Kw]: slot s's storage rows
-    qw, scales, zeros = w.qweight, w.scales, w.zeros
-    if n_pad != n:  # zero columns: zero scales, so they contribute nothing and are sliced off
-        pad = ((0, 0), (0, n_pad - n))
-        qw, scales, zeros = jnp.pad(qw, pad), jnp.pad(scales, pad), jnp.pad(zeros, pad)
     groups = scales.shape[0]
     kernel = functools.partial(_kernel, kw=kw, block_k=block_k, group_size=w.group_size, sb=sb,
                                vpw=vpw)

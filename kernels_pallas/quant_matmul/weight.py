@@ -187,3 +187,15 @@ def unpack_planar(qweight: jax.Array, bits: int) -> jax.Array:
     shifts = (jnp.arange(vpw, dtype=jnp.uint32) * sb)[:, None, None]
     slabs = (words[None] >> shifts) & jnp.uint32((1 << sb) - 1)  # [vpw, Kw, N]
     return slabs.reshape(-1, qweight.shape[1]).astype(jnp.int32)
+
+
+def tiled_operands(x: jax.Array, w: QuantizedWeight, block_m: int, block_n: int):
+    """The kernels' operands: x [M, K] in storage order with M padded to block_m, and qweight,
+    scales, zeros with N padded to block_n (zero scales: padded columns contribute nothing and
+    are sliced off). Returns (x [M_pad, K], qweight, scales, zeros)."""
+    if w.perm is not None:
+        x = jnp.take(x, w.perm, axis=-1)
+    m, n = x.shape[0], w.shape[1]
+    x = jnp.pad(x, ((0, -m % block_m), (0, 0)))
+    pad = ((0, 0), (0, -n % block_n))
+    return x, jnp.pad(w.qweight, pad), jnp.pad(w.scales, pad), jnp.pad(w.zeros, pad)
