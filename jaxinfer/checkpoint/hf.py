@@ -174,6 +174,15 @@ def _model_type(config_file: Path) -> str | None:
     return hf.get("model_type") if isinstance(hf, dict) else None
 
 
+def check_present(model_dir: Path, names: list[str], files: dict) -> None:
+    """A clear error naming the tensors config.json implies that no file in model_dir holds."""
+    missing = [name for name in names if name not in files]
+    if missing:
+        raise ValueError(
+            f"checkpoint in {model_dir} is missing {len(missing)} tensor(s) that config.json "
+            f"implies, e.g. {missing[:5]}")
+
+
 def read_param(reader: "_TensorReader", files: dict, name: str, transposed: bool,
                current: jax.Array) -> jax.Array:
     """Tensor `name` as the value of a parameter now holding `current` (its shape and dtype),
@@ -236,11 +245,7 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
     quantized = _gptq_modules(flat, gptq, files) if gptq else {}
     for path in quantized:
         del wanted[path]
-    missing = [name for name, _ in wanted.values() if name not in files]
-    if missing:
-        raise ValueError(
-            f"checkpoint in {model_dir} is missing {len(missing)} tensor(s) that config.json "
-            f"implies, e.g. {missing[:5]}")
+    check_present(model_dir, [name for name, _ in wanted.values()], files)
     used = {name for name, _ in wanted.values()}
     used |= {f"{module}.{t}" for module, _ in quantized.values() for t in GPTQ_TENSORS}
     unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES)

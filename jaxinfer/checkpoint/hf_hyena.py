@@ -30,8 +30,8 @@ from pathlib import Path
 import numpy as np
 from flax import nnx
 
-from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, _tensor_files, _TensorReader, hf_name,
-                                    read_param, write_single_file)
+from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, _tensor_files, _TensorReader,
+                                    check_present, hf_name, read_param, write_single_file)
 from jaxinfer.config import HyenaConfig, read_config_json
 from jaxinfer.models.hyena import HyenaForCausalLM
 
@@ -57,11 +57,7 @@ def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     wanted = {path: hf_name(path) for path, var in flat if isinstance(var, nnx.Param)}
-    missing = [name for name, _ in wanted.values() if name not in files]
-    if missing:
-        raise ValueError(
-            f"checkpoint in {model_dir} is missing {len(missing)} tensor(s) that config.json "
-            f"implies, e.g. {missing[:5]}")
+    check_present(model_dir, [name for name, _ in wanted.values()], files)
     used = {name for name, _ in wanted.values()}
     unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES))
     if unexpected:
