@@ -39,29 +39,21 @@ def tiny_model(vocab_size: int, seed: int = 0) -> jaxinfer.LlamaForCausalLM:
     return jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(seed))
 
 
-def test_loss_decreases_on_small_corpus(corpus_tokens, tmp_path):
+def test_loss_decreases_on_small_corpus_and_the_input_model_is_left_unchanged(corpus_tokens,
+                                                                             tmp_path):
     (train_tokens, eval_tokens), vocab = corpus_tokens
     config = TrainConfig(steps=30, batch_size=8, seq_len=32, learning_rate=1e-2, warmup_steps=5,
                          eval_every=15, checkpoint_every=30)
-    result = train(tiny_model(vocab), train_tokens, eval_tokens, config, tmp_path, progress=False)
+    model = tiny_model(vocab)
+    before = jax.tree.map(np.array, nnx.state(model))
+    result = train(model, train_tokens, eval_tokens, config, tmp_path, progress=False)
     losses = [r["loss"] for r in result.history]
     evals = [r["eval_loss"] for r in result.history if "eval_loss" in r]
     assert losses[0] > np.log(vocab) - 0.5  # starts near uniform
     assert np.mean(losses[-5:]) < losses[0] - 1.0
     assert evals[-1] < evals[0]
-
-
-def test_train_leaves_input_model_unchanged(corpus_tokens, tmp_path):
-    (train_tokens, eval_tokens), vocab = corpus_tokens
-    model = tiny_model(vocab)
-    before = jax.tree.map(np.array, nnx.state(model))
-    config = TrainConfig(steps=2, batch_size=2, seq_len=16, eval_every=2, checkpoint_every=2)
-    result = train(model, train_tokens, eval_tokens, config, tmp_path, progress=False)
     after = nnx.state(model)
     assert all(np.array_equal(a, b) for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(after)))
-    trained = nnx.state(result.model)
-    assert not all(np.array_equal(a, b)
-                   for a, b in zip(jax.tree.leaves(before), jax.tree.leaves(trained)))
 
 
 def test_gradient_accumulation_matches_full_batch(corpus_tokens):

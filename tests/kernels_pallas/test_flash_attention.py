@@ -40,14 +40,15 @@ def test_forward_lse_and_grads_match_reference(backend, case):
     _check_against_oracle(backend, case, block_q=case.block_q, block_k=case.block_k)
 
 
-# The TPU (Mosaic) kernel interpreted on a CPU costs ~15 s a case: three cases cover GQA + causal
-# prefix, empty rows through segment ids, and bf16 + softcap by default; the rest run with --slow.
-TPU_DEFAULT_CASES = ("gqa2_causal_prefix", "segment_pair_empty_rows", "softcap_scale_bf16")
+# The TPU (Mosaic) kernel interpreted on a CPU costs ~8-15 s a case, so it runs the cases that
+# together cover every feature once: GQA + causal prefix, empty rows through segment ids, bf16 +
+# softcap, MQA + window + packed segments + prefix in bf16, and a head dim that is not a multiple
+# of 128 (its tile ranges come from the same `tiling` tables the GPU kernel's cases cover in full).
+TPU_CASES = ("gqa2_causal_prefix", "segment_pair_empty_rows", "softcap_scale_bf16",
+             "mqa_causal_window_segments_prefix_bf16", "head_dim_80_causal")
 
 
-@pytest.mark.parametrize("case", [
-    pytest.param(c, marks=() if c.name in TPU_DEFAULT_CASES else pytest.mark.slow) for c in CASES],
-    ids=lambda c: c.name)
+@pytest.mark.parametrize("case", [c for c in CASES if c.name in TPU_CASES], ids=lambda c: c.name)
 def test_tpu_kernel_forward_lse_and_grads_match_reference(case):
     _check_against_oracle("pallas_tpu", case, block_q=case.block_q, block_k=case.block_k)
 

@@ -184,25 +184,3 @@ def test_quantizing_a_quantized_model_raises(model):
     q = jaxinfer.quantize(model, method="rtn", bits=8, group_size=GROUP)
     with pytest.raises(ValueError, match="already quantized"):
         jaxinfer.quantize(q, method="rtn", bits=4, group_size=GROUP)
-
-
-@pytest.mark.slow
-def test_gptq_4bit_closer_to_float_than_rtn_on_embedded_model_and_kjv_text():
-    """Embedded model, KJV text: calibration chunks from the start, held-out from the end."""
-    model_dir = jaxinfer.default_model_dir()
-    model = jaxinfer.load_pretrained(model_dir)
-    tok = jaxinfer.load_tokenizer(model_dir)
-    with open(jaxinfer.assets.corpus_sample_path()) as f:
-        ids = np.asarray(tok.encode(f.read()).ids, np.int32)
-    seq = 128
-    chunks = ids[: len(ids) // seq * seq].reshape(-1, seq)
-    calibration, held_out = chunks[:16], jnp.asarray(chunks[-16:])
-    # Per channel: 688 (intermediate) has no power-of-two divisor above 16.
-    kw = dict(bits=4, group_size=-1)
-    gptq = jaxinfer.quantize(model, method="gptq", calibration=calibration, **kw)
-    rtn = jaxinfer.quantize(model, method="rtn", **kw)
-    ref = _logits(model, held_out)
-    kl_gptq = _mean_kl(ref, _logits(gptq, held_out))
-    kl_rtn = _mean_kl(ref, _logits(rtn, held_out))
-    # Measured with 32 calibration chunks: KL 0.00044 (GPTQ) vs 0.0025 (RTN); 0.5 leaves margin.
-    assert kl_gptq < 0.5 * kl_rtn, (kl_gptq, kl_rtn)
