@@ -92,7 +92,7 @@ def paged_attention(q: jax.Array, kv: PagedLayerKV, page_rows: jax.Array, length
     (Hydragen) and page through only the rest of their sequence.
     """
     pages_per_block = None
-    if resolve_backend(backend)[0] == "xla":
+    if resolve_backend(backend, tpu_kernel=True)[0] == "xla":  # the TPU kernel sizes its own
         pages_per_block = max(1, min(page_rows.shape[1], PAGED_XLA_CHUNK_TOKENS // kv.k.shape[1]))
     k_pages, v_pages = kv.k, kv.v
     if not kv.quantized:

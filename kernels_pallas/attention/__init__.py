@@ -15,8 +15,10 @@ One function, several implementations (DESIGN.md):
 * ``auto``: pallas on GPU and TPU, xla on CPU.
 
 ``paged_decode_attention`` follows the same pattern: ``reference.py`` (gather every page, dense
-attention), ``paged_xla.py`` (online softmax over chunks of pages) and ``paged_pallas_gpu.py``
-(flash-decoding: context splits per (sequence, KV head), merged by ``merge_attention``).
+attention), ``paged_xla.py`` (online softmax over chunks of pages), ``paged_pallas_gpu.py``
+(flash-decoding: context splits per (sequence, KV head), merged by ``merge_attention``) and
+``paged_pallas_tpu.py`` (Mosaic: the page table is scalar-prefetched so each grid step's BlockSpecs
+fetch the sequence's physical pages; what ``pallas`` and ``auto`` run on a TPU).
 """
 
 from __future__ import annotations
@@ -25,8 +27,8 @@ import dataclasses
 
 import jax.numpy as jnp
 
-from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_xla, pallas_gpu, pallas_tpu,
-                                      reference, tiling, xla)
+from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu, paged_xla,
+                                      pallas_gpu, pallas_tpu, reference, tiling, xla)
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
@@ -70,8 +72,7 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
       lse = -inf, and zero gradients.
     """
     checks.check_qkv(q, k, v)
-    checks.check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
-                         backends=checks.FLASH_BACKENDS)
+    checks.check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend)
     window = checks.check_window(local_window)
     batch, t, _, d = q.shape
     s = k.shape[1]
@@ -129,12 +130,17 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
       lengths: int [batch], valid tokens per sequence, 0 <= lengths <= pages_per_seq * page_size.
         A sequence of length 0 gets out = 0 (and lse = -inf).
       softmax_scale: multiplies q·k; default 1/sqrt(D).
-      backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU/TPU, and xla
-        wherever page_size is not a power of two, which the Pallas kernel needs).
-      num_splits: pallas only: context splits per (sequence, KV head) (flash-decoding); None
-        picks enough to fill the GPU (``paged_pallas_gpu.default_num_splits``).
-      pages_per_block: pages gathered per loop step; None gives ~512 tokens a step on xla and
-        ~64 on pallas (raised there to a power of two covering >= 16 tokens).
+      backend: "reference" | "xla" | "pallas" | "pallas_tpu" | "auto". "pallas" is the
+        platform's kernel (Triton on GPU, Mosaic on TPU, the Triton kernel interpreted on CPU);
+        "pallas_tpu" forces the Mosaic kernel (interpreted off a TPU). "auto": the TPU kernel on a
+        TPU (any page_size), the Triton kernel on a GPU where page_size is a power of two (which
+        it needs), xla otherwise.
+      num_splits: GPU pallas only: context splits per (sequence, KV head) (flash-decoding); None
+        picks enough to fill the GPU (``paged_pallas_gpu.default_num_splits``). The TPU kernel
+        walks each sequence's pages in order (its grid is sequential) and ignores it.
+      pages_per_block: pages gathered per loop step; None gives ~512 tokens a step on xla, ~64 on
+        GPU pallas (raised there to a power of two covering >= 16 tokens) and ~256 on pallas_tpu
+        (at most 16 pages: one BlockSpec per page).
       return_lse: also return the float32 log-sum-exp [batch, Hq] (to merge with other parts).
       k_scales, v_scales: float32 [num_pages, page_size, Hkv], only with int8 pages: the page
         holds values whose K (V) is ``values * scale`` per (token, head). Each backend dequantizes
@@ -152,9 +158,9 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
     for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block)):
         checks.check_block(name, value, pallas=False, minimum=1)
     power_of_two_pages = page_size & (page_size - 1) == 0
-    if backend == "auto" and not power_of_two_pages:
-        backend = "xla"  # the Triton kernel needs power-of-two pages; auto picks what runs
-    impl, interpret = resolve_backend(backend)
+    impl, interpret = resolve_backend(backend, tpu_kernel=True)
+    if backend == "auto" and impl == "pallas" and not power_of_two_pages:
+        impl = "xla"  # the Triton kernel needs power-of-two pages; auto picks what runs
     if impl == "pallas" and not power_of_two_pages:
         raise ValueError(f"the Pallas backend needs a power-of-two page_size (Triton tiles); "
                          f"got page_size={page_size}; use backend='xla'")
@@ -173,6 +179,11 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
         out, lse = paged_xla.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
                                                     scale=scale, pages_per_block=pages_per_block,
                                                     k_scales=k_scales, v_scales=v_scales)
+    elif impl == "pallas_tpu":
+        out, lse = paged_pallas_tpu.paged_decode_attention(
+            q, k_pages, v_pages, page_table, lengths, scale=scale,
+            pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,
+            v_scales=v_scales)
     else:
         if num_splits is None:
             num_splits = paged_pallas_gpu.default_num_splits(q.shape[0], k_pages.shape[2],

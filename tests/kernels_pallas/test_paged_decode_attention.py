@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import functools
 
 import jax
 import jax.numpy as jnp
@@ -10,7 +11,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import paged_decode_attention
-from kernels_pallas.attention import paged_pallas_gpu
+from kernels_pallas.attention import paged_pallas_gpu, paged_pallas_tpu
 from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
 
 
@@ -234,3 +235,110 @@ def test_pallas_paged_kernel_lowers_to_triton(page_size, d, hq, hkv, int8):
     lowered = jax.jit(attend).trace(q, pages, pages, table, lengths, scales, scales).lower(
         lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+# --- The TPU (Mosaic) kernel, interpreted on a CPU, against the reference backend. ---
+# Interpreting compiles the grid loop (~2.5 s a call here), so four calls cover its features:
+# GQA ratios 4 and 1, several KV heads in one lane block (D 64: block-diagonal queries) and one
+# head per block (D 128), page sizes 4, 8 and 16, more than one page per step with a ragged last
+# step, float32 and bfloat16, int8 pages in both, and lengths 0 and 1 next to random ones.
+# Tolerances: TOLS. float32 measured <= 3e-7 (the kernel folds pages into an online softmax, the
+# reference sums all scores at once); 1e-5 keeps 30x headroom, while one wrongly masked key moves
+# the output by ~1/length (> 1e-2). bfloat16 measured <= 2e-3 (q, K, V and P are bf16 in the
+# kernel's matmuls), under 1.5e-2. lse is float32 either way: LSE_ATOL.
+def _tpu_case(name, *, hq, hkv, d, page_size, pages_per_seq, dtype, seed):
+    """A case whose lengths are random (seeded) apart from a 1 and a 0 (nothing to attend to)."""
+    capacity = page_size * pages_per_seq
+    rng = np.random.default_rng(seed)
+    lengths = (1, 0, *rng.integers(2, capacity + 1, size=2).tolist())
+    return PagedCase(name, hq=hq, hkv=hkv, d=d, page_size=page_size, pages_per_seq=pages_per_seq,
+                     lengths=lengths, dtype=dtype)
+
+
+TPU_CASES = [  # (case, pages_per_block, int8 pages)
+    (_tpu_case("gqa4_f32_d64_two_head_blocks", hq=16, hkv=4, d=64, page_size=8, pages_per_seq=5,
+               dtype="float32", seed=3), 2, False),
+    (_tpu_case("gqa1_bf16_d128_default_block", hq=2, hkv=2, d=128, page_size=16, pages_per_seq=4,
+               dtype="bfloat16", seed=4), None, False),
+    (_tpu_case("gqa4_f32_d64_int8_small_pages", hq=8, hkv=2, d=64, page_size=4, pages_per_seq=9,
+               dtype="float32", seed=5), 4, True),
+    (_tpu_case("gqa1_bf16_d128_int8", hq=4, hkv=4, d=128, page_size=16, pages_per_seq=3,
+               dtype="bfloat16", seed=6), 2, True),
+]
+
+
+@pytest.mark.parametrize("case,pages_per_block,int8", TPU_CASES,
+                         ids=[case.name for case, _, _ in TPU_CASES])
+def test_tpu_kernel_matches_reference_backend(case, pages_per_block, int8):
+    q, k_pages, v_pages, table, lengths = make_inputs(case, seed=7)
+    scales = {}
+    if int8:
+        (k_pages, ks), (v_pages, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
+        scales = {"k_scales": ks, "v_scales": vs}
+    def attend(backend, **options):  # jitted: one compilation, not one per eager op
+        return jax.jit(functools.partial(paged_decode_attention, backend=backend, return_lse=True,
+                                         **options))(q, k_pages, v_pages, table, lengths, **scales)
+
+    out, lse = attend("pallas_tpu", pages_per_block=pages_per_block)
+    ref_out, ref_lse = attend("reference")
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:2]
+    assert rel_err(out, np.asarray(ref_out, np.float32)) < TOLS[case.dtype]
+    empty = np.asarray(lengths) == 0
+    assert np.all(np.asarray(out, np.float32)[empty] == 0)  # length 0: zeros, not NaN
+    ref_lse = np.asarray(ref_lse)
+    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+
+
+def test_tpu_lane_blocks_and_default_pages_per_block():
+    # The fewest KV heads whose lanes are a multiple of 128, else all of them (a whole row).
+    assert paged_pallas_tpu.heads_per_block(hkv=8, head_dim=128) == 1
+    assert paged_pallas_tpu.heads_per_block(hkv=8, head_dim=64) == 2
+    assert paged_pallas_tpu.heads_per_block(hkv=8, head_dim=80) == 8
+    assert paged_pallas_tpu.heads_per_block(hkv=6, head_dim=80) == 6
+    # ~256 tokens a step, at most 16 pages and the table's width.
+    assert paged_pallas_tpu.default_pages_per_block(page_size=16, pages_per_seq=512) == 16
+    assert paged_pallas_tpu.default_pages_per_block(page_size=128, pages_per_seq=512) == 2
+    assert paged_pallas_tpu.default_pages_per_block(page_size=4, pages_per_seq=3) == 3
+
+
+def _abstract_inputs(page_size, d, hq, hkv, int8, dtype=jnp.bfloat16):
+    q = jax.ShapeDtypeStruct((3, hq, d), dtype)
+    pages = jax.ShapeDtypeStruct((50, page_size, hkv, d), jnp.int8 if int8 else dtype)
+    scales = jax.ShapeDtypeStruct((50, page_size, hkv), jnp.float32) if int8 else None
+    return (q, pages, pages, jax.ShapeDtypeStruct((3, 7), jnp.int32),
+            jax.ShapeDtypeStruct((3,), jnp.int32), scales, scales)
+
+
+@pytest.mark.parametrize("page_size,d,hq,hkv,int8", [(16, 128, 8, 2, False), (8, 64, 16, 4, True),
+                                                     (12, 80, 4, 2, False)])
+def test_tpu_paged_kernel_lowers_to_mosaic(page_size, d, hq, hkv, int8):
+    """The kernel passes the Pallas -> Mosaic lowering, which checks the TPU block rules (last two
+    block dims divisible by 8 and 128 or whole): one head per lane block, two int8 heads per
+    block, and a whole-row block with a page size that is no power of two. Lowering needs no TPU;
+    compiling does."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+
+    def attend(q, k, v, table, lengths, ks, vs):
+        return paged_pallas_tpu.paged_decode_attention(q, k, v, table, lengths, scale=0.1,
+                                                       pages_per_block=3, interpret=False,
+                                                       k_scales=ks, v_scales=vs)
+
+    args = _abstract_inputs(page_size, d, hq, hkv, int8)
+    lowered = jax.jit(attend).trace(*args).lower(lowering_platforms=("tpu",))
+    assert lowered.as_text().count("tpu_custom_call") == 1
+
+
+@pytest.mark.parametrize("backend", ["auto", "pallas"])
+def test_auto_and_pallas_run_the_tpu_kernel_on_a_tpu_for_any_page_size(backend, monkeypatch):
+    """On a TPU, auto and pallas dispatch to the Mosaic kernel, even for page_size 12 (which the
+    GPU kernel cannot take). The platform is faked; lowering for TPU shows which kernel runs."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    q, k, v, table, lengths, _, _ = _abstract_inputs(12, 128, 8, 2, False)
+    attend = functools.partial(paged_decode_attention, backend=backend)
+    text = jax.jit(attend).trace(q, k, v, table, lengths).lower(
+        lowering_platforms=("tpu",)).as_text()
+    assert text.count("tpu_custom_call") == 1

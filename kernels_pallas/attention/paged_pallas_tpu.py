@@ -1,0 +1,243 @@
+"""Paged decode attention as a Pallas kernel for TPUs (Mosaic lowering; ``interpret=True`` on CPU).
+
+Algorithm. Grid (batch, KV head blocks, page steps); the page-step axis is the innermost,
+sequential ("arbitrary") one, and a float32 online softmax (running max m, sum l, accumulator)
+lives in VMEM scratch across it, as in the TPU flash-attention kernel (``pallas_tpu.py``). The
+lengths and the page table (flattened: SMEM pads 2-D arrays) are scalar-prefetched into SMEM
+(``PrefetchScalarGridSpec``), so the BlockSpec index maps read the table and each step's K/V
+blocks are the *physical* pages the sequence uses: step j of sequence b fetches pages
+``page_table[b, j * ppb + i]`` for i < ``pages_per_block`` (ppb; one BlockSpec per page, since
+pages are not contiguous). Pages past a sequence's length map to its last page, an unchanged block
+index, so the pipeline fetches nothing for them; ``pl.when`` skips the steps that lie wholly past
+the length, and positions >= length within a step are masked. The last step writes
+out = acc / l and lse = m + log(l); a sequence of length 0 sees nothing and gets out 0, lse -inf.
+There is no context split: a TPU core runs the grid in order, so splitting (the GPU kernel's
+flash-decoding) would add a merge without adding parallelism; batch and KV head blocks are
+"parallel" for megacore chips.
+
+Layout. Pages stay in vLLM's [num_pages, page_size, Hkv, D] layout, viewed (a free reshape) as
+[num_pages, page_size, Hkv * D]. Mosaic wants the last two block dims divisible by (8, 128) or
+whole: page_size is whole, and a program takes a lane block of ``hb`` KV heads, hb * D lanes,
+with hb the fewest heads whose lanes are a multiple of 128 (1 for D = 128 or 256; all Hkv when
+no divisor fits). So no shape is refused, and nothing is copied or transposed per call.
+
+GQA and head blocks. All ``groups = Hq / Hkv`` query heads of a KV head are scored in one matmul.
+With hb > 1 (D < 128, e.g. 64 or 80), the wrapper writes the queries block-diagonally: row
+(j, g) of the [hb * groups, hb * D] query tile holds query head g of KV head j in lanes
+[j * D, (j + 1) * D) and zeros elsewhere, so one [rows, lanes] x [lanes, page_size] matmul gives
+every head's scores with no lane slicing inside the kernel; the P @ V product then fills all lanes,
+and the wrapper keeps each row's own head's lanes (the diagonal blocks). The MXU does hb times the
+work it needs, which decode (bound by HBM reads of the pages) does not notice.
+
+int8 pages. Scales [num_pages, page_size, Hkv] (per token and head) come whole per page
+([page_size, Hkv], small); the kernel picks its heads' columns with a one-hot lane reduction,
+spreads them over their D lanes and dequantizes the gathered page in float32 before casting it to
+q's dtype, so HBM traffic is the int8 pages.
+
+Memory touched per program: its query tile once; per visited page, its lane block of K and V
+(plus that page's scales); the output tile and lse once.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+from jax import lax
+from jax.experimental import pallas as pl
+
+from kernels_pallas.attention import tiling
+from kernels_pallas.attention.tiling import MASK_VALUE
+
+_NT = (((1,), (1,)), ((), ()))  # a @ b.T
+LANES = 128  # TPU vector lanes: a lane block of KV heads is a multiple of this (or all of them)
+TARGET_BLOCK_TOKENS = 256  # tokens per grid step, to amortize the ~0.35 us per-step overhead
+MAX_PAGES_PER_BLOCK = 16  # one BlockSpec (a DMA) per page: bound the inputs and unrolled steps
+
+
+@dataclasses.dataclass(frozen=True)
+class _Config:
+    scale: float
+    page_size: int
+    pages_per_seq: int
+    pages_per_block: int
+    heads_per_block: int  # hb: KV heads in one lane block
+    head_dim: int
+    quantized: bool  # int8 pages with float32 scales per (token, head)
+    interpret: bool
+
+
+def heads_per_block(hkv: int, head_dim: int) -> int:
+    """The fewest KV heads (a divisor of Hkv) whose hb * D lanes are a multiple of 128, else Hkv
+    (a whole-row block, which Mosaic also accepts)."""
+    for hb in range(1, hkv + 1):
+        if hkv % hb == 0 and (hb * head_dim) % LANES == 0:
+            return hb
+    return hkv
+
+
+def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
+    """~TARGET_BLOCK_TOKENS per step, at most MAX_PAGES_PER_BLOCK pages and the table's width."""
+    wanted = max(1, TARGET_BLOCK_TOKENS // page_size)
+    return max(1, min(wanted, MAX_PAGES_PER_BLOCK, pages_per_seq))
+
+
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                           page_table: jax.Array, lengths: jax.Array, *, scale: float,
+                           pages_per_block: int | None, interpret: bool,
+                           k_scales: jax.Array | None = None,
+                           v_scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D] (q's dtype, or int8 with float32
+    scales [num_pages, page_size, Hkv]); page_table int32 [batch, pages_per_seq]; lengths int32
+    [batch] -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq]).
+
+    Inputs are validated by the public function. ``pages_per_block`` (None:
+    ``default_pages_per_block``) is clipped to the table's width; any page_size and head dim work
+    (multiples of 8 / 16 / 32 rows for float32 / bfloat16 / int8 pages tile best).
+    """
+    batch, hq, d = q.shape
+    num_pages, page_size, hkv, _ = k_pages.shape
+    groups = hq // hkv
+    pages_per_seq = page_table.shape[1]
+    if pages_per_block is None:
+        pages_per_block = default_pages_per_block(page_size, pages_per_seq)
+    hb = heads_per_block(hkv, d)
+    cfg = _Config(scale=scale, page_size=page_size, pages_per_seq=pages_per_seq,
+                  pages_per_block=max(1, min(pages_per_block, pages_per_seq)),
+                  heads_per_block=hb, head_dim=d, quantized=k_scales is not None,
+                  interpret=interpret)
+    nhb = hkv // hb
+    # Block-diagonal queries: row (j, g) holds query head g of KV head j in lanes of head j.
+    qg = q.reshape(batch, nhb, hb, 1, groups, d)  # [batch, nhb, hb, 1, groups, D]
+    eye = jnp.eye(hb, dtype=q.dtype)[:, :, None, None]  # [hb, hb, 1, 1]
+    qx = jnp.swapaxes(qg * eye, 3, 4).reshape(batch, nhb, hb * groups, hb * d)  # [.., rows, lanes]
+    pages = [x.reshape(num_pages, page_size, hkv * d) for x in (k_pages, v_pages)]  # free views
+    scales = [k_scales, v_scales] if cfg.quantized else []
+    out, lse = _call(qx, pages, scales, page_table.astype(jnp.int32).reshape(-1),
+                     lengths.astype(jnp.int32), cfg)
+    # out [batch, nhb, hb * groups, hb * D]: keep each row's own head's lanes.
+    out = out.reshape(batch, nhb, hb, groups, hb, d)
+    out = jnp.moveaxis(jnp.diagonal(out, axis1=2, axis2=4), -1, 2)  # [batch, nhb, hb, groups, D]
+    return out.reshape(batch, hq, d).astype(q.dtype), lse.reshape(batch, hq)
+
+
+def _dequantized(page_ref, scale_ref, head_block, cfg: _Config, dtype):
+    """One page's lane block [page_size, hb * D] in ``dtype``; int8 values times their scales."""
+    x = page_ref[...]  # [page_size, hb * D]
+    if scale_ref is None:
+        return x
+    sc = scale_ref[...]  # [page_size, Hkv] float32
+    heads = lax.broadcasted_iota(jnp.int32, sc.shape, 1)
+    lanes = lax.broadcasted_iota(jnp.int32, x.shape, 1)
+    full = jnp.zeros(x.shape, jnp.float32)
+    for j in range(cfg.heads_per_block):  # static: each head's scale column over its D lanes
+        head = head_block * cfg.heads_per_block + j
+        col = jnp.sum(jnp.where(heads == head, sc, 0.0), axis=1, keepdims=True)  # [page_size, 1]
+        own = (lanes >= j * cfg.head_dim) & (lanes < (j + 1) * cfg.head_dim)
+        full = jnp.where(own, col, full)
+    return (x.astype(jnp.float32) * full).astype(dtype)
+
+
+def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
+    """refs: ppb K pages, ppb V pages, (ppb K scales, ppb V scales), out, lse, acc, m, l."""
+    ppb, ps = cfg.pages_per_block, cfg.page_size
+    n_in = ppb * (4 if cfg.quantized else 2)
+    k_refs, v_refs = refs[:ppb], refs[ppb:2 * ppb]
+    ks_refs = refs[2 * ppb:3 * ppb] if cfg.quantized else (None,) * ppb
+    vs_refs = refs[3 * ppb:4 * ppb] if cfg.quantized else (None,) * ppb
+    o_ref, lse_ref, acc_ref, m_ref, l_ref = refs[n_in:]
+    b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
+    length = lens_ref[b]
+    start = j * (ppb * ps)  # first position of this step
+
+    @pl.when(j == 0)
+    def _init():
+        acc_ref[...] = jnp.zeros_like(acc_ref)
+        m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
+        l_ref[...] = jnp.zeros_like(l_ref)
+
+    @pl.when(start < length)
+    def _step():
+        q = q_ref[...]  # [rows, lanes]
+        acc, m, l = acc_ref[...], m_ref[...], l_ref[...]  # [rows, lanes], [rows, 1], [rows, 1]
+        for i in range(ppb):  # static; pages past the length are the last page again, masked
+            k = _dequantized(k_refs[i], ks_refs[i], h, cfg, q.dtype)  # [page_size, lanes]
+            s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
+            pos = start + i * ps + lax.broadcasted_iota(jnp.int32, s.shape, 1)  # [rows, ps]
+            mask = pos < length
+            s = jnp.where(mask, s, MASK_VALUE)
+            m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
+            corr = jnp.exp(m - m_new)
+            p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
+            l = l * corr + p.sum(axis=1, keepdims=True)
+            v = _dequantized(v_refs[i], vs_refs[i], h, cfg, q.dtype)
+            acc = acc * corr + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
+            m = m_new
+        acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
+
+    @pl.when(j == pl.num_programs(2) - 1)
+    def _finish():
+        l = l_ref[...]
+        seen = l > 0.0
+        safe_l = jnp.where(seen, l, 1.0)
+        o_ref[...] = acc_ref[...] / safe_l
+        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(safe_l), -jnp.inf)
+
+
+def _page_map(i: int, cfg: _Config):
+    """Index map of page i of each step: the physical page, or the sequence's last page once the
+    step runs past its length (an unchanged block index, so nothing is fetched)."""
+    ps, ppb, width = cfg.page_size, cfg.pages_per_block, cfg.pages_per_seq
+
+    def index_map(b, h, j, lens, table):
+        # lax.div: jnp's floor division lowers through sign(), which Mosaic lowers only on a TPU.
+        last = jnp.maximum(lax.div(lens[b] + ps - 1, ps) - 1, 0)
+        return table[b * width + jnp.minimum(j * ppb + i, last)], 0, h
+
+    return index_map
+
+
+def _scale_map(i: int, cfg: _Config):
+    page = _page_map(i, cfg)
+
+    def index_map(b, h, j, lens, table):
+        return page(b, h, j, lens, table)[0], 0, 0
+
+    return index_map
+
+
+def _call(qx, pages, scales, table, lens, cfg: _Config):
+    """qx [batch, nhb, rows, lanes]; pages 2 x [num_pages, page_size, Hkv * D]; scales 0 or 2 x
+    [num_pages, page_size, Hkv]; table int32 [batch * pages_per_seq]; lens int32 [batch]
+    -> (out float32 [batch, nhb, rows, lanes], lse float32 [batch, nhb, rows, 1])."""
+    from jax.experimental.pallas import tpu as pltpu  # TPU dialect; importable on any jaxlib
+
+    batch, nhb, rows, lanes = qx.shape
+    ps, ppb = cfg.page_size, cfg.pages_per_block
+    hkv = scales[0].shape[2] if scales else 0
+    sq = pl.squeezed
+    n_steps = tiling.cdiv(cfg.pages_per_seq, ppb)
+    tile = lambda b, h, j, lens, table: (b, h, 0, 0)  # noqa: E731
+    page_specs = [pl.BlockSpec((sq, ps, lanes), _page_map(i, cfg)) for i in range(ppb)]
+    scale_specs = [pl.BlockSpec((sq, ps, hkv), _scale_map(i, cfg)) for i in range(ppb)]
+    in_specs = [pl.BlockSpec((sq, sq, rows, lanes), tile), *page_specs, *page_specs]
+    args = [*[pages[0]] * ppb, *[pages[1]] * ppb]  # one operand per page slot of a step
+    if scales:
+        in_specs += [*scale_specs, *scale_specs]
+        args += [*[scales[0]] * ppb, *[scales[1]] * ppb]
+    grid_spec = pltpu.PrefetchScalarGridSpec(
+        num_scalar_prefetch=2, grid=(batch, nhb, n_steps), in_specs=in_specs,
+        out_specs=[pl.BlockSpec((sq, sq, rows, lanes), tile),
+                   pl.BlockSpec((sq, sq, rows, 1), tile)],
+        scratch_shapes=[pltpu.VMEM((rows, lanes), jnp.float32),
+                        pltpu.VMEM((rows, 1), jnp.float32), pltpu.VMEM((rows, 1), jnp.float32)])
+    return pl.pallas_call(
+        functools.partial(_kernel, cfg=cfg), grid_spec=grid_spec,
+        out_shape=[jax.ShapeDtypeStruct((batch, nhb, rows, lanes), jnp.float32),
+                   jax.ShapeDtypeStruct((batch, nhb, rows, 1), jnp.float32)],
+        compiler_params=None if cfg.interpret else pltpu.CompilerParams(
+            dimension_semantics=("parallel", "parallel", "arbitrary")),
+        interpret=cfg.interpret, name="paged_decode_attention_tpu",
+    )(lens, table, qx, *args)
