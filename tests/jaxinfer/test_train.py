@@ -118,18 +118,24 @@ def test_cli_train_survives_sigkill_and_resumes(tmp_path):
             "--checkpoint-every", "4", "--vocab-size", "300"]
     cmd = [sys.executable, "-m", "jaxinfer.cli", "train", "--corpus", str(corpus), "--config",
            str(config)]
-    subprocess.run(cmd + ["--out", str(tmp_path / "a")] + args, check=True, capture_output=True)
+    # The three processes compile the same programs: a shared persistent cache saves two thirds
+    # of the compile time and cannot change a result (the executables are the same).
+    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
+           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
+           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
+    subprocess.run(cmd + ["--out", str(tmp_path / "a")] + args, check=True, capture_output=True,
+                   env=env)
 
     run_b = tmp_path / "b"
     proc = subprocess.Popen(cmd + ["--out", str(run_b)] + args, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL)
+                            stderr=subprocess.DEVNULL, env=env)
     deadline = time.time() + 120
     while time.time() < deadline and not (run_b / "checkpoints" / "8").exists():
         time.sleep(0.05)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
     subprocess.run([sys.executable, "-m", "jaxinfer.cli", "train", "--out", str(run_b), "--resume"],
-                   check=True, capture_output=True)
+                   check=True, capture_output=True, env=env)
 
     def losses(run):
         import json

@@ -1,8 +1,9 @@
 """One process of the multi-host test: `python -m tests.sharding.multihost_worker PORT ID COUNT`.
 
-Joins a job of COUNT processes with 8 / COUNT emulated CPU devices each (COUNT = 1: one process
-owning all 8), trains the tiny Llama of test_sharded_llama for three steps under the fsdp preset
-on one 8-device mesh, and prints the losses as JSON (process 0 only)."""
+Joins a job of COUNT processes with 8 / COUNT emulated CPU devices each, trains the tiny Llama of
+test_sharded_llama for three steps under the fsdp preset on one 8-device mesh, and prints the
+losses as JSON (process 0 only). The test runs the same `fsdp_losses` in its own process of 8
+devices for the one-process reference."""
 
 from __future__ import annotations
 
@@ -10,16 +11,14 @@ import json
 import sys
 
 
-def main() -> None:
-    port, process_id, count = (int(a) for a in sys.argv[1:4])
-    import sharding
-
-    sharding.initialize(f"localhost:{port}", count, process_id, local_device_count=8 // count)
+def fsdp_losses() -> list[float]:
+    """Three fsdp train steps of the tiny Llama on all the job's 8 devices -> their losses."""
     import jax
     import jax.numpy as jnp
     from flax import nnx
 
     import jaxinfer
+    import sharding
     from jaxinfer.train.optimizer import make_optimizer
     from jaxinfer.train.step import train_step
     from tests.sharding.test_sharded_llama import BATCH, CONFIG
@@ -42,6 +41,17 @@ def main() -> None:
         for _ in range(3):
             params, opt_state, loss, _ = train_step(graphdef, tx, params, opt_state, tokens)
             losses.append(float(loss))
+    return losses
+
+
+def main() -> None:
+    port, process_id, count = (int(a) for a in sys.argv[1:4])
+    import sharding
+
+    sharding.initialize(f"localhost:{port}", count, process_id, local_device_count=8 // count)
+    import jax
+
+    losses = fsdp_losses()
     if jax.process_index() == 0:
         print(json.dumps({"losses": losses, "processes": jax.process_count(),
                           "devices": jax.device_count()}))
