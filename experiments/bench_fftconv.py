@@ -9,8 +9,9 @@ forward time versus ``freq_sparsity`` and versus ``partial`` at one sequence len
 
 Implementations, on the same inputs in the same process:
   xla      fftconv(backend="xla"): rfft of size M = 2P (P the power of two >= N) in float32
-  pallas   fftconv(backend="pallas"): the order-2 Monarch kernel (Triton on GPU). On a CPU it runs
-           in interpret mode, which measures the interpreter, so it is timed only with --quick
+  pallas   fftconv(backend="pallas"): the Monarch kernel (Triton on GPU) with the decomposition
+           chosen by size (``monarch.choose_plan``; the row's ``plan``). On a CPU it runs in
+           interpret mode, which measures the interpreter, so it is timed only with --quick
            (and recorded as skipped otherwise)
   jnp_fft  the peer: irfft(rfft(u, 2N) * rfft(k, 2N))[:N] in float32, written out here
 ``speedup_vs_jnp_fft`` = time(jnp_fft) / time(impl) on the same (dtype, N, mode). Memory is the
@@ -41,10 +42,17 @@ timed for the backends where the option changes the work, plus xla as the contro
            the direct O(N L) convolution, the one backend whose work falls with L; it runs only up
            to --reference-max-taps taps (CPU, B = H = 16: ~2-3 s per call at 1024 taps, ~40 s at
            4096). pallas is not swept: like xla it pads the filter to M.
+  monarch_plan  pallas only (GPU only, like its s sweep): the kernel's decomposition forced to
+           each of --plans (``PLANS``: order 2 (the first kernel, the ratios' base), r2c order 2,
+           order 3, r2c order 3, an outer step of 2 around order-3 kernels); a plan whose
+           matmuls Triton cannot compile at this N is recorded as skipped. ``kernel_mflop``
+           counts each plan's real-matmul work. At the default N = 4096 (M = 8192) this is where
+           the rule by size switches from r2c order 2 to order 3 one size up: the sweep says
+           whether MACs (order 3 does fewer) or matmul width (order 2's are wider) win.
   (The reference is not swept over s: with s > 0 it is, by definition, an O(N M) circular sum.)
 The settings of one sweep and implementation are timed in turn, one call each per round (a
 shared machine's load then falls on all alike). ``time_ratio`` = time / time of the same
-implementation at the most exact setting it ran (s = 0; the longest L).
+implementation at the most exact setting it ran (s = 0; the longest L; the order-2 plan).
 """
 
 from __future__ import annotations
@@ -62,12 +70,29 @@ import numpy as np
 
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
 from kernels_pallas import fftconv
-from kernels_pallas.fftconv import filters, monarch
+from kernels_pallas.fftconv import MonarchPlan, filters, monarch
 
 PEER = "jnp_fft"
 SLOW_CALL_S = 5.0  # fewer repetitions when one call is slow: about this many seconds of timing
 SWEEP_DTYPE = "float32"  # the sweeps compare work and accuracy; float32 keeps the error exact
-SWEEP_IMPLS = {"freq_sparsity": ("xla", "pallas"), "partial": ("xla", "reference")}
+SWEEP_IMPLS = {"freq_sparsity": ("xla", "pallas"), "partial": ("xla", "reference"),
+               "monarch_plan": ("pallas",)}
+PLANS = {"order2": MonarchPlan(order=2), "order2_r2c": MonarchPlan(order=2, r2c=True),
+         "order3": MonarchPlan(order=3), "order3_r2c": MonarchPlan(order=3, r2c=True),
+         "order3_outer2": MonarchPlan(order=3, outer=2)}
+
+
+def plan_label(plan: MonarchPlan) -> str:
+    """A plan's name in the tables, e.g. "order3_r2c", "order3_outer4"."""
+    return (f"order{plan.order}" + ("_r2c" if plan.r2c else "")
+            + (f"_outer{plan.outer}" if plan.outer > 1 else ""))
+
+
+def sweep_options(row: dict) -> dict:
+    """The fftconv keywords of a sweep row (a plan sweep's value is a ``PLANS`` name)."""
+    if row["sweep"] == "monarch_plan":
+        return {"monarch_plan": PLANS[row["value"]]}
+    return {row["sweep"]: row["value"]}
 
 
 def jnp_fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
@@ -156,7 +181,7 @@ def measure_alternating(rows: list[dict], inputs: tuple, reps: int) -> None:
     for row in rows:
         try:
             compiled, args, affordable = prepare(
-                row, conv_fn(row["impl"], **{row["sweep"]: row["value"]}), row["mode"], inputs)
+                row, conv_fn(row["impl"], **sweep_options(row)), row["mode"], inputs)
             ready.append((row, compiled, args, max(1, min(reps, affordable)), []))
         except Exception as e:  # noqa: BLE001 - record and go on to the next one
             record_error(row, e)
@@ -199,6 +224,9 @@ def plan(args, gpu: bool) -> list[dict]:
                         if (impl == "pallas") == slow_pass:
                             rows.append({"dtype": dtype, "N": n, "batch": batch,
                                          "H": args.channels, "mode": mode, "impl": impl})
+                            if impl == "pallas":
+                                rows[-1]["plan"] = plan_label(
+                                    monarch.choose_plan(monarch.fft_size(n)))
     if not gpu and not args.quick:
         for r in rows:
             if r["impl"] == "pallas":
@@ -207,18 +235,25 @@ def plan(args, gpu: bool) -> list[dict]:
 
 
 def plan_sweeps(args, gpu: bool) -> list[dict]:
-    """Rows of the freq_sparsity and partial sweeps at N = args.sweep_n (see the docstring)."""
+    """Rows of the freq_sparsity, partial and monarch_plan sweeps at N = args.sweep_n (see the
+    docstring)."""
     n = args.sweep_n
     batch = max(1, min(args.max_batch, args.elements // (args.channels * n)))
     rows = []
-    for sweep, values in (("freq_sparsity", args.sparsities), ("partial", args.partials)):
+    for sweep, values in (("freq_sparsity", args.sparsities), ("partial", args.partials),
+                          ("monarch_plan", args.plans)):
         for impl in SWEEP_IMPLS[sweep]:
             for value in values:
                 row = {"sweep": sweep, "value": value, "impl": impl, "dtype": SWEEP_DTYPE,
                        "N": n, "batch": batch, "H": args.channels, "mode": "fwd"}
                 if impl == "pallas":
-                    row.update(pallas_kernel_work(n, value))
-                    if not gpu:  # interpreted, its time would not show the skipped columns
+                    if sweep == "monarch_plan":
+                        row.update(pallas_kernel_work(n, 0.0, PLANS[value]))
+                    else:
+                        row.update(pallas_kernel_work(n, value))
+                    if not row.pop("lowers", True):
+                        row["skipped"] = "matmuls under 16 wide at this N: Triton cannot compile"
+                    elif not gpu:  # interpreted, its time would not show the skipped columns
                         row["skipped"] = "pallas interprets on CPU (swept on GPU only)"
                 if impl == "reference" and value > args.reference_max_taps:
                     row["skipped"] = (f"direct O(N L) convolution: more than "
@@ -227,15 +262,20 @@ def plan_sweeps(args, gpu: bool) -> list[dict]:
     return rows
 
 
-def pallas_kernel_work(n: int, freq_sparsity: float) -> dict:
-    """What freq_sparsity leaves of the Pallas kernel's DFT work at length n: the kept D-order
-    columns Nk of N2 and the real-matmul MFLOP per (batch row, channel), counted from the 12
-    matmuls ``pallas_gpu``'s docstring lists (the Nk-wide ones are what sparsity shrinks)."""
+def pallas_kernel_work(n: int, freq_sparsity: float, plan: MonarchPlan | None = None) -> dict:
+    """What a plan (None: the one by size) and freq_sparsity leave of the Pallas kernel's DFT work
+    at length n: the plan's name, the kept spectrum columns Nk of N_last and the real-matmul MFLOP
+    per (batch row, channel) (``KernelGeometry.real_macs``, times the outer step's Q; the Nk-wide
+    matmuls are what sparsity shrinks); ``lowers``: whether Triton can compile it."""
     m = monarch.fft_size(n)
-    n1, n2 = monarch.monarch_factors(m)
-    nk = len(monarch.frequency_columns(m, filters.keep_frequencies(m, freq_sparsity)))
-    flops = 2 * (2 * n1 * (n1 // 2) * n2 + 8 * n1 * n2 * nk + 2 * (n1 // 2) * n1 * n2)
-    return {"kernel_cols": f"{nk}/{n2}", "kernel_mflop": flops / 1e6}
+    plan = monarch.choose_plan(m) if plan is None else plan
+    geo = plan.geometry(m)
+    n_last = geo.factors[-1]
+    nk = n_last if plan.outer > 1 else len(monarch.frequency_columns(
+        geo.size, filters.keep_frequencies(m, freq_sparsity), geo.factors))
+    flops = 2 * geo.real_macs(nk) * plan.outer
+    return {"plan": plan_label(plan), "kernel_cols": f"{nk}/{n_last}",
+            "kernel_mflop": flops / 1e6, "lowers": geo.lowers_to_triton}
 
 
 def hyena_filter(channels: int, n: int) -> jax.Array:
@@ -277,16 +317,20 @@ def add_sparsity_errors(rows: list[dict], inputs: tuple, hyena: bool) -> None:
 
 def add_sweep_ratios(rows: list[dict]) -> None:
     """time_ratio: each sweep row's time over its implementation's at the most exact setting it
-    ran: s = 0, or the longest L (the reference is not run at L = N)."""
+    ran: s = 0, or the longest L (the reference is not run at L = N); for the plans, over the
+    order-2 plan's (the first kernel's)."""
     base: dict[tuple[str, str], dict] = {}
     for r in rows:
         key = (r["sweep"], r["impl"])
-        if "median_ms" in r and (key not in base or (r["value"] < base[key]["value"]
+        if r["sweep"] == "monarch_plan":
+            if "median_ms" in r and r["value"] == "order2":
+                base[key] = r
+        elif "median_ms" in r and (key not in base or (r["value"] < base[key]["value"]
                                                      if r["sweep"] == "freq_sparsity"
                                                      else r["value"] > base[key]["value"])):
             base[key] = r
     for r in rows:
-        if "median_ms" in r:
+        if "median_ms" in r and (r["sweep"], r["impl"]) in base:
             r["time_ratio"] = r["median_ms"] / base[(r["sweep"], r["impl"])]["median_ms"]
 
 
@@ -300,10 +344,10 @@ def make_inputs(row: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     return u, k, ct
 
 
-COLUMNS = ["dtype", "N", "batch", "H", "mode", "impl", "median_ms", "min_ms", "max_ms",
+COLUMNS = ["dtype", "N", "batch", "H", "mode", "impl", "plan", "median_ms", "min_ms", "max_ms",
            f"speedup_vs_{PEER}", "temp_MiB", "compile_s", "error", "skipped"]
 SWEEP_COLUMNS = ["sweep", "value", "impl", "N", "batch", "H", "median_ms", "min_ms", "max_ms",
-                 "time_ratio", "rel_err_random", "rel_err_hyena", "kernel_cols",
+                 "time_ratio", "rel_err_random", "rel_err_hyena", "plan", "kernel_cols",
                  "kernel_mflop", "error", "skipped"]
 
 
@@ -384,6 +428,8 @@ def main() -> None:
     parser.add_argument("--sparsities", type=float, nargs="+", default=[0.0, 0.25, 0.5, 0.75])
     parser.add_argument("--partials", type=int, nargs="+", default=None,
                         help="partial taps L (default N/256, N/32, N/4, N)")
+    parser.add_argument("--plans", nargs="+", default=list(PLANS), choices=list(PLANS),
+                        help="Monarch plans of the pallas monarch_plan sweep (GPU only)")
     parser.add_argument("--reference-max-taps", type=int, default=1024)
     parser.add_argument("--out", default=str(RESULTS / "bench_fftconv.json"))
     args = parser.parse_args()

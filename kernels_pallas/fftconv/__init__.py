@@ -7,9 +7,12 @@ One function, several implementations (DESIGN.md):
 * ``reference`` (``reference.py``): the direct O(N·L) convolution in float32. The oracle.
 * ``xla`` (``xla.py``): ``jnp.fft.rfft`` of size M = 2P (P = power of two >= N), gates and bias in
   the same jnp graph; backward by autodiff through the FFT. What CPU users run.
-* ``pallas`` (``pallas_gpu.py``): the order-2 Monarch FFT convolution as a Pallas kernel (DFT and
+* ``pallas`` (``pallas_gpu.py``): the Monarch FFT convolution as a Pallas kernel (DFT and
   twiddle matrices as real/imaginary matmuls, gates fused) with a custom VJP, lowered through
-  Triton on NVIDIA GPUs and run with ``interpret=True`` on CPU. No TPU (Mosaic) kernel yet.
+  Triton on NVIDIA GPUs and run with ``interpret=True`` on CPU. The decomposition is chosen by
+  size (``monarch.choose_plan``): order 2 (with the real-to-complex trick from N = 257) up to
+  N = 4096, order 3 with it up to N = 16384, an outer XLA step around order-3 kernels beyond;
+  ``monarch_plan`` forces one. No TPU (Mosaic) kernel yet.
 * ``auto``: pallas on GPU, xla on CPU and TPU.
 
 All backends convolve circularly at the same size M (``monarch.fft_size``), which is what makes
@@ -21,9 +24,10 @@ from __future__ import annotations
 import jax.numpy as jnp
 
 from kernels_pallas.backend import resolve_backend
-from kernels_pallas.fftconv import pallas_gpu, reference, xla
+from kernels_pallas.fftconv import monarch, pallas_gpu, reference, xla
+from kernels_pallas.fftconv.monarch import MonarchPlan
 
-__all__ = ["fftconv", "DEFAULT_BLOCK_SIZES", "BACKENDS"]
+__all__ = ["fftconv", "DEFAULT_BLOCK_SIZES", "BACKENDS", "MonarchPlan"]
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
 # Per-backend tile defaults: channels per Pallas program (each channel is one fused FFT conv of
@@ -43,7 +47,8 @@ def _check_float(name: str, x) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16; got {x.dtype}")
 
 
-def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c):
+def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c,
+                  monarch_plan):
     _check_float("u", u)
     _check_float("k", k)
     if u.ndim != 3:
@@ -75,10 +80,20 @@ def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backe
     if block_c is not None and (not isinstance(block_c, int) or block_c < 1 or c % block_c):
         raise ValueError(f"block_c must be a positive int dividing channels = {c}; "
                          f"got {block_c!r}")
+    if monarch_plan is not None:
+        if not isinstance(monarch_plan, MonarchPlan):
+            raise TypeError(f"monarch_plan must be a MonarchPlan or None; "
+                            f"got {type(monarch_plan).__name__}")
+        m = monarch.fft_size(n)
+        try:
+            monarch_plan.geometry(m)
+        except ValueError as e:
+            raise ValueError(f"monarch_plan {monarch_plan} does not fit N = {n} "
+                             f"(FFT size {m}): {e}") from None
 
 
 def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=None, partial=None,
-            freq_sparsity=0.0, backend="auto", block_c=None):
+            freq_sparsity=0.0, backend="auto", block_c=None, monarch_plan=None):
     """Depthwise long convolution of each channel of u with its own filter, by FFT.
 
     Args:
@@ -99,12 +114,15 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
         convolution. (The bias is not filtered.)
       backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU/TPU).
       block_c: pallas only: channels per program; None takes ``DEFAULT_BLOCK_SIZES``.
+      monarch_plan: pallas only: a ``MonarchPlan`` (order 2 or 3, r2c, outer step) forcing the
+        kernel's decomposition; None chooses by size (``monarch.choose_plan``).
 
     Returns:
       y [batch, channels, N] in u's dtype (computed in float32). Differentiable in u, k, the
       gates and the bias on every backend (pallas: custom VJP).
     """
-    _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c)
+    _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c,
+                  monarch_plan)
     l = k.shape[1]
     offset = (l - 1) // 2 if bidirectional else 0
     if partial is not None and partial < l:
@@ -122,6 +140,11 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
                         freq_sparsity=freq_sparsity)
     else:
         bc = DEFAULT_BLOCK_SIZES["pallas"]["block_c"] if block_c is None else block_c
+        if (monarch_plan is not None and not interpret
+                and not monarch_plan.geometry(monarch.fft_size(u.shape[-1])).lowers_to_triton):
+            raise ValueError(f"monarch_plan {monarch_plan} has matmuls narrower than "
+                             f"{monarch.MIN_DOT_DIM} at N = {u.shape[-1]}, which Triton cannot "
+                             "compile; use a larger N, another plan or None")
         y = pallas_gpu.fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, bc,
-                               interpret)
+                               interpret, monarch_plan)
     return y.astype(u.dtype)

@@ -1,25 +1,48 @@
-"""FFT sizes and the Monarch (order-2) DFT factors, built once per size in numpy and cached.
+"""FFT sizes, Monarch decompositions and their DFT/twiddle factors (numpy, cached once per size).
 
-Order-2 Monarch FFT of length M = N1 * N2 (ω = exp(-2πi/M), n = N2*n1 + n2, f = k1 + N1*k2):
+Every convolution here is circular of size M = 2P, P = the power of two >= N (at least
+``MIN_PADDED``): the signal is zero on [P, M) and only outputs t < P are wanted.
+
+Order-2 Monarch FFT of length m = N1 * N2 (ω = exp(-2πi/m), n = N2*n1 + n2, f = k1 + N1*k2):
 
     A[n1, n2] = x[N2*n1 + n2]                       (a row-major reshape, no permutation)
     D = ((F_N1 A) ⊙ T) F_N2,   T[k1, n2] = ω^(k1*n2),   D[k1, k2] = X[k1 + N1*k2]   ("D-order")
-    x = Re F̄_N1 ((D F̄_N2) ⊙ T̄) / M                    (back in natural, A order)
+    x = F̄_N1 ((D F̄_N2) ⊙ T̄) / m                      (back in natural, A order)
 
-Every convolution here is circular of size M = 2P, P = the power of two >= N (at least
-``MIN_PADDED``): the input is zero on [P, M), so rows N1/2.. of A are zero and only the first N1/2
-columns of F_N1 are needed forward; only outputs t < P are wanted, so only the first N1/2 rows of
-F̄_N1 are needed inverse (FlashFFTConv's "skip the zero blocks").
+Order 3 (m = N1 * N2 * N3, n = N2*N3*n1 + N3*n2 + n3, f = k1 + N1*k2 + N1*N2*k3) recurses on the
+inner N2*N3-point transform of each row: A [N1, N2*N3] -> F_N1 A ⊙ T1 (T1[k1, n'] = ω^(k1*n'),
+the same twiddle as order 2), then per row an order-2 transform of length N2*N3 (twiddle
+T2[k2, n3] = ω_(N2*N3)^(k2*n3)); the kernel's layout is D[k1*N2 + k2, k3] = X[f]. Cost in real
+MACs per (batch row, channel) is about m·(2·N1 + 8·N2) for order 2 and m·(2·N1 + 8·N2 + 8·N3) for
+order 3: order 3 does fewer FLOPs at the price of smaller matmuls, so it pays only for large m.
+
+Zero blocks (FlashFFTConv's "skip"): the input is zero on the second half, so rows N1/2.. of A
+are zero and only the first N1/2 columns of F_N1 are needed forward; only the first half of the
+outputs is wanted, so only the first N1/2 rows of F̄_N1 inverse.
+
+``MonarchPlan`` says which decomposition the Pallas kernel runs; ``choose_plan`` is the rule by
+size (see its docstring); ``KernelGeometry`` is the resulting kernel shape.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import functools
 
 import numpy as np
 
 # Smallest padded length P: M = 2P = 512 = 32 x 16 keeps every matmul dimension >= 16 (Triton).
 MIN_PADDED = 256
+# Triton's tl.dot needs every matmul dimension >= 16.
+MIN_DOT_DIM = 16
+# Largest transform one kernel program holds (about ten live float32 planes of this many values
+# each; FlashFFTConv fuses up to 32K fp16 values, half that in float32). Larger FFT sizes take an
+# outer Cooley-Tukey step in XLA whose inner convolutions are kernels of this size. Not yet tuned
+# on a GPU: ``experiments/bench_fftconv.py`` sweeps the plans to do so.
+MAX_KERNEL_SIZE = 16384
+# Kernel sizes up to this use order 2; larger ones order 3 (the smallest order-3 size whose
+# factors all satisfy MIN_DOT_DIM with the zero-block skip, 32 x 16 x 16, is 8192).
+MAX_ORDER2_SIZE = 4096
 
 
 def padded_length(n: int) -> int:
@@ -33,14 +56,138 @@ def fft_size(n: int) -> int:
     return 2 * padded_length(n)
 
 
-def monarch_factors(m: int) -> tuple[int, int]:
-    """(N1, N2) with N1 * N2 = m, N1 >= N2, both powers of two (N1 is even, so N1/2 rows hold
-    the non-zero half of the signal)."""
-    log = m.bit_length() - 1
-    if m != 1 << log or m < 4:
+def _log2(m: int) -> int:
+    if m < 4 or m & (m - 1):
         raise ValueError(f"FFT size must be a power of two >= 4; got {m}")
-    n1 = 1 << ((log + 1) // 2)
-    return n1, m // n1
+    return m.bit_length() - 1
+
+
+def split_factors(m: int, order: int) -> tuple[int, ...]:
+    """``order`` powers of two whose product is m, as equal as possible, largest first (a large
+    N1 is cheap: the zero-block skip halves the N1 stages)."""
+    log = _log2(m)
+    if log < order:
+        raise ValueError(f"FFT size {m} is too small for an order-{order} decomposition")
+    logs = [log // order + (i < log % order) for i in range(order)]
+    return tuple(1 << e for e in logs)
+
+
+def monarch_factors(m: int) -> tuple[int, int]:
+    """(N1, N2) of the order-2 decomposition: N1 * N2 = m, N1 >= N2 (N1 is even, so N1/2 rows
+    hold the non-zero half of the signal)."""
+    n1, n2 = split_factors(m, 2)
+    return n1, n2
+
+
+@dataclasses.dataclass(frozen=True)
+class MonarchPlan:
+    """How the Pallas kernel computes a circular convolution of real signals of FFT size M.
+
+    order: 2 or 3, the Monarch order of the in-kernel transform.
+    r2c: the real-to-complex trick. The signal is split into its even and odd samples; the
+      kernel takes the (M/2)-point FFTs of both (real inputs), combines them with the filter as
+      a 2x2 polyphase product, and one complex (M/2)-point inverse returns the even outputs in
+      its real part and the odd ones in its imaginary part. No transform runs at size M.
+    outer: Q = 1, or a power of two >= 2: an outer decimation-in-frequency step in XLA splits the
+      size-M convolution into Q complex convolutions of size M/Q (the kernel), one per residue
+      of the frequency mod Q.
+    """
+
+    order: int = 2
+    r2c: bool = False
+    outer: int = 1
+
+    def __post_init__(self):
+        if self.order not in (2, 3):
+            raise ValueError(f"MonarchPlan.order must be 2 or 3; got {self.order!r}")
+        if self.outer < 1 or self.outer & (self.outer - 1):
+            raise ValueError(f"MonarchPlan.outer must be a power of two >= 1; got {self.outer!r}")
+        if self.r2c and self.outer > 1:
+            raise ValueError("MonarchPlan: r2c and an outer step do not combine (the outer "
+                             "step's inner convolutions are complex)")
+
+    def geometry(self, m: int) -> "KernelGeometry":
+        """The kernel's shapes for FFT size m."""
+        div = (2 if self.r2c else 1) * self.outer
+        if m % div or m // div < 2 ** self.order:
+            raise ValueError(f"the kernel size M / {div} = {m / div:g} (M = {m}) must be a power "
+                             f"of two >= {2 ** self.order} for an order-{self.order} transform")
+        size = m // div
+        factors = split_factors(size, self.order)
+        return KernelGeometry(size, factors, skip=self.outer == 1,
+                              mode="complex" if self.outer > 1 else "r2c" if self.r2c else "real")
+
+
+def choose_plan(m: int) -> MonarchPlan:
+    """The decomposition for FFT size m (= 2P). The rule:
+
+    * r2c from m = 1024 on: the kernel then runs at size m/2, half the transform work; below
+      (m = 512) the half-size factors would make matmuls under 16 wide.
+    * order 2 while the kernel size is <= MAX_ORDER2_SIZE (4096, i.e. N <= 4096 with r2c),
+      order 3 above: its smaller matmuls do fewer FLOPs (at kernel size m = 8192, real mode,
+      m·(2·32 + 8·16 + 8·16) = 320·m real MACs instead of m·(2·128 + 8·64) = 768·m), and 8192
+      is the smallest size whose order-3 factors (32, 16, 16) Triton can multiply. At M = 8192
+      (N = 4096) plain order 3 (320·M) does fewer MACs than r2c order 2 (512·M) but has narrower
+      matmuls and two transposes; ``experiments/bench_fftconv.py``'s monarch_plan sweep at
+      N = 4096 measures which is faster.
+    * an outer step once m/2 > MAX_KERNEL_SIZE (N > 16384): Q = m / MAX_KERNEL_SIZE inner
+      complex convolutions of size MAX_KERNEL_SIZE, order 3.
+    """
+    if m // 2 > MAX_KERNEL_SIZE:
+        return MonarchPlan(order=3, outer=m // MAX_KERNEL_SIZE)
+    size = m // 2 if m >= 1024 else m
+    return MonarchPlan(order=2 if size <= MAX_ORDER2_SIZE else 3, r2c=m >= 1024)
+
+
+@dataclasses.dataclass(frozen=True)
+class KernelGeometry:
+    """Shapes of one kernel program's transforms, for a kernel size ``size`` = prod(factors).
+
+    Signals enter as [rows_in, width] (width = size / N1: the input reshaped row-major), spectra
+    live as [spec_rows, N_last] (D-order of the plan, ``spectrum_index``). ``skip``: the input is
+    zero on its second half and only the first half of the output is wanted (real signals; not
+    the outer step's dense inner convolutions). ``mode``: "real" (one real input, real output),
+    "r2c" (even and odd real inputs, complex output = even + i odd), "complex" (complex in/out).
+    """
+
+    size: int
+    factors: tuple[int, ...]
+    skip: bool
+    mode: str
+
+    @property
+    def width(self) -> int:
+        return self.size // self.factors[0]
+
+    @property
+    def rows_in(self) -> int:
+        return self.factors[0] // 2 if self.skip else self.factors[0]
+
+    @property
+    def spec_rows(self) -> int:
+        return self.size // self.factors[-1]
+
+    @property
+    def lowers_to_triton(self) -> bool:
+        """Whether every matmul has all dimensions >= MIN_DOT_DIM (Triton's tl.dot; the kept
+        spectrum columns are padded to at least min(16, N_last))."""
+        return min(self.rows_in, *self.factors) >= MIN_DOT_DIM
+
+    def real_macs(self, n_cols: int) -> int:
+        """Real multiply-adds of the kernel's matmuls per convolution (one batch row, channel and
+        outer residue) with ``n_cols`` kept spectrum columns: the cost the plans trade."""
+        n1, last = self.factors[0], self.factors[-1]
+        rows = self.spec_rows
+        real_in, real_out = self.mode != "complex", self.mode == "real"
+        middle = 0
+        if len(self.factors) == 3:
+            n2 = self.factors[1]
+            middle = 4 * n2 * n2 * (self.size // n2)
+        forward = (2 if real_in else 4) * n1 * self.rows_in * self.width + middle \
+            + 4 * rows * last * n_cols
+        inverse = 4 * rows * n_cols * last + middle \
+            + (2 if real_out else 4) * self.rows_in * n1 * self.width
+        return (2 if self.mode == "r2c" else 1) * forward + inverse
 
 
 def _dft(r: int) -> np.ndarray:
@@ -49,43 +196,86 @@ def _dft(r: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def monarch_matrices(m: int) -> dict[str, np.ndarray]:
-    """Real float32 planes of the factors for size m (cached per size):
+def spectrum_index(size: int, factors: tuple[int, ...]) -> np.ndarray:
+    """[spec_rows, N_last] int: the frequency f held at each position of the kernel's spectrum
+    layout (order 2: D[k1, k2] = X[k1 + N1*k2]; order 3: D[k1*N2 + k2, k3] =
+    X[k1 + N1*k2 + N1*N2*k3])."""
+    if len(factors) == 2:
+        n1, n2 = factors
+        return np.arange(n1)[:, None] + n1 * np.arange(n2)[None, :]
+    n1, n2, n3 = factors
+    f = (np.arange(n1)[:, None, None] + n1 * np.arange(n2)[None, :, None]
+         + n1 * n2 * np.arange(n3)[None, None, :])
+    return f.reshape(n1 * n2, n3)
 
-    f1_re, f1_im [N1, N1/2]: the first N1/2 columns of F_N1 (forward; zero rows skipped);
-    tw_re, tw_im [N1, N2]: the twiddles T;  f2_re, f2_im [N2, N2]: F_N2 (symmetric);
-    g1_re, g1_im [N1/2, N1]: the first N1/2 rows of F̄_N1 / M (inverse, 1/M folded in).
-    """
-    n1, n2 = monarch_factors(m)
-    f1 = _dft(n1)
-    tw = np.exp(-2j * np.pi * np.outer(np.arange(n1), np.arange(n2)) / m)
-    f2 = _dft(n2)
-    g1 = np.conj(f1[: n1 // 2, :]) / m
-    planes = {"f1": f1[:, : n1 // 2], "tw": tw, "f2": f2, "g1": g1}
+
+def _planes(mats: dict[str, np.ndarray]) -> dict[str, np.ndarray]:
+    """Complex matrices -> float32 real and imaginary planes (name_re, name_im)."""
     out = {}
-    for name, mat in planes.items():
+    for name, mat in mats.items():
         out[name + "_re"] = np.ascontiguousarray(mat.real, np.float32)
         out[name + "_im"] = np.ascontiguousarray(mat.imag, np.float32)
     return out
 
 
-def to_d_order(spectrum, n1: int, n2: int):
-    """[..., M] natural-order spectrum -> [..., N1, N2] D-order (D[k1, k2] = X[k1 + N1*k2])."""
-    lead = spectrum.shape[:-1]
-    return spectrum.reshape(*lead, n2, n1).swapaxes(-1, -2)
+@functools.lru_cache(maxsize=None)
+def kernel_matrices(geo: KernelGeometry, cols: tuple[int, ...]) -> dict[str, np.ndarray]:
+    """Real float32 planes of every DFT and twiddle factor the kernel needs, built once per
+    (geometry, kept columns) and cached:
+
+    f1 [N1, rows_in]: F_N1, first rows_in columns (zero rows of the input skipped);
+    t1 [N1, width]: T1;  g1 [rows_out, N1]: F̄_N1 / size, first rows_out rows (1/size folded in);
+    order 2: fl [N2, Nk] = F_N2[:, cols], bl [Nk, N2] = F̄_N2[cols, :];
+    order 3: f2 [N2, N2] = F_N2; t2 [N2, N3*N1]: T2[k2, n3] repeated over k1 (the kernel's
+      middle layout [k2, (n3, k1)]); fl [N3, Nk] = F_N3[:, cols], bl [Nk, N3] = F̄_N3[cols, :].
+    (F̄_N2 and T̄ are the conjugates of f2 and the twiddles: the kernel flips their sign.)
+    """
+    n1, size = geo.factors[0], geo.size
+    f1 = _dft(n1)
+    mats = {"f1": f1[:, : geo.rows_in],
+            "t1": np.exp(-2j * np.pi * np.outer(np.arange(n1), np.arange(geo.width)) / size),
+            "g1": np.conj(f1[: geo.rows_in, :]) / size}
+    last = _dft(geo.factors[-1])
+    idx = list(cols)
+    mats["fl"], mats["bl"] = last[:, idx], np.conj(last[idx, :])
+    if len(geo.factors) == 3:
+        _, n2, n3 = geo.factors
+        mats["f2"] = _dft(n2)
+        t2 = np.exp(-2j * np.pi * np.outer(np.arange(n2), np.arange(n3)) / (n2 * n3))
+        mats["t2"] = np.repeat(t2, n1, axis=1)  # [N2, N3*N1]: column n3*N1 + k1
+    return _planes(mats)
 
 
 @functools.lru_cache(maxsize=None)
-def frequency_columns(m: int, cutoff: int) -> tuple[int, ...]:
-    """The D-order columns k2 a filter low-passed to |f| <= cutoff needs (f = k1 + N1*k2 is
-    kept iff f <= cutoff or f >= M - cutoff), padded with dropped columns (whose spectrum is zero,
-    so using them is exact) to a power of two >= min(16, N2) for Triton. All N2 columns when
-    nothing is dropped. Skipping the other columns is FlashFFTConv's frequency-sparse speed-up:
-    the N2-point DFT matmuls shrink to [., N2] x [N2, len(cols)] and back."""
-    n1, n2 = monarch_factors(m)
-    f = np.arange(n1)[:, None] + n1 * np.arange(n2)[None, :]  # [N1, N2]
+def frequency_columns(m: int, cutoff: int, factors: tuple[int, ...] | None = None
+                      ) -> tuple[int, ...]:
+    """The spectrum-layout columns a filter low-passed to |f| <= cutoff needs at kernel size m
+    (f is kept iff f <= cutoff or f >= m - cutoff), padded with dropped columns (whose spectrum
+    is zero, so using them is exact) to a power of two >= min(16, N_last) for Triton. All
+    columns when nothing is dropped. ``factors``: the kernel's decomposition (default order 2,
+    ``monarch_factors``). Skipping the other columns is FlashFFTConv's frequency-sparse
+    speed-up: the last DFT's matmuls shrink to [., N_last] x [N_last, len(cols)] and back.
+
+    With r2c the kernel size is M/2 and bin k carries the frequencies k and k + M/2 (both
+    within the cutoff iff k <= cutoff or k >= M/2 - cutoff), so the same rule applies at m = M/2.
+    """
+    factors = monarch_factors(m) if factors is None else factors
+    n_last = factors[-1]
+    f = spectrum_index(m, tuple(factors))  # [spec_rows, N_last]
     needed = np.any((f <= cutoff) | (f >= m - cutoff), axis=0)
     cols = [int(j) for j in np.flatnonzero(needed)]
-    width = max(min(16, n2), 1 << max(0, (len(cols) - 1).bit_length()))
+    width = max(min(16, n_last), 1 << max(0, (len(cols) - 1).bit_length()))
     cols += [int(j) for j in np.flatnonzero(~needed)][: width - len(cols)]
     return tuple(sorted(cols))
+
+
+@functools.lru_cache(maxsize=None)
+def outer_matrices(m: int, q: int) -> dict[str, np.ndarray]:
+    """Float32 planes of the outer decimation-in-frequency step of size m = Q * R, built once per
+    (m, Q): fwd [Q, Q/2] = F_Q[:, :Q/2] (the input is zero for q >= Q/2); tw [Q, R]:
+    ω_m^(f_q * r); inv [Q/2, Q] = F̄_Q[:Q/2, :] / Q (only outputs q < Q/2 are wanted)."""
+    r = m // q
+    f = _dft(q)
+    return _planes({"fwd": f[:, : q // 2],
+                    "tw": np.exp(-2j * np.pi * np.outer(np.arange(q), np.arange(r)) / m),
+                    "inv": np.conj(f[: q // 2, :]) / q})

@@ -1,43 +1,61 @@
 """FlashFFTConv as a Pallas kernel for NVIDIA GPUs (Triton lowering; ``interpret=True`` on CPU).
 
-Algorithm (order-2 Monarch FFT, ``monarch.py``). The signal is zero-padded to P (a power of two
->= N) and convolved circularly at size M = 2P = N1 * N2 with the effective filter h
-(``filters.py``), whose spectrum H is computed once per call (per channel, not per batch row) and
-handed to the kernel in D-order as real and imaginary planes. Pallas has no complex type and no
-FFT, so every complex product is written on real planes and every DFT is a pair of real matmuls:
+Algorithm (``monarch.py``). The signal is zero-padded to P (a power of two >= N) and convolved
+circularly at size M = 2P with the effective filter h (``filters.py``), whose spectrum H is
+computed once per call (per channel, not per batch row) and handed to the kernel in the plan's
+spectrum layout as real and imaginary planes. Pallas has no complex type and no FFT, so every
+complex product is written on real planes and every DFT is a pair (real operand) or four
+(complex operands) of real matmuls. Per channel, for a plan's kernel size m:
 
-    A  = pre_gate * u  as [N1/2, N2]                (rows N1/2.. of the padded signal are zero)
-    D  = ((F1[:, :N1/2] A) ⊙ T) F2[:, cols]          forward FFT of the signal, D-order
-    E  = D ⊙ H[:, cols]                              pointwise complex product
-    y  = Re(G1 ((E F̄2[cols, :]) ⊙ T̄))               inverse FFT, first P outputs only
-    out = post_gate * (y + bias * A)                 G1 = F̄1[:N1/2] / M
+    a   = pre_gate * u, reshaped [rows_in, m / N1]      (rows N1/2.. of the padded input are zero)
+    X   = Monarch forward of a (order 2 or 3)           spectrum layout [m / N_last, Nk]
+    W   = H ⊙ X                                         (r2c: Ke ⊙ X_even + Ko ⊙ X_odd)
+    y   = Monarch inverse of W, first half of the rows  (real part, or both parts)
+    out = post_gate * (y + bias * a)
 
-``cols`` are the D-order columns the filter's spectrum needs (``monarch.frequency_columns``): all
-N2 of them for a dense filter; with ``freq_sparsity`` the columns whose frequencies are all
-dropped are skipped, which is where frequency sparsity saves work. The bias stays out of H (it
-would make every frequency non-zero) and is added in the time domain instead.
+The plan (``monarch.choose_plan``, by size) is one of:
 
-Grid (batch, channels / block_c). A program handles ``block_c`` channels of one batch row, one
-channel at a time: it reads its [N1/2, N2] input (and gates) once, the channel's H planes
-[N1, Nk] once, and the DFT/twiddle planes (a few N1·N2 floats, shared by all programs), and
-writes [N1/2, N2] outputs. 12 real matmuls per channel: 2 of [N1, N1/2]x[N1/2, N2], 4 of
-[N1, N2]x[N2, Nk], 4 of [N1, Nk]x[Nk, N2], 2 of [N1/2, N1]x[N1, N2]; everything in float32.
+* real (order 2 or 3): one real input, the transform at size M, real output.
+* r2c: the real-to-complex trick. The kernel takes the (M/2)-point FFTs of the even and the odd
+  samples, Xe and Xo, and forms W = Ye + i·Yo, the spectrum of (even outputs) + i·(odd outputs),
+  with Ye = Hp Xe + Hm ω^k Xo and Yo = Hm ω^-k Xe + Hp Xo (Hp, Hm = (H[k] ± H[k + M/2]) / 2,
+  ω = exp(-2πi/M): the 2x2 polyphase form of the size-M product), i.e. W = Ke Xe + Ko Xo with
+  Ke = Hp + i Hm ω^-k and Ko = Hm ω^k + i Hp. One complex (M/2)-point inverse then returns the
+  even outputs in its real part and the odd ones in its imaginary part. Every transform runs at
+  M/2: about M·(2·N1 + 6·N2) real MACs with the factors of M/2 instead of M·(2·N1 + 8·N2) with
+  those of M (256·M instead of 384·M at M = 2048). The forward stays two real-input transforms,
+  as separating a packed x_even + i·x_odd spectrum needs an index reversal (k -> -k) that a
+  Triton program cannot apply to values in registers; the inverse is packed.
+* complex (the outer step, M > 2 * MAX_KERNEL_SIZE): decimation in frequency with n = r + R q,
+  f = Q f_r + f_q (M = Q R): XLA takes the Q-point DFT over q (only q < Q/2 is non-zero), the
+  twiddle ω_M^(r f_q), then the kernel convolves each of the Q complex sequences with the filter
+  whose spectrum is H[Q f_r + f_q] (dense, size R, complex in and out); XLA undoes the twiddle
+  and the Q-point DFT (only outputs q < Q/2 are wanted). Gates and bias are then applied in XLA.
 
-Sizes: one program holds a whole sequence (about ten live [N1, N2] float32 planes), which fits
-a GPU's registers and shared memory comfortably only up to M ~ 8K (N ~ 4K); beyond that the
-kernel still runs but spills. FlashFFTConv's answer, an order-3 decomposition and an outer step
-through HBM for M > 32K, is not written yet. The Triton lowering has not been run on a GPU yet.
+Grid (batch, channels / block_c). A program handles ``block_c`` channels of one batch row (the
+outer step: of one (channel, f_q) pair each), one channel at a time: it reads its input planes
+[S, rows_in, m / N1] (and gates) once, the channel's filter planes [F, m / N_last, Nk] once, and
+the DFT/twiddle planes (a few m floats, shared by all programs), and writes [S, rows_in, m / N1]
+outputs. ``Nk`` of the N_last spectrum columns are kept (``monarch.frequency_columns``): all for
+a dense filter; ``freq_sparsity`` drops the columns whose frequencies are all dropped, which is
+where frequency sparsity saves work. The bias stays out of H (it would make every frequency
+non-zero) and is added in the time domain instead. Everything is float32.
+
+Sizes: one program holds a whole transform of size m <= ``monarch.MAX_KERNEL_SIZE`` (about ten
+live float32 planes of m values); larger sizes take the outer step. The Triton lowering is
+checked off-device by the tests; compiling and running it needs a GPU.
 
 Backward (``jax.custom_vjp``): the gradient of the input is the correlation of the output
 gradient with h plus bias times it, i.e. the same kernel run with conj(H) (post-gate fused as its
-pre-gate); the
-filter gradient, a sum over the batch, is one jnp.fft correlation; gate and bias gradients are
-elementwise.
+pre-gate); the filter gradient, a sum over the batch, is one jnp.fft correlation; gate and bias
+gradients are elementwise.
 """
 
 from __future__ import annotations
 
 import functools
+import operator
+from typing import Callable, Optional
 
 import jax
 import jax.numpy as jnp
@@ -46,142 +64,288 @@ from jax.experimental import pallas as pl
 import numpy as np
 
 from kernels_pallas.fftconv import filters, monarch
+from kernels_pallas.fftconv.monarch import KernelGeometry, MonarchPlan
 
-_MATRICES = ("f1_re", "f1_im", "tw_re", "tw_im")
+# A complex value on real planes: (real, imaginary); the imaginary plane is None for a real one.
+Planes = tuple[jax.Array, Optional[jax.Array]]
 
 
 def _dot(a, b):
     return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
 
 
-def _kernel(*refs, block_c: int, has_pre: bool, has_post: bool, has_bias: bool):
+def _cprod(a: Planes, b: Planes, op: Callable = operator.mul, real_only: bool = False) -> Planes:
+    """a * b (op = mul) or a @ b (op = _dot) of complex planes, skipping the products of absent
+    (zero) imaginary planes; ``real_only`` computes the real part alone."""
+    (ar, ai), (br, bi) = a, b
+    re = op(ar, br)
+    if ai is not None and bi is not None:
+        re = re - op(ai, bi)
+    if real_only:
+        return re, None
+    im = [op(x, y) for x, y in ((ar, bi), (ai, br)) if x is not None and y is not None]
+    return re, (im[0] + im[1] if len(im) == 2 else im[0] if im else None)
+
+
+def _cdot(a: Planes, b: Planes, real_only: bool = False) -> Planes:
+    return _cprod(a, b, _dot, real_only)
+
+
+def _conj(a: Planes) -> Planes:
+    return a[0], None if a[1] is None else -a[1]
+
+
+def _map(fn: Callable, a: Planes) -> Planes:
+    return fn(a[0]), None if a[1] is None else fn(a[1])
+
+
+def _rows_to_middle(x, n1: int, n2: int, n3: int):
+    """[N1, N2*N3] ([k1, (n2, n3)]) -> [N2, N3*N1] ([n2, (n3, k1)]): the order-3 middle DFT then
+    contracts the rows (2-D matmuls only: Triton's dot has no batch dimension)."""
+    return x.T.reshape(n2, n3 * n1)
+
+
+def _middle_to_rows(x, n1: int, n2: int, n3: int):
+    """[N2, N3*N1] ([k2, (n3, k1)]) -> [N1, N2*N3] ([k1, (k2, n3)])."""
+    return x.reshape(n2 * n3, n1).T
+
+
+def _forward(a: Planes, c: dict[str, Planes], geo: KernelGeometry) -> Planes:
+    """Monarch FFT of one signal: a [rows_in, width] -> spectrum layout [spec_rows, Nk]."""
+    p = _cprod(_cdot(c["f1"], a), c["t1"])  # [N1, width]
+    if len(geo.factors) == 3:
+        n1, n2, n3 = geo.factors
+        p = _map(lambda x: _rows_to_middle(x, n1, n2, n3), p)  # [N2, N3*N1]
+        p = _cprod(_cdot(c["f2"], p), c["t2"])  # [k2, (n3, k1)]
+        p = _map(lambda x: _middle_to_rows(x, n1, n2, n3).reshape(n1 * n2, n3), p)
+    return _cdot(p, c["fl"])  # [spec_rows, Nk]
+
+
+def _inverse(w: Planes, c: dict[str, Planes], geo: KernelGeometry, real_only: bool) -> Planes:
+    """Inverse Monarch FFT (1/m folded into g1): spectrum layout [spec_rows, Nk] -> the first
+    rows_in rows of the signal [rows_in, width]."""
+    g = _cdot(w, c["bl"])  # [spec_rows, N_last]
+    if len(geo.factors) == 3:
+        n1, n2, n3 = geo.factors
+        g = _map(lambda x: _rows_to_middle(x.reshape(n1, n2 * n3), n1, n2, n3), g)
+        g = _cdot(_conj(c["f2"]), _cprod(g, _conj(c["t2"])))  # [n2, (n3, k1)]
+        g = _map(lambda x: _middle_to_rows(x, n1, n2, n3), g)  # [N1, N2*N3]
+    return _cdot(c["g1"], _cprod(g, _conj(c["t1"])), real_only)  # [rows_in, width]
+
+
+def _kernel(*refs, names: tuple[str, ...], geo: KernelGeometry, block_c: int, has_pre: bool,
+            has_post: bool, has_bias: bool):
     refs = list(refs)
-    x_ref = refs.pop(0)  # [block_c, N1/2, N2]
+    x_ref = refs.pop(0)  # [block_c, S, rows_in, width]
     pre_ref = refs.pop(0) if has_pre else None
     post_ref = refs.pop(0) if has_post else None
     bias_ref = refs.pop(0) if has_bias else None  # [block_c, 1]
-    hr_ref, hi_ref = refs.pop(0), refs.pop(0)  # [block_c, N1, Nk]: the kept D-order columns
-    f1r, f1i, twr, twi, f2fr, f2fi, f2br, f2bi, g1r, g1i = (r[...] for r in refs[:10])
-    o_ref = refs[10]  # [block_c, N1/2, N2]
-    for c in range(block_c):
-        a = x_ref[c, :, :].astype(jnp.float32)
+    h_ref = refs.pop(0)  # [block_c, F, spec_rows, Nk]: filter planes
+    o_ref = refs.pop()  # [block_c, S, rows_in, width]
+    mats = {name: ref[...] for name, ref in zip(names, refs)}
+    c = {name[:-3]: (mats[name], mats[name[:-3] + "_im"]) for name in names
+         if name.endswith("_re")}
+    n_sig = 1 if geo.mode == "real" else 2
+    for ch in range(block_c):
+        a = [x_ref[ch, s, :, :].astype(jnp.float32) for s in range(n_sig)]
         if has_pre:
-            a = a * pre_ref[c, :, :].astype(jnp.float32)
-        pr, pi = _dot(f1r, a), _dot(f1i, a)  # [N1, N2]
-        qr, qi = pr * twr - pi * twi, pr * twi + pi * twr
-        dr = _dot(qr, f2fr) - _dot(qi, f2fi)  # [N1, Nk]
-        di = _dot(qr, f2fi) + _dot(qi, f2fr)
-        kr, ki = hr_ref[c, :, :], hi_ref[c, :, :]
-        er, ei = dr * kr - di * ki, dr * ki + di * kr
-        gr = _dot(er, f2br) + _dot(ei, f2bi)  # E F̄2 [N1, N2]
-        gi = _dot(ei, f2br) - _dot(er, f2bi)
-        hr, hi = gr * twr + gi * twi, gi * twr - gr * twi  # ⊙ T̄
-        y = _dot(g1r, hr) - _dot(g1i, hi)  # [N1/2, N2]
-        if has_bias:
-            y = y + bias_ref[pl.ds(c, 1), :].astype(jnp.float32) * a
-        if has_post:
-            y = y * post_ref[c, :, :].astype(jnp.float32)
-        o_ref[c, :, :] = y.astype(o_ref.dtype)
+            a = [a[s] * pre_ref[ch, s, :, :].astype(jnp.float32) for s in range(n_sig)]
+        filt = [(h_ref[ch, 2 * j, :, :], h_ref[ch, 2 * j + 1, :, :]) for j in range(2)
+                if 2 * j + 1 < h_ref.shape[1]]
+        if geo.mode == "complex":  # one complex signal a[0] + i a[1]
+            w = _cprod(filt[0], _forward((a[0], a[1]), c, geo))
+        else:  # real: one real signal; r2c: W = Ke Xe + Ko Xo
+            w = [_cprod(k, _forward((x, None), c, geo)) for k, x in zip(filt, a)]
+            w = w[0] if len(w) == 1 else (w[0][0] + w[1][0], w[0][1] + w[1][1])
+        y = _inverse(w, c, geo, real_only=geo.mode == "real")
+        for s in range(n_sig):  # real: Re; r2c: even (Re), odd (Im); complex: Re, Im
+            out = y[s]
+            if has_bias:
+                out = out + bias_ref[pl.ds(ch, 1), :].astype(jnp.float32) * a[s]
+            if has_post:
+                out = out * post_ref[ch, s, :, :].astype(jnp.float32)
+            o_ref[ch, s, :, :] = out.astype(o_ref.dtype)
 
 
 def _compiler_params(interpret: bool, m: int):
     if interpret:
         return None
     from jax.experimental.pallas import triton as pltriton  # GPU only; deprecated from jax 0.11
-    # more threads share the per-sequence planes as M grows (fewer registers per thread)
+    # more threads share the per-sequence planes as m grows (fewer registers per thread)
     return pltriton.CompilerParams(num_warps=4 if m <= 2048 else 8, num_stages=1)
 
 
-def _spectrum_planes(h, cols: tuple[int, ...]):
-    """h [channels, M] -> real, imaginary planes of its FFT in D-order, kept columns only
-    [channels, N1, len(cols)]."""
-    n1, n2 = monarch.monarch_factors(h.shape[-1])
-    spec = monarch.to_d_order(jnp.fft.fft(h, axis=-1), n1, n2)[..., jnp.asarray(cols)]
-    return spec.real.astype(jnp.float32), spec.imag.astype(jnp.float32)
+def _filter_planes(spec, m: int, plan: MonarchPlan, cols: tuple[int, ...]):
+    """spec [channels, M] complex (the filter's spectrum, or its conjugate for the backward) ->
+    [channels', F, spec_rows, Nk] float32 planes in the kernel's spectrum layout: F = 2 (H;
+    the outer step: channels' = channels * Q, one filter H[Q f_r + f_q] per residue f_q) or
+    F = 4 (r2c: Ke, Ko)."""
+    geo = plan.geometry(m)
+    c = spec.shape[0]
+    if plan.r2c:
+        half = m // 2
+        hp, hm = (spec[:, :half] + spec[:, half:]) / 2, (spec[:, :half] - spec[:, half:]) / 2
+        w = jnp.asarray(np.exp(-2j * np.pi * np.arange(half) / m).astype(np.complex64))
+        filts = [hp + 1j * hm * jnp.conj(w), hm * w + 1j * hp]  # Ke, Ko  [channels, M/2]
+    elif plan.outer > 1:
+        filts = [spec.reshape(c, geo.size, plan.outer).swapaxes(1, 2).reshape(-1, geo.size)]
+    else:
+        filts = [spec]
+    idx = monarch.spectrum_index(geo.size, geo.factors)[:, np.asarray(cols)]  # [rows, Nk]
+    planes = [p for f in filts for p in (f[:, idx].real, f[:, idx].imag)]
+    return jnp.stack(planes, axis=1).astype(jnp.float32)
 
 
-@functools.partial(jax.jit, static_argnames=("cols", "block_c", "interpret"))
-def _circular_conv(x, pre, post, bias, hr, hi, *, cols: tuple[int, ...], block_c: int,
-                   interpret: bool):
-    """x, pre, post [batch, channels, N] (pre/post may be None); bias [channels] or None;
-    hr, hi [channels, N1, len(cols)] -> float32 [batch, channels, N]:
-    post * (first N samples of circ_conv_M(pre * x, h) + bias * pre * x)."""
-    b, c, n = x.shape
-    n1 = hr.shape[1]
-    m = monarch.fft_size(n)
-    n2, nk = m // n1, len(cols)
-    p, rows = m // 2, n1 // 2
+def _to_kernel_layout(a, geo: KernelGeometry, plan: MonarchPlan, p: int):
+    """a [batch, channels, N] -> [batch, channels, S, rows_in, width]: zero-padded to P (or to
+    the kernel size without the skip); r2c: S = 2 planes, the even and the odd samples."""
+    b, c, n = a.shape
+    if plan.r2c:
+        a = jnp.pad(a, ((0, 0), (0, 0), (0, p - n))).reshape(b, c, p // 2, 2).swapaxes(-1, -2)
+        return a.reshape(b, c, 2, geo.rows_in, geo.width)
+    a = jnp.pad(a, ((0, 0), (0, 0), (0, geo.rows_in * geo.width - n)))
+    return a.reshape(b, c, 1, geo.rows_in, geo.width)
 
-    def prep(a):
-        return jnp.pad(a, ((0, 0), (0, 0), (0, p - n))).reshape(b, c, rows, n2)
 
-    sig = [prep(a) for a in (x, pre, post) if a is not None]
-    mats = monarch.monarch_matrices(m)
-    idx = np.asarray(cols)
-    consts = [jnp.asarray(mats[name]) for name in _MATRICES] + [
-        jnp.asarray(mats["f2_re"][:, idx]), jnp.asarray(mats["f2_im"][:, idx]),
-        jnp.asarray(mats["f2_re"][idx, :]), jnp.asarray(mats["f2_im"][idx, :]),
-        jnp.asarray(mats["g1_re"]), jnp.asarray(mats["g1_im"])]
-    sig_spec = pl.BlockSpec((pl.squeezed, block_c, rows, n2), lambda i, j: (i, j, 0, 0))
-    filt_spec = pl.BlockSpec((block_c, n1, nk), lambda i, j: (j, 0, 0))
+def _from_kernel_layout(y, plan: MonarchPlan, n: int):
+    """The inverse of ``_to_kernel_layout`` for the kernel's output: -> [batch, channels, N]."""
+    b, c = y.shape[:2]
+    if plan.r2c:
+        y = y.reshape(b, c, 2, -1).swapaxes(-1, -2)
+    return y.reshape(b, c, -1)[..., :n]
+
+
+def _kernel_call(sig: list, bias, filt, *, geo: KernelGeometry, cols: tuple[int, ...],
+                 block_c: int, interpret: bool, has_pre: bool, has_post: bool):
+    """The pallas_call: sig = [x, pre?, post?] each [batch, channels', S, rows_in, width]
+    float32 or input dtype; bias [channels'] or None; filt [channels', F, spec_rows, Nk] ->
+    float32 [batch, channels', S, rows_in, width]."""
+    b, c, s = sig[0].shape[:3]
+    mats = monarch.kernel_matrices(geo, cols)
+    names = tuple(mats)
+    consts = [jnp.asarray(mats[name]) for name in names]
+    sig_spec = pl.BlockSpec((pl.squeezed, block_c, s, geo.rows_in, geo.width),
+                            lambda i, j: (i, j, 0, 0, 0))
+    filt_spec = pl.BlockSpec((block_c,) + filt.shape[1:], lambda i, j: (j, 0, 0, 0))
     const_specs = [pl.BlockSpec(a.shape, lambda i, j: (0, 0)) for a in consts]
     extra, extra_specs = [], []
     if bias is not None:
         extra = [bias.astype(jnp.float32).reshape(c, 1)]
         extra_specs = [pl.BlockSpec((block_c, 1), lambda i, j: (j, 0))]
-    kernel = functools.partial(_kernel, block_c=block_c, has_pre=pre is not None,
-                               has_post=post is not None, has_bias=bias is not None)
-    out = pl.pallas_call(
+    kernel = functools.partial(_kernel, names=names, geo=geo, block_c=block_c, has_pre=has_pre,
+                               has_post=has_post, has_bias=bias is not None)
+    return pl.pallas_call(
         kernel,
         grid=(b, c // block_c),
-        in_specs=[sig_spec] * len(sig) + extra_specs + [filt_spec, filt_spec] + const_specs,
+        in_specs=[sig_spec] * len(sig) + extra_specs + [filt_spec] + const_specs,
         out_specs=sig_spec,
-        out_shape=jax.ShapeDtypeStruct((b, c, rows, n2), jnp.float32),
+        out_shape=jax.ShapeDtypeStruct(sig[0].shape, jnp.float32),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret, m),
-        name="fftconv_monarch",
-    )(*sig, *extra, hr, hi, *consts)
-    return out.reshape(b, c, p)[..., :n]
+        compiler_params=_compiler_params(interpret, geo.size),
+        name=f"fftconv_monarch_{geo.mode}_order{len(geo.factors)}",
+    )(*sig, *extra, filt, *consts)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8))
-def fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, interpret):
+def _outer_conv(v, spec, plan: MonarchPlan, cols: tuple[int, ...], block_c: int,
+                interpret: bool):
+    """The outer decimation-in-frequency step (module docstring): v [batch, channels, N] float32
+    -> the first N samples of circ_conv_M(v, h), float32. The Q-point DFTs are matmuls with a
+    precomputed DFT matrix (Q <= 128 is too small for an FFT to pay)."""
+    b, c, n = v.shape
+    m = spec.shape[-1]
+    q, geo = plan.outer, plan.geometry(m)
+    r = geo.size
+    dft = monarch.outer_matrices(m, q)
+    x = jnp.pad(v, ((0, 0), (0, 0), (0, m // 2 - n))).reshape(b, c, q // 2, r)  # [b, c, q, r]
+    hi = lax.Precision.HIGHEST
+    # B[f_q, r] = sum_{q < Q/2} x[r + R q] ω_Q^(q f_q), then b = B ⊙ ω_M^(r f_q)
+    br = jnp.einsum("fq,bcqr->bcfr", dft["fwd_re"], x, precision=hi)  # [b, c, Q, R]
+    bi = jnp.einsum("fq,bcqr->bcfr", dft["fwd_im"], x, precision=hi)
+    xr, xi = br * dft["tw_re"] - bi * dft["tw_im"], br * dft["tw_im"] + bi * dft["tw_re"]
+    sig = jnp.stack([xr, xi], axis=3).reshape(b, c * q, 2, geo.rows_in, geo.width)
+    filt = _filter_planes(spec, m, plan, cols)
+    y = _kernel_call([sig], None, filt, geo=geo, cols=cols, block_c=block_c,
+                     interpret=interpret, has_pre=False, has_post=False)
+    y = y.reshape(b, c, q, 2, r)
+    yr, yi = y[:, :, :, 0], y[:, :, :, 1]  # [b, c, f_q, r]: the inner convolutions
+    # ⊙ ω_M^(-r f_q), then y[r + R q] = Re sum_f ω_Q^(-q f) (.)[f, r] / Q for q < Q/2
+    zr, zi = yr * dft["tw_re"] + yi * dft["tw_im"], yi * dft["tw_re"] - yr * dft["tw_im"]
+    out = (jnp.einsum("qf,bcfr->bcqr", dft["inv_re"], zr, precision=hi)
+           - jnp.einsum("qf,bcfr->bcqr", dft["inv_im"], zi, precision=hi))
+    return out.reshape(b, c, m // 2)[..., :n]
+
+
+@functools.partial(jax.jit, static_argnames=("plan", "cols", "block_c", "interpret"))
+def _circular_conv(x, pre, post, bias, spec, *, plan: MonarchPlan, cols: tuple[int, ...],
+                   block_c: int, interpret: bool):
+    """x, pre, post [batch, channels, N] (pre/post may be None); bias [channels] or None;
+    spec [channels, M] complex (the filter's spectrum) -> float32 [batch, channels, N]:
+    post * (first N samples of circ_conv_M(pre * x, h) + bias * pre * x)."""
+    n = x.shape[-1]
+    m = spec.shape[-1]
+    if plan.outer > 1:  # gates and bias in XLA around the outer step
+        v = x.astype(jnp.float32)
+        if pre is not None:
+            v = v * pre.astype(jnp.float32)
+        y = _outer_conv(v, spec, plan, cols, block_c, interpret)
+        if bias is not None:
+            y = y + bias.astype(jnp.float32)[:, None] * v
+        return y if post is None else y * post.astype(jnp.float32)
+    geo = plan.geometry(m)
+    sig = [_to_kernel_layout(a, geo, plan, m // 2) for a in (x, pre, post) if a is not None]
+    y = _kernel_call(sig, bias, _filter_planes(spec, m, plan, cols), geo=geo, cols=cols,
+                     block_c=block_c, interpret=interpret, has_pre=pre is not None,
+                     has_post=post is not None)
+    return _from_kernel_layout(y, plan, n)
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
+def fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, interpret,
+            plan=None):
     """u [batch, channels, N]; k [channels, L]; gates [batch, channels, N] or None; bias
-    [channels] or None -> float32 y [batch, channels, N]."""
-    return _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, interpret)[0]
+    [channels] or None -> float32 y [batch, channels, N]. ``plan``: a ``monarch.MonarchPlan``
+    or None for ``monarch.choose_plan``'s by size."""
+    return _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, interpret,
+                plan)[0]
 
 
-def _filter(k, n: int, offset: int, freq_sparsity: float):
-    """The effective filter without the bias (the kernel adds bias * v itself, so the bias does
-    not densify a frequency-sparse spectrum) and the D-order columns it needs."""
+def _filter(k, n: int, offset: int, freq_sparsity: float, plan: MonarchPlan | None):
+    """The effective filter's spectrum without the bias (the kernel adds bias * v itself, so the
+    bias does not densify a frequency-sparse spectrum) [channels, M] complex, the plan and the
+    spectrum-layout columns it needs."""
     m = monarch.fft_size(n)
-    cols = monarch.frequency_columns(m, filters.keep_frequencies(m, freq_sparsity))
-    return filters.effective_filter(k, None, m=m, offset=offset,
-                                    freq_sparsity=freq_sparsity), cols
+    plan = monarch.choose_plan(m) if plan is None else plan
+    geo = plan.geometry(m)
+    if plan.outer > 1:  # the inner filters are dense: every column
+        cols = tuple(range(geo.factors[-1]))
+    else:
+        cols = monarch.frequency_columns(geo.size, filters.keep_frequencies(m, freq_sparsity),
+                                         geo.factors)
+    h = filters.effective_filter(k, None, m=m, offset=offset, freq_sparsity=freq_sparsity)
+    return jnp.fft.fft(h, axis=-1), plan, cols
 
 
-def _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, interpret):
-    h, cols = _filter(k, u.shape[-1], offset, freq_sparsity)
-    hr, hi = _spectrum_planes(h, cols)
-    y = _circular_conv(u, pre_gate, post_gate, bias, hr, hi, cols=cols, block_c=block_c,
-                       interpret=interpret)
+def _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, interpret, plan):
+    spec, plan, cols = _filter(k, u.shape[-1], offset, freq_sparsity, plan)
+    y = _circular_conv(u, pre_gate, post_gate, bias, spec, plan=plan, cols=cols,
+                       block_c=block_c, interpret=interpret)
     return y, (u, k, pre_gate, post_gate, bias)
 
 
-def _bwd(offset, freq_sparsity, block_c, interpret, res, g):
+def _bwd(offset, freq_sparsity, block_c, interpret, plan, res, g):
     u, k, pre_gate, post_gate, bias = res
     n = u.shape[-1]
     m = monarch.fft_size(n)
-    h, cols = _filter(k, n, offset, freq_sparsity)
-    hr, hi = _spectrum_planes(h, cols)
+    spec, plan, cols = _filter(k, n, offset, freq_sparsity, plan)
     g = g.astype(jnp.float32)
-    run = functools.partial(_circular_conv, cols=cols, block_c=block_c, interpret=interpret)
+    run = functools.partial(_circular_conv, plan=plan, cols=cols, block_c=block_c,
+                            interpret=interpret)
     d_post = None
     if post_gate is not None:
-        y_core = run(u, pre_gate, None, bias, hr, hi)  # recomputed rather than kept as a residual
+        y_core = run(u, pre_gate, None, bias, spec)  # recomputed rather than kept as a residual
         d_post = (g * y_core).astype(post_gate.dtype)
     # dL/dv = correlation of gc = post * g with h (conj(H)) plus bias * gc: the same kernel
-    dv = run(g, post_gate, None, bias, hr, -hi)
+    dv = run(g, post_gate, None, bias, jnp.conj(spec))
     v = u.astype(jnp.float32)
     if pre_gate is not None:
         v = v * pre_gate.astype(jnp.float32)

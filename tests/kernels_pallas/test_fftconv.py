@@ -7,15 +7,18 @@ import numpy as np
 import pytest
 
 from kernels_pallas import fftconv
-from kernels_pallas.fftconv import filters, monarch
+from kernels_pallas.fftconv import MonarchPlan, filters, monarch, pallas_gpu
 
 # f32: an FFT of size M has relative error ~ eps * log2(M) (<= 2e-6 at M = 64K); the direct
-# convolution sums the same products exactly in order. Measured ~2e-7 at N <= 4096.
+# convolution sums the same products exactly in order. Measured ~2e-7 at N <= 4096, and 2-3e-7
+# at N = 4095 on every Monarch plan (order 2 or 3, r2c, outer step: each an exact factorization
+# of the same DFT, one extra float32 stage adds ~eps).
 F32_RTOL = 5e-6
 # bf16 inputs: the output is rounded to bfloat16 (8 mantissa bits, 2^-9 relative per element),
 # both sides compute in float32 from the same rounded inputs.
 BF16_RTOL = 1e-2
-# Gradients: a forward and a backward FFT conv (or correlation) in float32.
+# Gradients: a forward and a backward FFT conv (or correlation) in float32 (measured <= 1e-6 on
+# every Monarch plan; order 3 and the outer step add a DFT stage each, ~eps * log2(M) apiece).
 GRAD_RTOL = 1e-5
 BACKENDS = ("xla", "pallas")
 BATCH, CHANNELS = 1, 2  # small: pallas runs interpreted on CPU
@@ -66,11 +69,14 @@ def test_reference_gates_and_bias_follow_definition():
     assert _rel(got, want) < 1e-6
 
 
-SIZES = [(n, l) for n in (256, 1000, 4096) for l in (n, 17, n // 2)]
+# pallas interprets on CPU (seconds per compile): one filter length per size, each size a plan
+# by size (order 2, r2c order 2 at M = 2048 and at M = 8192); the other plans run in
+# test_outputs_and_grads_match_reference.
+SIZES = ([("xla", n, l) for n in (256, 1000, 4096) for l in (n, 17, n // 2)]
+         + [("pallas", 256, 256), ("pallas", 1000, 17), ("pallas", 4096, 2048)])
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n, l", SIZES)
+@pytest.mark.parametrize("backend, n, l", SIZES)
 def test_backends_match_direct_convolution(backend, n, l):
     u, k = _inputs(n, l, seed=n + l)
     got = fftconv(u, k, backend=backend)
@@ -123,26 +129,37 @@ def test_bf16_inputs_within_bf16_tolerance(backend):
     assert _rel(got, want.astype(jnp.float32)) < BF16_RTOL
 
 
-GRAD_CASES = [  # (backend, bidirectional, freq_sparsity)
-    ("xla", False, 0.0), ("xla", True, 0.6), ("pallas", False, 0.0), ("pallas", True, 0.6)]
+ORDER2, R2C = MonarchPlan(order=2), MonarchPlan(order=2, r2c=True)
+ORDER3, ORDER3_R2C = MonarchPlan(order=3), MonarchPlan(order=3, r2c=True)
+OUTER, OUTER_ORDER3 = MonarchPlan(order=2, outer=4), MonarchPlan(order=3, outer=2)
+# (backend, bidirectional, freq_sparsity, monarch_plan): every Monarch plan, forced at a small
+# size (odd N, L < N, every gate), forward and backward; None is the plan by size (r2c here).
+# (Plain order 2 shares its backward with ORDER3's "real" kernel mode; its forward runs at
+# N = 256 in the other tests.)
+GRAD_CASES = [
+    ("xla", False, 0.0, None), ("xla", True, 0.6, None), ("pallas", True, 0.6, None),
+    ("pallas", False, 0.0, ORDER3), ("pallas", True, 0.6, ORDER3_R2C),
+    ("pallas", True, 0.0, OUTER), ("pallas", False, 0.6, OUTER_ORDER3)]
 
 
-@pytest.mark.parametrize("backend, bidirectional, freq_sparsity", GRAD_CASES)
-def test_grads_match_reference_autodiff(backend, bidirectional, freq_sparsity):
-    n, l = 300, 40
+@pytest.mark.parametrize("backend, bidirectional, freq_sparsity, plan", GRAD_CASES)
+def test_outputs_and_grads_match_reference(backend, bidirectional, freq_sparsity, plan):
+    n, l = 299, 40
     u, k = _inputs(n, l, seed=6)
     pre, post, bias = _gates(n)
     w = jnp.asarray(np.random.default_rng(7).normal(size=u.shape), jnp.float32)
+    plan_kw = {} if plan is None else dict(monarch_plan=plan)
 
-    def loss(be):
+    def fwd_bwd(be, kw):
         def f(u, k, pre, post, bias):
-            y = fftconv(u, k, pre_gate=pre, post_gate=post, bias=bias,
-                        bidirectional=bidirectional, freq_sparsity=freq_sparsity, backend=be)
-            return jnp.sum(w * y)
-        return jax.jit(jax.grad(f, argnums=(0, 1, 2, 3, 4)))
+            return fftconv(u, k, pre_gate=pre, post_gate=post, bias=bias,
+                           bidirectional=bidirectional, freq_sparsity=freq_sparsity, backend=be,
+                           **kw)
+        return jax.jit(lambda *args: (lambda y, vjp: (y, vjp(w)))(*jax.vjp(f, *args)))
 
-    got = loss(backend)(u, k, pre, post, bias)
-    want = loss("reference")(u, k, pre, post, bias)
+    y, got = fwd_bwd(backend, plan_kw)(u, k, pre, post, bias)
+    y_ref, want = fwd_bwd("reference", {})(u, k, pre, post, bias)
+    assert _rel(y, y_ref) < F32_RTOL
     for name, g, r in zip(("u", "k", "pre_gate", "post_gate", "bias"), got, want):
         assert g.shape == r.shape
         assert _rel(g, r) < GRAD_RTOL, name
@@ -172,18 +189,35 @@ def test_freq_sparsity_degrades_monotonically():
     assert errors[0] < 0.05 and errors[-1] > 0.2, errors  # smooth filter: high bins matter little
 
 
-@pytest.mark.parametrize("backend", BACKENDS)
-def test_freq_sparse_backends_match_reference(backend):
-    n, l = 300, 300
-    u, k = _inputs(n, l, seed=10, smooth=True)
+@pytest.mark.parametrize("backend, n", [("xla", 300), ("pallas", 1000)])
+def test_freq_sparse_backends_match_reference(backend, n):
+    u, k = _inputs(n, n, seed=10, smooth=True)
     _, post, bias = _gates(n)
-    m = monarch.fft_size(n)
-    # at 0.75 the pallas kernel skips half of the N2 = 32 D-order columns
-    assert len(monarch.frequency_columns(m, filters.keep_frequencies(m, 0.75))) == 16
+    if backend == "pallas":  # at 0.75 the r2c kernel (size M/2 = 32 x 32) skips half its columns
+        m = monarch.fft_size(n)
+        geo = monarch.choose_plan(m).geometry(m)
+        cols = monarch.frequency_columns(geo.size, filters.keep_frequencies(m, 0.75), geo.factors)
+        assert len(cols) == 16 and geo.factors == (32, 32)
     for r in (0.0, 0.25, 0.75):
         kw = dict(freq_sparsity=r, post_gate=post, bias=bias)
         assert _rel(fftconv(u, k, backend=backend, **kw),
                     fftconv(u, k, backend="reference", **kw)) < F32_RTOL, r
+
+
+@pytest.mark.parametrize("factors", [(32, 32), (32, 16, 32), (64, 32, 32)])
+def test_frequency_columns_hold_every_kept_frequency(factors):
+    """The kept spectrum columns of an order-2 or order-3 layout hold every frequency the
+    low-passed filter keeps (so skipping the others is exact) and skip some at s = 0.75."""
+    size = int(np.prod(factors))
+    index = monarch.spectrum_index(size, factors)  # [spec_rows, N_last]: the frequency held
+    assert sorted(index.ravel()) == list(range(size))
+    for s in (0.25, 0.75):
+        cutoff = filters.keep_frequencies(size, s)
+        cols = monarch.frequency_columns(size, cutoff, factors)
+        kept = index[:, list(cols)]
+        f = np.arange(size)
+        assert np.isin(f[(f <= cutoff) | (f >= size - cutoff)], kept).all(), s
+    assert len(cols) < factors[-1]
 
 
 def test_pallas_block_c_matches_reference():
@@ -202,6 +236,43 @@ def test_jit_matches_eager(backend):
                                                   backend=backend))
     want = fftconv(u, k[:, :9], pre_gate=pre, bias=bias, backend="reference")
     assert _rel(f(u, k, pre, bias), want) < F32_RTOL
+
+
+def test_choose_plan_follows_size_rule_and_lowers():
+    """Order 2 without r2c only at M = 512, r2c order 2 to N = 4096, r2c order 3 to N = 16384,
+    an outer step around order-3 kernels of MAX_KERNEL_SIZE beyond; every chosen kernel has
+    matmuls Triton can compile and does fewer real MACs than the plain order-2 kernel."""
+    want = {256: ORDER2, 512: R2C, 4096: R2C, 8192: ORDER3_R2C, 16384: ORDER3_R2C,
+            32768: MonarchPlan(order=3, outer=4), 2**21: MonarchPlan(order=3, outer=256)}
+    for n in (1, 100, 256, 257, 512, 1000, 4096, 8192, 16384, 32768, 2**21):
+        m = monarch.fft_size(n)
+        plan = monarch.choose_plan(m)
+        if n in want:
+            assert plan == want[n], n
+        geo = plan.geometry(m)
+        assert geo.lowers_to_triton and geo.size <= monarch.MAX_KERNEL_SIZE, n
+        plain = ORDER2.geometry(m)
+        assert (geo.real_macs(geo.factors[-1]) * plan.outer
+                <= plain.real_macs(plain.factors[-1])), n
+
+
+@pytest.mark.parametrize("n", [256, 1000, 8192, 32768])
+def test_pallas_plans_lower_to_triton(n):
+    """Each kernel mode and order as chosen by size (order 2 real, r2c order 2, r2c order 3, the
+    outer step around order-3 kernels), forward and backward, passes the Pallas -> Triton lowering (block shapes, reshapes and transposes in the
+    kernel); lowering needs no GPU, compiling to PTX does."""
+    pytest.importorskip("jax.experimental.pallas.triton")
+    u = jax.ShapeDtypeStruct((2, 4, n), jnp.bfloat16)
+    k = jax.ShapeDtypeStruct((4, 100), jnp.float32)
+    bias = jax.ShapeDtypeStruct((4,), jnp.float32)
+
+    def fwd_bwd(u, k, pre, post, bias):
+        y, vjp = jax.vjp(lambda *a: pallas_gpu.fftconv(*a, 0, 0.0, 1, False, None),
+                         u, k, pre, post, bias)
+        return vjp(y)
+
+    lowered = jax.jit(fwd_bwd).trace(u, k, u, u, bias).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3  # forward, d_post, dv
 
 
 def test_monarch_factors_cover_fft_size():
@@ -224,6 +295,8 @@ BAD_INPUTS = [  # (what to change, error type, words the message must contain)
     (dict(freq_sparsity=1.0), ValueError, "freq_sparsity"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(backend="pallas", block_c=3), ValueError, "block_c"),
+    (dict(backend="pallas", monarch_plan="order3"), TypeError, "monarch_plan must be"),
+    (dict(backend="pallas", monarch_plan=MonarchPlan(outer=1024)), ValueError, "does not fit"),
 ]
 
 
