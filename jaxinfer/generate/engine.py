@@ -16,6 +16,15 @@ refused there and never reaches a step shared with others. With `n > 1` a reques
 sequences sharing the prompt; its events and result then hold one token list per sample (with
 `first_finish`, First Finish Search, the result is the first finished sample's list alone).
 
+Draft-model speculation (`draft_model`, `speculative_tokens`=γ): a small model of the same
+vocabulary guesses γ tokens per decoding request each step (`draft_step.py`), and the target
+verifies them in the same step as its other work. Lossless by construction: the target samples at
+every guessed position with the key plain decoding would use there, and a guess stands only while
+it equals that sample, so the output is token for token the non-speculative engine's (greedy: the
+target's argmax). The draft samples its guesses with those same keys (coupled sampling), so a
+guess is accepted with probability P(draft sample == target sample), high when the two models
+agree. The draft's K/V pages share the target's page ids (see `draft_step.py`).
+
 SnapKV (`snapkv_budget`): a prompt longer than the budget is prefilled whole, its last chunk
 holding the observation window; right after that step `snapkv.compress_sequence` keeps `budget`
 of its cached tokens per KV head, in place in its first pages, and frees the rest. Its later
@@ -32,7 +41,10 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.generate.engine_step import StepInputs, compiled_step, empty_inputs, mark_seen
+from jaxinfer.generate.draft_step import (compiled_draft_pass, compiled_propose,
+                                          empty_propose_inputs)
+from jaxinfer.generate.engine_step import (StepInputs, compiled_step, empty_inputs, mark_seen,
+                                           set_sampling_rows)
 from jaxinfer.generate.paged_cache import default_num_pages, pages_for
 from jaxinfer.generate.prompt_lookup import lookup_draft
 from jaxinfer.generate.sampling_params import SamplingParams
@@ -42,6 +54,9 @@ from jaxinfer.generate.snapkv import compress_sequence
 log = logging.getLogger(__name__)
 
 MIN_BUCKET = 8  # smallest token bucket: fewer compilations; padding a decode step is cheap
+# a draft model's guesses are computed after scheduling; until then the draft holds this token
+# (never verified: `_fill_drafts` replaces every placeholder of a scheduled request)
+PLACEHOLDER = 0
 
 
 class Event(NamedTuple):
@@ -77,6 +92,25 @@ def _check_positive_int(name: str, value) -> None:
         raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
 
 
+def _check_paged(name: str, model) -> None:
+    """TypeError unless the model has a paged KV cache (what the engine runs)."""
+    if not hasattr(model, "forward_paged"):
+        raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
+                        f"Mixtral); {name} {type(model).__name__} has no paged KV cache: use "
+                        f"jaxinfer.generate")
+
+
+def _check_context(whose: str, config, max_model_len: int) -> None:
+    """ValueError unless the model serves max_model_len positions with full attention."""
+    if max_model_len > config.max_position_embeddings:
+        raise ValueError(f"max_model_len must be <= {whose} context "
+                         f"({config.max_position_embeddings}); got {max_model_len}")
+    if config.sliding_window is not None and config.sliding_window < max_model_len:
+        raise ValueError(f"the paged engine has no sliding-window attention yet: need "
+                         f"max_model_len <= {whose} sliding_window ({config.sliding_window}); "
+                         f"got max_model_len={max_model_len}")
+
+
 class Engine:
     """Serve many requests at once on one model (see the module docstring for the API).
 
@@ -91,6 +125,12 @@ class Engine:
     found from the last `lookup_ngram` tokens (`prompt_lookup.py`); verified in the same step, so
     outputs are unchanged and a step may emit several tokens of a request. Counts:
     `num_draft_tokens`, `num_accepted_tokens`.
+    draft_model: propose the speculative_tokens (>= 1) guesses with this model instead of prompt
+    lookup (lookup_ngram is then unused): a paged model with the target's vocab_size and a context
+    of at least max_model_len; its KV pages (in kv_dtype) take num_pages pages of its own size. A
+    request with a repetition penalty decodes without drafts (with either drafter: a drafted
+    token would count as seen before it is accepted). Works with hydragen (the draft's pass over
+    the step's tokens shares the prefix pages too); not with snapkv_budget (ValueError).
     hydragen: in a step where several sequences start with the same cached pages, attend to those
     pages once for all their tokens (one dense attention, Hydragen) and page through only the rest
     of each sequence; costs one more compiled variant per token bucket.
@@ -107,11 +147,8 @@ class Engine:
                  max_model_len: int | None = None, kv_dtype: str | None = None,
                  prefix_caching: bool = True, speculative_tokens: int = 0,
                  lookup_ngram: int = 3, hydragen: bool = False,
-                 snapkv_budget: int | None = None, snapkv_window: int = 8):
-        if not hasattr(model, "forward_paged"):
-            raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
-                            f"Mixtral); {type(model).__name__} has no paged KV cache: use "
-                            f"jaxinfer.generate")
+                 snapkv_budget: int | None = None, snapkv_window: int = 8, draft_model=None):
+        _check_paged("model", model)
         config = model.config
         _check_positive_int("max_batch", max_batch)
         _check_positive_int("page_size", page_size)
@@ -119,13 +156,7 @@ class Engine:
         if max_model_len is None:
             max_model_len = config.max_position_embeddings
         _check_positive_int("max_model_len", max_model_len)
-        if max_model_len > config.max_position_embeddings:
-            raise ValueError(f"max_model_len must be <= the model's context "
-                             f"({config.max_position_embeddings}); got {max_model_len}")
-        if config.sliding_window is not None and config.sliding_window < max_model_len:
-            raise ValueError(f"the paged engine has no sliding-window attention yet: need "
-                             f"max_model_len <= sliding_window ({config.sliding_window}); "
-                             f"got max_model_len={max_model_len}")
+        _check_context("the model's", config, max_model_len)
         if kv_dtype not in (None, "int8"):
             raise ValueError(f"kv_dtype must be None (the model's dtype) or 'int8'; got "
                              f"{kv_dtype!r}")
@@ -142,6 +173,9 @@ class Engine:
                                  f"max_tokens_per_step (the window's queries come from one step);"
                                  f" got snapkv_window={snapkv_window}, snapkv_budget="
                                  f"{snapkv_budget}, max_tokens_per_step={max_tokens_per_step}")
+        if draft_model is not None:
+            self._check_draft(draft_model, config, max_model_len, speculative_tokens,
+                              snapkv_budget)
         # the step returns the queries of snapkv_window tokens even when SnapKV is off (a few
         # rows), so that engines of one geometry share one compiled step either way
         self.snapkv_budget, self.snapkv_window = snapkv_budget, int(snapkv_window)
@@ -155,7 +189,8 @@ class Engine:
         self.pages_per_seq = pages_for(self.max_model_len, self.page_size)
         if num_pages is None:
             num_pages = default_num_pages(config, self.page_size, self.max_batch,
-                                          self.max_model_len, kv_dtype)
+                                          self.max_model_len, kv_dtype,
+                                          None if draft_model is None else draft_model.config)
         _check_positive_int("num_pages", num_pages)
         self.num_pages = int(num_pages)
         self.buckets = token_buckets(int(max_tokens_per_step))
@@ -163,6 +198,13 @@ class Engine:
         graphdef, self._state = nnx.split(model)
         self._step = compiled_step(graphdef)
         self._cache = model.init_paged_cache(self.num_pages, self.page_size, kv_dtype)
+        self._draft = draft_model
+        if draft_model is not None:
+            draft_graphdef, self._draft_state = nnx.split(draft_model)
+            self._draft_pass = compiled_draft_pass(draft_graphdef)
+            self._propose = compiled_propose(draft_graphdef, speculative_tokens)
+            self._draft_cache = draft_model.init_paged_cache(self.num_pages, self.page_size,
+                                                             kv_dtype)
         self._seen = jnp.zeros((self.max_batch, config.vocab_size), bool)  # [B, vocab]
         self._scheduler = Scheduler(self.max_batch, self.page_size, self.num_pages,
                                     int(max_tokens_per_step), bool(prefix_caching),
@@ -172,6 +214,24 @@ class Engine:
         self._next_id = 0
         self._arrivals = 0
         self.last_step: StepStats | None = None
+
+    @staticmethod
+    def _check_draft(draft_model, config, max_model_len: int, speculative_tokens: int,
+                     snapkv_budget: int | None) -> None:
+        """ValueError (TypeError) for a draft model the engine cannot pair with this target."""
+        _check_paged("draft_model", draft_model)
+        if draft_model.config.vocab_size != config.vocab_size:
+            raise ValueError(f"draft_model must share the model's vocabulary; got draft "
+                             f"vocab_size {draft_model.config.vocab_size}, model vocab_size "
+                             f"{config.vocab_size}")
+        if speculative_tokens == 0:
+            raise ValueError("draft_model needs speculative_tokens >= 1 (the tokens it guesses "
+                             "per step); got speculative_tokens=0")
+        if snapkv_budget is not None:
+            raise ValueError(f"draft_model cannot be combined with snapkv_budget "
+                             f"({snapkv_budget}): SnapKV compresses only the target's pages; "
+                             f"leave one of them None")
+        _check_context("the draft model's", draft_model.config, max_model_len)
 
     @property
     def num_preemptions(self) -> int:
@@ -241,6 +301,8 @@ class Engine:
         chunks = self._scheduler.schedule()
         if not chunks:
             return []
+        if self._draft is not None:
+            self._fill_drafts(chunks)
         for chunk in chunks:
             if chunk.request.from_cache:  # its cached tokens never pass through a step
                 self._mark_seen(chunk.request)
@@ -252,6 +314,8 @@ class Engine:
             shared_prefix=int(inputs.prefix_len))
         tokens, self._cache, self._seen, queries = self._step(self._state, self._cache,
                                                                self._seen, inputs)
+        if self._draft is not None:  # the draft's K/V follow the target's, token for token
+            self._draft_cache = self._draft_pass(self._draft_state, self._draft_cache, inputs)
         for chunk in chunks:
             if chunk.compresses:  # before the chunk's request may finish and free its pages
                 self._compress(chunk.request, queries)
@@ -292,14 +356,40 @@ class Engine:
         return kept
 
     def _propose_drafts(self) -> None:
-        """Prompt-lookup drafts for running requests that decode (not those with a repetition
-        penalty: a draft token would count as seen before it is accepted)."""
+        """Drafts of up to speculative_tokens tokens (never past max_tokens) for running requests
+        that decode, except those with a repetition penalty (a draft token would count as seen
+        before it is accepted). Prompt lookup finds the tokens here; a draft model's are
+        placeholders until `_fill_drafts`: the scheduler first trims each draft to the step's
+        budget and to the pages it can get, so the draft model writes only into given pages."""
         for request in self._scheduler.running:
+            request.draft = []  # one left from a step that did not schedule the request
             p = request.params
             if request.remaining != 1 or p.repetition_penalty != 1.0:
                 continue
             room = min(self.speculative_tokens, p.max_tokens - len(request.output) - 1)
-            request.draft = lookup_draft(request.tokens, self.lookup_ngram, room)
+            if self._draft is None:
+                request.draft = lookup_draft(request.tokens, self.lookup_ngram, room)
+            else:
+                request.draft = [PLACEHOLDER] * room
+
+    def _fill_drafts(self, chunks: list[Chunk]) -> None:
+        """Replace the scheduled placeholder drafts by the draft model's guesses (one proposal
+        for every drafting request of the step)."""
+        drafting = [chunk.request for chunk in chunks if chunk.request.draft]
+        if not drafting:
+            return
+        inputs = empty_propose_inputs(self.max_batch, self.pages_per_seq, self.num_pages)
+        for request in drafting:
+            slot = request.slot
+            inputs.token_ids[slot] = request.tokens[request.computed]  # the last real token
+            inputs.positions[slot] = request.computed
+            inputs.active[slot] = True
+            inputs.page_table[slot, :len(request.pages)] = request.pages
+            set_sampling_rows(inputs, slot, request.params, request.sample_index)
+        guesses, self._draft_cache = self._propose(self._draft_state, self._draft_cache, inputs)
+        guesses = np.asarray(guesses)  # [B, speculative_tokens]
+        for request in drafting:
+            request.draft = guesses[request.slot, :len(request.draft)].tolist()
 
     def stream(self) -> Iterator[Event]:
         """Step until every submitted request has finished, yielding events as tokens appear."""
@@ -336,9 +426,10 @@ class Engine:
         return [self._results.pop(i) for i in ids]
 
     def warmup(self) -> None:
-        """Compile the step for every token bucket, the prefix-cache hit's `mark_seen` and, with
-        SnapKV, the compression (all-padding steps, an out-of-range slot and a page row of
-        out-of-range pages change nothing)."""
+        """Compile the step for every token bucket, the prefix-cache hit's `mark_seen`, with
+        SnapKV the compression and with a draft model its pass for every bucket and its
+        proposal (all-padding steps, an out-of-range slot and a page row of out-of-range pages
+        change nothing)."""
         padding = np.full(self.pages_per_seq * self.page_size, self.config.vocab_size, np.int32)
         self._seen = mark_seen(self._seen, np.int32(self.max_batch), padding)
         for tokens in self.buckets:
@@ -347,6 +438,13 @@ class Engine:
                                       self.pages_per_seq, prefix_pages, self.snapkv_window)
                 _, self._cache, self._seen, queries = self._step(self._state, self._cache,
                                                                   self._seen, inputs)
+                if self._draft is not None:
+                    self._draft_cache = self._draft_pass(self._draft_state, self._draft_cache,
+                                                         inputs)
+        if self._draft is not None:
+            _, self._draft_cache = self._propose(
+                self._draft_state, self._draft_cache,
+                empty_propose_inputs(self.max_batch, self.pages_per_seq, self.num_pages))
         if self.snapkv_budget is not None:
             self._cache = compress_sequence(
                 self._cache, queries, np.full(self.pages_per_seq, self.num_pages, np.int32),
@@ -411,17 +509,10 @@ class Engine:
             if chunk.compresses:  # the scheduler lets one chunk per step do so
                 inputs.observe_rows[:] = np.arange(i - self.snapkv_window, i)
             if chunk.samples:
-                p = request.params
                 rows = slice(row, row + len(request.draft) + 1)
                 inputs.logit_rows[rows] = np.arange(i - len(request.draft) - 1, i)
                 inputs.sample_slot[rows] = request.slot
-                inputs.temperature[rows] = p.temperature
-                inputs.top_k[rows] = p.top_k or 0
-                inputs.top_p[rows] = 1.0 if p.top_p is None else p.top_p
-                inputs.min_p[rows] = p.min_p or 0.0
-                inputs.repetition_penalty[rows] = p.repetition_penalty
-                inputs.seed[rows] = p.seed
-                inputs.sample_index[rows] = request.sample_index
+                set_sampling_rows(inputs, rows, request.params, request.sample_index)
                 row = rows.stop
         return inputs, row
 

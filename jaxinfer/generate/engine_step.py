@@ -27,6 +27,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.generate.sampling import SamplingArrays, sample_next_token
+from jaxinfer.generate.sampling_params import SamplingParams
 from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, SharedPrefix
 
 
@@ -73,8 +74,9 @@ def empty_inputs(tokens: int, rows: int, max_batch: int, pages_per_seq: int,
         observe_rows=np.zeros(observe, np.int32))
 
 
-def _row_key(seed: jax.Array, sample_index: jax.Array, position: jax.Array) -> jax.Array:
-    """The key of one draw: a function of the request's seed, sample and position only."""
+def row_key(seed: jax.Array, sample_index: jax.Array, position: jax.Array) -> jax.Array:
+    """The key of the draw of the token at `position`: a function of the request's seed, sample
+    and that position only (a draft model samples its guess there with the same key)."""
     return jax.random.fold_in(jax.random.fold_in(jax.random.key(seed), sample_index), position)
 
 
@@ -87,28 +89,48 @@ def compiled_step(graphdef: nnx.GraphDef):
     return jax.jit(functools.partial(_step, graphdef), donate_argnums=(1, 2))
 
 
+def step_batch(inputs: StepInputs, cache: PagedKVCache) -> PagedBatch:
+    """The model's per-token view of a step: rotary positions, the flat K/V slot each token
+    writes (padding writes out of the pool, dropped), its sequence's page row and the keys it
+    attends to; the shared prefix when the step has one (a static shape: its own variant)."""
+    page_size = cache.page_size
+    pos, valid = inputs.positions, inputs.valid
+    page_rows = inputs.page_table[inputs.token_slot]  # [T, pages_per_seq]
+    cached = pos - inputs.cache_offset  # [T]: cache slot of each token in its sequence
+    page = jnp.take_along_axis(page_rows, (cached // page_size)[:, None], axis=1)[:, 0]  # [T]
+    out_of_pool = cache.num_pages * page_size
+    shared = None
+    if inputs.prefix_pages.shape[0]:
+        shared = SharedPrefix(inputs.prefix_pages, inputs.prefix_len, inputs.prefix_member)
+    return PagedBatch(positions=pos,
+                      write_slots=jnp.where(valid, page * page_size + cached % page_size,
+                                            out_of_pool),
+                      page_rows=page_rows, lengths=jnp.where(valid, cached + 1, 0), shared=shared)
+
+
+def set_sampling_rows(inputs, rows: slice | int, params: SamplingParams,
+                      sample_index: int) -> None:
+    """Write one request's sampling settings into rows of the [R] arrays of inputs (a
+    `StepInputs` or a `draft_step.ProposeInputs`: any tuple of arrays with these fields)."""
+    inputs.temperature[rows] = params.temperature
+    inputs.top_k[rows] = params.top_k or 0
+    inputs.top_p[rows] = 1.0 if params.top_p is None else params.top_p
+    inputs.min_p[rows] = params.min_p or 0.0
+    inputs.repetition_penalty[rows] = params.repetition_penalty
+    inputs.seed[rows] = params.seed
+    inputs.sample_index[rows] = sample_index
+
+
 def _step(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache, seen: jax.Array,
           inputs: StepInputs) -> tuple[jax.Array, PagedKVCache, jax.Array, jax.Array]:
     """One step. seen bool [B, vocab] marks the tokens each slot's sequence holds (for the
     repetition penalty). Returns (next tokens int32 [R], cache, seen, queries at observe_rows
     [layers, W, Hq, D])."""
     model = nnx.merge(graphdef, state)
-    page_size = cache.page_size
     max_batch = seen.shape[0]
     pos, slot, valid = inputs.positions, inputs.token_slot, inputs.valid
-    page_rows = inputs.page_table[slot]  # [T, pages_per_seq]
-    cached = pos - inputs.cache_offset  # [T]: cache slot of each token in its sequence
-    page = jnp.take_along_axis(page_rows, (cached // page_size)[:, None], axis=1)[:, 0]  # [T]
-    out_of_pool = cache.num_pages * page_size
-    shared = None
-    if inputs.prefix_pages.shape[0]:  # static: a step with a shared prefix compiles its own variant
-        shared = SharedPrefix(inputs.prefix_pages, inputs.prefix_len, inputs.prefix_member)
-    meta = PagedBatch(positions=pos,
-                      write_slots=jnp.where(valid, page * page_size + cached % page_size,
-                                            out_of_pool),
-                      page_rows=page_rows, lengths=jnp.where(valid, cached + 1, 0), shared=shared)
-    logits, cache, queries = model.forward_paged(inputs.token_ids, meta, cache, inputs.logit_rows,
-                                                 inputs.observe_rows)
+    logits, cache, queries = model.forward_paged(inputs.token_ids, step_batch(inputs, cache), cache,
+                                                 inputs.logit_rows, inputs.observe_rows)
 
     # a sequence at position 0 (new, or recomputed after preemption) drops its slot's past
     seen = seen.at[jnp.where(valid & (pos == 0), slot, max_batch)].set(False, mode="drop")
@@ -117,7 +139,7 @@ def _step(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache, seen: j
     params = SamplingArrays(inputs.temperature, inputs.top_k, inputs.top_p, inputs.min_p,
                             inputs.repetition_penalty)
     new_positions = pos[inputs.logit_rows] + 1  # [R]: position of the token being sampled
-    keys = jax.vmap(_row_key)(inputs.seed, inputs.sample_index, new_positions)
+    keys = jax.vmap(row_key)(inputs.seed, inputs.sample_index, new_positions)
     tokens = sample_next_token(logits, params, keys, seen[inputs.sample_slot])
     return tokens, cache, seen, queries
 

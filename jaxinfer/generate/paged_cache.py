@@ -112,11 +112,14 @@ def pages_for(tokens: int, page_size: int) -> int:
 
 
 def default_num_pages(config: LlamaConfig, page_size: int, max_batch: int,
-                      max_model_len: int, kv_dtype: str | None = None) -> int:
+                      max_model_len: int, kv_dtype: str | None = None,
+                      draft_config: LlamaConfig | None = None) -> int:
     """Pages that fit in memory: a fraction of the free device memory (a fixed cap on CPU), never
-    more than max_batch full-length sequences can use. kv_dtype None: the model's dtype."""
-    per_page = page_bytes(config.num_hidden_layers, page_size, config.num_key_value_heads,
-                          config.head_dim, config.dtype if kv_dtype is None else kv_dtype)
+    more than max_batch full-length sequences can use. kv_dtype None: the model's dtype. With a
+    draft model (draft_config) each page id also holds a page of the draft's K/V."""
+    per_page = sum(page_bytes(c.num_hidden_layers, page_size, c.num_key_value_heads, c.head_dim,
+                              c.dtype if kv_dtype is None else kv_dtype)
+                   for c in (config, draft_config) if c is not None)
     useful = max_batch * pages_for(max_model_len, page_size)
     device = jax.devices()[0]
     stats = device.memory_stats() if device.platform != "cpu" else None

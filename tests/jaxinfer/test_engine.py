@@ -39,8 +39,9 @@ GREEDY = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0.0, ignore_
 @pytest.fixture(scope="module")
 def model():
     """O(1) logits and attention scores (the default init is near-uniform, where a wrong page or
-    position would barely move the argmax)."""
-    model = jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0))
+    position would barely move the argmax). Built abstractly, then filled: running the default
+    initializers eagerly would compile each of them (seconds on a busy CPU) for nothing."""
+    model = nnx.eval_shape(lambda: jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
 
     def draw(path, x):

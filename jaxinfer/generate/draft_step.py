@@ -1,0 +1,121 @@
+"""The engine's jitted draft-model work: keep the draft's paged KV in step, and propose γ tokens.
+
+A draft model (a smaller model of the target's vocabulary) keeps its own K/V pages, shaped by its
+own config, under the SAME page ids as the target: a page the scheduler gives a sequence holds
+the target's K/V in the target's pool and the draft's K/V in the draft's pool. So the draft needs
+no bookkeeping of its own: allocation, prefix-cache hits, preemption and rollback after a
+rejection (rejected slots are overwritten later, as the target's are) all follow the target.
+
+Two functions, each of fixed shape:
+
+* `compiled_draft_pass`: the draft's forward over the same step inputs as the target's step
+  (prompt chunks, decode tokens and the drafts being verified), so that whatever K/V the target
+  holds for a sequence, the draft holds too.
+* `compiled_propose`: γ autoregressive draft decode steps (one `lax.scan`) for up to B sequences,
+  one token each per step, starting from each sequence's last token. The token guessed for
+  position p is drawn with the key the target samples position p with (`engine_step.row_key`),
+  after the same temperature / top-k / top-p / min-p filters (greedy at temperature 0): coupled
+  sampling, so where the draft's distribution is close to the target's the two draws coincide.
+  The target's exact-match verification keeps the output identical to decoding without drafts.
+"""
+
+from __future__ import annotations
+
+import functools
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from jaxinfer.generate.engine_step import StepInputs, row_key, step_batch
+from jaxinfer.generate.sampling import SamplingArrays, sample_next_token
+from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache
+
+
+class ProposeInputs(NamedTuple):
+    """Host-built inputs of one proposal, one row per request slot (B rows)."""
+
+    token_ids: np.ndarray  # int32 [B]: each drafting sequence's last token (not yet in the cache)
+    positions: np.ndarray  # int32 [B]: its position (= its cache slot: no SnapKV with a draft)
+    active: np.ndarray  # bool [B]: the slot drafts this step
+    page_table: np.ndarray  # int32 [B, pages_per_seq]: its pages, then num_pages (no page)
+    temperature: np.ndarray  # float32 [B]
+    top_k: np.ndarray  # int32 [B]
+    top_p: np.ndarray  # float32 [B]
+    min_p: np.ndarray  # float32 [B]
+    repetition_penalty: np.ndarray  # float32 [B]: always 1 (penalized requests never draft)
+    seed: np.ndarray  # uint32 [B]
+    sample_index: np.ndarray  # int32 [B]
+
+
+def empty_propose_inputs(max_batch: int, pages_per_seq: int, num_pages: int) -> ProposeInputs:
+    """No slot drafting, no page: every write is dropped (warm-up, filling)."""
+    zeros = np.zeros(max_batch, np.int32)
+    return ProposeInputs(
+        token_ids=zeros, positions=zeros.copy(), active=np.zeros(max_batch, bool),
+        page_table=np.full((max_batch, pages_per_seq), num_pages, np.int32),
+        temperature=np.zeros(max_batch, np.float32), top_k=zeros.copy(),
+        top_p=np.ones(max_batch, np.float32), min_p=np.zeros(max_batch, np.float32),
+        repetition_penalty=np.ones(max_batch, np.float32), seed=np.zeros(max_batch, np.uint32),
+        sample_index=zeros.copy())
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_draft_pass(graphdef: nnx.GraphDef):
+    """The jitted draft pass of one draft structure (its page buffers donated)."""
+    return jax.jit(functools.partial(_draft_pass, graphdef), donate_argnums=1)
+
+
+@functools.lru_cache(maxsize=8)
+def compiled_propose(graphdef: nnx.GraphDef, gamma: int):
+    """The jitted γ-token proposal of one draft structure (its page buffers donated)."""
+    return jax.jit(functools.partial(_propose, graphdef, gamma), donate_argnums=1)
+
+
+def _draft_pass(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache,
+                inputs: StepInputs) -> PagedKVCache:
+    """Write the draft's K/V of the step's T tokens; its logits are not needed (one row is
+    projected, the least forward_paged allows)."""
+    model = nnx.merge(graphdef, state)
+    _, cache = model.forward_paged(inputs.token_ids, step_batch(inputs, cache), cache,
+                                   inputs.logit_rows[:1])
+    return cache
+
+
+def _propose(graphdef: nnx.GraphDef, gamma: int, state: nnx.State, cache: PagedKVCache,
+             inputs: ProposeInputs) -> tuple[jax.Array, PagedKVCache]:
+    """γ draft tokens per slot, int32 [B, γ] (rows of inactive slots are meaningless), and the
+    cache with the draft's K/V of the last token and the first γ - 1 guesses written.
+
+    Step k feeds token k (the last token, then guess k) at position + k and draws guess k + 1
+    with the key of position + k + 1. A position on a page the scheduler has not given the
+    sequence writes nowhere; the guesses that would read it lie past the draft the step keeps."""
+    model = nnx.merge(graphdef, state)
+    num_pages, page_size = cache.num_pages, cache.page_size
+    pages_per_seq = inputs.page_table.shape[1]
+    page_rows = jnp.minimum(inputs.page_table, num_pages - 1)  # [B, pages_per_seq]: readable
+    params = SamplingArrays(inputs.temperature, inputs.top_k, inputs.top_p, inputs.min_p)
+    rows = jnp.arange(inputs.token_ids.shape[0])  # [B]: every slot's logits
+
+    def decode(carry, k):
+        tokens, cache = carry  # [B]
+        pos = inputs.positions + k  # [B]
+        col = pos // page_size  # [B]: past the table for guesses beyond max_model_len
+        page = jnp.take_along_axis(inputs.page_table, jnp.minimum(col, pages_per_seq - 1)[:, None],
+                                   axis=1)[:, 0]  # [B]
+        write = jnp.where(inputs.active & (col < pages_per_seq),
+                          page * page_size + pos % page_size,
+                          num_pages * page_size)  # [B]: page == num_pages is out of the pool too
+        meta = PagedBatch(positions=pos, write_slots=write, page_rows=page_rows,
+                          lengths=jnp.where(inputs.active,
+                                            jnp.minimum(pos + 1, pages_per_seq * page_size), 0))
+        logits, cache = model.forward_paged(tokens, meta, cache, rows)  # [B, vocab]
+        keys = jax.vmap(row_key)(inputs.seed, inputs.sample_index, pos + 1)
+        guess = sample_next_token(logits, params, keys)  # [B]
+        return (guess, cache), guess
+
+    (_, cache), guesses = jax.lax.scan(decode, (jnp.asarray(inputs.token_ids), cache),
+                                       jnp.arange(gamma))
+    return guesses.T, cache  # [B, γ]
