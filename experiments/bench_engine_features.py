@@ -1,5 +1,6 @@
 """`jaxinfer.Engine` features against the plain engine, in one run: prefix caching, Hydragen and
-int8 KV on a shared-system-prompt workload, prompt-lookup speculation on a copying workload.
+int8 KV on a shared-system-prompt workload, prompt-lookup and draft-model speculation on a copying
+workload.
 
     python -m experiments.bench_engine_features            # 32 requests, 256-token shared prefix
     python -m experiments.bench_engine_features --quick    # seconds on a CPU (plus compilation)
@@ -18,7 +19,9 @@ times, in turn with the others, and the table gives the medians (and tok/s's min
           hydragen (+ hydragen=True), int8_kv (+ kv_dtype="int8"); the last two keep prefix
           caching on (Hydragen needs its shared pages), so compare them with prefix_cache
   copy    no_speculation (the peer), lookup (speculative_tokens=--spec-tokens,
-          lookup_ngram=--lookup-ngram)
+          lookup_ngram=--lookup-ngram), draft_model (speculative_tokens=--spec-tokens with
+          the target's first --draft-layers layers as the draft: bench_speculative's
+          `truncated_draft`, untrained)
 Columns: bench_serving's throughput and latency (`latency_row`); `speedup` = tok/s over the peer
 of the same workload; `cached_tokens` = prompt tokens taken from the prefix cache
 (`num_cached_tokens`); `kv_bytes_per_token` (K and V of one token in all layers, int8 with its
@@ -39,6 +42,7 @@ import numpy as np
 
 import jaxinfer
 from experiments.bench_serving import corpus_stream, latency_row, serve
+from experiments.bench_speculative import truncated_draft
 from experiments.common import RESULTS, environment, print_table, write_json
 from jaxinfer.models.paged_kv import page_bytes
 
@@ -49,7 +53,8 @@ CONFIGS = (
     ("shared", "hydragen", dict(hydragen=True)),
     ("shared", "int8_kv", dict(kv_dtype="int8")),
     ("copy", "no_speculation", dict()),
-    ("copy", "lookup", None),  # speculative_tokens and lookup_ngram from the command line
+    ("copy", "lookup", "lookup"),  # speculative_tokens and lookup_ngram from the command line
+    ("copy", "draft_model", "draft"),  # speculative_tokens and a draft model from the command line
 )
 COLUMNS = ["workload", "config", "tok_s", "tok_s_min", "tok_s_max", "speedup", "ttft_p50_ms",
            "ttft_p99_ms", "tpot_p50_ms", "itl_p50_ms", "steps", "cached_tokens",
@@ -162,6 +167,7 @@ def main() -> None:
     parser.add_argument("--copy-output-len", type=int, nargs=2, default=[32, 64])
     parser.add_argument("--spec-tokens", type=int, default=4)
     parser.add_argument("--lookup-ngram", type=int, default=3)
+    parser.add_argument("--draft-layers", type=int, default=1)
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int)
@@ -182,8 +188,11 @@ def main() -> None:
     rng = np.random.default_rng(args.seed)
     workloads = {"shared": shared_prefix_workload(stream, args, rng),
                  "copy": copy_workload(stream, args, rng)}
-    lookup = dict(speculative_tokens=args.spec_tokens, lookup_ngram=args.lookup_ngram)
-    configs = [(workload, name, lookup if options is None else options)
+    speculation = {
+        "lookup": dict(speculative_tokens=args.spec_tokens, lookup_ngram=args.lookup_ngram),
+        "draft": dict(speculative_tokens=args.spec_tokens,
+                      draft_model=truncated_draft(model, args.draft_layers))}
+    configs = [(workload, name, speculation[options] if isinstance(options, str) else options)
                for workload, name, options in CONFIGS]
     measured: dict[str, list[tuple[dict, dict]]] = {}
     for repeat in range(args.repeats):
@@ -196,7 +205,8 @@ def main() -> None:
     for workload, name, options in configs:
         row, run = combine(measured[name]), measured[name][0][1]
         peer_row, peer_run = peers.setdefault(workload, (row, run))
-        rows.append({"workload": workload, "config": name, **options, **row,
+        shown = {k: v for k, v in options.items() if k != "draft_model"}  # JSON-able settings
+        rows.append({"workload": workload, "config": name, **shown, **row,
                      "speedup": row["tok_s"] / peer_row["tok_s"],
                      "same_outputs": same_outputs(run, peer_run)})
     print_table(rows, COLUMNS)
