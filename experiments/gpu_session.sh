@@ -4,6 +4,7 @@
 #   PYTHONPATH=. bash experiments/gpu_session.sh [section ...]   # sections: env tests attention
 #                                                                #   tune attention128 sparse
 #                                                                #   generate quant fftconv
+#                                                                #   train_mfu
 set -u
 OUT=${OUT:-experiments/results/gpu}
 mkdir -p "$OUT"
@@ -36,6 +37,8 @@ for section in "${sections[@]}"; do
         --modes fwd fwd_bwd --out "$OUT/bench_sparse_attention.json" ;;
     generate)
       timeout 60 python3 -m experiments.bench_generate --out "$OUT/bench_generate.json" ;;
+    train_mfu)
+      timeout 90 python3 -m experiments.bench_train_mfu --out "$OUT/bench_train_mfu.json" ;;
     quant)
       timeout 120 python3 -m experiments.bench_quant_matmul --out "$OUT/bench_quant_matmul.json" ;;
     fftconv)
