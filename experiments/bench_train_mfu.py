@@ -37,8 +37,9 @@ plus temporaries (`peak_MB` = argument + temp; the new parameters and optimizer 
 `output_MB`, are live beside them since the step donates nothing); on a GPU also the device's
 running peak bytes in use. A batch that does not fit becomes an "out of memory" row and the sweep
 goes on; the JSON is rewritten after every batch, so a sweep killed by a timeout keeps the rows it
-finished. The library's step has no remat (activation checkpointing) and does not donate its
-inputs, so the largest batch that fits is smaller than with either; the model stores parameters in
+finished. `--remat full|dots` recomputes each decoder layer's activations in the backward pass
+(LlamaConfig.remat; the FLOP count above does not count the recomputation, as MFU's definition
+asks), so larger batches fit; the step does not donate its inputs. The model stores parameters in
 --param-dtype (float32 by default, master weights) and computes matmuls in --dtype (bfloat16 by
 default on GPU/TPU, float32 on CPU); norms, softmax and logits stay float32 (LlamaConfig).
 """
@@ -57,7 +58,7 @@ from flax import nnx
 
 import jaxinfer
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
-from jaxinfer.config import ATTENTION_BACKENDS
+from jaxinfer.config import ATTENTION_BACKENDS, REMAT_MODES
 from jaxinfer.train.optimizer import make_optimizer
 from jaxinfer.train.step import train_step
 
@@ -97,7 +98,7 @@ def model_config(args) -> jaxinfer.LlamaConfig:
         vocab_size=args.vocab, hidden_size=args.hidden, intermediate_size=args.intermediate,
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq, dtype=args.dtype,
-        param_dtype=args.param_dtype, attention_backend=args.attention_backend)
+        param_dtype=args.param_dtype, attention_backend=args.attention_backend, remat=args.remat)
 
 
 def build(config: jaxinfer.LlamaConfig, options: dict) -> nnx.Module:
@@ -226,6 +227,8 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--param-dtype", choices=["float32", "bfloat16"], default="float32")
     parser.add_argument("--attention-backend", choices=list(ATTENTION_BACKENDS), default="auto",
                         help="kernels_pallas.flash_attention backend (auto: Pallas on GPU/TPU)")
+    parser.add_argument("--remat", choices=list(REMAT_MODES), default="none",
+                        help="recompute layer activations in the backward pass (LlamaConfig.remat)")
     parser.add_argument("--matmul-size", type=int,
                         help="side of the square matmul peer (default: 8192; 2048 on CPU)")
     parser.add_argument("--peak-tflops", type=float,
@@ -278,7 +281,7 @@ def main(argv: list[str] | None = None) -> dict:
     record = {"experiment": "bench_train_mfu", **settings, **env,
               "matmul_params": matmul_params(config),
               "total_params": sum(x.size for x in jax.tree.leaves(nnx.state(model, nnx.Param))),
-              "remat": False, "donated_inputs": False,
+              "donated_inputs": False,
               "spec_peak_tflops": None if spec_peak is None else spec_peak / 1e12,
               "spec_peak_source": peak_source, "matmul_peer": matmul, "rows": []}
     print(f"{env['device_kind']}: {args.layers} layers, hidden {args.hidden}, "

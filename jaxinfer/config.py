@@ -17,6 +17,7 @@ SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas")  # see kernels_pallas.flash_attention
 SEQUENCE_PARALLEL_IMPLS = ("ring", "ulysses")
+REMAT_MODES = ("none", "full", "dots")  # see LlamaConfig.remat
 
 
 @dataclasses.dataclass(frozen=True)
@@ -58,7 +59,10 @@ class LlamaConfig:
     softmax and logits are always float32. `attention_backend` picks the implementation of
     `kernels_pallas.flash_attention` for uncached forward passes (training, scoring), and
     `sequence_parallel` the algorithm ("ring" or "ulysses") attention uses when the active sharding
-    rules split the sequence over a mesh axis; both are run settings, not part of the HF config.
+    rules split the sequence over a mesh axis. `remat` trades compute for memory in training:
+    "full" keeps only each decoder layer's input for the backward pass and recomputes the rest,
+    "dots" also keeps the layer's matmul outputs (recomputing only the cheap elementwise work).
+    All three are run settings, not part of the HF config.
     """
 
     vocab_size: int
@@ -84,6 +88,7 @@ class LlamaConfig:
     param_dtype: str = "float32"
     attention_backend: str = "auto"
     sequence_parallel: str = "ring"  # "ring" | "ulysses": used where the rules split "seq"
+    remat: str = "none"  # "none" | "full" | "dots": recompute layer activations in the backward
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
@@ -115,6 +120,8 @@ class LlamaConfig:
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}; "
                              f"got {self.attention_backend!r}")
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"remat must be one of {REMAT_MODES}; got {self.remat!r}")
         if self.sequence_parallel not in SEQUENCE_PARALLEL_IMPLS:
             raise ValueError(f"sequence_parallel must be one of {SEQUENCE_PARALLEL_IMPLS}; "
                              f"got {self.sequence_parallel!r}")

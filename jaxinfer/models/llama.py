@@ -27,6 +27,9 @@ Q_AXES = ("batch", "seq", "act_heads", "head_dim")
 KV_AXES = ("batch", "seq", "act_kv_heads", "head_dim")
 CACHE_AXES = ("batch", "cache_seq", "act_kv_heads", "head_dim")
 LOGITS = ("batch", "seq", "act_vocab")
+# LlamaConfig.remat -> what the backward pass keeps of a layer (None: only the layer's inputs);
+# "dots" keeps the projections' outputs, not attention's batched score products
+REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class SelfAttention(nnx.Module):
@@ -106,6 +109,10 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv, q
 
 
+def _call_layer(layer: nnx.Module, *args):
+    return layer(*args)
+
+
 class DecoderLM(nnx.Module):
     """What every decoder here shares: token embedding, a stack of layers (``make_layer()`` each),
     the final norm and the tied or untied LM head, the checked ``__call__`` and the dense KV cache.
@@ -121,6 +128,14 @@ class DecoderLM(nnx.Module):
         self.lm_head = None if c.tie_word_embeddings else Linear(
             c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False,
             dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
+
+    def layer_caller(self):
+        """How forward calls a decoder layer, `call(layer, *args)`: directly, or under `nnx.remat`
+        with the policy `config.remat` names, so that the backward pass recomputes what the
+        policy does not keep."""
+        if self.config.remat == "none":
+            return _call_layer
+        return nnx.remat(_call_layer, policy=REMAT_POLICIES[self.config.remat])
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
         input_ids = check_input_ids(input_ids, self.config)
@@ -158,10 +173,10 @@ class LlamaForCausalLM(DecoderLM):
         `cache` when given (prefill: start=0 with the whole prompt; decode: one token at a time)."""
         start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start)
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
-        new_layers = []
+        new_layers, call = [], self.layer_caller()
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]
-            x, kv = layer(x, cos, sin, positions, kv, start)
+            x, kv = call(layer, x, cos, sin, positions, kv, start)
             x = constrain(x, RESIDUAL)
             new_layers.append(kv)
         new_cache = None if cache is None else KVCache(tuple(new_layers))

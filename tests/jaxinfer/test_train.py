@@ -1,5 +1,6 @@
 """Training: the loss falls, gradient accumulation is exact, and a killed run resumes on the same curve."""
 
+import dataclasses
 import os
 import signal
 import subprocess
@@ -16,7 +17,7 @@ from jaxinfer.assets import corpus_sample_path
 from jaxinfer.tokenizer import train_bpe
 from jaxinfer.train import TokenWindows, TrainConfig, split_held_out, tokenize_corpus, train
 from jaxinfer.train.optimizer import make_optimizer
-from jaxinfer.train.step import train_step
+from jaxinfer.train.step import next_token_loss, train_step
 
 # Same program, same inputs, same CPU: a resumed run must match bit for bit; the margin only
 # absorbs a different XLA thread schedule.
@@ -67,6 +68,24 @@ def test_gradient_accumulation_matches_full_batch(corpus_tokens):
     np.testing.assert_allclose(full[2], accumulated[2], atol=ACCUM_ATOL)
     for a, b in zip(jax.tree.leaves(full[0]), jax.tree.leaves(accumulated[0])):
         np.testing.assert_allclose(a, b, atol=ACCUM_ATOL)
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_recomputes_layers_and_keeps_loss_and_gradients(remat):
+    """`remat` changes what the backward pass stores, never what it computes."""
+    batch = jax.random.randint(jax.random.key(1), (2, 17), 0, 64)  # [batch, seq + 1]
+    results = []
+    for mode in ("none", remat):
+        model = tiny_model(64)
+        model.config = dataclasses.replace(model.config, remat=mode)
+        graphdef, params = nnx.split(model)
+        grad_fn = jax.value_and_grad(lambda p: next_token_loss(graphdef, p, batch))
+        # one rematerialized call per decoder layer, and none without remat
+        assert str(jax.make_jaxpr(grad_fn)(params)).count("remat") == (
+            0 if mode == "none" else model.config.num_hidden_layers)
+        results.append(jax.jit(grad_fn)(params))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
+        np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # same ops, reordered fusions
 
 
 def test_batches_are_a_function_of_position():
