@@ -140,7 +140,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
         walks each sequence's pages in order (its grid is sequential) and ignores it.
       pages_per_block: pages gathered per loop step; None gives ~512 tokens a step on xla, ~64 on
         GPU pallas (raised there to a power of two covering >= 16 tokens) and ~256 on pallas_tpu
-        (at most 16 pages: one BlockSpec per page).
+        (at most 16 pages, one BlockSpec per page: larger values are clipped to 16).
       return_lse: also return the float32 log-sum-exp [batch, Hq] (to merge with other parts).
       k_scales, v_scales: float32 [num_pages, page_size, Hkv], only with int8 pages: the page
         holds values whose K (V) is ``values * scale`` per (token, head). Each backend dequantizes

@@ -7,13 +7,24 @@ lengths and the page table (flattened: SMEM pads 2-D arrays) are scalar-prefetch
 (``PrefetchScalarGridSpec``), so the BlockSpec index maps read the table and each step's K/V
 blocks are the *physical* pages the sequence uses: step j of sequence b fetches pages
 ``page_table[b, j * ppb + i]`` for i < ``pages_per_block`` (ppb; one BlockSpec per page, since
-pages are not contiguous). Pages past a sequence's length map to its last page, an unchanged block
-index, so the pipeline fetches nothing for them; ``pl.when`` skips the steps that lie wholly past
-the length, and positions >= length within a step are masked. The last step writes
-out = acc / l and lse = m + log(l); a sequence of length 0 sees nothing and gets out 0, lse -inf.
-There is no context split: a TPU core runs the grid in order, so splitting (the GPU kernel's
-flash-decoding) would add a merge without adding parallelism; batch and KV head blocks are
-"parallel" for megacore chips.
+pages are not contiguous). The pipeline fetches a block only when its block index changes from the
+previous grid step, so the index map (``table_column``) never moves a slot off its page without
+need: in the step holding a sequence's end, a slot past the length keeps the page it held in the
+previous step, and the steps wholly past the length repeat that last real step's pages. Each
+(sequence, head block) thus fetches only its needed pages, plus, when the sequence has fewer than
+ppb pages, step 0's padding slots (each must hold some page; they hold the last one). ``pl.when``
+skips the steps wholly past the length, and positions >= length within a step are masked. The
+last step writes out = acc / l and lse = m + log(l); a sequence of length 0 sees nothing and gets
+out 0, lse -inf. There is no context split: a TPU core runs the grid in order, so splitting (the
+GPU kernel's flash-decoding) would add a merge without adding parallelism; batch and KV head
+blocks are "parallel" for megacore chips.
+
+SMEM budget. SMEM is small (1 MiB up to v6e) and a scalar-prefetched table must fit in it whole:
+the model's paged attention passes one table row per *token* of a step (e.g. 512 rows of 512
+pages = 1 MiB), which fails to compile (vLLM PR #9350, torch_xla #8515). The wrapper therefore
+splits the batch into the fewest equal chunks whose [rows, pages_per_seq] table stays within
+``MAX_TABLE_ENTRIES`` and runs the kernel per chunk under ``lax.map`` (one kernel, compiled once);
+a batch that fits is one call.
 
 Layout. Pages stay in vLLM's [num_pages, page_size, Hkv, D] layout, viewed (a free reshape) as
 [num_pages, page_size, Hkv * D]. Mosaic wants the last two block dims divisible by (8, 128) or
@@ -42,6 +53,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+from collections.abc import Callable
 
 import jax
 import jax.numpy as jnp
@@ -55,6 +67,10 @@ _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 LANES = 128  # TPU vector lanes: a lane block of KV heads is a multiple of this (or all of them)
 TARGET_BLOCK_TOKENS = 256  # tokens per grid step, to amortize the ~0.35 us per-step overhead
 MAX_PAGES_PER_BLOCK = 16  # one BlockSpec (a DMA) per page: bound the inputs and unrolled steps
+# Page-table entries (int32) one kernel call scalar-prefetches into SMEM: 64 KiB, a 16th of the
+# 1 MiB SMEM of recent TPUs (up to v6e), leaving room for the lengths and Mosaic's own scalars.
+# A larger batch's table runs in chunks (``batch_chunks``).
+MAX_TABLE_ENTRIES = 16 * 1024
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +100,28 @@ def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
     return max(1, min(wanted, MAX_PAGES_PER_BLOCK, pages_per_seq))
 
 
+def resolve_pages_per_block(pages_per_block: int | None, page_size: int,
+                            pages_per_seq: int) -> int:
+    """None: ``default_pages_per_block``; a requested value is clipped to
+    [1, min(MAX_PAGES_PER_BLOCK, pages_per_seq)] (the option is shared with the other backends, so
+    a value that suits them must not fail here)."""
+    if pages_per_block is None:
+        return default_pages_per_block(page_size, pages_per_seq)
+    return max(1, min(pages_per_block, MAX_PAGES_PER_BLOCK, pages_per_seq))
+
+
+def batch_chunks(batch: int, pages_per_seq: int, max_table_entries: int) -> tuple[int, int]:
+    """(kernel calls, sequences per call): the fewest calls whose [rows, pages_per_seq] table has
+    at most ``max_table_entries`` entries, with the rows spread evenly so that padding the batch
+    to calls * rows adds fewer than ``calls`` rows. A single row wider than the budget goes alone
+    (its table must be in SMEM whole)."""
+    max_rows = max(1, max_table_entries // pages_per_seq)
+    if batch <= max_rows:
+        return 1, batch
+    calls = tiling.cdiv(batch, max_rows)
+    return calls, tiling.cdiv(batch, calls)
+
+
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            page_table: jax.Array, lengths: jax.Array, *, scale: float,
                            pages_per_block: int | None, interpret: bool,
@@ -93,19 +131,20 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     scales [num_pages, page_size, Hkv]); page_table int32 [batch, pages_per_seq]; lengths int32
     [batch] -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq]).
 
-    Inputs are validated by the public function. ``pages_per_block`` (None:
-    ``default_pages_per_block``) is clipped to the table's width; any page_size and head dim work
-    (multiples of 8 / 16 / 32 rows for float32 / bfloat16 / int8 pages tile best).
+    Inputs are validated by the public function. ``pages_per_block`` goes through
+    ``resolve_pages_per_block`` (None: the default; else clipped to MAX_PAGES_PER_BLOCK and the
+    table's width). Any page_size and head dim work (multiples of 8 / 16 / 32 rows for float32 /
+    bfloat16 / int8 pages tile best). Batches whose table exceeds ``MAX_TABLE_ENTRIES`` run in
+    chunks (see the module docstring).
     """
     batch, hq, d = q.shape
     num_pages, page_size, hkv, _ = k_pages.shape
     groups = hq // hkv
     pages_per_seq = page_table.shape[1]
-    if pages_per_block is None:
-        pages_per_block = default_pages_per_block(page_size, pages_per_seq)
     hb = heads_per_block(hkv, d)
     cfg = _Config(scale=scale, page_size=page_size, pages_per_seq=pages_per_seq,
-                  pages_per_block=max(1, min(pages_per_block, pages_per_seq)),
+                  pages_per_block=resolve_pages_per_block(pages_per_block, page_size,
+                                                          pages_per_seq),
                   heads_per_block=hb, head_dim=d, quantized=k_scales is not None,
                   interpret=interpret)
     nhb = hkv // hb
@@ -115,12 +154,33 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     qx = jnp.swapaxes(qg * eye, 3, 4).reshape(batch, nhb, hb * groups, hb * d)  # [.., rows, lanes]
     pages = [x.reshape(num_pages, page_size, hkv * d) for x in (k_pages, v_pages)]  # free views
     scales = [k_scales, v_scales] if cfg.quantized else []
-    out, lse = _call(qx, pages, scales, page_table.astype(jnp.int32).reshape(-1),
-                     lengths.astype(jnp.int32), cfg)
+    call = functools.partial(_call, pages=pages, scales=scales, cfg=cfg)
+    out, lse = _call_in_chunks(call, qx, page_table.astype(jnp.int32), lengths.astype(jnp.int32))
     # out [batch, nhb, hb * groups, hb * D]: keep each row's own head's lanes.
     out = out.reshape(batch, nhb, hb, groups, hb, d)
     out = jnp.moveaxis(jnp.diagonal(out, axis1=2, axis2=4), -1, 2)  # [batch, nhb, hb, groups, D]
     return out.reshape(batch, hq, d).astype(q.dtype), lse.reshape(batch, hq)
+
+
+def _call_in_chunks(call: Callable[..., tuple[jax.Array, jax.Array]], qx: jax.Array,
+                    table: jax.Array, lens: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``call(qx, flat table, lens)`` on chunks of the batch whose table fits MAX_TABLE_ENTRIES.
+
+    qx [batch, nhb, rows, lanes]; table int32 [batch, pages_per_seq]; lens int32 [batch] ->
+    call's (out [batch, ...], lse [batch, ...]). Padding sequences have length 0 and page 0: they
+    attend to nothing (one fetch of page 0 per slot) and are dropped.
+    """
+    batch, width = table.shape
+    calls, seqs = batch_chunks(batch, width, MAX_TABLE_ENTRIES)  # seqs per call
+    if calls == 1:
+        return call(qx, table.reshape(-1), lens)
+    pad = calls * seqs - batch  # < calls
+    qx, table, lens = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (qx, table, lens))
+    chunks = (qx.reshape(calls, seqs, *qx.shape[1:]),  # [calls, seqs, nhb, rows, lanes]
+              table.reshape(calls, seqs * width),  # [calls, seqs * pages_per_seq], flat per call
+              lens.reshape(calls, seqs))  # [calls, seqs]
+    outs = lax.map(lambda c: call(*c), chunks)  # each [calls, seqs, ...]
+    return tuple(x.reshape(calls * seqs, *x.shape[2:])[:batch] for x in outs)
 
 
 def _dequantized(page_ref, scale_ref, head_block, cfg: _Config, dtype):
@@ -162,7 +222,7 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
     def _step():
         q = q_ref[...]  # [rows, lanes]
         acc, m, l = acc_ref[...], m_ref[...], l_ref[...]  # [rows, lanes], [rows, 1], [rows, 1]
-        for i in range(ppb):  # static; pages past the length are the last page again, masked
+        for i in range(ppb):  # static; slots past the length hold an earlier page, masked
             k = _dequantized(k_refs[i], ks_refs[i], h, cfg, q.dtype)  # [page_size, lanes]
             s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
             pos = start + i * ps + lax.broadcasted_iota(jnp.int32, s.shape, 1)  # [rows, ps]
@@ -186,15 +246,32 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
         lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(safe_l), -jnp.inf)
 
 
+def table_column(length: jax.Array, j: jax.Array | int, i: jax.Array | int, page_size: int,
+                 pages_per_block: int) -> jax.Array:
+    """The page-table column (page index within the sequence) that page slot i reads at step j
+    for a sequence of ``length`` tokens: j * ppb + i while that page is in use. The pipeline
+    fetches a slot's block only when its index changes, so a slot past the end must not move:
+
+    - steps past the last one in use (jj = last // ppb) repeat that step's columns;
+    - in that step, a slot past the last page keeps its column of the step before (jj - 1), or,
+      at step 0 where there is none, reads the last page (padding: some page must be there).
+
+    Works on int32 scalars (the index map, traced) and arrays (tests): j may be a vector.
+    """
+    ppb = pages_per_block
+    # lax.div: jnp's floor division lowers through sign(), which Mosaic lowers only on a TPU.
+    last = jnp.maximum(lax.div(length + page_size - 1, page_size) - 1, 0)  # 0 when empty
+    jj = jnp.minimum(j, lax.div(last, ppb))
+    col = jj * ppb + i
+    return jnp.where(col > last, jnp.where(jj > 0, col - ppb, last), col)
+
+
 def _page_map(i: int, cfg: _Config):
-    """Index map of page i of each step: the physical page, or the sequence's last page once the
-    step runs past its length (an unchanged block index, so nothing is fetched)."""
+    """Index map of page slot i of each step: the physical page at ``table_column``."""
     ps, ppb, width = cfg.page_size, cfg.pages_per_block, cfg.pages_per_seq
 
     def index_map(b, h, j, lens, table):
-        # lax.div: jnp's floor division lowers through sign(), which Mosaic lowers only on a TPU.
-        last = jnp.maximum(lax.div(lens[b] + ps - 1, ps) - 1, 0)
-        return table[b * width + jnp.minimum(j * ppb + i, last)], 0, h
+        return table[b * width + table_column(lens[b], j, i, ps, ppb)], 0, h
 
     return index_map
 
@@ -208,9 +285,10 @@ def _scale_map(i: int, cfg: _Config):
     return index_map
 
 
-def _call(qx, pages, scales, table, lens, cfg: _Config):
-    """qx [batch, nhb, rows, lanes]; pages 2 x [num_pages, page_size, Hkv * D]; scales 0 or 2 x
-    [num_pages, page_size, Hkv]; table int32 [batch * pages_per_seq]; lens int32 [batch]
+def _call(qx: jax.Array, table: jax.Array, lens: jax.Array, *, pages: list[jax.Array],
+          scales: list[jax.Array], cfg: _Config) -> tuple[jax.Array, jax.Array]:
+    """qx [batch, nhb, rows, lanes]; table int32 [batch * pages_per_seq]; lens int32 [batch];
+    pages 2 x [num_pages, page_size, Hkv * D]; scales 0 or 2 x [num_pages, page_size, Hkv]
     -> (out float32 [batch, nhb, rows, lanes], lse float32 [batch, nhb, rows, 1])."""
     from jax.experimental.pallas import tpu as pltpu  # TPU dialect; importable on any jaxlib
 

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -240,36 +241,42 @@ def test_pallas_paged_kernel_lowers_to_triton(page_size, d, hq, hkv, int8):
 # --- The TPU (Mosaic) kernel, interpreted on a CPU, against the reference backend. ---
 # Interpreting compiles the grid loop (~2.5 s a call here), so four calls cover its features:
 # GQA ratios 4 and 1, several KV heads in one lane block (D 64: block-diagonal queries) and one
-# head per block (D 128), page sizes 4, 8 and 16, more than one page per step with a ragged last
-# step, float32 and bfloat16, int8 pages in both, and lengths 0 and 1 next to random ones.
+# head per block (D 128), page sizes 4, 8, 12 (no power of two) and 16, more than one page per
+# step with a ragged last step, float32 and bfloat16, int8 pages in both (in float32 with two
+# blocks of two heads, so the second block picks scale columns 2 and 3), a batch run in chunks
+# (a table budget of 8 entries: 3 calls of 2 sequences, one of them padding), and lengths 0 and 1
+# next to random ones.
 # Tolerances: TOLS. float32 measured <= 3e-7 (the kernel folds pages into an online softmax, the
 # reference sums all scores at once); 1e-5 keeps 30x headroom, while one wrongly masked key moves
 # the output by ~1/length (> 1e-2). bfloat16 measured <= 2e-3 (q, K, V and P are bf16 in the
 # kernel's matmuls), under 1.5e-2. lse is float32 either way: LSE_ATOL.
-def _tpu_case(name, *, hq, hkv, d, page_size, pages_per_seq, dtype, seed):
+def _tpu_case(name, *, hq, hkv, d, page_size, pages_per_seq, dtype, seed, n_random=2):
     """A case whose lengths are random (seeded) apart from a 1 and a 0 (nothing to attend to)."""
     capacity = page_size * pages_per_seq
     rng = np.random.default_rng(seed)
-    lengths = (1, 0, *rng.integers(2, capacity + 1, size=2).tolist())
+    lengths = (1, 0, *rng.integers(2, capacity + 1, size=n_random).tolist())
     return PagedCase(name, hq=hq, hkv=hkv, d=d, page_size=page_size, pages_per_seq=pages_per_seq,
                      lengths=lengths, dtype=dtype)
 
 
-TPU_CASES = [  # (case, pages_per_block, int8 pages)
-    (_tpu_case("gqa4_f32_d64_two_head_blocks", hq=16, hkv=4, d=64, page_size=8, pages_per_seq=5,
-               dtype="float32", seed=3), 2, False),
-    (_tpu_case("gqa1_bf16_d128_default_block", hq=2, hkv=2, d=128, page_size=16, pages_per_seq=4,
-               dtype="bfloat16", seed=4), None, False),
-    (_tpu_case("gqa4_f32_d64_int8_small_pages", hq=8, hkv=2, d=64, page_size=4, pages_per_seq=9,
-               dtype="float32", seed=5), 4, True),
-    (_tpu_case("gqa1_bf16_d128_int8", hq=4, hkv=4, d=128, page_size=16, pages_per_seq=3,
-               dtype="bfloat16", seed=6), 2, True),
+TPU_CASES = [  # (case, pages_per_block, int8 pages, table entries per call: None = the default)
+    (_tpu_case("gqa4_f32_d64_int8_two_head_blocks", hq=16, hkv=4, d=64, page_size=8,
+               pages_per_seq=5, dtype="float32", seed=3), 2, True, None),
+    (_tpu_case("gqa1_bf16_d128_default_block_batch_chunks", hq=2, hkv=2, d=128, page_size=16,
+               pages_per_seq=4, dtype="bfloat16", seed=4, n_random=3), None, False, 8),
+    (_tpu_case("gqa4_f32_d64_small_pages", hq=8, hkv=2, d=64, page_size=4, pages_per_seq=9,
+               dtype="float32", seed=5), 4, False, None),
+    (_tpu_case("gqa1_bf16_d128_int8_page_size_12", hq=4, hkv=4, d=128, page_size=12,
+               pages_per_seq=3, dtype="bfloat16", seed=6), 2, True, None),
 ]
 
 
-@pytest.mark.parametrize("case,pages_per_block,int8", TPU_CASES,
-                         ids=[case.name for case, _, _ in TPU_CASES])
-def test_tpu_kernel_matches_reference_backend(case, pages_per_block, int8):
+@pytest.mark.parametrize("case,pages_per_block,int8,table_budget", TPU_CASES,
+                         ids=[case.name for case, *_ in TPU_CASES])
+def test_tpu_kernel_matches_reference_backend(case, pages_per_block, int8, table_budget,
+                                              monkeypatch):
+    if table_budget is not None:
+        monkeypatch.setattr(paged_pallas_tpu, "MAX_TABLE_ENTRIES", table_budget)
     q, k_pages, v_pages, table, lengths = make_inputs(case, seed=7)
     scales = {}
     if int8:
@@ -292,6 +299,42 @@ def test_tpu_kernel_matches_reference_backend(case, pages_per_block, int8):
     np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
 
 
+@jax.jit  # one compilation for every length, not one per eager op
+def _table_columns(length):
+    """Columns that 16 page slots read over 4 steps of 16 pages of 16 tokens: [steps, slots]."""
+    return paged_pallas_tpu.table_column(length, jnp.arange(4)[:, None], jnp.arange(16)[None, :],
+                                         page_size=16, pages_per_block=16)
+
+
+@pytest.mark.parametrize("length,needed,fetches", [(0, 1, 16), (1, 1, 16), (128, 8, 16),
+                                                   (256, 16, 16), (300, 19, 19), (1024, 64, 64)])
+def test_tpu_index_map_fetches_each_needed_page_once(length, needed, fetches):
+    """Page 16, 16 pages a step, 64 pages in the table (4 steps). The pipeline fetches a slot's
+    page at step 0 and whenever its column changes; a slot past the length must not change, so
+    the fetches are the needed pages plus step 0's padding (16 - needed slots, when fewer)."""
+    steps, ppb = 4, 16
+    cols = np.asarray(_table_columns(jnp.int32(length)))  # [steps, slots]
+    assert cols[0].tolist() == [min(i, needed - 1) for i in range(ppb)]
+    for j in range(steps):  # a slot holding a needed page holds the page of its position
+        in_use = j * ppb + np.arange(ppb) < needed
+        np.testing.assert_array_equal(cols[j][in_use], (j * ppb + np.arange(ppb))[in_use])
+    assert set(cols.ravel().tolist()) == set(range(needed))
+    assert ppb + int((np.diff(cols, axis=0) != 0).sum()) == fetches
+
+
+def test_tpu_batch_chunks_keep_each_table_under_the_budget():
+    # (kernel calls, sequences per call): the fewest calls, rows spread evenly (padding < calls).
+    assert paged_pallas_tpu.batch_chunks(batch=4, pages_per_seq=8, max_table_entries=64) == (1, 4)
+    assert paged_pallas_tpu.batch_chunks(batch=512, pages_per_seq=512,
+                                         max_table_entries=16384) == (16, 32)
+    assert paged_pallas_tpu.batch_chunks(batch=5, pages_per_seq=4, max_table_entries=8) == (3, 2)
+    assert paged_pallas_tpu.batch_chunks(batch=33, pages_per_seq=512,
+                                         max_table_entries=16384) == (2, 17)
+    # A row wider than the budget goes alone.
+    assert paged_pallas_tpu.batch_chunks(batch=3, pages_per_seq=40000,
+                                         max_table_entries=16384) == (3, 1)
+
+
 def test_tpu_lane_blocks_and_default_pages_per_block():
     # The fewest KV heads whose lanes are a multiple of 128, else all of them (a whole row).
     assert paged_pallas_tpu.heads_per_block(hkv=8, head_dim=128) == 1
@@ -302,6 +345,11 @@ def test_tpu_lane_blocks_and_default_pages_per_block():
     assert paged_pallas_tpu.default_pages_per_block(page_size=16, pages_per_seq=512) == 16
     assert paged_pallas_tpu.default_pages_per_block(page_size=128, pages_per_seq=512) == 2
     assert paged_pallas_tpu.default_pages_per_block(page_size=4, pages_per_seq=3) == 3
+    # A requested value is clipped to MAX_PAGES_PER_BLOCK (16) and the table's width.
+    assert paged_pallas_tpu.resolve_pages_per_block(64, page_size=4, pages_per_seq=512) == 16
+    assert paged_pallas_tpu.resolve_pages_per_block(7, page_size=16, pages_per_seq=3) == 3
+    assert paged_pallas_tpu.resolve_pages_per_block(5, page_size=16, pages_per_seq=512) == 5
+    assert paged_pallas_tpu.resolve_pages_per_block(None, page_size=16, pages_per_seq=512) == 16
 
 
 def _abstract_inputs(page_size, d, hq, hkv, int8, dtype=jnp.bfloat16):
@@ -329,6 +377,28 @@ def test_tpu_paged_kernel_lowers_to_mosaic(page_size, d, hq, hkv, int8):
     args = _abstract_inputs(page_size, d, hq, hkv, int8)
     lowered = jax.jit(attend).trace(*args).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 1
+
+
+def test_tpu_kernel_lowers_a_large_batch_in_calls_whose_table_fits_smem():
+    """512 tokens x 512 pages (the model passes one table row per token) is a 1 MiB table, all of
+    SMEM: it lowers as one kernel under a loop, each call prefetching 32 rows (16K entries)."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    q = jax.ShapeDtypeStruct((512, 8, 128), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((1024, 16, 2, 128), jnp.bfloat16)
+    table = jax.ShapeDtypeStruct((512, 512), jnp.int32)
+    lengths = jax.ShapeDtypeStruct((512,), jnp.int32)
+
+    def attend(q, k, v, table, lengths):
+        return paged_pallas_tpu.paged_decode_attention(q, k, v, table, lengths, scale=0.1,
+                                                       pages_per_block=2, interpret=False)
+
+    text = jax.jit(attend).trace(q, pages, pages, table, lengths).lower(
+        lowering_platforms=("tpu",)).as_text()
+    # The scalar-prefetch operands come first: lengths [seqs], flat table [seqs * pages_per_seq].
+    prefetched = re.findall(r"tpu_custom_call\(.*\} : \(tensor<(\d+)xi32>, tensor<(\d+)xi32>",
+                            text)
+    assert prefetched == [("32", str(32 * 512))]
+    assert 32 * 512 <= paged_pallas_tpu.MAX_TABLE_ENTRIES
 
 
 @pytest.mark.parametrize("backend", ["auto", "pallas"])
