@@ -43,6 +43,11 @@ MAX_KERNEL_SIZE = 16384
 # Kernel sizes up to this use order 2; larger ones order 3 (the smallest order-3 size whose
 # factors all satisfy MIN_DOT_DIM with the zero-block skip, 32 x 16 x 16, is 8192).
 MAX_ORDER2_SIZE = 4096
+# The outer step's Q-point DFTs (XLA, outside the kernel) are dense matmuls with a precomputed
+# DFT matrix up to this Q, and jnp.fft calls above it: the dense DFT costs O(Q) multiply-adds per
+# element each way, an FFT O(log Q) (choose_plan gives Q = 256 from N = 2^21 on). Not yet tuned on
+# a GPU.
+MAX_DENSE_OUTER_DFT = 128
 
 
 def padded_length(n: int) -> int:
@@ -72,13 +77,6 @@ def split_factors(m: int, order: int) -> tuple[int, ...]:
     return tuple(1 << e for e in logs)
 
 
-def monarch_factors(m: int) -> tuple[int, int]:
-    """(N1, N2) of the order-2 decomposition: N1 * N2 = m, N1 >= N2 (N1 is even, so N1/2 rows
-    hold the non-zero half of the signal)."""
-    n1, n2 = split_factors(m, 2)
-    return n1, n2
-
-
 @dataclasses.dataclass(frozen=True)
 class MonarchPlan:
     """How the Pallas kernel computes a circular convolution of real signals of FFT size M.
@@ -98,6 +96,14 @@ class MonarchPlan:
     outer: int = 1
 
     def __post_init__(self):
+        for name in ("order", "outer"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int):
+                raise TypeError(f"MonarchPlan.{name} must be an int (not a bool); "
+                                f"got {value!r} ({type(value).__name__})")
+        if not isinstance(self.r2c, bool):
+            raise TypeError(f"MonarchPlan.r2c must be a bool; got {self.r2c!r} "
+                            f"({type(self.r2c).__name__})")
         if self.order not in (2, 3):
             raise ValueError(f"MonarchPlan.order must be 2 or 3; got {self.order!r}")
         if self.outer < 1 or self.outer & (self.outer - 1):
@@ -131,7 +137,9 @@ def choose_plan(m: int) -> MonarchPlan:
       matmuls and two transposes; ``experiments/bench_fftconv.py``'s monarch_plan sweep at
       N = 4096 measures which is faster.
     * an outer step once m/2 > MAX_KERNEL_SIZE (N > 16384): Q = m / MAX_KERNEL_SIZE inner
-      complex convolutions of size MAX_KERNEL_SIZE, order 3.
+      complex convolutions of size MAX_KERNEL_SIZE, order 3. Q grows with N (Q = 256 at
+      N = 2^21); its Q-point DFTs in XLA are dense matmuls up to Q = MAX_DENSE_OUTER_DFT
+      (N <= 2^20) and jnp.fft calls beyond.
     """
     if m // 2 > MAX_KERNEL_SIZE:
         return MonarchPlan(order=3, outer=m // MAX_KERNEL_SIZE)
@@ -224,7 +232,8 @@ def kernel_matrices(geo: KernelGeometry, cols: tuple[int, ...]) -> dict[str, np.
     (geometry, kept columns) and cached:
 
     f1 [N1, rows_in]: F_N1, first rows_in columns (zero rows of the input skipped);
-    t1 [N1, width]: T1;  g1 [rows_out, N1]: F̄_N1 / size, first rows_out rows (1/size folded in);
+    t1 [N1, width]: T1;  g1 [rows_in, N1]: F̄_N1 / size, first rows_in rows (only the outputs in
+      the rows the input occupies are wanted; 1/size folded in);
     order 2: fl [N2, Nk] = F_N2[:, cols], bl [Nk, N2] = F̄_N2[cols, :];
     order 3: f2 [N2, N2] = F_N2; t2 [N2, N3*N1]: T2[k2, n3] repeated over k1 (the kernel's
       middle layout [k2, (n3, k1)]); fl [N3, Nk] = F_N3[:, cols], bl [Nk, N3] = F̄_N3[cols, :].
@@ -247,19 +256,20 @@ def kernel_matrices(geo: KernelGeometry, cols: tuple[int, ...]) -> dict[str, np.
 
 
 @functools.lru_cache(maxsize=None)
-def frequency_columns(m: int, cutoff: int, factors: tuple[int, ...] | None = None
-                      ) -> tuple[int, ...]:
+def frequency_columns(m: int, cutoff: int, factors: tuple[int, ...]) -> tuple[int, ...]:
     """The spectrum-layout columns a filter low-passed to |f| <= cutoff needs at kernel size m
     (f is kept iff f <= cutoff or f >= m - cutoff), padded with dropped columns (whose spectrum
     is zero, so using them is exact) to a power of two >= min(16, N_last) for Triton. All
-    columns when nothing is dropped. ``factors``: the kernel's decomposition (default order 2,
-    ``monarch_factors``). Skipping the other columns is FlashFFTConv's frequency-sparse
-    speed-up: the last DFT's matmuls shrink to [., N_last] x [N_last, len(cols)] and back.
+    columns when nothing is dropped. ``factors``: the kernel's decomposition
+    (``KernelGeometry.factors``, product m), whose layout (``spectrum_index``) the columns index.
+    Skipping the other columns is FlashFFTConv's frequency-sparse speed-up: the last DFT's
+    matmuls shrink to [., N_last] x [N_last, len(cols)] and back.
 
     With r2c the kernel size is M/2 and bin k carries the frequencies k and k + M/2 (both
     within the cutoff iff k <= cutoff or k >= M/2 - cutoff), so the same rule applies at m = M/2.
     """
-    factors = monarch_factors(m) if factors is None else factors
+    if int(np.prod(factors)) != m:
+        raise ValueError(f"factors {factors} must multiply to the kernel size m = {m}")
     n_last = factors[-1]
     f = spectrum_index(m, tuple(factors))  # [spec_rows, N_last]
     needed = np.any((f <= cutoff) | (f >= m - cutoff), axis=0)
@@ -272,10 +282,12 @@ def frequency_columns(m: int, cutoff: int, factors: tuple[int, ...] | None = Non
 @functools.lru_cache(maxsize=None)
 def outer_matrices(m: int, q: int) -> dict[str, np.ndarray]:
     """Float32 planes of the outer decimation-in-frequency step of size m = Q * R, built once per
-    (m, Q): fwd [Q, Q/2] = F_Q[:, :Q/2] (the input is zero for q >= Q/2); tw [Q, R]:
-    ω_m^(f_q * r); inv [Q/2, Q] = F̄_Q[:Q/2, :] / Q (only outputs q < Q/2 are wanted)."""
+    (m, Q): tw [Q, R]: ω_m^(f_q * r); and, for Q <= MAX_DENSE_OUTER_DFT (larger Q take jnp.fft),
+    the dense Q-point DFTs fwd [Q, Q/2] = F_Q[:, :Q/2] (the input is zero for q >= Q/2) and
+    inv [Q/2, Q] = F̄_Q[:Q/2, :] / Q (only outputs q < Q/2 are wanted)."""
     r = m // q
-    f = _dft(q)
-    return _planes({"fwd": f[:, : q // 2],
-                    "tw": np.exp(-2j * np.pi * np.outer(np.arange(q), np.arange(r)) / m),
-                    "inv": np.conj(f[: q // 2, :]) / q})
+    mats = {"tw": np.exp(-2j * np.pi * np.outer(np.arange(q), np.arange(r)) / m)}
+    if q <= MAX_DENSE_OUTER_DFT:
+        f = _dft(q)
+        mats.update(fwd=f[:, : q // 2], inv=np.conj(f[: q // 2, :]) / q)
+    return _planes(mats)

@@ -27,10 +27,11 @@ The plan (``monarch.choose_plan``, by size) is one of:
   as separating a packed x_even + i·x_odd spectrum needs an index reversal (k -> -k) that a
   Triton program cannot apply to values in registers; the inverse is packed.
 * complex (the outer step, M > 2 * MAX_KERNEL_SIZE): decimation in frequency with n = r + R q,
-  f = Q f_r + f_q (M = Q R): XLA takes the Q-point DFT over q (only q < Q/2 is non-zero), the
-  twiddle ω_M^(r f_q), then the kernel convolves each of the Q complex sequences with the filter
-  whose spectrum is H[Q f_r + f_q] (dense, size R, complex in and out); XLA undoes the twiddle
-  and the Q-point DFT (only outputs q < Q/2 are wanted). Gates and bias are then applied in XLA.
+  f = Q f_r + f_q (M = Q R): XLA takes the Q-point DFT over q (only q < Q/2 is non-zero; a dense
+  matmul up to Q = ``monarch.MAX_DENSE_OUTER_DFT``, jnp.fft above), the twiddle ω_M^(r f_q), then
+  the kernel convolves each of the Q complex sequences with the filter whose spectrum is
+  H[Q f_r + f_q] (dense, size R, complex in and out); XLA undoes the twiddle and the Q-point DFT
+  (only outputs q < Q/2 are wanted). Gates and bias are then applied in XLA.
 
 Grid (batch, channels / block_c). A program handles ``block_c`` channels of one batch row (the
 outer step: of one (channel, f_q) pair each), one channel at a time: it reads its input planes
@@ -246,32 +247,54 @@ def _kernel_call(sig: list, bias, filt, *, geo: KernelGeometry, cols: tuple[int,
     )(*sig, *extra, filt, *consts)
 
 
+def _outer_forward(x: jax.Array, m: int, q: int) -> tuple[jax.Array, jax.Array]:
+    """The outer step's forward half: x [b, c, Q/2, R] float32 (x[q, r] = v[r + R q]; zero for
+    q >= Q/2) -> the kernel's complex inputs (re, im) [b, c, Q, R],
+    B[f_q, r] = ω_M^(r f_q) sum_{q < Q/2} x[q, r] ω_Q^(q f_q)."""
+    mats = monarch.outer_matrices(m, q)
+    if q > monarch.MAX_DENSE_OUTER_DFT:  # O(log Q) work per element instead of O(Q)
+        spec = jnp.fft.fft(x, n=q, axis=2)  # [b, c, Q, R] complex64
+        br, bi = spec.real, spec.imag
+    else:
+        hi = lax.Precision.HIGHEST
+        br = jnp.einsum("fq,bcqr->bcfr", mats["fwd_re"], x, precision=hi)  # [b, c, Q, R]
+        bi = jnp.einsum("fq,bcqr->bcfr", mats["fwd_im"], x, precision=hi)
+    tr, ti = mats["tw_re"], mats["tw_im"]  # [Q, R]
+    return br * tr - bi * ti, br * ti + bi * tr
+
+
+def _outer_inverse(yr: jax.Array, yi: jax.Array, m: int, q: int) -> jax.Array:
+    """The outer step's inverse half: the inner convolutions (re, im) [b, c, Q, R] (indexed
+    [f_q, r]) -> y[q, r] = Re sum_f ω_Q^(-q f) ω_M^(-r f) (.)[f, r] / Q for the wanted q < Q/2,
+    float32 [b, c, Q/2, R]."""
+    mats = monarch.outer_matrices(m, q)
+    tr, ti = mats["tw_re"], mats["tw_im"]  # [Q, R]
+    zr, zi = yr * tr + yi * ti, yi * tr - yr * ti  # ⊙ ω_M^(-r f_q)
+    if q > monarch.MAX_DENSE_OUTER_DFT:
+        return jnp.fft.ifft(lax.complex(zr, zi), axis=2)[:, :, : q // 2].real  # 1/Q included
+    hi = lax.Precision.HIGHEST
+    return (jnp.einsum("qf,bcfr->bcqr", mats["inv_re"], zr, precision=hi)
+            - jnp.einsum("qf,bcfr->bcqr", mats["inv_im"], zi, precision=hi))
+
+
 def _outer_conv(v, spec, plan: MonarchPlan, cols: tuple[int, ...], block_c: int,
                 interpret: bool):
     """The outer decimation-in-frequency step (module docstring): v [batch, channels, N] float32
     -> the first N samples of circ_conv_M(v, h), float32. The Q-point DFTs are matmuls with a
-    precomputed DFT matrix (Q <= 128 is too small for an FFT to pay)."""
+    precomputed DFT matrix up to Q = ``monarch.MAX_DENSE_OUTER_DFT`` (small enough that the
+    dense DFT's O(Q) multiply-adds per element stay cheap) and jnp.fft calls above."""
     b, c, n = v.shape
     m = spec.shape[-1]
     q, geo = plan.outer, plan.geometry(m)
     r = geo.size
-    dft = monarch.outer_matrices(m, q)
-    x = jnp.pad(v, ((0, 0), (0, 0), (0, m // 2 - n))).reshape(b, c, q // 2, r)  # [b, c, q, r]
-    hi = lax.Precision.HIGHEST
-    # B[f_q, r] = sum_{q < Q/2} x[r + R q] ω_Q^(q f_q), then b = B ⊙ ω_M^(r f_q)
-    br = jnp.einsum("fq,bcqr->bcfr", dft["fwd_re"], x, precision=hi)  # [b, c, Q, R]
-    bi = jnp.einsum("fq,bcqr->bcfr", dft["fwd_im"], x, precision=hi)
-    xr, xi = br * dft["tw_re"] - bi * dft["tw_im"], br * dft["tw_im"] + bi * dft["tw_re"]
+    x = jnp.pad(v, ((0, 0), (0, 0), (0, m // 2 - n))).reshape(b, c, q // 2, r)  # [b, c, Q/2, R]
+    xr, xi = _outer_forward(x, m, q)  # [b, c, Q, R]
     sig = jnp.stack([xr, xi], axis=3).reshape(b, c * q, 2, geo.rows_in, geo.width)
     filt = _filter_planes(spec, m, plan, cols)
     y = _kernel_call([sig], None, filt, geo=geo, cols=cols, block_c=block_c,
                      interpret=interpret, has_pre=False, has_post=False)
-    y = y.reshape(b, c, q, 2, r)
-    yr, yi = y[:, :, :, 0], y[:, :, :, 1]  # [b, c, f_q, r]: the inner convolutions
-    # ⊙ ω_M^(-r f_q), then y[r + R q] = Re sum_f ω_Q^(-q f) (.)[f, r] / Q for q < Q/2
-    zr, zi = yr * dft["tw_re"] + yi * dft["tw_im"], yi * dft["tw_re"] - yr * dft["tw_im"]
-    out = (jnp.einsum("qf,bcfr->bcqr", dft["inv_re"], zr, precision=hi)
-           - jnp.einsum("qf,bcfr->bcqr", dft["inv_im"], zi, precision=hi))
+    y = y.reshape(b, c, q, 2, r)  # [b, c, f_q, (re, im), r]: the inner convolutions
+    out = _outer_inverse(y[:, :, :, 0], y[:, :, :, 1], m, q)  # [b, c, Q/2, R]
     return out.reshape(b, c, m // 2)[..., :n]
 
 

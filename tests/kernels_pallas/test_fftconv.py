@@ -38,11 +38,11 @@ def _inputs(n, l, *, batch=BATCH, channels=CHANNELS, seed=0, smooth=False):
     return u, jnp.asarray(k, jnp.float32)
 
 
-def _gates(n, seed=1):
+def _gates(n, seed=1, channels=CHANNELS):
     rng = np.random.default_rng(seed)
-    pre, post = (jnp.asarray(rng.normal(size=(BATCH, CHANNELS, n)), jnp.float32)
+    pre, post = (jnp.asarray(rng.normal(size=(BATCH, channels, n)), jnp.float32)
                  for _ in range(2))
-    bias = jnp.asarray(rng.normal(size=(CHANNELS,)), jnp.float32)
+    bias = jnp.asarray(rng.normal(size=(channels,)), jnp.float32)
     return pre, post, bias
 
 
@@ -70,10 +70,11 @@ def test_reference_gates_and_bias_follow_definition():
 
 
 # pallas interprets on CPU (seconds per compile): one filter length per size, each size a plan
-# by size (order 2, r2c order 2 at M = 2048 and at M = 8192); the other plans run in
-# test_outputs_and_grads_match_reference.
+# by size (r2c order 2 at M = 2048 and at M = 8192; plain order 2, the plan at N = 256, runs in
+# test_jit_matches_eager); the other plans run in test_outputs_and_grads_match_reference and
+# test_pallas_forced_plans_with_block_c_match_reference.
 SIZES = ([("xla", n, l) for n in (256, 1000, 4096) for l in (n, 17, n // 2)]
-         + [("pallas", 256, 256), ("pallas", 1000, 17), ("pallas", 4096, 2048)])
+         + [("pallas", 1000, 17), ("pallas", 4096, 2048)])
 
 
 @pytest.mark.parametrize("backend, n, l", SIZES)
@@ -218,13 +219,26 @@ def test_frequency_columns_hold_every_kept_frequency(factors):
         f = np.arange(size)
         assert np.isin(f[(f <= cutoff) | (f >= size - cutoff)], kept).all(), s
     assert len(cols) < factors[-1]
+    with pytest.raises(ValueError, match="multiply to"):  # e.g. M passed for an r2c kernel's M/2
+        monarch.frequency_columns(2 * size, 0, factors)
 
 
-def test_pallas_block_c_matches_reference():
-    n, l = 256, 17
-    u, k = _inputs(n, l, channels=4, seed=11)
-    assert _rel(fftconv(u, k, backend="pallas", block_c=2),
-                fftconv(u, k, backend="reference")) < F32_RTOL
+# Forced plans the rule by size never picks at these sizes, forward only with every gate and
+# block_c = 2 (a program loops over two channels, each with its own bias and filter): order 3 with
+# unequal factors N2 != N3 (the middle transposes; the rule's N <= 16384 kernels are (32, 32, 16)),
+# and an outer step with Q > MAX_DENSE_OUTER_DFT, whose Q-point DFTs are jnp.fft calls.
+FORCED_PLANS = [(600, ORDER3, (16, 16, 8)), (300, MonarchPlan(order=2, outer=256), (2, 2))]
+
+
+@pytest.mark.parametrize("n, plan, factors", FORCED_PLANS)
+def test_pallas_forced_plans_with_block_c_match_reference(n, plan, factors):
+    assert plan.geometry(monarch.fft_size(n)).factors == factors
+    assert plan.outer == 1 or plan.outer > monarch.MAX_DENSE_OUTER_DFT
+    u, k = _inputs(n, 40, channels=4, seed=11)
+    pre, post, bias = _gates(n, channels=4)
+    kw = dict(pre_gate=pre, post_gate=post, bias=bias)
+    assert _rel(fftconv(u, k, backend="pallas", block_c=2, monarch_plan=plan, **kw),
+                fftconv(u, k, backend="reference", **kw)) < F32_RTOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -240,15 +254,19 @@ def test_jit_matches_eager(backend):
 
 def test_choose_plan_follows_size_rule_and_lowers():
     """Order 2 without r2c only at M = 512, r2c order 2 to N = 4096, r2c order 3 to N = 16384,
-    an outer step around order-3 kernels of MAX_KERNEL_SIZE beyond; every chosen kernel has
-    matmuls Triton can compile and does fewer real MACs than the plain order-2 kernel."""
+    an outer step around order-3 kernels of MAX_KERNEL_SIZE beyond, its Q-point DFTs dense up to
+    Q = 128 (N = 2^20) and jnp.fft calls from Q = 256 (checked numerically with a forced Q = 256
+    in test_pallas_forced_plans_with_block_c_match_reference); every chosen kernel has matmuls
+    Triton can compile and does fewer real MACs than the plain order-2 kernel."""
     want = {256: ORDER2, 512: R2C, 4096: R2C, 8192: ORDER3_R2C, 16384: ORDER3_R2C,
-            32768: MonarchPlan(order=3, outer=4), 2**21: MonarchPlan(order=3, outer=256)}
-    for n in (1, 100, 256, 257, 512, 1000, 4096, 8192, 16384, 32768, 2**21):
+            32768: MonarchPlan(order=3, outer=4), 2**20: MonarchPlan(order=3, outer=128),
+            2**21: MonarchPlan(order=3, outer=256)}
+    for n in (1, 100, 256, 257, 512, 1000, 4096, 8192, 16384, 32768, 2**20, 2**21):
         m = monarch.fft_size(n)
         plan = monarch.choose_plan(m)
         if n in want:
             assert plan == want[n], n
+        assert (plan.outer > monarch.MAX_DENSE_OUTER_DFT) == (n > 2**20), n
         geo = plan.geometry(m)
         assert geo.lowers_to_triton and geo.size <= monarch.MAX_KERNEL_SIZE, n
         plain = ORDER2.geometry(m)
@@ -256,18 +274,30 @@ def test_choose_plan_follows_size_rule_and_lowers():
                 <= plain.real_macs(plain.factors[-1])), n
 
 
-@pytest.mark.parametrize("n", [256, 1000, 8192, 32768])
-def test_pallas_plans_lower_to_triton(n):
-    """Each kernel mode and order as chosen by size (order 2 real, r2c order 2, r2c order 3, the
-    outer step around order-3 kernels), forward and backward, passes the Pallas -> Triton lowering (block shapes, reshapes and transposes in the
-    kernel); lowering needs no GPU, compiling to PTX does."""
+# (n, plan): each kernel mode and order as chosen by size (None: order 2 real, r2c order 2, r2c
+# order 3, the outer step around order-3 kernels), and the forced plans that the benchmark's
+# monarch_plan sweep runs on a GPU at N = 4096 and no size chooses: plain order 3 in real mode and
+# order 3 inside an outer step of Q = 2. (Its order-3 r2c kernel at N = 4096 has 8 input rows, too
+# few for Triton: the sweep skips it.) Last, an outer step with Q = 256 > MAX_DENSE_OUTER_DFT (its
+# Q-point DFTs by jnp.fft, as the rule does from N = 2^21) around an order-2 kernel of 16 x 16.
+LOWERING_CASES = [(256, None), (1000, None), (8192, None), (32768, None),
+                  (4096, ORDER3), (4096, OUTER_ORDER3), (32768, MonarchPlan(order=2, outer=256))]
+
+
+@pytest.mark.parametrize("n, plan", LOWERING_CASES)
+def test_pallas_plans_lower_to_triton(n, plan):
+    """The plan's kernel, forward and backward, passes the Pallas -> Triton lowering (block
+    shapes, reshapes and transposes in the kernel); lowering needs no GPU, compiling to PTX
+    does."""
     pytest.importorskip("jax.experimental.pallas.triton")
+    if plan is not None:
+        assert plan.geometry(monarch.fft_size(n)).lowers_to_triton
     u = jax.ShapeDtypeStruct((2, 4, n), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((4, 100), jnp.float32)
     bias = jax.ShapeDtypeStruct((4,), jnp.float32)
 
     def fwd_bwd(u, k, pre, post, bias):
-        y, vjp = jax.vjp(lambda *a: pallas_gpu.fftconv(*a, 0, 0.0, 1, False, None),
+        y, vjp = jax.vjp(lambda *a: pallas_gpu.fftconv(*a, 0, 0.0, 1, False, plan),
                          u, k, pre, post, bias)
         return vjp(y)
 
@@ -275,11 +305,18 @@ def test_pallas_plans_lower_to_triton(n):
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 3  # forward, d_post, dv
 
 
-def test_monarch_factors_cover_fft_size():
+def test_fft_size_and_split_factors_cover_length():
+    """M = 2P holds a length-n causal convolution; the factors of M multiply to it, largest
+    first and as equal as possible (order 2: N1 is even, N2 >= 16 for Triton)."""
     for n in (1, 256, 257, 1000, 4096, 32768):
         m = monarch.fft_size(n)
-        n1, n2 = monarch.monarch_factors(m)
-        assert m >= 2 * n and n1 * n2 == m and n1 >= n2 >= 16 and n1 % 2 == 0
+        assert m >= 2 * n and m & (m - 1) == 0, n
+        for order in (2, 3):
+            factors = monarch.split_factors(m, order)
+            assert len(factors) == order and int(np.prod(factors)) == m, (n, order)
+            assert list(factors) == sorted(factors, reverse=True) and factors[0] <= 2 * factors[-1]
+        n1, n2 = monarch.split_factors(m, 2)
+        assert n1 % 2 == 0 and n2 >= monarch.MIN_DOT_DIM, n
 
 
 BAD_INPUTS = [  # (what to change, error type, words the message must contain)
@@ -297,6 +334,14 @@ BAD_INPUTS = [  # (what to change, error type, words the message must contain)
     (dict(backend="pallas", block_c=3), ValueError, "block_c"),
     (dict(backend="pallas", monarch_plan="order3"), TypeError, "monarch_plan must be"),
     (dict(backend="pallas", monarch_plan=MonarchPlan(outer=1024)), ValueError, "does not fit"),
+    # a MonarchPlan checks its own fields: built inside the test (lambda) as construction raises
+    (dict(monarch_plan=lambda: MonarchPlan(order=3.0)), TypeError, "MonarchPlan.order"),
+    (dict(monarch_plan=lambda: MonarchPlan(order=4)), ValueError, "MonarchPlan.order"),
+    (dict(monarch_plan=lambda: MonarchPlan(outer=2.0)), TypeError, "MonarchPlan.outer"),
+    (dict(monarch_plan=lambda: MonarchPlan(outer=True)), TypeError, "MonarchPlan.outer"),
+    (dict(monarch_plan=lambda: MonarchPlan(outer=3)), ValueError, "MonarchPlan.outer"),
+    (dict(monarch_plan=lambda: MonarchPlan(r2c=1)), TypeError, "MonarchPlan.r2c"),
+    (dict(monarch_plan=lambda: MonarchPlan(r2c=True, outer=2)), ValueError, "r2c"),
 ]
 
 
@@ -306,5 +351,6 @@ def test_bad_inputs_raise_clear_errors(change, error, words):
     args.update(change)
     u, k = args.pop("u"), args.pop("k")
     with pytest.raises(error) as info:
+        args = {name: value() if callable(value) else value for name, value in args.items()}
         fftconv(u, k, **args)
     assert words in str(info.value)
