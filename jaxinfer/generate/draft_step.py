@@ -6,17 +6,20 @@ the target's K/V in the target's pool and the draft's K/V in the draft's pool. S
 no bookkeeping of its own: allocation, prefix-cache hits, preemption and rollback after a
 rejection (rejected slots are overwritten later, as the target's are) all follow the target.
 
-Two functions, each of fixed shape:
+Two functions, each of fixed shape; between them every token the target keeps gets the draft's
+K/V too, computed once:
 
-* `compiled_draft_pass`: the draft's forward over the same step inputs as the target's step
-  (prompt chunks, decode tokens and the drafts being verified), so that whatever K/V the target
-  holds for a sequence, the draft holds too.
 * `compiled_propose`: γ autoregressive draft decode steps (one `lax.scan`) for up to B sequences,
-  one token each per step, starting from each sequence's last token. The token guessed for
-  position p is drawn with the key the target samples position p with (`engine_step.row_key`),
-  after the same temperature / top-k / top-p / min-p filters (greedy at temperature 0): coupled
-  sampling, so where the draft's distribution is close to the target's the two draws coincide.
-  The target's exact-match verification keeps the output identical to decoding without drafts.
+  one token each per step, starting from each sequence's last token, then one more forward that
+  writes the last guess's K/V. The token guessed for position p is drawn with the key the target
+  samples position p with (`engine_step.row_key`), after the same temperature / top-k / top-p /
+  min-p filters (greedy at temperature 0): coupled sampling, so where the draft's distribution is
+  close to the target's the two draws coincide. The target's exact-match verification keeps the
+  output identical to decoding without drafts. Every token of a drafting sequence's chunk (its
+  last token and its guesses) then has the draft's K/V: those the target accepts are the true
+  tokens at their positions, computed over the draft's cache of the tokens before them.
+* `compiled_draft_pass`: the draft's forward over the step's other chunks (prompt chunks,
+  decodes without a draft), in their own token bucket; a step whose every chunk drafted skips it.
 """
 
 from __future__ import annotations
@@ -44,8 +47,7 @@ class ProposeInputs(NamedTuple):
     temperature: np.ndarray  # float32 [B]
     top_k: np.ndarray  # int32 [B]
     top_p: np.ndarray  # float32 [B]
-    min_p: np.ndarray  # float32 [B]
-    repetition_penalty: np.ndarray  # float32 [B]: always 1 (penalized requests never draft)
+    min_p: np.ndarray  # float32 [B]  (no repetition penalty: a request with one never drafts)
     seed: np.ndarray  # uint32 [B]
     sample_index: np.ndarray  # int32 [B]
 
@@ -58,8 +60,7 @@ def empty_propose_inputs(max_batch: int, pages_per_seq: int, num_pages: int) -> 
         page_table=np.full((max_batch, pages_per_seq), num_pages, np.int32),
         temperature=np.zeros(max_batch, np.float32), top_k=zeros.copy(),
         top_p=np.ones(max_batch, np.float32), min_p=np.zeros(max_batch, np.float32),
-        repetition_penalty=np.ones(max_batch, np.float32), seed=np.zeros(max_batch, np.uint32),
-        sample_index=zeros.copy())
+        seed=np.zeros(max_batch, np.uint32), sample_index=zeros.copy())
 
 
 @functools.lru_cache(maxsize=8)
@@ -76,8 +77,8 @@ def compiled_propose(graphdef: nnx.GraphDef, gamma: int):
 
 def _draft_pass(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache,
                 inputs: StepInputs) -> PagedKVCache:
-    """Write the draft's K/V of the step's T tokens; its logits are not needed (one row is
-    projected, the least forward_paged allows)."""
+    """Write the draft's K/V of the T tokens of `inputs` (the step's chunks that did not draft);
+    its logits are not needed (one row is projected, the least forward_paged allows)."""
     model = nnx.merge(graphdef, state)
     _, cache = model.forward_paged(inputs.token_ids, step_batch(inputs, cache), cache,
                                    inputs.logit_rows[:1])
@@ -87,11 +88,16 @@ def _draft_pass(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache,
 def _propose(graphdef: nnx.GraphDef, gamma: int, state: nnx.State, cache: PagedKVCache,
              inputs: ProposeInputs) -> tuple[jax.Array, PagedKVCache]:
     """γ draft tokens per slot, int32 [B, γ] (rows of inactive slots are meaningless), and the
-    cache with the draft's K/V of the last token and the first γ - 1 guesses written.
+    cache with the draft's K/V of the last token and of all γ guesses written, so that whatever
+    prefix of the draft the target accepts already has the draft's K/V (the engine's draft pass
+    skips drafting sequences).
 
-    Step k feeds token k (the last token, then guess k) at position + k and draws guess k + 1
-    with the key of position + k + 1. A position on a page the scheduler has not given the
-    sequence writes nowhere; the guesses that would read it lie past the draft the step keeps."""
+    Step k < γ feeds token k (the last token, then guess k) at position + k and draws guess k + 1
+    with the key of position + k + 1; a last forward feeds guess γ at position + γ for its K/V
+    alone (one logit row, unused). A position on a page the scheduler has not given the sequence
+    writes nowhere; the guesses that would read it lie past the draft the step keeps. Positions
+    past a trimmed draft's end, like rejected ones, lie past what the step computes: the draft's
+    K/V there are overwritten when the target computes those positions."""
     model = nnx.merge(graphdef, state)
     num_pages, page_size = cache.num_pages, cache.page_size
     pages_per_seq = inputs.page_table.shape[1]
@@ -99,8 +105,8 @@ def _propose(graphdef: nnx.GraphDef, gamma: int, state: nnx.State, cache: PagedK
     params = SamplingArrays(inputs.temperature, inputs.top_k, inputs.top_p, inputs.min_p)
     rows = jnp.arange(inputs.token_ids.shape[0])  # [B]: every slot's logits
 
-    def decode(carry, k):
-        tokens, cache = carry  # [B]
+    def batch_at(k: jax.Array | int) -> PagedBatch:
+        """Where each slot's token k (at position + k) is written and what it attends to."""
         pos = inputs.positions + k  # [B]
         col = pos // page_size  # [B]: past the table for guesses beyond max_model_len
         page = jnp.take_along_axis(inputs.page_table, jnp.minimum(col, pages_per_seq - 1)[:, None],
@@ -108,14 +114,18 @@ def _propose(graphdef: nnx.GraphDef, gamma: int, state: nnx.State, cache: PagedK
         write = jnp.where(inputs.active & (col < pages_per_seq),
                           page * page_size + pos % page_size,
                           num_pages * page_size)  # [B]: page == num_pages is out of the pool too
-        meta = PagedBatch(positions=pos, write_slots=write, page_rows=page_rows,
+        return PagedBatch(positions=pos, write_slots=write, page_rows=page_rows,
                           lengths=jnp.where(inputs.active,
                                             jnp.minimum(pos + 1, pages_per_seq * page_size), 0))
-        logits, cache = model.forward_paged(tokens, meta, cache, rows)  # [B, vocab]
-        keys = jax.vmap(row_key)(inputs.seed, inputs.sample_index, pos + 1)
+
+    def decode(carry, k):
+        tokens, cache = carry  # [B]
+        logits, cache = model.forward_paged(tokens, batch_at(k), cache, rows)  # [B, vocab]
+        keys = jax.vmap(row_key)(inputs.seed, inputs.sample_index, inputs.positions + k + 1)
         guess = sample_next_token(logits, params, keys)  # [B]
         return (guess, cache), guess
 
-    (_, cache), guesses = jax.lax.scan(decode, (jnp.asarray(inputs.token_ids), cache),
-                                       jnp.arange(gamma))
+    (last, cache), guesses = jax.lax.scan(decode, (jnp.asarray(inputs.token_ids), cache),
+                                          jnp.arange(gamma))  # guesses [γ, B]
+    _, cache = model.forward_paged(last, batch_at(gamma), cache, rows[:1])  # guess γ's K/V
     return guesses.T, cache  # [B, γ]

@@ -76,6 +76,9 @@ class StepStats(NamedTuple):
     decode_only: bool  # every token was a decode (the case the decode roofline models)
     kv_tokens: int  # keys attended in all, sum of (cache slot + 1) over the tokens
     shared_prefix: int  # tokens of the prefix attended Hydragen-style (0: none this step)
+    # token slots of the draft model's pass over the chunks that did not draft (0: no pass: no
+    # draft model, or every chunk drafted, so its proposal wrote all the draft's K/V)
+    draft_pass: int = 0
 
 
 def token_buckets(max_tokens_per_step: int) -> tuple[int, ...]:
@@ -130,7 +133,8 @@ class Engine:
     of at least max_model_len; its KV pages (in kv_dtype) take num_pages pages of its own size. A
     request with a repetition penalty decodes without drafts (with either drafter: a drafted
     token would count as seen before it is accepted). Works with hydragen (the draft's pass over
-    the step's tokens shares the prefix pages too); not with snapkv_budget (ValueError).
+    the step's chunks that did not draft shares their prefix pages too); not with snapkv_budget
+    (ValueError).
     hydragen: in a step where several sequences start with the same cached pages, attend to those
     pages once for all their tokens (one dense attention, Hydragen) and page through only the rest
     of each sequence; costs one more compiled variant per token bucket.
@@ -307,15 +311,18 @@ class Engine:
             if chunk.request.from_cache:  # its cached tokens never pass through a step
                 self._mark_seen(chunk.request)
         inputs, rows = self._build_inputs(chunks)
+        draft_inputs = self._draft_pass_inputs(chunks)
         self.last_step = StepStats(
             tokens=int(inputs.valid.sum()), bucket=len(inputs.valid), sampled=rows,
             decode_only=all(chunk.start + 1 >= len(chunk.request.prompt) for chunk in chunks),
             kv_tokens=int((inputs.positions - inputs.cache_offset + 1)[inputs.valid].sum()),
-            shared_prefix=int(inputs.prefix_len))
+            shared_prefix=int(inputs.prefix_len),
+            draft_pass=0 if draft_inputs is None else len(draft_inputs.valid))
         tokens, self._cache, self._seen, queries = self._step(self._state, self._cache,
                                                                self._seen, inputs)
-        if self._draft is not None:  # the draft's K/V follow the target's, token for token
-            self._draft_cache = self._draft_pass(self._draft_state, self._draft_cache, inputs)
+        if draft_inputs is not None:  # the proposal wrote the drafting chunks' draft K/V
+            self._draft_cache = self._draft_pass(self._draft_state, self._draft_cache,
+                                                 draft_inputs)
         for chunk in chunks:
             if chunk.compresses:  # before the chunk's request may finish and free its pages
                 self._compress(chunk.request, queries)
@@ -390,6 +397,16 @@ class Engine:
         guesses = np.asarray(guesses)  # [B, speculative_tokens]
         for request in drafting:
             request.draft = guesses[request.slot, :len(request.draft)].tolist()
+
+    def _draft_pass_inputs(self, chunks: list[Chunk]) -> StepInputs | None:
+        """Inputs of the draft model's pass: the step's chunks that did not draft (prompt chunks,
+        decodes without a draft) in their own token bucket, since a drafting chunk's tokens (its
+        last token and guesses) got the draft's K/V from its proposal. None (no pass) without a
+        draft model or when every chunk drafted, as in steady decoding."""
+        if self._draft is None:
+            return None
+        undrafted = [chunk for chunk in chunks if not chunk.request.draft]
+        return self._build_inputs(undrafted)[0] if undrafted else None
 
     def stream(self) -> Iterator[Event]:
         """Step until every submitted request has finished, yielding events as tokens appear."""

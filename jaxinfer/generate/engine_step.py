@@ -111,12 +111,14 @@ def step_batch(inputs: StepInputs, cache: PagedKVCache) -> PagedBatch:
 def set_sampling_rows(inputs, rows: slice | int, params: SamplingParams,
                       sample_index: int) -> None:
     """Write one request's sampling settings into rows of the [R] arrays of inputs (a
-    `StepInputs` or a `draft_step.ProposeInputs`: any tuple of arrays with these fields)."""
+    `StepInputs`, or a `draft_step.ProposeInputs`, which has every field but the repetition
+    penalty: a request with one never drafts)."""
     inputs.temperature[rows] = params.temperature
     inputs.top_k[rows] = params.top_k or 0
     inputs.top_p[rows] = 1.0 if params.top_p is None else params.top_p
     inputs.min_p[rows] = params.min_p or 0.0
-    inputs.repetition_penalty[rows] = params.repetition_penalty
+    if isinstance(inputs, StepInputs):
+        inputs.repetition_penalty[rows] = params.repetition_penalty
     inputs.seed[rows] = params.seed
     inputs.sample_index[rows] = sample_index
 

@@ -91,6 +91,29 @@ def test_greedy_with_a_draft_model_matches_generate_alone_under_preemption(
         assert engine.num_accepted_tokens < engine.num_draft_tokens
 
 
+def test_steady_decoding_runs_no_draft_pass(model, oracle):
+    """The draft's proposal writes the K/V of each drafting sequence's last token and of all its
+    guesses, so the draft's pass covers only chunks that did not draft: a step of drafting
+    decodes alone runs none. The target as its own draft accepts every guess (the proposal's K/V
+    are the ones a pass would write), so one request takes a prefill step (the draft's pass over
+    its prompt: the bucket of 16) and then 1 + GAMMA tokens per step."""
+    prompt = prompts_of(np.random.default_rng(15), 1)[0]
+    engine = jaxinfer.Engine(model, **ENGINE, draft_model=model, speculative_tokens=GAMMA)
+    engine.submit(prompt, jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0.0,
+                                                  ignore_eos=True))
+    draft_passes, tokens = [], []
+    while engine.num_unfinished:
+        engine.step()
+        draft_passes.append(engine.last_step.draft_pass)
+        tokens.append(engine.last_step.tokens)
+    assert engine.run_until_done() == {0: oracle(prompt)}
+    # ORACLE_NEW = 12 new tokens: 1 from the prompt, then 4 + 4 + 3 (the last draft is trimmed
+    # to 2 by max_tokens)
+    assert tokens == [PROMPT_LENGTH, 1 + GAMMA, 1 + GAMMA, 1 + 2]
+    assert draft_passes == [16, 0, 0, 0]
+    assert engine.num_accepted_tokens == engine.num_draft_tokens == GAMMA + GAMMA + 2
+
+
 def test_seeded_sampling_with_a_draft_model_equals_the_engine_without_drafts(model, noisy_draft):
     """Coupled sampling: the noisy draft's guesses are drawn with the target's keys, so many are
     accepted, and the verified output is the plain engine's whatever is accepted. The request
@@ -135,7 +158,9 @@ def test_bad_draft_models_are_refused_with_a_clear_error(model, shallow_draft):
 def test_no_compilation_after_warmup_with_a_draft_model(model, oracle, hydragen):
     """Warm-up compiles the draft's pass for every bucket (and Hydragen variant) and its
     proposal; serving greedy, sampled and n = 2 requests with drafts then compiles nothing, and
-    the greedy ones (half of them sharing a prefix: Hydragen steps) keep the oracle's tokens."""
+    the greedy ones (half of them sharing a prefix: Hydragen steps) keep the oracle's tokens.
+    The target is its own draft, so every guess must be accepted: the draft's K/V (from its
+    Hydragen passes over prompt chunks and from its proposals) are the target's."""
     engine = jaxinfer.Engine(model, **ENGINE, draft_model=model, speculative_tokens=GAMMA,
                              hydragen=hydragen)
     engine.warmup()
@@ -162,7 +187,8 @@ def test_no_compilation_after_warmup_with_a_draft_model(model, oracle, hydragen)
         jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert [f._cache_size() for f in functions] == compiled
-    assert engine.num_accepted_tokens > 0
+    assert engine.num_draft_tokens > 0
+    assert engine.num_accepted_tokens == engine.num_draft_tokens
     for rid, (_, prompt, params) in zip(ids, arrivals):
         if params.temperature == 0:
             assert results[rid] == oracle(prompt)[:params.max_tokens], f"request {rid}"
