@@ -1,38 +1,45 @@
-"""Expert placement on routing traces recorded from a trained small Mixtral (experiments/
-moe_placement.py compares the same placements on synthetic traces).
+"""Expert placement on routing traces recorded from a trained small Mixtral, trained with and
+without the Switch load-balancing loss (experiments/moe_placement.py compares the same placements
+on synthetic traces).
 
-    python -m experiments.mixtral_traces            # 4 layers x 8 experts, 300 training steps
+    python -m experiments.mixtral_traces            # 4 layers x 8 experts, 300 steps per run
     python -m experiments.mixtral_traces --quick    # seconds on a CPU
 
-A tiny Mixtral (jaxinfer.models.mixtral, dropless top-2 routing) is trained by
-`jaxinfer.train.step.train_step` on the embedded corpus (jaxinfer.assets, King James Bible
-sample, default tokenizer). Its routing is then recorded on the held-out tail of the corpus: every
-token's top-k experts per layer, from `forward_with_routing`'s router logits. The first half of
-the held-out windows is the profiling trace the placements are solved on; the second half is the
-serving trace they are scored on, as a deployed placement would be. The traces and their
-`sharding.placement.RoutingStats` (per-layer loads [L, E], layer-to-layer transitions
-[L-1, E, E]) go to experiments/results/mixtral_traces.npz.
+A tiny Mixtral (jaxinfer.models.mixtral, dropless top-2 routing) is trained once per
+--aux-coefs entry on the embedded corpus (jaxinfer.assets, King James Bible sample, default
+tokenizer), from the same initialisation and batches: "no_lb" (coefficient 0) on next-token loss
+alone, "lb_<alpha>" on next-token loss plus alpha times the Switch load-balancing loss
+(`moe.load_balancing_loss`; Switch used alpha = 1e-2) and the ST-MoE router z-loss
+(`moe.router_z_loss`, weight --z-coef). --router-jitter turns on the Switch router input jitter
+in every run (off by default). Each model's routing is then recorded
+on the held-out tail of the corpus: every token's top-k experts per layer, from
+`forward_with_routing`'s router logits. The first half of the held-out windows is the profiling
+trace the placements are solved on; the second half is the serving trace they are scored on, as
+a deployed placement would be. The traces and their `sharding.placement.RoutingStats` (per-layer
+loads [L, E], layer-to-layer transitions [L-1, E, E]) go to experiments/results/
+mixtral_traces.npz, keys prefixed by the run ("lb_0.01_serve_loads", ...).
 
-Placements and scores are experiments/moe_placement's (`place`, METHODS): round-robin,
-contiguous, LPT, greedy co-location, MILP balance, MILP co-location, over --devices devices;
-per placement the serving trace's load imbalance (max / mean device load, mean over layers) and
-cross-device transitions (tokens whose consecutive layers' experts sit on different devices),
-with ratios against contiguous placement (Megatron's default).
-
-The training step has no load-balancing loss (train_step optimises next-token loss only), so
-the routing is whatever next-token training makes of it; `loss_first`/`loss_last` in the record
-show that the model did learn.
+Reported per run: the serving trace's expert load imbalance (max / mean token-choices per expert,
+per layer: 1 = balanced, E / k = every token on the same k experts) and the busiest expert's
+share; then per placement (experiments/moe_placement's `place`, METHODS: round-robin, contiguous,
+LPT, greedy co-location, MILP balance, MILP co-location, over --devices devices) the serving
+trace's device load imbalance (max / mean device load, mean over layers), cross-device
+transitions (tokens whose consecutive layers' experts sit on different devices), and ratios
+against contiguous placement (Megatron's default). The first run's `train_s` includes compiling
+the train step; the later runs reuse it (the loss weights are traced).
 """
 
 from __future__ import annotations
 
 import argparse
+import functools
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from tokenizers import Tokenizer
 
@@ -41,31 +48,74 @@ from experiments.moe_placement import METHODS, place
 from jaxinfer.assets import corpus_sample_path, default_model_dir
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
+from jaxinfer.models.moe import load_balancing_loss, router_z_loss
 from jaxinfer.train.data import TokenWindows, read_corpus, split_held_out, tokenize_corpus
 from jaxinfer.train.optimizer import make_optimizer
-from jaxinfer.train.step import train_step
-from sharding.placement import cross_device_transitions, load_imbalance, routing_statistics
+from sharding.placement import (RoutingStats, cross_device_transitions, load_imbalance,
+                                routing_statistics)
+
+def run_name(aux_coef: float) -> str:
+    """"no_lb" for next-token loss alone, "lb_<aux_coef>" with the router losses."""
+    return "no_lb" if aux_coef == 0 else f"lb_{aux_coef:g}"
 
 
-def train(model: MixtralForCausalLM, windows: TokenWindows, steps: int, lr: float
-          ) -> tuple[nnx.GraphDef, nnx.State, list[float]]:
-    """`steps` AdamW updates on consecutive batches of `windows` -> (graphdef, params, losses)."""
+def moe_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array, key: jax.Array | None,
+             *, aux_coef: float | jax.Array, z_coef: float | jax.Array
+             ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """Training loss of a Mixtral on batch int32 [B, L+1] -> (total, parts): mean next-token
+    cross-entropy + aux_coef * Switch load-balancing loss + z_coef * router z-loss, the two
+    router losses over all layers' router logits. key: router-jitter key (used only when the
+    model is in training mode with router_jitter_noise > 0)."""
+    model = nnx.merge(graphdef, params)
+    logits, _, routing = model.forward_with_routing(batch[:, :-1], router_key=key)
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+    router_logits = list(routing.router_logits)  # L x [B * L, E]
+    config = model.config
+    aux = load_balancing_loss(router_logits, config.num_local_experts, config.num_experts_per_tok)
+    z = router_z_loss(router_logits)
+    return ce + aux_coef * aux + z_coef * z, {"ce": ce, "aux": aux, "z": z}
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "tx"))
+def moe_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: nnx.State,
+                   opt_state: optax.OptState, batch: jax.Array, key: jax.Array, *,
+                   aux_coef: jax.Array, z_coef: jax.Array):
+    """One optimizer update on `moe_loss` -> (params, opt_state, parts). The loss weights are
+    traced float32 scalars, so runs with and without the router losses share one compile.
+    (jaxinfer.train.step's train_step optimises next-token loss only; the router losses need
+    the routing output.)"""
+    grad_fn = jax.grad(functools.partial(moe_loss, graphdef, aux_coef=aux_coef, z_coef=z_coef),
+                       has_aux=True)
+    grads, parts = grad_fn(params, batch, key)
+    updates, opt_state = tx.update(grads, opt_state, params)
+    return optax.apply_updates(params, updates), opt_state, parts
+
+
+def train(model: MixtralForCausalLM, windows: TokenWindows, steps: int, lr: float, *,
+          aux_coef: float, z_coef: float, seed: int
+          ) -> tuple[nnx.GraphDef, nnx.State, list[dict[str, float]]]:
+    """`steps` AdamW updates on consecutive batches of `windows` with `moe_loss`, the model in
+    training mode (router jitter on when its config asks) -> (graphdef, params, per-step parts)."""
     tx = make_optimizer(learning_rate=lr, total_steps=steps, warmup_steps=max(1, steps // 10),
                         weight_decay=0.1, clip_norm=1.0)
+    model.train()
     graphdef, params = nnx.split(model)
     opt_state = tx.init(params)
-    losses = []
+    keys = jax.random.split(jax.random.key(seed), steps)  # [steps] one jitter key per step
+    coefs = {"aux_coef": jnp.float32(aux_coef), "z_coef": jnp.float32(z_coef)}
+    history = []
     for step in range(steps):
-        batches = jnp.asarray(windows.batch(step))[None]  # [accum=1, B, L+1]
-        params, opt_state, loss, _ = train_step(graphdef, tx, params, opt_state, batches)
-        losses.append(float(loss))
-    return graphdef, params, losses
+        batch = jnp.asarray(windows.batch(step))  # [B, L+1]
+        params, opt_state, parts = moe_train_step(graphdef, tx, params, opt_state, batch,
+                                                  keys[step], **coefs)
+        history.append({k: float(v) for k, v in parts.items()})
+    return graphdef, params, history
 
 
 def expert_ids(graphdef: nnx.GraphDef, params: nnx.State, batches: list[np.ndarray], top_k: int
                ) -> np.ndarray:
     """Every token's top-k experts per layer over `batches` [B, L+1] (inputs = all but the last
-    token): int [layers, tokens, top_k]."""
+    token; no jitter key, so routing is exact): int [layers, tokens, top_k]."""
     @jax.jit
     def route(params, ids):  # ids [B, L] -> [layers, B * L, top_k]
         _, _, routing = nnx.merge(graphdef, params).forward_with_routing(ids)
@@ -75,13 +125,38 @@ def expert_ids(graphdef: nnx.GraphDef, params: nnx.State, batches: list[np.ndarr
                           axis=1)
 
 
-def score(device_of: np.ndarray, stats, num_devices: int) -> dict:
+def expert_imbalance(loads: np.ndarray) -> np.ndarray:
+    """loads [L, E] -> float [L]: max / mean token-choices per expert (each expert its own
+    device), 1 when balanced."""
+    loads = np.asarray(loads)
+    layers, experts = loads.shape
+    return load_imbalance(np.tile(np.arange(experts), (layers, 1)), loads, experts)
+
+
+def score(device_of: np.ndarray, stats: RoutingStats, num_devices: int) -> dict:
     """Serving-trace load imbalance and cross-device transitions of one placement."""
     imbalance = load_imbalance(device_of, stats.loads, num_devices)
     cross = int(cross_device_transitions(device_of, stats.transitions).sum())
     return {"imbalance_mean": float(imbalance.mean()), "imbalance_max": float(imbalance.max()),
             "cross_transitions": cross,
             "cross_fraction": cross / max(int(stats.transitions.sum()), 1)}
+
+
+def placement_rows(run: str, profile: RoutingStats, serve: RoutingStats, args) -> list[dict]:
+    """One row per placement method: solved on `profile`, scored on `serve`, with ratios
+    against contiguous placement."""
+    rows = []
+    for method in METHODS:
+        start = time.perf_counter()
+        device_of = place(method, profile, args)
+        rows.append({"run": run, "method": method, **score(device_of, serve, args.devices),
+                     "solve_s": time.perf_counter() - start})
+    contiguous = next(r for r in rows if r["method"] == "contiguous")
+    for row in rows:
+        row["imbalance_vs_contig"] = row["imbalance_mean"] / contiguous["imbalance_mean"]
+        row["traffic_vs_contig"] = (row["cross_transitions"]
+                                    / max(contiguous["cross_transitions"], 1))
+    return rows
 
 
 def main(argv: list[str] | None = None) -> dict:
@@ -96,6 +171,14 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--batch", type=int, default=16)
     parser.add_argument("--seq", type=int, default=64)
     parser.add_argument("--lr", type=float, default=3e-3)
+    parser.add_argument("--aux-coefs", type=float, nargs="+", default=[0.0, 1e-2, 1e-1],
+                        help="one training run per load-balancing loss weight (0: no router "
+                             "losses; Switch: 1e-2)")
+    parser.add_argument("--z-coef", type=float, default=1e-3,
+                        help="router z-loss weight of the runs with a load-balancing loss "
+                             "(ST-MoE: 1e-3)")
+    parser.add_argument("--router-jitter", type=float, default=0.0,
+                        help="router input jitter eps in both runs (Switch: 1e-2)")
     parser.add_argument("--trace-batches", type=int, default=8,
                         help="held-out batches per trace (profiling and serving each)")
     parser.add_argument("--load-slack", type=float, default=0.05)
@@ -115,46 +198,54 @@ def main(argv: list[str] | None = None) -> dict:
                            intermediate_size=2 * args.hidden, num_hidden_layers=args.layers,
                            num_attention_heads=4, num_key_value_heads=2,
                            max_position_embeddings=args.seq, num_local_experts=args.experts,
-                           num_experts_per_tok=args.top_k)
-    start = time.perf_counter()
-    graphdef, params, losses = train(
-        MixtralForCausalLM(config, rngs=nnx.Rngs(args.seed)),
-        TokenWindows(train_tokens, args.seq, args.batch, seed=args.seed), args.steps, args.lr)
-    train_s = time.perf_counter() - start
+                           num_experts_per_tok=args.top_k, router_jitter_noise=args.router_jitter)
     batches = TokenWindows(held_out, args.seq, args.batch).fixed_batches(2 * args.trace_batches)
     half = len(batches) // 2
-    profile_ids = expert_ids(graphdef, params, batches[:half], args.top_k)
-    serve_ids = expert_ids(graphdef, params, batches[half:], args.top_k)
-    profile = routing_statistics(profile_ids, args.experts)
-    serve = routing_statistics(serve_ids, args.experts)
     out = Path(args.out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    np.savez_compressed(out.with_suffix(".npz"), profile_expert_ids=profile_ids,
-                        serve_expert_ids=serve_ids, profile_loads=profile.loads,
-                        profile_transitions=profile.transitions, serve_loads=serve.loads,
-                        serve_transitions=serve.transitions)
-
-    rows = []
-    for method in METHODS:
+    traces, runs, rows = {}, {}, []
+    for aux_coef in args.aux_coefs:
+        run, z_coef = run_name(aux_coef), args.z_coef if aux_coef > 0 else 0.0
         start = time.perf_counter()
-        device_of = place(method, profile, args)
-        rows.append({"method": method, **score(device_of, serve, args.devices),
-                     "solve_s": time.perf_counter() - start})
-    contiguous = next(r for r in rows if r["method"] == "contiguous")
-    for row in rows:
-        row["imbalance_vs_contig"] = row["imbalance_mean"] / contiguous["imbalance_mean"]
-        row["traffic_vs_contig"] = (row["cross_transitions"]
-                                    / max(contiguous["cross_transitions"], 1))
-    print(f"trained {args.steps} steps in {train_s:.1f} s: loss {losses[0]:.3f} -> "
-          f"{losses[-1]:.3f}; expert share of the busiest expert per layer: "
-          f"{np.round(serve.loads.max(axis=1) / serve.loads.sum(axis=1), 3).tolist()}")
-    print_table(rows, ["method", "imbalance_mean", "imbalance_max", "cross_transitions",
+        graphdef, params, history = train(
+            MixtralForCausalLM(config, rngs=nnx.Rngs(args.seed)),
+            TokenWindows(train_tokens, args.seq, args.batch, seed=args.seed), args.steps, args.lr,
+            aux_coef=aux_coef, z_coef=z_coef, seed=args.seed)
+        train_s = time.perf_counter() - start
+        profile_ids = expert_ids(graphdef, params, batches[:half], args.top_k)
+        serve_ids = expert_ids(graphdef, params, batches[half:], args.top_k)
+        profile = routing_statistics(profile_ids, args.experts)
+        serve = routing_statistics(serve_ids, args.experts)
+        traces.update({f"{run}_profile_expert_ids": profile_ids,
+                       f"{run}_serve_expert_ids": serve_ids,
+                       f"{run}_profile_loads": profile.loads,
+                       f"{run}_profile_transitions": profile.transitions,
+                       f"{run}_serve_loads": serve.loads,
+                       f"{run}_serve_transitions": serve.transitions})
+        imbalance = expert_imbalance(serve.loads)  # [L]
+        runs[run] = {"aux_coef": aux_coef, "z_coef": z_coef, "train_s": train_s,
+                     "ce_first": history[0]["ce"], "ce_last": history[-1]["ce"],
+                     "aux_first": history[0]["aux"], "aux_last": history[-1]["aux"],
+                     "z_last": history[-1]["z"],
+                     "expert_imbalance_mean": float(imbalance.mean()),
+                     "expert_imbalance_max": float(imbalance.max()),
+                     "expert_imbalance_per_layer": imbalance.tolist(),
+                     "busiest_expert_share": (serve.loads.max(axis=1)
+                                              / serve.loads.sum(axis=1)).tolist(),
+                     "serve_tokens": int(serve_ids.shape[1]),
+                     "serve_load_share": (serve.loads
+                                          / serve.loads.sum(axis=1, keepdims=True)).tolist()}
+        rows += placement_rows(run, profile, serve, args)
+    np.savez_compressed(out.with_suffix(".npz"), **traces)
+
+    summary = [{"run": run, **{k: v for k, v in r.items() if not isinstance(v, list)}}
+               for run, r in runs.items()]
+    print_table(summary, ["run", "aux_coef", "z_coef", "ce_first", "ce_last", "aux_last",
+                          "expert_imbalance_mean", "expert_imbalance_max", "train_s"])
+    print_table(rows, ["run", "method", "imbalance_mean", "imbalance_max", "cross_transitions",
                        "cross_fraction", "imbalance_vs_contig", "traffic_vs_contig", "solve_s"])
     settings = {k: v for k, v in vars(args).items() if k != "out"}
-    record = {"experiment": "mixtral_traces", **settings, **environment(), "train_s": train_s,
-              "loss_first": losses[0], "loss_last": losses[-1],
-              "serve_tokens": int(serve_ids.shape[1]),
-              "serve_load_share": (serve.loads / serve.loads.sum(axis=1, keepdims=True)).tolist(),
+    record = {"experiment": "mixtral_traces", **settings, **environment(), "runs": runs,
               "rows": rows}
     write_json(record, out)
     print(f"wrote {out} and {out.with_suffix('.npz')}")

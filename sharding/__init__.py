@@ -11,14 +11,16 @@ parallelism (DESIGN.md). Imports jax (flax.nnx only to read parameter metadata).
 Sequence parallelism: `sequence_parallel_attention(q, k, v, mesh=mesh, impl="ring" | "ulysses")`
 over the "sequence" axis (ring attention with zig-zag balancing, or DeepSpeed-Ulysses).
 Multi-host: `sharding.initialize(...)` in every process first; meshes then span all processes.
-Expert parallelism: `expert_parallel_moe` (all_to_all dispatch over the "expert" axis, preset "ep")
-and expert placement from routing statistics (`routing_statistics`, `greedy_placement`).
+Expert parallelism: `expert_parallel_moe` (all_to_all dispatch over the "expert" axis, preset "ep";
+ragged_all_to_all of the filled slots only on GPU/TPU) and expert placement from routing
+statistics (`routing_statistics`, `greedy_placement`).
 """
 
 from sharding.constraints import active_rules, constrain, use_rules
 from sharding.distributed import initialize
+from sharding.expert_exchange import EXCHANGES, ragged_exchange_layout, resolve_exchange
 from sharding.expert_parallel import (MoEResult, capacity_dispatch, capacity_moe, expert_capacity,
-                                      expert_parallel_moe, route_top_k)
+                                      expert_parallel_moe, jitter_router_input, route_top_k)
 from sharding.mesh import MESH_AXES, axis_size, make_mesh
 from sharding.params import batch_sharding, head_counts_of, place, shard, state_shardings
 from sharding.placement import (RoutingStats, contiguous_placement, cross_device_transitions,
@@ -33,10 +35,11 @@ from sharding.ulysses import ulysses_attention, ulysses_attention_shard
 from sharding.zigzag import zigzag_permute, zigzag_positions, zigzag_unpermute
 
 __all__ = [
-    "ACTIVATION_NAMES", "MESH_AXES", "MoEResult", "PARAM_NAMES", "PRESETS", "Rules",
+    "ACTIVATION_NAMES", "EXCHANGES", "MESH_AXES", "MoEResult", "PARAM_NAMES", "PRESETS", "Rules",
     "RoutingStats", "SEQUENCE_PARALLEL_IMPL", "capacity_dispatch", "capacity_moe",
     "contiguous_placement", "cross_device_transitions", "device_loads", "expert_capacity",
-    "expert_parallel_moe", "greedy_placement", "load_imbalance", "permute_experts",
+    "expert_parallel_moe", "greedy_placement", "jitter_router_input", "load_imbalance",
+    "permute_experts", "ragged_exchange_layout", "resolve_exchange",
     "placement_permutation", "round_robin_placement", "route_top_k", "routing_statistics",
     "active_rules", "axis_size", "batch_sharding", "communication_elements", "constrain",
     "head_counts_of", "initialize", "logical_to_mesh_axes", "logical_to_spec", "make_mesh", "place",

@@ -10,8 +10,9 @@ expert only when that expert is full of other tokens' top-1 choices.
 `expert_parallel_moe` runs this as a `shard_map`: each device routes its own tokens into a fixed
 [E, C, D] buffer, `all_to_all` over the expert axis sends each expert's slots to the device that
 owns it ([E/P, P*C, D] there), the local experts run, and the inverse `all_to_all` brings results
-back to be combined. Fixed shapes everywhere: jit never sees a data-dependent size. (The ragged
-all_to_all that would avoid padding is not implemented on XLA:CPU; see research/parallelism.md.)
+back to be combined. Fixed shapes everywhere: jit never sees a data-dependent size. On GPU/TPU the
+exchange sends only the filled slots (`ragged_all_to_all`, sharding/expert_exchange.py); XLA:CPU
+does not implement it, so there the padded `all_to_all` moves the whole buffer, same result.
 
 The expert computation is an argument (`expert_fn(params, xs [E_local, N, D]) -> [E_local, N, D]`)
 so this package stays free of model code.
@@ -26,6 +27,7 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from sharding.expert_exchange import from_experts, resolve_exchange, to_experts
 from sharding.sp_common import shard_map
 
 ExpertFn = Callable[[Any, jax.Array], jax.Array]
@@ -49,6 +51,17 @@ def route_top_k(x: jax.Array, router_kernel: jax.Array, top_k: int
     weights, ids = jax.lax.top_k(probs, top_k)  # [T, K]
     weights = weights / jnp.sum(weights, axis=-1, keepdims=True)
     return logits.astype(jnp.float32), weights, ids.astype(jnp.int32)
+
+
+def jitter_router_input(x: jax.Array, key: jax.Array, eps: float) -> jax.Array:
+    """Switch Transformer's router input jitter: x [T, D] times independent Uniform[1-eps, 1+eps]
+    noise per element (drawn in float32), in x's dtype. Only the router sees the jittered copy:
+    the experts still get x, so training-time exploration of routes does not perturb the expert
+    computation. A training-time regulariser; inference routes the clean input."""
+    if not 0 <= eps < 1:
+        raise ValueError(f"router jitter eps must lie in [0, 1); got {eps}")
+    noise = jax.random.uniform(key, x.shape, jnp.float32, 1.0 - eps, 1.0 + eps)  # [T, D]
+    return (x.astype(jnp.float32) * noise).astype(x.dtype)
 
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
@@ -82,10 +95,13 @@ def capacity_dispatch(expert_ids: jax.Array, weights: jax.Array, num_experts: in
 
 
 def capacity_moe(x: jax.Array, router_kernel: jax.Array, expert_params: Any, expert_fn: ExpertFn,
-                 *, top_k: int, capacity: int) -> MoEResult:
+                 *, top_k: int, capacity: int, router_input: jax.Array | None = None
+                 ) -> MoEResult:
     """Single-device capacity-routed MoE (the per-device body of `expert_parallel_moe` without the
-    exchange). x [T, D]; router_kernel [D, E]; expert_params: pytree of [E, ...] arrays."""
-    logits, weights, ids = route_top_k(x, router_kernel, top_k)
+    exchange). x [T, D]; router_kernel [D, E]; expert_params: pytree of [E, ...] arrays;
+    router_input [T, D]: what the router sees instead of x (e.g. `jitter_router_input(x)`)."""
+    logits, weights, ids = route_top_k(x if router_input is None else router_input,
+                                       router_kernel, top_k)
     dispatch, combine, dropped = capacity_dispatch(ids, weights, router_kernel.shape[1], capacity)
     xs = jnp.einsum("tec,td->ecd", dispatch.astype(x.dtype), x)  # [E, C, D]
     ys = expert_fn(expert_params, xs)  # [E, C, D]
@@ -127,7 +143,9 @@ def _check_inputs(x, router_kernel, expert_params, mesh: Mesh, expert_axis: str,
 def expert_parallel_moe(x: jax.Array, router_kernel: jax.Array, expert_params: Any,
                         expert_fn: ExpertFn, *, mesh: Mesh, top_k: int, capacity_factor: float,
                         expert_axis: str = "expert",
-                        token_axes: Sequence[str] | None = None) -> MoEResult:
+                        token_axes: Sequence[str] | None = None,
+                        router_input: jax.Array | None = None,
+                        exchange: str = "auto") -> MoEResult:
     """Capacity-routed MoE with experts sharded over `expert_axis` and tokens over `token_axes`.
 
     x [T, D]: tokens, split evenly over `token_axes` (default: the expert axis alone; it must
@@ -135,26 +153,35 @@ def expert_parallel_moe(x: jax.Array, router_kernel: jax.Array, expert_params: A
     split contiguously over `expert_axis` (expert e lives on device e // (E / P)). Each device's
     tokens form one capacity group of ceil(cf * T_local * K / E) slots per expert, so the result
     equals `capacity_moe` applied to each device's token slice; with ample capacity it equals
-    dropless routing. Returns MoEResult with `dropped` summed over all devices."""
+    dropless routing. router_input [T, D] (optional, sharded as x): what the router sees instead
+    of x, e.g. `jitter_router_input(x)`. exchange: "padded" (all_to_all of the whole [E, C, D]
+    buffer), "ragged" (ragged_all_to_all of the filled slots only; GPU/TPU) or "auto" (ragged
+    where the mesh's platform implements it); both give the same result (expert_exchange.py).
+    Returns MoEResult with `dropped` summed over all devices."""
     token_axes = (expert_axis,) if token_axes is None else tuple(token_axes)
-    _, shards = _check_inputs(x, router_kernel, expert_params, mesh, expert_axis, token_axes)
+    p, shards = _check_inputs(x, router_kernel, expert_params, mesh, expert_axis, token_axes)
+    if router_input is not None and router_input.shape != x.shape:
+        raise ValueError(f"router_input must have x's shape {list(x.shape)}; got "
+                         f"{list(router_input.shape)}")
+    exchange = resolve_exchange(exchange, mesh)
     num_experts = router_kernel.shape[1]
     capacity = expert_capacity(x.shape[0] // shards, num_experts, top_k, capacity_factor)
 
-    def body(x, router_kernel, expert_params):  # x [T_local, D]; params [E/P, ...]
-        logits, weights, ids = route_top_k(x, router_kernel, top_k)
+    def body(x, routed, router_kernel, expert_params):  # x, routed [T_local, D]; params [E/P, ...]
+        logits, weights, ids = route_top_k(routed, router_kernel, top_k)
         dispatch, combine, dropped = capacity_dispatch(ids, weights, num_experts, capacity)
         xs = jnp.einsum("tec,td->ecd", dispatch.astype(x.dtype), x)  # [E, C, D]
-        xs = jax.lax.all_to_all(xs, expert_axis, split_axis=0, concat_axis=1,
-                                tiled=True)  # [E/P, P*C, D]: own experts' slots from every device
+        send_counts = jnp.sum(dispatch, axis=(0, 2)).astype(jnp.int32)  # [E] filled slots
+        xs, layouts = to_experts(xs, send_counts, axis=expert_axis, num_shards=p,
+                                 exchange=exchange)  # [E/P, P*C, D]: own experts' slots
         ys = expert_fn(expert_params, xs)  # [E/P, P*C, D]
-        ys = jax.lax.all_to_all(ys, expert_axis, split_axis=1, concat_axis=0,
-                                tiled=True)  # [E, C, D]: own slots back from every expert
+        ys = from_experts(ys, layouts, axis=expert_axis, num_shards=p)  # [E, C, D]: own slots
         y = jnp.einsum("tec,ecd->td", combine, ys, preferred_element_type=jnp.float32)
         return y.astype(x.dtype), logits, jax.lax.psum(dropped, token_axes)
 
     tokens = PartitionSpec(token_axes, None)
     param_specs = jax.tree.map(lambda _: PartitionSpec(expert_axis), expert_params)
-    fn = shard_map(body, mesh=mesh, in_specs=(tokens, PartitionSpec(), param_specs),
+    fn = shard_map(body, mesh=mesh, in_specs=(tokens, tokens, PartitionSpec(), param_specs),
                    out_specs=(tokens, tokens, PartitionSpec()))
-    return MoEResult(*fn(x, router_kernel, expert_params))
+    return MoEResult(*fn(x, x if router_input is None else router_input, router_kernel,
+                         expert_params))

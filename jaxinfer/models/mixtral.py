@@ -43,11 +43,13 @@ class MixtralDecoderLayer(nnx.Module):
         self.post_attention_layernorm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=pd)
         self.block_sparse_moe = SparseMoE(c, rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, kv: LayerKV | None, start):
-        """x [batch, T, embed] -> (x, kv, router_logits [batch * T, E], dropped)."""
+    def __call__(self, x, cos, sin, positions, kv: LayerKV | None, start,
+                 router_key: jax.Array | None = None):
+        """x [batch, T, embed] -> (x, kv, router_logits [batch * T, E], dropped). router_key:
+        this layer's router-jitter key (training only; see SparseMoE)."""
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start)
         x = x + h
-        moe = self.block_sparse_moe(self.post_attention_layernorm(x))
+        moe = self.block_sparse_moe(self.post_attention_layernorm(x), router_key)
         return x + moe.y, kv, moe.router_logits, moe.dropped
 
 
@@ -66,15 +68,18 @@ class MixtralForCausalLM(DecoderLM):
         return logits, cache
 
     def forward_with_routing(self, input_ids: jax.Array, cache: KVCache | None = None,
-                             start: jax.Array | int = 0
+                             start: jax.Array | int = 0, *, router_key: jax.Array | None = None
                              ) -> tuple[jax.Array, KVCache | None, RoutingOutput]:
-        """`forward` plus every layer's router logits and capacity-drop count."""
+        """`forward` plus every layer's router logits and capacity-drop count. router_key: PRNG
+        key for router jitter (`config.router_jitter_noise`), applied only in training mode
+        (`model.train()`); layer i uses fold_in(router_key, i). Without it routing is exact."""
         start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start)
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
         new_layers, router_logits, dropped = [], [], []
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]
-            x, kv, logits_i, dropped_i = layer(x, cos, sin, positions, kv, start)
+            key_i = None if router_key is None else jax.random.fold_in(router_key, i)
+            x, kv, logits_i, dropped_i = layer(x, cos, sin, positions, kv, start, key_i)
             x = constrain(x, RESIDUAL)
             new_layers.append(kv)
             router_logits.append(logits_i)

@@ -29,8 +29,9 @@ class MixtralConfig(LlamaConfig):
     routed to its `num_experts_per_tok` highest-scoring experts (softmax over all experts, top-k,
     weights renormalised over the k).
 
-    `router_aux_loss_coef` weights HF's Switch load-balancing loss; `router_jitter_noise` is kept
-    for config.json round trips (HF applies it only in training; jaxinfer does not). `moe_impl`,
+    `router_aux_loss_coef` weights HF's Switch load-balancing loss; `router_jitter_noise` is the
+    router input jitter eps (training only, with a key: `MixtralForCausalLM.forward_with_routing`'s
+    `router_key`; 0 = off, Switch Transformer used 1e-2). `moe_impl`,
     `capacity_factor` are run settings (not written to config.json): capacity per expert is
     ceil(capacity_factor * tokens * k / num_experts) per token group.
     """
@@ -63,6 +64,9 @@ class MixtralConfig(LlamaConfig):
                              f"{self.num_experts_per_tok} > {self.num_local_experts}")
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}; got {self.moe_impl!r}")
+        if not 0 <= self.router_jitter_noise < 1:
+            raise ValueError(f"router_jitter_noise must lie in [0, 1); got "
+                             f"{self.router_jitter_noise}")
         if not self.capacity_factor > 0:
             raise ValueError(f"capacity_factor must be positive; got {self.capacity_factor}")
 

@@ -31,7 +31,7 @@ from jaxinfer.models.layers import INIT_STDDEV, Linear, param
 from jaxinfer.models.mixtral_config import MixtralConfig
 from sharding.constraints import active_rules
 from sharding.expert_parallel import (MoEResult, capacity_moe, expert_capacity,
-                                      expert_parallel_moe, route_top_k)
+                                      expert_parallel_moe, jitter_router_input, route_top_k)
 
 log = logging.getLogger(__name__)
 
@@ -86,7 +86,13 @@ class Experts(nnx.Module):
 
 class SparseMoE(nnx.Module):
     """Top-k routed SwiGLU experts (HF `MixtralSparseMoeBlock`): x [batch, seq, embed] ->
-    MoEResult(y [batch, seq, embed], router_logits float32 [batch * seq, E], dropped)."""
+    MoEResult(y [batch, seq, embed], router_logits float32 [batch * seq, E], dropped).
+
+    Router jitter (`config.router_jitter_noise` = eps, Switch Transformer): in training mode
+    (`model.train()`, which clears `deterministic`) and only when a `router_key` is given, the
+    router sees its input times Uniform[1-eps, 1+eps] noise; the experts see the clean input.
+    (HF Mixtral jitters the experts' input too; both apply it only in training, so inference and
+    HF parity are untouched.)"""
 
     def __init__(self, config: MixtralConfig, *, rngs: nnx.Rngs):
         c = config
@@ -98,23 +104,32 @@ class SparseMoE(nnx.Module):
         self.top_k = c.num_experts_per_tok
         self.impl = c.moe_impl
         self.capacity_factor = c.capacity_factor
+        self.router_jitter = c.router_jitter_noise
+        self.deterministic = True  # inference mode; nnx's `model.train()` sets it to False
         self.dtype = jnp.dtype(c.dtype)
 
-    def __call__(self, x: jax.Array) -> MoEResult:
+    def __call__(self, x: jax.Array, router_key: jax.Array | None = None) -> MoEResult:
+        """x [batch, seq, embed]; router_key: PRNG key for router jitter (used only in training
+        mode with router_jitter_noise > 0)."""
         batch, seq, d = x.shape
         tokens = x.reshape(batch * seq, d).astype(self.dtype)  # [T, D]
         router = self.gate.kernel[...]  # [D, E]
         params = self.experts.params()
+        jittered = None  # [T, D] the router's input when it differs from tokens
+        if not self.deterministic and router_key is not None and self.router_jitter > 0:
+            jittered = jitter_router_input(tokens, router_key, self.router_jitter)
         if self.impl == "dropless":
-            logits, weights, ids = route_top_k(tokens, router, self.top_k)
+            logits, weights, ids = route_top_k(tokens if jittered is None else jittered, router,
+                                               self.top_k)
             result = MoEResult(dropless_moe(tokens, weights, ids, params), logits,
                                jnp.zeros((), jnp.int32))
         else:
-            result = self._capacity_routed(tokens, router, params)
+            result = self._capacity_routed(tokens, router, params, jittered)
         return result._replace(y=result.y.reshape(batch, seq, d))
 
     def _capacity_routed(self, tokens: jax.Array, router: jax.Array,
-                         params: dict[str, jax.Array]) -> MoEResult:
+                         params: dict[str, jax.Array], router_input: jax.Array | None
+                         ) -> MoEResult:
         placement = _expert_placement() if self.impl == "expert_parallel" else None
         if placement is not None and tokens.shape[0] % math.prod(
                 placement[0].shape[a] for a in placement[2]):
@@ -127,11 +142,12 @@ class SparseMoE(nnx.Module):
             capacity = expert_capacity(tokens.shape[0], router.shape[1], self.top_k,
                                        self.capacity_factor)
             return capacity_moe(tokens, router, params, swiglu_experts, top_k=self.top_k,
-                                capacity=capacity)
+                                capacity=capacity, router_input=router_input)
         mesh, expert_axis, token_axes = placement
         return expert_parallel_moe(tokens, router, params, swiglu_experts, mesh=mesh,
                                    top_k=self.top_k, capacity_factor=self.capacity_factor,
-                                   expert_axis=expert_axis, token_axes=token_axes)
+                                   expert_axis=expert_axis, token_axes=token_axes,
+                                   router_input=router_input)
 
 
 def _expert_placement() -> tuple[jax.sharding.Mesh, str, tuple[str, ...]] | None:

@@ -160,6 +160,49 @@ def test_small_capacity_drops_tokens_and_changes_logits(built):
     assert np.abs(np.asarray(logits) - built.hf_out.logits.numpy()).max() > 100 * LOGITS_ATOL
 
 
+@nnx.jit
+def _forward_with_router_key(model: MixtralForCausalLM, ids: jax.Array, key: jax.Array | None):
+    logits, _, routing = model.forward_with_routing(ids, router_key=key)
+    return logits, routing.router_logits
+
+
+def with_router_jitter(model: MixtralForCausalLM, eps: float, *, train: bool
+                       ) -> MixtralForCausalLM:
+    """`model`'s weights under a config with router_jitter_noise = eps, in training or eval mode."""
+    config = model.config.replace(router_jitter_noise=eps)
+    abstract = nnx.eval_shape(lambda: MixtralForCausalLM(config, rngs=nnx.Rngs(0)))
+    jittered = nnx.merge(nnx.graphdef(abstract), nnx.state(model))
+    if train:
+        jittered.train()
+    return jittered
+
+
+def test_router_jitter_changes_routing_only_in_training_with_a_key(built):
+    """Switch-style router jitter: eps = 0 or eval mode leave routing exactly as it is (so HF
+    parity holds); eps > 0 in training mode perturbs the router logits, reproducibly for a fixed
+    key."""
+    ids = jnp.asarray(built.ids)
+    key = jax.random.key(0)
+    want_logits, routing = forward(built.model, built.ids)  # eval mode, no key
+    want_router = np.asarray(routing.router_logits)
+    for eps, train in [(0.0, True), (0.1, False)]:
+        logits, router = _forward_with_router_key(with_router_jitter(built.model, eps, train=train),
+                                                  ids, key)
+        np.testing.assert_array_equal(np.asarray(router), want_router)
+        np.testing.assert_array_equal(np.asarray(logits), want_logits)
+    training = with_router_jitter(built.model, 0.1, train=True)
+    _, jittered = _forward_with_router_key(training, ids, key)
+    _, again = _forward_with_router_key(training, ids, key)
+    _, other = _forward_with_router_key(training, ids, jax.random.key(1))
+    np.testing.assert_array_equal(np.asarray(again), np.asarray(jittered))
+    change = np.abs(np.asarray(jittered) - want_router)
+    assert change.max() > 1e-3  # the noise reaches the router logits ...
+    assert change.max() < 0.5 * np.abs(want_router).max()  # ... as a perturbation
+    assert np.abs(np.asarray(other) - np.asarray(jittered)).max() > 1e-3  # and follows the key
+    with pytest.raises(ValueError, match="router_jitter_noise must lie in"):
+        built.model.config.replace(router_jitter_noise=1.5)
+
+
 def test_greedy_generation_matches_transformers(built):
     got = np.asarray(jaxinfer.generate(built.model, jnp.asarray(built.ids),
                                        max_new_tokens=NEW_TOKENS, temperature=0.0))

@@ -1,5 +1,7 @@
 """Expert parallelism (shard_map + all_to_all over the "expert" mesh axis) against single-device
-MoE: dropless routing when capacity is ample, per-shard capacity routing when it is not."""
+MoE: dropless routing when capacity is ample, per-shard capacity routing when it is not. The
+ragged exchange (ragged_all_to_all, not implemented on XLA:CPU) is checked by its offsets against
+the padded exchange, through the op's documented semantics emulated in numpy, and by lowering."""
 
 from __future__ import annotations
 
@@ -13,6 +15,7 @@ import sharding
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
 from jaxinfer.models.moe import dropless_moe, swiglu_experts
+from sharding.expert_exchange import ragged_exchange_layout, resolve_exchange
 from sharding.expert_parallel import (capacity_dispatch, capacity_moe, expert_capacity,
                                       expert_parallel_moe, route_top_k)
 
@@ -35,9 +38,10 @@ def moe_inputs(seed: int = 0):
 
 
 @jax.jit
-def dropless_reference(x, router, params):
-    """Single-device dropless MoE (sort + ragged_dot), jitted: one compile, not op-by-op."""
-    _, weights, ids = route_top_k(x, router, K)
+def dropless_reference(x, router, params, router_input=None):
+    """Single-device dropless MoE (sort + ragged_dot), jitted: one compile, not op-by-op. The
+    router sees router_input when given, the experts x."""
+    _, weights, ids = route_top_k(x if router_input is None else router_input, router, K)
     return dropless_moe(x, weights, ids, params)
 
 
@@ -77,15 +81,20 @@ def test_ep_with_forced_drops_equals_per_shard_capacity_routing(p):
     np.testing.assert_allclose(np.asarray(got.y), np.asarray(want_y), rtol=0, atol=F32_ATOL)
 
 
-def test_ep_over_data_and_expert_axes_equals_dropless():
-    """Tokens split over data x expert; experts replicated over data, all_to_all within each."""
+def test_ep_over_data_and_expert_axes_with_router_input_equals_dropless():
+    """Tokens split over data x expert; experts replicated over data, all_to_all within each. The
+    router routes a separate input (as router jitter does); the experts still process x."""
     x, router, params = moe_inputs(seed=2)
-    got = jax.jit(lambda x, r, w: expert_parallel_moe(
+    routed = x * jnp.asarray(np.random.default_rng(5).uniform(0.5, 1.5, x.shape), jnp.float32)
+    got = jax.jit(lambda x, r, w, routed: expert_parallel_moe(
         x, r, w, swiglu_experts, mesh=expert_mesh(4, data=2), top_k=K, capacity_factor=E / K,
-        token_axes=("data", "expert")))(x, router, params)
+        token_axes=("data", "expert"), router_input=routed))(x, router, params, routed)
     assert int(got.dropped) == 0
-    np.testing.assert_allclose(np.asarray(got.y), np.asarray(dropless_reference(x, router, params)),
+    np.testing.assert_allclose(np.asarray(got.router_logits), np.asarray(routed @ router),
                                rtol=0, atol=F32_ATOL)
+    want = dropless_reference(x, router, params, routed)
+    np.testing.assert_allclose(np.asarray(got.y), np.asarray(want), rtol=0, atol=F32_ATOL)
+    assert np.abs(np.asarray(want - dropless_reference(x, router, params))).max() > 1e-2
 
 
 def test_ep_gradients_match_single_device_capacity_routing():
@@ -162,3 +171,86 @@ def test_mixtral_model_expert_parallel_under_rules_equals_dropless():
     want, _, _ = nnx.jit(lambda m, i: m.forward_with_routing(i))(dropless, ids)
     np.testing.assert_array_equal(np.asarray(routing.dropped), 0)
     np.testing.assert_allclose(np.asarray(logits), np.asarray(want), rtol=0, atol=1e-4)
+
+
+def emulate_ragged_all_to_all(operands: list[np.ndarray], outputs: list[np.ndarray],
+                              layouts: list) -> list[np.ndarray]:
+    """jax.lax.ragged_all_to_all over P devices, from its docstring's semantics: device src sends
+    operand[input_offsets[i]:+send_sizes[i]] to device i // (N / P), which writes it at
+    output_offsets[i] (the sender's offsets); recv_sizes must mirror send_sizes."""
+    p, n = len(operands), len(layouts[0].send_sizes)
+    per_peer = n // p
+    results = [out.copy() for out in outputs]
+    for src, layout in enumerate(layouts):
+        for i in range(n):
+            dst, size = i // per_peer, int(layout.send_sizes[i])
+            # the receiver's slice (src, i % per_peer) must expect exactly this many rows
+            assert int(layouts[dst].recv_sizes[src * per_peer + i % per_peer]) == size
+            start, at = int(layout.input_offsets[i]), int(layout.output_offsets[i])
+            results[dst][at:at + size] = operands[src][start:start + size]
+    return results
+
+
+def test_ragged_exchange_layout_reproduces_the_padded_all_to_all():
+    """Offsets and sizes from the padded path's own dispatch counts (forced drops, so experts
+    are partly filled and some full): the emulated ragged dispatch yields exactly the padded
+    all_to_all's [E/P, P*C, D] buffers, and the ragged combine returns every filled slot to its
+    token's device (empty slots come back as 0)."""
+    p, local = 4, E // 4
+    x, router, _ = moe_inputs(seed=4)
+    capacity = expert_capacity(T // p, E, K, 0.75)
+
+    @jax.jit
+    def buffers(x):  # per shard: capacity buffer [E, C, D] and filled slots per expert [E]
+        def one(xs):
+            _, weights, ids = route_top_k(xs, router, K)
+            dispatch, _, _ = capacity_dispatch(ids, weights, E, capacity)
+            return (jnp.einsum("tec,td->ecd", dispatch, xs),
+                    jnp.sum(dispatch, axis=(0, 2)).astype(jnp.int32))
+        return jax.vmap(one)(x.reshape(p, T // p, D))
+
+    xs, counts = (np.asarray(a) for a in buffers(x))  # [P, E, C, D], [P, E]
+    assert (counts == capacity).any() and (counts < capacity).any()
+    filled = np.arange(capacity)[None, None, :] < counts[..., None]  # [P, E, C]
+    assert not np.abs(xs[~filled]).any()  # the padded path fills slots from 0
+    # padded all_to_all(split 0, concat 1, tiled): device d gets [E/P, P*C, D] with block
+    # [j, s*C:(s+1)*C] = device s's buffer of expert d * E/P + j
+    padded = [xs[:, d * local:(d + 1) * local].transpose(1, 0, 2, 3).reshape(local, p * capacity, D)
+              for d in range(p)]
+    recv = [counts[:, d * local:(d + 1) * local].reshape(E) for d in range(p)]  # all_to_all
+    layouts = [ragged_exchange_layout(jnp.asarray(counts[s]), jnp.asarray(recv[s]), s, p,
+                                      capacity) for s in range(p)]
+    dispatch = [jax.tree.map(np.asarray, lay[0]) for lay in layouts]
+    combine = [jax.tree.map(np.asarray, lay[1]) for lay in layouts]
+    received = emulate_ragged_all_to_all([b.reshape(E * capacity, D) for b in xs],
+                                         [np.zeros((E * capacity, D), np.float32)] * p, dispatch)
+    for d in range(p):
+        np.testing.assert_array_equal(received[d].reshape(local, p * capacity, D), padded[d])
+    # an "expert" that is nonzero on empty slots shows which rows travel back
+    outputs = [2.0 * r + 1.0 for r in received]
+    returned = emulate_ragged_all_to_all(outputs, [np.zeros((E * capacity, D), np.float32)] * p,
+                                         combine)
+    for s in range(p):
+        want = np.where(filled[s][..., None], 2.0 * xs[s] + 1.0, 0.0)
+        np.testing.assert_array_equal(returned[s].reshape(E, capacity, D), want)
+
+
+def test_ragged_exchange_lowers_to_ragged_all_to_all_forward_and_backward():
+    """XLA:CPU cannot compile ragged-all-to-all, so "auto" picks the padded exchange on CPU; the
+    ragged path, forced, lowers to StableHLO (forward: dispatch + combine; the gradient adds
+    their transposes)."""
+    x, router, params = moe_inputs()
+    mesh = expert_mesh(4)
+    assert resolve_exchange("auto", mesh) == "padded"
+
+    def loss(x, params, exchange):
+        y = expert_parallel_moe(x, router, params, swiglu_experts, mesh=mesh, top_k=K,
+                                capacity_factor=1.0, exchange=exchange).y
+        return jnp.sum(y ** 2)
+
+    ragged = jax.jit(jax.value_and_grad(lambda x, w: loss(x, w, "ragged"), argnums=(0, 1)))
+    assert ragged.lower(x, params).as_text().count("@ragged_all_to_all") == 4
+    padded = jax.jit(lambda x, w: loss(x, w, "auto")).lower(x, params).as_text()
+    assert "ragged_all_to_all" not in padded and "all_to_all" in padded
+    with pytest.raises(ValueError, match="exchange must be one of"):
+        loss(x, params, "sparse")
