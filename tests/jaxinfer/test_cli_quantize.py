@@ -52,20 +52,30 @@ def test_quantize_rtn_8bit_writes_loadable_gptq_checkpoint(tmp_path, capsys):
             assert np.all(err <= (0.5 + 128 * 2.0 ** -11) * step + 1e-7)
 
 
-@pytest.mark.slow
 def test_quantize_gptq_4bit_with_calibration_file(tmp_path, capsys):
+    """GPTQ from the command line, on a one-layer model with the embedded tokenizer (the embedded
+    model's GPTQ runs in experiments/quant_quality's quick test)."""
+    config = jaxinfer.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=128)
+    float_model = jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+    model_dir = jaxinfer.save_pretrained(
+        float_model, tmp_path / "float",
+        tokenizer=jaxinfer.load_tokenizer(jaxinfer.default_model_dir()))
     text = tmp_path / "calibration.txt"
     text.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:20000])
     out = tmp_path / "q4"
-    assert cli.main(["quantize", str(jaxinfer.default_model_dir()), str(out), "--bits", "4",
-                     "--group-size", str(GROUP), "--calibration", str(text), "--n-samples", "2",
+    assert cli.main(["quantize", str(model_dir), str(out), "--bits", "4", "--group-size",
+                     str(GROUP), "--calibration", str(text), "--n-samples", "2",
                      "--seq-len", "64"]) == 0
     assert f"2 x 64 tokens from {text}" in capsys.readouterr().out
     model = _load_checked(out, 4)
-    float_model = jaxinfer.load_pretrained(jaxinfer.default_model_dir())
     got, want = np.asarray(_logits(model, IDS)), np.asarray(_logits(float_model, IDS))
-    # A smoke check that the checkpoint holds this model, not noise: mostly the same top token.
-    assert np.mean(got.argmax(-1) == want.argmax(-1)) >= 0.5
+    # The checkpoint holds this model, not noise: the logits' RMS error relative to their spread
+    # is what 4-bit groups of 16 give (each weight off by up to 1/30 of its group's range;
+    # measured 0.11), where another random model would give about sqrt(2).
+    centered = want - want.mean()
+    assert np.sqrt(np.mean((got - want) ** 2) / np.mean(centered ** 2)) < 0.3
 
 
 def test_quantize_with_group_size_not_dividing_a_layer_exits_2(tmp_path, capsys):
