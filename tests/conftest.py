@@ -9,3 +9,11 @@ os.environ.setdefault("JAX_PLATFORMS", "cpu")
 import jax  # noqa: E402  (must follow the XLA_FLAGS assignment)
 
 jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def pytest_collection_modifyitems(config, items):
+    """Files with slow tests first (each file's tests stay together, so module fixtures are built
+    once): under pytest-xdist the long tests then start early and short ones fill the workers'
+    gaps, rather than one worker running a long test alone at the end while the other idles."""
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    items.sort(key=lambda item: item.path not in slow_files)
