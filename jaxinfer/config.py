@@ -61,7 +61,8 @@ class LlamaConfig:
     `sequence_parallel` the algorithm ("ring" or "ulysses") attention uses when the active sharding
     rules split the sequence over a mesh axis. `remat` trades compute for memory in training:
     "full" keeps only each decoder layer's input for the backward pass and recomputes the rest,
-    "dots" also keeps the layer's matmul outputs (recomputing only the cheap elementwise work).
+    "dots" also keeps the projections' outputs (recomputing attention's score products and the
+    elementwise work).
     All three are run settings, not part of the HF config.
     """
 

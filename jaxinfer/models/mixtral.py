@@ -75,11 +75,11 @@ class MixtralForCausalLM(DecoderLM):
         (`model.train()`); layer i uses fold_in(router_key, i). Without it routing is exact."""
         start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start)
         x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
-        new_layers, router_logits, dropped = [], [], []
+        new_layers, router_logits, dropped, call = [], [], [], self.layer_caller()
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]
             key_i = None if router_key is None else jax.random.fold_in(router_key, i)
-            x, kv, logits_i, dropped_i = layer(x, cos, sin, positions, kv, start, key_i)
+            x, kv, logits_i, dropped_i = call(layer, x, cos, sin, positions, kv, start, key_i)
             x = constrain(x, RESIDUAL)
             new_layers.append(kv)
             router_logits.append(logits_i)

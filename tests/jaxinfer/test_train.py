@@ -8,6 +8,7 @@ import sys
 import time
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -86,6 +87,18 @@ def test_remat_recomputes_layers_and_keeps_loss_and_gradients(remat):
         results.append(jax.jit(grad_fn)(params))
     for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1])):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # same ops, reordered fusions
+
+
+def test_mixtral_honours_remat_too():
+    """MixtralConfig inherits `remat`; its forward must apply it, not ignore it."""
+    config = jaxinfer.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
+                                    num_hidden_layers=2, num_attention_heads=2,
+                                    num_key_value_heads=2, max_position_embeddings=32,
+                                    num_local_experts=2, num_experts_per_tok=1, remat="full")
+    graphdef, params = nnx.split(jaxinfer.MixtralForCausalLM(config, rngs=nnx.Rngs(0)))
+    batch = jnp.zeros((1, 9), jnp.int32)
+    grads = jax.grad(lambda p: next_token_loss(graphdef, p, batch))
+    assert str(jax.make_jaxpr(grads)(params)).count("remat") == config.num_hidden_layers
 
 
 def test_batches_are_a_function_of_position():
