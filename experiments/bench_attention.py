@@ -22,6 +22,13 @@ A second table times ``paged_decode_attention`` (one query token per sequence ov
 table) for xla, pallas and reference, against ``jax.nn.dot_product_attention`` on the same context
 stored contiguously, and reports the K/V bytes read per second next to a streaming copy's
 bandwidth measured in the same run (the issue's target: >= 80% of it on a GPU). --no-paged skips it.
+
+A third table times one prefill-heavy serving step (a long prompt chunk starting mid-context
+next to a batch of decodes, shuffled pages) two ways for xla and pallas: ``ragged_paged_attention``
+(each sequence's pages read once per query block) against today's engine path,
+``jaxinfer.models.attention.paged_attention`` (one decode per token over its sequence's pages,
+``paged_decode_attention`` with per-token page rows); ``speedup_vs_per_token`` is time(per-token) /
+time(ragged) for the same backend. --no-ragged skips it.
 """
 
 from __future__ import annotations
@@ -36,7 +43,9 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
-from kernels_pallas import flash_attention, paged_decode_attention
+from jaxinfer.models.attention import paged_attention
+from jaxinfer.models.paged_kv import PagedLayerKV
+from kernels_pallas import flash_attention, paged_decode_attention, ragged_paged_attention
 
 OURS = ("xla", "pallas", "reference")
 
@@ -50,6 +59,19 @@ def timed(fn, args, reps: int) -> list[float]:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return times
+
+
+def time_into(row: dict, fn, inputs, reps: int) -> float | None:
+    """Time fn(*inputs) into row (median, min and max ms) -> the median in seconds; a failure
+    (out of memory, an unsupported shape...) is recorded in row["error"] and gives None."""
+    try:
+        times = timed(fn, inputs, reps)
+    except Exception as e:  # noqa: BLE001
+        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        return None
+    med = statistics.median(times)
+    row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3)
+    return med
 
 
 def attention_fn(impl: str, causal: bool, **options):
@@ -130,22 +152,65 @@ def bench_paged(args, rng, gpu: bool) -> tuple[list[dict], float]:
     for impl, (fn, inputs) in runs.items():
         row = {"impl": impl, "batch": batch, "Hq": hq, "Hkv": hkv, "D": d, "page_size": page,
                "context": ctx}
-        try:
-            times = timed(fn, inputs, args.reps)
-        except Exception as e:  # noqa: BLE001
-            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
-            rows.append(row)
-            continue
-        med = statistics.median(times)
-        row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
-                   kv_GBps=kv_bytes / med / 1e9, frac_of_stream=kv_bytes / med / 1e9 / stream_gbps)
         rows.append(row)
+        med = time_into(row, fn, inputs, args.reps)
+        if med is not None:
+            row.update(kv_GBps=kv_bytes / med / 1e9,
+                       frac_of_stream=kv_bytes / med / 1e9 / stream_gbps)
     peer = next((r["median_ms"] for r in rows if r["impl"] == "jax_nn_xla_dense"
                  and "median_ms" in r), None)
     for r in rows:
         if peer and "median_ms" in r:
             r["speedup_vs_jax_nn_xla_dense"] = peer / r["median_ms"]
     return rows, stream_gbps
+
+
+def bench_ragged(args, rng, gpu: bool) -> list[dict]:
+    """One mixed step: a prompt chunk of `chunk` tokens ending at position `ctx` plus `decodes`
+    one-token sequences at context `ctx`; ragged vs per-token rows for xla and pallas."""
+    hq, hkv, d, page, chunk, decodes, ctx = ((32, 8, 128, 16, 512, 32, 4096) if gpu else
+                                             (8, 2, 64, 16, 128, 4, 512))
+    if args.quick:
+        chunk, decodes, ctx = 32, 2, 128
+    dtype = jnp.dtype(args.dtype)
+    s, pages_per_seq = 1 + decodes, ctx // page
+    num_pages = s * pages_per_seq
+    k_pages, v_pages = (jnp.asarray(rng.standard_normal((num_pages, page, hkv, d)), dtype)
+                        for _ in range(2))
+    q_lens = np.array([chunk] + [1] * decodes)
+    t = int(q_lens.sum())
+    q = jnp.asarray(rng.standard_normal((t, hq, d)), dtype)
+    table = rng.permutation(num_pages).reshape(s, pages_per_seq).astype(np.int32)
+    starts = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    kv_lengths = np.full(s, ctx, np.int32)
+    # The engine's per-token view: each token's sequence row and its length position + 1.
+    seq = np.repeat(np.arange(s), q_lens)
+    lengths = (kv_lengths[seq] - q_lens[seq] + np.arange(t) - starts[seq] + 1).astype(np.int32)
+    kv = PagedLayerKV(k_pages, v_pages)
+    rows = []
+    outputs = {}
+    for impl in ("xla", "pallas"):
+        runs = {"ragged": (jax.jit(lambda q, k, v, tb, st, n, impl=impl: ragged_paged_attention(
+                    q, k, v, tb, st, n, backend=impl)),
+                    (q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(starts),
+                     jnp.asarray(kv_lengths))),
+                "per_token": (jax.jit(lambda q, kv, page_rows, n, impl=impl: paged_attention(
+                    q, kv, page_rows, n, backend=impl)),
+                    (q, kv, jnp.asarray(table[seq]), jnp.asarray(lengths)))}
+        for path, (fn, inputs) in runs.items():
+            row = {"impl": impl, "path": path, "chunk": chunk, "decodes": decodes,
+                   "context": ctx, "Hq": hq, "Hkv": hkv, "D": d, "page_size": page}
+            rows.append(row)
+            if time_into(row, fn, inputs, args.reps) is not None:
+                outputs[impl, path] = np.asarray(fn(*inputs), np.float32)
+    for r in rows:
+        per_token = next((p for p in rows if p["impl"] == r["impl"] and p["path"] == "per_token"
+                          and "median_ms" in p), None)
+        if per_token and "median_ms" in r:
+            r["speedup_vs_per_token"] = per_token["median_ms"] / r["median_ms"]
+            r["max_abs_diff_vs_per_token"] = float(np.max(np.abs(
+                outputs[r["impl"], r["path"]] - outputs[r["impl"], "per_token"])))
+    return rows
 
 
 def main() -> None:
@@ -163,6 +228,8 @@ def main() -> None:
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--no-paged", dest="paged", action="store_false",
                         help="skip the paged decode table")
+    parser.add_argument("--no-ragged", dest="ragged", action="store_false",
+                        help="skip the ragged (mixed prefill/decode step) table")
     parser.add_argument("--out", default=str(RESULTS / "bench_attention.json"))
     args = parser.parse_args()
     platform = jax.default_backend()
@@ -218,6 +285,12 @@ def main() -> None:
         print_table(paged_rows, ["impl", "batch", "Hq", "Hkv", "D", "page_size", "context",
                                  "median_ms", "min_ms", "max_ms", "kv_GBps", "frac_of_stream",
                                  "speedup_vs_jax_nn_xla_dense"])
+    ragged_rows = bench_ragged(args, rng, gpu) if args.ragged else []
+    if ragged_rows:
+        print("\nmixed step: ragged_paged_attention vs one decode per token (today's engine)")
+        print_table(ragged_rows, ["impl", "path", "chunk", "decodes", "context", "median_ms",
+                                  "min_ms", "max_ms", "speedup_vs_per_token",
+                                  "max_abs_diff_vs_per_token"])
     if not gpu and "pallas" in args.impls:
         print("note: pallas ran in interpret mode on CPU; its times measure the interpreter")
 
@@ -236,6 +309,7 @@ def main() -> None:
     record = {"experiment": "bench_attention", "quick": args.quick, **environment(),
               "settings": vars(args), "flops_convention": "fwd 4*B*H*visible*D; fwd_bwd 3.5x",
               "rows": rows, "paged_decode": {"stream_GBps": stream_gbps, "rows": paged_rows},
+              "ragged_step": {"rows": ragged_rows},
               "png": str(png)}
     print(f"wrote {write_json(record, out)} and {png}")
 

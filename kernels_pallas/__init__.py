@@ -5,9 +5,9 @@ for GPU and TPU (see DESIGN.md). This package imports only jax.
 """
 
 from kernels_pallas.attention import (flash_attention, merge_attention, paged_decode_attention,
-                                      tile_fraction)
+                                      ragged_paged_attention, tile_fraction)
 from kernels_pallas.fftconv import fftconv
 from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul
 
 __all__ = ["QuantizedWeight", "fftconv", "flash_attention", "merge_attention",
-           "paged_decode_attention", "quant_matmul", "tile_fraction"]
+           "paged_decode_attention", "quant_matmul", "ragged_paged_attention", "tile_fraction"]

@@ -19,6 +19,12 @@ attention), ``paged_xla.py`` (online softmax over chunks of pages), ``paged_pall
 (flash-decoding: context splits per (sequence, KV head), merged by ``merge_attention``) and
 ``paged_pallas_tpu.py`` (Mosaic: the page table is scalar-prefetched so each grid step's BlockSpecs
 fetch the sequence's physical pages; what ``pallas`` and ``auto`` run on a TPU).
+
+``ragged_paged_attention`` (a serving step's prefill chunks and decodes in one call, vLLM's
+"unified attention") has ``ragged_reference.py`` (one decode per token), ``ragged_xla.py`` (query
+blocks walk their sequence's pages in lockstep, online softmax) and ``ragged_pallas_gpu.py`` (one
+Triton program per query block and KV head); ``ragged_blocks.py`` holds the block layout both
+share. It has no TPU kernel yet: ``auto`` runs xla on a TPU.
 """
 
 from __future__ import annotations
@@ -28,14 +34,15 @@ import dataclasses
 import jax.numpy as jnp
 
 from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu, paged_xla,
-                                      pallas_gpu, pallas_tpu, reference, tiling, xla)
+                                      pallas_gpu, pallas_tpu, ragged_blocks, ragged_pallas_gpu,
+                                      ragged_reference, ragged_xla, reference, tiling, xla)
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
                                              default_block_sizes, tile_fraction)
 
-__all__ = ["flash_attention", "paged_decode_attention", "merge_attention", "tile_fraction",
-           "BlockSizes", "DEFAULT_BLOCK_SIZES"]
+__all__ = ["flash_attention", "paged_decode_attention", "ragged_paged_attention",
+           "merge_attention", "tile_fraction", "BlockSizes", "DEFAULT_BLOCK_SIZES"]
 
 
 def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=None,
@@ -192,4 +199,93 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
             q, k_pages, v_pages, page_table, lengths, scale=scale, num_splits=num_splits,
             pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,
             v_scales=v_scales)
+    return (out, lse) if return_lse else out
+
+
+def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_lengths, *,
+                           num_seqs=None, softmax_scale=None, backend="auto", return_lse=False,
+                           k_scales=None, v_scales=None, block_q=None, pages_per_block=None):
+    """Causal attention of a serving step's query tokens, prefill chunks and decodes alike, each
+    over its own sequence's KV pages; a sequence's pages are read once per query block, not once
+    per token.
+
+    Args:
+      q: [T, Hq, D], the step's query tokens: each sequence's tokens contiguous and in position
+        order.
+      k_pages, v_pages: [num_pages, page_size, Hkv, D], Hq % Hkv == 0; q's dtype (float32,
+        bfloat16 or float16), or int8 with ``k_scales``/``v_scales`` float32 [num_pages, page_size,
+        Hkv] (as in ``paged_decode_attention``). Softmax statistics and accumulators are float32.
+      page_table: int [S, pages_per_seq]: token p of sequence s lives in page
+        ``page_table[s, p // page_size]`` at slot ``p % page_size``.
+      query_starts: int [S + 1] (cu_q_lens): sequence s owns q's tokens
+        ``query_starts[s] : query_starts[s + 1]``, q_len_s of them (0 allowed).
+      kv_lengths: int [S]: tokens cached for each sequence, this step's tokens included (their K/V
+        already written), q_len_s <= kv_lengths[s] <= pages_per_seq * page_size. Query i of
+        sequence s sits at position kv_lengths[s] - q_len_s + i and sees keys 0 .. that position
+        (causal, bottom-right aligned: a chunk may start mid-context).
+      num_seqs: None (all S sequences are real) or an int32 scalar, traced or not: only the first
+        num_seqs sequences are real, so shapes stay fixed under jit; the entries of the others are
+        ignored. Tokens owned by no real sequence (padding) get out 0 and lse -inf.
+      softmax_scale: multiplies q·k; default 1/sqrt(D).
+      backend: "reference" | "xla" | "pallas" | "auto". "pallas" is the Triton kernel (on a CPU
+        interpreted; there is no TPU kernel yet). "auto": pallas on a GPU where page_size is a
+        power of two, xla otherwise.
+      return_lse: also return the float32 log-sum-exp [T, Hq] (to merge with other parts).
+      block_q: query tokens per block (per Triton program on pallas, where it must be a power of
+        two and is raised until block_q x the query group padded to a power of two reaches 16
+        rows); None: ``ragged_blocks.default_block_q``.
+      pages_per_block: pages gathered per loop step; None gives ~128 tokens on xla and ~64 on
+        pallas (raised there to a power of two covering >= 16 tokens).
+
+    Returns:
+      out [T, Hq, D] in q's dtype (and lse float32 [T, Hq] with ``return_lse``). No gradients are
+      defined through the xla and pallas paths.
+
+    query_starts, kv_lengths, num_seqs and the page table are validated when concrete (not under
+    jit): query_starts[:num_seqs + 1] non-decreasing within [0, T], q_len <= kv_lengths <=
+    capacity for the real sequences, page ids in range.
+    """
+    checks.check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_seqs,
+                        k_scales, v_scales)
+    checks.check_scalars(False, softmax_scale, None, return_lse, backend,
+                         backends=checks.RAGGED_BACKENDS)
+    impl, interpret = resolve_backend(backend)
+    page_size = k_pages.shape[1]
+    power_of_two_pages = page_size & (page_size - 1) == 0
+    if backend == "auto" and impl == "pallas" and not power_of_two_pages:
+        impl = "xla"  # the Triton kernel needs power-of-two pages; auto picks what runs
+    if impl == "pallas" and not power_of_two_pages:
+        raise ValueError(f"the Pallas backend needs a power-of-two page_size (Triton tiles); "
+                         f"got page_size={page_size}; use backend='xla'")
+    checks.check_block("block_q", block_q, pallas=impl == "pallas", minimum=1)
+    checks.check_block("pages_per_block", pages_per_block, pallas=False, minimum=1)
+    scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
+    page_table, query_starts, kv_lengths = (jnp.asarray(x, jnp.int32)
+                                            for x in (page_table, query_starts, kv_lengths))
+    num_seqs = None if num_seqs is None else jnp.asarray(num_seqs, jnp.int32)
+    if impl == "reference":
+        out, lse = ragged_reference.ragged_paged_attention(
+            q, tiling.dequantize(k_pages, k_scales, q.dtype),
+            tiling.dequantize(v_pages, v_scales, q.dtype), page_table, query_starts, kv_lengths,
+            num_seqs, softmax_scale=scale)
+        out = out.astype(q.dtype)
+        return (out, lse) if return_lse else out
+    groups = q.shape[1] // k_pages.shape[2]
+    block_q = block_q or ragged_blocks.default_block_q(impl, groups)
+    pages_per_seq = page_table.shape[1]
+    if impl == "pallas":
+        block_q = ragged_pallas_gpu.kernel_block_q(block_q, groups)
+    layout = ragged_blocks.ragged_layout(query_starts, kv_lengths, num_seqs, q.shape[0], block_q)
+    if impl == "xla":
+        out, lse = ragged_xla.ragged_paged_attention(
+            q, k_pages, v_pages, page_table, layout, scale=scale, block_q=block_q,
+            pages_per_block=pages_per_block or ragged_blocks.default_pages_per_block_xla(
+                page_size, pages_per_seq),
+            k_scales=k_scales, v_scales=v_scales)
+    else:
+        out, lse = ragged_pallas_gpu.ragged_paged_attention(
+            q, k_pages, v_pages, page_table, layout, scale=scale, block_q=block_q,
+            pages_per_block=pages_per_block or paged_pallas_gpu.default_pages_per_block(
+                page_size, pages_per_seq),
+            interpret=interpret, k_scales=k_scales, v_scales=v_scales)
     return (out, lse) if return_lse else out

@@ -1,5 +1,5 @@
-"""Validation of flash_attention's and paged_decode_attention's arguments at the API: one
-ValueError/TypeError per mistake."""
+"""Validation of flash_attention's, paged_decode_attention's and ragged_paged_attention's
+arguments at the API: one ValueError/TypeError per mistake."""
 
 from __future__ import annotations
 
@@ -12,8 +12,9 @@ import numpy as np
 
 from kernels_pallas.attention.tiling import BlockSizes
 
-# both attention ops have a TPU (Mosaic) kernel besides the Triton one
+# flash and paged decode attention have a TPU (Mosaic) kernel besides the Triton one
 BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_tpu")
+RAGGED_BACKENDS = ("auto", "reference", "xla", "pallas")  # no Mosaic kernel yet
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -104,7 +105,8 @@ def check_window(local_window):
     return (int(local_window[0]), int(local_window[1]))
 
 
-def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend) -> None:
+def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
+                  backends: tuple[str, ...] = BACKENDS) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool; got {causal!r}")
     if not isinstance(return_lse, bool):
@@ -115,8 +117,8 @@ def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend) -> 
     if logit_softcap is not None and not (_is_real(logit_softcap) and logit_softcap > 0):
         raise ValueError(f"logit_softcap must be None or a Python number > 0; "
                          f"got {logit_softcap!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}; got {backend!r}")
 
 
 def check_block(name: str, block, *, pallas: bool, minimum: int) -> None:
@@ -144,13 +146,88 @@ def check_block_sizes(blocks, *, pallas: bool) -> None:
 
 def check_paged(q, k_pages, v_pages, page_table, lengths, k_scales=None, v_scales=None) -> None:
     """paged_decode_attention's arrays: ranks, shapes, dtypes and (when concrete) index ranges."""
-    for name, x in (("q", q), ("k_pages", k_pages), ("v_pages", v_pages),
-                    ("page_table", page_table), ("lengths", lengths)):
-        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-            raise TypeError(f"{name} must be an array; got {type(x).__name__}")
+    _check_arrays(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table, lengths=lengths)
     if q.ndim != 3:
         raise ValueError(f"q must have rank 3 [batch, Hq, D] (one query token per sequence); "
                          f"got q {_shape(q)}")
+    _check_pages(q, k_pages, v_pages, k_scales, v_scales)
+    batch = q.shape[0]
+    if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.shape[1] < 1:
+        raise ValueError(f"page_table must have shape [batch, pages_per_seq] with batch={batch} "
+                         f"and pages_per_seq >= 1; got {_shape(page_table)}")
+    if lengths.shape != (batch,):
+        raise ValueError(f"lengths must have shape [batch] = [{batch}]; got {_shape(lengths)}")
+    _check_integer(page_table=page_table, lengths=lengths)
+    _check_table_values(page_table, k_pages.shape[0])
+    capacity = page_table.shape[1] * k_pages.shape[1]
+    if _concrete(lengths):
+        ln = np.asarray(lengths)
+        if ln.min() < 0 or ln.max() > capacity:
+            raise ValueError(f"lengths must lie in [0, pages_per_seq * page_size] = "
+                             f"[0, {capacity}]; got values in [{ln.min()}, {ln.max()}]")
+
+
+def check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_seqs,
+                 k_scales=None, v_scales=None) -> None:
+    """ragged_paged_attention's arrays: ranks, shapes, dtypes and, where concrete, the layout:
+    query_starts sorted within [0, T], kv_lengths within [q_len, capacity] for real sequences."""
+    _check_arrays(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table,
+                  query_starts=query_starts, kv_lengths=kv_lengths)
+    if q.ndim != 3:
+        raise ValueError(f"q must have rank 3 [T, Hq, D] (the step's query tokens); "
+                         f"got q {_shape(q)}")
+    _check_pages(q, k_pages, v_pages, k_scales, v_scales)
+    if query_starts.ndim != 1 or query_starts.shape[0] < 2:
+        raise ValueError(f"query_starts must have shape [S + 1] with S >= 1 sequences; "
+                         f"got {_shape(query_starts)}")
+    s = query_starts.shape[0] - 1
+    if page_table.ndim != 2 or page_table.shape[0] != s or page_table.shape[1] < 1:
+        raise ValueError(f"page_table must have shape [S, pages_per_seq] with S={s} (from "
+                         f"query_starts [S + 1]) and pages_per_seq >= 1; got {_shape(page_table)}")
+    if kv_lengths.shape != (s,):
+        raise ValueError(f"kv_lengths must have shape [S] = [{s}]; got {_shape(kv_lengths)}")
+    _check_integer(page_table=page_table, query_starts=query_starts, kv_lengths=kv_lengths)
+    if num_seqs is not None:
+        if not (_is_int(num_seqs) or (hasattr(num_seqs, "dtype") and num_seqs.shape == ()
+                                      and jnp.issubdtype(num_seqs.dtype, jnp.integer))):
+            raise ValueError(f"num_seqs must be None, an int or an integer scalar array; "
+                             f"got {num_seqs!r}")
+        if _concrete(num_seqs) and not 0 <= int(num_seqs) <= s:
+            raise ValueError(f"num_seqs must lie in [0, S] = [0, {s}]; got {int(num_seqs)}")
+    _check_table_values(page_table, k_pages.shape[0])
+    if not (_concrete(query_starts) and _concrete(kv_lengths)
+            and (num_seqs is None or _concrete(num_seqs))):
+        return  # under jit the layout is trusted
+    n = s if num_seqs is None else int(num_seqs)
+    starts = np.asarray(query_starts)[:n + 1]
+    t = q.shape[0]
+    if starts.min() < 0 or starts.max() > t or np.any(np.diff(starts) < 0):
+        raise ValueError(f"query_starts[:num_seqs + 1] must be non-decreasing within [0, T] = "
+                         f"[0, {t}]; got {starts.tolist()}")
+    q_lens, kv = np.diff(starts), np.asarray(kv_lengths)[:n]
+    capacity = page_table.shape[1] * k_pages.shape[1]
+    bad = np.flatnonzero((kv < q_lens) | (kv > capacity))
+    if bad.size:
+        i = int(bad[0])
+        raise ValueError(f"kv_lengths must lie in [q_len, pages_per_seq * page_size] (the cache "
+                         f"holds each sequence's new tokens too; capacity {capacity}); got "
+                         f"kv_lengths[{i}]={kv[i]} with q_len={q_lens[i]}")
+
+
+def _check_arrays(**arrays) -> None:
+    for name, x in arrays.items():
+        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
+            raise TypeError(f"{name} must be an array; got {type(x).__name__}")
+
+
+def _check_integer(**arrays) -> None:
+    for name, x in arrays.items():
+        if not jnp.issubdtype(x.dtype, jnp.integer):
+            raise ValueError(f"{name} must have an integer dtype (int32); got {x.dtype}")
+
+
+def _check_pages(q, k_pages, v_pages, k_scales, v_scales) -> None:
+    """q [.., Hq, D] against the pages [num_pages, page_size, Hkv, D]: shapes, GQA, dtypes."""
     if k_pages.ndim != 4:
         raise ValueError(f"k_pages must have rank 4 [num_pages, page_size, Hkv, D]; "
                          f"got k_pages {_shape(k_pages)}")
@@ -170,28 +247,15 @@ def check_paged(q, k_pages, v_pages, page_table, lengths, k_scales=None, v_scale
     if jnp.dtype(q.dtype) not in DTYPES:
         raise ValueError(f"q must be float32, bfloat16 or float16; got {q.dtype}")
     _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales)
-    batch = q.shape[0]
-    if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.shape[1] < 1:
-        raise ValueError(f"page_table must have shape [batch, pages_per_seq] with batch={batch} "
-                         f"and pages_per_seq >= 1; got {_shape(page_table)}")
-    if lengths.shape != (batch,):
-        raise ValueError(f"lengths must have shape [batch] = [{batch}]; got {_shape(lengths)}")
-    for name, x in (("page_table", page_table), ("lengths", lengths)):
-        if not jnp.issubdtype(x.dtype, jnp.integer):
-            raise ValueError(f"{name} must have an integer dtype (int32); got {x.dtype}")
-    num_pages, page_size = k_pages.shape[:2]
-    capacity = page_table.shape[1] * page_size
-    # Values are checked only when concrete (outside jit); under jit they are trusted.
+
+
+def _check_table_values(page_table, num_pages: int) -> None:
+    """Page ids in range, checked only when concrete (outside jit); under jit they are trusted."""
     if _concrete(page_table):
         pt = np.asarray(page_table)
         if pt.min() < 0 or pt.max() >= num_pages:
             raise ValueError(f"page_table entries must lie in [0, num_pages) = [0, {num_pages}); "
                              f"got values in [{pt.min()}, {pt.max()}]")
-    if _concrete(lengths):
-        ln = np.asarray(lengths)
-        if ln.min() < 0 or ln.max() > capacity:
-            raise ValueError(f"lengths must lie in [0, pages_per_seq * page_size] = "
-                             f"[0, {capacity}]; got values in [{ln.min()}, {ln.max()}]")
 
 
 def _concrete(x) -> bool:

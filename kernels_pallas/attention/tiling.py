@@ -152,12 +152,39 @@ def online_softmax_step(acc: jax.Array, m: jax.Array, l: jax.Array, s: jax.Array
     return acc, m_new, l
 
 
+def finish_online_softmax(acc: jax.Array, m: jax.Array, l: jax.Array):
+    """The running state of ``online_softmax_step`` -> (out f32 [..., D] = acc / l, lse f32
+    [...] = m + log l). Rows that saw no key (l == 0) get out 0 and lse -inf, not NaN."""
+    seen = l > 0.0
+    safe_l = jnp.where(seen, l, 1.0)
+    return acc / safe_l[..., None], jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+
+
+def triton_compiler_params(num_warps: int, num_stages: int, interpret: bool):
+    """A Triton kernel's launch settings, or None when it runs interpreted."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton  # GPU only; deprecated from jax 0.11
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
+
+
 def dequantize(values: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
     """int8 K/V values [..., D] times their float32 scales [...] (one per token and head), in
     `dtype`; float values (scales None) are only cast. The product is formed in float32."""
     if scales is None:
         return values.astype(dtype)
     return (values.astype(jnp.float32) * scales[..., None].astype(jnp.float32)).astype(dtype)
+
+
+def gather_kv(k_pages, v_pages, k_scales, v_scales, ids: jax.Array, dtype,
+              shape: tuple[int, ...]) -> tuple[jax.Array, jax.Array]:
+    """K and V of the pages ``ids``, dequantized (int8 values times their scales; float pages are
+    only cast) to ``dtype`` and reshaped to ``shape``, e.g. the pages' tokens as one axis.
+
+    The pages [num_pages, page_size, ...] and scales may be arrays (the XLA paths) or Pallas refs
+    (the kernels), which index alike."""
+    return tuple(dequantize(pages[ids], None if scales is None else scales[ids], dtype)
+                 .reshape(shape) for pages, scales in ((k_pages, k_scales), (v_pages, v_scales)))
 
 
 def pad_to(x: jax.Array, axis: int, size: int, mode: str = "constant") -> jax.Array:

@@ -1,0 +1,282 @@
+"""ragged_paged_attention: every backend against dense float64 attention per token, the block
+layout, agreement with paged_decode_attention on decode-only steps, bad inputs and the Triton
+lowering."""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from kernels_pallas import paged_decode_attention, ragged_paged_attention
+from kernels_pallas.attention import checks, ragged_blocks, ragged_pallas_gpu
+from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
+from tests.kernels_pallas.test_paged_decode_attention import quantize_pages
+
+# Tolerances: TOLS (relative to the largest output entry). float32: the xla and pallas paths fold
+# the keys into an online softmax chunk by chunk while the oracle sums them at once in float64;
+# measured <= 9e-7 (int8 pages included: both sides attend over values * scales), so 1e-5 keeps
+# 10x headroom, while one wrongly masked key moves an output by ~1/context (> 1e-2 here).
+# bfloat16: q, K, V and P enter the matmuls in bf16 and the output is rounded to bf16 (2^-9),
+# measured <= 3.3e-3 on every backend, under 1.5e-2. lse is float32 on every path: LSE_ATOL
+# (measured <= 7e-7).
+
+
+@dataclasses.dataclass(frozen=True)
+class RaggedCase:
+    name: str
+    hq: int
+    hkv: int
+    d: int
+    page_size: int
+    pages_per_seq: int
+    q_lens: tuple[int, ...]  # per sequence; 0: a sequence with nothing to compute this step
+    dtype: str = "float32"
+    padding: int = 0  # tokens past the last sequence's (owned by none)
+    num_seqs: int | None = None  # sequences past it are padding: their entries are garbage
+    int8: bool = False
+
+
+# Mixed decode (q_len 1) and prefill chunks of odd lengths, chunks starting mid-context (kv_len
+# drawn in [q_len, capacity]), a zero-length sequence, padding tokens, num_seqs < S, GQA 1/2/4 and
+# MQA, D 64 and 128, page sizes 4 and 16, shuffled page tables, float32, bfloat16 and int8 pages.
+CASES = [
+    RaggedCase("gqa2_f32_pages4_mixed", hq=4, hkv=2, d=64, page_size=4, pages_per_seq=12,
+               q_lens=(1, 5, 0, 17, 1), padding=3),
+    RaggedCase("mha_bf16_d128_pages16", hq=2, hkv=2, d=128, page_size=16, pages_per_seq=4,
+               q_lens=(33, 1, 1, 5), dtype="bfloat16"),
+    RaggedCase("gqa4_f32_num_seqs_padding", hq=8, hkv=2, d=64, page_size=16, pages_per_seq=3,
+               q_lens=(17, 1, 5, 9, 4), padding=2, num_seqs=3),
+    RaggedCase("mqa_int8_f32_pages4", hq=4, hkv=1, d=64, page_size=4, pages_per_seq=10,
+               q_lens=(5, 1, 33, 1), int8=True),
+]
+
+# Runs of the backends. Small blocks force several query blocks per sequence and several KV
+# steps (and for pallas both the unmasked and the masked loop); the defaults run too. The Triton
+# kernel runs interpreted (~4 s a call here), so it covers the cases that add kernel features:
+# small pages and blocks, D 128 with bf16, MQA with int8 pages, padding with num_seqs.
+SMALL_BLOCKS = {"block_q": 4, "pages_per_block": 2}
+XLA_RUNS = [(backend, options, case) for case in CASES
+            for backend, options in (("reference", {}), ("xla", SMALL_BLOCKS))]
+XLA_RUNS += [("xla", {}, case) for case in CASES[1::2]]
+PALLAS_RUNS = [(CASES[0], {"block_q": 4, "pages_per_block": 1}), (CASES[1], {}),
+               (CASES[2], {"block_q": 2, "pages_per_block": 1}), (CASES[3], {})]
+
+
+def make_inputs(case: RaggedCase, seed: int = 0):
+    """-> (q, k_pages, v_pages, page_table, query_starts, kv_lengths) and the scales kwargs."""
+    rng = np.random.default_rng(seed)
+    dt = jnp.dtype(case.dtype)
+    s = len(case.q_lens)
+    capacity = case.page_size * case.pages_per_seq
+    t = sum(case.q_lens) + case.padding
+    starts = np.concatenate([[0], np.cumsum(case.q_lens)]).astype(np.int32)
+    kv_lengths = np.array([rng.integers(n, capacity + 1) for n in case.q_lens], np.int32)
+    if case.num_seqs is not None:  # what follows num_seqs must not matter: make it garbage
+        starts[case.num_seqs + 1:] = rng.integers(0, t + 1, size=s - case.num_seqs)
+        kv_lengths[case.num_seqs:] = 0
+    num_pages = s * case.pages_per_seq + 7
+    table = rng.permutation(num_pages)[:s * case.pages_per_seq].reshape(s, case.pages_per_seq)
+    q = jnp.asarray(rng.standard_normal((t, case.hq, case.d)), dt)
+    shape = (num_pages, case.page_size, case.hkv, case.d)
+    k_pages, v_pages = (rng.standard_normal(shape) for _ in range(2))
+    scales = {}
+    if case.int8:
+        (k_pages, ks), (v_pages, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
+        scales = {"k_scales": ks, "v_scales": vs}
+    else:
+        k_pages, v_pages = jnp.asarray(k_pages, dt), jnp.asarray(v_pages, dt)
+    arrays = (q, k_pages, v_pages, jnp.asarray(table, jnp.int32), jnp.asarray(starts),
+              jnp.asarray(kv_lengths))
+    return arrays, scales
+
+
+def dense_oracle(q, k_pages, v_pages, table, starts, kv_lengths, num_seqs, scales):
+    """float64 numpy, token by token: query i of sequence s attends over the first
+    kv_len - q_len + i + 1 keys of its gathered pages; tokens of no real sequence: 0 and -inf."""
+    k_pages, v_pages = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
+                        for x in (k_pages, v_pages))
+    if scales:
+        k_pages = k_pages * np.asarray(scales["k_scales"], np.float64)[..., None]
+        v_pages = v_pages * np.asarray(scales["v_scales"], np.float64)[..., None]
+    q = np.asarray(jnp.asarray(q, jnp.float32), np.float64)
+    t, hq, d = q.shape
+    groups = hq // k_pages.shape[2]
+    out, lse = np.zeros((t, hq, d)), np.full((t, hq), -np.inf)
+    for s in range(len(kv_lengths) if num_seqs is None else num_seqs):
+        k = np.concatenate([k_pages[p] for p in np.asarray(table[s])])  # [capacity, Hkv, D]
+        v = np.concatenate([v_pages[p] for p in np.asarray(table[s])])
+        first, q_len = int(starts[s]), int(starts[s + 1] - starts[s])
+        for i in range(q_len):
+            keys = int(kv_lengths[s]) - q_len + i + 1
+            for h in range(hq):
+                scores = k[:keys, h // groups] @ q[first + i, h] * d ** -0.5
+                w = np.exp(scores - scores.max())
+                out[first + i, h] = w @ v[:keys, h // groups] / w.sum()
+                lse[first + i, h] = scores.max() + np.log(w.sum())
+    return out, lse
+
+
+def check_against_oracle(case: RaggedCase, backend: str, options: dict) -> None:
+    arrays, scales = make_inputs(case)
+    run = jax.jit(functools.partial(ragged_paged_attention, backend=backend, return_lse=True,
+                                    num_seqs=case.num_seqs, **options))
+    out, lse = run(*arrays, **scales)
+    ref_out, ref_lse = dense_oracle(*arrays, case.num_seqs, scales)
+    q = arrays[0]
+    assert out.dtype == q.dtype and out.shape == q.shape
+    assert lse.dtype == jnp.float32 and lse.shape == q.shape[:2]
+    assert rel_err(out, ref_out) < TOLS[case.dtype]
+    padding = np.isinf(ref_lse[:, 0])
+    assert np.all(np.asarray(out, np.float32)[padding] == 0)  # padding tokens: zeros, not NaN
+    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend,options,case", XLA_RUNS,
+                         ids=[f"{b}-{'-'.join(map(str, o.values()))}-{c.name}"
+                              for b, o, c in XLA_RUNS])
+def test_matches_dense_attention_per_token(backend, options, case):
+    check_against_oracle(case, backend, options)
+
+
+@pytest.mark.parametrize("case,options", PALLAS_RUNS, ids=[c.name for c, _ in PALLAS_RUNS])
+def test_pallas_kernel_matches_dense_attention_per_token(case, options):
+    check_against_oracle(case, "pallas", options)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+def test_decode_only_step_equals_paged_decode_attention(backend):
+    """Every q_len 1: each token is its sequence's newest, so the ragged call is a batch of
+    decodes; paged_decode_attention's reference backend (one gathered context per sequence) must
+    agree to float32 rounding."""
+    case = RaggedCase("decode_only", hq=4, hkv=1, d=64, page_size=4, pages_per_seq=6,
+                      q_lens=(1,) * 5)
+    (q, k_pages, v_pages, table, starts, kv_lengths), _ = make_inputs(case, seed=3)
+    out = jax.jit(functools.partial(ragged_paged_attention, backend=backend))(
+        q, k_pages, v_pages, table, starts, kv_lengths)
+    expected = jax.jit(functools.partial(paged_decode_attention, backend="reference"))(
+        q, k_pages, v_pages, table, kv_lengths)
+    assert rel_err(out, expected) < TOLS["float32"]
+
+
+def test_traced_num_seqs_serves_every_count_with_one_compilation():
+    """num_seqs as a traced scalar: fixed shapes, and the sequences past it (and their tokens)
+    turn into padding without recompiling."""
+    case = CASES[2]
+    arrays, _ = make_inputs(dataclasses.replace(case, num_seqs=None), seed=5)
+    run = jax.jit(lambda n, *a: ragged_paged_attention(*a, num_seqs=n, backend="xla"))
+    for n in (3, 1, 0):
+        out = run(jnp.int32(n), *arrays)
+        ref_out, _ = dense_oracle(*arrays, n, {})
+        assert rel_err(out, ref_out) < TOLS["float32"], n
+    assert run._cache_size() == 1
+
+
+@pytest.mark.parametrize("q_lens,block_q", [((1, 5, 0, 17, 1), 4), ((33,), 16), ((0, 0, 1), 1),
+                                            ((16, 16, 15, 1, 2, 3), 8)])
+def test_blocks_cover_each_token_once_within_the_static_count(q_lens, block_q):
+    """The block layout: no block straddles sequences, the real blocks come first and fit in
+    T // block_q + S, and each token has its own row (first at its block's first row)."""
+    t = sum(q_lens) + 2
+    starts = jnp.asarray(np.concatenate([[0], np.cumsum(q_lens)]), jnp.int32)
+    kv_lengths = jnp.asarray(q_lens, jnp.int32) + 3
+    layout = jax.jit(ragged_blocks.ragged_layout, static_argnums=(2, 3, 4))(
+        starts, kv_lengths, None, t, block_q)
+    count = np.asarray(layout.block_count)
+    real = sum(-(-n // block_q) for n in q_lens)
+    assert layout.num_blocks == t // block_q + len(q_lens) >= real
+    assert np.all(count[:real] > 0) and np.all(count[real:] == 0)
+    assert count.sum() == sum(q_lens)
+    rows = np.asarray(layout.token_row)[np.asarray(layout.token_owned)]
+    assert len(set(rows.tolist())) == sum(q_lens)
+    seq, first = np.asarray(layout.block_seq)[:real], np.asarray(layout.block_first)[:real]
+    ends = np.asarray(starts)[seq + 1]
+    assert np.all(first + count[:real] <= ends)  # within its own sequence
+    pos0 = np.asarray(layout.block_pos0)[:real]
+    assert np.all(pos0 == np.asarray(kv_lengths)[seq] - (ends - first))  # bottom-right aligned
+
+
+Q = jnp.zeros((6, 4, 16), jnp.float32)
+PAGES = jnp.zeros((6, 8, 2, 16), jnp.float32)
+TABLE = jnp.asarray([[0, 1], [2, 3]], jnp.int32)
+STARTS = jnp.asarray([0, 4, 6], jnp.int32)
+KV = jnp.asarray([9, 2], jnp.int32)
+
+
+@pytest.mark.parametrize("args,kwargs,match", [
+    ((Q[0], PAGES, PAGES, TABLE, STARTS, KV), {},
+     r"q must have rank 3 \[T, Hq, D\].*got q \[4, 16\]"),
+    ((Q, PAGES, PAGES[:, :4], TABLE, STARTS, KV), {}, r"k_pages and v_pages must have the same"),
+    ((Q, PAGES.astype(jnp.bfloat16), PAGES.astype(jnp.bfloat16), TABLE, STARTS, KV), {},
+     r"must share a dtype"),
+    ((Q, PAGES, PAGES, TABLE, STARTS[None], KV), {}, r"query_starts must have shape \[S \+ 1\]"),
+    ((Q, PAGES, PAGES, TABLE[:1], STARTS, KV), {},
+     r"page_table must have shape \[S, pages_per_seq\] with S=2"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, KV[:1]), {}, r"kv_lengths must have shape \[S\] = \[2\]"),
+    ((Q, PAGES, PAGES, TABLE, STARTS.astype(jnp.float32), KV), {},
+     r"query_starts must have an integer dtype"),
+    ((Q, PAGES, PAGES, TABLE, jnp.asarray([0, 5, 4], jnp.int32), KV), {},
+     r"query_starts\[:num_seqs \+ 1\] must be non-decreasing within \[0, T\] = \[0, 6\]; "
+     r"got \[0, 5, 4\]"),
+    ((Q, PAGES, PAGES, TABLE, jnp.asarray([0, 4, 7], jnp.int32), KV), {}, r"within \[0, T\]"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, jnp.asarray([3, 2], jnp.int32)), {},
+     r"kv_lengths must lie in \[q_len, pages_per_seq \* page_size\].*kv_lengths\[0\]=3 with "
+     r"q_len=4"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, jnp.asarray([9, 17], jnp.int32)), {},
+     r"capacity 16\); got kv_lengths\[1\]=17"),
+    ((Q, PAGES, PAGES, TABLE + 4, STARTS, KV), {},
+     r"page_table entries must lie in \[0, num_pages\) = \[0, 6\)"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"num_seqs": 3}, r"num_seqs must lie in \[0, S\]"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"num_seqs": 1.0}, r"num_seqs must be None, an int"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"backend": "pallas_tpu"},
+     r"backend must be one of"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"backend": "pallas", "block_q": 3},
+     r"block_q must be a power of two"),
+    ((Q, jnp.zeros((6, 12, 2, 16)), jnp.zeros((6, 12, 2, 16)), TABLE, STARTS, KV),
+     {"backend": "pallas"}, r"power-of-two page_size .* got page_size=12"),
+    ((Q, PAGES.astype(jnp.int8), PAGES.astype(jnp.int8), TABLE, STARTS, KV), {},
+     r"int8 pages need k_scales"),
+])
+def test_bad_input_raises_value_error(args, kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        ragged_paged_attention(*args, **kwargs)
+
+
+def test_entries_past_num_seqs_are_not_validated():
+    """Entries past num_seqs are ignored, so they may be anything (the engine's padding; that
+    the kernels ignore them too is checked by the num_seqs case above)."""
+    checks.check_ragged(Q, PAGES, PAGES, TABLE, jnp.asarray([0, 4, 1], jnp.int32),
+                        jnp.asarray([5, 0], jnp.int32), 1)
+
+
+@pytest.mark.parametrize("page_size,d,hq,hkv,int8", [(16, 128, 8, 2, False), (8, 80, 4, 4, False),
+                                                     (4, 64, 7, 1, False), (16, 128, 32, 4, True)])
+def test_pallas_kernel_lowers_to_triton(page_size, d, hq, hkv, int8):
+    """The kernel passes the Triton lowering (table and page gathers, padded D and groups, both
+    loops, int8 pages dequantized in the kernel); lowering needs no GPU, compiling to PTX does."""
+    pytest.importorskip("jax.experimental.pallas.triton")
+    t, s = 40, 5
+    q = jax.ShapeDtypeStruct((t, hq, d), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((50, page_size, hkv, d), jnp.int8 if int8 else jnp.bfloat16)
+    scales = jax.ShapeDtypeStruct((50, page_size, hkv), jnp.float32) if int8 else None
+    table = jax.ShapeDtypeStruct((s, 7), jnp.int32)
+    starts, kv_lengths = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (s + 1, s))
+    groups = hq // hkv
+    block_q = ragged_pallas_gpu.kernel_block_q(ragged_blocks.default_block_q("pallas", groups),
+                                               groups)
+
+    def attend(q, k, v, table, starts, kv_lengths, ks, vs):
+        layout = ragged_blocks.ragged_layout(starts, kv_lengths, None, t, block_q)
+        return ragged_pallas_gpu.ragged_paged_attention(
+            q, k, v, table, layout, scale=0.1, block_q=block_q, pages_per_block=4,
+            interpret=False, k_scales=ks, v_scales=vs)
+
+    lowered = jax.jit(attend).trace(q, pages, pages, table, starts, kv_lengths, scales,
+                                    scales).lower(lowering_platforms=("cuda",))
+    assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
