@@ -7,11 +7,12 @@ on synthetic traces).
 
 A tiny Mixtral (jaxinfer.models.mixtral, dropless top-2 routing) is trained once per
 --aux-coefs entry on the embedded corpus (jaxinfer.assets, King James Bible sample, default
-tokenizer), from the same initialisation and batches: "no_lb" (coefficient 0) on next-token loss
-alone, "lb_<alpha>" on next-token loss plus alpha times the Switch load-balancing loss
-(`moe.load_balancing_loss`; Switch used alpha = 1e-2) and the ST-MoE router z-loss
-(`moe.router_z_loss`, weight --z-coef). --router-jitter turns on the Switch router input jitter
-in every run (off by default). Each model's routing is then recorded
+tokenizer), from the same initialisation and batches, by jaxinfer.train's own step: "no_lb"
+(coefficient 0) on next-token loss alone, "lb_<alpha>" on next-token loss plus alpha times the
+Switch load-balancing loss (`moe.load_balancing_loss`; Switch used alpha = 1e-2) and the ST-MoE
+router z-loss (`moe.router_z_loss`, weight --z-coef), the router losses Mixtral reports to the
+step. --router-jitter turns on the Switch router input jitter in every run (off by default).
+Each model's routing is then recorded
 on the held-out tail of the corpus: every token's top-k experts per layer, from
 `forward_with_routing`'s router logits. The first half of the held-out windows is the profiling
 trace the placements are solved on; the second half is the serving trace they are scored on, as
@@ -26,20 +27,19 @@ LPT, greedy co-location, MILP balance, MILP co-location, over --devices devices)
 trace's device load imbalance (max / mean device load, mean over layers), cross-device
 transitions (tokens whose consecutive layers' experts sit on different devices), and ratios
 against contiguous placement (Megatron's default). The first run's `train_s` includes compiling
-the train step; the later runs reuse it (the loss weights are traced).
+the train step; the later runs reuse it (the loss weights are the step's traced `loss_weights`,
+not config fields).
 """
 
 from __future__ import annotations
 
 import argparse
-import functools
 import time
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
-import optax
 from flax import nnx
 from tokenizers import Tokenizer
 
@@ -48,67 +48,36 @@ from experiments.moe_placement import METHODS, place
 from jaxinfer.assets import corpus_sample_path, default_model_dir
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
-from jaxinfer.models.moe import load_balancing_loss, router_z_loss
 from jaxinfer.train.data import TokenWindows, read_corpus, split_held_out, tokenize_corpus
 from jaxinfer.train.optimizer import make_optimizer
+from jaxinfer.train.step import train_step_with_losses
 from sharding.placement import (RoutingStats, cross_device_transitions, load_imbalance,
                                 routing_statistics)
+
 
 def run_name(aux_coef: float) -> str:
     """"no_lb" for next-token loss alone, "lb_<aux_coef>" with the router losses."""
     return "no_lb" if aux_coef == 0 else f"lb_{aux_coef:g}"
 
 
-def moe_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array, key: jax.Array | None,
-             *, aux_coef: float | jax.Array, z_coef: float | jax.Array
-             ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """Training loss of a Mixtral on batch int32 [B, L+1] -> (total, parts): mean next-token
-    cross-entropy + aux_coef * Switch load-balancing loss + z_coef * router z-loss, the two
-    router losses over all layers' router logits. key: router-jitter key (used only when the
-    model is in training mode with router_jitter_noise > 0)."""
-    model = nnx.merge(graphdef, params)
-    logits, _, routing = model.forward_with_routing(batch[:, :-1], router_key=key)
-    ce = optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
-    router_logits = list(routing.router_logits)  # L x [B * L, E]
-    config = model.config
-    aux = load_balancing_loss(router_logits, config.num_local_experts, config.num_experts_per_tok)
-    z = router_z_loss(router_logits)
-    return ce + aux_coef * aux + z_coef * z, {"ce": ce, "aux": aux, "z": z}
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef", "tx"))
-def moe_train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: nnx.State,
-                   opt_state: optax.OptState, batch: jax.Array, key: jax.Array, *,
-                   aux_coef: jax.Array, z_coef: jax.Array):
-    """One optimizer update on `moe_loss` -> (params, opt_state, parts). The loss weights are
-    traced float32 scalars, so runs with and without the router losses share one compile.
-    (jaxinfer.train.step's train_step optimises next-token loss only; the router losses need
-    the routing output.)"""
-    grad_fn = jax.grad(functools.partial(moe_loss, graphdef, aux_coef=aux_coef, z_coef=z_coef),
-                       has_aux=True)
-    grads, parts = grad_fn(params, batch, key)
-    updates, opt_state = tx.update(grads, opt_state, params)
-    return optax.apply_updates(params, updates), opt_state, parts
-
-
 def train(model: MixtralForCausalLM, windows: TokenWindows, steps: int, lr: float, *,
           aux_coef: float, z_coef: float, seed: int
           ) -> tuple[nnx.GraphDef, nnx.State, list[dict[str, float]]]:
-    """`steps` AdamW updates on consecutive batches of `windows` with `moe_loss`, the model in
-    training mode (router jitter on when its config asks) -> (graphdef, params, per-step parts)."""
+    """`steps` AdamW updates on consecutive batches of `windows` by jaxinfer.train's step, its
+    router-loss weights set to aux_coef (load balancing) and z_coef (z-loss), a router-jitter key
+    per step -> (graphdef, params, per-step losses: the step's unweighted loss parts)."""
     tx = make_optimizer(learning_rate=lr, total_steps=steps, warmup_steps=max(1, steps // 10),
                         weight_decay=0.1, clip_norm=1.0)
-    model.train()
     graphdef, params = nnx.split(model)
     opt_state = tx.init(params)
     keys = jax.random.split(jax.random.key(seed), steps)  # [steps] one jitter key per step
-    coefs = {"aux_coef": jnp.float32(aux_coef), "z_coef": jnp.float32(z_coef)}
+    weights = {"load_balancing_loss": aux_coef, "router_z_loss": z_coef}
     history = []
     for step in range(steps):
-        batch = jnp.asarray(windows.batch(step))  # [B, L+1]
-        params, opt_state, parts = moe_train_step(graphdef, tx, params, opt_state, batch,
-                                                  keys[step], **coefs)
-        history.append({k: float(v) for k, v in parts.items()})
+        batches = jnp.asarray(windows.batch(step))[None]  # [accum=1, B, L+1]
+        params, opt_state, _, _, losses = train_step_with_losses(
+            graphdef, tx, params, opt_state, batches, keys[step], weights)
+        history.append({k: float(v) for k, v in losses.items()})
     return graphdef, params, history
 
 
@@ -224,9 +193,11 @@ def main(argv: list[str] | None = None) -> dict:
                        f"{run}_serve_transitions": serve.transitions})
         imbalance = expert_imbalance(serve.loads)  # [L]
         runs[run] = {"aux_coef": aux_coef, "z_coef": z_coef, "train_s": train_s,
-                     "ce_first": history[0]["ce"], "ce_last": history[-1]["ce"],
-                     "aux_first": history[0]["aux"], "aux_last": history[-1]["aux"],
-                     "z_last": history[-1]["z"],
+                     "ce_first": history[0]["next_token_loss"],
+                     "ce_last": history[-1]["next_token_loss"],
+                     "aux_first": history[0]["load_balancing_loss"],
+                     "aux_last": history[-1]["load_balancing_loss"],
+                     "z_last": history[-1]["router_z_loss"],
                      "expert_imbalance_mean": float(imbalance.mean()),
                      "expert_imbalance_max": float(imbalance.max()),
                      "expert_imbalance_per_layer": imbalance.tolist(),

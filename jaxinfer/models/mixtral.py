@@ -3,7 +3,10 @@ mixture of SwiGLU experts (jaxinfer/models/moe.py), as a Flax NNX module.
 
 The interface matches `LlamaForCausalLM` (`__call__`, `init_cache`, `forward`), so
 `jaxinfer.generate` runs it unchanged; `forward_with_routing` also returns every layer's router
-logits (for `moe.load_balancing_loss` and routing statistics) and the capacity-drop counts.
+logits (for routing statistics) and the capacity-drop counts. Training asks the model for its
+auxiliary losses (`forward_with_aux_losses`, `aux_loss_weights`: the router losses of
+`jaxinfer.models.moe`, weighted by the config), so jaxinfer.train optimises them without knowing
+what a router is.
 Parameter names mirror HF's module names (`layers[i].block_sparse_moe.gate.kernel`,
 `...experts.gate_proj` stacked over experts); jaxinfer/checkpoint/hf_mixtral.py converts them.
 """
@@ -21,7 +24,7 @@ from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import RMSNorm
 from jaxinfer.models.llama import RESIDUAL, DecoderLM, SelfAttention
 from jaxinfer.models.mixtral_config import MixtralConfig
-from jaxinfer.models.moe import SparseMoE
+from jaxinfer.models.moe import SparseMoE, load_balancing_loss, router_z_loss
 from sharding import constrain
 from sharding.placement import permute_experts
 
@@ -87,6 +90,27 @@ class MixtralForCausalLM(DecoderLM):
         new_cache = None if cache is None else KVCache(tuple(new_layers))
         routing = RoutingOutput(jnp.stack(router_logits), jnp.stack(dropped))
         return self.logits(x), new_cache, routing
+
+    def forward_with_aux_losses(self, input_ids: jax.Array, *, key: jax.Array | None = None
+                                ) -> tuple[jax.Array, dict[str, jax.Array]]:
+        """The training forward: logits float32 [batch, T, vocab] for input_ids [batch, T] and
+        the router losses over all layers' router logits, unweighted float32 scalars:
+        {"load_balancing_loss": Switch/HF load balancing, "router_z_loss": ST-MoE z-loss}.
+        key: router-jitter key (see `forward_with_routing`)."""
+        logits, _, routing = self.forward_with_routing(input_ids, router_key=key)
+        router_logits = list(routing.router_logits)  # layers x [batch * T, E]
+        c = self.config
+        return logits, {
+            "load_balancing_loss": load_balancing_loss(router_logits, c.num_local_experts,
+                                                       c.num_experts_per_tok),
+            "router_z_loss": router_z_loss(router_logits)}
+
+    def aux_loss_weights(self) -> dict[str, float]:
+        """The config's weight of each loss of `forward_with_aux_losses` in the training loss.
+        The load-balancing loss counts only when `output_router_logits` is set, as in HF."""
+        c = self.config
+        return {"load_balancing_loss": c.router_aux_loss_coef if c.output_router_logits else 0.0,
+                "router_z_loss": c.router_z_loss_coef}
 
 
 def apply_expert_placement(model: MixtralForCausalLM, perm: np.ndarray) -> None:

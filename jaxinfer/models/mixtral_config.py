@@ -29,11 +29,17 @@ class MixtralConfig(LlamaConfig):
     routed to its `num_experts_per_tok` highest-scoring experts (softmax over all experts, top-k,
     weights renormalised over the k).
 
-    `router_aux_loss_coef` weights HF's Switch load-balancing loss; `router_jitter_noise` is the
-    router input jitter eps (training only, with a key: `MixtralForCausalLM.forward_with_routing`'s
-    `router_key`; 0 = off, Switch Transformer used 1e-2). `moe_impl`,
-    `capacity_factor` are run settings (not written to config.json): capacity per expert is
-    ceil(capacity_factor * tokens * k / num_experts) per token group.
+    Router losses in training (`MixtralForCausalLM.aux_loss_weights`, added by
+    jaxinfer.train.step's training loss): `router_aux_loss_coef` weights HF's Switch
+    load-balancing loss, and only when `output_router_logits` is True, as in HF (whose loss adds
+    it only then; both HF defaults, 0.001 and False, are kept, so a checkpoint loaded from HF
+    trains as HF would train it). `router_z_loss_coef` weights the ST-MoE router z-loss (ST-MoE
+    used 1e-3); HF Mixtral has no z-loss, so it defaults to 0 and is read from / written to
+    config.json under that name. `router_jitter_noise` is the router input jitter eps (training
+    only, with a key: `MixtralForCausalLM.forward_with_routing`'s `router_key`; 0 = off, Switch
+    Transformer used 1e-2). `moe_impl`, `capacity_factor` are run settings (not written to
+    config.json): capacity per expert is ceil(capacity_factor * tokens * k / num_experts) per
+    token group.
     """
 
     model_type: str = MIXTRAL_MODEL_TYPE
@@ -42,6 +48,8 @@ class MixtralConfig(LlamaConfig):
     num_local_experts: int = 8
     num_experts_per_tok: int = 2
     router_aux_loss_coef: float = 0.001
+    output_router_logits: bool = False
+    router_z_loss_coef: float = 0.0
     router_jitter_noise: float = 0.0
     moe_impl: str = "dropless"
     capacity_factor: float = 1.25
@@ -64,6 +72,12 @@ class MixtralConfig(LlamaConfig):
                              f"{self.num_experts_per_tok} > {self.num_local_experts}")
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}; got {self.moe_impl!r}")
+        for name in ("router_aux_loss_coef", "router_z_loss_coef"):
+            if not 0 <= getattr(self, name) < float("inf"):
+                raise ValueError(f"{name} must be a finite number >= 0; got {getattr(self, name)}")
+        if not isinstance(self.output_router_logits, bool):
+            raise ValueError(f"output_router_logits must be a bool; got "
+                             f"{self.output_router_logits!r}")
         if not 0 <= self.router_jitter_noise < 1:
             raise ValueError(f"router_jitter_noise must lie in [0, 1); got "
                              f"{self.router_jitter_noise}")
@@ -92,6 +106,8 @@ class MixtralConfig(LlamaConfig):
                    num_local_experts=int(hf.get("num_local_experts", 8)),
                    num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
                    router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
+                   output_router_logits=bool(hf.get("output_router_logits", False)),
+                   router_z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)),
                    router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
                    moe_impl=moe_impl, capacity_factor=capacity_factor)
 
@@ -103,6 +119,8 @@ class MixtralConfig(LlamaConfig):
                   num_local_experts=self.num_local_experts,
                   num_experts_per_tok=self.num_experts_per_tok,
                   router_aux_loss_coef=self.router_aux_loss_coef,
+                  output_router_logits=self.output_router_logits,
+                  router_z_loss_coef=self.router_z_loss_coef,
                   router_jitter_noise=self.router_jitter_noise)
         return hf
 

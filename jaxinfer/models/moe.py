@@ -179,7 +179,8 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, to
     choices): E * sum_e f_e * P_e over the tokens of all layers, where f_e is the fraction of
     token-choices routed to expert e (divided by tokens, so it sums to k) and P_e the mean router
     probability. router_logits: one [batch * seq, E] array per layer; attention_mask
-    [batch, seq] (1 = real token) excludes padding. Returns a float32 scalar."""
+    [batch, seq] (1 = real token) excludes padding. Returns a float32 scalar. Training weighs it
+    by `MixtralConfig.router_aux_loss_coef` (`MixtralForCausalLM.aux_loss_weights`)."""
     if not router_logits:
         raise ValueError("router_logits must hold one [tokens, experts] array per layer; got none")
     mask = None if attention_mask is None else attention_mask.reshape(-1).astype(jnp.float32)
@@ -197,11 +198,11 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, to
     return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))
 
 
-
 def router_z_loss(router_logits: Sequence[jax.Array]) -> jax.Array:
-    """ST-MoE's router z-loss (weight ~1e-3 in training): the mean over layers and tokens of
-    (logsumexp_e logits[t, e])^2, which keeps router logits small so the float32 softmax stays
-    well-conditioned. router_logits: one [tokens, E] array per layer. Returns a float32 scalar."""
+    """ST-MoE's router z-loss (weight `MixtralConfig.router_z_loss_coef`; ST-MoE used 1e-3): the
+    mean over layers and tokens of (logsumexp_e logits[t, e])^2, which keeps router logits small
+    so the float32 softmax stays well-conditioned. router_logits: one [tokens, E] array per
+    layer. Returns a float32 scalar."""
     if not router_logits:
         raise ValueError("router_logits must hold one [tokens, experts] array per layer; got none")
     per_layer = [jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)

@@ -25,7 +25,7 @@ from tqdm.auto import tqdm
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.train.data import TokenWindows
 from jaxinfer.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxinfer.train.step import eval_step, train_step
+from jaxinfer.train.step import eval_step, train_step_with_losses
 
 log = logging.getLogger(__name__)
 
@@ -66,8 +66,10 @@ class TrainConfig:
 
 @dataclasses.dataclass
 class TrainResult:
-    model: nnx.Module  # the trained LlamaForCausalLM or HyenaForCausalLM
-    history: list[dict]  # one record per step: step, loss, grad_norm, lr and (some) eval_loss
+    model: nnx.Module  # the trained LlamaForCausalLM, MixtralForCausalLM or HyenaForCausalLM
+    # one record per step: step, loss (the optimised loss), its parts (next_token_loss and the
+    # model's auxiliary losses, unweighted), grad_norm, lr and (some) eval_loss
+    history: list[dict]
     wall_seconds: float  # this invocation only
 
 
@@ -81,10 +83,12 @@ def _read_history(path: Path, up_to_step: int) -> list[dict]:
 def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
           config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
-    """Train `model` (not modified; the trained model is returned) on next-token prediction.
+    """Train `model` (not modified; the trained model is returned) on next-token prediction plus
+    the model's auxiliary losses at its config's weights (jaxinfer.train.step.training_loss:
+    Mixtral's router losses), in training mode with a per-step key from the state's RNG.
 
     Any causal LM with `forward(ids) -> (logits, cache)` and a `config.to_hf_config()` trains here
-    (LlamaForCausalLM, HyenaForCausalLM).
+    (LlamaForCausalLM, MixtralForCausalLM, HyenaForCausalLM).
 
     With `resume=True` and a checkpoint in run_dir, continue from it; `on_step` sees each record."""
     run_dir = Path(run_dir)
@@ -131,12 +135,15 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
             step_began = time.perf_counter()
             batches = data.batch(position).reshape(
                 config.grad_accum, config.batch_size, config.seq_len + 1)
-            params, opt_state, loss, grad_norm = train_step(
-                graphdef, tx, params, opt_state, jnp.asarray(batches))
+            rng, step_key = jax.random.split(jax.random.wrap_key_data(rng))
+            rng = jax.random.key_data(rng)
+            out = train_step_with_losses(graphdef, tx, params, opt_state, jnp.asarray(batches),
+                                         step_key)
+            params, opt_state = out.params, out.opt_state
             position += 1
-            rng = jax.random.key_data(jax.random.split(jax.random.wrap_key_data(rng))[0])
-            record = {"step": step + 1, "loss": float(loss), "grad_norm": float(grad_norm),
-                      "lr": float(schedule(step)),
+            record = {"step": step + 1, "loss": float(out.loss),
+                      **{name: float(value) for name, value in out.losses.items()},
+                      "grad_norm": float(out.grad_norm), "lr": float(schedule(step)),
                       "tokens": (step + 1) * config.batch_size * config.grad_accum * config.seq_len}
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
                 eval_loss = float(np.mean([eval_step(graphdef, params, b) for b in eval_set]))

@@ -1,7 +1,8 @@
 """The pieces of experiments/mixtral_traces.py on a tiny Mixtral (the experiment itself trains for
 minutes): recorded routing traces are consistent with the model's router and with each other, the
-training loss adds the weighted router losses to jaxinfer's next-token loss, and the imbalance
-and placement scores mean what they say."""
+runs with different router-loss weights train through jaxinfer's own step and share its compile,
+and the imbalance and placement scores mean what they say. (That step's loss is tested in
+tests/jaxinfer/test_train_moe_loss.py.)"""
 
 from __future__ import annotations
 
@@ -11,14 +12,14 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from experiments.mixtral_traces import expert_ids, expert_imbalance, moe_loss, score
+from experiments.mixtral_traces import expert_ids, expert_imbalance, score, train
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
-from jaxinfer.train.step import next_token_loss
+from jaxinfer.train.data import TokenWindows
+from jaxinfer.train.step import train_step_with_losses
 from sharding.placement import contiguous_placement, load_imbalance, routing_statistics
 
 LAYERS, EXPERTS, TOP_K, VOCAB, BATCH, SEQ = 2, 4, 2, 48, 2, 8
-LOSS_RTOL = 1e-6  # the same float32 forward pass, summed in a different order
 
 
 @pytest.fixture(scope="module")
@@ -53,19 +54,23 @@ def test_recorded_counts_sum_to_tokens_times_top_k_and_transitions_match_counts(
     np.testing.assert_array_equal(stats.transitions.sum(axis=1), TOP_K * stats.loads[1:])
 
 
-def test_moe_loss_is_next_token_loss_plus_weighted_router_losses(tiny):
-    graphdef, params, batches = tiny
-    batch = jnp.asarray(batches[0])
-    aux_coef, z_coef = 0.01, 0.001
-    # one program for both losses: one compile
-    (total, parts), want_ce = jax.jit(lambda p, b: (
-        moe_loss(graphdef, p, b, None, aux_coef=aux_coef, z_coef=z_coef),
-        next_token_loss(graphdef, p, b)))(params, batch)
-    np.testing.assert_allclose(float(parts["ce"]), float(want_ce), rtol=LOSS_RTOL)
-    np.testing.assert_allclose(float(total), float(parts["ce"] + aux_coef * parts["aux"]
-                                                   + z_coef * parts["z"]), rtol=LOSS_RTOL)
-    # Switch's loss counts all k choices: it is k for perfectly balanced routing, more otherwise
-    assert float(parts["aux"]) >= TOP_K * (1 - 1e-6) and float(parts["z"]) > 0
+def test_runs_with_different_router_loss_weights_share_one_compiled_train_step(tiny):
+    """`train` runs no_lb and lb_<coef> through jaxinfer.train's step with traced loss weights:
+    the same losses at the first step (same init and batch), different ones once an update has
+    been made (the schedule's first step has learning rate 0), one compile."""
+    graphdef, params, _ = tiny
+    windows = TokenWindows(np.random.default_rng(1).integers(0, VOCAB, 500).astype(np.int32),
+                           SEQ, BATCH)
+    runs = {}
+    for aux_coef, z_coef in [(0.0, 0.0), (0.5, 0.01)]:
+        compiled = train_step_with_losses._cache_size()
+        runs[aux_coef] = train(nnx.merge(graphdef, params), windows, 3, 1e-2, aux_coef=aux_coef,
+                               z_coef=z_coef, seed=0)[2]  # per-step losses
+    assert train_step_with_losses._cache_size() == compiled  # the second run compiled nothing
+    no_lb, lb = runs[0.0], runs[0.5]
+    assert set(no_lb[0]) == {"next_token_loss", "load_balancing_loss", "router_z_loss"}
+    assert no_lb[0] == lb[0]  # the losses are measured before the first update
+    assert no_lb[2]["load_balancing_loss"] != lb[2]["load_balancing_loss"]
 
 
 def test_expert_imbalance_is_max_over_mean_expert_load():
