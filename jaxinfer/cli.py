@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import logging
 import sys
@@ -32,6 +33,31 @@ EXAMPLES = {
 }
 
 
+def _positive_int(text: str) -> int:
+    """argparse type: an integer >= 1 (batch sizes, page sizes, step counts)."""
+    value = int(text)
+    if value < 1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1; got {text}")
+    return value
+
+
+def _fraction(text: str) -> float:
+    """argparse type: a float in [0, 1)."""
+    value = float(text)
+    if not 0.0 <= value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {text}")
+    return value
+
+
+# `jaxinfer train` settings of a fresh run (None in the parser, so that `--resume` can tell which
+# were given): a resumed run keeps the ones in its train_config.json except those in RESUMABLE.
+TRAIN_DEFAULTS = {"held_out": 0.05, "steps": 1000, "batch_size": 16, "seq_len": 256,
+                  "grad_accum": 1, "lr": 3e-3, "warmup": 100, "weight_decay": 0.1,
+                  "eval_every": 100, "checkpoint_every": 100, "seed": 0}
+# what --resume may change: how long the run goes on and how often it evaluates and saves
+RESUMABLE = {"steps": "steps", "eval_every": "eval_every", "checkpoint_every": "checkpoint_every"}
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
@@ -41,17 +67,21 @@ def _parser() -> argparse.ArgumentParser:
                          formatter_class=fmt)
     gen.add_argument("prompt", nargs="?", default="In the beginning")
     gen.add_argument("--model", help="HF model directory (default: the embedded model)")
-    gen.add_argument("--max-new-tokens", type=int, default=48)
+    gen.add_argument("--max-new-tokens", type=_positive_int, default=48)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=int)
+    gen.add_argument("--top-k", type=_positive_int)
     gen.add_argument("--top-p", type=float)
     gen.add_argument("--seed", type=int, default=0)
-    gen.add_argument("--batch-size", type=int, default=1, help="copies of the prompt decoded together")
+    gen.add_argument("--batch-size", type=_positive_int, default=1,
+                     help="copies of the prompt decoded together")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    gen.add_argument("--max-batch", type=int, default=64, help="engine: sequences in flight")
-    gen.add_argument("--page-size", type=int, default=16, help="engine: tokens per KV page")
-    gen.add_argument("--num-pages", type=int, help="engine: KV pages (default: sized from memory)")
-    gen.add_argument("--max-tokens-per-step", type=int, default=512,
+    gen.add_argument("--max-batch", type=_positive_int, default=64,
+                     help="engine: sequences in flight")
+    gen.add_argument("--page-size", type=_positive_int, default=16,
+                     help="engine: tokens per KV page")
+    gen.add_argument("--num-pages", type=_positive_int,
+                     help="engine: KV pages (default: sized from memory)")
+    gen.add_argument("--max-tokens-per-step", type=_positive_int, default=512,
                      help="engine: token budget of one step (decodes + prompt chunks)")
 
     tr = sub.add_parser("train", help="train or fine-tune on a text corpus", epilog=EXAMPLES["train"],
@@ -64,17 +94,21 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--init", help="HF model directory to fine-tune")
     tr.add_argument("--tokenizer", help="tokenizer.json or a directory holding one")
     tr.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size on the corpus")
-    tr.add_argument("--held-out", type=float, default=0.05, help="fraction of tokens for evaluation")
-    tr.add_argument("--steps", type=int, default=1000)
-    tr.add_argument("--batch-size", type=int, default=16)
-    tr.add_argument("--seq-len", type=int, default=256)
-    tr.add_argument("--grad-accum", type=int, default=1)
-    tr.add_argument("--lr", type=float, default=3e-3)
-    tr.add_argument("--warmup", type=int, default=100)
-    tr.add_argument("--weight-decay", type=float, default=0.1)
-    tr.add_argument("--eval-every", type=int, default=100)
-    tr.add_argument("--checkpoint-every", type=int, default=100)
-    tr.add_argument("--seed", type=int, default=0)
+    d = TRAIN_DEFAULTS
+    tr.add_argument("--held-out", type=_fraction,
+                    help=f"fraction of tokens for evaluation (default {d['held_out']})")
+    tr.add_argument("--steps", type=_positive_int,
+                    help=f"total optimizer steps (default {d['steps']}); with --resume: extend "
+                         f"the run to this many (the learning-rate schedule follows the new total)")
+    for flag, key, kind in (("--batch-size", "batch_size", _positive_int),
+                            ("--seq-len", "seq_len", _positive_int),
+                            ("--grad-accum", "grad_accum", _positive_int),
+                            ("--lr", "lr", float), ("--warmup", "warmup", int),
+                            ("--weight-decay", "weight_decay", float),
+                            ("--eval-every", "eval_every", _positive_int),
+                            ("--checkpoint-every", "checkpoint_every", _positive_int),
+                            ("--seed", "seed", int)):
+        tr.add_argument(flag, type=kind, help=f"default {d[key]}")
 
     cv = sub.add_parser("convert", help="rewrite an HF model directory (dtype, sharding)",
                         epilog=EXAMPLES["convert"], formatter_class=fmt)
@@ -121,21 +155,27 @@ def _generate(args: argparse.Namespace) -> int:
         params = jaxinfer.SamplingParams(max_tokens=args.max_new_tokens,
                                          temperature=args.temperature, top_k=args.top_k,
                                          top_p=args.top_p, seed=args.seed)
-        engine = jaxinfer.Engine(model, max_batch=args.max_batch, page_size=args.page_size,
-                                 num_pages=args.num_pages,
-                                 max_tokens_per_step=args.max_tokens_per_step,
-                                 tokenizer=tokenizer)
-        run, how = (lambda: engine.generate(prompts, params)), "engine"
+
+        def prepare():
+            # a new engine per call, so the timed call does not find the untimed call's prompt
+            # pages in its prefix cache (the compiled steps are shared by every engine)
+            engine = jaxinfer.Engine(model, max_batch=args.max_batch, page_size=args.page_size,
+                                     num_pages=args.num_pages,
+                                     max_tokens_per_step=args.max_tokens_per_step,
+                                     tokenizer=tokenizer)
+            return lambda: engine.generate(prompts, params)
+        how = "engine"
     else:  # no paged KV cache (Hyena): one static batch with the model's own decode cache
-        def run() -> list[list[int]]:
+        def static_batch() -> list[list[int]]:
             out = jaxinfer.generate(model, prompts, max_new_tokens=args.max_new_tokens,
                                     temperature=args.temperature, top_k=args.top_k,
                                     top_p=args.top_p, seed=args.seed)
             return [row[len(prompt_ids):] for row in out.tolist()]
-        how = "static batch"
+        prepare, how = (lambda: static_batch), "static batch"
     t0 = time.perf_counter()
-    run()  # compiles what this workload needs
+    prepare()()  # compiles what this workload needs
     compile_s = time.perf_counter() - t0
+    run = prepare()
     t0 = time.perf_counter()
     outputs = run()
     run_s = time.perf_counter() - t0
@@ -146,6 +186,19 @@ def _generate(args: argparse.Namespace) -> int:
           f"({how}, {args.batch_size} requests, {jax.devices()[0].platform}; first call incl. "
           f"compile {compile_s:.1f} s)]", file=sys.stderr)
     return 0
+
+
+def _initial_model(init: str | None, config_file: Path | None, seed: int):
+    """The model a training run starts from: the HF checkpoint `init` (any model type
+    load_pretrained reads), or a Llama of `config_file` initialised from `seed`."""
+    from flax import nnx
+
+    import jaxinfer
+
+    if init is not None:
+        return jaxinfer.load_pretrained(init)
+    return jaxinfer.LlamaForCausalLM(jaxinfer.LlamaConfig.from_json_file(config_file),
+                                     rngs=nnx.Rngs(seed))
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -162,22 +215,36 @@ def _train(args: argparse.Namespace) -> int:
     if args.resume:
         if not (run / TRAIN_CONFIG_FILE).exists():
             raise FileNotFoundError(f"{run} holds no run to resume ({TRAIN_CONFIG_FILE} missing)")
+        fixed = [f"--{k.replace('_', '-')}" for k in TRAIN_DEFAULTS
+                 if k not in RESUMABLE and getattr(args, k) is not None]
+        fixed += [f"--{k}" for k in ("config", "init", "tokenizer", "vocab_size")
+                  if getattr(args, k) is not None]
+        if fixed:
+            raise ValueError(f"--resume continues the run in {run} with its own settings "
+                             f"({TRAIN_CONFIG_FILE}); {', '.join(fixed)} cannot change them "
+                             f"(only --steps, --eval-every, --checkpoint-every and --corpus can)")
         config = TrainConfig.load(run / TRAIN_CONFIG_FILE)
+        config = dataclasses.replace(config, **{field: getattr(args, flag)
+                                                for flag, field in RESUMABLE.items()
+                                                if getattr(args, flag) is not None})
         meta = json.loads((run / "run.json").read_text())
         corpus = args.corpus or meta["corpus"]
         tokenizer = jaxinfer.load_tokenizer(run)
-        model_config = jaxinfer.LlamaConfig.from_json_file(run / "config.json")
-        model = jaxinfer.LlamaForCausalLM(model_config, rngs=nnx.Rngs(0))  # replaced by the checkpoint
         held_out = meta["held_out"]
+        # the model the run started from: the checkpoint replaces it, unless the run was killed
+        # before its first one, when training starts again from exactly this model
+        model = _initial_model(meta.get("init"), run / "config.json", meta.get("seed", 0))
     else:
         if not args.corpus:
             raise ValueError("--corpus is required unless --resume is given")
-        corpus, held_out = args.corpus, args.held_out
-        config = TrainConfig(steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len,
-                             grad_accum=args.grad_accum, learning_rate=args.lr,
-                             warmup_steps=args.warmup, weight_decay=args.weight_decay,
-                             eval_every=args.eval_every, checkpoint_every=args.checkpoint_every,
-                             seed=args.seed)
+        given = {k: getattr(args, k) for k in TRAIN_DEFAULTS}
+        opts = {k: TRAIN_DEFAULTS[k] if v is None else v for k, v in given.items()}
+        corpus, held_out = args.corpus, opts["held_out"]
+        config = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"],
+                             seq_len=opts["seq_len"], grad_accum=opts["grad_accum"],
+                             learning_rate=opts["lr"], warmup_steps=opts["warmup"],
+                             weight_decay=opts["weight_decay"], eval_every=opts["eval_every"],
+                             checkpoint_every=opts["checkpoint_every"], seed=opts["seed"])
         if args.tokenizer or args.init:
             tokenizer = jaxinfer.load_tokenizer(args.tokenizer or args.init)
         elif args.vocab_size:
@@ -186,17 +253,24 @@ def _train(args: argparse.Namespace) -> int:
         else:
             raise ValueError("give --tokenizer, --init or --vocab-size to choose a tokenizer")
         if args.init:
-            model = jaxinfer.load_pretrained(args.init)
+            init = str(Path(args.init).absolute())
+            model = _initial_model(init, None, config.seed)
+            if tokenizer.get_vocab_size() > model.config.vocab_size:
+                raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but "
+                                 f"the model in {args.init} embeds only "
+                                 f"{model.config.vocab_size}")
         elif args.config:
+            init = None
             model_config = jaxinfer.LlamaConfig.from_json_file(args.config).replace(
                 vocab_size=tokenizer.get_vocab_size())
-            model = jaxinfer.LlamaForCausalLM(model_config, rngs=nnx.Rngs(args.seed))
+            model = jaxinfer.LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
         else:
             raise ValueError("give --config (train from scratch) or --init (fine-tune)")
         run.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(run / "tokenizer.json"))
         (run / "run.json").write_text(json.dumps(
-            {"corpus": str(Path(corpus).absolute()), "held_out": held_out}, indent=2) + "\n")
+            {"corpus": str(Path(corpus).absolute()), "held_out": held_out, "init": init,
+             "seed": config.seed}, indent=2) + "\n")
 
     tokens = tokenize_corpus(read_corpus(corpus), tokenizer)
     train_tokens, eval_tokens = split_held_out(tokens, held_out)
@@ -274,7 +348,7 @@ def main(argv: list[str] | None = None) -> int:
                "quantize": _quantize}[args.command]
     try:
         return command(args)
-    except (ValueError, FileNotFoundError) as e:
+    except (ValueError, TypeError, FileNotFoundError) as e:
         print(f"jaxinfer {args.command}: error: {e}", file=sys.stderr)
         return 2
 

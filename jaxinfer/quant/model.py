@@ -34,6 +34,7 @@ from tqdm.auto import tqdm
 
 from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.layers import Linear, QuantizedLinear
+from jaxinfer.models.llama import LlamaForCausalLM
 from jaxinfer.models.rope import inverse_frequencies, rotary_tables
 from jaxinfer.quant.gptq import gptq_quantize_layer
 from jaxinfer.quant.hessian import HessianState, accumulate_hessian
@@ -94,8 +95,8 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, 
         raise ValueError(f"damp must be a number >= 0; got {damp!r}")
     if backend not in QUANT_BACKENDS:
         raise ValueError(f"backend must be one of {QUANT_BACKENDS}; got {backend!r}")
-    if not hasattr(model, "layers") or not hasattr(model, "config"):
-        raise TypeError(f"model must be a jaxinfer decoder (LlamaForCausalLM); "
+    if not isinstance(model, LlamaForCausalLM):  # Mixtral's experts and Hyena: not yet
+        raise TypeError(f"quantize supports LlamaForCausalLM (Llama, Mistral, Qwen2); "
                         f"got {type(model).__name__}")
     for i, parent, name, layer in _linear_layers(model):
         if not isinstance(layer, Linear):

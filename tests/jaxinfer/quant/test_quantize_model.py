@@ -184,3 +184,17 @@ def test_quantizing_a_quantized_model_raises(model):
     q = jaxinfer.quantize(model, method="rtn", bits=8, group_size=GROUP)
     with pytest.raises(ValueError, match="already quantized"):
         jaxinfer.quantize(q, method="rtn", bits=4, group_size=GROUP)
+
+
+@pytest.mark.parametrize("make", [
+    lambda: jaxinfer.MixtralForCausalLM(jaxinfer.MixtralConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        num_attention_heads=2, num_key_value_heads=2, max_position_embeddings=32,
+        num_local_experts=2, num_experts_per_tok=1), rngs=nnx.Rngs(0)),
+    lambda: jaxinfer.HyenaForCausalLM(jaxinfer.HyenaConfig(
+        vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        max_position_embeddings=64, filter_hidden_size=16, filter_emb_dim=5), rngs=nnx.Rngs(0)),
+], ids=["mixtral", "hyena"])
+def test_models_without_quantized_layers_are_refused_by_name(make):
+    with pytest.raises(TypeError, match="quantize supports LlamaForCausalLM .*; got (Mixtral|Hyena)"):
+        jaxinfer.quantize(make(), method="rtn", bits=8, group_size=-1)

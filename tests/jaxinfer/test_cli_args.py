@@ -1,0 +1,88 @@
+"""The command line refuses arguments it cannot honour, and `train --resume` restarts from the
+model the run began with. Training itself is replaced by a stand-in that records what the CLI
+hands it, so these tests take seconds."""
+
+import json
+
+import jax
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxinfer
+import jaxinfer.train
+from jaxinfer import cli
+from jaxinfer.train.loop import TRAIN_CONFIG_FILE
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "x", "--batch-size", "0"],
+    ["generate", "x", "--max-new-tokens", "-3"],
+    ["generate", "x", "--page-size", "0"],
+    ["train", "--out", "r", "--corpus", "c", "--steps", "0"],
+    ["train", "--out", "r", "--corpus", "c", "--held-out", "1.5"],
+])
+def test_non_positive_sizes_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "must be" in capsys.readouterr().err
+
+
+class _Stop(Exception):
+    """Ends the CLI's train command where training would begin."""
+
+
+@pytest.fixture
+def handed_to_train(monkeypatch):
+    """Replaces jaxinfer.train.train: writes what the real one writes before its first step and
+    records (model, config, resume) of each call."""
+    calls = []
+
+    def fake_train(model, train_tokens, eval_tokens, config, run_dir, *, resume=False, **_):
+        (run_dir / "config.json").write_text(
+            json.dumps(model.config.to_hf_config()))
+        config.save(run_dir / TRAIN_CONFIG_FILE)
+        calls.append((model, config, resume))
+        raise _Stop
+
+    monkeypatch.setattr(jaxinfer.train, "train", fake_train)
+    return calls
+
+
+def _params(model) -> list[np.ndarray]:
+    return [np.asarray(x) for x in jax.tree.leaves(nnx.state(model, nnx.Param))]
+
+
+def test_resume_before_the_first_checkpoint_restarts_from_the_init_model(tmp_path,
+                                                                         handed_to_train):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    run = tmp_path / "run"
+    init = str(jaxinfer.default_model_dir())
+    with pytest.raises(_Stop):
+        cli.main(["train", "--corpus", str(corpus), "--init", init, "--out", str(run),
+                  "--steps", "3", "--seq-len", "16", "--lr", "1e-4"])
+    with pytest.raises(_Stop):  # killed before any checkpoint: no checkpoints/ in the run
+        cli.main(["train", "--out", str(run), "--resume", "--steps", "5"])
+    (_, fresh_config, fresh_resume), (model, config, resume) = handed_to_train
+    assert not fresh_resume and resume
+    for got, want in zip(_params(model), _params(jaxinfer.load_pretrained(init)), strict=True):
+        np.testing.assert_array_equal(got, want)
+    # --steps extends the run; every other setting is the run's own
+    assert (config.steps, config.seq_len, config.learning_rate) == (5, 16, 1e-4)
+    assert fresh_config.steps == 3
+
+
+def test_resume_refuses_settings_it_would_silently_ignore(tmp_path, handed_to_train, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    run = tmp_path / "run"
+    with pytest.raises(_Stop):
+        cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
+                  "--out", str(run), "--steps", "3", "--seq-len", "16"])
+    assert cli.main(["train", "--out", str(run), "--resume", "--lr", "1.0",
+                     "--batch-size", "2"]) == 2
+    err = capsys.readouterr().err
+    assert "--batch-size, --lr cannot change them" in err
+    assert len(handed_to_train) == 1  # the refused resume never reached training
