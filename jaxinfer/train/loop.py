@@ -53,8 +53,12 @@ class TrainConfig:
                      "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        if self.learning_rate <= 0:
-            raise ValueError(f"learning_rate must be positive; got {self.learning_rate}")
+        for name in ("learning_rate", "clip_norm"):  # clip_norm 0 would zero every gradient
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
+        for name in ("warmup_steps", "weight_decay"):
+            if not getattr(self, name) >= 0:
+                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -96,6 +100,11 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
     if config.eval_every and len(eval_tokens) < config.seq_len + 2:
         raise ValueError(f"held-out set has {len(eval_tokens)} tokens; need more than "
                          f"seq_len + 1 = {config.seq_len + 1}")
+    vocab = model.config.vocab_size
+    for name, tokens in (("train_tokens", train_tokens), ("eval_tokens", eval_tokens)):
+        if len(tokens) and not 0 <= int(np.min(tokens)) <= int(np.max(tokens)) < vocab:
+            raise ValueError(f"{name} must lie in [0, {vocab}) (the model's vocab_size); got "
+                             f"ids from {int(np.min(tokens))} to {int(np.max(tokens))}")
     (run_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     config.save(run_dir / TRAIN_CONFIG_FILE)
 
@@ -116,6 +125,12 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
         "data_position": jnp.int32(0),
     }
     checkpointer = TrainStateCheckpointer(run_dir / "checkpoints")
+    if not resume and checkpointer.latest_step() is not None:
+        # a fresh run here would skip saving every step up to the old run's last checkpoint
+        # (the manager keeps the newest step) and a later resume would restore the old run
+        raise ValueError(f"{run_dir} already holds a run's checkpoints (step "
+                         f"{checkpointer.latest_step()}); pass resume=True to continue it, or "
+                         f"train into a new directory")
     if resume and checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)
         log.info("resumed from step %d in %s", int(state["step"]), run_dir)

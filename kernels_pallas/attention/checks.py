@@ -4,6 +4,7 @@ arguments at the API: one ValueError/TypeError per mistake."""
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 
 import jax
@@ -111,11 +112,13 @@ def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
         raise TypeError(f"causal must be a bool; got {causal!r}")
     if not isinstance(return_lse, bool):
         raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
-    if softmax_scale is not None and not (_is_real(softmax_scale) and softmax_scale != 0):
-        raise ValueError(f"softmax_scale must be None or a nonzero Python number; "
+    if softmax_scale is not None and not (_is_real(softmax_scale) and softmax_scale != 0
+                                          and math.isfinite(softmax_scale)):
+        raise ValueError(f"softmax_scale must be None or a finite, nonzero Python number; "
                          f"got {softmax_scale!r}")
-    if logit_softcap is not None and not (_is_real(logit_softcap) and logit_softcap > 0):
-        raise ValueError(f"logit_softcap must be None or a Python number > 0; "
+    if logit_softcap is not None and not (_is_real(logit_softcap) and 0 < logit_softcap
+                                          and math.isfinite(logit_softcap)):
+        raise ValueError(f"logit_softcap must be None or a finite Python number > 0; "
                          f"got {logit_softcap!r}")
     if backend not in backends:
         raise ValueError(f"backend must be one of {backends}; got {backend!r}")

@@ -15,6 +15,7 @@ from flax import nnx
 
 import jaxinfer
 from jaxinfer.assets import corpus_sample_path
+from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.tokenizer import train_bpe
 from jaxinfer.train import TokenWindows, TrainConfig, split_held_out, tokenize_corpus, train
 from jaxinfer.train.optimizer import make_optimizer
@@ -135,6 +136,31 @@ def test_killed_run_resumes_on_the_same_loss_curve(corpus_tokens, tmp_path):
     for a, b in zip(jax.tree.leaves(nnx.state(resumed.model)),
                     jax.tree.leaves(nnx.state(straight.model))):
         np.testing.assert_allclose(a, b, rtol=RESUME_RTOL, atol=1e-7)
+
+
+@pytest.mark.parametrize("field, value", [
+    ("clip_norm", 0.0), ("warmup_steps", -5), ("weight_decay", -1.0), ("learning_rate", 0.0),
+    ("steps", 0)])
+def test_config_values_that_would_break_training_are_refused(field, value):
+    with pytest.raises(ValueError, match=f"{field} must be"):
+        TrainConfig(**{field: value})
+
+
+def test_token_ids_outside_the_vocabulary_are_refused(tmp_path):
+    tokens = np.arange(200, dtype=np.int32) % 70  # ids up to 69 for a 64-token model
+    with pytest.raises(ValueError, match=r"train_tokens must lie in \[0, 64\).*from 0 to 69"):
+        train(tiny_model(64), tokens, tokens % 64, TrainConfig(steps=1, seq_len=8),
+              tmp_path, progress=False)
+
+
+def test_a_fresh_run_refuses_a_directory_holding_checkpoints(tmp_path):
+    checkpointer = TrainStateCheckpointer(tmp_path / "checkpoints")
+    checkpointer.save(10, {"x": jnp.zeros(2)})
+    checkpointer.wait()
+    tokens = np.arange(200, dtype=np.int32) % 64
+    with pytest.raises(ValueError, match=r"already holds a run's checkpoints \(step 10\)"):
+        train(tiny_model(64), tokens, tokens, TrainConfig(steps=1, seq_len=8), tmp_path,
+              progress=False)
 
 
 @pytest.mark.slow
