@@ -41,6 +41,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinfer.generate.checks import check_int
 from jaxinfer.generate.draft_step import (compiled_draft_pass, compiled_propose,
                                           empty_propose_inputs)
 from jaxinfer.generate.engine_step import (StepInputs, compiled_step, empty_inputs, mark_seen,
@@ -90,11 +91,6 @@ def token_buckets(max_tokens_per_step: int) -> tuple[int, ...]:
     return (*sizes, max_tokens_per_step)
 
 
-def _check_positive_int(name: str, value) -> None:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-
-
 def _check_paged(name: str, model) -> None:
     """TypeError unless the model has a paged KV cache (what the engine runs)."""
     if not hasattr(model, "forward_paged"):
@@ -137,7 +133,10 @@ class Engine:
     (ValueError).
     hydragen: in a step where several sequences start with the same cached pages, attend to those
     pages once for all their tokens (one dense attention, Hydragen) and page through only the rest
-    of each sequence; costs one more compiled variant per token bucket.
+    of each sequence; costs one more compiled variant per token bucket. Any max_tokens_per_step
+    works, also one above max_model_len (vLLM allows a step budget beyond the context, and a
+    step of many short sequences uses it): a step's tokens then attend to the prefix in rows of
+    the context's size (`attention_over_keys`), reading the prefix once per row.
     prefix_caching: reuse the K/V pages of prompt blocks already computed (hashed by content and
     position; see `scheduler.py`): a shared system prompt is computed once while it stays cached.
     snapkv_budget: None (off), or compress each prompt longer than this to this many cached
@@ -154,24 +153,21 @@ class Engine:
                  snapkv_budget: int | None = None, snapkv_window: int = 8, draft_model=None):
         _check_paged("model", model)
         config = model.config
-        _check_positive_int("max_batch", max_batch)
-        _check_positive_int("page_size", page_size)
-        _check_positive_int("max_tokens_per_step", max_tokens_per_step)
+        max_batch = check_int("max_batch", max_batch, low=1)
+        page_size = check_int("page_size", page_size, low=1)
+        max_tokens_per_step = check_int("max_tokens_per_step", max_tokens_per_step, low=1)
         if max_model_len is None:
             max_model_len = config.max_position_embeddings
-        _check_positive_int("max_model_len", max_model_len)
+        max_model_len = check_int("max_model_len", max_model_len, low=1)
         _check_context("the model's", config, max_model_len)
         if kv_dtype not in (None, "int8"):
             raise ValueError(f"kv_dtype must be None (the model's dtype) or 'int8'; got "
                              f"{kv_dtype!r}")
-        if isinstance(speculative_tokens, bool) or not isinstance(speculative_tokens, int) \
-                or speculative_tokens < 0:
-            raise ValueError(f"speculative_tokens must be an integer >= 0; got "
-                             f"{speculative_tokens!r}")
-        _check_positive_int("lookup_ngram", lookup_ngram)
-        _check_positive_int("snapkv_window", snapkv_window)
+        speculative_tokens = check_int("speculative_tokens", speculative_tokens, low=0)
+        lookup_ngram = check_int("lookup_ngram", lookup_ngram, low=1)
+        snapkv_window = check_int("snapkv_window", snapkv_window, low=1)
+        snapkv_budget = check_int("snapkv_budget", snapkv_budget, low=1, optional=True)
         if snapkv_budget is not None:
-            _check_positive_int("snapkv_budget", snapkv_budget)
             if snapkv_window > min(snapkv_budget, max_tokens_per_step):
                 raise ValueError(f"snapkv_window must be <= snapkv_budget and <= "
                                  f"max_tokens_per_step (the window's queries come from one step);"
@@ -182,22 +178,21 @@ class Engine:
                               snapkv_budget)
         # the step returns the queries of snapkv_window tokens even when SnapKV is off (a few
         # rows), so that engines of one geometry share one compiled step either way
-        self.snapkv_budget, self.snapkv_window = snapkv_budget, int(snapkv_window)
-        self.speculative_tokens, self.lookup_ngram = speculative_tokens, int(lookup_ngram)
+        self.snapkv_budget, self.snapkv_window = snapkv_budget, snapkv_window
+        self.speculative_tokens, self.lookup_ngram = speculative_tokens, lookup_ngram
         self.num_draft_tokens = self.num_accepted_tokens = 0
         self.hydragen = bool(hydragen)
         self.config = config
         self.tokenizer = tokenizer
-        self.max_batch, self.page_size = int(max_batch), int(page_size)
-        self.max_model_len = int(max_model_len)
+        self.max_batch, self.page_size = max_batch, page_size
+        self.max_model_len = max_model_len
         self.pages_per_seq = pages_for(self.max_model_len, self.page_size)
         if num_pages is None:
             num_pages = default_num_pages(config, self.page_size, self.max_batch,
                                           self.max_model_len, kv_dtype,
                                           None if draft_model is None else draft_model.config)
-        _check_positive_int("num_pages", num_pages)
-        self.num_pages = int(num_pages)
-        self.buckets = token_buckets(int(max_tokens_per_step))
+        self.num_pages = check_int("num_pages", num_pages, low=1)
+        self.buckets = token_buckets(max_tokens_per_step)
         self.max_rows = self.max_batch * (1 + speculative_tokens)  # sampling rows of a step
         graphdef, self._state = nnx.split(model)
         self._step = compiled_step(graphdef)
@@ -211,7 +206,7 @@ class Engine:
                                                              kv_dtype)
         self._seen = jnp.zeros((self.max_batch, config.vocab_size), bool)  # [B, vocab]
         self._scheduler = Scheduler(self.max_batch, self.page_size, self.num_pages,
-                                    int(max_tokens_per_step), bool(prefix_caching),
+                                    max_tokens_per_step, bool(prefix_caching),
                                     self.snapkv_window)
         self._live: dict[int, list[Request]] = {}  # request id -> its samples, until finished
         self._results: dict[int, list] = {}  # finished, not yet returned by run_until_done
@@ -371,7 +366,7 @@ class Engine:
         for request in self._scheduler.running:
             request.draft = []  # one left from a step that did not schedule the request
             p = request.params
-            if request.remaining != 1 or p.repetition_penalty != 1.0:
+            if not request.decoding or p.repetition_penalty != 1.0:
                 continue
             room = min(self.speculative_tokens, p.max_tokens - len(request.output) - 1)
             if self._draft is None:

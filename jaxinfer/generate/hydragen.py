@@ -4,8 +4,9 @@ Attention over prefix + suffix splits into two attentions over disjoint key sets
 from their outputs and log-sum-exps (`kernels_pallas.merge_attention`):
 
 1. prefix: the queries of all B sequences are folded into the query axis of ONE non-causal
-   `flash_attention` call against the single prefix K/V ([1, B*T, Hq, D] x [1, P, Hkv, D]). The
-   prefix K/V is read once for the whole batch and B matrix-vector products become one matmul.
+   `flash_attention` call against the single prefix K/V ([1, B*T, Hq, D] x [1, P, Hkv, D]; in
+   rows of P queries when B*T > P, `attention_over_keys`). The prefix K/V is read once for the
+   whole batch and B matrix-vector products become one matmul.
 2. suffix: causal attention of each sequence over its own suffix K/V.
 3. merge: w_x = exp(lse_x - max lse), O = (w_P O_P + w_S O_S) / (w_P + w_S).
 """
@@ -15,6 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.models.attention import attention_over_keys
 from kernels_pallas import flash_attention, merge_attention
 
 
@@ -56,8 +58,7 @@ def shared_prefix_attention(q: jax.Array, prefix_k: jax.Array, prefix_v: jax.Arr
 
     # one matmul over the prefix: sequences folded into the query axis, no mask (all see it all)
     folded = q.reshape(1, batch * t, hq, d)  # [1, batch*T, Hq, D]
-    out_p, lse_p = flash_attention(folded, prefix_k[None], prefix_v[None], return_lse=True,
-                                   backend=backend)
+    out_p, lse_p = attention_over_keys(folded, prefix_k[None], prefix_v[None], backend=backend)
     out_p = out_p.reshape(batch, t, hq, d)
     lse_p = lse_p.reshape(batch, t, hq)
 

@@ -8,11 +8,12 @@ penalty, temperature, top-k, top-p, then min-p.
 
 from __future__ import annotations
 
-import math
 from typing import NamedTuple
 
 import jax
 import jax.numpy as jnp
+
+from jaxinfer.generate.checks import check_sampling
 
 NEG_INF = -jnp.inf
 
@@ -25,18 +26,13 @@ class SamplingArrays(NamedTuple):
     repetition_penalty: jax.Array | float = 1.0  # float32 scalar or [batch]; 1 means none
 
 
-def make_sampling_params(temperature: float, top_k: int | None, top_p: float | None) -> SamplingArrays:
-    """Validate user-facing sampling arguments and turn them into arrays."""
-    if isinstance(temperature, bool) or not isinstance(temperature, (int, float)) \
-            or not math.isfinite(temperature) or temperature < 0:
-        raise ValueError(f"temperature must be a finite number >= 0; got {temperature!r}")
-    if top_k is not None and (isinstance(top_k, bool) or not isinstance(top_k, int) or top_k < 1):
-        raise ValueError(f"top_k must be None or an integer >= 1; got {top_k!r}")
-    if top_p is not None and (isinstance(top_p, bool) or not isinstance(top_p, (int, float))
-                              or not 0 < top_p <= 1):
-        raise ValueError(f"top_p must be None or a number in (0, 1]; got {top_p!r}")
-    return SamplingArrays(jnp.float32(temperature), jnp.int32(top_k or 0),
-                          jnp.float32(1.0 if top_p is None else top_p))
+def make_sampling_params(temperature: float, top_k: int | None,
+                         top_p: float | None) -> SamplingArrays:
+    """Validate user-facing sampling arguments (`checks.check_sampling`, the rules
+    `SamplingParams` applies too) and turn them into arrays."""
+    checked = check_sampling(temperature, top_k, top_p)
+    return SamplingArrays(jnp.float32(checked["temperature"]), jnp.int32(checked["top_k"] or 0),
+                          jnp.float32(1.0 if checked["top_p"] is None else checked["top_p"]))
 
 
 def _per_row(value, batch: int) -> jax.Array:

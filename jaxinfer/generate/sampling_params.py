@@ -7,18 +7,10 @@ field, the expected range and the value given, and never inside a jitted step sh
 from __future__ import annotations
 
 import dataclasses
-import math
-from numbers import Integral, Real
+
+from jaxinfer.generate.checks import check_int, check_sampling, is_int
 
 MAX_SEED = 2**32 - 1  # seeds travel to the device as uint32
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, Integral) and not isinstance(x, bool)
-
-
-def _is_real(x) -> bool:
-    return isinstance(x, Real) and not isinstance(x, bool) and math.isfinite(float(x))
 
 
 @dataclasses.dataclass(frozen=True)
@@ -55,7 +47,7 @@ class SamplingParams:
         # lists are accepted for the tuple fields; the frozen dataclass stores tuples (hashable)
         for name in ("stop_token_ids", "stop"):
             value = getattr(self, name)
-            if isinstance(value, (str, int)):
+            if isinstance(value, str) or is_int(value):
                 value = (value,)
             if isinstance(value, list):
                 value = tuple(value)
@@ -63,33 +55,29 @@ class SamplingParams:
         self._validate()
 
     def _validate(self) -> None:
+        """Check every field; numeric ones are stored as Python ints and floats (NumPy scalars
+        are accepted, `checks.py`), so equal settings compare and hash equal."""
         def fail(name: str, expected: str) -> None:
             raise ValueError(f"SamplingParams.{name} must be {expected}; "
                              f"got {getattr(self, name)!r}")
 
-        if not _is_int(self.max_tokens) or self.max_tokens < 1:
-            fail("max_tokens", "an integer >= 1")
-        if not _is_real(self.temperature) or self.temperature < 0:
-            fail("temperature", "a finite number >= 0")
-        if self.top_k is not None and (not _is_int(self.top_k) or self.top_k < 1):
-            fail("top_k", "None or an integer >= 1")
-        if self.top_p is not None and (not _is_real(self.top_p) or not 0 < self.top_p <= 1):
-            fail("top_p", "None or a number in (0, 1]")
-        if self.min_p is not None and (not _is_real(self.min_p) or not 0 <= self.min_p <= 1):
-            fail("min_p", "None or a number in [0, 1]")
-        if not _is_real(self.repetition_penalty) or self.repetition_penalty <= 0:
-            fail("repetition_penalty", "a finite number > 0")
+        prefix = "SamplingParams."
+        checked = dict(
+            max_tokens=check_int(prefix + "max_tokens", self.max_tokens, low=1),
+            **check_sampling(self.temperature, self.top_k, self.top_p, self.min_p,
+                             self.repetition_penalty, prefix=prefix),
+            seed=check_int(prefix + "seed", self.seed, low=0, high=MAX_SEED),
+            n=check_int(prefix + "n", self.n, low=1))
         if not isinstance(self.stop_token_ids, tuple) or not all(
-                _is_int(t) and t >= 0 for t in self.stop_token_ids):
+                is_int(t) and t >= 0 for t in self.stop_token_ids):
             fail("stop_token_ids", "a tuple of integer token ids >= 0")
+        checked["stop_token_ids"] = tuple(int(t) for t in self.stop_token_ids)
         if not isinstance(self.stop, tuple) or not all(
                 isinstance(s, str) and s for s in self.stop):
             fail("stop", "a tuple of non-empty strings")
-        if not _is_int(self.seed) or not 0 <= self.seed <= MAX_SEED:
-            fail("seed", f"an integer in [0, {MAX_SEED}]")
-        if not _is_int(self.n) or self.n < 1:
-            fail("n", "an integer >= 1")
         if not isinstance(self.ignore_eos, bool):
             fail("ignore_eos", "a bool")
         if not isinstance(self.first_finish, bool):
             fail("first_finish", "a bool")
+        for name, value in checked.items():
+            object.__setattr__(self, name, value)

@@ -2,9 +2,12 @@
 
 Every step (Dynamic SplitFuse, vLLM V1's rule):
 1. Running requests, decodes first and then unfinished prompt chunks, oldest first, each get
-   min(tokens left to compute, budget left) tokens. A request that needs a page when none is free
-   preempts the newest running request (its pages are freed and it is requeued at the front of the
-   waiting queue, to be recomputed from prompt + generated tokens).
+   min(tokens left to compute, budget left) tokens. A decode with a speculative draft counts as a
+   decode (it is ordered by being one, not by its 1 + len(draft) tokens), and its draft is cut
+   to the budget left after one token for each decode still to schedule: a guess never costs
+   another decode its token. A request that needs a page when none is free preempts the newest
+   running request (its pages are freed and it is requeued at the front of the waiting queue, to
+   be recomputed from prompt + generated tokens).
 2. Waiting requests, in arrival order, are admitted while a slot is free and the KV of their whole
    sequence fits in the free pages; each gets a chunk of what is left of the budget. A waiting
    request never preempts a running one, and none is admitted in a step that preempted (the
@@ -62,6 +65,12 @@ class Request:
     def remaining(self) -> int:
         """Tokens to compute before the next token (and one per draft token) can be sampled."""
         return len(self.tokens) - self.computed
+
+    @property
+    def decoding(self) -> bool:
+        """Its prompt and output are computed but for the last token: it samples its next token
+        from a one-token chunk (plus its draft, if any). False while it (re)computes a prompt."""
+        return len(self.prompt) + len(self.output) - self.computed == 1
 
     @property
     def cached(self) -> int:
@@ -123,14 +132,19 @@ class Scheduler:
         budget = self.max_tokens_per_step
         chunks: dict[int, Chunk] = {}  # id(request) -> chunk, in scheduling order
         preempted = observing = False  # observing: a chunk of this step compresses its prompt
-        for request in sorted(self.running, key=lambda r: (r.remaining > 1, r.arrival)):
+        order = sorted(self.running, key=lambda r: (not r.decoding, r.arrival))
+        # decodes not yet given their token (one preempted in this loop keeps its reservation)
+        decodes_left = sum(r.decoding for r in order)
+        for request in order:
             if budget == 0:
                 break
             if request not in self.running:  # preempted earlier in this loop
                 continue
             count = min(request.remaining, budget)
-            if request.draft:
-                count = self._fit_draft(request, count)
+            if request.decoding:
+                decodes_left -= 1
+                if request.draft:  # a guess never takes a later decode's token
+                    count = self._fit_draft(request, max(1, min(count, budget - decodes_left)))
             count = self._fit_window(request, count, observing)
             if count == 0:
                 continue
@@ -187,8 +201,9 @@ class Scheduler:
         request.registered = max(request.registered, full)
 
     def _fit_draft(self, request: Request, count: int) -> int:
-        """Trim the draft to the step's budget and to the pages it can get without preempting
-        anyone (a guess never costs another request its pages); returns the chunk's count."""
+        """Trim the draft to the `count` tokens its decode may take (the budget left, less one
+        token for each decode after it) and to the pages it can get without preempting anyone (a
+        guess never costs another request its pages or its token); returns the chunk's count."""
         room = len(request.pages) * self.page_size + self.allocator.num_free * self.page_size
         keep = max(0, min(count, room - request.cached) - 1)
         del request.draft[keep:]

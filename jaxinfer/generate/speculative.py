@@ -32,6 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
+from jaxinfer.generate.checks import check_int
 from jaxinfer.generate.sampling import SamplingArrays, filter_logits, make_sampling_params
 from jaxinfer.models.inputs import check_input_ids
 
@@ -215,12 +216,6 @@ def _speculative(target_def, target_state, draft_def, draft_state, prompts, keys
     return jax.vmap(one)(prompts, keys)
 
 
-def _check_positive_int(name: str, value) -> int:
-    if isinstance(value, bool) or not isinstance(value, (int, np.integer)) or value < 1:
-        raise ValueError(f"{name} must be an integer >= 1; got {value!r}")
-    return int(value)
-
-
 def speculative_generate(target, prompt_ids, max_new_tokens: int, *, draft=None, gamma: int = 4,
                          lookup_ngram: int | None = None, temperature: float = 0.0,
                          top_k: int | None = None, top_p: float | None = None,
@@ -232,19 +227,18 @@ def speculative_generate(target, prompt_ids, max_new_tokens: int, *, draft=None,
     output; otherwise tokens follow the target's sampling distribution (temperature, top-k, top-p
     applied to both p and q), reproducibly for a given seed. Each row of a batch is an independent
     sequence with its own key (fold_in(seed, row)) and its own acceptance count."""
-    max_new_tokens = _check_positive_int("max_new_tokens", max_new_tokens)
-    gamma = _check_positive_int("gamma", gamma)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
+    gamma = check_int("gamma", gamma, low=1)
     if (draft is None) == (lookup_ngram is None):
         raise ValueError("give exactly one drafter: draft (a model) or lookup_ngram (an int); "
                          f"got draft={'a model' if draft is not None else None}, "
                          f"lookup_ngram={lookup_ngram!r}")
     if lookup_ngram is not None:
-        lookup_ngram = _check_positive_int("lookup_ngram", lookup_ngram)
+        lookup_ngram = check_int("lookup_ngram", lookup_ngram, low=1)
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft must share the target's vocabulary; got draft vocab_size "
                          f"{draft.config.vocab_size}, target vocab_size {target.config.vocab_size}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer; got {seed!r}")
+    seed = check_int("seed", seed)
     params = make_sampling_params(temperature, top_k, top_p)
     prompt_ids = check_input_ids(prompt_ids, target.config, new_tokens=max_new_tokens)
     if draft is not None:

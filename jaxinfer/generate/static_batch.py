@@ -11,9 +11,9 @@ import functools
 
 import jax
 import jax.numpy as jnp
-import numpy as np
 from flax import nnx
 
+from jaxinfer.generate.checks import check_int
 from jaxinfer.generate.sampling import SamplingArrays, make_sampling_params, sample_next_token
 from jaxinfer.models.inputs import check_input_ids
 
@@ -44,15 +44,12 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
 
     Returns int32 [batch, seq + max_new_tokens] (prompt included). temperature=0 is greedy;
     otherwise tokens are sampled after top-k and top-p filtering, reproducibly for a given seed."""
-    if isinstance(max_new_tokens, bool) or not isinstance(max_new_tokens, (int, np.integer)) \
-            or max_new_tokens < 0:
-        raise ValueError(f"max_new_tokens must be an integer >= 0; got {max_new_tokens!r}")
-    if isinstance(seed, bool) or not isinstance(seed, (int, np.integer)):
-        raise ValueError(f"seed must be an integer; got {seed!r}")
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
+    seed = check_int("seed", seed)
     params = make_sampling_params(temperature, top_k, top_p)
-    input_ids = check_input_ids(input_ids, model.config, new_tokens=int(max_new_tokens))
+    input_ids = check_input_ids(input_ids, model.config, new_tokens=max_new_tokens)
     input_ids = jnp.asarray(input_ids, jnp.int32)
     if max_new_tokens == 0:
         return input_ids
     graphdef, state = nnx.split(model)
-    return _generate(graphdef, state, input_ids, params, jax.random.key(seed), int(max_new_tokens))
+    return _generate(graphdef, state, input_ids, params, jax.random.key(seed), max_new_tokens)

@@ -112,6 +112,34 @@ def paged_attention(q: jax.Array, kv: PagedLayerKV, page_rows: jax.Array, length
                           for pages, s in ((kv.k, kv.k_scale), (kv.v, kv.v_scale)))
     in_prefix = jnp.arange(prefix_k.shape[1]) < shared.length  # [prefix_pages * page_size]
     segments = (shared.member.astype(jnp.int32)[None], jnp.where(in_prefix, 1, 2)[None])
-    out_p, lse_p = flash_attention(q[None], prefix_k, prefix_v, segment_ids=segments,
-                                   return_lse=True, backend=backend)  # non-members see nothing
+    out_p, lse_p = attention_over_keys(q[None], prefix_k, prefix_v, segment_ids=segments,
+                                       backend=backend)  # non-members see nothing
     return merge_attention(out_p[0], lse_p[0], out, lse)[0]
+
+
+def attention_over_keys(q: jax.Array, k: jax.Array, v: jax.Array, *,
+                        segment_ids: tuple[jax.Array, jax.Array] | None = None,
+                        backend: str) -> tuple[jax.Array, jax.Array]:
+    """Non-causal attention of any number of queries over one set of keys (a shared prefix).
+
+    q [1, T, Hq, D]; k, v [1, S, Hkv, D]; segment_ids None or (q_ids [1, T], kv_ids [1, S]) ->
+    out [1, T, Hq, D], lse float32 [1, T, Hq]. `flash_attention` takes at most S queries per
+    batch row (its queries are the last T of S positions), but a serving step may hold more tokens
+    than a prefix has slots; those queries go in rows of S over the same keys (broadcast), so the
+    work stays T x S rather than growing to T x T as padding the keys would.
+    """
+    t, s = q.shape[1], k.shape[1]
+    if t <= s:
+        return flash_attention(q, k, v, segment_ids=segment_ids, return_lse=True, backend=backend)
+    rows = -(-t // s)
+    pad = rows * s - t  # padded queries (id 0 where ids are given) are dropped below
+    q_rows = jnp.pad(q, ((0, 0), (0, pad), (0, 0), (0, 0))).reshape(rows, s, *q.shape[2:])
+    k_rows, v_rows = (jnp.broadcast_to(x, (rows, *x.shape[1:])) for x in (k, v))
+    ids = None
+    if segment_ids is not None:
+        q_ids, kv_ids = segment_ids
+        ids = (jnp.pad(q_ids, ((0, 0), (0, pad))).reshape(rows, s),
+               jnp.broadcast_to(kv_ids, (rows, s)))
+    out, lse = flash_attention(q_rows, k_rows, v_rows, segment_ids=ids, return_lse=True,
+                               backend=backend)  # [rows, S, Hq, D], [rows, S, Hq]
+    return out.reshape(1, rows * s, *out.shape[2:])[:, :t], lse.reshape(1, rows * s, -1)[:, :t]

@@ -299,3 +299,36 @@ def test_invalid_top_p_is_named(model, value):
 def test_invalid_seed_is_named(model, value):
     with pytest.raises(ValueError, match=r"seed must be an integer; got"):
         jaxinfer.generate(model, prompt(), max_new_tokens=2, temperature=1.0, seed=value)
+
+
+# ----------------------------------------------------------------- numbers: one rule everywhere
+def test_numpy_scalar_arguments_generate_what_python_scalars_do(model):
+    """NumPy scalars are numbers like any other (numbers.Integral / numbers.Real). The shapes of
+    test_prompt_plus_new_tokens_exactly_filling_context_is_allowed: one compiled function."""
+    ids = prompt(seq=CONTEXT - 4)
+    want = jaxinfer.generate(model, ids, max_new_tokens=4, temperature=0.7, top_k=5, top_p=0.9,
+                             seed=3)
+    got = jaxinfer.generate(model, ids, max_new_tokens=np.int64(4), temperature=np.float32(0.7),
+                            top_k=np.int64(5), top_p=np.float64(0.9), seed=np.uint32(3))
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
+
+
+@pytest.mark.parametrize("field, value", [
+    ("temperature", np.float32(math.nan)), ("temperature", np.float64(math.inf)),
+    ("temperature", True), ("temperature", np.float32(-0.5)), ("top_k", np.bool_(True)),
+    ("top_k", np.float32(5.0)), ("top_k", np.int64(0)), ("top_p", np.float32(math.nan)),
+    ("top_p", np.float64(1.5)),
+], ids=["nan", "inf", "bool", "negative", "np_bool", "float_top_k", "zero_top_k", "nan_top_p",
+        "top_p_above_one"])
+def test_every_entry_point_refuses_a_sampling_value_with_the_same_message(model, field, value):
+    """generate, speculative_generate and SamplingParams (the engine's) apply one set of rules."""
+    messages = []
+    for call in (lambda: jaxinfer.generate(model, prompt(), max_new_tokens=2, **{field: value}),
+                 lambda: jaxinfer.speculative_generate(model, prompt(), 2, lookup_ngram=2,
+                                                       **{field: value}),
+                 lambda: jaxinfer.SamplingParams(**{field: value})):
+        with pytest.raises(ValueError, match=rf"{field} must be .*; got") as excinfo:
+            call()
+        assert_raised_by_jaxinfer(excinfo)
+        messages.append(str(excinfo.value))
+    assert messages[0] == messages[1] == messages[2].removeprefix("SamplingParams.")

@@ -134,6 +134,28 @@ def test_prefix_cache_hits_serve_the_oracle_tokens_under_preemption(model, oracl
         assert results[rid] == oracle(prompt), f"request {rid}"
 
 
+def test_hydragen_serves_a_shared_prefix_step_larger_than_the_context(model, oracle):
+    """A step may hold more tokens than a sequence has positions (max_tokens_per_step 8 >
+    max_model_len 6, as vLLM allows): warmup compiles the 8-token bucket with a whole-context
+    prefix, and a step of cache-hit prompts attends to their shared prefix page with more query
+    slots than the prefix has. Outputs stay the oracle's."""
+    rng = np.random.default_rng(11)
+    prefix = rng.integers(0, VOCAB, 2).tolist()
+    prompts = [prefix + [token] for token in rng.integers(0, VOCAB, 3).tolist()]
+    params = jaxinfer.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
+    engine = jaxinfer.Engine(model, max_batch=3, page_size=2, num_pages=12, max_tokens_per_step=8,
+                             max_model_len=6, hydragen=True)
+    engine.warmup()
+    first = engine.submit(prompts[0], params)
+    engine.step()  # computes and caches the prefix page
+    ids = [first] + [engine.submit(p, params) for p in prompts[1:]]
+    engine.step()
+    assert engine.last_step.bucket == 8 and engine.last_step.shared_prefix == 2
+    results = engine.run_until_done()
+    for rid, prompt in zip(ids, prompts):
+        assert results[rid] == oracle(prompt)[:3], f"request {rid}"
+
+
 def test_prompt_lookup_drafts_keep_greedy_and_seeded_outputs_and_get_accepted(model, oracle):
     """Drafts are verified by sampling where plain decoding would (same logits and keys): greedy
     stays the oracle's, seeded sampling the non-speculative engine's, with scarce pages."""
@@ -341,6 +363,19 @@ def test_invalid_sampling_value_names_the_field_and_the_value(field):
         jaxinfer.SamplingParams(**{field: BAD_PARAMS[field]})
 
 
+def test_numpy_scalar_settings_are_accepted_and_stored_as_python_numbers():
+    params = jaxinfer.SamplingParams(max_tokens=np.int64(4), temperature=np.float32(0.5),
+                                     top_k=np.int32(5), top_p=np.float64(0.9), min_p=np.float32(0),
+                                     repetition_penalty=np.float16(1.5), seed=np.uint32(7),
+                                     n=np.int8(2), stop_token_ids=[np.int64(3)])
+    assert params == jaxinfer.SamplingParams(max_tokens=4, temperature=0.5, top_k=5, top_p=0.9,
+                                             min_p=0.0, repetition_penalty=1.5, seed=7, n=2,
+                                             stop_token_ids=(3,))
+    assert all(type(getattr(params, name)) in (int, float) for name in
+               ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
+                "seed", "n"))
+
+
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(model, oracle):
     engine = jaxinfer.Engine(model, **ENGINE)
     rng = np.random.default_rng(10)
@@ -389,6 +424,11 @@ def test_engine_arguments_are_validated(model):
         config = CONFIG
     with pytest.raises(TypeError, match="HyenaLike has no paged KV cache: use jaxinfer.generate"):
         jaxinfer.Engine(HyenaLike())
+    with pytest.raises(ValueError, match="speculative_tokens must be an integer >= 0; got True"):
+        jaxinfer.Engine(model, speculative_tokens=True)
+    engine = jaxinfer.Engine(model, **{name: np.int64(value) for name, value in ENGINE.items()},
+                             speculative_tokens=np.int32(2))  # NumPy integers are integers
+    assert engine.buckets == (8, 16) and engine.max_rows == 4 * 3
 
 
 def test_pool_size_from_memory_is_logged_and_bounded_by_what_max_batch_can_use(model, caplog):

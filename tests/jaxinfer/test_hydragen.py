@@ -43,6 +43,7 @@ def plain_attention(q, pk, pv, sk, sv):
     (3, 4, 9, 33, 4, 4),  # chunk of 4 queries, MHA, prefix not a multiple of any block
     (2, 6, 6, 64, 8, 1),  # the whole suffix is the chunk, MQA
     (1, 1, 1, 17, 2, 2),  # one sequence, one suffix token
+    (4, 6, 6, 10, 4, 2),  # more queries (24) than prefix keys: in rows over the same keys
 ])
 def test_equals_attention_over_prefix_plus_suffix(batch, t, s, prefix, hq, hkv):
     q, pk, pv, sk, sv = random_case(0, batch, t, s, prefix, hq, hkv)

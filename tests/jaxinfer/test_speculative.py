@@ -102,12 +102,13 @@ def test_greedy_with_prompt_lookup_equals_target_greedy_batched(target):
 
 
 def test_sampling_is_reproducible_and_keeps_the_prompt(target):
+    """The same settings give the same tokens, also given as NumPy scalars (one compile)."""
     draft = perturb(target, seed=2, scale=0.1)
     prompt = np.random.default_rng(0).integers(0, CONFIG.vocab_size, (1, PROMPT_LEN))
     a = speculative_generate(target, prompt, NEW_TOKENS, draft=draft, gamma=GAMMA,
                              temperature=1.0, seed=5)
-    b = speculative_generate(target, prompt, NEW_TOKENS, draft=draft, gamma=GAMMA,
-                             temperature=1.0, seed=5)
+    b = speculative_generate(target, prompt, np.int64(NEW_TOKENS), draft=draft,
+                             gamma=np.int32(GAMMA), temperature=np.float32(1.0), seed=np.int64(5))
     np.testing.assert_array_equal(np.asarray(a.tokens), np.asarray(b.tokens))
     tokens = np.asarray(a.tokens)
     assert tokens.shape == (1, PROMPT_LEN + NEW_TOKENS) and tokens.dtype == np.int32

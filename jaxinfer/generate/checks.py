@@ -1,0 +1,80 @@
+"""Argument checks shared by every generation entry point.
+
+`SamplingParams`, `generate`, `speculative_generate` and `Engine` validate through these, so they
+accept the same values and refuse them with the same message, "<name> must be <expected>; got
+<value>". Integers are `numbers.Integral` and numbers `numbers.Real` (Python or NumPy scalars:
+`np.int64(5)` and `np.float32(0.7)` are as good as 5 and 0.7); bools are refused although Python
+counts them as integers, and so are NaN and infinities. The checks return the value as a Python int
+or float, so that callers store plain values whatever scalar type came in.
+"""
+
+from __future__ import annotations
+
+import math
+from numbers import Integral, Real
+from typing import NoReturn
+
+
+def is_int(value) -> bool:
+    """An integer (Python or NumPy), not a bool."""
+    return isinstance(value, Integral) and not isinstance(value, bool)
+
+
+def is_finite_real(value) -> bool:
+    """A real number (Python or NumPy, integers included) that is a finite float, not a bool."""
+    if not isinstance(value, Real) or isinstance(value, bool):
+        return False
+    try:
+        return math.isfinite(float(value))
+    except OverflowError:  # an int beyond float range
+        return False
+
+
+def check_int(name: str, value, *, low: int | None = None, high: int | None = None,
+              optional: bool = False) -> int | None:
+    """int(value) if it is an integer in [low, high] (None if optional and value is None);
+    otherwise ValueError naming `name`, the expected range and the value."""
+    if optional and value is None:
+        return None
+    if is_int(value) and (low is None or value >= low) and (high is None or value <= high):
+        return int(value)
+    if low is not None and high is not None:
+        expected = f"an integer in [{low}, {high}]"
+    else:
+        expected = "an integer" + (f" >= {low}" if low is not None else "")
+    _fail(name, value, expected, optional)
+
+
+def check_real(name: str, value, *, low: float | None = None, high: float | None = None,
+               low_open: bool = False, optional: bool = False) -> float | None:
+    """float(value) if it is a finite number in [low, high] (in (low, high] with `low_open`;
+    None if optional and value is None); otherwise ValueError naming `name`, the expected range
+    and the value."""
+    if optional and value is None:
+        return None
+    if is_finite_real(value) and (low is None or value > low or (value == low and not low_open)) \
+            and (high is None or value <= high):
+        return float(value)
+    if low is not None and high is not None:
+        expected = f"a number in {'(' if low_open else '['}{low}, {high}]"
+    else:
+        expected = "a finite number" + (f" {'>' if low_open else '>='} {low}"
+                                        if low is not None else "")
+    _fail(name, value, expected, optional)
+
+
+def check_sampling(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0, *,
+                   prefix: str = "") -> dict[str, int | float | None]:
+    """The sampling settings' one set of rules: {field: checked value}. `prefix` goes before
+    each field's name in a message (`SamplingParams.` for its fields)."""
+    return dict(
+        temperature=check_real(prefix + "temperature", temperature, low=0),
+        top_k=check_int(prefix + "top_k", top_k, low=1, optional=True),
+        top_p=check_real(prefix + "top_p", top_p, low=0, high=1, low_open=True, optional=True),
+        min_p=check_real(prefix + "min_p", min_p, low=0, high=1, optional=True),
+        repetition_penalty=check_real(prefix + "repetition_penalty", repetition_penalty, low=0,
+                                      low_open=True))
+
+
+def _fail(name: str, value, expected: str, optional: bool) -> NoReturn:
+    raise ValueError(f"{name} must be {'None or ' if optional else ''}{expected}; got {value!r}")

@@ -1,0 +1,67 @@
+"""The engine's scheduler alone (no model): which tokens each step gets.
+
+`complete` stands in for the engine's step: a chunk that samples appends one token (every draft
+token rejected), any other chunk just adds its tokens to the cache.
+"""
+
+from __future__ import annotations
+
+from jaxinfer.generate.sampling_params import SamplingParams
+from jaxinfer.generate.scheduler import Chunk, Request, Scheduler
+
+BUDGET = 8
+PARAMS = SamplingParams(max_tokens=16, temperature=0.0)
+
+
+def request(request_id: int, prompt_len: int, arrival: int) -> Request:
+    return Request(request_id, 0, list(range(1, prompt_len + 1)), PARAMS, arrival)
+
+
+def scheduler() -> Scheduler:
+    return Scheduler(max_batch=4, page_size=4, num_pages=32, max_tokens_per_step=BUDGET,
+                     prefix_caching=False)
+
+
+def complete(chunks: list[Chunk]) -> None:
+    for chunk in chunks:
+        req = chunk.request
+        if chunk.samples:
+            req.computed = chunk.start + chunk.count - len(req.draft)
+            req.draft = []
+            req.output.append(0)
+        else:
+            req.computed += chunk.count
+
+
+def scheduled(chunks: list[Chunk]) -> list[tuple[int, int]]:
+    return [(chunk.request.request_id, chunk.count) for chunk in chunks]
+
+
+def test_a_decode_with_a_draft_is_scheduled_before_an_older_prompt():
+    """An older request still prefilling (re-admitted after a preemption, so behind a newer one in
+    the queue but ahead of it by arrival) must not take a drafting decode's token."""
+    sched = scheduler()
+    decode, prefill = request(1, 3, arrival=1), request(0, 20, arrival=0)
+    sched.add(decode)
+    complete(sched.schedule())
+    sched.add(prefill)
+    chunks = sched.schedule()
+    assert scheduled(chunks) == [(1, 1), (0, 7)]
+    complete(chunks)
+    decode.draft = [5] * 7
+    chunks = sched.schedule()
+    assert scheduled(chunks) == [(1, 8)]  # the decode first, its draft fitted to the budget
+    assert decode.draft == [5] * 7
+
+
+def test_a_draft_never_takes_a_later_decodes_token():
+    """Two drafting decodes on a budget smaller than both drafts: the first keeps what the
+    budget leaves after the second's token; the second decodes without its draft."""
+    sched = scheduler()
+    first, second = request(0, 3, arrival=0), request(1, 3, arrival=1)
+    sched.add(first)
+    sched.add(second)
+    complete(sched.schedule())
+    first.draft, second.draft = [5] * 7, [6] * 7
+    assert scheduled(sched.schedule()) == [(0, 7), (1, 1)]
+    assert first.draft == [5] * 6 and second.draft == []
