@@ -6,6 +6,7 @@ import argparse
 import dataclasses
 import json
 import logging
+import shutil
 import sys
 import time
 from pathlib import Path
@@ -294,24 +295,28 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _convert(args: argparse.Namespace) -> int:
-    import shutil
+def _copy_tokenizer_files(src: Path, out: Path) -> None:
+    """The tokenizer and generation settings of the source model beside its rewritten weights
+    (nothing to do when the model was rewritten in place: save_pretrained keeps them)."""
+    if src.resolve() == out.resolve():
+        return
+    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
+        if (src / extra).exists():
+            shutil.copy(src / extra, out / extra)
 
+
+def _convert(args: argparse.Namespace) -> int:
     import jaxinfer
 
     model = jaxinfer.load_pretrained(args.src, dtype=args.dtype)
     shard = None if args.shard_size_mb is None else int(args.shard_size_mb * 2**20)
     out = jaxinfer.save_pretrained(model, args.dst, max_shard_bytes=shard)
-    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (Path(args.src) / extra).exists():
-            shutil.copy(Path(args.src) / extra, out / extra)
+    _copy_tokenizer_files(Path(args.src), out)
     print(f"wrote {out}")
     return 0
 
 
 def _quantize(args: argparse.Namespace) -> int:
-    import shutil
-
     import jaxinfer
     from jaxinfer.quant import token_chunks
     from jaxinfer.train.data import read_corpus, split_held_out, tokenize_corpus
@@ -331,9 +336,7 @@ def _quantize(args: argparse.Namespace) -> int:
                                   sym=args.sym, calibration=calibration, damp=args.damp)
     seconds = time.perf_counter() - t0
     out = jaxinfer.save_pretrained(quantized, args.out, checkpoint_format=args.checkpoint_format)
-    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (Path(args.model) / extra).exists():
-            shutil.copy(Path(args.model) / extra, out / extra)
+    _copy_tokenizer_files(Path(args.model), out)
     size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
     print(f"{args.method} {args.bits}-bit (group size {args.group_size}) in {seconds:.1f} s; "
           f"wrote {out} ({size / 2**20:.2f} MiB of safetensors)")

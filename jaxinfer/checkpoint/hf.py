@@ -7,6 +7,10 @@ GPTQ checkpoints (a GPTQ `quantization_config`, see `gptq_config.py`) hold, per 
 linear layer, `<module>.{qweight,qzeros,scales,g_idx}` in AutoGPTQ's packing (`gptq_format.py`)
 instead of `<module>.weight`; they load into `QuantizedLinear` layers (repacked once into the
 kernel layout), and `save_pretrained` writes a model holding such layers in that format.
+
+Writing goes through `hf_write.write_checkpoint`, which replaces the directory's checkpoint as a
+whole (never a new config.json over old or half-written weights, never a stale index or single
+file left behind).
 """
 
 from __future__ import annotations
@@ -14,6 +18,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Callable
 from pathlib import Path
 
 import jax
@@ -21,12 +26,13 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 from safetensors import SafetensorError, safe_open
-from safetensors.flax import save_file
 from tqdm.auto import tqdm
 
 from jaxinfer.checkpoint.gptq_config import (QUANTIZE_CONFIG_FILE, GPTQConfig, GPTQLayerSpec,
                                              gptq_config_for, read_gptq_config)
 from jaxinfer.checkpoint.gptq_format import FORMATS, from_gptq_tensors, to_gptq_tensors
+from jaxinfer.checkpoint.hf_write import (CONFIG_FILE, INDEX_FILE, SINGLE_FILE,
+                                          write_checkpoint)
 from jaxinfer.config import HYENA_MODEL_TYPE, LlamaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
 from jaxinfer.models.layers import QuantizedLinear
@@ -37,8 +43,6 @@ from kernels_pallas.quant_matmul import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
-SINGLE_FILE = "model.safetensors"
-INDEX_FILE = "model.safetensors.index.json"
 # Buffers some exporters write that carry no parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -49,6 +53,24 @@ def hf_name(path: tuple) -> tuple[str, bool]:
     *parts, leaf = (str(p) for p in path)
     name = ".".join(parts + ["weight" if leaf in ("kernel", "embedding") else leaf])
     return (name if parts[0] == "lm_head" else "model." + name), leaf == "kernel"
+
+
+def hf_tensors(model: nnx.Module,
+               expand: Callable[[tuple, np.ndarray], dict[str, np.ndarray] | None] | None = None,
+               ) -> dict[str, np.ndarray]:
+    """{HF tensor name: array in the on-disk layout} for the model's `nnx.Param`s: named by
+    `hf_name`, linear kernels transposed to [out, in]. `expand(path, value)` may return the
+    tensors of a parameter stored under other names (Mixtral's stacked experts, one tensor per
+    expert on disk), or None for the `hf_name` default."""
+    tensors: dict[str, np.ndarray] = {}
+    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
+        value = np.asarray(var.value)
+        expanded = expand(path, value) if expand is not None else None
+        if expanded is None:
+            name, transposed = hf_name(path)
+            expanded = {name: np.ascontiguousarray(value.T if transposed else value)}
+        tensors.update(expanded)
+    return tensors
 
 
 def _tensor_files(model_dir: Path) -> dict[str, Path]:
@@ -196,17 +218,6 @@ def read_param(reader: "_TensorReader", files: dict, name: str, transposed: bool
     return jnp.asarray(tensor.T if transposed else tensor, dtype=current.dtype)
 
 
-def write_single_file(hf_config: dict, tensors: dict, out_dir: str | os.PathLike) -> Path:
-    """config.json and one model.safetensors (tagged format "pt": transformers refuses untagged
-    files) in out_dir, created if needed."""
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    save_file({k: jnp.asarray(v) for k, v in tensors.items()}, out_dir / SINGLE_FILE,
-              metadata={"format": "pt"})
-    return out_dir
-
-
 def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
                     attention_backend: str = "auto",
                     quant_backend: str = "auto") -> LlamaForCausalLM:
@@ -220,7 +231,7 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
     model_dir = Path(model_dir)
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    config_file = model_dir / "config.json"
+    config_file = model_dir / CONFIG_FILE
     if not config_file.exists():
         raise FileNotFoundError(
             f"{model_dir} has no config.json; expected a Hugging Face model directory")
@@ -292,67 +303,43 @@ def _gptq_tensors(model, checkpoint_format: str | None) -> tuple[dict, GPTQConfi
     return tensors, gptq_config_for(weights, checkpoint_format)
 
 
-def save_pretrained(model: LlamaForCausalLM, out_dir: str | os.PathLike, *, tokenizer=None,
+def save_pretrained(model: LlamaForCausalLM | MixtralForCausalLM | HyenaForCausalLM,
+                    out_dir: str | os.PathLike, *, tokenizer=None,
                     max_shard_bytes: int | None = None,
                     checkpoint_format: str | None = None) -> Path:
-    """Write config.json and safetensors that `transformers.AutoModelForCausalLM` loads back.
+    """Write config.json and safetensors that `transformers.AutoModelForCausalLM` loads back
+    (Llama family, Mixtral; Hyena, which transformers lacks, loads back through `load_pretrained`).
 
     With `max_shard_bytes` the weights are split into shards plus `model.safetensors.index.json`;
     a `tokenizers.Tokenizer` given as `tokenizer` is saved beside them as tokenizer.json.
-    A model with `QuantizedLinear` layers is written as an HF GPTQ checkpoint (a
+    A Llama-family model with `QuantizedLinear` layers is written as an HF GPTQ checkpoint (a
     `quantization_config` in config.json, also written as quantize_config.json):
     `checkpoint_format` "gptq" (v1), "gptq_v2", or None for v1 unless some zero point is 0
-    (which v1 cannot store). A Mixtral model is written by `hf_mixtral.save_mixtral` and a Hyena
-    model by `hf_hyena.save_hyena` (one file each)."""
+    (which v1 cannot store). Mixtral and Hyena models are written in float.
+
+    out_dir's previous checkpoint (weights, index, config.json, quantize_config.json) is replaced
+    as a whole, so it is never left half-written or with stale files; its other files (tokenizer
+    files, generation_config.json, ...) are kept. See `hf_write.write_checkpoint`."""
+    gptq = None
     if isinstance(model, (MixtralForCausalLM, HyenaForCausalLM)):
-        from jaxinfer.checkpoint.hf_hyena import save_hyena
-        from jaxinfer.checkpoint.hf_mixtral import save_mixtral
+        if checkpoint_format is not None:
+            raise ValueError(f"checkpoint_format applies to GPTQ checkpoints of Llama-family "
+                             f"models; a {type(model).__name__} is saved in float, got "
+                             f"checkpoint_format={checkpoint_format!r}")
+        if isinstance(model, MixtralForCausalLM):
+            from jaxinfer.checkpoint.hf_mixtral import mixtral_tensors  # it imports this module
 
-        if max_shard_bytes is not None or checkpoint_format is not None:
-            raise ValueError(f"a {type(model).__name__} is saved as one float safetensors file; "
-                             "max_shard_bytes and checkpoint_format do not apply")
-        save = save_mixtral if isinstance(model, MixtralForCausalLM) else save_hyena
-        out_dir = save(model, out_dir)
-        if tokenizer is not None:
-            tokenizer.save(str(out_dir / "tokenizer.json"))
-        return out_dir
-    gptq_tensors, gptq = _gptq_tensors(model, checkpoint_format)
-    out_dir = Path(out_dir)
-    out_dir.mkdir(parents=True, exist_ok=True)
-    tensors: dict[str, jax.Array] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transposed = hf_name(path)
-        value = np.asarray(var.value)
-        tensors[name] = jnp.asarray(np.ascontiguousarray(value.T if transposed else value))
-    tensors.update(gptq_tensors)
-
-    hf_config = model.config.to_hf_config()
+            tensors = mixtral_tensors(model)
+        else:
+            tensors = hf_tensors(model)
+    else:
+        gptq_tensors, gptq = _gptq_tensors(model, checkpoint_format)
+        tensors = hf_tensors(model) | gptq_tensors
+    hf_config = model.config.to_hf_config()  # after _gptq_tensors: its errors say more
+    json_files: dict[str, dict] = {}  # written after the weights, config.json last
     if gptq is not None:
         hf_config["quantization_config"] = gptq.to_dict()
-        (out_dir / QUANTIZE_CONFIG_FILE).write_text(json.dumps(gptq.to_dict(), indent=2) + "\n")
-    else:  # a stale one would make the float checkpoint read as GPTQ
-        (out_dir / QUANTIZE_CONFIG_FILE).unlink(missing_ok=True)
-    (out_dir / "config.json").write_text(json.dumps(hf_config, indent=2) + "\n")
-    metadata = {"format": "pt"}  # transformers refuses safetensors files without a format tag
-    if max_shard_bytes is None:
-        save_file(tensors, out_dir / SINGLE_FILE, metadata=metadata)
-    else:
-        shards: list[dict[str, jax.Array]] = [{}]
-        size = 0
-        for name, tensor in tensors.items():
-            if shards[-1] and size + tensor.nbytes > max_shard_bytes:
-                shards.append({})
-                size = 0
-            shards[-1][name] = tensor
-            size += tensor.nbytes
-        weight_map = {}
-        for i, shard in enumerate(shards):
-            file = f"model-{i + 1:05d}-of-{len(shards):05d}.safetensors"
-            save_file(shard, out_dir / file, metadata=metadata)
-            weight_map.update({name: file for name in shard})
-        index = {"metadata": {"total_size": sum(t.nbytes for t in tensors.values())},
-                 "weight_map": weight_map}
-        (out_dir / INDEX_FILE).write_text(json.dumps(index, indent=2) + "\n")
-    if tokenizer is not None:
-        tokenizer.save(str(out_dir / "tokenizer.json"))
-    return out_dir
+        json_files[QUANTIZE_CONFIG_FILE] = gptq.to_dict()
+    json_files[CONFIG_FILE] = hf_config
+    return write_checkpoint(out_dir, tensors, json_files, max_shard_bytes=max_shard_bytes,
+                            tokenizer=tokenizer)

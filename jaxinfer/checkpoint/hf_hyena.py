@@ -18,7 +18,7 @@ stored [out, in]), so that the files read like a Llama checkpoint's:
     model.norm.weight, lm_head.weight (absent when tie_word_embeddings)
 
 config.json holds `HyenaConfig.to_hf_config()` (model_type "hyena"), which `load_pretrained`
-dispatches on.
+dispatches on; `save_pretrained` writes this layout (single file or sharded) through `hf_tensors`.
 """
 
 from __future__ import annotations
@@ -27,11 +27,10 @@ import logging
 import os
 from pathlib import Path
 
-import numpy as np
 from flax import nnx
 
 from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, _tensor_files, _TensorReader,
-                                    check_present, hf_name, read_param, write_single_file)
+                                    check_present, hf_name, read_param)
 from jaxinfer.config import HyenaConfig, read_config_json
 from jaxinfer.models.hyena import HyenaForCausalLM
 
@@ -40,7 +39,7 @@ log = logging.getLogger(__name__)
 
 def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
                fftconv_backend: str = "auto") -> HyenaForCausalLM:
-    """Load a directory written by `save_hyena` (safetensors single or sharded).
+    """Load a directory written by `save_pretrained` (safetensors single or sharded).
 
     `dtype` ("float32" or "bfloat16") becomes both the parameter and the compute dtype, as in
     `load_pretrained`; the implicit filters stay float32 whatever it is."""
@@ -69,20 +68,3 @@ def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
                 continue
             var.value = read_param(reader, files, *wanted[path], var.value)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
-
-
-def hyena_tensors(model: HyenaForCausalLM) -> dict[str, np.ndarray]:
-    """{tensor name: array} in the on-disk layout of the module docstring."""
-    tensors: dict[str, np.ndarray] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        name, transposed = hf_name(path)
-        value = np.asarray(var.value)
-        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
-    return tensors
-
-
-def save_hyena(model: HyenaForCausalLM, out_dir: str | os.PathLike) -> Path:
-    """Write config.json and model.safetensors that `load_hyena` reads back exactly."""
-    if not isinstance(model, HyenaForCausalLM):
-        raise TypeError(f"model must be a HyenaForCausalLM; got {type(model).__name__}")
-    return write_single_file(model.config.to_hf_config(), hyena_tensors(model), out_dir)

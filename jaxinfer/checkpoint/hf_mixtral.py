@@ -11,7 +11,8 @@ three linear weights, [out, in] like every HF linear:
 transformers 5.x fuses them in memory (`mlp.experts.gate_up_proj` [E, 2F, D] with gate rows
 first, `mlp.experts.down_proj` [E, D, F], router `mlp.gate.weight`) through its
 conversion_mapping; a file in that fused layout loads here too. jaxinfer stacks experts as
-gate_proj/up_proj [E, D, F] and down_proj [E, F, D]. Everything else is named as in hf.py.
+gate_proj/up_proj [E, D, F] and down_proj [E, F, D]. Everything else is named, read and checked
+as in hf.py (`hf_name`, `read_param`, `check_present`), and `save_pretrained` writes it.
 """
 
 from __future__ import annotations
@@ -24,8 +25,9 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, _tensor_files, _TensorReader, hf_name,
-                                    write_single_file)
+from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, _tensor_files, _TensorReader,
+                                    check_present, hf_name, hf_tensors, read_param,
+                                    save_pretrained)
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
 
@@ -65,10 +67,12 @@ def _read_stacked_expert(reader: _TensorReader, path: tuple, shape: tuple[int, .
     return stacked
 
 
-def _router_name(reader: _TensorReader, path: tuple) -> str:
-    name = hf_name(path)[0]
+def _hf_name(path: tuple, files: dict) -> tuple[str, bool]:
+    """`hf_name` of a non-expert parameter, except that a router stored under transformers'
+    fused-layout name (`mlp.gate`) is read from there."""
+    name, transposed = hf_name(path)
     fused = name.replace(".block_sparse_moe.", ".mlp.")
-    return name if name in reader.files or fused not in reader.files else fused
+    return (fused if name not in files and fused in files else name), transposed
 
 
 def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
@@ -87,56 +91,47 @@ def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
     abstract = nnx.eval_shape(lambda: MixtralForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
-    used: set[str] = set()
-    with _TensorReader(files) as reader:
-        for path, var in flat:
-            if not isinstance(var, nnx.Param):
-                continue
-            shape = tuple(var.value.shape)
-            if str(path[-1]) in EXPERT_LINEARS:
-                value = _read_stacked_expert(reader, path, shape)
-            else:
-                name, transposed = hf_name(path)
-                if "block_sparse_moe" in name:
-                    name = _router_name(reader, path)
-                if name not in files:
-                    raise ValueError(f"checkpoint in {model_dir} is missing tensor {name!r} that "
-                                     f"config.json implies")
-                value = np.asarray(reader.get(name))
-                value = value.T if transposed else value
-                if value.shape != shape:
-                    raise ValueError(f"tensor {name!r} has shape {list(value.shape)[::-1]}; "
-                                     f"config.json implies {list(shape)[::-1]}")
-                used.add(name)
-            var.value = jnp.asarray(value, dtype=var.value.dtype)
+    # Stacked experts are read (and their absence reported) by _read_stacked_expert.
+    wanted = {path: _hf_name(path, files) for path, var in flat
+              if isinstance(var, nnx.Param) and str(path[-1]) not in EXPERT_LINEARS}
+    check_present(model_dir, [name for name, _ in wanted.values()], files)
+    used = {name for name, _ in wanted.values()}
     unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES)
                         and ".experts." not in n
                         and not (n == "lm_head.weight" and config.tie_word_embeddings))
     if unexpected:
         log.warning("ignoring %d tensor(s) the model does not use, e.g. %s",
                     len(unexpected), unexpected[:5])
+    with _TensorReader(files) as reader:
+        for path, var in flat:
+            if path in wanted:
+                var.value = read_param(reader, files, *wanted[path], var.value)
+            elif isinstance(var, nnx.Param):
+                stacked = _read_stacked_expert(reader, path, tuple(var.value.shape))
+                var.value = jnp.asarray(stacked, dtype=var.value.dtype)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
+
+
+def _expert_tensors(path: tuple, value: np.ndarray) -> dict[str, np.ndarray] | None:
+    """The per-expert HF tensors [out, in] of a stacked expert parameter [E, in, out]; None for
+    any other parameter (`hf_tensors` names those)."""
+    leaf = str(path[-1])
+    if leaf not in EXPERT_LINEARS:
+        return None
+    w = EXPERT_LINEARS[leaf][0]
+    return {f"{_layer_prefix(path)}.block_sparse_moe.experts.{e}.{w}.weight":
+            np.ascontiguousarray(value[e].T) for e in range(value.shape[0])}
 
 
 def mixtral_tensors(model: MixtralForCausalLM) -> dict[str, np.ndarray]:
     """{HF tensor name: array} in the per-expert on-disk layout."""
-    tensors: dict[str, np.ndarray] = {}
-    for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param)):
-        value = np.asarray(var.value)
-        leaf = str(path[-1])
-        if leaf in EXPERT_LINEARS:
-            w = EXPERT_LINEARS[leaf][0]
-            for e in range(value.shape[0]):
-                name = f"{_layer_prefix(path)}.block_sparse_moe.experts.{e}.{w}.weight"
-                tensors[name] = np.ascontiguousarray(value[e].T)
-            continue
-        name, transposed = hf_name(path)
-        tensors[name] = np.ascontiguousarray(value.T if transposed else value)
-    return tensors
+    return hf_tensors(model, _expert_tensors)
 
 
-def save_mixtral(model: MixtralForCausalLM, out_dir: str | os.PathLike) -> Path:
-    """Write config.json and model.safetensors that transformers loads as MixtralForCausalLM."""
+def save_mixtral(model: MixtralForCausalLM, out_dir: str | os.PathLike, *,
+                 max_shard_bytes: int | None = None) -> Path:
+    """`save_pretrained` for a Mixtral model only: config.json and safetensors (sharded with
+    `max_shard_bytes`) that transformers loads as MixtralForCausalLM."""
     if not isinstance(model, MixtralForCausalLM):
         raise TypeError(f"model must be a MixtralForCausalLM; got {type(model).__name__}")
-    return write_single_file(model.config.to_hf_config(), mixtral_tensors(model), out_dir)
+    return save_pretrained(model, out_dir, max_shard_bytes=max_shard_bytes)

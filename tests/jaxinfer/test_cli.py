@@ -4,6 +4,7 @@ import json
 
 import numpy as np
 import pytest
+from flax import nnx
 
 import jaxinfer
 from jaxinfer import cli
@@ -34,8 +35,21 @@ def test_convert_to_sharded_bfloat16(tmp_path):
     assert len(set(index["weight_map"].values())) > 1
     assert (dst / "tokenizer.json").exists()
     assert json.loads((dst / "config.json").read_text())["torch_dtype"] == "bfloat16"
-    model = jaxinfer.load_pretrained(dst, dtype="bfloat16")
-    assert np.isfinite(np.asarray(model(np.array([[1, 2, 3]], dtype=np.int32)))).all()
+    logits = nnx.jit(lambda model, ids: model(ids))  # one compile per dtype: eager takes ~5 s
+    ids = np.array([[1, 2, 3, 4, 5, 6, 7, 8]], dtype=np.int32)
+    got = np.asarray(logits(jaxinfer.load_pretrained(dst, dtype="bfloat16"), ids), np.float32)
+    # The converted files hold exactly the bfloat16 values the source rounds to when loaded in
+    # bfloat16, and both models then run the same program on the same device: tolerance 0, so
+    # any difference means the conversion changed a weight.
+    source_bf16 = jaxinfer.load_pretrained(jaxinfer.default_model_dir(), dtype="bfloat16")
+    np.testing.assert_array_equal(got, np.asarray(logits(source_bf16, ids), np.float32))
+    # Against the float32 source (an oracle that shares no bfloat16 rounding with the above):
+    # bfloat16 weights and activations (8-bit significands) moved these logits (|x| <= ~11) by
+    # 0.093 at most when measured; a misplaced or mis-transposed tensor moves them by O(1).
+    bf16_vs_f32_atol = 0.25
+    source_f32 = jaxinfer.load_pretrained(jaxinfer.default_model_dir())
+    np.testing.assert_allclose(got, np.asarray(logits(source_f32, ids)), rtol=0,
+                               atol=bf16_vs_f32_atol)
 
 
 @pytest.mark.parametrize("argv, message", [

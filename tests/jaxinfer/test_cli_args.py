@@ -3,6 +3,7 @@ model the run began with. Training itself is replaced by a stand-in that records
 hands it, so these tests take seconds."""
 
 import json
+import shutil
 
 import jax
 import numpy as np
@@ -86,3 +87,15 @@ def test_resume_refuses_settings_it_would_silently_ignore(tmp_path, handed_to_tr
     err = capsys.readouterr().err
     assert "--batch-size, --lr cannot change them" in err
     assert len(handed_to_train) == 1  # the refused resume never reached training
+
+
+def test_convert_in_place_rewrites_the_weights_and_keeps_the_tokenizer(tmp_path):
+    model_dir = tmp_path / "model"
+    shutil.copytree(jaxinfer.default_model_dir(), model_dir)
+    assert cli.main(["convert", str(model_dir), str(model_dir), "--dtype", "bfloat16"]) == 0
+    assert json.loads((model_dir / "config.json").read_text())["torch_dtype"] == "bfloat16"
+    assert (model_dir / "tokenizer.json").exists()
+    reloaded = jaxinfer.load_pretrained(model_dir, dtype="bfloat16")
+    source = jaxinfer.load_pretrained(jaxinfer.default_model_dir(), dtype="bfloat16")
+    for got, want in zip(_params(reloaded), _params(source), strict=True):
+        np.testing.assert_array_equal(got, want)  # float32 -> bfloat16 rounds the same way
