@@ -22,9 +22,10 @@ fetch the sequence's physical pages; what ``pallas`` and ``auto`` run on a TPU).
 
 ``ragged_paged_attention`` (a serving step's prefill chunks and decodes in one call, vLLM's
 "unified attention") has ``ragged_reference.py`` (one decode per token), ``ragged_xla.py`` (query
-blocks walk their sequence's pages in lockstep, online softmax) and ``ragged_pallas_gpu.py`` (one
-Triton program per query block and KV head); ``ragged_blocks.py`` holds the block layout both
-share. It has no TPU kernel yet: ``auto`` runs xla on a TPU.
+blocks walk their sequence's pages in lockstep, online softmax), ``ragged_pallas_gpu.py`` (one
+Triton program per query block and KV head) and ``ragged_pallas_tpu.py`` (Mosaic: the decode
+kernel's grid over query blocks, with a causal key limit per query row; what ``pallas`` and
+``auto`` run on a TPU); ``ragged_blocks.py`` holds the block layout they share.
 """
 
 from __future__ import annotations
@@ -35,7 +36,8 @@ import jax.numpy as jnp
 
 from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu, paged_xla,
                                       pallas_gpu, pallas_tpu, ragged_blocks, ragged_pallas_gpu,
-                                      ragged_reference, ragged_xla, reference, tiling, xla)
+                                      ragged_pallas_tpu, ragged_reference, ragged_xla, reference,
+                                      tiling, xla)
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
@@ -227,15 +229,19 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_len
         num_seqs sequences are real, so shapes stay fixed under jit; the entries of the others are
         ignored. Tokens owned by no real sequence (padding) get out 0 and lse -inf.
       softmax_scale: multiplies q·k; default 1/sqrt(D).
-      backend: "reference" | "xla" | "pallas" | "auto". "pallas" is the Triton kernel (on a CPU
-        interpreted; there is no TPU kernel yet). "auto": pallas on a GPU where page_size is a
-        power of two, xla otherwise.
+      backend: "reference" | "xla" | "pallas" | "pallas_tpu" | "auto". "pallas" is the
+        platform's kernel (Triton on GPU, Mosaic on TPU, the Triton kernel interpreted on CPU);
+        "pallas_tpu" forces the Mosaic kernel (interpreted off a TPU). "auto": the TPU kernel on
+        a TPU (any page_size), the Triton kernel on a GPU where page_size is a power of two,
+        xla otherwise.
       return_lse: also return the float32 log-sum-exp [T, Hq] (to merge with other parts).
       block_q: query tokens per block (per Triton program on pallas, where it must be a power of
         two and is raised until block_q x the query group padded to a power of two reaches 16
-        rows); None: ``ragged_blocks.default_block_q``.
-      pages_per_block: pages gathered per loop step; None gives ~128 tokens on xla and ~64 on
-        pallas (raised there to a power of two covering >= 16 tokens).
+        rows; per grid row of the TPU kernel on pallas_tpu, any size); None:
+        ``ragged_blocks.default_block_q``.
+      pages_per_block: pages gathered per loop step; None gives ~128 tokens on xla, ~64 on
+        pallas (raised there to a power of two covering >= 16 tokens) and ~256 on pallas_tpu (at
+        most 16 pages, one BlockSpec per page: larger values are clipped to 16).
 
     Returns:
       out [T, Hq, D] in q's dtype (and lse float32 [T, Hq] with ``return_lse``). No gradients are
@@ -247,9 +253,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_len
     """
     checks.check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_seqs,
                         k_scales, v_scales)
-    checks.check_scalars(False, softmax_scale, None, return_lse, backend,
-                         backends=checks.RAGGED_BACKENDS)
-    impl, interpret = resolve_backend(backend)
+    checks.check_scalars(False, softmax_scale, None, return_lse, backend)
+    impl, interpret = resolve_backend(backend, tpu_kernel=True)
     page_size = k_pages.shape[1]
     power_of_two_pages = page_size & (page_size - 1) == 0
     if backend == "auto" and impl == "pallas" and not power_of_two_pages:
@@ -282,6 +287,11 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_len
             pages_per_block=pages_per_block or ragged_blocks.default_pages_per_block_xla(
                 page_size, pages_per_seq),
             k_scales=k_scales, v_scales=v_scales)
+    elif impl == "pallas_tpu":
+        out, lse = ragged_pallas_tpu.ragged_paged_attention(
+            q, k_pages, v_pages, page_table, layout, scale=scale, block_q=block_q,
+            pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,
+            v_scales=v_scales)
     else:
         out, lse = ragged_pallas_gpu.ragged_paged_attention(
             q, k_pages, v_pages, page_table, layout, scale=scale, block_q=block_q,

@@ -13,9 +13,8 @@ import numpy as np
 
 from kernels_pallas.attention.tiling import BlockSizes
 
-# flash and paged decode attention have a TPU (Mosaic) kernel besides the Triton one
+# every attention op has a TPU (Mosaic) kernel besides the Triton one
 BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_tpu")
-RAGGED_BACKENDS = ("auto", "reference", "xla", "pallas")  # no Mosaic kernel yet
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -106,8 +105,7 @@ def check_window(local_window):
     return (int(local_window[0]), int(local_window[1]))
 
 
-def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
-                  backends: tuple[str, ...] = BACKENDS) -> None:
+def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool; got {causal!r}")
     if not isinstance(return_lse, bool):
@@ -120,8 +118,8 @@ def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
                                           and math.isfinite(logit_softcap)):
         raise ValueError(f"logit_softcap must be None or a finite Python number > 0; "
                          f"got {logit_softcap!r}")
-    if backend not in backends:
-        raise ValueError(f"backend must be one of {backends}; got {backend!r}")
+    if backend not in BACKENDS:
+        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
 
 
 def check_block(name: str, block, *, pallas: bool, minimum: int) -> None:

@@ -115,13 +115,6 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     return (merged_out.reshape(batch, hq, d).astype(q.dtype), merged_lse.reshape(batch, hq))
 
 
-def _compiler_params(d_pad: int, interpret: bool):
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as pltriton  # GPU only; deprecated from jax 0.11
-    return pltriton.CompilerParams(num_warps=4 if d_pad <= 128 else 8, num_stages=2)
-
-
 def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
     """refs: (k_scale_ref, v_scale_ref, o_ref, lse_ref) with int8 pages, else (o_ref, lse_ref)."""
     ks_ref, vs_ref = refs[:2] if cfg.quantized else (None, None)
@@ -137,30 +130,20 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
     d_pad = q.shape[1]
 
     def body(step, carry):
-        acc, m, l = carry
         page0 = first + step * ppb
         ids = table_ref[pl.ds(page0, ppb)]  # [ppb] page indices
-        k, v = (tiling.dequantize(ref[ids], None if s_ref is None else s_ref[ids], q.dtype)
-                .reshape(block, d_pad)  # gathered [ppb * page_size, D]
-                for ref, s_ref in ((k_ref, ks_ref), (v_ref, vs_ref)))
+        k, v = tiling.gather_kv(k_ref, v_ref, ks_ref, vs_ref, ids, q.dtype,
+                                (block, d_pad))  # gathered [ppb * page_size, D]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
         mask = (page0 * ps + jnp.arange(block, dtype=jnp.int32))[None, :] < length  # [1, block]
         s = jnp.where(mask, s, MASK_VALUE)  # [g_pad, block]
-        m_new = jnp.maximum(m, jnp.max(s, axis=1))
-        corr = jnp.exp(m - m_new)
-        p = jnp.where(mask, jnp.exp(s - m_new[:, None]), 0.0)
-        l = l * corr + jnp.sum(p, axis=1)
-        pv = jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
-        return acc * corr[:, None] + pv, m_new, l
+        return tiling.online_softmax_step(*carry, s, mask, v, "mk,kd->md")
 
     g_pad = q.shape[0]
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((g_pad,), -jnp.inf, jnp.float32),
             jnp.zeros((g_pad,), jnp.float32))
-    acc, m, l = lax.fori_loop(0, steps, body, init)  # empty when the run lies past the length
-    seen = l > 0.0
-    safe_l = jnp.where(seen, l, 1.0)
-    o_ref[...] = acc / safe_l[:, None]
-    lse_ref[...] = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+    # An empty loop when the run lies past the length.
+    o_ref[...], lse_ref[...] = tiling.finish_online_softmax(*lax.fori_loop(0, steps, body, init))
 
 
 def _partials(q, k_pages, v_pages, scales, table, lens, cfg: _Config):
@@ -185,7 +168,8 @@ def _partials(q, k_pages, v_pages, scales, table, lens, cfg: _Config):
                    pl.BlockSpec((sq, sq, sq, g_pad), lambda b, h, s: (b, h, s, 0))],
         out_shape=[jax.ShapeDtypeStruct((batch, hkv, splits, g_pad, d_pad), jnp.float32),
                    jax.ShapeDtypeStruct((batch, hkv, splits, g_pad), jnp.float32)],
-        compiler_params=_compiler_params(d_pad, cfg.interpret),
+        compiler_params=tiling.triton_compiler_params(4 if d_pad <= 128 else 8, 2,
+                                                      cfg.interpret),
         interpret=cfg.interpret,
         name="paged_decode_attention",
     )(lens, table, q, k_pages, v_pages, *scales)

@@ -1,5 +1,10 @@
 """Paged decode attention as a Pallas kernel for TPUs (Mosaic lowering; ``interpret=True`` on CPU).
 
+Query blocks. The kernel attends *blocks* of query tokens, each block over one page-table row: a
+decode is a block of one token per sequence; ``ragged_pallas_tpu`` passes blocks of ``block_q``
+tokens of one sequence each (``attend_query_blocks``), with a key limit per token (the causal
+mask). Below, "sequence" is a block and its "length" the keys its last token sees.
+
 Algorithm. Grid (batch, KV head blocks, page steps); the page-step axis is the innermost,
 sequential ("arbitrary") one, and a float32 online softmax (running max m, sum l, accumulator)
 lives in VMEM scratch across it, as in the TPU flash-attention kernel (``pallas_tpu.py``). The
@@ -13,7 +18,8 @@ need: in the step holding a sequence's end, a slot past the length keeps the pag
 previous step, and the steps wholly past the length repeat that last real step's pages. Each
 (sequence, head block) thus fetches only its needed pages, plus, when the sequence has fewer than
 ppb pages, step 0's padding slots (each must hold some page; they hold the last one). ``pl.when``
-skips the steps wholly past the length, and positions >= length within a step are masked. The
+skips the steps wholly past the length, and positions >= length within a step are masked (with
+per-token limits, positions >= the row's token's limit, a [rows, 1] VMEM tile per block). The
 last step writes out = acc / l and lse = m + log(l); a sequence of length 0 sees nothing and gets
 out 0, lse -inf. There is no context split: a TPU core runs the grid in order, so splitting (the
 GPU kernel's flash-decoding) would add a merge without adding parallelism; batch and KV head
@@ -22,9 +28,9 @@ blocks are "parallel" for megacore chips.
 SMEM budget. SMEM is small (1 MiB up to v6e) and a scalar-prefetched table must fit in it whole:
 the model's paged attention passes one table row per *token* of a step (e.g. 512 rows of 512
 pages = 1 MiB), which fails to compile (vLLM PR #9350, torch_xla #8515). The wrapper therefore
-splits the batch into the fewest equal chunks whose [rows, pages_per_seq] table stays within
-``MAX_TABLE_ENTRIES`` and runs the kernel per chunk under ``lax.map`` (one kernel, compiled once);
-a batch that fits is one call.
+splits the batch (of sequences or query blocks, one table row each) into the fewest equal chunks
+whose [rows, pages_per_seq] table stays within ``MAX_TABLE_ENTRIES`` and runs the kernel per chunk
+under ``lax.map`` (one kernel, compiled once); a batch that fits is one call.
 
 Layout. Pages stay in vLLM's [num_pages, page_size, Hkv, D] layout, viewed (a free reshape) as
 [num_pages, page_size, Hkv * D]. Mosaic wants the last two block dims divisible by (8, 128) or
@@ -32,21 +38,22 @@ whole: page_size is whole, and a program takes a lane block of ``hb`` KV heads, 
 with hb the fewest heads whose lanes are a multiple of 128 (1 for D = 128 or 256; all Hkv when
 no divisor fits). So no shape is refused, and nothing is copied or transposed per call.
 
-GQA and head blocks. All ``groups = Hq / Hkv`` query heads of a KV head are scored in one matmul.
-With hb > 1 (D < 128, e.g. 64 or 80), the wrapper writes the queries block-diagonally: row
-(j, g) of the [hb * groups, hb * D] query tile holds query head g of KV head j in lanes
-[j * D, (j + 1) * D) and zeros elsewhere, so one [rows, lanes] x [lanes, page_size] matmul gives
-every head's scores with no lane slicing inside the kernel; the P @ V product then fills all lanes,
-and the wrapper keeps each row's own head's lanes (the diagonal blocks). The MXU does hb times the
-work it needs, which decode (bound by HBM reads of the pages) does not notice.
+GQA and head blocks. A block's tokens x the ``groups = Hq / Hkv`` query heads of a KV head are
+scored in one matmul (rows token-major). With hb > 1 (D < 128, e.g. 64 or 80), the wrapper writes
+the queries block-diagonally: row (t, j, g) of the [tokens * hb * groups, hb * D] query tile holds
+token t's query head g of KV head j in lanes [j * D, (j + 1) * D) and zeros elsewhere, so one
+[rows, lanes] x [lanes, page_size] matmul gives every head's scores with no lane slicing inside
+the kernel; the P @ V product then fills all lanes, and the wrapper keeps each row's own head's
+lanes (the diagonal blocks). The MXU does hb times the work it needs, which decode (bound by HBM
+reads of the pages) does not notice; a prefill block (more rows per page) pays it in compute.
 
 int8 pages. Scales [num_pages, page_size, Hkv] (per token and head) come whole per page
 ([page_size, Hkv], small); the kernel picks its heads' columns with a one-hot lane reduction,
 spreads them over their D lanes and dequantizes the gathered page in float32 before casting it to
 q's dtype, so HBM traffic is the int8 pages.
 
-Memory touched per program: its query tile once; per visited page, its lane block of K and V
-(plus that page's scales); the output tile and lse once.
+Memory touched per program: its query tile (and row limits) once; per visited page, its lane
+block of K and V (plus that page's scales); the output tile and lse once.
 """
 
 from __future__ import annotations
@@ -82,6 +89,7 @@ class _Config:
     heads_per_block: int  # hb: KV heads in one lane block
     head_dim: int
     quantized: bool  # int8 pages with float32 scales per (token, head)
+    row_limits: bool  # a key limit per query row (ragged blocks), else the block's length
     interpret: bool
 
 
@@ -137,48 +145,79 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     bfloat16 / int8 pages tile best). Batches whose table exceeds ``MAX_TABLE_ENTRIES`` run in
     chunks (see the module docstring).
     """
-    batch, hq, d = q.shape
+    out, lse = attend_query_blocks(q[:, None], k_pages, v_pages, page_table, lengths, None,
+                                   scale=scale, pages_per_block=pages_per_block,
+                                   interpret=interpret, k_scales=k_scales, v_scales=v_scales)
+    return out[:, 0], lse[:, 0]
+
+
+def attend_query_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, table: jax.Array,
+                        lengths: jax.Array, row_limits: jax.Array | None, *, scale: float,
+                        pages_per_block: int | None, interpret: bool,
+                        k_scales: jax.Array | None = None,
+                        v_scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """Blocks of query tokens, each over its own page-table row (the kernel of this module).
+
+    q [n, tokens, Hq, D]; pages as in ``paged_decode_attention``; table int32 [n, pages_per_seq]:
+    block b's row; lengths int32 [n]: keys block b needs (the pages past them are neither fetched
+    nor scored); row_limits int32 [n, tokens] or None: token t of block b sees keys
+    0 .. row_limits[b, t] - 1 (each <= lengths[b]; 0: nothing), None: all of its block's length
+    -> (out [n, tokens, Hq, D] in q.dtype, lse float32 [n, tokens, Hq]).
+    """
+    n, tokens, hq, d = q.shape
     num_pages, page_size, hkv, _ = k_pages.shape
     groups = hq // hkv
-    pages_per_seq = page_table.shape[1]
+    pages_per_seq = table.shape[1]
     hb = heads_per_block(hkv, d)
     cfg = _Config(scale=scale, page_size=page_size, pages_per_seq=pages_per_seq,
                   pages_per_block=resolve_pages_per_block(pages_per_block, page_size,
                                                           pages_per_seq),
                   heads_per_block=hb, head_dim=d, quantized=k_scales is not None,
-                  interpret=interpret)
+                  row_limits=row_limits is not None, interpret=interpret)
     nhb = hkv // hb
-    # Block-diagonal queries: row (j, g) holds query head g of KV head j in lanes of head j.
-    qg = q.reshape(batch, nhb, hb, 1, groups, d)  # [batch, nhb, hb, 1, groups, D]
+    # Block-diagonal queries: row (t, j, g) holds token t's query head g of KV head j in lanes of
+    # head j.
+    qg = q.reshape(n, tokens, nhb, hb, 1, groups, d)
     eye = jnp.eye(hb, dtype=q.dtype)[:, :, None, None]  # [hb, hb, 1, 1]
-    qx = jnp.swapaxes(qg * eye, 3, 4).reshape(batch, nhb, hb * groups, hb * d)  # [.., rows, lanes]
+    qx = (qg * eye).transpose(0, 2, 1, 3, 5, 4, 6)  # [n, nhb, tokens, hb, groups, hb, D]
+    qx = qx.reshape(n, nhb, tokens * hb * groups, hb * d)  # [n, nhb, rows, lanes]
+    operands = [qx]
+    if row_limits is not None:  # one limit per row: token t's, repeated over its heads
+        operands.append(jnp.repeat(row_limits.astype(jnp.int32), hb * groups,
+                                   axis=1)[..., None])  # [n, rows, 1]
     pages = [x.reshape(num_pages, page_size, hkv * d) for x in (k_pages, v_pages)]  # free views
     scales = [k_scales, v_scales] if cfg.quantized else []
     call = functools.partial(_call, pages=pages, scales=scales, cfg=cfg)
-    out, lse = _call_in_chunks(call, qx, page_table.astype(jnp.int32), lengths.astype(jnp.int32))
-    # out [batch, nhb, hb * groups, hb * D]: keep each row's own head's lanes.
-    out = out.reshape(batch, nhb, hb, groups, hb, d)
-    out = jnp.moveaxis(jnp.diagonal(out, axis1=2, axis2=4), -1, 2)  # [batch, nhb, hb, groups, D]
-    return out.reshape(batch, hq, d).astype(q.dtype), lse.reshape(batch, hq)
+    out, lse = _call_in_chunks(call, table.astype(jnp.int32), lengths.astype(jnp.int32),
+                               *operands)
+    # out [n, nhb, rows, hb * D]: keep each row's own head's lanes.
+    out = out.reshape(n, nhb, tokens, hb, groups, hb, d)
+    out = jnp.moveaxis(jnp.diagonal(out, axis1=3, axis2=5), -1, 3)  # [n, nhb, tokens, hb, g, D]
+    out = jnp.swapaxes(out, 1, 2).reshape(n, tokens, hq, d)
+    lse = jnp.swapaxes(lse.reshape(n, nhb, tokens, hb * groups), 1, 2).reshape(n, tokens, hq)
+    return out.astype(q.dtype), lse
 
 
-def _call_in_chunks(call: Callable[..., tuple[jax.Array, jax.Array]], qx: jax.Array,
-                    table: jax.Array, lens: jax.Array) -> tuple[jax.Array, jax.Array]:
-    """``call(qx, flat table, lens)`` on chunks of the batch whose table fits MAX_TABLE_ENTRIES.
+def _call_in_chunks(call: Callable[..., tuple[jax.Array, jax.Array]], table: jax.Array,
+                    lens: jax.Array, *operands: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """``call(flat table, lens, *operands)`` on chunks of the batch whose table fits
+    MAX_TABLE_ENTRIES.
 
-    qx [batch, nhb, rows, lanes]; table int32 [batch, pages_per_seq]; lens int32 [batch] ->
-    call's (out [batch, ...], lse [batch, ...]). Padding sequences have length 0 and page 0: they
-    attend to nothing (one fetch of page 0 per slot) and are dropped.
+    table int32 [batch, pages_per_seq]; lens int32 [batch]; operands [batch, ...] (the query
+    tiles, the row limits) -> call's (out [batch, ...], lse [batch, ...]). Padding sequences have
+    length 0, page 0 and zeros: they attend to nothing (one fetch of page 0 per slot) and are
+    dropped.
     """
     batch, width = table.shape
     calls, seqs = batch_chunks(batch, width, MAX_TABLE_ENTRIES)  # seqs per call
     if calls == 1:
-        return call(qx, table.reshape(-1), lens)
+        return call(table.reshape(-1), lens, *operands)
     pad = calls * seqs - batch  # < calls
-    qx, table, lens = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1)) for x in (qx, table, lens))
-    chunks = (qx.reshape(calls, seqs, *qx.shape[1:]),  # [calls, seqs, nhb, rows, lanes]
-              table.reshape(calls, seqs * width),  # [calls, seqs * pages_per_seq], flat per call
-              lens.reshape(calls, seqs))  # [calls, seqs]
+    table, lens, *operands = (jnp.pad(x, [(0, pad)] + [(0, 0)] * (x.ndim - 1))
+                              for x in (table, lens, *operands))
+    chunks = (table.reshape(calls, seqs * width),  # [calls, seqs * pages_per_seq], flat per call
+              lens.reshape(calls, seqs),  # [calls, seqs]
+              *(x.reshape(calls, seqs, *x.shape[1:]) for x in operands))  # [calls, seqs, ...]
     outs = lax.map(lambda c: call(*c), chunks)  # each [calls, seqs, ...]
     return tuple(x.reshape(calls * seqs, *x.shape[2:])[:batch] for x in outs)
 
@@ -201,8 +240,10 @@ def _dequantized(page_ref, scale_ref, head_block, cfg: _Config, dtype):
 
 
 def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
-    """refs: ppb K pages, ppb V pages, (ppb K scales, ppb V scales), out, lse, acc, m, l."""
+    """refs: (row limits), ppb K pages, ppb V pages, (ppb K scales, ppb V scales), out, lse, acc,
+    m, l."""
     ppb, ps = cfg.pages_per_block, cfg.page_size
+    limit_ref, refs = (refs[0], refs[1:]) if cfg.row_limits else (None, refs)
     n_in = ppb * (4 if cfg.quantized else 2)
     k_refs, v_refs = refs[:ppb], refs[ppb:2 * ppb]
     ks_refs = refs[2 * ppb:3 * ppb] if cfg.quantized else (None,) * ppb
@@ -222,11 +263,12 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
     def _step():
         q = q_ref[...]  # [rows, lanes]
         acc, m, l = acc_ref[...], m_ref[...], l_ref[...]  # [rows, lanes], [rows, 1], [rows, 1]
+        limit = length if limit_ref is None else limit_ref[...]  # keys seen: scalar or [rows, 1]
         for i in range(ppb):  # static; slots past the length hold an earlier page, masked
             k = _dequantized(k_refs[i], ks_refs[i], h, cfg, q.dtype)  # [page_size, lanes]
             s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
             pos = start + i * ps + lax.broadcasted_iota(jnp.int32, s.shape, 1)  # [rows, ps]
-            mask = pos < length
+            mask = pos < limit
             s = jnp.where(mask, s, MASK_VALUE)
             m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
             corr = jnp.exp(m - m_new)
@@ -285,10 +327,12 @@ def _scale_map(i: int, cfg: _Config):
     return index_map
 
 
-def _call(qx: jax.Array, table: jax.Array, lens: jax.Array, *, pages: list[jax.Array],
-          scales: list[jax.Array], cfg: _Config) -> tuple[jax.Array, jax.Array]:
-    """qx [batch, nhb, rows, lanes]; table int32 [batch * pages_per_seq]; lens int32 [batch];
-    pages 2 x [num_pages, page_size, Hkv * D]; scales 0 or 2 x [num_pages, page_size, Hkv]
+def _call(table: jax.Array, lens: jax.Array, qx: jax.Array, *row_limits: jax.Array,
+          pages: list[jax.Array], scales: list[jax.Array],
+          cfg: _Config) -> tuple[jax.Array, jax.Array]:
+    """table int32 [batch * pages_per_seq]; lens int32 [batch]; qx [batch, nhb, rows, lanes];
+    row_limits: int32 [batch, rows, 1] with ``cfg.row_limits``, else nothing; pages
+    2 x [num_pages, page_size, Hkv * D]; scales 0 or 2 x [num_pages, page_size, Hkv]
     -> (out float32 [batch, nhb, rows, lanes], lse float32 [batch, nhb, rows, 1])."""
     from jax.experimental.pallas import tpu as pltpu  # TPU dialect; importable on any jaxlib
 
@@ -300,8 +344,11 @@ def _call(qx: jax.Array, table: jax.Array, lens: jax.Array, *, pages: list[jax.A
     tile = lambda b, h, j, lens, table: (b, h, 0, 0)  # noqa: E731
     page_specs = [pl.BlockSpec((sq, ps, lanes), _page_map(i, cfg)) for i in range(ppb)]
     scale_specs = [pl.BlockSpec((sq, ps, hkv), _scale_map(i, cfg)) for i in range(ppb)]
-    in_specs = [pl.BlockSpec((sq, sq, rows, lanes), tile), *page_specs, *page_specs]
-    args = [*[pages[0]] * ppb, *[pages[1]] * ppb]  # one operand per page slot of a step
+    in_specs = [pl.BlockSpec((sq, sq, rows, lanes), tile)]
+    in_specs += [pl.BlockSpec((sq, rows, 1), lambda b, h, j, lens, table: (b, 0, 0))] * len(
+        row_limits)
+    in_specs += [*page_specs, *page_specs]
+    args = [*row_limits, *[pages[0]] * ppb, *[pages[1]] * ppb]  # one operand per page slot
     if scales:
         in_specs += [*scale_specs, *scale_specs]
         args += [*[scales[0]] * ppb, *[scales[1]] * ppb]
@@ -317,5 +364,6 @@ def _call(qx: jax.Array, table: jax.Array, lens: jax.Array, *, pages: list[jax.A
                    jax.ShapeDtypeStruct((batch, nhb, rows, 1), jnp.float32)],
         compiler_params=None if cfg.interpret else pltpu.CompilerParams(
             dimension_semantics=("parallel", "parallel", "arbitrary")),
-        interpret=cfg.interpret, name="paged_decode_attention_tpu",
+        interpret=cfg.interpret,
+        name="ragged_paged_attention_tpu" if cfg.row_limits else "paged_decode_attention_tpu",
     )(lens, table, qx, *args)

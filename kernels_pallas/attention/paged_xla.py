@@ -44,9 +44,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     def body(j, carry):
         acc, m, l = carry
         ids = lax.dynamic_slice_in_dim(table, j * pages_per_block, pages_per_block, 1)
-        k, v = (tiling.dequantize(pages[ids], None if scales is None else scales[ids], q.dtype)
-                .reshape(batch, chunk, hkv, d)  # [batch, chunk, Hkv, D]
-                for pages, scales in ((k_pages, k_scales), (v_pages, v_scales)))
+        k, v = tiling.gather_kv(k_pages, v_pages, k_scales, v_scales, ids, q.dtype,
+                                (batch, chunk, hkv, d))  # [batch, chunk, Hkv, D]
         s = jnp.einsum("bhgd,bkhd->bhgk", qg, k, preferred_element_type=jnp.float32) * scale
         pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
         mask = (pos[None, :] < lengths[:, None])[:, None, None, :]  # [batch, 1, 1, chunk]
@@ -57,9 +56,5 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
             jnp.zeros(stat_shape, jnp.float32))
     # Walk only as far as the longest sequence needs (a dynamic trip count, so a while loop).
     needed = (jnp.max(lengths).astype(jnp.int32) + chunk - 1) // chunk
-    acc, m, l = lax.fori_loop(0, needed, body, init)
-    seen = l > 0
-    safe_l = jnp.where(seen, l, 1.0)
-    out = (acc / safe_l[..., None]).reshape(batch, hq, d).astype(q.dtype)
-    lse = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf).reshape(batch, hq)
-    return out, lse
+    out, lse = tiling.finish_online_softmax(*lax.fori_loop(0, needed, body, init))
+    return out.reshape(batch, hq, d).astype(q.dtype), lse.reshape(batch, hq)

@@ -11,7 +11,7 @@ Query blocks. Each sequence's tokens are cut into ceil(q_len / block_q) blocks o
 (the last one partial), so no block straddles two sequences: a block reads one sequence's pages.
 The blocks of all sequences, in order, number at most ``T // block_q + S`` (sum_s ceil(q_s / b) <=
 T / b + S (b - 1) / b), a static count that serves every layout of T tokens in S sequences; the
-blocks past the real ones are empty (0 tokens). The XLA path and the Pallas kernel both work on
+blocks past the real ones are empty (0 tokens). The XLA path and the Pallas kernels all work on
 q gathered into this block layout, [num_blocks * block_q] rows, and gather their outputs back.
 """
 
@@ -32,6 +32,8 @@ from kernels_pallas.attention import tiling
 # pallas: the kernel's matmul M dimension packs block_q tokens x the (power-of-two padded) query
 # heads of one KV head; 64 rows is the FlashAttention forward's q tile, and pages per step follow
 # the decode kernel's default (~64 tokens). Empty programs exit at once: S costs little there.
+# pallas_tpu: the same 64 rows (tokens x query heads, no power-of-two padding); each empty block
+# still walks its grid steps (skipped, ~0.35 us each), so the blocks stay few.
 DEFAULT_BLOCK_Q_XLA = 8
 DEFAULT_KV_TOKENS_XLA = 128
 DEFAULT_ROWS_PALLAS = 64
@@ -120,9 +122,12 @@ def tokens_from_blocks(y: jax.Array, layout: RaggedLayout, fill: float) -> jax.A
 
 def default_block_q(impl: str, groups: int) -> int:
     """Tokens per query block: xla's table entry; for pallas DEFAULT_ROWS_PALLAS rows of the
-    matmul, block_q tokens x the query group padded to a power of two (at least one token)."""
+    matmul, block_q tokens x the query group padded to a power of two (at least one token); for
+    pallas_tpu the same rows with the group unpadded."""
     if impl == "xla":
         return DEFAULT_BLOCK_Q_XLA
+    if impl == "pallas_tpu":
+        return max(1, DEFAULT_ROWS_PALLAS // groups)
     return max(1, DEFAULT_ROWS_PALLAS // tiling.next_power_of_2(groups))
 
 

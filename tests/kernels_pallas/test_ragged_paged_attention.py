@@ -1,11 +1,12 @@
-"""ragged_paged_attention: every backend against dense float64 attention per token, the block
-layout, agreement with paged_decode_attention on decode-only steps, bad inputs and the Triton
-lowering."""
+"""ragged_paged_attention: every backend (the TPU kernel interpreted) against dense float64
+attention per token, the block layout, agreement with paged_decode_attention on decode-only steps,
+bad inputs, and the Triton and Mosaic lowerings."""
 
 from __future__ import annotations
 
 import dataclasses
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
@@ -13,17 +14,18 @@ import numpy as np
 import pytest
 
 from kernels_pallas import paged_decode_attention, ragged_paged_attention
-from kernels_pallas.attention import checks, ragged_blocks, ragged_pallas_gpu
+from kernels_pallas.attention import (checks, paged_pallas_tpu, ragged_blocks, ragged_pallas_gpu,
+                                      ragged_pallas_tpu)
 from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
 from tests.kernels_pallas.test_paged_decode_attention import quantize_pages
 
 # Tolerances: TOLS (relative to the largest output entry). float32: the xla and pallas paths fold
 # the keys into an online softmax chunk by chunk while the oracle sums them at once in float64;
-# measured <= 9e-7 (int8 pages included: both sides attend over values * scales), so 1e-5 keeps
-# 10x headroom, while one wrongly masked key moves an output by ~1/context (> 1e-2 here).
-# bfloat16: q, K, V and P enter the matmuls in bf16 and the output is rounded to bf16 (2^-9),
-# measured <= 3.3e-3 on every backend, under 1.5e-2. lse is float32 on every path: LSE_ATOL
-# (measured <= 7e-7).
+# measured <= 9e-7 (int8 pages included: both sides attend over values * scales; the TPU kernel
+# folds page by page, <= 5e-7), so 1e-5 keeps 10x headroom, while one wrongly masked key moves an
+# output by ~1/context (> 1e-2 here). bfloat16: q, K, V and P enter the matmuls in bf16 and the
+# output is rounded to bf16 (2^-9), measured <= 3.3e-3 on every backend, under 1.5e-2. lse is
+# float32 on every path: LSE_ATOL (measured <= 7e-7).
 
 
 @dataclasses.dataclass(frozen=True)
@@ -65,6 +67,24 @@ XLA_RUNS = [(backend, options, case) for case in CASES
 XLA_RUNS += [("xla", {}, case) for case in CASES[1::2]]
 PALLAS_RUNS = [(CASES[0], {"block_q": 4, "pages_per_block": 1}), (CASES[1], {}),
                (CASES[2], {"block_q": 2, "pages_per_block": 1}), (CASES[3], {})]
+# The Mosaic kernel runs interpreted (~3-5 s a call here, growing with grid steps and page slots),
+# so three calls cover its features: GQA 4 with D 64 (two KV heads in one lane block: block-diagonal
+# queries) and int8 pages (scale columns picked per head), MHA with D 128 (one head per lane block,
+# two blocks) in bfloat16, page sizes 8 and 16, several query blocks per sequence and several page
+# steps (a ragged last one, steps past a block's causal limit skipped), num_seqs < S with garbage
+# entries past it, padding tokens, the default block_q and pages_per_block, and blocks run in
+# chunks (a table budget of 16 entries: 2 calls of 4 blocks' rows, one of them padding).
+TPU_CASES = [
+    RaggedCase("gqa4_int8_f32_d64_pages8_num_seqs", hq=8, hkv=2, d=64, page_size=8,
+               pages_per_seq=5, q_lens=(1, 11, 1, 6, 3), padding=3, num_seqs=4, int8=True),
+    RaggedCase("mha_bf16_d128_pages16", hq=2, hkv=2, d=128, page_size=16, pages_per_seq=4,
+               q_lens=(1, 21, 1, 6), dtype="bfloat16"),
+]
+TPU_RUNS = [  # (case, options, table entries per call: None = the default)
+    (TPU_CASES[0], {"block_q": 4, "pages_per_block": 2}, None),
+    (TPU_CASES[1], {"block_q": 8, "pages_per_block": 3}, 16),
+    (CASES[2], {}, None),
+]
 
 
 def make_inputs(case: RaggedCase, seed: int = 0):
@@ -150,7 +170,15 @@ def test_pallas_kernel_matches_dense_attention_per_token(case, options):
     check_against_oracle(case, "pallas", options)
 
 
-@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+@pytest.mark.parametrize("case,options,table_budget", TPU_RUNS,
+                         ids=[c.name for c, *_ in TPU_RUNS])
+def test_tpu_kernel_matches_dense_attention_per_token(case, options, table_budget, monkeypatch):
+    if table_budget is not None:
+        monkeypatch.setattr(paged_pallas_tpu, "MAX_TABLE_ENTRIES", table_budget)
+    check_against_oracle(case, "pallas_tpu", options)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
 def test_decode_only_step_equals_paged_decode_attention(backend):
     """Every q_len 1: each token is its sequence's newest, so the ragged call is a batch of
     decodes; paged_decode_attention's reference backend (one gathered context per sequence) must
@@ -234,8 +262,7 @@ KV = jnp.asarray([9, 2], jnp.int32)
      r"page_table entries must lie in \[0, num_pages\) = \[0, 6\)"),
     ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"num_seqs": 3}, r"num_seqs must lie in \[0, S\]"),
     ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"num_seqs": 1.0}, r"num_seqs must be None, an int"),
-    ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"backend": "pallas_tpu"},
-     r"backend must be one of"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"backend": "tpu"}, r"backend must be one of"),
     ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"backend": "pallas", "block_q": 3},
      r"block_q must be a power of two"),
     ((Q, jnp.zeros((6, 12, 2, 16)), jnp.zeros((6, 12, 2, 16)), TABLE, STARTS, KV),
@@ -280,3 +307,70 @@ def test_pallas_kernel_lowers_to_triton(page_size, d, hq, hkv, int8):
     lowered = jax.jit(attend).trace(q, pages, pages, table, starts, kv_lengths, scales,
                                     scales).lower(lowering_platforms=("cuda",))
     assert lowered.as_text().count("__gpu$xla.gpu.triton") == 1
+
+
+def _abstract_ragged_inputs(t, s, page_size, d, hq, hkv, int8, pages_per_seq=7, num_pages=50):
+    """ShapeDtypeStructs (q, k, v, table, starts, kv_lengths, k_scales, v_scales): bfloat16."""
+    q = jax.ShapeDtypeStruct((t, hq, d), jnp.bfloat16)
+    pages = jax.ShapeDtypeStruct((num_pages, page_size, hkv, d),
+                                 jnp.int8 if int8 else jnp.bfloat16)
+    scales = jax.ShapeDtypeStruct((num_pages, page_size, hkv), jnp.float32) if int8 else None
+    table = jax.ShapeDtypeStruct((s, pages_per_seq), jnp.int32)
+    starts, kv_lengths = (jax.ShapeDtypeStruct((n,), jnp.int32) for n in (s + 1, s))
+    return q, pages, pages, table, starts, kv_lengths, scales, scales
+
+
+def _lower_tpu_kernel(args, block_q=None, pages_per_block=3) -> str:
+    """The Mosaic kernel (with its XLA block gathers) lowered for a TPU, as text."""
+    t, groups = args[0].shape[0], args[0].shape[1] // args[1].shape[2]
+    block_q = block_q or ragged_blocks.default_block_q("pallas_tpu", groups)
+
+    def attend(q, k, v, table, starts, kv_lengths, ks, vs):
+        layout = ragged_blocks.ragged_layout(starts, kv_lengths, None, t, block_q)
+        return ragged_pallas_tpu.ragged_paged_attention(
+            q, k, v, table, layout, scale=0.1, block_q=block_q, pages_per_block=pages_per_block,
+            interpret=False, k_scales=ks, v_scales=vs)
+
+    return jax.jit(attend).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
+
+
+@pytest.mark.parametrize("page_size,d,hq,hkv,int8", [(16, 128, 8, 2, False), (8, 64, 16, 4, True),
+                                                     (12, 80, 4, 2, False)])
+def test_tpu_kernel_lowers_to_mosaic(page_size, d, hq, hkv, int8):
+    """The kernel passes the Pallas -> Mosaic lowering, which checks the TPU block rules (last two
+    block dims divisible by 8 and 128 or whole) and the kernel's ops: one head per lane block,
+    two int8 heads per block, a whole-row block with a page size that is no power of two.
+    Lowering needs no TPU; compiling (Mosaic's layout passes) does."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    text = _lower_tpu_kernel(_abstract_ragged_inputs(40, 5, page_size, d, hq, hkv, int8))
+    assert text.count("tpu_custom_call") == 1
+
+
+def test_tpu_kernel_lowers_a_large_step_in_calls_whose_table_fits_smem():
+    """512 tokens in 64 sequences of 512 pages: 96 query blocks of 16 tokens (GQA 4), each with
+    its sequence's page-table row, a 192 KiB table, more than the SMEM budget: it lowers as one
+    kernel under a loop of 3 calls, each prefetching 32 block limits and 32 rows (16K entries)."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    args = _abstract_ragged_inputs(512, 64, 16, 128, 8, 2, False, pages_per_seq=512,
+                                   num_pages=1024)
+    text = _lower_tpu_kernel(args, pages_per_block=2)
+    # The scalar-prefetch operands come first: block limits [blocks], flat table [blocks * P].
+    prefetched = re.findall(r"tpu_custom_call\(.*\} : \(tensor<(\d+)xi32>, tensor<(\d+)xi32>",
+                            text)
+    assert ragged_blocks.num_blocks(512, 64, 16) == 96
+    assert prefetched == [("32", str(32 * 512))]
+    assert 32 * 512 <= paged_pallas_tpu.MAX_TABLE_ENTRIES
+
+
+@pytest.mark.parametrize("backend", ["auto", "pallas"])
+def test_auto_and_pallas_run_the_tpu_kernel_on_a_tpu_for_any_page_size(backend, monkeypatch):
+    """On a TPU, auto and pallas dispatch to the Mosaic kernel, even for page_size 12 (which the
+    Triton kernel cannot take). The platform is faked; lowering for TPU shows which kernel
+    runs."""
+    pytest.importorskip("jax.experimental.pallas.tpu")
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    q, k, v, table, starts, kv_lengths, _, _ = _abstract_ragged_inputs(40, 5, 12, 128, 8, 2, False)
+    attend = functools.partial(ragged_paged_attention, backend=backend)
+    text = jax.jit(attend).trace(q, k, v, table, starts, kv_lengths).lower(
+        lowering_platforms=("tpu",)).as_text()
+    assert re.findall(r'kernel_name = "(\w+)"', text) == ["ragged_paged_attention_tpu"]
