@@ -91,7 +91,12 @@ class Embedding(nnx.Module):
         self.dtype = dtype
 
     def __call__(self, ids: jax.Array) -> jax.Array:  # [batch, seq] -> [batch, seq, embed]
-        return jnp.take(self.embedding[...], ids, axis=0).astype(self.dtype)
+        # Gather the model-width dimension first (as FSDP does for every weight) and keep the
+        # vocabulary split: XLA then looks ids up in each vocab shard and all-reduces, Megatron's
+        # vocab-parallel embedding. Left to itself under fsdp_tp the partitioner cannot map a table
+        # split over (vocab, embed) to a batch-split output and replicates the whole table.
+        table = constrain(self.embedding[...], ("vocab", None))  # [vocab, embed]
+        return jnp.take(table, ids, axis=0).astype(self.dtype)
 
     def attend(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed] -> [batch, seq, vocab]
         return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)

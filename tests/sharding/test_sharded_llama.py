@@ -152,6 +152,23 @@ def test_logits_loss_and_grads_match_single_device(model, batch, single_device, 
                                    err_msg=jax.tree_util.keystr(path))
 
 
+@pytest.mark.parametrize("name", ["tp-2x4", "fsdp_tp-2x2x2"])
+def test_vocab_parallel_embedding_partitions_without_replicating(name, capfd):
+    """Megatron's embedding: each device looks ids up in its vocab shard and the results are
+    all-reduced. XLA's partitioner warns when it can only get there by replicating a tensor
+    (under fsdp_tp it did, for the lookup of a table split over vocab and model width)."""
+    model = jaxinfer.LlamaForCausalLM(dataclasses.replace(CONFIG, vocab_size=96),
+                                      rngs=nnx.Rngs(0))  # a program no other test compiles
+    mesh, rules = layout(name)
+    graphdef, params = nnx.split(sharding.shard(model, mesh, rules))
+    ids = jax.device_put(jnp.zeros((BATCH, 9), jnp.int32),
+                         sharding.batch_sharding(mesh, rules, ("batch", None)))
+    capfd.readouterr()
+    with sharding.use_rules(mesh, rules):
+        loss_logits_grads.lower(graphdef, params, ids).compile()
+    assert "Involuntary full rematerialization" not in capfd.readouterr().err
+
+
 def run_train_steps(model, batches, mesh=None, rules=None, steps=3):
     tx = make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1,
                         clip_norm=1.0)
