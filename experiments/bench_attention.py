@@ -25,10 +25,11 @@ bandwidth measured in the same run (the issue's target: >= 80% of it on a GPU). 
 
 A third table times one prefill-heavy serving step (a long prompt chunk starting mid-context
 next to a batch of decodes, shuffled pages) two ways for xla and pallas: ``ragged_paged_attention``
-(each sequence's pages read once per query block) against today's engine path,
-``jaxinfer.models.attention.paged_attention`` (one decode per token over its sequence's pages,
-``paged_decode_attention`` with per-token page rows); ``speedup_vs_per_token`` is time(per-token) /
-time(ragged) for the same backend. --no-ragged skips it.
+(each sequence's pages read once per query block) against the engine's per-token path,
+``jaxinfer.models.attention.paged_attention`` with ``PagedBatch.ragged`` False (one decode per token
+over its sequence's pages, ``paged_decode_attention`` with per-token page rows);
+``speedup_vs_per_token`` is time(per-token) / time(ragged) for the same backend. --no-ragged skips
+it.
 """
 
 from __future__ import annotations
@@ -44,7 +45,7 @@ import numpy as np
 
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
 from jaxinfer.models.attention import paged_attention
-from jaxinfer.models.paged_kv import PagedLayerKV
+from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from kernels_pallas import flash_attention, paged_decode_attention, ragged_paged_attention
 
 OURS = ("xla", "pallas", "reference")
@@ -183,10 +184,11 @@ def bench_ragged(args, rng, gpu: bool) -> list[dict]:
     table = rng.permutation(num_pages).reshape(s, pages_per_seq).astype(np.int32)
     starts = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
     kv_lengths = np.full(s, ctx, np.int32)
-    # The engine's per-token view: each token's sequence row and its length position + 1.
-    seq = np.repeat(np.arange(s), q_lens)
-    lengths = (kv_lengths[seq] - q_lens[seq] + np.arange(t) - starts[seq] + 1).astype(np.int32)
     kv = PagedLayerKV(k_pages, v_pages)
+    # The engine's per-token path: the same sequences, each token a decode (no K/V written here).
+    per_token = PagedBatch(positions=None, write_slots=None, page_table=jnp.asarray(table),
+                           query_starts=jnp.asarray(starts), kv_lengths=jnp.asarray(kv_lengths),
+                           num_seqs=jnp.int32(s), ragged=False)
     rows = []
     outputs = {}
     for impl in ("xla", "pallas"):
@@ -194,9 +196,8 @@ def bench_ragged(args, rng, gpu: bool) -> list[dict]:
                     q, k, v, tb, st, n, backend=impl)),
                     (q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(starts),
                      jnp.asarray(kv_lengths))),
-                "per_token": (jax.jit(lambda q, kv, page_rows, n, impl=impl: paged_attention(
-                    q, kv, page_rows, n, backend=impl)),
-                    (q, kv, jnp.asarray(table[seq]), jnp.asarray(lengths)))}
+                "per_token": (jax.jit(lambda q, kv, meta, impl=impl: paged_attention(
+                    q, kv, meta, backend=impl)), (q, kv, per_token))}
         for path, (fn, inputs) in runs.items():
             row = {"impl": impl, "path": path, "chunk": chunk, "decodes": decodes,
                    "context": ctx, "Hq": hq, "Hkv": hkv, "D": d, "page_size": page}
@@ -287,7 +288,7 @@ def main() -> None:
                                  "speedup_vs_jax_nn_xla_dense"])
     ragged_rows = bench_ragged(args, rng, gpu) if args.ragged else []
     if ragged_rows:
-        print("\nmixed step: ragged_paged_attention vs one decode per token (today's engine)")
+        print("\nmixed step: ragged_paged_attention vs one decode per token (the engine's paths)")
         print_table(ragged_rows, ["impl", "path", "chunk", "decodes", "context", "median_ms",
                                   "min_ms", "max_ms", "speedup_vs_per_token",
                                   "max_abs_diff_vs_per_token"])

@@ -28,6 +28,12 @@ of the same workload; `cached_tokens` = prompt tokens taken from the prefix cach
 float32 scales) and `kv_pool_MiB`; `acceptance` = num_accepted_tokens / num_draft_tokens;
 `same_outputs` = share of requests whose tokens equal the peer's (1 for the exact features;
 int8 KV may change some). The model is `jaxinfer.default_model_dir()` unless --model.
+
+A second table times single engine steps of fixed mixes (`STEP_MIXES`: decodes at a context plus
+one prompt chunk, placed on shuffled pages) under paged_attention="ragged" and "per_token",
+interleaved, the median of --step-reps steps each: `per_token_over_ragged` > 1 where ragged is
+faster, and `auto` the path "auto" takes for that bucket (`engine_step.attends_ragged`).
+--step-reps 0 skips it.
 """
 
 from __future__ import annotations
@@ -37,6 +43,7 @@ import statistics
 import time
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -44,6 +51,8 @@ import jaxinfer
 from experiments.bench_serving import corpus_stream, latency_row, serve
 from experiments.bench_speculative import truncated_draft
 from experiments.common import RESULTS, environment, print_table, write_json
+from jaxinfer.generate.engine_step import PAGED_ATTENTION, attends_ragged
+from jaxinfer.generate.scheduler import Chunk, Request
 from jaxinfer.models.paged_kv import page_bytes
 
 # (workload, row name, Engine keywords); the first row of each workload is its peer
@@ -56,6 +65,11 @@ CONFIGS = (
     ("copy", "lookup", "lookup"),  # speculative_tokens and lookup_ngram from the command line
     ("copy", "draft_model", "draft"),  # speculative_tokens and a draft model from the command line
 )
+# (decodes, their context, prompt-chunk tokens after that context) of one step each, for
+# max_batch 32 and a 256-token budget (quick: 8 and 8); mixes a geometry cannot serve are skipped
+STEP_MIXES = ((8, 128, 0), (32, 128, 0), (16, 384, 16), (24, 128, 40), (0, 0, 64),
+              (24, 128, 104), (0, 0, 128), (8, 128, 248), (31, 256, 225))
+QUICK_STEP_MIXES = ((8, 32, 0), (2, 32, 6))
 COLUMNS = ["workload", "config", "tok_s", "tok_s_min", "tok_s_max", "speedup", "ttft_p50_ms",
            "ttft_p99_ms", "tpot_p50_ms", "itl_p50_ms", "steps", "cached_tokens",
            "kv_bytes_per_token", "kv_pool_MiB", "acceptance", "same_outputs", "warmup_s"]
@@ -98,7 +112,8 @@ def measure(model, work, options: dict, args) -> tuple[dict, dict]:
     """A fresh engine with `options`, warmed up, serving `work`: (table row, serve's run)."""
     engine = jaxinfer.Engine(model, max_batch=args.max_batch, page_size=args.page_size,
                              num_pages=args.num_pages,
-                             max_tokens_per_step=args.max_tokens_per_step, **options)
+                             max_tokens_per_step=args.max_tokens_per_step,
+                             paged_attention=args.paged_attention, **options)
     t0 = time.perf_counter()
     engine.warmup()
     warmup_s = time.perf_counter() - t0
@@ -153,41 +168,57 @@ def plot_rows(rows: list[dict], out: Path) -> Path:
     return out
 
 
-def main() -> None:
-    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true")
-    parser.add_argument("--model", default=str(jaxinfer.default_model_dir()))
-    parser.add_argument("--num-requests", type=int, default=32)
-    parser.add_argument("--rate", type=float, default=float("inf"), help="requests/s")
-    parser.add_argument("--prefix-len", type=int, default=256)
-    parser.add_argument("--question-len", type=int, nargs=2, default=[16, 64])
-    parser.add_argument("--output-len", type=int, nargs=2, default=[16, 64])
-    parser.add_argument("--passage-len", type=int, default=128)
-    parser.add_argument("--cue-len", type=int, default=32)
-    parser.add_argument("--copy-output-len", type=int, nargs=2, default=[32, 64])
-    parser.add_argument("--spec-tokens", type=int, default=4)
-    parser.add_argument("--lookup-ngram", type=int, default=3)
-    parser.add_argument("--draft-layers", type=int, default=1)
-    parser.add_argument("--max-batch", type=int, default=32)
-    parser.add_argument("--page-size", type=int, default=16)
-    parser.add_argument("--num-pages", type=int)
-    parser.add_argument("--max-tokens-per-step", type=int, default=256)
-    parser.add_argument("--repeats", type=int, default=3,
-                        help="runs of every configuration, in turn (medians are reported)")
-    parser.add_argument("--seed", type=int, default=0)
-    parser.add_argument("--out", default=str(RESULTS / "bench_engine_features.json"))
-    args = parser.parse_args()
-    if args.quick:  # one token bucket (8) that max_batch rows fill: lookup compiles nothing new
-        args.num_requests, args.prefix_len, args.question_len = 4, 32, [4, 8]
-        args.output_len, args.passage_len, args.cue_len = [2, 4], 24, 8
-        args.copy_output_len, args.spec_tokens = [4, 6], 2
-        args.max_batch, args.max_tokens_per_step, args.repeats = 8, 8, 1
+def step_mix(engine: jaxinfer.Engine, mix: tuple[int, int, int], pages: np.ndarray
+             ) -> list[Chunk]:
+    """The chunks of one step: `decodes` one-token chunks at `context`, then a prompt chunk of
+    `chunk` tokens after `context`; each request gets its own run of the shuffled `pages`."""
+    decodes, context, chunk = mix
+    params = jaxinfer.SamplingParams(max_tokens=1, temperature=0.0)
+    shapes = [(context, context - 1, 1)] * decodes  # (sequence length, chunk start, its tokens)
+    if chunk:
+        shapes.append((context + chunk, context, chunk))
+    chunks, used = [], 0
+    for slot, (length, start, count) in enumerate(shapes):
+        request = Request(slot, 0, [1] * length, params, slot, slot=slot)
+        request.pages = pages[used:used + -(-length // engine.page_size)].tolist()
+        used += len(request.pages)
+        chunks.append(Chunk(request, start, count))
+    return chunks
 
-    model = jaxinfer.load_pretrained(args.model)
-    stream = corpus_stream(jaxinfer.load_tokenizer(args.model))
-    rng = np.random.default_rng(args.seed)
-    workloads = {"shared": shared_prefix_workload(stream, args, rng),
-                 "copy": copy_workload(stream, args, rng)}
+
+def time_steps(model, args) -> list[dict]:
+    """The step table (see the module docstring). Reaches into the engines' compiled step to run
+    one hand-built step repeatedly (its K/V writes land on the same slots each time)."""
+    mixes = [(decodes, context, chunk) for decodes, context, chunk in
+             (QUICK_STEP_MIXES if args.quick else STEP_MIXES)  # those this geometry serves
+             if decodes + (chunk > 0) <= args.max_batch
+             and decodes + chunk <= args.max_tokens_per_step]
+    engines = {mode: jaxinfer.Engine(model, max_batch=args.max_batch, page_size=args.page_size,
+                                     num_pages=args.num_pages,
+                                     max_tokens_per_step=args.max_tokens_per_step,
+                                     paged_attention=mode) for mode in ("ragged", "per_token")}
+    pages = np.random.default_rng(args.seed).permutation(engines["ragged"].num_pages)
+    rows = []
+    for mix in mixes:
+        times: dict[str, list[float]] = {mode: [] for mode in engines}
+        inputs = engines["ragged"]._build_inputs(step_mix(engines["ragged"], mix, pages))[0]
+        for rep in range(args.step_reps + 1):  # the first round compiles
+            for mode, e in engines.items():
+                t0 = time.perf_counter()
+                tokens, e._cache, e._seen, _ = e._step(e._state, e._cache, e._seen, inputs)
+                jax.block_until_ready(tokens)
+                times[mode] += [time.perf_counter() - t0] * (rep > 0)
+        ragged, per_token = (1e3 * statistics.median(times[m]) for m in ("ragged", "per_token"))
+        bucket, seqs = len(inputs.valid), len(inputs.seq_slot)
+        rows.append({"decodes": mix[0], "context": mix[1], "chunk": mix[2], "bucket": bucket,
+                     "chunk_slots": seqs, "ragged_ms": ragged, "per_token_ms": per_token,
+                     "per_token_over_ragged": per_token / ragged,
+                     "auto": "ragged" if attends_ragged("auto", bucket, seqs) else "per_token"})
+    return rows
+
+
+def feature_rows(model, workloads: dict, args) -> list[dict]:
+    """The feature table: every configuration --repeats times, in turn (module docstring)."""
     speculation = {
         "lookup": dict(speculative_tokens=args.spec_tokens, lookup_ngram=args.lookup_ngram),
         "draft": dict(speculative_tokens=args.spec_tokens,
@@ -209,10 +240,60 @@ def main() -> None:
         rows.append({"workload": workload, "config": name, **shown, **row,
                      "speedup": row["tok_s"] / peer_row["tok_s"],
                      "same_outputs": same_outputs(run, peer_run)})
-    print_table(rows, COLUMNS)
+    return rows
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--model", default=str(jaxinfer.default_model_dir()))
+    parser.add_argument("--num-requests", type=int, default=32)
+    parser.add_argument("--rate", type=float, default=float("inf"), help="requests/s")
+    parser.add_argument("--prefix-len", type=int, default=256)
+    parser.add_argument("--question-len", type=int, nargs=2, default=[16, 64])
+    parser.add_argument("--output-len", type=int, nargs=2, default=[16, 64])
+    parser.add_argument("--passage-len", type=int, default=128)
+    parser.add_argument("--cue-len", type=int, default=32)
+    parser.add_argument("--copy-output-len", type=int, nargs=2, default=[32, 64])
+    parser.add_argument("--spec-tokens", type=int, default=4)
+    parser.add_argument("--lookup-ngram", type=int, default=3)
+    parser.add_argument("--draft-layers", type=int, default=1)
+    parser.add_argument("--max-batch", type=int, default=32)
+    parser.add_argument("--page-size", type=int, default=16)
+    parser.add_argument("--num-pages", type=int)
+    parser.add_argument("--max-tokens-per-step", type=int, default=256)
+    parser.add_argument("--paged-attention", choices=PAGED_ATTENTION, default="auto",
+                        help="Engine(paged_attention=): ragged, per_token or auto (by bucket)")
+    parser.add_argument("--repeats", type=int, default=3,
+                        help="runs of every configuration, in turn (medians are reported; 0: "
+                             "no feature table)")
+    parser.add_argument("--step-reps", type=int, default=15,
+                        help="timed steps per mix and path in the step table (0: no table)")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--out", default=str(RESULTS / "bench_engine_features.json"))
+    args = parser.parse_args()
+    if args.quick:  # one token bucket (8) that max_batch rows fill: lookup compiles nothing new
+        args.num_requests, args.prefix_len, args.question_len = 4, 32, [4, 8]
+        args.output_len, args.passage_len, args.cue_len = [2, 4], 24, 8
+        args.copy_output_len, args.spec_tokens = [4, 6], 2
+        args.max_batch, args.max_tokens_per_step, args.repeats = 8, 8, 1
+        args.step_reps = min(args.step_reps, 2)
+
+    model = jaxinfer.load_pretrained(args.model)
+    stream = corpus_stream(jaxinfer.load_tokenizer(args.model))
+    rng = np.random.default_rng(args.seed)
+    workloads = {"shared": shared_prefix_workload(stream, args, rng),
+                 "copy": copy_workload(stream, args, rng)}
+    rows = feature_rows(model, workloads, args) if args.repeats else []
+    if rows:
+        print_table(rows, COLUMNS)
+    step_rows = time_steps(model, args) if args.step_reps else []
+    if step_rows:
+        print("\none engine step: ragged_paged_attention vs one decode per token")
+        print_table(step_rows, list(step_rows[0]))
 
     out = Path(args.out)
-    png = plot_rows(rows, out.with_suffix(".png"))
+    png = plot_rows(rows, out.with_suffix(".png")) if rows else None
     settings = {k: v if not isinstance(v, float) or np.isfinite(v) else "inf"
                 for k, v in vars(args).items()}
     record = {"experiment": "bench_engine_features", "quick": args.quick, **environment(),
@@ -220,8 +301,9 @@ def main() -> None:
               "workload_tokens": {name: {"prompt": sum(len(p) for p, _ in work),
                                          "output": sum(n for _, n in work)}
                                   for name, work in workloads.items()},
-              "rows": rows, "png": str(png)}
-    print(f"wrote {write_json(record, out)} {png}")
+              "rows": rows, "step_rows": step_rows,
+              "png": png and str(png)}
+    print(f"wrote {write_json(record, out)} {png or ''}")
 
 
 if __name__ == "__main__":

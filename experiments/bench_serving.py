@@ -34,6 +34,7 @@ from flax import nnx
 
 import jaxinfer
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from jaxinfer.generate.engine_step import PAGED_ATTENTION
 from jaxinfer.models.paged_kv import page_bytes
 
 
@@ -181,6 +182,8 @@ def main() -> None:
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int)
     parser.add_argument("--max-tokens-per-step", type=int, default=256)
+    parser.add_argument("--paged-attention", choices=PAGED_ATTENTION, default="auto",
+                        help="Engine(paged_attention=): ragged, per_token or auto (by bucket)")
     parser.add_argument("--peer-batch", type=int, default=8)
     parser.add_argument("--no-peer", action="store_true")
     parser.add_argument("--seed", type=int, default=0)
@@ -201,7 +204,8 @@ def main() -> None:
     work = make_workload(stream, args, rng)
 
     engine = jaxinfer.Engine(model, max_batch=args.max_batch, page_size=args.page_size,
-                             num_pages=args.num_pages, max_tokens_per_step=args.max_tokens_per_step)
+                             num_pages=args.num_pages, max_tokens_per_step=args.max_tokens_per_step,
+                             paged_attention=args.paged_attention)
     t0 = time.perf_counter()
     engine.warmup()
     compile_s = time.perf_counter() - t0

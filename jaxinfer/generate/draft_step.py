@@ -20,6 +20,11 @@ K/V too, computed once:
   tokens at their positions, computed over the draft's cache of the tokens before them.
 * `compiled_draft_pass`: the draft's forward over the step's other chunks (prompt chunks,
   decodes without a draft), in their own token bucket; a step whose every chunk drafted skips it.
+  It takes step inputs and the engine's `paged_attention` setting, so its chunks attend as the
+  target's would in that bucket (ragged query runs or one decode per token).
+
+The proposal's B one-token sequences always attend one decode per token: a query block would hold
+one real query, so `ragged_paged_attention` could only add work.
 """
 
 from __future__ import annotations
@@ -63,10 +68,12 @@ def empty_propose_inputs(max_batch: int, pages_per_seq: int, num_pages: int) -> 
         seed=np.zeros(max_batch, np.uint32), sample_index=zeros.copy())
 
 
-@functools.lru_cache(maxsize=8)
-def compiled_draft_pass(graphdef: nnx.GraphDef):
-    """The jitted draft pass of one draft structure (its page buffers donated)."""
-    return jax.jit(functools.partial(_draft_pass, graphdef), donate_argnums=1)
+@functools.lru_cache(maxsize=16)
+def compiled_draft_pass(graphdef: nnx.GraphDef, paged_attention: str):
+    """The jitted draft pass of one draft structure and `paged_attention` setting (the target
+    step's: the pass takes step inputs, so it attends as the target's step of that bucket would;
+    its page buffers donated)."""
+    return jax.jit(functools.partial(_draft_pass, graphdef, paged_attention), donate_argnums=1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -75,13 +82,13 @@ def compiled_propose(graphdef: nnx.GraphDef, gamma: int):
     return jax.jit(functools.partial(_propose, graphdef, gamma), donate_argnums=1)
 
 
-def _draft_pass(graphdef: nnx.GraphDef, state: nnx.State, cache: PagedKVCache,
+def _draft_pass(graphdef: nnx.GraphDef, paged_attention: str, state: nnx.State, cache: PagedKVCache,
                 inputs: StepInputs) -> PagedKVCache:
     """Write the draft's K/V of the T tokens of `inputs` (the step's chunks that did not draft);
     its logits are not needed (one row is projected, the least forward_paged allows)."""
     model = nnx.merge(graphdef, state)
-    _, cache = model.forward_paged(inputs.token_ids, step_batch(inputs, cache), cache,
-                                   inputs.logit_rows[:1])
+    _, cache = model.forward_paged(inputs.token_ids, step_batch(inputs, cache, paged_attention),
+                                   cache, inputs.logit_rows[:1])
     return cache
 
 
@@ -104,6 +111,7 @@ def _propose(graphdef: nnx.GraphDef, gamma: int, state: nnx.State, cache: PagedK
     page_rows = jnp.minimum(inputs.page_table, num_pages - 1)  # [B, pages_per_seq]: readable
     params = SamplingArrays(inputs.temperature, inputs.top_k, inputs.top_p, inputs.min_p)
     rows = jnp.arange(inputs.token_ids.shape[0])  # [B]: every slot's logits
+    query_starts = jnp.arange(rows.shape[0] + 1, dtype=jnp.int32)  # [B + 1]: a token per slot
 
     def batch_at(k: jax.Array | int) -> PagedBatch:
         """Where each slot's token k (at position + k) is written and what it attends to."""
@@ -114,9 +122,12 @@ def _propose(graphdef: nnx.GraphDef, gamma: int, state: nnx.State, cache: PagedK
         write = jnp.where(inputs.active & (col < pages_per_seq),
                           page * page_size + pos % page_size,
                           num_pages * page_size)  # [B]: page == num_pages is out of the pool too
-        return PagedBatch(positions=pos, write_slots=write, page_rows=page_rows,
-                          lengths=jnp.where(inputs.active,
-                                            jnp.minimum(pos + 1, pages_per_seq * page_size), 0))
+        # an inactive slot (position 0, its row clamped into the pool) attends over whatever its
+        # row points at: a meaningless output, as its guesses are
+        return PagedBatch(positions=pos, write_slots=write, page_table=page_rows,
+                          query_starts=query_starts,
+                          kv_lengths=jnp.minimum(pos + 1, pages_per_seq * page_size),
+                          num_seqs=jnp.int32(rows.shape[0]), ragged=False)
 
     def decode(carry, k):
         tokens, cache = carry  # [B]

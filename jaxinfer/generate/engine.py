@@ -44,8 +44,8 @@ from flax import nnx
 from jaxinfer.generate.checks import check_int
 from jaxinfer.generate.draft_step import (compiled_draft_pass, compiled_propose,
                                           empty_propose_inputs)
-from jaxinfer.generate.engine_step import (StepInputs, compiled_step, empty_inputs, mark_seen,
-                                           set_sampling_rows)
+from jaxinfer.generate.engine_step import (PAGED_ATTENTION, StepInputs, compiled_step,
+                                           empty_inputs, mark_seen, set_sampling_rows)
 from jaxinfer.generate.paged_cache import default_num_pages, pages_for
 from jaxinfer.generate.prompt_lookup import lookup_draft
 from jaxinfer.generate.sampling_params import SamplingParams
@@ -143,6 +143,12 @@ class Engine:
     tokens per KV head once it is prefilled (SnapKV: the votes of its last `snapkv_window` tokens'
     attention, avg-pooled over 5 positions, pick them; the window is always kept). Such prompts
     take no part in prefix caching; their tokens' K/V no longer depend on the prompt alone.
+    paged_attention: how a step's tokens attend over their pages: "ragged" (each chunk as a run
+    of queries, `kernels_pallas.ragged_paged_attention`: its pages are read once per query block),
+    "per_token" (one decode per token) or "auto", by the bucket's size: ragged from 8 token slots
+    per chunk slot on (`engine_step.attends_ragged`, where the CPU measurements are), so
+    prompt-heavy large buckets go ragged and decode-heavy small ones per token. Outputs agree
+    either way (up to float rounding); only speed differs.
     """
 
     def __init__(self, model, max_batch: int = 64, page_size: int = 16,
@@ -150,7 +156,8 @@ class Engine:
                  max_model_len: int | None = None, kv_dtype: str | None = None,
                  prefix_caching: bool = True, speculative_tokens: int = 0,
                  lookup_ngram: int = 3, hydragen: bool = False,
-                 snapkv_budget: int | None = None, snapkv_window: int = 8, draft_model=None):
+                 snapkv_budget: int | None = None, snapkv_window: int = 8, draft_model=None,
+                 paged_attention: str = "auto"):
         _check_paged("model", model)
         config = model.config
         max_batch = check_int("max_batch", max_batch, low=1)
@@ -160,6 +167,9 @@ class Engine:
             max_model_len = config.max_position_embeddings
         max_model_len = check_int("max_model_len", max_model_len, low=1)
         _check_context("the model's", config, max_model_len)
+        if paged_attention not in PAGED_ATTENTION:
+            raise ValueError(f"paged_attention must be one of {PAGED_ATTENTION}; got "
+                             f"{paged_attention!r}")
         if kv_dtype not in (None, "int8"):
             raise ValueError(f"kv_dtype must be None (the model's dtype) or 'int8'; got "
                              f"{kv_dtype!r}")
@@ -195,12 +205,12 @@ class Engine:
         self.buckets = token_buckets(max_tokens_per_step)
         self.max_rows = self.max_batch * (1 + speculative_tokens)  # sampling rows of a step
         graphdef, self._state = nnx.split(model)
-        self._step = compiled_step(graphdef)
+        self._step = compiled_step(graphdef, paged_attention)
         self._cache = model.init_paged_cache(self.num_pages, self.page_size, kv_dtype)
         self._draft = draft_model
         if draft_model is not None:
             draft_graphdef, self._draft_state = nnx.split(draft_model)
-            self._draft_pass = compiled_draft_pass(draft_graphdef)
+            self._draft_pass = compiled_draft_pass(draft_graphdef, paged_attention)
             self._propose = compiled_propose(draft_graphdef, speculative_tokens)
             self._draft_cache = draft_model.init_paged_cache(self.num_pages, self.page_size,
                                                              kv_dtype)
@@ -496,8 +506,10 @@ class Engine:
         return ids.tolist()
 
     def _build_inputs(self, chunks: list[Chunk]) -> tuple[StepInputs, int]:
-        """The step's arrays; sampling rows follow the chunks' order, one per token sampled at (a
-        chunk's last token and its draft tokens). Returns the inputs and the number of rows."""
+        """The step's arrays: each chunk's tokens contiguous and in position order (one query run
+        per chunk, as `StepInputs.query_starts` records); sampling rows follow the chunks' order,
+        one per token sampled at (a chunk's last token and its draft tokens). Returns the inputs
+        and the number of rows."""
         total = sum(chunk.count for chunk in chunks)
         tokens = next(b for b in self.buckets if b >= total)
         prefix, group = self._shared_prefix(chunks) if self.hydragen else ([], [])
@@ -506,9 +518,13 @@ class Engine:
                               self.snapkv_window)
         inputs.prefix_pages[:len(prefix)] = prefix
         inputs.prefix_len[...] = len(prefix) * self.page_size
+        inputs.num_seqs[...] = len(chunks)
+        inputs.query_starts[len(chunks):] = total
         i = row = 0
-        for chunk in chunks:
+        for k, chunk in enumerate(chunks):
             request, end = chunk.request, chunk.start + chunk.count
+            inputs.query_starts[k], inputs.seq_slot[k] = i, request.slot
+            inputs.kv_lengths[k] = end - request.offset  # its last token's cache slot + 1
             span = slice(i, i + chunk.count)
             inputs.token_ids[span] = request.tokens[chunk.start:end]
             inputs.positions[span] = np.arange(chunk.start, end)

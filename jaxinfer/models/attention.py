@@ -7,8 +7,9 @@ position-based mask expresses causality, cache validity and the window at once (
 decode kernel replaces this path). Query heads are grouped over KV heads by a reshape: K/V are never
 repeated in memory.
 
-The serving engine's paged path (`paged_attention`) treats a flat batch of tokens from many
-sequences as that many one-query decodes, each over its own sequence's pages.
+The serving engine's paged path (`paged_attention`) takes a flat batch of tokens from many
+sequences, each sequence's tokens a contiguous run, and attends each run over its own sequence's
+pages: as ragged query runs or as one decode per token (`PagedBatch.ragged`).
 """
 
 from __future__ import annotations
@@ -17,8 +18,10 @@ import jax
 import jax.numpy as jnp
 
 import sharding
-from jaxinfer.models.paged_kv import PagedLayerKV, SharedPrefix
-from kernels_pallas import flash_attention, merge_attention, paged_decode_attention
+from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
+from kernels_pallas import (flash_attention, merge_attention, paged_decode_attention,
+                            ragged_paged_attention)
+from kernels_pallas.attention.ragged_blocks import token_owners
 from kernels_pallas.attention.tiling import dequantize
 from kernels_pallas.backend import resolve_backend
 
@@ -81,30 +84,47 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     return out.reshape(batch, t, hq, d).astype(q.dtype)
 
 
-def paged_attention(q: jax.Array, kv: PagedLayerKV, page_rows: jax.Array, lengths: jax.Array,
-                    *, backend: str, shared: SharedPrefix | None = None) -> jax.Array:
-    """Each token of a flat batch attends over its own sequence's first `lengths` cached keys.
+def paged_attention(q: jax.Array, kv: PagedLayerKV, meta: PagedBatch, *,
+                    backend: str) -> jax.Array:
+    """Each sequence's tokens of a flat batch attend causally over its own cached keys.
 
     q [T, Hq, D]; kv: one layer's pages [num_pages, page_size, Hkv, D] (float, or int8 with
-    scales); page_rows int32 [T, pages_per_seq]; lengths int32 [T] -> [T, Hq, D]. The token's
-    own K/V must already be in the pages, so a chunk of prompt tokens is causal by giving token p
-    the length p + 1. With `shared`, member tokens read the shared prefix once for all of them
-    (Hydragen) and page through only the rest of their sequence.
+    scales); meta: the batch's sequences (runs of tokens, page-table rows, lengths) -> [T, Hq, D].
+    The tokens' own K/V must already be in the pages. With `meta.ragged` the sequences go to
+    `ragged_paged_attention` as query runs (pages read once per query block), else each token is a
+    decode over its sequence's pages with length position + 1 (pages read once per token). Both
+    have Pallas kernels for GPU and TPU. With `meta.shared`, member sequences read the
+    shared prefix once for all their tokens (Hydragen) and page through only the rest of their
+    sequence: their table rows start after the prefix's pages and their lengths drop by its
+    tokens, which keeps the bottom-right causal alignment of their queries.
     """
-    pages_per_block = None
-    if resolve_backend(backend, tpu_kernel=True)[0] == "xla":  # the TPU kernel sizes its own
-        pages_per_block = max(1, min(page_rows.shape[1], PAGED_XLA_CHUNK_TOKENS // kv.k.shape[1]))
     k_pages, v_pages = kv.k, kv.v
     if not kv.quantized:
         k_pages, v_pages = k_pages.astype(q.dtype), v_pages.astype(q.dtype)
-    skip = 0 if shared is None else jnp.where(shared.member, shared.length, 0)  # [T] tokens
+    table, kv_lengths, shared = meta.page_table, meta.kv_lengths, meta.shared
     if shared is not None:  # members start paging after the prefix
-        page_size, pages_per_seq = kv.k.shape[1], page_rows.shape[1]
+        first_tokens = meta.query_starts[:-1]  # [S]; padding sequences point past the tokens
+        member = jnp.take(shared.member, first_tokens, mode="fill", fill_value=False)  # [S]
+        skip = jnp.where(member, shared.length, 0)  # [S] tokens
+        page_size, pages_per_seq = kv.k.shape[1], table.shape[1]
         cols = jnp.arange(pages_per_seq)[None, :] + (skip // page_size)[:, None]
-        page_rows = jnp.take_along_axis(page_rows, jnp.minimum(cols, pages_per_seq - 1), axis=1)
-    out, lse = paged_decode_attention(q, k_pages, v_pages, page_rows, lengths - skip,
-                                      backend=backend, pages_per_block=pages_per_block,
-                                      k_scales=kv.k_scale, v_scales=kv.v_scale, return_lse=True)
+        table = jnp.take_along_axis(table, jnp.minimum(cols, pages_per_seq - 1), axis=1)
+        kv_lengths = kv_lengths - skip
+    impl = resolve_backend(backend, tpu_kernel=True)[0]
+    scales = dict(k_scales=kv.k_scale, v_scales=kv.v_scale, return_lse=True)
+    if meta.ragged:
+        out, lse = ragged_paged_attention(q, k_pages, v_pages, table, meta.query_starts,
+                                          kv_lengths, num_seqs=meta.num_seqs, backend=backend,
+                                          **scales)
+    else:
+        seq, _, position, owned = token_owners(meta.query_starts, kv_lengths, meta.num_seqs,
+                                               q.shape[0])  # [T] each
+        pages_per_block = None  # the TPU kernel sizes its own
+        if impl == "xla":
+            pages_per_block = max(1, min(table.shape[1], PAGED_XLA_CHUNK_TOKENS // kv.k.shape[1]))
+        out, lse = paged_decode_attention(q, k_pages, v_pages, table[seq],
+                                          jnp.where(owned, position + 1, 0), backend=backend,
+                                          pages_per_block=pages_per_block, **scales)
     if shared is None:
         return out
     prefix_k, prefix_v = (dequantize(pages[shared.pages], None if s is None else s[shared.pages],

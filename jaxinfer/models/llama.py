@@ -61,13 +61,12 @@ class SelfAttention(nnx.Module):
     def paged(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: PagedLayerKV,
               meta: PagedBatch) -> tuple[jax.Array, PagedLayerKV, jax.Array]:
         """x [1, T, embed]: T tokens of many sequences. Writes their K/V into the pages first, then
-        each token attends over its own sequence's first `meta.lengths` cached keys. Also returns
+        each sequence's tokens attend over its own first `meta.kv_lengths` cached keys. Also returns
         the rotated queries [T, Hq, D] (SnapKV's observation window is taken from them)."""
         _, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
         kv = kv.write(k[0], v[0], meta.write_slots)
-        out = paged_attention(q[0], kv, meta.page_rows, meta.lengths,
-                              backend=self.attention_backend, shared=meta.shared)  # [T, Hq, D]
+        out = paged_attention(q[0], kv, meta, backend=self.attention_backend)  # [T, Hq, D]
         return self.o_proj(out.reshape(1, t, self.num_heads * self.head_dim)), kv, q[0]
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
@@ -194,9 +193,9 @@ class LlamaForCausalLM(DecoderLM):
                       logit_rows: jax.Array, observe_rows: jax.Array | None = None) -> tuple:
         """One flat batch of T tokens from many sequences over the paged KV cache.
 
-        input_ids int32 [T]; meta: positions (for RoPE), K/V write slots, page-table rows and
-        attention lengths per token (a SnapKV-compressed sequence attends over fewer cached keys
-        than its position); logit_rows int32 [R]: the tokens whose next-token logits are wanted
+        input_ids int32 [T]; meta: positions (for RoPE) and K/V write slots per token, runs of
+        tokens, page-table rows and attention lengths per sequence (a SnapKV-compressed sequence
+        attends over fewer cached keys than its position); logit_rows int32 [R]: the tokens whose next-token logits are wanted
         (the last token of each sequence in the batch), so the vocabulary projection runs on R
         rows, not T. Returns logits float32 [R, vocab] and the cache with the T tokens' K/V
         written; with observe_rows int32 [W] also every layer's rotated queries of those tokens,

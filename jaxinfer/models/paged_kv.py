@@ -26,17 +26,30 @@ class SharedPrefix(NamedTuple):
     pages: jax.Array  # int32 [prefix_pages]: the prefix's pages (padding entries any valid page)
     length: jax.Array  # int32 []: prefix tokens, a multiple of page_size
     member: jax.Array  # bool [T]: tokens of sequences that start with the prefix (and lie past it)
+    # (a sequence of a PagedBatch is a member iff its first token is)
 
 
-class PagedBatch(NamedTuple):
-    """Per-token metadata of one flat batch of T token slots (padding slots included)."""
+@struct.dataclass
+class PagedBatch:
+    """One flat batch of T token slots (padding included) from up to S sequences.
 
-    positions: jax.Array  # int32 [T]: position of each token in its own sequence
+    Each sequence's tokens are contiguous and in position order (a serving step's chunks), so the
+    batch is described per sequence, as `kernels_pallas.ragged_paged_attention` takes it: sequence
+    s owns tokens query_starts[s] : query_starts[s + 1] and attends over its first kv_lengths[s]
+    cached keys, its own tokens' included (causal, bottom-right aligned). `ragged` picks how:
+    True reads each sequence's pages once per query block (ragged_paged_attention), False runs
+    one decode per token over its sequence's pages (paged_decode_attention); see
+    `jaxinfer.generate.engine_step` for when each is faster."""
+
+    positions: jax.Array  # int32 [T]: position of each token in its own sequence (RoPE)
     write_slots: jax.Array  # int32 [T]: flat K/V slot page*page_size+offset; out of range = skip
-    page_rows: jax.Array  # int32 [T, pages_per_seq]: the page table of each token's sequence
-    lengths: jax.Array  # int32 [T]: keys each token attends to (its cache slot + 1: position + 1
-    # unless SnapKV compressed its sequence's prompt; 0 for padding)
+    page_table: jax.Array  # int32 [S, pages_per_seq]: each sequence's pages
+    query_starts: jax.Array  # int32 [S + 1]: where each sequence's tokens start (padding after)
+    kv_lengths: jax.Array  # int32 [S]: keys each sequence's last token attends to (its cache
+    # slot + 1: position + 1 unless SnapKV compressed the sequence's prompt)
+    num_seqs: jax.Array  # int32 []: real sequences, the first num_seqs of the S
     shared: SharedPrefix | None = None  # a prefix shared by some of the sequences, if any
+    ragged: bool = struct.field(pytree_node=False, default=True)
 
 
 @struct.dataclass

@@ -30,7 +30,10 @@ CONFIG = jaxinfer.LlamaConfig(
     num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
     eos_token_id=EOS)
 # 10 pages of 4 tokens hold fewer than two of the longest requests (13 + 12 tokens): preemption.
-ENGINE = dict(max_batch=4, page_size=4, num_pages=10, max_tokens_per_step=16)
+# Buckets of 8 and 16 tokens hold up to 4 chunks: below "auto"'s threshold for ragged attention
+# (8 token slots per chunk slot), so the tests ask for it; one test runs the per-token path.
+ENGINE = dict(max_batch=4, page_size=4, num_pages=10, max_tokens_per_step=16,
+              paged_attention="ragged")
 PROMPT_LENGTHS = (3, 8, 13)  # few lengths: each one compiles the oracle once
 ORACLE_NEW = 12  # every oracle continuation has this many tokens; requests take a prefix
 GREEDY = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0.0, ignore_eos=True)
@@ -91,13 +94,15 @@ def serve_with_arrivals(engine, arrivals: list[tuple[int, list[int], jaxinfer.Sa
     return ids, streamed
 
 
-def test_greedy_matches_generate_alone_under_random_schedule_with_preemption(model, oracle):
+@pytest.mark.parametrize("paged_attention", ["ragged", "per_token"])
+def test_greedy_matches_generate_alone_under_random_schedule_with_preemption(model, oracle,
+                                                                             paged_attention):
     rng = np.random.default_rng(1)
     prompts = random_prompts(rng, 10)
     params = [jaxinfer.SamplingParams(max_tokens=int(rng.integers(1, ORACLE_NEW + 1)),
                                       temperature=0.0, ignore_eos=True) for _ in prompts]
     arrivals = [(int(rng.integers(0, 12)), p, sp) for p, sp in zip(prompts, params)]
-    engine = jaxinfer.Engine(model, **ENGINE)
+    engine = jaxinfer.Engine(model, **{**ENGINE, "paged_attention": paged_attention})
     ids, streamed = serve_with_arrivals(engine, arrivals)
     results = engine.run_until_done()
     assert engine.num_preemptions > 0, "pages were meant to be scarce enough to preempt"
@@ -144,7 +149,7 @@ def test_hydragen_serves_a_shared_prefix_step_larger_than_the_context(model, ora
     prompts = [prefix + [token] for token in rng.integers(0, VOCAB, 3).tolist()]
     params = jaxinfer.SamplingParams(max_tokens=3, temperature=0.0, ignore_eos=True)
     engine = jaxinfer.Engine(model, max_batch=3, page_size=2, num_pages=12, max_tokens_per_step=8,
-                             max_model_len=6, hydragen=True)
+                             max_model_len=6, hydragen=True, paged_attention="ragged")
     engine.warmup()
     first = engine.submit(prompts[0], params)
     engine.step()  # computes and caches the prefix page
@@ -196,7 +201,8 @@ def prompt_logits(model, prompt: list[int], cache: PagedKVCache, write: bool = T
     t = len(prompt)
     positions = jnp.arange(t, dtype=jnp.int32)
     meta = PagedBatch(positions=positions, write_slots=positions if write else positions + t,
-                      page_rows=jnp.broadcast_to(positions, (t, t)), lengths=positions + 1)
+                      page_table=positions[None], query_starts=jnp.array([0, t], jnp.int32),
+                      kv_lengths=jnp.array([t], jnp.int32), num_seqs=jnp.int32(1))
     logits, cache = model.forward_paged(jnp.asarray(prompt, jnp.int32), meta, cache, positions)
     return np.asarray(logits), cache
 
@@ -426,8 +432,10 @@ def test_engine_arguments_are_validated(model):
         jaxinfer.Engine(HyenaLike())
     with pytest.raises(ValueError, match="speculative_tokens must be an integer >= 0; got True"):
         jaxinfer.Engine(model, speculative_tokens=True)
-    engine = jaxinfer.Engine(model, **{name: np.int64(value) for name, value in ENGINE.items()},
-                             speculative_tokens=np.int32(2))  # NumPy integers are integers
+    with pytest.raises(ValueError, match="paged_attention must be one of .*; got 'dense'"):
+        jaxinfer.Engine(model, paged_attention="dense")
+    sizes = {name: np.int64(value) for name, value in ENGINE.items() if isinstance(value, int)}
+    engine = jaxinfer.Engine(model, **sizes, speculative_tokens=np.int32(2))  # NumPy ints are ints
     assert engine.buckets == (8, 16) and engine.max_rows == 4 * 3
 
 
@@ -545,7 +553,7 @@ def test_snapkv_engine_matches_dense_attention_over_the_kept_positions(model, or
 
 
 def test_snapkv_arguments_are_validated(model):
-    with pytest.raises(ValueError, match="snapkv_budget must be an integer >= 1; got 0"):
+    with pytest.raises(ValueError, match="snapkv_budget must be None or an integer >= 1; got 0"):
         jaxinfer.Engine(model, **ENGINE, snapkv_budget=0)
     with pytest.raises(ValueError, match="snapkv_window must be an integer >= 1; got 0"):
         jaxinfer.Engine(model, **ENGINE, snapkv_budget=8, snapkv_window=0)
