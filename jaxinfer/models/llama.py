@@ -114,8 +114,9 @@ def _call_layer(layer: nnx.Module, *args):
 
 class DecoderLM(nnx.Module):
     """What every decoder here shares: token embedding, a stack of layers (``make_layer()`` each),
-    the final norm and the tied or untied LM head, the checked ``__call__`` and the dense KV cache.
-    Subclasses define ``forward``."""
+    the final norm and the tied or untied LM head, the checked ``__call__``, the dense KV cache and
+    the paged forward the serving engine runs (each layer's ``paged`` method). Subclasses define
+    ``forward``."""
 
     def __init__(self, config: LlamaConfig, make_layer, *, rngs: nnx.Rngs):
         c = config
@@ -159,6 +160,39 @@ class DecoderLM(nnx.Module):
         logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
         return constrain(logits, LOGITS).astype(jnp.float32)
 
+    def init_paged_cache(self, num_pages: int, page_size: int,
+                         kv_dtype: jnp.dtype | str | None = None) -> PagedKVCache:
+        """An empty page pool in kv_dtype (None: the model's dtype; "int8": quantized pages)."""
+        c = self.config
+        return PagedKVCache.zeros(c.num_hidden_layers, num_pages, page_size,
+                                  c.num_key_value_heads, c.head_dim,
+                                  jnp.dtype(c.dtype if kv_dtype is None else kv_dtype))
+
+    def forward_paged(self, input_ids: jax.Array, meta: PagedBatch, cache: PagedKVCache,
+                      logit_rows: jax.Array, observe_rows: jax.Array | None = None) -> tuple:
+        """One flat batch of T tokens from many sequences over the paged KV cache.
+
+        input_ids int32 [T]; meta: positions (for RoPE) and K/V write slots per token, runs of
+        tokens, page-table rows and attention lengths per sequence (a SnapKV-compressed sequence
+        attends over fewer cached keys than its position); logit_rows int32 [R]: the tokens
+        whose next-token logits are wanted (the last token of each sequence in the batch), so
+        the vocabulary projection runs on R rows, not T. Returns logits float32 [R, vocab] and the cache with the T tokens' K/V
+        written; with observe_rows int32 [W] also every layer's rotated queries of those tokens,
+        [layers, W, Hq, D] (SnapKV's observation window)."""
+        positions = meta.positions[None]  # [1, T]
+        cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
+        x = self.embed_tokens(input_ids[None])  # [1, T, embed]
+        new_layers, queries = [], []
+        for layer, kv in zip(self.layers, cache.layers):
+            x, kv, q = layer.paged(x, cos, sin, kv, meta)
+            new_layers.append(kv)
+            if observe_rows is not None:
+                queries.append(q[observe_rows])  # [W, Hq, D]
+        x = self.norm(x[:, logit_rows])  # [1, R, embed]
+        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        out = logits[0].astype(jnp.float32), PagedKVCache(tuple(new_layers))
+        return out if observe_rows is None else (*out, jnp.stack(queries))
+
 
 class LlamaForCausalLM(DecoderLM):
     """Token ids [batch, seq] -> next-token logits float32 [batch, seq, vocab]."""
@@ -181,35 +215,3 @@ class LlamaForCausalLM(DecoderLM):
         new_cache = None if cache is None else KVCache(tuple(new_layers))
         return self.logits(x), new_cache
 
-    def init_paged_cache(self, num_pages: int, page_size: int,
-                         kv_dtype: jnp.dtype | str | None = None) -> PagedKVCache:
-        """An empty page pool in kv_dtype (None: the model's dtype; "int8": quantized pages)."""
-        c = self.config
-        return PagedKVCache.zeros(c.num_hidden_layers, num_pages, page_size,
-                                  c.num_key_value_heads, c.head_dim,
-                                  jnp.dtype(c.dtype if kv_dtype is None else kv_dtype))
-
-    def forward_paged(self, input_ids: jax.Array, meta: PagedBatch, cache: PagedKVCache,
-                      logit_rows: jax.Array, observe_rows: jax.Array | None = None) -> tuple:
-        """One flat batch of T tokens from many sequences over the paged KV cache.
-
-        input_ids int32 [T]; meta: positions (for RoPE) and K/V write slots per token, runs of
-        tokens, page-table rows and attention lengths per sequence (a SnapKV-compressed sequence
-        attends over fewer cached keys than its position); logit_rows int32 [R]: the tokens whose next-token logits are wanted
-        (the last token of each sequence in the batch), so the vocabulary projection runs on R
-        rows, not T. Returns logits float32 [R, vocab] and the cache with the T tokens' K/V
-        written; with observe_rows int32 [W] also every layer's rotated queries of those tokens,
-        [layers, W, Hq, D] (SnapKV's observation window)."""
-        positions = meta.positions[None]  # [1, T]
-        cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
-        x = self.embed_tokens(input_ids[None])  # [1, T, embed]
-        new_layers, queries = [], []
-        for layer, kv in zip(self.layers, cache.layers):
-            x, kv, q = layer.paged(x, cos, sin, kv, meta)
-            new_layers.append(kv)
-            if observe_rows is not None:
-                queries.append(q[observe_rows])  # [W, Hq, D]
-        x = self.norm(x[:, logit_rows])  # [1, R, embed]
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
-        out = logits[0].astype(jnp.float32), PagedKVCache(tuple(new_layers))
-        return out if observe_rows is None else (*out, jnp.stack(queries))

@@ -24,6 +24,7 @@ from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import RMSNorm
 from jaxinfer.models.llama import RESIDUAL, DecoderLM, SelfAttention
 from jaxinfer.models.mixtral_config import MixtralConfig
+from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from jaxinfer.models.moe import SparseMoE, load_balancing_loss, router_z_loss
 from sharding import constrain
 from sharding.placement import permute_experts
@@ -54,6 +55,13 @@ class MixtralDecoderLayer(nnx.Module):
         x = x + h
         moe = self.block_sparse_moe(self.post_attention_layernorm(x), router_key)
         return x + moe.y, kv, moe.router_logits, moe.dropped
+
+    def paged(self, x, cos, sin, kv: PagedLayerKV, meta: PagedBatch):
+        """The serving engine's layer over the paged KV cache (as DecoderLayer.paged): x [1, T,
+        embed] -> (x, kv, rotated queries [T, Hq, D]). Routing is exact (no jitter)."""
+        h, kv, q = self.self_attn.paged(self.input_layernorm(x), cos, sin, kv, meta)
+        x = x + h
+        return x + self.block_sparse_moe(self.post_attention_layernorm(x)).y, kv, q
 
 
 class MixtralForCausalLM(DecoderLM):

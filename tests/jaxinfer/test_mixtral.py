@@ -214,6 +214,19 @@ def test_greedy_generation_matches_transformers(built):
     np.testing.assert_array_equal(got, want)
 
 
+def test_engine_serves_mixtral_with_the_greedy_tokens_of_generate(built):
+    """The paged engine runs the MoE layers too (continuous batching, chunked prefill: a step
+    of 16 tokens splits the prompts)."""
+    want = np.asarray(jaxinfer.generate(built.model, jnp.asarray(built.ids),
+                                        max_new_tokens=NEW_TOKENS, temperature=0.0))[:, SEQ:]
+    engine = jaxinfer.Engine(built.model, max_batch=BATCH, page_size=8, num_pages=32,
+                             max_tokens_per_step=16)
+    got = engine.generate([row.tolist() for row in built.ids],
+                          jaxinfer.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
+                                                  ignore_eos=True))
+    assert got == want.tolist()
+
+
 def test_export_loads_in_transformers_with_same_logits(built, tmp_path):
     save_mixtral(built.model, tmp_path)
     names = set(safetensors_torch.load_file(tmp_path / "model.safetensors"))
