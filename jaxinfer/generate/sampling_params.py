@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import dataclasses
 
+import numpy as np
+
 from jaxinfer.generate.checks import check_int, check_sampling, is_int
 
 MAX_SEED = 2**32 - 1  # seeds travel to the device as uint32
@@ -75,9 +77,9 @@ class SamplingParams:
         if not isinstance(self.stop, tuple) or not all(
                 isinstance(s, str) and s for s in self.stop):
             fail("stop", "a tuple of non-empty strings")
-        if not isinstance(self.ignore_eos, bool):
-            fail("ignore_eos", "a bool")
-        if not isinstance(self.first_finish, bool):
-            fail("first_finish", "a bool")
+        for flag in ("ignore_eos", "first_finish"):  # Python or NumPy bools, stored as bool
+            if not isinstance(getattr(self, flag), (bool, np.bool_)):
+                fail(flag, "a bool")
+            checked[flag] = bool(getattr(self, flag))
         for name, value in checked.items():
             object.__setattr__(self, name, value)

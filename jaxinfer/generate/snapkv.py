@@ -25,6 +25,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
+from jaxinfer.generate.checks import is_int
 from jaxinfer.models.paged_kv import PagedKVCache, PagedLayerKV
 from kernels_pallas.attention.tiling import dequantize
 
@@ -111,10 +112,9 @@ def snapkv_select(q_window: jax.Array, k: jax.Array, v: jax.Array, *, budget: in
         raise ValueError(f"query heads must be a multiple of KV heads; got Hq={hq}, Hkv={hkv}")
     if not 1 <= w <= s:
         raise ValueError(f"the observation window must hold 1..S={s} queries; got W={w}")
-    if isinstance(budget, bool) or not isinstance(budget, int) or budget < w:
+    if not is_int(budget) or budget < w:
         raise ValueError(f"budget must be an integer >= the window W={w}; got {budget!r}")
-    if isinstance(kernel_size, bool) or not isinstance(kernel_size, int) or kernel_size < 1 \
-            or kernel_size % 2 == 0:
+    if not is_int(kernel_size) or kernel_size < 1 or kernel_size % 2 == 0:
         raise ValueError(f"kernel_size must be an odd integer >= 1; got {kernel_size!r}")
     if pooling not in POOLINGS:
         raise ValueError(f"pooling must be one of {POOLINGS}; got {pooling!r}")

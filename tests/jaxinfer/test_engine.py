@@ -373,13 +373,14 @@ def test_numpy_scalar_settings_are_accepted_and_stored_as_python_numbers():
     params = jaxinfer.SamplingParams(max_tokens=np.int64(4), temperature=np.float32(0.5),
                                      top_k=np.int32(5), top_p=np.float64(0.9), min_p=np.float32(0),
                                      repetition_penalty=np.float16(1.5), seed=np.uint32(7),
-                                     n=np.int8(2), stop_token_ids=[np.int64(3)])
+                                     n=np.int8(2), stop_token_ids=[np.int64(3)],
+                                     ignore_eos=np.bool_(True))
     assert params == jaxinfer.SamplingParams(max_tokens=4, temperature=0.5, top_k=5, top_p=0.9,
                                              min_p=0.0, repetition_penalty=1.5, seed=7, n=2,
-                                             stop_token_ids=(3,))
-    assert all(type(getattr(params, name)) in (int, float) for name in
+                                             stop_token_ids=(3,), ignore_eos=True)
+    assert all(type(getattr(params, name)) in (int, float, bool) for name in
                ("max_tokens", "temperature", "top_k", "top_p", "min_p", "repetition_penalty",
-                "seed", "n"))
+                "seed", "n", "ignore_eos"))
 
 
 def test_bad_requests_are_refused_and_the_engine_keeps_serving(model, oracle):
