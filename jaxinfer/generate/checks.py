@@ -1,4 +1,4 @@
-"""Argument checks shared by every generation entry point.
+"""Argument checks shared by every generation entry point, and the engine's model checks.
 
 `SamplingParams`, `generate`, `speculative_generate` and `Engine` validate through these, so they
 accept the same values and refuse them with the same message, "<name> must be <expected>; got
@@ -78,3 +78,40 @@ def check_sampling(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0
 
 def _fail(name: str, value, expected: str, optional: bool) -> NoReturn:
     raise ValueError(f"{name} must be {'None or ' if optional else ''}{expected}; got {value!r}")
+
+
+def check_paged_model(name: str, model) -> None:
+    """TypeError unless the model has a paged KV cache (what the engine runs)."""
+    if not hasattr(model, "forward_paged"):
+        raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
+                        f"Mixtral); {name} {type(model).__name__} has no paged KV cache: use "
+                        f"jaxinfer.generate")
+
+
+def check_context(whose: str, config, max_model_len: int) -> None:
+    """ValueError unless the model serves max_model_len positions with full attention."""
+    if max_model_len > config.max_position_embeddings:
+        raise ValueError(f"max_model_len must be <= {whose} context "
+                         f"({config.max_position_embeddings}); got {max_model_len}")
+    if config.sliding_window is not None and config.sliding_window < max_model_len:
+        raise ValueError(f"the paged engine has no sliding-window attention yet: need "
+                         f"max_model_len <= {whose} sliding_window ({config.sliding_window}); "
+                         f"got max_model_len={max_model_len}")
+
+
+def check_draft_model(draft_model, config, max_model_len: int, speculative_tokens: int,
+                      snapkv_budget: int | None) -> None:
+    """ValueError (TypeError) for a draft model the engine cannot pair with this target."""
+    check_paged_model("draft_model", draft_model)
+    if draft_model.config.vocab_size != config.vocab_size:
+        raise ValueError(f"draft_model must share the model's vocabulary; got draft "
+                         f"vocab_size {draft_model.config.vocab_size}, model vocab_size "
+                         f"{config.vocab_size}")
+    if speculative_tokens == 0:
+        raise ValueError("draft_model needs speculative_tokens >= 1 (the tokens it guesses "
+                         "per step); got speculative_tokens=0")
+    if snapkv_budget is not None:
+        raise ValueError(f"draft_model cannot be combined with snapkv_budget "
+                         f"({snapkv_budget}): SnapKV compresses only the target's pages; "
+                         f"leave one of them None")
+    check_context("the draft model's", draft_model.config, max_model_len)

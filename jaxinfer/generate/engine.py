@@ -41,7 +41,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.generate.checks import check_int
+from jaxinfer.generate.checks import (check_context, check_draft_model, check_int,
+                                       check_paged_model)
 from jaxinfer.generate.draft_step import (compiled_draft_pass, compiled_propose,
                                           empty_propose_inputs)
 from jaxinfer.generate.engine_step import (PAGED_ATTENTION, StepInputs, compiled_step,
@@ -89,25 +90,6 @@ def token_buckets(max_tokens_per_step: int) -> tuple[int, ...]:
         sizes.append(size)
         size *= 2
     return (*sizes, max_tokens_per_step)
-
-
-def _check_paged(name: str, model) -> None:
-    """TypeError unless the model has a paged KV cache (what the engine runs)."""
-    if not hasattr(model, "forward_paged"):
-        raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
-                        f"Mixtral); {name} {type(model).__name__} has no paged KV cache: use "
-                        f"jaxinfer.generate")
-
-
-def _check_context(whose: str, config, max_model_len: int) -> None:
-    """ValueError unless the model serves max_model_len positions with full attention."""
-    if max_model_len > config.max_position_embeddings:
-        raise ValueError(f"max_model_len must be <= {whose} context "
-                         f"({config.max_position_embeddings}); got {max_model_len}")
-    if config.sliding_window is not None and config.sliding_window < max_model_len:
-        raise ValueError(f"the paged engine has no sliding-window attention yet: need "
-                         f"max_model_len <= {whose} sliding_window ({config.sliding_window}); "
-                         f"got max_model_len={max_model_len}")
 
 
 class Engine:
@@ -158,7 +140,7 @@ class Engine:
                  lookup_ngram: int = 3, hydragen: bool = False,
                  snapkv_budget: int | None = None, snapkv_window: int = 8, draft_model=None,
                  paged_attention: str = "auto"):
-        _check_paged("model", model)
+        check_paged_model("model", model)
         config = model.config
         max_batch = check_int("max_batch", max_batch, low=1)
         page_size = check_int("page_size", page_size, low=1)
@@ -166,7 +148,7 @@ class Engine:
         if max_model_len is None:
             max_model_len = config.max_position_embeddings
         max_model_len = check_int("max_model_len", max_model_len, low=1)
-        _check_context("the model's", config, max_model_len)
+        check_context("the model's", config, max_model_len)
         if paged_attention not in PAGED_ATTENTION:
             raise ValueError(f"paged_attention must be one of {PAGED_ATTENTION}; got "
                              f"{paged_attention!r}")
@@ -184,7 +166,7 @@ class Engine:
                                  f" got snapkv_window={snapkv_window}, snapkv_budget="
                                  f"{snapkv_budget}, max_tokens_per_step={max_tokens_per_step}")
         if draft_model is not None:
-            self._check_draft(draft_model, config, max_model_len, speculative_tokens,
+            check_draft_model(draft_model, config, max_model_len, speculative_tokens,
                               snapkv_budget)
         # the step returns the queries of snapkv_window tokens even when SnapKV is off (a few
         # rows), so that engines of one geometry share one compiled step either way
@@ -223,24 +205,6 @@ class Engine:
         self._next_id = 0
         self._arrivals = 0
         self.last_step: StepStats | None = None
-
-    @staticmethod
-    def _check_draft(draft_model, config, max_model_len: int, speculative_tokens: int,
-                     snapkv_budget: int | None) -> None:
-        """ValueError (TypeError) for a draft model the engine cannot pair with this target."""
-        _check_paged("draft_model", draft_model)
-        if draft_model.config.vocab_size != config.vocab_size:
-            raise ValueError(f"draft_model must share the model's vocabulary; got draft "
-                             f"vocab_size {draft_model.config.vocab_size}, model vocab_size "
-                             f"{config.vocab_size}")
-        if speculative_tokens == 0:
-            raise ValueError("draft_model needs speculative_tokens >= 1 (the tokens it guesses "
-                             "per step); got speculative_tokens=0")
-        if snapkv_budget is not None:
-            raise ValueError(f"draft_model cannot be combined with snapkv_budget "
-                             f"({snapkv_budget}): SnapKV compresses only the target's pages; "
-                             f"leave one of them None")
-        _check_context("the draft model's", draft_model.config, max_model_len)
 
     @property
     def num_preemptions(self) -> int:
