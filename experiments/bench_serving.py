@@ -2,11 +2,16 @@
 
     python -m experiments.bench_serving            # 64 requests at 4, 16 and inf requests/s
     python -m experiments.bench_serving --quick    # seconds on a CPU
+    python -m experiments.bench_serving --random-model 2048 16 --dtype bfloat16   # ~1B, on a GPU
 
 Workload: prompts cut from the sample corpus with lengths uniform in [--prompt-len], outputs of
 lengths uniform in [--output-len], generated exactly (ignore_eos, as vLLM's benchmarks do), greedy.
 Gaps between arrivals are exponential (Poisson, vLLM's burstiness 1); rate inf submits all at once.
 The engine is warmed up over every token bucket first, so no compilation is timed.
+--random-model HIDDEN LAYERS serves a randomly initialised Llama of that width and depth with the
+embedded model's tokenizer (heads of 128, 4 query heads per KV head, SwiGLU width 8/3 x hidden),
+saved to a temporary directory that the peer loads too: a model large enough for the decode
+roofline to mean something on a GPU, which cannot download one.
 
 Metrics per rate (vLLM's definitions): TTFT (arrival to first token), TPOT ((last - first token
 time) / (tokens - 1)), ITL (gaps between streamed tokens), p50 and p99 of each; output tokens/s
@@ -24,6 +29,7 @@ from __future__ import annotations
 
 import argparse
 import statistics
+import tempfile
 import time
 from pathlib import Path
 
@@ -33,7 +39,8 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, init_model, plot_curves, print_table,
+                                write_json)
 from jaxinfer.generate.engine_step import PAGED_ATTENTION
 from jaxinfer.models.paged_kv import page_bytes
 
@@ -47,6 +54,19 @@ def make_workload(stream: np.ndarray, args, rng: np.random.Generator) -> list[tu
         work.append((stream[start:start + length].tolist(),
                      int(rng.integers(args.output_len[0], args.output_len[1] + 1))))
     return work
+
+
+def random_model_dir(hidden: int, layers: int, out_dir: str) -> Path:
+    """A randomly initialised Llama (seed 0) of `hidden` width and `layers` layers with the
+    embedded model's vocabulary, saved with its tokenizer as an HF directory in out_dir."""
+    base = jaxinfer.default_model_dir()
+    heads = max(1, hidden // 128)
+    config = jaxinfer.LlamaConfig.from_json_file(base / "config.json").replace(
+        hidden_size=hidden, num_hidden_layers=layers, num_attention_heads=heads,
+        num_key_value_heads=max(1, heads // 4), head_dim=hidden // heads,
+        intermediate_size=-(-8 * hidden // 3 // 64) * 64, max_position_embeddings=4096)
+    return jaxinfer.save_pretrained(init_model(config), out_dir,
+                                    tokenizer=jaxinfer.load_tokenizer(base))
 
 
 def percentile(values: list[float], q: float) -> float:
@@ -178,6 +198,9 @@ def main() -> None:
     parser.add_argument("--rates", type=float, nargs="+", default=[4.0, 16.0, float("inf")])
     parser.add_argument("--prompt-len", type=int, nargs=2, default=[16, 128])
     parser.add_argument("--output-len", type=int, nargs=2, default=[16, 64])
+    parser.add_argument("--random-model", type=int, nargs=2, metavar=("HIDDEN", "LAYERS"),
+                        help="serve a random Llama of this width and depth (see above)")
+    parser.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
     parser.add_argument("--max-batch", type=int, default=32)
     parser.add_argument("--page-size", type=int, default=16)
     parser.add_argument("--num-pages", type=int)
@@ -196,7 +219,9 @@ def main() -> None:
 
     import torch
 
-    model = jaxinfer.load_pretrained(args.model)
+    if args.random_model:
+        args.model = str(random_model_dir(*args.random_model, tempfile.mkdtemp()))
+    model = jaxinfer.load_pretrained(args.model, dtype=args.dtype)
     config = model.config
     tokenizer = jaxinfer.load_tokenizer(args.model)
     stream = corpus_stream(tokenizer)

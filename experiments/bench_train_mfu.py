@@ -57,7 +57,8 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, init_model, plot_curves, print_table,
+                                write_json)
 from jaxinfer.config import ATTENTION_BACKENDS, REMAT_MODES
 from jaxinfer.train.optimizer import make_optimizer
 from jaxinfer.train.step import train_step
@@ -99,15 +100,6 @@ def model_config(args) -> jaxinfer.LlamaConfig:
         num_hidden_layers=args.layers, num_attention_heads=args.heads,
         num_key_value_heads=args.kv_heads, max_position_embeddings=args.seq, dtype=args.dtype,
         param_dtype=args.param_dtype, attention_backend=args.attention_backend, remat=args.remat)
-
-
-def build(config: jaxinfer.LlamaConfig, options: dict) -> nnx.Module:
-    """The model for `config`, seed 0, initialised by one compiled program (eager initialisers
-    would compile once per parameter shape)."""
-    create = lambda: jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0))  # noqa: E731
-    graphdef, _ = nnx.split(nnx.eval_shape(create))
-    init = jax.jit(lambda: nnx.split(create())[1]).lower().compile(compiler_options=options)
-    return nnx.merge(graphdef, init())
 
 
 def matmul_params(config: jaxinfer.LlamaConfig) -> int:
@@ -276,7 +268,7 @@ def main(argv: list[str] | None = None) -> dict:
     matmul = matmul_peak(args.matmul_size, args.dtype, args.steps, options)
 
     config = model_config(args)
-    model = build(config, options)
+    model = init_model(config, options)
     settings = {k: v for k, v in vars(args).items() if k != "out"}
     record = {"experiment": "bench_train_mfu", **settings, **env,
               "matmul_params": matmul_params(config),

@@ -66,3 +66,18 @@ def plot_curves(curves: dict[str, tuple[list, list]], *, xlabel: str, ylabel: st
     fig.savefig(out, dpi=120)
     plt.close(fig)
     return out
+
+
+def init_model(config, compiler_options: dict | None = None):
+    """A randomly initialised LlamaForCausalLM of `config` (seed 0), built by one compiled
+    program: eager initialisers would compile once per parameter shape (seconds per model on a
+    CPU, minutes for a billion parameters)."""
+    from flax import nnx
+
+    import jaxinfer
+
+    create = lambda: jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0))  # noqa: E731
+    graphdef, _ = nnx.split(nnx.eval_shape(create))
+    init = jax.jit(lambda: nnx.split(create())[1]).lower().compile(
+        compiler_options=compiler_options or {})
+    return nnx.merge(graphdef, init())

@@ -4,7 +4,7 @@
 #   PYTHONPATH=. bash experiments/gpu_session.sh [section ...]   # sections: env tests attention
 #                                                                #   tune attention128 sparse
 #                                                                #   generate quant fftconv
-#                                                                #   train_mfu
+#                                                                #   train_mfu serving
 set -u
 OUT=${OUT:-experiments/results/gpu}
 mkdir -p "$OUT"
@@ -37,6 +37,10 @@ for section in "${sections[@]}"; do
         --modes fwd fwd_bwd --out "$OUT/bench_sparse_attention.json" ;;
     generate)
       timeout 60 python3 -m experiments.bench_generate --out "$OUT/bench_generate.json" ;;
+    serving)  # decode roofline of a ~1B random Llama, engine against transformers on the GPU
+      timeout 240 python3 -m experiments.bench_serving --random-model 2048 16 --dtype bfloat16 \
+        --rates inf --num-requests 64 --prompt-len 128 512 --output-len 128 256 --max-batch 64 \
+        --num-pages 4096 --out "$OUT/bench_serving.json" ;;
     train_mfu)
       timeout 90 python3 -m experiments.bench_train_mfu --out "$OUT/bench_train_mfu.json" ;;
     quant)

@@ -10,7 +10,9 @@ from tests.experiment_runs import run_quick
 
 @pytest.mark.slow
 def test_bench_serving_quick_mode_writes_results(tmp_path):
-    record = run_quick("bench_serving", tmp_path / "bench_serving.json")
+    """On a random model (the path a GPU session takes), which the peer loads from disk too."""
+    record = run_quick("bench_serving", tmp_path / "bench_serving.json", "--random-model", "64", "2")
+    assert record["settings"]["random_model"] == [64, 2]
     assert all(row["tok_s"] > 0 for row in record["rows"])
     assert record["peer"]["engine_over_peer"] > 0
     assert Path(record["png"]).exists()

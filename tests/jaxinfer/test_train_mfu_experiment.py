@@ -90,7 +90,7 @@ def test_sweep_records_a_batch_that_does_not_fit_and_goes_on(tmp_path, monkeypat
 
     monkeypatch.setattr(mfu, "measure", measure)
     monkeypatch.setattr(mfu, "matmul_peak", lambda *a: {"flops_per_s": 1e10})
-    monkeypatch.setattr(mfu, "build", lambda config, options: nnx.eval_shape(
+    monkeypatch.setattr(mfu, "init_model", lambda config, options: nnx.eval_shape(
         lambda: jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0))))
     record = mfu.main(["--quick", "--batches", "1", "4", "2", "--peak-tflops", "0.01",
                        "--out", str(tmp_path / "mfu.json")])
