@@ -21,6 +21,7 @@ EXAMPLES = {
   jaxinfer train --corpus kjv.txt --config small.json --vocab-size 4096 --out runs/kjv
   jaxinfer train --out runs/kjv --resume                   # continue a killed run exactly
   jaxinfer train --corpus more.txt --init path/to/hf_dir --steps 200 --out runs/finetune
+settings not given take jaxinfer.train.TrainConfig's defaults
 """,
     "convert": """examples:
   jaxinfer convert path/to/hf_dir out_dir --dtype bfloat16
@@ -50,13 +51,16 @@ def _fraction(text: str) -> float:
     return value
 
 
-# `jaxinfer train` settings of a fresh run (None in the parser, so that `--resume` can tell which
-# were given): a resumed run keeps the ones in its train_config.json except those in RESUMABLE.
-TRAIN_DEFAULTS = {"held_out": 0.05, "steps": 1000, "batch_size": 16, "seq_len": 256,
-                  "grad_accum": 1, "lr": 3e-3, "warmup": 100, "weight_decay": 0.1,
-                  "eval_every": 100, "checkpoint_every": 100, "seed": 0}
+# `jaxinfer train` flags -> TrainConfig fields. The parser's defaults are None, so that `--resume`
+# can tell which were given; a fresh run fills the rest from TrainConfig's defaults, and a resumed
+# run keeps its train_config.json except for the fields in RESUMABLE.
+TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
+               "grad_accum": "grad_accum", "lr": "learning_rate", "warmup": "warmup_steps",
+               "weight_decay": "weight_decay", "eval_every": "eval_every",
+               "checkpoint_every": "checkpoint_every", "seed": "seed"}
 # what --resume may change: how long the run goes on and how often it evaluates and saves
-RESUMABLE = {"steps": "steps", "eval_every": "eval_every", "checkpoint_every": "checkpoint_every"}
+RESUMABLE = ("steps", "eval_every", "checkpoint_every")
+HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -95,21 +99,16 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--init", help="HF model directory to fine-tune")
     tr.add_argument("--tokenizer", help="tokenizer.json or a directory holding one")
     tr.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size on the corpus")
-    d = TRAIN_DEFAULTS
     tr.add_argument("--held-out", type=_fraction,
-                    help=f"fraction of tokens for evaluation (default {d['held_out']})")
+                    help=f"fraction of tokens for evaluation (default {HELD_OUT})")
     tr.add_argument("--steps", type=_positive_int,
-                    help=f"total optimizer steps (default {d['steps']}); with --resume: extend "
-                         f"the run to this many (the learning-rate schedule follows the new total)")
-    for flag, key, kind in (("--batch-size", "batch_size", _positive_int),
-                            ("--seq-len", "seq_len", _positive_int),
-                            ("--grad-accum", "grad_accum", _positive_int),
-                            ("--lr", "lr", float), ("--warmup", "warmup", int),
-                            ("--weight-decay", "weight_decay", float),
-                            ("--eval-every", "eval_every", _positive_int),
-                            ("--checkpoint-every", "checkpoint_every", _positive_int),
-                            ("--seed", "seed", int)):
-        tr.add_argument(flag, type=kind, help=f"default {d[key]}")
+                    help="total optimizer steps; with --resume: extend the run to this many (the "
+                         "learning-rate schedule follows the new total)")
+    for flag, kind in (("--batch-size", _positive_int), ("--seq-len", _positive_int),
+                       ("--grad-accum", _positive_int), ("--lr", float), ("--warmup", int),
+                       ("--weight-decay", float), ("--eval-every", _positive_int),
+                       ("--checkpoint-every", _positive_int), ("--seed", int)):
+        tr.add_argument(flag, type=kind)
 
     cv = sub.add_parser("convert", help="rewrite an HF model directory (dtype, sharding)",
                         epilog=EXAMPLES["convert"], formatter_class=fmt)
@@ -189,17 +188,22 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _initial_model(init: str | None, config_file: Path | None, seed: int):
-    """The model a training run starts from: the HF checkpoint `init` (any model type
-    load_pretrained reads), or a Llama of `config_file` initialised from `seed`."""
+def _model_of_config(config_file: Path, seed: int):
+    """A randomly initialised model (from `seed`) of the type and shape config_file describes."""
     from flax import nnx
 
     import jaxinfer
+    from jaxinfer.config import HYENA_MODEL_TYPE
 
-    if init is not None:
-        return jaxinfer.load_pretrained(init)
-    return jaxinfer.LlamaForCausalLM(jaxinfer.LlamaConfig.from_json_file(config_file),
-                                     rngs=nnx.Rngs(seed))
+    rngs = nnx.Rngs(seed)
+    model_type = json.loads(config_file.read_text()).get("model_type")
+    if model_type == "mixtral":
+        return jaxinfer.MixtralForCausalLM(jaxinfer.MixtralConfig.from_json_file(config_file),
+                                           rngs=rngs)
+    if model_type == HYENA_MODEL_TYPE:
+        return jaxinfer.HyenaForCausalLM(
+            jaxinfer.HyenaConfig.from_hf_config(json.loads(config_file.read_text())), rngs=rngs)
+    return jaxinfer.LlamaForCausalLM(jaxinfer.LlamaConfig.from_json_file(config_file), rngs=rngs)
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -209,43 +213,43 @@ def _train(args: argparse.Namespace) -> int:
     import jaxinfer
     from jaxinfer.train import TrainConfig, split_held_out, tokenize_corpus, train
     from jaxinfer.train.data import read_corpus
-    from jaxinfer.train.loop import TRAIN_CONFIG_FILE
+    from jaxinfer.train.loop import TRAIN_CONFIG_FILE, check_no_checkpoints, latest_checkpoint_step
     from jaxinfer.tokenizer import train_bpe
 
     run = Path(args.out)
     if args.resume:
         if not (run / TRAIN_CONFIG_FILE).exists():
             raise FileNotFoundError(f"{run} holds no run to resume ({TRAIN_CONFIG_FILE} missing)")
-        fixed = [f"--{k.replace('_', '-')}" for k in TRAIN_DEFAULTS
+        fixed = [f"--{k.replace('_', '-')}" for k in (*TRAIN_FLAGS, "held_out", "config",
+                                                        "init", "tokenizer", "vocab_size")
                  if k not in RESUMABLE and getattr(args, k) is not None]
-        fixed += [f"--{k}" for k in ("config", "init", "tokenizer", "vocab_size")
-                  if getattr(args, k) is not None]
         if fixed:
             raise ValueError(f"--resume continues the run in {run} with its own settings "
                              f"({TRAIN_CONFIG_FILE}); {', '.join(fixed)} cannot change them "
                              f"(only --steps, --eval-every, --checkpoint-every and --corpus can)")
         config = TrainConfig.load(run / TRAIN_CONFIG_FILE)
-        config = dataclasses.replace(config, **{field: getattr(args, flag)
-                                                for flag, field in RESUMABLE.items()
+        config = dataclasses.replace(config, **{TRAIN_FLAGS[flag]: getattr(args, flag)
+                                                for flag in RESUMABLE
                                                 if getattr(args, flag) is not None})
         meta = json.loads((run / "run.json").read_text())
         corpus = args.corpus or meta["corpus"]
         tokenizer = jaxinfer.load_tokenizer(run)
         held_out = meta["held_out"]
-        # the model the run started from: the checkpoint replaces it, unless the run was killed
-        # before its first one, when training starts again from exactly this model
-        model = _initial_model(meta.get("init"), run / "config.json", meta.get("seed", 0))
+        # a model of the run's shape, whose weights the checkpoint replaces; killed before its
+        # first checkpoint, the run starts again from exactly the model it started from
+        init = meta.get("init")
+        if latest_checkpoint_step(run) is None and init is not None:
+            model = jaxinfer.load_pretrained(init)
+        else:
+            model = _model_of_config(run / "config.json", config.seed)
     else:
         if not args.corpus:
             raise ValueError("--corpus is required unless --resume is given")
-        given = {k: getattr(args, k) for k in TRAIN_DEFAULTS}
-        opts = {k: TRAIN_DEFAULTS[k] if v is None else v for k, v in given.items()}
-        corpus, held_out = args.corpus, opts["held_out"]
-        config = TrainConfig(steps=opts["steps"], batch_size=opts["batch_size"],
-                             seq_len=opts["seq_len"], grad_accum=opts["grad_accum"],
-                             learning_rate=opts["lr"], warmup_steps=opts["warmup"],
-                             weight_decay=opts["weight_decay"], eval_every=opts["eval_every"],
-                             checkpoint_every=opts["checkpoint_every"], seed=opts["seed"])
+        check_no_checkpoints(run)  # before this run's files replace the old run's
+        corpus = args.corpus
+        held_out = HELD_OUT if args.held_out is None else args.held_out
+        config = TrainConfig(**{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
+                                if getattr(args, flag) is not None})
         if args.tokenizer or args.init:
             tokenizer = jaxinfer.load_tokenizer(args.tokenizer or args.init)
         elif args.vocab_size:
@@ -255,7 +259,7 @@ def _train(args: argparse.Namespace) -> int:
             raise ValueError("give --tokenizer, --init or --vocab-size to choose a tokenizer")
         if args.init:
             init = str(Path(args.init).absolute())
-            model = _initial_model(init, None, config.seed)
+            model = jaxinfer.load_pretrained(init)
             if tokenizer.get_vocab_size() > model.config.vocab_size:
                 raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but "
                                  f"the model in {args.init} embeds only "
@@ -270,8 +274,8 @@ def _train(args: argparse.Namespace) -> int:
         run.mkdir(parents=True, exist_ok=True)
         tokenizer.save(str(run / "tokenizer.json"))
         (run / "run.json").write_text(json.dumps(
-            {"corpus": str(Path(corpus).absolute()), "held_out": held_out, "init": init,
-             "seed": config.seed}, indent=2) + "\n")
+            {"corpus": str(Path(corpus).absolute()), "held_out": held_out, "init": init},
+            indent=2) + "\n")
 
     tokens = tokenize_corpus(read_corpus(corpus), tokenizer)
     train_tokens, eval_tokens = split_held_out(tokens, held_out)

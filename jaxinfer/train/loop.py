@@ -31,6 +31,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
+CHECKPOINTS_DIR = "checkpoints"
 
 
 @dataclasses.dataclass(frozen=True)
@@ -84,6 +85,22 @@ def _read_history(path: Path, up_to_step: int) -> list[dict]:
     return [r for r in records if r["step"] <= up_to_step]
 
 
+def latest_checkpoint_step(run_dir: str | Path) -> int | None:
+    """The step of the newest finished checkpoint in run_dir (None: none), creating nothing."""
+    directory = Path(run_dir) / CHECKPOINTS_DIR
+    return TrainStateCheckpointer(directory).latest_step() if directory.is_dir() else None
+
+
+def check_no_checkpoints(run_dir: str | Path) -> None:
+    """ValueError if run_dir holds a run's checkpoints: a fresh run there would skip saving every
+    step up to the old run's last checkpoint (the manager keeps the newest step), and a later
+    resume would restore the old run."""
+    step = latest_checkpoint_step(run_dir)
+    if step is not None:
+        raise ValueError(f"{run_dir} already holds a run's checkpoints (step {step}); resume "
+                         f"it, or train into a new directory")
+
+
 def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
           config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
@@ -96,6 +113,8 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
 
     With `resume=True` and a checkpoint in run_dir, continue from it; `on_step` sees each record."""
     run_dir = Path(run_dir)
+    if not resume:
+        check_no_checkpoints(run_dir)
     run_dir.mkdir(parents=True, exist_ok=True)
     if config.eval_every and len(eval_tokens) < config.seq_len + 2:
         raise ValueError(f"held-out set has {len(eval_tokens)} tokens; need more than "
@@ -124,13 +143,7 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
         "rng": jax.random.key_data(jax.random.key(config.seed)),  # for stochastic layers
         "data_position": jnp.int32(0),
     }
-    checkpointer = TrainStateCheckpointer(run_dir / "checkpoints")
-    if not resume and checkpointer.latest_step() is not None:
-        # a fresh run here would skip saving every step up to the old run's last checkpoint
-        # (the manager keeps the newest step) and a later resume would restore the old run
-        raise ValueError(f"{run_dir} already holds a run's checkpoints (step "
-                         f"{checkpointer.latest_step()}); pass resume=True to continue it, or "
-                         f"train into a new directory")
+    checkpointer = TrainStateCheckpointer(run_dir / CHECKPOINTS_DIR)
     if resume and checkpointer.latest_step() is not None:
         state = checkpointer.restore(state)
         log.info("resumed from step %d in %s", int(state["step"]), run_dir)

@@ -13,7 +13,8 @@ from flax import nnx
 import jaxinfer
 import jaxinfer.train
 from jaxinfer import cli
-from jaxinfer.train.loop import TRAIN_CONFIG_FILE
+from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
+from jaxinfer.train.loop import CHECKPOINTS_DIR, TRAIN_CONFIG_FILE
 
 
 @pytest.mark.parametrize("argv", [
@@ -99,3 +100,37 @@ def test_convert_in_place_rewrites_the_weights_and_keeps_the_tokenizer(tmp_path)
     source = jaxinfer.load_pretrained(jaxinfer.default_model_dir(), dtype="bfloat16")
     for got, want in zip(_params(reloaded), _params(source), strict=True):
         np.testing.assert_array_equal(got, want)  # float32 -> bfloat16 rounds the same way
+
+
+def test_resume_with_checkpoints_needs_no_init_directory(tmp_path, handed_to_train):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    init, run = tmp_path / "init", tmp_path / "run"
+    shutil.copytree(jaxinfer.default_model_dir(), init)
+    with pytest.raises(_Stop):
+        cli.main(["train", "--corpus", str(corpus), "--init", str(init), "--out", str(run),
+                  "--steps", "3", "--seq-len", "16"])
+    checkpointer = TrainStateCheckpointer(run / CHECKPOINTS_DIR)
+    checkpointer.save(2, {"x": np.zeros(2)})
+    checkpointer.wait()
+    shutil.rmtree(init)  # moved away after the run began: the checkpoint holds the weights
+    with pytest.raises(_Stop):
+        cli.main(["train", "--out", str(run), "--resume"])
+    model, config, resume = handed_to_train[-1]
+    assert resume and type(model).__name__ == "LlamaForCausalLM" and config.seq_len == 16
+
+
+def test_a_fresh_run_over_checkpoints_is_refused_before_it_writes(tmp_path, handed_to_train,
+                                                                 capsys):
+    run = tmp_path / "run"
+    checkpointer = TrainStateCheckpointer(run / CHECKPOINTS_DIR)
+    checkpointer.save(5, {"x": np.zeros(2)})
+    checkpointer.wait()
+    (run / "run.json").write_text("old")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    assert cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
+                     "--out", str(run)]) == 2
+    assert "already holds a run's checkpoints (step 5)" in capsys.readouterr().err
+    assert (run / "run.json").read_text() == "old" and not (run / "tokenizer.json").exists()
+    assert not handed_to_train

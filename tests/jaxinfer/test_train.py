@@ -18,6 +18,7 @@ from jaxinfer.assets import corpus_sample_path
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.tokenizer import train_bpe
 from jaxinfer.train import TokenWindows, TrainConfig, split_held_out, tokenize_corpus, train
+from jaxinfer.train.loop import TRAIN_CONFIG_FILE
 from jaxinfer.train.optimizer import make_optimizer
 from jaxinfer.train.step import next_token_loss, train_step
 
@@ -157,10 +158,13 @@ def test_a_fresh_run_refuses_a_directory_holding_checkpoints(tmp_path):
     checkpointer = TrainStateCheckpointer(tmp_path / "checkpoints")
     checkpointer.save(10, {"x": jnp.zeros(2)})
     checkpointer.wait()
+    (tmp_path / TRAIN_CONFIG_FILE).write_text("the old run's")
     tokens = np.arange(200, dtype=np.int32) % 64
     with pytest.raises(ValueError, match=r"already holds a run's checkpoints \(step 10\)"):
         train(tiny_model(64), tokens, tokens, TrainConfig(steps=1, seq_len=8), tmp_path,
               progress=False)
+    assert (tmp_path / TRAIN_CONFIG_FILE).read_text() == "the old run's"
+    assert not (tmp_path / "config.json").exists()
 
 
 @pytest.mark.slow
