@@ -14,6 +14,8 @@ import math
 from numbers import Integral, Real
 from typing import NoReturn
 
+MAX_SEED = 2**32 - 1  # seeds travel to the device as uint32
+
 
 def is_int(value) -> bool:
     """An integer (Python or NumPy), not a bool."""

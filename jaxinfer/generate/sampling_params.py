@@ -10,9 +10,8 @@ import dataclasses
 
 import numpy as np
 
-from jaxinfer.generate.checks import check_int, check_sampling, is_int
+from jaxinfer.generate.checks import MAX_SEED, check_int, check_sampling, is_int
 
-MAX_SEED = 2**32 - 1  # seeds travel to the device as uint32
 
 
 @dataclasses.dataclass(frozen=True)

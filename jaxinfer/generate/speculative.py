@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.generate.checks import check_int
+from jaxinfer.generate.checks import MAX_SEED, check_int
 from jaxinfer.generate.sampling import SamplingArrays, filter_logits, make_sampling_params
 from jaxinfer.models.inputs import check_input_ids
 
@@ -238,7 +238,7 @@ def speculative_generate(target, prompt_ids, max_new_tokens: int, *, draft=None,
     if draft is not None and draft.config.vocab_size != target.config.vocab_size:
         raise ValueError(f"draft must share the target's vocabulary; got draft vocab_size "
                          f"{draft.config.vocab_size}, target vocab_size {target.config.vocab_size}")
-    seed = check_int("seed", seed)
+    seed = check_int("seed", seed, low=0, high=MAX_SEED)
     params = make_sampling_params(temperature, top_k, top_p)
     prompt_ids = check_input_ids(prompt_ids, target.config, new_tokens=max_new_tokens)
     if draft is not None:

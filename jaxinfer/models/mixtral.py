@@ -58,10 +58,13 @@ class MixtralDecoderLayer(nnx.Module):
 
     def paged(self, x, cos, sin, kv: PagedLayerKV, meta: PagedBatch):
         """The serving engine's layer over the paged KV cache (as DecoderLayer.paged): x [1, T,
-        embed] -> (x, kv, rotated queries [T, Hq, D]). Routing is exact (no jitter)."""
+        embed] -> (x, kv, rotated queries [T, Hq, D]). Routing is dropless and without jitter
+        whatever the config's `moe_impl`, so a request's tokens never depend on the rest of the
+        step."""
         h, kv, q = self.self_attn.paged(self.input_layernorm(x), cos, sin, kv, meta)
         x = x + h
-        return x + self.block_sparse_moe(self.post_attention_layernorm(x)).y, kv, q
+        moe = self.block_sparse_moe(self.post_attention_layernorm(x), dropless=True)
+        return x + moe.y, kv, q
 
 
 class MixtralForCausalLM(DecoderLM):

@@ -108,9 +108,12 @@ class SparseMoE(nnx.Module):
         self.deterministic = True  # inference mode; nnx's `model.train()` sets it to False
         self.dtype = jnp.dtype(c.dtype)
 
-    def __call__(self, x: jax.Array, router_key: jax.Array | None = None) -> MoEResult:
+    def __call__(self, x: jax.Array, router_key: jax.Array | None = None, *,
+                 dropless: bool = False) -> MoEResult:
         """x [batch, seq, embed]; router_key: PRNG key for router jitter (used only in training
-        mode with router_jitter_noise > 0)."""
+        mode with router_jitter_noise > 0). dropless: route every token whatever `moe_impl`
+        says (serving: capacity is shared by the whole batch, so a token's output would depend
+        on what else is in it)."""
         batch, seq, d = x.shape
         tokens = x.reshape(batch * seq, d).astype(self.dtype)  # [T, D]
         router = self.gate.kernel[...]  # [D, E]
@@ -118,7 +121,7 @@ class SparseMoE(nnx.Module):
         jittered = None  # [T, D] the router's input when it differs from tokens
         if not self.deterministic and router_key is not None and self.router_jitter > 0:
             jittered = jitter_router_input(tokens, router_key, self.router_jitter)
-        if self.impl == "dropless":
+        if dropless or self.impl == "dropless":
             logits, weights, ids = route_top_k(tokens if jittered is None else jittered, router,
                                                self.top_k)
             result = MoEResult(dropless_moe(tokens, weights, ids, params), logits,

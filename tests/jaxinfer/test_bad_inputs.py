@@ -317,9 +317,9 @@ def test_numpy_scalar_arguments_generate_what_python_scalars_do(model):
     ("temperature", np.float32(math.nan)), ("temperature", np.float64(math.inf)),
     ("temperature", True), ("temperature", np.float32(-0.5)), ("top_k", np.bool_(True)),
     ("top_k", np.float32(5.0)), ("top_k", np.int64(0)), ("top_p", np.float32(math.nan)),
-    ("top_p", np.float64(1.5)),
+    ("top_p", np.float64(1.5)), ("seed", 2**32 + 5), ("seed", -1),
 ], ids=["nan", "inf", "bool", "negative", "np_bool", "float_top_k", "zero_top_k", "nan_top_p",
-        "top_p_above_one"])
+        "top_p_above_one", "seed_past_uint32", "negative_seed"])
 def test_every_entry_point_refuses_a_sampling_value_with_the_same_message(model, field, value):
     """generate, speculative_generate and SamplingParams (the engine's) apply one set of rules."""
     messages = []

@@ -219,12 +219,20 @@ def test_engine_serves_mixtral_with_the_greedy_tokens_of_generate(built):
     of 16 tokens splits the prompts)."""
     want = np.asarray(jaxinfer.generate(built.model, jnp.asarray(built.ids),
                                         max_new_tokens=NEW_TOKENS, temperature=0.0))[:, SEQ:]
+    prompts = [row.tolist() for row in built.ids]
+    greedy = jaxinfer.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0, ignore_eos=True)
     engine = jaxinfer.Engine(built.model, max_batch=BATCH, page_size=8, num_pages=32,
                              max_tokens_per_step=16)
-    got = engine.generate([row.tolist() for row in built.ids],
-                          jaxinfer.SamplingParams(max_tokens=NEW_TOKENS, temperature=0.0,
-                                                  ignore_eos=True))
-    assert got == want.tolist()
+    assert engine.generate(prompts, greedy) == want.tolist()
+    # a config that trains with capacity routing still serves dropless: padding and the other
+    # requests in a step never take a token's expert capacity
+    graphdef, state = nnx.split(built.model)
+    capacity = nnx.merge(graphdef, state)
+    for layer in capacity.layers:
+        layer.block_sparse_moe.impl, layer.block_sparse_moe.capacity_factor = "capacity", 0.5
+    engine = jaxinfer.Engine(capacity, max_batch=BATCH, page_size=8, num_pages=32,
+                             max_tokens_per_step=16)
+    assert engine.generate(prompts, greedy) == want.tolist()
 
 
 def test_export_loads_in_transformers_with_same_logits(built, tmp_path):
