@@ -195,7 +195,10 @@ def check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_
                              f"got {num_seqs!r}")
         if _concrete(num_seqs) and not 0 <= int(num_seqs) <= s:
             raise ValueError(f"num_seqs must lie in [0, S] = [0, {s}]; got {int(num_seqs)}")
-    _check_table_values(page_table, k_pages.shape[0])
+    # the rows of sequences past num_seqs are never read, so they may hold anything
+    real_rows = page_table if num_seqs is None or not _concrete(num_seqs) else (
+        page_table[:int(num_seqs)])
+    _check_table_values(real_rows, k_pages.shape[0])
     if not (_concrete(query_starts) and _concrete(kv_lengths)
             and (num_seqs is None or _concrete(num_seqs))):
         return  # under jit the layout is trusted
@@ -252,7 +255,7 @@ def _check_pages(q, k_pages, v_pages, k_scales, v_scales) -> None:
 
 def _check_table_values(page_table, num_pages: int) -> None:
     """Page ids in range, checked only when concrete (outside jit); under jit they are trusted."""
-    if _concrete(page_table):
+    if _concrete(page_table) and page_table.size:
         pt = np.asarray(page_table)
         if pt.min() < 0 or pt.max() >= num_pages:
             raise ValueError(f"page_table entries must lie in [0, num_pages) = [0, {num_pages}); "

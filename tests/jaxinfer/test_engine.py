@@ -112,17 +112,21 @@ def test_greedy_matches_generate_alone_under_random_schedule_with_preemption(mod
         assert streamed[rid] == results[rid]
 
 
-@pytest.mark.parametrize("hydragen", [False, True], ids=["paged", "hydragen"])
-def test_prefix_cache_hits_serve_the_oracle_tokens_under_preemption(model, oracle, hydragen):
+@pytest.mark.parametrize("hydragen, paged_attention", [
+    (False, "ragged"), (True, "ragged"), (True, "per_token")],
+    ids=["paged", "hydragen", "hydragen-per_token"])
+def test_prefix_cache_hits_serve_the_oracle_tokens_under_preemption(model, oracle, hydragen,
+                                                                    paged_attention):
     """Prompts share 8-token prefixes (2 pages); later arrivals find them in the pool. With
     hydragen (one prefix, pages for three sequences at once) the sequences sharing it attend to
-    its pages together."""
+    its pages together, by either paged attention path (each skips the prefix's pages per
+    sequence)."""
     rng = np.random.default_rng(6)
     prefixes = [rng.integers(0, VOCAB, 8).tolist() for _ in range(1 if hydragen else 2)]
     prompts = [prefixes[i % len(prefixes)] + rng.integers(0, VOCAB, 5).tolist() for i in range(8)]
     arrivals = [(2 * i, p, GREEDY) for i, p in enumerate(prompts)]
-    engine = jaxinfer.Engine(model, **{**ENGINE, "num_pages": 16 if hydragen else 10},
-                             hydragen=hydragen)
+    engine = jaxinfer.Engine(model, **{**ENGINE, "num_pages": 16 if hydragen else 10,
+                                       "paged_attention": paged_attention}, hydragen=hydragen)
     shared, step = [], engine.step
 
     def recording_step():

@@ -101,6 +101,8 @@ def make_inputs(case: RaggedCase, seed: int = 0):
         kv_lengths[case.num_seqs:] = 0
     num_pages = s * case.pages_per_seq + 7
     table = rng.permutation(num_pages)[:s * case.pages_per_seq].reshape(s, case.pages_per_seq)
+    if case.num_seqs is not None:
+        table[case.num_seqs:] = -1  # out of range: never read
     q = jnp.asarray(rng.standard_normal((t, case.hq, case.d)), dt)
     shape = (num_pages, case.page_size, case.hkv, case.d)
     k_pages, v_pages = (rng.standard_normal(shape) for _ in range(2))
@@ -278,7 +280,7 @@ def test_bad_input_raises_value_error(args, kwargs, match):
 def test_entries_past_num_seqs_are_not_validated():
     """Entries past num_seqs are ignored, so they may be anything (the engine's padding; that
     the kernels ignore them too is checked by the num_seqs case above)."""
-    checks.check_ragged(Q, PAGES, PAGES, TABLE, jnp.asarray([0, 4, 1], jnp.int32),
+    checks.check_ragged(Q, PAGES, PAGES, TABLE.at[1:].set(-1), jnp.asarray([0, 4, 1], jnp.int32),
                         jnp.asarray([5, 0], jnp.int32), 1)
 
 
