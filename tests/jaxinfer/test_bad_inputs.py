@@ -297,7 +297,7 @@ def test_invalid_top_p_is_named(model, value):
 
 @pytest.mark.parametrize("value", [1.5, "0", None], ids=["float", "str", "none"])
 def test_invalid_seed_is_named(model, value):
-    with pytest.raises(ValueError, match=r"seed must be an integer; got"):
+    with pytest.raises(ValueError, match=r"seed must be an integer in \[0, 4294967295\]; got"):
         jaxinfer.generate(model, prompt(), max_new_tokens=2, temperature=1.0, seed=value)
 
 
