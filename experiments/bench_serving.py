@@ -19,7 +19,9 @@ Metrics per rate (vLLM's definitions): TTFT (arrival to first token), TPOT ((las
 time) / (tokens - 1)), ITL (gaps between streamed tokens), p50 and p99 of each; output tokens/s
 and requests/s over the run. The peer is `transformers` `generate` on the same requests in static
 batches of --peer-batch (left-padded, each batch decoding to its longest output; only the requested
-tokens count), run offline; the ratio compares it with the engine's offline (rate inf) throughput.
+tokens count), run offline. The ratio compares it with the engine's offline (rate inf) throughput:
+--peer-repeats rounds, each an offline run on a fresh engine then a peer run, so that load from
+other processes falls on both alike; the ratio is of the medians, and the spread is reported.
 
 Decode roofline (serving.md §4): a decode step must read the weights W and every sequence's KV,
 bytes = W + sum_i c_i * KV bytes per token; t_roofline = bytes / bandwidth, with the bandwidth
@@ -211,6 +213,8 @@ def main() -> None:
                         help="Engine(paged_attention=): ragged, per_token or auto (by bucket)")
     parser.add_argument("--peer-batch", type=int, default=8)
     parser.add_argument("--no-peer", action="store_true")
+    parser.add_argument("--peer-repeats", type=int, default=3,
+                        help="interleaved engine-offline / peer rounds for the ratio")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "bench_serving.json"))
     args = parser.parse_args()
@@ -218,6 +222,7 @@ def main() -> None:
         args.num_requests, args.rates = 8, [32.0, float("inf")]
         args.prompt_len, args.output_len = [8, 24], [4, 8]
         args.max_batch, args.max_tokens_per_step, args.peer_batch = 8, 16, 4
+        args.peer_repeats = 1
 
     import torch
 
@@ -267,12 +272,23 @@ def main() -> None:
     peer = None
     if not args.no_peer:
         torch_device = "cuda" if torch.cuda.is_available() else "cpu"
-        peer = run_peer(args, work, torch_device)
-        engine_tok_s = offline["output_tokens"] / offline["elapsed_s"]
-        peer["engine_over_peer"] = engine_tok_s / peer["tok_s"]
+        engine_runs, peer_runs = [], []
+        for i in range(args.peer_repeats):
+            run = offline if i == 0 else serve(fresh_engine(), work, float("inf"),
+                                               np.random.default_rng(args.seed + 1))
+            engine_runs.append(run["output_tokens"] / run["elapsed_s"])
+            peer_runs.append(run_peer(args, work, torch_device))
+        peer = peer_runs[0] | {"tok_s": statistics.median(r["tok_s"] for r in peer_runs),
+                               "tok_s_runs": [r["tok_s"] for r in peer_runs],
+                               "engine_tok_s": statistics.median(engine_runs),
+                               "engine_tok_s_runs": engine_runs}
+        del peer["elapsed_s"], peer["req_s"]
+        peer["engine_over_peer"] = peer["engine_tok_s"] / peer["tok_s"]
         print(f"peer transformers.generate (static batches of {args.peer_batch}, "
-              f"{torch_device}): {peer['tok_s']:.1f} tok/s; engine offline {engine_tok_s:.1f} "
-              f"tok/s = {peer['engine_over_peer']:.2f}x")
+              f"{torch_device}), median of {args.peer_repeats}: {peer['tok_s']:.1f} tok/s "
+              f"({min(peer['tok_s_runs']):.0f}-{max(peer['tok_s_runs']):.0f}); engine offline "
+              f"{peer['engine_tok_s']:.1f} tok/s ({min(engine_runs):.0f}-{max(engine_runs):.0f}) "
+              f"= {peer['engine_over_peer']:.2f}x")
 
     out = Path(args.out)
     finite = [r for r in rows if np.isfinite(r["rate_req_s"])]
