@@ -10,15 +10,18 @@ forward time versus ``freq_sparsity`` and versus ``partial`` at one sequence len
 Implementations, on the same inputs in the same process:
   xla      fftconv(backend="xla"): rfft of size M = 2P (P the power of two >= N) in float32
   pallas   fftconv(backend="pallas"): the Monarch kernel (Triton on GPU) with the decomposition
-           chosen by size (``monarch.choose_plan``; the row's ``plan``). On a CPU it runs in
-           interpret mode, which measures the interpreter, so it is timed only with --quick
-           (and recorded as skipped otherwise)
+           chosen by size (``monarch.choose_plan``; the row's ``plan``), once per matmul precision
+           of --dot-precisions (the row's ``dot_precision``: float32 IEEE dots, bf16x3's three
+           bf16 tensor-core products, or one bf16 product; the GPU's default bf16x3 first).
+           On a CPU it runs in interpret mode, which measures the interpreter, so it is timed
+           only with --quick (and recorded as skipped otherwise)
   jnp_fft  the peer: irfft(rfft(u, 2N) * rfft(k, 2N))[:N] in float32, written out here
 ``speedup_vs_jnp_fft`` = time(jnp_fft) / time(impl) on the same (dtype, N, mode). Memory is the
 compiled program's temp bytes (``memory_analysis()``), the activations XLA keeps besides inputs and
 outputs. Shapes: H channels and batch B = min(64, budget / (H N)) so big N stays within memory.
 Each configuration is tried on its own and a failure is recorded with its error. The cheap
-implementations run first and the Pallas kernel last (in increasing N, both dtypes per N);
+implementations run first and the Pallas kernel last (one precision after the other, each in
+increasing N, both dtypes per N: a deadline then cuts the last precisions' largest N first);
 ``--budget-s`` stops starting new configurations, and at ``--deadline-s`` a watchdog writes what
 was measured (noting the configuration still running) and exits, since a launched GPU program
 cannot be interrupted.
@@ -42,6 +45,7 @@ timed for the backends where the option changes the work, plus xla as the contro
            the direct O(N L) convolution, the one backend whose work falls with L; it runs only up
            to --reference-max-taps taps (CPU, B = H = 16: ~2-3 s per call at 1024 taps, ~40 s at
            4096). pallas is not swept: like xla it pads the filter to M.
+  (The pallas sweep rows use the first of --dot-precisions.)
   monarch_plan  pallas only (GPU only, like its s sweep): the kernel's decomposition forced to
            each of --plans (``PLANS``: order 2 (the first kernel, the ratios' base), r2c order 2,
            order 3, r2c order 3, an outer step of 2 around order-3 kernels); a plan whose
@@ -70,7 +74,7 @@ import numpy as np
 
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
 from kernels_pallas import fftconv
-from kernels_pallas.fftconv import MonarchPlan, filters, monarch
+from kernels_pallas.fftconv import DOT_PRECISIONS, MonarchPlan, filters, monarch
 
 PEER = "jnp_fft"
 SLOW_CALL_S = 5.0  # fewer repetitions when one call is slow: about this many seconds of timing
@@ -88,11 +92,20 @@ def plan_label(plan: MonarchPlan) -> str:
             + (f"_outer{plan.outer}" if plan.outer > 1 else ""))
 
 
-def sweep_options(row: dict) -> dict:
-    """The fftconv keywords of a sweep row (a plan sweep's value is a ``PLANS`` name)."""
-    if row["sweep"] == "monarch_plan":
-        return {"monarch_plan": PLANS[row["value"]]}
-    return {row["sweep"]: row["value"]}
+def row_options(row: dict) -> dict:
+    """The fftconv keywords of a row: its kernel's matmul precision (pallas rows) and, for a sweep
+    row, the swept option (a plan sweep's value is a ``PLANS`` name)."""
+    options = {"dot_precision": row["dot_precision"]} if "dot_precision" in row else {}
+    if row.get("sweep") == "monarch_plan":
+        options["monarch_plan"] = PLANS[row["value"]]
+    elif "sweep" in row:
+        options[row["sweep"]] = row["value"]
+    return options
+
+
+def impl_label(row: dict) -> str:
+    """An implementation's name in the curves: pallas rows carry their matmul precision."""
+    return row["impl"] + (f" {row['dot_precision']}" if "dot_precision" in row else "")
 
 
 def jnp_fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
@@ -181,7 +194,7 @@ def measure_alternating(rows: list[dict], inputs: tuple, reps: int) -> None:
     for row in rows:
         try:
             compiled, args, affordable = prepare(
-                row, conv_fn(row["impl"], **sweep_options(row)), row["mode"], inputs)
+                row, conv_fn(row["impl"], **row_options(row)), row["mode"], inputs)
             ready.append((row, compiled, args, max(1, min(reps, affordable)), []))
         except Exception as e:  # noqa: BLE001 - record and go on to the next one
             record_error(row, e)
@@ -216,17 +229,19 @@ def plan(args, gpu: bool) -> list[dict]:
     interrupted once launched) then costs only the rows after it, all of them its own."""
     rows = []
     for slow_pass in (False, True):
-        for n in args.seq_lens:
-            batch = max(1, min(args.max_batch, args.elements // (args.channels * n)))
-            for dtype in args.dtypes:
-                for mode in args.modes:
-                    for impl in args.impls:
-                        if (impl == "pallas") == slow_pass:
+        for precision in args.dot_precisions if slow_pass else [None]:
+            for n in args.seq_lens:
+                batch = max(1, min(args.max_batch, args.elements // (args.channels * n)))
+                for dtype in args.dtypes:
+                    for mode in args.modes:
+                        for impl in args.impls:
+                            if (impl == "pallas") != slow_pass:
+                                continue
                             rows.append({"dtype": dtype, "N": n, "batch": batch,
                                          "H": args.channels, "mode": mode, "impl": impl})
                             if impl == "pallas":
-                                rows[-1]["plan"] = plan_label(
-                                    monarch.choose_plan(monarch.fft_size(n)))
+                                rows[-1].update(plan=plan_label(monarch.choose_plan(
+                                    monarch.fft_size(n))), dot_precision=precision)
     if not gpu and not args.quick:
         for r in rows:
             if r["impl"] == "pallas":
@@ -247,6 +262,7 @@ def plan_sweeps(args, gpu: bool) -> list[dict]:
                 row = {"sweep": sweep, "value": value, "impl": impl, "dtype": SWEEP_DTYPE,
                        "N": n, "batch": batch, "H": args.channels, "mode": "fwd"}
                 if impl == "pallas":
+                    row["dot_precision"] = args.dot_precisions[0]
                     if sweep == "monarch_plan":
                         row.update(pallas_kernel_work(n, 0.0, PLANS[value]))
                     else:
@@ -265,15 +281,16 @@ def plan_sweeps(args, gpu: bool) -> list[dict]:
 def pallas_kernel_work(n: int, freq_sparsity: float, plan: MonarchPlan | None = None) -> dict:
     """What a plan (None: the one by size) and freq_sparsity leave of the Pallas kernel's DFT work
     at length n: the plan's name, the kept spectrum columns Nk of N_last and the real-matmul MFLOP
-    per (batch row, channel) (``KernelGeometry.real_macs``, times the outer step's Q; the Nk-wide
-    matmuls are what sparsity shrinks); ``lowers``: whether Triton can compile it."""
+    per (batch row, channel) (``KernelGeometry.real_macs``, times the outer step's Q/2 + 1 inner
+    convolutions; the Nk-wide matmuls are what sparsity shrinks); ``lowers``: whether Triton can
+    compile it."""
     m = monarch.fft_size(n)
     plan = monarch.choose_plan(m) if plan is None else plan
     geo = plan.geometry(m)
     n_last = geo.factors[-1]
     nk = n_last if plan.outer > 1 else len(monarch.frequency_columns(
         geo.size, filters.keep_frequencies(m, freq_sparsity), geo.factors))
-    flops = 2 * geo.real_macs(nk) * plan.outer
+    flops = 2 * geo.real_macs(nk) * monarch.outer_residues(plan.outer)
     return {"plan": plan_label(plan), "kernel_cols": f"{nk}/{n_last}",
             "kernel_mflop": flops / 1e6, "lowers": geo.lowers_to_triton}
 
@@ -344,11 +361,11 @@ def make_inputs(row: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
     return u, k, ct
 
 
-COLUMNS = ["dtype", "N", "batch", "H", "mode", "impl", "plan", "median_ms", "min_ms", "max_ms",
-           f"speedup_vs_{PEER}", "temp_MiB", "compile_s", "error", "skipped"]
+COLUMNS = ["dtype", "N", "batch", "H", "mode", "impl", "plan", "dot_precision", "median_ms",
+           "min_ms", "max_ms", f"speedup_vs_{PEER}", "temp_MiB", "compile_s", "error", "skipped"]
 SWEEP_COLUMNS = ["sweep", "value", "impl", "N", "batch", "H", "median_ms", "min_ms", "max_ms",
                  "time_ratio", "rel_err_random", "rel_err_hyena", "plan", "kernel_cols",
-                 "kernel_mflop", "error", "skipped"]
+                 "kernel_mflop", "dot_precision", "error", "skipped"]
 
 
 def plot_sweeps(sweeps: list[dict], out: Path) -> list[str]:
@@ -381,17 +398,17 @@ def finish(record: dict, out: Path, args) -> None:
     rows = record["rows"]
     add_ratios(rows)
     add_sweep_ratios(record["sweeps"])
-    print_table(sorted(rows, key=lambda r: (args.dtypes.index(r["dtype"]), r["N"],
-                                            args.modes.index(r["mode"]),
-                                            args.impls.index(r["impl"]))), COLUMNS)
+    print_table(sorted(rows, key=lambda r: (
+        args.dtypes.index(r["dtype"]), r["N"], args.modes.index(r["mode"]),
+        args.impls.index(r["impl"]),
+        args.dot_precisions.index(r["dot_precision"]) if "dot_precision" in r else -1)), COLUMNS)
     first = args.dtypes[0]
     curves = {}
-    for impl in args.impls:
-        for mode in args.modes:
-            done = [r for r in rows if (r["impl"], r["mode"], r["dtype"]) == (impl, mode, first)
-                    and "median_ms" in r]
-            if done:
-                curves[f"{impl} {mode}"] = ([r["N"] for r in done], [r["median_ms"] for r in done])
+    for r in sorted(rows, key=lambda r: r["N"]):
+        if r["dtype"] == first and "median_ms" in r:
+            xs, ys = curves.setdefault(f"{impl_label(r)} {r['mode']}", ([], []))
+            xs.append(r["N"])
+            ys.append(r["median_ms"])
     if curves:
         record["png"] = str(plot_curves(curves, xlabel="sequence length N", ylabel="median ms",
                                         title=f"fftconv, {first}", out=out.with_suffix(".png")))
@@ -411,6 +428,10 @@ def main() -> None:
                         help="default: bfloat16 float32 on GPU, float32 on CPU")
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
     parser.add_argument("--impls", nargs="+", default=["xla", "pallas", PEER])
+    parser.add_argument("--dot-precisions", nargs="+", choices=DOT_PRECISIONS,
+                        default=["bf16x3", "bf16", "float32"],
+                        help="the pallas kernel's matmul precisions, each timed (the first is "
+                             "the one the sweeps use)")
     parser.add_argument("--channels", type=int, default=None, help="H (default 768 on GPU)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--elements", type=int, default=None,
@@ -498,7 +519,8 @@ def main() -> None:
             if "sweep" in first:
                 measure_alternating(unit, inputs, args.reps)
             else:
-                measure(first, conv_fn(first["impl"]), first["mode"], inputs, args.reps)
+                measure(first, conv_fn(first["impl"], **row_options(first)), first["mode"],
+                        inputs, args.reps)
         except Exception as e:  # noqa: BLE001 - record and go on to the next one
             for row in unit:
                 if not {"median_ms", "error"} & row.keys():
@@ -508,7 +530,7 @@ def main() -> None:
             write_json(record, out)
         for row in unit:
             sweep = f" {row['sweep']}={row['value']}" if "sweep" in row else ""
-            print(f"{row['dtype']} N={row['N']} {row['mode']} {row['impl']}{sweep}: "
+            print(f"{row['dtype']} N={row['N']} {row['mode']} {impl_label(row)}{sweep}: "
                   f"{row.get('median_ms', row.get('error'))}", flush=True)
     if watchdog is not None:
         watchdog.cancel()

@@ -8,11 +8,12 @@ One function, several implementations (DESIGN.md):
 * ``xla`` (``xla.py``): ``jnp.fft.rfft`` of size M = 2P (P = power of two >= N), gates and bias in
   the same jnp graph; backward by autodiff through the FFT. What CPU users run.
 * ``pallas`` (``pallas_gpu.py``): the Monarch FFT convolution as a Pallas kernel (DFT and
-  twiddle matrices as real/imaginary matmuls, gates fused) with a custom VJP, lowered through
-  Triton on NVIDIA GPUs and run with ``interpret=True`` on CPU. The decomposition is chosen by
-  size (``monarch.choose_plan``): order 2 (with the real-to-complex trick from N = 257) up to
-  N = 4096, order 3 with it up to N = 16384, an outer XLA step around order-3 kernels beyond;
-  ``monarch_plan`` forces one. No TPU (Mosaic) kernel yet.
+  twiddle matrices as real/imaginary matmuls at ``dot_precision``, gates fused; the outer step
+  computes the Q/2 + 1 inner convolutions that a real signal needs) with a custom VJP, lowered
+  through Triton on NVIDIA GPUs and run with ``interpret=True`` on CPU. The decomposition is
+  chosen by size (``monarch.choose_plan``): order 2 (with the real-to-complex trick from
+  N = 257) up to N = 4096, order 3 with it up to N = 16384, an outer XLA step around order-3
+  kernels beyond; ``monarch_plan`` forces one. No TPU (Mosaic) kernel yet.
 * ``auto``: pallas on GPU, xla on CPU and TPU.
 
 All backends convolve circularly at the same size M (``monarch.fft_size``), which is what makes
@@ -21,23 +22,42 @@ All backends convolve circularly at the same size M (``monarch.fft_size``), whic
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
+import numpy as np
 
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.fftconv import monarch, pallas_gpu, reference, xla
 from kernels_pallas.fftconv.monarch import MonarchPlan
 
-__all__ = ["fftconv", "DEFAULT_BLOCK_SIZES", "BACKENDS", "MonarchPlan"]
+__all__ = ["fftconv", "DEFAULT_KERNEL_OPTIONS", "DOT_PRECISIONS", "BACKENDS", "MonarchPlan"]
 
 BACKENDS = ("auto", "reference", "xla", "pallas")
-# Per-backend tile defaults: channels per Pallas program (each channel is one fused FFT conv of
-# a whole sequence, so one is already a sizeable program; raise it for short sequences).
-DEFAULT_BLOCK_SIZES = {"pallas": dict(block_c=1)}
+DOT_PRECISIONS = pallas_gpu.DOT_PRECISIONS
+# Per-backend kernel defaults ("pallas": the Triton kernel on a GPU; "pallas_interpret": the same
+# kernel interpreted on a CPU).
+# block_c: channels per Pallas program (each channel is one fused FFT conv of a whole sequence,
+#   so one is already a sizeable program; raise it for short sequences).
+# dot_precision: on a GPU "bf16x3". Float32 matmuls lower to IEEE fp32 dots on CUDA cores (the
+#   recorded H200 kernel ran at 0.027x jnp.fft); bf16 products run on tensor cores (H100/H200:
+#   ~990 dense TFLOP/s against ~67 for fp32 FMA, so ~5x even at three products each), and three
+#   of them keep the error near float32's (measured 3e-6 to 6e-6 relative, against ~2e-7) where
+#   one ("bf16", FlashFFTConv's half-precision choice) loses 2e-3 to 4e-3, much for an op
+#   documented as computing in float32. Interpreted on
+#   a CPU "float32": there are no matrix units to gain and three dots cost three times one; pass
+#   dot_precision to emulate the GPU's arithmetic exactly.
+DEFAULT_KERNEL_OPTIONS = {"pallas": dict(block_c=1, dot_precision="bf16x3"),
+                          "pallas_interpret": dict(block_c=1, dot_precision="float32")}
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _shape(x) -> str:
     return "[" + ", ".join(str(d) for d in x.shape) + "]"
+
+
+def _is_bool(x) -> bool:
+    return isinstance(x, (bool, np.bool_))
 
 
 def _check_float(name: str, x) -> None:
@@ -48,7 +68,7 @@ def _check_float(name: str, x) -> None:
 
 
 def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c,
-                  monarch_plan):
+                  dot_precision, monarch_plan):
     _check_float("u", u)
     _check_float("k", k)
     if u.ndim != 3:
@@ -69,17 +89,22 @@ def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backe
         _check_float("bias", bias)
         if bias.shape != (c,):
             raise ValueError(f"bias must be [channels] = [{c}]; got {_shape(bias)}")
-    if partial is not None and (isinstance(partial, bool) or not isinstance(partial, int)
+    # Python or numpy scalars (np.int64 is an Integral, np.float32 a Real); bools are neither here
+    if partial is not None and (_is_bool(partial) or not isinstance(partial, numbers.Integral)
                                 or not 1 <= partial <= k.shape[1]):
         raise ValueError(f"partial must be an int in [1, L = {k.shape[1]}] or None; "
                          f"got {partial!r}")
-    if not isinstance(freq_sparsity, (int, float)) or not 0.0 <= freq_sparsity < 1.0:
+    if (_is_bool(freq_sparsity) or not isinstance(freq_sparsity, numbers.Real)
+            or not 0.0 <= freq_sparsity < 1.0):
         raise ValueError(f"freq_sparsity must be a float in [0, 1); got {freq_sparsity!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if block_c is not None and (not isinstance(block_c, int) or block_c < 1 or c % block_c):
         raise ValueError(f"block_c must be a positive int dividing channels = {c}; "
                          f"got {block_c!r}")
+    if dot_precision is not None and dot_precision not in DOT_PRECISIONS:
+        raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS} or None; "
+                         f"got {dot_precision!r}")
     if monarch_plan is not None:
         if not isinstance(monarch_plan, MonarchPlan):
             raise TypeError(f"monarch_plan must be a MonarchPlan or None; "
@@ -93,7 +118,8 @@ def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backe
 
 
 def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=None, partial=None,
-            freq_sparsity=0.0, backend="auto", block_c=None, monarch_plan=None):
+            freq_sparsity=0.0, backend="auto", block_c=None, dot_precision=None,
+            monarch_plan=None):
     """Depthwise long convolution of each channel of u with its own filter, by FFT.
 
     Args:
@@ -113,7 +139,10 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
         (1 - r) of the frequencies 0..M/2 (``filters.effective_filter``); 0 is the exact
         convolution. (The bias is not filtered.)
       backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU/TPU).
-      block_c: pallas only: channels per program; None takes ``DEFAULT_BLOCK_SIZES``.
+      block_c: pallas only: channels per program; None takes ``DEFAULT_KERNEL_OPTIONS``.
+      dot_precision: pallas only: the kernel matmuls' products, "float32", "bf16x3" (three
+        bfloat16 products, ~5e-6 relative error) or "bf16" (one, ~3e-3); float32 accumulation
+        in each. None takes ``DEFAULT_KERNEL_OPTIONS`` (bf16x3 on a GPU, float32 interpreted).
       monarch_plan: pallas only: a ``MonarchPlan`` (order 2 or 3, r2c, outer step) forcing the
         kernel's decomposition; None chooses by size (``monarch.choose_plan``).
 
@@ -122,9 +151,10 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
       gates and the bias on every backend (pallas: custom VJP).
     """
     _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c,
-                  monarch_plan)
+                  dot_precision, monarch_plan)
     l = k.shape[1]
     offset = (l - 1) // 2 if bidirectional else 0
+    partial = None if partial is None else int(partial)
     if partial is not None and partial < l:
         if bidirectional:  # keep the centre where it was: zero the dropped taps
             k = k * (jnp.arange(l) < partial).astype(k.dtype)
@@ -139,12 +169,14 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
         y = xla.fftconv(u, k, pre_gate, post_gate, bias, offset=offset,
                         freq_sparsity=freq_sparsity)
     else:
-        bc = DEFAULT_BLOCK_SIZES["pallas"]["block_c"] if block_c is None else block_c
+        defaults = DEFAULT_KERNEL_OPTIONS["pallas_interpret" if interpret else "pallas"]
+        bc = defaults["block_c"] if block_c is None else block_c
+        precision = defaults["dot_precision"] if dot_precision is None else dot_precision
         if (monarch_plan is not None and not interpret
                 and not monarch_plan.geometry(monarch.fft_size(u.shape[-1])).lowers_to_triton):
             raise ValueError(f"monarch_plan {monarch_plan} has matmuls narrower than "
                              f"{monarch.MIN_DOT_DIM} at N = {u.shape[-1]}, which Triton cannot "
                              "compile; use a larger N, another plan or None")
         y = pallas_gpu.fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, bc,
-                               interpret, monarch_plan)
+                               precision, interpret, monarch_plan)
     return y.astype(u.dtype)

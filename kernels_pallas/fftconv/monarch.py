@@ -88,7 +88,7 @@ class MonarchPlan:
       its real part and the odd ones in its imaginary part. No transform runs at size M.
     outer: Q = 1, or a power of two >= 2: an outer decimation-in-frequency step in XLA splits the
       size-M convolution into Q complex convolutions of size M/Q (the kernel), one per residue
-      of the frequency mod Q.
+      of the frequency mod Q, of which the kernel runs Q/2 + 1 (``outer_residues``).
     """
 
     order: int = 2
@@ -137,7 +137,8 @@ def choose_plan(m: int) -> MonarchPlan:
       matmuls and two transposes; ``experiments/bench_fftconv.py``'s monarch_plan sweep at
       N = 4096 measures which is faster.
     * an outer step once m/2 > MAX_KERNEL_SIZE (N > 16384): Q = m / MAX_KERNEL_SIZE inner
-      complex convolutions of size MAX_KERNEL_SIZE, order 3. Q grows with N (Q = 256 at
+      complex convolutions of size MAX_KERNEL_SIZE, order 3, Q/2 + 1 of them computed (the
+      rest are their conjugates, ``outer_matrices``). Q grows with N (Q = 256 at
       N = 2^21); its Q-point DFTs in XLA are dense matmuls up to Q = MAX_DENSE_OUTER_DFT
       (N <= 2^20) and jnp.fft calls beyond.
     """
@@ -279,15 +280,26 @@ def frequency_columns(m: int, cutoff: int, factors: tuple[int, ...]) -> tuple[in
     return tuple(sorted(cols))
 
 
+def outer_residues(q: int) -> int:
+    """How many of the outer step's Q inner convolutions are computed: f_q = 0 .. Q/2 (one for
+    Q = 1, no outer step). For a real signal and filter the others follow (``outer_matrices``)."""
+    return q // 2 + 1
+
+
 @functools.lru_cache(maxsize=None)
 def outer_matrices(m: int, q: int) -> dict[str, np.ndarray]:
     """Float32 planes of the outer decimation-in-frequency step of size m = Q * R, built once per
-    (m, Q): tw [Q, R]: ω_m^(f_q * r); and, for Q <= MAX_DENSE_OUTER_DFT (larger Q take jnp.fft),
-    the dense Q-point DFTs fwd [Q, Q/2] = F_Q[:, :Q/2] (the input is zero for q >= Q/2) and
-    inv [Q/2, Q] = F̄_Q[:Q/2, :] / Q (only outputs q < Q/2 are wanted)."""
-    r = m // q
-    mats = {"tw": np.exp(-2j * np.pi * np.outer(np.arange(q), np.arange(r)) / m)}
+    (m, Q), for the residues f_q = 0 .. Q/2 only (``outer_residues``): the signal and the filter
+    are real, so the inner convolution of residue Q - f is z_(Q-f)[r] = ω_R^r conj(z_f[r]), and
+    its term in the inverse DFT is the conjugate of residue f's: the real output is the sum over
+    f <= Q/2 with weights c_f = 1 at f in {0, Q/2} and 2 between.
+    tw [Q/2+1, R]: ω_m^(f_q * r); for Q <= MAX_DENSE_OUTER_DFT (larger Q take jnp.fft) the dense
+    Q-point DFTs fwd [Q/2+1, Q/2] = F_Q[:Q/2+1, :Q/2] (the input is zero for q >= Q/2) and
+    inv [Q/2, Q/2+1] = F̄_Q[:Q/2, :Q/2+1] c_f / Q (only outputs q < Q/2 are wanted)."""
+    r, half = m // q, outer_residues(q)
+    mats = {"tw": np.exp(-2j * np.pi * np.outer(np.arange(half), np.arange(r)) / m)}
     if q <= MAX_DENSE_OUTER_DFT:
         f = _dft(q)
-        mats.update(fwd=f[:, : q // 2], inv=np.conj(f[: q // 2, :]) / q)
+        weight = np.where((np.arange(half) == 0) | (np.arange(half) == q // 2), 1.0, 2.0)
+        mats.update(fwd=f[:half, : q // 2], inv=np.conj(f[: q // 2, :half]) * weight / q)
     return _planes(mats)

@@ -29,18 +29,22 @@ The plan (``monarch.choose_plan``, by size) is one of:
 * complex (the outer step, M > 2 * MAX_KERNEL_SIZE): decimation in frequency with n = r + R q,
   f = Q f_r + f_q (M = Q R): XLA takes the Q-point DFT over q (only q < Q/2 is non-zero; a dense
   matmul up to Q = ``monarch.MAX_DENSE_OUTER_DFT``, jnp.fft above), the twiddle ω_M^(r f_q), then
-  the kernel convolves each of the Q complex sequences with the filter whose spectrum is
+  the kernel convolves each complex sequence f_q with the filter whose spectrum is
   H[Q f_r + f_q] (dense, size R, complex in and out); XLA undoes the twiddle and the Q-point DFT
-  (only outputs q < Q/2 are wanted). Gates and bias are then applied in XLA.
+  (only outputs q < Q/2 are wanted). Signal and filter are real, so residue Q - f is fixed by
+  residue f (``monarch.outer_matrices``): only the Q/2 + 1 residues f_q <= Q/2 are computed, and
+  the inverse weights the middle ones twice. Gates and bias are then applied in XLA.
 
 Grid (batch, channels / block_c). A program handles ``block_c`` channels of one batch row (the
-outer step: of one (channel, f_q) pair each), one channel at a time: it reads its input planes
-[S, rows_in, m / N1] (and gates) once, the channel's filter planes [F, m / N_last, Nk] once, and
-the DFT/twiddle planes (a few m floats, shared by all programs), and writes [S, rows_in, m / N1]
-outputs. ``Nk`` of the N_last spectrum columns are kept (``monarch.frequency_columns``): all for
-a dense filter; ``freq_sparsity`` drops the columns whose frequencies are all dropped, which is
-where frequency sparsity saves work. The bias stays out of H (it would make every frequency
-non-zero) and is added in the time domain instead. Everything is float32.
+outer step: of one (channel, f_q <= Q/2) pair each), one channel at a time: it reads its input
+planes [S, rows_in, m / N1] (and gates) once, the channel's filter planes [F, m / N_last, Nk]
+once, and the DFT/twiddle planes (a few m floats, shared by all programs), and writes
+[S, rows_in, m / N1] outputs. ``Nk`` of the N_last spectrum columns are kept
+(``monarch.frequency_columns``): all for a dense filter; ``freq_sparsity`` drops the columns
+whose frequencies are all dropped, which is where frequency sparsity saves work. The bias stays
+out of H (it would make every frequency non-zero) and is added in the time domain instead. Every
+plane, twiddle product and accumulator is float32; the matmuls' products are float32, three
+bfloat16 products (bf16x3, on tensor cores) or one (``dot_precision``, ``DOT_PRECISIONS``).
 
 Sizes: one program holds a whole transform of size m <= ``monarch.MAX_KERNEL_SIZE`` (about ten
 live float32 planes of m values); larger sizes take the outer step. The Triton lowering is
@@ -71,8 +75,35 @@ from kernels_pallas.fftconv.monarch import KernelGeometry, MonarchPlan
 Planes = tuple[jax.Array, Optional[jax.Array]]
 
 
-def _dot(a, b):
-    return jnp.dot(a, b, preferred_element_type=jnp.float32, precision=lax.Precision.HIGHEST)
+# How the kernel's matmuls compute their products (float32 accumulation in every case):
+# "float32": IEEE fp32 (Triton runs these on CUDA cores, no tensor cores); "bf16x3": each float32
+# operand split into bfloat16 hi + lo, three bf16 products hi·hi + hi·lo + lo·hi on tensor cores
+# (XLA's BF16_BF16_F32_X3: lo·lo, ~2^-18 relative, is dropped); "bf16": one bf16 product
+# (FlashFFTConv's half-precision matmuls). The casts are explicit rather than a dot algorithm, so
+# interpret mode on a CPU (where XLA computes bf16 dot algorithms in float32 and rejects TF32)
+# computes exactly what the GPU does.
+DOT_PRECISIONS = ("float32", "bf16x3", "bf16")
+
+
+def _split_bf16(x):
+    """x float32 -> (hi, lo) bfloat16: hi = x rounded to bf16, lo = the remainder rounded, so
+    hi + lo = x to ~2^-17 relative."""
+    hi = x.astype(jnp.bfloat16)
+    return hi, (x - hi.astype(jnp.float32)).astype(jnp.bfloat16)
+
+
+def _dot(a, b, precision: str):
+    """a @ b, float32 matrices [m, k] x [k, n] -> float32 [m, n], products at ``precision``
+    (``DOT_PRECISIONS``). HIGHEST keeps float32 operands IEEE on Triton (DEFAULT would mean TF32)
+    and changes nothing for bf16 operands, whose products are exact in float32."""
+    dot = functools.partial(jnp.dot, preferred_element_type=jnp.float32,
+                            precision=lax.Precision.HIGHEST)
+    if precision == "float32":
+        return dot(a, b)
+    if precision == "bf16":
+        return dot(a.astype(jnp.bfloat16), b.astype(jnp.bfloat16))
+    (a_hi, a_lo), (b_hi, b_lo) = _split_bf16(a), _split_bf16(b)
+    return dot(a_lo, b_hi) + dot(a_hi, b_lo) + dot(a_hi, b_hi)  # smallest terms first
 
 
 def _cprod(a: Planes, b: Planes, op: Callable = operator.mul, real_only: bool = False) -> Planes:
@@ -88,8 +119,8 @@ def _cprod(a: Planes, b: Planes, op: Callable = operator.mul, real_only: bool = 
     return re, (im[0] + im[1] if len(im) == 2 else im[0] if im else None)
 
 
-def _cdot(a: Planes, b: Planes, real_only: bool = False) -> Planes:
-    return _cprod(a, b, _dot, real_only)
+def _cdot(a: Planes, b: Planes, precision: str, real_only: bool = False) -> Planes:
+    return _cprod(a, b, functools.partial(_dot, precision=precision), real_only)
 
 
 def _conj(a: Planes) -> Planes:
@@ -111,31 +142,32 @@ def _middle_to_rows(x, n1: int, n2: int, n3: int):
     return x.reshape(n2 * n3, n1).T
 
 
-def _forward(a: Planes, c: dict[str, Planes], geo: KernelGeometry) -> Planes:
+def _forward(a: Planes, c: dict[str, Planes], geo: KernelGeometry, precision: str) -> Planes:
     """Monarch FFT of one signal: a [rows_in, width] -> spectrum layout [spec_rows, Nk]."""
-    p = _cprod(_cdot(c["f1"], a), c["t1"])  # [N1, width]
+    p = _cprod(_cdot(c["f1"], a, precision), c["t1"])  # [N1, width]
     if len(geo.factors) == 3:
         n1, n2, n3 = geo.factors
         p = _map(lambda x: _rows_to_middle(x, n1, n2, n3), p)  # [N2, N3*N1]
-        p = _cprod(_cdot(c["f2"], p), c["t2"])  # [k2, (n3, k1)]
+        p = _cprod(_cdot(c["f2"], p, precision), c["t2"])  # [k2, (n3, k1)]
         p = _map(lambda x: _middle_to_rows(x, n1, n2, n3).reshape(n1 * n2, n3), p)
-    return _cdot(p, c["fl"])  # [spec_rows, Nk]
+    return _cdot(p, c["fl"], precision)  # [spec_rows, Nk]
 
 
-def _inverse(w: Planes, c: dict[str, Planes], geo: KernelGeometry, real_only: bool) -> Planes:
+def _inverse(w: Planes, c: dict[str, Planes], geo: KernelGeometry, real_only: bool,
+             precision: str) -> Planes:
     """Inverse Monarch FFT (1/m folded into g1): spectrum layout [spec_rows, Nk] -> the first
     rows_in rows of the signal [rows_in, width]."""
-    g = _cdot(w, c["bl"])  # [spec_rows, N_last]
+    g = _cdot(w, c["bl"], precision)  # [spec_rows, N_last]
     if len(geo.factors) == 3:
         n1, n2, n3 = geo.factors
         g = _map(lambda x: _rows_to_middle(x.reshape(n1, n2 * n3), n1, n2, n3), g)
-        g = _cdot(_conj(c["f2"]), _cprod(g, _conj(c["t2"])))  # [n2, (n3, k1)]
+        g = _cdot(_conj(c["f2"]), _cprod(g, _conj(c["t2"])), precision)  # [n2, (n3, k1)]
         g = _map(lambda x: _middle_to_rows(x, n1, n2, n3), g)  # [N1, N2*N3]
-    return _cdot(c["g1"], _cprod(g, _conj(c["t1"])), real_only)  # [rows_in, width]
+    return _cdot(c["g1"], _cprod(g, _conj(c["t1"])), precision, real_only)  # [rows_in, width]
 
 
-def _kernel(*refs, names: tuple[str, ...], geo: KernelGeometry, block_c: int, has_pre: bool,
-            has_post: bool, has_bias: bool):
+def _kernel(*refs, names: tuple[str, ...], geo: KernelGeometry, block_c: int, precision: str,
+            has_pre: bool, has_post: bool, has_bias: bool):
     refs = list(refs)
     x_ref = refs.pop(0)  # [block_c, S, rows_in, width]
     pre_ref = refs.pop(0) if has_pre else None
@@ -154,11 +186,11 @@ def _kernel(*refs, names: tuple[str, ...], geo: KernelGeometry, block_c: int, ha
         filt = [(h_ref[ch, 2 * j, :, :], h_ref[ch, 2 * j + 1, :, :]) for j in range(2)
                 if 2 * j + 1 < h_ref.shape[1]]
         if geo.mode == "complex":  # one complex signal a[0] + i a[1]
-            w = _cprod(filt[0], _forward((a[0], a[1]), c, geo))
+            w = _cprod(filt[0], _forward((a[0], a[1]), c, geo, precision))
         else:  # real: one real signal; r2c: W = Ke Xe + Ko Xo
-            w = [_cprod(k, _forward((x, None), c, geo)) for k, x in zip(filt, a)]
+            w = [_cprod(k, _forward((x, None), c, geo, precision)) for k, x in zip(filt, a)]
             w = w[0] if len(w) == 1 else (w[0][0] + w[1][0], w[0][1] + w[1][1])
-        y = _inverse(w, c, geo, real_only=geo.mode == "real")
+        y = _inverse(w, c, geo, geo.mode == "real", precision)
         for s in range(n_sig):  # real: Re; r2c: even (Re), odd (Im); complex: Re, Im
             out = y[s]
             if has_bias:
@@ -179,8 +211,8 @@ def _compiler_params(interpret: bool, m: int):
 def _filter_planes(spec, m: int, plan: MonarchPlan, cols: tuple[int, ...]):
     """spec [channels, M] complex (the filter's spectrum, or its conjugate for the backward) ->
     [channels', F, spec_rows, Nk] float32 planes in the kernel's spectrum layout: F = 2 (H;
-    the outer step: channels' = channels * Q, one filter H[Q f_r + f_q] per residue f_q) or
-    F = 4 (r2c: Ke, Ko)."""
+    the outer step: channels' = channels * (Q/2+1), one filter H[Q f_r + f_q] per residue
+    f_q <= Q/2) or F = 4 (r2c: Ke, Ko)."""
     geo = plan.geometry(m)
     c = spec.shape[0]
     if plan.r2c:
@@ -188,8 +220,9 @@ def _filter_planes(spec, m: int, plan: MonarchPlan, cols: tuple[int, ...]):
         hp, hm = (spec[:, :half] + spec[:, half:]) / 2, (spec[:, :half] - spec[:, half:]) / 2
         w = jnp.asarray(np.exp(-2j * np.pi * np.arange(half) / m).astype(np.complex64))
         filts = [hp + 1j * hm * jnp.conj(w), hm * w + 1j * hp]  # Ke, Ko  [channels, M/2]
-    elif plan.outer > 1:
-        filts = [spec.reshape(c, geo.size, plan.outer).swapaxes(1, 2).reshape(-1, geo.size)]
+    elif plan.outer > 1:  # [channels, R, Q] -> [channels, f_q <= Q/2, R]
+        per_residue = spec.reshape(c, geo.size, plan.outer).swapaxes(1, 2)
+        filts = [per_residue[:, : monarch.outer_residues(plan.outer)].reshape(-1, geo.size)]
     else:
         filts = [spec]
     idx = monarch.spectrum_index(geo.size, geo.factors)[:, np.asarray(cols)]  # [rows, Nk]
@@ -217,7 +250,8 @@ def _from_kernel_layout(y, plan: MonarchPlan, n: int):
 
 
 def _kernel_call(sig: list, bias, filt, *, geo: KernelGeometry, cols: tuple[int, ...],
-                 block_c: int, interpret: bool, has_pre: bool, has_post: bool):
+                 block_c: int, precision: str, interpret: bool, has_pre: bool,
+                 has_post: bool):
     """The pallas_call: sig = [x, pre?, post?] each [batch, channels', S, rows_in, width]
     float32 or input dtype; bias [channels'] or None; filt [channels', F, spec_rows, Nk] ->
     float32 [batch, channels', S, rows_in, width]."""
@@ -233,8 +267,9 @@ def _kernel_call(sig: list, bias, filt, *, geo: KernelGeometry, cols: tuple[int,
     if bias is not None:
         extra = [bias.astype(jnp.float32).reshape(c, 1)]
         extra_specs = [pl.BlockSpec((block_c, 1), lambda i, j: (j, 0))]
-    kernel = functools.partial(_kernel, names=names, geo=geo, block_c=block_c, has_pre=has_pre,
-                               has_post=has_post, has_bias=bias is not None)
+    kernel = functools.partial(_kernel, names=names, geo=geo, block_c=block_c,
+                               precision=precision, has_pre=has_pre, has_post=has_post,
+                               has_bias=bias is not None)
     return pl.pallas_call(
         kernel,
         grid=(b, c // block_c),
@@ -249,36 +284,38 @@ def _kernel_call(sig: list, bias, filt, *, geo: KernelGeometry, cols: tuple[int,
 
 def _outer_forward(x: jax.Array, m: int, q: int) -> tuple[jax.Array, jax.Array]:
     """The outer step's forward half: x [b, c, Q/2, R] float32 (x[q, r] = v[r + R q]; zero for
-    q >= Q/2) -> the kernel's complex inputs (re, im) [b, c, Q, R],
-    B[f_q, r] = ω_M^(r f_q) sum_{q < Q/2} x[q, r] ω_Q^(q f_q)."""
+    q >= Q/2) -> the kernel's complex inputs (re, im) [b, c, Q/2+1, R] for the residues
+    f_q <= Q/2 (``monarch.outer_matrices``), B[f_q, r] = ω_M^(r f_q) sum_{q < Q/2} x[q, r]
+    ω_Q^(q f_q)."""
     mats = monarch.outer_matrices(m, q)
     if q > monarch.MAX_DENSE_OUTER_DFT:  # O(log Q) work per element instead of O(Q)
-        spec = jnp.fft.fft(x, n=q, axis=2)  # [b, c, Q, R] complex64
+        spec = jnp.fft.rfft(x, n=q, axis=2)  # [b, c, Q/2+1, R] complex64
         br, bi = spec.real, spec.imag
     else:
         hi = lax.Precision.HIGHEST
-        br = jnp.einsum("fq,bcqr->bcfr", mats["fwd_re"], x, precision=hi)  # [b, c, Q, R]
+        br = jnp.einsum("fq,bcqr->bcfr", mats["fwd_re"], x, precision=hi)  # [b, c, Q/2+1, R]
         bi = jnp.einsum("fq,bcqr->bcfr", mats["fwd_im"], x, precision=hi)
-    tr, ti = mats["tw_re"], mats["tw_im"]  # [Q, R]
+    tr, ti = mats["tw_re"], mats["tw_im"]  # [Q/2+1, R]
     return br * tr - bi * ti, br * ti + bi * tr
 
 
 def _outer_inverse(yr: jax.Array, yi: jax.Array, m: int, q: int) -> jax.Array:
-    """The outer step's inverse half: the inner convolutions (re, im) [b, c, Q, R] (indexed
-    [f_q, r]) -> y[q, r] = Re sum_f ω_Q^(-q f) ω_M^(-r f) (.)[f, r] / Q for the wanted q < Q/2,
-    float32 [b, c, Q/2, R]."""
+    """The outer step's inverse half: the inner convolutions (re, im) [b, c, Q/2+1, R] (indexed
+    [f_q, r], f_q <= Q/2) -> y[q, r] = Re sum_{f <= Q/2} c_f ω_Q^(-q f) ω_M^(-r f) (.)[f, r] / Q
+    (c_f: ``monarch.outer_matrices``; the residues above Q/2 add the conjugates of those below)
+    for the wanted q < Q/2, float32 [b, c, Q/2, R]."""
     mats = monarch.outer_matrices(m, q)
-    tr, ti = mats["tw_re"], mats["tw_im"]  # [Q, R]
+    tr, ti = mats["tw_re"], mats["tw_im"]  # [Q/2+1, R]
     zr, zi = yr * tr + yi * ti, yi * tr - yr * ti  # ⊙ ω_M^(-r f_q)
-    if q > monarch.MAX_DENSE_OUTER_DFT:
-        return jnp.fft.ifft(lax.complex(zr, zi), axis=2)[:, :, : q // 2].real  # 1/Q included
+    if q > monarch.MAX_DENSE_OUTER_DFT:  # irfft: that weighted real sum, 1/Q included
+        return jnp.fft.irfft(lax.complex(zr, zi), n=q, axis=2)[:, :, : q // 2]
     hi = lax.Precision.HIGHEST
     return (jnp.einsum("qf,bcfr->bcqr", mats["inv_re"], zr, precision=hi)
             - jnp.einsum("qf,bcfr->bcqr", mats["inv_im"], zi, precision=hi))
 
 
 def _outer_conv(v, spec, plan: MonarchPlan, cols: tuple[int, ...], block_c: int,
-                interpret: bool):
+                precision: str, interpret: bool):
     """The outer decimation-in-frequency step (module docstring): v [batch, channels, N] float32
     -> the first N samples of circ_conv_M(v, h), float32. The Q-point DFTs are matmuls with a
     precomputed DFT matrix up to Q = ``monarch.MAX_DENSE_OUTER_DFT`` (small enough that the
@@ -286,21 +323,22 @@ def _outer_conv(v, spec, plan: MonarchPlan, cols: tuple[int, ...], block_c: int,
     b, c, n = v.shape
     m = spec.shape[-1]
     q, geo = plan.outer, plan.geometry(m)
-    r = geo.size
+    r, half = geo.size, monarch.outer_residues(q)
     x = jnp.pad(v, ((0, 0), (0, 0), (0, m // 2 - n))).reshape(b, c, q // 2, r)  # [b, c, Q/2, R]
-    xr, xi = _outer_forward(x, m, q)  # [b, c, Q, R]
-    sig = jnp.stack([xr, xi], axis=3).reshape(b, c * q, 2, geo.rows_in, geo.width)
+    xr, xi = _outer_forward(x, m, q)  # [b, c, Q/2+1, R]
+    sig = jnp.stack([xr, xi], axis=3).reshape(b, c * half, 2, geo.rows_in, geo.width)
     filt = _filter_planes(spec, m, plan, cols)
     y = _kernel_call([sig], None, filt, geo=geo, cols=cols, block_c=block_c,
-                     interpret=interpret, has_pre=False, has_post=False)
-    y = y.reshape(b, c, q, 2, r)  # [b, c, f_q, (re, im), r]: the inner convolutions
+                     precision=precision, interpret=interpret, has_pre=False, has_post=False)
+    y = y.reshape(b, c, half, 2, r)  # [b, c, f_q, (re, im), r]: the inner convolutions
     out = _outer_inverse(y[:, :, :, 0], y[:, :, :, 1], m, q)  # [b, c, Q/2, R]
     return out.reshape(b, c, m // 2)[..., :n]
 
 
-@functools.partial(jax.jit, static_argnames=("plan", "cols", "block_c", "interpret"))
+@functools.partial(jax.jit, static_argnames=("plan", "cols", "block_c", "precision",
+                                             "interpret"))
 def _circular_conv(x, pre, post, bias, spec, *, plan: MonarchPlan, cols: tuple[int, ...],
-                   block_c: int, interpret: bool):
+                   block_c: int, precision: str, interpret: bool):
     """x, pre, post [batch, channels, N] (pre/post may be None); bias [channels] or None;
     spec [channels, M] complex (the filter's spectrum) -> float32 [batch, channels, N]:
     post * (first N samples of circ_conv_M(pre * x, h) + bias * pre * x)."""
@@ -310,26 +348,27 @@ def _circular_conv(x, pre, post, bias, spec, *, plan: MonarchPlan, cols: tuple[i
         v = x.astype(jnp.float32)
         if pre is not None:
             v = v * pre.astype(jnp.float32)
-        y = _outer_conv(v, spec, plan, cols, block_c, interpret)
+        y = _outer_conv(v, spec, plan, cols, block_c, precision, interpret)
         if bias is not None:
             y = y + bias.astype(jnp.float32)[:, None] * v
         return y if post is None else y * post.astype(jnp.float32)
     geo = plan.geometry(m)
     sig = [_to_kernel_layout(a, geo, plan, m // 2) for a in (x, pre, post) if a is not None]
     y = _kernel_call(sig, bias, _filter_planes(spec, m, plan, cols), geo=geo, cols=cols,
-                     block_c=block_c, interpret=interpret, has_pre=pre is not None,
-                     has_post=post is not None)
+                     block_c=block_c, precision=precision, interpret=interpret,
+                     has_pre=pre is not None, has_post=post is not None)
     return _from_kernel_layout(y, plan, n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9))
-def fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, interpret,
-            plan=None):
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+def fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot_precision,
+            interpret, plan=None):
     """u [batch, channels, N]; k [channels, L]; gates [batch, channels, N] or None; bias
-    [channels] or None -> float32 y [batch, channels, N]. ``plan``: a ``monarch.MonarchPlan``
-    or None for ``monarch.choose_plan``'s by size."""
-    return _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, interpret,
-                plan)[0]
+    [channels] or None -> float32 y [batch, channels, N]. ``dot_precision``: one of
+    ``DOT_PRECISIONS``, for the kernel's matmuls forward and backward. ``plan``: a
+    ``monarch.MonarchPlan`` or None for ``monarch.choose_plan``'s by size."""
+    return _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot_precision,
+                interpret, plan)[0]
 
 
 def _filter(k, n: int, offset: int, freq_sparsity: float, plan: MonarchPlan | None):
@@ -348,21 +387,22 @@ def _filter(k, n: int, offset: int, freq_sparsity: float, plan: MonarchPlan | No
     return jnp.fft.fft(h, axis=-1), plan, cols
 
 
-def _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, interpret, plan):
+def _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot_precision,
+         interpret, plan):
     spec, plan, cols = _filter(k, u.shape[-1], offset, freq_sparsity, plan)
     y = _circular_conv(u, pre_gate, post_gate, bias, spec, plan=plan, cols=cols,
-                       block_c=block_c, interpret=interpret)
+                       block_c=block_c, precision=dot_precision, interpret=interpret)
     return y, (u, k, pre_gate, post_gate, bias)
 
 
-def _bwd(offset, freq_sparsity, block_c, interpret, plan, res, g):
+def _bwd(offset, freq_sparsity, block_c, dot_precision, interpret, plan, res, g):
     u, k, pre_gate, post_gate, bias = res
     n = u.shape[-1]
     m = monarch.fft_size(n)
     spec, plan, cols = _filter(k, n, offset, freq_sparsity, plan)
     g = g.astype(jnp.float32)
     run = functools.partial(_circular_conv, plan=plan, cols=cols, block_c=block_c,
-                            interpret=interpret)
+                            precision=dot_precision, interpret=interpret)
     d_post = None
     if post_gate is not None:
         y_core = run(u, pre_gate, None, bias, spec)  # recomputed rather than kept as a residual

@@ -20,6 +20,14 @@ BF16_RTOL = 1e-2
 # Gradients: a forward and a backward FFT conv (or correlation) in float32 (measured <= 1e-6 on
 # every Monarch plan; order 3 and the outer step add a DFT stage each, ~eps * log2(M) apiece).
 GRAD_RTOL = 1e-5
+# The kernel's reduced-precision matmuls (dot_precision), forward and gradients, relative error:
+# bf16x3 drops lo*lo and rounds lo (~2^-17 per operand per matmul, a few matmuls in a row):
+# measured 4.8e-6 in the test, 2.6e-6 to 5.9e-6 over N 250..4096 and every plan; bf16 rounds each
+# operand to 2^-9: measured 3.2e-3, 1.7e-3 to 3.7e-3. The floors: float32 dots measure <= 3e-7,
+# so an error above them shows the bf16 rounding really happened (XLA:CPU would silently run a
+# bf16 dot algorithm in float32).
+DOT_RTOL = {"bf16x3": 2e-5, "bf16": 1e-2}
+DOT_ERROR_FLOOR = {"bf16x3": 1e-6, "bf16": 1e-4}
 BACKENDS = ("xla", "pallas")
 BATCH, CHANNELS = 1, 2  # small: pallas runs interpreted on CPU
 
@@ -36,6 +44,13 @@ def _inputs(n, l, *, batch=BATCH, channels=CHANNELS, seed=0, smooth=False):
     if smooth:  # a Hyena-like filter: a smooth random walk under an exponential decay window
         k = np.cumsum(k, axis=-1) / np.sqrt(l) * np.exp(-np.arange(l) / (0.1 * l))
     return u, jnp.asarray(k, jnp.float32)
+
+
+def _fftconv(u, k, **kw):
+    """fftconv with the Pallas kernel's matmuls in float32, also on a GPU (whose default is
+    bf16x3): F32_RTOL bounds the factorization's own error; the reduced precisions have
+    test_pallas_dot_precisions_within_their_tolerance."""
+    return fftconv(u, k, dot_precision="float32", **kw)
 
 
 def _gates(n, seed=1, channels=CHANNELS):
@@ -69,30 +84,35 @@ def test_reference_gates_and_bias_follow_definition():
     assert _rel(got, want) < 1e-6
 
 
-# pallas interprets on CPU (seconds per compile): one filter length per size, each size a plan
-# by size (r2c order 2 at M = 2048 and at M = 8192; plain order 2, the plan at N = 256, runs in
-# test_jit_matches_eager); the other plans run in test_outputs_and_grads_match_reference and
-# test_pallas_forced_plans_with_block_c_match_reference.
-SIZES = ([("xla", n, l) for n in (256, 1000, 4096) for l in (n, 17, n // 2)]
-         + [("pallas", 1000, 17), ("pallas", 4096, 2048)])
-
-
-@pytest.mark.parametrize("backend, n, l", SIZES)
-def test_backends_match_direct_convolution(backend, n, l):
+@pytest.mark.parametrize("n, l", [(n, l) for n in (256, 1000, 4096) for l in (n, 17, n // 2)])
+def test_xla_matches_direct_convolution(n, l):
     u, k = _inputs(n, l, seed=n + l)
-    got = fftconv(u, k, backend=backend)
-    want = fftconv(u, k, backend="reference")
+    got = fftconv(u, k, backend="xla")
     assert got.shape == u.shape and got.dtype == jnp.float32
-    assert _rel(got, want) < F32_RTOL
+    assert _rel(got, fftconv(u, k, backend="reference")) < F32_RTOL
+
+
+# pallas interprets on CPU (seconds per compile): the filter lengths of one N share one compiled
+# kernel (the filter enters as its size-M spectrum), so they run in one test. Each N takes its
+# plan by size: plain order 2 at M = 512, r2c order 2 at M = 2048 and at M = 8192; the other plans
+# run in test_outputs_and_grads_match_reference and
+# test_pallas_forced_plans_with_block_c_match_reference.
+@pytest.mark.parametrize("n", [256, 1000, 4096])
+def test_pallas_matches_direct_convolution_at_every_filter_length(n):
+    for l in (n, 17, n // 2):
+        u, k = _inputs(n, l, seed=n + l)
+        got = _fftconv(u, k, backend="pallas")
+        assert got.shape == u.shape and got.dtype == jnp.float32
+        assert _rel(got, fftconv(u, k, backend="reference")) < F32_RTOL, l
 
 
 @pytest.mark.slow
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("l", [32768, 17])
+@pytest.mark.parametrize("l", [32768, 17, 16384])
 def test_backends_match_direct_convolution_long(backend, l):
     n = 32768
     u, k = _inputs(n, l, channels=1)
-    assert _rel(fftconv(u, k, backend=backend), fftconv(u, k, backend="reference")) < F32_RTOL
+    assert _rel(_fftconv(u, k, backend=backend), fftconv(u, k, backend="reference")) < F32_RTOL
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -101,7 +121,7 @@ def test_bidirectional_matches_direct_convolution(backend, n, l):
     u, k = _inputs(n, l, seed=3)
     pre, post, bias = _gates(n)
     kw = dict(bidirectional=True, pre_gate=pre, post_gate=post, bias=bias)
-    assert _rel(fftconv(u, k, backend=backend, **kw),
+    assert _rel(_fftconv(u, k, backend=backend, **kw),
                 fftconv(u, k, backend="reference", **kw)) < F32_RTOL
 
 
@@ -114,7 +134,7 @@ def test_gates_and_bias_match_reference(backend):
     # run every gate together too.
     cases = [dict(pre_gate=pre), dict(post_gate=post), dict(bias=bias)] if backend == "xla" else []
     for kw in cases + [dict(pre_gate=pre, post_gate=post, bias=bias)]:
-        assert _rel(fftconv(u, k, backend=backend, **kw),
+        assert _rel(_fftconv(u, k, backend=backend, **kw),
                     fftconv(u, k, backend="reference", **kw)) < F32_RTOL, kw
 
 
@@ -153,9 +173,9 @@ def test_outputs_and_grads_match_reference(backend, bidirectional, freq_sparsity
 
     def fwd_bwd(be, kw):
         def f(u, k, pre, post, bias):
-            return fftconv(u, k, pre_gate=pre, post_gate=post, bias=bias,
-                           bidirectional=bidirectional, freq_sparsity=freq_sparsity, backend=be,
-                           **kw)
+            return _fftconv(u, k, pre_gate=pre, post_gate=post, bias=bias,
+                            bidirectional=bidirectional, freq_sparsity=freq_sparsity, backend=be,
+                            **kw)
         return jax.jit(lambda *args: (lambda y, vjp: (y, vjp(w)))(*jax.vjp(f, *args)))
 
     y, got = fwd_bwd(backend, plan_kw)(u, k, pre, post, bias)
@@ -166,12 +186,32 @@ def test_outputs_and_grads_match_reference(backend, bidirectional, freq_sparsity
         assert _rel(g, r) < GRAD_RTOL, name
 
 
+@pytest.mark.parametrize("precision", ["bf16x3", "bf16"])
+def test_pallas_dot_precisions_within_their_tolerance(precision):
+    """Forward and gradients of the kernel with reduced-precision matmuls (the plan by size at
+    this N: plain order 2, the cheapest to interpret) against the float32 reference: within the
+    precision's tolerance, and above float32's error (the bf16 rounding is emulated)."""
+    n, l = 250, 40
+    u, k = _inputs(n, l, seed=13)
+    w = jnp.asarray(np.random.default_rng(14).normal(size=u.shape), jnp.float32)
+
+    def fwd_bwd(**kw):
+        return jax.jit(lambda u, k: (lambda y, vjp: (y, vjp(w)))(
+            *jax.vjp(lambda u, k: fftconv(u, k, **kw), u, k)))(u, k)
+
+    y, (du, dk) = fwd_bwd(backend="pallas", dot_precision=precision)
+    y_ref, (du_ref, dk_ref) = fwd_bwd(backend="reference")
+    for name, got, want in (("y", y, y_ref), ("du", du, du_ref)):
+        assert DOT_ERROR_FLOOR[precision] < _rel(got, want) < DOT_RTOL[precision], name
+    assert _rel(dk, dk_ref) < GRAD_RTOL  # the filter gradient is a jnp.fft correlation
+
+
 @pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_partial_equals_truncated_filter(backend, bidirectional):
     n, l, p = 1000, 500, 37
     u, k = _inputs(n, l, seed=8)
-    got = fftconv(u, k, partial=p, bidirectional=bidirectional, backend=backend)
+    got = _fftconv(u, k, partial=p, bidirectional=bidirectional, backend=backend)
     if bidirectional:  # the centre stays at (L - 1) // 2: dropped taps are zero
         want = fftconv(u, k.at[:, p:].set(0), bidirectional=True, backend="reference")
     else:
@@ -201,7 +241,7 @@ def test_freq_sparse_backends_match_reference(backend, n):
         assert len(cols) == 16 and geo.factors == (32, 32)
     for r in (0.0, 0.25, 0.75):
         kw = dict(freq_sparsity=r, post_gate=post, bias=bias)
-        assert _rel(fftconv(u, k, backend=backend, **kw),
+        assert _rel(_fftconv(u, k, backend=backend, **kw),
                     fftconv(u, k, backend="reference", **kw)) < F32_RTOL, r
 
 
@@ -237,7 +277,7 @@ def test_pallas_forced_plans_with_block_c_match_reference(n, plan, factors):
     u, k = _inputs(n, 40, channels=4, seed=11)
     pre, post, bias = _gates(n, channels=4)
     kw = dict(pre_gate=pre, post_gate=post, bias=bias)
-    assert _rel(fftconv(u, k, backend="pallas", block_c=2, monarch_plan=plan, **kw),
+    assert _rel(_fftconv(u, k, backend="pallas", block_c=2, monarch_plan=plan, **kw),
                 fftconv(u, k, backend="reference", **kw)) < F32_RTOL
 
 
@@ -246,8 +286,8 @@ def test_jit_matches_eager(backend):
     n, l = 256, 17
     u, k = _inputs(n, l, seed=12)
     pre, _, bias = _gates(n)
-    f = jax.jit(lambda u, k, pre, bias: fftconv(u, k, pre_gate=pre, bias=bias, partial=9,
-                                                  backend=backend))
+    f = jax.jit(lambda u, k, pre, bias: _fftconv(u, k, pre_gate=pre, bias=bias, partial=9,
+                                                   backend=backend))
     want = fftconv(u, k[:, :9], pre_gate=pre, bias=bias, backend="reference")
     assert _rel(f(u, k, pre, bias), want) < F32_RTOL
 
@@ -270,25 +310,31 @@ def test_choose_plan_follows_size_rule_and_lowers():
         geo = plan.geometry(m)
         assert geo.lowers_to_triton and geo.size <= monarch.MAX_KERNEL_SIZE, n
         plain = ORDER2.geometry(m)
-        assert (geo.real_macs(geo.factors[-1]) * plan.outer
+        assert (geo.real_macs(geo.factors[-1]) * monarch.outer_residues(plan.outer)
                 <= plain.real_macs(plain.factors[-1])), n
 
 
-# (n, plan): each kernel mode and order as chosen by size (None: order 2 real, r2c order 2, r2c
-# order 3, the outer step around order-3 kernels), and the forced plans that the benchmark's
-# monarch_plan sweep runs on a GPU at N = 4096 and no size chooses: plain order 3 in real mode and
-# order 3 inside an outer step of Q = 2. (Its order-3 r2c kernel at N = 4096 has 8 input rows, too
-# few for Triton: the sweep skips it.) Last, an outer step with Q = 256 > MAX_DENSE_OUTER_DFT (its
-# Q-point DFTs by jnp.fft, as the rule does from N = 2^21) around an order-2 kernel of 16 x 16.
-LOWERING_CASES = [(256, None), (1000, None), (8192, None), (32768, None),
-                  (4096, ORDER3), (4096, OUTER_ORDER3), (32768, MonarchPlan(order=2, outer=256))]
+# (n, plan, dot_precision): each kernel mode and order as chosen by size (None: order 2 real, r2c
+# order 2, r2c order 3, the outer step around order-3 kernels), and the forced plans that the
+# benchmark's monarch_plan sweep runs on a GPU at N = 4096 and no size chooses: plain order 3 in
+# real mode and order 3 inside an outer step of Q = 2. (Its order-3 r2c kernel at N = 4096 has 8
+# input rows, too few for Triton: the sweep skips it.) Then an outer step with Q = 256 >
+# MAX_DENSE_OUTER_DFT (its Q-point DFTs by jnp.fft, as the rule does from N = 2^21) around an
+# order-2 kernel of 16 x 16. These with float32 matmuls (a plan's shapes do not depend on the
+# precision, and the three bf16 dots of bf16x3 triple the lowering time); last, at one plan, the
+# GPU's default bf16x3: its casts and bf16 dots (bf16's one dot is one of those three).
+LOWERING_CASES = (
+    [(n, plan, "float32") for n, plan in [
+        (256, None), (1000, None), (8192, None), (32768, None), (4096, ORDER3),
+        (4096, OUTER_ORDER3), (32768, MonarchPlan(order=2, outer=256))]]
+    + [(1000, None, "bf16x3")])
 
 
-@pytest.mark.parametrize("n, plan", LOWERING_CASES)
-def test_pallas_plans_lower_to_triton(n, plan):
+@pytest.mark.parametrize("n, plan, precision", LOWERING_CASES)
+def test_pallas_plans_lower_to_triton(n, plan, precision):
     """The plan's kernel, forward and backward, passes the Pallas -> Triton lowering (block
-    shapes, reshapes and transposes in the kernel); lowering needs no GPU, compiling to PTX
-    does."""
+    shapes, reshapes and transposes in the kernel, bf16 casts and dots); lowering needs no GPU,
+    compiling to PTX does."""
     pytest.importorskip("jax.experimental.pallas.triton")
     if plan is not None:
         assert plan.geometry(monarch.fft_size(n)).lowers_to_triton
@@ -297,7 +343,7 @@ def test_pallas_plans_lower_to_triton(n, plan):
     bias = jax.ShapeDtypeStruct((4,), jnp.float32)
 
     def fwd_bwd(u, k, pre, post, bias):
-        y, vjp = jax.vjp(lambda *a: pallas_gpu.fftconv(*a, 0, 0.0, 1, False, plan),
+        y, vjp = jax.vjp(lambda *a: pallas_gpu.fftconv(*a, 0, 0.0, 1, precision, False, plan),
                          u, k, pre, post, bias)
         return vjp(y)
 
@@ -329,9 +375,13 @@ BAD_INPUTS = [  # (what to change, error type, words the message must contain)
     (dict(pre_gate=jnp.zeros((1, 2, 255))), ValueError, "pre_gate must have u's shape"),
     (dict(bias=jnp.zeros((3,))), ValueError, "bias must be [channels]"),
     (dict(partial=0), ValueError, "partial"),
+    (dict(partial=True), ValueError, "partial"),
+    (dict(partial=np.float32(9)), ValueError, "partial"),
     (dict(freq_sparsity=1.0), ValueError, "freq_sparsity"),
+    (dict(freq_sparsity=np.bool_(False)), ValueError, "freq_sparsity"),
     (dict(backend="cuda"), ValueError, "backend"),
     (dict(backend="pallas", block_c=3), ValueError, "block_c"),
+    (dict(backend="pallas", dot_precision="tf32"), ValueError, "dot_precision must be one of"),
     (dict(backend="pallas", monarch_plan="order3"), TypeError, "monarch_plan must be"),
     (dict(backend="pallas", monarch_plan=MonarchPlan(outer=1024)), ValueError, "does not fit"),
     # a MonarchPlan checks its own fields: built inside the test (lambda) as construction raises
@@ -354,3 +404,13 @@ def test_bad_inputs_raise_clear_errors(change, error, words):
         args = {name: value() if callable(value) else value for name, value in args.items()}
         fftconv(u, k, **args)
     assert words in str(info.value)
+
+
+def test_numpy_scalar_options_equal_python_scalars():
+    """partial and freq_sparsity taken from numpy (np.int64, np.float32: what arrays and configs
+    loaded with numpy hand over) give exactly what the Python scalars give. (fftconv turns them
+    into Python scalars before any backend sees them, so one backend checks it.)"""
+    u, k = _inputs(256, 40, seed=15)
+    want = fftconv(u, k, partial=9, freq_sparsity=0.25, backend="xla")
+    got = fftconv(u, k, partial=np.int64(9), freq_sparsity=np.float32(0.25), backend="xla")
+    np.testing.assert_array_equal(got, want)
