@@ -6,7 +6,7 @@
 Implementations, all on the same inputs in the same process:
   xla, pallas, reference   kernels_pallas.flash_attention(backend=...) (pallas runs in interpret
                            mode on CPU: it measures the interpreter, not a kernel)
-  jax_nn_xla               jax.nn.dot_product_attention(implementation="xla")   (the peer)
+  jax_nn_xla               jax.nn.dot_product_attention(implementation="xla")
   jax_nn_cudnn             jax.nn.dot_product_attention(implementation="cudnn") (GPU only)
   jax_pallas_mha           jax.experimental.pallas.ops.gpu.attention.mha (Triton; GPU only)
 
@@ -15,7 +15,8 @@ GPU (smaller on CPU). FLOPs count the matmuls a dense kernel would do on the vis
 score matrix: forward 4·B·H·S²·D (halved, exactly (S+1)/2S, when causal), forward+backward 3.5x
 that (FA2's convention: the backward does 5 matmuls to the forward's 2). Every implementation is
 credited with the same count, so TFLOP/s ratios are speed ratios. ``speedup_vs_<peer>`` is
-time(peer) / time(impl) on the same row settings. A failed configuration (e.g. out of memory for
+time(peer) / time(impl) on the same row settings, for each peer that ran: jax_nn_xla,
+jax_nn_cudnn and jax_pallas_mha. A failed configuration (e.g. out of memory for
 the reference at 16K) is recorded with its error and skipped.
 
 A second table times ``paged_decode_attention`` (one query token per sequence over a shuffled page
@@ -276,7 +277,7 @@ def main() -> None:
                         row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3,
                                    max_ms=max(times) * 1e3, tflops=flops / med / 1e12)
                         rows.append(row)
-    peers = [p for p in ("jax_nn_xla", "jax_nn_cudnn") if p in args.impls]
+    peers = [p for p in ("jax_nn_xla", "jax_nn_cudnn", "jax_pallas_mha") if p in args.impls]
     add_ratios(rows, ("mask", "D", "S", "mode"), peers)
     columns = ["mask", "D", "S", "mode", "impl", "median_ms", "min_ms", "max_ms", "tflops"]
     print_table(rows, columns + [f"speedup_vs_{p}" for p in peers])

@@ -1,5 +1,5 @@
-"""Validation of flash_attention's, paged_decode_attention's and ragged_paged_attention's
-arguments at the API: one ValueError/TypeError per mistake."""
+"""Validation of flash_attention's, paged_decode_attention's, ragged_paged_attention's,
+merge_attention's and tile_fraction's arguments at the API: one ValueError/TypeError per mistake."""
 
 from __future__ import annotations
 
@@ -143,6 +143,49 @@ def check_block_sizes(blocks, *, pallas: bool) -> None:
         minimum = 16 if field.name.startswith("block") else 1
         check_block(f"block_sizes.{field.name}", value, pallas=pallas and minimum == 16,
                     minimum=minimum)
+
+
+def check_merge(o1, lse1, o2, lse2) -> None:
+    """merge_attention's parts: o1, o2 float [..., D] of one shape, lse1, lse2 float [...] =
+    o.shape[:-1]. Any leading axes are allowed ([batch, T, H, D] from flash_attention, [batch, H,
+    D] from decode); the dtypes may differ between the parts (a float32 accumulator and a bf16
+    part)."""
+    _check_arrays(o1=o1, lse1=lse1, o2=o2, lse2=lse2)
+    if o1.ndim < 1 or o1.shape != o2.shape:
+        raise ValueError(f"o1 and o2 must have the same shape [..., D]; "
+                         f"got o1 {_shape(o1)} and o2 {_shape(o2)}")
+    for name, lse in (("lse1", lse1), ("lse2", lse2)):
+        if lse.shape != o1.shape[:-1]:
+            expected = ", ".join(str(n) for n in o1.shape[:-1])
+            raise ValueError(f"{name} must have shape o1.shape[:-1] = [{expected}]; "
+                             f"got {name} {_shape(lse)}")
+    for name, x in (("o1", o1), ("lse1", lse1), ("o2", o2), ("lse2", lse2)):
+        if not jnp.issubdtype(x.dtype, jnp.floating):
+            raise ValueError(f"{name} must have a floating dtype; got {x.dtype}")
+
+
+def check_tile_fraction(t, s, causal, local_window, segment_ids, block_q, block_k):
+    """tile_fraction's arguments -> (window (left, right) or None, q_ids int32 [batch, T] and
+    kv_ids int32 [batch, S], or None, None), with flash_attention's rules for T, S, the window and
+    the segment ids; any positive block size counts (the XLA path's tiles need not be powers of
+    two)."""
+    for name, n in (("t", t), ("s", s)):
+        if not _is_int(n) or n < 1:
+            raise ValueError(f"{name} must be a positive int; got {n!r}")
+    if t > s:
+        raise ValueError(f"t may not exceed s (T <= S: the queries are the last T of the S "
+                         f"positions); got t={t}, s={s}")
+    if not isinstance(causal, bool):
+        raise TypeError(f"causal must be a bool; got {causal!r}")
+    check_block("block_q", block_q, pallas=False, minimum=1)
+    check_block("block_k", block_k, pallas=False, minimum=1)
+    window = check_window(local_window)
+    # The batch is the ids' own: kv_ids [batch, S] (the pair's second entry or the one array).
+    pair = isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2
+    kv = segment_ids[1] if pair else segment_ids
+    batch = kv.shape[0] if getattr(kv, "ndim", 0) >= 1 else 1
+    q_ids, kv_ids = check_segment_ids(segment_ids, batch, t, s)
+    return window, q_ids, kv_ids
 
 
 def check_paged(q, k_pages, v_pages, page_table, lengths, k_scales=None, v_scales=None) -> None:

@@ -5,14 +5,19 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from kernels_pallas.attention import checks
+
 
 def merge_attention(o1, lse1, o2, lse2):
     """(o1, lse1) over keys K1 and (o2, lse2) over keys K2 -> (o, lse) over K1 ∪ K2.
 
-    o1, o2 [batch, T, H, D] (any float dtype; the result has o1's dtype); lse1, lse2 float32
-    [batch, T, H], -inf where a part saw no key. Weights exp(lse_i - lse) are computed in float32;
-    a row neither part saw stays o = 0, lse = -inf. Differentiable (no NaN gradients at -inf).
+    o1, o2 [..., D] of one shape, e.g. [batch, T, H, D] (any float dtypes; the result has o1's
+    dtype); lse1, lse2 float [...] = o1.shape[:-1], -inf where a part saw no key. Weights
+    exp(lse_i - lse) are computed in float32; a row neither part saw stays o = 0, lse = -inf.
+    Differentiable (no NaN gradients at -inf). Mismatched shapes or non-float dtypes raise
+    ValueError (broadcasting would silently give a wrong-shaped result).
     """
+    checks.check_merge(o1, lse1, o2, lse2)
     lse1 = lse1.astype(jnp.float32)
     lse2 = lse2.astype(jnp.float32)
     top = jnp.maximum(lse1, lse2)

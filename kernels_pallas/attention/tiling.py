@@ -273,23 +273,18 @@ def tile_fraction(t: int, s: int, *, causal: bool = False, local_window=None, se
     ``local_window`` is ``(left, right)`` or an int (symmetric); ``segment_ids`` an int array
     [batch, S] (T == S) or a pair ([batch, T], [batch, S]); the fraction is averaged over the batch.
     Defaults to the Pallas GPU forward tiles. 1.0 means dense; the run time of the masked part of
-    attention scales with this number.
+    attention scales with this number. Invalid arguments raise ValueError/TypeError as
+    ``flash_attention``'s do (T <= S, windows of ints >= 0, ids [batch, S]; blocks any int >= 1).
     """
+    from kernels_pallas.attention import checks  # checks imports BlockSizes from this module
+
+    window, q_seg, kv_seg = checks.check_tile_fraction(t, s, causal, local_window, segment_ids,
+                                                       block_q, block_k)
     defaults = DEFAULT_BLOCK_SIZES["pallas_gpu"]
     block_q = defaults.block_q if block_q is None else block_q
     block_k = defaults.block_k if block_k is None else block_k
-    if isinstance(local_window, int):
-        local_window = (local_window, local_window)
-    q_seg = kv_seg = None
-    if segment_ids is not None:
-        if isinstance(segment_ids, (tuple, list)):
-            q_seg, kv_seg = (jnp.asarray(a, jnp.int32) for a in segment_ids)
-        else:
-            kv_seg = jnp.asarray(segment_ids, jnp.int32)
-            q_seg = kv_seg[:, s - t:]
     nq, nk = cdiv(t, block_q), cdiv(s, block_k)
-    spec = MaskSpec(t, s, bool(causal), None if local_window is None else tuple(local_window),
-                    segment_ids is not None)
+    spec = MaskSpec(t, s, causal, window, segment_ids is not None)
     batch = 1 if q_seg is None else q_seg.shape[0]
     return float(_computed_tiles(spec, block_q, block_k, q_seg, kv_seg)) / (batch * nq * nk)
 

@@ -71,6 +71,13 @@ CASES = [
          dtype="bfloat16", causal=True, window=(7, 0), segments="packed"),
     Case("head_dim_80_causal", batch=1, t=33, s=33, hq=2, hkv=1, d=80, causal=True,
          block_q=32, block_k=32),
+    # The issue's head dims, small in T and S (a few tiles) to stay cheap: 64 and 128 fill the
+    # Pallas tiles exactly, 96 is zero-padded to 128, 256 is the widest.
+    Case("head_dim_64_gqa_causal", batch=1, t=17, s=17, hq=2, hkv=1, d=64, causal=True),
+    Case("head_dim_96_prefix_window", batch=1, t=9, s=20, hq=2, hkv=1, d=96, window=(6, 2)),
+    Case("head_dim_128_causal_bf16", batch=1, t=17, s=17, hq=2, hkv=2, d=128, dtype="bfloat16",
+         causal=True),
+    Case("head_dim_256_gqa_prefix_causal", batch=1, t=9, s=20, hq=2, hkv=1, d=256, causal=True),
 ]
 
 
@@ -133,3 +140,24 @@ def rel_err(actual, expected) -> float:
     np.testing.assert_array_equal(a[inf], e[inf])
     a, e = a[~inf], e[~inf]
     return float(np.max(np.abs(a - e)) / max(np.max(np.abs(e)), 1e-30)) if e.size else 0.0
+
+
+def check_against_oracle(backend: str, case: Case, **blocks):
+    """Forward, lse and the three gradients of ``backend`` on ``case`` within the dtype's
+    tolerance of the float32 reference; rows that see no key exactly 0 / -inf; grads finite."""
+    q, k, v, seg, ct_out, ct_lse = make_inputs(case)
+    out, lse, grads = forward_and_grads(backend, case, q, k, v, seg, ct_out, ct_lse, **blocks)
+    ref_out, ref_lse, ref_grads = oracle(case)
+    tol = TOLS[case.dtype]
+    assert out.dtype == q.dtype and lse.dtype == jnp.float32
+    assert lse.shape == (case.batch, case.t, case.hq)
+    assert rel_err(out, ref_out) < tol, "out"
+    # Rows that see no key (segment ids absent from the keys): out exactly 0, lse exactly -inf.
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
+    assert np.all(np.asarray(out, np.float32)[np.isinf(ref_lse)] == 0)
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+    for name, g, ref_g, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
+        assert g.shape == x.shape and g.dtype == x.dtype, name
+        assert np.all(np.isfinite(np.asarray(g, np.float32))), name
+        assert rel_err(g, ref_g) < tol, name

@@ -1,15 +1,19 @@
-"""Block sparsity (tile_fraction, loop bounds) and Triton lowering of the Pallas kernels."""
+"""Block sparsity (tile_fraction, loop bounds, skipped tiles) and Triton lowering of the Pallas
+kernels."""
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from kernels_pallas import tile_fraction
+from kernels_pallas import flash_attention, tile_fraction
 from kernels_pallas.attention import pallas_gpu, pallas_tpu, tiling
 from kernels_pallas.attention.reference import dense_mask
+from tests.kernels_pallas.attention_cases import F32_TOL, rel_err
 
 
 def test_tile_fraction_causal_square_is_lower_triangle():
@@ -74,6 +78,51 @@ def test_no_tile_is_full_with_segment_ids():
     assert not np.asarray(tiling.full_visibility(spec, 16, 16, 32, 32)).any()
 
 
+# Skipping, seen from outside: causal with window (15, 0) on 64 x 64 scores in 16 x 16 tiles leaves
+# q blocks 0 and 1 visiting key tile 0 and q blocks 2 and 3 (rows 32..63) never. NaN in that tile's
+# V poisons every row of a block that computes the tile (0 * NaN = NaN in P @ V, even where P is
+# masked to 0), so rows 32..63 stay finite only if their blocks skip the tile.
+SKIP_T, SKIP_BLOCK, SKIP_CLEAN_FROM = 64, 16, 32
+
+
+def _skip_inputs():
+    rng = np.random.default_rng(11)
+    q = jnp.asarray(rng.standard_normal((1, SKIP_T, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, SKIP_T, 1, 16)), jnp.float32) for _ in range(2))
+    ct = jnp.asarray(rng.standard_normal((1, SKIP_T, 2, 16)), jnp.float32)
+    return q, k, v, v.at[:, :SKIP_BLOCK].set(jnp.nan), ct
+
+
+@functools.lru_cache(maxsize=None)
+def _window_grad_fn(backend: str):
+    """jit of (q, k, v, ct) -> ((dq, dk, dv), out) for sum(out * ct), causal + window (15, 0)."""
+    blocks = {} if backend == "reference" else dict(block_q=SKIP_BLOCK, block_k=SKIP_BLOCK)
+
+    def loss(q, k, v, ct):
+        out = flash_attention(q, k, v, causal=True, local_window=(15, 0), backend=backend,
+                              **blocks)
+        return jnp.sum(out * ct), out
+    return jax.jit(jax.grad(loss, argnums=(0, 1, 2), has_aux=True))
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_tiles_the_mask_empties_are_skipped_so_nan_there_leaves_other_rows_finite(backend):
+    q, k, v, v_nan, ct = _skip_inputs()
+    (dq, dk, dv), out = _window_grad_fn(backend)(q, k, v_nan, ct)
+    (ref_dq, ref_dk, ref_dv), ref_out = _window_grad_fn("reference")(q, k, v, ct)
+    # The reference computes every score and masks: the NaN reaches all rows, as it would in a
+    # kernel that visited the empty tiles.
+    dense_out = _window_grad_fn("reference")(q, k, v_nan, ct)[1]
+    assert np.isnan(np.asarray(dense_out)[:, SKIP_CLEAN_FROM:]).all()
+    rows = slice(SKIP_CLEAN_FROM, None)  # query rows, and the keys only those rows see
+    for name, x, ref in (("out", out, ref_out), ("dq", dq, ref_dq), ("dk", dk, ref_dk),
+                         ("dv", dv, ref_dv)):
+        assert np.isfinite(np.asarray(x)[:, rows]).all(), name
+        assert rel_err(x[:, rows], ref[:, rows]) < F32_TOL, name
+    # The injected NaN is live: blocks 0 and 1, which need the tile, do read it.
+    assert np.isnan(np.asarray(out)[:, :SKIP_CLEAN_FROM]).any()
+
+
 @pytest.mark.parametrize("d", [64, 80, 96, 128, 256])
 def test_pallas_kernels_lower_to_triton(d):
     """Forward, dq and dk/dv kernels pass the Triton lowering (power-of-two tiles etc.) for the
@@ -123,3 +172,19 @@ def test_tpu_kernels_lower_to_mosaic(d):
 
     lowered = jax.jit(fwd_bwd).trace(q, kv, kv, ids_q, ids_kv).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 3
+
+
+@pytest.mark.parametrize("args,kwargs,error,match", [
+    ((64, 64), dict(block_q=0), ValueError, r"block_q must be None or a positive int; got 0"),
+    ((64, 64), dict(block_k=-16), ValueError, r"block_k must be None or a positive int; got -16"),
+    ((64, 64), dict(local_window=(-5, 0)), ValueError,
+     r"local_window must be .* pair \(left, right\) of ints >= 0; got \(-5, 0\)"),
+    ((65, 64), {}, ValueError, r"T <= S.*got t=65, s=64"),
+    ((0, 64), {}, ValueError, r"t must be a positive int; got 0"),
+    ((64, 64), dict(segment_ids=jnp.zeros((2, 63), jnp.int32)), ValueError,
+     r"segment_ids must have shape \[batch, S\] = \[2, 64\]; got \[2, 63\]"),
+    ((64, 64), dict(causal=1), TypeError, r"causal must be a bool; got 1"),
+])
+def test_tile_fraction_rejects_invalid_arguments(args, kwargs, error, match):
+    with pytest.raises(error, match=match):
+        tile_fraction(*args, **kwargs)

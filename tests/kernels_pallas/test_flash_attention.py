@@ -9,35 +9,16 @@ import pytest
 
 from kernels_pallas import flash_attention
 from kernels_pallas.backend import resolve_backend
-from tests.kernels_pallas.attention_cases import (CASES, F32_TOL, LSE_ATOL, TOLS, Case,
-                                                  forward_and_grads, make_inputs, oracle, rel_err)
+from tests.kernels_pallas.attention_cases import (CASES, F32_TOL, TOLS, Case,
+                                                  check_against_oracle, make_inputs, rel_err)
 
 BACKENDS = ["xla", "pallas"]  # pallas runs its kernels with interpret=True on CPU
-
-
-def _check_against_oracle(backend: str, case: Case, **blocks):
-    q, k, v, seg, ct_out, ct_lse = make_inputs(case)
-    out, lse, grads = forward_and_grads(backend, case, q, k, v, seg, ct_out, ct_lse, **blocks)
-    ref_out, ref_lse, ref_grads = oracle(case)
-    tol = TOLS[case.dtype]
-    assert out.dtype == q.dtype and lse.dtype == jnp.float32
-    assert lse.shape == (case.batch, case.t, case.hq)
-    assert rel_err(out, ref_out) < tol, "out"
-    # Rows that see no key (segment ids absent from the keys): out exactly 0, lse exactly -inf.
-    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
-    assert np.all(np.asarray(out, np.float32)[np.isinf(ref_lse)] == 0)
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
-    for name, g, ref_g, x in zip(("dq", "dk", "dv"), grads, ref_grads, (q, k, v)):
-        assert g.shape == x.shape and g.dtype == x.dtype, name
-        assert np.all(np.isfinite(np.asarray(g, np.float32))), name
-        assert rel_err(g, ref_g) < tol, name
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_forward_lse_and_grads_match_reference(backend, case):
-    _check_against_oracle(backend, case, block_q=case.block_q, block_k=case.block_k)
+    check_against_oracle(backend, case, block_q=case.block_q, block_k=case.block_k)
 
 
 # The TPU (Mosaic) kernel interpreted on a CPU costs ~8-15 s a case, so it runs the cases that
@@ -50,14 +31,14 @@ TPU_CASES = ("gqa2_causal_prefix", "segment_pair_empty_rows", "softcap_scale_bf1
 
 @pytest.mark.parametrize("case", [c for c in CASES if c.name in TPU_CASES], ids=lambda c: c.name)
 def test_tpu_kernel_forward_lse_and_grads_match_reference(case):
-    _check_against_oracle("pallas_tpu", case, block_q=case.block_q, block_k=case.block_k)
+    check_against_oracle("pallas_tpu", case, block_q=case.block_q, block_k=case.block_k)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_default_blocks_match_reference(backend):
     """Default tiles (larger than T and S here: one tile, shrunk and padded) are right too."""
     case = Case("defaults_mha_full_odd", batch=2, t=37, s=37, hq=2, hkv=2, d=16)
-    _check_against_oracle(backend, case)
+    check_against_oracle(backend, case)
 
 
 def test_sweep_includes_rows_that_see_no_key():

@@ -85,3 +85,30 @@ def test_merge_is_symmetric_and_weights_by_exp_lse():
     np.testing.assert_allclose(lse, np.log(4.0), rtol=1e-6)
     out_swapped, _ = merge(o2, lse2, o1, lse1)
     np.testing.assert_allclose(out_swapped, out, rtol=1e-6)
+
+
+_O = jnp.ones((1, 2, 1, 4), jnp.float32)
+_LSE = jnp.zeros((1, 2, 1), jnp.float32)
+
+
+@pytest.mark.parametrize("args,match", [
+    # an lse of the wrong rank used to broadcast into a [1, 2, 2, 4] result
+    ((_O, _LSE, _O, jnp.zeros((1, 2))),
+     r"lse2 must have shape o1.shape\[:-1\] = \[1, 2, 1\]; got lse2 \[1, 2\]"),
+    ((_O, jnp.zeros((1, 2, 4)), _O, _LSE), r"lse1 must have shape .* got lse1 \[1, 2, 4\]"),
+    ((_O, _LSE, jnp.ones((1, 2, 2, 4)), _LSE),
+     r"o1 and o2 must have the same shape \[..., D\]; got o1 \[1, 2, 1, 4\] and o2 \[1, 2, 2, 4\]"),
+    ((_O.astype(jnp.int32), _LSE, _O, _LSE), r"o1 must have a floating dtype; got int32"),
+    ((_O, _LSE, _O, _LSE.astype(jnp.int32)), r"lse2 must have a floating dtype; got int32"),
+])
+def test_merge_rejects_mismatched_shapes_and_non_float_dtypes(args, match):
+    with pytest.raises(ValueError, match=match):
+        merge_attention(*args)
+
+
+def test_merge_rejects_non_arrays_and_accepts_mixed_float_dtypes_of_any_rank():
+    with pytest.raises(TypeError, match=r"lse1 must be an array; got list"):
+        merge_attention(_O, [0.0], _O, _LSE)
+    # decode's [batch, H, D] parts, a float32 accumulator merged with a bfloat16 part
+    out, lse = merge_attention(_O[0], _LSE[0], _O[0].astype(jnp.bfloat16), _LSE[0])
+    assert out.shape == (2, 1, 4) and out.dtype == jnp.float32 and lse.shape == (2, 1)
