@@ -1,6 +1,7 @@
-"""Quantized matmul speed: ``quant_matmul`` (pallas, xla) on int4/int3/int2 weights vs a dense dot.
+"""Quantized matmul speed: ``quant_matmul`` (pallas, xla) on int4/int8/int3/int2 weights vs a
+dense dot.
 
-    python -m experiments.bench_quant_matmul            # GPU: Llama K x N, M 1/16/512, bfloat16
+    python -m experiments.bench_quant_matmul            # GPU: Llama K x N, M 1, 2, ..., 128, bf16
     python -m experiments.bench_quant_matmul --quick    # seconds on a CPU
 
 Per configuration (K x N weight shape, M activation rows, bits, group size) and backend, all in
@@ -40,7 +41,9 @@ import numpy as np
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
 from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul
 
-GPU_SHAPES = ["4096x4096", "4096x14336"]  # Llama-7B/8B q/o and gate/up projections
+# Llama-7B's q/k/v/o, gate/up and down projections, then Llama-3-8B's gate/up.
+GPU_SHAPES = ["4096x4096", "4096x11008", "11008x4096", "4096x14336"]
+GPU_MS = [1, 2, 4, 8, 16, 32, 64, 128]  # decode batch sizes up to small prefill
 CPU_SHAPES = ["512x512", "512x1536"]
 
 
@@ -221,7 +224,8 @@ def main() -> None:
     parser.add_argument("--shapes", type=parse_shape, nargs="+", default=None,
                         help="weight shapes KxN (default: Llama 7B/8B shapes on GPU)")
     parser.add_argument("--ms", type=int, nargs="+", default=None, help="activation rows M")
-    parser.add_argument("--bits", type=int, nargs="+", default=[4, 3, 2])
+    parser.add_argument("--bits", type=int, nargs="+", default=[4, 8, 3, 2],
+                        help="in priority order after int4")
     parser.add_argument("--group-sizes", type=int, nargs="+", default=[128, -1],
                         help="-1 is per channel")
     parser.add_argument("--backends", nargs="+", default=None,
@@ -238,7 +242,7 @@ def main() -> None:
     gpu = jax.default_backend() == "gpu"
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.shapes = args.shapes or [parse_shape(s) for s in (GPU_SHAPES if gpu else CPU_SHAPES)]
-    args.ms = args.ms or ([1, 16, 512] if gpu else [1, 16, 128])
+    args.ms = args.ms or (GPU_MS if gpu else [1, 16, 128])
     args.backends = args.backends or (["pallas", "xla"] if gpu else ["xla"])
     args.reps = args.reps or (10 if gpu else 5)
     args.inner = args.inner or (20 if gpu else 2)

@@ -8,7 +8,11 @@ over the not-yet-quantized rows through the upper Cholesky factor U of ``H^-1``:
 1. dead inputs (H_ii = 0): H_ii = 1 and W[i] = 0;
 2. act-order: perm = argsort(diag H, descending); permute W's rows and H;
 3. relative dampening: H += damp * mean(diag H) * I;
-4. U = upper Cholesky factor of H^-1 (row i / U_ii is row i's error-propagation vector);
+4. U = upper Cholesky factor of H^-1 (row i / U_ii is row i's error-propagation vector). When the
+   dampened H is not positive definite (fewer calibration tokens than inputs with damp = 0, say)
+   the factor holds NaN and so would every weight after it: that raises a ValueError asking for
+   a larger damp, as AutoGPTQ does, rather than retrying with more dampening behind the caller's
+   back (GPTQModel's choice), which would change the result the caller asked for;
 5. blocks of ``block_size`` rows: within a block each row is quantized, ``e = (w - q) / U_ii``
    and the block's later rows get ``-= U[i, :] e``; after the block (lazy batch update) all
    later rows get ``-= U[block, :]^T E``;
@@ -128,7 +132,9 @@ def _gptq(w, h, damp, group_bits, sym, act_order, *, group_size, block_size, sta
     groups_p = kp // g if dynamic else 1
     carry = (w, jnp.zeros((kp, n), jnp.float32), jnp.ones((groups_p, n), jnp.float32),
              jnp.zeros((groups_p, n), jnp.float32))
-    _, q_perm, scales, zeros = lax.fori_loop(0, kp // bs, quantize_block, carry)
+    w_final, q_perm, scales, zeros = lax.fori_loop(0, kp // bs, quantize_block, carry)
+    # False when the factor or the error feedback went non-finite: the integers are then garbage.
+    finite = jnp.isfinite(u).all() & jnp.isfinite(w_final).all()
 
     q = jnp.zeros((k, n), jnp.int32).at[perm].set(q_perm[:k].astype(jnp.int32))
     if dynamic:
@@ -137,7 +143,7 @@ def _gptq(w, h, damp, group_bits, sym, act_order, *, group_size, block_size, sta
     else:
         scales, zeros = fixed_scales, fixed_zeros
         g_idx = jnp.arange(k, dtype=jnp.int32) // g
-    return q, scales, zeros.astype(jnp.int32), g_idx
+    return q, scales, zeros.astype(jnp.int32), g_idx, finite
 
 
 def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size: int = 128,
@@ -156,7 +162,8 @@ def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size:
       group_size: rows per group, -1 for per channel (not with mixed bits); must divide K.
       sym: symmetric grid (zero at the middle) or asymmetric.
       act_order: quantize rows in order of decreasing Hessian diagonal (GPTQ's desc_act).
-      damp: relative dampening, a fraction of mean(diag H). block_size: lazy-update block.
+      damp: relative dampening, a fraction of mean(diag H), >= 0. A Hessian that stays singular
+        after dampening raises ValueError. block_size: lazy-update block.
       static_groups: fit group grids up front in original order (g_idx = k // G even with
         act_order), instead of on the error-updated weights as groups start.
       high_fraction: mixed bits only: fraction of groups kept at 4 bits (default 0.25).
@@ -188,8 +195,13 @@ def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size:
                                         high_fraction=high_fraction, criterion=criterion,
                                         hessian=h_g)
     # group_bits, sym and act_order are traced so that they share one compilation per shape.
-    q, scales, zeros, g_idx = _gptq(w, hessian, jnp.float32(damp), jnp.asarray(group_bits),
-                                    jnp.bool_(sym), jnp.bool_(act_order), group_size=group_size,
-                                    block_size=block_size, static_groups=bool(static_groups))
+    q, scales, zeros, g_idx, finite = _gptq(
+        w, hessian, jnp.float32(damp), jnp.asarray(group_bits), jnp.bool_(sym),
+        jnp.bool_(act_order), group_size=group_size, block_size=block_size,
+        static_groups=bool(static_groups))
+    if not finite:
+        raise ValueError(f"hessian [{k}, {k}] with damp={damp!r} is not positive definite (its "
+                         f"inverse's Cholesky factor is not finite): calibrate on more tokens "
+                         f"than the {k} inputs, or use a larger damp such as 0.01")
     return packed_weight(q, scales, zeros, bits=bits, group_size=group_size, high=high,
                          g_idx=g_idx if act_grouped else None)

@@ -77,7 +77,7 @@ def _linear_layers(model):
 
 
 def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, high_fraction,
-                criterion):
+                criterion, progress):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
     if isinstance(group_size, bool) or not isinstance(group_size, int) or (
@@ -88,7 +88,7 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, 
     if method == "rtn" and criterion == "hessian":
         raise ValueError("criterion='hessian' needs layer Hessians from calibration: use "
                          "method='gptq', or criterion='range' with method='rtn'")
-    for name, value in (("act_order", act_order), ("sym", sym)):
+    for name, value in (("act_order", act_order), ("sym", sym), ("progress", progress)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
     if not (isinstance(damp, (int, float)) and damp >= 0):
@@ -179,7 +179,8 @@ def _run_block(graphdef, state, x, rope):
 def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group_size: int = 128,
              act_order: bool = True, sym: bool = True, calibration=None, *,
              damp: float = 0.01, backend: str = "auto", static_groups: bool = False,
-             high_fraction: float | None = None, criterion: str | None = None):
+             high_fraction: float | None = None, criterion: str | None = None,
+             progress: bool = True):
     """A new model whose decoder linear layers hold packed ``bits``-bit weights.
 
     Args:
@@ -200,19 +201,22 @@ def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group
         0.25; rounded per layer so both parts hold whole packed words).
       criterion: mixed bits only: how the 4-bit groups are chosen, "range" (default: largest
         weight range) or "hessian" (largest Hessian-weighted 2-bit error; method "gptq" only).
+      progress: show a progress bar (one step per layer) on stderr, terminal or not, as
+        ``jaxinfer.train.train`` does; False for none.
 
     Returns:
       The quantized model (same class; linear layers are ``QuantizedLinear``, or
       ``MixedQuantizedLinear`` for mixed bits).
     """
     _check_args(model, method, bits, group_size, act_order, sym, backend, damp, high_fraction,
-                criterion)
+                criterion, progress)
     mixed_kw = dict(high_fraction=high_fraction, criterion=criterion)
     batches = _calibration_batches(calibration, model.config) if method == "gptq" else None
     new = nnx.clone(model)
     n_layers = len(new.layers) * sum(len(names) for _, names in LAYER_GROUPS)
     width = "/".join(map(str, bits)) if isinstance(bits, (tuple, list)) else bits
-    bar = tqdm(total=n_layers, desc=f"{method} {width}-bit", unit="layer", disable=None)
+    bar = tqdm(total=n_layers, desc=f"{method} {width}-bit", unit="layer",
+               disable=not progress)
     try:
         if method == "rtn":
             for i, parent, name, layer in list(_linear_layers(new)):
@@ -252,7 +256,10 @@ def _gptq_model(model, batches, bar, *, backend, **gptq_kw):
             for name in names:
                 bar.set_postfix_str(f"layers[{i}].{name}")
                 layer = getattr(parent, name)
-                weight = gptq_quantize_layer(layer.kernel[...], state.h, **gptq_kw)
+                try:
+                    weight = gptq_quantize_layer(layer.kernel[...], state.h, **gptq_kw)
+                except ValueError as e:  # arguments were checked: a singular Hessian
+                    raise ValueError(f"layers[{i}].{parent_name}.{name}: {e}") from None
                 _replace(parent, name, layer, weight, backend)
                 bar.update()
         graphdef, params = nnx.split(block)

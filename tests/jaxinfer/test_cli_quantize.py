@@ -51,9 +51,10 @@ def test_quantize_rtn_8bit_writes_loadable_gptq_checkpoint(tmp_path, capsys):
             assert np.all(err <= (0.5 + 128 * 2.0 ** -11) * step + 1e-7)
 
 
-def test_quantize_gptq_4bit_with_calibration_file(tmp_path, capsys):
-    """GPTQ from the command line, on a one-layer model with the embedded tokenizer (the embedded
-    model's GPTQ runs in experiments/quant_quality's quick test)."""
+def _tiny_model_dir(tmp_path):
+    """(directory, model) of a one-layer float model saved with the embedded tokenizer: GPTQ on
+    the command line in seconds (the embedded model's GPTQ runs in experiments/quant_quality's
+    quick test)."""
     config = jaxinfer.LlamaConfig(vocab_size=4096, hidden_size=64, intermediate_size=128,
                                   num_hidden_layers=1, num_attention_heads=4,
                                   num_key_value_heads=2, max_position_embeddings=128)
@@ -61,6 +62,11 @@ def test_quantize_gptq_4bit_with_calibration_file(tmp_path, capsys):
     model_dir = jaxinfer.save_pretrained(
         float_model, tmp_path / "float",
         tokenizer=jaxinfer.load_tokenizer(jaxinfer.default_model_dir()))
+    return model_dir, float_model
+
+
+def test_quantize_gptq_4bit_with_calibration_file(tmp_path, capsys):
+    model_dir, float_model = _tiny_model_dir(tmp_path)
     text = tmp_path / "calibration.txt"
     text.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:20000])
     out = tmp_path / "q4"
@@ -75,6 +81,29 @@ def test_quantize_gptq_4bit_with_calibration_file(tmp_path, capsys):
     # measured 0.11), where another random model would give about sqrt(2).
     centered = want - want.mean()
     assert np.sqrt(np.mean((got - want) ** 2) / np.mean(centered ** 2)) < 0.3
+
+
+def test_quantize_gptq_without_calibration_calibrates_on_the_embedded_corpus_head(
+        tmp_path, capsys, monkeypatch):
+    model_dir, _ = _tiny_model_dir(tmp_path)
+    seen = {}
+    real_quantize = jaxinfer.quantize
+
+    def spy(model, **kwargs):
+        seen.update(kwargs)
+        return real_quantize(model, **kwargs)
+    monkeypatch.setattr(jaxinfer, "quantize", spy)
+    out = tmp_path / "q4"
+    assert cli.main(["quantize", str(model_dir), str(out), "--bits", "4", "--group-size",
+                     str(GROUP), "--n-samples", "2", "--seq-len", "64"]) == 0
+    corpus = jaxinfer.assets.corpus_sample_path()
+    assert f"2 x 64 tokens from {corpus}" in capsys.readouterr().out
+    # The calibration chunks are the corpus's opening text, in order.
+    ids = np.asarray(seen["calibration"])
+    assert ids.shape == (2, 64)
+    text = jaxinfer.load_tokenizer(model_dir).decode(ids.ravel().tolist())
+    assert " ".join(corpus.read_text().split()).startswith(" ".join(text.split()))
+    assert isinstance(jaxinfer.load_pretrained(out).layers[0].self_attn.q_proj, QuantizedLinear)
 
 
 def test_quantize_with_group_size_not_dividing_a_layer_exits_2(tmp_path, capsys):
