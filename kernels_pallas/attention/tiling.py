@@ -271,7 +271,8 @@ def tile_fraction(t: int, s: int, *, causal: bool = False, local_window=None, se
     """Fraction of the (block_q x block_k) tiles of a T x S score matrix that the kernels compute.
 
     ``local_window`` is ``(left, right)`` or an int (symmetric); ``segment_ids`` an int array
-    [batch, S] (T == S) or a pair ([batch, T], [batch, S]); the fraction is averaged over the batch.
+    [batch, S] (the queries are its last T positions) or a pair ([batch, T], [batch, S]); the
+    fraction is averaged over the batch.
     Defaults to the Pallas GPU forward tiles. 1.0 means dense; the run time of the masked part of
     attention scales with this number. Invalid arguments raise ValueError/TypeError as
     ``flash_attention``'s do (T <= S, windows of ints >= 0, ids [batch, S]; blocks any int >= 1).

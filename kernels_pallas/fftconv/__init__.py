@@ -46,7 +46,7 @@ DOT_PRECISIONS = pallas_gpu.DOT_PRECISIONS
 #   one ("bf16", FlashFFTConv's half-precision choice) loses 2e-3 to 4e-3, much for an op
 #   documented as computing in float32. Interpreted on
 #   a CPU "float32": there are no matrix units to gain and three dots cost three times one; pass
-#   dot_precision to emulate the GPU's arithmetic exactly.
+#   dot_precision to emulate the GPU's products (summation order aside).
 DEFAULT_KERNEL_OPTIONS = {"pallas": dict(block_c=1, dot_precision="bf16x3"),
                           "pallas_interpret": dict(block_c=1, dot_precision="float32")}
 _FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
@@ -99,7 +99,8 @@ def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backe
         raise ValueError(f"freq_sparsity must be a float in [0, 1); got {freq_sparsity!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if block_c is not None and (not isinstance(block_c, int) or block_c < 1 or c % block_c):
+    if block_c is not None and (_is_bool(block_c) or not isinstance(block_c, numbers.Integral)
+                                or block_c < 1 or c % block_c):
         raise ValueError(f"block_c must be a positive int dividing channels = {c}; "
                          f"got {block_c!r}")
     if dot_precision is not None and dot_precision not in DOT_PRECISIONS:

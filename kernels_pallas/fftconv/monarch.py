@@ -296,6 +296,8 @@ def outer_matrices(m: int, q: int) -> dict[str, np.ndarray]:
     tw [Q/2+1, R]: ω_m^(f_q * r); for Q <= MAX_DENSE_OUTER_DFT (larger Q take jnp.fft) the dense
     Q-point DFTs fwd [Q/2+1, Q/2] = F_Q[:Q/2+1, :Q/2] (the input is zero for q >= Q/2) and
     inv [Q/2, Q/2+1] = F̄_Q[:Q/2, :Q/2+1] c_f / Q (only outputs q < Q/2 are wanted)."""
+    if q < 2 or q & (q - 1):  # the weights c_f pair residue f with Q - f: Q even (a power of 2)
+        raise ValueError(f"the outer step's size Q must be a power of two >= 2; got {q}")
     r, half = m // q, outer_residues(q)
     mats = {"tw": np.exp(-2j * np.pi * np.outer(np.arange(half), np.arange(r)) / m)}
     if q <= MAX_DENSE_OUTER_DFT:

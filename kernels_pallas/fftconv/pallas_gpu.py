@@ -81,7 +81,7 @@ Planes = tuple[jax.Array, Optional[jax.Array]]
 # (XLA's BF16_BF16_F32_X3: lo·lo, ~2^-18 relative, is dropped); "bf16": one bf16 product
 # (FlashFFTConv's half-precision matmuls). The casts are explicit rather than a dot algorithm, so
 # interpret mode on a CPU (where XLA computes bf16 dot algorithms in float32 and rejects TF32)
-# computes exactly what the GPU does.
+# computes the products the GPU does (their summation order inside a dot aside).
 DOT_PRECISIONS = ("float32", "bf16x3", "bf16")
 
 

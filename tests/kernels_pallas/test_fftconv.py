@@ -186,6 +186,28 @@ def test_outputs_and_grads_match_reference(backend, bidirectional, freq_sparsity
         assert _rel(g, r) < GRAD_RTOL, name
 
 
+def test_outer_step_through_jnp_fft_matches_reference(monkeypatch):
+    """The outer step's rfft/irfft branch (taken above Q = MAX_DENSE_OUTER_DFT, only lowered at
+    the sizes above) forced at Q = 4: forward and every gradient as the dense-matrix branch."""
+    monkeypatch.setattr(monarch, "MAX_DENSE_OUTER_DFT", 1)
+    monarch.outer_matrices.cache_clear()  # its dense matrices depend on the threshold
+    try:
+        n, l = 299, 40
+        u, k = _inputs(n, l, seed=6)
+        w = jnp.asarray(np.random.default_rng(7).normal(size=u.shape), jnp.float32)
+
+        def fwd_bwd(**kw):
+            return jax.jit(lambda u, k: (lambda y, vjp: (y, vjp(w)))(
+                *jax.vjp(lambda u, k: _fftconv(u, k, **kw), u, k)))(u, k)
+
+        y, (du, dk) = fwd_bwd(backend="pallas", monarch_plan=OUTER)
+        y_ref, (du_ref, dk_ref) = fwd_bwd(backend="reference")
+    finally:
+        monarch.outer_matrices.cache_clear()
+    assert _rel(y, y_ref) < F32_RTOL
+    assert _rel(du, du_ref) < GRAD_RTOL and _rel(dk, dk_ref) < GRAD_RTOL
+
+
 @pytest.mark.parametrize("precision", ["bf16x3", "bf16"])
 def test_pallas_dot_precisions_within_their_tolerance(precision):
     """Forward and gradients of the kernel with reduced-precision matmuls (the plan by size at
