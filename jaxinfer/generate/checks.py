@@ -101,8 +101,7 @@ def check_context(whose: str, config, max_model_len: int) -> None:
                          f"got max_model_len={max_model_len}")
 
 
-def check_draft_model(draft_model, config, max_model_len: int, speculative_tokens: int,
-                      snapkv_budget: int | None) -> None:
+def check_draft_model(draft_model, config, max_model_len: int, speculative_tokens: int) -> None:
     """ValueError (TypeError) for a draft model the engine cannot pair with this target."""
     check_paged_model("draft_model", draft_model)
     if draft_model.config.vocab_size != config.vocab_size:
@@ -112,8 +111,4 @@ def check_draft_model(draft_model, config, max_model_len: int, speculative_token
     if speculative_tokens == 0:
         raise ValueError("draft_model needs speculative_tokens >= 1 (the tokens it guesses "
                          "per step); got speculative_tokens=0")
-    if snapkv_budget is not None:
-        raise ValueError(f"draft_model cannot be combined with snapkv_budget "
-                         f"({snapkv_budget}): SnapKV compresses only the target's pages; "
-                         f"leave one of them None")
     check_context("the draft model's", draft_model.config, max_model_len)

@@ -5,6 +5,9 @@ own config, under the SAME page ids as the target: a page the scheduler gives a 
 the target's K/V in the target's pool and the draft's K/V in the draft's pool. So the draft needs
 no bookkeeping of its own: allocation, prefix-cache hits, preemption and rollback after a
 rejection (rejected slots are overwritten later, as the target's are) all follow the target.
+SnapKV compresses the draft's pages of a prompt with the target's, in the same page row to the same
+budget, so a sequence's cache offset (position - cache slot) is one for both; the draft keeps the
+positions its own window queries vote for (its layers and heads are not the target's).
 
 Two functions, each of fixed shape; between them every token the target keeps gets the draft's
 K/V too, computed once:
@@ -21,7 +24,9 @@ K/V too, computed once:
 * `compiled_draft_pass`: the draft's forward over the step's other chunks (prompt chunks,
   decodes without a draft), in their own token bucket; a step whose every chunk drafted skips it.
   It takes step inputs and the engine's `paged_attention` setting, so its chunks attend as the
-  target's would in that bucket (ragged query runs or one decode per token).
+  target's would in that bucket (ragged query runs or one decode per token), and returns the
+  draft's queries at their `observe_rows`: a prompt chunk that SnapKV compresses after the step
+  never drafts, so the pass holds its observation window.
 
 The proposal's B one-token sequences always attend one decode per token: a query block would hold
 one real query, so `ragged_paged_attention` could only add work.
@@ -46,7 +51,8 @@ class ProposeInputs(NamedTuple):
     """Host-built inputs of one proposal, one row per request slot (B rows)."""
 
     token_ids: np.ndarray  # int32 [B]: each drafting sequence's last token (not yet in the cache)
-    positions: np.ndarray  # int32 [B]: its position (= its cache slot: no SnapKV with a draft)
+    positions: np.ndarray  # int32 [B]: its rotary position
+    cache_offset: np.ndarray  # int32 [B]: position - cache slot (SnapKV-dropped prompt tokens)
     active: np.ndarray  # bool [B]: the slot drafts this step
     page_table: np.ndarray  # int32 [B, pages_per_seq]: its pages, then num_pages (no page)
     temperature: np.ndarray  # float32 [B]
@@ -61,7 +67,8 @@ def empty_propose_inputs(max_batch: int, pages_per_seq: int, num_pages: int) -> 
     """No slot drafting, no page: every write is dropped (warm-up, filling)."""
     zeros = np.zeros(max_batch, np.int32)
     return ProposeInputs(
-        token_ids=zeros, positions=zeros.copy(), active=np.zeros(max_batch, bool),
+        token_ids=zeros, positions=zeros.copy(), cache_offset=zeros.copy(),
+        active=np.zeros(max_batch, bool),
         page_table=np.full((max_batch, pages_per_seq), num_pages, np.int32),
         temperature=np.zeros(max_batch, np.float32), top_k=zeros.copy(),
         top_p=np.ones(max_batch, np.float32), min_p=np.zeros(max_batch, np.float32),
@@ -83,13 +90,16 @@ def compiled_propose(graphdef: nnx.GraphDef, gamma: int):
 
 
 def _draft_pass(graphdef: nnx.GraphDef, paged_attention: str, state: nnx.State, cache: PagedKVCache,
-                inputs: StepInputs) -> PagedKVCache:
+                inputs: StepInputs) -> tuple[PagedKVCache, jax.Array]:
     """Write the draft's K/V of the T tokens of `inputs` (the step's chunks that did not draft);
-    its logits are not needed (one row is projected, the least forward_paged allows)."""
+    its logits are not needed (one row is projected, the least forward_paged allows). Returns
+    the cache and the draft's queries at `observe_rows` [draft layers, W, draft Hq, draft D], for
+    SnapKV to compress the draft's pages of a prompt that ends in this pass."""
     model = nnx.merge(graphdef, state)
-    _, cache = model.forward_paged(inputs.token_ids, step_batch(inputs, cache, paged_attention),
-                                   cache, inputs.logit_rows[:1])
-    return cache
+    _, cache, queries = model.forward_paged(inputs.token_ids,
+                                            step_batch(inputs, cache, paged_attention), cache,
+                                            inputs.logit_rows[:1], inputs.observe_rows)
+    return cache, queries
 
 
 def _propose(graphdef: nnx.GraphDef, gamma: int, state: nnx.State, cache: PagedKVCache,
@@ -114,19 +124,21 @@ def _propose(graphdef: nnx.GraphDef, gamma: int, state: nnx.State, cache: PagedK
     query_starts = jnp.arange(rows.shape[0] + 1, dtype=jnp.int32)  # [B + 1]: a token per slot
 
     def batch_at(k: jax.Array | int) -> PagedBatch:
-        """Where each slot's token k (at position + k) is written and what it attends to."""
+        """Where each slot's token k (at position + k, in cache slot position + k - offset) is
+        written and what it attends to."""
         pos = inputs.positions + k  # [B]
-        col = pos // page_size  # [B]: past the table for guesses beyond max_model_len
+        cached = pos - inputs.cache_offset  # [B]
+        col = cached // page_size  # [B]: past the table for guesses beyond max_model_len
         page = jnp.take_along_axis(inputs.page_table, jnp.minimum(col, pages_per_seq - 1)[:, None],
                                    axis=1)[:, 0]  # [B]
         write = jnp.where(inputs.active & (col < pages_per_seq),
-                          page * page_size + pos % page_size,
+                          page * page_size + cached % page_size,
                           num_pages * page_size)  # [B]: page == num_pages is out of the pool too
         # an inactive slot (position 0, its row clamped into the pool) attends over whatever its
         # row points at: a meaningless output, as its guesses are
         return PagedBatch(positions=pos, write_slots=write, page_table=page_rows,
                           query_starts=query_starts,
-                          kv_lengths=jnp.minimum(pos + 1, pages_per_seq * page_size),
+                          kv_lengths=jnp.minimum(cached + 1, pages_per_seq * page_size),
                           num_seqs=jnp.int32(rows.shape[0]), ragged=False)
 
     def decode(carry, k):

@@ -29,6 +29,8 @@ SnapKV (`snapkv_budget`): a prompt longer than the budget is prefilled whole, it
 holding the observation window; right after that step `snapkv.compress_sequence` keeps `budget`
 of its cached tokens per KV head, in place in its first pages, and frees the rest. Its later
 tokens keep their true rotary positions but attend over budget + (tokens since the prompt) keys.
+With a draft model the draft's pages of that prompt are compressed too, right after the target's,
+by the draft's own window queries (from its pass over the prompt's last chunk).
 """
 
 from __future__ import annotations
@@ -111,8 +113,8 @@ class Engine:
     of at least max_model_len; its KV pages (in kv_dtype) take num_pages pages of its own size. A
     request with a repetition penalty decodes without drafts (with either drafter: a drafted
     token would count as seen before it is accepted). Works with hydragen (the draft's pass over
-    the step's chunks that did not draft shares their prefix pages too); not with snapkv_budget
-    (ValueError).
+    the step's chunks that did not draft shares their prefix pages too) and with snapkv_budget
+    (the draft's pages of a compressed prompt are compressed as well, by its own votes).
     hydragen: in a step where several sequences start with the same cached pages, attend to those
     pages once for all their tokens (one dense attention, Hydragen) and page through only the rest
     of each sequence; costs one more compiled variant per token bucket. Any max_tokens_per_step
@@ -166,8 +168,7 @@ class Engine:
                                  f" got snapkv_window={snapkv_window}, snapkv_budget="
                                  f"{snapkv_budget}, max_tokens_per_step={max_tokens_per_step}")
         if draft_model is not None:
-            check_draft_model(draft_model, config, max_model_len, speculative_tokens,
-                              snapkv_budget)
+            check_draft_model(draft_model, config, max_model_len, speculative_tokens)
         # the step returns the queries of snapkv_window tokens even when SnapKV is off (a few
         # rows), so that engines of one geometry share one compiled step either way
         self.snapkv_budget, self.snapkv_window = snapkv_budget, snapkv_window
@@ -289,12 +290,13 @@ class Engine:
             draft_pass=0 if draft_inputs is None else len(draft_inputs.valid))
         tokens, self._cache, self._seen, queries = self._step(self._state, self._cache,
                                                                self._seen, inputs)
+        draft_queries = None
         if draft_inputs is not None:  # the proposal wrote the drafting chunks' draft K/V
-            self._draft_cache = self._draft_pass(self._draft_state, self._draft_cache,
-                                                 draft_inputs)
+            self._draft_cache, draft_queries = self._draft_pass(self._draft_state,
+                                                                self._draft_cache, draft_inputs)
         for chunk in chunks:
             if chunk.compresses:  # before the chunk's request may finish and free its pages
-                self._compress(chunk.request, queries)
+                self._compress(chunk.request, queries, draft_queries)
         tokens = np.asarray(tokens).tolist()
         new: dict[int, list[tuple[Request, int]]] = {}
         row = 0
@@ -334,13 +336,17 @@ class Engine:
     def _propose_drafts(self) -> None:
         """Drafts of up to speculative_tokens tokens (never past max_tokens) for running requests
         that decode, except those with a repetition penalty (a draft token would count as seen
-        before it is accepted). Prompt lookup finds the tokens here; a draft model's are
-        placeholders until `_fill_drafts`: the scheduler first trims each draft to the step's
-        budget and to the pages it can get, so the draft model writes only into given pages."""
+        before it is accepted) and those whose prompt SnapKV has yet to compress (with
+        snapkv_window 1 the last prompt token may be left alone, a decode in form, but the chunk
+        that compresses must end with the prompt: a draft there would stop it sampling). Prompt
+        lookup finds the tokens here; a draft model's are placeholders until `_fill_drafts`: the
+        scheduler first trims each draft to the step's budget and to the pages it can get, so
+        the draft model writes only into given pages."""
         for request in self._scheduler.running:
             request.draft = []  # one left from a step that did not schedule the request
             p = request.params
-            if not request.decoding or p.repetition_penalty != 1.0:
+            if (not request.decoding or p.repetition_penalty != 1.0
+                    or (request.compress and request.computed < len(request.prompt))):
                 continue
             room = min(self.speculative_tokens, p.max_tokens - len(request.output) - 1)
             if self._draft is None:
@@ -359,6 +365,7 @@ class Engine:
             slot = request.slot
             inputs.token_ids[slot] = request.tokens[request.computed]  # the last real token
             inputs.positions[slot] = request.computed
+            inputs.cache_offset[slot] = request.offset
             inputs.active[slot] = True
             inputs.page_table[slot, :len(request.pages)] = request.pages
             set_sampling_rows(inputs, slot, request.params, request.sample_index)
@@ -413,9 +420,9 @@ class Engine:
 
     def warmup(self) -> None:
         """Compile the step for every token bucket, the prefix-cache hit's `mark_seen`, with
-        SnapKV the compression and with a draft model its pass for every bucket and its
-        proposal (all-padding steps, an out-of-range slot and a page row of out-of-range pages
-        change nothing)."""
+        SnapKV the compression (of the draft's pages too) and with a draft model its pass for
+        every bucket and its proposal (all-padding steps, an out-of-range slot and a page row of
+        out-of-range pages change nothing)."""
         padding = np.full(self.pages_per_seq * self.page_size, self.config.vocab_size, np.int32)
         self._seen = mark_seen(self._seen, np.int32(self.max_batch), padding)
         for tokens in self.buckets:
@@ -425,25 +432,36 @@ class Engine:
                 _, self._cache, self._seen, queries = self._step(self._state, self._cache,
                                                                   self._seen, inputs)
                 if self._draft is not None:
-                    self._draft_cache = self._draft_pass(self._draft_state, self._draft_cache,
-                                                         inputs)
+                    self._draft_cache, draft_queries = self._draft_pass(
+                        self._draft_state, self._draft_cache, inputs)
         if self._draft is not None:
             _, self._draft_cache = self._propose(
                 self._draft_state, self._draft_cache,
                 empty_propose_inputs(self.max_batch, self.pages_per_seq, self.num_pages))
         if self.snapkv_budget is not None:
-            self._cache = compress_sequence(
-                self._cache, queries, np.full(self.pages_per_seq, self.num_pages, np.int32),
-                np.int32(self.snapkv_budget + 1), budget=self.snapkv_budget)
+            self._compress_pages(np.full(self.pages_per_seq, self.num_pages, np.int32),
+                                 self.snapkv_budget + 1, queries,
+                                 None if self._draft is None else draft_queries)
 
-    def _compress(self, request: Request, queries: jax.Array) -> None:
+    def _compress(self, request: Request, queries: jax.Array,
+                  draft_queries: jax.Array | None) -> None:
         """SnapKV on the request's just-computed prompt: queries [layers, W, Hq, D] are its
-        window's (the step's observe_rows). Frees the pages past the budget."""
+        window's (the step's observe_rows), draft_queries the draft pass's (None: no draft
+        model). Frees the pages past the budget."""
         page_row = np.full(self.pages_per_seq, self.num_pages, np.int32)  # padding: never written
         page_row[:len(request.pages)] = request.pages
-        self._cache = compress_sequence(self._cache, queries, page_row,
-                                        np.int32(len(request.prompt)), budget=self.snapkv_budget)
+        self._compress_pages(page_row, len(request.prompt), queries, draft_queries)
         self._scheduler.compressed(request, self.snapkv_budget)
+
+    def _compress_pages(self, page_row: np.ndarray, length: int, queries: jax.Array,
+                        draft_queries: jax.Array | None) -> None:
+        """Compress the first `length` tokens on page_row int32 [pages_per_seq] to the budget in
+        the target's pages and, given its queries, in the draft's pages of the same ids."""
+        self._cache = compress_sequence(self._cache, queries, page_row, np.int32(length),
+                                        budget=self.snapkv_budget)
+        if draft_queries is not None:
+            self._draft_cache = compress_sequence(self._draft_cache, draft_queries, page_row,
+                                                  np.int32(length), budget=self.snapkv_budget)
 
     def _mark_seen(self, request: Request) -> None:
         """Set the slot's repetition-penalty row to the request's cached tokens."""

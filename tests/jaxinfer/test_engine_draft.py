@@ -16,17 +16,17 @@ from flax import nnx
 
 import jaxinfer
 from tests.jaxinfer.test_engine import (  # noqa: F401  (model, oracle: fixtures)
-    CONFIG, ENGINE, ORACLE_NEW, VOCAB, model, oracle, serve_with_arrivals)
+    CONFIG, ENGINE, ORACLE_NEW, SNAPKV, VOCAB, model, oracle, serve_with_arrivals)
 
 GAMMA = 3  # guesses per step: with max_batch 4, a step's sampling rows stay <= 16
 PROMPT_LENGTH = 13  # one length: the oracle compiles once; 13 + 12 tokens take 7 of the 10 pages
 
 
-def no_drafts_engine(model) -> jaxinfer.Engine:
+def no_drafts_engine(model, **options) -> jaxinfer.Engine:
     """The engine without speculation, compiled as the speculative ones are: its prompt-lookup
     n-gram is longer than any sequence, so it never drafts, but its step has their row count
     (speculative_tokens=0 would compile a step of max_batch rows for every bucket again)."""
-    return jaxinfer.Engine(model, **ENGINE, speculative_tokens=GAMMA,
+    return jaxinfer.Engine(model, **{**ENGINE, **options}, speculative_tokens=GAMMA,
                            lookup_ngram=CONFIG.max_position_embeddings)
 
 
@@ -140,9 +140,6 @@ def test_bad_draft_models_are_refused_with_a_clear_error(model, shallow_draft):
         jaxinfer.Engine(model, **ENGINE, draft_model=other_vocab, speculative_tokens=GAMMA)
     with pytest.raises(ValueError, match="draft_model needs speculative_tokens >= 1"):
         jaxinfer.Engine(model, **ENGINE, draft_model=shallow_draft)
-    with pytest.raises(ValueError, match="draft_model cannot be combined with snapkv_budget"):
-        jaxinfer.Engine(model, **ENGINE, draft_model=shallow_draft, speculative_tokens=GAMMA,
-                        snapkv_budget=12)
     short = abstract(CONFIG.replace(max_position_embeddings=32))
     with pytest.raises(ValueError, match="max_model_len must be <= the draft model's context"):
         jaxinfer.Engine(model, **ENGINE, draft_model=short, speculative_tokens=GAMMA)
@@ -192,3 +189,69 @@ def test_no_compilation_after_warmup_with_a_draft_model(model, oracle, hydragen)
     for rid, (_, prompt, params) in zip(ids, arrivals):
         if params.temperature == 0:
             assert results[rid] == oracle(prompt)[:params.max_tokens], f"request {rid}"
+
+
+@pytest.mark.parametrize("which", ["self", "noisy"])
+def test_snapkv_with_a_draft_model_keeps_the_snapkv_engines_tokens_without_compiling(
+        model, noisy_draft, which):
+    """SnapKV compresses the draft's pages of a long prompt too (by the draft's own window
+    queries), and its proposals write at cache slot position - offset. The oracle is the SnapKV
+    engine without speculation: greedy and seeded sampled requests keep its tokens, with prompts
+    of 18 and 25 tokens compressed to the budget of 12 (the 8-token one is not), pages scarce
+    enough to preempt (a recomputed prompt is compressed again), and nothing compiled after
+    warm-up (the draft's compression included). The target as its own draft must have every
+    guess accepted, greedy or coupled-sampled: its compressed pages must be the target's (when
+    SnapKV compressed the target's pages alone, 7 of 35 greedy guesses on these prompts were)."""
+    rng = np.random.default_rng(11)
+    prompts = [rng.integers(0, VOCAB, n).tolist() for n in (18, 25, 8)]
+    greedy = jaxinfer.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    params = [greedy, jaxinfer.SamplingParams(max_tokens=8, temperature=0.8, top_k=40, seed=6,
+                                              ignore_eos=True), greedy]
+    plain = no_drafts_engine(model, **SNAPKV).generate(prompts, params)
+    engine = jaxinfer.Engine(model, **ENGINE, **SNAPKV, speculative_tokens=GAMMA,
+                             draft_model=model if which == "self" else noisy_draft)
+    engine.warmup()
+    compiles = []
+
+    def listener(event: str, duration: float, **kwargs) -> None:
+        if event == "/jax/core/compile/backend_compile_duration":
+            compiles.append(duration)
+
+    jax.monitoring.register_event_duration_secs_listener(listener)
+    try:
+        ids = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
+        results = engine.run_until_done()
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+    assert [results[rid] for rid in ids] == plain
+    assert compiles == []
+    assert engine.num_preemptions > 0
+    assert engine.num_draft_tokens > 0
+    if which == "self":
+        assert engine.num_accepted_tokens == engine.num_draft_tokens
+    else:
+        assert 0 < engine.num_accepted_tokens < engine.num_draft_tokens
+
+
+def test_a_snapkv_window_of_one_leaves_the_last_prompt_token_undrafted(model):
+    """With snapkv_window=1, a 17-token prompt in steps of 8 leaves its last token to a chunk of
+    its own: a decode in form, but the chunk that compresses must end with the prompt, so it
+    must not draft (a draft kept that chunk from sampling: the request never got its first
+    token and never finished). Its tokens are the SnapKV engine's without speculation, and
+    the target as its own draft has every later guess accepted."""
+    options = dict(snapkv_budget=12, snapkv_window=1, max_tokens_per_step=8)  # one bucket
+    prompt = np.random.default_rng(3).integers(0, VOCAB, 17).tolist()
+    params = jaxinfer.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
+    plain = no_drafts_engine(model, **options).generate([prompt], params)[0]
+    engine = jaxinfer.Engine(model, **{**ENGINE, **options}, draft_model=model,
+                             speculative_tokens=GAMMA)
+    rid = engine.submit(prompt, params)
+    request = engine._live[rid][0]
+    for _ in range(10):  # 4 steps: a hang fails here instead
+        if not engine.num_unfinished:
+            break
+        engine.step()
+    assert engine.num_unfinished == 0
+    assert engine.run_until_done()[rid] == plain
+    assert request.offset == len(prompt) - options["snapkv_budget"]
+    assert 0 < engine.num_accepted_tokens == engine.num_draft_tokens
