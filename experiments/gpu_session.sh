@@ -40,7 +40,7 @@ for section in "${sections[@]}"; do
     serving)  # decode roofline of a ~1B random Llama, engine against transformers on the GPU
       timeout 240 python3 -m experiments.bench_serving --random-model 2048 16 --dtype bfloat16 \
         --rates inf --num-requests 64 --prompt-len 128 512 --output-len 128 256 --max-batch 64 \
-        --num-pages 4096 --out "$OUT/bench_serving.json" ;;
+        --num-pages 4096 --peer-repeats 1 --out "$OUT/bench_serving.json" ;;
     train_mfu)
       timeout 90 python3 -m experiments.bench_train_mfu --out "$OUT/bench_train_mfu.json" ;;
     quant)
