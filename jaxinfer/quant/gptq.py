@@ -10,7 +10,8 @@ over the not-yet-quantized rows through the upper Cholesky factor U of ``H^-1``:
 3. relative dampening: H += damp * mean(diag H) * I;
 4. U = upper Cholesky factor of H^-1 (row i / U_ii is row i's error-propagation vector). When the
    dampened H is not positive definite (fewer calibration tokens than inputs with damp = 0, say)
-   the factor holds NaN and so would every weight after it: that raises a ValueError asking for
+   the factor holds NaN, or factors on a pivot of rounding noise, and every weight after it is
+   garbage (worse than rounding): that raises a ValueError asking for
    a larger damp, as AutoGPTQ does, rather than retrying with more dampening behind the caller's
    back (GPTQModel's choice), which would change the result the caller asked for;
 5. blocks of ``block_size`` rows: within a block each row is quantized, ``e = (w - q) / U_ii``
@@ -49,13 +50,21 @@ def _effective_block(block_size: int, g: int, dynamic_groups: bool) -> int:
     return g if g >= block_size else (block_size // g) * g
 
 
-def _inverse_hessian_factor(h: jax.Array) -> jax.Array:
-    """Upper U with U^T U = H^-1, for symmetric positive definite H [K, K]."""
-    eye = jnp.eye(h.shape[0], dtype=h.dtype)
+def _inverse_hessian_factor(h: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """Upper U with U^T U = H^-1, for symmetric positive definite H [K, K], and whether H is
+    numerically positive definite: every Cholesky pivot L_ii^2 above K * eps * mean(diag H).
+
+    A rank-deficient H (fewer tokens than inputs, no dampening) can still factor in float32 on a
+    pivot made of rounding noise (~1e-6 of the mean diagonal against ~1e-3 at full rank); its
+    inverse then amplifies that noise and GPTQ does worse than rounding, so it counts as
+    singular."""
+    k = h.shape[0]
+    eye = jnp.eye(k, dtype=h.dtype)
     chol = jnp.linalg.cholesky(h)
     chol_inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
     h_inv = jnp.dot(chol_inv.T, chol_inv, precision=_HI)
-    return jnp.linalg.cholesky(h_inv).T
+    pivot_floor = k * jnp.finfo(h.dtype).eps * jnp.mean(jnp.diag(h))
+    return jnp.linalg.cholesky(h_inv).T, jnp.min(jnp.diag(chol)) ** 2 > pivot_floor
 
 
 def _act_order_perm(h, xp=jnp):
@@ -86,7 +95,7 @@ def _gptq(w, h, damp, group_bits, sym, act_order, *, group_size, block_size, sta
     w = w[perm]
     h = h[perm][:, perm]
     h = h + damp * jnp.mean(jnp.diag(h)) * jnp.eye(k, dtype=jnp.float32)
-    u = _inverse_hessian_factor(h)  # [K, K] upper
+    u, well_posed = _inverse_hessian_factor(h)  # [K, K] upper
 
     # Pad to whole blocks: padded rows are zero weights with an identity factor, so they quantize
     # exactly (zero is on every grid) and propagate nothing.
@@ -133,8 +142,9 @@ def _gptq(w, h, damp, group_bits, sym, act_order, *, group_size, block_size, sta
     carry = (w, jnp.zeros((kp, n), jnp.float32), jnp.ones((groups_p, n), jnp.float32),
              jnp.zeros((groups_p, n), jnp.float32))
     w_final, q_perm, scales, zeros = lax.fori_loop(0, kp // bs, quantize_block, carry)
-    # False when the factor or the error feedback went non-finite: the integers are then garbage.
-    finite = jnp.isfinite(u).all() & jnp.isfinite(w_final).all()
+    # False when H is numerically singular or the factor or the error feedback went non-finite:
+    # the integers are then garbage (NaN), or worse than rounding (a noise pivot).
+    finite = well_posed & jnp.isfinite(u).all() & jnp.isfinite(w_final).all()
 
     q = jnp.zeros((k, n), jnp.int32).at[perm].set(q_perm[:k].astype(jnp.int32))
     if dynamic:
@@ -200,8 +210,9 @@ def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size:
         jnp.bool_(act_order), group_size=group_size, block_size=block_size,
         static_groups=bool(static_groups))
     if not finite:
-        raise ValueError(f"hessian [{k}, {k}] with damp={damp!r} is not positive definite (its "
-                         f"inverse's Cholesky factor is not finite): calibrate on more tokens "
-                         f"than the {k} inputs, or use a larger damp such as 0.01")
+        raise ValueError(f"hessian [{k}, {k}] with damp={damp!r} is singular or nearly so (a "
+                         f"Cholesky pivot at rounding-noise level, or a non-finite factor; or "
+                         f"the weight or hessian holds NaN/inf): calibrate on more tokens than "
+                         f"the {k} inputs, or use a larger damp such as 0.01")
     return packed_weight(q, scales, zeros, bits=bits, group_size=group_size, high=high,
                          g_idx=g_idx if act_grouped else None)

@@ -190,15 +190,21 @@ def test_gptq_static_groups_match_numpy_port_of_reference_with_grids_fit_up_fron
     assert np.isclose(dynamic, ref, rtol=REF_RTOL, atol=REF_ATOL).mean() < 0.5
 
 
-def test_gptq_on_singular_hessian_without_damp_raises_instead_of_returning_nan():
-    # 16 samples of 64 inputs: H has rank 16, and damp=0 leaves it singular.
-    x = jnp.asarray(np.random.default_rng(0).normal(size=(16, 64)), jnp.float32)
-    h = hessian_from_activations(x)
-    with pytest.raises(ValueError, match=r"hessian \[64, 64\] with damp=0.0 is not positive "
-                                         r"definite.*larger damp"):
-        gptq_quantize_layer(_weight(k=64), h, bits=4, group_size=32, damp=0.0)
-    qw = gptq_quantize_layer(_weight(k=64), h, bits=4, group_size=32, damp=0.01)
-    assert np.isfinite(np.asarray(qw.dequantize())).all()
+@pytest.mark.parametrize("samples", [16, 63])
+def test_gptq_on_singular_hessian_without_damp_raises_instead_of_returning_garbage(samples):
+    """Fewer samples than the 64 inputs: H is singular and damp=0 leaves it so. At rank 16 the
+    factorization fails (NaN); one rank short (63) float32 Cholesky succeeds on a pivot of
+    rounding noise and GPTQ lands worse than rounding: both must raise. With one sample more
+    than inputs, or with the default damp, it quantizes."""
+    x = np.random.default_rng(0).normal(size=(65, 64))
+    singular = hessian_from_activations(jnp.asarray(x[:samples], jnp.float32))
+    with pytest.raises(ValueError, match=r"hessian \[64, 64\] with damp=0.0 is singular or "
+                                         r"nearly so.*larger damp"):
+        gptq_quantize_layer(_weight(k=64), singular, bits=4, group_size=32, damp=0.0)
+    full_rank = hessian_from_activations(jnp.asarray(x, jnp.float32))
+    for h, damp in ((singular, 0.01), (full_rank, 0.0)):
+        qw = gptq_quantize_layer(_weight(k=64), h, bits=4, group_size=32, damp=damp)
+        assert np.isfinite(np.asarray(qw.dequantize())).all()
 
 
 @pytest.mark.parametrize("kwargs, message", [
