@@ -15,6 +15,7 @@ import pytest
 from flax import nnx
 
 import jaxinfer
+from jaxinfer.generate.scheduler import Scheduler
 from tests.jaxinfer.test_engine import (  # noqa: F401  (model, oracle: fixtures)
     CONFIG, ENGINE, ORACLE_NEW, SNAPKV, VOCAB, model, oracle, serve_with_arrivals)
 
@@ -191,15 +192,15 @@ def test_no_compilation_after_warmup_with_a_draft_model(model, oracle, hydragen)
             assert results[rid] == oracle(prompt)[:params.max_tokens], f"request {rid}"
 
 
-@pytest.mark.parametrize("which", ["self", "noisy"])
+@pytest.mark.parametrize("which", ["self", "noisy", "shallow"])
 def test_snapkv_with_a_draft_model_keeps_the_snapkv_engines_tokens_without_compiling(
-        model, noisy_draft, which):
+        model, noisy_draft, shallow_draft, which):
     """SnapKV compresses the draft's pages of a long prompt too (by the draft's own window
     queries), and its proposals write at cache slot position - offset. The oracle is the SnapKV
     engine without speculation: greedy and seeded sampled requests keep its tokens, with prompts
     of 18 and 25 tokens compressed to the budget of 12 (the 8-token one is not), pages scarce
-    enough to preempt (a recomputed prompt is compressed again), and nothing compiled after
-    warm-up (the draft's compression included). The target as its own draft must have every
+    enough to preempt, and nothing compiled after warm-up (the draft's compression included:
+    the shallow draft's pages have their own shape). The target as its own draft must have every
     guess accepted, greedy or coupled-sampled: its compressed pages must be the target's (when
     SnapKV compressed the target's pages alone, 7 of 35 greedy guesses on these prompts were)."""
     rng = np.random.default_rng(11)
@@ -208,8 +209,9 @@ def test_snapkv_with_a_draft_model_keeps_the_snapkv_engines_tokens_without_compi
     params = [greedy, jaxinfer.SamplingParams(max_tokens=8, temperature=0.8, top_k=40, seed=6,
                                               ignore_eos=True), greedy]
     plain = no_drafts_engine(model, **SNAPKV).generate(prompts, params)
+    draft = {"self": model, "noisy": noisy_draft, "shallow": shallow_draft}[which]
     engine = jaxinfer.Engine(model, **ENGINE, **SNAPKV, speculative_tokens=GAMMA,
-                             draft_model=model if which == "self" else noisy_draft)
+                             draft_model=draft)
     engine.warmup()
     compiles = []
 
@@ -229,8 +231,34 @@ def test_snapkv_with_a_draft_model_keeps_the_snapkv_engines_tokens_without_compi
     assert engine.num_draft_tokens > 0
     if which == "self":
         assert engine.num_accepted_tokens == engine.num_draft_tokens
-    else:
+    elif which == "noisy":
         assert 0 < engine.num_accepted_tokens < engine.num_draft_tokens
+
+
+def test_snapkv_request_preempted_after_compression_is_rebuilt_with_its_draft_pages(
+        model, monkeypatch):
+    """A request preempted after SnapKV compressed it (offset > 0) is recomputed from its prompt
+    and compressed again, its draft pages too: its tokens (greedy and seeded sampled) equal the
+    SnapKV engine's without speculation on a pool large enough never to preempt, and the target
+    as its own draft still has every guess accepted."""
+    rng = np.random.default_rng(21)
+    prompts = [rng.integers(0, VOCAB, 8).tolist(), rng.integers(0, VOCAB, 20).tolist()]
+    params = [jaxinfer.SamplingParams(max_tokens=24, temperature=0.0, ignore_eos=True),
+              jaxinfer.SamplingParams(max_tokens=16, temperature=0.8, seed=2, ignore_eos=True)]
+    plain = no_drafts_engine(model, **SNAPKV, num_pages=40).generate(prompts, params)
+    offsets = []  # the offset of each request the scheduler preempts
+    preempt = Scheduler._preempt
+
+    def spy(self, request):
+        offsets.append(request.offset)
+        return preempt(self, request)
+
+    monkeypatch.setattr(Scheduler, "_preempt", spy)
+    engine = jaxinfer.Engine(model, **ENGINE, **SNAPKV, speculative_tokens=GAMMA,
+                             draft_model=model)
+    assert engine.generate(prompts, params) == plain
+    assert any(offset > 0 for offset in offsets)
+    assert 0 < engine.num_accepted_tokens == engine.num_draft_tokens
 
 
 def test_a_snapkv_window_of_one_leaves_the_last_prompt_token_undrafted(model):
