@@ -1,11 +1,15 @@
 """The one attention entry point of the models.
 
 Without a cache (training, scoring a whole sequence) it is `kernels_pallas.flash_attention`, causal,
-with Mistral's sliding window as a local window; the backend is configuration. With a dense KV cache
-keys live at absolute slots 0..S-1 and unwritten slots lie beyond every query's position, so a
-position-based mask expresses causality, cache validity and the window at once (until the paged
-decode kernel replaces this path). Query heads are grouped over KV heads by a reshape: K/V are never
-repeated in memory.
+with Mistral's sliding window as a local window and packed documents' segment ids; the backend is
+configuration. Where the sharding rules split the sequence it is ring or Ulysses attention, and
+training under a causal ring feeds the sequence in the zig-zag layout (`causal_attention`).
+
+With a dense KV cache keys live at absolute slots 0..S-1 and unwritten slots lie beyond every
+query's position, so a position-based mask expresses causality, cache validity and the window at
+once (until the paged decode kernel replaces this path); a prefill into an empty cache sees only
+its own keys and takes `flash_attention` instead (`prefill_attention`). Query heads are grouped
+over KV heads by a reshape: K/V are never repeated in memory.
 
 The serving engine's paged path (`paged_attention`) takes a flat batch of tokens from many
 sequences, each sequence's tokens a contiguous run, and attends each run over its own sequence's
@@ -43,14 +47,38 @@ def attention_mask(q_positions: jax.Array, kv_len: int, sliding_window: int | No
     return mask
 
 
+def ring_shards(sliding_window: int | None, sequence_parallel: str) -> int:
+    """How many devices causal self-attention runs a ring over under the active sharding rules:
+    P > 1 where "seq" is split over one mesh axis of P devices, the impl is the ring and there is
+    no sliding window (which takes Ulysses); 1 otherwise. Training permutes its sequences into
+    the zig-zag layout exactly when this is > 1 (`DecoderLM.zigzag_shards`)."""
+    active = sharding.active_rules()
+    if active is None or sliding_window is not None or sequence_parallel != "ring":
+        return 1
+    (seq_axes,) = sharding.logical_to_mesh_axes(("seq",), active.table)
+    return sharding.axis_size(active.mesh, seq_axes) if len(seq_axes) == 1 else 1
+
+
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window: int | None,
-                     backend: str, sequence_parallel: str = "ring") -> jax.Array:
-    """Self-attention over one whole sequence: q [batch, T, Hq, D]; k, v [batch, T, Hkv, D].
+                     backend: str, sequence_parallel: str = "ring",
+                     segment_ids: jax.Array | None = None,
+                     layout: str = "contiguous") -> jax.Array:
+    """Self-attention over one whole sequence: q [batch, T, Hq, D]; k, v [batch, T, Hkv, D];
+    segment_ids None or int32 [batch, T] (packed sequences: a token sees only earlier tokens
+    with its own id).
 
     Where the active sharding rules split "seq" over a mesh axis of more than one device, it runs
     as ring or Ulysses attention (`sequence_parallel`) over that axis; a sliding window always
-    takes Ulysses, since the ring's blocks cannot carry one. The sequence stays in its natural
-    (contiguous) order, so positions and data need no permutation."""
+    takes Ulysses, since the ring's blocks cannot carry one. A batch that the rules' batch axes
+    do not divide (a single sequence on a data x sequence mesh) is replicated over them inside
+    the shard_map rather than refused, as `sharding.constrain` leaves such a dimension whole.
+
+    layout: the order of the T tokens. "contiguous" (natural order) everywhere except in
+    training under a causal ring: there `jaxinfer.train.step.training_loss` permutes tokens,
+    positions, segment ids and targets once into the ring's "zigzag" layout (every device then
+    does the same causal work instead of device P-1 doing P times device 0's), and passes
+    layout="zigzag" down to here. The mean loss does not depend on the token order, so nothing
+    is permuted back. Generation, evaluation, windows and unsplit sequences stay contiguous."""
     # HF's window: query p sees key j iff p - j < sliding_window, i.e. left = sliding_window - 1
     window = None if sliding_window is None else (sliding_window - 1, 0)
     active = sharding.active_rules()
@@ -58,10 +86,26 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window
         seq_axes, batch_axes = sharding.logical_to_mesh_axes(("seq", "batch"), active.table)
         if len(seq_axes) == 1 and sharding.axis_size(active.mesh, seq_axes) > 1:
             impl = "ulysses" if window is not None else sequence_parallel
+            if batch_axes and q.shape[0] % sharding.axis_size(active.mesh, batch_axes):
+                batch_axes = ()
             return sharding.sequence_parallel_attention(
                 q, k, v, mesh=active.mesh, impl=impl, causal=True, axis=seq_axes[0],
-                layout="contiguous", local_window=window, backend=backend,
+                layout=layout, segment_ids=segment_ids, local_window=window, backend=backend,
                 batch_axes=batch_axes or None)
+    if layout != "contiguous":
+        raise ValueError(f"layout={layout!r} needs the sequence split over a ring of devices "
+                         f"by the active sharding rules; without one use layout='contiguous'")
+    return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, local_window=window,
+                           backend=backend)
+
+
+def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window: int | None,
+                      backend: str) -> jax.Array:
+    """Causal attention of a prompt over its own K/V (a prefill into an empty cache): q
+    [batch, T, Hq, D]; k, v [batch, T, Hkv, D] -> [batch, T, Hq, D]. `flash_attention` on the
+    model's backend, memory linear in T, instead of scores over the whole cache; never sequence
+    parallel, since a prompt's length need not split over a ring (as the cached path)."""
+    window = None if sliding_window is None else (sliding_window - 1, 0)
     return flash_attention(q, k, v, causal=True, local_window=window, backend=backend)
 
 

@@ -45,3 +45,18 @@ def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0):
             f"input_ids must lie in [0, {config.vocab_size}) (vocab_size); found token id {bad}"
         )
     return input_ids
+
+
+def check_segment_ids(segment_ids, shape: tuple[int, int]):
+    """Return segment_ids as an array after checking that it is an integer [batch, seq] array of
+    the input ids' `shape` (packed documents: each contiguous run of one id is a document)."""
+    if isinstance(segment_ids, (list, tuple)):
+        segment_ids = np.asarray(segment_ids)
+    got = tuple(getattr(segment_ids, "shape", ()) or ())
+    if got != tuple(shape):
+        raise ValueError(f"segment_ids must be [batch, seq] = {list(shape)} like input_ids; got "
+                         f"shape {list(got) if hasattr(segment_ids, 'shape') else None}")
+    dtype = getattr(segment_ids, "dtype", None)
+    if dtype is None or not np.issubdtype(dtype, np.integer):
+        raise ValueError(f"segment_ids must hold integer ids; got dtype {dtype}")
+    return jax.numpy.asarray(segment_ids, jax.numpy.int32)

@@ -4,22 +4,29 @@ The parameter tree mirrors Hugging Face's module names (`layers[i].self_attn.q_p
 checkpoint conversion is a rename plus a transpose. `__call__` is a plain traceable forward pass;
 `forward` adds the KV cache that generation uses; `forward_paged` runs a flat batch of tokens from
 many sequences over the serving engine's paged KV cache.
+
+Packed sequences: without a cache, `segment_ids` int32 [batch, T] marks contiguous runs of tokens
+(documents) that share a row. A token attends only within its run and RoPE positions restart at 0
+at each run's start, so each document is computed exactly as if it were alone.
 """
 
 from __future__ import annotations
+
+import functools
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
 from jaxinfer.config import LlamaConfig
-from jaxinfer.models.attention import cached_attention, causal_attention, paged_attention
-from jaxinfer.models.inputs import check_input_ids
+from jaxinfer.models.attention import (cached_attention, causal_attention, paged_attention,
+                                       prefill_attention, ring_shards)
+from jaxinfer.models.inputs import check_input_ids, check_segment_ids
 from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import Embedding, Linear, RMSNorm, SwiGLU
 from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, PagedLayerKV
 from jaxinfer.models.rope import apply_rotary, inverse_frequencies, rotary_tables
-from sharding import constrain
+from sharding import constrain, zigzag_permute, zigzag_unpermute
 
 # Logical names of activation dimensions (sharding/rules.py maps them to mesh axes).
 RESIDUAL = ("batch", "res_seq", "act_embed")
@@ -27,6 +34,7 @@ Q_AXES = ("batch", "seq", "act_heads", "head_dim")
 KV_AXES = ("batch", "seq", "act_kv_heads", "head_dim")
 CACHE_AXES = ("batch", "cache_seq", "act_kv_heads", "head_dim")
 LOGITS = ("batch", "seq", "act_vocab")
+SEQUENCE_LAYOUTS = ("contiguous", "zigzag")  # token orders forward takes (causal_attention)
 # LlamaConfig.remat -> what the backward pass keeps of a layer (None: only the layer's inputs);
 # "dots" keeps the projections' outputs, not attention's batched score products
 REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
@@ -70,18 +78,31 @@ class SelfAttention(nnx.Module):
         return self.o_proj(out.reshape(1, t, self.num_heads * self.head_dim)), kv, q[0]
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
-                 kv: LayerKV | None, start: jax.Array) -> tuple[jax.Array, LayerKV | None]:
-        batch, t, _ = x.shape  # x [batch, T, embed]
+                 kv: LayerKV | None, start: jax.Array | int, segment_ids: jax.Array | None = None,
+                 *, layout: str = "contiguous") -> tuple[jax.Array, LayerKV | None]:
+        """x [batch, T, embed] at `positions` [batch, T]; segment_ids int32 [batch, T] (packed
+        documents, no cache) and layout (the token order, see `causal_attention`).
+
+        With a cache the K/V are written at `start`. With start the Python int 0 (a prefill)
+        the queries see only their own K/V, so they attend through `prefill_attention`
+        (flash_attention: memory linear in T, the configured backend); later calls (decode,
+        chunks) attend over the cache."""
+        batch, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
         if kv is None:
             out = causal_attention(q, k, v, sliding_window=self.sliding_window,
                                    backend=self.attention_backend,
-                                   sequence_parallel=self.sequence_parallel)
+                                   sequence_parallel=self.sequence_parallel,
+                                   segment_ids=segment_ids, layout=layout)
         else:
             kv = kv.write(k, v, start)
             kv = LayerKV(constrain(kv.k, CACHE_AXES), constrain(kv.v, CACHE_AXES))
-            out = cached_attention(q, kv.k.astype(q.dtype), kv.v.astype(q.dtype), positions,
-                                   sliding_window=self.sliding_window)  # cache [batch, max_len, Hkv, D]
+            if isinstance(start, int) and start == 0:  # prefill: the queries see only k, v
+                out = prefill_attention(q, k, v, sliding_window=self.sliding_window,
+                                        backend=self.attention_backend)
+            else:  # cache [batch, max_len, Hkv, D]
+                out = cached_attention(q, kv.k.astype(q.dtype), kv.v.astype(q.dtype), positions,
+                                       sliding_window=self.sliding_window)
         out = constrain(out, Q_AXES)
         return self.o_proj(out.reshape(batch, t, self.num_heads * self.head_dim)), kv
 
@@ -97,8 +118,10 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias,
                           dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, kv, start):
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start)
+    def __call__(self, x, cos, sin, positions, kv, start, segment_ids=None, *,
+                 layout="contiguous"):
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start,
+                               segment_ids, layout=layout)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -108,8 +131,32 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv, q
 
 
-def _call_layer(layer: nnx.Module, *args):
-    return layer(*args)
+def _call_layer(layer: nnx.Module, *args, **static):
+    return layer(*args, **static)
+
+
+def segment_positions(segment_ids: jax.Array) -> jax.Array:
+    """int32 [batch, T]: each token's offset from the start of its run of equal segment ids
+    (the RoPE position a packed document's token had if the document were alone)."""
+    t = segment_ids.shape[1]
+    index = jnp.arange(t, dtype=jnp.int32)
+    starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
+                              segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [batch, T]
+    run_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # [batch, T]
+    return index - run_start
+
+
+def check_no_cache_for_packing(cache, segment_ids, layout: str) -> None:
+    """Packed documents and the zig-zag layout are whole-sequence (training) inputs: a KV cache
+    holds one sequence per row in natural order."""
+    if layout not in SEQUENCE_LAYOUTS:
+        raise ValueError(f"layout must be one of {SEQUENCE_LAYOUTS}; got {layout!r}")
+    if cache is not None and segment_ids is not None:
+        raise ValueError("segment_ids (packed documents) cannot be used with a KV cache; call "
+                         "forward without a cache, or generate each document in its own row")
+    if cache is not None and layout != "contiguous":
+        raise ValueError(f"layout={layout!r} cannot be used with a KV cache; a cache needs "
+                         f"layout='contiguous'")
 
 
 class DecoderLM(nnx.Module):
@@ -129,18 +176,34 @@ class DecoderLM(nnx.Module):
             c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False,
             dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
-    def layer_caller(self):
+    def layer_caller(self, **static):
         """How forward calls a decoder layer, `call(layer, *args)`: directly, or under `nnx.remat`
         with the policy `config.remat` names, so that the backward pass recomputes what the
-        policy does not keep."""
+        policy does not keep. `static` keyword arguments (not arrays: the sequence layout) are
+        bound before the remat."""
+        call = functools.partial(_call_layer, **static)
         if self.config.remat == "none":
-            return _call_layer
-        return nnx.remat(_call_layer, policy=REMAT_POLICIES[self.config.remat])
+            return call
+        return nnx.remat(call, policy=REMAT_POLICIES[self.config.remat])
 
-    def __call__(self, input_ids: jax.Array) -> jax.Array:
+    def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None
+                 ) -> jax.Array:
+        """Logits float32 [batch, T, vocab] of input_ids [batch, T]; segment_ids int32
+        [batch, T]: packed documents (see the module docstring)."""
         input_ids = check_input_ids(input_ids, self.config)
-        logits, _ = self.forward(jnp.asarray(input_ids))
+        if segment_ids is not None:
+            segment_ids = check_segment_ids(segment_ids, input_ids.shape)
+        logits, _ = self.forward(jnp.asarray(input_ids), segment_ids=segment_ids)
         return logits
+
+    def zigzag_shards(self, seq_len: int) -> int:
+        """P > 1 when causal attention over seq_len tokens runs a ring over P devices under the
+        active sharding rules and the sequence splits into the 2P chunks of the zig-zag layout:
+        training then feeds the tokens in that layout (`forward(..., layout="zigzag")`); 1
+        otherwise."""
+        c = self.config
+        p = ring_shards(c.sliding_window, c.sequence_parallel)
+        return p if p > 1 and seq_len % (2 * p) == 0 else 1
 
     def init_cache(self, batch: int, max_len: int) -> KVCache:
         c = self.config
@@ -148,11 +211,43 @@ class DecoderLM(nnx.Module):
                               c.head_dim, jnp.dtype(c.dtype))
         return jax.tree.map(lambda a: constrain(a, CACHE_AXES), cache)
 
-    def positions_and_rotary(self, batch: int, t: int, start: jax.Array | int):
-        """int32 positions [batch, T] = start..start+T-1 and their rotary tables (cos, sin)."""
+    def positions_and_rotary(self, batch: int, t: int, start: jax.Array | int,
+                             segment_ids: jax.Array | None = None, layout: str = "contiguous"):
+        """int32 positions [batch, T] = start..start+T-1 and their rotary tables (cos, sin).
+
+        With segment_ids [batch, T] (no cache, start 0) each run of equal ids counts from 0.
+        With layout "zigzag" the T slots hold the tokens in the ring's zig-zag order (segment
+        ids too), and each slot gets its token's position."""
+        if not (isinstance(start, int) and start == 0) and (
+                segment_ids is not None or layout != "contiguous"):
+            raise ValueError(f"segment_ids and layout={layout!r} need start=0 (a whole packed "
+                             f"sequence); got start={start!r}")
+        p = self.zigzag_shards(t) if layout == "zigzag" else 1
+        if layout == "zigzag" and p == 1:
+            raise ValueError(f"layout='zigzag' needs the active sharding rules to run causal "
+                             f"attention as a ring over P > 1 devices with {t} tokens divisible "
+                             f"by 2P; they do not (see DecoderLM.zigzag_shards)")
+        if layout == "zigzag" and segment_ids is not None:
+            segment_ids = zigzag_unpermute(segment_ids, p)  # natural order: runs are contiguous
         start = jnp.asarray(start, jnp.int32)
-        positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+        if segment_ids is None:
+            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+        else:
+            positions = segment_positions(segment_ids)
+        if layout == "zigzag":
+            positions = zigzag_permute(positions, p)
         return start, positions, rotary_tables(positions, inverse_frequencies(self.config))
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [batch, T, embed] of input_ids [batch, T], in the residual layout.
+
+        The lookup's output is first constrained to the model-width layout ("seq", not the
+        residual's "res_seq"): under tp_sp the residual splits the sequence over "tensor", and a
+        lookup straight into that layout made the partitioner all-gather the whole vocab-split
+        table; this way each device looks up in its vocab shard and the partial rows are
+        all-reduced (Megatron's vocab-parallel embedding) before the residual's split."""
+        x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
+        return constrain(x, RESIDUAL)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and LM head: x [batch, T, embed] -> float32 logits [batch, T, vocab]."""
@@ -201,15 +296,23 @@ class LlamaForCausalLM(DecoderLM):
         super().__init__(config, lambda: DecoderLayer(config, rngs=rngs), rngs=rngs)
 
     def forward(self, input_ids: jax.Array, cache: KVCache | None = None,
-                start: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
+                start: jax.Array | int = 0, *, segment_ids: jax.Array | None = None,
+                layout: str = "contiguous") -> tuple[jax.Array, KVCache | None]:
         """Logits for input_ids [batch, T] at positions start..start+T-1, reading and extending
-        `cache` when given (prefill: start=0 with the whole prompt; decode: one token at a time)."""
-        start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start)
-        x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
-        new_layers, call = [], self.layer_caller()
+        `cache` when given (prefill: start=0 with the whole prompt; decode: one token at a time).
+
+        Without a cache: segment_ids int32 [batch, T] packs documents into a row (the module
+        docstring), and layout="zigzag" says the tokens (and segment ids) come in the ring's
+        zig-zag order (training under a causal ring; `zigzag_shards`)."""
+        check_no_cache_for_packing(cache, segment_ids, layout)
+        start_arg = start
+        start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start,
+                                                                 segment_ids, layout)
+        x = self.embed(input_ids)  # [batch, T, embed]
+        new_layers, call = [], self.layer_caller(layout=layout)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]
-            x, kv = call(layer, x, cos, sin, positions, kv, start)
+            x, kv = call(layer, x, cos, sin, positions, kv, start_arg, segment_ids)
             x = constrain(x, RESIDUAL)
             new_layers.append(kv)
         new_cache = None if cache is None else KVCache(tuple(new_layers))

@@ -22,7 +22,8 @@ from flax import nnx
 
 from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import RMSNorm
-from jaxinfer.models.llama import RESIDUAL, DecoderLM, SelfAttention
+from jaxinfer.models.llama import (RESIDUAL, DecoderLM, SelfAttention,
+                                   check_no_cache_for_packing)
 from jaxinfer.models.mixtral_config import MixtralConfig
 from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from jaxinfer.models.moe import SparseMoE, load_balancing_loss, router_z_loss
@@ -48,10 +49,13 @@ class MixtralDecoderLayer(nnx.Module):
         self.block_sparse_moe = SparseMoE(c, rngs=rngs)
 
     def __call__(self, x, cos, sin, positions, kv: LayerKV | None, start,
-                 router_key: jax.Array | None = None):
+                 router_key: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+                 layout: str = "contiguous"):
         """x [batch, T, embed] -> (x, kv, router_logits [batch * T, E], dropped). router_key:
-        this layer's router-jitter key (training only; see SparseMoE)."""
-        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start)
+        this layer's router-jitter key (training only; see SparseMoE); segment_ids, layout: as
+        in `SelfAttention`."""
+        h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start,
+                               segment_ids, layout=layout)
         x = x + h
         moe = self.block_sparse_moe(self.post_attention_layernorm(x), router_key)
         return x + moe.y, kv, moe.router_logits, moe.dropped
@@ -76,24 +80,35 @@ class MixtralForCausalLM(DecoderLM):
         super().__init__(config, lambda: MixtralDecoderLayer(config, rngs=rngs), rngs=rngs)
 
     def forward(self, input_ids: jax.Array, cache: KVCache | None = None,
-                start: jax.Array | int = 0) -> tuple[jax.Array, KVCache | None]:
-        """Logits for input_ids [batch, T] at positions start..start+T-1 (as LlamaForCausalLM)."""
-        logits, cache, _ = self.forward_with_routing(input_ids, cache, start)
+                start: jax.Array | int = 0, *, segment_ids: jax.Array | None = None,
+                layout: str = "contiguous") -> tuple[jax.Array, KVCache | None]:
+        """Logits for input_ids [batch, T] at positions start..start+T-1 (as LlamaForCausalLM,
+        segment_ids and layout too)."""
+        logits, cache, _ = self.forward_with_routing(input_ids, cache, start,
+                                                     segment_ids=segment_ids, layout=layout)
         return logits, cache
 
     def forward_with_routing(self, input_ids: jax.Array, cache: KVCache | None = None,
-                             start: jax.Array | int = 0, *, router_key: jax.Array | None = None
+                             start: jax.Array | int = 0, *, router_key: jax.Array | None = None,
+                             segment_ids: jax.Array | None = None, layout: str = "contiguous"
                              ) -> tuple[jax.Array, KVCache | None, RoutingOutput]:
         """`forward` plus every layer's router logits and capacity-drop count. router_key: PRNG
         key for router jitter (`config.router_jitter_noise`), applied only in training mode
-        (`model.train()`); layer i uses fold_in(router_key, i). Without it routing is exact."""
-        start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start)
-        x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
-        new_layers, router_logits, dropped, call = [], [], [], self.layer_caller()
+        (`model.train()`); layer i uses fold_in(router_key, i). Without it routing is exact.
+        segment_ids int32 [batch, T], layout: packed documents and token order, as in
+        `LlamaForCausalLM.forward`."""
+        check_no_cache_for_packing(cache, segment_ids, layout)
+        start_arg = start
+        start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start,
+                                                                 segment_ids, layout)
+        x = self.embed(input_ids)  # [batch, T, embed]
+        new_layers, router_logits, dropped = [], [], []
+        call = self.layer_caller(layout=layout)
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]
             key_i = None if router_key is None else jax.random.fold_in(router_key, i)
-            x, kv, logits_i, dropped_i = call(layer, x, cos, sin, positions, kv, start, key_i)
+            x, kv, logits_i, dropped_i = call(layer, x, cos, sin, positions, kv, start_arg,
+                                              key_i, segment_ids)
             x = constrain(x, RESIDUAL)
             new_layers.append(kv)
             router_logits.append(logits_i)
@@ -102,13 +117,18 @@ class MixtralForCausalLM(DecoderLM):
         routing = RoutingOutput(jnp.stack(router_logits), jnp.stack(dropped))
         return self.logits(x), new_cache, routing
 
-    def forward_with_aux_losses(self, input_ids: jax.Array, *, key: jax.Array | None = None
+    def forward_with_aux_losses(self, input_ids: jax.Array, *, key: jax.Array | None = None,
+                                segment_ids: jax.Array | None = None,
+                                layout: str = "contiguous"
                                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The training forward: logits float32 [batch, T, vocab] for input_ids [batch, T] and
         the router losses over all layers' router logits, unweighted float32 scalars:
         {"load_balancing_loss": Switch/HF load balancing, "router_z_loss": ST-MoE z-loss}.
-        key: router-jitter key (see `forward_with_routing`)."""
-        logits, _, routing = self.forward_with_routing(input_ids, router_key=key)
+        key: router-jitter key (see `forward_with_routing`); segment_ids, layout: packed
+        documents and token order (`LlamaForCausalLM.forward`). The router losses count every
+        token of the batch, padding of packed rows included."""
+        logits, _, routing = self.forward_with_routing(input_ids, router_key=key,
+                                                       segment_ids=segment_ids, layout=layout)
         router_logits = list(routing.router_logits)  # layers x [batch * T, E]
         c = self.config
         return logits, {

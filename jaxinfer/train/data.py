@@ -1,4 +1,5 @@
-"""Training data: a tokenized corpus cut into random next-token windows.
+"""Training data: a tokenized corpus cut into random next-token windows (`TokenWindows`), or its
+documents packed whole into rows with segment ids (`PackedDocuments`).
 
 Batch `i` is a pure function of (seed, i), so the data position in a checkpoint is one integer and a
 resumed run sees exactly the batches the uninterrupted run would have seen.
@@ -44,6 +45,99 @@ class TokenWindows:
         rows = np.stack([self.tokens[s:s + window] for s in starts]).astype(np.int32)
         return [rows[i:i + self.batch_size] for i in range(0, len(rows), self.batch_size)
                 if len(rows[i:i + self.batch_size]) == self.batch_size] or [rows]
+
+
+@dataclasses.dataclass(frozen=True)
+class PackedDocuments:
+    """Documents packed into rows of seq_len + 1 tokens, with segment ids telling them apart.
+
+    Each epoch takes the documents in an order shuffled by (seed, epoch), concatenates them and
+    cuts the stream into consecutive rows of seq_len + 1 tokens (the remainder, under one row, is
+    dropped). A document cut by a row boundary continues in the next row as a new segment (RoPE
+    positions restart there, as for a document of its own). Segment ids number the pieces of a
+    row 1, 2, ... in order; 0 (padding) never occurs here but is masked by the loss. Batch i is
+    rows i B .. i B + B - 1 of the epochs laid end to end: a pure function of (seed, i)."""
+
+    documents: tuple[np.ndarray, ...]  # each int32 [length >= 1]
+    seq_len: int
+    batch_size: int
+    seed: int = 0
+
+    def __post_init__(self) -> None:
+        docs = tuple(np.asarray(d, np.int32) for d in self.documents)
+        if not docs or any(d.ndim != 1 or len(d) == 0 for d in docs):
+            raise ValueError("documents must be a non-empty sequence of non-empty 1-D token "
+                             "arrays")
+        object.__setattr__(self, "documents", docs)
+        if self.rows_per_epoch < 1:
+            raise ValueError(f"documents hold {self._lengths.sum()} tokens; need at least one row "
+                             f"of seq_len + 1 = {self.seq_len + 1}")
+
+    @property
+    def _lengths(self) -> np.ndarray:
+        return np.fromiter((len(d) for d in self.documents), np.int64, len(self.documents))
+
+    @property
+    def rows_per_epoch(self) -> int:
+        return int(self._lengths.sum()) // (self.seq_len + 1)
+
+    def _row(self, order: np.ndarray, ends: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
+        """Row `row` of the stream of documents in `order` (ends: their cumulative lengths):
+        tokens and segment ids, int32 [seq_len + 1] each."""
+        width = self.seq_len + 1
+        lo, hi = row * width, (row + 1) * width
+        tokens, segs = [], []
+        k = int(np.searchsorted(ends, lo, side="right"))  # first document ending after lo
+        while lo < hi:
+            doc_start = ends[k] - len(self.documents[order[k]])
+            piece = self.documents[order[k]][lo - doc_start:min(hi, ends[k]) - doc_start]
+            tokens.append(piece)
+            segs.append(np.full(len(piece), len(segs) + 1, np.int32))
+            lo += len(piece)
+            k += 1
+        return np.concatenate(tokens), np.concatenate(segs)
+
+    def _rows(self, rows: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
+        lengths, ends = self._lengths, {}
+        for order, _ in rows:  # a batch holds rows of one or two epochs' orders
+            ends.setdefault(id(order), np.cumsum(lengths[order]))
+        out = [self._row(order, ends[id(order)], r) for order, r in rows]
+        return (np.stack([t for t, _ in out]).astype(np.int32),
+                np.stack([s for _, s in out]).astype(np.int32))
+
+    def batch(self, position: int) -> tuple[np.ndarray, np.ndarray]:
+        """The batch at `position` (0, 1, 2, ...): tokens and segment ids, int32
+        [batch_size, seq_len + 1] each."""
+        per_epoch, orders = self.rows_per_epoch, {}
+        rows = []
+        for g in range(position * self.batch_size, (position + 1) * self.batch_size):
+            epoch = g // per_epoch
+            if epoch not in orders:
+                orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
+                    len(self.documents))
+            rows.append((orders[epoch], g % per_epoch))
+        return self._rows(rows)
+
+    def fixed_batches(self, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
+        """`count` batches of rows spread evenly over the documents in their given order: a
+        stable evaluation set (fewer when there are too few rows; at least one batch)."""
+        per = min(self.rows_per_epoch, count * self.batch_size)
+        identity = np.arange(len(self.documents))
+        picks = np.linspace(0, self.rows_per_epoch - 1, per).astype(np.int64)
+        tokens, segs = self._rows([(identity, int(r)) for r in picks])
+        step = min(self.batch_size, per)
+        return [(tokens[i:i + step], segs[i:i + step]) for i in range(0, per - step + 1, step)]
+
+
+def split_documents(tokens: np.ndarray, separator: int) -> tuple[np.ndarray, ...]:
+    """A token stream cut into documents after each `separator` token (the tokenizer's EOS, say):
+    each document keeps its separator at the end, so the model learns to end documents; a tail
+    without one is a document too."""
+    tokens = np.asarray(tokens, np.int32)
+    if tokens.ndim != 1:
+        raise ValueError(f"tokens must be 1-D; got shape {tokens.shape}")
+    cuts = np.flatnonzero(tokens == separator) + 1
+    return tuple(d for d in np.split(tokens, cuts) if len(d))
 
 
 def tokenize_corpus(text: str, tokenizer: Tokenizer) -> np.ndarray:

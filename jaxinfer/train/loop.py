@@ -23,7 +23,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
-from jaxinfer.train.data import TokenWindows
+from jaxinfer.train.data import PackedDocuments, TokenWindows, split_documents
 from jaxinfer.train.optimizer import learning_rate_schedule, make_optimizer
 from jaxinfer.train.step import eval_step, train_step_with_losses
 
@@ -48,6 +48,10 @@ class TrainConfig:
     eval_batches: int = 8
     checkpoint_every: int = 100
     seed: int = 0
+    # a token id (the tokenizer's EOS, say) that ends each document of the training and held-out
+    # streams; set, whole documents are packed into rows with segment ids (PackedDocuments)
+    # instead of random windows being cut across them
+    document_separator: int | None = None
 
     def __post_init__(self) -> None:
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
@@ -60,6 +64,9 @@ class TrainConfig:
         for name in ("warmup_steps", "weight_decay"):
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
+        sep = self.document_separator
+        if sep is not None and (not isinstance(sep, int) or isinstance(sep, bool) or sep < 0):
+            raise ValueError(f"document_separator must be None or a token id >= 0; got {sep!r}")
 
     def save(self, path: Path) -> None:
         path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
@@ -101,6 +108,25 @@ def check_no_checkpoints(run_dir: str | Path) -> None:
                          f"it, or train into a new directory")
 
 
+def _data_sources(train_tokens: np.ndarray, eval_tokens: np.ndarray, config: TrainConfig):
+    """The training batches and the held-out source: random windows, or packed documents when
+    `config.document_separator` is set."""
+    size = config.batch_size * config.grad_accum
+    if config.document_separator is None:
+        return (TokenWindows(train_tokens, config.seq_len, size, seed=config.seed),
+                TokenWindows(eval_tokens, config.seq_len, config.batch_size))
+    sep = config.document_separator
+    return (PackedDocuments(split_documents(train_tokens, sep), config.seq_len, size,
+                            seed=config.seed),
+            PackedDocuments(split_documents(eval_tokens, sep), config.seq_len,
+                            config.batch_size))
+
+
+def _as_pair(batch) -> tuple[np.ndarray, np.ndarray | None]:
+    """(tokens, segment ids or None) of a batch from either data source."""
+    return batch if isinstance(batch, tuple) else (batch, None)
+
+
 def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
           config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
           on_step: Callable[[dict], None] | None = None) -> TrainResult:
@@ -109,7 +135,9 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
     Mixtral's router losses), in training mode with a per-step key from the state's RNG.
 
     Any causal LM with `forward(ids) -> (logits, cache)` and a `config.to_hf_config()` trains here
-    (LlamaForCausalLM, MixtralForCausalLM, HyenaForCausalLM).
+    (LlamaForCausalLM, MixtralForCausalLM, HyenaForCausalLM). With `config.document_separator`
+    the streams' documents are packed into rows with segment ids (a model whose forward takes
+    `segment_ids`: Llama, Mixtral).
 
     With `resume=True` and a checkpoint in run_dir, continue from it; `on_step` sees each record."""
     run_dir = Path(run_dir)
@@ -127,11 +155,9 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
     (run_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     config.save(run_dir / TRAIN_CONFIG_FILE)
 
-    data = TokenWindows(train_tokens, config.seq_len, config.batch_size * config.grad_accum,
-                        seed=config.seed)
-    eval_set = [jnp.asarray(b) for b in
-                TokenWindows(eval_tokens, config.seq_len, config.batch_size).fixed_batches(
-                    config.eval_batches)]
+    data, eval_data = _data_sources(train_tokens, eval_tokens, config)
+    eval_set = [jax.tree.map(jnp.asarray, _as_pair(b))
+                for b in eval_data.fixed_batches(config.eval_batches)]
     tx = make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
                         warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
                         clip_norm=config.clip_norm)
@@ -161,12 +187,13 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
     try:
         for step in bar:
             step_began = time.perf_counter()
-            batches = data.batch(position).reshape(
+            batches, segment_ids = (None if x is None else jnp.asarray(x).reshape(
                 config.grad_accum, config.batch_size, config.seq_len + 1)
+                for x in _as_pair(data.batch(position)))
             rng, step_key = jax.random.split(jax.random.wrap_key_data(rng))
             rng = jax.random.key_data(rng)
-            out = train_step_with_losses(graphdef, tx, params, opt_state, jnp.asarray(batches),
-                                         step_key)
+            out = train_step_with_losses(graphdef, tx, params, opt_state, batches, step_key,
+                                         segment_ids=segment_ids)
             params, opt_state = out.params, out.opt_state
             position += 1
             record = {"step": step + 1, "loss": float(out.loss),
@@ -174,7 +201,7 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
                       "grad_norm": float(out.grad_norm), "lr": float(schedule(step)),
                       "tokens": (step + 1) * config.batch_size * config.grad_accum * config.seq_len}
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                eval_loss = float(np.mean([eval_step(graphdef, params, b) for b in eval_set]))
+                eval_loss = float(np.mean([eval_step(graphdef, params, *b) for b in eval_set]))
                 record.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
             record["seconds"] = time.perf_counter() - step_began
             history.append(record)

@@ -15,17 +15,32 @@ weights can be overridden per call (`loss_weights`); they are traced, so runs th
 loss weights share one compile. The step runs the model in training mode (nnx `train()`) with a
 PRNG `key` for its stochastic layers (Mixtral's router jitter). Evaluation stays next-token loss
 alone (perplexity).
+
+Packed batches: with `segment_ids` int32 [B, L+1] beside the tokens (jaxinfer.train.data's
+`PackedDocuments`), the model attends within each document and the mean cross-entropy counts only
+targets in their input's document: the first token of a document (its target position belongs to
+the previous one) and padding (id 0) are left out, so the loss is the token-weighted mean of the
+documents' own losses. Without segment ids every target counts, as before.
+
+Zig-zag: when the active sharding rules run causal attention as a ring over P > 1 devices
+(`DecoderLM.zigzag_shards`), `training_loss` permutes inputs, targets, segment ids and loss
+weights once into the ring's zig-zag layout and the model runs with layout="zigzag"; the mean
+loss does not depend on the order of its terms, so nothing is permuted back. (Capacity-routed
+MoE is the exception: which tokens overflow an expert depends on their order.)
 """
 
 from __future__ import annotations
 
 import functools
+import inspect
 from typing import Mapping, NamedTuple
 
 import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from sharding import zigzag_permute
 
 LossWeights = Mapping[str, float | jax.Array]  # auxiliary-loss name -> weight (a scalar)
 
@@ -43,16 +58,44 @@ class StepOutput(NamedTuple):
     losses: dict[str, jax.Array]
 
 
-def _cross_entropy(logits: jax.Array, batch: jax.Array) -> jax.Array:
-    """Mean cross-entropy of logits float32 [B, L, vocab] against the targets batch[:, 1:]."""
-    return optax.softmax_cross_entropy_with_integer_labels(logits, batch[:, 1:]).mean()
+def target_weights(segment_ids: jax.Array) -> jax.Array:
+    """float32 [B, L] from segment_ids int [B, L+1]: 1 where target t+1 lies in the document of
+    input t (same id, not padding 0), else 0."""
+    same = segment_ids[:, 1:] == segment_ids[:, :-1]
+    return (same & (segment_ids[:, :-1] != 0)).astype(jnp.float32)
 
 
-def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array) -> jax.Array:
-    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]; batch int32 [B, L+1]."""
+def _cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None) -> jax.Array:
+    """Mean cross-entropy of logits float32 [B, L, vocab] against targets int [B, L], over the
+    targets with weight 1 (all of them when weights is None)."""
+    ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
+    if weights is None:
+        return ce.mean()
+    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+
+
+def _check_packing(model, batch: jax.Array, segment_ids: jax.Array | None) -> dict:
+    """forward's packing keyword ({} or {"segment_ids": inputs' ids}) after checking them."""
+    if segment_ids is None:
+        return {}
+    if tuple(segment_ids.shape) != tuple(batch.shape):
+        raise ValueError(f"segment_ids must have the batch's shape {list(batch.shape)}; got "
+                         f"{list(segment_ids.shape)}")
+    if "segment_ids" not in inspect.signature(model.forward).parameters:
+        raise ValueError(f"segment_ids (packed documents) need a model whose forward takes them; "
+                         f"{type(model).__name__} does not")
+    return {"segment_ids": segment_ids[:, :-1]}
+
+
+def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]; batch int32 [B, L+1],
+    segment_ids None or int32 [B, L+1] (packed documents; see the module docstring)."""
     model = nnx.merge(graphdef, params)
-    logits, _ = model.forward(batch[:, :-1])  # [B, L, vocab] float32
-    return _cross_entropy(logits, batch)
+    packing = _check_packing(model, batch, segment_ids)
+    logits, _ = model.forward(batch[:, :-1], **packing)  # [B, L, vocab] float32
+    weights = None if segment_ids is None else target_weights(segment_ids)
+    return _cross_entropy(logits, batch[:, 1:], weights)
 
 
 def _resolve_loss_weights(defaults: Mapping[str, float], overrides: LossWeights | None
@@ -67,22 +110,33 @@ def _resolve_loss_weights(defaults: Mapping[str, float], overrides: LossWeights 
 
 
 def training_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
-                  key: jax.Array | None = None, loss_weights: LossWeights | None = None
+                  key: jax.Array | None = None, loss_weights: LossWeights | None = None,
+                  segment_ids: jax.Array | None = None
                   ) -> tuple[jax.Array, dict[str, jax.Array]]:
     """The loss `train_step` optimises on batch int32 [B, L+1] -> (loss, parts): mean next-token
     cross-entropy + sum over the model's auxiliary losses of weight * loss, the model in training
     mode. parts: {"next_token_loss": cross-entropy, <aux name>: unweighted aux loss, ...}.
     key: PRNG key for the model's stochastic layers (None: they run deterministically);
-    loss_weights: overrides of `model.aux_loss_weights()`."""
+    loss_weights: overrides of `model.aux_loss_weights()`; segment_ids: None or int32 [B, L+1],
+    packed documents (module docstring). Under a causal ring the tokens run in the zig-zag
+    layout (module docstring)."""
     model = nnx.merge(graphdef, params)
     model.train()
     has_aux = hasattr(model, "forward_with_aux_losses")
     weights = _resolve_loss_weights(model.aux_loss_weights() if has_aux else {}, loss_weights)
+    packing = _check_packing(model, batch, segment_ids)
+    inputs, targets = batch[:, :-1], batch[:, 1:]  # [B, L] each
+    token_weights = None if segment_ids is None else target_weights(segment_ids)  # [B, L]
+    shards = model.zigzag_shards(inputs.shape[1]) if hasattr(model, "zigzag_shards") else 1
+    if shards > 1:  # the ring's balanced layout: permute once, the mean needs no way back
+        inputs, targets, token_weights, packing = jax.tree.map(
+            lambda x: zigzag_permute(x, shards), (inputs, targets, token_weights, packing))
+        packing["layout"] = "zigzag"
     if has_aux:
-        logits, aux = model.forward_with_aux_losses(batch[:, :-1], key=key)  # [B, L, vocab]
+        logits, aux = model.forward_with_aux_losses(inputs, key=key, **packing)  # [B, L, vocab]
     else:
-        (logits, _), aux = model.forward(batch[:, :-1]), {}
-    ce = _cross_entropy(logits, batch)
+        (logits, _), aux = model.forward(inputs, **packing), {}
+    ce = _cross_entropy(logits, targets, token_weights)
     loss = ce
     for name, value in aux.items():
         loss = loss + weights[name] * value
@@ -93,25 +147,29 @@ def training_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
 def train_step_with_losses(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                            params: nnx.State, opt_state: optax.OptState, batches: jax.Array,
                            key: jax.Array | None = None,
-                           loss_weights: LossWeights | None = None) -> StepOutput:
+                           loss_weights: LossWeights | None = None,
+                           segment_ids: jax.Array | None = None) -> StepOutput:
     """One optimizer update on `training_loss` from batches int32 [accum, B, L+1] -> StepOutput.
 
     Gradients and losses are averaged over the `accum` micro-batches (a scan, so activations of
     one micro-batch are live at a time) before the single update; each micro-batch gets its own
     split of `key`. A loss that is not a mean over tokens (load balancing) is thus averaged per
-    micro-batch, as HF's gradient accumulation does."""
+    micro-batch, as HF's gradient accumulation does; so is a packed batch's cross-entropy (each
+    micro-batch's mean over its counted targets). segment_ids: None or int32 [accum, B, L+1]."""
     grad_fn = jax.value_and_grad(
-        lambda p, batch, k: training_loss(graphdef, p, batch, k, loss_weights), has_aux=True)
+        lambda p, batch, k, segs: training_loss(graphdef, p, batch, k, loss_weights, segs),
+        has_aux=True)
     n = batches.shape[0]
     keys = None if key is None else jax.random.split(key, n)  # [accum]
 
     def accumulate(grad_sum, micro):
-        batch, micro_key = micro
-        (loss, parts), grads = grad_fn(params, batch, micro_key)
+        batch, micro_key, segs = micro
+        (loss, parts), grads = grad_fn(params, batch, micro_key, segs)
         return jax.tree.map(jnp.add, grad_sum, grads), (loss, parts)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, parts) = jax.lax.scan(accumulate, zeros, (batches, keys))  # losses [accum]
+    grads, (losses, parts) = jax.lax.scan(accumulate, zeros,
+                                          (batches, keys, segment_ids))  # losses [accum]
     grads = jax.tree.map(lambda g: g / n, grads)
     updates, opt_state = tx.update(grads, opt_state, params)
     return StepOutput(optax.apply_updates(params, updates), opt_state, jnp.mean(losses),
@@ -121,14 +179,17 @@ def train_step_with_losses(graphdef: nnx.GraphDef, tx: optax.GradientTransformat
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx"))
 def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params: nnx.State,
                opt_state: optax.OptState, batches: jax.Array, key: jax.Array | None = None,
-               loss_weights: LossWeights | None = None):
-    """One optimizer update from batches int32 [accum, B, L+1] -> (params, opt_state, loss,
-    grad_norm): `train_step_with_losses` without the breakdown of the loss."""
+               loss_weights: LossWeights | None = None, segment_ids: jax.Array | None = None):
+    """One optimizer update from batches int32 [accum, B, L+1] (and their segment_ids, packed)
+    -> (params, opt_state, loss, grad_norm): `train_step_with_losses` without the breakdown of
+    the loss."""
     return tuple(train_step_with_losses(graphdef, tx, params, opt_state, batches, key,
-                                        loss_weights)[:4])
+                                        loss_weights, segment_ids)[:4])
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def eval_step(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array) -> jax.Array:
-    """Mean next-token cross-entropy of batch int32 [B, L+1] (no auxiliary losses, no jitter)."""
-    return next_token_loss(graphdef, params, batch)
+def eval_step(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
+              segment_ids: jax.Array | None = None) -> jax.Array:
+    """Mean next-token cross-entropy of batch int32 [B, L+1] (no auxiliary losses, no jitter);
+    segment_ids None or int32 [B, L+1] for a packed batch."""
+    return next_token_loss(graphdef, params, batch, segment_ids)

@@ -180,6 +180,33 @@ def test_vocab_parallel_embedding_partitions_without_replicating(name, capfd, mo
         assert _partitioner_replicates(name, 98, capfd)
 
 
+def _gathers_full_table(name: str, vocab: int) -> bool:
+    """Whether the compiled loss and gradients under layout `name` all-gather a whole
+    embedding table [vocab, hidden] (vocab: one no other compile used, so the shape is its own).
+    32 positions: at 8 the partitioner happened to gather the ids instead, hiding the bug."""
+    model = jaxinfer.LlamaForCausalLM(dataclasses.replace(CONFIG, vocab_size=vocab),
+                                      rngs=nnx.Rngs(0))
+    mesh, rules = layout(name)
+    graphdef, params = nnx.split(sharding.shard(model, mesh, rules))
+    ids = jax.device_put(jnp.zeros((BATCH, 33), jnp.int32),
+                         sharding.batch_sharding(mesh, rules, ("batch", None)))
+    with sharding.use_rules(mesh, rules):
+        hlo = loss_logits_grads.lower(graphdef, params, ids).compile().as_text()
+    table = f"f32[{vocab},{CONFIG.hidden_size}]"
+    return any("all-gather" in line and table in line for line in hlo.splitlines())
+
+
+@pytest.mark.parametrize("name", ["tp-2x4", "tp_sp-2x4", "fsdp_tp-2x2x2"])
+def test_vocab_parallel_embedding_never_gathers_the_whole_table(name, monkeypatch):
+    """The compiled HLO holds no all-gather of the [vocab, hidden] table. Under tp_sp the
+    control, a lookup constrained straight to the sequence-split residual, gathered it."""
+    assert not _gathers_full_table(name, 104)
+    if name.startswith("tp_sp"):
+        monkeypatch.setattr(jaxinfer.models.llama.DecoderLM, "embed", lambda self, ids: (
+            sharding.constrain(self.embed_tokens(ids), jaxinfer.models.llama.RESIDUAL)))
+        assert _gathers_full_table(name, 112)
+
+
 def run_train_steps(model, batches, mesh=None, rules=None, steps=3):
     tx = make_optimizer(learning_rate=1e-2, total_steps=10, warmup_steps=1, weight_decay=0.1,
                         clip_norm=1.0)
