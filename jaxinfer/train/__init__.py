@@ -1,6 +1,8 @@
-"""Training: data windows, AdamW schedule, jitted steps and a resumable loop."""
+"""Training: data windows or packed documents, AdamW schedule, jitted steps and a resumable loop."""
 
-from jaxinfer.train.data import TokenWindows, split_held_out, tokenize_corpus
+from jaxinfer.train.data import (PackedDocuments, TokenWindows, split_documents, split_held_out,
+                                 tokenize_corpus)
 from jaxinfer.train.loop import TrainConfig, TrainResult, train
 
-__all__ = ["TokenWindows", "TrainConfig", "TrainResult", "split_held_out", "tokenize_corpus", "train"]
+__all__ = ["PackedDocuments", "TokenWindows", "TrainConfig", "TrainResult", "split_documents",
+           "split_held_out", "tokenize_corpus", "train"]
