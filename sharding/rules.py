@@ -63,7 +63,9 @@ PRESETS: dict[str, dict] = {
     "sp_ring": _SEQUENCE_PARALLEL,
     "sp_ulysses": _SEQUENCE_PARALLEL,
     # expert parallelism: MoE experts split over "expert", which also carries data parallelism
-    # for everything else (tokens are routed to their experts' devices by all_to_all)
+    # for everything else. Tokens travel to their experts' devices by all_to_all when the model
+    # runs MixtralConfig(moe_impl="expert_parallel"); the default dropless MoE stays correct
+    # under this table but gathers every token's routing to every device (no expert parallelism)
     "ep": {name: None for name in PARAM_NAMES} | _REPLICATED_ACTIVATIONS
           | {"expert": "expert", "batch": (*_BATCH, "expert")},
 }
