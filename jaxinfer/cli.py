@@ -57,7 +57,8 @@ def _fraction(text: str) -> float:
 TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
                "grad_accum": "grad_accum", "lr": "learning_rate", "warmup": "warmup_steps",
                "weight_decay": "weight_decay", "eval_every": "eval_every",
-               "checkpoint_every": "checkpoint_every", "seed": "seed"}
+               "checkpoint_every": "checkpoint_every", "seed": "seed",
+               "document_separator": "document_separator"}
 # what --resume may change: how long the run goes on and how often it evaluates and saves
 RESUMABLE = ("steps", "eval_every", "checkpoint_every")
 HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
@@ -109,6 +110,11 @@ def _parser() -> argparse.ArgumentParser:
                        ("--weight-decay", float), ("--eval-every", _positive_int),
                        ("--checkpoint-every", _positive_int), ("--seed", int)):
         tr.add_argument(flag, type=kind)
+    tr.add_argument("--document-separator", type=int, metavar="TOKEN_ID",
+                    help="pack documents: the token id that ends each document in the corpus "
+                         "(e.g. 0, <|endoftext|> of the embedded tokenizer, which the corpus can "
+                         "hold as text); rows then carry segment ids, so no token attends across "
+                         "documents")
 
     cv = sub.add_parser("convert", help="rewrite an HF model directory (dtype, sharding)",
                         epilog=EXAMPLES["convert"], formatter_class=fmt)

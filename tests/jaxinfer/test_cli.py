@@ -63,12 +63,17 @@ def test_errors_exit_2_with_message(argv, message, capsys):
 
 
 def test_train_fine_tunes_from_hf_dir_and_writes_loadable_model(tmp_path, capsys):
+    """Packing documents, too: each verse (line) of the corpus ends with the tokenizer's
+    <|endoftext|> (id 0), given as --document-separator."""
     corpus = tmp_path / "corpus.txt"
-    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:40000])
+    text = jaxinfer.assets.corpus_sample_path().read_text()[:40000]
+    corpus.write_text("<|endoftext|>\n".join(text.splitlines()))
     run = tmp_path / "run"
     assert cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
                      "--out", str(run), "--steps", "2", "--batch-size", "2", "--seq-len", "32",
-                     "--eval-every", "2", "--checkpoint-every", "2", "--lr", "1e-4"]) == 0
+                     "--eval-every", "2", "--checkpoint-every", "2", "--lr", "1e-4",
+                     "--document-separator", "0"]) == 0
+    assert json.loads((run / "train_config.json").read_text())["document_separator"] == 0
     summary = json.loads((run / "summary.json").read_text())
     assert summary["steps"] == 2 and np.isfinite(summary["held_out_perplexity"])
     # a KJV model fine-tuned on KJV text starts far below the uniform loss ln(4096) = 8.3
