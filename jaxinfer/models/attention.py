@@ -47,6 +47,12 @@ def attention_mask(q_positions: jax.Array, kv_len: int, sliding_window: int | No
     return mask
 
 
+def local_window(sliding_window: int | None) -> tuple[int, int] | None:
+    """flash_attention's (left, right) local window of a causal sliding window: HF's query p sees
+    key j iff p - j < sliding_window, i.e. left = sliding_window - 1 (None: no window)."""
+    return None if sliding_window is None else (sliding_window - 1, 0)
+
+
 def ring_shards(sliding_window: int | None, sequence_parallel: str) -> int:
     """How many devices causal self-attention runs a ring over under the active sharding rules:
     P > 1 where "seq" is split over one mesh axis of P devices, the impl is the ring and there is
@@ -65,7 +71,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window
                      layout: str = "contiguous") -> jax.Array:
     """Self-attention over one whole sequence: q [batch, T, Hq, D]; k, v [batch, T, Hkv, D];
     segment_ids None or int32 [batch, T] (packed sequences: a token sees only earlier tokens
-    with its own id).
+    with its own id; the models pass run ids, `llama.segment_runs`, so each id is one run).
 
     Where the active sharding rules split "seq" over a mesh axis of more than one device, it runs
     as ring or Ulysses attention (`sequence_parallel`) over that axis; a sliding window always
@@ -79,8 +85,7 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window
     does the same causal work instead of device P-1 doing P times device 0's), and passes
     layout="zigzag" down to here. The mean loss does not depend on the token order, so nothing
     is permuted back. Generation, evaluation, windows and unsplit sequences stay contiguous."""
-    # HF's window: query p sees key j iff p - j < sliding_window, i.e. left = sliding_window - 1
-    window = None if sliding_window is None else (sliding_window - 1, 0)
+    window = local_window(sliding_window)
     active = sharding.active_rules()
     if active is not None:
         seq_axes, batch_axes = sharding.logical_to_mesh_axes(("seq", "batch"), active.table)
@@ -105,8 +110,8 @@ def prefill_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_windo
     [batch, T, Hq, D]; k, v [batch, T, Hkv, D] -> [batch, T, Hq, D]. `flash_attention` on the
     model's backend, memory linear in T, instead of scores over the whole cache; never sequence
     parallel, since a prompt's length need not split over a ring (as the cached path)."""
-    window = None if sliding_window is None else (sliding_window - 1, 0)
-    return flash_attention(q, k, v, causal=True, local_window=window, backend=backend)
+    return flash_attention(q, k, v, causal=True, local_window=local_window(sliding_window),
+                           backend=backend)
 
 
 def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.Array, *,

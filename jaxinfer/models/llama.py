@@ -6,8 +6,10 @@ checkpoint conversion is a rename plus a transpose. `__call__` is a plain tracea
 many sequences over the serving engine's paged KV cache.
 
 Packed sequences: without a cache, `segment_ids` int32 [batch, T] marks contiguous runs of tokens
-(documents) that share a row. A token attends only within its run and RoPE positions restart at 0
-at each run's start, so each document is computed exactly as if it were alone.
+(documents) that share a row; id 0 is padding. A token attends only within its run and RoPE
+positions restart at 0 at each run's start, so each document is computed exactly as if it were
+alone. Only runs matter, not the ids' values: an id used again later in the row starts a new
+document (`segment_runs`).
 """
 
 from __future__ import annotations
@@ -79,11 +81,14 @@ class SelfAttention(nnx.Module):
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
                  kv: LayerKV | None, start: jax.Array | int, segment_ids: jax.Array | None = None,
-                 *, layout: str = "contiguous") -> tuple[jax.Array, LayerKV | None]:
+                 *, layout: str = "contiguous", prefill: bool = False
+                 ) -> tuple[jax.Array, LayerKV | None]:
         """x [batch, T, embed] at `positions` [batch, T]; segment_ids int32 [batch, T] (packed
-        documents, no cache) and layout (the token order, see `causal_attention`).
+        documents' run ids, `segment_runs`; no cache) and layout (the token order, see
+        `causal_attention`).
 
-        With a cache the K/V are written at `start`. With start the Python int 0 (a prefill)
+        With a cache the K/V are written at `start`. With `prefill` (a static flag: start is 0
+        and the cache empty, decided by forward outside any remat, which would trace `start`)
         the queries see only their own K/V, so they attend through `prefill_attention`
         (flash_attention: memory linear in T, the configured backend); later calls (decode,
         chunks) attend over the cache."""
@@ -97,7 +102,7 @@ class SelfAttention(nnx.Module):
         else:
             kv = kv.write(k, v, start)
             kv = LayerKV(constrain(kv.k, CACHE_AXES), constrain(kv.v, CACHE_AXES))
-            if isinstance(start, int) and start == 0:  # prefill: the queries see only k, v
+            if prefill:  # the queries see only k, v
                 out = prefill_attention(q, k, v, sliding_window=self.sliding_window,
                                         backend=self.attention_backend)
             else:  # cache [batch, max_len, Hkv, D]
@@ -119,9 +124,9 @@ class DecoderLayer(nnx.Module):
                           dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
     def __call__(self, x, cos, sin, positions, kv, start, segment_ids=None, *,
-                 layout="contiguous"):
+                 layout="contiguous", prefill=False):
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start,
-                               segment_ids, layout=layout)
+                               segment_ids, layout=layout, prefill=prefill)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
@@ -135,15 +140,20 @@ def _call_layer(layer: nnx.Module, *args, **static):
     return layer(*args, **static)
 
 
-def segment_positions(segment_ids: jax.Array) -> jax.Array:
-    """int32 [batch, T]: each token's offset from the start of its run of equal segment ids
-    (the RoPE position a packed document's token had if the document were alone)."""
+def segment_runs(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
+    """(run ids, positions) int32 [batch, T] each, of segment_ids int [batch, T] in natural order.
+
+    A document is a contiguous run of equal ids, whatever the ids' values: run ids number the
+    runs of a row 1, 2, ... (padding, id 0, stays 0), so attention on them never joins two runs
+    that share an id; positions are each token's offset from its run's start (the RoPE position
+    it had if its document were alone). Attention and RoPE thus agree on what a document is."""
     t = segment_ids.shape[1]
     index = jnp.arange(t, dtype=jnp.int32)
     starts = jnp.concatenate([jnp.ones_like(segment_ids[:, :1], bool),
                               segment_ids[:, 1:] != segment_ids[:, :-1]], axis=1)  # [batch, T]
+    runs = jnp.where(segment_ids == 0, 0, jnp.cumsum(starts, axis=1, dtype=jnp.int32))
     run_start = jax.lax.cummax(jnp.where(starts, index, 0), axis=1)  # [batch, T]
-    return index - run_start
+    return runs, index - run_start
 
 
 def check_no_cache_for_packing(cache, segment_ids, layout: str) -> None:
@@ -157,6 +167,12 @@ def check_no_cache_for_packing(cache, segment_ids, layout: str) -> None:
     if cache is not None and layout != "contiguous":
         raise ValueError(f"layout={layout!r} cannot be used with a KV cache; a cache needs "
                          f"layout='contiguous'")
+
+
+def is_prefill(cache, start: jax.Array | int) -> bool:
+    """Whether a forward is a prefill: a cache given and start the Python int 0, so the queries
+    see only their own K/V (`SelfAttention`'s `prefill`)."""
+    return cache is not None and isinstance(start, int) and start == 0
 
 
 class DecoderLM(nnx.Module):
@@ -179,8 +195,8 @@ class DecoderLM(nnx.Module):
     def layer_caller(self, **static):
         """How forward calls a decoder layer, `call(layer, *args)`: directly, or under `nnx.remat`
         with the policy `config.remat` names, so that the backward pass recomputes what the
-        policy does not keep. `static` keyword arguments (not arrays: the sequence layout) are
-        bound before the remat."""
+        policy does not keep. `static` keyword arguments (not arrays: the sequence layout, the
+        prefill flag) are bound before the remat, which would otherwise trace them."""
         call = functools.partial(_call_layer, **static)
         if self.config.remat == "none":
             return call
@@ -213,15 +229,20 @@ class DecoderLM(nnx.Module):
 
     def positions_and_rotary(self, batch: int, t: int, start: jax.Array | int,
                              segment_ids: jax.Array | None = None, layout: str = "contiguous"):
-        """int32 positions [batch, T] = start..start+T-1 and their rotary tables (cos, sin).
+        """(positions int32 [batch, T] = start..start+T-1, their rotary tables (cos, sin), the
+        run ids int32 [batch, T] that attention takes, or None without segment_ids).
 
-        With segment_ids [batch, T] (no cache, start 0) each run of equal ids counts from 0.
-        With layout "zigzag" the T slots hold the tokens in the ring's zig-zag order (segment
-        ids too), and each slot gets its token's position."""
-        if not (isinstance(start, int) and start == 0) and (
-                segment_ids is not None or layout != "contiguous"):
-            raise ValueError(f"segment_ids and layout={layout!r} need start=0 (a whole packed "
-                             f"sequence); got start={start!r}")
+        With segment_ids [batch, T] (no cache, start 0) each run of equal ids is a document
+        counting from 0 (`segment_runs`). With layout "zigzag" the T slots hold the tokens in
+        the ring's zig-zag order (segment ids too), and each slot gets its token's position and
+        run id."""
+        whole = isinstance(start, int) and start == 0
+        if not whole and segment_ids is not None:
+            raise ValueError(f"segment_ids (packed documents) need start=0, whole sequences; "
+                             f"got start={start!r}")
+        if not whole and layout != "contiguous":
+            raise ValueError(f"layout={layout!r} needs start=0, whole sequences; got "
+                             f"start={start!r}")
         p = self.zigzag_shards(t) if layout == "zigzag" else 1
         if layout == "zigzag" and p == 1:
             raise ValueError(f"layout='zigzag' needs the active sharding rules to run causal "
@@ -229,14 +250,15 @@ class DecoderLM(nnx.Module):
                              f"by 2P; they do not (see DecoderLM.zigzag_shards)")
         if layout == "zigzag" and segment_ids is not None:
             segment_ids = zigzag_unpermute(segment_ids, p)  # natural order: runs are contiguous
-        start = jnp.asarray(start, jnp.int32)
+        runs = None
         if segment_ids is None:
-            positions = jnp.broadcast_to(start + jnp.arange(t, dtype=jnp.int32), (batch, t))
+            positions = jnp.broadcast_to(jnp.asarray(start, jnp.int32)
+                                         + jnp.arange(t, dtype=jnp.int32), (batch, t))
         else:
-            positions = segment_positions(segment_ids)
+            runs, positions = segment_runs(segment_ids)
         if layout == "zigzag":
-            positions = zigzag_permute(positions, p)
-        return start, positions, rotary_tables(positions, inverse_frequencies(self.config))
+            positions, runs = jax.tree.map(lambda a: zigzag_permute(a, p), (positions, runs))
+        return positions, rotary_tables(positions, inverse_frequencies(self.config)), runs
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings [batch, T, embed] of input_ids [batch, T], in the residual layout.
@@ -305,14 +327,14 @@ class LlamaForCausalLM(DecoderLM):
         docstring), and layout="zigzag" says the tokens (and segment ids) come in the ring's
         zig-zag order (training under a causal ring; `zigzag_shards`)."""
         check_no_cache_for_packing(cache, segment_ids, layout)
-        start_arg = start
-        start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start,
-                                                                 segment_ids, layout)
+        positions, (cos, sin), runs = self.positions_and_rotary(*input_ids.shape, start,
+                                                                segment_ids, layout)
         x = self.embed(input_ids)  # [batch, T, embed]
-        new_layers, call = [], self.layer_caller(layout=layout)
+        new_layers, call = [], self.layer_caller(layout=layout,
+                                                 prefill=is_prefill(cache, start))
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]
-            x, kv = call(layer, x, cos, sin, positions, kv, start_arg, segment_ids)
+            x, kv = call(layer, x, cos, sin, positions, kv, start, runs)
             x = constrain(x, RESIDUAL)
             new_layers.append(kv)
         new_cache = None if cache is None else KVCache(tuple(new_layers))

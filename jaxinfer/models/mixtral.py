@@ -23,7 +23,7 @@ from flax import nnx
 from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import RMSNorm
 from jaxinfer.models.llama import (RESIDUAL, DecoderLM, SelfAttention,
-                                   check_no_cache_for_packing)
+                                   check_no_cache_for_packing, is_prefill)
 from jaxinfer.models.mixtral_config import MixtralConfig
 from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from jaxinfer.models.moe import SparseMoE, load_balancing_loss, router_z_loss
@@ -50,12 +50,12 @@ class MixtralDecoderLayer(nnx.Module):
 
     def __call__(self, x, cos, sin, positions, kv: LayerKV | None, start,
                  router_key: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
-                 layout: str = "contiguous"):
+                 layout: str = "contiguous", prefill: bool = False):
         """x [batch, T, embed] -> (x, kv, router_logits [batch * T, E], dropped). router_key:
-        this layer's router-jitter key (training only; see SparseMoE); segment_ids, layout: as
-        in `SelfAttention`."""
+        this layer's router-jitter key (training only; see SparseMoE); segment_ids, layout,
+        prefill: as in `SelfAttention`."""
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start,
-                               segment_ids, layout=layout)
+                               segment_ids, layout=layout, prefill=prefill)
         x = x + h
         moe = self.block_sparse_moe(self.post_attention_layernorm(x), router_key)
         return x + moe.y, kv, moe.router_logits, moe.dropped
@@ -79,6 +79,12 @@ class MixtralForCausalLM(DecoderLM):
             raise TypeError(f"config must be a MixtralConfig; got {type(config).__name__}")
         super().__init__(config, lambda: MixtralDecoderLayer(config, rngs=rngs), rngs=rngs)
 
+    def zigzag_shards(self, seq_len: int) -> int:
+        """As `DecoderLM.zigzag_shards`, but 1 (the ring in natural order) unless routing is
+        dropless: under capacity routing which tokens overflow an expert depends on their order,
+        so only dropless routing computes in the zig-zag layout what the single device does."""
+        return super().zigzag_shards(seq_len) if self.config.moe_impl == "dropless" else 1
+
     def forward(self, input_ids: jax.Array, cache: KVCache | None = None,
                 start: jax.Array | int = 0, *, segment_ids: jax.Array | None = None,
                 layout: str = "contiguous") -> tuple[jax.Array, KVCache | None]:
@@ -98,17 +104,16 @@ class MixtralForCausalLM(DecoderLM):
         segment_ids int32 [batch, T], layout: packed documents and token order, as in
         `LlamaForCausalLM.forward`."""
         check_no_cache_for_packing(cache, segment_ids, layout)
-        start_arg = start
-        start, positions, (cos, sin) = self.positions_and_rotary(*input_ids.shape, start,
-                                                                 segment_ids, layout)
+        positions, (cos, sin), runs = self.positions_and_rotary(*input_ids.shape, start,
+                                                                segment_ids, layout)
         x = self.embed(input_ids)  # [batch, T, embed]
         new_layers, router_logits, dropped = [], [], []
-        call = self.layer_caller(layout=layout)
+        call = self.layer_caller(layout=layout, prefill=is_prefill(cache, start))
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]
             key_i = None if router_key is None else jax.random.fold_in(router_key, i)
-            x, kv, logits_i, dropped_i = call(layer, x, cos, sin, positions, kv, start_arg,
-                                              key_i, segment_ids)
+            x, kv, logits_i, dropped_i = call(layer, x, cos, sin, positions, kv, start, key_i,
+                                              runs)
             x = constrain(x, RESIDUAL)
             new_layers.append(kv)
             router_logits.append(logits_i)

@@ -147,11 +147,21 @@ def tokenize_corpus(text: str, tokenizer: Tokenizer) -> np.ndarray:
     return np.fromiter((i for e in encodings for i in e.ids), dtype=np.int32)
 
 
-def split_held_out(tokens: np.ndarray, fraction: float) -> tuple[np.ndarray, np.ndarray]:
-    """The first (1 - fraction) of the stream for training, the tail for evaluation."""
+def split_held_out(tokens: np.ndarray, fraction: float, *, separator: int | None = None
+                   ) -> tuple[np.ndarray, np.ndarray]:
+    """The first (1 - fraction) of the stream for training, the tail for evaluation.
+
+    With `separator` (packed documents, `split_documents`) the cut moves back to just after the
+    last separator before it, so that no document is split between the two streams."""
     if not 0 < fraction < 1:
         raise ValueError(f"held-out fraction must be in (0, 1); got {fraction}")
     cut = int(len(tokens) * (1 - fraction))
+    if separator is not None:
+        ends = np.flatnonzero(np.asarray(tokens[:cut]) == separator)
+        if not len(ends):
+            raise ValueError(f"separator {separator} does not occur in the first {cut} tokens "
+                             f"(the training part): no document ends before the held-out cut")
+        cut = int(ends[-1]) + 1
     return tokens[:cut], tokens[cut:]
 
 

@@ -116,8 +116,13 @@ def _data_sources(train_tokens: np.ndarray, eval_tokens: np.ndarray, config: Tra
         return (TokenWindows(train_tokens, config.seq_len, size, seed=config.seed),
                 TokenWindows(eval_tokens, config.seq_len, config.batch_size))
     sep = config.document_separator
-    return (PackedDocuments(split_documents(train_tokens, sep), config.seq_len, size,
-                            seed=config.seed),
+    documents = split_documents(train_tokens, sep)
+    if len(documents) < 2:  # the separator is not the stream's (tokenize_corpus adds no EOS)
+        raise ValueError(f"document_separator={sep} must end the documents of the training "
+                         f"stream; it occurs {int(np.sum(np.asarray(train_tokens) == sep))} "
+                         f"time(s) in its {len(train_tokens)} tokens, leaving "
+                         f"{len(documents)} document(s)")
+    return (PackedDocuments(documents, config.seq_len, size, seed=config.seed),
             PackedDocuments(split_documents(eval_tokens, sep), config.seq_len,
                             config.batch_size))
 
@@ -152,10 +157,10 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
         if len(tokens) and not 0 <= int(np.min(tokens)) <= int(np.max(tokens)) < vocab:
             raise ValueError(f"{name} must lie in [0, {vocab}) (the model's vocab_size); got "
                              f"ids from {int(np.min(tokens))} to {int(np.max(tokens))}")
+    data, eval_data = _data_sources(train_tokens, eval_tokens, config)
     (run_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
     config.save(run_dir / TRAIN_CONFIG_FILE)
 
-    data, eval_data = _data_sources(train_tokens, eval_tokens, config)
     eval_set = [jax.tree.map(jnp.asarray, _as_pair(b))
                 for b in eval_data.fixed_batches(config.eval_batches)]
     tx = make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,

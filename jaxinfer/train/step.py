@@ -19,14 +19,15 @@ alone (perplexity).
 Packed batches: with `segment_ids` int32 [B, L+1] beside the tokens (jaxinfer.train.data's
 `PackedDocuments`), the model attends within each document and the mean cross-entropy counts only
 targets in their input's document: the first token of a document (its target position belongs to
-the previous one) and padding (id 0) are left out, so the loss is the token-weighted mean of the
-documents' own losses. Without segment ids every target counts, as before.
+the previous one) and padding (segment id 0) are left out, so the loss is the token-weighted mean
+of the documents' own losses. Without segment ids every target counts, as before.
 
 Zig-zag: when the active sharding rules run causal attention as a ring over P > 1 devices
 (`DecoderLM.zigzag_shards`), `training_loss` permutes inputs, targets, segment ids and loss
 weights once into the ring's zig-zag layout and the model runs with layout="zigzag"; the mean
-loss does not depend on the order of its terms, so nothing is permuted back. (Capacity-routed
-MoE is the exception: which tokens overflow an expert depends on their order.)
+loss does not depend on the order of its terms, so nothing is permuted back. (A capacity-routed
+MoE keeps the natural order: which tokens overflow an expert depends on it; see
+`MixtralForCausalLM.zigzag_shards`.)
 """
 
 from __future__ import annotations
@@ -59,19 +60,26 @@ class StepOutput(NamedTuple):
 
 
 def target_weights(segment_ids: jax.Array) -> jax.Array:
-    """float32 [B, L] from segment_ids int [B, L+1]: 1 where target t+1 lies in the document of
-    input t (same id, not padding 0), else 0."""
-    same = segment_ids[:, 1:] == segment_ids[:, :-1]
-    return (same & (segment_ids[:, :-1] != 0)).astype(jnp.float32)
+    """float32 [..., L] from segment_ids int [..., L+1]: 1 where target t+1 lies in the document
+    of input t (same id, not padding 0), else 0."""
+    same = segment_ids[..., 1:] == segment_ids[..., :-1]
+    return (same & (segment_ids[..., :-1] != 0)).astype(jnp.float32)
 
 
-def _cross_entropy(logits: jax.Array, targets: jax.Array, weights: jax.Array | None) -> jax.Array:
-    """Mean cross-entropy of logits float32 [B, L, vocab] against targets int [B, L], over the
-    targets with weight 1 (all of them when weights is None)."""
+def _cross_entropy_sum(logits: jax.Array, targets: jax.Array, weights: jax.Array | None
+                       ) -> tuple[jax.Array, jax.Array | float]:
+    """(sum, count): the cross-entropy of logits float32 [B, L, vocab] against targets int
+    [B, L] summed over the targets with weight 1 (all of them when weights is None), and how
+    many those are. A mean divides one by the other."""
     ce = optax.softmax_cross_entropy_with_integer_labels(logits, targets)  # [B, L]
     if weights is None:
-        return ce.mean()
-    return jnp.sum(ce * weights) / jnp.maximum(jnp.sum(weights), 1.0)
+        return jnp.sum(ce), float(ce.size)
+    return jnp.sum(ce * weights), jnp.sum(weights)
+
+
+def _mean(total: jax.Array, count: jax.Array | float) -> jax.Array:
+    """total / count, 0 where nothing was counted (a packed batch of padding alone)."""
+    return total / jnp.maximum(count, 1.0)
 
 
 def _check_packing(model, batch: jax.Array, segment_ids: jax.Array | None) -> dict:
@@ -95,7 +103,7 @@ def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
     packing = _check_packing(model, batch, segment_ids)
     logits, _ = model.forward(batch[:, :-1], **packing)  # [B, L, vocab] float32
     weights = None if segment_ids is None else target_weights(segment_ids)
-    return _cross_entropy(logits, batch[:, 1:], weights)
+    return _mean(*_cross_entropy_sum(logits, batch[:, 1:], weights))
 
 
 def _resolve_loss_weights(defaults: Mapping[str, float], overrides: LossWeights | None
@@ -109,17 +117,12 @@ def _resolve_loss_weights(defaults: Mapping[str, float], overrides: LossWeights 
     return {**defaults, **overrides}
 
 
-def training_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
-                  key: jax.Array | None = None, loss_weights: LossWeights | None = None,
-                  segment_ids: jax.Array | None = None
-                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
-    """The loss `train_step` optimises on batch int32 [B, L+1] -> (loss, parts): mean next-token
-    cross-entropy + sum over the model's auxiliary losses of weight * loss, the model in training
-    mode. parts: {"next_token_loss": cross-entropy, <aux name>: unweighted aux loss, ...}.
-    key: PRNG key for the model's stochastic layers (None: they run deterministically);
-    loss_weights: overrides of `model.aux_loss_weights()`; segment_ids: None or int32 [B, L+1],
-    packed documents (module docstring). Under a causal ring the tokens run in the zig-zag
-    layout (module docstring)."""
+def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
+                key: jax.Array | None, loss_weights: LossWeights | None,
+                segment_ids: jax.Array | None):
+    """The parts `training_loss` and the accumulating step combine, for batch int32 [B, L+1]:
+    (cross-entropy sum, counted targets, sum of weight * auxiliary loss, {aux name: unweighted
+    aux loss}), the model in training mode (arguments as `training_loss`)."""
     model = nnx.merge(graphdef, params)
     model.train()
     has_aux = hasattr(model, "forward_with_aux_losses")
@@ -136,11 +139,26 @@ def training_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
         logits, aux = model.forward_with_aux_losses(inputs, key=key, **packing)  # [B, L, vocab]
     else:
         (logits, _), aux = model.forward(inputs, **packing), {}
-    ce = _cross_entropy(logits, targets, token_weights)
-    loss = ce
-    for name, value in aux.items():
-        loss = loss + weights[name] * value
-    return loss, {"next_token_loss": ce, **aux}
+    ce_sum, count = _cross_entropy_sum(logits, targets, token_weights)
+    weighted_aux = sum((weights[name] * value for name, value in aux.items()), jnp.float32(0))
+    return ce_sum, count, weighted_aux, aux
+
+
+def training_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
+                  key: jax.Array | None = None, loss_weights: LossWeights | None = None,
+                  segment_ids: jax.Array | None = None
+                  ) -> tuple[jax.Array, dict[str, jax.Array]]:
+    """The loss `train_step` optimises on batch int32 [B, L+1] -> (loss, parts): mean next-token
+    cross-entropy + sum over the model's auxiliary losses of weight * loss, the model in training
+    mode. parts: {"next_token_loss": cross-entropy, <aux name>: unweighted aux loss, ...}.
+    key: PRNG key for the model's stochastic layers (None: they run deterministically);
+    loss_weights: overrides of `model.aux_loss_weights()`; segment_ids: None or int32 [B, L+1],
+    packed documents (module docstring). Under a causal ring the tokens run in the zig-zag
+    layout (module docstring)."""
+    ce_sum, count, weighted_aux, aux = _loss_terms(graphdef, params, batch, key, loss_weights,
+                                                   segment_ids)
+    ce = _mean(ce_sum, count)
+    return ce + weighted_aux, {"next_token_loss": ce, **aux}
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx"))
@@ -149,31 +167,40 @@ def train_step_with_losses(graphdef: nnx.GraphDef, tx: optax.GradientTransformat
                            key: jax.Array | None = None,
                            loss_weights: LossWeights | None = None,
                            segment_ids: jax.Array | None = None) -> StepOutput:
-    """One optimizer update on `training_loss` from batches int32 [accum, B, L+1] -> StepOutput.
+    """One optimizer update on `training_loss` over all of batches int32 [accum, B, L+1] ->
+    StepOutput, the `accum` micro-batches run one at a time (a scan, so activations of one
+    micro-batch are live at a time) and their gradients summed before the single update; each
+    micro-batch gets its own split of `key`. segment_ids: None or int32 [accum, B, L+1].
 
-    Gradients and losses are averaged over the `accum` micro-batches (a scan, so activations of
-    one micro-batch are live at a time) before the single update; each micro-batch gets its own
-    split of `key`. A loss that is not a mean over tokens (load balancing) is thus averaged per
-    micro-batch, as HF's gradient accumulation does; so is a packed batch's cross-entropy (each
-    micro-batch's mean over its counted targets). segment_ids: None or int32 [accum, B, L+1]."""
-    grad_fn = jax.value_and_grad(
-        lambda p, batch, k, segs: training_loss(graphdef, p, batch, k, loss_weights, segs),
-        has_aux=True)
-    n = batches.shape[0]
+    The cross-entropy is the mean over every counted target of the step, as one batch of
+    accum * B rows gives: each micro-batch's cross-entropy sum is divided by the step's count of
+    targets, known from segment_ids before the scan (without them every micro-batch counts
+    B * L), so packed micro-batches with unequal counts weigh by their tokens. A loss that is not
+    a mean over tokens (load balancing) is averaged per micro-batch, as HF's gradient
+    accumulation does."""
+    n, b, width = batches.shape
+    counted = (float(n * b * (width - 1)) if segment_ids is None
+               else jnp.sum(target_weights(segment_ids)))  # targets over all micro-batches
+
+    def micro_loss(p, batch, k, segs):
+        ce_sum, _, weighted_aux, aux = _loss_terms(graphdef, p, batch, k, loss_weights, segs)
+        return _mean(ce_sum, counted) + weighted_aux / n, (ce_sum, aux)
+
+    grad_fn = jax.value_and_grad(micro_loss, has_aux=True)
     keys = None if key is None else jax.random.split(key, n)  # [accum]
 
     def accumulate(grad_sum, micro):
         batch, micro_key, segs = micro
-        (loss, parts), grads = grad_fn(params, batch, micro_key, segs)
-        return jax.tree.map(jnp.add, grad_sum, grads), (loss, parts)
+        (loss, (ce_sum, aux)), grads = grad_fn(params, batch, micro_key, segs)
+        return jax.tree.map(jnp.add, grad_sum, grads), (loss, ce_sum, aux)
 
     zeros = jax.tree.map(jnp.zeros_like, params)
-    grads, (losses, parts) = jax.lax.scan(accumulate, zeros,
-                                          (batches, keys, segment_ids))  # losses [accum]
-    grads = jax.tree.map(lambda g: g / n, grads)
+    grads, (losses, ce_sums, aux) = jax.lax.scan(
+        accumulate, zeros, (batches, keys, segment_ids))  # losses, ce_sums [accum]
+    parts = {"next_token_loss": _mean(jnp.sum(ce_sums), counted), **jax.tree.map(jnp.mean, aux)}
     updates, opt_state = tx.update(grads, opt_state, params)
-    return StepOutput(optax.apply_updates(params, updates), opt_state, jnp.mean(losses),
-                      optax.global_norm(grads), jax.tree.map(jnp.mean, parts))
+    return StepOutput(optax.apply_updates(params, updates), opt_state, jnp.sum(losses),
+                      optax.global_norm(grads), parts)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "tx"))

@@ -137,27 +137,34 @@ def test_greedy_matches_argmax_loop_over_full_forward(sharp_model):
 SAMPLE_TOKENS = 24
 
 
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_prefill_into_an_empty_cache_runs_flash_attention_with_the_uncached_logits(backend,
+# the Pallas case also runs its layers under remat, which traces `start`: prefill is decided
+# outside it (one compile per case either way)
+@pytest.mark.parametrize("backend, remat", [("xla", "none"), ("pallas", "full")])
+def test_prefill_into_an_empty_cache_runs_flash_attention_with_the_uncached_logits(backend, remat,
                                                                                   monkeypatch):
     """A prefill (start=0 into an empty cache) attends through flash_attention on the model's
-    backend, not over the whole cache; its logits and the K/V it leaves are those of the
-    uncached forward (a decode step on them continues it). The window (4) cuts the prompt."""
-    config = dataclasses.replace(CONFIGS["mistral_window4_mqa"], attention_backend=backend)
+    backend, not over the whole cache, with or without remat; its logits and the K/V it leaves
+    are those of the uncached forward (a decode step on them continues it). The window (4) cuts
+    the prompt."""
+    config = dataclasses.replace(CONFIGS["mistral_window4_mqa"], attention_backend=backend,
+                                 remat=remat)
     model = jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0))
     randomize_parameters(model, seed=1)
     ids = make_prompt(config.vocab_size, seed=2)
     seq = np.concatenate([ids, ids[:, :1]], axis=1)  # one more token to decode
     want = jitted_forward(model)(seq)  # [batch, PROMPT_LEN + 1, vocab]
-    cached_calls = []
-    cached = jaxinfer.models.llama.cached_attention
+    cached_calls, prefill_calls = [], []
+    cached, flash = (jaxinfer.models.llama.cached_attention,
+                     jaxinfer.models.llama.prefill_attention)
     monkeypatch.setattr(jaxinfer.models.llama, "cached_attention",
                         lambda *a, **k: cached_calls.append(1) or cached(*a, **k))
+    monkeypatch.setattr(jaxinfer.models.llama, "prefill_attention",
+                        lambda *a, **k: prefill_calls.append(1) or flash(*a, **k))
     graphdef, state = nnx.split(model)
     prefill = jax.jit(lambda st, x, c: nnx.merge(graphdef, st).forward(x, c, start=0))
     decode = jax.jit(lambda st, x, c: nnx.merge(graphdef, st).forward(x, c, start=PROMPT_LEN))
     logits, cache = prefill(state, jnp.asarray(ids), model.init_cache(BATCH, PROMPT_LEN + 4))
-    assert not cached_calls
+    assert prefill_calls and not cached_calls
     np.testing.assert_allclose(np.asarray(logits), want[:, :PROMPT_LEN], atol=FORWARD_ATOL)
     step, _ = decode(state, jnp.asarray(seq[:, -1:]), cache)
     assert cached_calls  # decode reads the cache

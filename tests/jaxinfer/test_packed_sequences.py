@@ -1,5 +1,6 @@
 """Packed sequences: documents packed into one row with segment ids compute exactly what each
-document computes alone (attention within its segment, RoPE positions restarting at 0), for
+document computes alone (attention within its run of equal ids, even where a later run reuses an
+id, and RoPE positions restarting at 0), for
 Llama with GQA, Mistral with a sliding window and Mixtral, on the XLA and Pallas (interpreted)
 attention backends; the oracle is each document alone through the reference attention."""
 
@@ -22,8 +23,10 @@ LOGITS_ATOL = 2e-5
 
 VOCAB, ROW = 64, 32
 # Two rows, three documents of odd lengths each, cut differently; the rest of a row is padding
-# (segment id 0, its logits unchecked).
+# (segment id 0, its logits unchecked). The second row labels its third document with its first
+# document's id again: a document is a contiguous run, whatever its id.
 DOC_LENGTHS = ((7, 11, 13), (13, 5, 9))
+DOC_IDS = ((1, 2, 3), (1, 2, 1))
 LLAMA = jaxinfer.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                              num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                              max_position_embeddings=64)
@@ -67,9 +70,9 @@ def packed_rows():
     ids = rng.integers(0, VOCAB, (len(DOC_LENGTHS), ROW)).astype(np.int32)
     segs = np.zeros_like(ids)
     docs = []
-    for r, lengths in enumerate(DOC_LENGTHS):
+    for r, (lengths, labels) in enumerate(zip(DOC_LENGTHS, DOC_IDS)):
         start = 0
-        for s, n in enumerate(lengths, 1):
+        for s, n in zip(labels, lengths):
             segs[r, start:start + n] = s
             docs.append((r, start, ids[r, start:start + n]))
             start += n
@@ -112,11 +115,13 @@ def test_packed_documents_give_the_logits_of_each_document_alone(name, backend, 
                                    atol=LOGITS_ATOL, err_msg=f"row {row}, document at {start}")
 
 
-def test_segment_ids_with_a_cache_are_an_error(weights):
+def test_segment_ids_with_a_cache_or_a_start_are_an_error(weights):
     model = make_model("llama-gqa", "xla", weights)
     ids = jnp.zeros((1, 4), jnp.int32)
-    with pytest.raises(ValueError, match="segment_ids"):
+    with pytest.raises(ValueError, match="segment_ids .* cannot be used with a KV cache"):
         model.forward(ids, model.init_cache(1, 8), start=0, segment_ids=jnp.ones_like(ids))
+    with pytest.raises(ValueError, match=r"segment_ids .* need start=0.*; got start=3"):
+        model.forward(ids, start=3, segment_ids=jnp.ones_like(ids))
 
 
 def test_segment_ids_of_the_wrong_shape_are_an_error(weights):

@@ -12,18 +12,26 @@ import pytest
 from flax import nnx
 
 import jaxinfer
-from jaxinfer.train.data import PackedDocuments, split_documents
+from jaxinfer.train.data import PackedDocuments, split_documents, split_held_out
 from jaxinfer.train.loop import TrainConfig, train
-from jaxinfer.train.step import eval_step, training_loss
+from jaxinfer.train.step import eval_step, train_step_with_losses, training_loss
 
 # float32; packed and alone differ in attention's summation order and in how the mean's terms
 # are grouped (one masked sum vs per-document sums), ~1e-6 on a loss near log(vocab) ~ 4.
 LOSS_RTOL = 1e-5
+# float32 gradients summed over two micro-batches vs one batch: reordered sums, ~1e-6 relative
+GRAD_RTOL, GRAD_ATOL = 1e-4, 1e-7
 
 VOCAB = 64
 CONFIG = jaxinfer.LlamaConfig(vocab_size=VOCAB, hidden_size=32, intermediate_size=48,
                               num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2,
                               max_position_embeddings=64, attention_backend="xla")
+
+
+@pytest.fixture(scope="module")
+def split_model():
+    """(graphdef, params) of the seeded CONFIG model, initialised once (eager init is slow)."""
+    return nnx.split(jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0)))
 
 
 def documents(lengths, seed=0):
@@ -51,6 +59,25 @@ def test_split_documents_keeps_each_separator_with_its_document():
     assert [d.tolist() for d in docs] == [[5, 6, 0], [7, 0], [8, 9]]
 
 
+def test_held_out_cut_moves_back_to_a_document_end_when_packing():
+    stream = np.array([5, 6, 0, 7, 8, 9, 0, 4, 3, 0])
+    train_part, held_out = split_held_out(stream, 0.5, separator=0)  # the plain cut is at 5
+    assert train_part.tolist() == [5, 6, 0] and held_out.tolist() == [7, 8, 9, 0, 4, 3, 0]
+    assert len(split_held_out(stream, 0.5)[0]) == 5  # without a separator: where it falls
+    with pytest.raises(ValueError, match="separator 0 does not occur in the first 2 tokens"):
+        split_held_out(np.array([5, 6, 7, 0]), 0.5, separator=0)
+
+
+def test_a_separator_that_leaves_one_training_document_is_an_error(split_model, tmp_path):
+    """tokenize_corpus adds no EOS: a separator missing from the stream must not silently
+    pack it as a single document."""
+    stream = documents([200])[0]
+    config = TrainConfig(steps=1, batch_size=2, seq_len=16, document_separator=0)
+    with pytest.raises(ValueError, match=r"document_separator=0 must end the documents .* "
+                                         r"occurs 0 time\(s\)"):
+        train(nnx.merge(*split_model), stream, stream[:100], config, tmp_path, progress=False)
+
+
 def alone_loss_sums(graphdef, params, docs):
     """Per document run alone: the sum of its next-token cross-entropies and its target count.
     The documents go right-padded in one batch (causal: padding after a document cannot reach
@@ -62,8 +89,8 @@ def alone_loss_sums(graphdef, params, docs):
     return [(float(ce[i, :len(d) - 1].sum()), len(d) - 1) for i, d in enumerate(docs)]
 
 
-def test_packed_loss_is_the_token_weighted_mean_of_each_documents_loss_alone():
-    graphdef, params = nnx.split(jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0)))
+def test_packed_loss_is_the_token_weighted_mean_of_each_documents_loss_alone(split_model):
+    graphdef, params = split_model
     # two rows of 24: three documents each, the second row ends in padding (id 0)
     rng = np.random.default_rng(1)
     batch = rng.integers(0, VOCAB, (2, 24)).astype(np.int32)
@@ -79,8 +106,33 @@ def test_packed_loss_is_the_token_weighted_mean_of_each_documents_loss_alone():
                                rtol=LOSS_RTOL)
 
 
-def test_segment_ids_of_another_shape_than_the_batch_are_an_error():
-    graphdef, params = nnx.split(jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0)))
+def test_accumulated_micro_batches_weigh_packed_targets_like_one_batch(split_model):
+    """grad_accum=2 of B=2 packed rows gives the loss and gradients of one batch of the 4 rows,
+    though the micro-batches count very different numbers of targets (the first is mostly
+    padding): the cross-entropy is token-weighted over the step, not a mean of means."""
+    graphdef, params = split_model
+    rng = np.random.default_rng(2)
+    batch = rng.integers(0, VOCAB, (4, 24)).astype(np.int32)
+    segs = np.array([[1] * 6 + [0] * 18, [1] * 3 + [2] * 5 + [0] * 16,
+                     [1] * 24, [1] * 10 + [2] * 14], np.int32)
+    # the optimizer's state is the gradient it was given, so the step hands the gradient back
+    keep = optax.GradientTransformation(lambda p: jax.tree.map(jnp.zeros_like, p),
+                                        lambda g, state, p=None: (g, g))
+
+    def step(accum):
+        out = train_step_with_losses(graphdef, keep, params, keep.init(params),
+                                     jnp.asarray(batch).reshape(accum, -1, 24),
+                                     segment_ids=jnp.asarray(segs).reshape(accum, -1, 24))
+        return float(out.loss), out.opt_state
+
+    (loss, grads), (want_loss, want_grads) = step(2), step(1)
+    np.testing.assert_allclose(loss, want_loss, rtol=LOSS_RTOL)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+def test_segment_ids_of_another_shape_than_the_batch_are_an_error(split_model):
+    graphdef, params = split_model
     with pytest.raises(ValueError, match=r"segment_ids must have the batch's shape \[1, 9\]"):
         training_loss(graphdef, params, jnp.zeros((1, 9), jnp.int32),
                       segment_ids=jnp.ones((1, 8), jnp.int32))

@@ -5,6 +5,8 @@ The mesh is data=2 x sequence=2 on 4 devices: the smallest ring that permutes, q
 
 from __future__ import annotations
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -13,6 +15,8 @@ from flax import nnx
 
 import jaxinfer
 import sharding
+from jaxinfer.models.mixtral import MixtralForCausalLM
+from jaxinfer.models.mixtral_config import MixtralConfig
 from jaxinfer.train.step import training_loss
 
 # Ring attention merges per-block softmax partials (another summation order) and the sharded
@@ -48,7 +52,8 @@ def loss_and_grads(model, batch, segs, mesh=None, rules=None):
 def test_causal_ring_training_runs_zigzag_and_matches_single_device(model, monkeypatch):
     rng = np.random.default_rng(0)
     batch = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, SEQ + 1)), jnp.int32)
-    segs = jnp.asarray([[1] * 4 + [2] * 5 + [3] * 4, [1] * 7 + [2] * 4 + [0] * 2], jnp.int32)
+    # the first row's third document reuses id 1: its run, not its id, is the document
+    segs = jnp.asarray([[1] * 4 + [2] * 5 + [1] * 4, [1] * 7 + [2] * 4 + [0] * 2], jnp.int32)
     want_loss, want_grads = loss_and_grads(model, batch, segs)
     layouts = []
     ring = sharding.sequence_parallel_attention
@@ -63,6 +68,19 @@ def test_causal_ring_training_runs_zigzag_and_matches_single_device(model, monke
     np.testing.assert_allclose(loss, want_loss, rtol=LOSS_RTOL)
     for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
         np.testing.assert_allclose(g, w, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+@pytest.mark.parametrize("moe_impl, shards", [("dropless", 2), ("capacity", 1)])
+def test_only_dropless_mixtral_trains_zigzag_under_a_causal_ring(moe_impl, shards):
+    """Capacity routing drops the tokens that overflow an expert in their order, so a
+    capacity-routed Mixtral keeps the natural order (a contiguous ring) to match one device."""
+    config = MixtralConfig(**{f.name: getattr(CONFIG, f.name)
+                              for f in dataclasses.fields(jaxinfer.LlamaConfig)
+                              if f.name != "model_type"},
+                           num_local_experts=4, num_experts_per_tok=2, moe_impl=moe_impl)
+    model = nnx.eval_shape(lambda: MixtralForCausalLM(config, rngs=nnx.Rngs(0)))
+    with sharding.use_rules(make_mesh(), "sp_ring"):
+        assert model.zigzag_shards(SEQ) == shards
 
 
 @pytest.mark.parametrize("preset", [pytest.param("sp_ring", marks=pytest.mark.slow), "sp_ulysses"])
