@@ -284,7 +284,8 @@ def _train(args: argparse.Namespace) -> int:
             indent=2) + "\n")
 
     tokens = tokenize_corpus(read_corpus(corpus), tokenizer)
-    train_tokens, eval_tokens = split_held_out(tokens, held_out)
+    train_tokens, eval_tokens = split_held_out(tokens, held_out,
+                                               separator=config.document_separator)
     n_params = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
     print(f"{n_params / 1e6:.2f}M parameters; {len(train_tokens):,} train and "
           f"{len(eval_tokens):,} held-out tokens; {config.steps} steps of "
