@@ -8,6 +8,7 @@ the pages are deliberately scarce so that preemption happens.
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import logging
 
@@ -381,9 +382,9 @@ def test_first_finish_search_returns_the_sample_that_stops_first(model):
     assert engine.num_unfinished == 0
 
 
-def test_no_compilation_after_warmup(model):
-    engine = jaxinfer.Engine(model, **ENGINE)
-    engine.warmup()
+@contextlib.contextmanager
+def backend_compiles():
+    """A list of the durations of the XLA compilations that run inside the block."""
     compiles = []
 
     def listener(event: str, duration: float, **kwargs) -> None:
@@ -392,6 +393,15 @@ def test_no_compilation_after_warmup(model):
 
     jax.monitoring.register_event_duration_secs_listener(listener)
     try:
+        yield compiles
+    finally:
+        jax.monitoring.unregister_event_duration_listener(listener)
+
+
+def test_no_compilation_after_warmup(model):
+    engine = jaxinfer.Engine(model, **ENGINE)
+    engine.warmup()
+    with backend_compiles() as compiles:
         cache_entries = engine._step._cache_size()
         rng = np.random.default_rng(6)
         kinds = [GREEDY, SAMPLED, jaxinfer.SamplingParams(max_tokens=5, temperature=0.5, n=2)]
@@ -399,8 +409,6 @@ def test_no_compilation_after_warmup(model):
                     for i, p in enumerate(random_prompts(rng, 9))]
         serve_with_arrivals(engine, arrivals)
         assert len(engine.run_until_done()) == 9
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert engine._step._cache_size() == cache_entries
 
@@ -612,22 +620,14 @@ def test_snapkv_engine_matches_dense_attention_over_the_kept_positions(model, or
     params = jaxinfer.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True)
     engine = jaxinfer.Engine(model, **ENGINE, **SNAPKV)
     engine.warmup()
-    compiles, held = [], []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    held = []
+    with backend_compiles() as compiles:
         ids = [engine.submit(p, params) for p in long_prompts + [short]]
         while engine.num_unfinished:
             engine.step()
             held += [(r.offset, len(r.pages), r.cached) for r in engine._scheduler.running
                      if r.compress and r.computed >= len(r.prompt)]
         results = engine.run_until_done()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert engine.num_preemptions > 0
     assert held and {offset for offset, _, _ in held} == {18 - 12, 25 - 12}

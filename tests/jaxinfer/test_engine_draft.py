@@ -17,7 +17,8 @@ from flax import nnx
 import jaxinfer
 from jaxinfer.generate.scheduler import Scheduler
 from tests.jaxinfer.test_engine import (  # noqa: F401  (model, oracle: fixtures)
-    CONFIG, ENGINE, ORACLE_NEW, SNAPKV, VOCAB, model, oracle, serve_with_arrivals)
+    CONFIG, ENGINE, ORACLE_NEW, SNAPKV, VOCAB, backend_compiles, model, oracle,
+    serve_with_arrivals)
 
 GAMMA = 3  # guesses per step: with max_batch 4, a step's sampling rows stay <= 16
 PROMPT_LENGTH = 13  # one length: the oracle compiles once; 13 + 12 tokens take 7 of the 10 pages
@@ -164,12 +165,6 @@ def test_no_compilation_after_warmup_with_a_draft_model(model, oracle, hydragen)
     engine.warmup()
     functions = (engine._step, engine._draft_pass, engine._propose)
     compiled = [f._cache_size() for f in functions]
-    compiles = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
     rng = np.random.default_rng(14)
     prefix = rng.integers(0, VOCAB, 8).tolist()  # two shared pages
     kinds = [jaxinfer.SamplingParams(max_tokens=8, temperature=0.0, ignore_eos=True),
@@ -177,12 +172,9 @@ def test_no_compilation_after_warmup_with_a_draft_model(model, oracle, hydragen)
              jaxinfer.SamplingParams(max_tokens=5, temperature=0.5, n=2)]
     arrivals = [(int(rng.integers(0, 6)), prefix + p[8:] if i % 2 else p, kinds[i % 3])
                 for i, p in enumerate(prompts_of(rng, 6))]
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         ids, _ = serve_with_arrivals(engine, arrivals)
         results = engine.run_until_done()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert compiles == []
     assert [f._cache_size() for f in functions] == compiled
     assert engine.num_draft_tokens > 0
@@ -213,18 +205,9 @@ def test_snapkv_with_a_draft_model_keeps_the_snapkv_engines_tokens_without_compi
     engine = jaxinfer.Engine(model, **ENGINE, **SNAPKV, speculative_tokens=GAMMA,
                              draft_model=draft)
     engine.warmup()
-    compiles = []
-
-    def listener(event: str, duration: float, **kwargs) -> None:
-        if event == "/jax/core/compile/backend_compile_duration":
-            compiles.append(duration)
-
-    jax.monitoring.register_event_duration_secs_listener(listener)
-    try:
+    with backend_compiles() as compiles:
         ids = [engine.submit(p, sp) for p, sp in zip(prompts, params)]
         results = engine.run_until_done()
-    finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
     assert [results[rid] for rid in ids] == plain
     assert compiles == []
     assert engine.num_preemptions > 0

@@ -53,6 +53,12 @@ def _fftconv(u, k, **kw):
     return fftconv(u, k, dot_precision="float32", **kw)
 
 
+def _output_and_vjp(u, k, w, **kw):
+    """Jitted fftconv(u, k, **kw) and its VJP against the cotangent w: (y, (du, dk))."""
+    return jax.jit(lambda u, k: (lambda y, vjp: (y, vjp(w)))(
+        *jax.vjp(lambda u, k: fftconv(u, k, **kw), u, k)))(u, k)
+
+
 def _gates(n, seed=1, channels=CHANNELS):
     rng = np.random.default_rng(seed)
     pre, post = (jnp.asarray(rng.normal(size=(BATCH, channels, n)), jnp.float32)
@@ -195,13 +201,9 @@ def test_outer_step_through_jnp_fft_matches_reference(monkeypatch):
         n, l = 299, 40
         u, k = _inputs(n, l, seed=6)
         w = jnp.asarray(np.random.default_rng(7).normal(size=u.shape), jnp.float32)
-
-        def fwd_bwd(**kw):
-            return jax.jit(lambda u, k: (lambda y, vjp: (y, vjp(w)))(
-                *jax.vjp(lambda u, k: _fftconv(u, k, **kw), u, k)))(u, k)
-
-        y, (du, dk) = fwd_bwd(backend="pallas", monarch_plan=OUTER)
-        y_ref, (du_ref, dk_ref) = fwd_bwd(backend="reference")
+        y, (du, dk) = _output_and_vjp(u, k, w, backend="pallas", monarch_plan=OUTER,
+                                      dot_precision="float32")
+        y_ref, (du_ref, dk_ref) = _output_and_vjp(u, k, w, backend="reference")
     finally:
         monarch.outer_matrices.cache_clear()
     assert _rel(y, y_ref) < F32_RTOL
@@ -216,13 +218,8 @@ def test_pallas_dot_precisions_within_their_tolerance(precision):
     n, l = 250, 40
     u, k = _inputs(n, l, seed=13)
     w = jnp.asarray(np.random.default_rng(14).normal(size=u.shape), jnp.float32)
-
-    def fwd_bwd(**kw):
-        return jax.jit(lambda u, k: (lambda y, vjp: (y, vjp(w)))(
-            *jax.vjp(lambda u, k: fftconv(u, k, **kw), u, k)))(u, k)
-
-    y, (du, dk) = fwd_bwd(backend="pallas", dot_precision=precision)
-    y_ref, (du_ref, dk_ref) = fwd_bwd(backend="reference")
+    y, (du, dk) = _output_and_vjp(u, k, w, backend="pallas", dot_precision=precision)
+    y_ref, (du_ref, dk_ref) = _output_and_vjp(u, k, w, backend="reference")
     for name, got, want in (("y", y, y_ref), ("du", du, du_ref)):
         assert DOT_ERROR_FLOOR[precision] < _rel(got, want) < DOT_RTOL[precision], name
     assert _rel(dk, dk_ref) < GRAD_RTOL  # the filter gradient is a jnp.fft correlation
