@@ -153,19 +153,25 @@ def test_logits_loss_and_grads_match_single_device(model, batch, single_device, 
                                    err_msg=jax.tree_util.keystr(path))
 
 
-def _partitioner_replicates(name: str, vocab: int, capfd) -> bool:
-    """Whether XLA's partitioner warns, compiling the loss and gradients under layout `name`,
-    that it can only reach a sharding by replicating a tensor. `vocab`: one no other compile
-    used (a cached program would compile nothing and warn nothing)."""
+def _compile_loss_and_grads(name: str, vocab: int, length: int):
+    """The loss, logits and gradients of a model with `vocab` tokens compiled under layout
+    `name` for rows of `length` ids. `vocab`: one no other compile used, so that nothing comes
+    from a cache and the table's shape is its own."""
     model = jaxinfer.LlamaForCausalLM(dataclasses.replace(CONFIG, vocab_size=vocab),
                                       rngs=nnx.Rngs(0))
     mesh, rules = layout(name)
     graphdef, params = nnx.split(sharding.shard(model, mesh, rules))
-    ids = jax.device_put(jnp.zeros((BATCH, 9), jnp.int32),
+    ids = jax.device_put(jnp.zeros((BATCH, length), jnp.int32),
                          sharding.batch_sharding(mesh, rules, ("batch", None)))
-    capfd.readouterr()
     with sharding.use_rules(mesh, rules):
-        loss_logits_grads.lower(graphdef, params, ids).compile()
+        return loss_logits_grads.lower(graphdef, params, ids).compile()
+
+
+def _partitioner_replicates(name: str, vocab: int, capfd) -> bool:
+    """Whether XLA's partitioner warns, compiling the loss and gradients under layout `name`,
+    that it can only reach a sharding by replicating a tensor."""
+    capfd.readouterr()
+    _compile_loss_and_grads(name, vocab, 9)
     return "Involuntary full rematerialization" in capfd.readouterr().err
 
 
@@ -182,16 +188,9 @@ def test_vocab_parallel_embedding_partitions_without_replicating(name, capfd, mo
 
 def _gathers_full_table(name: str, vocab: int) -> bool:
     """Whether the compiled loss and gradients under layout `name` all-gather a whole
-    embedding table [vocab, hidden] (vocab: one no other compile used, so the shape is its own).
-    32 positions: at 8 the partitioner happened to gather the ids instead, hiding the bug."""
-    model = jaxinfer.LlamaForCausalLM(dataclasses.replace(CONFIG, vocab_size=vocab),
-                                      rngs=nnx.Rngs(0))
-    mesh, rules = layout(name)
-    graphdef, params = nnx.split(sharding.shard(model, mesh, rules))
-    ids = jax.device_put(jnp.zeros((BATCH, 33), jnp.int32),
-                         sharding.batch_sharding(mesh, rules, ("batch", None)))
-    with sharding.use_rules(mesh, rules):
-        hlo = loss_logits_grads.lower(graphdef, params, ids).compile().as_text()
+    embedding table [vocab, hidden]. 32 positions: at 8 the partitioner happened to gather the
+    ids instead, hiding the bug."""
+    hlo = _compile_loss_and_grads(name, vocab, 33).as_text()
     table = f"f32[{vocab},{CONFIG.hidden_size}]"
     return any("all-gather" in line and table in line for line in hlo.splitlines())
 
