@@ -17,6 +17,10 @@ def test_experiment_quick_mode_writes_results(name, tmp_path):
     if name == "associative_recall":
         assert {r["model"] for r in rows} == {"hyena", "llama"}
         assert all(0.0 <= r["query_acc"] <= 1.0 for r in rows)
+        for r in rows:  # the learning curve: increasing steps, ending at the final accuracy
+            steps = [step for step, _ in r["query_acc_curve"]]
+            assert steps == sorted(set(steps)) and len(steps) > 1, steps
+            assert r["query_acc_curve"][-1] == [record["settings"]["steps"], r["query_acc"]]
     else:
         assert {r["impl"] for r in rows if "median_ms" in r} == {"xla", "pallas", "jnp_fft"}
         assert all(r["temp_MiB"] is not None for r in rows)
