@@ -15,8 +15,15 @@ from tests.kernels_pallas.attention_cases import (CASES, F32_TOL, TOLS, Case,
 BACKENDS = ["xla", "pallas"]  # pallas runs its kernels with interpret=True on CPU
 
 
-@pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
-@pytest.mark.parametrize("backend", BACKENDS)
+# The head-dim cases pad D to the kernels' tile widths (96 -> 128, wide-head tiles at 256): code
+# the Pallas kernels have and the xla path does not (it never looks at D), so xla skips them.
+PALLAS_ONLY = {"head_dim_64_gqa_causal", "head_dim_96_prefix_window", "head_dim_128_causal_bf16",
+               "head_dim_256_gqa_prefix_causal"}
+
+
+@pytest.mark.parametrize("backend, case", [
+    pytest.param(b, c, id=f"{b}-{c.name}") for b in BACKENDS for c in CASES
+    if b == "pallas" or c.name not in PALLAS_ONLY])
 def test_forward_lse_and_grads_match_reference(backend, case):
     check_against_oracle(backend, case, block_q=case.block_q, block_k=case.block_k)
 
