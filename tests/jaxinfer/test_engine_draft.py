@@ -17,8 +17,8 @@ from flax import nnx
 import jaxinfer
 from jaxinfer.generate.scheduler import Scheduler
 from tests.jaxinfer.test_engine import (  # noqa: F401  (model, oracle: fixtures)
-    CONFIG, ENGINE, ORACLE_NEW, SNAPKV, VOCAB, backend_compiles, model, oracle,
-    serve_with_arrivals)
+    CONFIG, ENGINE, ORACLE_NEW, VOCAB, backend_compiles, model, oracle, serve_with_arrivals)
+from tests.jaxinfer.test_engine_snapkv import SNAPKV
 
 GAMMA = 3  # guesses per step: with max_batch 4, a step's sampling rows stay <= 16
 PROMPT_LENGTH = 13  # one length: the oracle compiles once; 13 + 12 tokens take 7 of the 10 pages
