@@ -16,6 +16,12 @@ EXAMPLES = {
   jaxinfer generate "In the beginning"                      # the embedded default model
   jaxinfer generate "And God said" --max-new-tokens 64 --temperature 0.8 --top-p 0.95
   jaxinfer generate "Hello" --model path/to/hf_dir --dtype bfloat16
+  jaxinfer generate --prompts-file prompts.txt --n 4 --temperature 0.8 --stop "."
+  jaxinfer generate "And God said" --speculative-tokens 4              # prompt-lookup drafts
+  jaxinfer generate "Hello" --model big_dir --draft-model small_dir --speculative-tokens 4
+  jaxinfer generate "Hello" --kv-cache-dtype int8 --snapkv-budget 256   # smaller KV cache
+engine options need a model with a paged KV cache (the Llama family, Mixtral); Hyena decodes
+one static batch with temperature, top-k and top-p only
 """,
     "train": """examples:
   jaxinfer train --corpus kjv.txt --config small.json --vocab-size 4096 --out runs/kjv
@@ -62,6 +68,11 @@ TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len
 # what --resume may change: how long the run goes on and how often it evaluates and saves
 RESUMABLE = ("steps", "eval_every", "checkpoint_every")
 HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
+# `jaxinfer generate` flags only the engine honours, with the values that leave them off
+ENGINE_FLAGS = {"prompts_file": None, "min_p": None, "repetition_penalty": 1.0, "stop": [],
+                "n": 1, "first_finish": False, "kv_cache_dtype": "auto", "speculative_tokens": 0,
+                "draft_model": None, "snapkv_budget": None, "hydragen": False}
+DEFAULT_PROMPT = "In the beginning"
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -71,12 +82,21 @@ def _parser() -> argparse.ArgumentParser:
 
     gen = sub.add_parser("generate", help="continue a prompt", epilog=EXAMPLES["generate"],
                          formatter_class=fmt)
-    gen.add_argument("prompt", nargs="?", default="In the beginning")
+    gen.add_argument("prompt", nargs="?", help=f"default: {DEFAULT_PROMPT!r}")
+    gen.add_argument("--prompts-file", help="UTF-8 text file of prompts, one per line, served "
+                     "together (instead of PROMPT)")
     gen.add_argument("--model", help="HF model directory (default: the embedded model)")
     gen.add_argument("--max-new-tokens", type=_positive_int, default=48)
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
     gen.add_argument("--top-k", type=_positive_int)
     gen.add_argument("--top-p", type=float)
+    gen.add_argument("--min-p", type=float)
+    gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
+    gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
+                     help="a string that ends a completion (repeatable)")
+    gen.add_argument("--n", type=_positive_int, default=1, help="samples per prompt")
+    gen.add_argument("--first-finish", action="store_true",
+                     help="with --n: return the first of the samples to finish")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="copies of the prompt decoded together")
@@ -89,6 +109,17 @@ def _parser() -> argparse.ArgumentParser:
                      help="engine: KV pages (default: sized from memory)")
     gen.add_argument("--max-tokens-per-step", type=_positive_int, default=512,
                      help="engine: token budget of one step (decodes + prompt chunks)")
+    gen.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
+                     help="engine: KV pages in the model's dtype or int8 (per-head scales)")
+    gen.add_argument("--speculative-tokens", type=int, default=0, metavar="GAMMA",
+                     help="engine: tokens drafted per step and verified in one pass (from "
+                     "--draft-model, else by prompt lookup); 0 = off")
+    gen.add_argument("--draft-model", help="engine: HF model directory of a draft model that "
+                     "shares the target's vocabulary")
+    gen.add_argument("--snapkv-budget", type=_positive_int,
+                     help="engine: compress each prompt's KV to this many tokens per head")
+    gen.add_argument("--hydragen", action="store_true",
+                     help="engine: batch the attention over shared prompt prefixes")
 
     tr = sub.add_parser("train", help="train or fine-tune on a text corpus", epilog=EXAMPLES["train"],
                         formatter_class=fmt)
@@ -145,6 +176,62 @@ def _parser() -> argparse.ArgumentParser:
     return parser
 
 
+def _prompt_texts(args: argparse.Namespace) -> list[str]:
+    """The prompts to serve: PROMPT, or the non-blank lines of --prompts-file."""
+    if args.prompts_file is None:
+        return [DEFAULT_PROMPT if args.prompt is None else args.prompt]
+    if args.prompt is not None:
+        raise ValueError("give PROMPT or --prompts-file, not both")
+    texts = [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
+             if line.strip()]
+    if not texts:
+        raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt (no non-blank line)")
+    return texts
+
+
+def _engine_runner(args: argparse.Namespace, model, tokenizer, prompts: list[list[int]]):
+    """prepare() -> (engine, run): a new engine per call, so the timed call does not find the
+    untimed call's prompt pages in its prefix cache (the compiled steps are shared by every
+    engine)."""
+    import jaxinfer
+
+    params = jaxinfer.SamplingParams(
+        max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop), seed=args.seed, n=args.n, first_finish=args.first_finish)
+    draft = (None if args.draft_model is None
+             else jaxinfer.load_pretrained(Path(args.draft_model), dtype=args.dtype))
+
+    def prepare():
+        engine = jaxinfer.Engine(
+            model, max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
+            max_tokens_per_step=args.max_tokens_per_step, tokenizer=tokenizer,
+            kv_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
+            speculative_tokens=args.speculative_tokens, draft_model=draft,
+            snapkv_budget=args.snapkv_budget, hydragen=args.hydragen)
+        return engine, lambda: engine.generate(prompts, params)
+    return prepare
+
+
+def _static_batch_runner(args: argparse.Namespace, model, prompts: list[list[int]]):
+    """prepare() -> (None, run) for a model without a paged KV cache (Hyena): one static batch
+    through its own decode cache, which takes temperature, top-k and top-p only."""
+    import jaxinfer
+
+    given = [f"--{name.replace('_', '-')}" for name, off in ENGINE_FLAGS.items()
+             if getattr(args, name) != off]
+    if given:
+        raise ValueError(f"{', '.join(given)} need the serving engine, a model with a paged KV "
+                         f"cache; {type(model).__name__} decodes one static batch")
+
+    def run() -> list[list[int]]:
+        out = jaxinfer.generate(model, prompts, max_new_tokens=args.max_new_tokens,
+                                temperature=args.temperature, top_k=args.top_k,
+                                top_p=args.top_p, seed=args.seed)
+        return [row[len(prompts[0]):] for row in out.tolist()]
+    return lambda: (None, run)
+
+
 def _generate(args: argparse.Namespace) -> int:
     import jax
 
@@ -153,44 +240,39 @@ def _generate(args: argparse.Namespace) -> int:
     model_dir = Path(args.model) if args.model else jaxinfer.default_model_dir()
     model = jaxinfer.load_pretrained(model_dir, dtype=args.dtype)
     tokenizer = jaxinfer.load_tokenizer(model_dir)
-    prompt_ids = tokenizer.encode(args.prompt, add_special_tokens=False).ids
-    if not prompt_ids:
-        raise ValueError("the prompt encodes to no tokens")
-    prompts = [prompt_ids] * args.batch_size
+    texts = _prompt_texts(args)
+    encoded = [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
+    for line, ids in enumerate(encoded, 1):
+        if not ids:
+            raise ValueError(f"prompt {line} ({texts[line - 1]!r}) encodes to no tokens")
+    prompts = [ids for ids in encoded for _ in range(args.batch_size)]
     if hasattr(model, "forward_paged"):
-        params = jaxinfer.SamplingParams(max_tokens=args.max_new_tokens,
-                                         temperature=args.temperature, top_k=args.top_k,
-                                         top_p=args.top_p, seed=args.seed)
-
-        def prepare():
-            # a new engine per call, so the timed call does not find the untimed call's prompt
-            # pages in its prefix cache (the compiled steps are shared by every engine)
-            engine = jaxinfer.Engine(model, max_batch=args.max_batch, page_size=args.page_size,
-                                     num_pages=args.num_pages,
-                                     max_tokens_per_step=args.max_tokens_per_step,
-                                     tokenizer=tokenizer)
-            return lambda: engine.generate(prompts, params)
-        how = "engine"
-    else:  # no paged KV cache (Hyena): one static batch with the model's own decode cache
-        def static_batch() -> list[list[int]]:
-            out = jaxinfer.generate(model, prompts, max_new_tokens=args.max_new_tokens,
-                                    temperature=args.temperature, top_k=args.top_k,
-                                    top_p=args.top_p, seed=args.seed)
-            return [row[len(prompt_ids):] for row in out.tolist()]
-        prepare, how = (lambda: static_batch), "static batch"
+        prepare, how = _engine_runner(args, model, tokenizer, prompts), "engine"
+    else:
+        prepare, how = _static_batch_runner(args, model, prompts), "static batch"
     t0 = time.perf_counter()
-    prepare()()  # compiles what this workload needs
+    prepare()[1]()  # compiles what this workload needs
     compile_s = time.perf_counter() - t0
-    run = prepare()
+    engine, run = prepare()
     t0 = time.perf_counter()
     outputs = run()
     run_s = time.perf_counter() - t0
-    new = [t for t in outputs[0] if t not in model.config.eos_token_id]
-    print(args.prompt + tokenizer.decode(new))
-    total = sum(len(o) for o in outputs)
+    listed = args.n > 1 and not args.first_finish  # n samples per request: a list of lists
+    for i, text in enumerate(texts):
+        samples = outputs[i * args.batch_size] if listed else [outputs[i * args.batch_size]]
+        for j, sample in enumerate(samples):
+            if len(texts) > 1 or len(samples) > 1:
+                print(f"--- prompt {i + 1}" + (f", sample {j + 1}" if listed else "") + " ---")
+            print(text + tokenizer.decode([t for t in sample
+                                           if t not in model.config.eos_token_id]))
+    total = sum(len(t) for o in outputs for t in (o if listed else [o]))
     print(f"\n[{model_dir.name}: {total} tokens in {run_s:.3f} s = {total / run_s:.1f} tokens/s "
-          f"({how}, {args.batch_size} requests, {jax.devices()[0].platform}; first call incl. "
+          f"({how}, {len(prompts)} requests, {jax.devices()[0].platform}; first call incl. "
           f"compile {compile_s:.1f} s)]", file=sys.stderr)
+    if engine is not None and engine.num_draft_tokens:
+        print(f"[speculative: {engine.num_accepted_tokens} of {engine.num_draft_tokens} drafted "
+              f"tokens accepted ({engine.num_accepted_tokens / engine.num_draft_tokens:.0%})]",
+              file=sys.stderr)
     return 0
 
 
