@@ -52,19 +52,24 @@ def _effective_block(block_size: int, g: int, dynamic_groups: bool) -> int:
 
 def _inverse_hessian_factor(h: jax.Array) -> tuple[jax.Array, jax.Array]:
     """Upper U with U^T U = H^-1, for symmetric positive definite H [K, K], and whether H is
-    numerically positive definite: every Cholesky pivot L_ii^2 above K * eps * mean(diag H).
+    numerically positive definite: every Cholesky pivot above K * eps of its own diagonal entry,
+    L_ii^2 > K * eps * H_ii.
 
-    A rank-deficient H (fewer tokens than inputs, no dampening) can still factor in float32 on a
-    pivot made of rounding noise (~1e-6 of the mean diagonal against ~1e-3 at full rank); its
-    inverse then amplifies that noise and GPTQ does worse than rounding, so it counts as
-    singular."""
+    L_ii^2 / H_ii is the part of input i's energy that the inputs before it do not explain; it
+    does not change when an input is rescaled, so inputs of very different scales (outlier
+    channels) are judged alike. A rank-deficient H (fewer tokens than inputs, no dampening)
+    can still factor in float32, on a pivot made of rounding noise: measured <= 2.5e-5 of its
+    diagonal (K = 64..1024, with and without act-order) against >= 1.9e-3 with only 8 tokens
+    more than inputs. Its inverse then amplifies that noise and GPTQ does worse than rounding,
+    so it counts as singular."""
     k = h.shape[0]
     eye = jnp.eye(k, dtype=h.dtype)
     chol = jnp.linalg.cholesky(h)
     chol_inv = jax.scipy.linalg.solve_triangular(chol, eye, lower=True)
     h_inv = jnp.dot(chol_inv.T, chol_inv, precision=_HI)
-    pivot_floor = k * jnp.finfo(h.dtype).eps * jnp.mean(jnp.diag(h))
-    return jnp.linalg.cholesky(h_inv).T, jnp.min(jnp.diag(chol)) ** 2 > pivot_floor
+    explained_floor = k * jnp.finfo(h.dtype).eps
+    unexplained = jnp.diag(chol) ** 2 / jnp.diag(h)  # [K]; NaN where the factorization failed
+    return jnp.linalg.cholesky(h_inv).T, jnp.min(unexplained) > explained_floor
 
 
 def _act_order_perm(h, xp=jnp):

@@ -190,20 +190,27 @@ def test_gptq_static_groups_match_numpy_port_of_reference_with_grids_fit_up_fron
     assert np.isclose(dynamic, ref, rtol=REF_RTOL, atol=REF_ATOL).mean() < 0.5
 
 
-@pytest.mark.parametrize("samples", [16, 63])
-def test_gptq_on_singular_hessian_without_damp_raises_instead_of_returning_garbage(samples):
+@pytest.mark.parametrize("samples, act_order", [(16, False), (63, False), (63, True)])
+def test_gptq_on_singular_hessian_without_damp_raises_instead_of_returning_garbage(samples,
+                                                                                    act_order):
     """Fewer samples than the 64 inputs: H is singular and damp=0 leaves it so. At rank 16 the
     factorization fails (NaN); one rank short (63) float32 Cholesky succeeds on a pivot of
-    rounding noise and GPTQ lands worse than rounding: both must raise. With one sample more
-    than inputs, or with the default damp, it quantizes."""
+    rounding noise (with act-order too, whose order moves the noise) and GPTQ lands worse than
+    rounding: all must raise. With one sample more than inputs, or with the default damp, it
+    quantizes; so does a full-rank H whose inputs differ in scale by 1e4 (a check against the
+    mean diagonal refused that one: its smallest pivot is ~1e-7 of the mean)."""
     x = np.random.default_rng(0).normal(size=(65, 64))
     singular = hessian_from_activations(jnp.asarray(x[:samples], jnp.float32))
     with pytest.raises(ValueError, match=r"hessian \[64, 64\] with damp=0.0 is singular or "
                                          r"nearly so.*larger damp"):
-        gptq_quantize_layer(_weight(k=64), singular, bits=4, group_size=32, damp=0.0)
+        gptq_quantize_layer(_weight(k=64), singular, bits=4, group_size=32, damp=0.0,
+                            act_order=act_order)
     full_rank = hessian_from_activations(jnp.asarray(x, jnp.float32))
-    for h, damp in ((singular, 0.01), (full_rank, 0.0)):
-        qw = gptq_quantize_layer(_weight(k=64), h, bits=4, group_size=32, damp=damp)
+    scales = np.logspace(-2, 2, 64)  # outlier-like input scales, 1e-2 to 1e2
+    skewed = hessian_from_activations(jnp.asarray(x * scales, jnp.float32))
+    for h, damp in ((singular, 0.01), (full_rank, 0.0), (skewed, 0.0)):
+        qw = gptq_quantize_layer(_weight(k=64), h, bits=4, group_size=32, damp=damp,
+                                 act_order=act_order)
         assert np.isfinite(np.asarray(qw.dequantize())).all()
 
 
