@@ -14,7 +14,9 @@ Implementations, on the same inputs in the same process:
            of --dot-precisions (the row's ``dot_precision``: float32 IEEE dots, bf16x3's three
            bf16 tensor-core products, or one bf16 product; the GPU's default bf16x3 first).
            On a CPU it runs in interpret mode, which measures the interpreter, so it is timed
-           only with --quick (and recorded as skipped otherwise)
+           only with --quick (and recorded as skipped otherwise), there with float32 dots
+           alone unless --dot-precisions says otherwise (each precision is seconds of
+           interpreter compilation; the kernel tests check them all)
   jnp_fft  the peer: irfft(rfft(u, 2N) * rfft(k, 2N))[:N] in float32, written out here
 ``speedup_vs_jnp_fft`` = time(jnp_fft) / time(impl) on the same (dtype, N, mode). Memory is the
 compiled program's temp bytes (``memory_analysis()``), the activations XLA keeps besides inputs and
@@ -41,10 +43,17 @@ timed for the backends where the option changes the work, plus xla as the contro
            random filter (a flat spectrum: the worst case) and on a freshly initialized Hyena
            implicit filter (smooth and decaying, the filters the option is meant for; not with
            --quick, as building it costs seconds of compilation).
-  partial L  xla: no saving (the L taps are zero-padded to M before the same FFTs). reference:
-           the direct O(N L) convolution, the one backend whose work falls with L; it runs only up
-           to --reference-max-taps taps (CPU, B = H = 16: ~2-3 s per call at 1024 taps, ~40 s at
-           4096). pallas is not swept: like xla it pads the filter to M.
+  partial L  xla and pallas (pallas on GPU only), each twice in the same run: with the automatic
+           overlap-save blocking (``fftconv.blocked``: a short filter convolved in blocks at a
+           small FFT size S, ``block_fft`` and ``blocks`` in the row) and unblocked
+           (block_fft_size=0, label "unblocked": the L taps zero-padded to M, the same FFT work
+           whatever L; only where the rule blocks, elsewhere both are the same program).
+           ``fft_samples`` = blocks * S (or M), the transformed samples per (batch row,
+           channel); ``speedup_vs_unblocked`` and ``temp_ratio_vs_unblocked`` = the unblocked
+           row's time and compiled temp bytes over the blocked row's, at the same L. reference:
+           the direct O(N L) convolution, whose work also falls with L; it runs only up to
+           --reference-max-taps taps (CPU, B = H = 16: ~2-3 s per call at 1024 taps, ~40 s at
+           4096).
   (The pallas sweep rows use the first of --dot-precisions.)
   monarch_plan  pallas only (GPU only, like its s sweep): the kernel's decomposition forced to
            each of --plans (``PLANS``: order 2 (the first kernel, the ratios' base), r2c order 2,
@@ -74,12 +83,12 @@ import numpy as np
 
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
 from kernels_pallas import fftconv
-from kernels_pallas.fftconv import DOT_PRECISIONS, MonarchPlan, filters, monarch
+from kernels_pallas.fftconv import DOT_PRECISIONS, MonarchPlan, blocked, filters, monarch
 
 PEER = "jnp_fft"
 SLOW_CALL_S = 5.0  # fewer repetitions when one call is slow: about this many seconds of timing
 SWEEP_DTYPE = "float32"  # the sweeps compare work and accuracy; float32 keeps the error exact
-SWEEP_IMPLS = {"freq_sparsity": ("xla", "pallas"), "partial": ("xla", "reference"),
+SWEEP_IMPLS = {"freq_sparsity": ("xla", "pallas"), "partial": ("xla", "pallas", "reference"),
                "monarch_plan": ("pallas",)}
 PLANS = {"order2": MonarchPlan(order=2), "order2_r2c": MonarchPlan(order=2, r2c=True),
          "order3": MonarchPlan(order=3), "order3_r2c": MonarchPlan(order=3, r2c=True),
@@ -96,6 +105,8 @@ def row_options(row: dict) -> dict:
     """The fftconv keywords of a row: its kernel's matmul precision (pallas rows) and, for a sweep
     row, the swept option (a plan sweep's value is a ``PLANS`` name)."""
     options = {"dot_precision": row["dot_precision"]} if "dot_precision" in row else {}
+    if "block_fft_size" in row:
+        options["block_fft_size"] = row["block_fft_size"]
     if row.get("sweep") == "monarch_plan":
         options["monarch_plan"] = PLANS[row["value"]]
     elif "sweep" in row:
@@ -104,8 +115,10 @@ def row_options(row: dict) -> dict:
 
 
 def impl_label(row: dict) -> str:
-    """An implementation's name in the curves: pallas rows carry their matmul precision."""
-    return row["impl"] + (f" {row['dot_precision']}" if "dot_precision" in row else "")
+    """An implementation's name in the curves: pallas rows carry their matmul precision, rows
+    with blocking turned off say "unblocked"."""
+    return (row["impl"] + (f" {row['dot_precision']}" if "dot_precision" in row else "")
+            + (" unblocked" if row.get("block_fft_size") == 0 else ""))
 
 
 def jnp_fft_conv(u: jax.Array, k: jax.Array) -> jax.Array:
@@ -261,21 +274,51 @@ def plan_sweeps(args, gpu: bool) -> list[dict]:
             for value in values:
                 row = {"sweep": sweep, "value": value, "impl": impl, "dtype": SWEEP_DTYPE,
                        "N": n, "batch": batch, "H": args.channels, "mode": "fwd"}
-                if impl == "pallas":
-                    row["dot_precision"] = args.dot_precisions[0]
-                    if sweep == "monarch_plan":
-                        row.update(pallas_kernel_work(n, 0.0, PLANS[value]))
-                    else:
-                        row.update(pallas_kernel_work(n, value))
-                    if not row.pop("lowers", True):
-                        row["skipped"] = "matmuls under 16 wide at this N: Triton cannot compile"
-                    elif not gpu:  # interpreted, its time would not show the skipped columns
-                        row["skipped"] = "pallas interprets on CPU (swept on GPU only)"
-                if impl == "reference" and value > args.reference_max_taps:
-                    row["skipped"] = (f"direct O(N L) convolution: more than "
-                                      f"--reference-max-taps={args.reference_max_taps} taps")
-                rows.append(row)
+                variants = [row]
+                if sweep == "partial" and impl != "reference":
+                    work = partial_work(n, value)
+                    row.update(work)
+                    if work["block_fft"] < monarch.fft_size(n):  # the rule blocks
+                        variants.append({**row, "block_fft_size": 0,
+                                         **partial_work(n, value, blocking=False)})
+                for row in variants:
+                    if sweep == "partial" and impl == "xla":  # the kernel's work: pallas rows
+                        for key in ("plan", "kernel_mflop", "lowers"):
+                            row.pop(key)
+                    if impl == "pallas":
+                        row["dot_precision"] = args.dot_precisions[0]
+                        if sweep == "monarch_plan":
+                            row.update(pallas_kernel_work(n, 0.0, PLANS[value]))
+                        elif sweep == "freq_sparsity":
+                            row.update(pallas_kernel_work(n, value))
+                        if not row.pop("lowers", True):
+                            row["skipped"] = ("matmuls under 16 wide at this N: Triton cannot "
+                                              "compile")
+                        elif not gpu:  # interpreted, its time would not show the saved work
+                            row["skipped"] = "pallas interprets on CPU (swept on GPU only)"
+                    if impl == "reference" and value > args.reference_max_taps:
+                        row["skipped"] = (f"direct O(N L) convolution: more than "
+                                          f"--reference-max-taps={args.reference_max_taps} taps")
+                    rows.append(row)
     return rows
+
+
+def partial_work(n: int, taps: int, blocking: bool = True) -> dict:
+    """The transforms a causal filter of ``taps`` taps costs at length n: with the automatic
+    overlap-save rule (``blocked.choose_blocking``) or unblocked (one transform at M). The
+    block FFT size S (or M), the number of blocks, the transformed samples blocks * S per (batch
+    row, channel), and the Pallas kernel's plan and real-matmul MFLOP for them (its plan by
+    size, ``KernelGeometry.real_macs``)."""
+    m = monarch.fft_size(n)
+    choice = blocked.choose_blocking(n, taps, 0, 0.0) if blocking else None
+    size, blocks = (m, 1) if choice is None else (choice.fft_size, choice.blocks)
+    full = choice is not None
+    plan = monarch.choose_plan(size, full)
+    geo = plan.geometry(size, full)
+    flops = 2 * geo.real_macs(geo.factors[-1]) * monarch.outer_residues(plan.outer) * blocks
+    return {"block_fft": size, "blocks": blocks, "fft_samples": size * blocks,
+            "plan": plan_label(plan), "kernel_mflop": flops / 1e6,
+            "lowers": geo.lowers_to_triton}
 
 
 def pallas_kernel_work(n: int, freq_sparsity: float, plan: MonarchPlan | None = None) -> dict:
@@ -338,7 +381,7 @@ def add_sweep_ratios(rows: list[dict]) -> None:
     order-2 plan's (the first kernel's)."""
     base: dict[tuple[str, str], dict] = {}
     for r in rows:
-        key = (r["sweep"], r["impl"])
+        key = (r["sweep"], impl_label(r))
         if r["sweep"] == "monarch_plan":
             if "median_ms" in r and r["value"] == "order2":
                 base[key] = r
@@ -347,8 +390,18 @@ def add_sweep_ratios(rows: list[dict]) -> None:
                                                      else r["value"] > base[key]["value"])):
             base[key] = r
     for r in rows:
-        if "median_ms" in r and (r["sweep"], r["impl"]) in base:
-            r["time_ratio"] = r["median_ms"] / base[(r["sweep"], r["impl"])]["median_ms"]
+        if "median_ms" in r and (r["sweep"], impl_label(r)) in base:
+            r["time_ratio"] = r["median_ms"] / base[(r["sweep"], impl_label(r))]["median_ms"]
+    unblocked = {(r["impl"], r["value"]): r for r in rows
+                 if r["sweep"] == "partial" and r.get("block_fft_size") == 0}
+    for r in rows:
+        peer = unblocked.get((r["impl"], r["value"]))
+        if r["sweep"] != "partial" or r.get("block_fft_size") == 0 or peer is None:
+            continue
+        if "median_ms" in r and "median_ms" in peer:
+            r["speedup_vs_unblocked"] = peer["median_ms"] / r["median_ms"]
+        if r.get("temp_MiB") and peer.get("temp_MiB") is not None:
+            r["temp_ratio_vs_unblocked"] = peer["temp_MiB"] / r["temp_MiB"]
 
 
 def make_inputs(row: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
@@ -363,9 +416,11 @@ def make_inputs(row: dict) -> tuple[jax.Array, jax.Array, jax.Array]:
 
 COLUMNS = ["dtype", "N", "batch", "H", "mode", "impl", "plan", "dot_precision", "median_ms",
            "min_ms", "max_ms", f"speedup_vs_{PEER}", "temp_MiB", "compile_s", "error", "skipped"]
-SWEEP_COLUMNS = ["sweep", "value", "impl", "N", "batch", "H", "median_ms", "min_ms", "max_ms",
-                 "time_ratio", "rel_err_random", "rel_err_hyena", "plan", "kernel_cols",
-                 "kernel_mflop", "dot_precision", "error", "skipped"]
+SWEEP_COLUMNS = ["sweep", "value", "impl", "block_fft_size", "N", "batch", "H", "median_ms",
+                 "min_ms", "max_ms", "time_ratio", "block_fft", "blocks", "fft_samples",
+                 "temp_MiB", "speedup_vs_unblocked", "temp_ratio_vs_unblocked",
+                 "rel_err_random", "rel_err_hyena", "plan", "kernel_cols", "kernel_mflop",
+                 "dot_precision", "error", "skipped"]
 
 
 def plot_sweeps(sweeps: list[dict], out: Path) -> list[str]:
@@ -374,12 +429,11 @@ def plot_sweeps(sweeps: list[dict], out: Path) -> list[str]:
     pngs = []
     for sweep, xlabel in (("freq_sparsity", "freq_sparsity s"), ("partial", "partial taps L")):
         curves = {}
-        for impl in SWEEP_IMPLS[sweep]:
-            done = [r for r in sweeps if (r["sweep"], r["impl"]) == (sweep, impl)
-                    and "time_ratio" in r]
-            if done:
-                curves[f"{impl} time ratio"] = ([r["value"] for r in done],
-                                                [r["time_ratio"] for r in done])
+        for r in sweeps:
+            if r["sweep"] == sweep and "time_ratio" in r:
+                xs, ys = curves.setdefault(f"{impl_label(r)} time ratio", ([], []))
+                xs.append(r["value"])
+                ys.append(r["time_ratio"])
         errs = [r for r in sweeps if r["sweep"] == sweep and r["impl"] == "xla"
                 and "rel_err_random" in r]
         for name in ("random", "hyena"):
@@ -429,9 +483,10 @@ def main() -> None:
     parser.add_argument("--modes", nargs="+", default=["fwd", "fwd_bwd"])
     parser.add_argument("--impls", nargs="+", default=["xla", "pallas", PEER])
     parser.add_argument("--dot-precisions", nargs="+", choices=DOT_PRECISIONS,
-                        default=["bf16x3", "bf16", "float32"],
+                        default=None,
                         help="the pallas kernel's matmul precisions, each timed (the first is "
-                             "the one the sweeps use)")
+                             "the one the sweeps use; default bf16x3 bf16 float32, float32 "
+                             "alone with --quick)")
     parser.add_argument("--channels", type=int, default=None, help="H (default 768 on GPU)")
     parser.add_argument("--max-batch", type=int, default=64)
     parser.add_argument("--elements", type=int, default=None,
@@ -464,10 +519,13 @@ def main() -> None:
     args.budget_s = args.budget_s or (60.0 if gpu else None)
     args.deadline_s = args.deadline_s or (85.0 if gpu else None)
     args.sweep_n = args.sweep_n or 4096
+    args.dot_precisions = args.dot_precisions or (
+        ["float32"] if args.quick else ["bf16x3", "bf16", "float32"])
     if args.quick:
         args.seq_lens, args.channels, args.elements, args.reps = [256], 4, 2**11, 2
-        args.sweep_n, args.sparsities = 256, [0.0, 0.75]  # N of the N sweep: same inputs
-        args.partials = args.partials or [args.sweep_n // 4]  # runs the code, times no trend
+        # N = 1024, the smallest where a short filter blocks (M = 2048, blocks of S = 256)
+        args.sweep_n, args.sparsities = 1024, [0.0, 0.75]
+        args.partials = args.partials or [16]  # blocked and unblocked: times no trend
     args.partials = args.partials or [args.sweep_n // d for d in (256, 32, 4, 1)]
 
     out = Path(args.out)

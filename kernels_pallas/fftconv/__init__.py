@@ -17,18 +17,22 @@ One function, several implementations (DESIGN.md):
 * ``auto``: pallas on GPU, xla on CPU and TPU.
 
 All backends convolve circularly at the same size M (``monarch.fft_size``), which is what makes
-``freq_sparsity`` mean the same thing everywhere (``filters.py``).
+``freq_sparsity`` mean the same thing everywhere (``filters.py``). A short filter (``partial``, or
+a small L) on the xla and pallas backends is instead convolved by overlap-save blocks at a smaller
+FFT size S (``blocked.py``: the rule, and ``block_fft_size`` to force or disable it); the result
+is the same convolution, only cheaper.
 """
 
 from __future__ import annotations
 
+import functools
 import numbers
 
 import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.backend import resolve_backend
-from kernels_pallas.fftconv import monarch, pallas_gpu, reference, xla
+from kernels_pallas.fftconv import blocked, monarch, pallas_gpu, reference, xla
 from kernels_pallas.fftconv.monarch import MonarchPlan
 
 __all__ = ["fftconv", "DEFAULT_KERNEL_OPTIONS", "DOT_PRECISIONS", "BACKENDS", "MonarchPlan"]
@@ -68,7 +72,7 @@ def _check_float(name: str, x) -> None:
 
 
 def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c,
-                  dot_precision, monarch_plan):
+                  dot_precision, monarch_plan, block_fft_size):
     _check_float("u", u)
     _check_float("k", k)
     if u.ndim != 3:
@@ -106,21 +110,38 @@ def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backe
     if dot_precision is not None and dot_precision not in DOT_PRECISIONS:
         raise ValueError(f"dot_precision must be one of {DOT_PRECISIONS} or None; "
                          f"got {dot_precision!r}")
-    if monarch_plan is not None:
-        if not isinstance(monarch_plan, MonarchPlan):
-            raise TypeError(f"monarch_plan must be a MonarchPlan or None; "
-                            f"got {type(monarch_plan).__name__}")
-        m = monarch.fft_size(n)
-        try:
-            monarch_plan.geometry(m)
-        except ValueError as e:
-            raise ValueError(f"monarch_plan {monarch_plan} does not fit N = {n} "
-                             f"(FFT size {m}): {e}") from None
+    if monarch_plan is not None and not isinstance(monarch_plan, MonarchPlan):
+        raise TypeError(f"monarch_plan must be a MonarchPlan or None; "
+                        f"got {type(monarch_plan).__name__}")
+    if block_fft_size is not None:
+        s = block_fft_size
+        if (_is_bool(s) or not isinstance(s, numbers.Integral)
+                or (s and (s < 8 or s & (s - 1) or s > blocked.MAX_BLOCK_FFT))):
+            raise ValueError(f"block_fft_size must be None, 0 or a power of two in "
+                             f"[8, {blocked.MAX_BLOCK_FFT}]; got {s!r}")
+        if s and freq_sparsity:
+            raise ValueError(f"block_fft_size forces overlap-save blocks, which need "
+                             f"freq_sparsity == 0 (the mask is defined at the full FFT size); "
+                             f"got block_fft_size={s} and freq_sparsity={freq_sparsity!r}")
+
+
+def _check_plan(monarch_plan: MonarchPlan, m: int, full: bool, n: int, interpret: bool) -> None:
+    """The forced plan (or, on a GPU, the plan by size of a forced block size) must fit the FFT
+    size m the kernel runs at (``full``: an overlap-save block) and, compiled, lower to Triton."""
+    try:
+        geo = monarch_plan.geometry(m, full)
+    except ValueError as e:
+        raise ValueError(f"monarch_plan {monarch_plan} does not fit N = {n} "
+                         f"(FFT size {m}): {e}") from None
+    if not interpret and not geo.lowers_to_triton:
+        raise ValueError(f"the kernel plan {monarch_plan} has matmuls narrower than "
+                         f"{monarch.MIN_DOT_DIM} at N = {n} (FFT size {m}), which Triton cannot "
+                         "compile; use a larger N (or block_fft_size), another plan or None")
 
 
 def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=None, partial=None,
             freq_sparsity=0.0, backend="auto", block_c=None, dot_precision=None,
-            monarch_plan=None):
+            monarch_plan=None, block_fft_size=None):
     """Depthwise long convolution of each channel of u with its own filter, by FFT.
 
     Args:
@@ -145,39 +166,67 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
         bfloat16 products, ~5e-6 relative error) or "bf16" (one, ~3e-3); float32 accumulation
         in each. None takes ``DEFAULT_KERNEL_OPTIONS`` (bf16x3 on a GPU, float32 interpreted).
       monarch_plan: pallas only: a ``MonarchPlan`` (order 2 or 3, r2c, outer step) forcing the
-        kernel's decomposition; None chooses by size (``monarch.choose_plan``).
+        kernel's decomposition at the size the kernel runs; None chooses by size
+        (``monarch.choose_plan``). A forced plan turns the automatic blocking off (it is meant
+        for the full size M) unless block_fft_size forces blocks too.
+      block_fft_size: xla and pallas only: overlap-save blocking (``blocked.py``) of a short
+        filter. None: automatic: blocks at a small FFT size S when the effective filter
+        (``partial`` taps, or L) is short enough that they transform fewer samples than one
+        size-M transform, and never with freq_sparsity > 0 (the mask is defined at the full
+        size M); 0: never; a power of two S in [8, ``blocked.MAX_BLOCK_FFT``] larger than the
+        filter's reach (L' - 1 taps, causal or centred): force blocks at that size. Blocking
+        computes the same convolution (float32 rounding aside).
 
     Returns:
       y [batch, channels, N] in u's dtype (computed in float32). Differentiable in u, k, the
       gates and the bias on every backend (pallas: custom VJP).
     """
     _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c,
-                  dot_precision, monarch_plan)
-    l = k.shape[1]
+                  dot_precision, monarch_plan, block_fft_size)
+    n, l = u.shape[-1], k.shape[1]
     offset = (l - 1) // 2 if bidirectional else 0
-    partial = None if partial is None else int(partial)
-    if partial is not None and partial < l:
+    taps = l if partial is None else int(partial)  # the effective filter length L'
+    if taps < l:
         if bidirectional:  # keep the centre where it was: zero the dropped taps
-            k = k * (jnp.arange(l) < partial).astype(k.dtype)
+            k = k * (jnp.arange(l) < taps).astype(k.dtype)
         else:
-            k = k[:, :partial]
+            k = k[:, :taps]
     impl, interpret = resolve_backend(backend)
     freq_sparsity = float(freq_sparsity)
     if impl == "reference":
         y = reference.fftconv(u, k, offset=offset, pre_gate=pre_gate, post_gate=post_gate,
                               bias=bias, freq_sparsity=freq_sparsity)
-    elif impl == "xla":
-        y = xla.fftconv(u, k, pre_gate, post_gate, bias, offset=offset,
-                        freq_sparsity=freq_sparsity)
+        return y.astype(u.dtype)
+    blocking = None
+    if block_fft_size is None and monarch_plan is None:
+        blocking = blocked.choose_blocking(n, taps, offset, freq_sparsity)
+    elif block_fft_size:
+        back, ahead = blocked.back_and_ahead(taps, offset)
+        if block_fft_size <= back + ahead:
+            raise ValueError(f"block_fft_size must exceed the filter's reach back + ahead = "
+                             f"{back + ahead} (L' = {taps} taps); got {block_fft_size}")
+        blocking = blocked.make_blocking(n, taps, offset, int(block_fft_size))
+    if impl == "xla":
+        conv = functools.partial(xla.fftconv, offset=offset, freq_sparsity=freq_sparsity)
     else:
         defaults = DEFAULT_KERNEL_OPTIONS["pallas_interpret" if interpret else "pallas"]
         bc = defaults["block_c"] if block_c is None else block_c
         precision = defaults["dot_precision"] if dot_precision is None else dot_precision
-        if (monarch_plan is not None and not interpret
-                and not monarch_plan.geometry(monarch.fft_size(u.shape[-1])).lowers_to_triton):
-            raise ValueError(f"monarch_plan {monarch_plan} has matmuls narrower than "
-                             f"{monarch.MIN_DOT_DIM} at N = {u.shape[-1]}, which Triton cannot "
-                             "compile; use a larger N, another plan or None")
-        y = pallas_gpu.fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, bc,
-                               precision, interpret, monarch_plan)
+        size = monarch.fft_size(n) if blocking is None else blocking.fft_size
+        full = blocking is not None
+        if monarch_plan is not None or (full and block_fft_size):
+            _check_plan(monarch_plan or monarch.choose_plan(size, full), size, full, n,
+                        interpret)
+
+        def conv(u, k, pre_gate, post_gate, bias, fft_size=None):
+            return pallas_gpu.fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, bc,
+                                      precision, interpret, monarch_plan, fft_size)
+    if blocking is None:
+        y = conv(u, k, pre_gate, post_gate, bias)
+    else:  # segments folded into the batch, each convolved circularly at size S
+        seg = functools.partial(blocked.to_segments, blocking=blocking)
+        z = conv(seg(u), k[:, :taps], None if pre_gate is None else seg(pre_gate),
+                 None if post_gate is None else seg(post_gate), bias,
+                 fft_size=blocking.fft_size)
+        y = blocked.from_segments(z, blocking, u.shape[0], n)
     return y.astype(u.dtype)

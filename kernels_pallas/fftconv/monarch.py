@@ -112,23 +112,29 @@ class MonarchPlan:
             raise ValueError("MonarchPlan: r2c and an outer step do not combine (the outer "
                              "step's inner convolutions are complex)")
 
-    def geometry(self, m: int) -> "KernelGeometry":
-        """The kernel's shapes for FFT size m."""
+    def geometry(self, m: int, full: bool = False) -> "KernelGeometry":
+        """The kernel's shapes for FFT size m. ``full``: the signal fills all m samples and every
+        output is wanted (overlap-save blocks, ``blocked.py``), so no zero block is skipped;
+        otherwise it fills the first m/2 and the first m/2 outputs are wanted."""
         div = (2 if self.r2c else 1) * self.outer
         if m % div or m // div < 2 ** self.order:
             raise ValueError(f"the kernel size M / {div} = {m / div:g} (M = {m}) must be a power "
                              f"of two >= {2 ** self.order} for an order-{self.order} transform")
+        if full and self.outer > 1:
+            raise ValueError("MonarchPlan: an outer step needs the zero-padded (not full) signal")
         size = m // div
         factors = split_factors(size, self.order)
-        return KernelGeometry(size, factors, skip=self.outer == 1,
+        return KernelGeometry(size, factors, skip=self.outer == 1 and not full,
                               mode="complex" if self.outer > 1 else "r2c" if self.r2c else "real")
 
 
-def choose_plan(m: int) -> MonarchPlan:
-    """The decomposition for FFT size m (= 2P). The rule:
+def choose_plan(m: int, full: bool = False) -> MonarchPlan:
+    """The decomposition for FFT size m (= 2P; or any power of two with ``full``, the signal
+    filling all m samples: ``MonarchPlan.geometry``). The rule:
 
-    * r2c from m = 1024 on: the kernel then runs at size m/2, half the transform work; below
-      (m = 512) the half-size factors would make matmuls under 16 wide.
+    * r2c from m = 1024 on (512 with ``full``): the kernel then runs at size m/2, half the
+      transform work; below, the half-size factors would make matmuls under 16 wide (the zero
+      block skip halves N1; a full signal keeps it).
     * order 2 while the kernel size is <= MAX_ORDER2_SIZE (4096, i.e. N <= 4096 with r2c),
       order 3 above: its smaller matmuls do fewer FLOPs (at kernel size m = 8192, real mode,
       m·(2·32 + 8·16 + 8·16) = 320·m real MACs instead of m·(2·128 + 8·64) = 768·m), and 8192
@@ -144,8 +150,9 @@ def choose_plan(m: int) -> MonarchPlan:
     """
     if m // 2 > MAX_KERNEL_SIZE:
         return MonarchPlan(order=3, outer=m // MAX_KERNEL_SIZE)
-    size = m // 2 if m >= 1024 else m
-    return MonarchPlan(order=2 if size <= MAX_ORDER2_SIZE else 3, r2c=m >= 1024)
+    r2c = m >= (512 if full else 1024)
+    size = m // 2 if r2c else m
+    return MonarchPlan(order=2 if size <= MAX_ORDER2_SIZE else 3, r2c=r2c)
 
 
 @dataclasses.dataclass(frozen=True)

@@ -25,7 +25,12 @@ The plan (``monarch.choose_plan``, by size) is one of:
   M/2: about M·(2·N1 + 6·N2) real MACs with the factors of M/2 instead of M·(2·N1 + 8·N2) with
   those of M (256·M instead of 384·M at M = 2048). The forward stays two real-input transforms,
   as separating a packed x_even + i·x_odd spectrum needs an index reversal (k -> -k) that a
-  Triton program cannot apply to values in registers; the inverse is packed.
+  Triton program cannot apply to values in registers (no gather or reverse lowers); the inverse
+  is packed. Nor would the packing save matmuls in this form: folded into constants (the row
+  reversal k1 -> -k1 is conj(F_N1), made of the same four real products as F_N1·z; the carry
+  into k2 an elementwise factor), conj(Z[-f]) still needs its own last-stage matmul, the one
+  the packing was to save; as permutation matmuls it costs 2·N1 real MACs per sample more than
+  the two real transforms (order 2, checked in numpy).
 * complex (the outer step, M > 2 * MAX_KERNEL_SIZE): decimation in frequency with n = r + R q,
   f = Q f_r + f_q (M = Q R): XLA takes the Q-point DFT over q (only q < Q/2 is non-zero; a dense
   matmul up to Q = ``monarch.MAX_DENSE_OUTER_DFT``, jnp.fft above), the twiddle ω_M^(r f_q), then
@@ -34,6 +39,10 @@ The plan (``monarch.choose_plan``, by size) is one of:
   (only outputs q < Q/2 are wanted). Signal and filter are real, so residue Q - f is fixed by
   residue f (``monarch.outer_matrices``): only the Q/2 + 1 residues f_q <= Q/2 are computed, and
   the inverse weights the middle ones twice. Gates and bias are then applied in XLA.
+
+Full blocks (``fft_size`` = N, overlap-save segments from ``blocked.py``): the signal fills all
+M samples and every output is wanted, so the zero-block skip is off (``MonarchPlan.geometry``'s
+``full``: rows_in = N1, every row of F_N1 and F̄_N1); the rest, r2c included, is unchanged.
 
 Grid (batch, channels / block_c). A program handles ``block_c`` channels of one batch row (the
 outer step: of one (channel, f_q <= Q/2) pair each), one channel at a time: it reads its input
@@ -231,8 +240,9 @@ def _filter_planes(spec, m: int, plan: MonarchPlan, cols: tuple[int, ...]):
 
 
 def _to_kernel_layout(a, geo: KernelGeometry, plan: MonarchPlan, p: int):
-    """a [batch, channels, N] -> [batch, channels, S, rows_in, width]: zero-padded to P (or to
-    the kernel size without the skip); r2c: S = 2 planes, the even and the odd samples."""
+    """a [batch, channels, N] -> [batch, channels, S, rows_in, width]: zero-padded to p (P, or M
+    for a full signal; the kernel size without the skip); r2c: S = 2 planes, the even and the
+    odd samples."""
     b, c, n = a.shape
     if plan.r2c:
         a = jnp.pad(a, ((0, 0), (0, 0), (0, p - n))).reshape(b, c, p // 2, 2).swapaxes(-1, -2)
@@ -341,9 +351,11 @@ def _circular_conv(x, pre, post, bias, spec, *, plan: MonarchPlan, cols: tuple[i
                    block_c: int, precision: str, interpret: bool):
     """x, pre, post [batch, channels, N] (pre/post may be None); bias [channels] or None;
     spec [channels, M] complex (the filter's spectrum) -> float32 [batch, channels, N]:
-    post * (first N samples of circ_conv_M(pre * x, h) + bias * pre * x)."""
+    post * (first N samples of circ_conv_M(pre * x, h) + bias * pre * x). N <= M/2 (zero
+    padded: the kernel skips the zero block) or N = M (a full overlap-save block)."""
     n = x.shape[-1]
     m = spec.shape[-1]
+    full = n > m // 2
     if plan.outer > 1:  # gates and bias in XLA around the outer step
         v = x.astype(jnp.float32)
         if pre is not None:
@@ -352,32 +364,36 @@ def _circular_conv(x, pre, post, bias, spec, *, plan: MonarchPlan, cols: tuple[i
         if bias is not None:
             y = y + bias.astype(jnp.float32)[:, None] * v
         return y if post is None else y * post.astype(jnp.float32)
-    geo = plan.geometry(m)
-    sig = [_to_kernel_layout(a, geo, plan, m // 2) for a in (x, pre, post) if a is not None]
+    geo = plan.geometry(m, full)
+    sig = [_to_kernel_layout(a, geo, plan, m if full else m // 2)
+           for a in (x, pre, post) if a is not None]
     y = _kernel_call(sig, bias, _filter_planes(spec, m, plan, cols), geo=geo, cols=cols,
                      block_c=block_c, precision=precision, interpret=interpret,
                      has_pre=pre is not None, has_post=post is not None)
     return _from_kernel_layout(y, plan, n)
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10))
+@functools.partial(jax.custom_vjp, nondiff_argnums=(5, 6, 7, 8, 9, 10, 11))
 def fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot_precision,
-            interpret, plan=None):
+            interpret, plan=None, fft_size=None):
     """u [batch, channels, N]; k [channels, L]; gates [batch, channels, N] or None; bias
     [channels] or None -> float32 y [batch, channels, N]. ``dot_precision``: one of
     ``DOT_PRECISIONS``, for the kernel's matmuls forward and backward. ``plan``: a
-    ``monarch.MonarchPlan`` or None for ``monarch.choose_plan``'s by size."""
+    ``monarch.MonarchPlan`` or None for ``monarch.choose_plan``'s by size. ``fft_size``: None
+    (M = ``monarch.fft_size(N)``, the linear convolution) or N itself (a full overlap-save
+    block, convolved circularly at size N: ``blocked.py``)."""
     return _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot_precision,
-                interpret, plan)[0]
+                interpret, plan, fft_size)[0]
 
 
-def _filter(k, n: int, offset: int, freq_sparsity: float, plan: MonarchPlan | None):
-    """The effective filter's spectrum without the bias (the kernel adds bias * v itself, so the
-    bias does not densify a frequency-sparse spectrum) [channels, M] complex, the plan and the
-    spectrum-layout columns it needs."""
-    m = monarch.fft_size(n)
-    plan = monarch.choose_plan(m) if plan is None else plan
-    geo = plan.geometry(m)
+def _filter(k, n: int, offset: int, freq_sparsity: float, plan: MonarchPlan | None,
+            m: int):
+    """The effective filter's spectrum at FFT size m without the bias (the kernel adds bias * v
+    itself, so the bias does not densify a frequency-sparse spectrum) [channels, M] complex, the
+    plan and the spectrum-layout columns it needs."""
+    full = n > m // 2
+    plan = monarch.choose_plan(m, full) if plan is None else plan
+    geo = plan.geometry(m, full)
     if plan.outer > 1:  # the inner filters are dense: every column
         cols = tuple(range(geo.factors[-1]))
     else:
@@ -388,18 +404,20 @@ def _filter(k, n: int, offset: int, freq_sparsity: float, plan: MonarchPlan | No
 
 
 def _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot_precision,
-         interpret, plan):
-    spec, plan, cols = _filter(k, u.shape[-1], offset, freq_sparsity, plan)
+         interpret, plan, fft_size):
+    n = u.shape[-1]
+    m = monarch.fft_size(n) if fft_size is None else fft_size
+    spec, plan, cols = _filter(k, n, offset, freq_sparsity, plan, m)
     y = _circular_conv(u, pre_gate, post_gate, bias, spec, plan=plan, cols=cols,
                        block_c=block_c, precision=dot_precision, interpret=interpret)
     return y, (u, k, pre_gate, post_gate, bias)
 
 
-def _bwd(offset, freq_sparsity, block_c, dot_precision, interpret, plan, res, g):
+def _bwd(offset, freq_sparsity, block_c, dot_precision, interpret, plan, fft_size, res, g):
     u, k, pre_gate, post_gate, bias = res
     n = u.shape[-1]
-    m = monarch.fft_size(n)
-    spec, plan, cols = _filter(k, n, offset, freq_sparsity, plan)
+    m = monarch.fft_size(n) if fft_size is None else fft_size
+    spec, plan, cols = _filter(k, n, offset, freq_sparsity, plan, m)
     g = g.astype(jnp.float32)
     run = functools.partial(_circular_conv, plan=plan, cols=cols, block_c=block_c,
                             precision=dot_precision, interpret=interpret)

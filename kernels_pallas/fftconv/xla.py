@@ -16,12 +16,15 @@ import jax.numpy as jnp
 from kernels_pallas.fftconv import filters, monarch
 
 
-@functools.partial(jax.jit, static_argnames=("offset", "freq_sparsity"))
-def fftconv(u, k, pre_gate, post_gate, bias, *, offset: int, freq_sparsity: float):
+@functools.partial(jax.jit, static_argnames=("offset", "freq_sparsity", "fft_size"))
+def fftconv(u, k, pre_gate, post_gate, bias, *, offset: int, freq_sparsity: float,
+            fft_size: int | None = None):
     """u [batch, channels, N]; k [channels, L]; gates [batch, channels, N] or None; bias
-    [channels] or None -> float32 y [batch, channels, N]."""
+    [channels] or None -> float32 y [batch, channels, N]. ``fft_size``: the circular size M
+    (None: ``monarch.fft_size(N)``, the linear convolution; overlap-save blocks pass M = N and
+    keep only their unwrapped outputs, ``blocked.py``)."""
     n = u.shape[-1]
-    m = monarch.fft_size(n)
+    m = monarch.fft_size(n) if fft_size is None else fft_size
     v = u.astype(jnp.float32)
     if pre_gate is not None:
         v = v * pre_gate.astype(jnp.float32)

@@ -28,6 +28,15 @@ def test_experiment_quick_mode_writes_results(name, tmp_path):
         timed = {(r["sweep"], r["impl"]) for r in sweeps if "median_ms" in r}
         assert {("freq_sparsity", "xla"), ("partial", "xla"), ("partial", "reference")} <= timed
         assert all("error" not in r for r in sweeps), sweeps
+        # a short filter: the automatic overlap-save blocks and the unblocked transform, both
+        # timed with their compiled temp memory; the blocks transform fewer samples at a
+        # smaller FFT size
+        partial = {r.get("block_fft_size"): r for r in sweeps
+                   if (r["sweep"], r["impl"]) == ("partial", "xla")}
+        assert set(partial) == {None, 0}, partial
+        assert partial[None]["block_fft"] < partial[0]["block_fft"]
+        assert partial[None]["fft_samples"] < partial[0]["fft_samples"]
+        assert {"speedup_vs_unblocked", "temp_ratio_vs_unblocked"} <= partial[None].keys()
         errors = {r["value"]: r["rel_err_random"] for r in sweeps if r["sweep"] == "freq_sparsity"}
         assert errors[0.0] == 0.0 < errors[max(errors)]  # s = 0 is the exact convolution
         assert all(Path(png).exists() for png in record["sweep_pngs"])

@@ -341,29 +341,33 @@ def test_choose_plan_follows_size_rule_and_lowers():
 # MAX_DENSE_OUTER_DFT (its Q-point DFTs by jnp.fft, as the rule does from N = 2^21) around an
 # order-2 kernel of 16 x 16. These with float32 matmuls (a plan's shapes do not depend on the
 # precision, and the three bf16 dots of bf16x3 triple the lowering time); last, at one plan, the
-# GPU's default bf16x3: its casts and bf16 dots (bf16's one dot is one of those three).
+# GPU's default bf16x3: its casts and bf16 dots (bf16's one dot is one of those three). The
+# "full" cases are overlap-save blocks (fft_size = N, no zero-block skip) as the blocking rule
+# makes them: its smallest size (real order 2, 16 x 16), the smallest r2c one and an r2c order 3.
 LOWERING_CASES = (
-    [(n, plan, "float32") for n, plan in [
+    [(n, plan, "float32", False) for n, plan in [
         (256, None), (1000, None), (8192, None), (32768, None), (4096, ORDER3),
         (4096, OUTER_ORDER3), (32768, MonarchPlan(order=2, outer=256))]]
-    + [(1000, None, "bf16x3")])
+    + [(1000, None, "bf16x3", False)]
+    + [(n, None, "float32", True) for n in (256, 512, 16384)])
 
 
-@pytest.mark.parametrize("n, plan, precision", LOWERING_CASES)
-def test_pallas_plans_lower_to_triton(n, plan, precision):
+@pytest.mark.parametrize("n, plan, precision, full", LOWERING_CASES)
+def test_pallas_plans_lower_to_triton(n, plan, precision, full):
     """The plan's kernel, forward and backward, passes the Pallas -> Triton lowering (block
     shapes, reshapes and transposes in the kernel, bf16 casts and dots); lowering needs no GPU,
     compiling to PTX does."""
     pytest.importorskip("jax.experimental.pallas.triton")
-    if plan is not None:
-        assert plan.geometry(monarch.fft_size(n)).lowers_to_triton
+    fft_size = n if full else None
+    m = n if full else monarch.fft_size(n)
+    assert (plan or monarch.choose_plan(m, full)).geometry(m, full).lowers_to_triton
     u = jax.ShapeDtypeStruct((2, 4, n), jnp.bfloat16)
     k = jax.ShapeDtypeStruct((4, 100), jnp.float32)
     bias = jax.ShapeDtypeStruct((4,), jnp.float32)
 
     def fwd_bwd(u, k, pre, post, bias):
-        y, vjp = jax.vjp(lambda *a: pallas_gpu.fftconv(*a, 0, 0.0, 1, precision, False, plan),
-                         u, k, pre, post, bias)
+        y, vjp = jax.vjp(lambda *a: pallas_gpu.fftconv(*a, 0, 0.0, 1, precision, False, plan,
+                                                       fft_size), u, k, pre, post, bias)
         return vjp(y)
 
     lowered = jax.jit(fwd_bwd).trace(u, k, u, u, bias).lower(lowering_platforms=("cuda",))
