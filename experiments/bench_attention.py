@@ -1,7 +1,7 @@
 """Attention speed: forward and forward+backward time and TFLOP/s of every implementation, one run.
 
     python -m experiments.bench_attention            # GPU: S 512..16K, D 64/128, bfloat16
-    python -m experiments.bench_attention --quick    # seconds on a CPU
+    python -m experiments.bench_attention --quick    # seconds on a CPU (no Pallas: our_impls)
 
 Implementations, all on the same inputs in the same process:
   xla, pallas, reference   kernels_pallas.flash_attention(backend=...) (pallas runs in interpret
@@ -50,6 +50,14 @@ from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from kernels_pallas import flash_attention, paged_decode_attention, ragged_paged_attention
 
 OURS = ("xla", "pallas", "reference")
+
+
+def our_impls(args) -> tuple[str, ...]:
+    """OURS, less Pallas in a --quick run on a CPU: interpret mode times the interpreter, not a
+    kernel, and its programs are the run's slowest compiles."""
+    if args.quick and jax.default_backend() != "gpu":
+        return tuple(impl for impl in OURS if impl != "pallas")
+    return OURS
 
 
 def timed(fn, args, reps: int) -> list[float]:
@@ -147,7 +155,8 @@ def bench_paged(args, rng, gpu: bool) -> tuple[list[dict], float]:
     copy = jax.jit(lambda k, v: (k + 1, v + 1))  # reads and writes every K/V byte once
     stream_gbps = 2 * kv_bytes / statistics.median(timed(copy, (k_pages, v_pages), args.reps)) / 1e9
     runs = {impl: (jax.jit(lambda q, k, v, t, n, impl=impl: paged_decode_attention(
-        q, k, v, t, n, backend=impl)), (q, k_pages, v_pages, table, lengths)) for impl in OURS}
+        q, k, v, t, n, backend=impl)), (q, k_pages, v_pages, table, lengths))
+        for impl in our_impls(args)}
     runs["jax_nn_xla_dense"] = (jax.jit(lambda q, k, v: jax.nn.dot_product_attention(
         q[:, None], k, v, implementation="xla")[:, 0]), (q, k_dense, v_dense))
     rows = []
@@ -192,7 +201,7 @@ def bench_ragged(args, rng, gpu: bool) -> list[dict]:
                            num_seqs=jnp.int32(s), ragged=False)
     rows = []
     outputs = {}
-    for impl in ("xla", "pallas"):
+    for impl in [impl for impl in ("xla", "pallas") if impl in our_impls(args)]:
         runs = {"ragged": (jax.jit(lambda q, k, v, tb, st, n, impl=impl: ragged_paged_attention(
                     q, k, v, tb, st, n, backend=impl)),
                     (q, k_pages, v_pages, jnp.asarray(table), jnp.asarray(starts),
@@ -237,7 +246,8 @@ def main() -> None:
     platform = jax.default_backend()
     gpu = platform == "gpu"
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
-    args.impls = args.impls or default_impls(platform)
+    args.impls = args.impls or [impl for impl in default_impls(platform)
+                                if impl not in OURS or impl in our_impls(args)]
     args.seq_lens = args.seq_lens or ([512, 1024, 2048, 4096, 8192, 16384] if gpu
                                       else [256, 512, 1024])
     args.tokens = args.tokens or (16384 if gpu else 1024)
