@@ -35,11 +35,12 @@ Communication sweep (``comm_rows``, compile only, forward, one layer): for each 
                  `megatron_sp_elements` (an all-gather and a reduce-scatter of [b, S, D] per block);
   tp             the same layer under plain Megatron TP ("tp"): two all-reduces, the same formula.
 ``hlo_collectives`` names what the compiled program ran and ``vs_megatron_sp`` is the formula's
-ratio to Megatron-SP's. On XLA:CPU the tp_sp layer runs all-gather + all-reduce (the partial
-sums are all-reduced, then each device keeps its sequence slice) rather than all-gather +
-reduce-scatter, so it sends 1.5x the Megatron-SP formula there; and where the tensor axis does
-not divide the KV heads (replicated, see `megatron_layer_hlo_collectives`) XLA projects K and V
-on each device's sequence slice and all-gathers them, adding the ring's K/V volume.
+ratio to Megatron-SP's. The tp_sp layer runs exactly the formula's all-gathers and
+reduce-scatters (`sharding.column_parallel_matmul` / `row_parallel_matmul`), also where the
+tensor axis does not divide the KV heads (replicated, see `megatron_layer_hlo_collectives`: each
+device projects K and V of the gathered sequence). Left to the partitioner, XLA:CPU all-reduced
+the partial sums and kept a slice (1.5x the formula) and, with replicated KV heads, projected K
+and V per sequence slice and all-gathered them, adding the ring's K/V volume.
 """
 
 from __future__ import annotations

@@ -10,6 +10,10 @@ parallelism (DESIGN.md). Imports jax (flax.nnx only to read parameter metadata).
 
 Sequence parallelism: `sequence_parallel_attention(q, k, v, mesh=mesh, impl="ring" | "ulysses")`
 over the "sequence" axis (ring attention with zig-zag balancing, or DeepSpeed-Ulysses).
+Megatron-SP (preset "tp_sp"): `column_parallel_matmul` all-gathers the sequence-split residual
+before the column-parallel projections, `row_parallel_matmul` reduce-scatters the row-parallel
+ones back onto it and `vocab_parallel_lookup` the embedding; under other layouts the first two
+are plain matmuls and the last returns None (the caller's own lookup).
 Multi-host: `sharding.initialize(...)` in every process first; meshes then span all processes.
 Expert parallelism: `expert_parallel_moe` (all_to_all dispatch over the "expert" axis, preset "ep";
 ragged_all_to_all of the filled slots only on GPU/TPU) and expert placement from routing
@@ -31,6 +35,8 @@ from sharding.ring_attention import ring_attention, ring_attention_shard
 from sharding.rules import (ACTIVATION_NAMES, PARAM_NAMES, PRESETS, SEQUENCE_PARALLEL_IMPL, Rules,
                             logical_to_mesh_axes, logical_to_spec, rules_for)
 from sharding.sequence_parallel import communication_elements, sequence_parallel_attention
+from sharding.tensor_parallel import (column_parallel_matmul, row_parallel_matmul,
+                                      vocab_parallel_lookup)
 from sharding.ulysses import ulysses_attention, ulysses_attention_shard
 from sharding.zigzag import zigzag_permute, zigzag_positions, zigzag_unpermute
 
@@ -41,9 +47,11 @@ __all__ = [
     "expert_parallel_moe", "greedy_placement", "jitter_router_input", "load_imbalance",
     "permute_experts", "ragged_exchange_layout", "resolve_exchange",
     "placement_permutation", "round_robin_placement", "route_top_k", "routing_statistics",
-    "active_rules", "axis_size", "batch_sharding", "communication_elements", "constrain",
+    "active_rules", "axis_size", "batch_sharding", "column_parallel_matmul",
+    "communication_elements", "constrain", "row_parallel_matmul",
     "head_counts_of", "initialize", "logical_to_mesh_axes", "logical_to_spec", "make_mesh", "place",
     "ring_attention", "ring_attention_shard", "rules_for", "sequence_parallel_attention", "shard",
     "state_shardings", "ulysses_attention", "ulysses_attention_shard", "use_rules",
+    "vocab_parallel_lookup",
     "zigzag_permute", "zigzag_positions", "zigzag_unpermute",
 ]

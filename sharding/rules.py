@@ -51,7 +51,8 @@ PRESETS: dict[str, dict] = {
     # Megatron tensor parallelism, data parallel across data x fsdp
     "tp": {"embed": None} | _MEGATRON_PARAMS | _REPLICATED_ACTIVATIONS | _MEGATRON_ACTIVATIONS,
     # Megatron TP with sequence-parallel norms: the residual stream is split over "tensor" along
-    # the sequence, so XLA turns each all-reduce into reduce-scatter + all-gather
+    # the sequence; the models' projections then all-gather it before the column-parallel
+    # matmuls and reduce-scatter onto it after the row-parallel ones (sharding.tensor_parallel)
     "tp_sp": {"embed": None} | _MEGATRON_PARAMS | _REPLICATED_ACTIVATIONS | _MEGATRON_ACTIVATIONS
              | {"res_seq": "tensor"},
     # 2-D: Megatron TP inside, FSDP on the remaining (embed) weight dimension

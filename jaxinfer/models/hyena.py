@@ -34,7 +34,8 @@ from jaxinfer.models.hyena_cache import (HyenaCache, HyenaLayerCache, cached_lon
                                          write_positions)
 from jaxinfer.models.hyena_filter import ImplicitFilter
 from jaxinfer.models.inputs import check_input_ids
-from jaxinfer.models.layers import Embedding, Linear, RMSNorm, SwiGLU, param
+from jaxinfer.models.layers import (Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
+                                     output_logits, param, row_parallel)
 from kernels_pallas import fftconv
 from sharding import constrain
 
@@ -118,7 +119,8 @@ class HyenaOperator(nnx.Module):
         batch, seq, d = x.shape
         n = self.order
         short = None if cache is None else cache.short
-        u, short = self.short_conv(self.in_proj(x), short)  # [batch, T, (N+1) D]
+        (u,) = column_parallel((self.in_proj,), x)  # [batch, T, (N+1) D]; tp_sp: x gathered
+        u, short = self.short_conv(u, short)  # [batch, T, (N+1) D]
         u = u.transpose(0, 2, 1).reshape(batch, n + 1, d, seq)  # [batch, N+1, D, T]
         gates, v = [u[:, i] for i in range(n)], u[:, n]  # each [batch, D, T]
         k = self.long_filters(seq) if cache is None else cache.filter  # [N-1, D, T or max_len]
@@ -136,7 +138,9 @@ class HyenaOperator(nnx.Module):
                 v = cached_long_conv(long[-1], w, k[step], start, self.filter_bias[step],
                                      post_gate).astype(v.dtype)
         new_cache = None if cache is None else HyenaLayerCache(short, tuple(long), cache.filter)
-        return self.out_proj(v.transpose(0, 2, 1)), new_cache  # [batch, T, D]
+        # row-parallel: under tp_sp reduce-scattered onto the sequence-split residual
+        y = row_parallel(self.out_proj, v.transpose(0, 2, 1), ("batch", "seq", "act_heads"))
+        return y, new_cache  # [batch, T, D]
 
 
 class HyenaBlock(nnx.Module):
@@ -185,6 +189,12 @@ class HyenaForCausalLM(nnx.Module):
         (<= max_position_embeddings); it materializes every layer's long filters once."""
         return HyenaCache(tuple(layer.mixer.init_cache(batch, max_len) for layer in self.layers))
 
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [batch, T, embed] of input_ids [batch, T], in the residual layout,
+        as `DecoderLM.embed` (`Embedding.lookup_residual`): looked up straight into tp_sp's
+        sequence-split residual, the partitioner all-gathered the whole vocab-split table."""
+        return self.embed_tokens.lookup_residual(input_ids)
+
     def forward(self, input_ids: jax.Array, cache: HyenaCache | None = None,
                 start: jax.Array | int = 0) -> tuple[jax.Array, HyenaCache | None]:
         """Logits [batch, T, vocab] float32 for input_ids [batch, T] at positions
@@ -203,13 +213,13 @@ class HyenaForCausalLM(nnx.Module):
             if cache is not None and not 0 <= start < end <= cache.max_len:
                 raise ValueError(f"positions start..start+T-1 = {start}..{end - 1} must lie in "
                                  f"the cache's [0, {cache.max_len}) (init_cache max_len)")
-        x = constrain(self.embed_tokens(input_ids), RESIDUAL)  # [batch, T, embed]
+        x = self.embed(input_ids)  # [batch, T, embed]
         new_layers = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = layer(x, None if cache is None else cache.layers[i], start)
             x = constrain(x, RESIDUAL)
             new_layers.append(layer_cache)
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = output_logits(self.embed_tokens, self.lm_head, x)
         new_cache = None if cache is None else HyenaCache(tuple(new_layers))
         return constrain(logits, LOGITS).astype(jnp.float32), new_cache

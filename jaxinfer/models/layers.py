@@ -1,7 +1,10 @@
 """Building blocks shared by the decoders: linear, embedding, RMSNorm, SwiGLU MLP.
 
 Every parameter carries `logical_axes` metadata (DESIGN.md's logical names). The `sharding` package
-maps those names to mesh axes, so a new parallel layout never edits a model.
+maps those names to mesh axes, so a new parallel layout never edits a model. The decoders call
+their projections through `column_parallel` (q/k/v, gate/up, the LM head) and `row_parallel`
+(o, down), which hand the arrays' logical names to `sharding`: under Megatron-SP ("tp_sp") that
+is where the all-gather and the reduce-scatter of the sequence-split residual happen.
 """
 
 from __future__ import annotations
@@ -13,9 +16,12 @@ import jax.numpy as jnp
 from flax import nnx
 
 from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul
-from sharding import constrain
+from sharding import (column_parallel_matmul, constrain, row_parallel_matmul,
+                      vocab_parallel_lookup)
 
 INIT_STDDEV = 0.02  # the initializer_range of HF Llama configs
+# Logical names of the residual stream [batch, seq, embed] (sharding/rules.py).
+RESIDUAL = ("batch", "res_seq", "act_embed")
 
 
 def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
@@ -40,6 +46,46 @@ class Linear(nnx.Module):
         if self.bias is not None:
             y = y + self.bias[...].astype(self.dtype)
         return y
+
+
+def _add_bias(layer: Linear, y: jax.Array) -> jax.Array:
+    return y if layer.bias is None else y + layer.bias[...].astype(layer.dtype)
+
+
+def _kernel_axes(layer: Linear) -> tuple[str | None, str | None]:
+    """The kernel's logical axes ((None, None), so never split, if it carries none)."""
+    return getattr(layer.kernel, "logical_axes", None) or (None, None)
+
+
+def column_parallel(layers: Sequence[nnx.Module], x: jax.Array,
+                    x_axes: Sequence[str | None] = RESIDUAL) -> list[jax.Array]:
+    """[layer(x) for layer in layers] for column-parallel projections of one input x
+    [batch, seq, in] (q/k/v, gate/up) -> [batch, seq, out_i] each.
+
+    Float `Linear` layers go through `sharding.column_parallel_matmul`: under a layout that
+    splits the residual's sequence and the layers' outputs over one axis (tp_sp), x is
+    all-gathered along the sequence once for all of them. Other layers (quantized) are called."""
+    if x.ndim != 3 or not all(isinstance(layer, Linear) for layer in layers):
+        return [layer(x) for layer in layers]
+    dtype = layers[0].dtype
+    kernels = [layer.kernel[...].astype(dtype) for layer in layers]  # [in, out_i] each
+    ys = column_parallel_matmul(x.astype(dtype), kernels, x_axes=x_axes,
+                                w_axes=[_kernel_axes(layer) for layer in layers])
+    return [_add_bias(layer, y) for layer, y in zip(layers, ys)]
+
+
+def row_parallel(layer: nnx.Module, x: jax.Array, x_axes: Sequence[str | None]) -> jax.Array:
+    """layer(x) for a row-parallel projection (o, down) of x [batch, seq, in] whose features are
+    split like the layer's input -> [batch, seq, out], the residual stream's layout.
+
+    A float `Linear` goes through `sharding.row_parallel_matmul`: under tp_sp its partial sums
+    are reduce-scattered straight onto the sequence-split residual. The bias, replicated, is
+    added after the sum. Other layers (quantized) are called."""
+    if x.ndim != 3 or not isinstance(layer, Linear):
+        return layer(x)
+    y = row_parallel_matmul(x.astype(layer.dtype), layer.kernel[...].astype(layer.dtype),
+                            x_axes=x_axes, w_axes=_kernel_axes(layer), out_axes=RESIDUAL)
+    return _add_bias(layer, y)
 
 
 class QuantParam(nnx.Variable):
@@ -98,8 +144,38 @@ class Embedding(nnx.Module):
         table = constrain(self.embedding[...], ("vocab", None))  # [vocab, embed]
         return jnp.take(table, ids, axis=0).astype(self.dtype)
 
+    def lookup_residual(self, ids: jax.Array) -> jax.Array:
+        """Token embeddings [batch, seq, embed] of ids [batch, seq], in the residual layout.
+
+        Under tp_sp each device looks the ids up in its vocab shard and the partial rows are
+        reduce-scattered onto the sequence-split residual (`sharding.vocab_parallel_lookup`).
+        Otherwise the lookup lands in the unsplit-sequence layout first, then the residual's:
+        constrained straight to a sequence-split residual, the partitioner all-gathered the
+        whole vocab-split table."""
+        x = vocab_parallel_lookup(self.embedding[...], ids, table_axes=("vocab", "embed"),
+                                  ids_axes=("batch", "seq"), out_axes=RESIDUAL)
+        if x is not None:
+            return x.astype(self.dtype)
+        return constrain(constrain(self(ids), ("batch", "seq", "act_embed")), RESIDUAL)
+
     def attend(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed] -> [batch, seq, vocab]
-        return jnp.dot(x.astype(self.dtype), self.embedding[...].astype(self.dtype).T)
+        """The tied output projection x @ table.T: column-parallel over the vocabulary, so under
+        tp_sp the sequence-split x is all-gathered first (`column_parallel_matmul`)."""
+        table_t = self.embedding[...].astype(self.dtype).T  # [embed, vocab]
+        if x.ndim != 3:
+            return jnp.dot(x.astype(self.dtype), table_t)
+        (y,) = column_parallel_matmul(x.astype(self.dtype), [table_t], x_axes=RESIDUAL,
+                                      w_axes=[("embed", "vocab")])
+        return y
+
+
+def output_logits(embedding: Embedding, lm_head: nnx.Module | None, x: jax.Array) -> jax.Array:
+    """Logits [batch, seq, vocab] in the compute dtype of the final-norm output x [batch, seq,
+    embed] (residual layout): the tied embedding's `attend`, or the untied `lm_head`, both
+    column-parallel over the vocabulary."""
+    if lm_head is None:
+        return embedding.attend(x)
+    return column_parallel((lm_head,), x)[0]
 
 
 class RMSNorm(nnx.Module):
@@ -125,8 +201,10 @@ class SwiGLU(nnx.Module):
         self.up_proj = Linear(features, hidden, axes=("embed", "mlp"), **kw)
         self.down_proj = Linear(hidden, features, axes=("mlp", "embed"), **kw)
 
-    def __call__(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed]
-        hidden = jax.nn.silu(self.gate_proj(x)) * self.up_proj(x)  # [batch, seq, mlp]
-        if hidden.ndim == 3:
-            hidden = constrain(hidden, ("batch", "seq", "act_mlp"))
-        return self.down_proj(hidden)
+    def __call__(self, x: jax.Array) -> jax.Array:  # [batch, seq, embed], the residual layout
+        gate, up = column_parallel((self.gate_proj, self.up_proj), x)  # [batch, seq, mlp] each
+        hidden = jax.nn.silu(gate) * up  # [batch, seq, mlp]
+        if hidden.ndim != 3:
+            return self.down_proj(hidden)
+        hidden = constrain(hidden, ("batch", "seq", "act_mlp"))
+        return row_parallel(self.down_proj, hidden, ("batch", "seq", "act_mlp"))

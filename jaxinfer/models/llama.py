@@ -25,13 +25,14 @@ from jaxinfer.models.attention import (cached_attention, causal_attention, paged
                                        prefill_attention, ring_shards)
 from jaxinfer.models.inputs import check_input_ids, check_segment_ids
 from jaxinfer.models.kv_cache import KVCache, LayerKV
-from jaxinfer.models.layers import Embedding, Linear, RMSNorm, SwiGLU
+from jaxinfer.models.layers import (RESIDUAL, Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
+                                     output_logits, row_parallel)
 from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, PagedLayerKV
 from jaxinfer.models.rope import apply_rotary, inverse_frequencies, rotary_tables
 from sharding import constrain, zigzag_permute, zigzag_unpermute
 
-# Logical names of activation dimensions (sharding/rules.py maps them to mesh axes).
-RESIDUAL = ("batch", "res_seq", "act_embed")
+# Logical names of activation dimensions (sharding/rules.py maps them to mesh axes); RESIDUAL,
+# the residual stream's, comes from layers.py.
 Q_AXES = ("batch", "seq", "act_heads", "head_dim")
 KV_AXES = ("batch", "seq", "act_kv_heads", "head_dim")
 CACHE_AXES = ("batch", "cache_seq", "act_kv_heads", "head_dim")
@@ -61,11 +62,13 @@ class SelfAttention(nnx.Module):
         self.sequence_parallel = c.sequence_parallel
 
     def _project(self, x: jax.Array, cos: jax.Array, sin: jax.Array):
-        """x [batch, T, embed] -> rotated q [batch, T, Hq, D]; rotated k, v [batch, T, Hkv, D]."""
+        """x [batch, T, embed] (residual layout) -> rotated q [batch, T, Hq, D]; rotated k, v
+        [batch, T, Hkv, D]. Column-parallel: under tp_sp x is all-gathered once for all three."""
         batch, t, _ = x.shape
-        q = constrain(self.q_proj(x).reshape(batch, t, self.num_heads, self.head_dim), Q_AXES)
-        k = constrain(self.k_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim), KV_AXES)
-        v = constrain(self.v_proj(x).reshape(batch, t, self.num_kv_heads, self.head_dim), KV_AXES)
+        q, k, v = column_parallel((self.q_proj, self.k_proj, self.v_proj), x)
+        q = constrain(q.reshape(batch, t, self.num_heads, self.head_dim), Q_AXES)
+        k = constrain(k.reshape(batch, t, self.num_kv_heads, self.head_dim), KV_AXES)
+        v = constrain(v.reshape(batch, t, self.num_kv_heads, self.head_dim), KV_AXES)
         return apply_rotary(q, cos, sin), apply_rotary(k, cos, sin), v
 
     def paged(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: PagedLayerKV,
@@ -109,7 +112,10 @@ class SelfAttention(nnx.Module):
                 out = cached_attention(q, kv.k.astype(q.dtype), kv.v.astype(q.dtype), positions,
                                        sliding_window=self.sliding_window)
         out = constrain(out, Q_AXES)
-        return self.o_proj(out.reshape(batch, t, self.num_heads * self.head_dim)), kv
+        # row-parallel: under tp_sp reduce-scattered onto the sequence-split residual
+        out = row_parallel(self.o_proj, out.reshape(batch, t, self.num_heads * self.head_dim),
+                           ("batch", "seq", "act_heads"))
+        return out, kv
 
 
 class DecoderLayer(nnx.Module):
@@ -261,20 +267,15 @@ class DecoderLM(nnx.Module):
         return positions, rotary_tables(positions, inverse_frequencies(self.config)), runs
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Token embeddings [batch, T, embed] of input_ids [batch, T], in the residual layout.
-
-        The lookup's output is first constrained to the model-width layout ("seq", not the
-        residual's "res_seq"): under tp_sp the residual splits the sequence over "tensor", and a
-        lookup straight into that layout made the partitioner all-gather the whole vocab-split
-        table; this way each device looks up in its vocab shard and the partial rows are
-        all-reduced (Megatron's vocab-parallel embedding) before the residual's split."""
-        x = constrain(self.embed_tokens(input_ids), ("batch", "seq", "act_embed"))
-        return constrain(x, RESIDUAL)
+        """Token embeddings [batch, T, embed] of input_ids [batch, T], in the residual layout
+        (`Embedding.lookup_residual`: under tp_sp a vocab-parallel lookup reduce-scattered onto
+        the sequence-split residual, never an all-gather of the table)."""
+        return self.embed_tokens.lookup_residual(input_ids)
 
     def logits(self, x: jax.Array) -> jax.Array:
         """Final norm and LM head: x [batch, T, embed] -> float32 logits [batch, T, vocab]."""
         x = self.norm(x)
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = output_logits(self.embed_tokens, self.lm_head, x)
         return constrain(logits, LOGITS).astype(jnp.float32)
 
     def init_paged_cache(self, num_pages: int, page_size: int,

@@ -124,22 +124,33 @@ class MixtralForCausalLM(DecoderLM):
 
     def forward_with_aux_losses(self, input_ids: jax.Array, *, key: jax.Array | None = None,
                                 segment_ids: jax.Array | None = None,
-                                layout: str = "contiguous"
+                                layout: str = "contiguous",
+                                token_mask: jax.Array | None = None
                                 ) -> tuple[jax.Array, dict[str, jax.Array]]:
         """The training forward: logits float32 [batch, T, vocab] for input_ids [batch, T] and
         the router losses over all layers' router logits, unweighted float32 scalars:
         {"load_balancing_loss": Switch/HF load balancing, "router_z_loss": ST-MoE z-loss}.
         key: router-jitter key (see `forward_with_routing`); segment_ids, layout: packed
-        documents and token order (`LlamaForCausalLM.forward`). The router losses count every
-        token of the batch, padding of packed rows included."""
+        documents and token order (`LlamaForCausalLM.forward`).
+
+        The router losses count real tokens only: token_mask [batch, T] (bool or 0/1, in the
+        order of input_ids; the train step passes it) marks them, and without one the
+        non-padding positions of segment_ids (id != 0) are the real tokens, or every position
+        when there are none. Padding is routed like any token, but it is not the data whose
+        balance or logit scale the losses regularise."""
+        if token_mask is None and segment_ids is not None:
+            token_mask = segment_ids != 0
+        if token_mask is not None and tuple(token_mask.shape) != tuple(input_ids.shape):
+            raise ValueError(f"token_mask must have input_ids' shape {list(input_ids.shape)}; "
+                             f"got {list(token_mask.shape)}")
         logits, _, routing = self.forward_with_routing(input_ids, router_key=key,
                                                        segment_ids=segment_ids, layout=layout)
         router_logits = list(routing.router_logits)  # layers x [batch * T, E]
         c = self.config
         return logits, {
             "load_balancing_loss": load_balancing_loss(router_logits, c.num_local_experts,
-                                                       c.num_experts_per_tok),
-            "router_z_loss": router_z_loss(router_logits)}
+                                                       c.num_experts_per_tok, token_mask),
+            "router_z_loss": router_z_loss(router_logits, token_mask)}
 
     def aux_loss_weights(self) -> dict[str, float]:
         """The config's weight of each loss of `forward_with_aux_losses` in the training loss.

@@ -176,38 +176,59 @@ def _expert_placement() -> tuple[jax.sharding.Mesh, str, tuple[str, ...]] | None
     return active.mesh, expert, token_axes
 
 
+def _token_weights(attention_mask: jax.Array | None, rows: int) -> jax.Array:
+    """float32 [T]: 1 per real token, 0 per padding position, from attention_mask [batch, seq]
+    (None: every token is real), in the router logits' (batch, seq) row order."""
+    if attention_mask is None:
+        return jnp.ones((rows,), jnp.float32)
+    if attention_mask.size != rows:
+        raise ValueError(f"attention_mask must hold one entry per router-logit row ({rows}); "
+                         f"got shape {tuple(attention_mask.shape)}")
+    return attention_mask.reshape(-1).astype(jnp.float32)
+
+
 def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, top_k: int,
                         attention_mask: jax.Array | None = None) -> jax.Array:
     """HF Mixtral's `load_balancing_loss_func` (Switch Transformer eq. 4-6, counting all k
     choices): E * sum_e f_e * P_e over the tokens of all layers, where f_e is the fraction of
     token-choices routed to expert e (divided by tokens, so it sums to k) and P_e the mean router
     probability. router_logits: one [batch * seq, E] array per layer; attention_mask
-    [batch, seq] (1 = real token) excludes padding. Returns a float32 scalar. Training weighs it
-    by `MixtralConfig.router_aux_loss_coef` (`MixtralForCausalLM.aux_loss_weights`)."""
+    [batch, seq] (1 = real token) excludes padding: f_e and P_e are sums over the real tokens
+    divided by their count, over the whole (global) batch, so a sharded batch gives the same
+    value. Returns a float32 scalar (0 when no token is real). Training weighs it by
+    `MixtralConfig.router_aux_loss_coef` (`MixtralForCausalLM.aux_loss_weights`)."""
     if not router_logits:
         raise ValueError("router_logits must hold one [tokens, experts] array per layer; got none")
-    mask = None if attention_mask is None else attention_mask.reshape(-1).astype(jnp.float32)
     counts = jnp.zeros((num_experts,), jnp.float32)
     prob_sum = jnp.zeros((num_experts,), jnp.float32)
     rows = jnp.zeros((), jnp.float32)
     for logits in router_logits:  # [T, E]
+        weight = _token_weights(attention_mask, logits.shape[0])  # [T]
         probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)
         _, ids = jax.lax.top_k(probs, top_k)  # [T, K]
-        weight = jnp.ones(ids.shape[0], jnp.float32) if mask is None else mask  # [T]
         choices = jax.nn.one_hot(ids, num_experts, dtype=jnp.float32)  # [T, K, E]
         counts = counts + jnp.einsum("tke,t->e", choices, weight)
         prob_sum = prob_sum + jnp.einsum("te,t->e", probs, weight)
         rows = rows + jnp.sum(weight)
+    rows = jnp.maximum(rows, 1.0)  # a batch of padding alone: counts are 0, so is the loss
     return num_experts * jnp.sum((counts / rows) * (prob_sum / rows))
 
 
-def router_z_loss(router_logits: Sequence[jax.Array]) -> jax.Array:
+def router_z_loss(router_logits: Sequence[jax.Array],
+                  attention_mask: jax.Array | None = None) -> jax.Array:
     """ST-MoE's router z-loss (weight `MixtralConfig.router_z_loss_coef`; ST-MoE used 1e-3): the
-    mean over layers and tokens of (logsumexp_e logits[t, e])^2, which keeps router logits small
-    so the float32 softmax stays well-conditioned. router_logits: one [tokens, E] array per
-    layer. Returns a float32 scalar."""
+    mean over layers and real tokens of (logsumexp_e logits[t, e])^2, which keeps router logits
+    small so the float32 softmax stays well-conditioned. router_logits: one [tokens, E] array
+    per layer; attention_mask [batch, seq] (1 = real token; None: all) leaves padding out: a sum
+    over the real tokens divided by their global count. Returns a float32 scalar (0 when no
+    token is real)."""
     if not router_logits:
         raise ValueError("router_logits must hold one [tokens, experts] array per layer; got none")
-    per_layer = [jnp.mean(jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1) ** 2)
-                 for logits in router_logits]
-    return jnp.mean(jnp.stack(per_layer))
+    total = jnp.zeros((), jnp.float32)
+    rows = jnp.zeros((), jnp.float32)
+    for logits in router_logits:  # [T, E]
+        weight = _token_weights(attention_mask, logits.shape[0])  # [T]
+        z = jax.nn.logsumexp(logits.astype(jnp.float32), axis=-1)  # [T]
+        total = total + jnp.sum(weight * z * z)
+        rows = rows + jnp.sum(weight)
+    return total / jnp.maximum(rows, 1.0)

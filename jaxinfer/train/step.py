@@ -7,7 +7,8 @@ The training loss is the model's business: mean next-token cross-entropy plus, f
 carries auxiliary losses (Mixtral's router losses), each of them times its weight. Such a model
 defines
 
-    forward_with_aux_losses(input_ids, *, key) -> (logits [B, L, vocab], {name: float32 scalar})
+    forward_with_aux_losses(input_ids, *, key[, segment_ids, layout, token_mask])
+        -> (logits [B, L, vocab], {name: float32 scalar})
     aux_loss_weights() -> {name: weight}        # from its config
 
 and a model without them (Llama, Hyena) trains on next-token loss through its `forward`. The
@@ -20,7 +21,9 @@ Packed batches: with `segment_ids` int32 [B, L+1] beside the tokens (jaxinfer.tr
 `PackedDocuments`), the model attends within each document and the mean cross-entropy counts only
 targets in their input's document: the first token of a document (its target position belongs to
 the previous one) and padding (segment id 0) are left out, so the loss is the token-weighted mean
-of the documents' own losses. Without segment ids every target counts, as before.
+of the documents' own losses. Without segment ids every target counts, as before. Auxiliary
+losses get `token_mask` [B, L], the inputs that are not padding, so that statistics over tokens
+(Mixtral's router losses) count real tokens only: sums over them divided by their global count.
 
 Zig-zag: when the active sharding rules run causal attention as a ring over P > 1 devices
 (`DecoderLM.zigzag_shards`), `training_loss` permutes inputs, targets, segment ids and loss
@@ -135,8 +138,10 @@ def _loss_terms(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
         inputs, targets, token_weights, packing = jax.tree.map(
             lambda x: zigzag_permute(x, shards), (inputs, targets, token_weights, packing))
         packing["layout"] = "zigzag"
-    if has_aux:
-        logits, aux = model.forward_with_aux_losses(inputs, key=key, **packing)  # [B, L, vocab]
+    if has_aux:  # auxiliary losses over real input tokens only: padding (id 0) is left out
+        real = {} if segment_ids is None else {"token_mask": packing["segment_ids"] != 0}
+        logits, aux = model.forward_with_aux_losses(inputs, key=key, **packing,
+                                                    **real)  # [B, L, vocab]
     else:
         (logits, _), aux = model.forward(inputs, **packing), {}
     ce_sum, count = _cross_entropy_sum(logits, targets, token_weights)

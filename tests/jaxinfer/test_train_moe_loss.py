@@ -185,3 +185,65 @@ def test_train_loop_optimises_and_logs_the_router_losses(tiny, tmp_path):
                                    * r["load_balancing_loss"] + Z_COEF * r["router_z_loss"],
                                    rtol=LOSS_RTOL)
     assert len(result.history) == STEPS and "eval_loss" in result.history[-1]
+
+
+# A document alone vs packed with others: attention runs over other key blocks (masked ones
+# included), so the router logits differ by float32 reordering; measured ~1e-7 relative.
+PACKED_RTOL = 1e-5
+# segment ids [BATCH, SEQ + 1] of the packed test: row 0 two documents then padding, row 1 one
+# document then padding. Input position t counts when its id is not 0 (padding).
+PACKED_SEGMENTS = ((1, 1, 1, 2, 2, 0, 0, 0, 0), (3, 3, 3, 3, 3, 3, 0, 0, 0))
+
+
+def document_runs(segments) -> list[tuple[int, int, int]]:
+    """(row, start, end) of each document among the inputs (the first SEQ positions)."""
+    runs = []
+    for row, ids in enumerate(segments):
+        ids, start = ids[:SEQ], 0
+        for t in range(1, SEQ + 1):
+            if t == SEQ or ids[t] != ids[start]:
+                if ids[start] != 0:
+                    runs.append((row, start, t))
+                start = t
+    return runs
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "runs"))
+def packed_router_losses(params: nnx.State, batch: jax.Array, segment_ids: jax.Array,
+                         graphdef: nnx.GraphDef, runs: tuple[tuple[int, int, int], ...]):
+    """(the training loss's parts on the packed batch, the router losses of the logits of each
+    document run alone (`runs`, `document_runs`): the oracle, the router losses of every packed
+    input position's logits, padding included: the control). One program, one compile."""
+    _, parts = training_loss(graphdef, params, batch, None, None, segment_ids)
+    model = nnx.merge(graphdef, params)
+    alone = [model.forward_with_routing(batch[row:row + 1, start:end])[2].router_logits
+             for row, start, end in runs]  # [layers, n, E] each
+    oracle = list(jnp.concatenate(alone, axis=1))  # layers x [real tokens, E]
+    routing = model.forward_with_routing(batch[:, :-1], segment_ids=segment_ids[:, :-1])[2]
+    padded = list(routing.router_logits)  # layers x [B * SEQ, E]
+    return parts, *((load_balancing_loss(logits, EXPERTS, TOP_K), router_z_loss(logits))
+                    for logits in (oracle, padded))
+
+
+def test_router_losses_of_padded_packed_rows_count_the_real_tokens_alone(tiny):
+    """With packed documents and padding, the step's router losses equal those of the router
+    logits of each document run alone (the unpadded tokens, no other row): padding is left out
+    of the sums and of the counts they are divided by. The control, the same logits with the
+    padding counted, is far off."""
+    graphdef, params, batch = tiny
+    runs = tuple(document_runs(PACKED_SEGMENTS))
+    assert sum(end - start for _, start, end in runs) == 11
+    parts, want, padded = packed_router_losses(
+        params, batch, jnp.asarray(PACKED_SEGMENTS, jnp.int32), graphdef=graphdef, runs=runs)
+    for name, ref, control in zip(("load_balancing_loss", "router_z_loss"), want, padded):
+        np.testing.assert_allclose(parts[name], ref, rtol=PACKED_RTOL, err_msg=name)
+        assert abs(float(control) - float(ref)) > 100 * PACKED_RTOL * abs(float(ref)), name
+
+
+def test_router_losses_of_a_batch_of_padding_alone_are_zero():
+    logits = [jnp.ones((6, EXPERTS), jnp.float32)]
+    nothing = jnp.zeros((2, 3), bool)
+    assert float(load_balancing_loss(logits, EXPERTS, TOP_K, nothing)) == 0.0
+    assert float(router_z_loss(logits, nothing)) == 0.0
+    with pytest.raises(ValueError, match="one entry per router-logit row"):
+        router_z_loss(logits, jnp.ones((2, 4), bool))

@@ -19,7 +19,7 @@ from flax import nnx
 import sharding
 from jaxinfer.models.moe import load_balancing_loss
 from jaxinfer.train.optimizer import make_optimizer
-from jaxinfer.train.step import train_step_with_losses
+from jaxinfer.train.step import train_step_with_losses, training_loss
 from tests.jaxinfer.test_train_moe_loss import (  # noqa: F401  (tiny: a fixture)
     EXPERTS, SEQ, TOP_K, VOCAB, abstract_model, loss_and_grads, tiny)
 
@@ -113,6 +113,31 @@ def test_loss_parts_and_grads_match_single_device(tiny, batch, single_device, na
         atol = GRAD_ATOL_SCALE * max(1.0, float(np.abs(r).max()))
         np.testing.assert_allclose(np.asarray(g), r, rtol=GRAD_RTOL, atol=atol,
                                    err_msg=jax.tree_util.keystr(path))
+
+
+@functools.partial(jax.jit, static_argnames="graphdef")
+def packed_loss_parts(params: nnx.State, batch: jax.Array, segment_ids: jax.Array,
+                      graphdef: nnx.GraphDef) -> dict[str, jax.Array]:
+    return training_loss(graphdef, params, batch, None, None, segment_ids)[1]
+
+
+def test_router_losses_with_padding_match_single_device_under_ep(tiny, batch):
+    """Packed rows whose padding (segment id 0) differs per row, so each device holds another
+    number of real tokens: the router losses are sums over real tokens divided by their global
+    count, and expert parallelism gives the single-device values."""
+    graphdef, params, _ = tiny
+    lengths = np.arange(BATCH) % 4 + 3  # real inputs per row: 3..6 of SEQ
+    segment_ids = jnp.asarray(np.where(np.arange(SEQ + 1)[None] < lengths[:, None], 1, 0),
+                              jnp.int32)  # [BATCH, SEQ + 1]
+    want = packed_loss_parts(params, batch, segment_ids, graphdef=graphdef)
+    mesh, rules = layout("ep-2x4")
+    sharded, (ids, segs) = place(graphdef, params, (batch, segment_ids), mesh, rules,
+                                 ("batch", None))
+    with sharding.use_rules(mesh, rules):
+        got = packed_loss_parts(sharded, ids, segs,
+                                graphdef=graphdef_for(graphdef, params, "expert_parallel"))
+    for key in ("load_balancing_loss", "router_z_loss", "next_token_loss"):
+        np.testing.assert_allclose(got[key], want[key], rtol=LOSS_RTOL, err_msg=key)
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "shards"))

@@ -197,7 +197,8 @@ def _gathers_full_table(name: str, vocab: int) -> bool:
 
 @pytest.mark.parametrize("name", ["tp-2x4", "tp_sp-2x4", "fsdp_tp-2x2x2"])
 def test_vocab_parallel_embedding_never_gathers_the_whole_table(name, monkeypatch):
-    """The compiled HLO holds no all-gather of the [vocab, hidden] table. Under tp_sp the
+    """The compiled HLO holds no all-gather of the [vocab, hidden] table (under tp_sp the lookup
+    is `sharding.vocab_parallel_lookup`'s, reduce-scattered onto the residual). Under tp_sp the
     control, a lookup constrained straight to the sequence-split residual, gathered it."""
     assert not _gathers_full_table(name, 104)
     if name.startswith("tp_sp"):
