@@ -47,7 +47,9 @@ timed for the backends where the option changes the work, plus xla as the contro
            overlap-save blocking (``fftconv.blocked``: a short filter convolved in blocks at a
            small FFT size S, ``block_fft`` and ``blocks`` in the row) and unblocked
            (block_fft_size=0, label "unblocked": the L taps zero-padded to M, the same FFT work
-           whatever L; only where the rule blocks, elsewhere both are the same program).
+           whatever L; only where the backend's rule blocks, elsewhere both are the same
+           program: the xla rule counts transformed samples, the pallas rule the kernel's
+           real-matmul work, ``blocked.choose_blocking``).
            ``fft_samples`` = blocks * S (or M), the transformed samples per (batch row,
            channel); ``speedup_vs_unblocked`` and ``temp_ratio_vs_unblocked`` = the unblocked
            row's time and compiled temp bytes over the blocked row's, at the same L. reference:
@@ -276,11 +278,13 @@ def plan_sweeps(args, gpu: bool) -> list[dict]:
                        "N": n, "batch": batch, "H": args.channels, "mode": "fwd"}
                 variants = [row]
                 if sweep == "partial" and impl != "reference":
-                    work = partial_work(n, value)
+                    work = partial_work(n, value, impl)
+                    blocks = work.pop("blocked")
                     row.update(work)
-                    if work["block_fft"] < monarch.fft_size(n):  # the rule blocks
+                    if blocks:  # this backend's rule blocks
                         variants.append({**row, "block_fft_size": 0,
-                                         **partial_work(n, value, blocking=False)})
+                                         **partial_work(n, value, impl, blocking=False)})
+                        variants[-1].pop("blocked")
                 for row in variants:
                     if sweep == "partial" and impl == "xla":  # the kernel's work: pallas rows
                         for key in ("plan", "kernel_mflop", "lowers"):
@@ -303,14 +307,16 @@ def plan_sweeps(args, gpu: bool) -> list[dict]:
     return rows
 
 
-def partial_work(n: int, taps: int, blocking: bool = True) -> dict:
-    """The transforms a causal filter of ``taps`` taps costs at length n: with the automatic
-    overlap-save rule (``blocked.choose_blocking``) or unblocked (one transform at M). The
-    block FFT size S (or M), the number of blocks, the transformed samples blocks * S per (batch
-    row, channel), and the Pallas kernel's plan and real-matmul MFLOP for them (its plan by
-    size, ``KernelGeometry.real_macs``)."""
+def partial_work(n: int, taps: int, backend: str, blocking: bool = True) -> dict:
+    """The transforms a causal filter of ``taps`` taps costs at length n on ``backend`` ("xla"
+    or "pallas", whose rules differ): with the automatic overlap-save rule
+    (``blocked.choose_blocking``) or unblocked (one transform at M). The block FFT size S (or
+    M), the number of blocks, the transformed samples blocks * S per (batch row, channel), and
+    the Pallas kernel's plan and real-matmul MFLOP for them (its plan by size,
+    ``KernelGeometry.real_macs``, times the outer step's residues); ``blocked``: whether it
+    blocks (popped by the caller)."""
     m = monarch.fft_size(n)
-    choice = blocked.choose_blocking(n, taps, 0, 0.0) if blocking else None
+    choice = blocked.choose_blocking(n, taps, 0, 0.0, backend) if blocking else None
     size, blocks = (m, 1) if choice is None else (choice.fft_size, choice.blocks)
     full = choice is not None
     plan = monarch.choose_plan(size, full)
@@ -318,7 +324,7 @@ def partial_work(n: int, taps: int, blocking: bool = True) -> dict:
     flops = 2 * geo.real_macs(geo.factors[-1]) * monarch.outer_residues(plan.outer) * blocks
     return {"block_fft": size, "blocks": blocks, "fft_samples": size * blocks,
             "plan": plan_label(plan), "kernel_mflop": flops / 1e6,
-            "lowers": geo.lowers_to_triton}
+            "lowers": geo.lowers_to_triton, "blocked": full}
 
 
 def pallas_kernel_work(n: int, freq_sparsity: float, plan: MonarchPlan | None = None) -> dict:
@@ -523,7 +529,7 @@ def main() -> None:
         ["float32"] if args.quick else ["bf16x3", "bf16", "float32"])
     if args.quick:
         args.seq_lens, args.channels, args.elements, args.reps = [256], 4, 2**11, 2
-        # N = 1024, the smallest where a short filter blocks (M = 2048, blocks of S = 256)
+        # N = 1024: a short filter runs in several blocks (xla: 5 of S = 256 against M = 2048)
         args.sweep_n, args.sparsities = 1024, [0.0, 0.75]
         args.partials = args.partials or [16]  # blocked and unblocked: times no trend
     args.partials = args.partials or [args.sweep_n // d for d in (256, 32, 4, 1)]

@@ -125,15 +125,16 @@ def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backe
                              f"got block_fft_size={s} and freq_sparsity={freq_sparsity!r}")
 
 
-def _check_plan(monarch_plan: MonarchPlan, m: int, full: bool, n: int, interpret: bool) -> None:
+def _check_plan(monarch_plan: MonarchPlan, m: int, full: bool, n: int, triton: bool) -> None:
     """The forced plan (or, on a GPU, the plan by size of a forced block size) must fit the FFT
-    size m the kernel runs at (``full``: an overlap-save block) and, compiled, lower to Triton."""
+    size m the kernel runs at (``full``: an overlap-save block) and, with ``triton`` (compiled
+    on a GPU), lower to Triton."""
     try:
         geo = monarch_plan.geometry(m, full)
     except ValueError as e:
         raise ValueError(f"monarch_plan {monarch_plan} does not fit N = {n} "
                          f"(FFT size {m}): {e}") from None
-    if not interpret and not geo.lowers_to_triton:
+    if triton and not geo.lowers_to_triton:
         raise ValueError(f"the kernel plan {monarch_plan} has matmuls narrower than "
                          f"{monarch.MIN_DOT_DIM} at N = {n} (FFT size {m}), which Triton cannot "
                          "compile; use a larger N (or block_fft_size), another plan or None")
@@ -167,15 +168,20 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
         in each. None takes ``DEFAULT_KERNEL_OPTIONS`` (bf16x3 on a GPU, float32 interpreted).
       monarch_plan: pallas only: a ``MonarchPlan`` (order 2 or 3, r2c, outer step) forcing the
         kernel's decomposition at the size the kernel runs; None chooses by size
-        (``monarch.choose_plan``). A forced plan turns the automatic blocking off (it is meant
-        for the full size M) unless block_fft_size forces blocks too.
-      block_fft_size: xla and pallas only: overlap-save blocking (``blocked.py``) of a short
-        filter. None: automatic: blocks at a small FFT size S when the effective filter
-        (``partial`` taps, or L) is short enough that they transform fewer samples than one
-        size-M transform, and never with freq_sparsity > 0 (the mask is defined at the full
-        size M); 0: never; a power of two S in [8, ``blocked.MAX_BLOCK_FFT``] larger than the
-        filter's reach (L' - 1 taps, causal or centred): force blocks at that size. Blocking
-        computes the same convolution (float32 rounding aside).
+        (``monarch.choose_plan``). A forced plan turns the pallas path's automatic blocking off
+        (it is meant for the full size M) unless block_fft_size forces blocks too; xla ignores
+        it. Every backend checks that it fits the size the kernel would run at (S when
+        block_fft_size forces blocks, else M).
+      block_fft_size: xla and pallas only (every backend validates it): overlap-save blocking
+        (``blocked.py``) of a short filter. None: automatic, by the backend's rule
+        (``blocked.choose_blocking``): blocks at a small FFT size S when the effective filter
+        (``partial`` taps, or L) is short enough that they cost less than one size-M transform
+        (xla: fewer samples transformed; pallas: less real-matmul work in the kernel), and never
+        with freq_sparsity > 0 (the mask is defined at the full size M); 0: never; a power of
+        two S in [8, ``blocked.MAX_BLOCK_FFT``] larger than the filter's reach (L' - 1 taps,
+        causal or centred): force blocks at that size. Blocking computes the same convolution
+        (float32 rounding aside; bfloat16/float16 inputs are cut into float32 segments, so
+        outputs and gradients are rounded once, as unblocked).
 
     Returns:
       y [batch, channels, N] in u's dtype (computed in float32). Differentiable in u, k, the
@@ -186,6 +192,17 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
     n, l = u.shape[-1], k.shape[1]
     offset = (l - 1) // 2 if bidirectional else 0
     taps = l if partial is None else int(partial)  # the effective filter length L'
+    # checked on every backend, before any runs (the reference ignores both options)
+    forced = None
+    if block_fft_size:
+        back, ahead = blocked.back_and_ahead(taps, offset)
+        if block_fft_size <= back + ahead:
+            raise ValueError(f"block_fft_size must exceed the filter's reach back + ahead = "
+                             f"{back + ahead} (L' = {taps} taps); got {block_fft_size}")
+        forced = blocked.make_blocking(n, taps, offset, int(block_fft_size))
+    if monarch_plan is not None:  # the size the pallas kernel runs at with these options
+        _check_plan(monarch_plan, m=monarch.fft_size(n) if forced is None else forced.fft_size,
+                    full=forced is not None, n=n, triton=False)
     if taps < l:
         if bidirectional:  # keep the centre where it was: zero the dropped taps
             k = k * (jnp.arange(l) < taps).astype(k.dtype)
@@ -197,15 +214,11 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
         y = reference.fftconv(u, k, offset=offset, pre_gate=pre_gate, post_gate=post_gate,
                               bias=bias, freq_sparsity=freq_sparsity)
         return y.astype(u.dtype)
-    blocking = None
-    if block_fft_size is None and monarch_plan is None:
-        blocking = blocked.choose_blocking(n, taps, offset, freq_sparsity)
-    elif block_fft_size:
-        back, ahead = blocked.back_and_ahead(taps, offset)
-        if block_fft_size <= back + ahead:
-            raise ValueError(f"block_fft_size must exceed the filter's reach back + ahead = "
-                             f"{back + ahead} (L' = {taps} taps); got {block_fft_size}")
-        blocking = blocked.make_blocking(n, taps, offset, int(block_fft_size))
+    blocking = forced
+    # automatic: the backend's rule; a forced plan is meant for the pallas kernel at size M, so
+    # it keeps the pallas path unblocked (xla ignores the plan)
+    if block_fft_size is None and (impl == "xla" or monarch_plan is None):
+        blocking = blocked.choose_blocking(n, taps, offset, freq_sparsity, impl)
     if impl == "xla":
         conv = functools.partial(xla.fftconv, offset=offset, freq_sparsity=freq_sparsity)
     else:
@@ -214,9 +227,9 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
         precision = defaults["dot_precision"] if dot_precision is None else dot_precision
         size = monarch.fft_size(n) if blocking is None else blocking.fft_size
         full = blocking is not None
-        if monarch_plan is not None or (full and block_fft_size):
+        if not interpret and (monarch_plan is not None or (full and block_fft_size)):
             _check_plan(monarch_plan or monarch.choose_plan(size, full), size, full, n,
-                        interpret)
+                        triton=True)
 
         def conv(u, k, pre_gate, post_gate, bias, fft_size=None):
             return pallas_gpu.fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, bc,
@@ -224,9 +237,11 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
     if blocking is None:
         y = conv(u, k, pre_gate, post_gate, bias)
     else:  # segments folded into the batch, each convolved circularly at size S
-        seg = functools.partial(blocked.to_segments, blocking=blocking)
-        z = conv(seg(u), k[:, :taps], None if pre_gate is None else seg(pre_gate),
-                 None if post_gate is None else seg(post_gate), bias,
+        def seg(a):  # cut from a float32 copy: the overlap-add of the segments' gradients (the
+            # slicing's transpose) then sums in float32, and each gradient is rounded once
+            return None if a is None else blocked.to_segments(a.astype(jnp.float32), blocking)
+
+        z = conv(seg(u), k[:, :taps], seg(pre_gate), seg(post_gate), bias,
                  fft_size=blocking.fft_size)
         y = blocked.from_segments(z, blocking, u.shape[0], n)
     return y.astype(u.dtype)

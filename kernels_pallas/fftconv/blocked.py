@@ -20,12 +20,24 @@ is autodiff of the slicing here. Gates and bias are pointwise, so they are cut i
 segments: segment index i of u, pre_gate, post_gate and of the output all mean time
 j·B - back + i, and the bias term bias * v stays aligned.
 
-The rule (``choose_blocking``): S = the power of two >= OVERLAP_FACTOR · (back + ahead + 1),
-at most the power of two a single block of all N outputs needs, at least MIN_BLOCK_FFT; blocking
-is taken when it transforms fewer samples in all (blocks · S < M), and only when freq_sparsity
-is 0: the frequency mask is defined on the spectrum at the full size M, and low-passing makes the
-filter circular and dense (every tap non-zero), so no short segment reproduces it. The
-``block_fft_size`` argument of ``fftconv`` forces a size or disables blocking.
+The rule (``choose_blocking``), only when freq_sparsity is 0 (the frequency mask is defined on
+the spectrum at the full size M, and low-passing makes the filter circular and dense, every tap
+non-zero, so no short segment reproduces it). The candidate sizes S are the powers of two from
+the one >= OVERLAP_FACTOR · (back + ahead + 1) up to the one a single block of all N outputs
+needs, within [MIN_BLOCK_FFT, MAX_BLOCK_FFT]. The decision depends on the backend:
+
+* xla: S = the smallest candidate, taken when the blocks transform fewer samples in all
+  (blocks · S < M): an FFT's cost per sample grows only like log S (BENCHMARKS.md: 0.94x to
+  1.58x on CPU over the blocked rows, the 0.94x within the noise).
+* pallas: the candidate whose kernels cost least (``kernel_cost``: the Monarch kernel's
+  real-matmul MACs times its outer residues, as ``experiments/bench_fftconv.py`` reports
+  ``kernel_mflop``), taken when blocks · cost(S) < cost(M). Counting samples is wrong there: the
+  unblocked kernel skips the zero half of its input (a full block cannot), and from M = 16384 it
+  runs order 3, cheaper per sample than the order-2 kernels of blocks up to 8192 (at N = 16384,
+  L' = 2048, three blocks of 8192 transform fewer samples than M = 32768 but cost 1.36x the work;
+  two of 16384, order 3, cost 0.91x).
+
+The ``block_fft_size`` argument of ``fftconv`` forces a size or disables blocking.
 """
 
 from __future__ import annotations
@@ -78,20 +90,44 @@ def _pow2_at_least(x: int) -> int:
     return 1 << max(0, (x - 1).bit_length())
 
 
-def choose_blocking(n: int, taps: int, offset: int, freq_sparsity: float) -> Blocking | None:
-    """The size rule (module docstring): the overlap-save blocking for n outputs of a filter of
-    ``taps`` effective taps centred at ``offset``, or None when a single transform at
-    M = ``monarch.fft_size(n)`` costs no more (or freq_sparsity > 0)."""
+def kernel_cost(m: int, full: bool) -> int:
+    """The Pallas kernel's real-matmul multiply-adds per (batch row, channel) at FFT size m with
+    its plan by size (``monarch.choose_plan``; ``full``: an overlap-save block), times the outer
+    step's Q/2 + 1 inner convolutions: what the pallas rule compares."""
+    plan = monarch.choose_plan(m, full)
+    geo = plan.geometry(m, full)
+    return geo.real_macs(geo.factors[-1]) * monarch.outer_residues(plan.outer)
+
+
+def choose_blocking(n: int, taps: int, offset: int, freq_sparsity: float,
+                    backend: str) -> Blocking | None:
+    """The size rule (module docstring) of ``backend`` ("xla" or "pallas"): the overlap-save
+    blocking for n outputs of a filter of ``taps`` effective taps centred at ``offset``, or None
+    when a single transform at M = ``monarch.fft_size(n)`` costs no more (or freq_sparsity > 0)."""
+    if backend not in ("xla", "pallas"):
+        raise ValueError(f"choose_blocking: backend must be 'xla' or 'pallas'; got {backend!r}")
     if freq_sparsity > 0:
         return None
     back, ahead = back_and_ahead(taps, offset)
-    size = min(_pow2_at_least(OVERLAP_FACTOR * (back + ahead + 1)),
-               _pow2_at_least(n + back + ahead))  # one block of all n outputs needs no more
-    size = max(MIN_BLOCK_FFT, size)
-    if size > MAX_BLOCK_FFT:
+    one_block = _pow2_at_least(n + back + ahead)  # a single block of all n outputs
+    smallest = max(MIN_BLOCK_FFT,
+                   min(_pow2_at_least(OVERLAP_FACTOR * (back + ahead + 1)), one_block))
+    if smallest > MAX_BLOCK_FFT:
         return None
-    blocking = make_blocking(n, taps, offset, size)
-    return blocking if blocking.blocks * size < monarch.fft_size(n) else None
+    largest = max(smallest, min(MAX_BLOCK_FFT, one_block))
+    m = monarch.fft_size(n)
+    if backend == "xla":
+        blocking = make_blocking(n, taps, offset, smallest)
+        return blocking if blocking.blocks * smallest < m else None
+    best, best_cost = None, kernel_cost(m, False)
+    size = smallest
+    while size <= largest:
+        blocking = make_blocking(n, taps, offset, size)
+        cost = blocking.blocks * kernel_cost(size, True)
+        if cost < best_cost:
+            best, best_cost = blocking, cost
+        size *= 2
+    return best
 
 
 def to_segments(a: jax.Array, blocking: Blocking) -> jax.Array:

@@ -90,24 +90,30 @@ def test_reference_gates_and_bias_follow_definition():
     assert _rel(got, want) < 1e-6
 
 
-@pytest.mark.parametrize("n, l", [(n, l) for n in (256, 1000, 4096) for l in (n, 17, n // 2)])
-def test_xla_matches_direct_convolution(n, l):
+# L = 17 blocks automatically at N = 1000 and 4096 (overlap-save, blocked.py); block_fft_size=0
+# keeps the unblocked transform at M covered with a short filter too
+@pytest.mark.parametrize("n, l, size", [(n, l, None) for n in (256, 1000, 4096)
+                                        for l in (n, 17, n // 2)]
+                         + [(1000, 17, 0), (4096, 17, 0)])
+def test_xla_matches_direct_convolution(n, l, size):
     u, k = _inputs(n, l, seed=n + l)
-    got = fftconv(u, k, backend="xla")
+    got = fftconv(u, k, backend="xla", block_fft_size=size)
     assert got.shape == u.shape and got.dtype == jnp.float32
     assert _rel(got, fftconv(u, k, backend="reference")) < F32_RTOL
 
 
 # pallas interprets on CPU (seconds per compile): the filter lengths of one N share one compiled
-# kernel (the filter enters as its size-M spectrum), so they run in one test. Each N takes its
-# plan by size: plain order 2 at M = 512, r2c order 2 at M = 2048 and at M = 8192; the other plans
+# kernel (the filter enters as its size-M spectrum), so they run in one test, unblocked
+# (block_fft_size=0: automatically, L = 17 would run in overlap-save blocks at N = 1000 and 4096,
+# covered by test_fftconv_blocked.py and the gates and bf16 tests below). Each N takes its plan
+# by size: plain order 2 at M = 512, r2c order 2 at M = 2048 and at M = 8192; the other plans
 # run in test_outputs_and_grads_match_reference and
 # test_pallas_forced_plans_with_block_c_match_reference.
 @pytest.mark.parametrize("n", [256, 1000, 4096])
 def test_pallas_matches_direct_convolution_at_every_filter_length(n):
     for l in (n, 17, n // 2):
         u, k = _inputs(n, l, seed=n + l)
-        got = _fftconv(u, k, backend="pallas")
+        got = _fftconv(u, k, backend="pallas", block_fft_size=0)
         assert got.shape == u.shape and got.dtype == jnp.float32
         assert _rel(got, fftconv(u, k, backend="reference")) < F32_RTOL, l
 
@@ -122,12 +128,13 @@ def test_backends_match_direct_convolution_long(backend, l):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("n, l", [(1000, 500), (300, 17)])
-def test_bidirectional_matches_direct_convolution(backend, n, l):
+@pytest.mark.parametrize("n, l, size", [(1000, 500, None), (300, 17, None), (300, 17, 0)])
+def test_bidirectional_matches_direct_convolution(backend, n, l, size):
+    # (300, 17) blocks automatically (size None); size 0 keeps it unblocked
     u, k = _inputs(n, l, seed=3)
     pre, post, bias = _gates(n)
     kw = dict(bidirectional=True, pre_gate=pre, post_gate=post, bias=bias)
-    assert _rel(_fftconv(u, k, backend=backend, **kw),
+    assert _rel(_fftconv(u, k, backend=backend, block_fft_size=size, **kw),
                 fftconv(u, k, backend="reference", **kw)) < F32_RTOL
 
 
@@ -137,20 +144,23 @@ def test_gates_and_bias_match_reference(backend):
     u, k = _inputs(n, l, seed=4)
     pre, post, bias = _gates(n)
     # pallas: one kernel per gate combination and each compiles in interpret mode; the grad tests
-    # run every gate together too.
+    # run every gate together too. L = 17 blocks automatically here (blocked.py): xla also runs
+    # each case unblocked (block_fft_size=0); pallas's unblocked gates run in the grad tests.
     cases = [dict(pre_gate=pre), dict(post_gate=post), dict(bias=bias)] if backend == "xla" else []
     for kw in cases + [dict(pre_gate=pre, post_gate=post, bias=bias)]:
-        assert _rel(_fftconv(u, k, backend=backend, **kw),
-                    fftconv(u, k, backend="reference", **kw)) < F32_RTOL, kw
+        for size in (None, 0) if backend == "xla" else (None,):
+            assert _rel(_fftconv(u, k, backend=backend, block_fft_size=size, **kw),
+                        fftconv(u, k, backend="reference", **kw)) < F32_RTOL, (kw, size)
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_bf16_inputs_within_bf16_tolerance(backend):
+@pytest.mark.parametrize("size", [None, 0])  # L = 17: blocked automatically, and unblocked
+def test_bf16_inputs_within_bf16_tolerance(backend, size):
     n, l = 1000, 17
     u, k = _inputs(n, l, seed=5)
     pre, post, _ = _gates(n)
     u, pre, post = (a.astype(jnp.bfloat16) for a in (u, pre, post))
-    got = fftconv(u, k, pre_gate=pre, post_gate=post, backend=backend)
+    got = fftconv(u, k, pre_gate=pre, post_gate=post, backend=backend, block_fft_size=size)
     want = fftconv(u, k, pre_gate=pre, post_gate=post, backend="reference")
     assert got.dtype == jnp.bfloat16
     assert _rel(got, want.astype(jnp.float32)) < BF16_RTOL
@@ -159,23 +169,26 @@ def test_bf16_inputs_within_bf16_tolerance(backend):
 ORDER2, R2C = MonarchPlan(order=2), MonarchPlan(order=2, r2c=True)
 ORDER3, ORDER3_R2C = MonarchPlan(order=3), MonarchPlan(order=3, r2c=True)
 OUTER, OUTER_ORDER3 = MonarchPlan(order=2, outer=4), MonarchPlan(order=3, outer=2)
-# (backend, bidirectional, freq_sparsity, monarch_plan): every Monarch plan, forced at a small
-# size (odd N, L < N, every gate), forward and backward; None is the plan by size (r2c here).
-# (Plain order 2 shares its backward with ORDER3's "real" kernel mode; its forward runs at
-# N = 256 in the other tests.)
+# (backend, bidirectional, freq_sparsity, monarch_plan, block_fft_size): every Monarch plan,
+# forced at a small size (odd N, L < N, every gate), forward and backward; None is the plan by
+# size (r2c here). (Plain order 2 shares its backward with ORDER3's "real" kernel mode; its
+# forward runs at N = 256 in the other tests.) L = 40 at N = 299 blocks automatically where
+# freq_sparsity is 0 and no plan is forced (blocked.py, whose gradients test_fftconv_blocked.py
+# checks): the xla case runs both ways.
 GRAD_CASES = [
-    ("xla", False, 0.0, None), ("xla", True, 0.6, None), ("pallas", True, 0.6, None),
-    ("pallas", False, 0.0, ORDER3), ("pallas", True, 0.6, ORDER3_R2C),
-    ("pallas", True, 0.0, OUTER), ("pallas", False, 0.6, OUTER_ORDER3)]
+    ("xla", False, 0.0, None, None), ("xla", False, 0.0, None, 0), ("xla", True, 0.6, None, None),
+    ("pallas", True, 0.6, None, None), ("pallas", False, 0.0, ORDER3, None),
+    ("pallas", True, 0.6, ORDER3_R2C, None), ("pallas", True, 0.0, OUTER, None),
+    ("pallas", False, 0.6, OUTER_ORDER3, None)]
 
 
-@pytest.mark.parametrize("backend, bidirectional, freq_sparsity, plan", GRAD_CASES)
-def test_outputs_and_grads_match_reference(backend, bidirectional, freq_sparsity, plan):
+@pytest.mark.parametrize("backend, bidirectional, freq_sparsity, plan, size", GRAD_CASES)
+def test_outputs_and_grads_match_reference(backend, bidirectional, freq_sparsity, plan, size):
     n, l = 299, 40
     u, k = _inputs(n, l, seed=6)
     pre, post, bias = _gates(n)
     w = jnp.asarray(np.random.default_rng(7).normal(size=u.shape), jnp.float32)
-    plan_kw = {} if plan is None else dict(monarch_plan=plan)
+    plan_kw = dict(block_fft_size=size) if plan is None else dict(monarch_plan=plan)
 
     def fwd_bwd(be, kw):
         def f(u, k, pre, post, bias):
@@ -230,12 +243,15 @@ def test_pallas_dot_precisions_within_their_tolerance(precision):
 def test_partial_equals_truncated_filter(backend, bidirectional):
     n, l, p = 1000, 500, 37
     u, k = _inputs(n, l, seed=8)
-    got = _fftconv(u, k, partial=p, bidirectional=bidirectional, backend=backend)
     if bidirectional:  # the centre stays at (L - 1) // 2: dropped taps are zero
         want = fftconv(u, k.at[:, p:].set(0), bidirectional=True, backend="reference")
     else:
         want = fftconv(u, k[:, :p], backend="reference")
-    assert _rel(got, want) < F32_RTOL
+    # partial = 37 blocks automatically (blocked.py); xla runs unblocked (size 0) as well
+    for size in (None, 0) if backend == "xla" else (None,):
+        got = _fftconv(u, k, partial=p, bidirectional=bidirectional, backend=backend,
+                       block_fft_size=size)
+        assert _rel(got, want) < F32_RTOL, size
 
 
 def test_freq_sparsity_degrades_monotonically():
@@ -407,6 +423,8 @@ BAD_INPUTS = [  # (what to change, error type, words the message must contain)
     (dict(backend="pallas", dot_precision="tf32"), ValueError, "dot_precision must be one of"),
     (dict(backend="pallas", monarch_plan="order3"), TypeError, "monarch_plan must be"),
     (dict(backend="pallas", monarch_plan=MonarchPlan(outer=1024)), ValueError, "does not fit"),
+    (dict(backend="xla", monarch_plan=MonarchPlan(outer=1024)), ValueError, "does not fit"),
+    (dict(backend="reference", monarch_plan=MonarchPlan(outer=1024)), ValueError, "does not fit"),
     # a MonarchPlan checks its own fields: built inside the test (lambda) as construction raises
     (dict(monarch_plan=lambda: MonarchPlan(order=3.0)), TypeError, "MonarchPlan.order"),
     (dict(monarch_plan=lambda: MonarchPlan(order=4)), ValueError, "MonarchPlan.order"),

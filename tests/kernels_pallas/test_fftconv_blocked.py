@@ -122,9 +122,10 @@ def test_blocked_path_runs_at_the_small_fft_size(backend):
     Pallas kernel's per-program samples."""
     n, l, p = 4000, 4000, 50
     u, k, *_ = _inputs(n, l, seed=7)
-    auto = blocked.choose_blocking(n, p, 0, 0.0)
-    assert auto is not None and auto.fft_size == blocked.MIN_BLOCK_FFT  # 4·50 -> 256
+    auto = blocked.choose_blocking(n, p, 0, 0.0, backend)
     m = monarch.fft_size(n)  # 8192
+    # xla: 4·50 -> 256, the smallest size; pallas: 9 r2c blocks of 512 cost less than 20 of 256
+    assert auto is not None and auto.fft_size == {"xla": 256, "pallas": 512}[backend]
 
     def loss(size):
         return lambda u, k: jnp.sum(fftconv(u, k, partial=p, backend=backend,
@@ -137,19 +138,65 @@ def test_blocked_path_runs_at_the_small_fft_size(backend):
             assert kernels == {want if size is None else m // 2}, (size, kernels)
 
 
-def test_choose_blocking_follows_the_rule():
+def test_choose_blocking_xla_counts_transformed_samples():
     for n, taps, offset in ((4096, 64, 0), (4096, 256, 0), (300, 17, 0), (1000, 61, 30),
                             (100, 3, 0), (3000, 1000, 0)):
-        b = blocked.choose_blocking(n, taps, offset, 0.0)
+        b = blocked.choose_blocking(n, taps, offset, 0.0, "xla")
         assert b is not None, (n, taps)
         s = b.fft_size
         assert s & (s - 1) == 0 and blocked.MIN_BLOCK_FFT <= s <= blocked.MAX_BLOCK_FFT
         assert b.blocks * s < monarch.fft_size(n)  # fewer samples transformed than one size M
         assert b.block + taps - 1 == s and b.blocks * b.block >= n > (b.blocks - 1) * b.block
-    assert blocked.choose_blocking(3000, 1000, 0, 0.0).blocks == 1  # 4096 < M = 8192
-    assert blocked.choose_blocking(4096, 2048, 0, 0.0) is None  # 2 x 8192 = M: no gain
-    assert blocked.choose_blocking(4096, 4096, 0, 0.0) is None
-    assert blocked.choose_blocking(4096, 64, 0, 0.5) is None  # frequency sparsity: size M
+    assert blocked.choose_blocking(3000, 1000, 0, 0.0, "xla").blocks == 1  # 4096 < M = 8192
+    assert blocked.choose_blocking(4096, 2048, 0, 0.0, "xla") is None  # 2 x 8192 = M: no gain
+    for backend in BACKENDS:
+        assert blocked.choose_blocking(4096, 4096, 0, 0.0, backend) is None
+        assert blocked.choose_blocking(4096, 64, 0, 0.5, backend) is None  # sparsity: size M
+    with pytest.raises(ValueError, match="backend"):
+        blocked.choose_blocking(4096, 64, 0, 0.0, "reference")
+
+
+def _kernel_mflop(m, full):
+    """The Pallas kernel's real-matmul MFLOP per (batch row, channel) at FFT size m, its plan by
+    size (what experiments/bench_fftconv.py reports as kernel_mflop)."""
+    plan = monarch.choose_plan(m, full)
+    geo = plan.geometry(m, full)
+    return 2 * geo.real_macs(geo.factors[-1]) * monarch.outer_residues(plan.outer) / 1e6
+
+
+def test_choose_blocking_pallas_never_costs_more_kernel_work():
+    """The pallas rule weighs the kernel's work, not the samples: over a sweep of N (powers of
+    two and between, to 2^20) and L' (causal and centred), a chosen blocking never does more
+    real-matmul work than the unblocked kernel (which skips its input's zero half and from
+    M = 16384 runs order 3: counting samples blocked N = 16384, L' = 2048 in three order-2
+    blocks of 8192, 1.36x the work), and clearly short filters still block, for much less."""
+    chosen = 0
+    for log in range(6, 21):
+        for n in (2 ** log, int(0.6 * 2 ** log) + 1):
+            unblocked = _kernel_mflop(monarch.fft_size(n), False)
+            taps = 1
+            while taps <= n:
+                for t in (taps, min(n, int(1.5 * taps) + 1)):
+                    for offset in (0, (t - 1) // 2):
+                        b = blocked.choose_blocking(n, t, offset, 0.0, "pallas")
+                        if b is None:
+                            continue
+                        chosen += 1
+                        back, ahead = blocked.back_and_ahead(t, offset)
+                        assert b.block == b.fft_size - back - ahead > 0
+                        assert b.blocks * b.block >= n > (b.blocks - 1) * b.block
+                        work = b.blocks * _kernel_mflop(b.fft_size, True)
+                        assert work < unblocked, (n, t, offset, b, work, unblocked)
+                taps *= 2
+            if n >= 1024:  # a clearly short filter: blocks, at well under half the work
+                for t in (16, 64):
+                    b = blocked.choose_blocking(n, t, 0, 0.0, "pallas")
+                    assert b is not None, (n, t)
+                    assert b.blocks * _kernel_mflop(b.fft_size, True) < 0.5 * unblocked, (n, t)
+    assert chosen > 300
+    for n, t in ((16384, 2048), (8192, 1024), (2 ** 20, 2048)):  # the sample rule's worst
+        b = blocked.choose_blocking(n, t, 0, 0.0, "pallas")
+        assert b is None or b.fft_size >= 16384, (n, t, b)  # order 3, not order-2 blocks
 
 
 def test_segments_round_trip():
@@ -167,13 +214,40 @@ BAD_BLOCKS = [(3, "power of two"), (48, "power of two"), (True, "power of two"),
               (2 * blocked.MAX_BLOCK_FFT, "power of two"), (16, "exceed the filter's reach")]
 
 
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
 @pytest.mark.parametrize("size, words", BAD_BLOCKS)
-def test_bad_block_fft_size_raises_clear_errors(size, words):
+def test_bad_block_fft_size_raises_clear_errors(backend, size, words):
+    """Checked before any backend runs, so the reference (which never blocks) refuses them too."""
     u, k, *_ = _inputs(256, 17)
     with pytest.raises(ValueError, match=words):
-        fftconv(u, k, backend="xla", block_fft_size=size)
+        fftconv(u, k, backend=backend, block_fft_size=size)
     with pytest.raises(ValueError, match="freq_sparsity"):
-        fftconv(u, k, backend="xla", block_fft_size=64, freq_sparsity=0.5)
+        fftconv(u, k, backend=backend, block_fft_size=64, freq_sparsity=0.5)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+def test_monarch_plan_checked_against_the_kernel_size_on_every_backend(backend):
+    """A plan that does not fit is refused on every backend: at M unblocked (an outer step of
+    1024 at M = 512), at the forced block size S with block_fft_size (an outer step needs the
+    zero-padded signal that a full block is not)."""
+    u, k, *_ = _inputs(256, 17)
+    with pytest.raises(ValueError, match="does not fit"):
+        fftconv(u, k, backend=backend, monarch_plan=monarch.MonarchPlan(outer=1024))
+    with pytest.raises(ValueError, match="does not fit"):
+        fftconv(u, k, backend=backend, monarch_plan=monarch.MonarchPlan(outer=2),
+                block_fft_size=64)
+
+
+def test_monarch_plan_turns_off_automatic_blocking_on_pallas_only():
+    """xla ignores the plan and keeps its automatic blocks; the pallas path, whose kernel the
+    plan is meant for at size M, runs unblocked (traced only: no kernel is compiled)."""
+    n, p = 4000, 50
+    u, k, *_ = _inputs(n, n, seed=7)
+    plan = monarch.MonarchPlan(order=3, r2c=True)
+    for backend, want in (("xla", 256), ("pallas", monarch.fft_size(n))):
+        ffts, _ = _transform_sizes(
+            lambda u, k: fftconv(u, k, partial=p, backend=backend, monarch_plan=plan), u, k)
+        assert ffts == {(want,)}, (backend, ffts)
 
 
 def test_every_block_size_has_a_plan_triton_compiles():
@@ -190,8 +264,8 @@ def test_every_block_size_has_a_plan_triton_compiles():
 
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_blocked_bf16_inputs_keep_their_dtype(backend):
-    """bf16 signals and gates are cut into segments as bf16 and the output comes back in bf16,
-    within bf16's rounding of the float32 result (2^-9 relative per element)."""
+    """bf16 signals and gates (cut into float32 segments) give a bf16 output, within bf16's
+    rounding of the float32 result (2^-9 relative per element)."""
     n, l = 500, 12
     u, k, pre, _, bias = _inputs(n, l, seed=9)
     u16, pre16 = u.astype(jnp.bfloat16), pre.astype(jnp.bfloat16)
@@ -200,3 +274,34 @@ def test_blocked_bf16_inputs_keep_their_dtype(backend):
     want = fftconv(u16, k, pre_gate=pre16, bias=bias, backend="reference")
     assert got.dtype == jnp.bfloat16
     assert _rel(got, want.astype(jnp.float32)) < 1e-2
+
+
+@pytest.mark.parametrize("backend", BACKENDS)
+def test_blocked_bf16_gradients_rounded_once(backend):
+    """bf16 gradients of u and pre_gate are as close to the float32 gradient blocked as
+    unblocked: each is rounded to bf16 once (2^-9 relative, plus the bf16 rounding of the output
+    cotangent's path), not per segment and again in a bf16 overlap-add of the segments (which
+    measured up to 2.0 relative error on an element)."""
+    n, l = 1000, 16  # blocked by both rules (5 blocks of 256 on xla, 2 r2c blocks of 512 pallas)
+    rng = np.random.default_rng(11)
+    u, pre, w = (jnp.asarray(rng.normal(size=(1, CHANNELS, n)), jnp.bfloat16) for _ in range(3))
+    k = jnp.asarray(rng.normal(size=(CHANNELS, l)), jnp.float32)
+    assert blocked.choose_blocking(n, l, 0, 0.0, backend) is not None
+
+    def grads(be, u, pre, **kw):
+        def loss(u, pre):
+            y = fftconv(u, k, pre_gate=pre, backend=be, **kw)
+            return jnp.vdot(w.astype(jnp.float32), y.astype(jnp.float32))
+        return jax.grad(loss, argnums=(0, 1))(u, pre)
+
+    want = grads("reference", u.astype(jnp.float32), pre.astype(jnp.float32))  # float32
+    errors = {}
+    for size in (None, 0):
+        got = grads(backend, u, pre, block_fft_size=size, dot_precision="float32")
+        for name, g, r in zip(("u", "pre_gate"), got, want):
+            assert g.dtype == jnp.bfloat16
+            g, r = np.asarray(g, np.float64), np.asarray(r, np.float64)
+            errors[size, name] = np.max(np.abs(g - r) / np.abs(r))
+    for name in ("u", "pre_gate"):
+        assert errors[0, name] < 2 ** -7, errors
+        assert errors[None, name] < max(2 * errors[0, name], 2 ** -8), errors
