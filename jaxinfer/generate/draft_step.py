@@ -23,8 +23,7 @@ K/V too, computed once:
   tokens at their positions, computed over the draft's cache of the tokens before them.
 * `compiled_draft_pass`: the draft's forward over the step's other chunks (prompt chunks,
   decodes without a draft), in their own token bucket; a step whose every chunk drafted skips it.
-  It takes step inputs and the engine's `paged_attention` setting, so its chunks attend as the
-  target's would in that bucket (ragged query runs or one decode per token), and returns the
+  It takes step inputs and attends as the target's step of that bucket does (ragged query runs or one decode per token), and returns the
   draft's queries at their `observe_rows`: a prompt chunk that SnapKV compresses after the step
   never drafts, so the pass holds its observation window.
 
@@ -76,11 +75,10 @@ def empty_propose_inputs(max_batch: int, pages_per_seq: int, num_pages: int) -> 
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_draft_pass(graphdef: nnx.GraphDef, paged_attention: str):
-    """The jitted draft pass of one draft structure and `paged_attention` setting (the target
-    step's: the pass takes step inputs, so it attends as the target's step of that bucket would;
-    its page buffers donated)."""
-    return jax.jit(functools.partial(_draft_pass, graphdef, paged_attention), donate_argnums=1)
+def compiled_draft_pass(graphdef: nnx.GraphDef, ragged: bool):
+    """The jitted draft pass of one draft structure, attending ragged or not (as the target's
+    step of the same bucket does: the pass takes step inputs; its page buffers donated)."""
+    return jax.jit(functools.partial(_draft_pass, graphdef, ragged), donate_argnums=1)
 
 
 @functools.lru_cache(maxsize=8)
@@ -89,7 +87,7 @@ def compiled_propose(graphdef: nnx.GraphDef, gamma: int):
     return jax.jit(functools.partial(_propose, graphdef, gamma), donate_argnums=1)
 
 
-def _draft_pass(graphdef: nnx.GraphDef, paged_attention: str, state: nnx.State, cache: PagedKVCache,
+def _draft_pass(graphdef: nnx.GraphDef, ragged: bool, state: nnx.State, cache: PagedKVCache,
                 inputs: StepInputs) -> tuple[PagedKVCache, jax.Array]:
     """Write the draft's K/V of the T tokens of `inputs` (the step's chunks that did not draft);
     its logits are not needed (one row is projected, the least forward_paged allows). Returns
@@ -97,7 +95,7 @@ def _draft_pass(graphdef: nnx.GraphDef, paged_attention: str, state: nnx.State, 
     SnapKV to compress the draft's pages of a prompt that ends in this pass."""
     model = nnx.merge(graphdef, state)
     _, cache, queries = model.forward_paged(inputs.token_ids,
-                                            step_batch(inputs, cache, paged_attention), cache,
+                                            step_batch(inputs, cache, ragged), cache,
                                             inputs.logit_rows[:1], inputs.observe_rows)
     return cache, queries
 

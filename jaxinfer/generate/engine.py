@@ -47,8 +47,9 @@ from jaxinfer.generate.checks import (check_context, check_draft_model, check_in
                                        check_paged_model)
 from jaxinfer.generate.draft_step import (compiled_draft_pass, compiled_propose,
                                           empty_propose_inputs)
-from jaxinfer.generate.engine_step import (PAGED_ATTENTION, StepInputs, compiled_step,
-                                           empty_inputs, mark_seen, set_sampling_rows)
+from jaxinfer.generate.engine_step import (PAGED_ATTENTION, StepInputs, attends_ragged,
+                                           compiled_step, empty_inputs, mark_seen,
+                                           set_sampling_rows)
 from jaxinfer.generate.paged_cache import default_num_pages, pages_for
 from jaxinfer.generate.prompt_lookup import lookup_draft
 from jaxinfer.generate.sampling_params import SamplingParams
@@ -188,12 +189,14 @@ class Engine:
         self.buckets = token_buckets(max_tokens_per_step)
         self.max_rows = self.max_batch * (1 + speculative_tokens)  # sampling rows of a step
         graphdef, self._state = nnx.split(model)
-        self._step = compiled_step(graphdef, paged_attention)
+        self.paged_attention = paged_attention
+        self._steps = tuple(compiled_step(graphdef, ragged) for ragged in (False, True))
         self._cache = model.init_paged_cache(self.num_pages, self.page_size, kv_dtype)
         self._draft = draft_model
         if draft_model is not None:
             draft_graphdef, self._draft_state = nnx.split(draft_model)
-            self._draft_pass = compiled_draft_pass(draft_graphdef, paged_attention)
+            self._draft_passes = tuple(compiled_draft_pass(draft_graphdef, ragged)
+                                       for ragged in (False, True))
             self._propose = compiled_propose(draft_graphdef, speculative_tokens)
             self._draft_cache = draft_model.init_paged_cache(self.num_pages, self.page_size,
                                                              kv_dtype)
@@ -288,12 +291,10 @@ class Engine:
             kv_tokens=int((inputs.positions - inputs.cache_offset + 1)[inputs.valid].sum()),
             shared_prefix=int(inputs.prefix_len),
             draft_pass=0 if draft_inputs is None else len(draft_inputs.valid))
-        tokens, self._cache, self._seen, queries = self._step(self._state, self._cache,
-                                                               self._seen, inputs)
+        tokens, self._cache, self._seen, queries = self._step(inputs)
         draft_queries = None
         if draft_inputs is not None:  # the proposal wrote the drafting chunks' draft K/V
-            self._draft_cache, draft_queries = self._draft_pass(self._draft_state,
-                                                                self._draft_cache, draft_inputs)
+            draft_queries = self._draft_pass(draft_inputs)
         for chunk in chunks:
             if chunk.compresses:  # before the chunk's request may finish and free its pages
                 self._compress(chunk.request, queries, draft_queries)
@@ -418,6 +419,21 @@ class Engine:
             self.step()
         return [self._results.pop(i) for i in ids]
 
+    def _ragged(self, inputs: StepInputs) -> bool:
+        """Whether this bucket's step attends ragged (`attends_ragged`, by its static shape)."""
+        return attends_ragged(self.paged_attention, inputs.token_ids.shape[0],
+                              inputs.seq_slot.shape[0])
+
+    def _step(self, inputs: StepInputs):
+        """One jitted step over `inputs` -> (sampled tokens, cache, seen, observed queries)."""
+        return self._steps[self._ragged(inputs)](self._state, self._cache, self._seen, inputs)
+
+    def _draft_pass(self, inputs: StepInputs) -> jax.Array:
+        """The draft's K/V of `inputs`' tokens (into its cache) -> its observed queries."""
+        self._draft_cache, queries = self._draft_passes[self._ragged(inputs)](
+            self._draft_state, self._draft_cache, inputs)
+        return queries
+
     def warmup(self) -> None:
         """Compile the step for every token bucket, the prefix-cache hit's `mark_seen`, with
         SnapKV the compression (of the draft's pages too) and with a draft model its pass for
@@ -429,11 +445,9 @@ class Engine:
             for prefix_pages in (0, self.pages_per_seq) if self.hydragen else (0,):
                 inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
                                       self.pages_per_seq, prefix_pages, self.snapkv_window)
-                _, self._cache, self._seen, queries = self._step(self._state, self._cache,
-                                                                  self._seen, inputs)
+                _, self._cache, self._seen, queries = self._step(inputs)
                 if self._draft is not None:
-                    self._draft_cache, draft_queries = self._draft_pass(
-                        self._draft_state, self._draft_cache, inputs)
+                    draft_queries = self._draft_pass(inputs)
         if self._draft is not None:
             _, self._draft_cache = self._propose(
                 self._draft_state, self._draft_cache,

@@ -126,16 +126,18 @@ def attends_ragged(paged_attention: str, tokens: int, seqs: int) -> bool:
 
 
 @functools.lru_cache(maxsize=16)
-def compiled_step(graphdef: nnx.GraphDef, paged_attention: str):
-    """The jitted step of one model structure and `paged_attention` setting (`attends_ragged`),
-    shared by every engine with both.
+def compiled_step(graphdef: nnx.GraphDef, ragged: bool):
+    """The jitted step of one model structure, attending ragged or one decode per token
+    (`attends_ragged` picks per bucket), shared by every engine of that structure whatever its
+    `paged_attention` setting: an "auto" engine's buckets reuse what a "per_token" or "ragged"
+    one compiled.
 
     Binding the graph definition here, not passing it as a static argument, keeps its (slow)
     hash out of every step's dispatch; the page and `seen` buffers are donated."""
-    return jax.jit(functools.partial(_step, graphdef, paged_attention), donate_argnums=(1, 2))
+    return jax.jit(functools.partial(_step, graphdef, ragged), donate_argnums=(1, 2))
 
 
-def step_batch(inputs: StepInputs, cache: PagedKVCache, paged_attention: str) -> PagedBatch:
+def step_batch(inputs: StepInputs, cache: PagedKVCache, ragged: bool) -> PagedBatch:
     """The model's view of a step: per token its rotary position and the flat K/V slot it
     writes (padding writes out of the pool, dropped); per chunk its run of tokens, its page row
     (gathered here once for all layers) and the keys its last token attends to; the shared prefix
@@ -154,8 +156,7 @@ def step_batch(inputs: StepInputs, cache: PagedKVCache, paged_attention: str) ->
                       page_table=inputs.page_table[inputs.seq_slot],  # [S, pages_per_seq]
                       query_starts=inputs.query_starts, kv_lengths=inputs.kv_lengths,
                       num_seqs=inputs.num_seqs, shared=shared,
-                      ragged=attends_ragged(paged_attention, inputs.token_ids.shape[0],
-                                            inputs.seq_slot.shape[0]))
+                      ragged=ragged)
 
 
 def set_sampling_rows(inputs, rows: slice | int, params: SamplingParams,
@@ -173,7 +174,7 @@ def set_sampling_rows(inputs, rows: slice | int, params: SamplingParams,
     inputs.sample_index[rows] = sample_index
 
 
-def _step(graphdef: nnx.GraphDef, paged_attention: str, state: nnx.State, cache: PagedKVCache,
+def _step(graphdef: nnx.GraphDef, ragged: bool, state: nnx.State, cache: PagedKVCache,
           seen: jax.Array, inputs: StepInputs) -> tuple[jax.Array, PagedKVCache, jax.Array,
                                                         jax.Array]:
     """One step. seen bool [B, vocab] marks the tokens each slot's sequence holds (for the
@@ -183,7 +184,7 @@ def _step(graphdef: nnx.GraphDef, paged_attention: str, state: nnx.State, cache:
     max_batch = seen.shape[0]
     pos, slot, valid = inputs.positions, inputs.token_slot, inputs.valid
     logits, cache, queries = model.forward_paged(inputs.token_ids,
-                                                 step_batch(inputs, cache, paged_attention),
+                                                 step_batch(inputs, cache, ragged),
                                                  cache,
                                                  inputs.logit_rows, inputs.observe_rows)
 

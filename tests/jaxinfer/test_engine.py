@@ -400,7 +400,7 @@ def test_no_compilation_after_warmup(model):
     engine = jaxinfer.Engine(model, **ENGINE)
     engine.warmup()
     with backend_compiles() as compiles:
-        cache_entries = engine._step._cache_size()
+        cache_entries = [step._cache_size() for step in engine._steps]
         rng = np.random.default_rng(6)
         kinds = [GREEDY, SAMPLED, jaxinfer.SamplingParams(max_tokens=5, temperature=0.5, n=2)]
         arrivals = [(int(rng.integers(0, 10)), p, kinds[i % 3])
@@ -408,7 +408,7 @@ def test_no_compilation_after_warmup(model):
         serve_with_arrivals(engine, arrivals)
         assert len(engine.run_until_done()) == 9
     assert compiles == []
-    assert engine._step._cache_size() == cache_entries
+    assert [step._cache_size() for step in engine._steps] == cache_entries
 
 
 def test_stop_token_ids_end_the_request_and_are_kept(model, oracle):

@@ -163,7 +163,7 @@ def test_no_compilation_after_warmup_with_a_draft_model(model, oracle, hydragen)
     engine = jaxinfer.Engine(model, **ENGINE, draft_model=model, speculative_tokens=GAMMA,
                              hydragen=hydragen)
     engine.warmup()
-    functions = (engine._step, engine._draft_pass, engine._propose)
+    functions = (*engine._steps, *engine._draft_passes, engine._propose)
     compiled = [f._cache_size() for f in functions]
     rng = np.random.default_rng(14)
     prefix = rng.integers(0, VOCAB, 8).tolist()  # two shared pages
