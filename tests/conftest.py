@@ -1,6 +1,8 @@
 """Test setup: 8 emulated CPU devices (set before JAX is imported) so sharding tests run anywhere."""
 
 import os
+import shutil
+import tempfile
 
 # --xla_backend_optimization_level=0: the suite's time is mostly XLA:CPU compiling small programs
 # that then run for milliseconds; skipping LLVM's optimizations cuts the suite's CPU time by about
@@ -8,6 +10,16 @@ import os
 os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
                            " --xla_backend_optimization_level=0").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+# One persistent compilation cache per run, shared by the pytest-xdist workers (they inherit this
+# process's environment) and by the subprocesses tests start: a program that one worker compiled
+# is read back, not compiled again, by the other. It cannot change a result (the executable is
+# the same). Programs that compile in under 0.2 s are not worth the write.
+_RUN_CACHE = None
+if "JAX_COMPILATION_CACHE_DIR" not in os.environ:
+    _RUN_CACHE = os.environ["JAX_COMPILATION_CACHE_DIR"] = tempfile.mkdtemp(
+        prefix="jaxinfer-tests-jax-cache-")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
+os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS assignment)
 
@@ -20,3 +32,10 @@ def pytest_collection_modifyitems(config, items):
     gaps, rather than one worker running a long test alone at the end while the other idles."""
     slow_files = {item.path for item in items if item.get_closest_marker("slow")}
     items.sort(key=lambda item: item.path not in slow_files)
+
+
+def pytest_unconfigure(config):
+    """The process that made the run's compilation cache (the xdist controller, or a plain pytest
+    process) removes it."""
+    if _RUN_CACHE is not None and not hasattr(config, "workerinput"):
+        shutil.rmtree(_RUN_CACHE, ignore_errors=True)

@@ -382,18 +382,26 @@ def test_first_finish_search_returns_the_sample_that_stops_first(model):
 
 @contextlib.contextmanager
 def backend_compiles():
-    """A list of the durations of the XLA compilations that run inside the block."""
+    """A list of the XLA compilations that run inside the block: their durations, and a
+    "cache hit" for each program read back from the persistent compilation cache instead
+    (tests/conftest.py shares one across the run; a hit is a program built all the same)."""
     compiles = []
 
-    def listener(event: str, duration: float, **kwargs) -> None:
+    def on_duration(event: str, duration: float, **kwargs) -> None:
         if event == "/jax/core/compile/backend_compile_duration":
             compiles.append(duration)
 
-    jax.monitoring.register_event_duration_secs_listener(listener)
+    def on_event(event: str, **kwargs) -> None:
+        if event == "/jax/compilation_cache/cache_hits":
+            compiles.append("cache hit")
+
+    jax.monitoring.register_event_duration_secs_listener(on_duration)
+    jax.monitoring.register_event_listener(on_event)
     try:
         yield compiles
     finally:
-        jax.monitoring.unregister_event_duration_listener(listener)
+        jax.monitoring.unregister_event_duration_listener(on_duration)
+        jax.monitoring.unregister_event_listener(on_event)
 
 
 def test_no_compilation_after_warmup(model):

@@ -30,7 +30,10 @@ def _free_port() -> int:
 def _run_job(count: int) -> dict:
     """Start `count` worker processes on a fresh port; the JSON line process 0 prints."""
     port = _free_port()
-    env = {k: v for k, v in os.environ.items() if k != "XLA_FLAGS"}  # devices come from the worker
+    # devices come from the worker (sharding.initialize); the suite's other XLA flags stay
+    flags = [f for f in os.environ.get("XLA_FLAGS", "").split()
+             if not f.startswith("--xla_force_host_platform_device_count")]
+    env = {**os.environ, "XLA_FLAGS": " ".join(flags)}
     procs = [subprocess.Popen([sys.executable, "-m", "tests.sharding.multihost_worker", str(port),
                                str(i), str(count)], cwd=ROOT, env=env, text=True,
                               stdout=subprocess.PIPE, stderr=subprocess.PIPE)
