@@ -187,8 +187,8 @@ def vocab_parallel_lookup(table: jax.Array, ids: jax.Array, *, table_axes: Axes,
     mesh axis of P devices (tp_sp) and leave the ids' sequence whole; None otherwise, and the
     caller looks up as it would without this.
 
-    Each device looks every id up in its own vocab shard (zero rows for ids it does not hold)
-    and the partial rows are reduce-scattered along the sequence: the whole table never moves
+    Each device looks every id up in its own vocab shard (zero rows for ids it does not hold;
+    NaN rows for ids outside the vocabulary, like the unsharded lookup) and the partial rows are reduce-scattered along the sequence: the whole table never moves
     and no device holds the full [batch, seq, D] sum, where the partitioner all-reduced it and
     kept a slice."""
     if table.ndim != 2 or len(table_axes) != 2:
@@ -206,10 +206,14 @@ def vocab_parallel_lookup(table: jax.Array, ids: jax.Array, *, table_axes: Axes,
 
     def body(table_local: jax.Array, ids: jax.Array) -> jax.Array:
         rows = table_local.shape[0]  # V/P: this device's ids are [first, first + rows)
+        ids = jnp.where(ids < 0, ids + vocab, ids)  # negative ids count from the end (jnp.take)
         local = ids - jax.lax.axis_index(plan.axis) * rows  # [b, T]
         mine = (local >= 0) & (local < rows)
         found = jnp.take(table_local, jnp.where(mine, local, 0), axis=0)  # [b, T, D]
         found = jnp.where(mine[..., None], found, jnp.zeros((), table_local.dtype))
+        # an id outside the vocabulary is a NaN row, as jnp.take's fill gives every other layout
+        unknown = ((ids < 0) | (ids >= vocab))[..., None]
+        found = jnp.where(unknown, jnp.full((), jnp.nan, table_local.dtype), found)
         return jax.lax.psum_scatter(found, plan.axis, scatter_dimension=1, tiled=True)
 
     return shard_map(body, mesh=plan.mesh,

@@ -191,8 +191,8 @@ class HyenaForCausalLM(nnx.Module):
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
         """Token embeddings [batch, T, embed] of input_ids [batch, T], in the residual layout,
-        as `DecoderLM.embed` (`Embedding.lookup_residual`): looked up straight into tp_sp's
-        sequence-split residual, the partitioner all-gathered the whole vocab-split table."""
+        as `DecoderLM.embed` (`Embedding.lookup_residual`, which keeps tp_sp from all-gathering
+        the vocab-split table into the sequence-split residual)."""
         return self.embed_tokens.lookup_residual(input_ids)
 
     def forward(self, input_ids: jax.Array, cache: HyenaCache | None = None,

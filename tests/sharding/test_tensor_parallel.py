@@ -97,6 +97,22 @@ def test_vocab_parallel_lookup_equals_the_table_lookup_with_grads():
                                           ids_axes=("batch", "seq"), out_axes=RESIDUAL) is None
 
 
+def test_vocab_parallel_lookup_of_an_id_outside_the_vocabulary_is_nan_as_unsharded():
+    """Out-of-range ids give the NaN rows of the unsharded lookup (jnp.take's fill; a negative id
+    counts from the end): a zero row would hide a tokenizer/vocabulary mismatch under tp_sp."""
+    mesh, rules = tp_sp_mesh()
+    table = _rand(0, (64, HIDDEN))
+    ids = jax.random.randint(jax.random.key(1), (BATCH, SEQ), 0, 64, jnp.int32)
+    ids = ids.at[0, 3].set(70).at[1, 5].set(-1).at[2, 7].set(-65)
+    with sharding.use_rules(mesh, rules):
+        rows = jax.jit(lambda t: sharding.vocab_parallel_lookup(
+            t, ids, table_axes=("vocab", "embed"), ids_axes=("batch", "seq"),
+            out_axes=RESIDUAL))(table)
+    want = jnp.take(table, ids, axis=0)
+    assert np.isnan(want[0, 3]).all() and np.isnan(want[2, 7]).all()
+    np.testing.assert_array_equal(rows, want)  # NaN where want is NaN, the table's rows elsewhere
+
+
 @pytest.mark.parametrize("why", ["no rules", "plain tp", "indivisible seq"])
 def test_other_layouts_take_the_plain_matmul(why):
     """Outside tp_sp (or where the tensor axis does not divide the sequence: a decode step) the
