@@ -1,4 +1,4 @@
-"""Argument checks shared by every generation entry point, and the engine's model checks.
+"""Argument checks shared by every generation entry point, and the engine's model and prompt checks.
 
 `SamplingParams`, `generate`, `speculative_generate` and `Engine` validate through these, so they
 accept the same values and refuse them with the same message, "<name> must be <expected>; got
@@ -13,6 +13,8 @@ from __future__ import annotations
 import math
 from numbers import Integral, Real
 from typing import NoReturn
+
+import numpy as np
 
 MAX_SEED = 2**32 - 1  # seeds travel to the device as uint32
 
@@ -80,6 +82,25 @@ def check_sampling(temperature, top_k, top_p, min_p=None, repetition_penalty=1.0
 
 def _fail(name: str, value, expected: str, optional: bool) -> NoReturn:
     raise ValueError(f"{name} must be {'None or ' if optional else ''}{expected}; got {value!r}")
+
+
+def check_prompt(prompt_ids, vocab_size: int) -> list[int]:
+    """A request's prompt as a list of ids: a non-empty 1-D integer sequence in the vocabulary."""
+    try:
+        ids = np.asarray(prompt_ids)
+    except ValueError:
+        raise ValueError("prompt_ids must be a flat sequence of token ids; got ragged "
+                         "nested lists") from None
+    if ids.ndim != 1 or ids.size == 0:
+        raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of token ids; got "
+                         f"shape {ids.shape}")
+    if not np.issubdtype(ids.dtype, np.integer):
+        raise ValueError(f"prompt_ids must hold integer token ids; got dtype {ids.dtype}")
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"prompt_ids must lie in [0, {vocab_size}) (vocab_size); "
+                         f"found token id {low if low < 0 else high}")
+    return ids.tolist()
 
 
 def check_paged_model(name: str, model) -> None:

@@ -44,7 +44,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.generate.checks import (check_context, check_draft_model, check_int,
-                                       check_paged_model)
+                                       check_paged_model, check_prompt)
 from jaxinfer.generate.draft_step import (compiled_draft_pass, compiled_propose,
                                           empty_propose_inputs)
 from jaxinfer.generate.engine_step import (PAGED_ATTENTION, StepInputs, attends_ragged,
@@ -232,7 +232,7 @@ class Engine:
         params = SamplingParams() if params is None else params
         if not isinstance(params, SamplingParams):
             raise TypeError(f"params must be a SamplingParams; got {type(params).__name__}")
-        prompt = self._check_prompt(prompt_ids)
+        prompt = check_prompt(prompt_ids, self.config.vocab_size)
         total = len(prompt) + params.max_tokens
         if total > self.max_model_len:
             raise ValueError(f"prompt of {len(prompt)} tokens plus max_tokens={params.max_tokens} "
@@ -291,7 +291,7 @@ class Engine:
             kv_tokens=int((inputs.positions - inputs.cache_offset + 1)[inputs.valid].sum()),
             shared_prefix=int(inputs.prefix_len),
             draft_pass=0 if draft_inputs is None else len(draft_inputs.valid))
-        tokens, self._cache, self._seen, queries = self._step(inputs)
+        tokens, queries = self._step(inputs)
         draft_queries = None
         if draft_inputs is not None:  # the proposal wrote the drafting chunks' draft K/V
             draft_queries = self._draft_pass(draft_inputs)
@@ -424,9 +424,11 @@ class Engine:
         return attends_ragged(self.paged_attention, inputs.token_ids.shape[0],
                               inputs.seq_slot.shape[0])
 
-    def _step(self, inputs: StepInputs):
-        """One jitted step over `inputs` -> (sampled tokens, cache, seen, observed queries)."""
-        return self._steps[self._ragged(inputs)](self._state, self._cache, self._seen, inputs)
+    def _step(self, inputs: StepInputs) -> tuple[jax.Array, jax.Array]:
+        """One jitted step over `inputs` (K/V into the cache) -> (sampled tokens, queries)."""
+        tokens, self._cache, self._seen, queries = self._steps[self._ragged(inputs)](
+            self._state, self._cache, self._seen, inputs)
+        return tokens, queries
 
     def _draft_pass(self, inputs: StepInputs) -> jax.Array:
         """The draft's K/V of `inputs`' tokens (into its cache) -> its observed queries."""
@@ -445,7 +447,7 @@ class Engine:
             for prefix_pages in (0, self.pages_per_seq) if self.hydragen else (0,):
                 inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
                                       self.pages_per_seq, prefix_pages, self.snapkv_window)
-                _, self._cache, self._seen, queries = self._step(inputs)
+                _, queries = self._step(inputs)
                 if self._draft is not None:
                     draft_queries = self._draft_pass(inputs)
         if self._draft is not None:
@@ -483,23 +485,6 @@ class Engine:
         ids[:request.computed] = request.tokens[:request.computed]
         self._seen = mark_seen(self._seen, np.int32(request.slot), ids)
         request.from_cache = False
-
-    def _check_prompt(self, prompt_ids) -> list[int]:
-        try:
-            ids = np.asarray(prompt_ids)
-        except ValueError:
-            raise ValueError("prompt_ids must be a flat sequence of token ids; got ragged "
-                             "nested lists") from None
-        if ids.ndim != 1 or ids.size == 0:
-            raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of token ids; got "
-                             f"shape {ids.shape}")
-        if not np.issubdtype(ids.dtype, np.integer):
-            raise ValueError(f"prompt_ids must hold integer token ids; got dtype {ids.dtype}")
-        low, high = int(ids.min()), int(ids.max())
-        if low < 0 or high >= self.config.vocab_size:
-            raise ValueError(f"prompt_ids must lie in [0, {self.config.vocab_size}) (vocab_size); "
-                             f"found token id {low if low < 0 else high}")
-        return ids.tolist()
 
     def _build_inputs(self, chunks: list[Chunk]) -> tuple[StepInputs, int]:
         """The step's arrays: each chunk's tokens contiguous and in position order (one query run
