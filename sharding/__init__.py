@@ -13,14 +13,15 @@ over the "sequence" axis (ring attention with zig-zag balancing, or DeepSpeed-Ul
 Megatron-SP (preset "tp_sp"): `column_parallel_matmul` all-gathers the sequence-split residual
 before the column-parallel projections, `row_parallel_matmul` reduce-scatters the row-parallel
 ones back onto it and `vocab_parallel_lookup` the embedding; under other layouts the first two
-are plain matmuls and the last returns None (the caller's own lookup).
+are plain matmuls and the last returns None (the caller's own lookup). `local_map` runs an
+operation the partitioner would gather (an FFT) on each device's own block instead.
 Multi-host: `sharding.initialize(...)` in every process first; meshes then span all processes.
 Expert parallelism: `expert_parallel_moe` (all_to_all dispatch over the "expert" axis, preset "ep";
 ragged_all_to_all of the filled slots only on GPU/TPU) and expert placement from routing
 statistics (`routing_statistics`, `greedy_placement`).
 """
 
-from sharding.constraints import active_rules, constrain, use_rules
+from sharding.constraints import active_rules, constrain, local_map, use_rules
 from sharding.distributed import initialize
 from sharding.expert_exchange import EXCHANGES, ragged_exchange_layout, resolve_exchange
 from sharding.expert_parallel import (MoEResult, capacity_dispatch, capacity_moe, expert_capacity,
@@ -49,7 +50,8 @@ __all__ = [
     "placement_permutation", "round_robin_placement", "route_top_k", "routing_statistics",
     "active_rules", "axis_size", "batch_sharding", "column_parallel_matmul",
     "communication_elements", "constrain", "row_parallel_matmul",
-    "head_counts_of", "initialize", "logical_to_mesh_axes", "logical_to_spec", "make_mesh", "place",
+    "head_counts_of", "initialize", "local_map", "logical_to_mesh_axes", "logical_to_spec",
+    "make_mesh", "place",
     "ring_attention", "ring_attention_shard", "rules_for", "sequence_parallel_attention", "shard",
     "state_shardings", "ulysses_attention", "ulysses_attention_shard", "use_rules",
     "vocab_parallel_lookup",

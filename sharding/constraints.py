@@ -14,7 +14,7 @@ from __future__ import annotations
 import contextlib
 import contextvars
 import dataclasses
-from typing import Sequence
+from typing import Callable, Sequence
 
 import jax
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
@@ -98,3 +98,29 @@ def constrain(x: jax.Array, axes: Sequence[str | None]) -> jax.Array:
                          f"{tuple(x.shape)}")
     spec = activation_spec(x.shape, axes, active.mesh, active.table)
     return jax.lax.with_sharding_constraint(x, NamedSharding(active.mesh, spec))
+
+
+def local_map(fn: Callable, in_axes: Sequence[Sequence[str | None]],
+              out_axes: Sequence[str | None]) -> Callable:
+    """fn run on each device's own block of its arguments (split by their logical axes under the
+    active `use_rules`, as `constrain` would split them), or fn itself when none is active.
+
+    For operations that need no communication but that the SPMD partitioner would not split: it
+    shards no FFT, for one, and all-gathers the operand to transform it whole on every device.
+    fn must be elementwise over the split dimensions (no collectives inside; `check_vma` is off,
+    as Pallas kernels' outputs carry no varying-axes type). A None argument passes through."""
+    def mapped(*args):
+        active = _current()
+        if active is None:
+            return fn(*args)
+
+        def spec(x, axes):
+            return None if x is None else activation_spec(x.shape, axes, active.mesh,
+                                                          active.table)
+
+        in_specs = tuple(spec(x, axes) for x, axes in zip(args, in_axes, strict=True))
+        out_specs = spec(jax.eval_shape(fn, *args), out_axes)
+        return jax.shard_map(fn, mesh=active.mesh, in_specs=in_specs, out_specs=out_specs,
+                             check_vma=False)(*args)
+
+    return mapped

@@ -9,8 +9,9 @@ Hyena operator of order N on x [batch, seq, D] (the safari reference implementat
 
 The short convolution is depthwise and causal (a few taps, local token mixing); the long filters
 h_i [D, seq] come from ``hyena_filter.ImplicitFilter``. Each step is one ``fftconv`` call with the
-gates fused (pre_gate = x_i; post_gate = x_0 on the last step). Every operation is causal, so
-logits at t depend on tokens <= t only. Blocks are pre-norm like Llama: RMSNorm -> Hyena mixer,
+gates fused (pre_gate = x_i; post_gate = x_0 on the last step); under sharding rules each device
+convolves its own rows and channels (``sharding.local_map``: the partitioner shards no FFT).
+Every operation is causal, so logits at t depend on tokens <= t only. Blocks are pre-norm like Llama: RMSNorm -> Hyena mixer,
 RMSNorm -> SwiGLU MLP.
 
 `forward(input_ids, cache, start)` has the Llama decoders' signature, so the training step and
@@ -23,6 +24,7 @@ the whole sequence.
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -37,7 +39,7 @@ from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.layers import (Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
                                      output_logits, param, row_parallel)
 from kernels_pallas import fftconv
-from sharding import constrain
+from sharding import constrain, local_map
 
 # Logical names of activation dimensions (sharding/rules.py maps them to mesh axes).
 RESIDUAL = ("batch", "res_seq", "act_embed")
@@ -47,6 +49,18 @@ LOGITS = ("batch", "seq", "act_vocab")
 SHORT_CACHE_AXES = ("batch", None, "act_heads")
 LONG_CACHE_AXES = ("batch", "act_heads", "cache_seq")
 FILTER_CACHE_AXES = (None, "act_heads", None)
+# A long convolution's input and gates [batch, D, T]: rows and channels split like the in_proj
+# outputs they come from, the convolved (FFT) axis whole; its filter [D, T] and bias [D].
+LONG_CONV_AXES = ("batch", "act_heads", None)
+LONG_CONV_IN_AXES = (LONG_CONV_AXES, ("act_heads", None), LONG_CONV_AXES, LONG_CONV_AXES,
+                     ("act_heads",))
+
+
+def gated_long_conv(u: jax.Array, k: jax.Array, pre_gate: jax.Array,
+                    post_gate: jax.Array | None, bias: jax.Array, *, backend: str) -> jax.Array:
+    """post_gate * (k * (pre_gate * u) + bias * pre_gate * u): u, gates [batch, D, T], k [D, T],
+    bias [D] -> [batch, D, T] (positional, for ``sharding.local_map``)."""
+    return fftconv(u, k, pre_gate=pre_gate, post_gate=post_gate, bias=bias, backend=backend)
 
 
 class ShortConv(nnx.Module):
@@ -132,8 +146,9 @@ class HyenaOperator(nnx.Module):
                 w = gate.astype(jnp.float32) * v.astype(jnp.float32)  # [batch, D, T]
                 long.append(write_positions(cache.long[step], w, start))
             if use_fft:
-                v = fftconv(v, k[step, :, :seq], pre_gate=gate, post_gate=post_gate,
-                            bias=self.filter_bias[step].astype(v.dtype), backend=self.backend)
+                conv = functools.partial(gated_long_conv, backend=self.backend)
+                v = local_map(conv, LONG_CONV_IN_AXES, LONG_CONV_AXES)(
+                    v, k[step, :, :seq], gate, post_gate, self.filter_bias[step].astype(v.dtype))
             else:
                 v = cached_long_conv(long[-1], w, k[step], start, self.filter_bias[step],
                                      post_gate).astype(v.dtype)

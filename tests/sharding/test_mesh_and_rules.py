@@ -154,3 +154,30 @@ def test_constrain_rank_mismatch_is_an_error():
     with sharding.use_rules(sharding.make_mesh(data=8), "dp"):
         with pytest.raises(ValueError, match="do not match the array's shape"):
             sharding.constrain(jnp.ones((8, 4)), ("batch",))
+
+
+def test_local_map_transforms_each_devices_block_without_gathering():
+    """The partitioner shards no FFT: given channel-split input it all-gathers and transforms
+    the whole array on every device (the control). Under local_map each device transforms its
+    own rows (3: indivisible, kept whole) and channels, and the result equals the unsharded one.
+    None arguments pass through."""
+    def spectrum(x, scale, unused):  # x [rows, channels, T]; scale [channels]
+        assert unused is None
+        return jnp.abs(jnp.fft.rfft(x * scale[:, None], axis=-1))
+
+    axes = ("batch", "act_heads", None)
+    mapped = sharding.local_map(spectrum, (axes, ("act_heads",), axes), axes)
+    mesh = sharding.make_mesh(data=2, tensor=4)
+    x = jax.random.normal(jax.random.key(0), (3, 8, 16))
+    x = jax.device_put(x, jax.sharding.NamedSharding(mesh, P(None, "tensor", None)))
+    scale = jnp.arange(1.0, 9.0)
+    want = spectrum(x, scale, None)
+    np.testing.assert_array_equal(np.asarray(mapped(x, scale, None)), np.asarray(want))  # no rules
+    plain = jax.jit(lambda x, s: spectrum(x, s, None)).lower(x, scale).compile()
+    assert "all-gather" in plain.as_text()
+    with sharding.use_rules(mesh, "tp"):
+        compiled = jax.jit(lambda x, s: mapped(x, s, None)).lower(x, scale).compile()
+    got = compiled(x, scale)
+    assert "all-gather" not in compiled.as_text()
+    assert got.addressable_shards[0].data.shape == (3, 2, 9)
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=1e-6, atol=1e-5)

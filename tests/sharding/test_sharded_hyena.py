@@ -1,16 +1,19 @@
 """A tiny Hyena under Megatron-SP ("tp_sp") equals the single-device run (logits, loss,
 gradients), and its vocab-parallel embedding never all-gathers the whole table (the bug the
 Llama family had; the control is the lookup constrained straight to the sequence-split
-residual)."""
+residual). Greedy generation under "tp" and "tp_sp" gives the single-device tokens."""
 
 import functools
+import re
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 import optax
+import pytest
 from flax import nnx
 
+import jaxinfer
 import sharding
 from jaxinfer.config import HyenaConfig
 from jaxinfer.models import hyena
@@ -24,10 +27,10 @@ GRAD_ATOL_SCALE = 1e-5
 HIDDEN, BATCH, LENGTH = 16, 8, 33  # 32 positions: at 8 the partitioner gathered the ids instead
 
 
-def tiny_model(vocab: int) -> HyenaForCausalLM:
+def tiny_model(vocab: int, order: int = 2) -> HyenaForCausalLM:
     config = HyenaConfig(vocab_size=vocab, hidden_size=HIDDEN, intermediate_size=32,
                          num_hidden_layers=1, max_position_embeddings=64, filter_hidden_size=16,
-                         filter_emb_dim=5, fftconv_backend="xla")
+                         filter_emb_dim=5, fftconv_backend="xla", order=order)
     return HyenaForCausalLM(config, rngs=nnx.Rngs(0))
 
 
@@ -55,6 +58,12 @@ def gathers_full_table(hlo: str, vocab: int) -> bool:
     return any("all-gather" in line and table in line for line in hlo.splitlines())
 
 
+def fft_channels(hlo: str) -> set[int]:
+    """The channel counts (the dimension before the transformed one) of the HLO's FFTs."""
+    shapes = re.findall(r"= \w+\[([\d,]+)\]\S* fft\(", hlo)
+    return {int(shape.split(",")[-2]) for shape in shapes}
+
+
 def test_tp_sp_hyena_matches_single_device_without_gathering_the_table():
     vocab = 40  # a vocabulary no other compile of this file uses: the table's shape is its own
     model = tiny_model(vocab)
@@ -70,6 +79,9 @@ def test_tp_sp_hyena_matches_single_device_without_gathering_the_table():
         np.testing.assert_allclose(np.asarray(g), r, rtol=GRAD_RTOL, atol=atol,
                                    err_msg=jax.tree_util.keystr(path))
     assert not gathers_full_table(hlo, vocab)
+    # every FFT (forward and backward, inputs and filters) transforms this device's channels
+    # only: the partitioner would gather all of them (`hyena.local_fftconv`)
+    assert fft_channels(hlo) == {HIDDEN // 4}
     assert "reduce-scatter" in hlo  # out_proj and down land on the residual by reduce-scatter
 
 
@@ -83,3 +95,18 @@ def test_control_lookup_straight_into_the_residual_gathers_the_table(monkeypatch
     _, hlo = tp_sp_run(tiny_model(vocab), ids)
     assert gathers_full_table(hlo, vocab)
 
+
+@pytest.mark.parametrize("preset", ["tp", "tp_sp"])
+def test_greedy_generation_with_tensor_parallelism_matches_unsharded(preset):
+    """The prefill's long convolutions run per device (`sharding.local_map`); left to the
+    partitioner, each FFT's operand was all-gathered into a layout XLA:CPU's FFT refused at run
+    time. Order 3: the first of its two convolutions has no post-gate."""
+    vocab = 48
+    model = tiny_model(vocab, order=3)
+    prompts = jax.random.randint(jax.random.key(2), (2, 5), 0, vocab, jnp.int32)
+    want = jaxinfer.generate(model, prompts, max_new_tokens=6)
+    mesh, rules = sharding.make_mesh(data=2, tensor=4), sharding.rules_for(preset)
+    sharded = sharding.shard(model, mesh, rules)
+    with sharding.use_rules(mesh, rules):
+        got = jaxinfer.generate(sharded, prompts, max_new_tokens=6)
+    np.testing.assert_array_equal(np.asarray(got), np.asarray(want))
