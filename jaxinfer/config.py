@@ -1,8 +1,9 @@
-"""Model configuration: one frozen dataclass for the Llama family, read from and written to HF config.json.
+"""Model configuration: frozen dataclasses for the Llama family (and Hyena), read from and written
+to HF config.json.
 
 Llama 2/3, Mistral and Qwen2 differ only in a handful of switches (rope scaling, projection biases,
-sliding window), so one config and one decoder cover all three. The config is hashable so that jitted
-functions can take it as a static argument.
+sliding window), so one config and one decoder cover all three. The config is hashable so that
+jitted functions can take it as a static argument.
 """
 
 from __future__ import annotations
@@ -14,6 +15,23 @@ from typing import Any, Mapping
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
+# The RopeScaling fields each rope type reads (what to_hf_config writes for it).
+ROPE_TYPE_FIELDS = {"default": (), "linear": ("factor",),
+                    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
+                               "original_max_position_embeddings")}
+# What transformers' config classes (Llama/Mistral/Mixtral/Qwen2Config) assume for a key that
+# config.json omits, so that an absent key means here what it means to transformers.
+# num_key_value_heads None: as many KV heads as query heads (multi-head attention).
+HF_DEFAULTS: dict[str, dict[str, Any]] = {
+    "llama": dict(num_key_value_heads=None, max_position_embeddings=2048, rope_theta=1e4,
+                  rms_norm_eps=1e-6, sliding_window=None),
+    "mistral": dict(num_key_value_heads=8, max_position_embeddings=131072, rope_theta=1e4,
+                    rms_norm_eps=1e-6, sliding_window=4096),
+    "mixtral": dict(num_key_value_heads=8, max_position_embeddings=131072, rope_theta=1e6,
+                    rms_norm_eps=1e-5, sliding_window=None),
+    "qwen2": dict(num_key_value_heads=32, max_position_embeddings=32768, rope_theta=1e4,
+                  rms_norm_eps=1e-6, sliding_window=4096, max_window_layers=28),
+}
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas")  # see kernels_pallas.flash_attention
 SEQUENCE_PARALLEL_IMPLS = ("ring", "ulysses")
@@ -32,9 +50,8 @@ class RopeScaling:
 
     def __post_init__(self) -> None:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(
-                f"rope_scaling type must be one of {SUPPORTED_ROPE_TYPES}; got {self.rope_type!r}"
-            )
+            raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported; expected one "
+                             f"of {SUPPORTED_ROPE_TYPES}")
         if self.factor <= 0:
             raise ValueError(f"rope_scaling factor must be positive; got {self.factor}")
 
@@ -49,6 +66,108 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
     return hf
+
+
+def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
+    """`LlamaConfig`'s architecture fields from a Hugging Face config dict (transformers 4.x or
+    5.x spelling) of `model_type`: one of SUPPORTED_MODEL_TYPES, or "mixtral", whose attention
+    blocks are Mistral's. Keys config.json omits take transformers' defaults for that model type
+    (HF_DEFAULTS); errors name config.json and the model type."""
+    defaults = HF_DEFAULTS[model_type]
+    required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                "num_attention_heads")
+    missing = [key for key in required if key not in hf]
+    if missing:
+        raise ValueError(f"config.json: missing required field(s) {missing}")
+    act = hf.get("hidden_act", "silu")
+    if act != "silu":
+        raise ValueError(f"config.json: hidden_act must be 'silu' for {model_type}; got {act!r}")
+    max_positions = hf.get("max_position_embeddings", defaults["max_position_embeddings"])
+    kv_heads = hf.get("num_key_value_heads", defaults["num_key_value_heads"])
+    if model_type == "qwen2":
+        sliding_window = _qwen2_sliding_window(hf, hf["num_hidden_layers"])
+    else:  # HF's Llama has no window; Mistral's and Mixtral's apply to every layer
+        sliding_window = hf.get("sliding_window", defaults["sliding_window"])
+
+    # transformers 5 folds theta and scaling into rope_parameters; 4.x has rope_theta + rope_scaling
+    rope = dict(hf.get("rope_parameters") or {})
+    legacy = hf.get("rope_scaling") or {}
+    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", defaults["rope_theta"])))
+    scaling = {**legacy, **{k: v for k, v in rope.items() if k != "rope_theta"}}
+    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
+    if rope_type == "llama3" and "original_max_position_embeddings" not in scaling:
+        # transformers falls back to the model's own context length
+        scaling["original_max_position_embeddings"] = hf.get(
+            "original_max_position_embeddings", max_positions)
+    rope_scaling = None
+    if rope_type != "default":
+        fields = {f.name for f in dataclasses.fields(RopeScaling)}
+        try:
+            rope_scaling = RopeScaling(
+                rope_type=rope_type,
+                **{k: v for k, v in scaling.items() if k in fields and k != "rope_type"},
+            )
+        except ValueError as e:
+            raise ValueError(f"config.json: {e}") from None
+
+    # HF's Mistral, Mixtral and Qwen2 classes ignore attention_bias / mlp_bias; Llama reads them
+    attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
+    eos = hf.get("eos_token_id")
+    return dict(
+        model_type=model_type,
+        vocab_size=hf["vocab_size"],
+        hidden_size=hf["hidden_size"],
+        intermediate_size=hf["intermediate_size"],
+        num_hidden_layers=hf["num_hidden_layers"],
+        num_attention_heads=hf["num_attention_heads"],
+        num_key_value_heads=hf["num_attention_heads"] if kv_heads is None else kv_heads,
+        head_dim=hf.get("head_dim"),
+        max_position_embeddings=max_positions,
+        rms_norm_eps=float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
+        rope_theta=rope_theta,
+        rope_scaling=rope_scaling,
+        qkv_bias=attention_bias or model_type == "qwen2",
+        o_bias=attention_bias,
+        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+        sliding_window=sliding_window,
+        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        bos_token_id=hf.get("bos_token_id"),
+        eos_token_id=() if eos is None else eos,
+    )
+
+
+def _qwen2_sliding_window(hf: Mapping[str, Any], num_layers: int) -> int | None:
+    """The sliding window of a Qwen2 config's layers, worked out as transformers' Qwen2Config
+    does: `sliding_window` counts only with `use_sliding_window`, and a layer slides where an
+    explicit `layer_types` says "sliding_attention", else where its index is >=
+    `max_window_layers`. jaxinfer gives every layer the same attention, so a config whose layers
+    differ is refused; one where no layer slides (the usual max_window_layers >= layers) is
+    not."""
+    defaults = HF_DEFAULTS["qwen2"]
+    window = (hf.get("sliding_window", defaults["sliding_window"])
+              if hf.get("use_sliding_window", False) else None)
+    layer_types = hf.get("layer_types")
+    if layer_types is None:
+        first = hf.get("max_window_layers", defaults["max_window_layers"])
+        layer_types = ["sliding_attention" if window is not None and i >= first
+                       else "full_attention" for i in range(num_layers)]
+    known = {"full_attention", "sliding_attention"}
+    if len(layer_types) != num_layers or not set(layer_types) <= known:
+        raise ValueError(f"config.json: layer_types must list {num_layers} (num_hidden_layers) "
+                         f"entries among {sorted(known)} for qwen2; got {layer_types!r}")
+    sliding = [i for i, kind in enumerate(layer_types) if kind == "sliding_attention"]
+    if not sliding:
+        return None
+    if window is None:
+        raise ValueError(f"config.json: layer_types marks qwen2 layers {sliding} as "
+                         f"sliding_attention, but use_sliding_window is false or sliding_window "
+                         f"is null, so they have no window")
+    if len(sliding) < num_layers:
+        raise ValueError(f"config.json: qwen2 with a sliding window in only some layers (layers "
+                         f"{sliding} of {num_layers}, from use_sliding_window, max_window_layers "
+                         f"and layer_types) is not supported; jaxinfer gives every layer the same "
+                         f"attention")
+    return window
 
 
 @dataclasses.dataclass(frozen=True)
@@ -93,7 +212,8 @@ class LlamaConfig:
 
     def __post_init__(self) -> None:
         if self.head_dim is None:
-            object.__setattr__(self, "head_dim", self.hidden_size // max(self.num_attention_heads, 1))
+            object.__setattr__(self, "head_dim",
+                               self.hidden_size // max(self.num_attention_heads, 1))
         if isinstance(self.eos_token_id, int):
             object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
         elif isinstance(self.eos_token_id, list):
@@ -134,7 +254,7 @@ class LlamaConfig:
 
     @property
     def num_query_groups(self) -> int:
-        """Query heads that share one KV head (1 = multi-head, num_attention_heads = multi-query)."""
+        """Query heads that share one KV head (1: multi-head, num_attention_heads: multi-query)."""
         return self.num_attention_heads // self.num_key_value_heads
 
     def replace(self, **changes: Any) -> LlamaConfig:
@@ -147,65 +267,10 @@ class LlamaConfig:
         """Build from a Hugging Face config dict (transformers 4.x or 5.x spelling)."""
         model_type = hf.get("model_type")
         if model_type not in SUPPORTED_MODEL_TYPES:
-            raise ValueError(
-                f"config.json: model_type must be one of {SUPPORTED_MODEL_TYPES}; got {model_type!r}"
-            )
-        required = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                    "num_attention_heads")
-        missing = [key for key in required if key not in hf]
-        if missing:
-            raise ValueError(f"config.json: missing required field(s) {missing}")
-        act = hf.get("hidden_act", "silu")
-        if act != "silu":
-            raise ValueError(f"config.json: hidden_act must be 'silu' for {model_type}; got {act!r}")
-        if model_type == "qwen2" and hf.get("use_sliding_window", False):
-            raise ValueError("config.json: qwen2 with use_sliding_window=true is not supported yet")
-
-        # transformers 5 folds theta and scaling into rope_parameters; 4.x has rope_theta + rope_scaling
-        rope = dict(hf.get("rope_parameters") or {})
-        legacy = hf.get("rope_scaling") or {}
-        rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", 10000.0)))
-        scaling = {**legacy, **{k: v for k, v in rope.items() if k != "rope_theta"}}
-        rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-        if rope_type == "llama3" and "original_max_position_embeddings" not in scaling:
-            # transformers falls back to the model's own context length
-            scaling["original_max_position_embeddings"] = hf.get(
-                "original_max_position_embeddings", hf.get("max_position_embeddings", 2048))
-        rope_scaling = None
-        if rope_type != "default":
-            fields = {f.name for f in dataclasses.fields(RopeScaling)}
-            rope_scaling = RopeScaling(
-                rope_type=rope_type,
-                **{k: v for k, v in scaling.items() if k in fields and k != "rope_type"},
-            )
-
-        # HF's Mistral and Qwen2 classes ignore attention_bias / mlp_bias; only Llama reads them
-        attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
-        eos = hf.get("eos_token_id")
-        return cls(
-            model_type=model_type,
-            vocab_size=hf["vocab_size"],
-            hidden_size=hf["hidden_size"],
-            intermediate_size=hf["intermediate_size"],
-            num_hidden_layers=hf["num_hidden_layers"],
-            num_attention_heads=hf["num_attention_heads"],
-            num_key_value_heads=hf.get("num_key_value_heads") or hf["num_attention_heads"],
-            head_dim=hf.get("head_dim"),
-            max_position_embeddings=hf.get("max_position_embeddings", 2048),
-            rms_norm_eps=float(hf.get("rms_norm_eps", 1e-6)),
-            rope_theta=rope_theta,
-            rope_scaling=rope_scaling,
-            qkv_bias=attention_bias or model_type == "qwen2",
-            o_bias=attention_bias and model_type == "llama",
-            mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
-            sliding_window=hf.get("sliding_window") if model_type == "mistral" else None,
-            tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-            bos_token_id=hf.get("bos_token_id"),
-            eos_token_id=() if eos is None else eos,
-            dtype=dtype,
-            param_dtype=dtype,
-            attention_backend=attention_backend,
-        )
+            raise ValueError(f"config.json: model_type must be one of {SUPPORTED_MODEL_TYPES}; "
+                             f"got {model_type!r}")
+        return cls(**hf_decoder_fields(hf, model_type), dtype=dtype, param_dtype=dtype,
+                   attention_backend=attention_backend)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The config.json that transformers loads back into the same architecture.
@@ -220,16 +285,18 @@ class LlamaConfig:
             problems.append("mistral has no qkv_bias, o_bias or mlp_bias")
         if self.model_type == "qwen2" and (not self.qkv_bias or self.o_bias or self.mlp_bias):
             problems.append("qwen2 needs qkv_bias=True and has no o_bias or mlp_bias")
-        if self.sliding_window is not None and self.model_type != "mistral":
-            problems.append(f"sliding_window is only expressible for mistral; got {self.model_type}")
+        if self.sliding_window is not None and self.model_type == "llama":
+            problems.append("sliding_window is only expressible for mistral and qwen2; got llama")
         if problems:
             raise ValueError("config cannot be written as a Hugging Face config.json: "
                              + "; ".join(problems))
         architectures = {"llama": "LlamaForCausalLM", "mistral": "MistralForCausalLM",
                          "qwen2": "Qwen2ForCausalLM"}
         rope_parameters: dict[str, Any] = {"rope_type": "default", "rope_theta": self.rope_theta}
-        if self.rope_scaling is not None:
-            rope_parameters.update(dataclasses.asdict(self.rope_scaling))
+        if self.rope_scaling is not None:  # only the fields its type reads: HF warns on others
+            rope_type = self.rope_scaling.rope_type
+            rope_parameters.update(rope_type=rope_type, **{
+                name: getattr(self.rope_scaling, name) for name in ROPE_TYPE_FIELDS[rope_type]})
         hf: dict[str, Any] = {
             "architectures": [architectures[self.model_type]],
             "model_type": self.model_type,
@@ -259,8 +326,10 @@ class LlamaConfig:
             hf["mlp_bias"] = self.mlp_bias
         if self.model_type == "mistral":
             hf["sliding_window"] = self.sliding_window
-        if self.model_type == "qwen2":
-            hf["use_sliding_window"] = False
+        if self.model_type == "qwen2":  # max_window_layers 0: every layer slides
+            hf["use_sliding_window"] = self.sliding_window is not None
+            if self.sliding_window is not None:
+                hf.update(sliding_window=self.sliding_window, max_window_layers=0)
         return hf
 
     @classmethod

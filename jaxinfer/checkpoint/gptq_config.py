@@ -125,21 +125,42 @@ class GPTQConfig:
         return GPTQLayerSpec(**base)
 
 
+def read_quantization_config(model_dir: Path, hf_config: dict) -> tuple[dict, str] | None:
+    """The checkpoint's quantization config and where it was found (for error messages):
+    config.json's ``quantization_config`` (transformers), else a ``quantize_config.json``
+    (AutoGPTQ); None for a float checkpoint."""
+    if "quantization_config" in hf_config:
+        return hf_config["quantization_config"], f"{model_dir / 'config.json'}: quantization_config"
+    file = model_dir / QUANTIZE_CONFIG_FILE
+    if not file.exists():
+        return None
+    try:
+        return json.loads(file.read_text()), str(file)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{file} is not valid JSON: {e}") from None
+
+
 def read_gptq_config(model_dir: Path, hf_config: dict) -> GPTQConfig | None:
     """The checkpoint's GPTQ config, or None for a float checkpoint.
 
     A ``quantization_config`` of another method (AWQ, bitsandbytes...) raises."""
-    if "quantization_config" in hf_config:
-        return GPTQConfig.from_dict(hf_config["quantization_config"],
-                                    f"{model_dir / 'config.json'}: quantization_config")
-    file = model_dir / QUANTIZE_CONFIG_FILE
-    if file.exists():
-        try:
-            d = json.loads(file.read_text())
-        except json.JSONDecodeError as e:
-            raise ValueError(f"{file} is not valid JSON: {e}") from None
-        return GPTQConfig.from_dict(d, str(file))
-    return None
+    found = read_quantization_config(model_dir, hf_config)
+    return None if found is None else GPTQConfig.from_dict(*found)
+
+
+def refuse_quantized(model_dir: Path, hf_config: dict, model_type: str) -> None:
+    """Raise for a quantized checkpoint of a model type that loads float weights only (Mixtral,
+    Hyena), naming the method: its tensors would otherwise be missing, unreadable, or (int8
+    codes beside scales) read as if they were the weights."""
+    found = read_quantization_config(model_dir, hf_config)
+    if found is None:
+        return
+    config, source = found
+    if not isinstance(config, dict):
+        raise ValueError(f"{source} must be a JSON object; got {type(config).__name__}")
+    method = config.get("quant_method", "gptq")  # AutoGPTQ's quantize_config.json names none
+    raise ValueError(f"{source}: quant_method {method!r} is not supported for {model_type} "
+                     f"checkpoints (only float weights)")
 
 
 def _is_symmetric(w: QuantizedWeight) -> bool:

@@ -46,6 +46,10 @@ log = logging.getLogger(__name__)
 # Buffers some exporters write that carry no parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+# safetensors dtypes: those of float parameters, and all that safe_open(framework="flax") can
+# read (it fails with an AttributeError on the others, float8 among them).
+FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
+READABLE_DTYPES = FLOAT_DTYPES + ("BOOL", "U8", "I8", "U16", "I16", "U32", "I32", "U64", "I64")
 
 
 def hf_name(path: tuple) -> tuple[str, bool]:
@@ -74,36 +78,45 @@ def hf_tensors(model: nnx.Module,
 
 
 def _tensor_files(model_dir: Path) -> dict[str, Path]:
-    """Map each tensor name to the safetensors file that holds it."""
-    index = model_dir / INDEX_FILE
-    if index.exists():
+    """Map each tensor name to the safetensors file that holds it.
+
+    Where the directory has both model.safetensors and an index, model.safetensors wins, as in
+    transformers (`modeling_utils._get_resolved_checkpoint_files`), so that both load the same
+    weights; transformers' own single-file save over a sharded one deletes the shards but leaves
+    the index behind."""
+    single, index = model_dir / SINGLE_FILE, model_dir / INDEX_FILE
+    if single.exists():
+        if index.exists():
+            log.warning("%s has both %s and %s; loading %s and ignoring the index, as "
+                        "transformers does", model_dir, SINGLE_FILE, INDEX_FILE, SINGLE_FILE)
         try:
-            weight_map = json.loads(index.read_text())["weight_map"]
-        except (json.JSONDecodeError, KeyError) as e:
-            raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
-        shards = sorted(set(weight_map.values()))
-        missing = [s for s in shards if not (model_dir / s).exists()]
-        if missing:
-            raise FileNotFoundError(
-                f"{index} names shard file(s) that are missing from {model_dir}: {missing}")
-        return {name: model_dir / shard for name, shard in weight_map.items()}
-    single = model_dir / SINGLE_FILE
-    if not single.exists():
+            with safe_open(single, framework="flax") as f:
+                return {name: single for name in f.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"{single} is not a readable safetensors file: {e}") from None
+    if not index.exists():
         raise FileNotFoundError(
             f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; expected safetensors weights")
     try:
-        with safe_open(single, framework="flax") as f:
-            return {name: single for name in f.keys()}
-    except SafetensorError as e:
-        raise ValueError(f"{single} is not a readable safetensors file: {e}") from None
+        weight_map = json.loads(index.read_text())["weight_map"]
+    except (json.JSONDecodeError, KeyError) as e:
+        raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
+    shards = sorted(set(weight_map.values()))
+    missing = [s for s in shards if not (model_dir / s).exists()]
+    if missing:
+        raise FileNotFoundError(
+            f"{index} names shard file(s) that are missing from {model_dir}: {missing}")
+    return {name: model_dir / shard for name, shard in weight_map.items()}
 
 
 class _TensorReader:
-    """Reads named tensors (jax arrays), opening each safetensors file once."""
+    """Reads named tensors (jax arrays), opening each safetensors file once; `used` collects the
+    names read, so that the loaders can report the tensors they left unread."""
 
     def __init__(self, files: dict[str, Path]):
         self.files = files
         self.handles: dict[Path, object] = {}
+        self.used: set[str] = set()
 
     def __enter__(self) -> _TensorReader:
         return self
@@ -112,14 +125,53 @@ class _TensorReader:
         for handle in self.handles.values():
             handle.__exit__(None, None, None)
 
-    def get(self, name: str) -> jax.Array:
+    def _handle(self, name: str):
         file = self.files[name]
+        if file not in self.handles:
+            self.handles[file] = safe_open(file, framework="flax").__enter__()
+        return self.handles[file]
+
+    def dtype(self, name: str) -> str:
+        """Tensor `name`'s safetensors dtype ("F32", "I8", "F8_E4M3", ...), read from the header."""
         try:
-            if file not in self.handles:
-                self.handles[file] = safe_open(file, framework="flax").__enter__()
-            return self.handles[file].get_tensor(name)
+            return self._handle(name).get_slice(name).get_dtype()
         except SafetensorError as e:
-            raise ValueError(f"cannot read tensor {name!r} from {file}: {e}") from None
+            raise ValueError(f"cannot read tensor {name!r} from {self.files[name]}: {e}") from None
+
+    def get(self, name: str) -> jax.Array:
+        """Tensor `name`; a ValueError naming it for a dtype jaxinfer cannot read (float8)."""
+        dtype = self.dtype(name)
+        if dtype not in READABLE_DTYPES:
+            raise ValueError(f"tensor {name!r} in {self.files[name].name} has dtype {dtype}, "
+                             f"which jaxinfer cannot read (a quantized checkpoint?); readable "
+                             f"dtypes: {READABLE_DTYPES}")
+        try:
+            tensor = self._handle(name).get_tensor(name)
+        except SafetensorError as e:
+            raise ValueError(f"cannot read tensor {name!r} from {self.files[name]}: {e}") from None
+        self.used.add(name)
+        return tensor
+
+    def get_float(self, name: str) -> jax.Array:
+        """Tensor `name`, which must be stored as a float: an int8 tensor where a float parameter
+        belongs means quantized codes (beside scales the model does not read), not weights."""
+        dtype = self.dtype(name)
+        if dtype not in FLOAT_DTYPES:
+            raise ValueError(f"tensor {name!r} in {self.files[name].name} has dtype {dtype}, "
+                             f"but config.json implies a float parameter (one of "
+                             f"{FLOAT_DTYPES}); of quantized checkpoints, jaxinfer loads only "
+                             f"GPTQ ones of Llama-family models")
+        return self.get(name)
+
+
+def warn_unused(reader: _TensorReader, tie_word_embeddings: bool) -> None:
+    """Log the checkpoint tensors a load left unread (other than buffers and a tied lm_head)."""
+    unused = sorted(n for n in set(reader.files) - reader.used
+                    if not n.endswith(IGNORED_SUFFIXES)
+                    and not (n == "lm_head.weight" and tie_word_embeddings))
+    if unused:
+        log.warning("ignoring %d tensor(s) the model does not use, e.g. %s",
+                    len(unused), unused[:5])
 
 
 def _gptq_modules(flat, gptq: GPTQConfig, files) -> dict[tuple, tuple[str, GPTQLayerSpec]]:
@@ -209,8 +261,8 @@ def read_param(reader: "_TensorReader", files: dict, name: str, transposed: bool
                current: jax.Array) -> jax.Array:
     """Tensor `name` as the value of a parameter now holding `current` (its shape and dtype),
     transposed from the on-disk [out, in] layout where `transposed`; a clear error on a shape
-    that config.json does not imply."""
-    tensor = reader.get(name)
+    that config.json does not imply, or a non-float tensor."""
+    tensor = reader.get_float(name)
     expected = current.shape[::-1] if transposed else current.shape
     if tensor.shape != expected:
         raise ValueError(f"tensor {name!r} in {files[name].name} has shape "
@@ -220,8 +272,11 @@ def read_param(reader: "_TensorReader", files: dict, name: str, transposed: bool
 
 def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
                     attention_backend: str = "auto",
-                    quant_backend: str = "auto") -> LlamaForCausalLM:
-    """Load a local Hugging Face model directory (config.json + safetensors) as an NNX model.
+                    quant_backend: str = "auto"
+                    ) -> LlamaForCausalLM | MixtralForCausalLM | HyenaForCausalLM:
+    """Load a local Hugging Face model directory (config.json + safetensors) as an NNX model:
+    a `MixtralForCausalLM` or `HyenaForCausalLM` where config.json's model_type says so, else a
+    `LlamaForCausalLM`.
 
     `dtype` ("float32" or "bfloat16") is both the parameter and the compute dtype;
     `attention_backend` is that of `kernels_pallas.flash_attention`. A GPTQ checkpoint loads
@@ -257,13 +312,6 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
     for path in quantized:
         del wanted[path]
     check_present(model_dir, [name for name, _ in wanted.values()], files)
-    used = {name for name, _ in wanted.values()}
-    used |= {f"{module}.{t}" for module, _ in quantized.values() for t in GPTQ_TENSORS}
-    unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES)
-                        and not (n == "lm_head.weight" and config.tie_word_embeddings))
-    if unexpected:
-        log.warning("ignoring %d tensor(s) the model does not use, e.g. %s",
-                    len(unexpected), unexpected[:5])
 
     with _TensorReader(files) as reader:
         for path, var in tqdm(flat, desc=f"loading {model_dir.name}", unit="tensor", leave=False,
@@ -278,6 +326,7 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
             weight = _read_gptq_weight(reader, module, spec, tuple(layer.kernel.shape),
                                        gptq.checkpoint_format)
             setattr(parent, name, quantized_linear(layer, weight, quant_backend))
+        warn_unused(reader, config.tie_word_embeddings)
     if quantized:
         log.info("loaded %d GPTQ layers (%s, %d-bit base)", len(quantized),
                  gptq.checkpoint_format, gptq.bits)

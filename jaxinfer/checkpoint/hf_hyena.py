@@ -23,18 +23,16 @@ dispatches on; `save_pretrained` writes this layout (single file or sharded) thr
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
 from flax import nnx
 
-from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, _tensor_files, _TensorReader,
-                                    check_present, hf_name, read_param)
+from jaxinfer.checkpoint.gptq_config import refuse_quantized
+from jaxinfer.checkpoint.hf import (_tensor_files, _TensorReader, check_present, hf_name,
+                                    read_param, warn_unused)
 from jaxinfer.config import HyenaConfig, read_config_json
 from jaxinfer.models.hyena import HyenaForCausalLM
-
-log = logging.getLogger(__name__)
 
 
 def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
@@ -48,23 +46,20 @@ def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
     if not config_file.exists():
         raise FileNotFoundError(
             f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    config = HyenaConfig.from_hf_config(read_config_json(config_file),
-                                        fftconv_backend=fftconv_backend)
+    hf_config = read_config_json(config_file)
+    config = HyenaConfig.from_hf_config(hf_config, fftconv_backend=fftconv_backend)
     config = config.replace(dtype=dtype, param_dtype=dtype)
+    refuse_quantized(model_dir, hf_config, config.model_type)
     files = _tensor_files(model_dir)
     abstract = nnx.eval_shape(lambda: HyenaForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     wanted = {path: hf_name(path) for path, var in flat if isinstance(var, nnx.Param)}
     check_present(model_dir, [name for name, _ in wanted.values()], files)
-    used = {name for name, _ in wanted.values()}
-    unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES))
-    if unexpected:
-        log.warning("ignoring %d tensor(s) the model does not use, e.g. %s",
-                    len(unexpected), unexpected[:5])
     with _TensorReader(files) as reader:
         for path, var in flat:
             if path not in wanted:
                 continue
             var.value = read_param(reader, files, *wanted[path], var.value)
+        warn_unused(reader, config.tie_word_embeddings)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))

@@ -12,12 +12,12 @@ transformers 5.x fuses them in memory (`mlp.experts.gate_up_proj` [E, 2F, D] wit
 first, `mlp.experts.down_proj` [E, D, F], router `mlp.gate.weight`) through its
 conversion_mapping; a file in that fused layout loads here too. jaxinfer stacks experts as
 gate_proj/up_proj [E, D, F] and down_proj [E, F, D]. Everything else is named, read and checked
-as in hf.py (`hf_name`, `read_param`, `check_present`), and `save_pretrained` writes it.
+as in hf.py (`hf_name`, `read_param`, `check_present`), and `save_pretrained` writes it. Only
+float checkpoints load: a quantized one (any `quantization_config`) is refused by name.
 """
 
 from __future__ import annotations
 
-import logging
 import os
 from pathlib import Path
 
@@ -25,13 +25,12 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.checkpoint.hf import (IGNORED_SUFFIXES, _tensor_files, _TensorReader,
-                                    check_present, hf_name, hf_tensors, read_param,
-                                    save_pretrained)
+from jaxinfer.checkpoint.gptq_config import refuse_quantized
+from jaxinfer.checkpoint.hf import (_tensor_files, _TensorReader, check_present, hf_name,
+                                    hf_tensors, read_param, save_pretrained, warn_unused)
+from jaxinfer.config import read_config_json
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
-
-log = logging.getLogger(__name__)
 
 # jaxinfer stacked expert parameter -> (HF per-expert linear, half of the fused gate_up_proj)
 EXPERT_LINEARS = {"gate_proj": ("w1", 0), "up_proj": ("w3", 1), "down_proj": ("w2", None)}
@@ -49,13 +48,14 @@ def _read_stacked_expert(reader: _TensorReader, path: tuple, shape: tuple[int, .
     num_experts = shape[0]
     per_expert = [f"{prefix}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(num_experts)]
     if all(name in reader.files for name in per_expert):
-        stacked = np.stack([np.asarray(reader.get(name)) for name in per_expert])  # [E, out, in]
+        # [E, out, in]
+        stacked = np.stack([np.asarray(reader.get_float(name)) for name in per_expert])
     else:
         fused = f"{prefix}.mlp.experts." + ("down_proj" if half is None else "gate_up_proj")
         if fused not in reader.files:
             raise ValueError(f"checkpoint has neither {per_expert[0]!r} (per-expert layout) nor "
                              f"{fused!r} (transformers' fused layout)")
-        stacked = np.asarray(reader.get(fused))
+        stacked = np.asarray(reader.get_float(fused))
         if half is not None:  # [E, 2F, D]: gate rows, then up rows
             f = stacked.shape[1] // 2
             stacked = stacked[:, half * f:(half + 1) * f]
@@ -84,9 +84,11 @@ def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
     if not config_file.exists():
         raise FileNotFoundError(
             f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    config = MixtralConfig.from_json_file(config_file, dtype=dtype,
+    hf_config = read_config_json(config_file)
+    config = MixtralConfig.from_hf_config(hf_config, dtype=dtype,
                                           attention_backend=attention_backend,
                                           moe_impl=moe_impl, capacity_factor=capacity_factor)
+    refuse_quantized(model_dir, hf_config, config.model_type)
     files = _tensor_files(model_dir)
     abstract = nnx.eval_shape(lambda: MixtralForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
@@ -95,13 +97,6 @@ def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
     wanted = {path: _hf_name(path, files) for path, var in flat
               if isinstance(var, nnx.Param) and str(path[-1]) not in EXPERT_LINEARS}
     check_present(model_dir, [name for name, _ in wanted.values()], files)
-    used = {name for name, _ in wanted.values()}
-    unexpected = sorted(n for n in set(files) - used if not n.endswith(IGNORED_SUFFIXES)
-                        and ".experts." not in n
-                        and not (n == "lm_head.weight" and config.tie_word_embeddings))
-    if unexpected:
-        log.warning("ignoring %d tensor(s) the model does not use, e.g. %s",
-                    len(unexpected), unexpected[:5])
     with _TensorReader(files) as reader:
         for path, var in flat:
             if path in wanted:
@@ -109,6 +104,7 @@ def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
             elif isinstance(var, nnx.Param):
                 stacked = _read_stacked_expert(reader, path, tuple(var.value.shape))
                 var.value = jnp.asarray(stacked, dtype=var.value.dtype)
+        warn_unused(reader, config.tie_word_embeddings)
     return nnx.merge(graphdef, nnx.from_flat_state(flat))
 
 

@@ -11,13 +11,13 @@ complete in `.<name>.old-*` beside it. A crash before the swap leaves `out_dir` 
 the process dies, a `.<name>.saving-*` directory beside it).
 
 Because the new directory holds only what this save writes, stale checkpoint files disappear
-with the old directory: a `model.safetensors.index.json` left by an earlier sharded save (which
-loaders prefer, so it would load the old weights), a `model.safetensors` left by an earlier
-single-file save (which transformers checks first), old shards, a `quantize_config.json` of an
-earlier GPTQ save. Every other entry of the old directory (tokenizer files,
-generation_config.json, a README, subdirectories) is carried over as a hard link (a copy where
-the filesystem has none) unless this save writes a file of that name (tokenizer.json when a
-tokenizer is given). Weights loaded from the old files were copied into JAX arrays when read
+with the old directory: a `model.safetensors` left by an earlier single-file save (which
+transformers, and `load_pretrained` likewise, pick before an index, so it would load the old
+weights), a `model.safetensors.index.json` left by an earlier sharded save (naming shards that no
+longer exist, for tools that read it), old shards, a `quantize_config.json` of an earlier GPTQ
+save. Every other entry of the old directory (tokenizer files, generation_config.json, a README,
+subdirectories) is carried over as a hard link (a copy where the filesystem has none) unless this
+save writes a file of that name (tokenizer.json when a tokenizer is given). Weights loaded from the old files were copied into JAX arrays when read
 (`safe_open(..., framework="flax")` copies), so saving over the directory a model came from is
 safe.
 """

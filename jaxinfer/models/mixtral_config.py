@@ -12,7 +12,7 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-from jaxinfer.config import LlamaConfig, read_config_json
+from jaxinfer.config import LlamaConfig, hf_decoder_fields, read_config_json
 
 MIXTRAL_MODEL_TYPE = "mixtral"
 # "dropless": sort tokens by expert + ragged_dot, never drops (HF Mixtral's semantics).
@@ -93,16 +93,9 @@ class MixtralConfig(LlamaConfig):
         if hf.get("model_type") != MIXTRAL_MODEL_TYPE:
             raise ValueError(f"config.json: model_type must be {MIXTRAL_MODEL_TYPE!r}; "
                              f"got {hf.get('model_type')!r}")
-        # Mixtral's attention is Mistral's: read the shared fields through LlamaConfig's parser
-        as_mistral = {**hf, "model_type": "mistral"}
-        if "rope_theta" not in hf and "rope_theta" not in (hf.get("rope_parameters") or {}):
-            as_mistral["rope_theta"] = 1e6  # HF Mixtral's default_theta
-        base = LlamaConfig.from_hf_config(as_mistral, dtype=dtype,
-                                          attention_backend=attention_backend)
-        fields = {f.name: getattr(base, f.name) for f in dataclasses.fields(LlamaConfig)}
-        fields.update(model_type=MIXTRAL_MODEL_TYPE,
-                      rms_norm_eps=float(hf.get("rms_norm_eps", 1e-5)))
-        return cls(**fields,
+        # Mixtral's attention blocks are Mistral's, read by the Llama family's parser
+        return cls(**hf_decoder_fields(hf, MIXTRAL_MODEL_TYPE), dtype=dtype, param_dtype=dtype,
+                   attention_backend=attention_backend,
                    num_local_experts=int(hf.get("num_local_experts", 8)),
                    num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
                    router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),

@@ -202,6 +202,18 @@ def test_mixtral_misshapen_embedding_error_names_on_disk_and_expected_shapes(tmp
         jaxinfer.load_pretrained(out)
 
 
+def test_quantized_hyena_checkpoint_is_refused_naming_the_method(tmp_path):
+    """Hyena loads float weights only; a quantization_config is refused before any tensor is
+    read rather than ignored."""
+    out = jaxinfer.save_pretrained(HyenaForCausalLM(HYENA, rngs=nnx.Rngs(0)), tmp_path)
+    config = json.loads((out / "config.json").read_text())
+    config["quantization_config"] = {"quant_method": "awq", "bits": 4}
+    (out / "config.json").write_text(json.dumps(config))
+    message = "quant_method 'awq' is not supported for hyena checkpoints (only float weights)"
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jaxinfer.load_pretrained(out)
+
+
 def test_bad_arguments_are_refused(tmp_path):
     with pytest.raises(ValueError, match="max_shard_bytes must be a positive int.*got 0"):
         jaxinfer.save_pretrained(llama(0), tmp_path / "a", max_shard_bytes=0)

@@ -10,6 +10,7 @@ import pytest
 
 import jaxinfer
 from jaxinfer import LlamaConfig, RopeScaling
+from jaxinfer.models.mixtral_config import MixtralConfig
 
 transformers = pytest.importorskip("transformers")
 TRANSFORMERS_MAJOR = int(transformers.__version__.split(".")[0])
@@ -33,6 +34,8 @@ CONFIGS = {
     "mistral_no_window": LlamaConfig(**BASE, model_type="mistral"),
     "qwen2": LlamaConfig(**BASE, model_type="qwen2", qkv_bias=True, rope_theta=1e6,
                          tie_word_embeddings=True),
+    "qwen2_sliding_window_every_layer": LlamaConfig(**BASE, model_type="qwen2", qkv_bias=True,
+                                                    sliding_window=32),
 }
 
 
@@ -77,6 +80,70 @@ def test_config_is_hashable_and_equal_configs_hash_equal():
     assert LlamaConfig(**BASE, eos_token_id=5).eos_token_id == (5,)
     with pytest.raises(dataclasses.FrozenInstanceError):
         a.vocab_size = 3
+
+
+# Only the keys without a transformers default; 32 heads so that Qwen2's default of 32 KV heads
+# (and Mistral's 8) divide them.
+REQUIRED_ONLY = dict(vocab_size=128, hidden_size=256, intermediate_size=96, num_hidden_layers=2,
+                     num_attention_heads=32)
+
+
+@pytest.mark.parametrize("model_type", ["llama", "mistral", "mixtral", "qwen2"])
+def test_absent_keys_take_the_defaults_of_transformers(model_type):
+    """A config.json that omits num_key_value_heads, max_position_embeddings, sliding_window,
+    rope_theta or rms_norm_eps means what transformers' config class for its model type assumes
+    (Mistral's 4096 window, 8 KV heads, ...)."""
+    hf = transformers.AutoConfig.for_model(model_type, **REQUIRED_ONLY)
+    parse = MixtralConfig if model_type == "mixtral" else LlamaConfig
+    config = parse.from_hf_config({**REQUIRED_ONLY, "model_type": model_type})
+    assert config.num_key_value_heads == hf.num_key_value_heads
+    assert config.max_position_embeddings == hf.max_position_embeddings
+    assert config.sliding_window == getattr(hf, "sliding_window", None)
+    assert config.rms_norm_eps == hf.rms_norm_eps
+    theta = (hf.rope_parameters["rope_theta"] if TRANSFORMERS_MAJOR >= 5 else hf.rope_theta)
+    assert config.rope_theta == theta
+
+
+QWEN2_WINDOWS = {  # id: Qwen2 config keys (besides BASE, 2 layers)
+    "use_sliding_window_false": dict(use_sliding_window=False, sliding_window=32),
+    "max_window_layers_at_least_layers": dict(use_sliding_window=True, sliding_window=32,
+                                              max_window_layers=2),
+    "max_window_layers_absent": dict(use_sliding_window=True, sliding_window=32),
+    "every_layer_slides": dict(use_sliding_window=True, sliding_window=32, max_window_layers=0),
+    "explicit_layer_types_all_full": dict(use_sliding_window=True, sliding_window=32,
+                                          max_window_layers=0,
+                                          layer_types=["full_attention"] * 2),
+    "upper_layers_slide": dict(use_sliding_window=True, sliding_window=32, max_window_layers=1),
+    "explicit_layer_types_mixed": dict(use_sliding_window=True, sliding_window=32,
+                                       layer_types=["sliding_attention", "full_attention"]),
+}
+
+
+@pytest.mark.parametrize("keys", list(QWEN2_WINDOWS.values()), ids=list(QWEN2_WINDOWS))
+def test_qwen2_sliding_window_follows_transformers_layer_types(keys):
+    """A Qwen2 config loads with transformers' window where its layers all attend alike (no
+    window where none slides, however use_sliding_window is set), and is refused where only
+    some layers slide."""
+    hf = transformers.Qwen2Config(**BASE, **keys)
+    windows = {hf.sliding_window if kind == "sliding_attention" else None
+               for kind in hf.layer_types}
+    config_json = {**BASE, "model_type": "qwen2", **keys}
+    if len(windows) > 1:
+        with pytest.raises(ValueError, match=r"config.json: qwen2 with a sliding window in only "
+                                             r"some layers \(layers \[.*\] of 2"):
+            LlamaConfig.from_hf_config(config_json)
+        return
+    assert LlamaConfig.from_hf_config(config_json).sliding_window == windows.pop()
+
+
+def test_rope_scaling_writes_only_the_fields_of_its_type():
+    """transformers warns about (and ignores) llama3's fields in a linear rope_parameters."""
+    linear = LlamaConfig(**BASE, rope_scaling=RopeScaling(rope_type="linear", factor=2.0))
+    hf = linear.to_hf_config()
+    assert hf["rope_parameters"] == {"rope_type": "linear", "rope_theta": 1e4, "factor": 2.0}
+    assert hf["rope_scaling"] == {"rope_type": "linear", "factor": 2.0}
+    llama3 = LlamaConfig(**BASE, rope_scaling=LLAMA3).to_hf_config()["rope_parameters"]
+    assert llama3 == {"rope_type": "llama3", "rope_theta": 1e4, **LLAMA3_FIELDS}
 
 
 def test_head_dim_defaults_to_hidden_over_heads():
@@ -196,11 +263,12 @@ def test_heads_not_a_multiple_of_kv_heads_is_rejected():
 
 @pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope", "su"])
 def test_unsupported_rope_type_is_rejected(rope_type):
-    with pytest.raises(ValueError, match=rf"rope_scaling type must be one of .*'{rope_type}'"):
+    message = rf"^config.json: rope_scaling type '{rope_type}' is not supported; expected one of"
+    with pytest.raises(ValueError, match=message):
         LlamaConfig.from_hf_config({**BASE, "model_type": "llama",
                                     "rope_parameters": {"rope_type": rope_type, "rope_theta": 1e4,
                                                         "factor": 2.0}})
-    with pytest.raises(ValueError, match=rf"'{rope_type}'"):
+    with pytest.raises(ValueError, match=message):
         LlamaConfig.from_hf_config({**BASE, "model_type": "llama", "rope_theta": 1e4,
                                     "rope_scaling": {"type": rope_type, "factor": 2.0}})
 
@@ -228,12 +296,6 @@ def test_missing_required_fields_are_listed():
     hf = {k: v for k, v in BASE.items() if k not in ("hidden_size", "num_hidden_layers")}
     with pytest.raises(ValueError, match=r"missing required field.*hidden_size.*num_hidden_layers"):
         LlamaConfig.from_hf_config({**hf, "model_type": "llama"})
-
-
-def test_qwen2_sliding_window_is_rejected():
-    with pytest.raises(ValueError, match=r"use_sliding_window"):
-        LlamaConfig.from_hf_config({**BASE, "model_type": "qwen2", "use_sliding_window": True,
-                                    "sliding_window": 32})
 
 
 @pytest.mark.parametrize("field,value", [

@@ -10,6 +10,8 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import shutil
 from pathlib import Path
 
 import jax.numpy as jnp
@@ -71,6 +73,8 @@ CASES = {
     "llama_tied_mha": Case("llama", vocab_size=128, num_key_value_heads=4, tie_word_embeddings=True),
     "llama_untied_gqa2": Case("llama", vocab_size=200),
     "llama3_rope_scaling": Case("llama", vocab_size=144, rope_scaling=LLAMA3_SCALING),
+    "llama_linear_rope_scaling": Case("llama", vocab_size=112,
+                                      rope_scaling={"rope_type": "linear", "factor": 4.0}),
     # 8 query heads over a single KV head (multi-query attention)
     "llama_attention_bias_mlp_bias_gqa8": Case("llama", vocab_size=300, num_attention_heads=8,
                                                num_key_value_heads=1, attention_bias=True,
@@ -79,6 +83,8 @@ CASES = {
     "mistral_sliding_window": Case("mistral", vocab_size=176, sliding_window=5),
     "qwen2_qkv_bias_gqa4": Case("qwen2", vocab_size=192, num_attention_heads=4,
                                 num_key_value_heads=1),
+    # use_sliding_window with max_window_layers 0: every layer has the window
+    "qwen2_sliding_window_every_layer": Case("qwen2", vocab_size=136, sliding_window=5),
 }
 
 HF_CONFIG_CLASSES = {
@@ -109,7 +115,8 @@ def hf_config_for(case: Case):
     if case.model_type == "mistral":
         kwargs.update(sliding_window=case.sliding_window)
     if case.model_type == "qwen2":
-        kwargs.update(use_sliding_window=False)
+        kwargs.update(use_sliding_window=case.sliding_window is not None,
+                      sliding_window=case.sliding_window, max_window_layers=0)
     return getattr(transformers, HF_CONFIG_CLASSES[case.model_type])(**kwargs)
 
 
@@ -339,6 +346,31 @@ def test_transformers_sharded_save_loads_in_jaxinfer(shard_source, tmp_path):
     assert not (tmp_path / "model.safetensors").exists()
     np.testing.assert_allclose(jx_logits(jaxinfer.load_pretrained(tmp_path), ids), expected,
                                rtol=0, atol=LOGITS_ATOL)
+
+
+@pytest.mark.parametrize("stale_index", [True, False], ids=["stale_index", "both_complete"])
+def test_single_file_wins_over_index_as_in_transformers(shard_source, tmp_path, caplog,
+                                                        stale_index):
+    """A directory holding model.safetensors and an index loads model.safetensors, as in
+    transformers: whether the index is stale (transformers' single-file save over a sharded one
+    deletes the shards and keeps the index) or a complete second copy of other weights."""
+    hf_a, _, ids, _ = shard_source
+    hf_b = build_hf_model(CASES[SHARD_CASE], seed=4)
+    hf_a.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="60KB")
+    if stale_index:
+        hf_b.save_pretrained(tmp_path, safe_serialization=True)
+        assert not list(tmp_path.glob("model-*.safetensors"))
+    else:
+        hf_b.save_pretrained(tmp_path / "b", safe_serialization=True)
+        shutil.copy(tmp_path / "b" / "model.safetensors", tmp_path)
+    assert (tmp_path / "model.safetensors.index.json").exists()
+    want = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(
+        tmp_path, attn_implementation="eager", dtype=torch.float32).eval(), ids)
+    np.testing.assert_allclose(want, hf_logits(hf_b, ids), rtol=0, atol=LOGITS_ATOL)
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint.hf"):
+        model = jaxinfer.load_pretrained(tmp_path)
+    np.testing.assert_allclose(jx_logits(model, ids), want, rtol=0, atol=LOGITS_ATOL)
+    assert "has both model.safetensors and model.safetensors.index.json" in caplog.text
 
 
 def test_bfloat16_load_gives_finite_logits_close_to_float32(shard_source):

@@ -1,11 +1,15 @@
 """jaxinfer's Mixtral (sparse MoE decoder) against transformers' MixtralForCausalLM (PyTorch, CPU,
 float32, tiny random config) as the oracle: logits, router logits, the load-balancing loss,
-greedy generation, and checkpoint conversion both ways (per-expert and fused layouts)."""
+greedy generation, checkpoint conversion both ways (per-expert and fused layouts), and the refusal
+of quantized or non-float checkpoints."""
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
+import re
+import shutil
 
 import jax
 import jax.numpy as jnp
@@ -35,15 +39,30 @@ VOCAB, BATCH, SEQ, NEW_TOKENS = 96, 2, 12, 4
 NUM_EXPERTS, TOP_K = 4, 2
 
 
-def hf_config():
+def hf_config(**changes):
     rope = {"rope_parameters": {"rope_type": "default", "rope_theta": 10000.0}}
     if int(transformers.__version__.split(".")[0]) < 5:
         rope = {"rope_theta": 10000.0}
-    return transformers.MixtralConfig(
+    kwargs = dict(
         vocab_size=VOCAB, hidden_size=32, intermediate_size=48, num_hidden_layers=2,
         num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
         num_local_experts=NUM_EXPERTS, num_experts_per_tok=TOP_K, rms_norm_eps=1e-5,
         initializer_range=INITIALIZER_RANGE, bos_token_id=1, eos_token_id=2, **rope)
+    return transformers.MixtralConfig(**{**kwargs, **changes})
+
+
+def build_hf_model(seed: int = 0, **changes):
+    """A tiny random HF Mixtral whose norm weights are perturbed (they start at 1, which would
+    hide norm mistakes)."""
+    torch.manual_seed(seed)
+    hf_model = transformers.AutoModelForCausalLM.from_config(
+        hf_config(**changes), attn_implementation="eager").eval()
+    gen = torch.Generator().manual_seed(seed + 1)
+    with torch.no_grad():
+        for name, p in hf_model.named_parameters():
+            if "norm" in name:
+                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+    return hf_model
 
 
 @nnx.jit
@@ -78,14 +97,7 @@ class Built:
 
 @pytest.fixture(scope="module")
 def built(tmp_path_factory) -> Built:
-    torch.manual_seed(0)
-    hf_model = transformers.AutoModelForCausalLM.from_config(
-        hf_config(), attn_implementation="eager").eval()
-    gen = torch.Generator().manual_seed(1)
-    with torch.no_grad():  # norm weights start at 1, which would hide norm mistakes
-        for name, p in hf_model.named_parameters():
-            if "norm" in name:
-                p.copy_(1.0 + 0.3 * torch.randn(p.shape, generator=gen))
+    hf_model = build_hf_model()
     hf_model.generation_config.eos_token_id = None
     hf_model.generation_config.pad_token_id = 0
     hf_dir = tmp_path_factory.mktemp("hf_mixtral")
@@ -107,6 +119,92 @@ def test_logits_match_transformers(built):
     got, _ = forward(built.model, built.ids)
     assert got.shape == (BATCH, SEQ, VOCAB) and got.dtype == np.float32
     np.testing.assert_allclose(got, built.hf_out.logits.numpy(), rtol=0, atol=LOGITS_ATOL)
+
+
+# Window 4 against 12 positions: most queries see only part of their causal prefix.
+@pytest.mark.parametrize("changes", [
+    dict(sliding_window=4),
+    dict(sliding_window=4, tie_word_embeddings=True, num_experts_per_tok=1),
+], ids=["sliding_window", "sliding_window_tied_top1"])
+def test_logits_match_transformers_with_sliding_window(tmp_path, changes):
+    hf_model = build_hf_model(seed=2, **changes)
+    hf_model.save_pretrained(tmp_path, safe_serialization=True)
+    model = load_mixtral(tmp_path)
+    assert model.config.sliding_window == 4
+    ids = np.random.default_rng(2).integers(0, VOCAB, (BATCH, SEQ)).astype(np.int32)
+    with torch.no_grad():
+        want = hf_model(torch.from_numpy(ids).long()).logits.numpy()
+    np.testing.assert_allclose(forward(model, ids)[0], want, rtol=0, atol=LOGITS_ATOL)
+
+
+def copy_checkpoint(src, dst):
+    """A copy of checkpoint directory src, to be altered."""
+    shutil.copytree(src, dst)
+    return dst
+
+
+def edit_config_json(directory, **changes) -> None:
+    config = json.loads((directory / "config.json").read_text())
+    (directory / "config.json").write_text(json.dumps({**config, **changes}))
+
+
+# id: (config.json quantization_config or None, quantize_config.json or None, method named)
+QUANTIZED = {
+    "compressed_tensors_int8": ({"quant_method": "compressed-tensors", "format": "int-quantized"},
+                                None, "compressed-tensors"),
+    "fp8": ({"quant_method": "fp8", "activation_scheme": "dynamic"}, None, "fp8"),
+    "gptq": ({"quant_method": "gptq", "bits": 4, "group_size": 32}, None, "gptq"),
+    "autogptq_quantize_config_json": (None, {"bits": 4, "group_size": 32}, "gptq"),
+}
+
+
+@pytest.mark.parametrize("quantization_config,quantize_config,method", list(QUANTIZED.values()),
+                         ids=list(QUANTIZED))
+def test_quantized_checkpoint_is_refused_naming_the_method(built, tmp_path, quantization_config,
+                                                           quantize_config, method):
+    """Mixtral loads float weights only: a quantized checkpoint is refused before any tensor is
+    read, rather than loading int8 codes as weights or failing on float8 or missing names."""
+    directory = copy_checkpoint(built.hf_dir, tmp_path / "ckpt")
+    if quantization_config is not None:
+        edit_config_json(directory, quantization_config=quantization_config)
+    if quantize_config is not None:
+        (directory / "quantize_config.json").write_text(json.dumps(quantize_config))
+    message = (f"quant_method '{method}' is not supported for mixtral checkpoints "
+               f"(only float weights)")
+    with pytest.raises(ValueError, match=re.escape(message)):
+        jaxinfer.load_pretrained(directory)
+
+
+@pytest.mark.parametrize("name,dtype,on_disk", [
+    ("model.layers.1.block_sparse_moe.experts.2.w3.weight", torch.int8, "I8"),
+    ("model.layers.0.self_attn.q_proj.weight", torch.int8, "I8"),
+    ("model.layers.0.block_sparse_moe.experts.0.w1.weight", torch.float8_e4m3fn, "F8_E4M3"),
+], ids=["int8_expert", "int8_attention", "float8_expert"])
+def test_non_float_weight_is_refused_naming_the_tensor(built, tmp_path, name, dtype, on_disk):
+    """Without a quantization_config (stripped, or a format that writes none), a weight stored
+    as integer codes or float8 is refused by name, not cast to float (or an AttributeError)."""
+    directory = copy_checkpoint(built.hf_dir, tmp_path / "ckpt")
+    tensors = safetensors_torch.load_file(directory / "model.safetensors")
+    tensors[name] = tensors[name].to(dtype)
+    safetensors_torch.save_file(tensors, directory / "model.safetensors",
+                                metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"{name!r} in model.safetensors has dtype "
+                                                   f"{on_disk}")):
+        load_mixtral(directory)
+
+
+def test_unread_expert_tensors_are_reported(built, tmp_path, caplog):
+    """Tensors beside the experts' weights (a quantized checkpoint's scales) are not silently
+    dropped: the warning about unread tensors lists them."""
+    directory = copy_checkpoint(built.hf_dir, tmp_path / "ckpt")
+    tensors = safetensors_torch.load_file(directory / "model.safetensors")
+    scale = "model.layers.0.block_sparse_moe.experts.1.w2.weight_scale"
+    tensors[scale] = torch.ones(32)
+    safetensors_torch.save_file(tensors, directory / "model.safetensors",
+                                metadata={"format": "pt"})
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint.hf"):
+        load_mixtral(directory)
+    assert "ignoring 1 tensor(s)" in caplog.text and scale in caplog.text
 
 
 def test_router_logits_and_aux_loss_match_transformers(built):
@@ -277,6 +375,14 @@ def test_bad_config_raises_clear_errors():
         MixtralConfig(**{**base, "num_key_value_heads": 3})
     with pytest.raises(ValueError, match="model_type must be 'mixtral'"):
         MixtralConfig.from_hf_config({"model_type": "llama"})
+
+
+def test_config_json_errors_name_mixtral():
+    """Mixtral's attention fields are parsed as the Llama family's; errors still say mixtral."""
+    hf = hf_config().to_dict()
+    with pytest.raises(ValueError, match=r"config.json: hidden_act must be 'silu' for mixtral; "
+                                         r"got 'gelu'"):
+        MixtralConfig.from_hf_config({**hf, "hidden_act": "gelu"})
 
 
 def test_expert_weights_carry_the_expert_logical_axis(built):
