@@ -24,7 +24,7 @@ ROPE_TYPE_FIELDS = {"default": (), "linear": ("factor",),
 # num_key_value_heads None: as many KV heads as query heads (multi-head attention).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(num_key_value_heads=None, max_position_embeddings=2048, rope_theta=1e4,
-                  rms_norm_eps=1e-6, sliding_window=None),
+                  rms_norm_eps=1e-6),
     "mistral": dict(num_key_value_heads=8, max_position_embeddings=131072, rope_theta=1e4,
                     rms_norm_eps=1e-6, sliding_window=4096),
     "mixtral": dict(num_key_value_heads=8, max_position_embeddings=131072, rope_theta=1e6,
@@ -86,14 +86,17 @@ def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     kv_heads = hf.get("num_key_value_heads", defaults["num_key_value_heads"])
     if model_type == "qwen2":
         sliding_window = _qwen2_sliding_window(hf, hf["num_hidden_layers"])
-    else:  # HF's Llama has no window; Mistral's and Mixtral's apply to every layer
+    elif model_type == "llama":  # HF's Llama reads no window, even if config.json names one
+        sliding_window = None
+    else:  # Mistral's and Mixtral's apply to every layer
         sliding_window = hf.get("sliding_window", defaults["sliding_window"])
 
-    # transformers 5 folds theta and scaling into rope_parameters; 4.x has rope_theta + rope_scaling
+    # transformers 5 folds theta and scaling into rope_parameters; 4.x has rope_theta and
+    # rope_scaling, which win where both are present (as in transformers)
     rope = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
-    rope_theta = float(rope.get("rope_theta", hf.get("rope_theta", defaults["rope_theta"])))
-    scaling = {**legacy, **{k: v for k, v in rope.items() if k != "rope_theta"}}
+    rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", defaults["rope_theta"])))
+    scaling = {**{k: v for k, v in rope.items() if k != "rope_theta"}, **legacy}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "llama3" and "original_max_position_embeddings" not in scaling:
         # transformers falls back to the model's own context length
@@ -200,7 +203,7 @@ class LlamaConfig:
     qkv_bias: bool = False  # Qwen2, or Llama with attention_bias
     o_bias: bool = False  # Llama with attention_bias
     mlp_bias: bool = False
-    sliding_window: int | None = None  # Mistral: a query sees at most this many keys
+    sliding_window: int | None = None  # Mistral, Mixtral, Qwen2: a query sees this many keys
     tie_word_embeddings: bool = False
     bos_token_id: int | None = None
     eos_token_id: tuple[int, ...] = ()

@@ -129,7 +129,7 @@ def read_quantization_config(model_dir: Path, hf_config: dict) -> tuple[dict, st
     """The checkpoint's quantization config and where it was found (for error messages):
     config.json's ``quantization_config`` (transformers), else a ``quantize_config.json``
     (AutoGPTQ); None for a float checkpoint."""
-    if "quantization_config" in hf_config:
+    if hf_config.get("quantization_config") is not None:  # null: not quantized, as transformers
         return hf_config["quantization_config"], f"{model_dir / 'config.json'}: quantization_config"
     file = model_dir / QUANTIZE_CONFIG_FILE
     if not file.exists():

@@ -17,9 +17,9 @@ weights), a `model.safetensors.index.json` left by an earlier sharded save (nami
 longer exist, for tools that read it), old shards, a `quantize_config.json` of an earlier GPTQ
 save. Every other entry of the old directory (tokenizer files, generation_config.json, a README,
 subdirectories) is carried over as a hard link (a copy where the filesystem has none) unless this
-save writes a file of that name (tokenizer.json when a tokenizer is given). Weights loaded from the old files were copied into JAX arrays when read
-(`safe_open(..., framework="flax")` copies), so saving over the directory a model came from is
-safe.
+save writes a file of that name (tokenizer.json when a tokenizer is given). Weights loaded from
+the old files were copied into JAX arrays when read (`safe_open(..., framework="flax")` copies),
+so saving over the directory a model came from is safe.
 """
 
 from __future__ import annotations

@@ -209,6 +209,23 @@ def test_linear_rope_scaling_spellings_agree():
     assert a.rope_scaling.rope_type == "linear" and a.rope_scaling.factor == 4.0
 
 
+@pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="rope_parameters is transformers 5's")
+def test_legacy_rope_keys_win_over_rope_parameters_as_in_transformers():
+    """A hand-edited config.json with both spellings, disagreeing: transformers reads
+    rope_theta and rope_scaling."""
+    keys = {"rope_theta": 5e5, "rope_scaling": {"rope_type": "linear", "factor": 2.0},
+            "rope_parameters": {"rope_type": "linear", "factor": 3.0, "rope_theta": 7e4}}
+    want = transformers.LlamaConfig(**BASE, **keys).rope_parameters
+    config = LlamaConfig.from_hf_config({**BASE, "model_type": "llama", **keys})
+    assert (config.rope_theta, config.rope_scaling.factor) == (want["rope_theta"], want["factor"])
+
+
+def test_llama_ignores_a_sliding_window_key_as_transformers_does():
+    """transformers' Llama attention reads no window; one in config.json must not narrow it."""
+    config = LlamaConfig.from_hf_config({**BASE, "model_type": "llama", "sliding_window": 4})
+    assert config.sliding_window is None
+
+
 @pytest.mark.skipif(TRANSFORMERS_MAJOR < 5, reason="transformers 4.x rejects this config")
 def test_llama3_without_original_max_position_embeddings_follows_transformers():
     scaling = {k: v for k, v in LLAMA3_FIELDS.items() if k != "original_max_position_embeddings"}

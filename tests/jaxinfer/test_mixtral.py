@@ -175,6 +175,13 @@ def test_quantized_checkpoint_is_refused_naming_the_method(built, tmp_path, quan
         jaxinfer.load_pretrained(directory)
 
 
+def test_null_quantization_config_is_a_float_checkpoint(built, tmp_path):
+    """transformers reads `"quantization_config": null` as not quantized; so does the loader."""
+    directory = copy_checkpoint(built.hf_dir, tmp_path / "ckpt")
+    edit_config_json(directory, quantization_config=None)
+    assert isinstance(jaxinfer.load_pretrained(directory), type(built.model))
+
+
 @pytest.mark.parametrize("name,dtype,on_disk", [
     ("model.layers.1.block_sparse_moe.experts.2.w3.weight", torch.int8, "I8"),
     ("model.layers.0.self_attn.q_proj.weight", torch.int8, "I8"),
