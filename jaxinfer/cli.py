@@ -26,6 +26,7 @@ one static batch with temperature, top-k and top-p only
     "train": """examples:
   jaxinfer train --corpus kjv.txt --config small.json --vocab-size 4096 --out runs/kjv
   jaxinfer train --out runs/kjv --resume                   # continue a killed run exactly
+  jaxinfer train --out runs/kjv --resume --remat full      # ... recomputing layers: less memory
   jaxinfer train --corpus more.txt --init path/to/hf_dir --steps 200 --out runs/finetune
 settings not given take jaxinfer.train.TrainConfig's defaults
 """,
@@ -49,24 +50,39 @@ def _positive_int(text: str) -> int:
     return value
 
 
+def _non_negative_int(text: str) -> int:
+    """argparse type: an integer >= 0 (seeds, warmup steps)."""
+    value = int(text)
+    if value < 0:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
+    return value
+
+
 def _fraction(text: str) -> float:
-    """argparse type: a float in [0, 1)."""
+    """argparse type: a float in (0, 1), as jaxinfer.train.split_held_out takes."""
     value = float(text)
-    if not 0.0 <= value < 1.0:
-        raise argparse.ArgumentTypeError(f"must be in [0, 1); got {text}")
+    if not 0.0 < value < 1.0:
+        raise argparse.ArgumentTypeError(f"must be in (0, 1); got {text}")
     return value
 
 
 # `jaxinfer train` flags -> TrainConfig fields. The parser's defaults are None, so that `--resume`
 # can tell which were given; a fresh run fills the rest from TrainConfig's defaults, and a resumed
-# run keeps its train_config.json except for the fields in RESUMABLE.
+# run takes its train_config.json with the given ones replaced (jaxinfer.train.train refuses
+# changes outside jaxinfer.train.train_config.RESUMABLE).
 TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
                "grad_accum": "grad_accum", "lr": "learning_rate", "warmup": "warmup_steps",
                "weight_decay": "weight_decay", "eval_every": "eval_every",
                "checkpoint_every": "checkpoint_every", "seed": "seed",
                "document_separator": "document_separator"}
-# what --resume may change: how long the run goes on and how often it evaluates and saves
-RESUMABLE = ("steps", "eval_every", "checkpoint_every")
+# flags that choose a run's data, tokenizer or model: --resume takes them from the run itself
+RUN_FLAGS = ("held_out", "config", "init", "tokenizer", "vocab_size")
+# LlamaConfig fields that are run settings, not Hugging Face config keys: LlamaConfig.from_hf_config
+# would drop them from a --config file without a word -> the flag that sets them (or None)
+RUN_SETTING_KEYS = {"remat": "--remat", "attention_backend": None, "sequence_parallel": None,
+                    "param_dtype": None}
+# jaxinfer.config.REMAT_MODES, spelled out: importing jaxinfer here would slow every --help
+REMAT_CHOICES = ("none", "full", "dots")
 HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
 # `jaxinfer generate` flags only the engine honours, with the values that leave them off
 ENGINE_FLAGS = {"prompts_file": None, "min_p": None, "repetition_penalty": 1.0, "stop": [],
@@ -121,8 +137,8 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--hydragen", action="store_true",
                      help="engine: batch the attention over shared prompt prefixes")
 
-    tr = sub.add_parser("train", help="train or fine-tune on a text corpus", epilog=EXAMPLES["train"],
-                        formatter_class=fmt)
+    tr = sub.add_parser("train", help="train or fine-tune on a text corpus",
+                        epilog=EXAMPLES["train"], formatter_class=fmt)
     tr.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model)")
     tr.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     tr.add_argument("--corpus", help="UTF-8 text file (default on --resume: the run's corpus)")
@@ -130,17 +146,24 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="HF-style config.json for a model trained from scratch")
     source.add_argument("--init", help="HF model directory to fine-tune")
     tr.add_argument("--tokenizer", help="tokenizer.json or a directory holding one")
-    tr.add_argument("--vocab-size", type=int, help="train a byte-level BPE of this size on the corpus")
+    tr.add_argument("--vocab-size", type=int,
+                    help="train a byte-level BPE of this size on the corpus")
     tr.add_argument("--held-out", type=_fraction,
                     help=f"fraction of tokens for evaluation (default {HELD_OUT})")
     tr.add_argument("--steps", type=_positive_int,
                     help="total optimizer steps; with --resume: extend the run to this many (the "
                          "learning-rate schedule follows the new total)")
     for flag, kind in (("--batch-size", _positive_int), ("--seq-len", _positive_int),
-                       ("--grad-accum", _positive_int), ("--lr", float), ("--warmup", int),
-                       ("--weight-decay", float), ("--eval-every", _positive_int),
-                       ("--checkpoint-every", _positive_int), ("--seed", int)):
+                       ("--grad-accum", _positive_int), ("--lr", float),
+                       ("--warmup", _non_negative_int), ("--weight-decay", float),
+                       ("--eval-every", _positive_int), ("--checkpoint-every", _positive_int),
+                       ("--seed", _non_negative_int)):
         tr.add_argument(flag, type=kind)
+    tr.add_argument("--remat", choices=REMAT_CHOICES,
+                    help="recompute decoder-layer activations in the backward pass to save "
+                         "memory (Llama, Mixtral; results are unchanged): full keeps each "
+                         "layer's input, dots also its projections (default: the run's own on "
+                         "--resume, else none)")
     tr.add_argument("--document-separator", type=int, metavar="TOKEN_ID",
                     help="pack documents: the token id that ends each document in the corpus "
                          "(e.g. 0, <|endoftext|> of the embedded tokenizer, which the corpus can "
@@ -282,16 +305,136 @@ def _model_of_config(config_file: Path, seed: int):
 
     import jaxinfer
     from jaxinfer.config import HYENA_MODEL_TYPE
+    from jaxinfer.train.run_files import read_json_object
 
     rngs = nnx.Rngs(seed)
-    model_type = json.loads(config_file.read_text()).get("model_type")
-    if model_type == "mixtral":
-        return jaxinfer.MixtralForCausalLM(jaxinfer.MixtralConfig.from_json_file(config_file),
-                                           rngs=rngs)
-    if model_type == HYENA_MODEL_TYPE:
-        return jaxinfer.HyenaForCausalLM(
-            jaxinfer.HyenaConfig.from_hf_config(json.loads(config_file.read_text())), rngs=rngs)
-    return jaxinfer.LlamaForCausalLM(jaxinfer.LlamaConfig.from_json_file(config_file), rngs=rngs)
+    hf = read_json_object(config_file)
+    if hf.get("model_type") == "mixtral":
+        return jaxinfer.MixtralForCausalLM(jaxinfer.MixtralConfig.from_hf_config(hf), rngs=rngs)
+    if hf.get("model_type") == HYENA_MODEL_TYPE:
+        return jaxinfer.HyenaForCausalLM(jaxinfer.HyenaConfig.from_hf_config(hf), rngs=rngs)
+    return jaxinfer.LlamaForCausalLM(jaxinfer.LlamaConfig.from_hf_config(hf), rngs=rngs)
+
+
+def _config_file(path: str):
+    """The LlamaConfig of a --config file, refusing jaxinfer's own run settings in it, which
+    LlamaConfig.from_hf_config would otherwise drop without a word."""
+    import jaxinfer
+    from jaxinfer.train.run_files import read_json_object
+
+    hf = read_json_object(path)
+    found = sorted(set(hf) & set(RUN_SETTING_KEYS))
+    if found:
+        got = [f"{key} (give it as {RUN_SETTING_KEYS[key]})" if RUN_SETTING_KEYS[key]
+               else f"{key} (jaxinfer train does not set it)" for key in found]
+        raise ValueError(f"--config {path}: run settings are not keys of a model's config.json; "
+                         f"got {', '.join(got)}")
+    return jaxinfer.LlamaConfig.from_hf_config(hf)
+
+
+def _with_remat(model, remat: str):
+    """`model` with its config's remat set (Llama, Mixtral); a model without remat (Hyena) is
+    left as it is for "none", an error otherwise."""
+    if not hasattr(model.config, "remat"):
+        if remat != "none":
+            raise ValueError(f"--remat {remat} needs a model that recomputes decoder layers "
+                             f"(Llama, Mixtral); {type(model).__name__} has no remat")
+        return model
+    model.config = model.config.replace(remat=remat)
+    return model
+
+
+def _run_record(run: Path, corpus_given: bool) -> dict:
+    """The run's run.json (corpus, held_out, init, remat), checked for what --resume needs."""
+    from jaxinfer.train.run_files import RUN_FILE, read_json_object
+
+    meta = read_json_object(run / RUN_FILE)
+    missing = [key for key in ("held_out",) + (() if corpus_given else ("corpus",))
+               if key not in meta]
+    if missing:
+        raise ValueError(f"{run / RUN_FILE} lacks {missing}"
+                         + ("; give --corpus" if "corpus" in missing else ""))
+    return meta
+
+
+def _resumed_run(args: argparse.Namespace, run: Path):
+    """(config, corpus, held_out, tokenizer, model) of the run in `run`, the given flags applied."""
+    import jaxinfer
+    from jaxinfer.train import TrainConfig
+    from jaxinfer.train.resume import latest_checkpoint_step
+    from jaxinfer.train.run_files import RUN_FILE, TRAIN_CONFIG_FILE, write_json
+
+    if not (run / TRAIN_CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{run} holds no run to resume ({TRAIN_CONFIG_FILE} missing)")
+    fixed = [f"--{k.replace('_', '-')}" for k in RUN_FLAGS if getattr(args, k) is not None]
+    if fixed:
+        raise ValueError(f"--resume continues the run in {run} on its own held-out split, "
+                         f"tokenizer and model; {', '.join(fixed)} cannot change them")
+    # jaxinfer.train.train refuses changes to the settings a resumed run must keep
+    config = dataclasses.replace(TrainConfig.load(run / TRAIN_CONFIG_FILE), **{
+        field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
+        if getattr(args, flag) is not None})
+    meta = _run_record(run, corpus_given=bool(args.corpus))
+    remat = args.remat or meta.get("remat", "none")
+    # a model of the run's shape, whose weights the checkpoint replaces; killed before its
+    # first checkpoint, the run starts again from exactly the model it started from
+    init = meta.get("init")
+    if latest_checkpoint_step(run) is None and init is not None:
+        model = jaxinfer.load_pretrained(init)
+    else:
+        model = _model_of_config(run / "config.json", config.seed)
+    model = _with_remat(model, remat)
+    if remat != meta.get("remat", "none"):  # remat changes memory, not results
+        write_json(run / RUN_FILE, {**meta, "remat": remat})
+    corpus = args.corpus or meta["corpus"]
+    return config, corpus, meta["held_out"], jaxinfer.load_tokenizer(run), model
+
+
+def _fresh_run(args: argparse.Namespace, run: Path):
+    """(config, corpus, held_out, tokenizer, model) of a new run in `run`, its run.json and
+    tokenizer written."""
+    from flax import nnx
+
+    import jaxinfer
+    from jaxinfer.tokenizer import train_bpe
+    from jaxinfer.train import TrainConfig
+    from jaxinfer.train.data import read_corpus
+    from jaxinfer.train.resume import check_no_checkpoints
+    from jaxinfer.train.run_files import RUN_FILE, write_json
+
+    if not args.corpus:
+        raise ValueError("--corpus is required unless --resume is given")
+    check_no_checkpoints(run)  # before this run's files replace the old run's
+    held_out = HELD_OUT if args.held_out is None else args.held_out
+    config = TrainConfig(**{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
+                            if getattr(args, flag) is not None})
+    if args.tokenizer or args.init:
+        tokenizer = jaxinfer.load_tokenizer(args.tokenizer or args.init)
+    elif args.vocab_size:
+        print(f"training a byte-level BPE tokenizer with {args.vocab_size} tokens ...")
+        tokenizer = train_bpe(read_corpus(args.corpus).splitlines(), args.vocab_size)
+    else:
+        raise ValueError("give --tokenizer, --init or --vocab-size to choose a tokenizer")
+    if args.init:
+        init = str(Path(args.init).absolute())
+        model = jaxinfer.load_pretrained(init)
+        if tokenizer.get_vocab_size() > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but "
+                             f"the model in {args.init} embeds only "
+                             f"{model.config.vocab_size}")
+    elif args.config:
+        init = None
+        model_config = _config_file(args.config).replace(vocab_size=tokenizer.get_vocab_size())
+        model = jaxinfer.LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
+    else:
+        raise ValueError("give --config (train from scratch) or --init (fine-tune)")
+    remat = args.remat or "none"
+    model = _with_remat(model, remat)
+    run.mkdir(parents=True, exist_ok=True)
+    tokenizer.save(str(run / "tokenizer.json"))
+    write_json(run / RUN_FILE, {"corpus": str(Path(args.corpus).absolute()),
+                                "held_out": held_out, "init": init, "remat": remat})
+    return config, args.corpus, held_out, tokenizer, model
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -299,72 +442,13 @@ def _train(args: argparse.Namespace) -> int:
     from flax import nnx
 
     import jaxinfer
-    from jaxinfer.train import TrainConfig, split_held_out, tokenize_corpus, train
+    from jaxinfer.train import split_held_out, tokenize_corpus, train
     from jaxinfer.train.data import read_corpus
-    from jaxinfer.train.loop import TRAIN_CONFIG_FILE, check_no_checkpoints, latest_checkpoint_step
-    from jaxinfer.tokenizer import train_bpe
+    from jaxinfer.train.run_files import write_json
 
     run = Path(args.out)
-    if args.resume:
-        if not (run / TRAIN_CONFIG_FILE).exists():
-            raise FileNotFoundError(f"{run} holds no run to resume ({TRAIN_CONFIG_FILE} missing)")
-        fixed = [f"--{k.replace('_', '-')}" for k in (*TRAIN_FLAGS, "held_out", "config",
-                                                        "init", "tokenizer", "vocab_size")
-                 if k not in RESUMABLE and getattr(args, k) is not None]
-        if fixed:
-            raise ValueError(f"--resume continues the run in {run} with its own settings "
-                             f"({TRAIN_CONFIG_FILE}); {', '.join(fixed)} cannot change them "
-                             f"(only --steps, --eval-every, --checkpoint-every and --corpus can)")
-        config = TrainConfig.load(run / TRAIN_CONFIG_FILE)
-        config = dataclasses.replace(config, **{TRAIN_FLAGS[flag]: getattr(args, flag)
-                                                for flag in RESUMABLE
-                                                if getattr(args, flag) is not None})
-        meta = json.loads((run / "run.json").read_text())
-        corpus = args.corpus or meta["corpus"]
-        tokenizer = jaxinfer.load_tokenizer(run)
-        held_out = meta["held_out"]
-        # a model of the run's shape, whose weights the checkpoint replaces; killed before its
-        # first checkpoint, the run starts again from exactly the model it started from
-        init = meta.get("init")
-        if latest_checkpoint_step(run) is None and init is not None:
-            model = jaxinfer.load_pretrained(init)
-        else:
-            model = _model_of_config(run / "config.json", config.seed)
-    else:
-        if not args.corpus:
-            raise ValueError("--corpus is required unless --resume is given")
-        check_no_checkpoints(run)  # before this run's files replace the old run's
-        corpus = args.corpus
-        held_out = HELD_OUT if args.held_out is None else args.held_out
-        config = TrainConfig(**{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
-                                if getattr(args, flag) is not None})
-        if args.tokenizer or args.init:
-            tokenizer = jaxinfer.load_tokenizer(args.tokenizer or args.init)
-        elif args.vocab_size:
-            print(f"training a byte-level BPE tokenizer with {args.vocab_size} tokens ...")
-            tokenizer = train_bpe(read_corpus(corpus).splitlines(), args.vocab_size)
-        else:
-            raise ValueError("give --tokenizer, --init or --vocab-size to choose a tokenizer")
-        if args.init:
-            init = str(Path(args.init).absolute())
-            model = jaxinfer.load_pretrained(init)
-            if tokenizer.get_vocab_size() > model.config.vocab_size:
-                raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but "
-                                 f"the model in {args.init} embeds only "
-                                 f"{model.config.vocab_size}")
-        elif args.config:
-            init = None
-            model_config = jaxinfer.LlamaConfig.from_json_file(args.config).replace(
-                vocab_size=tokenizer.get_vocab_size())
-            model = jaxinfer.LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
-        else:
-            raise ValueError("give --config (train from scratch) or --init (fine-tune)")
-        run.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(run / "tokenizer.json"))
-        (run / "run.json").write_text(json.dumps(
-            {"corpus": str(Path(corpus).absolute()), "held_out": held_out, "init": init},
-            indent=2) + "\n")
-
+    config, corpus, held_out, tokenizer, model = (
+        _resumed_run(args, run) if args.resume else _fresh_run(args, run))
     tokens = tokenize_corpus(read_corpus(corpus), tokenizer)
     train_tokens, eval_tokens = split_held_out(tokens, held_out,
                                                separator=config.document_separator)
@@ -382,7 +466,7 @@ def _train(args: argparse.Namespace) -> int:
                "wall_seconds_this_invocation": result.wall_seconds,
                "parameters": n_params, "train_tokens": int(len(train_tokens)),
                "held_out_tokens": int(len(eval_tokens))}
-    (run / "summary.json").write_text(json.dumps(summary, indent=2) + "\n")
+    write_json(run / "summary.json", summary)
     print(json.dumps(summary, indent=2))
     print(f"model written to {out}")
     return 0

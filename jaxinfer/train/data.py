@@ -26,20 +26,21 @@ class TokenWindows:
     def __post_init__(self) -> None:
         if self.tokens.ndim != 1:
             raise ValueError(f"tokens must be 1-D; got shape {self.tokens.shape}")
-        if len(self.tokens) < self.seq_len + 2:
-            raise ValueError(
-                f"corpus has {len(self.tokens)} tokens; need more than seq_len + 1 = {self.seq_len + 1}")
+        if len(self.tokens) < self.seq_len + 1:
+            raise ValueError(f"corpus has {len(self.tokens)} tokens; need at least seq_len + 1 = "
+                             f"{self.seq_len + 1}")
 
     def batch(self, position: int) -> np.ndarray:
-        """The batch at `position` (0, 1, 2, ...): int32 [batch_size, seq_len + 1]."""
+        """The batch at `position` (0, 1, 2, ...): int32 [batch_size, seq_len + 1], windows
+        starting anywhere from 0 to the last start that fits, len(tokens) - seq_len - 1."""
         rng = np.random.default_rng([self.seed, position])
-        starts = rng.integers(0, len(self.tokens) - self.seq_len - 1, size=self.batch_size)
+        starts = rng.integers(0, len(self.tokens) - self.seq_len, size=self.batch_size)
         return np.stack([self.tokens[s:s + self.seq_len + 1] for s in starts]).astype(np.int32)
 
     def fixed_batches(self, count: int) -> list[np.ndarray]:
         """`count` non-overlapping, evenly spread batches: a stable evaluation set."""
         window = self.seq_len + 1
-        usable = (len(self.tokens) - 1) // window
+        usable = len(self.tokens) // window
         per = min(usable, count * self.batch_size)
         starts = np.linspace(0, (usable - 1) * window, per).astype(np.int64)
         rows = np.stack([self.tokens[s:s + window] for s in starts]).astype(np.int32)
@@ -69,17 +70,33 @@ class PackedDocuments:
             raise ValueError("documents must be a non-empty sequence of non-empty 1-D token "
                              "arrays")
         object.__setattr__(self, "documents", docs)
+        # computed once: batch() must cost O(its rows), not O(documents), every step
+        object.__setattr__(self, "_lengths", np.fromiter((len(d) for d in docs), np.int64,
+                                                         len(docs)))
+        object.__setattr__(self, "_epochs", {})  # epoch -> (order, ends), the last two
+        object.__setattr__(self, "_rows_per_epoch",
+                           int(self._lengths.sum()) // (self.seq_len + 1))
         if self.rows_per_epoch < 1:
             raise ValueError(f"documents hold {self._lengths.sum()} tokens; need at least one row "
                              f"of seq_len + 1 = {self.seq_len + 1}")
 
     @property
-    def _lengths(self) -> np.ndarray:
-        return np.fromiter((len(d) for d in self.documents), np.int64, len(self.documents))
-
-    @property
     def rows_per_epoch(self) -> int:
-        return int(self._lengths.sum()) // (self.seq_len + 1)
+        return self._rows_per_epoch
+
+    def _layout(self, order: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+        """(order, ends): the documents in `order` and their cumulative lengths in it."""
+        return order, np.cumsum(self._lengths[order])
+
+    def _epoch(self, epoch: int) -> tuple[np.ndarray, np.ndarray]:
+        """The `_layout` of epoch `epoch`'s shuffled order, cached for the last two epochs (a
+        batch spans at most two unless it is longer than an epoch)."""
+        if epoch not in self._epochs:
+            if len(self._epochs) >= 2:
+                del self._epochs[min(self._epochs)]
+            order = np.random.default_rng([self.seed, epoch]).permutation(len(self.documents))
+            self._epochs[epoch] = self._layout(order)
+        return self._epochs[epoch]
 
     def _row(self, order: np.ndarray, ends: np.ndarray, row: int) -> tuple[np.ndarray, np.ndarray]:
         """Row `row` of the stream of documents in `order` (ends: their cumulative lengths):
@@ -97,34 +114,29 @@ class PackedDocuments:
             k += 1
         return np.concatenate(tokens), np.concatenate(segs)
 
-    def _rows(self, rows: list[tuple[np.ndarray, int]]) -> tuple[np.ndarray, np.ndarray]:
-        lengths, ends = self._lengths, {}
-        for order, _ in rows:  # a batch holds rows of one or two epochs' orders
-            ends.setdefault(id(order), np.cumsum(lengths[order]))
-        out = [self._row(order, ends[id(order)], r) for order, r in rows]
+    def _rows(self, rows: list[tuple[tuple[np.ndarray, np.ndarray], int]]
+              ) -> tuple[np.ndarray, np.ndarray]:
+        """Tokens and segment ids, int32 [len(rows), seq_len + 1] each, of rows given as
+        (a `_layout`, row index in it)."""
+        out = [self._row(order, ends, r) for (order, ends), r in rows]
         return (np.stack([t for t, _ in out]).astype(np.int32),
                 np.stack([s for _, s in out]).astype(np.int32))
 
     def batch(self, position: int) -> tuple[np.ndarray, np.ndarray]:
         """The batch at `position` (0, 1, 2, ...): tokens and segment ids, int32
         [batch_size, seq_len + 1] each."""
-        per_epoch, orders = self.rows_per_epoch, {}
-        rows = []
-        for g in range(position * self.batch_size, (position + 1) * self.batch_size):
-            epoch = g // per_epoch
-            if epoch not in orders:
-                orders[epoch] = np.random.default_rng([self.seed, epoch]).permutation(
-                    len(self.documents))
-            rows.append((orders[epoch], g % per_epoch))
-        return self._rows(rows)
+        per_epoch = self.rows_per_epoch
+        return self._rows([(self._epoch(g // per_epoch), g % per_epoch)
+                           for g in range(position * self.batch_size,
+                                          (position + 1) * self.batch_size)])
 
     def fixed_batches(self, count: int) -> list[tuple[np.ndarray, np.ndarray]]:
         """`count` batches of rows spread evenly over the documents in their given order: a
         stable evaluation set (fewer when there are too few rows; at least one batch)."""
         per = min(self.rows_per_epoch, count * self.batch_size)
-        identity = np.arange(len(self.documents))
+        layout = self._layout(np.arange(len(self.documents)))  # the given order
         picks = np.linspace(0, self.rows_per_epoch - 1, per).astype(np.int64)
-        tokens, segs = self._rows([(identity, int(r)) for r in picks])
+        tokens, segs = self._rows([(layout, int(r)) for r in picks])
         step = min(self.batch_size, per)
         return [(tokens[i:i + step], segs[i:i + step]) for i in range(0, per - step + 1, step)]
 

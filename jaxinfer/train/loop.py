@@ -19,61 +19,23 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import numpy as np
+import optax
 from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.train.data import PackedDocuments, TokenWindows, split_documents
-from jaxinfer.train.optimizer import learning_rate_schedule, make_optimizer
-from jaxinfer.train.step import eval_step, train_step_with_losses
+from jaxinfer.train.optimizer import make_optimizer_and_schedule
+from jaxinfer.train.resume import check_no_checkpoints, check_resume, restore_state
+from jaxinfer.train.run_files import (CHECKPOINTS_DIR, METRICS_FILE, TRAIN_CONFIG_FILE,
+                                      read_history, write_atomic, write_json)
+from jaxinfer.train.step import held_out_loss, train_step_with_losses
+from jaxinfer.train.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-METRICS_FILE = "metrics.jsonl"
-TRAIN_CONFIG_FILE = "train_config.json"
-CHECKPOINTS_DIR = "checkpoints"
-
-
-@dataclasses.dataclass(frozen=True)
-class TrainConfig:
-    steps: int = 1000
-    batch_size: int = 16
-    seq_len: int = 256
-    grad_accum: int = 1  # micro-batches averaged per optimizer update
-    learning_rate: float = 3e-3
-    warmup_steps: int = 100
-    weight_decay: float = 0.1
-    clip_norm: float = 1.0
-    eval_every: int = 100
-    eval_batches: int = 8
-    checkpoint_every: int = 100
-    seed: int = 0
-    # a token id (the tokenizer's EOS, say) that ends each document of the training and held-out
-    # streams; set, whole documents are packed into rows with segment ids (PackedDocuments)
-    # instead of random windows being cut across them
-    document_separator: int | None = None
-
-    def __post_init__(self) -> None:
-        for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
-                     "checkpoint_every"):
-            if getattr(self, name) < 1:
-                raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("learning_rate", "clip_norm"):  # clip_norm 0 would zero every gradient
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay"):
-            if not getattr(self, name) >= 0:
-                raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
-        sep = self.document_separator
-        if sep is not None and (not isinstance(sep, int) or isinstance(sep, bool) or sep < 0):
-            raise ValueError(f"document_separator must be None or a token id >= 0; got {sep!r}")
-
-    def save(self, path: Path) -> None:
-        path.write_text(json.dumps(dataclasses.asdict(self), indent=2) + "\n")
-
-    @classmethod
-    def load(cls, path: Path) -> TrainConfig:
-        return cls(**json.loads(path.read_text()))
+__all__ = ["CHECKPOINTS_DIR", "METRICS_FILE", "TRAIN_CONFIG_FILE", "TrainConfig", "TrainResult",
+           "initial_state", "train"]
 
 
 @dataclasses.dataclass
@@ -85,30 +47,8 @@ class TrainResult:
     wall_seconds: float  # this invocation only
 
 
-def _read_history(path: Path, up_to_step: int) -> list[dict]:
-    if not path.exists():
-        return []
-    records = [json.loads(line) for line in path.read_text().splitlines() if line.strip()]
-    return [r for r in records if r["step"] <= up_to_step]
-
-
-def latest_checkpoint_step(run_dir: str | Path) -> int | None:
-    """The step of the newest finished checkpoint in run_dir (None: none), creating nothing."""
-    directory = Path(run_dir) / CHECKPOINTS_DIR
-    return TrainStateCheckpointer(directory).latest_step() if directory.is_dir() else None
-
-
-def check_no_checkpoints(run_dir: str | Path) -> None:
-    """ValueError if run_dir holds a run's checkpoints: a fresh run there would skip saving every
-    step up to the old run's last checkpoint (the manager keeps the newest step), and a later
-    resume would restore the old run."""
-    step = latest_checkpoint_step(run_dir)
-    if step is not None:
-        raise ValueError(f"{run_dir} already holds a run's checkpoints (step {step}); resume "
-                         f"it, or train into a new directory")
-
-
-def _data_sources(train_tokens: np.ndarray, eval_tokens: np.ndarray, config: TrainConfig):
+def _data_sources(train_tokens: np.ndarray, eval_tokens: np.ndarray, config: TrainConfig
+                  ) -> tuple[TokenWindows | PackedDocuments, TokenWindows | PackedDocuments]:
     """The training batches and the held-out source: random windows, or packed documents when
     `config.document_separator` is set."""
     size = config.batch_size * config.grad_accum
@@ -127,9 +67,51 @@ def _data_sources(train_tokens: np.ndarray, eval_tokens: np.ndarray, config: Tra
                             config.batch_size))
 
 
-def _as_pair(batch) -> tuple[np.ndarray, np.ndarray | None]:
+def _as_pair(batch: np.ndarray | tuple[np.ndarray, np.ndarray]
+             ) -> tuple[np.ndarray, np.ndarray | None]:
     """(tokens, segment ids or None) of a batch from either data source."""
     return batch if isinstance(batch, tuple) else (batch, None)
+
+
+def _check_inputs(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
+                  config: TrainConfig) -> None:
+    """ValueError for a run that cannot train as asked: windows longer than the model's context,
+    a held-out set shorter than one window, token ids outside the vocabulary."""
+    context = getattr(model.config, "max_position_embeddings", None)
+    if context is not None and config.seq_len > context:
+        raise ValueError(f"seq_len must be at most the model's max_position_embeddings "
+                         f"({context}); got {config.seq_len}")
+    if len(eval_tokens) < config.seq_len + 1:
+        raise ValueError(f"held-out set has {len(eval_tokens)} tokens; need at least "
+                         f"seq_len + 1 = {config.seq_len + 1}")
+    vocab = model.config.vocab_size
+    for name, tokens in (("train_tokens", train_tokens), ("eval_tokens", eval_tokens)):
+        if len(tokens) and not 0 <= int(np.min(tokens)) <= int(np.max(tokens)) < vocab:
+            raise ValueError(f"{name} must lie in [0, {vocab}) (the model's vocab_size); got "
+                             f"ids from {int(np.min(tokens))} to {int(np.max(tokens))}")
+
+
+def _optimizer(config: TrainConfig) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """The run's optimizer and the learning-rate schedule it follows (cached: equal configs
+    share them, and so the compiled step)."""
+    return make_optimizer_and_schedule(
+        learning_rate=config.learning_rate, total_steps=config.steps,
+        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
+        clip_norm=config.clip_norm)
+
+
+def initial_state(model: nnx.Module, config: TrainConfig) -> tuple[nnx.GraphDef, dict]:
+    """(graphdef, state): the model's structure and the train state a fresh run starts from,
+    {"params", "opt_state", "step", "rng" (key data for stochastic layers), "data_position"}:
+    what each checkpoint holds."""
+    graphdef, params = nnx.split(model)
+    return graphdef, {
+        "params": params,
+        "opt_state": _optimizer(config)[0].init(params),
+        "step": jnp.int32(0),
+        "rng": jax.random.key_data(jax.random.key(config.seed)),
+        "data_position": jnp.int32(0),
+    }
 
 
 def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
@@ -144,52 +126,55 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
     the streams' documents are packed into rows with segment ids (a model whose forward takes
     `segment_ids`: Llama, Mixtral).
 
-    With `resume=True` and a checkpoint in run_dir, continue from it; `on_step` sees each record."""
+    With `resume=True` and a checkpoint in run_dir, continue from it: `config` must equal the
+    run's train_config.json but for steps, eval_every and checkpoint_every (train_config's
+    RESUMABLE), `steps` may not be below the checkpoint's step and the model must have the
+    run's shapes. ValueError for a run that cannot go on is raised before a file is written.
+    `on_step` sees each record."""
     run_dir = Path(run_dir)
-    if not resume:
+    _check_inputs(model, train_tokens, eval_tokens, config)
+    if resume:
+        check_resume(run_dir, config)
+    else:
         check_no_checkpoints(run_dir)
-    run_dir.mkdir(parents=True, exist_ok=True)
-    if config.eval_every and len(eval_tokens) < config.seq_len + 2:
-        raise ValueError(f"held-out set has {len(eval_tokens)} tokens; need more than "
-                         f"seq_len + 1 = {config.seq_len + 1}")
-    vocab = model.config.vocab_size
-    for name, tokens in (("train_tokens", train_tokens), ("eval_tokens", eval_tokens)):
-        if len(tokens) and not 0 <= int(np.min(tokens)) <= int(np.max(tokens)) < vocab:
-            raise ValueError(f"{name} must lie in [0, {vocab}) (the model's vocab_size); got "
-                             f"ids from {int(np.min(tokens))} to {int(np.max(tokens))}")
     data, eval_data = _data_sources(train_tokens, eval_tokens, config)
-    (run_dir / "config.json").write_text(json.dumps(model.config.to_hf_config(), indent=2) + "\n")
-    config.save(run_dir / TRAIN_CONFIG_FILE)
-
     eval_set = [jax.tree.map(jnp.asarray, _as_pair(b))
                 for b in eval_data.fixed_batches(config.eval_batches)]
-    tx = make_optimizer(learning_rate=config.learning_rate, total_steps=config.steps,
-                        warmup_steps=config.warmup_steps, weight_decay=config.weight_decay,
-                        clip_norm=config.clip_norm)
-    graphdef, params = nnx.split(model)
-    state = {
-        "params": params,
-        "opt_state": tx.init(params),
-        "step": jnp.int32(0),
-        "rng": jax.random.key_data(jax.random.key(config.seed)),  # for stochastic layers
-        "data_position": jnp.int32(0),
-    }
+    tx, schedule = _optimizer(config)
+    graphdef, state = initial_state(model, config)
+    run_dir.mkdir(parents=True, exist_ok=True)
     checkpointer = TrainStateCheckpointer(run_dir / CHECKPOINTS_DIR)
-    if resume and checkpointer.latest_step() is not None:
-        state = checkpointer.restore(state)
-        log.info("resumed from step %d in %s", int(state["step"]), run_dir)
-    start_step = int(state["step"])
-    history = _read_history(run_dir / METRICS_FILE, start_step)
-    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n" for r in history))
+    try:
+        latest = checkpointer.latest_step() if resume else None
+        if latest is not None:  # before the run's files: a model of another shape changes none
+            state = restore_state(checkpointer, state, latest)
+            log.info("resumed from step %d in %s", latest, run_dir)
+        write_json(run_dir / "config.json", model.config.to_hf_config())
+        config.save(run_dir / TRAIN_CONFIG_FILE)
+        history = read_history(run_dir / METRICS_FILE, int(state["step"]))
+        write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
+        began = time.perf_counter()
+        params = _run_steps(graphdef, tx, schedule, state, data, eval_set, config, run_dir,
+                            checkpointer, history, progress, on_step)
+    finally:
+        checkpointer.wait()
+        checkpointer.close()
+    return TrainResult(nnx.merge(graphdef, params), history, time.perf_counter() - began)
 
-    schedule = learning_rate_schedule(config.learning_rate, config.steps, config.warmup_steps)
-    began = time.perf_counter()
+
+def _run_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
+               schedule: optax.Schedule, state: dict, data: TokenWindows | PackedDocuments,
+               eval_set: list, config: TrainConfig, run_dir: Path,
+               checkpointer: TrainStateCheckpointer, history: list[dict], progress: bool,
+               on_step: Callable[[dict], None] | None) -> nnx.State:
+    """The steps from state["step"] to config.steps: each record appended to `history` and to
+    the metrics log, checkpoints saved as configured. Returns the final params."""
     params, opt_state = state["params"], state["opt_state"]
     position, rng = int(state["data_position"]), state["rng"]
+    start_step = int(state["step"])
     bar = tqdm(range(start_step, config.steps), initial=start_step, total=config.steps,
                desc="train", disable=not progress, dynamic_ncols=True)
-    metrics = (run_dir / METRICS_FILE).open("a")
-    try:
+    with (run_dir / METRICS_FILE).open("a") as metrics:
         for step in bar:
             step_began = time.perf_counter()
             batches, segment_ids = (None if x is None else jnp.asarray(x).reshape(
@@ -206,7 +191,7 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
                       "grad_norm": float(out.grad_norm), "lr": float(schedule(step)),
                       "tokens": (step + 1) * config.batch_size * config.grad_accum * config.seq_len}
             if (step + 1) % config.eval_every == 0 or step + 1 == config.steps:
-                eval_loss = float(np.mean([eval_step(graphdef, params, *b) for b in eval_set]))
+                eval_loss = held_out_loss(graphdef, params, eval_set)
                 record.update(eval_loss=eval_loss, eval_perplexity=math.exp(eval_loss))
             record["seconds"] = time.perf_counter() - step_began
             history.append(record)
@@ -220,8 +205,4 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
                     "rng": rng, "data_position": jnp.int32(position)})
             if on_step is not None:
                 on_step(record)
-    finally:
-        metrics.close()
-        checkpointer.wait()
-        checkpointer.close()
-    return TrainResult(nnx.merge(graphdef, params), history, time.perf_counter() - began)
+    return params

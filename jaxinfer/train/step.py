@@ -1,7 +1,8 @@
 """The jitted train and eval steps: pure functions of (params, optimizer state, batch).
 
-The model structure (`graphdef`) and the optimizer are static arguments, so every run with the same
-architecture and optimizer settings reuses one compiled step (optimizers come from a cached factory).
+The model structure (`graphdef`) and the optimizer are static arguments, so every run with the
+same architecture and optimizer settings reuses one compiled step (optimizers come from a cached
+factory).
 
 The training loss is the model's business: mean next-token cross-entropy plus, for a model that
 carries auxiliary losses (Mixtral's router losses), each of them times its weight. Such a model
@@ -98,15 +99,22 @@ def _check_packing(model, batch: jax.Array, segment_ids: jax.Array | None) -> di
     return {"segment_ids": segment_ids[:, :-1]}
 
 
-def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
-    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]; batch int32 [B, L+1],
-    segment_ids None or int32 [B, L+1] (packed documents; see the module docstring)."""
+def _next_token_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
+                     segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array | float]:
+    """(sum, count) of the cross-entropies of predicting batch[:, 1:] from batch[:, :-1] over
+    the counted targets (`_cross_entropy_sum`); arguments as `next_token_loss`."""
     model = nnx.merge(graphdef, params)
     packing = _check_packing(model, batch, segment_ids)
     logits, _ = model.forward(batch[:, :-1], **packing)  # [B, L, vocab] float32
     weights = None if segment_ids is None else target_weights(segment_ids)
-    return _mean(*_cross_entropy_sum(logits, batch[:, 1:], weights))
+    return _cross_entropy_sum(logits, batch[:, 1:], weights)
+
+
+def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
+                    segment_ids: jax.Array | None = None) -> jax.Array:
+    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]; batch int32 [B, L+1],
+    segment_ids None or int32 [B, L+1] (packed documents; see the module docstring)."""
+    return _mean(*_next_token_sums(graphdef, params, batch, segment_ids))
 
 
 def _resolve_loss_weights(defaults: Mapping[str, float], overrides: LossWeights | None
@@ -225,3 +233,21 @@ def eval_step(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
     """Mean next-token cross-entropy of batch int32 [B, L+1] (no auxiliary losses, no jitter);
     segment_ids None or int32 [B, L+1] for a packed batch."""
     return next_token_loss(graphdef, params, batch, segment_ids)
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef",))
+def eval_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
+              segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+    """`eval_step`'s loss as (sum, count) float32 scalars, the cross-entropy summed over the
+    counted targets and their number, so that a held-out loss over several batches is the
+    mean over all their targets: sum of sums / sum of counts."""
+    total, count = _next_token_sums(graphdef, params, batch, segment_ids)
+    return total, jnp.asarray(count, jnp.float32)
+
+
+def held_out_loss(graphdef: nnx.GraphDef, params: nnx.State,
+                  batches: list[tuple[jax.Array, jax.Array | None]]) -> float:
+    """Mean next-token cross-entropy over every counted target of `batches`, each (tokens int32
+    [B, L+1], segment ids int32 [B, L+1] or None): packed batches weigh by their targets."""
+    sums = [eval_sums(graphdef, params, *b) for b in batches]
+    return float(sum(s for s, _ in sums) / max(float(sum(c for _, c in sums)), 1.0))

@@ -14,7 +14,9 @@ import jaxinfer
 import jaxinfer.train
 from jaxinfer import cli
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
+from jaxinfer.config import REMAT_MODES
 from jaxinfer.train.loop import CHECKPOINTS_DIR, TRAIN_CONFIG_FILE
+from jaxinfer.train.loop import train as real_train
 
 
 @pytest.mark.parametrize("argv", [
@@ -23,8 +25,11 @@ from jaxinfer.train.loop import CHECKPOINTS_DIR, TRAIN_CONFIG_FILE
     ["generate", "x", "--page-size", "0"],
     ["train", "--out", "r", "--corpus", "c", "--steps", "0"],
     ["train", "--out", "r", "--corpus", "c", "--held-out", "1.5"],
+    ["train", "--out", "r", "--corpus", "c", "--held-out", "0"],  # split_held_out's (0, 1)
+    ["train", "--out", "r", "--corpus", "c", "--seed", "-1"],
+    ["train", "--out", "r", "--corpus", "c", "--warmup", "-2"],
 ])
-def test_non_positive_sizes_are_usage_errors(argv, capsys):
+def test_out_of_range_values_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
         cli.main(argv)
     assert exit_info.value.code == 2
@@ -76,18 +81,84 @@ def test_resume_before_the_first_checkpoint_restarts_from_the_init_model(tmp_pat
     assert fresh_config.steps == 3
 
 
-def test_resume_refuses_settings_it_would_silently_ignore(tmp_path, handed_to_train, capsys):
+def _fresh_run(tmp_path, *flags: str) -> tuple:
+    """(corpus, run) of a run begun from the embedded model (stopped where training begins)."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
     run = tmp_path / "run"
     with pytest.raises(_Stop):
         cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
-                  "--out", str(run), "--steps", "3", "--seq-len", "16"])
+                  "--out", str(run), "--steps", "3", "--seq-len", "16", *flags])
+    return corpus, run
+
+
+def test_resume_refuses_changed_settings_through_the_library(tmp_path, handed_to_train,
+                                                            monkeypatch, capsys):
+    """The CLI hands the changed settings to jaxinfer.train.train, which refuses them before it
+    writes anything; flags that pick the run's data or model the CLI refuses itself."""
+    _, run = _fresh_run(tmp_path)
+    saved = (run / TRAIN_CONFIG_FILE).read_text()
+    monkeypatch.setattr(jaxinfer.train, "train", real_train)
     assert cli.main(["train", "--out", str(run), "--resume", "--lr", "1.0",
-                     "--batch-size", "2"]) == 2
+                     "--batch-size", "2", "--steps", "5"]) == 2
     err = capsys.readouterr().err
-    assert "--batch-size, --lr cannot change them" in err
-    assert len(handed_to_train) == 1  # the refused resume never reached training
+    assert "got other values for batch_size: 16 -> 2; learning_rate: 0.003 -> 1.0" in err
+    assert (run / TRAIN_CONFIG_FILE).read_text() == saved
+    assert cli.main(["train", "--out", str(run), "--resume", "--held-out", "0.1"]) == 2
+    assert "--held-out cannot change them" in capsys.readouterr().err
+    assert len(handed_to_train) == 1  # the refused resumes never reached the stand-in
+
+
+def test_resume_below_the_runs_step_is_an_error(tmp_path, handed_to_train, monkeypatch, capsys):
+    _, run = _fresh_run(tmp_path)
+    checkpointer = TrainStateCheckpointer(run / CHECKPOINTS_DIR)
+    checkpointer.save(2, {"x": np.zeros(2)})
+    checkpointer.wait()
+    monkeypatch.setattr(jaxinfer.train, "train", real_train)
+    assert cli.main(["train", "--out", str(run), "--resume", "--steps", "1"]) == 2
+    assert "steps must be at least the run's current step 2" in capsys.readouterr().err
+
+
+def test_remat_reaches_the_model_and_the_resumed_run(tmp_path, handed_to_train):
+    _, run = _fresh_run(tmp_path, "--remat", "dots")
+    assert json.loads((run / "run.json").read_text())["remat"] == "dots"
+    with pytest.raises(_Stop):
+        cli.main(["train", "--out", str(run), "--resume"])
+    (fresh_model, _, _), (resumed_model, _, _) = handed_to_train
+    assert fresh_model.config.remat == resumed_model.config.remat == "dots"
+    with pytest.raises(_Stop):  # a resume may change it: it saves memory, results are the same
+        cli.main(["train", "--out", str(run), "--resume", "--remat", "full"])
+    assert handed_to_train[-1][0].config.remat == "full"
+    assert json.loads((run / "run.json").read_text())["remat"] == "full"
+
+
+def test_remat_choices_are_the_models(capsys):
+    assert cli.REMAT_CHOICES == REMAT_MODES
+    with pytest.raises(SystemExit):
+        cli.main(["train", "--out", "r", "--remat", "some"])
+    assert "invalid choice: 'some'" in capsys.readouterr().err
+
+
+def test_a_run_setting_in_the_config_file_is_an_error_not_dropped(tmp_path, handed_to_train,
+                                                                 capsys):
+    config = tmp_path / "config.json"
+    config.write_text(json.dumps({"model_type": "llama", "vocab_size": 300, "hidden_size": 16,
+                                  "intermediate_size": 32, "num_hidden_layers": 1,
+                                  "num_attention_heads": 2, "remat": "full"}))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("In the beginning\n")
+    assert cli.main(["train", "--corpus", str(corpus), "--config", str(config), "--tokenizer",
+                     str(jaxinfer.default_model_dir()), "--out", str(tmp_path / "run")]) == 2
+    assert (f"--config {config}: run settings are not keys of a model's config.json; got remat "
+            f"(give it as --remat)") in capsys.readouterr().err
+    assert not handed_to_train
+
+
+def test_a_run_record_without_its_corpus_is_a_clear_error(tmp_path, handed_to_train, capsys):
+    _, run = _fresh_run(tmp_path)
+    (run / "run.json").write_text('{"held_out": 0.05}')
+    assert cli.main(["train", "--out", str(run), "--resume"]) == 2
+    assert f"{run / 'run.json'} lacks ['corpus']; give --corpus" in capsys.readouterr().err
 
 
 def test_convert_in_place_rewrites_the_weights_and_keeps_the_tokenizer(tmp_path):

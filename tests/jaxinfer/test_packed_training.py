@@ -4,6 +4,7 @@ document's own loss computed alone; train() runs on packed data end to end."""
 
 from __future__ import annotations
 
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -14,7 +15,7 @@ from flax import nnx
 import jaxinfer
 from jaxinfer.train.data import PackedDocuments, split_documents, split_held_out
 from jaxinfer.train.loop import TrainConfig, train
-from jaxinfer.train.step import eval_step, train_step_with_losses, training_loss
+from jaxinfer.train.step import eval_step, held_out_loss, train_step_with_losses, training_loss
 
 # float32; packed and alone differ in attention's summation order and in how the mean's terms
 # are grouped (one masked sum vs per-document sums), ~1e-6 on a loss near log(vocab) ~ 4.
@@ -52,6 +53,52 @@ def test_packed_rows_are_the_shuffled_documents_cut_into_segments():
         for s in np.unique(row_segs):  # each segment is a contiguous piece of one document
             piece = row_tokens[row_segs == s]
             assert any(piece.tobytes() in d.tobytes() for d in docs)
+
+
+def reference_rows(docs, seq_len, seed, epochs):
+    """Every row of `epochs` epochs, straight from PackedDocuments' definition: each epoch's
+    documents in the order permutation(seed, epoch), concatenated, cut into rows of seq_len + 1
+    (the remainder dropped); segment ids number a row's pieces of documents 1, 2, ..."""
+    width, rows = seq_len + 1, []
+    for epoch in range(epochs):
+        order = np.random.default_rng([seed, epoch]).permutation(len(docs))
+        stream = np.concatenate([docs[i] for i in order])
+        owner = np.concatenate([np.full(len(docs[i]), k) for k, i in enumerate(order)])
+        for r in range(len(stream) // width):
+            piece = owner[r * width:(r + 1) * width]
+            segs = np.concatenate([[1], 1 + np.cumsum(piece[1:] != piece[:-1])])
+            rows.append((stream[r * width:(r + 1) * width], segs))
+    return rows
+
+
+def test_packed_batches_are_the_epochs_streams_cut_into_rows():
+    """Batches of 3 rows over 4-row epochs (so some span two epochs), read out of order: equal
+    to the rows of the definition, bit for bit, whatever the epochs cached before."""
+    docs = documents((5, 9, 3, 12, 7, 4, 1, 2))  # 43 tokens: 4 rows of 10, 3 dropped
+    packed = PackedDocuments(docs, seq_len=9, batch_size=3, seed=5)
+    want = reference_rows(docs, 9, seed=5, epochs=4)
+    for position in (4, 0, 3, 1, 2, 0, 4):
+        tokens, segs = packed.batch(position)  # [3, 10] each
+        for i, (want_tokens, want_segs) in enumerate(want[3 * position:3 * position + 3]):
+            np.testing.assert_array_equal(tokens[i], want_tokens)
+            np.testing.assert_array_equal(segs[i], want_segs)
+
+
+def test_an_epochs_order_and_offsets_are_computed_once_not_every_batch(monkeypatch):
+    """A batch must cost O(its rows), not O(documents): the shuffled order and cumulative
+    lengths of an epoch (O(documents) each) are computed once per epoch, not once per batch
+    (they were, and 300k documents cost 168 ms a step)."""
+    layouts = []
+    original = PackedDocuments._layout
+    monkeypatch.setattr(PackedDocuments, "_layout",
+                        lambda self, order: layouts.append(len(order)) or original(self, order))
+    rng = np.random.default_rng(0)
+    docs = tuple(rng.integers(1, VOCAB, rng.integers(4, 30)).astype(np.int32) for _ in range(500))
+    packed = PackedDocuments(docs, seq_len=32, batch_size=4, seed=0)
+    batches = 2 * packed.rows_per_epoch // 4  # two epochs' rows (~130 batches)
+    for position in range(batches):
+        packed.batch(position)
+    assert layouts == [500, 500]  # epochs 0 and 1, once each
 
 
 def test_split_documents_keeps_each_separator_with_its_document():
@@ -104,6 +151,23 @@ def test_packed_loss_is_the_token_weighted_mean_of_each_documents_loss_alone(spl
     np.testing.assert_allclose(float(loss), want, rtol=LOSS_RTOL)
     np.testing.assert_allclose(float(eval_step(graphdef, params, batch, segs)), want,
                                rtol=LOSS_RTOL)
+
+
+def test_held_out_loss_over_packed_batches_is_per_target_not_a_mean_of_batch_means(split_model):
+    """Two held-out batches of very different target counts (the first mostly padding): the
+    loss is the token-weighted mean of all their documents' losses computed alone."""
+    graphdef, params = split_model
+    rng = np.random.default_rng(3)
+    batches = [rng.integers(0, VOCAB, (1, 24)).astype(np.int32) for _ in range(2)]
+    segs = [np.array([[1] * 5 + [0] * 19], np.int32), np.array([[1] * 14 + [2] * 10], np.int32)]
+    docs = [row[ids == s] for b, g in zip(batches, segs) for row, ids in zip(b, g)
+            for s in np.unique(ids[ids > 0])]
+    sums, counts = zip(*alone_loss_sums(graphdef, params, docs))
+    loss = held_out_loss(graphdef, params, [(jnp.asarray(b), jnp.asarray(g))
+                                            for b, g in zip(batches, segs)])
+    np.testing.assert_allclose(loss, sum(sums) / sum(counts), rtol=LOSS_RTOL)
+    mean_of_means = (sums[0] / counts[0] + sum(sums[1:]) / sum(counts[1:])) / 2  # 1 + 2 docs
+    assert abs(loss - mean_of_means) > 100 * LOSS_RTOL * loss  # the test can tell them apart
 
 
 def test_accumulated_micro_batches_weigh_packed_targets_like_one_batch(split_model):

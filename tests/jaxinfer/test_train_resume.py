@@ -1,0 +1,128 @@
+"""Resuming a run: what train(resume=True) accepts, the run files a crash can leave behind, and
+errors that name the file or parameter at fault. No step is trained: a run's checkpoint is the
+initial state saved at its last step, so resuming it restores and finishes at once."""
+
+import dataclasses
+import json
+import logging
+import re
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxinfer
+from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
+from jaxinfer.train import TrainConfig, train
+from jaxinfer.train.loop import CHECKPOINTS_DIR, METRICS_FILE, TRAIN_CONFIG_FILE, initial_state
+from jaxinfer.train.run_files import read_history, write_atomic
+
+VOCAB = 32
+CONFIG = TrainConfig(steps=2, batch_size=2, seq_len=8, warmup_steps=1, eval_every=2,
+                     eval_batches=1, checkpoint_every=1)
+TOKENS = np.arange(400, dtype=np.int32) % VOCAB
+
+
+def tiny_model(hidden_size: int = 16) -> jaxinfer.LlamaForCausalLM:
+    config = jaxinfer.LlamaConfig(vocab_size=VOCAB, hidden_size=hidden_size,
+                                  intermediate_size=32, num_hidden_layers=1,
+                                  num_attention_heads=2, num_key_value_heads=1,
+                                  max_position_embeddings=16)
+    return jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0))
+
+
+def records(steps: int) -> list[dict]:
+    return [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3} for s in range(1, steps + 1)]
+
+
+def finished_run(run_dir, model=None, config=CONFIG):
+    """A run directory as train() leaves it after config.steps steps (without training)."""
+    model = tiny_model() if model is None else model
+    run_dir.mkdir(parents=True)
+    (run_dir / "config.json").write_text(json.dumps(model.config.to_hf_config()))
+    config.save(run_dir / TRAIN_CONFIG_FILE)
+    (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n"
+                                                for r in records(config.steps)))
+    checkpointer = TrainStateCheckpointer(run_dir / CHECKPOINTS_DIR)
+    _, state = initial_state(model, config)
+    checkpointer.save(config.steps, {**state, "step": jnp.int32(config.steps),
+                                     "data_position": jnp.int32(config.steps)})
+    checkpointer.wait()
+    checkpointer.close()
+    return run_dir
+
+
+def resume(run_dir, model=None, config=CONFIG):
+    return train(tiny_model() if model is None else model, TOKENS, TOKENS[:100], config,
+                 run_dir, resume=True, progress=False)
+
+
+def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
+    path = tmp_path / "run.json"
+    path.write_text("old")
+    with pytest.raises(UnicodeEncodeError):
+        write_atomic(path, "new \ud800")  # a lone surrogate: UTF-8 cannot encode it
+    assert path.read_text() == "old"
+    assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
+    write_atomic(path, "new")
+    assert path.read_text() == "new"
+
+
+def test_a_metrics_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path, caplog):
+    run = finished_run(tmp_path / "run")
+    text = (run / METRICS_FILE).read_text()
+    (run / METRICS_FILE).write_text(text + '{"step": 3, "loss": 2.')  # killed mid-append
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.train.run_files"):
+        result = resume(run)
+    assert result.history == records(2)
+    assert (run / METRICS_FILE).read_text() == text  # rewritten without the piece
+    assert any(str(run / METRICS_FILE) in r.getMessage() and "cut short" in r.getMessage()
+               for r in caplog.records)
+
+
+def test_an_unreadable_metrics_line_before_the_last_is_an_error_naming_the_file(tmp_path):
+    path = tmp_path / METRICS_FILE
+    path.write_text('{"step": 1}\n{"step": 2, oops\n{"step": 3}\n')
+    with pytest.raises(ValueError, match=re.escape(f"{path} line 2 is not valid JSON")):
+        read_history(path, 10)
+
+
+@pytest.mark.parametrize("text, error, message", [
+    ("{oops", ValueError, "is not valid JSON"),
+    ('{"stepz": 3}', ValueError, r"unknown TrainConfig field\(s\) \['stepz'\]"),
+    ('{"steps": "3"}', TypeError, "steps must be an integer; got '3'"),
+], ids=["not-json", "unknown-key", "string-value"])
+def test_a_bad_train_config_file_is_an_error_naming_it(tmp_path, text, error, message):
+    path = tmp_path / TRAIN_CONFIG_FILE
+    path.write_text(text)
+    with pytest.raises(error, match=re.escape(str(path)) + ".*" + message):
+        TrainConfig.load(path)
+
+
+def test_resume_with_changed_settings_is_refused_before_any_file_changes(tmp_path):
+    run = finished_run(tmp_path / "run")
+    before = {p.name: p.read_text() for p in run.iterdir() if p.is_file()}
+    changed = dataclasses.replace(CONFIG, batch_size=4, seed=1, steps=3)
+    with pytest.raises(ValueError, match=r"except steps, eval_every, checkpoint_every; got other "
+                                         r"values for batch_size: 2 -> 4; seed: 0 -> 1"):
+        resume(run, config=changed)
+    assert {p.name: p.read_text() for p in run.iterdir() if p.is_file()} == before
+
+
+def test_resume_with_fewer_steps_than_the_run_has_made_is_refused(tmp_path):
+    run = finished_run(tmp_path / "run")
+    with pytest.raises(ValueError, match=r"steps must be at least the run's current step 2 .*"
+                                         r"got 1"):
+        resume(run, config=dataclasses.replace(CONFIG, steps=1))
+    assert TrainConfig.load(run / TRAIN_CONFIG_FILE) == CONFIG
+
+
+def test_resume_with_a_model_of_another_shape_names_the_parameters(tmp_path):
+    run = finished_run(tmp_path / "run")
+    saved_config = (run / "config.json").read_text()
+    with pytest.raises(ValueError, match=r"the model does not match the run's checkpoint .*"
+                                         r"embed_tokens.embedding: checkpoint \[32, 16\], "
+                                         r"model \[32, 24\]"):
+        resume(run, model=tiny_model(hidden_size=24))
+    assert (run / "config.json").read_text() == saved_config
