@@ -6,7 +6,7 @@ PY := $(VENV)/bin/python
 # machines pip takes it from a CPU wheel on local disk. Elsewhere override it, e.g.
 #   make test TORCH_SPEC="torch --index-url https://download.pytorch.org/whl/cpu"
 TORCH_SPEC ?= torch==2.13.0
-PYTEST_ARGS ?= -n 2
+PYTEST_ARGS ?= -n 2 --durations=25
 
 .PHONY: demo test test-fast clean
 
