@@ -36,6 +36,12 @@ class TrainStateCheckpointer:
         abstract = jax.tree.map(ocp.utils.to_shape_dtype_struct, target)
         return self._manager.restore(step, args=ocp.args.StandardRestore(abstract))
 
+    def stored_tree(self, step: int) -> Any:
+        """The state saved at `step` as orbax metadata leaves (each with .shape and .dtype),
+        read without restoring anything. The manager saves its one item under "default"."""
+        with ocp.StandardCheckpointer() as reader:
+            return reader.metadata(self.directory / str(step) / "default").item_metadata.tree
+
     def wait(self) -> None:
         self._manager.wait_until_finished()
 

@@ -7,7 +7,6 @@ from pathlib import Path
 from typing import Any
 
 import jax
-import orbax.checkpoint as ocp
 
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.train.run_files import CHECKPOINTS_DIR, TRAIN_CONFIG_FILE
@@ -57,13 +56,12 @@ def _param_shapes(tree: Any) -> dict[str, tuple[int, ...]]:
     return shapes
 
 
-def _param_mismatches(step_dir: Path, state: dict) -> list[str]:
-    """How the model's parameters differ from those the checkpoint at step_dir stores (empty
-    when they agree or its metadata cannot be read)."""
-    try:  # the CheckpointManager keeps a single item, under "default"
-        stored = _param_shapes(ocp.StandardCheckpointer().metadata(
-            step_dir / "default").item_metadata.tree)
-    except Exception:  # noqa: BLE001 - a diagnosis only; the restore error is raised anyway
+def _param_mismatches(checkpointer: TrainStateCheckpointer, step: int, state: dict) -> list[str]:
+    """How the model's parameters differ from those the checkpoint at `step` stores (empty when
+    they agree or its metadata cannot be read: the restore then reports what it finds)."""
+    try:
+        stored = _param_shapes(checkpointer.stored_tree(step))
+    except Exception:  # noqa: BLE001 - a diagnosis only
         return []
     wanted = _param_shapes(state)
     problems = [f"{name}: checkpoint {list(stored[name])}, model {list(shape)}"
@@ -75,15 +73,13 @@ def _param_mismatches(step_dir: Path, state: dict) -> list[str]:
 
 def restore_state(checkpointer: TrainStateCheckpointer, state: dict, step: int) -> dict:
     """`state` (params, opt_state, ...) restored from the checkpoint at `step`; ValueError naming
-    the parameters whose shapes differ when the model is not the run's."""
-    try:
-        return checkpointer.restore(state, step)
-    except ValueError as e:
-        problems = _param_mismatches(checkpointer.directory / str(step), state)
-        if not problems:
-            raise
+    the parameters whose shapes differ, checked before reading, when the model is not the
+    run's."""
+    problems = _param_mismatches(checkpointer, step, state)
+    if problems:
         more = len(problems) - _MISMATCHES_SHOWN
         raise ValueError(
             f"the model does not match the run's checkpoint {checkpointer.directory / str(step)}"
             f": {'; '.join(problems[:_MISMATCHES_SHOWN])}"
-            + (f" (and {more} more)" if more > 0 else "")) from e
+            + (f" (and {more} more)" if more > 0 else ""))
+    return checkpointer.restore(state, step)
