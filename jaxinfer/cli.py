@@ -11,6 +11,8 @@ import sys
 import time
 from pathlib import Path
 
+from jaxinfer.config import REMAT_MODES
+
 EXAMPLES = {
     "generate": """examples:
   jaxinfer generate "In the beginning"                      # the embedded default model
@@ -81,8 +83,6 @@ RUN_FLAGS = ("held_out", "config", "init", "tokenizer", "vocab_size")
 # would drop them from a --config file without a word -> the flag that sets them (or None)
 RUN_SETTING_KEYS = {"remat": "--remat", "attention_backend": None, "sequence_parallel": None,
                     "param_dtype": None}
-# jaxinfer.config.REMAT_MODES, spelled out: importing jaxinfer here would slow every --help
-REMAT_CHOICES = ("none", "full", "dots")
 HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
 # `jaxinfer generate` flags only the engine honours, with the values that leave them off
 ENGINE_FLAGS = {"prompts_file": None, "min_p": None, "repetition_penalty": 1.0, "stop": [],
@@ -159,11 +159,11 @@ def _parser() -> argparse.ArgumentParser:
                        ("--eval-every", _positive_int), ("--checkpoint-every", _positive_int),
                        ("--seed", _non_negative_int)):
         tr.add_argument(flag, type=kind)
-    tr.add_argument("--remat", choices=REMAT_CHOICES,
+    tr.add_argument("--remat", choices=REMAT_MODES,
                     help="recompute decoder-layer activations in the backward pass to save "
-                         "memory (Llama, Mixtral; results are unchanged): full keeps each "
-                         "layer's input, dots also its projections (default: the run's own on "
-                         "--resume, else none)")
+                         "memory (Llama, Mixtral; results are equal up to float rounding): full "
+                         "keeps each layer's input, dots also its projections (default: the "
+                         "run's own on --resume, else none)")
     tr.add_argument("--document-separator", type=int, metavar="TOKEN_ID",
                     help="pack documents: the token id that ends each document in the corpus "
                          "(e.g. 0, <|endoftext|> of the embedded tokenizer, which the corpus can "
@@ -304,11 +304,10 @@ def _model_of_config(config_file: Path, seed: int):
     from flax import nnx
 
     import jaxinfer
-    from jaxinfer.config import HYENA_MODEL_TYPE
-    from jaxinfer.train.run_files import read_json_object
+    from jaxinfer.config import HYENA_MODEL_TYPE, read_config_json
 
     rngs = nnx.Rngs(seed)
-    hf = read_json_object(config_file)
+    hf = read_config_json(config_file)
     if hf.get("model_type") == "mixtral":
         return jaxinfer.MixtralForCausalLM(jaxinfer.MixtralConfig.from_hf_config(hf), rngs=rngs)
     if hf.get("model_type") == HYENA_MODEL_TYPE:
@@ -320,9 +319,9 @@ def _config_file(path: str):
     """The LlamaConfig of a --config file, refusing jaxinfer's own run settings in it, which
     LlamaConfig.from_hf_config would otherwise drop without a word."""
     import jaxinfer
-    from jaxinfer.train.run_files import read_json_object
+    from jaxinfer.config import read_config_json
 
-    hf = read_json_object(path)
+    hf = read_config_json(path)
     found = sorted(set(hf) & set(RUN_SETTING_KEYS))
     if found:
         got = [f"{key} (give it as {RUN_SETTING_KEYS[key]})" if RUN_SETTING_KEYS[key]
@@ -346,9 +345,10 @@ def _with_remat(model, remat: str):
 
 def _run_record(run: Path, corpus_given: bool) -> dict:
     """The run's run.json (corpus, held_out, init, remat), checked for what --resume needs."""
-    from jaxinfer.train.run_files import RUN_FILE, read_json_object
+    from jaxinfer.config import read_config_json
+    from jaxinfer.train.run_files import RUN_FILE
 
-    meta = read_json_object(run / RUN_FILE)
+    meta = read_config_json(run / RUN_FILE)
     missing = [key for key in ("held_out",) + (() if corpus_given else ("corpus",))
                if key not in meta]
     if missing:
@@ -358,7 +358,8 @@ def _run_record(run: Path, corpus_given: bool) -> dict:
 
 
 def _resumed_run(args: argparse.Namespace, run: Path):
-    """(config, corpus, held_out, tokenizer, model) of the run in `run`, the given flags applied."""
+    """(config, corpus, held_out, tokenizer, model, write_run_files) of the run in `run`, the
+    given flags applied; write_run_files records a changed --remat in its run.json."""
     import jaxinfer
     from jaxinfer.train import TrainConfig
     from jaxinfer.train.resume import latest_checkpoint_step
@@ -384,15 +385,18 @@ def _resumed_run(args: argparse.Namespace, run: Path):
     else:
         model = _model_of_config(run / "config.json", config.seed)
     model = _with_remat(model, remat)
-    if remat != meta.get("remat", "none"):  # remat changes memory, not results
-        write_json(run / RUN_FILE, {**meta, "remat": remat})
+
+    def write_run_files() -> None:  # the next plain --resume keeps this remat
+        if remat != meta.get("remat", "none"):
+            write_json(run / RUN_FILE, {**meta, "remat": remat})
     corpus = args.corpus or meta["corpus"]
-    return config, corpus, meta["held_out"], jaxinfer.load_tokenizer(run), model
+    return (config, corpus, meta["held_out"], jaxinfer.load_tokenizer(run), model,
+            write_run_files)
 
 
 def _fresh_run(args: argparse.Namespace, run: Path):
-    """(config, corpus, held_out, tokenizer, model) of a new run in `run`, its run.json and
-    tokenizer written."""
+    """(config, corpus, held_out, tokenizer, model, write_run_files) of a new run in `run`;
+    write_run_files writes its tokenizer and run.json."""
     from flax import nnx
 
     import jaxinfer
@@ -404,7 +408,7 @@ def _fresh_run(args: argparse.Namespace, run: Path):
 
     if not args.corpus:
         raise ValueError("--corpus is required unless --resume is given")
-    check_no_checkpoints(run)  # before this run's files replace the old run's
+    check_no_checkpoints(run)  # before a tokenizer is trained for nothing
     held_out = HELD_OUT if args.held_out is None else args.held_out
     config = TrainConfig(**{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
                             if getattr(args, flag) is not None})
@@ -430,11 +434,14 @@ def _fresh_run(args: argparse.Namespace, run: Path):
         raise ValueError("give --config (train from scratch) or --init (fine-tune)")
     remat = args.remat or "none"
     model = _with_remat(model, remat)
-    run.mkdir(parents=True, exist_ok=True)
-    tokenizer.save(str(run / "tokenizer.json"))
-    write_json(run / RUN_FILE, {"corpus": str(Path(args.corpus).absolute()),
-                                "held_out": held_out, "init": init, "remat": remat})
-    return config, args.corpus, held_out, tokenizer, model
+    record = {"corpus": str(Path(args.corpus).absolute()), "held_out": held_out, "init": init,
+              "remat": remat}
+
+    def write_run_files() -> None:
+        run.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(run / "tokenizer.json"))
+        write_json(run / RUN_FILE, record)
+    return config, args.corpus, held_out, tokenizer, model, write_run_files
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -447,7 +454,7 @@ def _train(args: argparse.Namespace) -> int:
     from jaxinfer.train.run_files import write_json
 
     run = Path(args.out)
-    config, corpus, held_out, tokenizer, model = (
+    config, corpus, held_out, tokenizer, model, write_run_files = (
         _resumed_run(args, run) if args.resume else _fresh_run(args, run))
     tokens = tokenize_corpus(read_corpus(corpus), tokenizer)
     train_tokens, eval_tokens = split_held_out(tokens, held_out,
@@ -456,7 +463,9 @@ def _train(args: argparse.Namespace) -> int:
     print(f"{n_params / 1e6:.2f}M parameters; {len(train_tokens):,} train and "
           f"{len(eval_tokens):,} held-out tokens; {config.steps} steps of "
           f"{config.batch_size * config.grad_accum}x{config.seq_len} tokens")
-    result = train(model, train_tokens, eval_tokens, config, run, resume=args.resume)
+    # the run's files are written once train() has accepted the run: a refused one changes none
+    result = train(model, train_tokens, eval_tokens, config, run, resume=args.resume,
+                   on_start=write_run_files)
     out = jaxinfer.save_pretrained(result.model, run / "model", tokenizer=tokenizer)
     last = result.history[-1]
     evals = [r for r in result.history if "eval_loss" in r]

@@ -57,9 +57,10 @@ class RopeScaling:
 
 
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
-    """A config.json as a dict, with errors that name the file."""
+    """A JSON object file (a config.json; a run's train_config.json or run.json) as a dict,
+    with errors that name the file."""
     try:
-        with open(path) as f:
+        with open(path, encoding="utf-8") as f:
             hf = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None

@@ -13,14 +13,23 @@ from typing import Any
 import jax
 import orbax.checkpoint as ocp
 
+_ITEM = "default"  # the name orbax gives a manager's single item: <step>/default
+
 
 class TrainStateCheckpointer:
     """Save and restore a train-state pytree (params, optimizer state, step, RNG, data position)."""
 
     def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
         self.directory = Path(directory).absolute()
+        # the handler of the manager's one item ("default") registered up front, so that its
+        # metadata can be read before any save or restore (stored_tree)
+        handler = ocp.StandardCheckpointHandler()
+        registry = ocp.handlers.DefaultCheckpointHandlerRegistry()
+        registry.add(_ITEM, ocp.args.StandardSave, handler)
+        registry.add(_ITEM, ocp.args.StandardRestore, handler)
         self._manager = ocp.CheckpointManager(
-            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep))
+            self.directory, options=ocp.CheckpointManagerOptions(max_to_keep=max_to_keep),
+            handler_registry=registry)
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
@@ -38,9 +47,8 @@ class TrainStateCheckpointer:
 
     def stored_tree(self, step: int) -> Any:
         """The state saved at `step` as orbax metadata leaves (each with .shape and .dtype),
-        read without restoring anything. The manager saves its one item under "default"."""
-        with ocp.StandardCheckpointer() as reader:
-            return reader.metadata(self.directory / str(step) / "default").item_metadata.tree
+        read without restoring anything."""
+        return self._manager.metadata(step).item_metadata.tree
 
     def wait(self) -> None:
         self._manager.wait_until_finished()

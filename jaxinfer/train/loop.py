@@ -116,7 +116,8 @@ def initial_state(model: nnx.Module, config: TrainConfig) -> tuple[nnx.GraphDef,
 
 def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
           config: TrainConfig, run_dir: str | Path, *, resume: bool = False, progress: bool = True,
-          on_step: Callable[[dict], None] | None = None) -> TrainResult:
+          on_step: Callable[[dict], None] | None = None,
+          on_start: Callable[[], None] | None = None) -> TrainResult:
     """Train `model` (not modified; the trained model is returned) on next-token prediction plus
     the model's auxiliary losses at its config's weights (jaxinfer.train.step.training_loss:
     Mixtral's router losses), in training mode with a per-step key from the state's RNG.
@@ -129,8 +130,10 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
     With `resume=True` and a checkpoint in run_dir, continue from it: `config` must equal the
     run's train_config.json but for steps, eval_every and checkpoint_every (train_config's
     RESUMABLE), `steps` may not be below the checkpoint's step and the model must have the
-    run's shapes. ValueError for a run that cannot go on is raised before a file is written.
-    `on_step` sees each record."""
+    run's shapes. A larger `steps` stretches the cosine schedule over the new total, so the
+    learning rate can jump up at the resume. ValueError for a run that cannot go on is raised
+    before a file is written. `on_start` is called once the run has passed every check, before
+    train() writes its files (the CLI records its run there); `on_step` sees each record."""
     run_dir = Path(run_dir)
     _check_inputs(model, train_tokens, eval_tokens, config)
     if resume:
@@ -146,12 +149,17 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
     checkpointer = TrainStateCheckpointer(run_dir / CHECKPOINTS_DIR)
     try:
         latest = checkpointer.latest_step() if resume else None
-        if latest is not None:  # before the run's files: a model of another shape changes none
+        history = []
+        # both can refuse the run, so both come before any file: a model of another shape or a
+        # damaged metrics log changes none
+        if latest is not None:
             state = restore_state(checkpointer, state, latest)
+            history = read_history(run_dir / METRICS_FILE, int(state["step"]))
             log.info("resumed from step %d in %s", latest, run_dir)
+        if on_start is not None:
+            on_start()
         write_json(run_dir / "config.json", model.config.to_hf_config())
         config.save(run_dir / TRAIN_CONFIG_FILE)
-        history = read_history(run_dir / METRICS_FILE, int(state["step"]))
         write_atomic(run_dir / METRICS_FILE, "".join(json.dumps(r) + "\n" for r in history))
         began = time.perf_counter()
         params = _run_steps(graphdef, tx, schedule, state, data, eval_set, config, run_dir,

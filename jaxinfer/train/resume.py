@@ -18,7 +18,13 @@ _MISMATCHES_SHOWN = 3  # parameters named in a shape-mismatch error
 def latest_checkpoint_step(run_dir: str | Path) -> int | None:
     """The step of the newest finished checkpoint in run_dir (None: none), creating nothing."""
     directory = Path(run_dir) / CHECKPOINTS_DIR
-    return TrainStateCheckpointer(directory).latest_step() if directory.is_dir() else None
+    if not directory.is_dir():
+        return None
+    checkpointer = TrainStateCheckpointer(directory)
+    try:
+        return checkpointer.latest_step()
+    finally:
+        checkpointer.close()
 
 
 def check_no_checkpoints(run_dir: str | Path) -> None:

@@ -11,6 +11,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import stat
 import tempfile
 from pathlib import Path
 from typing import Any
@@ -23,13 +24,27 @@ RUN_FILE = "run.json"  # the CLI's record of what a run trains on (corpus, held-
 CHECKPOINTS_DIR = "checkpoints"
 
 
+def _umask() -> int:
+    """The process's umask. os.umask reads it only by setting it, so it is set back at once (to
+    the most private value meanwhile, in case another thread creates a file)."""
+    mask = os.umask(0o077)
+    os.umask(mask)
+    return mask
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace the file at `path` with `text` in one step: written to a temporary file beside it,
     flushed to disk, then renamed over it (os.replace is atomic), so a crash leaves the old
-    file or the new one, never a truncated one."""
+    file or the new one, never a truncated one. The file keeps its mode, or a new one gets what
+    open() would give it (0o666 less the umask), not mkstemp's owner-only 0o600."""
     path = Path(path)
+    try:
+        mode = stat.S_IMODE(path.stat().st_mode)
+    except FileNotFoundError:
+        mode = 0o666 & ~_umask()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
+        os.fchmod(fd, mode)
         with os.fdopen(fd, "w", encoding="utf-8") as f:
             f.write(text)
             f.flush()
@@ -43,17 +58,6 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
 def write_json(path: str | os.PathLike, value: Any) -> None:
     """`value` as indented JSON, atomically (`write_atomic`)."""
     write_atomic(path, json.dumps(value, indent=2) + "\n")
-
-
-def read_json_object(path: str | os.PathLike) -> dict[str, Any]:
-    """The JSON object in the file at `path`; ValueError naming the file if it is not one."""
-    try:
-        value = json.loads(Path(path).read_text(encoding="utf-8"))
-    except json.JSONDecodeError as e:
-        raise ValueError(f"{path} is not valid JSON: {e}") from None
-    if not isinstance(value, dict):
-        raise ValueError(f"{path} must hold a JSON object; got {type(value).__name__}")
-    return value
 
 
 def read_history(path: Path, up_to_step: int) -> list[dict]:

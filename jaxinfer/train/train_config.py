@@ -8,11 +8,14 @@ from pathlib import Path
 
 import numpy as np
 
-from jaxinfer.train.run_files import read_json_object, write_json
+from jaxinfer.config import read_config_json
+from jaxinfer.train.run_files import write_json
 
 # what a resumed run may change: how long it goes on and how often it evaluates and saves. The
 # rest fix what batch i is (batch_size, grad_accum, seq_len, seed, packing) or how the update
 # is made, so a resumed run with other values would not continue the uninterrupted run's curve.
+# `steps` sets the cosine schedule's length too: a longer run follows the new total from the
+# resume on, so its learning rate can jump up there.
 RESUMABLE = ("steps", "eval_every", "checkpoint_every")
 
 _INT_FIELDS = ("steps", "batch_size", "seq_len", "grad_accum", "warmup_steps", "eval_every",
@@ -40,12 +43,14 @@ class TrainConfig:
     document_separator: int | None = None
 
     def __post_init__(self) -> None:
-        for names, kind, what in ((_INT_FIELDS, numbers.Integral, "an integer"),
-                                  (_FLOAT_FIELDS, numbers.Real, "a number")):
-            for name in names:  # numpy scalars pass; bools and strings (a JSON typo) do not
+        for names, kind, what, plain in ((_INT_FIELDS, numbers.Integral, "an integer", int),
+                                         (_FLOAT_FIELDS, numbers.Real, "a number", float)):
+            for name in names:  # bools and strings (a JSON typo) are refused
                 value = getattr(self, name)
                 if not isinstance(value, kind) or isinstance(value, (bool, np.bool_)):
                     raise TypeError(f"{name} must be {what}; got {value!r}")
+                # numpy scalars become Python numbers, which save() can write as JSON
+                object.__setattr__(self, name, plain(value))
         for name in ("steps", "batch_size", "seq_len", "grad_accum", "eval_every", "eval_batches",
                      "checkpoint_every"):
             if getattr(self, name) < 1:
@@ -57,8 +62,11 @@ class TrainConfig:
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         sep = self.document_separator
-        if sep is not None and (not isinstance(sep, int) or isinstance(sep, bool) or sep < 0):
+        if sep is not None and (not isinstance(sep, numbers.Integral)
+                                or isinstance(sep, (bool, np.bool_)) or sep < 0):
             raise ValueError(f"document_separator must be None or a token id >= 0; got {sep!r}")
+        if sep is not None:
+            object.__setattr__(self, "document_separator", int(sep))
 
     def save(self, path: Path) -> None:
         write_json(path, dataclasses.asdict(self))
@@ -67,7 +75,7 @@ class TrainConfig:
     def load(cls, path: Path) -> TrainConfig:
         """The config saved at `path`; fields it lacks (older runs) take their defaults. Errors
         name the file."""
-        saved = read_json_object(path)
+        saved = read_config_json(path)
         known = [f.name for f in dataclasses.fields(cls)]
         unknown = sorted(set(saved) - set(known))
         if unknown:

@@ -2,6 +2,7 @@
 model the run began with. Training itself is replaced by a stand-in that records what the CLI
 hands it, so these tests take seconds."""
 
+import hashlib
 import json
 import shutil
 
@@ -14,7 +15,6 @@ import jaxinfer
 import jaxinfer.train
 from jaxinfer import cli
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
-from jaxinfer.config import REMAT_MODES
 from jaxinfer.train.loop import CHECKPOINTS_DIR, TRAIN_CONFIG_FILE
 from jaxinfer.train.loop import train as real_train
 
@@ -42,11 +42,14 @@ class _Stop(Exception):
 
 @pytest.fixture
 def handed_to_train(monkeypatch):
-    """Replaces jaxinfer.train.train: writes what the real one writes before its first step and
-    records (model, config, resume) of each call."""
+    """Replaces jaxinfer.train.train: accepts the run (on_start) and writes what the real one
+    writes before its first step, and records (model, config, resume) of each call."""
     calls = []
 
-    def fake_train(model, train_tokens, eval_tokens, config, run_dir, *, resume=False, **_):
+    def fake_train(model, train_tokens, eval_tokens, config, run_dir, *, resume=False,
+                   on_start=None, **_):
+        if on_start is not None:
+            on_start()
         (run_dir / "config.json").write_text(
             json.dumps(model.config.to_hf_config()))
         config.save(run_dir / TRAIN_CONFIG_FILE)
@@ -92,21 +95,46 @@ def _fresh_run(tmp_path, *flags: str) -> tuple:
     return corpus, run
 
 
+def _file_states(run) -> dict:
+    """path -> (content hash, mtime) of every file under `run`."""
+    return {str(p.relative_to(run)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                      p.stat().st_mtime_ns)
+            for p in sorted(run.rglob("*")) if p.is_file()}
+
+
 def test_resume_refuses_changed_settings_through_the_library(tmp_path, handed_to_train,
                                                             monkeypatch, capsys):
-    """The CLI hands the changed settings to jaxinfer.train.train, which refuses them before it
-    writes anything; flags that pick the run's data or model the CLI refuses itself."""
+    """The CLI hands the changed settings to jaxinfer.train.train, which refuses them before
+    any file changes (run.json's remat included); flags that pick the run's data or model the
+    CLI refuses itself."""
     _, run = _fresh_run(tmp_path)
-    saved = (run / TRAIN_CONFIG_FILE).read_text()
+    before = _file_states(run)
     monkeypatch.setattr(jaxinfer.train, "train", real_train)
     assert cli.main(["train", "--out", str(run), "--resume", "--lr", "1.0",
                      "--batch-size", "2", "--steps", "5"]) == 2
     err = capsys.readouterr().err
     assert "got other values for batch_size: 16 -> 2; learning_rate: 0.003 -> 1.0" in err
-    assert (run / TRAIN_CONFIG_FILE).read_text() == saved
+    assert cli.main(["train", "--out", str(run), "--resume", "--remat", "full",
+                     "--batch-size", "4"]) == 2
+    assert "got other values for batch_size: 16 -> 4" in capsys.readouterr().err
+    assert cli.main(["train", "--out", str(run), "--resume", "--remat", "dots",
+                     "--corpus", str(tmp_path / "missing.txt")]) == 2
+    assert "missing.txt" in capsys.readouterr().err
+    assert _file_states(run) == before
     assert cli.main(["train", "--out", str(run), "--resume", "--held-out", "0.1"]) == 2
     assert "--held-out cannot change them" in capsys.readouterr().err
     assert len(handed_to_train) == 1  # the refused resumes never reached the stand-in
+
+
+def test_a_fresh_run_refused_by_the_library_writes_no_file(tmp_path, monkeypatch, capsys):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    run = tmp_path / "run"
+    context = jaxinfer.load_pretrained(jaxinfer.default_model_dir()).config.max_position_embeddings
+    assert cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
+                     "--out", str(run), "--seq-len", str(context + 1)]) == 2
+    assert f"max_position_embeddings ({context}); got {context + 1}" in capsys.readouterr().err
+    assert not run.exists()
 
 
 def test_resume_below_the_runs_step_is_an_error(tmp_path, handed_to_train, monkeypatch, capsys):
@@ -132,8 +160,7 @@ def test_remat_reaches_the_model_and_the_resumed_run(tmp_path, handed_to_train):
     assert json.loads((run / "run.json").read_text())["remat"] == "full"
 
 
-def test_remat_choices_are_the_models(capsys):
-    assert cli.REMAT_CHOICES == REMAT_MODES
+def test_an_unknown_remat_mode_is_a_usage_error(capsys):
     with pytest.raises(SystemExit):
         cli.main(["train", "--out", "r", "--remat", "some"])
     assert "invalid choice: 'some'" in capsys.readouterr().err

@@ -4,7 +4,6 @@ document's own loss computed alone; train() runs on packed data end to end."""
 
 from __future__ import annotations
 
-
 import jax
 import jax.numpy as jnp
 import numpy as np

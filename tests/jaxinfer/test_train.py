@@ -172,6 +172,15 @@ def test_config_values_of_the_wrong_type_are_refused():
         TrainConfig(batch_size="8")
 
 
+def test_numpy_scalars_become_python_numbers_that_the_config_file_holds(tmp_path):
+    config = TrainConfig(steps=np.int64(5), learning_rate=np.float64(1e-3),
+                         document_separator=np.int64(0))
+    assert (type(config.steps), type(config.learning_rate), type(config.document_separator)
+            ) == (int, float, int)
+    config.save(tmp_path / TRAIN_CONFIG_FILE)
+    assert TrainConfig.load(tmp_path / TRAIN_CONFIG_FILE) == config
+
+
 def test_windows_longer_than_the_models_context_are_refused_before_any_file(tmp_path):
     tokens = np.arange(300, dtype=np.int32) % 64
     with pytest.raises(ValueError, match=r"seq_len must be at most the model's "

@@ -3,9 +3,12 @@ errors that name the file or parameter at fault. No step is trained: a run's che
 initial state saved at its last step, so resuming it restores and finishes at once."""
 
 import dataclasses
+import hashlib
 import json
 import logging
+import os
 import re
+import stat
 
 import jax.numpy as jnp
 import numpy as np
@@ -58,6 +61,13 @@ def resume(run_dir, model=None, config=CONFIG):
                  run_dir, resume=True, progress=False)
 
 
+def file_states(run_dir) -> dict:
+    """path -> (content hash, mtime) of every file under run_dir."""
+    return {str(p.relative_to(run_dir)): (hashlib.sha256(p.read_bytes()).hexdigest(),
+                                          p.stat().st_mtime_ns)
+            for p in sorted(run_dir.rglob("*")) if p.is_file()}
+
+
 def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     path = tmp_path / "run.json"
     path.write_text("old")
@@ -67,6 +77,20 @@ def test_a_failed_write_leaves_the_old_file_and_no_temporary(tmp_path):
     assert [p.name for p in tmp_path.iterdir()] == ["run.json"]
     write_atomic(path, "new")
     assert path.read_text() == "new"
+
+
+def test_written_files_keep_their_mode_or_take_the_umasks_not_owner_only(tmp_path):
+    kept = tmp_path / "kept.json"
+    kept.write_text("old")
+    kept.chmod(0o604)
+    umask = os.umask(0o027)
+    try:
+        write_atomic(tmp_path / "new.json", "new")
+        write_atomic(kept, "new")
+    finally:
+        os.umask(umask)
+    assert stat.S_IMODE((tmp_path / "new.json").stat().st_mode) == 0o640  # 0o666 & ~0o027
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o604
 
 
 def test_a_metrics_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path, caplog):
@@ -79,6 +103,25 @@ def test_a_metrics_line_cut_short_by_a_crash_is_dropped_with_a_warning(tmp_path,
     assert (run / METRICS_FILE).read_text() == text  # rewritten without the piece
     assert any(str(run / METRICS_FILE) in r.getMessage() and "cut short" in r.getMessage()
                for r in caplog.records)
+
+
+def test_a_damaged_metrics_log_refuses_the_resume_before_any_file_changes(tmp_path):
+    run = finished_run(tmp_path / "run")
+    lines = (run / METRICS_FILE).read_text().splitlines(keepends=True)
+    (run / METRICS_FILE).write_text('{"step": 1, oops\n' + "".join(lines[1:]))
+    before = file_states(run)
+    with pytest.raises(ValueError, match=re.escape(f"{run / METRICS_FILE} line 1 is not valid")):
+        resume(run, config=dataclasses.replace(CONFIG, steps=4))
+    assert file_states(run) == before
+
+
+def test_a_resume_logs_no_orbax_warning(tmp_path, caplog):
+    """Reading the checkpoint's shapes before restoring (restore_state) goes through the
+    manager, which knows where orbax keeps its metadata: no 'Metadata file does not exist'."""
+    run = finished_run(tmp_path / "run")
+    with caplog.at_level(logging.WARNING):
+        resume(run)
+    assert not [r.getMessage() for r in caplog.records if r.levelno >= logging.WARNING]
 
 
 def test_an_unreadable_metrics_line_before_the_last_is_an_error_naming_the_file(tmp_path):
