@@ -205,7 +205,7 @@ def time_steps(model, args) -> list[dict]:
         for rep in range(args.step_reps + 1):  # the first round compiles
             for mode, e in engines.items():
                 t0 = time.perf_counter()
-                tokens, e._cache, e._seen, _ = e._step(inputs)
+                tokens, _ = e._step(inputs)
                 jax.block_until_ready(tokens)
                 times[mode] += [time.perf_counter() - t0] * (rep > 0)
         ragged, per_token = (1e3 * statistics.median(times[m]) for m in ("ragged", "per_token"))
