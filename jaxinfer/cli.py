@@ -416,7 +416,8 @@ def _fresh_run(args: argparse.Namespace, run: Path):
         tokenizer = jaxinfer.load_tokenizer(args.tokenizer or args.init)
     elif args.vocab_size:
         print(f"training a byte-level BPE tokenizer with {args.vocab_size} tokens ...")
-        tokenizer = train_bpe(read_corpus(args.corpus).splitlines(), args.vocab_size)
+        tokenizer = train_bpe(read_corpus(args.corpus).splitlines(), args.vocab_size,
+                              progress=True)
     else:
         raise ValueError("give --tokenizer, --init or --vocab-size to choose a tokenizer")
     if args.init:

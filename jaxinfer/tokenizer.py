@@ -20,13 +20,14 @@ def load_tokenizer(path: str | os.PathLike) -> Tokenizer:
     return Tokenizer.from_file(str(file))
 
 
-def train_bpe(texts: Iterable[str], vocab_size: int) -> Tokenizer:
-    """Train a GPT-2 style byte-level BPE tokenizer (any text encodes; no unknown tokens)."""
+def train_bpe(texts: Iterable[str], vocab_size: int, *, progress: bool = False) -> Tokenizer:
+    """Train a GPT-2 style byte-level BPE tokenizer (any text encodes; no unknown tokens);
+    `progress` shows the tokenizers library's own progress bars (minutes on a large corpus)."""
     tokenizer = Tokenizer(models.BPE())
     tokenizer.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tokenizer.decoder = decoders.ByteLevel()
     trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[END_OF_TEXT],
                                   initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-                                  show_progress=False)
+                                  show_progress=progress)
     tokenizer.train_from_iterator(texts, trainer=trainer)
     return tokenizer

@@ -16,6 +16,7 @@ import pytest
 from flax import nnx
 
 import jaxinfer
+from jaxinfer import cli
 from jaxinfer.assets import corpus_sample_path
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.tokenizer import train_bpe
@@ -245,36 +246,31 @@ def test_a_fresh_run_refuses_a_directory_holding_checkpoints(tmp_path):
 
 @pytest.mark.slow
 def test_cli_train_survives_sigkill_and_resumes(tmp_path):
-    """The real thing: SIGKILL the `jaxinfer train` process once a checkpoint exists, then
-    --resume."""
+    """The real thing: SIGKILL a `jaxinfer train` process once a checkpoint exists, then
+    --resume. The uninterrupted reference and the resume run in this process (`cli.main`, the
+    command's own code path); only the killed run needs a process of its own."""
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(corpus_sample_path().read_text()[:60000])
     config = tmp_path / "config.json"
     config.write_text('{"model_type": "llama", "vocab_size": 300, "hidden_size": 32, '
                       '"intermediate_size": 64, "num_hidden_layers": 1, "num_attention_heads": 2, '
                       '"num_key_value_heads": 1, "max_position_embeddings": 64}')
-    args = ["--steps", "16", "--batch-size", "2", "--seq-len", "16", "--eval-every", "8",
-            "--checkpoint-every", "4", "--vocab-size", "300"]
-    cmd = [sys.executable, "-m", "jaxinfer.cli", "train", "--corpus", str(corpus), "--config",
-           str(config)]
-    # The three processes compile the same programs: a shared persistent cache saves two thirds
-    # of the compile time and cannot change a result (the executables are the same).
-    env = {**os.environ, "JAX_COMPILATION_CACHE_DIR": str(tmp_path / "jax_cache"),
-           "JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS": "0",
-           "JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES": "0"}
-    subprocess.run(cmd + ["--out", str(tmp_path / "a")] + args, check=True, capture_output=True,
-                   env=env)
-
+    args = ["train", "--corpus", str(corpus), "--config", str(config), "--steps", "16",
+            "--batch-size", "2", "--seq-len", "16", "--eval-every", "8", "--checkpoint-every", "4",
+            "--vocab-size", "300"]
+    assert cli.main(args + ["--out", str(tmp_path / "a")]) == 0
+    # The child inherits the suite's XLA flags and persistent compilation cache (conftest), so it
+    # loads the programs this process just compiled: the same executables, less time.
     run_b = tmp_path / "b"
-    proc = subprocess.Popen(cmd + ["--out", str(run_b)] + args, stdout=subprocess.DEVNULL,
-                            stderr=subprocess.DEVNULL, env=env)
+    proc = subprocess.Popen([sys.executable, "-m", "jaxinfer.cli", *args, "--out", str(run_b)],
+                            stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
     deadline = time.time() + 120
     while time.time() < deadline and not (run_b / "checkpoints" / "8").exists():
-        time.sleep(0.05)
+        time.sleep(0.01)
     os.kill(proc.pid, signal.SIGKILL)
     proc.wait()
-    subprocess.run([sys.executable, "-m", "jaxinfer.cli", "train", "--out", str(run_b), "--resume"],
-                   check=True, capture_output=True, env=env)
+    assert not (run_b / "model").exists()  # killed mid-run, not after it finished
+    assert cli.main(["train", "--out", str(run_b), "--resume"]) == 0
 
     def losses(run):
         import json
