@@ -24,13 +24,14 @@ ROPE_TYPE_FIELDS = {"default": (), "linear": ("factor",),
 # num_key_value_heads None: as many KV heads as query heads (multi-head attention).
 HF_DEFAULTS: dict[str, dict[str, Any]] = {
     "llama": dict(num_key_value_heads=None, max_position_embeddings=2048, rope_theta=1e4,
-                  rms_norm_eps=1e-6),
+                  rms_norm_eps=1e-6, bos_token_id=1, eos_token_id=2),
     "mistral": dict(num_key_value_heads=8, max_position_embeddings=131072, rope_theta=1e4,
-                    rms_norm_eps=1e-6, sliding_window=4096),
+                    rms_norm_eps=1e-6, sliding_window=4096, bos_token_id=1, eos_token_id=2),
     "mixtral": dict(num_key_value_heads=8, max_position_embeddings=131072, rope_theta=1e6,
-                    rms_norm_eps=1e-5, sliding_window=None),
+                    rms_norm_eps=1e-5, sliding_window=None, bos_token_id=1, eos_token_id=2),
     "qwen2": dict(num_key_value_heads=32, max_position_embeddings=32768, rope_theta=1e4,
-                  rms_norm_eps=1e-6, sliding_window=4096, max_window_layers=28),
+                  rms_norm_eps=1e-6, sliding_window=4096, max_window_layers=28,
+                  bos_token_id=None, eos_token_id=None),
 }
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas")  # see kernels_pallas.flash_attention
@@ -116,7 +117,8 @@ def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
 
     # HF's Mistral, Mixtral and Qwen2 classes ignore attention_bias / mlp_bias; Llama reads them
     attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
-    eos = hf.get("eos_token_id")
+    # an absent id takes the class default (Llama's 1 and 2); an explicit null stays None
+    eos = hf.get("eos_token_id", defaults["eos_token_id"])
     return dict(
         model_type=model_type,
         vocab_size=hf["vocab_size"],
@@ -135,7 +137,7 @@ def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
         sliding_window=sliding_window,
         tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
-        bos_token_id=hf.get("bos_token_id"),
+        bos_token_id=hf.get("bos_token_id", defaults["bos_token_id"]),
         eos_token_id=() if eos is None else eos,
     )
 

@@ -15,6 +15,7 @@ file left behind).
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -33,7 +34,7 @@ from jaxinfer.checkpoint.gptq_config import (QUANTIZE_CONFIG_FILE, GPTQConfig, G
 from jaxinfer.checkpoint.gptq_format import FORMATS, from_gptq_tensors, to_gptq_tensors
 from jaxinfer.checkpoint.hf_write import (CONFIG_FILE, INDEX_FILE, SINGLE_FILE,
                                           write_checkpoint)
-from jaxinfer.config import HYENA_MODEL_TYPE, LlamaConfig
+from jaxinfer.config import HYENA_MODEL_TYPE, LlamaConfig, read_config_json
 from jaxinfer.models.hyena import HyenaForCausalLM
 from jaxinfer.models.layers import QuantizedLinear
 from jaxinfer.models.mixtral import MixtralForCausalLM
@@ -43,6 +44,7 @@ from kernels_pallas.quant_matmul import QuantizedWeight
 
 log = logging.getLogger(__name__)
 
+GENERATION_CONFIG_FILE = "generation_config.json"
 # Buffers some exporters write that carry no parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
@@ -270,6 +272,27 @@ def read_param(reader: "_TensorReader", files: dict, name: str, transposed: bool
     return jnp.asarray(tensor.T if transposed else tensor, dtype=current.dtype)
 
 
+def with_generation_stop_tokens(model_dir: Path, config):
+    """``config`` with the stop tokens of ``model_dir``'s generation_config.json where it names
+    them (``eos_token_id``, an int or a list), else ``config`` itself.
+
+    transformers' ``generate`` stops on the generation config's ids, which can differ from
+    config.json's: Llama 3.1 Instruct's config.json names end-of-text (128001) but its
+    generation_config.json also end-of-turn (128008, 128009), where a chat reply ends. Reading
+    them makes generation here stop where transformers does."""
+    path = model_dir / GENERATION_CONFIG_FILE
+    if not path.exists():
+        return config
+    eos = read_config_json(path).get("eos_token_id")
+    if eos is None:
+        return config
+    if isinstance(eos, bool) or not (isinstance(eos, int) or (
+            isinstance(eos, list) and all(isinstance(t, int) and not isinstance(t, bool)
+                                          for t in eos))):
+        raise ValueError(f"{path}: eos_token_id must be an int or a list of ints; got {eos!r}")
+    return dataclasses.replace(config, eos_token_id=eos)
+
+
 def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
                     attention_backend: str = "auto",
                     quant_backend: str = "auto"
@@ -299,8 +322,8 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
         from jaxinfer.checkpoint.hf_hyena import load_hyena  # it imports this module
 
         return load_hyena(model_dir, dtype=dtype)
-    config = LlamaConfig.from_json_file(config_file, dtype=dtype,
-                                        attention_backend=attention_backend)
+    config = with_generation_stop_tokens(model_dir, LlamaConfig.from_json_file(
+        config_file, dtype=dtype, attention_backend=attention_backend))
     gptq = read_gptq_config(model_dir, json.loads(config_file.read_text()))
     files = _tensor_files(model_dir)
 

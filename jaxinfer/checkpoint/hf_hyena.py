@@ -30,7 +30,7 @@ from flax import nnx
 
 from jaxinfer.checkpoint.gptq_config import refuse_quantized
 from jaxinfer.checkpoint.hf import (_tensor_files, _TensorReader, check_present, hf_name,
-                                    read_param, warn_unused)
+                                    read_param, warn_unused, with_generation_stop_tokens)
 from jaxinfer.config import HyenaConfig, read_config_json
 from jaxinfer.models.hyena import HyenaForCausalLM
 
@@ -48,7 +48,8 @@ def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
             f"{model_dir} has no config.json; expected a Hugging Face model directory")
     hf_config = read_config_json(config_file)
     config = HyenaConfig.from_hf_config(hf_config, fftconv_backend=fftconv_backend)
-    config = config.replace(dtype=dtype, param_dtype=dtype)
+    config = with_generation_stop_tokens(model_dir,
+                                         config.replace(dtype=dtype, param_dtype=dtype))
     refuse_quantized(model_dir, hf_config, config.model_type)
     files = _tensor_files(model_dir)
     abstract = nnx.eval_shape(lambda: HyenaForCausalLM(config, rngs=nnx.Rngs(0)))

@@ -27,7 +27,8 @@ from flax import nnx
 
 from jaxinfer.checkpoint.gptq_config import refuse_quantized
 from jaxinfer.checkpoint.hf import (_tensor_files, _TensorReader, check_present, hf_name,
-                                    hf_tensors, read_param, save_pretrained, warn_unused)
+                                    hf_tensors, read_param, save_pretrained, warn_unused,
+                                    with_generation_stop_tokens)
 from jaxinfer.config import read_config_json
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
@@ -85,9 +86,9 @@ def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
         raise FileNotFoundError(
             f"{model_dir} has no config.json; expected a Hugging Face model directory")
     hf_config = read_config_json(config_file)
-    config = MixtralConfig.from_hf_config(hf_config, dtype=dtype,
-                                          attention_backend=attention_backend,
-                                          moe_impl=moe_impl, capacity_factor=capacity_factor)
+    config = with_generation_stop_tokens(model_dir, MixtralConfig.from_hf_config(
+        hf_config, dtype=dtype, attention_backend=attention_backend, moe_impl=moe_impl,
+        capacity_factor=capacity_factor))
     refuse_quantized(model_dir, hf_config, config.model_type)
     files = _tensor_files(model_dir)
     abstract = nnx.eval_shape(lambda: MixtralForCausalLM(config, rngs=nnx.Rngs(0)))

@@ -91,7 +91,7 @@ REQUIRED_ONLY = dict(vocab_size=128, hidden_size=256, intermediate_size=96, num_
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "mixtral", "qwen2"])
 def test_absent_keys_take_the_defaults_of_transformers(model_type):
     """A config.json that omits num_key_value_heads, max_position_embeddings, sliding_window,
-    rope_theta or rms_norm_eps means what transformers' config class for its model type assumes
+    rope_theta, rms_norm_eps or the bos/eos token ids means what transformers' config class for its model type assumes
     (Mistral's 4096 window, 8 KV heads, ...)."""
     hf = transformers.AutoConfig.for_model(model_type, **REQUIRED_ONLY)
     parse = MixtralConfig if model_type == "mixtral" else LlamaConfig
@@ -102,6 +102,15 @@ def test_absent_keys_take_the_defaults_of_transformers(model_type):
     assert config.rms_norm_eps == hf.rms_norm_eps
     theta = (hf.rope_parameters["rope_theta"] if TRANSFORMERS_MAJOR >= 5 else hf.rope_theta)
     assert config.rope_theta == theta
+    assert config.bos_token_id == hf.bos_token_id
+    assert config.eos_token_id == (() if hf.eos_token_id is None else (hf.eos_token_id,))
+
+
+def test_explicit_null_token_ids_stay_unset():
+    """An id that config.json sets to null means no such token, not the class default."""
+    config = LlamaConfig.from_hf_config({**REQUIRED_ONLY, "model_type": "llama",
+                                         "bos_token_id": None, "eos_token_id": None})
+    assert (config.bos_token_id, config.eos_token_id) == (None, ())
 
 
 QWEN2_WINDOWS = {  # id: Qwen2 config keys (besides BASE, 2 layers)
@@ -186,7 +195,8 @@ ROPE_SPELLINGS = {
 @pytest.mark.parametrize("spelling", list(ROPE_SPELLINGS.values()), ids=list(ROPE_SPELLINGS))
 def test_rope_spellings_of_transformers_4_and_5_give_the_same_config(spelling):
     config = LlamaConfig.from_hf_config({**BASE, "model_type": "llama", **spelling})
-    assert config == LlamaConfig(**BASE, rope_theta=500000.0, rope_scaling=LLAMA3)
+    assert config == LlamaConfig(**BASE, rope_theta=500000.0, rope_scaling=LLAMA3,
+                                 bos_token_id=1, eos_token_id=2)  # transformers' Llama ids
 
 
 @pytest.mark.parametrize("spelling", [

@@ -319,6 +319,28 @@ def shard_source(tmp_path_factory):
     return hf_model, hf_dir, ids, hf_logits(hf_model, ids)
 
 
+@pytest.mark.parametrize("generation", [{"eos_token_id": [2, 7]}, {"eos_token_id": 7},
+                                        {"eos_token_id": None}, {"do_sample": False}])
+def test_stop_tokens_are_those_transformers_generate_stops_on(shard_source, tmp_path,
+                                                             generation):
+    """generation_config.json's eos_token_id, where it names one, replaces config.json's (2)."""
+    _, hf_dir, _, _ = shard_source
+    shutil.copytree(hf_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").write_text(json.dumps(generation))
+    named = transformers.GenerationConfig.from_pretrained(tmp_path).eos_token_id
+    want = json.loads((hf_dir / "config.json").read_text())["eos_token_id"] if named is None \
+        else named
+    assert jaxinfer.load_pretrained(tmp_path).config.eos_token_id == tuple(np.atleast_1d(want))
+
+
+def test_malformed_generation_config_stop_tokens_are_refused(shard_source, tmp_path):
+    _, hf_dir, _, _ = shard_source
+    shutil.copytree(hf_dir, tmp_path, dirs_exist_ok=True)
+    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
+    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be an int"):
+        jaxinfer.load_pretrained(tmp_path)
+
+
 def test_jaxinfer_sharded_save_loads_in_jaxinfer_and_transformers(shard_source, tmp_path):
     hf_model, hf_dir, ids, expected = shard_source
     model = jaxinfer.load_pretrained(hf_dir)
