@@ -13,12 +13,15 @@ import tempfile
 # compile a small program than its classic elemental emitters (a GPTQ run of a 2-layer model:
 # 5.9 s of XLA compilation down to 2.3 s; the whole suite 15:26 -> 9:30 on 2 cores); both
 # compute the same operations.
+# These three are for runs on the CPU only (JAX_PLATFORMS=cpu, the default here): XLA dies on a
+# flag its build does not know, and a lent GPU's newer jaxlib need not know XLA:CPU's.
 # Subprocesses inherit the flags.
-os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
-                           " --xla_backend_optimization_level=0"
-                           " --xla_cpu_multi_thread_eigen=false"
-                           " --xla_cpu_use_fusion_emitters=false").strip()
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
+_CPU_COMPILE_FLAGS = (" --xla_backend_optimization_level=0 --xla_cpu_multi_thread_eigen=false"
+                      " --xla_cpu_use_fusion_emitters=false")
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8"
+                           + (_CPU_COMPILE_FLAGS if os.environ["JAX_PLATFORMS"] == "cpu"
+                              else "")).strip()
 # One persistent compilation cache per run, shared by the pytest-xdist workers (they inherit this
 # process's environment) and by the subprocesses tests start: a program that one worker compiled
 # is read back, not compiled again, by the other. It cannot change a result (the executable is
