@@ -240,14 +240,17 @@ def _module_at(model, path: tuple):
     return node
 
 
-def _model_type(config_file: Path) -> str | None:
-    """config.json's model_type, or None where the file is malformed (the config class reading it
-    next reports that with the details)."""
-    try:
-        hf = json.loads(config_file.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        return None
-    return hf.get("model_type") if isinstance(hf, dict) else None
+def read_model_dir(model_dir: str | os.PathLike) -> tuple[Path, dict]:
+    """A local Hugging Face model directory and its config.json as a dict, with errors that say
+    which of the two is missing or malformed."""
+    model_dir = Path(model_dir)
+    if not model_dir.is_dir():
+        raise FileNotFoundError(f"model directory {model_dir} does not exist")
+    config_file = model_dir / CONFIG_FILE
+    if not config_file.exists():
+        raise FileNotFoundError(
+            f"{model_dir} has no config.json; expected a Hugging Face model directory")
+    return model_dir, read_config_json(config_file)
 
 
 def check_present(model_dir: Path, names: list[str], files: dict) -> None:
@@ -306,14 +309,8 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
     with `QuantizedLinear` layers whose `quant_matmul` backend is `quant_backend`."""
     if quant_backend not in QUANT_BACKENDS:
         raise ValueError(f"quant_backend must be one of {QUANT_BACKENDS}; got {quant_backend!r}")
-    model_dir = Path(model_dir)
-    if not model_dir.is_dir():
-        raise FileNotFoundError(f"model directory {model_dir} does not exist")
-    config_file = model_dir / CONFIG_FILE
-    if not config_file.exists():
-        raise FileNotFoundError(
-            f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    model_type = _model_type(config_file)
+    model_dir, hf_config = read_model_dir(model_dir)
+    model_type = hf_config.get("model_type")
     if model_type == "mixtral":
         from jaxinfer.checkpoint.hf_mixtral import load_mixtral  # it imports this module
 
@@ -322,9 +319,9 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
         from jaxinfer.checkpoint.hf_hyena import load_hyena  # it imports this module
 
         return load_hyena(model_dir, dtype=dtype)
-    config = with_generation_stop_tokens(model_dir, LlamaConfig.from_json_file(
-        config_file, dtype=dtype, attention_backend=attention_backend))
-    gptq = read_gptq_config(model_dir, json.loads(config_file.read_text()))
+    config = with_generation_stop_tokens(model_dir, LlamaConfig.from_hf_config(
+        hf_config, dtype=dtype, attention_backend=attention_backend))
+    gptq = read_gptq_config(model_dir, hf_config)
     files = _tensor_files(model_dir)
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))

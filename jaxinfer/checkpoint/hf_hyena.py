@@ -24,14 +24,14 @@ dispatches on; `save_pretrained` writes this layout (single file or sharded) thr
 from __future__ import annotations
 
 import os
-from pathlib import Path
 
 from flax import nnx
 
 from jaxinfer.checkpoint.gptq_config import refuse_quantized
 from jaxinfer.checkpoint.hf import (_tensor_files, _TensorReader, check_present, hf_name,
-                                    read_param, warn_unused, with_generation_stop_tokens)
-from jaxinfer.config import HyenaConfig, read_config_json
+                                    read_model_dir, read_param, warn_unused,
+                                    with_generation_stop_tokens)
+from jaxinfer.config import HyenaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
 
 
@@ -41,12 +41,7 @@ def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
 
     `dtype` ("float32" or "bfloat16") becomes both the parameter and the compute dtype, as in
     `load_pretrained`; the implicit filters stay float32 whatever it is."""
-    model_dir = Path(model_dir)
-    config_file = model_dir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(
-            f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    hf_config = read_config_json(config_file)
+    model_dir, hf_config = read_model_dir(model_dir)
     config = HyenaConfig.from_hf_config(hf_config, fftconv_backend=fftconv_backend)
     config = with_generation_stop_tokens(model_dir,
                                          config.replace(dtype=dtype, param_dtype=dtype))

@@ -27,9 +27,8 @@ from flax import nnx
 
 from jaxinfer.checkpoint.gptq_config import refuse_quantized
 from jaxinfer.checkpoint.hf import (_tensor_files, _TensorReader, check_present, hf_name,
-                                    hf_tensors, read_param, save_pretrained, warn_unused,
-                                    with_generation_stop_tokens)
-from jaxinfer.config import read_config_json
+                                    hf_tensors, read_model_dir, read_param, save_pretrained,
+                                    warn_unused, with_generation_stop_tokens)
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
 
@@ -80,12 +79,7 @@ def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
                  attention_backend: str = "auto", moe_impl: str = "dropless",
                  capacity_factor: float = 1.25) -> MixtralForCausalLM:
     """Load a local HF Mixtral directory (config.json + safetensors, single or sharded)."""
-    model_dir = Path(model_dir)
-    config_file = model_dir / "config.json"
-    if not config_file.exists():
-        raise FileNotFoundError(
-            f"{model_dir} has no config.json; expected a Hugging Face model directory")
-    hf_config = read_config_json(config_file)
+    model_dir, hf_config = read_model_dir(model_dir)
     config = with_generation_stop_tokens(model_dir, MixtralConfig.from_hf_config(
         hf_config, dtype=dtype, attention_backend=attention_backend, moe_impl=moe_impl,
         capacity_factor=capacity_factor))
