@@ -2,7 +2,8 @@
 communication each scheme moves per device, and the communication per layer of ring vs Ulysses
 vs Megatron sequence parallelism for several P and GQA ratios.
 
-    python -m experiments.bench_sequence_parallel            # seq 1K..8K over all devices
+    python -m experiments.bench_sequence_parallel            # seq 1K, 2K, 4K (CPU) or 4K, 16K,
+                                                             # 64K (GPU) over all devices
     python -m experiments.bench_sequence_parallel --quick    # seconds on a CPU
 
 On a CPU host the script asks XLA for 8 emulated devices (unless XLA_FLAGS already sets a count).

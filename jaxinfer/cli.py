@@ -22,8 +22,9 @@ EXAMPLES = {
   jaxinfer generate "And God said" --speculative-tokens 4              # prompt-lookup drafts
   jaxinfer generate "Hello" --model big_dir --draft-model small_dir --speculative-tokens 4
   jaxinfer generate "Hello" --kv-cache-dtype int8 --snapkv-budget 256   # smaller KV cache
-engine options need a model with a paged KV cache (the Llama family, Mixtral); Hyena decodes
-one static batch with temperature, top-k and top-p only
+engine options (and engine sizes other than the defaults) need a model with a paged KV cache
+(the Llama family, Mixtral); Hyena decodes one static batch with temperature, top-k and top-p only
+and refuses the rest
 """,
     "train": """examples:
   jaxinfer train --corpus kjv.txt --config small.json --vocab-size 4096 --out runs/kjv
@@ -84,10 +85,12 @@ RUN_FLAGS = ("held_out", "config", "init", "tokenizer", "vocab_size")
 RUN_SETTING_KEYS = {"remat": "--remat", "attention_backend": None, "sequence_parallel": None,
                     "param_dtype": None}
 HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
-# `jaxinfer generate` flags only the engine honours, with the values that leave them off
+# `jaxinfer generate` flags only the engine honours, with the values that leave them off (for the
+# engine's sizes, their defaults): a static-batch model (Hyena) refuses any other value
 ENGINE_FLAGS = {"prompts_file": None, "min_p": None, "repetition_penalty": 1.0, "stop": [],
                 "n": 1, "first_finish": False, "kv_cache_dtype": "auto", "speculative_tokens": 0,
-                "draft_model": None, "snapkv_budget": None, "hydragen": False}
+                "draft_model": None, "snapkv_budget": None, "hydragen": False,
+                "max_batch": 64, "page_size": 16, "num_pages": None, "max_tokens_per_step": 512}
 DEFAULT_PROMPT = "In the beginning"
 
 
@@ -117,13 +120,14 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="copies of the prompt decoded together")
     gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    gen.add_argument("--max-batch", type=_positive_int, default=64,
+    gen.add_argument("--max-batch", type=_positive_int, default=ENGINE_FLAGS["max_batch"],
                      help="engine: sequences in flight")
-    gen.add_argument("--page-size", type=_positive_int, default=16,
+    gen.add_argument("--page-size", type=_positive_int, default=ENGINE_FLAGS["page_size"],
                      help="engine: tokens per KV page")
     gen.add_argument("--num-pages", type=_positive_int,
                      help="engine: KV pages (default: sized from memory)")
-    gen.add_argument("--max-tokens-per-step", type=_positive_int, default=512,
+    gen.add_argument("--max-tokens-per-step", type=_positive_int,
+                     default=ENGINE_FLAGS["max_tokens_per_step"],
                      help="engine: token budget of one step (decodes + prompt chunks)")
     gen.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                      help="engine: KV pages in the model's dtype or int8 (per-head scales)")

@@ -1,5 +1,6 @@
 """Meshes, logical-axis rules and collective algorithms for data, fsdp, tensor, sequence and expert
-parallelism (DESIGN.md). Imports jax (flax.nnx only to read parameter metadata).
+parallelism (DESIGN.md). Imports jax, flax.nnx (parameter metadata), scipy (MILP placement),
+kernels_pallas.
 
     import sharding
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)       # sizes multiply to the devices used

@@ -74,12 +74,21 @@ def _generate_args(*flags: str) -> argparse.Namespace:
 
 
 @pytest.mark.parametrize("flags", [["--n", "2"], ["--stop", "."], ["--speculative-tokens", "2"],
-                                   ["--kv-cache-dtype", "int8"], ["--min-p", "0.1"]])
+                                   ["--kv-cache-dtype", "int8"], ["--min-p", "0.1"],
+                                   ["--max-batch", "8"], ["--page-size", "32"],
+                                   ["--num-pages", "100"], ["--max-tokens-per-step", "64"]])
 def test_engine_flags_are_refused_for_a_static_batch_model(flags):
     class Hyena:  # stands for a model without a paged KV cache; only its name is read
         pass
     with pytest.raises(ValueError, match=f"{flags[0]} need the serving engine.*Hyena"):
         cli._static_batch_runner(_generate_args(*flags), Hyena(), [[1, 2, 3]])
+
+
+def test_engine_sizes_left_at_their_defaults_pass_for_a_static_batch_model():
+    class Hyena:
+        pass
+    default_sizes = ["--max-batch", "64", "--page-size", "16", "--max-tokens-per-step", "512"]
+    assert callable(cli._static_batch_runner(_generate_args(*default_sizes), Hyena(), [[1, 2]]))
 
 
 @pytest.mark.parametrize("argv, message", [
