@@ -542,7 +542,7 @@ def main(argv: list[str] | None = None) -> int:
                "quantize": _quantize}[args.command]
     try:
         return command(args)
-    except (ValueError, TypeError, FileNotFoundError) as e:
+    except (ValueError, TypeError, OSError) as e:  # OSError: a missing path, a directory, ...
         print(f"jaxinfer {args.command}: error: {e}", file=sys.stderr)
         return 2
 

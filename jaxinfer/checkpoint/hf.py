@@ -389,6 +389,10 @@ def save_pretrained(model: LlamaForCausalLM | MixtralForCausalLM | HyenaForCausa
     out_dir's previous checkpoint (weights, index, config.json, quantize_config.json) is replaced
     as a whole, so it is never left half-written or with stale files; its other files (tokenizer
     files, generation_config.json, ...) are kept. See `hf_write.write_checkpoint`."""
+    if not isinstance(model, (LlamaForCausalLM, MixtralForCausalLM, HyenaForCausalLM)):
+        raise TypeError(f"model must be a jaxinfer LlamaForCausalLM, MixtralForCausalLM or "
+                        f"HyenaForCausalLM (jaxinfer.load_pretrained gives one); "
+                        f"got {type(model).__name__}")
     gptq = None
     if isinstance(model, (MixtralForCausalLM, HyenaForCausalLM)):
         if checkpoint_format is not None:

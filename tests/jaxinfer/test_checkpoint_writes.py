@@ -223,3 +223,5 @@ def test_bad_arguments_are_refused(tmp_path):
     (tmp_path / "file").write_text("")
     with pytest.raises(ValueError, match="out_dir must be a directory"):
         jaxinfer.save_pretrained(llama(0), tmp_path / "file")
+    with pytest.raises(TypeError, match="model must be a jaxinfer LlamaForCausalLM.*got str"):
+        jaxinfer.save_pretrained(str(tmp_path), tmp_path / "c")  # arguments swapped

@@ -99,8 +99,9 @@ def test_engine_sizes_left_at_their_defaults_pass_for_a_static_batch_model():
      "does not exist"),
     (["generate", "x", "--prompts-file", "p.txt"], "not both"),
     (["generate", "--prompts-file", "/nonexistent/prompts.txt"], "No such file"),
+    (["generate", "--prompts-file", "/"], "Is a directory"),
 ], ids=["min-p", "repetition-penalty", "speculative-tokens", "missing-draft", "prompt-and-file",
-        "missing-prompts-file"])
+        "missing-prompts-file", "prompts-file-is-a-directory"])
 def test_bad_generate_options_exit_2_with_message(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
@@ -111,3 +112,14 @@ def test_an_empty_prompts_file_is_refused(tmp_path, capsys):
     empty.write_text("\n  \n")
     assert cli.main(["generate", "--prompts-file", str(empty)]) == 2
     assert "holds no prompt" in capsys.readouterr().err
+
+
+def test_a_top_k_beyond_int32_samples_as_no_top_k(capsys):
+    """A top_k at or above the vocabulary is no filter, also one int32 cannot hold (it once
+    ended the command with an OverflowError from inside the engine's step)."""
+    argv = ["generate", "And God said", "--temperature", "0.9", "--seed", "5",
+            "--max-new-tokens", "4", "--max-batch", "2", "--num-pages", "8"]
+    assert cli.main(argv + ["--top-k", "3000000000"]) == 0
+    huge_top_k = capsys.readouterr().out
+    assert cli.main(argv) == 0
+    assert huge_top_k == capsys.readouterr().out
