@@ -115,7 +115,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="a string that ends a completion (repeatable)")
     gen.add_argument("--n", type=_positive_int, default=1, help="samples per prompt")
     gen.add_argument("--first-finish", action="store_true",
-                     help="with --n: return the first of the samples to finish")
+                     help="with --n: First Finish Search, return the shortest sample")
     gen.add_argument("--seed", type=int, default=0)
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="copies of the prompt decoded together")

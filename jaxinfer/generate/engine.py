@@ -14,7 +14,9 @@ A Python scheduler (`scheduler.py`) picks each step's tokens; one jitted, fixed-
 (`engine_step.py`) runs them. Requests are validated completely at `submit`, so a bad request is
 refused there and never reaches a step shared with others. With `n > 1` a request runs as n
 sequences sharing the prompt; its events and result then hold one token list per sample (with
-`first_finish`, First Finish Search, the result is the first finished sample's list alone).
+`first_finish`, First Finish Search, the result is the shortest finished sample's list alone: a
+sample stops once it is as long as one already finished, so the result does not depend on how
+the batch staggers the samples).
 
 Draft-model speculation (`draft_model`, `speculative_tokens`=γ): a small model of the same
 vocabulary guesses γ tokens per decoding request each step (`draft_step.py`), and the target
@@ -206,6 +208,8 @@ class Engine:
                                     self.snapkv_window)
         self._live: dict[int, list[Request]] = {}  # request id -> its samples, until finished
         self._results: dict[int, list] = {}  # finished, not yet returned by run_until_done
+        # First Finish Search: request id -> its shortest finished sample so far, while live
+        self._shortest: dict[int, Request] = {}
         self._next_id = 0
         self._arrivals = 0
         self.last_step: StepStats | None = None
@@ -267,6 +271,7 @@ class Engine:
         if samples is None:
             raise KeyError(f"unknown request id {request_id!r}: never submitted, already finished "
                            f"or already aborted")
+        self._shortest.pop(request_id, None)
         for request in samples:
             self._scheduler.finish(request)
         return self._output(samples)
@@ -563,14 +568,13 @@ class Engine:
 
     def _event(self, request_id: int, produced: list[tuple[Request, int]]) -> Event:
         samples = self._live[request_id]
-        winners = [r for r in samples if r.finished] if samples[0].params.first_finish else []
-        for request in samples if winners else ():  # First Finish Search: the rest stop now
-            if not request.finished:
-                self._scheduler.finish(request)
+        shortest = (self._first_finish(request_id, produced) if samples[0].params.first_finish
+                    else None)
         done = all(r.finished for r in samples)
         if done:
             del self._live[request_id]
-            self._results[request_id] = (list(winners[0].output) if winners
+            self._shortest.pop(request_id, None)
+            self._results[request_id] = (list(shortest.output) if shortest is not None
                                          else self._output(samples))
         if len(samples) == 1:
             return Event(request_id, [token for _, token in produced], done)
@@ -578,6 +582,25 @@ class Engine:
         for request, token in produced:
             per_sample[request.sample_index].append(token)
         return Event(request_id, per_sample, done)
+
+    def _first_finish(self, request_id: int,
+                      produced: list[tuple[Request, int]]) -> Request | None:
+        """First Finish Search after a step: the shortest sample finished so far (the lowest
+        sample index on a tie), or None. Stops every unfinished sample whose output is already
+        as long as that one's, since it can only finish longer; shorter ones go on. So the
+        result is the shortest of the n samples whatever order they finish in: it does not depend
+        on how the engine's batching staggers them."""
+        candidates = [request for request, _ in produced if request.finished]  # this step's
+        if request_id in self._shortest:
+            candidates.append(self._shortest[request_id])
+        if not candidates:
+            return None
+        shortest = min(candidates, key=lambda r: (len(r.output), r.sample_index))
+        self._shortest[request_id] = shortest
+        for request in self._live[request_id]:
+            if not request.finished and len(request.output) >= len(shortest.output):
+                self._scheduler.finish(request)
+        return shortest
 
     @staticmethod
     def _output(samples: list[Request]) -> list:

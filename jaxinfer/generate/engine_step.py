@@ -33,7 +33,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.generate.sampling import SamplingArrays, sample_next_token
+from jaxinfer.generate.sampling import SamplingArrays, sample_next_token, top_k_as_int32
 from jaxinfer.generate.sampling_params import SamplingParams
 from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, SharedPrefix
 
@@ -165,7 +165,7 @@ def set_sampling_rows(inputs, rows: slice | int, params: SamplingParams,
     `StepInputs`, or a `draft_step.ProposeInputs`, which has every field but the repetition
     penalty: a request with one never drafts)."""
     inputs.temperature[rows] = params.temperature
-    inputs.top_k[rows] = params.top_k or 0
+    inputs.top_k[rows] = top_k_as_int32(params.top_k)
     inputs.top_p[rows] = 1.0 if params.top_p is None else params.top_p
     inputs.min_p[rows] = params.min_p or 0.0
     if isinstance(inputs, StepInputs):

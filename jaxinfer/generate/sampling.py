@@ -16,6 +16,7 @@ import jax.numpy as jnp
 from jaxinfer.generate.checks import check_sampling
 
 NEG_INF = -jnp.inf
+INT32_MAX = 2**31 - 1
 
 
 class SamplingArrays(NamedTuple):
@@ -31,8 +32,16 @@ def make_sampling_params(temperature: float, top_k: int | None,
     """Validate user-facing sampling arguments (`checks.check_sampling`, the rules
     `SamplingParams` applies too) and turn them into arrays."""
     checked = check_sampling(temperature, top_k, top_p)
-    return SamplingArrays(jnp.float32(checked["temperature"]), jnp.int32(checked["top_k"] or 0),
+    return SamplingArrays(jnp.float32(checked["temperature"]),
+                          jnp.int32(top_k_as_int32(checked["top_k"])),
                           jnp.float32(1.0 if checked["top_p"] is None else checked["top_p"]))
+
+
+def top_k_as_int32(top_k: int | None) -> int:
+    """A valid top_k (None or an int >= 1) as the value the int32 `SamplingArrays.top_k` holds:
+    0 (no filter) for None, and at most INT32_MAX. A top_k at or above the vocabulary keeps every
+    token (as in transformers and vLLM), so clamping changes nothing but lets any int through."""
+    return 0 if top_k is None else min(top_k, INT32_MAX)
 
 
 def _per_row(value, batch: int) -> jax.Array:
@@ -52,6 +61,14 @@ def apply_repetition_penalty(logits: jax.Array, seen: jax.Array, penalty) -> jax
 def filter_logits(logits: jax.Array, params: SamplingArrays) -> jax.Array:
     """Scale by temperature and mask tokens outside top-k / top-p / min-p with -inf.
 
+    Ties are decided by value, never by position in the sort, so the kept set does not depend on
+    how the sort orders equal logits: top-k keeps every token tied with the k-th largest logit
+    (as transformers does), and top-p, which measures its mass over what top-k kept, keeps every
+    token tied with the last one its prefix needs. transformers cuts a tie at the top-p cutoff
+    by sort position instead, keeping only part of it; the two agree wherever no tie straddles
+    that cutoff. The most probable token always stays (transformers' min_tokens_to_keep=1), also
+    for a top_p that rounds to 0 in float32.
+
     logits [batch, vocab] -> [batch, vocab]."""
     batch, vocab = logits.shape
     logits = logits / jnp.maximum(_per_row(params.temperature, batch), 1e-6)
@@ -60,12 +77,13 @@ def filter_logits(logits: jax.Array, params: SamplingArrays) -> jax.Array:
     k = jnp.where(top_k > 0, jnp.minimum(top_k, vocab), vocab)  # [batch, 1]
     kth = jnp.take_along_axis(sorted_desc, k - 1, axis=-1)  # [batch, 1]
     logits = jnp.where(logits < kth, NEG_INF, logits)
-    sorted_desc = jnp.where(jnp.arange(vocab) < k, sorted_desc, NEG_INF)
-    # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p (at least one)
+    sorted_desc = jnp.where(sorted_desc < kth, NEG_INF, sorted_desc)  # the same cut, by value
+    # nucleus: keep the smallest prefix of sorted tokens whose mass reaches top_p, and the top one
     top_p = _per_row(params.top_p, batch)
     probs = jax.nn.softmax(sorted_desc, axis=-1)
     mass_before = jnp.cumsum(probs, axis=-1) - probs
-    keep = (mass_before < top_p) | (top_p >= 1.0)  # f32 cumsum can round to 1
+    first = jnp.arange(vocab) == 0  # [vocab]: kept even when top_p is 0 in float32
+    keep = (mass_before < top_p) | (top_p >= 1.0) | first  # f32 cumsum can round to 1
     cutoff = jnp.min(jnp.where(keep, sorted_desc, jnp.inf), axis=-1, keepdims=True)  # [batch, 1]
     logits = jnp.where(logits < cutoff, NEG_INF, logits)
     # min-p: drop tokens less likely than min_p times the most likely one (the top token stays)

@@ -26,9 +26,11 @@ class SamplingParams:
     engine's tokenizer; the token completing the match is kept). seed: with the sample index and
     the position it determines every random draw, so the output does not depend on the batch.
     n: independent samples of the same prompt. ignore_eos: keep going past the model's EOS.
-    first_finish: First Finish Search: of the n samples, the first to finish is the result (a
-    single token list) and the others stop there; the shortest trace tends to be the correct one
-    for reasoning models, and the request costs the latency of its quickest sample.
+    first_finish: First Finish Search: of the n samples, the shortest to finish is the result (a
+    single token list; the lowest sample index on a tie). Once a sample finishes with L tokens,
+    the others stop as soon as they hold L tokens unfinished, so the result is the shortest of
+    the n seeded samples whatever the batch, and the request costs about the latency of its
+    quickest sample; the shortest trace tends to be the correct one for reasoning models.
     """
 
     max_tokens: int = 16

@@ -19,6 +19,7 @@ import pytest
 from flax import nnx
 
 import jaxinfer
+from jaxinfer.generate import engine as engine_module
 from jaxinfer.models.kv_quant import dequantize_kv
 from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, PagedLayerKV
 
@@ -365,7 +366,7 @@ def test_n_samples_share_the_prompt_and_sample_zero_matches_n_equals_one(model):
     assert per_sample == three == engine.run_until_done()[rid]
 
 
-def test_first_finish_search_returns_the_sample_that_stops_first(model):
+def test_first_finish_search_returns_the_shortest_sample_and_leaves_none_running(model):
     """Samples do not depend on each other (seeded by sample index), so the n=4 run shows every
     sample's full trace; First Finish Search must return the shortest (the lowest index on a tie)."""
     prompt = np.random.default_rng(9).integers(0, VOCAB, size=8).tolist()
@@ -378,6 +379,34 @@ def test_first_finish_search_returns_the_sample_that_stops_first(model):
                                                                  "first_finish": True}))[0]
     assert first == min(traces, key=len)
     assert engine.num_unfinished == 0
+
+
+FFS_GEOMETRY = dict(max_batch=4, page_size=4, num_pages=60)  # room for 4 samples, no preemption
+
+
+@pytest.mark.parametrize("seed", [1, 6])
+def test_first_finish_search_returns_the_shortest_sample_whatever_the_batching(model, seed):
+    """A step budget of 8 staggers the samples' prefills and other prompts delay some samples,
+    so a longer sample can finish in an earlier step than the shortest; the result must still be
+    the shortest of the n samples (as run without First Finish Search), the same every time."""
+    rng = np.random.default_rng(9)
+    prompt = rng.integers(0, VOCAB, size=12).tolist()
+    others = [rng.integers(0, VOCAB, size=14).tolist() for _ in range(2)]
+    params = jaxinfer.SamplingParams(max_tokens=14, temperature=1.0, seed=seed, n=4,
+                                     stop_token_ids=tuple(range(0, VOCAB, 7)), ignore_eos=True)
+    ffs = jaxinfer.SamplingParams(**{**params.__dict__, "first_finish": True})
+    traces = jaxinfer.Engine(model, **FFS_GEOMETRY, max_tokens_per_step=64).generate(
+        [prompt], params)[0]
+    shortest = min(traces, key=len)  # the lowest sample index among the shortest
+    assert len({len(t) for t in traces}) > 1, "stop tokens were meant to end samples unevenly"
+    results = {}
+    for budget in (64, 8):
+        engine = jaxinfer.Engine(model, **FFS_GEOMETRY, max_tokens_per_step=budget)
+        results[f"alone, budget {budget}"] = engine.generate([prompt], ffs)[0]
+        results[f"behind others, budget {budget}"] = engine.generate(
+            others + [prompt], [GREEDY] * 2 + [ffs])[2]
+        assert engine.num_unfinished == 0
+    assert results == {name: shortest for name in results}
 
 
 @contextlib.contextmanager
@@ -514,6 +543,44 @@ def test_bad_requests_are_refused_and_the_engine_keeps_serving(model, oracle):
     results = engine.run_until_done()
     assert sorted(results) == [first, second]
     assert results[first] == oracle(good[0]) and results[second] == oracle(good[1])
+
+
+@pytest.mark.parametrize("top_k", [2**31, 10**12])
+def test_a_top_k_beyond_int32_samples_as_no_top_k_and_the_others_finish(model, oracle, top_k):
+    """Every valid top_k serves: one at or above the vocabulary is no filter, also when int32
+    cannot hold it (it once raised inside every step, so that no request finished)."""
+    rng = np.random.default_rng(12)
+    good, prompt = random_prompts(rng, 2)
+    huge = jaxinfer.SamplingParams(**{**SAMPLED.__dict__, "top_k": top_k})
+    engine = jaxinfer.Engine(model, **ENGINE)
+    first = engine.submit(good, GREEDY)
+    second = engine.submit(prompt, huge)
+    results = engine.run_until_done()
+    assert results[first] == oracle(good)
+    no_top_k = jaxinfer.SamplingParams(**{**SAMPLED.__dict__, "top_k": None})
+    assert results[second] == jaxinfer.Engine(model, **ENGINE).generate([prompt], no_top_k)[0]
+
+
+def test_a_step_whose_inputs_fail_to_build_leaves_its_requests_to_the_next_step(model, oracle,
+                                                                                 monkeypatch):
+    """Scheduling gives pages and slots but advances no request, so after a step that raises
+    while building its inputs the next step serves the same requests to the same outputs."""
+    prompts = random_prompts(np.random.default_rng(13), 3)
+    engine = jaxinfer.Engine(model, **ENGINE)
+    ids = [engine.submit(p, GREEDY) for p in prompts]
+    engine.step()
+    fill_rows = engine_module.set_sampling_rows
+
+    def fail_once(*args):
+        monkeypatch.setattr(engine_module, "set_sampling_rows", fill_rows)
+        raise RuntimeError("building the step's inputs failed")
+
+    monkeypatch.setattr(engine_module, "set_sampling_rows", fail_once)
+    with pytest.raises(RuntimeError, match="failed"):
+        engine.step()
+    results = engine.run_until_done()
+    assert [results[i] for i in ids] == [oracle(p) for p in prompts]
+    assert engine.num_unfinished == 0
 
 
 def test_engine_arguments_are_validated(model):

@@ -257,6 +257,20 @@ def test_tiny_top_p_equals_greedy(flat_model):
     np.testing.assert_array_equal(sample(flat_model, prompt, seed=5, top_p=1e-6), greedy)
 
 
+def test_top_p_below_float32s_smallest_number_equals_greedy(flat_model):
+    """1e-46 is 0 in float32: the nucleus must still keep the most probable token."""
+    prompt = make_prompt(flat_model.config.vocab_size)
+    greedy = np.asarray(jaxinfer.generate(flat_model, prompt, max_new_tokens=SAMPLE_TOKENS))
+    np.testing.assert_array_equal(sample(flat_model, prompt, seed=5, top_p=1e-46), greedy)
+
+
+def test_a_top_k_beyond_int32_samples_as_no_top_k(flat_model):
+    """A top_k at or above the vocabulary keeps every token, also one int32 cannot hold."""
+    prompt = make_prompt(flat_model.config.vocab_size)
+    np.testing.assert_array_equal(sample(flat_model, prompt, seed=5, top_k=2**31),
+                                  sample(flat_model, prompt, seed=5))
+
+
 @pytest.mark.parametrize("top_k", [3, 10])
 def test_top_k_samples_lie_in_the_top_k_of_full_forward_logits(flat_model, top_k):
     prompt = make_prompt(flat_model.config.vocab_size)
