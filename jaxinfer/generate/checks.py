@@ -15,6 +15,7 @@ from numbers import Integral, Real
 from typing import NoReturn
 
 import numpy as np
+from flax import nnx
 
 MAX_SEED = 2**32 - 1  # seeds travel to the device as uint32
 
@@ -103,8 +104,17 @@ def check_prompt(prompt_ids, vocab_size: int) -> list[int]:
     return ids.tolist()
 
 
+def check_model(name: str, model) -> None:
+    """TypeError unless ``model`` is a jaxinfer model (a module with its config), not a path or a
+    transformers model passed where a loaded model belongs."""
+    if not (isinstance(model, nnx.Module) and hasattr(model, "config")):
+        raise TypeError(f"{name} must be a jaxinfer model (jaxinfer.load_pretrained(path) gives "
+                        f"one); got {type(model).__name__}")
+
+
 def check_paged_model(name: str, model) -> None:
     """TypeError unless the model has a paged KV cache (what the engine runs)."""
+    check_model(name, model)
     if not hasattr(model, "forward_paged"):
         raise TypeError(f"the paged Engine serves attention models (Llama, Mistral, Qwen2, "
                         f"Mixtral); {name} {type(model).__name__} has no paged KV cache: use "

@@ -32,7 +32,7 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from jaxinfer.generate.checks import MAX_SEED, check_int
+from jaxinfer.generate.checks import MAX_SEED, check_int, check_model
 from jaxinfer.generate.sampling import SamplingArrays, filter_logits, make_sampling_params
 from jaxinfer.models.inputs import check_input_ids
 
@@ -227,6 +227,9 @@ def speculative_generate(target, prompt_ids, max_new_tokens: int, *, draft=None,
     output; otherwise tokens follow the target's sampling distribution (temperature, top-k, top-p
     applied to both p and q), reproducibly for a given seed. Each row of a batch is an independent
     sequence with its own key (fold_in(seed, row)) and its own acceptance count."""
+    check_model("target", target)
+    if draft is not None:
+        check_model("draft", draft)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
     gamma = check_int("gamma", gamma, low=1)
     if (draft is None) == (lookup_ngram is None):

@@ -13,7 +13,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer.generate.checks import MAX_SEED, check_int
+from jaxinfer.generate.checks import MAX_SEED, check_int, check_model
 from jaxinfer.generate.sampling import SamplingArrays, make_sampling_params, sample_next_token
 from jaxinfer.models.inputs import check_input_ids
 
@@ -44,6 +44,7 @@ def generate(model, input_ids, max_new_tokens: int = 32, temperature: float = 0.
 
     Returns int32 [batch, seq + max_new_tokens] (prompt included). temperature=0 is greedy;
     otherwise tokens are sampled after top-k and top-p filtering, reproducibly for a given seed."""
+    check_model("model", model)
     max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
     seed = check_int("seed", seed, low=0, high=MAX_SEED)
     params = make_sampling_params(temperature, top_k, top_p)

@@ -592,10 +592,12 @@ def test_engine_arguments_are_validated(model):
         windowed = jaxinfer.LlamaForCausalLM(CONFIG.replace(model_type="mistral", sliding_window=8),
                                              rngs=nnx.Rngs(0))
         jaxinfer.Engine(windowed, num_pages=4)
-    class HyenaLike:  # a model without forward_paged (as HyenaForCausalLM)
+    class HyenaLike(nnx.Module):  # a model without forward_paged (as HyenaForCausalLM)
         config = CONFIG
     with pytest.raises(TypeError, match="HyenaLike has no paged KV cache: use jaxinfer.generate"):
         jaxinfer.Engine(HyenaLike())
+    with pytest.raises(TypeError, match="model must be a jaxinfer model.*got str"):
+        jaxinfer.Engine("path/to/model")
     with pytest.raises(ValueError, match="speculative_tokens must be an integer >= 0; got True"):
         jaxinfer.Engine(model, speculative_tokens=True)
     with pytest.raises(ValueError, match="paged_attention must be one of .*; got 'dense'"):

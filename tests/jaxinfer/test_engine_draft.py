@@ -146,7 +146,7 @@ def test_bad_draft_models_are_refused_with_a_clear_error(model, shallow_draft):
     with pytest.raises(ValueError, match="max_model_len must be <= the draft model's context"):
         jaxinfer.Engine(model, **ENGINE, draft_model=short, speculative_tokens=GAMMA)
 
-    class HyenaLike:  # a model without forward_paged
+    class HyenaLike(nnx.Module):  # a model without forward_paged
         config = CONFIG
     with pytest.raises(TypeError, match="draft_model HyenaLike has no paged KV cache"):
         jaxinfer.Engine(model, **ENGINE, draft_model=HyenaLike(), speculative_tokens=GAMMA)

@@ -9,7 +9,6 @@ a numpy transcription of prompt lookup.
 from __future__ import annotations
 
 import dataclasses
-import types
 
 import jax
 import jax.numpy as jnp
@@ -289,7 +288,15 @@ def test_bad_arguments_raise_value_error(target, kwargs, match):
 
 
 def test_draft_with_another_vocabulary_is_rejected(target):
-    # speculative_generate reads only .config before it rejects the draft
-    other = types.SimpleNamespace(config=dataclasses.replace(CONFIG, vocab_size=32))
+    # speculative_generate reads only .config before it rejects the draft: no weights needed
+    other = nnx.eval_shape(lambda: jaxinfer.LlamaForCausalLM(
+        dataclasses.replace(CONFIG, vocab_size=32), rngs=nnx.Rngs(0)))
     with pytest.raises(ValueError, match="vocab_size"):
         speculative_generate(target, np.zeros((1, 3), np.int32), 4, draft=other)
+
+
+def test_a_path_in_place_of_a_model_is_refused(target):
+    with pytest.raises(TypeError, match="draft must be a jaxinfer model.*got str"):
+        speculative_generate(target, np.zeros((1, 3), np.int32), 4, draft="draft_dir")
+    with pytest.raises(TypeError, match="model must be a jaxinfer model.*got str"):
+        jaxinfer.generate("model_dir", np.zeros((1, 3), np.int32), 4)
