@@ -34,8 +34,9 @@ from sharding.placement import (RoutingStats, contiguous_placement, cross_device
                                 placement_permutation, permute_experts, round_robin_placement,
                                 routing_statistics)
 from sharding.ring_attention import ring_attention, ring_attention_shard
-from sharding.rules import (ACTIVATION_NAMES, PARAM_NAMES, PRESETS, SEQUENCE_PARALLEL_IMPL, Rules,
-                            logical_to_mesh_axes, logical_to_spec, rules_for)
+from sharding.rules import (ACTIVATION_NAMES, LOGICAL_NAMES, PARAM_NAMES, PRESETS,
+                            SEQUENCE_PARALLEL_IMPL, Rules, logical_to_mesh_axes, logical_to_spec,
+                            rules_for)
 from sharding.sequence_parallel import communication_elements, sequence_parallel_attention
 from sharding.tensor_parallel import (column_parallel_matmul, row_parallel_matmul,
                                       vocab_parallel_lookup)
@@ -43,7 +44,8 @@ from sharding.ulysses import ulysses_attention, ulysses_attention_shard
 from sharding.zigzag import zigzag_permute, zigzag_positions, zigzag_unpermute
 
 __all__ = [
-    "ACTIVATION_NAMES", "EXCHANGES", "MESH_AXES", "MoEResult", "PARAM_NAMES", "PRESETS", "Rules",
+    "ACTIVATION_NAMES", "EXCHANGES", "LOGICAL_NAMES", "MESH_AXES", "MoEResult", "PARAM_NAMES",
+    "PRESETS", "Rules",
     "RoutingStats", "SEQUENCE_PARALLEL_IMPL", "capacity_dispatch", "capacity_moe",
     "contiguous_placement", "cross_device_transitions", "device_loads", "expert_capacity",
     "expert_parallel_moe", "greedy_placement", "jitter_router_input", "load_imbalance",

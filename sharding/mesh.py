@@ -66,10 +66,17 @@ def check_auto_mesh(mesh: Mesh) -> None:
             f"axis_types=(jax.sharding.AxisType.Auto,) * n to jax.make_mesh")
 
 
-def axis_size(mesh: Mesh, axes: str | Sequence[str] | None) -> int:
-    """Number of shards a dimension assigned to `axes` (one mesh axis, several, or None) has."""
+def axis_size(mesh: Mesh, axes: str | Sequence[str] | None, *, name: str = "axes") -> int:
+    """Number of shards a dimension assigned to `axes` (one mesh axis, several, or None) has; a
+    ValueError naming the argument (`name`) and the mesh's axes when one is not in the mesh."""
+    if not isinstance(mesh, Mesh):
+        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
     if axes is None:
         return 1
     if isinstance(axes, str):
         axes = (axes,)
-    return math.prod(mesh.shape[a] for a in axes)
+    for a in axes:
+        if a not in mesh.axis_names:
+            raise ValueError(f"{name}={a!r} is not an axis of the mesh; its axes are "
+                             f"{tuple(mesh.axis_names)}")
+    return math.prod(int(mesh.shape[a]) for a in axes)

@@ -87,6 +87,7 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bool 
     """
     size = sp_common.axis_size(mesh, axis)
     sp_common.check_qkv(q, k, v, segment_ids, num_shards=size, layout=layout, causal=causal)
+    sp_common.check_batch_axes(mesh, axis, batch_axes, q.shape[0])
     cfg = RingConfig(axis, size, bool(causal), layout,
                      None if softmax_scale is None else float(softmax_scale), backend)
     return sp_common.shard_over_sequence(functools.partial(ring_attention_shard, cfg=cfg), q, k, v, segment_ids,

@@ -1,7 +1,9 @@
 """Rule tables: logical axis names (carried by parameters and activations) -> mesh axes.
 
 A table is a plain dict `{logical name: mesh axis | tuple of mesh axes | None}`; a name that is
-absent, or maps to None, is replicated (flax's convention for logical rules). Changing a parallel
+absent, or maps to None, is replicated (flax's convention for logical rules). Names outside the
+lists below (LOGICAL_NAMES) are refused, in a table and in an array's axes alike: a misspelt one
+would otherwise match nothing and replicate silently. Changing a parallel
 layout is choosing another table, never editing the model.
 
 Parameter names (jaxinfer/models/layers.py): "vocab", "embed", "heads", "kv_heads", "mlp".
@@ -28,6 +30,9 @@ Rules = Mapping[str, "str | tuple[str, ...] | None"]
 PARAM_NAMES = ("vocab", "embed", "heads", "kv_heads", "mlp", "expert")
 ACTIVATION_NAMES = ("batch", "res_seq", "seq", "act_embed", "act_heads", "act_kv_heads", "head_dim",
                     "act_mlp", "act_vocab", "cache_seq")
+# Every logical name the models use. A rule or an array's axes naming anything else is refused:
+# a misspelt name ("embd") would otherwise match nothing and silently replicate its dimension.
+LOGICAL_NAMES = PARAM_NAMES + ACTIVATION_NAMES
 
 # Data parallelism runs over both "data" and "fsdp": under FSDP the fsdp axis is a data axis whose
 # parameters are sharded rather than replicated, so a batch always splits over the two.
@@ -95,18 +100,37 @@ def _mesh_axes_of(value, name: str) -> tuple[str, ...]:
                      f"None; got {value!r}")
 
 
+def _unknown_names(names) -> list:
+    return [name for name in names if name is not None and name not in LOGICAL_NAMES]
+
+
+def check_rule_names(rules: Rules) -> None:
+    """Every logical name a table has a rule for must be one of LOGICAL_NAMES."""
+    unknown = _unknown_names(rules)
+    if unknown:
+        raise ValueError(f"rules name unknown logical axes {unknown}; known: {LOGICAL_NAMES}")
+
+
 def resolve(rules: Rules | str) -> dict:
-    """A preset name or a table -> a table (a preset name goes through rules_for)."""
+    """A preset name or a table -> a table (a preset name goes through rules_for); a table's
+    logical names must be known (LOGICAL_NAMES)."""
     if isinstance(rules, str):
         return rules_for(rules)
     if not isinstance(rules, Mapping):
         raise TypeError(f"rules must be a preset name or a dict of logical name -> mesh axes; "
                         f"got {type(rules).__name__}")
+    check_rule_names(rules)
     return dict(rules)
 
 
 def logical_to_mesh_axes(axes: Sequence[str | None], rules: Rules) -> tuple[tuple[str, ...], ...]:
-    """Per dimension, the tuple of mesh axes it is split over (empty = replicated)."""
+    """Per dimension, the tuple of mesh axes it is split over (empty = replicated). Each of
+    `axes` is None or one of LOGICAL_NAMES (a known name without a rule is replicated)."""
+    unknown = _unknown_names(axes)
+    if unknown:
+        raise ValueError(f"logical axes {tuple(axes)} name unknown logical axes {unknown}; "
+                         f"known: {LOGICAL_NAMES}")
+    check_rule_names(rules)
     out, used = [], {}
     for dim, name in enumerate(axes):
         mesh_axes = () if name is None else _mesh_axes_of(rules.get(name), name)

@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
+from sharding.mesh import axis_size as mesh_axis_size
+
 LAYOUTS = ("contiguous", "zigzag")
 
 
@@ -27,19 +29,38 @@ def shard_map(f: Callable, *, mesh: Mesh, in_specs, out_specs) -> Callable:
 
 
 def axis_size(mesh: Mesh, axis: str, *, name: str = "axis") -> int:
-    """Size of mesh axis `axis`; a ValueError naming the mesh's axes when it is missing."""
-    if not isinstance(mesh, Mesh):
-        raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
-    if axis not in mesh.axis_names:
-        raise ValueError(f"{name}={axis!r} is not an axis of the mesh; its axes are "
-                         f"{tuple(mesh.axis_names)}")
-    return int(mesh.shape[axis])
+    """Size of the one mesh axis `axis` (`sharding.axis_size`'s check and message)."""
+    if not isinstance(axis, str):
+        raise TypeError(f"{name} must be a mesh axis name (a str); got {axis!r}")
+    return mesh_axis_size(mesh, axis, name=name)
+
+
+def check_batch_axes(mesh: Mesh, axis: str, batch_axes, batch: int) -> None:
+    """batch_axes: None, a mesh axis name or a sequence of them, other than the sequence `axis`,
+    none twice, whose sizes multiply to a divisor of the batch."""
+    if batch_axes is None:
+        return
+    names = (batch_axes,) if isinstance(batch_axes, str) else batch_axes
+    if not isinstance(names, (tuple, list)) or not all(isinstance(a, str) for a in names):
+        raise TypeError(f"batch_axes must be None, a mesh axis name or a tuple of them; got "
+                        f"{batch_axes!r}")
+    size = mesh_axis_size(mesh, names, name="batch_axes")
+    if axis in names:
+        raise ValueError(f"batch_axes may not include axis {axis!r}, which splits the sequence; "
+                         f"got batch_axes={batch_axes!r}")
+    if len(set(names)) != len(names):
+        raise ValueError(f"batch_axes must name each mesh axis once; got {batch_axes!r}")
+    if batch % size:
+        raise ValueError(f"batch={batch} must be divisible by batch_axes {tuple(names)} of size "
+                         f"{size}")
 
 
 def check_qkv(q, k, v, segment_ids, *, num_shards: int, layout: str, causal: bool) -> None:
     """q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads, head_dim], segment_ids
     None or int [batch, seq]; the sequence splits into num_shards (2 * num_shards chunks for the
     causal zig-zag layout)."""
+    if not isinstance(causal, bool):  # as flash_attention: a truthy "no" must not mean True
+        raise TypeError(f"causal must be a bool; got {causal!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")
     for name, x in (("q", q), ("k", k), ("v", v)):

@@ -87,6 +87,7 @@ def ulysses_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bo
     """
     size = sp_common.axis_size(mesh, axis)
     sp_common.check_qkv(q, k, v, segment_ids, num_shards=size, layout=layout, causal=causal)
+    sp_common.check_batch_axes(mesh, axis, batch_axes, q.shape[0])
     repeats = kv_head_repeats(q.shape[2], k.shape[2], size)
     if repeats > 1:
         logger.info("ulysses: %d KV heads over %d devices; replicating each KV head %d times",

@@ -71,8 +71,10 @@ def _check_float(name: str, x) -> None:
         raise TypeError(f"{name} must be float32, bfloat16 or float16; got {x.dtype}")
 
 
-def _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c,
-                  dot_precision, monarch_plan, block_fft_size):
+def _check_inputs(u, k, bidirectional, pre_gate, post_gate, bias, partial, freq_sparsity, backend,
+                  block_c, dot_precision, monarch_plan, block_fft_size):
+    if not _is_bool(bidirectional):  # a truthy string such as "no" would mean True
+        raise TypeError(f"bidirectional must be a bool; got {bidirectional!r}")
     _check_float("u", u)
     _check_float("k", k)
     if u.ndim != 3:
@@ -187,8 +189,8 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
       y [batch, channels, N] in u's dtype (computed in float32). Differentiable in u, k, the
       gates and the bias on every backend (pallas: custom VJP).
     """
-    _check_inputs(u, k, pre_gate, post_gate, bias, partial, freq_sparsity, backend, block_c,
-                  dot_precision, monarch_plan, block_fft_size)
+    _check_inputs(u, k, bidirectional, pre_gate, post_gate, bias, partial, freq_sparsity, backend,
+                  block_c, dot_precision, monarch_plan, block_fft_size)
     n, l = u.shape[-1], k.shape[1]
     offset = (l - 1) // 2 if bidirectional else 0
     taps = l if partial is None else int(partial)  # the effective filter length L'

@@ -16,6 +16,8 @@ One function, several implementations (DESIGN.md):
 
 from __future__ import annotations
 
+import numbers
+
 import jax.numpy as jnp
 
 from kernels_pallas.backend import resolve_backend
@@ -44,13 +46,23 @@ def _pow2_divisor(a: int, cap: int) -> int:
 
 
 def _check_block(name, value, *, require_pow2_min16):
+    """None or a positive integer (any ``numbers.Integral`` but bool) -> None or an int."""
     if value is None:
-        return
-    if not isinstance(value, int) or value <= 0:
+        return None
+    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
         raise ValueError(f"{name} must be a positive int; got {value!r}")
+    value = int(value)
     if require_pow2_min16 and (value < 16 or value & (value - 1)):
         raise ValueError(f"{name} must be a power of two >= 16 for the pallas backend on GPU; "
                          f"got {value}")
+    return value
+
+
+def _check_blocks(block_m, block_n, block_k, *, require_pow2_min16):
+    """(block_m, block_n, block_k), each None or checked by ``_check_block`` and made an int."""
+    return tuple(_check_block(name, value, require_pow2_min16=require_pow2_min16)
+                 for name, value in (("block_m", block_m), ("block_n", block_n),
+                                     ("block_k", block_k)))
 
 
 def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str = "auto",
@@ -114,8 +126,8 @@ def _matmul_2d(x2, w: QuantizedWeight, *, backend, block_m, block_n, block_k):
     if impl == "pallas_tpu":
         return _tpu_matmul(x2, w, block_m, block_n, block_k, interpret)
     on_gpu = not interpret
-    for name, value in (("block_m", block_m), ("block_n", block_n), ("block_k", block_k)):
-        _check_block(name, value, require_pow2_min16=on_gpu)
+    block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k,
+                                              require_pow2_min16=on_gpu)
     defaults = DEFAULT_BLOCK_SIZES["pallas"]
     kw = k // values_per_word(w.bits)
     limit = _pow2_divisor(kw, 1 << 30)
@@ -150,6 +162,8 @@ def _tpu_matmul(x2, w: QuantizedWeight, block_m, block_n, block_k, interpret: bo
     """The Mosaic kernel's tiles: block_m a multiple of 8 (default: M rounded up to 8, at most
     128), block_n a multiple of 128 (default 256 where N allows), block_k from
     ``pallas_tpu.default_block_k`` unless given."""
+    block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k,
+                                              require_pow2_min16=False)
     k, n = w.shape
     kw = k // values_per_word(w.bits)
     if block_k is None:

@@ -85,7 +85,8 @@ class MixedQuantizedWeight:
 
         Args:
           q: int [K, N]; rows of 4-bit groups in [0, 16), of 2-bit groups in [0, 4).
-          scales: float [groups, N]. zeros: int [groups, N].
+          scales: float [groups, N]. zeros: int [groups, N]; of 4-bit groups in [0, 16], of
+            2-bit groups in [0, 4].
           high: bool [groups]: which groups are 4-bit.
           group_size: rows per group (a positive divisor of K; no per-channel form).
           g_idx: int [K] group of each row, or None for ``k // group_size``; every group must
@@ -116,6 +117,8 @@ class MixedQuantizedWeight:
                                              group_size=group_size)
 
         high_rows, low_rows = order[row_high], order[~row_high]
+        for bits, rows, mask in ((high_bits, high_rows, high), (low_bits, low_rows, ~high)):
+            _check_part_range(bits, q[rows], zeros[mask])
         return cls(high=part(high_rows, high, high_bits), low=part(low_rows, ~high, low_bits),
                    perm=jnp.asarray(np.concatenate([high_rows, low_rows]), jnp.int32),
                    shape=(k, n))
@@ -123,6 +126,18 @@ class MixedQuantizedWeight:
     def dequantize(self, dtype=jnp.float32) -> jax.Array:
         """[K, N] weight in original row order, computed in float32 and cast to ``dtype``."""
         return _dequantize(self, jnp.dtype(dtype))
+
+
+def _check_part_range(bits: int, q: np.ndarray, zeros: np.ndarray) -> None:
+    """The rows and zeros of the ``bits``-bit groups must fit their slots: q in [0, 2**bits),
+    zeros in [0, 2**bits] (as ``QuantizedWeight.from_ints`` takes them)."""
+    if q.size and (q.min() < 0 or q.max() >= 2 ** bits):
+        raise ValueError(f"q rows of the {bits}-bit groups must hold integers in [0, {2 ** bits});"
+                         f" got values in [{q.min()}, {q.max()}]")
+    if zeros.size and (zeros.min() < 0 or zeros.max() > 2 ** bits):
+        raise ValueError(f"zeros of the {bits}-bit groups must hold integers in [0, {2 ** bits}] "
+                         f"(GPTQ v2 stores [0, 2**bits); v1 decodes to [1, 2**bits]); got values "
+                         f"in [{zeros.min()}, {zeros.max()}]")
 
 
 @functools.partial(jax.jit, static_argnames="dtype")

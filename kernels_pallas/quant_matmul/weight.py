@@ -91,15 +91,20 @@ class QuantizedWeight:
 
         Args:
           q: int [K, N], values in [0, 2**bits).
-          scales: float [groups, N]. zeros: int [groups, N] (values up to 2**bits: GPTQ v1
-            checkpoints can decode to 2**bits).
+          scales: float [groups, N]. zeros: int [groups, N], values in [0, 2**bits] (GPTQ v2
+            and the quantizers give [0, 2**bits); a GPTQ v1 checkpoint stores zero - 1 and so
+            decodes to [1, 2**bits]).
           bits: 2, 3, 4 or 8. group_size: rows per group; -1 means per channel (one group of K).
           g_idx: int [K] group of each row, or None for ``k // group_size``. After a stable sort
             by group every group must be exactly ``group_size`` consecutive rows (true of GPTQ,
             with or without act-order).
+
+        Out-of-range q would spill into the neighbouring slots of its packed word (corrupting
+        other rows), so concrete q and zeros are range-checked; traced ones are trusted.
         """
         q = jnp.asarray(q)
         check_quant_params(q.shape, bits, group_size)
+        check_int_range("q", q, 2 ** bits, bits=bits)
         k, n = q.shape
         g = k if group_size == -1 else group_size
         groups = k // g
@@ -107,6 +112,8 @@ class QuantizedWeight:
         if scales.shape != (groups, n) or zeros.shape != (groups, n):
             raise ValueError(f"scales and zeros must be [groups, N] = [{groups}, {n}]; got scales "
                              f"{list(scales.shape)} and zeros {list(zeros.shape)}")
+        check_int_range("zeros", zeros, 2 ** bits, bits=bits, inclusive=True,
+                        note=" (GPTQ v2 stores [0, 2**bits); v1 decodes to [1, 2**bits])")
         perm = None
         if g_idx is not None:  # host-side: g_idx must be concrete (not traced)
             g_idx = jnp.asarray(g_idx).astype(jnp.int32)
@@ -148,6 +155,26 @@ def _dequantize(w: QuantizedWeight, dtype) -> jax.Array:
     if w.perm is not None:
         out = jnp.zeros_like(out).at[w.perm].set(out)
     return out.astype(dtype)
+
+
+@jax.jit
+def _value_range(x: jax.Array) -> jax.Array:
+    """[min, max] of x, in one transfer."""
+    return jnp.stack([jnp.min(x), jnp.max(x)])
+
+
+def check_int_range(name: str, x, high: int, *, bits: int, inclusive: bool = False,
+                    note: str = "") -> None:
+    """Refuse a concrete array ``x`` with values outside [0, high) (or [0, high] if
+    ``inclusive``); a traced one (under jit) is trusted."""
+    if isinstance(x, jax.core.Tracer) or not x.size:
+        return
+    lo, hi = (int(v) for v in _value_range(x))
+    if lo < 0 or hi > high or (hi == high and not inclusive):
+        interval = f"[0, {high}]" if inclusive else f"[0, {high})"
+        raise ValueError(f"{name} must hold integers in {interval} for bits={bits}{note}; got "
+                         f"values in [{lo}, {hi}]")
+
 
 def check_quant_params(shape, bits, group_size) -> None:
     """Validate a [K, N] shape against bits and group size (public boundaries call this)."""

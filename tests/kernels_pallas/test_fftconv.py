@@ -419,6 +419,8 @@ BAD_INPUTS = [  # (what to change, error type, words the message must contain)
     (dict(freq_sparsity=1.0), ValueError, "freq_sparsity"),
     (dict(freq_sparsity=np.bool_(False)), ValueError, "freq_sparsity"),
     (dict(backend="cuda"), ValueError, "backend"),
+    (dict(bidirectional="no"), TypeError, "bidirectional must be a bool; got 'no'"),
+    (dict(bidirectional=1), TypeError, "bidirectional must be a bool; got 1"),
     (dict(backend="pallas", block_c=3), ValueError, "block_c"),
     (dict(backend="pallas", dot_precision="tf32"), ValueError, "dot_precision must be one of"),
     (dict(backend="pallas", monarch_plan="order3"), TypeError, "monarch_plan must be"),

@@ -152,6 +152,67 @@ def test_quantized_weight_rejects_bad_arguments(kwargs, message):
         QuantizedWeight.from_ints(**{**args, **kwargs})
 
 
+@pytest.mark.parametrize("field, value, message", [
+    # 17 would carry into the neighbouring slot; -1 would set every slot of its word to 15.
+    ("q", 17, r"q must hold integers in \[0, 16\) for bits=4; got values in \[0, 17\]"),
+    ("q", -1, r"q must hold integers in \[0, 16\) for bits=4; got values in \[-1, 15\]"),
+    ("zeros", 99, r"zeros must hold integers in \[0, 16\] for bits=4 .*got values in \[0, 99\]"),
+    ("zeros", -1, r"zeros must hold integers in \[0, 16\]"),
+])
+def test_from_ints_rejects_integers_outside_their_slots(field, value, message):
+    args = dict(q=np.full((64, 4), 15, np.int32), scales=np.ones((2, 4)),
+                zeros=np.zeros((2, 4), np.int32), bits=4, group_size=32)
+    args["q"][:, 1] = 0
+    args[field] = args[field].copy()
+    args[field][0, 0] = value
+    with pytest.raises(ValueError, match=message):
+        QuantizedWeight.from_ints(**args)
+
+
+def test_from_ints_takes_gptq_v1_zero_of_two_to_the_bits_and_trusts_traced_ints():
+    q = np.arange(64 * 4).reshape(64, 4) % 16
+    zeros = np.full((2, 4), 16, np.int32)  # a GPTQ v1 checkpoint decodes stored 15 to 16
+    w = QuantizedWeight.from_ints(q, np.ones((2, 4)), zeros, bits=4, group_size=32)
+    np.testing.assert_array_equal(np.asarray(w.dequantize()), q - 16.0)
+    # Under jit the values are unknown: no check (and no concretization error).
+    packed = jax.jit(lambda q: QuantizedWeight.from_ints(
+        q, jnp.ones((2, 4)), jnp.zeros((2, 4), jnp.int32), bits=4, group_size=32).qweight)(q)
+    np.testing.assert_array_equal(np.asarray(unpack_planar(packed, 4)), q)
+
+
+@pytest.mark.parametrize("field, row, value, message", [
+    ("q", 0, 4, r"q rows of the 2-bit groups must hold integers in \[0, 4\); got values in "
+                r"\[0, 4\]"),
+    ("q", 16, 16, r"q rows of the 4-bit groups must hold integers in \[0, 16\)"),
+    ("zeros", 0, 5, r"zeros of the 2-bit groups must hold integers in \[0, 4\]"),
+])
+def test_mixed_from_ints_rejects_integers_outside_their_groups_width(field, row, value, message):
+    high = np.array([0, 1, 0, 0, 0, 0, 0, 0], bool)  # rows 16..31 are the 4-bit group
+    q, zeros = np.zeros((128, 8), np.int32), np.zeros((8, 8), np.int32)
+    {"q": q, "zeros": zeros}[field][row, 0] = value
+    with pytest.raises(ValueError, match=message):
+        MixedQuantizedWeight.from_ints(q, np.ones((8, 8)), zeros, high, group_size=16)
+
+
+@pytest.mark.parametrize("backend", ["pallas", "pallas_tpu"])
+@pytest.mark.parametrize("block", [dict(block_m=-8), dict(block_n=-128), dict(block_k=0),
+                                   dict(block_m=True), dict(block_k=16.0)])
+def test_pallas_backends_reject_non_positive_or_non_integer_blocks(backend, block):
+    w, _ = _random_weight(1024, 128, 4, 128)
+    name, value = next(iter(block.items()))
+    with pytest.raises(ValueError, match=f"{name} must be a positive int; got {value!r}"):
+        quant_matmul(jnp.ones((2, 1024)), w, backend=backend, **block)
+
+
+def test_pallas_takes_numpy_integer_blocks():
+    w, _ = _random_weight(128, 32, 4, 32)
+    x = jnp.asarray(np.random.default_rng(7).normal(size=(3, 128)), jnp.float32)
+    got = quant_matmul(x, w, backend="pallas", block_m=np.int64(16), block_n=np.int32(32),
+                       block_k=np.int64(16))
+    np.testing.assert_allclose(np.asarray(got), np.asarray(quant_matmul(x, w, backend="reference")),
+                               rtol=F32_RTOL, atol=F32_ATOL)
+
+
 def test_pallas_kernel_lowers_to_triton_for_cuda():
     # No GPU here: exporting for the cuda platform runs the Pallas -> Triton IR lowering, which
     # catches shapes and ops Triton rejects (Triton -> PTX compilation still needs a GPU).

@@ -89,10 +89,48 @@ def test_ep_preset_splits_experts_and_routes_the_batch_over_the_expert_axis():
     assert all(logical_to_spec((name,), "dp") == P(None) for name in ("expert", "mlp"))
 
 
-def test_custom_rules_tuples_none_and_unknown_names():
+def test_custom_rules_tuples_none_and_names_without_a_rule():
     rules = {"batch": ("data", "fsdp"), "mlp": "tensor", "embed": None}
-    assert sharding.logical_to_spec(("batch", None, "mlp", "embed", "not_in_table"), rules) == \
+    assert sharding.logical_to_spec(("batch", None, "mlp", "embed", "act_vocab"), rules) == \
         P(("data", "fsdp"), None, "tensor", None, None)
+
+
+def test_rules_naming_unknown_logical_axes_are_errors():
+    # a misspelt name used to match nothing, so the whole model was silently replicated
+    mesh = sharding.make_mesh(fsdp=2, tensor=4)
+    with pytest.raises(ValueError, match=r"rules name unknown logical axes \['embd', 'mlpp'\]; "
+                                         r"known: \('vocab', 'embed'"):
+        sharding.state_shardings({"x": jnp.ones(8)}, mesh, {"embd": "fsdp", "mlpp": "tensor"})
+    with pytest.raises(ValueError, match=r"rules name unknown logical axes \['embd'\]"):
+        with sharding.use_rules(mesh, {"embd": "fsdp"}):
+            pass
+    with pytest.raises(ValueError, match=r"rules name unknown logical axes \['seqq'\]"):
+        sharding.logical_to_mesh_axes(("seq",), {"seqq": "sequence"})
+
+
+def test_logical_axes_naming_unknown_names_are_errors():
+    with pytest.raises(ValueError, match=r"logical axes \('embedd', 'heads'\) name unknown "
+                                         r"logical axes \['embedd'\]; known: "):
+        sharding.logical_to_spec(("embedd", "heads"), "fsdp_tp")
+
+
+def test_every_preset_and_model_axis_name_is_known():
+    for preset in sharding.PRESETS:
+        assert set(sharding.rules_for(preset)) <= set(sharding.LOGICAL_NAMES), preset
+    from jaxinfer.models import hyena, layers, llama
+    model_axes = (llama.Q_AXES, llama.KV_AXES, llama.CACHE_AXES, llama.LOGITS, layers.RESIDUAL,
+                  hyena.SHORT_CACHE_AXES, hyena.LONG_CACHE_AXES, hyena.FILTER_CACHE_AXES,
+                  hyena.LONG_CONV_AXES)
+    for axes in model_axes:
+        sharding.logical_to_spec(axes, "fsdp_tp")  # raises on an unknown name
+
+
+def test_axis_size_names_a_missing_axis_and_the_mesh_axes():
+    mesh = sharding.make_mesh(fsdp=2, tensor=4)
+    assert sharding.axis_size(mesh, ("fsdp", "tensor")) == 8 and sharding.axis_size(mesh, None) == 1
+    with pytest.raises(ValueError, match=r"axes='model' is not an axis of the mesh; its axes are "
+                                         r"\('data', 'fsdp', 'expert', 'sequence', 'tensor'\)"):
+        sharding.axis_size(mesh, "model")
 
 
 def test_one_mesh_axis_on_two_dimensions_is_an_error():

@@ -199,6 +199,27 @@ def test_missing_mesh_axis_is_an_error():
         sharding.ring_attention(q, k, v, mesh=mesh, axis="seq")
 
 
+@pytest.mark.parametrize("batch, batch_axes, message", [
+    (2, "data2", r"batch_axes='data2' is not an axis of the mesh; its axes are \('data', 'fsdp'"),
+    (2, ("fsdp", "sequence"), r"batch_axes may not include axis 'sequence'"),
+    (2, ("fsdp", "fsdp"), r"batch_axes must name each mesh axis once"),
+    (3, "fsdp", r"batch=3 must be divisible by batch_axes \('fsdp',\) of size 2"),
+    (2, 7, r"batch_axes must be None, a mesh axis name or a tuple of them; got 7"),
+])
+def test_bad_batch_axes_are_errors_before_the_shard_map(batch, batch_axes, message):
+    q, k, v = zeros_qkv(batch, 16, 2, 2, 8)
+    mesh = sharding.make_mesh(fsdp=2, sequence=4)
+    with pytest.raises((ValueError, TypeError), match=message):
+        sharding.sequence_parallel_attention(q, k, v, mesh=mesh, batch_axes=batch_axes)
+
+
+def test_non_bool_causal_is_an_error():
+    q, k, v = zeros_qkv(1, 16, 2, 2, 8)
+    with pytest.raises(TypeError, match=r"causal must be a bool; got 'yes'"):
+        sharding.sequence_parallel_attention(q, k, v, mesh=sharding.make_mesh(sequence=8),
+                                             causal="yes")
+
+
 def test_mismatched_k_and_v_is_an_error():
     q, k, _ = zeros_qkv(1, 16, 4, 2, 8)
     mesh = sharding.make_mesh(sequence=8)

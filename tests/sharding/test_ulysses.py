@@ -89,3 +89,17 @@ def test_missing_mesh_axis_is_an_error():
     q, k, v = zeros_qkv(1, 16, 8, 8, 8)
     with pytest.raises(ValueError, match=r"axis='sequence' is not an axis of the mesh"):
         sharding.ulysses_attention(q, k, v, mesh=jax.make_mesh((8,), ("sp",)))
+
+
+def test_bad_batch_axes_and_non_bool_causal_are_errors():
+    q, k, v = zeros_qkv(3, 16, 8, 8, 8)
+    mesh = sharding.make_mesh(fsdp=2, sequence=4)
+    with pytest.raises(ValueError, match=r"batch=3 must be divisible by batch_axes \('fsdp',\) "
+                                         r"of size 2"):
+        sharding.ulysses_attention(q, k, v, mesh=mesh, batch_axes="fsdp")
+    with pytest.raises(ValueError, match=r"batch_axes may not include axis 'sequence'"):
+        sharding.ulysses_attention(q, k, v, mesh=mesh, batch_axes="sequence")
+    with pytest.raises(ValueError, match=r"batch_axes='data2' is not an axis of the mesh"):
+        sharding.ulysses_attention(q, k, v, mesh=mesh, batch_axes=("data2",))
+    with pytest.raises(TypeError, match=r"causal must be a bool; got 'yes'"):
+        sharding.sequence_parallel_attention(q, k, v, mesh=mesh, impl="ulysses", causal="yes")
