@@ -8,10 +8,15 @@ jitted functions can take it as a static argument.
 
 from __future__ import annotations
 
+import contextlib
 import dataclasses
 import json
+import math
+import numbers
 import os
 from typing import Any, Mapping
+
+import numpy as np
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -39,6 +44,83 @@ SEQUENCE_PARALLEL_IMPLS = ("ring", "ulysses")
 REMAT_MODES = ("none", "full", "dots")  # see LlamaConfig.remat
 
 
+# ----------------------------------------------------------------- field checks shared by configs
+# Configs come from Python, from JSON and from numpy, so numpy scalars count as the Python numbers
+# they hold (and are stored as those, which hash alike and can be written as JSON); bools are not
+# numbers here, and strings (a JSON typo such as "10000") are refused rather than coerced.
+def is_int(value: Any) -> bool:
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
+def is_real(value: Any) -> bool:
+    return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def _normalize_fields(config: Any, ints: tuple[str, ...], floats: tuple[str, ...],
+                      bools: tuple[str, ...]) -> None:
+    """Store numpy ints, floats and bools of a frozen dataclass's fields as Python ones; values
+    of another type are left for the checks to refuse."""
+    for name in ints:
+        if is_int(getattr(config, name)):
+            object.__setattr__(config, name, int(getattr(config, name)))
+    for name in floats:
+        if is_real(getattr(config, name)):
+            object.__setattr__(config, name, float(getattr(config, name)))
+    for name in bools:
+        if isinstance(getattr(config, name), np.bool_):
+            object.__setattr__(config, name, bool(getattr(config, name)))
+
+
+def check_finite(name: str, value: Any, *, low: float = 0.0, low_inclusive: bool = False) -> None:
+    """A finite number above `low` (or at it, with `low_inclusive`): a NaN, an infinity or a
+    negative value here turns a model's every output into NaN rather than failing."""
+    bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
+    if not is_real(value):
+        raise TypeError(f"{name} must be a finite number {bound}; got {value!r}")
+    if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
+        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
+
+
+def _check_bools(config: Any, names: tuple[str, ...]) -> None:
+    for name in names:  # a string such as "no" would be truthy and switch the feature on
+        value = getattr(config, name)
+        if not isinstance(value, bool):
+            raise TypeError(f"{name} must be a bool; got {value!r}")
+
+
+def _token_ids_to_tuple(eos_token_id: Any) -> Any:
+    """eos_token_id as the tuple the configs store: one id, a list or tuple of them, or None
+    (no end token); anything else is returned as is for _check_token_ids to refuse."""
+    if eos_token_id is None:
+        return ()
+    if is_int(eos_token_id):
+        return (int(eos_token_id),)
+    if isinstance(eos_token_id, (list, tuple)):
+        return tuple(int(i) if is_int(i) else i for i in eos_token_id)
+    return eos_token_id
+
+
+def _check_token_ids(config: Any) -> None:
+    """bos_token_id (an id or None) and eos_token_id (a tuple of ids) must be ints in
+    [0, vocab_size): a string or an id the model cannot emit would only fail mid-generation."""
+    vocab = config.vocab_size
+
+    def is_id(i: Any) -> bool:
+        return is_int(i) and 0 <= i < vocab
+
+    bos = config.bos_token_id
+    if bos is not None and not is_id(bos):
+        raise (ValueError if is_int(bos) else TypeError)(
+            f"bos_token_id must be None or a token id (an int in [0, vocab_size {vocab})); "
+            f"got {bos!r}")
+    eos = config.eos_token_id
+    if not isinstance(eos, tuple) or not all(is_id(i) for i in eos):
+        wrong_type = not isinstance(eos, tuple) or not all(is_int(i) for i in eos)
+        raise (TypeError if wrong_type else ValueError)(
+            f"eos_token_id must be a token id (an int in [0, vocab_size {vocab})), a list of "
+            f"them or None; got {eos!r}")
+
+
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Rotary-frequency rescaling for context extension (HF `rope_parameters` / `rope_scaling`)."""
@@ -53,8 +135,36 @@ class RopeScaling:
         if self.rope_type not in SUPPORTED_ROPE_TYPES:
             raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported; expected one "
                              f"of {SUPPORTED_ROPE_TYPES}")
-        if self.factor <= 0:
-            raise ValueError(f"rope_scaling factor must be positive; got {self.factor}")
+        floats = ("factor", "low_freq_factor", "high_freq_factor")
+        _normalize_fields(self, ("original_max_position_embeddings",), floats, ())
+        for name in floats:
+            check_finite(f"rope_scaling {name}", getattr(self, name))
+        original = self.original_max_position_embeddings
+        if not is_int(original) or original <= 0:
+            raise (ValueError if is_int(original) else TypeError)(
+                f"rope_scaling original_max_position_embeddings must be a positive integer; "
+                f"got {original!r}")
+        # llama3 blends over (high - low); equal factors divide by zero (transformers warns)
+        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
+            raise ValueError(f"rope_scaling high_freq_factor must be > low_freq_factor for llama3; "
+                             f"got high_freq_factor={self.high_freq_factor} and "
+                             f"low_freq_factor={self.low_freq_factor}")
+
+    @classmethod
+    def from_dict(cls, d: Mapping[str, Any]) -> RopeScaling:
+        """From a Hugging Face style dict ({"rope_type": "linear", "factor": 2.0}; the 4.x key
+        "type" is read as rope_type). Keys that are not RopeScaling fields are refused, rope_theta
+        included: it is the config's own field."""
+        d = dict(d)
+        rope_type = d.pop("rope_type", None)
+        legacy_type = d.pop("type", None)
+        fields = [f.name for f in dataclasses.fields(cls) if f.name != "rope_type"]
+        unknown = sorted(str(k) for k in d if k not in fields)
+        if unknown:
+            raise ValueError(f"rope_scaling has unknown key(s) {unknown}; expected rope_type and "
+                             f"some of {fields}")
+        rope_type = rope_type if rope_type is not None else legacy_type
+        return cls(rope_type="default" if rope_type is None else rope_type, **d)
 
 
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -68,6 +178,15 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
     if not isinstance(hf, dict):
         raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
     return hf
+
+
+@contextlib.contextmanager
+def config_json_errors():
+    """Prefix "config.json: " to the ValueError / TypeError of a config built from its values."""
+    try:
+        yield
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"config.json: {e}") from None
 
 
 def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
@@ -97,7 +216,8 @@ def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     # rope_scaling, which win where both are present (as in transformers)
     rope = dict(hf.get("rope_parameters") or {})
     legacy = hf.get("rope_scaling") or {}
-    rope_theta = float(hf.get("rope_theta", rope.get("rope_theta", defaults["rope_theta"])))
+    # numbers pass through as config.json has them: LlamaConfig's checks name a wrong one
+    rope_theta = hf.get("rope_theta", rope.get("rope_theta", defaults["rope_theta"]))
     scaling = {**{k: v for k, v in rope.items() if k != "rope_theta"}, **legacy}
     rope_type = scaling.get("rope_type", scaling.get("type", "default"))
     if rope_type == "llama3" and "original_max_position_embeddings" not in scaling:
@@ -115,8 +235,9 @@ def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         except ValueError as e:
             raise ValueError(f"config.json: {e}") from None
 
-    # HF's Mistral, Mixtral and Qwen2 classes ignore attention_bias / mlp_bias; Llama reads them
-    attention_bias = model_type == "llama" and bool(hf.get("attention_bias", False))
+    # HF's Mistral, Mixtral and Qwen2 classes ignore attention_bias / mlp_bias; Llama reads them.
+    # Not bool(): a string such as "false" would be truthy; LlamaConfig refuses a non-bool.
+    attention_bias = hf.get("attention_bias", False) if model_type == "llama" else False
     # an absent id takes the class default (Llama's 1 and 2); an explicit null stays None
     eos = hf.get("eos_token_id", defaults["eos_token_id"])
     return dict(
@@ -129,14 +250,14 @@ def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
         num_key_value_heads=hf["num_attention_heads"] if kv_heads is None else kv_heads,
         head_dim=hf.get("head_dim"),
         max_position_embeddings=max_positions,
-        rms_norm_eps=float(hf.get("rms_norm_eps", defaults["rms_norm_eps"])),
+        rms_norm_eps=hf.get("rms_norm_eps", defaults["rms_norm_eps"]),
         rope_theta=rope_theta,
         rope_scaling=rope_scaling,
-        qkv_bias=attention_bias or model_type == "qwen2",
+        qkv_bias=True if model_type == "qwen2" else attention_bias,
         o_bias=attention_bias,
-        mlp_bias=model_type == "llama" and bool(hf.get("mlp_bias", False)),
+        mlp_bias=hf.get("mlp_bias", False) if model_type == "llama" else False,
         sliding_window=sliding_window,
-        tie_word_embeddings=bool(hf.get("tie_word_embeddings", False)),
+        tie_word_embeddings=hf.get("tie_word_embeddings", False),
         bos_token_id=hf.get("bos_token_id", defaults["bos_token_id"]),
         eos_token_id=() if eos is None else eos,
     )
@@ -216,14 +337,38 @@ class LlamaConfig:
     sequence_parallel: str = "ring"  # "ring" | "ulysses": used where the rules split "seq"
     remat: str = "none"  # "none" | "full" | "dots": recompute layer activations in the backward
 
+    # fields whose numpy scalars are stored as Python ones (MixtralConfig adds its own)
+    _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
+                   "head_dim", "sliding_window", "bos_token_id")
+    _FLOAT_FIELDS = ("rms_norm_eps", "rope_theta")
+    _BOOL_FIELDS = ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings")
+
     def __post_init__(self) -> None:
-        if self.head_dim is None:
-            object.__setattr__(self, "head_dim",
-                               self.hidden_size // max(self.num_attention_heads, 1))
-        if isinstance(self.eos_token_id, int):
-            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
-        elif isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        _normalize_fields(self, self._INT_FIELDS, self._FLOAT_FIELDS, self._BOOL_FIELDS)
+        hidden, heads = self.hidden_size, self.num_attention_heads
+        derived_from = ""
+        if self.head_dim is None and is_int(hidden) and is_int(heads) and heads > 0:
+            # transformers' LlamaConfig refuses hidden_size % num_attention_heads != 0 (its
+            # validate_architecture), while its Mistral and Qwen2 classes floor the division and
+            # build q/o projections of heads * head_dim != hidden_size without a word. Such a
+            # shape without an explicit head_dim is almost surely a typo, so it is refused here
+            # for every model type; config.json files written by transformers carry head_dim,
+            # so real checkpoints with narrower heads still load.
+            if hidden % heads:
+                raise ValueError(
+                    f"hidden_size must be a multiple of num_attention_heads when head_dim is not "
+                    f"given; got hidden_size {hidden} and num_attention_heads {heads} (set "
+                    f"head_dim for heads whose total width differs from hidden_size)")
+            object.__setattr__(self, "head_dim", hidden // heads)
+            derived_from = f" (hidden_size {hidden} // num_attention_heads {heads})"
+        # here rather than in _validate, to say where a derived head_dim came from
+        if is_int(self.head_dim) and self.head_dim > 0 and self.head_dim % 2:
+            raise ValueError(f"head_dim must be even (rotary embeddings rotate pairs); "
+                             f"got head_dim={self.head_dim}{derived_from}")
+        object.__setattr__(self, "eos_token_id", _token_ids_to_tuple(self.eos_token_id))
+        if isinstance(self.rope_scaling, Mapping):  # an HF-style dict, as config.json holds it
+            object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         self._validate()
 
     def _validate(self) -> None:
@@ -235,15 +380,24 @@ class LlamaConfig:
                      "num_attention_heads", "num_key_value_heads", "max_position_embeddings",
                      "head_dim"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if self.num_attention_heads % self.num_key_value_heads:
             raise ValueError(
                 "num_attention_heads must be a multiple of num_key_value_heads; got "
                 f"{self.num_attention_heads} and {self.num_key_value_heads}"
             )
-        if self.sliding_window is not None and self.sliding_window <= 0:
-            raise ValueError(f"sliding_window must be positive or None; got {self.sliding_window}")
+        for name in ("rms_norm_eps", "rope_theta"):
+            check_finite(name, getattr(self, name))
+        if self.rope_scaling is not None and not isinstance(self.rope_scaling, RopeScaling):
+            raise TypeError(f"rope_scaling must be a RopeScaling, a dict of its fields or None; "
+                            f"got {self.rope_scaling!r}")
+        window = self.sliding_window
+        if window is not None and (not is_int(window) or window <= 0):
+            raise (ValueError if is_int(window) else TypeError)(
+                f"sliding_window must be a positive int or None; got {window!r}")
+        _check_bools(self, self._BOOL_FIELDS)
+        _check_token_ids(self)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}; "
                              f"got {self.attention_backend!r}")
@@ -275,8 +429,10 @@ class LlamaConfig:
         if model_type not in SUPPORTED_MODEL_TYPES:
             raise ValueError(f"config.json: model_type must be one of {SUPPORTED_MODEL_TYPES}; "
                              f"got {model_type!r}")
-        return cls(**hf_decoder_fields(hf, model_type), dtype=dtype, param_dtype=dtype,
-                   attention_backend=attention_backend)
+        fields = hf_decoder_fields(hf, model_type)
+        with config_json_errors():  # config.json's values alone, so that errors name the file
+            cls(**fields)
+        return cls(**fields, dtype=dtype, param_dtype=dtype, attention_backend=attention_backend)
 
     def to_hf_config(self) -> dict[str, Any]:
         """The config.json that transformers loads back into the same architecture.
@@ -390,11 +546,15 @@ class HyenaConfig:
     param_dtype: str = "float32"
     fftconv_backend: str = "auto"
 
+    _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
+                   "max_position_embeddings", "order", "short_filter_size", "filter_emb_dim",
+                   "filter_hidden_size", "filter_inner_layers", "bos_token_id")
+    _FLOAT_FIELDS = ("filter_sine_freq", "filter_decay_fast", "filter_decay_slow",
+                     "filter_decay_target", "filter_squash", "rms_norm_eps")
+
     def __post_init__(self) -> None:
-        if isinstance(self.eos_token_id, int):
-            object.__setattr__(self, "eos_token_id", (self.eos_token_id,))
-        elif isinstance(self.eos_token_id, list):
-            object.__setattr__(self, "eos_token_id", tuple(self.eos_token_id))
+        _normalize_fields(self, self._INT_FIELDS, self._FLOAT_FIELDS, ("tie_word_embeddings",))
+        object.__setattr__(self, "eos_token_id", _token_ids_to_tuple(self.eos_token_id))
         self._validate()
 
     def _validate(self) -> None:
@@ -403,28 +563,30 @@ class HyenaConfig:
         for name in ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                      "max_position_embeddings", "short_filter_size", "filter_hidden_size"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
-        if not isinstance(self.order, int) or isinstance(self.order, bool) or self.order < 2:
+        if not is_int(self.order) or self.order < 2:
             raise ValueError(f"order must be an integer >= 2 (one long convolution at least); "
                              f"got {self.order!r}")
-        if not isinstance(self.filter_inner_layers, int) or self.filter_inner_layers < 0:
+        if not is_int(self.filter_inner_layers) or self.filter_inner_layers < 0:
             raise ValueError(f"filter_inner_layers must be a non-negative integer; "
                              f"got {self.filter_inner_layers!r}")
         emb = self.filter_emb_dim
-        if not isinstance(emb, int) or isinstance(emb, bool) or emb < 3 or emb % 2 == 0:
+        if not is_int(emb) or emb < 3 or emb % 2 == 0:
             raise ValueError(f"filter_emb_dim must be an odd integer >= 3 (t plus sin/cos pairs); "
                              f"got {emb!r}")
-        if self.filter_sine_freq <= 0:
-            raise ValueError(f"filter_sine_freq must be positive; got {self.filter_sine_freq}")
-        if not 0 < self.filter_decay_fast <= self.filter_decay_slow:
+        for name in ("filter_sine_freq", "filter_decay_fast", "filter_decay_slow",
+                     "filter_decay_target", "rms_norm_eps"):
+            check_finite(name, getattr(self, name))
+        if not self.filter_decay_fast <= self.filter_decay_slow:
             raise ValueError("filter_decay_fast and filter_decay_slow must satisfy 0 < fast <= "
                              f"slow; got {self.filter_decay_fast} and {self.filter_decay_slow}")
-        if not 0 < self.filter_decay_target < 1:
+        if not self.filter_decay_target < 1:
             raise ValueError(f"filter_decay_target must lie in (0, 1); "
                              f"got {self.filter_decay_target}")
-        if self.filter_squash < 0:
-            raise ValueError(f"filter_squash must be >= 0; got {self.filter_squash}")
+        check_finite("filter_squash", self.filter_squash, low_inclusive=True)  # 0: no squash
+        _check_bools(self, ("tie_word_embeddings",))
+        _check_token_ids(self)
         if self.fftconv_backend not in FFTCONV_BACKENDS:
             raise ValueError(f"fftconv_backend must be one of {FFTCONV_BACKENDS}; "
                              f"got {self.fftconv_backend!r}")
@@ -451,5 +613,8 @@ class HyenaConfig:
         if hf.get("model_type") != HYENA_MODEL_TYPE:
             raise ValueError(f"config.json: model_type must be {HYENA_MODEL_TYPE!r}; "
                              f"got {hf.get('model_type')!r}")
-        fields = {f.name for f in dataclasses.fields(cls)} - {"fftconv_backend"}
-        return cls(**{k: v for k, v in hf.items() if k in fields}, fftconv_backend=fftconv_backend)
+        names = {f.name for f in dataclasses.fields(cls)} - {"fftconv_backend"}
+        fields = {k: v for k, v in hf.items() if k in names}
+        with config_json_errors():  # config.json's values alone, so that errors name the file
+            cls(**fields)
+        return cls(**fields, fftconv_backend=fftconv_backend)

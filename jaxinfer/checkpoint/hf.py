@@ -289,11 +289,10 @@ def with_generation_stop_tokens(model_dir: Path, config):
     eos = read_config_json(path).get("eos_token_id")
     if eos is None:
         return config
-    if isinstance(eos, bool) or not (isinstance(eos, int) or (
-            isinstance(eos, list) and all(isinstance(t, int) and not isinstance(t, bool)
-                                          for t in eos))):
-        raise ValueError(f"{path}: eos_token_id must be an int or a list of ints; got {eos!r}")
-    return dataclasses.replace(config, eos_token_id=eos)
+    try:  # the config checks the ids: ints in [0, vocab_size)
+        return dataclasses.replace(config, eos_token_id=eos)
+    except (TypeError, ValueError) as e:
+        raise ValueError(f"{path}: {e}") from None
 
 
 def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",

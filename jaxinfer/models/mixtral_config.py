@@ -12,7 +12,8 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-from jaxinfer.config import LlamaConfig, hf_decoder_fields, read_config_json
+from jaxinfer.config import (LlamaConfig, check_finite, config_json_errors, hf_decoder_fields,
+                             is_int, is_real, read_config_json)
 
 MIXTRAL_MODEL_TYPE = "mixtral"
 # "dropless": sort tokens by expert + ragged_dot, never drops (HF Mixtral's semantics).
@@ -54,6 +55,11 @@ class MixtralConfig(LlamaConfig):
     moe_impl: str = "dropless"
     capacity_factor: float = 1.25
 
+    _INT_FIELDS = LlamaConfig._INT_FIELDS + ("num_local_experts", "num_experts_per_tok")
+    _FLOAT_FIELDS = LlamaConfig._FLOAT_FIELDS + (
+        "router_aux_loss_coef", "router_z_loss_coef", "router_jitter_noise", "capacity_factor")
+    _BOOL_FIELDS = LlamaConfig._BOOL_FIELDS + ("output_router_logits",)
+
     def _validate(self) -> None:
         if self.model_type != MIXTRAL_MODEL_TYPE:
             raise ValueError(f"model_type must be {MIXTRAL_MODEL_TYPE!r}; got {self.model_type!r}")
@@ -65,7 +71,7 @@ class MixtralConfig(LlamaConfig):
         LlamaConfig(**{**llama_fields, "model_type": "mistral"})
         for name in ("num_local_experts", "num_experts_per_tok"):
             value = getattr(self, name)
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
+            if not is_int(value) or value <= 0:
                 raise ValueError(f"{name} must be a positive integer; got {value!r}")
         if self.num_experts_per_tok > self.num_local_experts:
             raise ValueError(f"num_experts_per_tok must be <= num_local_experts; got "
@@ -73,16 +79,14 @@ class MixtralConfig(LlamaConfig):
         if self.moe_impl not in MOE_IMPLS:
             raise ValueError(f"moe_impl must be one of {MOE_IMPLS}; got {self.moe_impl!r}")
         for name in ("router_aux_loss_coef", "router_z_loss_coef"):
-            if not 0 <= getattr(self, name) < float("inf"):
-                raise ValueError(f"{name} must be a finite number >= 0; got {getattr(self, name)}")
+            check_finite(name, getattr(self, name), low_inclusive=True)
         if not isinstance(self.output_router_logits, bool):
             raise ValueError(f"output_router_logits must be a bool; got "
                              f"{self.output_router_logits!r}")
-        if not 0 <= self.router_jitter_noise < 1:
+        if not is_real(self.router_jitter_noise) or not 0 <= self.router_jitter_noise < 1:
             raise ValueError(f"router_jitter_noise must lie in [0, 1); got "
                              f"{self.router_jitter_noise}")
-        if not self.capacity_factor > 0:
-            raise ValueError(f"capacity_factor must be positive; got {self.capacity_factor}")
+        check_finite("capacity_factor", self.capacity_factor)
 
     # ------------------------------------------------------------------ HF interop
     @classmethod
@@ -93,15 +97,19 @@ class MixtralConfig(LlamaConfig):
         if hf.get("model_type") != MIXTRAL_MODEL_TYPE:
             raise ValueError(f"config.json: model_type must be {MIXTRAL_MODEL_TYPE!r}; "
                              f"got {hf.get('model_type')!r}")
-        # Mixtral's attention blocks are Mistral's, read by the Llama family's parser
-        return cls(**hf_decoder_fields(hf, MIXTRAL_MODEL_TYPE), dtype=dtype, param_dtype=dtype,
-                   attention_backend=attention_backend,
-                   num_local_experts=int(hf.get("num_local_experts", 8)),
-                   num_experts_per_tok=int(hf.get("num_experts_per_tok", 2)),
-                   router_aux_loss_coef=float(hf.get("router_aux_loss_coef", 0.001)),
-                   output_router_logits=bool(hf.get("output_router_logits", False)),
-                   router_z_loss_coef=float(hf.get("router_z_loss_coef", 0.0)),
-                   router_jitter_noise=float(hf.get("router_jitter_noise", 0.0)),
+        # Mixtral's attention blocks are Mistral's, read by the Llama family's parser. Values
+        # pass through as config.json has them (no int() / bool(): bool("false") is True), so
+        # that the checks name a wrong one.
+        fields = dict(hf_decoder_fields(hf, MIXTRAL_MODEL_TYPE),
+                      num_local_experts=hf.get("num_local_experts", 8),
+                      num_experts_per_tok=hf.get("num_experts_per_tok", 2),
+                      router_aux_loss_coef=hf.get("router_aux_loss_coef", 0.001),
+                      output_router_logits=hf.get("output_router_logits", False),
+                      router_z_loss_coef=hf.get("router_z_loss_coef", 0.0),
+                      router_jitter_noise=hf.get("router_jitter_noise", 0.0))
+        with config_json_errors():  # config.json's values alone, so that errors name the file
+            cls(**fields)
+        return cls(**fields, dtype=dtype, param_dtype=dtype, attention_backend=attention_backend,
                    moe_impl=moe_impl, capacity_factor=capacity_factor)
 
     def to_hf_config(self) -> dict[str, Any]:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import numbers
 from pathlib import Path
 
@@ -55,10 +56,17 @@ class TrainConfig:
                      "checkpoint_every"):
             if getattr(self, name) < 1:
                 raise ValueError(f"{name} must be >= 1; got {getattr(self, name)}")
-        for name in ("learning_rate", "clip_norm"):  # clip_norm 0 would zero every gradient
-            if not getattr(self, name) > 0:
-                raise ValueError(f"{name} must be positive; got {getattr(self, name)}")
-        for name in ("warmup_steps", "weight_decay", "seed"):  # numpy seeds are non-negative
+        # an infinite learning rate or weight decay makes every parameter NaN after one update
+        if not 0 < self.learning_rate < math.inf:
+            raise ValueError(f"learning_rate must be a finite number > 0; "
+                             f"got {self.learning_rate}")
+        if not 0 <= self.weight_decay < math.inf:
+            raise ValueError(f"weight_decay must be a finite number >= 0; "
+                             f"got {self.weight_decay}")
+        # clip_norm 0 would zero every gradient; inf is allowed: it never clips
+        if not self.clip_norm > 0:
+            raise ValueError(f"clip_norm must be positive; got {self.clip_norm}")
+        for name in ("warmup_steps", "seed"):  # numpy seeds are non-negative
             if not getattr(self, name) >= 0:
                 raise ValueError(f"{name} must be >= 0; got {getattr(self, name)}")
         sep = self.document_separator

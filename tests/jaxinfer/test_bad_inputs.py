@@ -125,6 +125,27 @@ def test_config_missing_required_field_is_named(checkpoint):
     assert_raised_by_jaxinfer(excinfo)
 
 
+BAD_CONFIG_VALUES = {  # id: (config.json key, value, what the error must name)
+    "rope_theta_string": ("rope_theta", "x", "rope_theta"),
+    "negative_rms_norm_eps": ("rms_norm_eps", -1.0, "rms_norm_eps"),
+    "odd_head_dim": ("head_dim", 7, "head_dim"),
+    "string_eos": ("eos_token_id", "13", "eos_token_id"),
+    "eos_outside_vocab": ("eos_token_id", VOCAB, "eos_token_id"),
+    "string_tie_word_embeddings": ("tie_word_embeddings", "no", "tie_word_embeddings"),
+    "nan_rope_factor": ("rope_scaling", {"rope_type": "linear", "factor": math.nan}, "factor"),
+}
+
+
+@pytest.mark.parametrize("key,value,field", list(BAD_CONFIG_VALUES.values()),
+                         ids=list(BAD_CONFIG_VALUES))
+def test_bad_config_json_value_is_named_before_any_weights_load(checkpoint, key, value, field):
+    """Values that used to load and then give NaN logits or fail inside RoPE or the engine."""
+    edit_config(checkpoint, lambda c: c.update({key: value}))
+    with pytest.raises((ValueError, TypeError), match=rf"config\.json: .*{field}") as excinfo:
+        jaxinfer.load_pretrained(checkpoint)
+    assert_raised_by_jaxinfer(excinfo)
+
+
 def test_unsupported_load_dtype_is_named(checkpoint):
     with pytest.raises(ValueError, match=r"dtype must be one of .*'float16'"):
         jaxinfer.load_pretrained(checkpoint, dtype="float16")

@@ -5,11 +5,13 @@ from __future__ import annotations
 import copy
 import dataclasses
 import json
+import math
 
+import numpy as np
 import pytest
 
 import jaxinfer
-from jaxinfer import LlamaConfig, RopeScaling
+from jaxinfer import HyenaConfig, LlamaConfig, RopeScaling
 from jaxinfer.models.mixtral_config import MixtralConfig
 
 transformers = pytest.importorskip("transformers")
@@ -91,8 +93,8 @@ REQUIRED_ONLY = dict(vocab_size=128, hidden_size=256, intermediate_size=96, num_
 @pytest.mark.parametrize("model_type", ["llama", "mistral", "mixtral", "qwen2"])
 def test_absent_keys_take_the_defaults_of_transformers(model_type):
     """A config.json that omits num_key_value_heads, max_position_embeddings, sliding_window,
-    rope_theta, rms_norm_eps or the bos/eos token ids means what transformers' config class for its model type assumes
-    (Mistral's 4096 window, 8 KV heads, ...)."""
+    rope_theta, rms_norm_eps or the bos/eos token ids means what transformers' config class for
+    its model type assumes (Mistral's 4096 window, 8 KV heads, ...)."""
     hf = transformers.AutoConfig.for_model(model_type, **REQUIRED_ONLY)
     parse = MixtralConfig if model_type == "mixtral" else LlamaConfig
     config = parse.from_hf_config({**REQUIRED_ONLY, "model_type": model_type})
@@ -282,7 +284,7 @@ def test_inexpressible_switches_are_refused_not_dropped(changes, switch):
 def test_heads_not_a_multiple_of_kv_heads_is_rejected():
     with pytest.raises(ValueError, match=r"num_attention_heads must be a multiple of "
                                          r"num_key_value_heads; got 6 and 4"):
-        LlamaConfig(**{**BASE, "num_attention_heads": 6, "num_key_value_heads": 4})
+        LlamaConfig(**{**BASE, "num_attention_heads": 6, "num_key_value_heads": 4}, head_dim=16)
     with pytest.raises(ValueError, match=r"multiple of num_key_value_heads"):
         LlamaConfig.from_hf_config({**BASE, "model_type": "llama", "num_attention_heads": 4,
                                     "num_key_value_heads": 3})
@@ -302,7 +304,7 @@ def test_unsupported_rope_type_is_rejected(rope_type):
 
 @pytest.mark.parametrize("factor", [0.0, -2.0])
 def test_non_positive_rope_factor_is_rejected(factor):
-    with pytest.raises(ValueError, match=rf"factor must be positive; got {factor}"):
+    with pytest.raises(ValueError, match=rf"factor must be a finite number > 0; got {factor}"):
         RopeScaling(rope_type="linear", factor=factor)
 
 
@@ -336,7 +338,8 @@ def test_non_positive_integer_sizes_are_rejected(field, value):
 
 @pytest.mark.parametrize("window", [0, -4])
 def test_non_positive_sliding_window_is_rejected(window):
-    with pytest.raises(ValueError, match=rf"sliding_window must be positive or None; got {window}"):
+    with pytest.raises(ValueError, match=rf"sliding_window must be a positive int or None; "
+                                         rf"got {window}"):
         LlamaConfig(**BASE, model_type="mistral", sliding_window=window)
 
 
@@ -350,3 +353,208 @@ def test_unsupported_dtype_is_rejected(field):
 
 def test_public_api_exports_config_types():
     assert jaxinfer.LlamaConfig is LlamaConfig and jaxinfer.RopeScaling is RopeScaling
+
+
+# ----------------------------------------------------------------- head_dim
+def test_odd_head_dim_is_rejected_naming_where_it_came_from():
+    """Rotary embeddings rotate pairs of channels; an odd head_dim used to fail inside RoPE with
+    a broadcast error."""
+    with pytest.raises(ValueError, match=r"^head_dim must be even \(rotary embeddings rotate "
+                                         r"pairs\); got head_dim=7$"):
+        LlamaConfig(**BASE, head_dim=7)
+    derived = (r"^head_dim must be even \(rotary embeddings rotate pairs\); got head_dim=9 "
+               r"\(hidden_size 18 // num_attention_heads 2\)$")
+    with pytest.raises(ValueError, match=derived):
+        LlamaConfig(**{**BASE, "hidden_size": 18, "num_attention_heads": 2,
+                       "num_key_value_heads": 1})
+    with pytest.raises(ValueError, match=derived):
+        MixtralConfig(**{**BASE, "hidden_size": 18, "num_attention_heads": 2,
+                         "num_key_value_heads": 1})
+    with pytest.raises(ValueError, match=r"config.json: head_dim must be even.*head_dim=9"):
+        LlamaConfig.from_hf_config({**BASE, "model_type": "llama", "hidden_size": 18,
+                                    "num_attention_heads": 2, "num_key_value_heads": 1})
+
+
+def test_hidden_size_not_a_multiple_of_heads_needs_an_explicit_head_dim():
+    """transformers' LlamaConfig refuses this shape; its Mistral/Qwen2 floor hidden / heads
+    silently. Here it is refused unless head_dim says what the heads are."""
+    shape = {**BASE, "num_attention_heads": 6, "num_key_value_heads": 2}  # 64 / 6
+    with pytest.raises(ValueError, match=r"hidden_size must be a multiple of num_attention_heads "
+                                         r"when head_dim is not given; got hidden_size 64 and "
+                                         r"num_attention_heads 6"):
+        LlamaConfig(**shape)
+    with pytest.raises(ValueError, match=r"config.json: hidden_size must be a multiple"):
+        LlamaConfig.from_hf_config({**shape, "model_type": "mistral"})
+    assert LlamaConfig(**shape, head_dim=10).head_dim == 10
+
+
+# ----------------------------------------------------------------- numeric fields
+BAD_LLAMA_VALUES = [  # (field, value): the error must name the field
+    ("rms_norm_eps", 0.0), ("rms_norm_eps", -1.0), ("rms_norm_eps", math.nan),
+    ("rms_norm_eps", math.inf), ("rms_norm_eps", "1e-6"), ("rms_norm_eps", True),
+    ("rope_theta", 0.0), ("rope_theta", -5.0), ("rope_theta", math.nan), ("rope_theta", math.inf),
+    ("rope_theta", "10000"), ("rope_theta", None),
+    ("sliding_window", 2.5),
+    ("sliding_window", "4"), ("sliding_window", True),
+    ("bos_token_id", -3), ("bos_token_id", 128), ("bos_token_id", "1"), ("bos_token_id", 1.0),
+    ("bos_token_id", True),
+    ("eos_token_id", "13"), ("eos_token_id", 999), ("eos_token_id", 128), ("eos_token_id", -1),
+    ("eos_token_id", 13.0), ("eos_token_id", (13.0,)), ("eos_token_id", [2, "3"]),
+    ("eos_token_id", (2, 128)), ("eos_token_id", True), ("eos_token_id", {2}),
+    ("tie_word_embeddings", "no"), ("tie_word_embeddings", 1), ("tie_word_embeddings", None),
+    ("qkv_bias", "yes"), ("o_bias", 0), ("mlp_bias", "false"),
+    ("rope_scaling", 2.0), ("rope_scaling", "linear"),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_LLAMA_VALUES,
+                         ids=[f"{f}={v!r}" for f, v in BAD_LLAMA_VALUES])
+def test_bad_field_values_are_rejected_naming_the_field(field, value):
+    """Each of these used to be stored and to fail later (NaN outputs, a string token id in the
+    engine, "no" tying the embeddings) or to fail with an error that did not name the field."""
+    with pytest.raises((ValueError, TypeError), match=rf"^{field} must be"):
+        LlamaConfig(**BASE, model_type="mistral", **{field: value})
+
+
+@pytest.mark.parametrize("field,value,message", [
+    ("rms_norm_eps", -1.0, r"rms_norm_eps must be a finite number > 0; got -1.0"),
+    ("rope_theta", "10000", r"rope_theta must be a finite number > 0; got '10000'"),
+    ("sliding_window", 2.5, r"sliding_window must be a positive int or None; got 2.5"),
+    ("eos_token_id", 999, r"eos_token_id must be a token id \(an int in \[0, vocab_size 128\)\)"),
+    ("tie_word_embeddings", "no", r"tie_word_embeddings must be a bool; got 'no'"),
+])
+def test_bad_field_errors_say_what_was_expected_and_got(field, value, message):
+    with pytest.raises((ValueError, TypeError), match=message):
+        LlamaConfig(**BASE, model_type="mistral", **{field: value})
+
+
+BAD_ROPE_SCALING = [  # (RopeScaling arguments, the field an error must name)
+    (dict(rope_type="linear", factor=math.nan), "factor"),
+    (dict(rope_type="linear", factor=math.inf), "factor"),
+    (dict(rope_type="linear", factor="2"), "factor"),
+    (dict(rope_type="llama3", factor=8.0, low_freq_factor=math.nan), "low_freq_factor"),
+    (dict(rope_type="llama3", factor=8.0, high_freq_factor=math.inf), "high_freq_factor"),
+    (dict(rope_type="llama3", factor=8.0, low_freq_factor=4.0, high_freq_factor=4.0),
+     "high_freq_factor must be > low_freq_factor"),
+    (dict(rope_type="llama3", factor=8.0, original_max_position_embeddings=0),
+     "original_max_position_embeddings"),
+    (dict(rope_type="llama3", factor=8.0, original_max_position_embeddings=8.5),
+     "original_max_position_embeddings"),
+]
+
+
+@pytest.mark.parametrize("kwargs,field", BAD_ROPE_SCALING,
+                         ids=[f"{k['rope_type']}-{f}-{list(k.values())[-1]!r}"
+                              for k, f in BAD_ROPE_SCALING])
+def test_bad_rope_scaling_values_are_rejected_naming_the_field(kwargs, field):
+    with pytest.raises((ValueError, TypeError), match=rf"^rope_scaling {field}"):
+        RopeScaling(**kwargs)
+
+
+def test_nan_rope_factor_error_says_finite():
+    with pytest.raises(ValueError, match=r"rope_scaling factor must be a finite number > 0; "
+                                         r"got nan"):
+        RopeScaling(rope_type="linear", factor=math.nan)
+
+
+@pytest.mark.parametrize("key,value,field", [
+    ("rope_theta", "x", "rope_theta"),
+    ("rms_norm_eps", "x", "rms_norm_eps"),
+    ("rms_norm_eps", -1.0, "rms_norm_eps"),
+    ("tie_word_embeddings", "false", "tie_word_embeddings"),
+    ("attention_bias", "false", "qkv_bias"),
+    ("mlp_bias", "true", "mlp_bias"),
+    ("eos_token_id", "2", "eos_token_id"),
+    ("bos_token_id", 128, "bos_token_id"),
+    ("rope_scaling", {"rope_type": "linear", "factor": math.nan}, "rope_scaling factor"),
+])
+def test_bad_config_json_values_are_named_with_the_file(key, value, field):
+    with pytest.raises((ValueError, TypeError), match=rf"^config.json: {field} must be"):
+        LlamaConfig.from_hf_config({**BASE, "model_type": "llama", key: value})
+
+
+def test_mixtral_config_json_values_are_checked():
+    hf = {**BASE, "model_type": "mixtral", "num_local_experts": 2, "num_experts_per_tok": 1}
+    with pytest.raises((ValueError, TypeError),
+                       match=r"^config.json: output_router_logits must be a bool; "
+                                        r"got 'false'"):
+        MixtralConfig.from_hf_config({**hf, "output_router_logits": "false"})
+    with pytest.raises((ValueError, TypeError), match=r"^config.json: rope_theta must be"):
+        MixtralConfig.from_hf_config({**hf, "rope_theta": "1e6"})
+    with pytest.raises(ValueError, match=r"capacity_factor must be a finite number > 0"):
+        MixtralConfig.from_hf_config(hf, capacity_factor=math.inf)
+
+
+def test_numpy_scalars_are_accepted_and_stored_as_python_numbers():
+    """Configs built from numpy values equal (and hash like) those built from Python ones, and
+    still write a JSON config.json."""
+    plain = LlamaConfig(**BASE, model_type="mistral", rms_norm_eps=1e-5, rope_theta=1e6,
+                        sliding_window=32, bos_token_id=1, eos_token_id=(2, 3),
+                        tie_word_embeddings=True,
+                        rope_scaling=RopeScaling(rope_type="linear", factor=2.0))
+    numpy = LlamaConfig(**{k: np.int64(v) for k, v in BASE.items()}, model_type="mistral",
+                        rms_norm_eps=np.float64(1e-5), rope_theta=np.float32(1e6),
+                        sliding_window=np.int32(32), bos_token_id=np.int64(1),
+                        eos_token_id=[np.int64(2), np.int32(3)],
+                        tie_word_embeddings=np.bool_(True),
+                        rope_scaling=RopeScaling(rope_type="linear", factor=np.float64(2.0)))
+    assert numpy == plain and hash(numpy) == hash(plain)
+    assert type(numpy.hidden_size) is int and type(numpy.rope_theta) is float
+    assert all(type(i) is int for i in numpy.eos_token_id)
+    json.dumps(numpy.to_hf_config())
+
+
+# ----------------------------------------------------------------- rope_scaling as a dict
+def test_rope_scaling_dict_becomes_rope_scaling():
+    """An HF-style dict used to be stored as is and fail in rope.py with AttributeError."""
+    want = LlamaConfig(**BASE, rope_scaling=RopeScaling(rope_type="linear", factor=2.0))
+    for spelling in ({"rope_type": "linear", "factor": 2.0}, {"type": "linear", "factor": 2.0}):
+        config = LlamaConfig(**BASE, rope_scaling=spelling)
+        assert config == want and hash(config) == hash(want)
+        assert isinstance(config.rope_scaling, RopeScaling)
+    llama3 = LlamaConfig(**BASE, rope_scaling={"rope_type": "llama3", **LLAMA3_FIELDS})
+    assert llama3.rope_scaling == LLAMA3
+
+
+SCALED = {name: config for name, config in CONFIGS.items() if config.rope_scaling is not None}
+
+
+@pytest.mark.parametrize("config", list(SCALED.values()), ids=list(SCALED))
+def test_config_round_trips_through_dataclasses_asdict(config):
+    """asdict turns rope_scaling into a dict; building the config from that dict gives it back."""
+    again = LlamaConfig(**dataclasses.asdict(config))
+    assert again == config and hash(again) == hash(config)
+
+
+def test_rope_scaling_dict_with_unknown_keys_is_rejected():
+    with pytest.raises(ValueError, match=r"rope_scaling has unknown key\(s\) \['rope_theta'\]"):
+        LlamaConfig(**BASE, rope_scaling={"rope_type": "linear", "factor": 2.0,
+                                          "rope_theta": 1e4})
+    with pytest.raises(ValueError, match=r"rope_scaling factor must be a finite number > 0"):
+        LlamaConfig(**BASE, rope_scaling={"rope_type": "linear", "factor": math.nan})
+
+
+# ----------------------------------------------------------------- Hyena
+HYENA = dict(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+             max_position_embeddings=16)
+BAD_HYENA_VALUES = [
+    ("filter_squash", math.nan), ("filter_squash", math.inf), ("filter_squash", "0"),
+    ("filter_sine_freq", math.nan), ("filter_sine_freq", math.inf), ("filter_sine_freq", "x"),
+    ("filter_decay_slow", math.inf), ("filter_decay_slow", math.nan),
+    ("filter_decay_target", "0.5"), ("rms_norm_eps", -1.0), ("rms_norm_eps", math.nan),
+    ("filter_inner_layers", True), ("tie_word_embeddings", "no"),
+    ("bos_token_id", -1), ("eos_token_id", "2"), ("eos_token_id", 32), ("eos_token_id", (2.0,)),
+]
+
+
+@pytest.mark.parametrize("field,value", BAD_HYENA_VALUES,
+                         ids=[f"{f}={v!r}" for f, v in BAD_HYENA_VALUES])
+def test_bad_hyena_field_values_are_rejected_naming_the_field(field, value):
+    with pytest.raises((ValueError, TypeError), match=rf"^{field}"):
+        HyenaConfig(**HYENA, **{field: value})
+
+
+def test_hyena_config_json_errors_name_the_file():
+    hf = {**HYENA, "model_type": "hyena", "filter_squash": "0.1"}
+    with pytest.raises(TypeError, match=r"^config.json: filter_squash must be a finite number"):
+        HyenaConfig.from_hf_config(hf)

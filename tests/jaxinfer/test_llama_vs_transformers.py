@@ -336,9 +336,11 @@ def test_stop_tokens_are_those_transformers_generate_stops_on(shard_source, tmp_
 def test_malformed_generation_config_stop_tokens_are_refused(shard_source, tmp_path):
     _, hf_dir, _, _ = shard_source
     shutil.copytree(hf_dir, tmp_path, dirs_exist_ok=True)
-    (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": "</s>"}))
-    with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be an int"):
-        jaxinfer.load_pretrained(tmp_path)
+    for eos in ("</s>", [2, 10**6]):  # not an id; an id past the vocabulary
+        (tmp_path / "generation_config.json").write_text(json.dumps({"eos_token_id": eos}))
+        with pytest.raises(ValueError, match="generation_config.json: eos_token_id must be a "
+                                             "token id"):
+            jaxinfer.load_pretrained(tmp_path)
 
 
 def test_jaxinfer_sharded_save_loads_in_jaxinfer_and_transformers(shard_source, tmp_path):

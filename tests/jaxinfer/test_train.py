@@ -168,6 +168,13 @@ def test_config_values_that_would_break_training_are_refused(field, value):
         TrainConfig(**{field: value})
 
 
+@pytest.mark.parametrize("field", ["learning_rate", "weight_decay"])
+def test_infinite_learning_rate_or_weight_decay_is_refused(field):
+    """Either makes every parameter NaN after the first update."""
+    with pytest.raises(ValueError, match=f"{field} must be a finite number >=? 0; got inf"):
+        TrainConfig(**{field: float("inf")})
+
+
 def test_config_values_of_the_wrong_type_are_refused():
     with pytest.raises(TypeError, match="batch_size must be an integer; got '8'"):
         TrainConfig(batch_size="8")
