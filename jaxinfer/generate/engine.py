@@ -586,10 +586,11 @@ class Engine:
     def _first_finish(self, request_id: int,
                       produced: list[tuple[Request, int]]) -> Request | None:
         """First Finish Search after a step: the shortest sample finished so far (the lowest
-        sample index on a tie), or None. Stops every unfinished sample whose output is already
-        as long as that one's, since it can only finish longer; shorter ones go on. So the
-        result is the shortest of the n samples whatever order they finish in: it does not depend
-        on how the engine's batching staggers them."""
+        sample index on a tie), or None. Stops every unfinished sample that can no longer beat
+        it: one already as long (it can only finish longer), or one token shorter with a higher
+        index (it could at best tie, and lose the tie); shorter ones go on. So the result is the
+        shortest of the n samples whatever order they finish in: it does not depend on how the
+        engine's batching staggers them."""
         candidates = [request for request, _ in produced if request.finished]  # this step's
         if request_id in self._shortest:
             candidates.append(self._shortest[request_id])
@@ -598,7 +599,8 @@ class Engine:
         shortest = min(candidates, key=lambda r: (len(r.output), r.sample_index))
         self._shortest[request_id] = shortest
         for request in self._live[request_id]:
-            if not request.finished and len(request.output) >= len(shortest.output):
+            loses_a_tie = request.sample_index > shortest.sample_index
+            if not request.finished and len(request.output) >= len(shortest.output) - loses_a_tie:
                 self._scheduler.finish(request)
         return shortest
 
