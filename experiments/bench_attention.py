@@ -17,7 +17,8 @@ that (FA2's convention: the backward does 5 matmuls to the forward's 2). Every i
 credited with the same count, so TFLOP/s ratios are speed ratios. ``speedup_vs_<peer>`` is
 time(peer) / time(impl) on the same row settings, for each peer that ran: jax_nn_xla,
 jax_nn_cudnn and jax_pallas_mha. A failed configuration (e.g. out of memory for
-the reference at 16K) is recorded with its error and skipped.
+the reference at 16K) is recorded with its error and skipped. fwd_bwd programs return the forward
+output beside the gradients, as a train step uses both. The JSON is rewritten after every row.
 
 A second table times ``paged_decode_attention`` (one query token per sequence over a shuffled page
 table) for xla, pallas and reference, against ``jax.nn.dot_product_attention`` on the same context
@@ -103,10 +104,12 @@ def attention_fn(impl: str, causal: bool, **options):
 
 
 def with_backward(attend):
-    """(q, k, v) -> (dq, dk, dv) of sum(out * ct): forward and backward in one program."""
+    """(q, k, v, ct) -> (out, (dq, dk, dv) of sum(out * ct)): forward and backward in one program.
+    The forward output is returned (and so waited on) as in training: discarded, XLA would drop
+    the work that only it needs (a dense peer's final P @ V, 16% of its FLOPs)."""
     def fwd_bwd(q, k, v, ct):
-        _, vjp = jax.vjp(attend, q, k, v)
-        return vjp(ct)
+        out, vjp = jax.vjp(attend, q, k, v)
+        return out, vjp(ct)
     return fwd_bwd
 
 
@@ -259,6 +262,17 @@ def main() -> None:
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
     rows = []
+    peers = [p for p in ("jax_nn_xla", "jax_nn_cudnn", "jax_pallas_mha") if p in args.impls]
+    out = Path(args.out)
+    record = {"experiment": "bench_attention", "quick": args.quick, **environment(),
+              "settings": vars(args), "flops_convention": "fwd 4*B*H*visible*D; fwd_bwd 3.5x",
+              "rows": rows, "paged_decode": {"stream_GBps": None, "rows": []},
+              "ragged_step": {"rows": []}, "png": None}
+
+    def save() -> None:  # after every row: a run killed by a timeout keeps what it measured
+        add_ratios(rows, ("mask", "D", "S", "mode"), peers)
+        write_json(record, out)
+
     for mask in args.masks:
         causal = mask == "causal"
         for d in args.head_dims:
@@ -275,29 +289,32 @@ def main() -> None:
                         attend = attention_fn(impl, causal)
                         fn = jax.jit(attend if mode == "fwd" else with_backward(attend))
                         inputs = (q, k, v) if mode == "fwd" else (q, k, v, ct)
+                        rows.append(row)
                         try:
                             times = timed(fn, inputs, args.reps)
                         except Exception as e:  # noqa: BLE001  (OOM, unsupported shape...)
                             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                             print(f"skipped {impl} {mask} D={d} S={s} {mode}: {row['error']}")
-                            rows.append(row)
+                            save()
                             continue
                         med = statistics.median(times)
                         flops = attention_flops(batch, heads, s, s, d, causal, mode)
                         row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3,
                                    max_ms=max(times) * 1e3, tflops=flops / med / 1e12)
-                        rows.append(row)
-    peers = [p for p in ("jax_nn_xla", "jax_nn_cudnn", "jax_pallas_mha") if p in args.impls]
-    add_ratios(rows, ("mask", "D", "S", "mode"), peers)
+                        save()
     columns = ["mask", "D", "S", "mode", "impl", "median_ms", "min_ms", "max_ms", "tflops"]
     print_table(rows, columns + [f"speedup_vs_{p}" for p in peers])
     paged_rows, stream_gbps = bench_paged(args, rng, gpu) if args.paged else ([], None)
+    record["paged_decode"] = {"stream_GBps": stream_gbps, "rows": paged_rows}
+    save()
     if paged_rows:
         print(f"\npaged decode (streaming copy: {stream_gbps:.3g} GB/s)")
         print_table(paged_rows, ["impl", "batch", "Hq", "Hkv", "D", "page_size", "context",
                                  "median_ms", "min_ms", "max_ms", "kv_GBps", "frac_of_stream",
                                  "speedup_vs_jax_nn_xla_dense"])
     ragged_rows = bench_ragged(args, rng, gpu) if args.ragged else []
+    record["ragged_step"] = {"rows": ragged_rows}
+    save()
     if ragged_rows:
         print("\nmixed step: ragged_paged_attention vs one decode per token (the engine's paths)")
         print_table(ragged_rows, ["impl", "path", "chunk", "decodes", "context", "median_ms",
@@ -306,8 +323,6 @@ def main() -> None:
     if not gpu and "pallas" in args.impls:
         print("note: pallas ran in interpret mode on CPU; its times measure the interpreter")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     mask, d, mode = args.masks[0], args.head_dims[-1], args.modes[-1]
     curves = {}
     for impl in args.impls:
@@ -318,11 +333,7 @@ def main() -> None:
     png = plot_curves(curves, xlabel="sequence length S", ylabel="TFLOP/s",
                       title=f"{mask} attention {mode}, D={d}, {args.dtype}",
                       out=out.with_suffix(".png"))
-    record = {"experiment": "bench_attention", "quick": args.quick, **environment(),
-              "settings": vars(args), "flops_convention": "fwd 4*B*H*visible*D; fwd_bwd 3.5x",
-              "rows": rows, "paged_decode": {"stream_GBps": stream_gbps, "rows": paged_rows},
-              "ragged_step": {"rows": ragged_rows},
-              "png": str(png)}
+    record["png"] = str(png)
     print(f"wrote {write_json(record, out)} and {png}")
 
 

@@ -459,8 +459,8 @@ def main() -> None:
     out = Path(args.out)
     began = time.perf_counter()
     rows, sweeps = plan(args, gpu), plan_sweeps(args, gpu)
-    record = {**environment(), "quick": args.quick, "settings": vars(args), "rows": rows,
-              "sweeps": sweeps}
+    record = {"experiment": "bench_fftconv", **environment(), "quick": args.quick,
+              "settings": vars(args), "rows": rows, "sweeps": sweeps}
     lock = threading.Lock()  # finish() runs once: from the watchdog or at the end
 
     def on_deadline() -> None:

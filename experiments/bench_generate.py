@@ -6,6 +6,7 @@
 Both run greedy decoding of exactly `new_tokens` tokens in float32 on the default JAX / PyTorch
 device of the machine. Each setting is warmed up (jax compiles) and then timed `--reps` times; the
 table shows the median and the spread (min-max) and the jaxinfer / transformers ratio of medians.
+The JSON is rewritten after every batch size.
 """
 
 from __future__ import annotations
@@ -58,6 +59,11 @@ def main() -> None:
     stream = np.array(tokenizer.encode(text[:20000]).ids, dtype=np.int32)
 
     rows = []
+    record = {"experiment": "bench_generate", "quick": args.quick, **environment(),
+              "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
+              "torch_device": torch_device,
+              "transformers_version": transformers.__version__, "model": Path(args.model).name,
+              "settings": vars(args), "rows": rows}
     for batch in args.batch_sizes:
         starts = np.linspace(0, len(stream) - args.prompt_len - 1, batch).astype(int)
         ids = np.stack([stream[s:s + args.prompt_len] for s in starts])  # [batch, prompt_len]
@@ -85,14 +91,10 @@ def main() -> None:
             "transformers_spread_s": f"{min(torch_times):.3f}-{max(torch_times):.3f}",
             "ratio": torch_med / jax_med, "greedy_token_agreement": agree,
         })
+        write_json(record, args.out)  # a run killed by a timeout keeps the batches it finished
     print_table(rows, ["batch", "prompt_len", "new_tokens", "jaxinfer_tok_s", "transformers_tok_s",
                        "ratio", "jaxinfer_spread_s", "transformers_spread_s",
                        "greedy_token_agreement"])
-    record = {"experiment": "bench_generate", "quick": args.quick, **environment(),
-              "torch_version": torch.__version__, "torch_threads": torch.get_num_threads(),
-              "torch_device": torch_device,
-              "transformers_version": transformers.__version__, "model": Path(args.model).name,
-              "settings": vars(args), "rows": rows}
     print(f"wrote {write_json(record, args.out)}")
 
 

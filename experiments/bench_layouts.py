@@ -40,7 +40,8 @@ from flax import nnx  # noqa: E402
 import jaxinfer  # noqa: E402
 import sharding  # noqa: E402
 from experiments.bench_attention import timed  # noqa: E402
-from experiments.common import RESULTS, environment, print_table, write_json  # noqa: E402
+from experiments.common import (RESULTS, environment, peak_bytes, print_table,  # noqa: E402
+                                write_json)
 from jaxinfer.models.mixtral import MixtralForCausalLM  # noqa: E402
 from jaxinfer.models.mixtral_config import MixtralConfig  # noqa: E402
 from jaxinfer.train.optimizer import make_optimizer  # noqa: E402
@@ -81,13 +82,6 @@ def build(config: jaxinfer.LlamaConfig) -> nnx.Module:
     """The model for `config`, seed 0 (so a layout and its single-device peer share weights)."""
     cls = MixtralForCausalLM if isinstance(config, MixtralConfig) else jaxinfer.LlamaForCausalLM
     return cls(config, rngs=nnx.Rngs(0))
-
-
-def peak_bytes(compiled) -> int:
-    """Per-device bytes the compiled program holds at once, from XLA's memory analysis."""
-    m = compiled.memory_analysis()
-    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
-            - m.alias_size_in_bytes)
 
 
 def measure(model: nnx.Module, batches: jax.Array, reps: int, options: dict, mesh=None,

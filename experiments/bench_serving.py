@@ -17,16 +17,18 @@ roofline to mean something on a GPU, which cannot download one.
 
 Metrics per rate (vLLM's definitions): TTFT (arrival to first token), TPOT ((last - first token
 time) / (tokens - 1)), ITL (gaps between streamed tokens), p50 and p99 of each; output tokens/s
-and requests/s over the run. The peer is `transformers` `generate` on the same requests in static
-batches of --peer-batch (left-padded, each batch decoding to its longest output; only the requested
-tokens count), run offline. The ratio compares it with the engine's offline (rate inf) throughput:
+and requests/s over the run. The peer is `transformers` `generate` on the same requests, its
+weights in the engine's --dtype, on PyTorch's CUDA device when there is one, in static batches of
+--peer-batch (left-padded, each batch decoding to its longest output; only the requested tokens
+count), run offline. The ratio compares it with the engine's offline (rate inf) throughput:
 --peer-repeats rounds, each an offline run on a fresh engine then a peer run, so that load from
 other processes falls on both alike; the ratio is of the medians, and the spread is reported.
 
 Decode roofline (serving.md §4): a decode step must read the weights W and every sequence's KV,
 bytes = W + sum_i c_i * KV bytes per token; t_roofline = bytes / bandwidth, with the bandwidth
 measured here (a large on-device copy). Percent of roofline = sum t_roofline / sum t_measured over
-the decode-only steps of the rate-inf run.
+the decode-only steps of the rate-inf run. The JSON is rewritten after every rate, the roofline and
+the peer, so a run killed by a timeout keeps what it measured.
 """
 
 from __future__ import annotations
@@ -166,7 +168,9 @@ def run_peer(args, work, torch_device: str) -> dict:
     import torch
     import transformers
 
-    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model, dtype=torch.float32)
+    # the engine's dtype: a float32 peer would move twice the bytes of a bfloat16 engine
+    hf = transformers.AutoModelForCausalLM.from_pretrained(args.model,
+                                                           dtype=getattr(torch, args.dtype))
     hf.to(torch_device).eval()
 
     def run_batch(batch):
@@ -191,7 +195,8 @@ def run_peer(args, work, torch_device: str) -> dict:
     tokens = sum(n for _, n in work)
     return {"elapsed_s": elapsed, "output_tokens": tokens, "tok_s": tokens / elapsed,
             "req_s": len(work) / elapsed, "transformers_version": transformers.__version__,
-            "torch_version": torch.__version__, "torch_device": torch_device}
+            "torch_version": torch.__version__, "torch_device": str(hf.device),
+            "torch_dtype": str(hf.dtype).removeprefix("torch.")}
 
 
 def main() -> None:
@@ -250,6 +255,14 @@ def main() -> None:
     engine = fresh_engine()
     compile_s = time.perf_counter() - t0
 
+    out = Path(args.out)
+    settings = {k: (v if not isinstance(v, float) or np.isfinite(v) else "inf")
+                for k, v in vars(args).items()}
+    settings["rates"] = [r if np.isfinite(r) else "inf" for r in args.rates]
+    record = {"experiment": "bench_serving", "quick": args.quick, **environment(),
+              "model": Path(args.model).name, "settings": settings,
+              "num_pages": engine.num_pages, "compile_s": compile_s, "rows": [],
+              "roofline": None, "peer": None, "png": None}
     rows, runs = [], {}
     for i, rate in enumerate(args.rates):
         engine = engine if i == 0 else fresh_engine()
@@ -257,6 +270,9 @@ def main() -> None:
         runs[rate] = run
         rows.append({"rate_req_s": rate, **latency_row(run, len(work)),
                      "cached_tokens": engine.num_cached_tokens})
+        record["rows"] = [{**r, "rate_req_s": r["rate_req_s"] if np.isfinite(r["rate_req_s"])
+                           else "inf"} for r in rows]
+        write_json(record, out)  # after every rate: a killed run keeps what it measured
     print_table(rows, list(rows[0]))
 
     weight_bytes = sum(x.size * x.dtype.itemsize for x in jax.tree.leaves(nnx.state(model)))
@@ -269,6 +285,10 @@ def main() -> None:
           f"measured bandwidth {bandwidth / 1e9:.1f} GB/s -> "
           f"{roofline.get('percent_of_roofline', float('nan')):.1f}% of roofline over "
           f"{roofline['decode_steps']} decode steps")
+    record["roofline"] = {**roofline, "weight_bytes": weight_bytes,
+                          "kv_bytes_per_token": kv_token_bytes,
+                          "measured_bandwidth_bytes_s": bandwidth}
+    write_json(record, out)
 
     peer = None
     if not args.no_peer:
@@ -290,8 +310,9 @@ def main() -> None:
               f"({min(peer['tok_s_runs']):.0f}-{max(peer['tok_s_runs']):.0f}); engine offline "
               f"{peer['engine_tok_s']:.1f} tok/s ({min(engine_runs):.0f}-{max(engine_runs):.0f}) "
               f"= {peer['engine_over_peer']:.2f}x")
+        record["peer"] = peer
+        write_json(record, out)
 
-    out = Path(args.out)
     finite = [r for r in rows if np.isfinite(r["rate_req_s"])]
     png = None
     if finite:
@@ -304,18 +325,7 @@ def main() -> None:
                           title=f"jaxinfer.Engine latency, {Path(args.model).name}",
                           out=out.with_suffix(".png"))
         print(f"wrote {png}")
-    settings = {k: (v if not isinstance(v, float) or np.isfinite(v) else "inf")
-                for k, v in vars(args).items()}
-    settings["rates"] = [r if np.isfinite(r) else "inf" for r in args.rates]
-    record = {"experiment": "bench_serving", "quick": args.quick, **environment(),
-              "model": Path(args.model).name, "settings": settings,
-              "num_pages": engine.num_pages, "compile_s": compile_s,
-              "rows": [{**r, "rate_req_s": r["rate_req_s"] if np.isfinite(r["rate_req_s"])
-                        else "inf"} for r in rows],
-              "roofline": {**roofline, "weight_bytes": weight_bytes,
-                           "kv_bytes_per_token": kv_token_bytes,
-                           "measured_bandwidth_bytes_s": bandwidth},
-              "peer": peer, "png": None if png is None else str(png)}
+    record["png"] = None if png is None else str(png)
     print(f"wrote {write_json(record, out)}")
 
 

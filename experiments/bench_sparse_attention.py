@@ -5,17 +5,22 @@
 
 Masks: full, causal, and local windows of several sizes: causal sliding windows (w, 0) and
 symmetric ones (w, w) (--quick skips causal and the symmetric ones). For each, ``tile_fraction``
-gives the fraction of (block_q x block_k) tiles the kernels visit; the time of ``flash_attention``
+gives the fraction of tiles the kernels of the row's mode visit: the forward's (block_q x block_k)
+tiles for fwd; for fwd_bwd the forward's and the backward kernels' (dk/dv and dq tiles, which may
+differ) weighted by FA2's matmul count, 2 forward to 5 backward (``tile_fraction_fwd`` and
+``tile_fraction_bwd`` hold both). The time of ``flash_attention``
 (xla on CPU, pallas on GPU) relative to full attention should follow that fraction
 (``time_rel_per_fraction`` near 1 means sparsity is turned into speed; above 1, the fixed costs of
 a tile-visiting loop show). The peer, ``jax.nn.dot_product_attention(implementation="xla")`` with
 the same mask, computes every tile and masks, so its time should stay flat;
-``speedup_vs_jax_nn_xla`` is measured in the same run.
+``speedup_vs_jax_nn_xla`` is measured in the same run. A configuration that fails is recorded
+with its error; the JSON is rewritten after every row.
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 from pathlib import Path
 
@@ -26,6 +31,7 @@ import numpy as np
 from experiments.bench_attention import add_ratios, timed, with_backward
 from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
 from kernels_pallas import flash_attention, tile_fraction
+from kernels_pallas.attention.tiling import default_block_sizes
 
 
 def masks(windows: list[int], symmetric: bool) -> list[tuple[str, bool, tuple[int, int] | None]]:
@@ -35,6 +41,29 @@ def masks(windows: list[int], symmetric: bool) -> list[tuple[str, bool, tuple[in
     if symmetric:
         out += [(f"window_{w}_{w}", False, (w, w)) for w in windows]
     return out
+
+
+def mode_tile_fractions(s: int, causal: bool, window, tiles) -> dict[str, float]:
+    """Fraction of tiles computed per mode: fwd on the forward tiles; fwd_bwd the forward's and the
+    backward's (the mean of the dk/dv and dq kernels') weighted 2:5 as FA2 counts their matmuls."""
+    def frac(block_q, block_k):
+        return tile_fraction(s, s, causal=causal, local_window=window, block_q=block_q,
+                             block_k=block_k)
+    fwd = frac(tiles.block_q, tiles.block_k)
+    bwd = (frac(tiles.block_q_bwd, tiles.block_k_bwd) + frac(*tiles.dq)) / 2
+    return {"fwd": fwd, "bwd": bwd, "fwd_bwd": (2 * fwd + 5 * bwd) / 7}
+
+
+def add_relative(rows: list[dict]) -> None:
+    """time_rel_full, time_rel_per_fraction and speedup_vs_jax_nn_xla of the rows measured so far
+    (a row is relative to full attention of the same mode and impl, once that has run)."""
+    full = {(r["mode"], r["impl"]): r["median_ms"] for r in rows
+            if r["mask"] == "full" and "median_ms" in r}
+    for r in rows:
+        if "median_ms" in r and (r["mode"], r["impl"]) in full:
+            r["time_rel_full"] = r["median_ms"] / full[(r["mode"], r["impl"])]
+            r["time_rel_per_fraction"] = r["time_rel_full"] / r["tile_fraction"]
+    add_ratios(rows, ("mask", "mode"), ["jax_nn_xla"])
 
 
 def main() -> None:
@@ -67,17 +96,26 @@ def main() -> None:
     s = args.seq_len
     args.windows = args.windows or [s // 32, s // 16, s // 8, s // 4]
     blocks = {} if args.block is None else {"block_q": args.block, "block_k": args.block}
+    tiles = default_block_sizes(args.backend, args.head_dim)  # as flash_attention resolves them
+    if args.block is not None:
+        tiles = dataclasses.replace(tiles, block_q=args.block, block_k=args.block,
+                                    block_q_bwd=args.block, block_k_bwd=args.block,
+                                    block_q_dq=args.block, block_k_dq=args.block)
 
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
     shape = (args.batch, s, args.heads, args.head_dim)
     q, k, v, ct = (jnp.asarray(rng.standard_normal(shape), dtype) for _ in range(4))
     rows = []
+    out = Path(args.out)
+    record = {"experiment": "bench_sparse_attention", "quick": args.quick, **environment(),
+              "settings": vars(args), "tiles": dataclasses.asdict(tiles), "rows": rows,
+              "png": None}
     chosen = masks(args.windows, symmetric=not args.quick)
     if args.quick:  # full (every ratio's reference) and the causal windows: 4 compiles fewer
         chosen = [mask for mask in chosen if mask[0] != "causal"]
     for name, causal, window in chosen:
-        fraction = tile_fraction(s, s, causal=causal, local_window=window, **blocks)
+        fractions = mode_tile_fractions(s, causal, window, tiles)
         impls = {
             args.backend: lambda q, k, v, c=causal, w=window: flash_attention(
                 q, k, v, causal=c, local_window=w, backend=args.backend, **blocks),
@@ -86,36 +124,38 @@ def main() -> None:
         }
         for mode in args.modes:
             for impl, attend in impls.items():
-                fn = jax.jit(attend if mode == "fwd" else with_backward(attend))
-                times = timed(fn, (q, k, v) if mode == "fwd" else (q, k, v, ct), args.reps)
-                rows.append({"mask": name, "tile_fraction": fraction, "mode": mode, "impl": impl,
-                             "median_ms": statistics.median(times) * 1e3,
-                             "min_ms": min(times) * 1e3, "max_ms": max(times) * 1e3})
-    full = {(r["mode"], r["impl"]): r["median_ms"] for r in rows if r["mask"] == "full"}
-    for r in rows:
-        r["time_rel_full"] = r["median_ms"] / full[(r["mode"], r["impl"])]
-        r["time_rel_per_fraction"] = r["time_rel_full"] / r["tile_fraction"]
-    add_ratios(rows, ("mask", "mode"), ["jax_nn_xla"])
+                row = {"mask": name, "tile_fraction": fractions[mode],
+                       "tile_fraction_fwd": fractions["fwd"],
+                       "tile_fraction_bwd": fractions["bwd"], "mode": mode, "impl": impl}
+                rows.append(row)
+                try:
+                    fn = jax.jit(attend if mode == "fwd" else with_backward(attend))
+                    times = timed(fn, (q, k, v) if mode == "fwd" else (q, k, v, ct), args.reps)
+                except Exception as e:  # noqa: BLE001  (out of memory...): record, go on
+                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    print(f"skipped {impl} {name} {mode}: {row['error']}")
+                else:
+                    row.update(median_ms=statistics.median(times) * 1e3,
+                               min_ms=min(times) * 1e3, max_ms=max(times) * 1e3)
+                add_relative(rows)
+                write_json(record, out)  # after every row: a killed run keeps what it measured
     print_table(rows, ["mask", "tile_fraction", "mode", "impl", "median_ms", "min_ms", "max_ms",
                        "time_rel_full", "time_rel_per_fraction", "speedup_vs_jax_nn_xla"])
     if not gpu and args.backend == "pallas":
         print("note: pallas ran in interpret mode on CPU; its times measure the interpreter")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
     curves = {}
     for mode in args.modes:
         for impl in (args.backend, "jax_nn_xla"):
             pts = sorted((r["tile_fraction"], r["time_rel_full"]) for r in rows
-                         if r["mode"] == mode and r["impl"] == impl)
+                         if r["mode"] == mode and r["impl"] == impl and "time_rel_full" in r)
             curves[f"{impl} {mode.replace('_', '+')}"] = ([p[0] for p in pts], [p[1] for p in pts])
     curves["ideal (time = fraction)"] = ([0.0, 1.0], [0.0, 1.0])
     png = plot_curves(curves, xlabel="fraction of tiles computed",
                       ylabel="time relative to full attention",
                       title=f"block-sparse attention, S={s}, {args.backend}, {args.dtype}",
                       out=out.with_suffix(".png"))
-    record = {"experiment": "bench_sparse_attention", "quick": args.quick, **environment(),
-              "settings": vars(args), "rows": rows, "png": str(png)}
+    record["png"] = str(png)
     print(f"wrote {write_json(record, out)} and {png}")
 
 

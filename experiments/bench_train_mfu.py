@@ -32,12 +32,13 @@ large square matmul in the compute dtype reaches on the same device in the same 
 on a CPU, where no spec peak is tabled, it is the only one). `mfu_matmul` says how close the step
 comes to what this stack can do on dense matmuls at all.
 
-Memory: the compiled step's `memory_analysis()`: arguments (parameters, optimizer state, batch)
-plus temporaries (`peak_MB` = argument + temp; the new parameters and optimizer state,
-`output_MB`, are live beside them since the step donates nothing); on a GPU also the device's
-running peak bytes in use. A batch that does not fit becomes an "out of memory" row and the sweep
-goes on; the JSON is rewritten after every batch, so a sweep killed by a timeout keeps the rows it
-finished. `--remat full|dots` recomputes each decoder layer's activations in the backward pass
+Memory: the compiled step's `memory_analysis()`: `peak_MB` = arguments (parameters, optimizer
+state, batch) + outputs (the new parameters and optimizer state, live beside the old ones since
+the step donates nothing) + temporaries - aliased buffers (`experiments.common.peak_bytes`, as
+bench_layouts counts); on a GPU also the device's running peak bytes in use. A batch that does not
+fit becomes an "out of memory" row and the sweep goes on; the JSON is written before the first
+batch and rewritten after every batch, so a sweep killed by a timeout keeps the rows it finished.
+`--remat full|dots` recomputes each decoder layer's activations in the backward pass
 (LlamaConfig.remat; the FLOP count above does not count the recomputation, as MFU's definition
 asks), so larger batches fit; the step does not donate its inputs. The model stores parameters in
 --param-dtype (float32 by default, master weights) and computes matmuls in --dtype (bfloat16 by
@@ -57,8 +58,8 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from experiments.common import (RESULTS, environment, init_model, plot_curves, print_table,
-                                write_json)
+from experiments.common import (RESULTS, environment, init_model, peak_bytes, plot_curves,
+                                print_table, write_json)
 from jaxinfer.config import ATTENTION_BACKENDS, REMAT_MODES
 from jaxinfer.train.optimizer import make_optimizer
 from jaxinfer.train.step import train_step
@@ -194,7 +195,8 @@ def measure(model: nnx.Module, batch: int, args, options: dict) -> dict:
         row |= {"argument_MB": memory.argument_size_in_bytes / 1e6,
                 "temp_MB": memory.temp_size_in_bytes / 1e6,
                 "output_MB": memory.output_size_in_bytes / 1e6,  # not donated: also live
-                "peak_MB": (memory.argument_size_in_bytes + memory.temp_size_in_bytes) / 1e6}
+                "alias_MB": memory.alias_size_in_bytes / 1e6,
+                "peak_MB": peak_bytes(compiled) / 1e6}
     device_peak = device_peak_bytes()
     if device_peak is not None:  # the process's running peak: after this and any earlier batch
         row["device_peak_MB"] = device_peak / 1e6
@@ -281,6 +283,7 @@ def main(argv: list[str] | None = None) -> dict:
           f"compute, {args.param_dtype} params; matmul peer "
           f"{matmul['flops_per_s'] / 1e12:.4g} TFLOP/s"
           + ("" if spec_peak is None else f", spec peak {spec_peak / 1e12:.4g} TFLOP/s"))
+    out = write_json(record, args.out)  # the peer, before the first (long) compile
     for batch in args.batches:
         try:
             row = measure(model, batch, args, options)

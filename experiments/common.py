@@ -1,10 +1,13 @@
-"""Shared plumbing for experiments: the environment record every result JSON carries, and tables."""
+"""Shared plumbing for experiments: the environment record every result JSON carries, its
+(atomic) writing, compiled memory, and tables."""
 
 from __future__ import annotations
 
 import datetime
 import json
+import os
 import platform
+import sys
 from pathlib import Path
 
 import jax
@@ -21,14 +24,28 @@ def environment() -> dict:
         "device_kind": device.device_kind,
         "cpu": platform.processor() or platform.machine(),
         "python": platform.python_version(),
+        "argv": list(sys.argv),  # the command line that produced the record
     }
 
 
 def write_json(record: dict, out: str | Path) -> Path:
+    """Write `record` to `out` through a temporary file and os.replace, so that a run killed
+    mid-write (a timeout) leaves the previous complete record, never a truncated one; scripts call
+    it after every row so that a killed run keeps the rows it finished."""
     out = Path(out)
     out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(record, indent=2) + "\n")
+    tmp = out.with_name(f".{out.name}.tmp")
+    tmp.write_text(json.dumps(record, indent=2) + "\n")
+    os.replace(tmp, out)
     return out
+
+
+def peak_bytes(compiled) -> int:
+    """Bytes a compiled program holds at once (per device), from XLA's memory analysis:
+    arguments + outputs + temporaries - buffers aliased between arguments and outputs."""
+    m = compiled.memory_analysis()
+    return (m.argument_size_in_bytes + m.output_size_in_bytes + m.temp_size_in_bytes
+            - m.alias_size_in_bytes)
 
 
 def print_table(rows: list[dict], columns: list[str]) -> None:

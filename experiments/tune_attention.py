@@ -10,6 +10,7 @@ variants (pages per step, context splits). Every variant's result is checked aga
 ``backend="reference"`` on the same inputs (``max_rel_err``) before it is timed, so a fast but
 wrong setting shows. The winner of each table is what ``tiling.DEFAULT_BLOCK_SIZES`` and the paged
 defaults should hold; the peer in the same run is cuDNN (``jax.nn.dot_product_attention``) on GPU.
+The JSON is rewritten after every variant, so a run killed by a timeout keeps what it measured.
 """
 
 from __future__ import annotations
@@ -92,21 +93,30 @@ def main() -> None:
         return lambda q, k, v: flash_attention(q, k, v, causal=True, backend=backend,
                                                block_sizes=blocks)
 
+    fwd_rows, bwd_rows, paged_rows = [], [], []
+    out = Path(args.out)
+    record = {"experiment": "tune_attention", "quick": args.quick, **environment(),
+              "settings": dict(seq_len=s, batch=batch, heads=h, head_dim=d,
+                               dtype=jnp.dtype(dtype).name, reps=args.reps, causal=True),
+              "forward": fwd_rows, "backward": bwd_rows, "paged_decode": paged_rows}
+
+    def add(rows: list[dict], row: dict) -> None:  # a killed run keeps the variants it timed
+        rows.append(row)
+        write_json(record, out)
+
     want_fwd = jax.jit(attend(None, "reference"))(q, k, v)
-    fwd_rows = []
     for bq, bk, warps, stages in forward:
         blocks = dataclasses.replace(base, block_q=bq, block_k=bk, num_warps=warps,
                                      num_stages=stages)
         row = dict(block_q=bq, block_k=bk, num_warps=warps, num_stages=stages)
-        fwd_rows.append(run_variant(row, attend(blocks), (q, k, v), want_fwd, args.reps))
+        add(fwd_rows, run_variant(row, attend(blocks), (q, k, v), want_fwd, args.reps))
     want_bwd = jax.jit(with_backward(attend(None, "reference")))(q, k, v, ct)
-    bwd_rows = []
     for bq, bk, bq_dq, bk_dq, warps, stages in backward:
         blocks = dataclasses.replace(base, block_q_bwd=bq, block_k_bwd=bk, block_q_dq=bq_dq,
                                      block_k_dq=bk_dq, num_warps_bwd=warps, num_stages_bwd=stages)
         row = dict(dkv=f"{bq}x{bk}", dq=f"{bq_dq}x{bk_dq}", num_warps=warps, num_stages=stages)
-        bwd_rows.append(run_variant(row, with_backward(attend(blocks)), (q, k, v, ct), want_bwd,
-                                    args.reps))
+        add(bwd_rows, run_variant(row, with_backward(attend(blocks)), (q, k, v, ct), want_bwd,
+                                  args.reps))
     if gpu:
         for name, rows, fn, inputs in (
                 ("fwd", fwd_rows, lambda q, k, v: jax.nn.dot_product_attention(
@@ -133,7 +143,6 @@ def main() -> None:
     splits0 = default_num_splits(pb, hkv, pages_per_seq)
     want_paged = paged_decode_attention(qd, kp, vp, table, lengths, backend="reference")
     kv_bytes = 2 * kp.size * kp.dtype.itemsize
-    paged_rows = []
     for ppb, mult in paged:
         row = dict(pages_per_block=ppb or "default", num_splits=splits0 * mult)
         fn = (lambda q, k, v, t, n, ppb=ppb, splits=splits0 * mult: paged_decode_attention(
@@ -141,7 +150,7 @@ def main() -> None:
         row = run_variant(row, fn, (qd, kp, vp, table, lengths), want_paged, args.reps)
         if "median_ms" in row:
             row["kv_GBps"] = kv_bytes / row["median_ms"] / 1e6
-        paged_rows.append(row)
+        add(paged_rows, row)
     add_speedup(paged_rows, paged_rows[0].get("median_ms"))
 
     timing = ["median_ms", "min_ms", "max_ms", "speedup_vs_first", "max_rel_err"]
@@ -154,11 +163,7 @@ def main() -> None:
     print_table(paged_rows, ["pages_per_block", "num_splits", *timing, "kv_GBps"])
     if not gpu:
         print("note: interpret mode on CPU: the times measure the interpreter, not a kernel")
-    record = {"experiment": "tune_attention", "quick": args.quick, **environment(),
-              "settings": dict(seq_len=s, batch=batch, heads=h, head_dim=d,
-                               dtype=jnp.dtype(dtype).name, reps=args.reps, causal=True),
-              "forward": fwd_rows, "backward": bwd_rows, "paged_decode": paged_rows}
-    print(f"wrote {write_json(record, Path(args.out))}")
+    print(f"wrote {write_json(record, out)}")
 
 
 if __name__ == "__main__":
