@@ -1,10 +1,16 @@
 """Rule tables: logical axis names (carried by parameters and activations) -> mesh axes.
 
 A table is a plain dict `{logical name: mesh axis | tuple of mesh axes | None}`; a name that is
-absent, or maps to None, is replicated (flax's convention for logical rules). Names outside the
-lists below (LOGICAL_NAMES) are refused, in a table and in an array's axes alike: a misspelt one
-would otherwise match nothing and replicate silently. Changing a parallel
+absent, or maps to None, is replicated (flax's convention for logical rules). Changing a parallel
 layout is choosing another table, never editing the model.
+
+Known names are the models' (LOGICAL_NAMES, below) and a table's own keys: a module of your own
+with its own axis name (a LoRA adapter's "lora_rank") gets a rule for it, `{"lora_rank": None}`
+to replicate it. What would otherwise match nothing and replicate silently is refused:
+  * an array axis named neither in LOGICAL_NAMES nor in the table;
+  * a table key that is a mesh axis name ({"tensor": ...}: keys are logical names, values mesh
+    axes) or a close misspelling of a known name that the table leaves out ("embd" without
+    "embed": did you mean "embed"?).
 
 Parameter names (jaxinfer/models/layers.py): "vocab", "embed", "heads", "kv_heads", "mlp".
 Activation names (constrained inside the model through `sharding.constrain`):
@@ -21,18 +27,26 @@ Activation names (constrained inside the model through `sharding.constrain`):
 
 from __future__ import annotations
 
+import difflib
+import functools
 from typing import Mapping, Sequence
 
 from jax.sharding import PartitionSpec
+
+from sharding.mesh import MESH_AXES
 
 Rules = Mapping[str, "str | tuple[str, ...] | None"]
 
 PARAM_NAMES = ("vocab", "embed", "heads", "kv_heads", "mlp", "expert")
 ACTIVATION_NAMES = ("batch", "res_seq", "seq", "act_embed", "act_heads", "act_kv_heads", "head_dim",
                     "act_mlp", "act_vocab", "cache_seq")
-# Every logical name the models use. A rule or an array's axes naming anything else is refused:
-# a misspelt name ("embd") would otherwise match nothing and silently replicate its dimension.
+# Every logical name the models use; a table may add names of its own (see the module docstring).
 LOGICAL_NAMES = PARAM_NAMES + ACTIVATION_NAMES
+_KNOWN = frozenset(LOGICAL_NAMES)
+# difflib ratio at or above which a table key of one's own counts as a misspelt known name: one
+# letter dropped, added or swapped ("embd", "kv_head", "vocb", "experts") scores >= 0.8, while
+# distinct names of one's own ("act_lora" 0.71 against "act_vocab", "act_hidden" 0.63) fall below.
+MISSPELLING_CUTOFF = 0.8
 
 # Data parallelism runs over both "data" and "fsdp": under FSDP the fsdp axis is a data axis whose
 # parameters are sharded rather than replicated, so a batch always splits over the two.
@@ -100,20 +114,36 @@ def _mesh_axes_of(value, name: str) -> tuple[str, ...]:
                      f"None; got {value!r}")
 
 
-def _unknown_names(names) -> list:
-    return [name for name in names if name is not None and name not in LOGICAL_NAMES]
+@functools.lru_cache(maxsize=None)
+def _misspelt(name: str) -> str | None:
+    """The known logical name `name` is a close misspelling of (and not itself), or None."""
+    close = difflib.get_close_matches(name, LOGICAL_NAMES, n=1, cutoff=MISSPELLING_CUTOFF)
+    return close[0] if close else None
 
 
-def check_rule_names(rules: Rules) -> None:
-    """Every logical name a table has a rule for must be one of LOGICAL_NAMES."""
-    unknown = _unknown_names(rules)
-    if unknown:
-        raise ValueError(f"rules name unknown logical axes {unknown}; known: {LOGICAL_NAMES}")
+def check_rule_names(rules: Rules, mesh_axis_names: Sequence[str] = MESH_AXES) -> None:
+    """A table's keys are logical names: the models' (LOGICAL_NAMES) or one's own. Refused: a key
+    that is a mesh axis name (of `mesh_axis_names`) rather than a logical one, and a key of one's
+    own that is a close misspelling of a known name the table leaves without a rule ("embd" with
+    no "embed"; a table that has both is taken as meant)."""
+    for name in rules:
+        if name is None or name in _KNOWN:
+            continue
+        if not isinstance(name, str):
+            raise TypeError(f"rules map logical axis names (str) to mesh axes; got key {name!r}")
+        if name in mesh_axis_names:
+            raise ValueError(f"rules map logical axis names to mesh axes; {name!r} is a mesh "
+                             f"axis (logical names: {LOGICAL_NAMES} or your own)")
+        known = _misspelt(name)
+        if known is not None and known not in rules:
+            raise ValueError(f"rules name logical axis {name!r} but not {known!r}: did you mean "
+                             f"{known!r}? (if {name!r} is a name of your own, give {known!r} a "
+                             f"rule too, None to replicate it)")
 
 
 def resolve(rules: Rules | str) -> dict:
     """A preset name or a table -> a table (a preset name goes through rules_for); a table's
-    logical names must be known (LOGICAL_NAMES)."""
+    keys pass `check_rule_names`."""
     if isinstance(rules, str):
         return rules_for(rules)
     if not isinstance(rules, Mapping):
@@ -123,14 +153,24 @@ def resolve(rules: Rules | str) -> dict:
     return dict(rules)
 
 
+def _check_axes_known(axes: Sequence[str | None], rules: Rules) -> None:
+    """Each of `axes` is None, one of LOGICAL_NAMES or a key of `rules`."""
+    for name in axes:
+        if name is None or (isinstance(name, str) and (name in _KNOWN or name in rules)):
+            continue
+        close = difflib.get_close_matches(str(name), [*LOGICAL_NAMES, *map(str, rules)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        raise ValueError(f"logical axes {tuple(axes)} name {name!r}, which is neither a known "
+                         f"logical axis nor in the rules{hint}; a name of your own needs a rule "
+                         f"(None to replicate it); known: {LOGICAL_NAMES}")
+
+
 def logical_to_mesh_axes(axes: Sequence[str | None], rules: Rules) -> tuple[tuple[str, ...], ...]:
     """Per dimension, the tuple of mesh axes it is split over (empty = replicated). Each of
-    `axes` is None or one of LOGICAL_NAMES (a known name without a rule is replicated)."""
-    unknown = _unknown_names(axes)
-    if unknown:
-        raise ValueError(f"logical axes {tuple(axes)} name unknown logical axes {unknown}; "
-                         f"known: {LOGICAL_NAMES}")
+    `axes` is None, one of LOGICAL_NAMES or a key of `rules` (a known name without a rule is
+    replicated)."""
     check_rule_names(rules)
+    _check_axes_known(axes, rules)
     out, used = [], {}
     for dim, name in enumerate(axes):
         mesh_axes = () if name is None else _mesh_axes_of(rules.get(name), name)
@@ -160,8 +200,9 @@ def logical_to_spec(axes: Sequence[str | None], rules: Rules | str) -> Partition
 
 
 def check_rules_match_mesh(rules: Rules, mesh_axis_names: Sequence[str]) -> None:
-    """Every mesh axis a rule names must exist in the mesh."""
+    """Every mesh axis a rule names must exist in the mesh; no key may be one of its axes."""
     mesh_axis_names = tuple(mesh_axis_names)
+    check_rule_names(rules, mesh_axis_names)
     for name, value in rules.items():
         for a in _mesh_axes_of(value, name):
             if a not in mesh_axis_names:

@@ -8,6 +8,7 @@ from typing import Callable, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from sharding.mesh import axis_size as mesh_axis_size
@@ -59,7 +60,8 @@ def check_qkv(q, k, v, segment_ids, *, num_shards: int, layout: str, causal: boo
     """q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads, head_dim], segment_ids
     None or int [batch, seq]; the sequence splits into num_shards (2 * num_shards chunks for the
     causal zig-zag layout)."""
-    if not isinstance(causal, bool):  # as flash_attention: a truthy "no" must not mean True
+    # A bool or numpy's (as fftconv takes them); a truthy "no" must not mean True.
+    if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {causal!r}")
     if layout not in LAYOUTS:
         raise ValueError(f"layout must be one of {LAYOUTS}; got {layout!r}")

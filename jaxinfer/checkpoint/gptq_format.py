@@ -133,5 +133,7 @@ def from_gptq_tensors(qweight, qzeros, scales, g_idx=None, *, bits: int, group_s
         g_idx = np.asarray(g_idx)
         if np.array_equal(g_idx, np.arange(k) // (k // groups)):
             g_idx = None
+    # q and zeros were unpacked under a `bits` mask (v1 zeros + 1: at most 2**bits), so they
+    # are in range by construction: skip from_ints' scan of the whole weight.
     return QuantizedWeight.from_ints(q, scales, zeros, bits=bits, group_size=group_size,
-                                     g_idx=g_idx)
+                                     g_idx=g_idx, check_range=False)

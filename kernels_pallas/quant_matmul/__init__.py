@@ -46,7 +46,8 @@ def _pow2_divisor(a: int, cap: int) -> int:
 
 
 def _check_block(name, value, *, require_pow2_min16):
-    """None or a positive integer (any ``numbers.Integral`` but bool) -> None or an int."""
+    """None or a positive integer (any ``numbers.Integral`` but bool) -> None or an int; with
+    ``require_pow2_min16`` (the GPU kernel's tiles) a power of two >= 16."""
     if value is None:
         return None
     if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
@@ -78,9 +79,10 @@ def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str =
       backend: "reference" | "xla" | "pallas" | "pallas_tpu" | "auto" (pallas on GPU and TPU,
         xla on CPU).
       block_m, block_n, block_k: pallas tiles (rows of x, output columns, packed word rows);
-        None takes ``DEFAULT_BLOCK_SIZES``. On GPU they must be powers of two >= 16, and block_k
-        must divide both K / vpw and the group size (vpw = 32 // slot bits; for a mixed weight,
-        of each part).
+        None takes ``DEFAULT_BLOCK_SIZES``. Every backend refuses one that is neither None nor a
+        positive int (reference and xla ignore them). On GPU they must be powers of two >= 16,
+        and block_k must divide both K / vpw and the group size (vpw = 32 // slot bits; for a
+        mixed weight, of each part).
 
     Returns:
       [..., N] in x's dtype.
@@ -98,6 +100,9 @@ def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str =
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must equal the weight's in_features K={k}; got x "
                          f"{list(x.shape)}")
+    # Checked whatever the backend: "auto" resolves to xla on CPU and to a kernel on GPU/TPU,
+    # so a bad block accepted here would fail only on another machine.
+    block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k, require_pow2_min16=False)
     blocks = dict(backend=backend, block_m=block_m, block_n=block_n, block_k=block_k)
     lead = x.shape[:-1]
     x2 = x.reshape(-1, k)  # [M, K]
@@ -126,8 +131,9 @@ def _matmul_2d(x2, w: QuantizedWeight, *, backend, block_m, block_n, block_k):
     if impl == "pallas_tpu":
         return _tpu_matmul(x2, w, block_m, block_n, block_k, interpret)
     on_gpu = not interpret
-    block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k,
-                                              require_pow2_min16=on_gpu)
+    if on_gpu:  # quant_matmul made them None or positive ints; Triton tiles need powers of two
+        block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k,
+                                                  require_pow2_min16=True)
     defaults = DEFAULT_BLOCK_SIZES["pallas"]
     kw = k // values_per_word(w.bits)
     limit = _pow2_divisor(kw, 1 << 30)
@@ -161,9 +167,7 @@ def _kernel_takes(impl: str, interpret: bool, w: QuantizedWeight) -> bool:
 def _tpu_matmul(x2, w: QuantizedWeight, block_m, block_n, block_k, interpret: bool):
     """The Mosaic kernel's tiles: block_m a multiple of 8 (default: M rounded up to 8, at most
     128), block_n a multiple of 128 (default 256 where N allows), block_k from
-    ``pallas_tpu.default_block_k`` unless given."""
-    block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k,
-                                              require_pow2_min16=False)
+    ``pallas_tpu.default_block_k`` unless given (blocks: None or positive ints)."""
     k, n = w.shape
     kw = k // values_per_word(w.bits)
     if block_k is None:

@@ -25,7 +25,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from kernels_pallas.quant_matmul.weight import QuantizedWeight
+from kernels_pallas.quant_matmul.weight import QuantizedWeight, check_int_dtype
 
 MIXED_BITS = (2, 4)  # (low, high): the bit widths of a mixed weight's two parts
 
@@ -84,7 +84,8 @@ class MixedQuantizedWeight:
         """Build from unpacked integers in ORIGINAL row order (host-side: inputs are concrete).
 
         Args:
-          q: int [K, N]; rows of 4-bit groups in [0, 16), of 2-bit groups in [0, 4).
+          q: int [K, N] (an integer dtype); rows of 4-bit groups in [0, 16), of 2-bit groups in
+            [0, 4).
           scales: float [groups, N]. zeros: int [groups, N]; of 4-bit groups in [0, 16], of
             2-bit groups in [0, 4].
           high: bool [groups]: which groups are 4-bit.
@@ -94,6 +95,8 @@ class MixedQuantizedWeight:
         """
         # Host-side row selection in numpy: no device op compiled per part shape.
         q, scales, zeros = np.asarray(q), np.asarray(scales), np.asarray(zeros)
+        check_int_dtype("q", q)
+        check_int_dtype("zeros", zeros)
         k, n = q.shape
         groups = k // group_size
         high = np.asarray(high, bool)
@@ -113,8 +116,9 @@ class MixedQuantizedWeight:
         def part(rows, mask, bits):
             if not mask.any():
                 return None
+            # _check_part_range below has checked these rows and zeros at their width
             return QuantizedWeight.from_ints(q[rows], scales[mask], zeros[mask], bits=bits,
-                                             group_size=group_size)
+                                             group_size=group_size, check_range=False)
 
         high_rows, low_rows = order[row_high], order[~row_high]
         for bits, rows, mask in ((high_bits, high_rows, high), (low_bits, low_rows, ~high)):

@@ -26,6 +26,7 @@ import functools
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -86,34 +87,44 @@ class QuantizedWeight:
         return jnp.zeros((k,), jnp.int32).at[self.perm].set(sorted_groups)
 
     @classmethod
-    def from_ints(cls, q, scales, zeros, *, bits: int, group_size: int, g_idx=None):
+    def from_ints(cls, q, scales, zeros, *, bits: int, group_size: int, g_idx=None,
+                  check_range: bool = True):
         """Build from unpacked integers in ORIGINAL row order.
 
         Args:
-          q: int [K, N], values in [0, 2**bits).
-          scales: float [groups, N]. zeros: int [groups, N], values in [0, 2**bits] (GPTQ v2
-            and the quantizers give [0, 2**bits); a GPTQ v1 checkpoint stores zero - 1 and so
-            decodes to [1, 2**bits]).
+          q: int [K, N] (an integer dtype), values in [0, 2**bits).
+          scales: float [groups, N]. zeros: int [groups, N] (an integer dtype), values in
+            [0, 2**bits] (GPTQ v2 and the quantizers give [0, 2**bits); a GPTQ v1 checkpoint
+            stores zero - 1 and so decodes to [1, 2**bits]).
           bits: 2, 3, 4 or 8. group_size: rows per group; -1 means per channel (one group of K).
           g_idx: int [K] group of each row, or None for ``k // group_size``. After a stable sort
             by group every group must be exactly ``group_size`` consecutive rows (true of GPTQ,
             with or without act-order).
+          check_range: range-check concrete q and zeros (on the host, in numpy). Pass False
+            only for integers in range by construction (bit fields unpacked under a mask, parts
+            a caller has checked already): the check reads the whole of q once.
 
-        Out-of-range q would spill into the neighbouring slots of its packed word (corrupting
-        other rows), so concrete q and zeros are range-checked; traced ones are trusted.
+        q and zeros must have an integer dtype (a float would be truncated, a NaN has no
+        integer). Out-of-range q would spill into the neighbouring slots of its packed word
+        (corrupting other rows), so concrete q and zeros are range-checked unless
+        ``check_range=False``; traced ones (under jit) are trusted.
         """
-        q = jnp.asarray(q)
+        q, zeros = _as_array(q), _as_array(zeros)
+        check_int_dtype("q", q)
+        check_int_dtype("zeros", zeros)
         check_quant_params(q.shape, bits, group_size)
-        check_int_range("q", q, 2 ** bits, bits=bits)
         k, n = q.shape
         g = k if group_size == -1 else group_size
         groups = k // g
-        scales, zeros = jnp.asarray(scales), jnp.asarray(zeros)
+        scales = jnp.asarray(scales)
         if scales.shape != (groups, n) or zeros.shape != (groups, n):
             raise ValueError(f"scales and zeros must be [groups, N] = [{groups}, {n}]; got scales "
                              f"{list(scales.shape)} and zeros {list(zeros.shape)}")
-        check_int_range("zeros", zeros, 2 ** bits, bits=bits, inclusive=True,
-                        note=" (GPTQ v2 stores [0, 2**bits); v1 decodes to [1, 2**bits])")
+        if check_range:  # before jnp.asarray: the host sees the values as given (no int32 wrap)
+            check_int_range("q", q, 2 ** bits, bits=bits)
+            check_int_range("zeros", zeros, 2 ** bits, bits=bits, inclusive=True,
+                            note=" (GPTQ v2 stores [0, 2**bits); v1 decodes to [1, 2**bits])")
+        q, zeros = jnp.asarray(q), jnp.asarray(zeros)
         perm = None
         if g_idx is not None:  # host-side: g_idx must be concrete (not traced)
             g_idx = jnp.asarray(g_idx).astype(jnp.int32)
@@ -157,19 +168,31 @@ def _dequantize(w: QuantizedWeight, dtype) -> jax.Array:
     return out.astype(dtype)
 
 
-@jax.jit
-def _value_range(x: jax.Array) -> jax.Array:
-    """[min, max] of x, in one transfer."""
-    return jnp.stack([jnp.min(x), jnp.max(x)])
+def _as_array(x):
+    """x as an array with a dtype: a jax or numpy array (a tracer included) as it is, anything
+    else (a list) through numpy."""
+    return x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x)
+
+
+def check_int_dtype(name: str, x) -> None:
+    """Refuse an array ``x`` (a tracer included) whose dtype is not an integer type."""
+    if not jnp.issubdtype(x.dtype, jnp.integer):
+        raise TypeError(f"{name} must be an integer array; got {x.dtype}")
 
 
 def check_int_range(name: str, x, high: int, *, bits: int, inclusive: bool = False,
                     note: str = "") -> None:
-    """Refuse a concrete array ``x`` with values outside [0, high) (or [0, high] if
-    ``inclusive``); a traced one (under jit) is trusted."""
-    if isinstance(x, jax.core.Tracer) or not x.size:
+    """Refuse a concrete integer array ``x`` with values outside [0, high) (or [0, high] if
+    ``inclusive``); a traced one (under jit) is trusted.
+
+    Host-side numpy (one read of x; a jax array is copied to the host): a jitted min/max would
+    compile once per shape and cost more than the scan it replaces."""
+    if isinstance(x, jax.core.Tracer):
         return
-    lo, hi = (int(v) for v in _value_range(x))
+    x = np.asarray(x)
+    if not x.size:
+        return
+    lo, hi = int(x.min()), int(x.max())
     if lo < 0 or hi > high or (hi == high and not inclusive):
         interval = f"[0, {high}]" if inclusive else f"[0, {high})"
         raise ValueError(f"{name} must hold integers in {interval} for bits={bits}{note}; got "

@@ -7,6 +7,7 @@ import pytest
 
 from kernels_pallas.quant_matmul import (MixedQuantizedWeight, QuantizedWeight, pack_planar,
                                          quant_matmul, unpack_planar)
+from kernels_pallas.quant_matmul import weight as weight_module
 
 # f32: the backends sum the same products in different orders (per group, scales late).
 F32_RTOL, F32_ATOL = 1e-5, 1e-5
@@ -180,6 +181,58 @@ def test_from_ints_takes_gptq_v1_zero_of_two_to_the_bits_and_trusts_traced_ints(
     np.testing.assert_array_equal(np.asarray(unpack_planar(packed, 4)), q)
 
 
+def test_range_check_runs_in_numpy_on_the_host_and_sees_values_as_given():
+    # a jitted min/max compiled per weight shape and moved numpy weights to the device first;
+    # the host check makes no device call at all (a jitted one trips the guard)
+    q = np.random.default_rng(0).integers(0, 16, (256, 64)).astype(np.int32)
+    with jax.transfer_guard("disallow"):
+        weight_module.check_int_range("q", q, 16, bits=4)
+        with pytest.raises(ValueError, match=r"got values in \[1, 16\]"):
+            weight_module.check_int_range("q", np.where(q == 0, 16, q), 16, bits=4)
+    # int64 beyond int32 (x64 off): jnp.asarray would wrap 2**32 + 5 to 5 before a device check
+    wide = np.full((64, 4), 2 ** 32 + 5, np.int64)
+    with pytest.raises(ValueError, match=r"got values in \[4294967301, 4294967301\]"):
+        QuantizedWeight.from_ints(wide, np.ones((2, 4)), np.zeros((2, 4), np.int32), bits=4,
+                                  group_size=32)
+
+
+@pytest.mark.parametrize("field, value, dtype", [
+    ("q", np.nan, "float32"),  # used to fail in int() with "cannot convert float NaN to integer"
+    ("q", -0.5, "float32"),  # used to truncate to 0 and pass
+    ("zeros", np.nan, "float32"),
+    ("q", True, "bool"),
+])
+@pytest.mark.parametrize("mixed", [False, True])
+def test_from_ints_refuses_non_integer_q_and_zeros(field, value, dtype, mixed):
+    arrays = dict(q=np.zeros((128, 8), np.int32), zeros=np.zeros((8, 8), np.int32))
+    arrays[field] = np.zeros(arrays[field].shape, dtype)
+    arrays[field][0, 0] = value
+    with pytest.raises(TypeError, match=f"{field} must be an integer array; got {dtype}"):
+        if mixed:
+            MixedQuantizedWeight.from_ints(arrays["q"], np.ones((8, 8)), arrays["zeros"],
+                                           np.array([1, 0, 0, 0, 0, 0, 0, 0], bool),
+                                           group_size=16)
+        else:
+            QuantizedWeight.from_ints(arrays["q"], np.ones((8, 8)), arrays["zeros"], bits=4,
+                                      group_size=16)
+
+
+def test_check_range_false_trusts_the_integers_and_mixed_parts_are_checked_once(monkeypatch):
+    # check_range=False skips the scan (for integers in range by construction)
+    q = np.full((64, 4), 3, np.int32)
+    w = QuantizedWeight.from_ints(q, np.ones((2, 4)), np.full((2, 4), 5, np.int32), bits=2,
+                                  group_size=32, check_range=False)
+    np.testing.assert_array_equal(np.asarray(w.unpack()), q)
+    with pytest.raises(ValueError, match=r"q must hold integers in \[0, 4\)"):
+        QuantizedWeight.from_ints(q + 1, np.ones((2, 4)), np.zeros((2, 4), np.int32), bits=2,
+                                  group_size=32)
+    # MixedQuantizedWeight checks each part at its width; the parts are not scanned again
+    calls = []
+    monkeypatch.setattr(weight_module, "check_int_range", lambda *a, **k: calls.append(a[0]))
+    _random_mixed_weight(128, 8, 16, np.array([1, 0, 0, 0, 0, 0, 0, 0], bool))
+    assert calls == []
+
+
 @pytest.mark.parametrize("field, row, value, message", [
     ("q", 0, 4, r"q rows of the 2-bit groups must hold integers in \[0, 4\); got values in "
                 r"\[0, 4\]"),
@@ -194,10 +247,11 @@ def test_mixed_from_ints_rejects_integers_outside_their_groups_width(field, row,
         MixedQuantizedWeight.from_ints(q, np.ones((8, 8)), zeros, high, group_size=16)
 
 
-@pytest.mark.parametrize("backend", ["pallas", "pallas_tpu"])
+# every backend: "auto" resolves to xla on CPU, and a bad block must not wait for a GPU to fail
+@pytest.mark.parametrize("backend", ["auto", "reference", "xla", "pallas", "pallas_tpu"])
 @pytest.mark.parametrize("block", [dict(block_m=-8), dict(block_n=-128), dict(block_k=0),
-                                   dict(block_m=True), dict(block_k=16.0)])
-def test_pallas_backends_reject_non_positive_or_non_integer_blocks(backend, block):
+                                   dict(block_m=True), dict(block_k=16.0), dict(block_n="big")])
+def test_every_backend_rejects_non_positive_or_non_integer_blocks(backend, block):
     w, _ = _random_weight(1024, 128, 4, 128)
     name, value = next(iter(block.items()))
     with pytest.raises(ValueError, match=f"{name} must be a positive int; got {value!r}"):

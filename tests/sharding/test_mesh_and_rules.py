@@ -4,6 +4,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 from jax.sharding import PartitionSpec as P
 
 import sharding
@@ -95,23 +96,65 @@ def test_custom_rules_tuples_none_and_names_without_a_rule():
         P(("data", "fsdp"), None, "tensor", None, None)
 
 
-def test_rules_naming_unknown_logical_axes_are_errors():
-    # a misspelt name used to match nothing, so the whole model was silently replicated
+class _LoRA(nnx.Module):
+    """A module of one's own whose rank dimension has its own logical name."""
+
+    def __init__(self):
+        self.a = nnx.Param(jnp.ones((64, 8)), logical_axes=("embed", "lora_rank"))
+        self.b = nnx.Param(jnp.ones((8, 64)), logical_axes=("lora_rank", "mlp"))
+
+
+@pytest.mark.parametrize("rank_rule, a_spec, b_spec", [
+    (None, P("fsdp", None), P(None, "tensor")),  # replicated rank: the table says so
+    ("data", P("fsdp", "data"), P("data", "tensor")),
+])
+def test_a_name_of_ones_own_with_a_rule_places_and_constrains(rank_rule, a_spec, b_spec):
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    rules = sharding.rules_for("fsdp_tp") | {"lora_rank": rank_rule}
+    state = nnx.state(sharding.shard(_LoRA(), mesh, rules))
+    assert (state["a"].value.sharding.spec, state["b"].value.sharding.spec) == (a_spec, b_spec)
+    with sharding.use_rules(mesh, rules | {"my_feat": "tensor"}):
+        y = jax.jit(lambda x: sharding.constrain(x, ("batch", "my_feat")))(jnp.ones((8, 4)))
+    assert y.sharding.spec == P(("data", "fsdp"), "tensor")
+
+
+@pytest.mark.parametrize("rules, message", [
+    # a misspelt key used to match nothing, so its dimension was silently replicated
+    ({"embd": "fsdp"}, r"rules name logical axis 'embd' but not 'embed': did you mean 'embed'\?"),
+    ({"kv_head": "tensor", "heads": "tensor"}, r"'kv_head' but not 'kv_heads': did you mean"),
+    ({"mlp": "tensor", "tensor": "tensor"},
+     r"rules map logical axis names to mesh axes; 'tensor' is a mesh axis"),
+    ({3: "tensor"}, r"rules map logical axis names \(str\) to mesh axes; got key 3"),
+])
+def test_rules_keys_misspelt_or_naming_mesh_axes_are_errors(rules, message):
     mesh = sharding.make_mesh(fsdp=2, tensor=4)
-    with pytest.raises(ValueError, match=r"rules name unknown logical axes \['embd', 'mlpp'\]; "
-                                         r"known: \('vocab', 'embed'"):
-        sharding.state_shardings({"x": jnp.ones(8)}, mesh, {"embd": "fsdp", "mlpp": "tensor"})
-    with pytest.raises(ValueError, match=r"rules name unknown logical axes \['embd'\]"):
-        with sharding.use_rules(mesh, {"embd": "fsdp"}):
+    with pytest.raises((ValueError, TypeError), match=message):
+        sharding.state_shardings({"x": jnp.ones(8)}, mesh, rules)
+    with pytest.raises((ValueError, TypeError), match=message):
+        with sharding.use_rules(mesh, rules):
             pass
-    with pytest.raises(ValueError, match=r"rules name unknown logical axes \['seqq'\]"):
-        sharding.logical_to_mesh_axes(("seq",), {"seqq": "sequence"})
+    with pytest.raises((ValueError, TypeError), match=message):
+        sharding.logical_to_mesh_axes(("seq",), rules)
+
+
+def test_a_name_of_ones_own_close_to_a_known_one_is_taken_where_the_table_has_both():
+    # "q_heads" is one letter-run from "heads": with "heads" in the table it is taken as meant
+    rules = {**sharding.rules_for("tp"), "q_heads": "tensor"}
+    assert sharding.logical_to_spec(("batch", "q_heads"), rules) == P(("data", "fsdp"), "tensor")
+    with pytest.raises(ValueError, match=r"'q_heads' but not 'heads'.*give 'heads' a rule too"):
+        sharding.logical_to_spec(("batch", "q_heads"), {"q_heads": "tensor"})
 
 
 def test_logical_axes_naming_unknown_names_are_errors():
-    with pytest.raises(ValueError, match=r"logical axes \('embedd', 'heads'\) name unknown "
-                                         r"logical axes \['embedd'\]; known: "):
+    with pytest.raises(ValueError, match=r"logical axes \('embedd', 'heads'\) name 'embedd', "
+                                         r"which is neither a known logical axis nor in the "
+                                         r"rules \(did you mean 'embed'\?\)"):
         sharding.logical_to_spec(("embedd", "heads"), "fsdp_tp")
+    # a name of one's own needs a rule (None to replicate): the table is what declares it
+    with pytest.raises(ValueError, match=r"name 'lora_rank'.*needs a rule \(None to replicate"):
+        sharding.logical_to_spec(("embed", "lora_rank"), "fsdp_tp")
+    with pytest.raises(ValueError, match=r"did you mean 'lora_rank'\?"):
+        sharding.logical_to_spec(("embed", "lora_rnk"), {"lora_rank": None})
 
 
 def test_every_preset_and_model_axis_name_is_known():

@@ -220,6 +220,16 @@ def test_non_bool_causal_is_an_error():
                                              causal="yes")
 
 
+def test_numpy_bool_causal_is_taken_and_means_causal():
+    # a flag read from a numpy config or array (np.bool_) is a bool; fftconv takes it too
+    q, k, v, _ = make_qkv(2, 16, 4, 2, 8)
+    mesh = sharding.make_mesh(sequence=2, devices=jax.devices()[:2])
+    got = sharding.sequence_parallel_attention(q, k, v, mesh=mesh, impl="ring",
+                                               layout="contiguous", causal=np.bool_(True))
+    want = flash_attention(q, k, v, causal=True, backend="reference")
+    np.testing.assert_allclose(got, want, rtol=F32_ATOL, atol=F32_ATOL)
+
+
 def test_mismatched_k_and_v_is_an_error():
     q, k, _ = zeros_qkv(1, 16, 4, 2, 8)
     mesh = sharding.make_mesh(sequence=8)

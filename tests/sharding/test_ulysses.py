@@ -3,12 +3,13 @@ sequence, forward and gradients; head counts that cannot split raise clear error
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
 import sharding
 from kernels_pallas import flash_attention
-from tests.sharding.test_ring_attention import (assert_matches, make_qkv, output_and_grads,
-                                                zeros_qkv)
+from tests.sharding.test_ring_attention import (F32_ATOL, assert_matches, make_qkv,
+                                                output_and_grads, zeros_qkv)
 
 
 def ulysses_vs_reference(p, *, causal, layout="contiguous", batch=2, heads=8, kv_heads=4,
@@ -89,6 +90,14 @@ def test_missing_mesh_axis_is_an_error():
     q, k, v = zeros_qkv(1, 16, 8, 8, 8)
     with pytest.raises(ValueError, match=r"axis='sequence' is not an axis of the mesh"):
         sharding.ulysses_attention(q, k, v, mesh=jax.make_mesh((8,), ("sp",)))
+
+
+def test_numpy_bool_causal_is_taken_and_means_causal():
+    q, k, v, _ = make_qkv(2, 16, 4, 2, 8)
+    mesh = sharding.make_mesh(sequence=2, devices=jax.devices()[:2])
+    got = sharding.ulysses_attention(q, k, v, mesh=mesh, causal=np.bool_(True), backend="xla")
+    want = flash_attention(q, k, v, causal=True, backend="reference")
+    np.testing.assert_allclose(got, want, rtol=F32_ATOL, atol=F32_ATOL)
 
 
 def test_bad_batch_axes_and_non_bool_causal_are_errors():

@@ -159,3 +159,19 @@ def test_from_gptq_tensors_rejects_bad_tensors(kwargs, message):
                 checkpoint_format="gptq_v2")
     with pytest.raises(ValueError, match=message):
         from_gptq_tensors(**{**args, **kwargs})
+
+
+@pytest.mark.parametrize("bits", [2, 3, 4, 8])
+def test_loading_skips_the_range_scan_of_integers_unpacked_under_a_mask(bits, monkeypatch):
+    # every bit set: q = 2**bits - 1 and a v1 zero of 2**bits - 1 + 1 = 2**bits, the extremes
+    # unpacking can give; both fit, so from_ints need not read the whole weight again
+    from kernels_pallas.quant_matmul import weight as weight_module
+    scanned = []
+    monkeypatch.setattr(weight_module, "check_int_range", lambda *a, **k: scanned.append(a[0]))
+    k, n = 64, 32
+    qw = from_gptq_tensors(np.full((k * bits // 32, n), -1, np.int32),
+                           np.full((1, n * bits // 32), -1, np.int32),
+                           np.ones((1, n), np.float16), bits=bits, group_size=-1,
+                           checkpoint_format="gptq")
+    assert scanned == []
+    np.testing.assert_array_equal(np.asarray(qw.dequantize()), np.full((k, n), -1.0))
