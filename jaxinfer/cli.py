@@ -1,4 +1,5 @@
-"""The `jaxinfer` command line: generate, train, convert, quantize."""
+"""The `jaxinfer` command line: generate, train, convert, quantize (the last two in
+`cli_checkpoints.py`)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,12 @@ import argparse
 import dataclasses
 import json
 import logging
-import shutil
+import math
 import sys
 import time
 from pathlib import Path
 
+from jaxinfer import cli_checkpoints
 from jaxinfer.config import REMAT_MODES
 
 EXAMPLES = {
@@ -58,6 +60,14 @@ def _non_negative_int(text: str) -> int:
     value = int(text)
     if value < 0:
         raise argparse.ArgumentTypeError(f"must be an integer >= 0; got {text}")
+    return value
+
+
+def _positive_finite(text: str) -> float:
+    """argparse type: a finite number > 0 (sizes)."""
+    value = float(text)
+    if not (math.isfinite(value) and value > 0):
+        raise argparse.ArgumentTypeError(f"must be a finite number > 0; got {text}")
     return value
 
 
@@ -179,7 +189,8 @@ def _parser() -> argparse.ArgumentParser:
     cv.add_argument("src")
     cv.add_argument("dst")
     cv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
-    cv.add_argument("--shard-size-mb", type=float, help="split weights into shards of this size")
+    cv.add_argument("--shard-size-mb", type=_positive_finite,
+                    help="split weights into shards of this size")
 
     qz = sub.add_parser("quantize", help="GPTQ/RTN-quantize a model into an HF GPTQ checkpoint",
                         epilog=EXAMPLES["quantize"], formatter_class=fmt)
@@ -194,9 +205,11 @@ def _parser() -> argparse.ArgumentParser:
                     help="symmetric grid")
     qz.add_argument("--damp", type=float, default=0.01, help="GPTQ relative Hessian dampening")
     qz.add_argument("--calibration", help="UTF-8 text file (default: the embedded KJV sample)")
-    qz.add_argument("--n-samples", type=int, default=32, help="calibration chunks")
-    qz.add_argument("--seq-len", type=int, default=128, help="tokens per calibration chunk")
-    qz.add_argument("--held-out", type=float, default=0.05,
+    qz.add_argument("--n-samples", type=_positive_int, default=32,
+                    help="calibration chunks (fewer, with a warning, if the text is short)")
+    qz.add_argument("--seq-len", type=_positive_int, default=128,
+                    help="tokens per calibration chunk")
+    qz.add_argument("--held-out", type=_fraction, default=0.05,
                     help="fraction at the end of the text never used for calibration")
     qz.add_argument("--checkpoint-format", choices=["gptq", "gptq_v2"],
                     help="default: gptq (v1) unless a zero point is 0")
@@ -486,60 +499,12 @@ def _train(args: argparse.Namespace) -> int:
     return 0
 
 
-def _copy_tokenizer_files(src: Path, out: Path) -> None:
-    """The tokenizer and generation settings of the source model beside its rewritten weights
-    (nothing to do when the model was rewritten in place: save_pretrained keeps them)."""
-    if src.resolve() == out.resolve():
-        return
-    for extra in ("tokenizer.json", "tokenizer_config.json", "generation_config.json"):
-        if (src / extra).exists():
-            shutil.copy(src / extra, out / extra)
-
-
-def _convert(args: argparse.Namespace) -> int:
-    import jaxinfer
-
-    model = jaxinfer.load_pretrained(args.src, dtype=args.dtype)
-    shard = None if args.shard_size_mb is None else int(args.shard_size_mb * 2**20)
-    out = jaxinfer.save_pretrained(model, args.dst, max_shard_bytes=shard)
-    _copy_tokenizer_files(Path(args.src), out)
-    print(f"wrote {out}")
-    return 0
-
-
-def _quantize(args: argparse.Namespace) -> int:
-    import jaxinfer
-    from jaxinfer.quant import token_chunks
-    from jaxinfer.train.data import read_corpus, split_held_out, tokenize_corpus
-
-    model = jaxinfer.load_pretrained(args.model)
-    calibration = None
-    if args.method == "gptq":
-        tokenizer = jaxinfer.load_tokenizer(args.model)
-        text_file = args.calibration or jaxinfer.assets.corpus_sample_path()
-        tokens, _ = split_held_out(tokenize_corpus(read_corpus(text_file), tokenizer),
-                                   args.held_out)
-        calibration = token_chunks(tokens, args.seq_len, args.n_samples)
-        print(f"calibration: {calibration.shape[0]} x {args.seq_len} tokens from {text_file}")
-    t0 = time.perf_counter()
-    quantized = jaxinfer.quantize(model, method=args.method, bits=args.bits,
-                                  group_size=args.group_size, act_order=args.act_order,
-                                  sym=args.sym, calibration=calibration, damp=args.damp)
-    seconds = time.perf_counter() - t0
-    out = jaxinfer.save_pretrained(quantized, args.out, checkpoint_format=args.checkpoint_format)
-    _copy_tokenizer_files(Path(args.model), out)
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
-    print(f"{args.method} {args.bits}-bit (group size {args.group_size}) in {seconds:.1f} s; "
-          f"wrote {out} ({size / 2**20:.2f} MiB of safetensors)")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxinfer").setLevel(logging.INFO)
-    command = {"generate": _generate, "train": _train, "convert": _convert,
-               "quantize": _quantize}[args.command]
+    command = {"generate": _generate, "train": _train, "convert": cli_checkpoints.convert,
+               "quantize": cli_checkpoints.quantize}[args.command]
     try:
         return command(args)
     except (ValueError, TypeError, OSError) as e:  # OSError: a missing path, a directory, ...

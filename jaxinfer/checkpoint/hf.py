@@ -19,7 +19,7 @@ import dataclasses
 import json
 import logging
 import os
-from collections.abc import Callable
+from collections.abc import Callable, Mapping
 from pathlib import Path
 
 import jax
@@ -374,12 +374,15 @@ def _gptq_tensors(model, checkpoint_format: str | None) -> tuple[dict, GPTQConfi
 def save_pretrained(model: LlamaForCausalLM | MixtralForCausalLM | HyenaForCausalLM,
                     out_dir: str | os.PathLike, *, tokenizer=None,
                     max_shard_bytes: int | None = None,
-                    checkpoint_format: str | None = None) -> Path:
+                    checkpoint_format: str | None = None,
+                    extra_files: Mapping[str, str | os.PathLike] | None = None) -> Path:
     """Write config.json and safetensors that `transformers.AutoModelForCausalLM` loads back
     (Llama family, Mixtral; Hyena, which transformers lacks, loads back through `load_pretrained`).
 
     With `max_shard_bytes` the weights are split into shards plus `model.safetensors.index.json`;
-    a `tokenizers.Tokenizer` given as `tokenizer` is saved beside them as tokenizer.json.
+    a `tokenizers.Tokenizer` given as `tokenizer` is saved beside them as tokenizer.json, and
+    `extra_files` ({name: source file}, e.g. the source directory's tokenizer files) are copied in
+    with the checkpoint, replacing out_dir's files of those names in the same step.
     A Llama-family model with `QuantizedLinear` layers is written as an HF GPTQ checkpoint (a
     `quantization_config` in config.json, also written as quantize_config.json):
     `checkpoint_format` "gptq" (v1), "gptq_v2", or None for v1 unless some zero point is 0
@@ -414,4 +417,4 @@ def save_pretrained(model: LlamaForCausalLM | MixtralForCausalLM | HyenaForCausa
         json_files[QUANTIZE_CONFIG_FILE] = gptq.to_dict()
     json_files[CONFIG_FILE] = hf_config
     return write_checkpoint(out_dir, tensors, json_files, max_shard_bytes=max_shard_bytes,
-                            tokenizer=tokenizer)
+                            tokenizer=tokenizer, extra_files=extra_files)

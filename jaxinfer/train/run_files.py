@@ -32,6 +32,13 @@ def _umask() -> int:
     return mask
 
 
+def new_file_mode() -> int:
+    """The mode open() gives a new file: 0o666 less the umask. Files written through a temporary
+    file (mkstemp: 0o600) or by libraries that choose their own mode get this one instead, so
+    every file a save writes is as readable as the JSON files beside it."""
+    return 0o666 & ~_umask()
+
+
 def write_atomic(path: str | os.PathLike, text: str) -> None:
     """Replace the file at `path` with `text` in one step: written to a temporary file beside it,
     flushed to disk, then renamed over it (os.replace is atomic), so a crash leaves the old
@@ -41,7 +48,7 @@ def write_atomic(path: str | os.PathLike, text: str) -> None:
     try:
         mode = stat.S_IMODE(path.stat().st_mode)
     except FileNotFoundError:
-        mode = 0o666 & ~_umask()
+        mode = new_file_mode()
     fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
     try:
         os.fchmod(fd, mode)

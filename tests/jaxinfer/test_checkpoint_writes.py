@@ -7,7 +7,10 @@ real shapes."""
 from __future__ import annotations
 
 import json
+import os
 import re
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -225,3 +228,109 @@ def test_bad_arguments_are_refused(tmp_path):
         jaxinfer.save_pretrained(llama(0), tmp_path / "file")
     with pytest.raises(TypeError, match="model must be a jaxinfer LlamaForCausalLM.*got str"):
         jaxinfer.save_pretrained(str(tmp_path), tmp_path / "c")  # arguments swapped
+
+
+def test_extra_files_replace_the_outs_in_the_same_swap_and_never_write_through_symlinks(
+        tmp_path, monkeypatch):
+    """`jaxinfer convert src out` hands src's tokenizer files to the save: they are in the new
+    directory before it is swapped in, so no moment (and no crash) pairs new weights with the
+    old tokenizer files, and a symlinked file in out is replaced, not written through."""
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tokenizer_config.json").write_text('{"marker": "NEW"}')
+    (src / "chat_template.jinja").write_text("{{ messages }}")
+    out = tmp_path / "ckpt"
+    jaxinfer.save_pretrained(llama(0), out)
+    shared = tmp_path / "shared.json"
+    shared.write_text('{"marker": "SHARED"}')
+    (out / "tokenizer_config.json").symlink_to(shared)
+    (out / "notes.txt").write_text("kept")
+    seen = {}
+    real_swap = hf_write._swap_into_place
+
+    def spy_swap(staging, target):
+        seen.update(snapshot(staging))
+        real_swap(staging, target)
+    monkeypatch.setattr(hf_write, "_swap_into_place", spy_swap)
+    extra = {p.name: p for p in src.iterdir()}
+    jaxinfer.save_pretrained(llama(1), out, extra_files=extra)
+    assert seen["tokenizer_config.json"] == b'{"marker": "NEW"}'
+    assert seen["chat_template.jinja"] == b"{{ messages }}"
+    assert not (out / "tokenizer_config.json").is_symlink()
+    assert (out / "tokenizer_config.json").read_text() == '{"marker": "NEW"}'
+    assert shared.read_text() == '{"marker": "SHARED"}'
+    assert (out / "notes.txt").read_text() == "kept"
+    with pytest.raises(ValueError, match="extra_files names.*'config.json'"):
+        jaxinfer.save_pretrained(llama(1), out, extra_files={"config.json": shared})
+
+
+def test_read_only_out_dir_gets_its_mode_back_only_after_the_save_filled_the_new_one(
+        tmp_path, monkeypatch):
+    out = tmp_path / "ckpt"
+    jaxinfer.save_pretrained(llama(0), out)
+    (out / "tokenizer.json").write_text('{"user": "tokenizer"}')
+    out.chmod(0o555)
+    modes = []
+    real_carry_over = hf_write._carry_over
+
+    def spy_carry_over(old, staging):
+        modes.append(staging.stat().st_mode & 0o777)
+        real_carry_over(old, staging)
+    monkeypatch.setattr(hf_write, "_carry_over", spy_carry_over)
+    new = llama(1)
+    try:
+        jaxinfer.save_pretrained(new, out)
+        assert modes and modes[0] & 0o200, "the staging directory was read-only while filled"
+        assert out.stat().st_mode & 0o777 == 0o555
+        assert (out / "tokenizer.json").read_text() == '{"user": "tokenizer"}'
+        assert leftovers(out) == []
+        assert_same_params(jaxinfer.load_pretrained(out), new)
+    finally:
+        out.chmod(0o755)
+
+
+def test_unwritable_parent_is_refused_up_front_naming_out_dir(tmp_path, monkeypatch):
+    monkeypatch.setattr(hf_write.os, "access", lambda path, mode: False)
+    out = tmp_path / "ckpt"
+    with pytest.raises(PermissionError, match=re.escape(f"cannot write {out}")):
+        jaxinfer.save_pretrained(llama(0), out)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_safetensors_write_failure_is_an_oserror_naming_the_file(tmp_path, monkeypatch):
+    """A full disk: safetensors raises SafetensorError, a plain Exception the CLI would show as a
+    traceback."""
+    from safetensors import SafetensorError
+
+    def full_disk(tensors, path, metadata=None):
+        raise SafetensorError("Error while serializing: IoError(No space left on device)")
+    monkeypatch.setattr(hf_write, "save_file", full_disk)
+    out = tmp_path / "ckpt"
+    with pytest.raises(OSError, match="model-00001-of-.*No space left"):
+        jaxinfer.save_pretrained(llama(0), out, max_shard_bytes=SHARDED)
+    assert not out.exists() and leftovers(out) == []
+
+
+def test_weight_files_get_the_mode_of_the_json_files(tmp_path):
+    mask = os.umask(0o022)
+    try:
+        out = jaxinfer.save_pretrained(llama(0), tmp_path / "ckpt", max_shard_bytes=SHARDED)
+    finally:
+        os.umask(mask)
+    modes = {p.name: p.stat().st_mode & 0o777 for p in out.iterdir()}
+    assert modes["config.json"] == 0o644
+    assert set(modes.values()) == {0o644}, modes
+
+
+def test_stale_staging_directories_of_finished_processes_are_removed(tmp_path):
+    out = tmp_path / "ckpt"
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()
+    stale = [f".ckpt.saving-{dead.pid}-0123abcd", ".ckpt.saving-89abcdef"]  # the latter: pid-less
+    kept = [f".ckpt.saving-{os.getppid()}-0123abcd",  # a running process may be saving now
+            ".other.saving-0123abcd", ".ckpt.old-0123abcd", ".ckpt.saving-notmine"]
+    for name in stale + kept:
+        (tmp_path / name).mkdir()
+        (tmp_path / name / "model.safetensors").write_bytes(b"x" * 100)
+    jaxinfer.save_pretrained(llama(0), out)
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(kept + ["ckpt"])

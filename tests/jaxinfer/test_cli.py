@@ -80,3 +80,55 @@ def test_train_fine_tunes_from_hf_dir_and_writes_loadable_model(tmp_path, capsys
     assert summary["final_train_loss"] < 6.0
     tuned = jaxinfer.load_pretrained(run / "model")
     assert tuned.config.vocab_size == 4096 and (run / "model" / "tokenizer.json").exists()
+
+
+def _tiny_source(tmp_path):
+    """A tiny float model directory with the files a Hub download brings beside the weights."""
+    config = jaxinfer.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=32)
+    src = jaxinfer.save_pretrained(jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0)),
+                                   tmp_path / "src")
+    files = {"tokenizer.json": "{}", "tokenizer_config.json": '{"marker": "NEW"}',
+             "generation_config.json": '{"eos_token_id": 0}', "chat_template.jinja": "{{ x }}",
+             "special_tokens_map.json": "{}", "vocab.json": "{}", "merges.txt": "#merges",
+             "tokenizer.model": "sentencepiece"}
+    for name, text in files.items():
+        (src / name).write_text(text)
+    (src / "original").mkdir()  # subdirectories (e.g. consolidated weights) are not copied
+    (src / "original" / "consolidated.pth").write_text("x")
+    return src, files
+
+
+def test_convert_writes_every_source_file_with_the_new_checkpoint_before_the_swap(
+        tmp_path, monkeypatch):
+    from jaxinfer.checkpoint import hf_write
+
+    src, files = _tiny_source(tmp_path)
+    dst = tmp_path / "dst"
+    assert cli.main(["convert", str(src), str(dst)]) == 0
+    assert {name: (dst / name).read_text() for name in files} == files
+    assert not (dst / "original").exists()
+    # Over an older conversion: the source's files are in the new directory when it is swapped
+    # in, so a crash or a failed copy can never pair the new weights with the old files.
+    (dst / "tokenizer_config.json").write_text('{"marker": "OLD"}')
+    staged = {}
+    real_swap = hf_write._swap_into_place
+
+    def spy_swap(staging, target):
+        staged.update({p.name: p.read_text() for p in staging.iterdir()
+                       if p.suffix != ".safetensors"})
+        real_swap(staging, target)
+    monkeypatch.setattr(hf_write, "_swap_into_place", spy_swap)
+    assert cli.main(["convert", str(src), str(dst), "--dtype", "bfloat16"]) == 0
+    assert staged["tokenizer_config.json"] == '{"marker": "NEW"}'
+    assert json.loads(staged["config.json"])["torch_dtype"] == "bfloat16"
+
+
+@pytest.mark.parametrize("size", ["inf", "nan", "0", "-1"])
+def test_convert_shard_size_must_be_a_positive_finite_number(tmp_path, capsys, size):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["convert", str(jaxinfer.default_model_dir()), str(tmp_path / "out"),
+                  "--shard-size-mb", size])
+    assert exit_info.value.code == 2
+    assert "--shard-size-mb: must be a finite number > 0" in capsys.readouterr().err

@@ -3,6 +3,7 @@
 import json
 
 import numpy as np
+import pytest
 from flax import nnx
 
 import jaxinfer
@@ -112,3 +113,72 @@ def test_quantize_with_group_size_not_dividing_a_layer_exits_2(tmp_path, capsys)
     err = capsys.readouterr().err
     assert "jaxinfer quantize: error:" in err and "down_proj [in=688" in err
     assert not (tmp_path / "q").exists()
+
+
+def _refuse_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("extra, message", [
+    (["--bits", "3"], "--bits 3 cannot be written as a GPTQ checkpoint of this model: "
+                      "layers[0].gate_proj [in=256, out=688]"),
+    (["--no-sym", "--checkpoint-format", "gptq"], "--checkpoint-format gptq (v1)"),
+    ([], "out_dir must be a directory"),
+    ([], "cannot write"),
+], ids=["bits-3-packing", "asym-v1", "out-is-a-file", "out-not-writable"])
+def test_quantize_refuses_bad_output_options_before_loading_the_model(
+        tmp_path, capsys, monkeypatch, extra, message):
+    from jaxinfer.checkpoint import hf_write
+
+    out = tmp_path / "q"
+    if message.startswith("out_dir"):
+        out.write_text("")
+    if message == "cannot write":
+        monkeypatch.setattr(hf_write.os, "access", lambda path, mode: False)
+    monkeypatch.setattr(jaxinfer, "load_pretrained", _refuse_loading)
+    assert cli.main(["quantize", str(jaxinfer.default_model_dir()), str(out), "--method", "rtn",
+                     "--group-size", "16"] + extra) == 2
+    assert message in capsys.readouterr().err
+
+
+def test_quantize_writes_every_source_file_beside_the_checkpoint(tmp_path):
+    model_dir, _ = _tiny_model_dir(tmp_path)
+    extras = {"chat_template.jinja": "{{ x }}", "special_tokens_map.json": "{}",
+              "tokenizer_config.json": "{}", "generation_config.json": '{"eos_token_id": 0}',
+              "merges.txt": "#merges"}
+    for name, text in extras.items():
+        (model_dir / name).write_text(text)
+    out = tmp_path / "q"
+    assert cli.main(["quantize", str(model_dir), str(out), "--method", "rtn", "--bits", "8",
+                     "--group-size", str(GROUP)]) == 0
+    assert {name: (out / name).read_text() for name in extras} == extras
+    assert (out / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
+
+
+def test_quantize_short_calibration_text_warns_how_many_samples_it_gives(tmp_path, capsys):
+    model_dir, _ = _tiny_model_dir(tmp_path)
+    text = tmp_path / "short.txt"
+    text.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:3000])
+    assert cli.main(["quantize", str(model_dir), str(tmp_path / "q"), "--group-size", str(GROUP),
+                     "--calibration", str(text), "--n-samples", "128", "--seq-len", "64"]) == 0
+    out, err = capsys.readouterr()
+    n = int(out.split("calibration: ")[1].split(" x ")[0])
+    assert 1 <= n < 128
+    assert "--n-samples 128 asked for more chunks" in err
+    assert f"calibrating on the {n} available" in err
+
+
+def test_quantize_calibration_errors_name_the_flags_and_the_file(tmp_path, capsys):
+    model_dir, _ = _tiny_model_dir(tmp_path)
+    binary, short = tmp_path / "binary.txt", tmp_path / "short.txt"
+    binary.write_bytes(b"\xff\xfe not utf-8")
+    short.write_text("In the beginning")
+    for calibration, message in ((binary, f"--calibration file {binary} is not UTF-8"),
+                                 (tmp_path / "missing.txt", "--calibration file"),
+                                 (short, "fewer than one chunk of --seq-len 64")):
+        assert cli.main(["quantize", str(model_dir), str(tmp_path / "q"), "--group-size",
+                         str(GROUP), "--calibration", str(calibration), "--seq-len", "64"]) == 2
+        assert message in capsys.readouterr().err
+    with pytest.raises(SystemExit):
+        cli.main(["quantize", str(model_dir), str(tmp_path / "q"), "--n-samples", "0"])
+    assert "--n-samples: must be an integer >= 1" in capsys.readouterr().err
