@@ -11,12 +11,11 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import json
-import math
-import numbers
 import os
 from typing import Any, Mapping
 
-import numpy as np
+from jaxinfer.config_checks import (check_bools, check_finite, check_token_ids, is_int,
+                                    normalize_fields, token_ids_to_tuple)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
@@ -44,83 +43,6 @@ SEQUENCE_PARALLEL_IMPLS = ("ring", "ulysses")
 REMAT_MODES = ("none", "full", "dots")  # see LlamaConfig.remat
 
 
-# ----------------------------------------------------------------- field checks shared by configs
-# Configs come from Python, from JSON and from numpy, so numpy scalars count as the Python numbers
-# they hold (and are stored as those, which hash alike and can be written as JSON); bools are not
-# numbers here, and strings (a JSON typo such as "10000") are refused rather than coerced.
-def is_int(value: Any) -> bool:
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
-def is_real(value: Any) -> bool:
-    return isinstance(value, numbers.Real) and not isinstance(value, bool)
-
-
-def _normalize_fields(config: Any, ints: tuple[str, ...], floats: tuple[str, ...],
-                      bools: tuple[str, ...]) -> None:
-    """Store numpy ints, floats and bools of a frozen dataclass's fields as Python ones; values
-    of another type are left for the checks to refuse."""
-    for name in ints:
-        if is_int(getattr(config, name)):
-            object.__setattr__(config, name, int(getattr(config, name)))
-    for name in floats:
-        if is_real(getattr(config, name)):
-            object.__setattr__(config, name, float(getattr(config, name)))
-    for name in bools:
-        if isinstance(getattr(config, name), np.bool_):
-            object.__setattr__(config, name, bool(getattr(config, name)))
-
-
-def check_finite(name: str, value: Any, *, low: float = 0.0, low_inclusive: bool = False) -> None:
-    """A finite number above `low` (or at it, with `low_inclusive`): a NaN, an infinity or a
-    negative value here turns a model's every output into NaN rather than failing."""
-    bound = f">= {low:g}" if low_inclusive else f"> {low:g}"
-    if not is_real(value):
-        raise TypeError(f"{name} must be a finite number {bound}; got {value!r}")
-    if not math.isfinite(value) or value < low or (value == low and not low_inclusive):
-        raise ValueError(f"{name} must be a finite number {bound}; got {value!r}")
-
-
-def _check_bools(config: Any, names: tuple[str, ...]) -> None:
-    for name in names:  # a string such as "no" would be truthy and switch the feature on
-        value = getattr(config, name)
-        if not isinstance(value, bool):
-            raise TypeError(f"{name} must be a bool; got {value!r}")
-
-
-def _token_ids_to_tuple(eos_token_id: Any) -> Any:
-    """eos_token_id as the tuple the configs store: one id, a list or tuple of them, or None
-    (no end token); anything else is returned as is for _check_token_ids to refuse."""
-    if eos_token_id is None:
-        return ()
-    if is_int(eos_token_id):
-        return (int(eos_token_id),)
-    if isinstance(eos_token_id, (list, tuple)):
-        return tuple(int(i) if is_int(i) else i for i in eos_token_id)
-    return eos_token_id
-
-
-def _check_token_ids(config: Any) -> None:
-    """bos_token_id (an id or None) and eos_token_id (a tuple of ids) must be ints in
-    [0, vocab_size): a string or an id the model cannot emit would only fail mid-generation."""
-    vocab = config.vocab_size
-
-    def is_id(i: Any) -> bool:
-        return is_int(i) and 0 <= i < vocab
-
-    bos = config.bos_token_id
-    if bos is not None and not is_id(bos):
-        raise (ValueError if is_int(bos) else TypeError)(
-            f"bos_token_id must be None or a token id (an int in [0, vocab_size {vocab})); "
-            f"got {bos!r}")
-    eos = config.eos_token_id
-    if not isinstance(eos, tuple) or not all(is_id(i) for i in eos):
-        wrong_type = not isinstance(eos, tuple) or not all(is_int(i) for i in eos)
-        raise (TypeError if wrong_type else ValueError)(
-            f"eos_token_id must be a token id (an int in [0, vocab_size {vocab})), a list of "
-            f"them or None; got {eos!r}")
-
-
 @dataclasses.dataclass(frozen=True)
 class RopeScaling:
     """Rotary-frequency rescaling for context extension (HF `rope_parameters` / `rope_scaling`)."""
@@ -136,7 +58,7 @@ class RopeScaling:
             raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported; expected one "
                              f"of {SUPPORTED_ROPE_TYPES}")
         floats = ("factor", "low_freq_factor", "high_freq_factor")
-        _normalize_fields(self, ("original_max_position_embeddings",), floats, ())
+        normalize_fields(self, ("original_max_position_embeddings",), floats, ())
         for name in floats:
             check_finite(f"rope_scaling {name}", getattr(self, name))
         original = self.original_max_position_embeddings
@@ -345,7 +267,7 @@ class LlamaConfig:
     _BOOL_FIELDS = ("qkv_bias", "o_bias", "mlp_bias", "tie_word_embeddings")
 
     def __post_init__(self) -> None:
-        _normalize_fields(self, self._INT_FIELDS, self._FLOAT_FIELDS, self._BOOL_FIELDS)
+        normalize_fields(self, self._INT_FIELDS, self._FLOAT_FIELDS, self._BOOL_FIELDS)
         hidden, heads = self.hidden_size, self.num_attention_heads
         derived_from = ""
         if self.head_dim is None and is_int(hidden) and is_int(heads) and heads > 0:
@@ -366,7 +288,7 @@ class LlamaConfig:
         if is_int(self.head_dim) and self.head_dim > 0 and self.head_dim % 2:
             raise ValueError(f"head_dim must be even (rotary embeddings rotate pairs); "
                              f"got head_dim={self.head_dim}{derived_from}")
-        object.__setattr__(self, "eos_token_id", _token_ids_to_tuple(self.eos_token_id))
+        object.__setattr__(self, "eos_token_id", token_ids_to_tuple(self.eos_token_id))
         if isinstance(self.rope_scaling, Mapping):  # an HF-style dict, as config.json holds it
             object.__setattr__(self, "rope_scaling", RopeScaling.from_dict(self.rope_scaling))
         self._validate()
@@ -396,8 +318,8 @@ class LlamaConfig:
         if window is not None and (not is_int(window) or window <= 0):
             raise (ValueError if is_int(window) else TypeError)(
                 f"sliding_window must be a positive int or None; got {window!r}")
-        _check_bools(self, self._BOOL_FIELDS)
-        _check_token_ids(self)
+        check_bools(self, self._BOOL_FIELDS)
+        check_token_ids(self)
         if self.attention_backend not in ATTENTION_BACKENDS:
             raise ValueError(f"attention_backend must be one of {ATTENTION_BACKENDS}; "
                              f"got {self.attention_backend!r}")
@@ -553,8 +475,8 @@ class HyenaConfig:
                      "filter_decay_target", "filter_squash", "rms_norm_eps")
 
     def __post_init__(self) -> None:
-        _normalize_fields(self, self._INT_FIELDS, self._FLOAT_FIELDS, ("tie_word_embeddings",))
-        object.__setattr__(self, "eos_token_id", _token_ids_to_tuple(self.eos_token_id))
+        normalize_fields(self, self._INT_FIELDS, self._FLOAT_FIELDS, ("tie_word_embeddings",))
+        object.__setattr__(self, "eos_token_id", token_ids_to_tuple(self.eos_token_id))
         self._validate()
 
     def _validate(self) -> None:
@@ -585,8 +507,8 @@ class HyenaConfig:
             raise ValueError(f"filter_decay_target must lie in (0, 1); "
                              f"got {self.filter_decay_target}")
         check_finite("filter_squash", self.filter_squash, low_inclusive=True)  # 0: no squash
-        _check_bools(self, ("tie_word_embeddings",))
-        _check_token_ids(self)
+        check_bools(self, ("tie_word_embeddings",))
+        check_token_ids(self)
         if self.fftconv_backend not in FFTCONV_BACKENDS:
             raise ValueError(f"fftconv_backend must be one of {FFTCONV_BACKENDS}; "
                              f"got {self.fftconv_backend!r}")

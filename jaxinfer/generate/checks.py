@@ -11,18 +11,15 @@ or float, so that callers store plain values whatever scalar type came in.
 from __future__ import annotations
 
 import math
-from numbers import Integral, Real
+from numbers import Real
 from typing import NoReturn
 
 import numpy as np
 from flax import nnx
 
+from jaxinfer.config_checks import is_int
+
 MAX_SEED = 2**32 - 1  # seeds travel to the device as uint32
-
-
-def is_int(value) -> bool:
-    """An integer (Python or NumPy), not a bool."""
-    return isinstance(value, Integral) and not isinstance(value, bool)
 
 
 def is_finite_real(value) -> bool:

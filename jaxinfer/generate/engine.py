@@ -51,7 +51,7 @@ from jaxinfer.generate.draft_step import (compiled_draft_pass, compiled_propose,
                                           empty_propose_inputs)
 from jaxinfer.generate.engine_step import (PAGED_ATTENTION, StepInputs, attends_ragged,
                                            compiled_step, empty_inputs, mark_seen,
-                                           set_sampling_rows)
+                                           set_sampling_rows, token_buckets)
 from jaxinfer.generate.paged_cache import default_num_pages, pages_for
 from jaxinfer.generate.prompt_lookup import lookup_draft
 from jaxinfer.generate.sampling_params import SamplingParams
@@ -60,7 +60,6 @@ from jaxinfer.generate.snapkv import compress_sequence
 
 log = logging.getLogger(__name__)
 
-MIN_BUCKET = 8  # smallest token bucket: fewer compilations; padding a decode step is cheap
 # a draft model's guesses are computed after scheduling; until then the draft holds this token
 # (never verified: `_fill_drafts` replaces every placeholder of a scheduled request)
 PLACEHOLDER = 0
@@ -86,15 +85,6 @@ class StepStats(NamedTuple):
     # token slots of the draft model's pass over the chunks that did not draft (0: no pass: no
     # draft model, or every chunk drafted, so its proposal wrote all the draft's K/V)
     draft_pass: int = 0
-
-
-def token_buckets(max_tokens_per_step: int) -> tuple[int, ...]:
-    """Step sizes compiled: powers of two from MIN_BUCKET, and max_tokens_per_step itself."""
-    sizes, size = [], MIN_BUCKET
-    while size < max_tokens_per_step:
-        sizes.append(size)
-        size *= 2
-    return (*sizes, max_tokens_per_step)
 
 
 class Engine:

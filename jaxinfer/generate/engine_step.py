@@ -39,6 +39,16 @@ from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, SharedPrefix
 
 PAGED_ATTENTION = ("auto", "ragged", "per_token")  # the Engine's settings (`attends_ragged`)
 RAGGED_MIN_TOKENS_PER_SEQ = 8  # "auto": a step attends ragged from this many token slots per chunk
+MIN_BUCKET = 8  # smallest token bucket: fewer compilations; padding a decode step is cheap
+
+
+def token_buckets(max_tokens_per_step: int) -> tuple[int, ...]:
+    """Step sizes compiled: powers of two from MIN_BUCKET, and max_tokens_per_step itself."""
+    sizes, size = [], MIN_BUCKET
+    while size < max_tokens_per_step:
+        sizes.append(size)
+        size *= 2
+    return (*sizes, max_tokens_per_step)
 
 
 class StepInputs(NamedTuple):

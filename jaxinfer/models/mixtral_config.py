@@ -12,8 +12,8 @@ import dataclasses
 import os
 from typing import Any, Mapping
 
-from jaxinfer.config import (LlamaConfig, check_finite, config_json_errors, hf_decoder_fields,
-                             is_int, is_real, read_config_json)
+from jaxinfer.config import LlamaConfig, config_json_errors, hf_decoder_fields, read_config_json
+from jaxinfer.config_checks import check_finite, is_int, is_real
 
 MIXTRAL_MODEL_TYPE = "mixtral"
 # "dropless": sort tokens by expert + ragged_dot, never drops (HF Mixtral's semantics).
