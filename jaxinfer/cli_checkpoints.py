@@ -6,23 +6,31 @@ saving are checked before any work is done."""
 from __future__ import annotations
 
 import argparse
+import fnmatch
 import sys
 import time
 from pathlib import Path
 
 
+# Weights in other formats (PyTorch, TensorFlow, GGUF, ...) or other safetensors files: copied
+# beside a converted or quantized checkpoint they would be gigabytes of stale full-size weights.
+OTHER_WEIGHT_PATTERNS = ("*.bin", "*.pt", "*.pth", "*.ckpt", "*.safetensors", "*.gguf",
+                         "*.msgpack", "*.h5", "*.onnx", "*.npz", "*.index.json")
+
+
 def _source_files(src: Path, out: Path) -> dict[str, Path]:
-    """The files of the source model directory other than its checkpoint (tokenizer files,
-    generation_config.json, a chat template, ...), which the save writes with the new checkpoint
-    in one step; none when the model is rewritten in place (the save keeps them). Regular files
-    (a symlink to one counts: a Hugging Face cache snapshot is made of them); subdirectories are
-    left out."""
+    """The files of the source model directory other than weights (tokenizer files,
+    generation_config.json, a chat template, a README, ...), which the save writes with the new
+    checkpoint in one step; none when the model is rewritten in place (the save keeps them).
+    Regular files (a symlink to one counts: a Hugging Face cache snapshot is made of them);
+    subdirectories are left out."""
     from jaxinfer.checkpoint.hf_write import is_checkpoint_file
 
     if src.resolve() == out.resolve():
         return {}
     return {entry.name: entry for entry in sorted(src.iterdir())
-            if not is_checkpoint_file(entry.name) and entry.is_file()}
+            if entry.is_file() and not is_checkpoint_file(entry.name)
+            and not any(fnmatch.fnmatchcase(entry.name, p) for p in OTHER_WEIGHT_PATTERNS)}
 
 
 def convert(args: argparse.Namespace) -> int:
@@ -109,6 +117,7 @@ def _calibration_chunks(args: argparse.Namespace, tokenizer):
 
 def quantize(args: argparse.Namespace) -> int:
     import jaxinfer
+    from jaxinfer.checkpoint.hf_write import is_checkpoint_file
 
     _check_quantize_args(args)
     model = jaxinfer.load_pretrained(args.model)
@@ -123,7 +132,7 @@ def quantize(args: argparse.Namespace) -> int:
     seconds = time.perf_counter() - t0
     out = jaxinfer.save_pretrained(quantized, args.out, checkpoint_format=args.checkpoint_format,
                                    extra_files=_source_files(Path(args.model), Path(args.out)))
-    size = sum(f.stat().st_size for f in out.glob("*.safetensors"))
+    size = sum(f.stat().st_size for f in out.glob("*.safetensors") if is_checkpoint_file(f.name))
     print(f"{args.method} {args.bits}-bit (group size {args.group_size}) in {seconds:.1f} s; "
           f"wrote {out} ({size / 2**20:.2f} MiB of safetensors)")
     return 0

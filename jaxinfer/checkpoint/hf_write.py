@@ -8,8 +8,8 @@ checkpoint or the complete new one. Where the exchange is unavailable (another O
 filesystem without it) it is two renames, old away then new in: for an instant `out_dir` does not
 exist, but it never holds a mix, and a crash between the renames leaves the old checkpoint
 complete in `.<name>.old-*` beside it. A crash before the swap leaves `out_dir` untouched (and, if
-the process dies, a `.<name>.saving-<pid>-*` directory beside it, which the next save of `out_dir`
-removes once that process is gone).
+the process dies, a `.<name>.saving-<host>-<pid>-*` directory beside it, which the next save of
+`out_dir` from the same host and PID namespace removes once that process is gone).
 
 Because the new directory holds only what this save writes, stale checkpoint files disappear
 with the old directory: a `model.safetensors` left by an earlier single-file save (which
@@ -37,6 +37,7 @@ import numbers
 import os
 import re
 import shutil
+import socket
 import stat
 import sys
 import uuid
@@ -186,19 +187,39 @@ def _swap_into_place(staging: Path, target: Path) -> None:
 
 
 def _remove_tree(path: Path) -> None:
-    """rmtree that also empties a directory given a read-only mode (an old checkpoint directory,
-    or a staging directory given its mode just before the swap); errors are ignored."""
+    """rmtree that also empties directories given a read-only mode (an old checkpoint directory,
+    a staging directory given its mode just before the swap, a read-only subdirectory carried
+    over); errors are ignored."""
+    def make_writable_and_retry(func, failed: str, _exc_info) -> None:
+        try:
+            os.chmod(os.path.dirname(failed), 0o700)
+            if func is os.rmdir and os.path.isdir(failed):
+                os.chmod(failed, 0o700)
+            func(failed)
+        except OSError:
+            pass
+
     try:
         os.chmod(path, 0o700)
     except OSError:
         pass
-    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(path, onerror=make_writable_and_retry)
 
 
-def _staging_pattern(target: Path) -> re.Pattern:
-    """Names of staging directories of target: `.<name>.saving-<pid>-<8 hex>` (and the
-    `.<name>.saving-<8 hex>` of earlier versions, which named no process)."""
-    return re.compile(rf"\.{re.escape(target.name)}\.saving-(?:(\d+)-)?[0-9a-f]{{8}}")
+def _saver_tag() -> str:
+    """This host and PID namespace, as staging names carry them: a pid says whether its save still
+    runs only where it is seen from the same namespace (another container sharing the volume, or
+    another host over NFS, has pids of its own)."""
+    host = re.sub(r"[^A-Za-z0-9.]", "_", socket.gethostname()) or "host"
+    try:
+        namespace = os.stat("/proc/self/ns/pid").st_ino
+    except OSError:
+        namespace = 0
+    return f"{host}_{namespace}"
+
+
+def _staging_name(target: Path) -> str:
+    return f".{target.name}.saving-{_saver_tag()}-{os.getpid()}-{uuid.uuid4().hex[:8]}"
 
 
 def _process_alive(pid: int) -> bool:
@@ -212,15 +233,17 @@ def _process_alive(pid: int) -> bool:
 
 
 def _remove_stale_staging(target: Path) -> None:
-    """Staging directories of target left by saves that were killed: those of a process that no
-    longer runs (a running one may be saving now), and the pid-less ones of earlier versions."""
-    pattern = _staging_pattern(target)
+    """Staging directories of target left by killed saves of this host and PID namespace, whose
+    process no longer runs (a running one may be saving now). Any other (another machine's or
+    container's, whose pids cannot be checked from here) is left alone."""
+    pattern = re.compile(rf"\.{re.escape(target.name)}\.saving-{re.escape(_saver_tag())}-(\d+)-"
+                         rf"[0-9a-f]{{8}}")
     for entry in target.parent.iterdir():
         match = pattern.fullmatch(entry.name)
         if match is None or not entry.is_dir() or entry.is_symlink():
             continue
-        if match.group(1) is not None and (int(match.group(1)) == os.getpid()
-                                           or _process_alive(int(match.group(1)))):
+        pid = int(match.group(1))
+        if pid == os.getpid() or _process_alive(pid):
             continue
         log.info("removing %s, left by a save that did not finish", entry)
         _remove_tree(entry)
@@ -284,7 +307,7 @@ def write_checkpoint(out_dir: str | os.PathLike, tensors: dict[str, jax.Array | 
     target = check_out_dir(out_dir)
     target.parent.mkdir(parents=True, exist_ok=True)
     _remove_stale_staging(target)
-    staging = target.with_name(f".{target.name}.saving-{os.getpid()}-{uuid.uuid4().hex[:8]}")
+    staging = target.with_name(_staging_name(target))
     staging.mkdir()  # mode 0o777 less the umask, like any new directory
     try:
         _write_files(staging, tensors, json_files, max_shard_bytes, tokenizer, extra)

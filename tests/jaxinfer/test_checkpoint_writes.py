@@ -326,8 +326,13 @@ def test_stale_staging_directories_of_finished_processes_are_removed(tmp_path):
     out = tmp_path / "ckpt"
     dead = subprocess.Popen([sys.executable, "-c", "pass"])
     dead.wait()
-    stale = [f".ckpt.saving-{dead.pid}-0123abcd", ".ckpt.saving-89abcdef"]  # the latter: pid-less
-    kept = [f".ckpt.saving-{os.getppid()}-0123abcd",  # a running process may be saving now
+    tag = hf_write._saver_tag()  # this host and PID namespace
+    stale = [f".ckpt.saving-{tag}-{dead.pid}-0123abcd"]
+    kept = [f".ckpt.saving-{tag}-{os.getppid()}-0123abcd",  # a running process may be saving now
+            # another host's or container's save: its pid cannot be checked from here
+            f".ckpt.saving-otherhost_{tag.rsplit('_', 1)[1]}-{dead.pid}-0123abcd",
+            f".ckpt.saving-{tag.rsplit('_', 1)[0]}_1-{dead.pid}-0123abcd",
+            ".ckpt.saving-89abcdef",  # an earlier version's, naming no process: left alone
             ".other.saving-0123abcd", ".ckpt.old-0123abcd", ".ckpt.saving-notmine"]
     for name in stale + kept:
         (tmp_path / name).mkdir()

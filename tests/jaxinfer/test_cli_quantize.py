@@ -141,17 +141,24 @@ def test_quantize_refuses_bad_output_options_before_loading_the_model(
     assert message in capsys.readouterr().err
 
 
-def test_quantize_writes_every_source_file_beside_the_checkpoint(tmp_path):
+def test_quantize_writes_every_source_file_beside_the_checkpoint(tmp_path, capsys):
     model_dir, _ = _tiny_model_dir(tmp_path)
     extras = {"chat_template.jinja": "{{ x }}", "special_tokens_map.json": "{}",
               "tokenizer_config.json": "{}", "generation_config.json": '{"eos_token_id": 0}',
               "merges.txt": "#merges"}
     for name, text in extras.items():
         (model_dir / name).write_text(text)
+    # full-size weights in other formats stay behind: stale gigabytes beside a 4-bit checkpoint
+    for name in ("pytorch_model.bin", "consolidated.safetensors"):
+        (model_dir / name).write_bytes(b"w" * 2**20)
     out = tmp_path / "q"
     assert cli.main(["quantize", str(model_dir), str(out), "--method", "rtn", "--bits", "8",
                      "--group-size", str(GROUP)]) == 0
     assert {name: (out / name).read_text() for name in extras} == extras
+    assert not (out / "pytorch_model.bin").exists()
+    assert not (out / "consolidated.safetensors").exists()
+    reported = float(capsys.readouterr().out.split("MiB of safetensors")[0].split("(")[-1])
+    assert reported == pytest.approx((out / "model.safetensors").stat().st_size / 2**20, abs=0.01)
     assert (out / "tokenizer.json").read_bytes() == (model_dir / "tokenizer.json").read_bytes()
 
 
