@@ -366,49 +366,6 @@ def test_n_samples_share_the_prompt_and_sample_zero_matches_n_equals_one(model):
     assert per_sample == three == engine.run_until_done()[rid]
 
 
-def test_first_finish_search_returns_the_shortest_sample_and_leaves_none_running(model):
-    """Samples do not depend on each other (seeded by sample index), so the n=4 run shows every
-    sample's full trace; First Finish Search must return the shortest (the lowest index on a tie)."""
-    prompt = np.random.default_rng(9).integers(0, VOCAB, size=8).tolist()
-    params = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=1.0, seed=11, n=4,
-                                     stop_token_ids=tuple(range(0, VOCAB, 6)), ignore_eos=True)
-    engine = jaxinfer.Engine(model, **ENGINE)
-    traces = engine.generate([prompt], params)[0]
-    assert len({len(t) for t in traces}) > 1, "stop tokens were meant to end samples unevenly"
-    first = engine.generate([prompt], jaxinfer.SamplingParams(**{**params.__dict__,
-                                                                 "first_finish": True}))[0]
-    assert first == min(traces, key=len)
-    assert engine.num_unfinished == 0
-
-
-FFS_GEOMETRY = dict(max_batch=4, page_size=4, num_pages=60)  # room for 4 samples, no preemption
-
-
-@pytest.mark.parametrize("seed", [1, 6])
-def test_first_finish_search_returns_the_shortest_sample_whatever_the_batching(model, seed):
-    """A step budget of 8 staggers the samples' prefills and other prompts delay some samples,
-    so a longer sample can finish in an earlier step than the shortest; the result must still be
-    the shortest of the n samples (as run without First Finish Search), the same every time."""
-    rng = np.random.default_rng(9)
-    prompt = rng.integers(0, VOCAB, size=12).tolist()
-    others = [rng.integers(0, VOCAB, size=14).tolist() for _ in range(2)]
-    params = jaxinfer.SamplingParams(max_tokens=14, temperature=1.0, seed=seed, n=4,
-                                     stop_token_ids=tuple(range(0, VOCAB, 7)), ignore_eos=True)
-    ffs = jaxinfer.SamplingParams(**{**params.__dict__, "first_finish": True})
-    traces = jaxinfer.Engine(model, **FFS_GEOMETRY, max_tokens_per_step=64).generate(
-        [prompt], params)[0]
-    shortest = min(traces, key=len)  # the lowest sample index among the shortest
-    assert len({len(t) for t in traces}) > 1, "stop tokens were meant to end samples unevenly"
-    results = {}
-    for budget in (64, 8):
-        engine = jaxinfer.Engine(model, **FFS_GEOMETRY, max_tokens_per_step=budget)
-        results[f"alone, budget {budget}"] = engine.generate([prompt], ffs)[0]
-        results[f"behind others, budget {budget}"] = engine.generate(
-            others + [prompt], [GREEDY] * 2 + [ffs])[2]
-        assert engine.num_unfinished == 0
-    assert results == {name: shortest for name in results}
-
-
 @contextlib.contextmanager
 def backend_compiles():
     """A list of the XLA compilations that run inside the block: their durations, and a
