@@ -213,13 +213,6 @@ def test_bad_batch_axes_are_errors_before_the_shard_map(batch, batch_axes, messa
         sharding.sequence_parallel_attention(q, k, v, mesh=mesh, batch_axes=batch_axes)
 
 
-def test_non_bool_causal_is_an_error():
-    q, k, v = zeros_qkv(1, 16, 2, 2, 8)
-    with pytest.raises(TypeError, match=r"causal must be a bool; got 'yes'"):
-        sharding.sequence_parallel_attention(q, k, v, mesh=sharding.make_mesh(sequence=8),
-                                             causal="yes")
-
-
 def test_numpy_bool_causal_is_taken_and_means_causal():
     # a flag read from a numpy config or array (np.bool_) is a bool; fftconv takes it too
     q, k, v, _ = make_qkv(2, 16, 4, 2, 8)
@@ -246,11 +239,15 @@ def test_sp_presets_split_sequence_dimensions_over_the_sequence_axis():
             P(("data", "fsdp"), "sequence", None)
 
 
-def test_sequence_parallel_attention_rejects_an_unknown_impl():
+@pytest.mark.parametrize("kwargs, error, message", [
+    (dict(impl="tree"), ValueError, r"impl must be one of \('ring', 'ulysses'\); got 'tree'"),
+    (dict(causal="yes"), TypeError, r"causal must be a bool; got 'yes'"),
+])
+def test_sequence_parallel_attention_rejects_bad_arguments(kwargs, error, message):
     q, k, v = zeros_qkv(1, 16, 2, 2, 8)
-    with pytest.raises(ValueError, match=r"impl must be one of \('ring', 'ulysses'\); got 'tree'"):
+    with pytest.raises(error, match=message):
         sharding.sequence_parallel_attention(q, k, v, mesh=sharding.make_mesh(sequence=8),
-                                             impl="tree")
+                                             **kwargs)
 
 
 def test_communication_volume_formulas():
