@@ -9,6 +9,14 @@ Implementations, all on the same inputs in the same process:
   jax_nn_xla               jax.nn.dot_product_attention(implementation="xla")
   jax_nn_cudnn             jax.nn.dot_product_attention(implementation="cudnn") (GPU only)
   jax_pallas_mha           jax.experimental.pallas.ops.gpu.attention.mha (Triton; GPU only)
+  pallas_mgpu              flash_attention(backend="pallas_mgpu"): our Mosaic GPU (Hopper) forward
+                           with its default tiles (two consumer warpgroups + a TMA producer), Triton
+                           backward (GPU only: interpreted on a CPU it takes seconds a tile)
+  pallas_mgpu_1wg          the same kernel with one warpgroup issuing its own copies (GPU only)
+  jax_mgpu                 jax.experimental.pallas.ops.gpu.attention_mgpu (jax's FlashAttention-3
+                           in Mosaic GPU; GPU only): the peer that says what Mosaic can reach. It
+                           takes float16 only (jax 0.10): its inputs are cast before timing (the
+                           same tensor-core rate as bfloat16); no causal backward there
 
 Shapes follow FlashAttention-2's benchmark: batch x S = 16K tokens and Hq = 2048 / D heads on a
 GPU (smaller on CPU). FLOPs count the matmuls a dense kernel would do on the visible part of the
@@ -16,7 +24,7 @@ score matrix: forward 4·B·H·S²·D (halved, exactly (S+1)/2S, when causal), f
 that (FA2's convention: the backward does 5 matmuls to the forward's 2). Every implementation is
 credited with the same count, so TFLOP/s ratios are speed ratios. ``speedup_vs_<peer>`` is
 time(peer) / time(impl) on the same row settings, for each peer that ran: jax_nn_xla,
-jax_nn_cudnn and jax_pallas_mha. A failed configuration (e.g. out of memory for
+jax_nn_cudnn, jax_pallas_mha and jax_mgpu. A failed configuration (e.g. out of memory for
 the reference at 16K) is recorded with its error and skipped. fwd_bwd programs return the forward
 output beside the gradients, as a train step uses both. The JSON is rewritten after every row.
 
@@ -49,8 +57,16 @@ from experiments.common import RESULTS, environment, plot_curves, print_table, w
 from jaxinfer.models.attention import paged_attention
 from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from kernels_pallas import flash_attention, paged_decode_attention, ragged_paged_attention
+from kernels_pallas.attention import BlockSizes
 
 OURS = ("xla", "pallas", "reference")
+# Our Mosaic GPU variants: name -> flash_attention options (block_sizes None: the table's default).
+MGPU_VARIANTS = {
+    "pallas_mgpu": {},
+    "pallas_mgpu_1wg": {"block_sizes": BlockSizes(block_q=64, block_k=64, block_q_bwd=64,
+                                                   block_k_bwd=64, num_stages=2,
+                                                   num_consumers=1)},
+}
 
 
 def our_impls(args) -> tuple[str, ...]:
@@ -89,6 +105,18 @@ def attention_fn(impl: str, causal: bool, **options):
     """(q, k, v) -> out for one implementation name (see the module docstring)."""
     if impl in OURS:
         return lambda q, k, v: flash_attention(q, k, v, causal=causal, backend=impl, **options)
+    if impl in MGPU_VARIANTS:
+        options = {**MGPU_VARIANTS[impl], **options}
+        return lambda q, k, v: flash_attention(q, k, v, causal=causal, backend="pallas_mgpu",
+                                               **options)
+    if impl == "jax_mgpu":
+        from jax.experimental.pallas.ops.gpu import attention_mgpu
+
+        # its backward (non-causal only in jax 0.10) needs the backward tiles set
+        config = attention_mgpu.TuningConfig(block_q=64, block_kv=128, max_concurrent_steps=2,
+                                             causal=causal, block_q_dkv=64, block_kv_dkv=64,
+                                             block_q_dq=64, block_kv_dq=64)
+        return lambda q, k, v: attention_mgpu.attention(q, k, v, config)
     if impl.startswith("jax_nn_"):
         which = impl.removeprefix("jax_nn_")
         return lambda q, k, v: jax.nn.dot_product_attention(q, k, v, is_causal=causal,
@@ -122,7 +150,7 @@ def attention_flops(batch: int, heads: int, t: int, s: int, d: int, causal: bool
 def default_impls(platform: str) -> list[str]:
     impls = ["xla", "pallas", "reference", "jax_nn_xla"]
     if platform == "gpu":
-        impls += ["jax_nn_cudnn", "jax_pallas_mha"]
+        impls += ["jax_nn_cudnn", "jax_pallas_mha", *MGPU_VARIANTS, "jax_mgpu"]
     return impls
 
 
@@ -262,7 +290,8 @@ def main() -> None:
     rng = np.random.default_rng(0)
     dtype = jnp.dtype(args.dtype)
     rows = []
-    peers = [p for p in ("jax_nn_xla", "jax_nn_cudnn", "jax_pallas_mha") if p in args.impls]
+    peers = [p for p in ("jax_nn_xla", "jax_nn_cudnn", "jax_pallas_mha", "jax_mgpu")
+             if p in args.impls]
     out = Path(args.out)
     record = {"experiment": "bench_attention", "quick": args.quick, **environment(),
               "settings": vars(args), "flops_convention": "fwd 4*B*H*visible*D; fwd_bwd 3.5x",
@@ -286,11 +315,13 @@ def main() -> None:
                     for impl in args.impls:
                         row = {"mask": mask, "D": d, "S": s, "batch": batch, "heads": heads,
                                "mode": mode, "impl": impl}
-                        attend = attention_fn(impl, causal)
-                        fn = jax.jit(attend if mode == "fwd" else with_backward(attend))
                         inputs = (q, k, v) if mode == "fwd" else (q, k, v, ct)
+                        if impl == "jax_mgpu":  # its shared-memory tiles are float16 (jax 0.10)
+                            inputs = tuple(x.astype(jnp.float16) for x in inputs)
                         rows.append(row)
-                        try:
+                        try:  # building a peer may fail too (a jax version's changed API)
+                            attend = attention_fn(impl, causal)
+                            fn = jax.jit(attend if mode == "fwd" else with_backward(attend))
                             times = timed(fn, inputs, args.reps)
                         except Exception as e:  # noqa: BLE001  (OOM, unsupported shape...)
                             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"

@@ -2,9 +2,9 @@
 # One lent-GPU session: kernel correctness on the GPU (the kernel tests, compiled, not interpreted),
 # then the benchmark tables. Everything lands in $OUT (default: experiments/results/gpu).
 #   PYTHONPATH=. bash experiments/gpu_session.sh [section ...]   # sections: env tests attention
-#                                                                #   tune attention128 sparse
-#                                                                #   generate quant fftconv
-#                                                                #   train_mfu serving
+#                                                                #   attention_mgpu tune
+#                                                                #   attention128 sparse generate
+#                                                                #   quant fftconv train_mfu serving
 #
 # Plan for a 15-minute lease (device time includes the machine's start-up, a few minutes): two
 # commands of about 330 s each, so that both fit beside a start-up of up to ~4 minutes:
@@ -13,6 +13,9 @@
 # Each section's budget is its timeout below, and every script writes its JSON before that fires
 # (after every row, or by its own --budget-s / --deadline-s), so a timeout loses only the tail:
 #   env 20 | tests 115 (collect 25, run 85 + 5 to print) | attention 130 | tune 65
+#   attention_mgpu 65 (our Mosaic GPU forward, both variants, beside cuDNN and jax's own Mosaic
+#   FlashAttention-3 at S 4K/16K, D 128; same budget as tune, so it can take tune's place in the
+#   first command: "env tests attention attention_mgpu")
 #   quant 45 (--budget-s 25) | fftconv 55 (--deadline-s 45) | train_mfu 75 | serving 150
 # Estimates from the H200 run of 2026-11-28: compiles dominate (attention's 60 programs time only
 # ~10 s at 10 reps), so reps are cut to 5, and serving to 32 requests of 64-128 new tokens.
@@ -53,6 +56,11 @@ for section in "${sections[@]}"; do
         --head-dims 128 --masks causal full --reps 5 \
         --impls pallas xla jax_nn_xla jax_nn_cudnn jax_pallas_mha \
         --out "$OUT/bench_attention.json" ;;
+    attention_mgpu)  # issue 3: Mosaic GPU vs cuDNN (rows are written as they finish)
+      timeout 65 python3 -m experiments.bench_attention --seq-lens 4096 16384 --head-dims 128 \
+        --masks causal full --reps 5 --no-paged --no-ragged \
+        --impls pallas_mgpu jax_nn_cudnn pallas_mgpu_1wg jax_mgpu \
+        --out "$OUT/bench_attention_mgpu.json" ;;
     tune)
       timeout 65 python3 -m experiments.tune_attention --reps 5 --out "$OUT/tune_attention.json" ;;
     attention128)

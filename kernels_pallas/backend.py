@@ -12,7 +12,9 @@ def resolve_backend(backend: str, *, tpu_kernel: bool = False) -> tuple[str, boo
     kernel (``tpu_kernel``). "auto" is the Pallas kernel on GPU (and on TPU where the op has one)
     and the XLA path elsewhere. "pallas" is the platform's kernel: Triton on GPU, Mosaic on TPU, and
     on a CPU the Triton kernel in interpret mode (how the tests exercise kernel code). "pallas_tpu"
-    forces the Mosaic kernel, interpreted off a TPU, so CPU tests reach it too."""
+    forces the Mosaic kernel, interpreted off a TPU, so CPU tests reach it too. "pallas_mgpu" (ops
+    with a Mosaic GPU kernel, for Hopper) runs it compiled on a GPU and in GPU interpret mode
+    elsewhere; "auto" never picks it (until a GPU measurement shows it faster than Triton)."""
     platform = jax.default_backend()
     if backend == "auto":
         backend = "pallas" if platform == "gpu" or (platform == "tpu" and tpu_kernel) else "xla"
@@ -26,4 +28,6 @@ def resolve_backend(backend: str, *, tpu_kernel: bool = False) -> tuple[str, boo
         return "pallas", platform != "gpu"
     if backend == "pallas_tpu":
         return "pallas_tpu", platform != "tpu"
+    if backend == "pallas_mgpu":
+        return "pallas_mgpu", platform != "gpu"
     return backend, False

@@ -12,6 +12,11 @@ One function, several implementations (DESIGN.md):
 * ``pallas_tpu`` (``pallas_tpu.py``): the same algorithm as Mosaic kernels for TPUs (the KV loop
   is the grid's sequential axis, softmax state in VMEM scratch); what ``pallas`` and ``auto`` run
   on a TPU. Named explicitly it runs interpreted off a TPU, which is how CPU tests reach it.
+* ``pallas_mgpu`` (``pallas_mgpu.py``): ``flash_attention`` only. A Mosaic GPU forward for Hopper
+  (wgmma on shared-memory tiles, a TMA-fed K/V pipeline), bfloat16/float16, D <= 128, causal,
+  local windows, soft-cap, GQA, no segment ids; the backward reuses the Triton kernels of
+  ``pallas_gpu.py``. Off a GPU it runs in jax's GPU interpret mode (how the tests reach it).
+  Opt-in: ``auto`` does not pick it until a GPU measurement shows it faster than Triton.
 * ``auto``: pallas on GPU and TPU, xla on CPU.
 
 ``paged_decode_attention`` follows the same pattern: ``reference.py`` (gather every page, dense
@@ -35,9 +40,9 @@ import dataclasses
 import jax.numpy as jnp
 
 from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu, paged_xla,
-                                      pallas_gpu, pallas_tpu, ragged_blocks, ragged_pallas_gpu,
-                                      ragged_pallas_tpu, ragged_reference, ragged_xla, reference,
-                                      tiling, xla)
+                                      pallas_gpu, pallas_mgpu, pallas_tpu, ragged_blocks,
+                                      ragged_pallas_gpu, ragged_pallas_tpu, ragged_reference,
+                                      ragged_xla, reference, tiling, xla)
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
@@ -68,10 +73,14 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
       logit_softcap: scores become cap * tanh(scores / cap) (after scaling), as in Gemma 2.
       return_lse: also return the float32 log-sum-exp of the (scaled, capped) scores
         [batch, T, Hq]; gradients flow through it too (``merge_attention``, ring attention).
-      backend: "reference" | "xla" | "pallas" | "pallas_tpu" | "auto" (pallas on GPU and TPU,
-        xla on CPU).
+      backend: "reference" | "xla" | "pallas" | "pallas_tpu" | "pallas_mgpu" | "auto" (pallas on
+        GPU and TPU, xla on CPU). "pallas_mgpu" is the Mosaic GPU forward for Hopper (Triton
+        backward): bfloat16/float16 only (float32 is refused, not cast: wgmma takes 16-bit
+        inputs), D <= 128, no segment_ids (ValueError).
       block_q, block_k: tile sizes (forward and backward); None takes the backend's defaults
-        from ``DEFAULT_BLOCK_SIZES``. Pallas needs powers of two >= 16.
+        from ``DEFAULT_BLOCK_SIZES``. Pallas needs powers of two >= 16; pallas_mgpu's forward
+        takes 64 or 128 (its block_sizes.num_stages and num_consumers set the K/V pipeline depth
+        and the warpgroups per program).
       block_sizes: a whole ``BlockSizes`` (every kernel's tiles and Triton's warps and stages)
         in place of the backend's default; block_q / block_k still override its tiles.
 
@@ -81,7 +90,8 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
       lse = -inf, and zero gradients.
     """
     checks.check_qkv(q, k, v)
-    checks.check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend)
+    checks.check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
+                         backends=checks.FLASH_BACKENDS)
     window = checks.check_window(local_window)
     batch, t, _, d = q.shape
     s = k.shape[1]
@@ -108,7 +118,12 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
         if block_k is not None:
             blocks = dataclasses.replace(blocks, block_k=block_k, block_k_bwd=block_k,
                                          block_k_dq=block_k)
-        if impl == "xla":
+        if impl == "pallas_mgpu":
+            checks.check_mgpu(q, segments=q_ids is not None, blocks=blocks)
+            out, lse = pallas_mgpu.flash_attention(q, k, v, spec=spec, scale=scale,
+                                                   softcap=softcap, blocks=blocks,
+                                                   interpret=interpret)
+        elif impl == "xla":
             out, lse = xla.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
                                            softcap=softcap, block_q=blocks.block_q,
                                            block_k=blocks.block_k)

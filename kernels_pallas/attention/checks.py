@@ -15,6 +15,8 @@ from kernels_pallas.attention.tiling import BlockSizes
 
 # every attention op has a TPU (Mosaic) kernel besides the Triton one
 BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_tpu")
+# flash_attention alone also has a Mosaic GPU (Hopper) forward
+FLASH_BACKENDS = BACKENDS + ("pallas_mgpu",)
 DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
 
 
@@ -105,7 +107,8 @@ def check_window(local_window):
     return (int(local_window[0]), int(local_window[1]))
 
 
-def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend) -> None:
+def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
+                  backends: tuple[str, ...] = BACKENDS) -> None:
     if not isinstance(causal, bool):
         raise TypeError(f"causal must be a bool; got {causal!r}")
     if not isinstance(return_lse, bool):
@@ -118,8 +121,8 @@ def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend) -> 
                                           and math.isfinite(logit_softcap)):
         raise ValueError(f"logit_softcap must be None or a finite Python number > 0; "
                          f"got {logit_softcap!r}")
-    if backend not in BACKENDS:
-        raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
+    if backend not in backends:
+        raise ValueError(f"backend must be one of {backends}; got {backend!r}")
 
 
 def check_block(name: str, block, *, pallas: bool, minimum: int) -> None:
@@ -130,6 +133,33 @@ def check_block(name: str, block, *, pallas: bool, minimum: int) -> None:
     if pallas and (block < minimum or block & (block - 1)):
         raise ValueError(f"{name} must be a power of two >= {minimum} for the Pallas backend "
                          f"(Triton tiles); got {block}")
+
+
+def check_mgpu(q, *, segments: bool, blocks: BlockSizes) -> None:
+    """What the Mosaic GPU forward (``pallas_mgpu.py``) takes beyond flash_attention's rules:
+    16-bit inputs (wgmma), D <= 128, no segment ids (not implemented there),
+    block_q 64 or 128, block_k 64 or 128, num_stages >= 1 and num_consumers 1 or 2."""
+    if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
+        raise ValueError(f"backend='pallas_mgpu' needs bfloat16 or float16 q, k, v (wgmma takes "
+                         f"16-bit inputs); got {q.dtype}; cast them, or use backend='pallas'")
+    if q.shape[3] > 128:
+        raise ValueError(f"backend='pallas_mgpu' supports head dims up to 128; got D={q.shape[3]}; "
+                         f"use backend='pallas'")
+    if segments:
+        raise ValueError("backend='pallas_mgpu' does not support segment_ids; use "
+                         "backend='pallas' (Triton) or 'xla'")
+    if blocks.block_q not in (64, 128):
+        raise ValueError(f"block_q must be 64 or 128 for backend='pallas_mgpu' (wgmma rows of one "
+                         f"warpgroup); got {blocks.block_q}")
+    if blocks.block_k not in (64, 128):
+        raise ValueError(f"block_k must be 64 or 128 for backend='pallas_mgpu' (128-byte swizzled "
+                         f"K^T tiles); got {blocks.block_k}")
+    if not _is_int(blocks.num_stages) or blocks.num_stages < 1:
+        raise ValueError(f"block_sizes.num_stages must be a positive int for "
+                         f"backend='pallas_mgpu'; got {blocks.num_stages!r}")
+    if blocks.num_consumers not in (1, 2):
+        raise ValueError(f"block_sizes.num_consumers must be 1 or 2 for backend='pallas_mgpu' "
+                         f"(compute warpgroups per program); got {blocks.num_consumers!r}")
 
 
 def check_block_sizes(blocks, *, pallas: bool) -> None:

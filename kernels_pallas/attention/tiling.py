@@ -33,6 +33,11 @@ MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 class BlockSizes:
     """Tiles and Triton launch settings of the three attention kernels.
 
+    The Mosaic GPU forward ("pallas_mgpu") reads block_q, block_k, num_stages (its TMA pipeline
+    depth: K/V tiles in flight) and num_consumers (compute warpgroups per program, each with its
+    own block_q rows; 2 adds a third warpgroup that only issues the TMA copies, FlashAttention-3's
+    warp specialization); its backward is the Triton one and reads the rest.
+
     Forward tiles are (block_q x block_k), the dk/dv kernel's (block_q_bwd x block_k_bwd) and the dq
     kernel's (block_q_dq x block_k_dq), which default to the dk/dv ones. The backward kernels like
     asymmetric tiles: dk/dv holds a KV tile and streams narrow q tiles, dq the reverse. num_warps
@@ -48,6 +53,7 @@ class BlockSizes:
     num_warps_bwd: int | None = None
     num_stages: int = 2
     num_stages_bwd: int = 2
+    num_consumers: int = 1
 
     @property
     def dq(self) -> tuple[int, int]:
@@ -64,14 +70,21 @@ DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
     "pallas_gpu_wide": BlockSizes(block_q=64, block_k=32, block_q_bwd=32, block_k_bwd=32),
     # MXU-sized tiles; the Mosaic kernels use the forward tiles for the backward too.
     "pallas_tpu": BlockSizes(block_q=128, block_k=128, block_q_bwd=128, block_k_bwd=128),
+    # Mosaic GPU (Hopper) forward, FlashAttention-3's layout: two consumer warpgroups of 64 q rows
+    # each and a TMA producer warpgroup, 128-wide K/V tiles double-buffered (160 KiB of shared
+    # memory at D = 128: one program per SM). Untuned: jax's attention_mgpu defaults until a GPU
+    # session measures ours. The backward runs the Triton kernels with pallas_gpu's *_bwd tiles.
+    "pallas_mgpu": BlockSizes(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64,
+                              num_stages=2, num_consumers=2),
 }
 PALLAS_WIDE_HEAD_DIM = 256  # padded head dims at or above this use "pallas_gpu_wide"
 PALLAS_MIN_BLOCK = 16  # Triton's dot needs every operand dimension >= 16
 
 
 def default_block_sizes(backend: str, head_dim: int) -> BlockSizes:
-    """The table entry for ``backend`` ("xla", "pallas" or "pallas_tpu") at this head dim."""
-    if backend in ("xla", "pallas_tpu"):
+    """The table entry for ``backend`` ("xla", "pallas", "pallas_tpu" or "pallas_mgpu") at this
+    head dim."""
+    if backend in ("xla", "pallas_tpu", "pallas_mgpu"):
         return DEFAULT_BLOCK_SIZES[backend]
     if padded_head_dim(head_dim) >= PALLAS_WIDE_HEAD_DIM:
         return DEFAULT_BLOCK_SIZES["pallas_gpu_wide"]

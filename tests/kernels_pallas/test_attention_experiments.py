@@ -25,3 +25,13 @@ def test_tune_attention_quick_mode_checks_every_variant_against_the_reference(tm
     rows = record["forward"] + record["backward"] + record["paged_decode"]
     assert rows and all("error" not in r for r in rows), rows
     assert max(r["max_rel_err"] for r in rows) < 1e-5  # float32 on CPU: reordered sums only
+
+
+def test_bench_attention_measures_the_mosaic_gpu_kernels_only_on_a_gpu():
+    """The Mosaic GPU variants (and jax's own, their peer) are GPU rows: interpreted on a CPU
+    they would time the interpreter for minutes."""
+    from experiments import bench_attention
+
+    gpu, cpu = bench_attention.default_impls("gpu"), bench_attention.default_impls("cpu")
+    assert {"pallas_mgpu", "pallas_mgpu_1wg", "jax_mgpu", "jax_nn_cudnn"} <= set(gpu)
+    assert not {"pallas_mgpu", "pallas_mgpu_1wg", "jax_mgpu"} & set(cpu)
