@@ -102,6 +102,18 @@ def padded_head_dim(head_dim: int) -> int:
                      f"got D={head_dim}; use backend='pallas' or 'xla'")
 
 
+SMEM_LIMIT = 227 * 1024  # shared memory one Hopper CTA may take (H100/H200)
+SMEM_SLACK = 4096  # barriers, alignment and reduction scratch (~2.7 KiB measured by lowering)
+
+
+def smem_bytes(head_dim: int, block_q: int, block_k: int, stages: int, consumers: int) -> int:
+    """Shared memory of one compiled program: q/out tiles per consumer, K^T and V per slot, the
+    float32 lse rows, and slack. Mosaic's own check fires only when the kernel is lowered; this
+    one lets dispatch refuse an oversized pipeline with a message that says what to change."""
+    tiles = consumers * block_q * head_dim + 2 * stages * block_k * head_dim  # 16-bit elements
+    return 2 * tiles + 4 * consumers * block_q + SMEM_SLACK
+
+
 def interpret_params():
     """GPU interpret mode's parameters: public ``plgpu.InterpretGPUParams`` where the jax version
     exports it, else the private class of jax 0.10."""
@@ -124,6 +136,11 @@ def flash_attention(q, k, v, *, spec: MaskSpec, scale: float, softcap: float | N
     t_pad = tiling.cdiv(spec.t, bq * cw) * bq * cw
     s_pad = tiling.cdiv(spec.s, bk) * bk
     stages = max(1, min(blocks.num_stages, s_pad // bk))  # no more slots than KV blocks
+    need = smem_bytes(padded_head_dim(q.shape[3]), bq, bk, stages, cw)
+    if need > SMEM_LIMIT:
+        raise ValueError(f"backend='pallas_mgpu': block_q={bq}, block_k={bk}, num_stages={stages}, "
+                         f"num_consumers={cw} at D={q.shape[3]} need {need} bytes of shared memory "
+                         f"per program, over Hopper's {SMEM_LIMIT}; lower num_stages or block_k")
     cfg = _Config(spec, scale, softcap, bq, bk, stages, cw, t_pad, s_pad,
                   q.shape[2] // k.shape[2], interpret)
     return _attend(q, k, v, cfg, blocks)
@@ -141,7 +158,10 @@ def _kv_bounds(cfg: _Config) -> tuple[jax.Array, jax.Array]:
     full_lo, full_hi = tiling.loop_bounds(full)
     has_full = full.any(-1)  # rows without full tiles run their whole range masked
     full_lo, full_hi = jnp.where(has_full, full_lo, hi), jnp.where(has_full, full_hi, hi)
-    union = jnp.stack([lo.reshape(-1, cfg.consumers).min(-1),
+    # A q block of padding alone visits nothing (lo = hi = 0): it must not pull the union's start
+    # back to block 0 (a local window would then stream every earlier KV block).
+    lo_seen = jnp.where(hi > lo, lo, cfg.s_pad // cfg.block_k)
+    union = jnp.stack([lo_seen.reshape(-1, cfg.consumers).min(-1),
                        hi.reshape(-1, cfg.consumers).max(-1)])  # [2, programs]
     # lo <= full_lo <= full_hi <= hi on the union, so the three loops tile it exactly
     full_lo = jnp.maximum(full_lo, jnp.repeat(union[0], cfg.consumers))
@@ -210,7 +230,7 @@ def _consume(cfg: _Config, refs, wg, fetch, release, schedule=None):
                 pingpong()
             return acc_ref[...]  # waits for the wgmma
 
-        s = pl.run_scoped(qk, plgpu.WGMMAAccumulatorRef((bq, bk), jnp.float32))  # [bq, bk]
+        s = pl.run_scoped(qk, plgpu.ACC((bq, bk), jnp.float32))  # [bq, bk]
         release(slot, "k")
         if cfg.softcap is None:
             s = s * (cfg.scale * LOG2E)
@@ -225,6 +245,10 @@ def _consume(cfg: _Config, refs, wg, fetch, release, schedule=None):
         m_new = jnp.maximum(m, s.max(axis=1))
         alpha = jnp.exp2(m - m_new)
         p = jnp.exp2(s - lax.broadcast_in_dim(m_new, s.shape, [0]))
+        if masked and mask is not None:
+            # A row with every score of the tile masked has m_new = MASK_VALUE and p = 1: the
+            # next visible tile's alpha = 0 would wipe it, unless summing V rows overflowed.
+            p = jnp.where(mask, p, 0.0)
         l = l * alpha + p.sum(axis=1)
         acc = acc * lax.broadcast_in_dim(alpha, acc.shape, [0])
         p16 = p.astype(dtype)  # wgmma takes one input dtype
@@ -244,11 +268,11 @@ def _consume(cfg: _Config, refs, wg, fetch, release, schedule=None):
                 plgpu.wgmma(acc_ref, p16, v_smem.at[slot])
                 return acc_ref[...]
 
-            fresh = plgpu.WGMMAAccumulatorRef((bq, acc.shape[1]), jnp.float32)
+            fresh = plgpu.ACC((bq, acc.shape[1]), jnp.float32)
             acc = acc + pl.run_scoped(pv, fresh)
         else:  # accumulate in place: no second [bq, D] float32 tile in registers
             acc = pl.run_state(lambda acc_ref: plgpu.wgmma(acc_ref, p16, v_smem.at[slot]))(
-                plgpu.WGMMAAccumulatorRef.init(acc))
+                plgpu.ACC.init(acc))
         release(slot, "v")
         if fetch is not None:
             @pl.when(j + stages < hi)  # the slot's matmuls are done: refill it

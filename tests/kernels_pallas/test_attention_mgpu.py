@@ -132,6 +132,44 @@ def test_pallas_mgpu_unsupported_inputs_raise_value_error(q, kv, kwargs, match):
         flash_attention(q, kv, kv, backend="pallas_mgpu", **kwargs)
 
 
+def test_pallas_mgpu_refuses_a_pipeline_over_hopper_shared_memory():
+    """Three 128-wide K/V slots beside two consumers' q tiles at D = 128 need ~229 KiB; Mosaic's
+    lowering measured 232,568 bytes against its 232,448 limit. Refused at dispatch, not in Mosaic."""
+    q = jnp.zeros((1, 512, 2, 128), jnp.bfloat16)
+    kv = jnp.zeros((1, 512, 1, 128), jnp.bfloat16)
+    blocks = BlockSizes(64, 128, 64, 64, num_stages=3, num_consumers=2)
+    with pytest.raises(ValueError, match=r"need \d+ bytes of shared memory .*lower num_stages"):
+        flash_attention(q, kv, kv, backend="pallas_mgpu", block_sizes=blocks)
+
+
+def test_pallas_mgpu_masked_columns_add_nothing_even_when_v_is_huge():
+    """A consumer walks tiles that are fully masked for its rows (the other consumer's, under a
+    window); their columns must carry p = 0, not exp2(0) = 1 times V (3e37 rows overflow f32)."""
+    q, k = (jax.random.normal(jax.random.key(i), (1, 128, 1, 64)).astype(jnp.bfloat16)
+            for i in range(2))
+    v = jnp.full((1, 128, 1, 64), 3e37, jnp.bfloat16)
+    blocks = BlockSizes(64, 64, 64, 64, num_stages=2, num_consumers=2)
+    out = flash_attention(q, k, v, local_window=(0, 0), backend="pallas_mgpu", block_sizes=blocks)
+    ref = flash_attention(q, k, v, local_window=(0, 0), backend="reference")
+    assert np.isfinite(np.asarray(out, np.float32)).all()
+    assert rel_err(out, ref) < BF16_TOL
+
+
+def test_pallas_mgpu_padding_q_block_does_not_widen_its_programs_kv_range():
+    """A q block of padding alone visits no KV block; under a local window the program's union of
+    KV blocks must still start at its real block's window, not at block 0."""
+    from kernels_pallas.attention import pallas_mgpu, tiling
+    t = s = 4160  # the last program pairs one real q block with one of padding
+    spec = tiling.MaskSpec(t, s, True, (256, 0), False)
+    bq, bk, consumers = 64, 128, 2
+    cfg = pallas_mgpu._Config(spec, 1.0, None, bq, bk, 2, consumers,
+                              tiling.cdiv(t, bq * consumers) * bq * consumers,
+                              tiling.cdiv(s, bk) * bk, 1, True)
+    _, union = pallas_mgpu._kv_bounds(cfg)
+    steps = np.asarray(union[1] - union[0])
+    assert steps.max() <= 4, steps  # a 256-key window over 64 + 64 rows spans <= 4 blocks of 128
+
+
 def test_other_attention_ops_refuse_the_flash_only_pallas_mgpu_backend():
     pages = jnp.zeros((4, 16, 1, 64), jnp.bfloat16)
     with pytest.raises(ValueError, match=r"backend must be one of .*; got 'pallas_mgpu'"):
@@ -149,6 +187,7 @@ def test_auto_keeps_triton_on_gpu_and_pallas_mgpu_is_interpreted_off_gpu(monkeyp
 @pytest.mark.parametrize("causal,block_q,block_k,stages,consumers,options", [
     (True, None, None, None, None, {}),  # block_sizes=None: the table's default (warp-specialized)
     (False, 64, 128, 2, 2, {}),
+    (False, 128, 128, 2, 2, {}),  # the largest pipeline dispatch accepts at D = 128 (~197 KiB)
     (True, 64, 64, 3, 1, dict(local_window=(1000, 0), logit_softcap=30.0)),  # one warpgroup
 ])
 def test_pallas_mgpu_forward_and_grad_lower_for_cuda_at_4k(causal, block_q, block_k, stages,
