@@ -16,13 +16,11 @@ from typing import Any, Mapping
 
 from jaxinfer.config_checks import (check_bools, check_finite, check_token_ids, is_int,
                                     normalize_fields, token_ids_to_tuple)
+# RopeScaling and the rope constants live in config_rope; they are part of this module's API
+from jaxinfer.config_rope import (ROPE_TYPE_FIELDS, SUPPORTED_ROPE_TYPES,  # noqa: F401
+                                  RopeScaling, hf_rope_fields)
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
-SUPPORTED_ROPE_TYPES = ("default", "linear", "llama3")
-# The RopeScaling fields each rope type reads (what to_hf_config writes for it).
-ROPE_TYPE_FIELDS = {"default": (), "linear": ("factor",),
-                    "llama3": ("factor", "low_freq_factor", "high_freq_factor",
-                               "original_max_position_embeddings")}
 # What transformers' config classes (Llama/Mistral/Mixtral/Qwen2Config) assume for a key that
 # config.json omits, so that an absent key means here what it means to transformers.
 # num_key_value_heads None: as many KV heads as query heads (multi-head attention).
@@ -37,56 +35,12 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
                   rms_norm_eps=1e-6, sliding_window=4096, max_window_layers=28,
                   bos_token_id=None, eos_token_id=None),
 }
+# hidden_act values that mean SiLU; to_hf_config writes "silu"
+SILU_NAMES = ("silu", "swish")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
 ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas")  # see kernels_pallas.flash_attention
 SEQUENCE_PARALLEL_IMPLS = ("ring", "ulysses")
 REMAT_MODES = ("none", "full", "dots")  # see LlamaConfig.remat
-
-
-@dataclasses.dataclass(frozen=True)
-class RopeScaling:
-    """Rotary-frequency rescaling for context extension (HF `rope_parameters` / `rope_scaling`)."""
-
-    rope_type: str = "default"
-    factor: float = 1.0
-    low_freq_factor: float = 1.0
-    high_freq_factor: float = 4.0
-    original_max_position_embeddings: int = 8192
-
-    def __post_init__(self) -> None:
-        if self.rope_type not in SUPPORTED_ROPE_TYPES:
-            raise ValueError(f"rope_scaling type {self.rope_type!r} is not supported; expected one "
-                             f"of {SUPPORTED_ROPE_TYPES}")
-        floats = ("factor", "low_freq_factor", "high_freq_factor")
-        normalize_fields(self, ("original_max_position_embeddings",), floats, ())
-        for name in floats:
-            check_finite(f"rope_scaling {name}", getattr(self, name))
-        original = self.original_max_position_embeddings
-        if not is_int(original) or original <= 0:
-            raise (ValueError if is_int(original) else TypeError)(
-                f"rope_scaling original_max_position_embeddings must be a positive integer; "
-                f"got {original!r}")
-        # llama3 blends over (high - low); equal factors divide by zero (transformers warns)
-        if self.rope_type == "llama3" and not self.high_freq_factor > self.low_freq_factor:
-            raise ValueError(f"rope_scaling high_freq_factor must be > low_freq_factor for llama3; "
-                             f"got high_freq_factor={self.high_freq_factor} and "
-                             f"low_freq_factor={self.low_freq_factor}")
-
-    @classmethod
-    def from_dict(cls, d: Mapping[str, Any]) -> RopeScaling:
-        """From a Hugging Face style dict ({"rope_type": "linear", "factor": 2.0}; the 4.x key
-        "type" is read as rope_type). Keys that are not RopeScaling fields are refused, rope_theta
-        included: it is the config's own field."""
-        d = dict(d)
-        rope_type = d.pop("rope_type", None)
-        legacy_type = d.pop("type", None)
-        fields = [f.name for f in dataclasses.fields(cls) if f.name != "rope_type"]
-        unknown = sorted(str(k) for k in d if k not in fields)
-        if unknown:
-            raise ValueError(f"rope_scaling has unknown key(s) {unknown}; expected rope_type and "
-                             f"some of {fields}")
-        rope_type = rope_type if rope_type is not None else legacy_type
-        return cls(rope_type="default" if rope_type is None else rope_type, **d)
 
 
 def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
@@ -123,8 +77,9 @@ def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     if missing:
         raise ValueError(f"config.json: missing required field(s) {missing}")
     act = hf.get("hidden_act", "silu")
-    if act != "silu":
-        raise ValueError(f"config.json: hidden_act must be 'silu' for {model_type}; got {act!r}")
+    if act not in SILU_NAMES:  # transformers' ACT2FN maps both names to nn.SiLU
+        raise ValueError(f"config.json: hidden_act must be 'silu' for {model_type}; got {act!r} "
+                         f"(its alias 'swish' is accepted too)")
     max_positions = hf.get("max_position_embeddings", defaults["max_position_embeddings"])
     kv_heads = hf.get("num_key_value_heads", defaults["num_key_value_heads"])
     if model_type == "qwen2":
@@ -134,28 +89,8 @@ def hf_decoder_fields(hf: Mapping[str, Any], model_type: str) -> dict[str, Any]:
     else:  # Mistral's and Mixtral's apply to every layer
         sliding_window = hf.get("sliding_window", defaults["sliding_window"])
 
-    # transformers 5 folds theta and scaling into rope_parameters; 4.x has rope_theta and
-    # rope_scaling, which win where both are present (as in transformers)
-    rope = dict(hf.get("rope_parameters") or {})
-    legacy = hf.get("rope_scaling") or {}
-    # numbers pass through as config.json has them: LlamaConfig's checks name a wrong one
-    rope_theta = hf.get("rope_theta", rope.get("rope_theta", defaults["rope_theta"]))
-    scaling = {**{k: v for k, v in rope.items() if k != "rope_theta"}, **legacy}
-    rope_type = scaling.get("rope_type", scaling.get("type", "default"))
-    if rope_type == "llama3" and "original_max_position_embeddings" not in scaling:
-        # transformers falls back to the model's own context length
-        scaling["original_max_position_embeddings"] = hf.get(
-            "original_max_position_embeddings", max_positions)
-    rope_scaling = None
-    if rope_type != "default":
-        fields = {f.name for f in dataclasses.fields(RopeScaling)}
-        try:
-            rope_scaling = RopeScaling(
-                rope_type=rope_type,
-                **{k: v for k, v in scaling.items() if k in fields and k != "rope_type"},
-            )
-        except ValueError as e:
-            raise ValueError(f"config.json: {e}") from None
+    rope_theta, rope_scaling = hf_rope_fields(hf, max_positions=max_positions,
+                                              default_theta=defaults["rope_theta"])
 
     # HF's Mistral, Mixtral and Qwen2 classes ignore attention_bias / mlp_bias; Llama reads them.
     # Not bool(): a string such as "false" would be truthy; LlamaConfig refuses a non-bool.

@@ -99,16 +99,37 @@ def _tensor_files(model_dir: Path) -> dict[str, Path]:
     if not index.exists():
         raise FileNotFoundError(
             f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; expected safetensors weights")
-    try:
-        weight_map = json.loads(index.read_text())["weight_map"]
-    except (json.JSONDecodeError, KeyError) as e:
-        raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
+    weight_map = _read_weight_map(index)
     shards = sorted(set(weight_map.values()))
     missing = [s for s in shards if not (model_dir / s).exists()]
     if missing:
         raise FileNotFoundError(
             f"{index} names shard file(s) that are missing from {model_dir}: {missing}")
     return {name: model_dir / shard for name, shard in weight_map.items()}
+
+
+def _read_weight_map(index: Path) -> dict[str, str]:
+    """The {tensor name: shard file name} of a safetensors index, with errors that name the file
+    and what in it is malformed."""
+    try:
+        content = json.loads(index.read_text())
+    except json.JSONDecodeError as e:
+        raise ValueError(f"{index} is not a valid safetensors index ({e})") from None
+    if not isinstance(content, dict):
+        raise ValueError(f"{index} is not a valid safetensors index: expected a JSON object with "
+                         f"a 'weight_map'; got {type(content).__name__}")
+    if "weight_map" not in content:
+        raise ValueError(f"{index} is not a valid safetensors index: it has no 'weight_map'")
+    weight_map = content["weight_map"]
+    if not isinstance(weight_map, dict):
+        raise ValueError(f"{index}: weight_map must be an object {{tensor name: shard file}}; "
+                         f"got {type(weight_map).__name__}")
+    bad = [(name, shard) for name, shard in weight_map.items() if not isinstance(shard, str)]
+    if bad:
+        raise ValueError(f"{index}: weight_map must map each tensor name to a shard file name "
+                         f"(a string); got {len(bad)} that do not, e.g. {bad[0][0]!r}: "
+                         f"{bad[0][1]!r}")
+    return weight_map
 
 
 class _TensorReader:
@@ -166,11 +187,37 @@ class _TensorReader:
         return self.get(name)
 
 
+EMBEDDING = "model.embed_tokens.weight"
+LM_HEAD = "lm_head.weight"
+
+
+def resolve_tied_embeddings(config, files: dict[str, Path]) -> tuple[object, str]:
+    """(config, name of the tensor the embedding is read from) for a checkpoint's files, with
+    transformers' (5.x `PreTrainedModel.tie_weights`) reading of tie_word_embeddings: a tied
+    config whose checkpoint also holds an lm_head.weight that differs from the embedding loads
+    untied (a warning names both; a copy that equals the embedding stays tied), and one that
+    holds lm_head.weight but no embedding reads the shared matrix from lm_head.weight."""
+    if not config.tie_word_embeddings or LM_HEAD not in files:
+        return config, EMBEDDING
+    if EMBEDDING not in files:
+        return config, LM_HEAD
+    with _TensorReader(files) as reader:
+        embedding, lm_head = reader.get_float(EMBEDDING), reader.get_float(LM_HEAD)
+        if embedding.shape == lm_head.shape and bool(np.array_equal(np.asarray(embedding),
+                                                                    np.asarray(lm_head))):
+            return config, EMBEDDING
+    log.warning("config.json sets tie_word_embeddings, but the checkpoint holds both %s and %s "
+                "with different values: loading them untied, as transformers does (set "
+                "tie_word_embeddings to false in config.json to silence this)", EMBEDDING, LM_HEAD)
+    return dataclasses.replace(config, tie_word_embeddings=False), EMBEDDING
+
+
 def warn_unused(reader: _TensorReader, tie_word_embeddings: bool) -> None:
-    """Log the checkpoint tensors a load left unread (other than buffers and a tied lm_head)."""
+    """Log the checkpoint tensors a load left unread (other than buffers and a tied lm_head,
+    which `resolve_tied_embeddings` found equal to the embedding)."""
     unused = sorted(n for n in set(reader.files) - reader.used
                     if not n.endswith(IGNORED_SUFFIXES)
-                    and not (n == "lm_head.weight" and tie_word_embeddings))
+                    and not (n == LM_HEAD and tie_word_embeddings))
     if unused:
         log.warning("ignoring %d tensor(s) the model does not use, e.g. %s",
                     len(unused), unused[:5])
@@ -322,11 +369,14 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
         hf_config, dtype=dtype, attention_backend=attention_backend))
     gptq = read_gptq_config(model_dir, hf_config)
     files = _tensor_files(model_dir)
+    config, embedding = resolve_tied_embeddings(config, files)
 
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     wanted = {path: hf_name(path) for path, var in flat if isinstance(var, nnx.Param)}
+    wanted = {path: (embedding, t) if name == EMBEDDING else (name, t)
+              for path, (name, t) in wanted.items()}
     quantized = _gptq_modules(flat, gptq, files) if gptq else {}
     for path in quantized:
         del wanted[path]

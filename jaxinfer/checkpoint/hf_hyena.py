@@ -28,8 +28,9 @@ import os
 from flax import nnx
 
 from jaxinfer.checkpoint.gptq_config import refuse_quantized
-from jaxinfer.checkpoint.hf import (_tensor_files, _TensorReader, check_present, hf_name,
-                                    read_model_dir, read_param, warn_unused,
+from jaxinfer.checkpoint.hf import (EMBEDDING, _tensor_files, _TensorReader, check_present,
+                                    hf_name, read_model_dir, read_param,
+                                    resolve_tied_embeddings, warn_unused,
                                     with_generation_stop_tokens)
 from jaxinfer.config import HyenaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
@@ -47,10 +48,13 @@ def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
                                          config.replace(dtype=dtype, param_dtype=dtype))
     refuse_quantized(model_dir, hf_config, config.model_type)
     files = _tensor_files(model_dir)
+    config, embedding = resolve_tied_embeddings(config, files)  # as for the Llama family
     abstract = nnx.eval_shape(lambda: HyenaForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     wanted = {path: hf_name(path) for path, var in flat if isinstance(var, nnx.Param)}
+    wanted = {path: (embedding, t) if name == EMBEDDING else (name, t)
+              for path, (name, t) in wanted.items()}
     check_present(model_dir, [name for name, _ in wanted.values()], files)
     with _TensorReader(files) as reader:
         for path, var in flat:

@@ -26,9 +26,10 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.checkpoint.gptq_config import refuse_quantized
-from jaxinfer.checkpoint.hf import (_tensor_files, _TensorReader, check_present, hf_name,
-                                    hf_tensors, read_model_dir, read_param, save_pretrained,
-                                    warn_unused, with_generation_stop_tokens)
+from jaxinfer.checkpoint.hf import (EMBEDDING, _tensor_files, _TensorReader, check_present,
+                                    hf_name, hf_tensors, read_model_dir, read_param,
+                                    resolve_tied_embeddings, save_pretrained, warn_unused,
+                                    with_generation_stop_tokens)
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
 
@@ -47,18 +48,30 @@ def _read_stacked_expert(reader: _TensorReader, path: tuple, shape: tuple[int, .
     prefix = _layer_prefix(path)
     num_experts = shape[0]
     per_expert = [f"{prefix}.block_sparse_moe.experts.{e}.{w}.weight" for e in range(num_experts)]
-    if all(name in reader.files for name in per_expert):
-        # [E, out, in]
-        stacked = np.stack([np.asarray(reader.get_float(name)) for name in per_expert])
-    else:
-        fused = f"{prefix}.mlp.experts." + ("down_proj" if half is None else "gate_up_proj")
-        if fused not in reader.files:
-            raise ValueError(f"checkpoint has neither {per_expert[0]!r} (per-expert layout) nor "
-                             f"{fused!r} (transformers' fused layout)")
+    fused = f"{prefix}.mlp.experts." + ("down_proj" if half is None else "gate_up_proj")
+    missing = [name for name in per_expert if name not in reader.files]
+    if not missing:
+        expected = [shape[2], shape[1]]  # one expert's [out, in]
+        experts = []
+        for name in per_expert:
+            tensor = np.asarray(reader.get_float(name))
+            if list(tensor.shape) != expected:
+                raise ValueError(f"tensor {name!r} in {reader.files[name].name} has shape "
+                                 f"{list(tensor.shape)}; config.json implies {expected}")
+            experts.append(tensor)
+        stacked = np.stack(experts)  # [E, out, in]
+    elif fused in reader.files:
         stacked = np.asarray(reader.get_float(fused))
         if half is not None:  # [E, 2F, D]: gate rows, then up rows
             f = stacked.shape[1] // 2
             stacked = stacked[:, half * f:(half + 1) * f]
+    elif len(missing) < num_experts:  # a per-expert checkpoint with some experts' tensors lost
+        raise ValueError(f"checkpoint holds per-expert {w} weights of layer {path[1]} for only "
+                         f"some of its {num_experts} experts (config.json's num_local_experts); "
+                         f"missing {len(missing)}: {missing[:5]}")
+    else:
+        raise ValueError(f"checkpoint has neither {per_expert[0]!r} (per-expert layout) nor "
+                         f"{fused!r} (transformers' fused layout)")
     stacked = np.swapaxes(stacked, 1, 2)  # [E, in, out]
     if stacked.shape != tuple(shape):
         raise ValueError(f"expert weights {leaf} of layer {path[1]} have shape "
@@ -67,10 +80,13 @@ def _read_stacked_expert(reader: _TensorReader, path: tuple, shape: tuple[int, .
     return stacked
 
 
-def _hf_name(path: tuple, files: dict) -> tuple[str, bool]:
-    """`hf_name` of a non-expert parameter, except that a router stored under transformers'
-    fused-layout name (`mlp.gate`) is read from there."""
+def _hf_name(path: tuple, files: dict, embedding: str) -> tuple[str, bool]:
+    """`hf_name` of a non-expert parameter, except that the embedding is read from `embedding`
+    (`resolve_tied_embeddings`) and a router stored under transformers' fused-layout name
+    (`mlp.gate`) from there."""
     name, transposed = hf_name(path)
+    if name == EMBEDDING:
+        return embedding, transposed
     fused = name.replace(".block_sparse_moe.", ".mlp.")
     return (fused if name not in files and fused in files else name), transposed
 
@@ -85,11 +101,12 @@ def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
         capacity_factor=capacity_factor))
     refuse_quantized(model_dir, hf_config, config.model_type)
     files = _tensor_files(model_dir)
+    config, embedding = resolve_tied_embeddings(config, files)
     abstract = nnx.eval_shape(lambda: MixtralForCausalLM(config, rngs=nnx.Rngs(0)))
     graphdef, state = nnx.split(abstract)
     flat = nnx.to_flat_state(state)
     # Stacked experts are read (and their absence reported) by _read_stacked_expert.
-    wanted = {path: _hf_name(path, files) for path, var in flat
+    wanted = {path: _hf_name(path, files, embedding) for path, var in flat
               if isinstance(var, nnx.Param) and str(path[-1]) not in EXPERT_LINEARS}
     check_present(model_dir, [name for name, _ in wanted.values()], files)
     with _TensorReader(files) as reader:

@@ -48,7 +48,18 @@ def swiglu_experts(params: dict[str, jax.Array], xs: jax.Array) -> jax.Array:
 def dropless_moe(x: jax.Array, weights: jax.Array, expert_ids: jax.Array,
                  params: dict[str, jax.Array]) -> jax.Array:
     """x [T, D]; weights float32 [T, K]; expert_ids int32 [T, K]; params as `swiglu_experts`
-    -> [T, D]. Sort-based grouping + ragged_dot: every choice is served."""
+    -> [T, D]. Sort-based grouping + ragged_dot: every choice is served.
+
+    It may be vmapped (speculative decoding runs one sequence per vmapped row), although
+    `jax.lax.ragged_dot` has no batching rule for weights shared across the batch: routing is
+    per token, so a batch of token sets is served as one set of their concatenated tokens
+    (`_dropless_batch_rule`), one grouped matmul per expert as without vmap."""
+    return _dropless_differentiable(x, weights, expert_ids, params)
+
+
+def _dropless_tokens(x: jax.Array, weights: jax.Array, expert_ids: jax.Array,
+                     params: dict[str, jax.Array]) -> jax.Array:
+    """`dropless_moe`'s computation (not batchable by vmap)."""
     t, k = expert_ids.shape
     num_experts = params["gate"].shape[0]
     dtype = x.dtype
@@ -63,6 +74,52 @@ def dropless_moe(x: jax.Array, weights: jax.Array, expert_ids: jax.Array,
     ys = ys[jnp.argsort(order)].reshape(t, k, -1)  # back to (token, choice) order
     y = jnp.sum(ys.astype(jnp.float32) * weights[..., None], axis=1)
     return y.astype(dtype)
+
+
+@jax.custom_batching.custom_vmap
+def _dropless_batchable(x, weights, expert_ids, params):
+    return _dropless_tokens(x, weights, expert_ids, params)
+
+
+@_dropless_batchable.def_vmap
+def _dropless_batch_rule(axis_size, in_batched, x, weights, expert_ids, params):
+    """vmap of `dropless_moe` over B token sets: x [B, T, D], weights [B, T, K], expert_ids
+    [B, T, K] (each broadcast where unbatched) are served as B*T tokens in one call."""
+    x_b, weights_b, ids_b, params_b = in_batched
+    x, weights, expert_ids = (v if b else jnp.broadcast_to(v, (axis_size,) + v.shape)
+                              for v, b in ((x, x_b), (weights, weights_b),
+                                           (expert_ids, ids_b)))
+    if any(jax.tree.leaves(params_b)):  # experts differ per row: nothing to share, row by row
+        params = jax.tree.map(lambda v, b: v if b else jnp.broadcast_to(
+            v, (axis_size,) + v.shape), params, params_b)
+        return jax.lax.map(lambda a: _dropless_batchable(*a),
+                           (x, weights, expert_ids, params)), True
+    b, t, d = x.shape
+    k = expert_ids.shape[-1]
+    # the call itself, not _dropless_tokens, so that a vmap nested in this one is handled too
+    y = _dropless_batchable(x.reshape(b * t, d), weights.reshape(b * t, k),
+                            expert_ids.reshape(b * t, k), params)  # [B*T, D]
+    return y.reshape(b, t, d), True
+
+
+# custom_vmap has no reverse-mode autodiff of its own; the gradient is that of the plain
+# computation (its residuals, not a recomputation), so training is unaffected.
+@jax.custom_vjp
+def _dropless_differentiable(x, weights, expert_ids, params):
+    return _dropless_batchable(x, weights, expert_ids, params)
+
+
+def _dropless_fwd(x, weights, expert_ids, params):
+    y, vjp = jax.vjp(lambda x, w, p: _dropless_tokens(x, w, expert_ids, p), x, weights, params)
+    return y, vjp
+
+
+def _dropless_bwd(vjp, dy):
+    dx, dweights, dparams = vjp(dy)
+    return dx, dweights, None, dparams  # expert_ids are integers: no cotangent
+
+
+_dropless_differentiable.defvjp(_dropless_fwd, _dropless_bwd)
 
 
 class Experts(nnx.Module):

@@ -25,7 +25,8 @@ import jaxinfer  # noqa: E402
 from jaxinfer.checkpoint.hf_mixtral import load_mixtral, save_mixtral  # noqa: E402
 from jaxinfer.models.mixtral import MixtralForCausalLM, apply_expert_placement  # noqa: E402
 from jaxinfer.models.mixtral_config import MixtralConfig  # noqa: E402
-from jaxinfer.models.moe import load_balancing_loss, router_z_loss  # noqa: E402
+from jaxinfer.models.moe import (dropless_moe, load_balancing_loss,  # noqa: E402
+                                 router_z_loss, swiglu_experts)
 
 # float32 both sides, "highest" matmul precision (conftest): only summation order differs
 # (torch's per-expert index_add vs a grouped matmul + weighted sum), ~1e-6 on O(1) logits.
@@ -390,6 +391,90 @@ def test_config_json_errors_name_mixtral():
     with pytest.raises(ValueError, match=r"config.json: hidden_act must be 'silu' for mixtral; "
                                          r"got 'gelu'"):
         MixtralConfig.from_hf_config({**hf, "hidden_act": "gelu"})
+
+
+EXPERTS_0 = "model.layers.0.block_sparse_moe.experts"
+
+
+def test_missing_expert_tensor_is_named(built, tmp_path):
+    """One expert's tensor gone from a per-expert checkpoint: the error names it (not expert 0,
+    which is there, nor the fused layout, which this checkpoint does not use)."""
+    directory = copy_checkpoint(built.hf_dir, tmp_path / "ckpt")
+    tensors = safetensors_torch.load_file(directory / "model.safetensors")
+    del tensors[f"{EXPERTS_0}.3.w1.weight"]
+    safetensors_torch.save_file(tensors, directory / "model.safetensors",
+                                metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=r"only some of its 4 experts.*missing 1: \[" +
+                       re.escape(f"'{EXPERTS_0}.3.w1.weight'") + r"\]"):
+        load_mixtral(directory)
+
+
+def test_misshapen_expert_tensor_is_named_with_its_shape(built, tmp_path):
+    directory = copy_checkpoint(built.hf_dir, tmp_path / "ckpt")
+    tensors = safetensors_torch.load_file(directory / "model.safetensors")
+    name = f"{EXPERTS_0}.2.w2.weight"  # [hidden 32, intermediate 48]
+    tensors[name] = tensors[name][:, :40].contiguous()
+    safetensors_torch.save_file(tensors, directory / "model.safetensors",
+                                metadata={"format": "pt"})
+    with pytest.raises(ValueError, match=re.escape(f"tensor {name!r} in model.safetensors has "
+                                                   f"shape [32, 40]; config.json implies "
+                                                   f"[32, 48]")):
+        load_mixtral(directory)
+
+
+# float32 sums of a few terms in another order (grouped matmuls against dense einsums)
+DROPLESS_ATOL = 1e-5
+DROPLESS_GRAD_RTOL = 1e-5  # the same, relative: some gradient entries reach O(10)
+
+
+def dense_moe(x, weights, expert_ids, params):
+    """The oracle: every expert on every token, combined by the routing weights (zero for the
+    experts a token did not choose). x [T, D] -> [T, D]."""
+    num_experts = params["gate"].shape[0]
+    ys = swiglu_experts(params, jnp.broadcast_to(x, (num_experts,) + x.shape))  # [E, T, D]
+    combine = jnp.einsum("tke,tk->te", jax.nn.one_hot(expert_ids, num_experts), weights)
+    return jnp.einsum("te,etd->td", combine, ys)
+
+
+def moe_inputs(rows: int, tokens: int = 5, dim: int = 8, hidden: int = 12):
+    """x [rows, T, D], weights [rows, T, K], distinct expert_ids [rows, T, K], params."""
+    rng = np.random.default_rng(0)
+    params = {name: jnp.asarray(0.5 * rng.normal(size=shape), jnp.float32) for name, shape in
+              (("gate", (NUM_EXPERTS, dim, hidden)), ("up", (NUM_EXPERTS, dim, hidden)),
+               ("down", (NUM_EXPERTS, hidden, dim)))}
+    x = jnp.asarray(rng.normal(size=(rows, tokens, dim)), jnp.float32)
+    weights = jnp.asarray(rng.random((rows, tokens, TOP_K)), jnp.float32)
+    ids = jnp.asarray([[rng.choice(NUM_EXPERTS, TOP_K, replace=False) for _ in range(tokens)]
+                       for _ in range(rows)], jnp.int32)
+    return x, weights, ids, params
+
+
+def test_dropless_moe_under_vmap_matches_dense_experts():
+    """vmap over rows of tokens (speculative decoding's per-sequence vmap), also nested and with
+    per-row expert weights, where ragged_dot alone has no batching rule."""
+    x, weights, ids, params = moe_inputs(rows=3)
+    want = jax.vmap(dense_moe, in_axes=(0, 0, 0, None))(x, weights, ids, params)
+    got = jax.jit(jax.vmap(dropless_moe, in_axes=(0, 0, 0, None)))(x, weights, ids, params)
+    np.testing.assert_allclose(got, want, rtol=0, atol=DROPLESS_ATOL)
+    nested = jax.vmap(jax.vmap(dropless_moe, in_axes=(0, 0, 0, None)), in_axes=(0, 0, 0, None))
+    got = nested(x[:, None], weights[:, None], ids[:, None], params)[:, 0]
+    np.testing.assert_allclose(got, want, rtol=0, atol=DROPLESS_ATOL)
+    per_row = jax.tree.map(lambda p: jnp.stack([p] * 3), params)
+    np.testing.assert_allclose(jax.vmap(dropless_moe)(x, weights, ids, per_row), want,
+                               rtol=0, atol=DROPLESS_ATOL)
+
+
+def test_dropless_moe_gradient_matches_dense_experts():
+    """The batching rule must not cost training its gradient."""
+    x, weights, ids, params = moe_inputs(rows=1)
+
+    def loss(moe):
+        return lambda x, w, p: jnp.sum(jnp.sin(moe(x, w, ids[0], p)))
+
+    got = jax.jit(jax.grad(loss(dropless_moe), argnums=(0, 1, 2)))(x[0], weights[0], params)
+    want = jax.grad(loss(dense_moe), argnums=(0, 1, 2))(x[0], weights[0], params)
+    for g, w in zip(jax.tree.leaves(got), jax.tree.leaves(want)):
+        np.testing.assert_allclose(g, w, rtol=DROPLESS_GRAD_RTOL, atol=DROPLESS_ATOL)
 
 
 def test_expert_weights_carry_the_expert_logical_axis(built):
