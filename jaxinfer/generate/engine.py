@@ -18,6 +18,18 @@ sequences sharing the prompt; its events and result then hold one token list per
 sample stops once it is as long as one already finished, so the result does not depend on how
 the batch staggers the samples).
 
+What else runs changes a request's output only through float rounding. Its sampling keys depend
+on its own seed, sample and positions, so greedy tokens equal `jaxinfer.generate`'s and a seed
+repeats its samples whatever the batch, except where rounding flips a near-tie (after which the
+sequence goes its own way). The logits move in their last bits (~1e-5 on the default model) with
+the batch: the other requests set the step's token bucket, and XLA rounds a matmul differently
+at each shape (padding alone does it); with paged_attention "auto" the bucket also picks ragged
+or per-token attention, "ragged" packs the step's chunks into shared query blocks, and hydragen's
+path depends on whether another sequence shares the prefix. For logits bit-identical whatever
+else runs (measured on CPU across arrivals, prompt chunkings and shared prefixes): one token
+bucket (max_tokens_per_step <= 8, `engine_step.MIN_BUCKET`), paged_attention="per_token" and
+hydragen=False, at the cost of steps of at most 8 tokens.
+
 Draft-model speculation (`draft_model`, `speculative_tokens`=γ): a small model of the same
 vocabulary guesses γ tokens per decoding request each step (`draft_step.py`), and the target
 verifies them in the same step as its other work. Lossless by construction: the target samples at
@@ -28,9 +40,10 @@ guess is accepted with probability P(draft sample == target sample), high when t
 agree. The draft's K/V pages share the target's page ids (see `draft_step.py`).
 
 SnapKV (`snapkv_budget`): a prompt longer than the budget is prefilled whole, its last chunk
-holding the observation window; right after that step `snapkv.compress_sequence` keeps `budget`
-of its cached tokens per KV head, in place in its first pages, and frees the rest. Its later
-tokens keep their true rotary positions but attend over budget + (tokens since the prompt) keys.
+holding the observation window (scheduled before the step's decodes, so they never starve it);
+right after that step `snapkv.compress_sequence` keeps `budget` of its cached tokens per KV
+head, in place in its first pages, and frees the rest. Its later tokens keep their true rotary
+positions but attend over budget + (tokens since the prompt) keys.
 With a draft model the draft's pages of that prompt are compressed too, right after the target's,
 by the draft's own window queries (from its pass over the prompt's last chunk).
 """
@@ -53,6 +66,7 @@ from jaxinfer.generate.engine_step import (PAGED_ATTENTION, StepInputs, attends_
                                            compiled_step, empty_inputs, mark_seen,
                                            set_sampling_rows, token_buckets)
 from jaxinfer.generate.paged_cache import default_num_pages, pages_for
+from jaxinfer.generate.prefix_sharing import shared_prefix
 from jaxinfer.generate.prompt_lookup import lookup_draft
 from jaxinfer.generate.sampling_params import SamplingParams
 from jaxinfer.generate.scheduler import Chunk, Request, Scheduler
@@ -79,7 +93,9 @@ class StepStats(NamedTuple):
     tokens: int  # real tokens in the step
     bucket: int  # token slots compiled for (tokens + padding)
     sampled: int  # sampling rows: the last token of each finished chunk, plus its draft tokens
-    decode_only: bool  # every token was a decode (the case the decode roofline models)
+    # every chunk was one decode: its sequence's last token plus its draft, all sampled at (so
+    # tokens == sampled; the case the decode roofline models). A recompute chunk is not one
+    decode_only: bool
     kv_tokens: int  # keys attended in all, sum of (cache slot + 1) over the tokens
     shared_prefix: int  # tokens of the prefix attended Hydragen-style (0: none this step)
     # token slots of the draft model's pass over the chunks that did not draft (0: no pass: no
@@ -125,7 +141,8 @@ class Engine:
     "per_token" (one decode per token) or "auto", by the bucket's size: ragged from 8 token slots
     per chunk slot on (`engine_step.attends_ragged`, where the CPU measurements are), so
     prompt-heavy large buckets go ragged and decode-heavy small ones per token. Outputs agree
-    either way (up to float rounding); only speed differs.
+    either way up to float rounding (see the module docstring: which path a request takes, and
+    so its logits' last bits, then depends on the batch); only speed differs.
     """
 
     def __init__(self, model, max_batch: int = 64, page_size: int = 16,
@@ -280,9 +297,9 @@ class Engine:
                 self._mark_seen(chunk.request)
         inputs, rows = self._build_inputs(chunks)
         draft_inputs = self._draft_pass_inputs(chunks)
+        real = int(inputs.valid.sum())  # tokens, not padding
         self.last_step = StepStats(
-            tokens=int(inputs.valid.sum()), bucket=len(inputs.valid), sampled=rows,
-            decode_only=all(chunk.start + 1 >= len(chunk.request.prompt) for chunk in chunks),
+            tokens=real, bucket=len(inputs.valid), sampled=rows, decode_only=rows == real,
             kv_tokens=int((inputs.positions - inputs.cache_offset + 1)[inputs.valid].sum()),
             shared_prefix=int(inputs.prefix_len),
             draft_pass=0 if draft_inputs is None else len(draft_inputs.valid))
@@ -488,7 +505,7 @@ class Engine:
         and the number of rows."""
         total = sum(chunk.count for chunk in chunks)
         tokens = next(b for b in self.buckets if b >= total)
-        prefix, group = self._shared_prefix(chunks) if self.hydragen else ([], [])
+        prefix, group = shared_prefix(chunks, self.page_size) if self.hydragen else ([], [])
         inputs = empty_inputs(tokens, min(tokens, self.max_rows), self.max_batch,
                               self.pages_per_seq, self.pages_per_seq if prefix else 0,
                               self.snapkv_window)
@@ -519,31 +536,6 @@ class Engine:
                 set_sampling_rows(inputs, rows, request.params, request.sample_index)
                 row = rows.stop
         return inputs, row
-
-    def _shared_prefix(self, chunks: list[Chunk]) -> tuple[list[int], list[Chunk]]:
-        """The run of leading pages that the most page reads can share: among chunks whose
-        sequences start on the same page (prefix caching shares pages, never copies them), the
-        longest common run lying wholly before each chunk's first token. ([], []) if none."""
-        by_first_page: dict[int, list[Chunk]] = {}
-        for chunk in chunks:
-            if chunk.request.pages:
-                by_first_page.setdefault(chunk.request.pages[0], []).append(chunk)
-        best: tuple[list[int], list[Chunk]] = ([], [])
-        best_saved = 0
-        for group in by_first_page.values():
-            if len(group) < 2:
-                continue
-            limit = min(chunk.start for chunk in group) // self.page_size
-            pages = group[0].request.pages
-            common = 0
-            while common < limit and all(len(c.request.pages) > common
-                                         and c.request.pages[common] == pages[common]
-                                         for c in group):
-                common += 1
-            saved = (sum(chunk.count for chunk in group) - 1) * common  # page reads saved
-            if saved > best_saved:
-                best, best_saved = (pages[:common], group), saved
-        return best
 
     def _should_stop(self, request: Request, token: int) -> bool:
         p = request.params

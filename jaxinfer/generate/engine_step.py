@@ -20,7 +20,9 @@ also returns every layer's queries at `observe_rows`: the observation window of 
 in this step and is compressed after it (`snapkv.compress_sequence`).
 
 Each row's random key is fold_in(fold_in(key(seed), sample_index), position): a request's draws
-depend on its own settings and positions, never on what else shares the step.
+depend on its own settings and positions, never on what else shares the step. (The logits they
+draw from do, in their last bits: the bucket, and so the attention path, follows the step's
+whole batch; see `engine.py`.)
 """
 
 from __future__ import annotations

@@ -1,13 +1,14 @@
 """The engine's Python scheduler: FCFS admission, chunked prefill fused with decode, preemption.
 
 Every step (Dynamic SplitFuse, vLLM V1's rule):
-1. Running requests, decodes first and then unfinished prompt chunks, oldest first, each get
-   min(tokens left to compute, budget left) tokens. A decode with a speculative draft counts as a
-   decode (it is ordered by being one, not by its 1 + len(draft) tokens), and its draft is cut
-   to the budget left after one token for each decode still to schedule: a guess never costs
-   another decode its token. A request that needs a page when none is free preempts the newest
-   running request (its pages are freed and it is requeued at the front of the waiting queue, to
-   be recomputed from prompt + generated tokens).
+1. Running requests, decodes first and then unfinished prompt chunks, oldest first (a SnapKV
+   window chunk, below, before them all), each get min(tokens left to compute, budget left)
+   tokens. A decode with a speculative draft counts as a decode (it is ordered by being one, not
+   by its 1 + len(draft) tokens), and its draft is cut to the budget left after one token for
+   each decode still to schedule: a guess never costs another decode its token. A request that
+   needs a page when none is free preempts the newest running request (its pages are freed and
+   it is requeued at the front of the waiting queue, to be recomputed from prompt + generated
+   tokens).
 2. Waiting requests, in arrival order, are admitted while a slot is free and the KV of their whole
    sequence fits in the free pages; each gets a chunk of what is left of the budget. A waiting
    request never preempts a running one, and none is admitted in a step that preempted (the
@@ -23,6 +24,14 @@ SnapKV: a request marked `compress` (its prompt is longer than the engine's budg
 prompt with a chunk holding at least the whole observation window (so the step sees the window's
 queries), one such chunk per step; the engine then compresses its pages (`compressed`). Such a
 request neither takes nor offers prefix-cache pages: compression rewrites its pages in place.
+Its prompt chunks stop short of the window until one can hold the rest of the prompt; from then
+on (`at_window`) its window chunk is scheduled first in the step, before the decodes, the oldest
+such request's alone. Scheduled after the decodes it could wait forever: it cannot be split, and
+a steady stream of decodes (or their drafts) may never leave a window's worth of budget. Its
+window tokens (<= max_tokens_per_step, as the Engine checks) may push the newest decodes to the
+next step, but a decode waits two steps in a row only when several prompts reach their windows
+in one step: a prompt reaches its window only in a step whose decodes all got their tokens
+(prompt chunks take the budget left after them).
 """
 
 from __future__ import annotations
@@ -132,7 +141,8 @@ class Scheduler:
         budget = self.max_tokens_per_step
         chunks: dict[int, Chunk] = {}  # id(request) -> chunk, in scheduling order
         preempted = observing = False  # observing: a chunk of this step compresses its prompt
-        order = sorted(self.running, key=lambda r: (not r.decoding, r.arrival))
+        order = sorted(self.running,
+                       key=lambda r: (not self.at_window(r), not r.decoding, r.arrival))
         # decodes not yet given their token (one preempted in this loop keeps its reservation)
         decodes_left = sum(r.decoding for r in order)
         for request in order:
@@ -208,6 +218,12 @@ class Scheduler:
         keep = max(0, min(count, room - request.cached) - 1)
         del request.draft[keep:]
         return request.remaining
+
+    def at_window(self, request: Request) -> bool:
+        """Whether the request's next chunk must be its window chunk: it holds a prompt still to
+        compress, and all that is left of it fits in the observation window."""
+        left = len(request.prompt) - request.computed
+        return request.compress and 0 < left <= self.snapkv_window
 
     def _fit_window(self, request: Request, count: int, observing: bool) -> int:
         """Cut the chunk of a prompt still to compress so that it either ends the prompt, holding

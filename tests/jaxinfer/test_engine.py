@@ -135,6 +135,32 @@ def test_preemption_evicts_the_newest_request_and_its_recomputed_output_is_exact
     assert [results[rid] for rid in ids] == [oracle(prompt) for prompt in prompts]
 
 
+def test_decode_only_steps_are_those_of_one_token_decodes_not_cached_recomputes(model):
+    """`StepStats.decode_only` iff every chunk is its sequence's last token alone (no drafts
+    here), judged from the chunks before the step. A preempted request re-admitted with cache
+    hits past its prompt recomputes several generated tokens in one chunk: not a decode."""
+    prompts = [np.random.default_rng(i).integers(0, VOCAB, 3).tolist() for i in range(3)]
+    engine = jaxinfer.Engine(model, **ENGINE)
+    schedule, steps = engine._scheduler.schedule, []
+
+    def recorded():  # (decodes, recomputes past the prompt) of the step, before it runs
+        chunks = schedule()
+        past = len([c for c in chunks if c.count > 1 and c.start >= len(c.request.prompt)])
+        steps.append((all(c.count == 1 and c.start == len(c.request.tokens) - 1
+                          for c in chunks), past))
+        return chunks
+
+    engine._scheduler.schedule = recorded
+    for prompt in prompts:
+        engine.submit(prompt, GREEDY)
+    labels = []
+    while engine.num_unfinished:
+        engine.step()
+        labels.append(engine.last_step.decode_only)
+    assert engine.num_preemptions > 0 and any(past for _, past in steps)
+    assert labels == [decodes for decodes, _ in steps]
+
+
 @pytest.mark.parametrize("hydragen, paged_attention", [
     (False, "ragged"), (True, "ragged"), (True, "per_token")],
     ids=["paged", "hydragen", "hydragen-per_token"])

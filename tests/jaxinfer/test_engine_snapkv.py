@@ -121,3 +121,41 @@ def test_snapkv_arguments_are_validated(model):
         jaxinfer.Engine(model, **ENGINE, snapkv_budget=4, snapkv_window=5)
     with pytest.raises(ValueError, match="max_tokens_per_step=16"):
         jaxinfer.Engine(model, **ENGINE, snapkv_budget=32, snapkv_window=17)
+
+
+def test_a_snapkv_prompt_is_served_within_a_few_steps_under_steady_decode_traffic(model, oracle):
+    """With max_tokens_per_step equal to the window, an 18-token prompt's last chunk (its 8
+    window tokens) takes a whole step: it must be scheduled before the decodes, or it waits as
+    long as short requests keep decoding. Its first token comes within 4 steps; every greedy
+    output still equals its oracle (the dense reference for the compressed prompt)."""
+    rng = np.random.default_rng(12)
+    engine = jaxinfer.Engine(model, **{**ENGINE, "max_tokens_per_step": 8}, **SNAPKV)
+    short = jaxinfer.SamplingParams(max_tokens=6, temperature=0.0, ignore_eos=True)
+    prompts = {}  # request id -> prompt of the short requests
+
+    def submit_short() -> None:
+        prompt = rng.integers(0, VOCAB, 3).tolist()
+        prompts[engine.submit(prompt, short)] = prompt
+
+    long_prompt = rng.integers(0, VOCAB, 18).tolist()
+    submit_short()
+    long_id = engine.submit(long_prompt, jaxinfer.SamplingParams(max_tokens=8, temperature=0.0,
+                                                                 ignore_eos=True))
+    submit_short()
+    first_token = long_done = None
+    for step in range(1, 40):
+        for event in engine.step():
+            if event.request_id == long_id:
+                first_token = first_token or step
+                long_done = event.finished
+            elif event.finished:  # steady traffic: another short request for each one done
+                submit_short()
+        if long_done:
+            break
+    results = engine.run_until_done()
+    assert first_token is not None and first_token <= 4, f"first token at step {first_token}"
+    assert results[long_id] == snapkv_reference(model, [long_prompt], 8, SNAPKV["snapkv_budget"],
+                                                SNAPKV["snapkv_window"])[0]
+    assert len(prompts) > 2
+    for rid, prompt in prompts.items():
+        assert results[rid] == oracle(prompt)[:6], f"request {rid}"

@@ -65,3 +65,48 @@ def test_a_draft_never_takes_a_later_decodes_token():
     first.draft, second.draft = [5] * 7, [6] * 7
     assert scheduled(sched.schedule()) == [(0, 7), (1, 1)]
     assert first.draft == [5] * 6 and second.draft == []
+
+
+def test_a_prompt_at_its_snapkv_window_gets_its_window_chunk_despite_steady_decodes():
+    """A prompt SnapKV compresses must end with one chunk holding its whole 8-token window, the
+    whole budget here: scheduled after the decodes it would wait for as long as any request
+    decodes. Under a steady stream of short requests it must still finish its prompt within a
+    few steps, and a decode it pushes out of a step gets its token in the next one."""
+    sched = Scheduler(max_batch=3, page_size=4, num_pages=40, max_tokens_per_step=BUDGET,
+                      prefix_caching=False, snapkv_window=8)
+    short = SamplingParams(max_tokens=30, temperature=0.0)
+    arrivals = iter(range(100))  # request ids and arrival order
+
+    def new_short() -> Request:
+        arrival = next(arrivals)
+        return Request(arrival, 0, [1, 2, 3], short, arrival)
+
+    traffic = [new_short()]
+    compressed = Request(1, 0, list(range(1, 21)), PARAMS, next(arrivals), compress=True)
+    traffic.append(new_short())
+    sched.add(traffic[0])
+    sched.add(compressed)
+    sched.add(traffic[1])
+    waited: dict[int, int] = {}  # id(decoding request) -> steps since its last token
+    first_token = None  # the step that sampled the compressed prompt's first token
+    for step in range(1, 40):
+        chunks = sched.schedule()
+        served = {id(chunk.request) for chunk in chunks}
+        for request in sched.running:
+            if request.decoding:
+                unserved = id(request) not in served
+                waited[id(request)] = waited.get(id(request), 0) + 1 if unserved else 0
+                assert waited[id(request)] <= 1, "a decode waited two steps in a row"
+        complete(chunks)
+        if compressed.output and first_token is None:
+            first_token = step
+        for request in list(sched.running):
+            if len(request.output) >= request.params.max_tokens:
+                sched.finish(request)
+                if request in traffic:  # steady traffic: another short request comes
+                    traffic.remove(request)
+                    traffic.append(new_short())
+                    sched.add(traffic[-1])
+    assert first_token is not None, "the compressed prompt never got its window chunk"
+    assert first_token <= 4  # its first 12 tokens next to one or two decodes, then its window
+    assert compressed.finished
