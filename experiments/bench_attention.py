@@ -13,6 +13,10 @@ Implementations, all on the same inputs in the same process:
                            with its default tiles (two consumer warpgroups + a TMA producer), Triton
                            backward (GPU only: interpreted on a CPU it takes seconds a tile)
   pallas_mgpu_1wg          the same kernel with one warpgroup issuing its own copies (GPU only)
+  pallas_mgpu_mosaic_bwd   pallas_mgpu's default forward with the Mosaic GPU backward
+                           (pallas_mgpu_bwd.py, two consumer warpgroups) in place of the Triton
+                           one (fwd_bwd rows only; GPU only)
+  pallas_mgpu_mosaic_bwd_1wg  the same with one warpgroup per backward program
   jax_mgpu                 jax.experimental.pallas.ops.gpu.attention_mgpu (jax's FlashAttention-3
                            in Mosaic GPU; GPU only): the peer that says what Mosaic can reach. It
                            takes float16 only (jax 0.10): its inputs are cast before timing (the
@@ -45,6 +49,7 @@ it.
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import statistics
 import time
 from pathlib import Path
@@ -57,7 +62,7 @@ from experiments.common import RESULTS, environment, plot_curves, print_table, w
 from jaxinfer.models.attention import paged_attention
 from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from kernels_pallas import flash_attention, paged_decode_attention, ragged_paged_attention
-from kernels_pallas.attention import BlockSizes
+from kernels_pallas.attention import DEFAULT_BLOCK_SIZES, BlockSizes
 
 OURS = ("xla", "pallas", "reference")
 # Our Mosaic GPU variants: name -> flash_attention options (block_sizes None: the table's default).
@@ -66,7 +71,13 @@ MGPU_VARIANTS = {
     "pallas_mgpu_1wg": {"block_sizes": BlockSizes(block_q=64, block_k=64, block_q_bwd=64,
                                                    block_k_bwd=64, num_stages=2,
                                                    num_consumers=1)},
+    "pallas_mgpu_mosaic_bwd": {"block_sizes": dataclasses.replace(
+        DEFAULT_BLOCK_SIZES["pallas_mgpu"], mgpu_backward="mosaic")},
+    "pallas_mgpu_mosaic_bwd_1wg": {"block_sizes": dataclasses.replace(
+        DEFAULT_BLOCK_SIZES["pallas_mgpu"], mgpu_backward="mosaic", num_consumers_bwd=1)},
 }
+# Variants that differ from pallas_mgpu only in the backward: no forward rows of their own.
+BACKWARD_ONLY = ("pallas_mgpu_mosaic_bwd", "pallas_mgpu_mosaic_bwd_1wg")
 
 
 def our_impls(args) -> tuple[str, ...]:
@@ -313,6 +324,8 @@ def main() -> None:
                     (batch, s, heads, d)))
                 for mode in args.modes:
                     for impl in args.impls:
+                        if mode == "fwd" and impl in BACKWARD_ONLY:
+                            continue  # pallas_mgpu's forward kernel: timed in that row
                         row = {"mask": mask, "D": d, "S": s, "batch": batch, "heads": heads,
                                "mode": mode, "impl": impl}
                         inputs = (q, k, v) if mode == "fwd" else (q, k, v, ct)

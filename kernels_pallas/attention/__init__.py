@@ -15,8 +15,10 @@ One function, several implementations (DESIGN.md):
 * ``pallas_mgpu`` (``pallas_mgpu.py``): ``flash_attention`` only. A Mosaic GPU forward for Hopper
   (wgmma on shared-memory tiles, a TMA-fed K/V pipeline), bfloat16/float16, D <= 128, causal,
   local windows, soft-cap, GQA, no segment ids; the backward reuses the Triton kernels of
-  ``pallas_gpu.py``. Off a GPU it runs in jax's GPU interpret mode (how the tests reach it).
-  Opt-in: ``auto`` does not pick it until a GPU measurement shows it faster than Triton.
+  ``pallas_gpu.py``, or with ``BlockSizes(mgpu_backward="mosaic")`` runs Mosaic GPU dk/dv and dq
+  kernels (``pallas_mgpu_bwd.py``; opt-in until measured on a GPU). Off a GPU it runs in jax's
+  GPU interpret mode (how the tests reach it). Opt-in: ``auto`` does not pick it until a GPU
+  measurement shows it faster than Triton.
 * ``auto``: pallas on GPU and TPU, xla on CPU.
 
 ``paged_decode_attention`` follows the same pattern: ``reference.py`` (gather every page, dense
@@ -40,9 +42,9 @@ import dataclasses
 import jax.numpy as jnp
 
 from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu, paged_xla,
-                                      pallas_gpu, pallas_mgpu, pallas_tpu, ragged_blocks,
-                                      ragged_pallas_gpu, ragged_pallas_tpu, ragged_reference,
-                                      ragged_xla, reference, tiling, xla)
+                                      pallas_gpu, pallas_mgpu, pallas_mgpu_bwd, pallas_tpu,
+                                      ragged_blocks, ragged_pallas_gpu, ragged_pallas_tpu,
+                                      ragged_reference, ragged_xla, reference, tiling, xla)
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
@@ -75,8 +77,9 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
         [batch, T, Hq]; gradients flow through it too (``merge_attention``, ring attention).
       backend: "reference" | "xla" | "pallas" | "pallas_tpu" | "pallas_mgpu" | "auto" (pallas on
         GPU and TPU, xla on CPU). "pallas_mgpu" is the Mosaic GPU forward for Hopper (Triton
-        backward): bfloat16/float16 only (float32 is refused, not cast: wgmma takes 16-bit
-        inputs), D <= 128, no segment_ids (ValueError).
+        backward, or Mosaic GPU with block_sizes.mgpu_backward="mosaic"): bfloat16/float16
+        only (float32 is refused, not cast: wgmma takes 16-bit inputs), D <= 128, no
+        segment_ids (ValueError).
       block_q, block_k: tile sizes (forward and backward); None takes the backend's defaults
         from ``DEFAULT_BLOCK_SIZES``. Pallas needs powers of two >= 16; pallas_mgpu's forward
         takes 64 or 128 (its block_sizes.num_stages and num_consumers set the K/V pipeline depth
@@ -120,9 +123,10 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
                                          block_k_dq=block_k)
         if impl == "pallas_mgpu":
             checks.check_mgpu(q, segments=q_ids is not None, blocks=blocks)
-            out, lse = pallas_mgpu.flash_attention(q, k, v, spec=spec, scale=scale,
-                                                   softcap=softcap, blocks=blocks,
-                                                   interpret=interpret)
+            # the same forward either way; the VJP runs the Triton or the Mosaic GPU backward
+            mgpu = pallas_mgpu_bwd if blocks.mgpu_backward == "mosaic" else pallas_mgpu
+            out, lse = mgpu.flash_attention(q, k, v, spec=spec, scale=scale, softcap=softcap,
+                                            blocks=blocks, interpret=interpret)
         elif impl == "xla":
             out, lse = xla.flash_attention(q, k, v, q_ids, kv_ids, spec=spec, scale=scale,
                                            softcap=softcap, block_q=blocks.block_q,

@@ -138,7 +138,8 @@ def check_block(name: str, block, *, pallas: bool, minimum: int) -> None:
 def check_mgpu(q, *, segments: bool, blocks: BlockSizes) -> None:
     """What the Mosaic GPU forward (``pallas_mgpu.py``) takes beyond flash_attention's rules:
     16-bit inputs (wgmma), D <= 128, no segment ids (not implemented there),
-    block_q 64 or 128, block_k 64 or 128, num_stages >= 1 and num_consumers 1 or 2."""
+    block_q 64 or 128, block_k 64 or 128, num_stages >= 1 and num_consumers 1 or 2; the backward
+    "triton" or "mosaic", whose tiles (block_*_bwd, block_*_dq) are 64 or 128."""
     if jnp.dtype(q.dtype) not in (jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16)):
         raise ValueError(f"backend='pallas_mgpu' needs bfloat16 or float16 q, k, v (wgmma takes "
                          f"16-bit inputs); got {q.dtype}; cast them, or use backend='pallas'")
@@ -160,6 +161,20 @@ def check_mgpu(q, *, segments: bool, blocks: BlockSizes) -> None:
     if blocks.num_consumers not in (1, 2):
         raise ValueError(f"block_sizes.num_consumers must be 1 or 2 for backend='pallas_mgpu' "
                          f"(compute warpgroups per program); got {blocks.num_consumers!r}")
+    if blocks.mgpu_backward not in ("triton", "mosaic"):
+        raise ValueError(f"block_sizes.mgpu_backward must be 'triton' or 'mosaic'; got "
+                         f"{blocks.mgpu_backward!r}")
+    if blocks.mgpu_backward == "mosaic":
+        tiles = dict(block_q_bwd=blocks.block_q_bwd, block_k_bwd=blocks.block_k_bwd,
+                     block_q_dq=blocks.dq[0], block_k_dq=blocks.dq[1])
+        for name, value in tiles.items():
+            if value not in (64, 128):
+                raise ValueError(f"block_sizes.{name} must be 64 or 128 for the Mosaic GPU "
+                                 f"backward (wgmma rows, 128-byte swizzled tiles); got {value}")
+        if blocks.num_consumers_bwd not in (1, 2):
+            raise ValueError(f"block_sizes.num_consumers_bwd must be 1 or 2 for the Mosaic GPU "
+                             f"backward (compute warpgroups per program); got "
+                             f"{blocks.num_consumers_bwd!r}")
 
 
 def check_block_sizes(blocks, *, pallas: bool) -> None:
@@ -169,6 +184,8 @@ def check_block_sizes(blocks, *, pallas: bool) -> None:
     if not isinstance(blocks, BlockSizes):
         raise TypeError(f"block_sizes must be a BlockSizes or None; got {type(blocks).__name__}")
     for field in dataclasses.fields(blocks):
+        if field.name == "mgpu_backward":  # a kernel choice, checked by check_mgpu
+            continue
         value = getattr(blocks, field.name)
         minimum = 16 if field.name.startswith("block") else 1
         check_block(f"block_sizes.{field.name}", value, pallas=pallas and minimum == 16,

@@ -36,7 +36,11 @@ class BlockSizes:
     The Mosaic GPU forward ("pallas_mgpu") reads block_q, block_k, num_stages (its TMA pipeline
     depth: K/V tiles in flight) and num_consumers (compute warpgroups per program, each with its
     own block_q rows; 2 adds a third warpgroup that only issues the TMA copies, FlashAttention-3's
-    warp specialization); its backward is the Triton one and reads the rest.
+    warp specialization). Its backward is chosen by mgpu_backward: "triton" (the default until a
+    GPU measures the other: pallas_gpu's kernels, reading the rest) or "mosaic" (the Mosaic GPU
+    kernels of pallas_mgpu_bwd.py: the dk/dv kernel's tiles block_q_bwd x block_k_bwd, the dq
+    kernel's ``dq``, each 64 or 128, num_stages_bwd TMA slots per pipeline and
+    num_consumers_bwd compute warpgroups per program, as num_consumers does for the forward).
 
     Forward tiles are (block_q x block_k), the dk/dv kernel's (block_q_bwd x block_k_bwd) and the dq
     kernel's (block_q_dq x block_k_dq), which default to the dk/dv ones. The backward kernels like
@@ -54,6 +58,8 @@ class BlockSizes:
     num_stages: int = 2
     num_stages_bwd: int = 2
     num_consumers: int = 1
+    mgpu_backward: str = "triton"
+    num_consumers_bwd: int = 1
 
     @property
     def dq(self) -> tuple[int, int]:
@@ -73,9 +79,11 @@ DEFAULT_BLOCK_SIZES: dict[str, BlockSizes] = {
     # Mosaic GPU (Hopper) forward, FlashAttention-3's layout: two consumer warpgroups of 64 q rows
     # each and a TMA producer warpgroup, 128-wide K/V tiles double-buffered (160 KiB of shared
     # memory at D = 128: one program per SM). Untuned: jax's attention_mgpu defaults until a GPU
-    # session measures ours. The backward runs the Triton kernels with pallas_gpu's *_bwd tiles.
+    # session measures ours. The backward runs the Triton kernels with pallas_gpu's *_bwd tiles
+    # (mgpu_backward="triton") until a GPU session measures the Mosaic GPU one ("mosaic"): 64 x 64
+    # tiles too, two consumer warpgroups (FlashAttention-3's backward layout), also untuned.
     "pallas_mgpu": BlockSizes(block_q=64, block_k=128, block_q_bwd=64, block_k_bwd=64,
-                              num_stages=2, num_consumers=2),
+                              num_stages=2, num_consumers=2, num_consumers_bwd=2),
 }
 PALLAS_WIDE_HEAD_DIM = 256  # padded head dims at or above this use "pallas_gpu_wide"
 PALLAS_MIN_BLOCK = 16  # Triton's dot needs every operand dimension >= 16
@@ -254,6 +262,42 @@ def loop_bounds(vis: jax.Array) -> tuple[jax.Array, jax.Array]:
     lo = jnp.argmax(vis, axis=-1)
     hi = m - jnp.argmax(vis[..., ::-1], axis=-1)
     return (jnp.where(any_, lo, 0).astype(jnp.int32), jnp.where(any_, hi, 0).astype(jnp.int32))
+
+
+def program_bounds(vis, full, consumers: int) -> tuple[jax.Array, jax.Array]:
+    """Loop bounds for kernels whose programs run ``consumers`` rows of tiles (one per compute
+    warpgroup) over one shared stream of the other axis' tiles (the Mosaic GPU backward).
+
+    bool [n, m] visible / fully visible tiles per row of tiles -> (int32 [2, n]: per row its
+    unmasked tiles [full_lo, full_hi); int32 [2, n // consumers]: per program the union [lo, hi)
+    of its rows' visited tiles, which all its consumers walk).
+
+    lo <= full_lo <= full_hi <= hi, so masked [lo, full_lo), unmasked [full_lo, full_hi) and
+    masked [full_hi, hi) tile the union; a tile outside a row's own range is fully masked for it
+    (correct, and the only waste when consumers' ranges differ). Empty rows do not widen the
+    union; a program with none gets lo = hi = 0."""
+    lo, hi = loop_bounds(vis)  # [n]
+    nonempty = (hi > lo).reshape(-1, consumers)
+    any_ = nonempty.any(-1)
+    union_lo = jnp.where(nonempty, lo.reshape(-1, consumers), vis.shape[-1]).min(-1)
+    union = jnp.stack([jnp.where(any_, union_lo, 0),
+                       jnp.where(any_, hi.reshape(-1, consumers).max(-1), 0)])
+    row_lo, row_hi = (jnp.repeat(u, consumers) for u in union)
+    full_lo, full_hi = loop_bounds(full)
+    has_full = full.any(-1)  # rows without full tiles run their whole range masked
+    full_lo = jnp.clip(jnp.where(has_full, full_lo, row_hi), row_lo, row_hi)
+    full_hi = jnp.clip(jnp.where(has_full, full_hi, row_hi), full_lo, row_hi)
+    return jnp.stack([full_lo, full_hi]), union
+
+
+def banded_loop(lo, full_lo, full_hi, hi, body, init, masked: bool):
+    """fori_loops over tiles [lo, hi): masked edges, unmasked middle (one plain loop when
+    nothing can be masked). ``body(i, carry, masked)``."""
+    if not masked:
+        return jax.lax.fori_loop(lo, hi, functools.partial(body, masked=False), init)
+    carry = jax.lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), init)
+    carry = jax.lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
+    return jax.lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
 
 
 def full_visibility(spec: MaskSpec, block_q: int, block_k: int, t_pad: int,
