@@ -1,18 +1,17 @@
-"""The `jaxinfer` command line: generate, train, convert, quantize (the last two in
-`cli_checkpoints.py`)."""
+"""The `jaxinfer` command line: generate, train, convert, quantize (train in `cli_train.py`, the
+last two in `cli_checkpoints.py`)."""
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import json
 import logging
 import math
 import sys
 import time
 from pathlib import Path
 
-from jaxinfer import cli_checkpoints
+from jaxinfer import cli_checkpoints, cli_train
+from jaxinfer.cli_train import HELD_OUT
 from jaxinfer.config import REMAT_MODES
 
 EXAMPLES = {
@@ -63,6 +62,19 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+# a byte-level BPE holds the 256 bytes and <|endoftext|> whatever size it is asked for
+MIN_BPE_VOCAB = 257
+
+
+def _vocab_size(text: str) -> int:
+    """argparse type: a byte-level BPE's vocabulary size, an integer >= MIN_BPE_VOCAB."""
+    value = int(text)
+    if value < MIN_BPE_VOCAB:
+        raise argparse.ArgumentTypeError(
+            f"must be an integer >= {MIN_BPE_VOCAB} (the 256 bytes and <|endoftext|>); got {text}")
+    return value
+
+
 def _positive_finite(text: str) -> float:
     """argparse type: a finite number > 0 (sizes)."""
     value = float(text)
@@ -79,22 +91,6 @@ def _fraction(text: str) -> float:
     return value
 
 
-# `jaxinfer train` flags -> TrainConfig fields. The parser's defaults are None, so that `--resume`
-# can tell which were given; a fresh run fills the rest from TrainConfig's defaults, and a resumed
-# run takes its train_config.json with the given ones replaced (jaxinfer.train.train refuses
-# changes outside jaxinfer.train.train_config.RESUMABLE).
-TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
-               "grad_accum": "grad_accum", "lr": "learning_rate", "warmup": "warmup_steps",
-               "weight_decay": "weight_decay", "eval_every": "eval_every",
-               "checkpoint_every": "checkpoint_every", "seed": "seed",
-               "document_separator": "document_separator"}
-# flags that choose a run's data, tokenizer or model: --resume takes them from the run itself
-RUN_FLAGS = ("held_out", "config", "init", "tokenizer", "vocab_size")
-# LlamaConfig fields that are run settings, not Hugging Face config keys: LlamaConfig.from_hf_config
-# would drop them from a --config file without a word -> the flag that sets them (or None)
-RUN_SETTING_KEYS = {"remat": "--remat", "attention_backend": None, "sequence_parallel": None,
-                    "param_dtype": None}
-HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
 # `jaxinfer generate` flags only the engine honours, with the values that leave them off (for the
 # engine's sizes, their defaults): a static-batch model (Hyena) refuses any other value
 ENGINE_FLAGS = {"prompts_file": None, "min_p": None, "repetition_penalty": 1.0, "stop": [],
@@ -160,7 +156,7 @@ def _parser() -> argparse.ArgumentParser:
     source.add_argument("--config", help="HF-style config.json for a model trained from scratch")
     source.add_argument("--init", help="HF model directory to fine-tune")
     tr.add_argument("--tokenizer", help="tokenizer.json or a directory holding one")
-    tr.add_argument("--vocab-size", type=int,
+    tr.add_argument("--vocab-size", type=_vocab_size,
                     help="train a byte-level BPE of this size on the corpus")
     tr.add_argument("--held-out", type=_fraction,
                     help=f"fraction of tokens for evaluation (default {HELD_OUT})")
@@ -316,194 +312,11 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
-def _model_of_config(config_file: Path, seed: int):
-    """A randomly initialised model (from `seed`) of the type and shape config_file describes."""
-    from flax import nnx
-
-    import jaxinfer
-    from jaxinfer.config import HYENA_MODEL_TYPE, read_config_json
-
-    rngs = nnx.Rngs(seed)
-    hf = read_config_json(config_file)
-    if hf.get("model_type") == "mixtral":
-        return jaxinfer.MixtralForCausalLM(jaxinfer.MixtralConfig.from_hf_config(hf), rngs=rngs)
-    if hf.get("model_type") == HYENA_MODEL_TYPE:
-        return jaxinfer.HyenaForCausalLM(jaxinfer.HyenaConfig.from_hf_config(hf), rngs=rngs)
-    return jaxinfer.LlamaForCausalLM(jaxinfer.LlamaConfig.from_hf_config(hf), rngs=rngs)
-
-
-def _config_file(path: str):
-    """The LlamaConfig of a --config file, refusing jaxinfer's own run settings in it, which
-    LlamaConfig.from_hf_config would otherwise drop without a word."""
-    import jaxinfer
-    from jaxinfer.config import read_config_json
-
-    hf = read_config_json(path)
-    found = sorted(set(hf) & set(RUN_SETTING_KEYS))
-    if found:
-        got = [f"{key} (give it as {RUN_SETTING_KEYS[key]})" if RUN_SETTING_KEYS[key]
-               else f"{key} (jaxinfer train does not set it)" for key in found]
-        raise ValueError(f"--config {path}: run settings are not keys of a model's config.json; "
-                         f"got {', '.join(got)}")
-    return jaxinfer.LlamaConfig.from_hf_config(hf)
-
-
-def _with_remat(model, remat: str):
-    """`model` with its config's remat set (Llama, Mixtral); a model without remat (Hyena) is
-    left as it is for "none", an error otherwise."""
-    if not hasattr(model.config, "remat"):
-        if remat != "none":
-            raise ValueError(f"--remat {remat} needs a model that recomputes decoder layers "
-                             f"(Llama, Mixtral); {type(model).__name__} has no remat")
-        return model
-    model.config = model.config.replace(remat=remat)
-    return model
-
-
-def _run_record(run: Path, corpus_given: bool) -> dict:
-    """The run's run.json (corpus, held_out, init, remat), checked for what --resume needs."""
-    from jaxinfer.config import read_config_json
-    from jaxinfer.train.run_files import RUN_FILE
-
-    meta = read_config_json(run / RUN_FILE)
-    missing = [key for key in ("held_out",) + (() if corpus_given else ("corpus",))
-               if key not in meta]
-    if missing:
-        raise ValueError(f"{run / RUN_FILE} lacks {missing}"
-                         + ("; give --corpus" if "corpus" in missing else ""))
-    return meta
-
-
-def _resumed_run(args: argparse.Namespace, run: Path):
-    """(config, corpus, held_out, tokenizer, model, write_run_files) of the run in `run`, the
-    given flags applied; write_run_files records a changed --remat in its run.json."""
-    import jaxinfer
-    from jaxinfer.train import TrainConfig
-    from jaxinfer.train.resume import latest_checkpoint_step
-    from jaxinfer.train.run_files import RUN_FILE, TRAIN_CONFIG_FILE, write_json
-
-    if not (run / TRAIN_CONFIG_FILE).exists():
-        raise FileNotFoundError(f"{run} holds no run to resume ({TRAIN_CONFIG_FILE} missing)")
-    fixed = [f"--{k.replace('_', '-')}" for k in RUN_FLAGS if getattr(args, k) is not None]
-    if fixed:
-        raise ValueError(f"--resume continues the run in {run} on its own held-out split, "
-                         f"tokenizer and model; {', '.join(fixed)} cannot change them")
-    # jaxinfer.train.train refuses changes to the settings a resumed run must keep
-    config = dataclasses.replace(TrainConfig.load(run / TRAIN_CONFIG_FILE), **{
-        field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
-        if getattr(args, flag) is not None})
-    meta = _run_record(run, corpus_given=bool(args.corpus))
-    remat = args.remat or meta.get("remat", "none")
-    # a model of the run's shape, whose weights the checkpoint replaces; killed before its
-    # first checkpoint, the run starts again from exactly the model it started from
-    init = meta.get("init")
-    if latest_checkpoint_step(run) is None and init is not None:
-        model = jaxinfer.load_pretrained(init)
-    else:
-        model = _model_of_config(run / "config.json", config.seed)
-    model = _with_remat(model, remat)
-
-    def write_run_files() -> None:  # the next plain --resume keeps this remat
-        if remat != meta.get("remat", "none"):
-            write_json(run / RUN_FILE, {**meta, "remat": remat})
-    corpus = args.corpus or meta["corpus"]
-    return (config, corpus, meta["held_out"], jaxinfer.load_tokenizer(run), model,
-            write_run_files)
-
-
-def _fresh_run(args: argparse.Namespace, run: Path):
-    """(config, corpus, held_out, tokenizer, model, write_run_files) of a new run in `run`;
-    write_run_files writes its tokenizer and run.json."""
-    from flax import nnx
-
-    import jaxinfer
-    from jaxinfer.tokenizer import train_bpe
-    from jaxinfer.train import TrainConfig
-    from jaxinfer.train.data import read_corpus
-    from jaxinfer.train.resume import check_no_checkpoints
-    from jaxinfer.train.run_files import RUN_FILE, write_json
-
-    if not args.corpus:
-        raise ValueError("--corpus is required unless --resume is given")
-    check_no_checkpoints(run)  # before a tokenizer is trained for nothing
-    held_out = HELD_OUT if args.held_out is None else args.held_out
-    config = TrainConfig(**{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
-                            if getattr(args, flag) is not None})
-    if args.tokenizer or args.init:
-        tokenizer = jaxinfer.load_tokenizer(args.tokenizer or args.init)
-    elif args.vocab_size:
-        print(f"training a byte-level BPE tokenizer with {args.vocab_size} tokens ...")
-        tokenizer = train_bpe(read_corpus(args.corpus).splitlines(), args.vocab_size,
-                              progress=True)
-    else:
-        raise ValueError("give --tokenizer, --init or --vocab-size to choose a tokenizer")
-    if args.init:
-        init = str(Path(args.init).absolute())
-        model = jaxinfer.load_pretrained(init)
-        if tokenizer.get_vocab_size() > model.config.vocab_size:
-            raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but "
-                             f"the model in {args.init} embeds only "
-                             f"{model.config.vocab_size}")
-    elif args.config:
-        init = None
-        model_config = _config_file(args.config).replace(vocab_size=tokenizer.get_vocab_size())
-        model = jaxinfer.LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
-    else:
-        raise ValueError("give --config (train from scratch) or --init (fine-tune)")
-    remat = args.remat or "none"
-    model = _with_remat(model, remat)
-    record = {"corpus": str(Path(args.corpus).absolute()), "held_out": held_out, "init": init,
-              "remat": remat}
-
-    def write_run_files() -> None:
-        run.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(run / "tokenizer.json"))
-        write_json(run / RUN_FILE, record)
-    return config, args.corpus, held_out, tokenizer, model, write_run_files
-
-
-def _train(args: argparse.Namespace) -> int:
-    import numpy as np
-    from flax import nnx
-
-    import jaxinfer
-    from jaxinfer.train import split_held_out, tokenize_corpus, train
-    from jaxinfer.train.data import read_corpus
-    from jaxinfer.train.run_files import write_json
-
-    run = Path(args.out)
-    config, corpus, held_out, tokenizer, model, write_run_files = (
-        _resumed_run(args, run) if args.resume else _fresh_run(args, run))
-    tokens = tokenize_corpus(read_corpus(corpus), tokenizer)
-    train_tokens, eval_tokens = split_held_out(tokens, held_out,
-                                               separator=config.document_separator)
-    n_params = sum(int(np.prod(v.shape)) for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
-    print(f"{n_params / 1e6:.2f}M parameters; {len(train_tokens):,} train and "
-          f"{len(eval_tokens):,} held-out tokens; {config.steps} steps of "
-          f"{config.batch_size * config.grad_accum}x{config.seq_len} tokens")
-    # the run's files are written once train() has accepted the run: a refused one changes none
-    result = train(model, train_tokens, eval_tokens, config, run, resume=args.resume,
-                   on_start=write_run_files)
-    out = jaxinfer.save_pretrained(result.model, run / "model", tokenizer=tokenizer)
-    last = result.history[-1]
-    evals = [r for r in result.history if "eval_loss" in r]
-    summary = {"steps": last["step"], "final_train_loss": last["loss"],
-               "held_out_loss": evals[-1]["eval_loss"] if evals else None,
-               "held_out_perplexity": evals[-1]["eval_perplexity"] if evals else None,
-               "wall_seconds_this_invocation": result.wall_seconds,
-               "parameters": n_params, "train_tokens": int(len(train_tokens)),
-               "held_out_tokens": int(len(eval_tokens))}
-    write_json(run / "summary.json", summary)
-    print(json.dumps(summary, indent=2))
-    print(f"model written to {out}")
-    return 0
-
-
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
     logging.getLogger("jaxinfer").setLevel(logging.INFO)
-    command = {"generate": _generate, "train": _train, "convert": cli_checkpoints.convert,
+    command = {"generate": _generate, "train": cli_train.train, "convert": cli_checkpoints.convert,
                "quantize": cli_checkpoints.quantize}[args.command]
     try:
         return command(args)

@@ -2,7 +2,7 @@
 
 from jaxinfer.train.data import (PackedDocuments, TokenWindows, split_documents, split_held_out,
                                  tokenize_corpus)
-from jaxinfer.train.loop import TrainConfig, TrainResult, train
+from jaxinfer.train.loop import TrainConfig, TrainingInterrupted, TrainResult, train
 
-__all__ = ["PackedDocuments", "TokenWindows", "TrainConfig", "TrainResult", "split_documents",
-           "split_held_out", "tokenize_corpus", "train"]
+__all__ = ["PackedDocuments", "TokenWindows", "TrainConfig", "TrainResult", "TrainingInterrupted",
+           "split_documents", "split_held_out", "tokenize_corpus", "train"]

@@ -1,15 +1,21 @@
-"""Resuming a run: which checkpoint there is, whether a config may continue it, and restoring the
-train state with an error that names the parameters when the model is not the run's."""
+"""Resuming a run: which checkpoint there is, whether a config, a model and data may continue it,
+and restoring the train state with an error that names the parameters when the model is not the
+run's."""
 
 from __future__ import annotations
 
+import hashlib
+import json
 from pathlib import Path
 from typing import Any
 
 import jax
+import numpy as np
 
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
-from jaxinfer.train.run_files import CHECKPOINTS_DIR, TRAIN_CONFIG_FILE
+from jaxinfer.config import read_config_json
+from jaxinfer.train.run_files import (CHECKPOINTS_DIR, DATA_FILE, MODEL_CONFIG_FILE,
+                                      TRAIN_CONFIG_FILE)
 from jaxinfer.train.train_config import RESUMABLE, TrainConfig
 
 _MISMATCHES_SHOWN = 3  # parameters named in a shape-mismatch error
@@ -37,9 +43,66 @@ def check_no_checkpoints(run_dir: str | Path) -> None:
                          f"it, or train into a new directory")
 
 
-def check_resume(run_dir: Path, config: TrainConfig) -> None:
+def data_fingerprint(train_tokens: np.ndarray, eval_tokens: np.ndarray) -> dict:
+    """{"train_tokens": {"length", "sha256"}, "eval_tokens": ...}: what a run trains and
+    evaluates on, saved as its data.json so that a resume on other data is refused. The hash is
+    of the token ids as little-endian int32 (ids lie in the vocabulary), so int32 and int64
+    arrays of the same ids agree."""
+    return {name: {"length": int(len(tokens)), "sha256": hashlib.sha256(
+                np.ascontiguousarray(tokens, dtype="<i4").tobytes()).hexdigest()}
+            for name, tokens in (("train_tokens", train_tokens), ("eval_tokens", eval_tokens))}
+
+
+def data_changes(run_dir: Path, fingerprint: dict) -> list[str]:
+    """How `fingerprint` (`data_fingerprint`) differs from the run's data.json, as
+    'train_tokens: 4000 tokens (sha256 1a2b3c4d...) -> ...' lines; empty when they agree or the
+    run has no data.json (one begun before it was written)."""
+    path = run_dir / DATA_FILE
+    if not path.exists():
+        return []
+    saved = read_config_json(path)
+
+    def described(entry: dict | None) -> str:
+        if not isinstance(entry, dict):
+            return "none recorded"
+        return f"{entry.get('length')} tokens (sha256 {str(entry.get('sha256'))[:12]}...)"
+    return [f"{name}: {described(saved.get(name))} -> {described(fingerprint[name])}"
+            for name in fingerprint if saved.get(name) != fingerprint[name]]
+
+
+def _flat(hf: dict) -> dict:
+    """A config.json dict with nested dicts' keys spelled 'outer.inner', so that a change names
+    the field (rope_parameters.rope_theta), and values as JSON gives them back (tuples as
+    lists)."""
+    flat = {}
+    for key, value in json.loads(json.dumps(hf)).items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{inner}": v for inner, v in value.items()})
+        else:
+            flat[key] = value
+    return flat
+
+
+def model_config_changes(run_dir: Path, hf_config: dict) -> list[str]:
+    """How a model's config.json dict (`config.to_hf_config()`: its architecture, without run
+    settings such as remat or attention_backend) differs from the run's config.json, as
+    'name: saved -> given' lines; empty when they agree or the run has none."""
+    path = run_dir / MODEL_CONFIG_FILE
+    if not path.exists():
+        return []
+    saved, given = _flat(read_config_json(path)), _flat(hf_config)
+    missing = "(absent)"
+    return [f"{key}: {saved.get(key, missing)!r} -> {given.get(key, missing)!r}"
+            for key in sorted(set(saved) | set(given), key=lambda k: (k not in saved, k))
+            if saved.get(key, missing) != given.get(key, missing)]
+
+
+def check_resume(run_dir: Path, config: TrainConfig, *, hf_config: dict | None = None,
+                 fingerprint: dict | None = None) -> None:
     """ValueError unless `config` may continue the run in run_dir: equal to its saved
-    train_config.json outside RESUMABLE, and `steps` not below its latest checkpoint's step."""
+    train_config.json outside RESUMABLE, and `steps` not below its latest checkpoint's step;
+    given, the model's `hf_config` must equal its config.json (`model_config_changes`) and the
+    data's `fingerprint` its data.json (`data_changes`)."""
     saved_file = run_dir / TRAIN_CONFIG_FILE
     if saved_file.exists():
         changes = config.changes_on_resume(TrainConfig.load(saved_file))
@@ -47,6 +110,17 @@ def check_resume(run_dir: Path, config: TrainConfig) -> None:
             raise ValueError(f"a resumed run keeps its settings ({saved_file}) except "
                              f"{', '.join(RESUMABLE)}; got other values for "
                              f"{'; '.join(changes)}")
+    if hf_config is not None:
+        changes = model_config_changes(run_dir, hf_config)
+        if changes:
+            raise ValueError(f"a resumed run keeps its model's architecture "
+                             f"({run_dir / MODEL_CONFIG_FILE}); the model differs in "
+                             f"{'; '.join(changes)}")
+    if fingerprint is not None:
+        changes = data_changes(run_dir, fingerprint)
+        if changes:
+            raise ValueError(f"a resumed run trains and evaluates on the data it began with "
+                             f"({run_dir / DATA_FILE}); got other data: {'; '.join(changes)}")
     step = latest_checkpoint_step(run_dir)
     if step is not None and config.steps < step:
         raise ValueError(f"steps must be at least the run's current step {step} (its latest "

@@ -22,6 +22,8 @@ METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
 RUN_FILE = "run.json"  # the CLI's record of what a run trains on (corpus, held-out, init, remat)
 CHECKPOINTS_DIR = "checkpoints"
+MODEL_CONFIG_FILE = "config.json"  # the model's architecture (its to_hf_config())
+DATA_FILE = "data.json"  # lengths and hashes of the run's train and held-out tokens
 
 
 def _umask() -> int:

@@ -86,6 +86,19 @@ def _mean(total: jax.Array, count: jax.Array | float) -> jax.Array:
     return total / jnp.maximum(count, 1.0)
 
 
+def takes_segment_ids(model) -> bool:
+    """Whether the model's forward takes `segment_ids`, so that it can train on packed
+    documents (Llama, Mixtral; not Hyena)."""
+    return "segment_ids" in inspect.signature(model.forward).parameters
+
+
+def check_packing_support(model) -> None:
+    """ValueError unless the model can train on packed documents (`takes_segment_ids`)."""
+    if not takes_segment_ids(model):
+        raise ValueError(f"segment_ids (packed documents) need a model whose forward takes them; "
+                         f"{type(model).__name__} does not")
+
+
 def _check_packing(model, batch: jax.Array, segment_ids: jax.Array | None) -> dict:
     """forward's packing keyword ({} or {"segment_ids": inputs' ids}) after checking them."""
     if segment_ids is None:
@@ -93,9 +106,7 @@ def _check_packing(model, batch: jax.Array, segment_ids: jax.Array | None) -> di
     if tuple(segment_ids.shape) != tuple(batch.shape):
         raise ValueError(f"segment_ids must have the batch's shape {list(batch.shape)}; got "
                          f"{list(segment_ids.shape)}")
-    if "segment_ids" not in inspect.signature(model.forward).parameters:
-        raise ValueError(f"segment_ids (packed documents) need a model whose forward takes them; "
-                         f"{type(model).__name__} does not")
+    check_packing_support(model)
     return {"segment_ids": segment_ids[:, :-1]}
 
 

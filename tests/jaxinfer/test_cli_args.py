@@ -17,6 +17,8 @@ from jaxinfer import cli
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.train.loop import CHECKPOINTS_DIR, TRAIN_CONFIG_FILE
 from jaxinfer.train.loop import train as real_train
+from jaxinfer.train.resume import data_fingerprint
+from jaxinfer.train.run_files import DATA_FILE, write_json
 
 
 @pytest.mark.parametrize("argv", [
@@ -28,6 +30,9 @@ from jaxinfer.train.loop import train as real_train
     ["train", "--out", "r", "--corpus", "c", "--held-out", "0"],  # split_held_out's (0, 1)
     ["train", "--out", "r", "--corpus", "c", "--seed", "-1"],
     ["train", "--out", "r", "--corpus", "c", "--warmup", "-2"],
+    ["train", "--out", "r", "--corpus", "c", "--vocab-size", "-5"],
+    ["train", "--out", "r", "--corpus", "c", "--vocab-size", "0"],
+    ["train", "--out", "r", "--corpus", "c", "--vocab-size", "256"],  # under the 256 bytes + 1
 ])
 def test_out_of_range_values_are_usage_errors(argv, capsys):
     with pytest.raises(SystemExit) as exit_info:
@@ -52,6 +57,7 @@ def handed_to_train(monkeypatch):
             on_start()
         (run_dir / "config.json").write_text(
             json.dumps(model.config.to_hf_config()))
+        write_json(run_dir / DATA_FILE, data_fingerprint(train_tokens, eval_tokens))
         config.save(run_dir / TRAIN_CONFIG_FILE)
         calls.append((model, config, resume))
         raise _Stop
@@ -127,8 +133,8 @@ def test_resume_refuses_changed_settings_through_the_library(tmp_path, handed_to
 
 
 def test_a_fresh_run_refused_by_the_library_writes_no_file(tmp_path, monkeypatch, capsys):
-    corpus = tmp_path / "corpus.txt"
-    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    corpus = tmp_path / "corpus.txt"  # long enough for a held-out window of the model's context
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text())
     run = tmp_path / "run"
     context = jaxinfer.load_pretrained(jaxinfer.default_model_dir()).config.max_position_embeddings
     assert cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
@@ -232,3 +238,56 @@ def test_a_fresh_run_over_checkpoints_is_refused_before_it_writes(tmp_path, hand
     assert "already holds a run's checkpoints (step 5)" in capsys.readouterr().err
     assert (run / "run.json").read_text() == "old" and not (run / "tokenizer.json").exists()
     assert not handed_to_train
+
+
+def test_resume_on_another_corpus_is_refused_naming_it(tmp_path, handed_to_train, capsys):
+    corpus, run = _fresh_run(tmp_path)
+    before = _file_states(run)
+    other = tmp_path / "other.txt"
+    other.write_text(corpus.read_text()[::-1])
+    assert cli.main(["train", "--out", str(run), "--resume", "--corpus", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert (f"--resume continues the run in {run} on the data it began with (corpus "
+            f"{corpus.absolute()}); --corpus {other} gives other tokens: train_tokens:") in err
+    corpus.write_text(corpus.read_text() + "And it was so.\n")  # edited after the run began
+    assert cli.main(["train", "--out", str(run), "--resume"]) == 2
+    assert f"its corpus {corpus.absolute()}, changed since, gives other tokens" in (
+        capsys.readouterr().err)
+    assert _file_states(run) == before
+    assert len(handed_to_train) == 1
+
+
+def test_resume_with_packing_on_a_run_without_it_names_the_setting(tmp_path, handed_to_train,
+                                                                  capsys):
+    """The settings are compared before the corpus is split, so the refusal is the resume's,
+    not the held-out split's 'separator does not occur'."""
+    _, run = _fresh_run(tmp_path)
+    assert cli.main(["train", "--out", str(run), "--resume", "--document-separator", "0"]) == 2
+    assert "got other values for document_separator: None -> 0" in capsys.readouterr().err
+
+
+def test_an_empty_corpus_is_refused_before_a_tokenizer_is_trained(tmp_path, monkeypatch,
+                                                                  capsys):
+    corpus = tmp_path / "empty.txt"
+    corpus.write_text("\n \n")
+    trained = []
+    monkeypatch.setattr("jaxinfer.tokenizer.train_bpe", lambda *a, **k: trained.append(a))
+    assert cli.main(["train", "--corpus", str(corpus), "--config", "c.json", "--vocab-size",
+                     "300", "--out", str(tmp_path / "run")]) == 2
+    assert f"corpus {corpus} is empty: nothing to train on" in capsys.readouterr().err
+    assert not trained and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("flags, advice", [
+    ((), "give a longer corpus, a smaller --seq-len or a larger --held-out"),
+    (("--seq-len", "600"), "give a longer corpus or a smaller --seq-len"),
+], ids=["held-out-part", "whole-corpus"])
+def test_a_too_short_corpus_names_the_corpus_and_the_flags(tmp_path, handed_to_train, capsys,
+                                                           flags, advice):
+    corpus = tmp_path / "short.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:2000])
+    assert cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
+                     "--out", str(tmp_path / "run"), "--seq-len", "64", *flags]) == 2
+    err = capsys.readouterr().err
+    assert f"corpus {corpus} is too short" in err and advice in err
+    assert not handed_to_train and not (tmp_path / "run").exists()

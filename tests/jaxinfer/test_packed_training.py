@@ -209,3 +209,16 @@ def test_train_packs_documents_when_given_a_separator(tmp_path):
     result = train(model, stream, stream[:200], config, tmp_path, progress=False)
     assert len(result.history) == 3 and np.isfinite(result.history[-1]["eval_loss"])
     assert TrainConfig.load(tmp_path / "train_config.json").document_separator == 0
+
+
+def test_packing_for_a_model_without_segment_ids_is_refused_before_any_file(tmp_path):
+    hyena = jaxinfer.HyenaForCausalLM(jaxinfer.HyenaConfig(
+        vocab_size=VOCAB, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+        max_position_embeddings=64, filter_emb_dim=5, filter_hidden_size=16), rngs=nnx.Rngs(0))
+    stream = np.concatenate([np.append(d, 0) for d in documents([6, 13, 9, 17, 5, 11] * 8)])
+    config = TrainConfig(steps=1, batch_size=2, seq_len=16, document_separator=0)
+    with pytest.raises(ValueError, match=r"document_separator=0 packs documents, which needs a "
+                                         r"model whose forward takes segment_ids .*"
+                                         r"HyenaForCausalLM does not"):
+        train(hyena, stream, stream[:200], config, tmp_path / "run", progress=False)
+    assert not (tmp_path / "run").exists()

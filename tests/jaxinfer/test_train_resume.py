@@ -19,7 +19,8 @@ import jaxinfer
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.train import TrainConfig, train
 from jaxinfer.train.loop import CHECKPOINTS_DIR, METRICS_FILE, TRAIN_CONFIG_FILE, initial_state
-from jaxinfer.train.run_files import read_history, write_atomic
+from jaxinfer.train.resume import data_fingerprint
+from jaxinfer.train.run_files import DATA_FILE, read_history, write_atomic, write_json
 
 VOCAB = 32
 CONFIG = TrainConfig(steps=2, batch_size=2, seq_len=8, warmup_steps=1, eval_every=2,
@@ -39,11 +40,14 @@ def records(steps: int) -> list[dict]:
     return [{"step": s, "loss": 3.0 - 0.1 * s, "lr": 1e-3} for s in range(1, steps + 1)]
 
 
-def finished_run(run_dir, model=None, config=CONFIG):
-    """A run directory as train() leaves it after config.steps steps (without training)."""
+def finished_run(run_dir, model=None, config=CONFIG, data=True):
+    """A run directory as train() leaves it after config.steps steps on TOKENS (without
+    training); data=False: as runs begun before data.json was written leave it."""
     model = tiny_model() if model is None else model
     run_dir.mkdir(parents=True)
     (run_dir / "config.json").write_text(json.dumps(model.config.to_hf_config()))
+    if data:
+        write_json(run_dir / DATA_FILE, data_fingerprint(TOKENS, TOKENS[:100]))
     config.save(run_dir / TRAIN_CONFIG_FILE)
     (run_dir / METRICS_FILE).write_text("".join(json.dumps(r) + "\n"
                                                 for r in records(config.steps)))
@@ -56,8 +60,8 @@ def finished_run(run_dir, model=None, config=CONFIG):
     return run_dir
 
 
-def resume(run_dir, model=None, config=CONFIG):
-    return train(tiny_model() if model is None else model, TOKENS, TOKENS[:100], config,
+def resume(run_dir, model=None, config=CONFIG, tokens=TOKENS):
+    return train(tiny_model() if model is None else model, tokens, tokens[:100], config,
                  run_dir, resume=True, progress=False)
 
 
@@ -162,10 +166,59 @@ def test_resume_with_fewer_steps_than_the_run_has_made_is_refused(tmp_path):
 
 
 def test_resume_with_a_model_of_another_shape_names_the_parameters(tmp_path):
+    """Without the run's config.json to compare architectures, the checkpoint's shapes are
+    checked before anything is restored."""
     run = finished_run(tmp_path / "run")
-    saved_config = (run / "config.json").read_text()
+    (run / "config.json").unlink()
     with pytest.raises(ValueError, match=r"the model does not match the run's checkpoint .*"
                                          r"embed_tokens.embedding: checkpoint \[32, 16\], "
                                          r"model \[32, 24\]"):
         resume(run, model=tiny_model(hidden_size=24))
-    assert (run / "config.json").read_text() == saved_config
+    assert not (run / "config.json").exists()
+
+
+@pytest.mark.parametrize("change, named", [
+    ({"rope_theta": 500.0}, "rope_theta: 10000.0 -> 500.0"),  # same shapes, other model
+    ({"hidden_size": 24}, "hidden_size: 16 -> 24"),
+], ids=["rope-theta", "hidden-size"])
+def test_resume_with_a_model_of_another_architecture_names_the_fields(tmp_path, change, named):
+    run = finished_run(tmp_path / "run")
+    before = file_states(run)
+    model = jaxinfer.LlamaForCausalLM(tiny_model().config.replace(**change), rngs=nnx.Rngs(0))
+    with pytest.raises(ValueError, match=r"a resumed run keeps its model's architecture \(.*"
+                                         r"config.json\); the model differs in .*"
+                                         + re.escape(named)):
+        resume(run, model=model)
+    assert file_states(run) == before
+
+
+def test_resume_may_change_run_settings_of_the_model_such_as_remat(tmp_path):
+    run = finished_run(tmp_path / "run")
+    saved_config = json.loads((run / "config.json").read_text())
+    model = jaxinfer.LlamaForCausalLM(tiny_model().config.replace(remat="full",
+                                                                  attention_backend="xla"),
+                                      rngs=nnx.Rngs(0))
+    assert resume(run, model=model).history == records(2)
+    assert json.loads((run / "config.json").read_text()) == saved_config
+
+
+def test_resume_on_other_tokens_is_refused_before_any_file_changes(tmp_path):
+    run = finished_run(tmp_path / "run")
+    before = file_states(run)
+    with pytest.raises(ValueError, match=r"a resumed run trains and evaluates on the data it "
+                                         r"began with \(.*data.json\); got other data: "
+                                         r"train_tokens: 400 tokens \(sha256 \w{12}\.\.\.\) -> "
+                                         r"400 tokens \(sha256 \w{12}\.\.\.\); eval_tokens"):
+        resume(run, tokens=TOKENS[::-1].copy())
+    assert file_states(run) == before
+
+
+def test_the_data_fingerprint_is_of_the_ids_not_their_integer_type(tmp_path):
+    run = finished_run(tmp_path / "run")
+    assert resume(run, tokens=TOKENS.astype(np.int64)).history == records(2)
+
+
+def test_a_run_begun_without_a_data_record_resumes_and_gets_one(tmp_path):
+    run = finished_run(tmp_path / "run", data=False)
+    assert resume(run).history == records(2)
+    assert json.loads((run / DATA_FILE).read_text()) == data_fingerprint(TOKENS, TOKENS[:100])

@@ -1,0 +1,328 @@
+"""`jaxinfer train`: train a model from scratch or fine-tune one on a text corpus, in a run
+directory that `--resume` continues exactly. Everything that can refuse a run (flags, settings,
+data, the corpus's length) is checked before a file is written; Ctrl-C saves the last step."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import json
+import logging
+import sys
+from pathlib import Path
+from typing import NamedTuple
+
+# `jaxinfer train` flags -> TrainConfig fields. The parser's defaults are None, so that `--resume`
+# can tell which were given; a fresh run fills the rest from TrainConfig's defaults, and a resumed
+# run takes its train_config.json with the given ones replaced (jaxinfer.train.train refuses
+# changes outside jaxinfer.train.train_config.RESUMABLE).
+TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len",
+               "grad_accum": "grad_accum", "lr": "learning_rate", "warmup": "warmup_steps",
+               "weight_decay": "weight_decay", "eval_every": "eval_every",
+               "checkpoint_every": "checkpoint_every", "seed": "seed",
+               "document_separator": "document_separator"}
+# flags that choose a run's data, tokenizer or model: --resume takes them from the run itself
+RUN_FLAGS = ("held_out", "config", "init", "tokenizer", "vocab_size")
+# LlamaConfig fields that are run settings, not Hugging Face config keys: LlamaConfig.from_hf_config
+# would drop them from a --config file without a word -> the flag that sets them (or None)
+RUN_SETTING_KEYS = {"remat": "--remat", "attention_backend": None, "sequence_parallel": None,
+                    "param_dtype": None}
+HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
+
+
+def _model_of_config(config_file: Path, seed: int):
+    """A randomly initialised model (from `seed`) of the type and shape config_file describes."""
+    from flax import nnx
+
+    import jaxinfer
+    from jaxinfer.config import HYENA_MODEL_TYPE, read_config_json
+
+    rngs = nnx.Rngs(seed)
+    hf = read_config_json(config_file)
+    if hf.get("model_type") == "mixtral":
+        return jaxinfer.MixtralForCausalLM(jaxinfer.MixtralConfig.from_hf_config(hf), rngs=rngs)
+    if hf.get("model_type") == HYENA_MODEL_TYPE:
+        return jaxinfer.HyenaForCausalLM(jaxinfer.HyenaConfig.from_hf_config(hf), rngs=rngs)
+    return jaxinfer.LlamaForCausalLM(jaxinfer.LlamaConfig.from_hf_config(hf), rngs=rngs)
+
+
+def _config_file(path: str):
+    """The LlamaConfig of a --config file, refusing jaxinfer's own run settings in it, which
+    LlamaConfig.from_hf_config would otherwise drop without a word."""
+    import jaxinfer
+    from jaxinfer.config import read_config_json
+
+    hf = read_config_json(path)
+    found = sorted(set(hf) & set(RUN_SETTING_KEYS))
+    if found:
+        got = [f"{key} (give it as {RUN_SETTING_KEYS[key]})" if RUN_SETTING_KEYS[key]
+               else f"{key} (jaxinfer train does not set it)" for key in found]
+        raise ValueError(f"--config {path}: run settings are not keys of a model's config.json; "
+                         f"got {', '.join(got)}")
+    return jaxinfer.LlamaConfig.from_hf_config(hf)
+
+
+def _with_remat(model, remat: str):
+    """`model` with its config's remat set (Llama, Mixtral); a model without remat (Hyena) is
+    left as it is for "none", an error otherwise."""
+    if not hasattr(model.config, "remat"):
+        if remat != "none":
+            raise ValueError(f"--remat {remat} needs a model that recomputes decoder layers "
+                             f"(Llama, Mixtral); {type(model).__name__} has no remat")
+        return model
+    model.config = model.config.replace(remat=remat)
+    return model
+
+
+def _run_record(run: Path, corpus_given: bool) -> dict:
+    """The run's run.json (corpus, held_out, init, remat), checked for what --resume needs."""
+    from jaxinfer.config import read_config_json
+    from jaxinfer.train.run_files import RUN_FILE
+
+    meta = read_config_json(run / RUN_FILE)
+    missing = [key for key in ("held_out",) + (() if corpus_given else ("corpus",))
+               if key not in meta]
+    if missing:
+        raise ValueError(f"{run / RUN_FILE} lacks {missing}"
+                         + ("; give --corpus" if "corpus" in missing else ""))
+    return meta
+
+
+
+
+class _Run(NamedTuple):
+    """What `_resumed_run` and `_fresh_run` settle before the corpus is tokenized."""
+
+    config: object  # jaxinfer.train.TrainConfig
+    corpus: str  # the corpus file to read
+    held_out: float
+    tokenizer: object  # tokenizers.Tokenizer
+    model: object
+    write_run_files: object  # () -> None: called once train() has accepted the run
+    recorded_corpus: str | None  # a resumed run's corpus, as its run.json records it
+
+
+def _resumed_run(args: argparse.Namespace, run: Path) -> _Run:
+    """The run in `run` with the given flags applied; its settings are checked here, before the
+    corpus is read, so that a changed one is refused as such. write_run_files records a changed
+    --remat in its run.json."""
+    import jaxinfer
+    from jaxinfer.train import TrainConfig
+    from jaxinfer.train.resume import check_resume, latest_checkpoint_step
+    from jaxinfer.train.run_files import RUN_FILE, TRAIN_CONFIG_FILE, write_json
+
+    if not (run / TRAIN_CONFIG_FILE).exists():
+        raise FileNotFoundError(f"{run} holds no run to resume ({TRAIN_CONFIG_FILE} missing)")
+    fixed = [f"--{k.replace('_', '-')}" for k in RUN_FLAGS if getattr(args, k) is not None]
+    if fixed:
+        raise ValueError(f"--resume continues the run in {run} on its own held-out split, "
+                         f"tokenizer and model; {', '.join(fixed)} cannot change them")
+    config = dataclasses.replace(TrainConfig.load(run / TRAIN_CONFIG_FILE), **{
+        field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
+        if getattr(args, flag) is not None})
+    check_resume(run, config)  # jaxinfer.train.train checks it again, with the model and data
+    meta = _run_record(run, corpus_given=bool(args.corpus))
+    remat = args.remat or meta.get("remat", "none")
+    # a model of the run's shape, whose weights the checkpoint replaces; killed before its
+    # first checkpoint, the run starts again from exactly the model it started from
+    init = meta.get("init")
+    if latest_checkpoint_step(run) is None and init is not None:
+        model = jaxinfer.load_pretrained(init)
+    else:
+        model = _model_of_config(run / "config.json", config.seed)
+    model = _with_remat(model, remat)
+
+    def write_run_files() -> None:  # the next plain --resume keeps this remat
+        if remat != meta.get("remat", "none"):
+            write_json(run / RUN_FILE, {**meta, "remat": remat})
+    return _Run(config, args.corpus or meta["corpus"], meta["held_out"],
+                jaxinfer.load_tokenizer(run), model, write_run_files, meta.get("corpus"))
+
+
+def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
+    """A new run in `run`; write_run_files writes its tokenizer and run.json."""
+    from flax import nnx
+
+    import jaxinfer
+    from jaxinfer.tokenizer import train_bpe
+    from jaxinfer.train import TrainConfig
+    from jaxinfer.train.resume import check_no_checkpoints
+    from jaxinfer.train.run_files import RUN_FILE, write_json
+
+    if not args.corpus:
+        raise ValueError("--corpus is required unless --resume is given")
+    check_no_checkpoints(run)  # before a tokenizer is trained for nothing
+    held_out = HELD_OUT if args.held_out is None else args.held_out
+    config = TrainConfig(**{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
+                            if getattr(args, flag) is not None})
+    if args.tokenizer or args.init:
+        tokenizer = jaxinfer.load_tokenizer(args.tokenizer or args.init)
+    elif args.vocab_size is not None:
+        text = _corpus_text(args.corpus)  # an empty one is refused before the tokenizer
+        print(f"training a byte-level BPE tokenizer with {args.vocab_size} tokens ...")
+        tokenizer = train_bpe(text.splitlines(), args.vocab_size, progress=True)
+    else:
+        raise ValueError("give --tokenizer, --init or --vocab-size to choose a tokenizer")
+    if args.init:
+        init = str(Path(args.init).absolute())
+        model = jaxinfer.load_pretrained(init)
+        if tokenizer.get_vocab_size() > model.config.vocab_size:
+            raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but "
+                             f"the model in {args.init} embeds only "
+                             f"{model.config.vocab_size}")
+    elif args.config:
+        init = None
+        model_config = _config_file(args.config).replace(vocab_size=tokenizer.get_vocab_size())
+        model = jaxinfer.LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
+    else:
+        raise ValueError("give --config (train from scratch) or --init (fine-tune)")
+    remat = args.remat or "none"
+    model = _with_remat(model, remat)
+    record = {"corpus": str(Path(args.corpus).absolute()), "held_out": held_out, "init": init,
+              "remat": remat}
+
+    def write_run_files() -> None:
+        run.mkdir(parents=True, exist_ok=True)
+        tokenizer.save(str(run / "tokenizer.json"))
+        write_json(run / RUN_FILE, record)
+    return _Run(config, args.corpus, held_out, tokenizer, model, write_run_files, None)
+
+
+def _corpus_text(path: str) -> str:
+    """The corpus file's text; ValueError naming it when it holds nothing to train on."""
+    from jaxinfer.train.data import read_corpus
+
+    text = read_corpus(path)
+    if not text.strip():
+        raise ValueError(f"corpus {path} is empty: nothing to train on")
+    return text
+
+
+def _split_corpus(args: argparse.Namespace, spec: _Run):
+    """(train tokens, held-out tokens) of the run's corpus; ValueError naming the corpus (and, on
+    a fresh run, the flags to change) when it is too short for one window in each part."""
+    from jaxinfer.train import split_held_out, tokenize_corpus
+
+    tokens = tokenize_corpus(_corpus_text(spec.corpus), spec.tokenizer)
+    window = spec.config.seq_len + 1
+    short = f"corpus {spec.corpus} is too short: its {len(tokens)} tokens"
+    if len(tokens) < 2 * window:
+        raise ValueError(f"{short} must give the training and the held-out part one window of "
+                         f"seq_len + 1 = {window} tokens each"
+                         + ("" if args.resume else "; give a longer corpus or a smaller --seq-len"))
+    train_tokens, eval_tokens = split_held_out(tokens, spec.held_out,
+                                               separator=spec.config.document_separator)
+    for part, got, flag in (("training", train_tokens, "a smaller --held-out"),
+                            ("held-out", eval_tokens, "a larger --held-out")):
+        if len(got) < window:
+            raise ValueError(f"{short} leave {len(got)} for the {part} part (held-out fraction "
+                             f"{spec.held_out}), under one window of seq_len + 1 = {window}"
+                             + ("" if args.resume else f"; give a longer corpus, a smaller "
+                                                       f"--seq-len or {flag}"))
+    return train_tokens, eval_tokens
+
+
+def _check_same_data(args: argparse.Namespace, run: Path, spec: _Run, train_tokens,
+                     eval_tokens) -> None:
+    """ValueError naming the corpus when a resumed run's tokens are not those it began with."""
+    from jaxinfer.train.resume import data_changes, data_fingerprint
+
+    changes = data_changes(run, data_fingerprint(train_tokens, eval_tokens))
+    if changes:
+        given = (f"--corpus {args.corpus}" if args.corpus
+                 else f"its corpus {spec.corpus}, changed since,")
+        raise ValueError(f"--resume continues the run in {run} on the data it began with (corpus "
+                         f"{spec.recorded_corpus}); {given} gives other tokens: "
+                         f"{'; '.join(changes)}")
+
+
+@contextlib.contextmanager
+def _quiet_checkpoint_noise():
+    """Mute what orbax's background save threads print when a save fails (absl and asyncio
+    error logs with tracebacks, and 'Event loop is closed' from tensorstore's callbacks): the
+    failure reaches the command as one OSError naming the checkpoint directory. After such a
+    failure the mute stays, since the failed save's futures log again when they are collected,
+    as the process exits."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    levels = [lg.level for lg in loggers]
+    previous_hook = sys.unraisablehook
+
+    def restore() -> None:
+        sys.unraisablehook = previous_hook
+        for lg, level in zip(loggers, levels):
+            lg.setLevel(level)
+
+    def unraisable(info) -> None:
+        if not (isinstance(info.exc_value, RuntimeError)
+                and str(info.exc_value) == "Event loop is closed"):
+            previous_hook(info)
+    for lg in loggers:
+        lg.setLevel(logging.CRITICAL)
+    sys.unraisablehook = unraisable
+    try:
+        yield
+    except Exception:  # a failed save: stay muted (see above)
+        raise
+    except BaseException:  # an interrupt: the saves have finished
+        restore()
+        raise
+    restore()
+
+
+def train(args: argparse.Namespace) -> int:
+    """The `jaxinfer train` command: 0 when done, 130 when interrupted (Ctrl-C)."""
+    import numpy as np
+    from flax import nnx
+
+    import jaxinfer
+    from jaxinfer.train import TrainingInterrupted
+    from jaxinfer.train import train as train_model
+    from jaxinfer.train.run_files import TRAIN_CONFIG_FILE
+
+    run = Path(args.out)
+    hint = f"continue with `jaxinfer train --out {run} --resume`"
+    try:
+        spec = _resumed_run(args, run) if args.resume else _fresh_run(args, run)
+        train_tokens, eval_tokens = _split_corpus(args, spec)
+        if args.resume:
+            _check_same_data(args, run, spec, train_tokens, eval_tokens)
+        config, model = spec.config, spec.model
+        n_params = sum(int(np.prod(v.shape))
+                       for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
+        print(f"{n_params / 1e6:.2f}M parameters; {len(train_tokens):,} train and "
+              f"{len(eval_tokens):,} held-out tokens; {config.steps} steps of "
+              f"{config.batch_size * config.grad_accum}x{config.seq_len} tokens")
+        # the run's files are written once train() has accepted the run: a refused one
+        # changes none
+        with _quiet_checkpoint_noise():
+            result = train_model(model, train_tokens, eval_tokens, config, run,
+                                 resume=args.resume, on_start=spec.write_run_files)
+    except TrainingInterrupted as e:
+        print(f"interrupted at step {e.step}; {hint}", file=sys.stderr)
+        return 130
+    except KeyboardInterrupt:
+        resumable = (run / TRAIN_CONFIG_FILE).exists()
+        print("interrupted" + (f"; {hint} (from its last complete checkpoint)" if resumable
+                               else ""), file=sys.stderr)
+        return 130
+    out = jaxinfer.save_pretrained(result.model, run / "model", tokenizer=spec.tokenizer)
+    _write_summary(run, result, n_params, train_tokens, eval_tokens)
+    print(f"model written to {out}")
+    return 0
+
+
+def _write_summary(run: Path, result, n_params: int, train_tokens, eval_tokens) -> None:
+    """summary.json of the finished run, printed as well."""
+    from jaxinfer.train.run_files import write_json
+
+    last = result.history[-1]
+    evals = [r for r in result.history if "eval_loss" in r]
+    summary = {"steps": last["step"], "final_train_loss": last["loss"],
+               "held_out_loss": evals[-1]["eval_loss"] if evals else None,
+               "held_out_perplexity": evals[-1]["eval_perplexity"] if evals else None,
+               "wall_seconds_this_invocation": result.wall_seconds,
+               "parameters": n_params, "train_tokens": int(len(train_tokens)),
+               "held_out_tokens": int(len(eval_tokens))}
+    write_json(run / "summary.json", summary)
+    print(json.dumps(summary, indent=2))
