@@ -118,7 +118,7 @@ def hf_rope_fields(hf: Mapping[str, Any], *, max_positions: Any,
         if "original_max_position_embeddings" in hf:
             rope["original_max_position_embeddings"] = hf["original_max_position_embeddings"]
         rope.setdefault("original_max_position_embeddings", max_positions)
-    fields = {f.name for f in dataclasses.fields(RopeScaling)} - {"rope_type"}
+    fields = ROPE_TYPE_FIELDS.get(rope_type, ())  # keys the type does not read are ignored
     try:
         scaling = RopeScaling(rope_type=rope_type, **{k: v for k, v in rope.items()
                                                       if k in fields})

@@ -50,7 +50,7 @@ def dropless_moe(x: jax.Array, weights: jax.Array, expert_ids: jax.Array,
     """x [T, D]; weights float32 [T, K]; expert_ids int32 [T, K]; params as `swiglu_experts`
     -> [T, D]. Sort-based grouping + ragged_dot: every choice is served.
 
-    It may be vmapped (speculative decoding runs one sequence per vmapped row), although
+    Its forward may be vmapped (speculative decoding runs one sequence per vmapped row), although
     `jax.lax.ragged_dot` has no batching rule for weights shared across the batch: routing is
     per token, so a batch of token sets is served as one set of their concatenated tokens
     (`_dropless_batch_rule`), one grouped matmul per expert as without vmap."""
@@ -103,7 +103,9 @@ def _dropless_batch_rule(axis_size, in_batched, x, weights, expert_ids, params):
 
 
 # custom_vmap has no reverse-mode autodiff of its own; the gradient is that of the plain
-# computation (its residuals, not a recomputation), so training is unaffected.
+# computation (its residuals, not a recomputation), so training is unaffected. Not covered:
+# forward-mode autodiff (jax.jvp of a custom_vjp) and a gradient taken inside vmap with the
+# experts shared by the rows (ragged_dot's batching rule); nothing here uses either.
 @jax.custom_vjp
 def _dropless_differentiable(x, weights, expert_ids, params):
     return _dropless_batchable(x, weights, expert_ids, params)

@@ -22,6 +22,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_numpy = pytest.importorskip("safetensors.numpy")
 
 import jaxinfer  # noqa: E402
+from jaxinfer.config_rope import ROPE_TYPE_FIELDS  # noqa: E402
 
 if int(transformers.__version__.split(".")[0]) < 5:
     pytest.skip("the oracle's rules are transformers 5's", allow_module_level=True)
@@ -120,6 +121,9 @@ ROPE_EDITS = {  # id: the edit of config.json; transformers decides what it mean
                            original_max_position_embeddings=16),
     "llama3_without_original_max_position_embeddings":
         lambda c: c.update(rope_parameters={**LLAMA3, "rope_theta": 1e4}),
+    "linear_ignores_keys_only_llama3_reads": lambda c: c.update(rope_scaling={
+        "type": "linear", "factor": 2.0, "original_max_position_embeddings": None,
+        "low_freq_factor": None}),
     # transformers refuses these: a key its rope type requires is missing
     "linear_without_factor":
         lambda c: c.update(rope_parameters={"rope_type": "linear", "rope_theta": 1e4}),
@@ -154,8 +158,7 @@ def test_rope_keys_mean_what_they_mean_to_transformers(llama_dir, tmp_path, edit
     assert model.config.rope_theta == want["rope_theta"]
     scaling = model.config.rope_scaling
     assert (scaling.rope_type if scaling else "default") == want["rope_type"]
-    for field in ("factor", "low_freq_factor", "high_freq_factor",
-                  "original_max_position_embeddings"):
+    for field in ROPE_TYPE_FIELDS[want["rope_type"]]:  # what the type reads; the rest is inert
         if scaling is not None and field in want:
             assert getattr(scaling, field) == want[field], field
     np.testing.assert_allclose(jx_logits(model), hf_logits(hf_model), rtol=0, atol=LOGITS_ATOL)
