@@ -41,6 +41,10 @@ class BlockSizes:
     kernels of pallas_mgpu_bwd.py: the dk/dv kernel's tiles block_q_bwd x block_k_bwd, the dq
     kernel's ``dq``, each 64 or 128, num_stages_bwd TMA slots per pipeline and
     num_consumers_bwd compute warpgroups per program, as num_consumers does for the forward).
+    Keep the Mosaic backward's tiles at 64 rows per warpgroup: a float32 [rows, cols] tile costs
+    rows x cols / 128 registers per thread, and the dk/dv kernel holds dK, dV, S^T and dP^T (the
+    dq kernel dQ, S and dP), so 128-row tiles at D = 128 need ~256-288 of the 232 registers a
+    consumer gets and likely spill (counted, not yet seen in ptxas's report).
 
     Forward tiles are (block_q x block_k), the dk/dv kernel's (block_q_bwd x block_k_bwd) and the dq
     kernel's (block_q_dq x block_k_dq), which default to the dk/dv ones. The backward kernels like

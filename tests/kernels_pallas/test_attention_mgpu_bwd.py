@@ -182,6 +182,8 @@ def test_triton_backward_tiles_are_not_held_to_mosaic_rules():
      dict(local_window=(1000, 200), logit_softcap=30.0)),
     # the deepest pipeline dispatch accepts at 64 x 64 with two consumers: fits Mosaic's count
     (True, _mosaic(num_consumers_bwd=2, num_stages_bwd=4), {}),
+    # two consumers under a causal soft-cap (the tanh tile's derivative folded into P early)
+    (True, _mosaic(num_consumers_bwd=2), dict(logit_softcap=20.0)),
 ])
 def test_mosaic_backward_lowers_for_cuda_at_4k(causal, blocks, options, monkeypatch):
     """The issue's shape (S = 4096, D = 128, bf16, GQA 2): the gradient's program holds the Mosaic
