@@ -13,9 +13,10 @@
 # Each section's budget is its timeout below, and every script writes its JSON before that fires
 # (after every row, or by its own --budget-s / --deadline-s), so a timeout loses only the tail:
 #   env 20 | tests 115 (collect 25, run 85 + 5 to print) | attention 130 | tune 65
-#   attention_mgpu 65 (our Mosaic GPU forward, both variants, beside cuDNN and jax's own Mosaic
-#   FlashAttention-3 at S 4K/16K, D 128; same budget as tune, so it can take tune's place in the
-#   first command: "env tests attention attention_mgpu")
+#   attention_mgpu 65 (our Mosaic GPU forward with the Triton and the Mosaic backward, beside
+#   cuDNN and jax's own Mosaic FlashAttention-3 at S 4K/16K, D 128, the one-warpgroup variant
+#   last; same budget as tune, so it takes tune's place in the first command until the Mosaic
+#   kernels are measured: "env tests attention attention_mgpu")
 #   quant 45 (--budget-s 25) | fftconv 55 (--deadline-s 45) | train_mfu 75 | serving 150
 # Estimates from the H200 run of 2026-11-28: compiles dominate (attention's 60 programs time only
 # ~10 s at 10 reps), so reps are cut to 5, and serving to 32 requests of 64-128 new tokens.
@@ -36,7 +37,8 @@ for section in "${sections[@]}"; do
       # result as it comes and SIGINT makes pytest print its summary, so a timeout keeps a verdict.
       timeout 25 python3 -m pytest tests/kernels_pallas -m "not slow" -p no:cacheprovider \
         --collect-only -q 2> "$OUT/pytest_collect.err" \
-        | grep -E '^tests/[^ ]*::[^ ]*(pallas|triton|paged|ragged)' > "$OUT/pytest_kernels_ids.txt"
+        | grep -E '^tests/[^ ]*::[^ ]*(pallas|triton|paged|ragged|mosaic|mgpu)' \
+        > "$OUT/pytest_kernels_ids.txt"
       per_test=$(python3 -c "import pytest_timeout" 2>/dev/null && echo --timeout=60)
       mapfile -t ids < "$OUT/pytest_kernels_ids.txt"
       if [ ${#ids[@]} -gt 0 ]; then  # no ids would make pytest run every test
@@ -59,7 +61,7 @@ for section in "${sections[@]}"; do
     attention_mgpu)  # issue 3: Mosaic GPU vs cuDNN (rows are written as they finish)
       timeout 65 python3 -m experiments.bench_attention --seq-lens 4096 16384 --head-dims 128 \
         --masks causal full --reps 5 --no-paged --no-ragged \
-        --impls pallas_mgpu jax_nn_cudnn pallas_mgpu_1wg jax_mgpu \
+        --impls pallas_mgpu jax_nn_cudnn pallas_mgpu_mosaic_bwd jax_mgpu pallas_mgpu_1wg \
         --out "$OUT/bench_attention_mgpu.json" ;;
     tune)
       timeout 65 python3 -m experiments.tune_attention --reps 5 --out "$OUT/tune_attention.json" ;;
