@@ -162,6 +162,8 @@ class Scheduler:
                 victim = max(self.running, key=lambda r: r.arrival)
                 dropped = chunks.pop(id(victim), None)
                 budget += dropped.count if dropped else 0
+                if dropped is not None and dropped.compresses:  # the step's window chunk is gone
+                    observing = False
                 self._preempt(victim)
                 preempted = True
                 if victim is request:

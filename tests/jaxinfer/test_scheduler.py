@@ -110,3 +110,26 @@ def test_a_prompt_at_its_snapkv_window_gets_its_window_chunk_despite_steady_deco
     assert first_token is not None, "the compressed prompt never got its window chunk"
     assert first_token <= 4  # its first 12 tokens next to one or two decodes, then its window
     assert compressed.finished
+
+
+def test_a_preempted_window_chunk_frees_the_step_for_another_prompt_to_compress():
+    """A, newest and at its window, is scheduled first; the older decode D then needs a page and
+    preempts A, whose chunk leaves the step. C, another prompt to compress, may then finish its
+    prompt (window included) in this step: one compressing chunk per step, and there is none."""
+    sched = Scheduler(max_batch=4, page_size=4, num_pages=6, max_tokens_per_step=16,
+                      prefix_caching=False, snapkv_window=4)
+    d = Request(0, 0, list(range(1, 9)), PARAMS, 0)
+    d.output = [1]  # decoding: 8 tokens cached in 2 full pages, its next one needs a third
+    c = Request(1, 0, list(range(1, 11)), PARAMS, 1, compress=True)  # 2 of 10 computed
+    a = Request(2, 0, list(range(1, 13)), PARAMS, 2, compress=True)  # at its window: 8 of 12
+    for r, pages, computed in ((d, 2, 8), (c, 1, 2), (a, 2, 8)):
+        r.slot = sched.free_slots.pop()
+        r.pages = sched.allocator.allocate(pages)
+        r.computed = computed
+        sched.running.append(r)
+    assert sched.at_window(a) and not sched.at_window(c) and sched.allocator.num_free == 1
+    chunks = sched.schedule()
+    assert list(sched.waiting) == [a]
+    assert [(ch.request.request_id, ch.start, ch.count, ch.compresses) for ch in chunks] == [
+        (0, 8, 1, False), (1, 2, 8, True)]
+
