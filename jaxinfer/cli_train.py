@@ -7,6 +7,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
+import hashlib
 import json
 import logging
 import sys
@@ -29,6 +30,7 @@ RUN_FLAGS = ("held_out", "config", "init", "tokenizer", "vocab_size")
 RUN_SETTING_KEYS = {"remat": "--remat", "attention_backend": None, "sequence_parallel": None,
                     "param_dtype": None}
 HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
+TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer; run.json records its sha256
 
 
 def _model_of_config(config_file: Path, seed: int):
@@ -76,7 +78,8 @@ def _with_remat(model, remat: str):
 
 
 def _run_record(run: Path, corpus_given: bool) -> dict:
-    """The run's run.json (corpus, held_out, init, remat), checked for what --resume needs."""
+    """The run's run.json (corpus, held_out, init, remat, tokenizer_sha256), checked for what
+    --resume needs."""
     from jaxinfer.config import read_config_json
     from jaxinfer.train.run_files import RUN_FILE
 
@@ -101,12 +104,13 @@ class _Run(NamedTuple):
     model: object
     write_run_files: object  # () -> None: called once train() has accepted the run
     recorded_corpus: str | None  # a resumed run's corpus, as its run.json records it
+    tokenizer_sha256: str | None  # a resumed run's tokenizer.json hash, as run.json records it
 
 
 def _resumed_run(args: argparse.Namespace, run: Path) -> _Run:
     """The run in `run` with the given flags applied; its settings are checked here, before the
     corpus is read, so that a changed one is refused as such. write_run_files records a changed
-    --remat in its run.json."""
+    --remat (and a missing tokenizer hash) in its run.json."""
     import jaxinfer
     from jaxinfer.train import TrainConfig
     from jaxinfer.train.resume import check_resume, latest_checkpoint_step
@@ -133,11 +137,15 @@ def _resumed_run(args: argparse.Namespace, run: Path) -> _Run:
         model = _model_of_config(run / "config.json", config.seed)
     model = _with_remat(model, remat)
 
-    def write_run_files() -> None:  # the next plain --resume keeps this remat
-        if remat != meta.get("remat", "none"):
-            write_json(run / RUN_FILE, {**meta, "remat": remat})
+    def write_run_files() -> None:
+        # the next plain --resume keeps this remat; a run begun before run.json recorded its
+        # tokenizer's hash gets it (train() found the tokens, so the tokenizer, unchanged)
+        record = {**meta, "remat": remat, "tokenizer_sha256": _tokenizer_sha256(run)}
+        if record != meta:
+            write_json(run / RUN_FILE, record)
     return _Run(config, args.corpus or meta["corpus"], meta["held_out"],
-                jaxinfer.load_tokenizer(run), model, write_run_files, meta.get("corpus"))
+                jaxinfer.load_tokenizer(run), model, write_run_files, meta.get("corpus"),
+                meta.get("tokenizer_sha256"))
 
 
 def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
@@ -184,9 +192,9 @@ def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
 
     def write_run_files() -> None:
         run.mkdir(parents=True, exist_ok=True)
-        tokenizer.save(str(run / "tokenizer.json"))
-        write_json(run / RUN_FILE, record)
-    return _Run(config, args.corpus, held_out, tokenizer, model, write_run_files, None)
+        tokenizer.save(str(run / TOKENIZER_FILE))
+        write_json(run / RUN_FILE, {**record, "tokenizer_sha256": _tokenizer_sha256(run)})
+    return _Run(config, args.corpus, held_out, tokenizer, model, write_run_files, None, None)
 
 
 def _corpus_text(path: str) -> str:
@@ -223,27 +231,44 @@ def _split_corpus(args: argparse.Namespace, spec: _Run):
     return train_tokens, eval_tokens
 
 
+def _tokenizer_sha256(run: Path) -> str:
+    """The sha256 of the run's tokenizer.json, as its run.json records it."""
+    return hashlib.sha256((run / TOKENIZER_FILE).read_bytes()).hexdigest()
+
+
 def _check_same_data(args: argparse.Namespace, run: Path, spec: _Run, train_tokens,
                      eval_tokens) -> None:
-    """ValueError naming the corpus when a resumed run's tokens are not those it began with."""
+    """ValueError naming what changed (the given corpus, the run's corpus or its
+    tokenizer.json) when a resumed run's tokens are not those it began with."""
     from jaxinfer.train.resume import data_changes, data_fingerprint
 
     changes = data_changes(run, data_fingerprint(train_tokens, eval_tokens))
-    if changes:
-        given = (f"--corpus {args.corpus}" if args.corpus
-                 else f"its corpus {spec.corpus}, changed since,")
-        raise ValueError(f"--resume continues the run in {run} on the data it began with (corpus "
-                         f"{spec.recorded_corpus}); {given} gives other tokens: "
-                         f"{'; '.join(changes)}")
+    if not changes:
+        return
+    recorded = spec.tokenizer_sha256
+    if recorded is not None and recorded != _tokenizer_sha256(run):
+        given = f"its {run / TOKENIZER_FILE}, changed since,"
+    elif args.corpus:
+        given = f"--corpus {args.corpus}"
+    elif recorded is None:  # a run begun before run.json recorded its tokenizer
+        given = f"its corpus {spec.corpus} or its {run / TOKENIZER_FILE}, changed since,"
+    else:
+        given = f"its corpus {spec.corpus}, changed since,"
+    raise ValueError(f"--resume continues the run in {run} on the data it began with (corpus "
+                     f"{spec.recorded_corpus}); {given} gives other tokens: "
+                     f"{'; '.join(changes)}")
 
 
 @contextlib.contextmanager
 def _quiet_checkpoint_noise():
     """Mute what orbax's background save threads print when a save fails (absl and asyncio
     error logs with tracebacks, and 'Event loop is closed' from tensorstore's callbacks): the
-    failure reaches the command as one OSError naming the checkpoint directory. After such a
-    failure the mute stays, since the failed save's futures log again when they are collected,
-    as the process exits."""
+    failure reaches the command as one CheckpointWriteError naming the checkpoint directory.
+    After that failure alone the mute stays, since the failed save's futures log again when
+    they are collected, as the process exits; any other way out restores the loggers' levels
+    and sys.unraisablehook."""
+    from jaxinfer.train import CheckpointWriteError
+
     loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
     levels = [lg.level for lg in loggers]
     previous_hook = sys.unraisablehook
@@ -262,9 +287,9 @@ def _quiet_checkpoint_noise():
     sys.unraisablehook = unraisable
     try:
         yield
-    except Exception:  # a failed save: stay muted (see above)
+    except CheckpointWriteError:  # a failed save: stay muted (see above)
         raise
-    except BaseException:  # an interrupt: the saves have finished
+    except BaseException:  # a refused run, an interrupt (its saves have finished), a bug
         restore()
         raise
     restore()

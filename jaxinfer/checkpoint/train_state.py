@@ -19,8 +19,9 @@ _ITEM = "default"  # the name orbax gives a manager's single item: <step>/defaul
 class TrainStateCheckpointer:
     """Save and restore a train-state pytree (params, optimizer state, step, RNG, data position)."""
 
-    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int = 2):
+    def __init__(self, directory: str | os.PathLike, *, max_to_keep: int | None = 2):
         self.directory = Path(directory).absolute()
+        self._max_to_keep = max_to_keep
         # the handler of the manager's one item ("default") registered up front, so that its
         # metadata can be read before any save or restore (stored_tree)
         handler = ocp.StandardCheckpointHandler()
@@ -33,6 +34,17 @@ class TrainStateCheckpointer:
 
     def latest_step(self) -> int | None:
         return self._manager.latest_step()
+
+    def sync_with_disk(self) -> None:
+        """Re-read the finished checkpoints from disk and delete all but the newest max_to_keep.
+        For after a save stopped inside the manager (a KeyboardInterrupt): its write may have
+        finished in the background without the manager recording the step or pruning old ones.
+        Call it with no save in flight (after `wait`)."""
+        self._manager.reload()
+        steps = sorted(self._manager.all_steps())
+        keep = len(steps) if self._max_to_keep is None else self._max_to_keep
+        for step in steps[:max(len(steps) - keep, 0)]:
+            self._manager.delete(step)
 
     def save(self, step: int, state: Any) -> None:
         self._manager.save(step, args=ocp.args.StandardSave(state))

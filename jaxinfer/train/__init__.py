@@ -2,7 +2,9 @@
 
 from jaxinfer.train.data import (PackedDocuments, TokenWindows, split_documents, split_held_out,
                                  tokenize_corpus)
-from jaxinfer.train.loop import TrainConfig, TrainingInterrupted, TrainResult, train
+from jaxinfer.train.loop import (CheckpointWriteError, TrainConfig, TrainingInterrupted,
+                                 TrainResult, train)
 
-__all__ = ["PackedDocuments", "TokenWindows", "TrainConfig", "TrainResult", "TrainingInterrupted",
-           "split_documents", "split_held_out", "tokenize_corpus", "train"]
+__all__ = ["CheckpointWriteError", "PackedDocuments", "TokenWindows", "TrainConfig",
+           "TrainResult", "TrainingInterrupted", "split_documents", "split_held_out",
+           "tokenize_corpus", "train"]

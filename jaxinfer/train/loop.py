@@ -15,6 +15,7 @@ import dataclasses
 import json
 import logging
 import math
+import re
 import time
 from pathlib import Path
 from typing import Callable
@@ -39,8 +40,15 @@ from jaxinfer.train.train_config import TrainConfig
 
 log = logging.getLogger(__name__)
 
-__all__ = ["CHECKPOINTS_DIR", "METRICS_FILE", "TRAIN_CONFIG_FILE", "TrainConfig", "TrainResult",
-           "TrainingInterrupted", "initial_state", "train"]
+__all__ = ["CHECKPOINTS_DIR", "METRICS_FILE", "TRAIN_CONFIG_FILE", "CheckpointWriteError",
+           "TrainConfig", "TrainResult", "TrainingInterrupted", "initial_state", "train"]
+
+# jax re-raises an exception thrown while it compares a static argument with its cached one (the
+# step's GraphDef, from a process's second train() on) as a ValueError whose message holds the
+# original's formatted traceback, with neither __cause__ nor __context__ set: a Ctrl-C landing
+# there shows only as a traceback ending the message with KeyboardInterrupt's line
+_WRAPPED_INTERRUPT = re.compile(r"Traceback \(most recent call last\):\n(?:.*\n)*"
+                                r"KeyboardInterrupt(?::.*)?\s*\Z")
 
 
 class TrainingInterrupted(KeyboardInterrupt):
@@ -51,6 +59,15 @@ class TrainingInterrupted(KeyboardInterrupt):
     def __init__(self, step: int, run_dir: Path):
         super().__init__(f"training interrupted; {run_dir} continues from step {step}")
         self.step, self.run_dir = step, run_dir
+
+    def __reduce__(self):  # BaseException's would call __init__ with the message alone
+        return type(self), (self.step, self.run_dir)
+
+
+class CheckpointWriteError(OSError):
+    """A checkpoint could not be written (a full disk): the run resumes from its last complete
+    checkpoint. Its own type, so that callers can tell it from other OSErrors (the CLI keeps
+    orbax's background noise muted after it, and only after it)."""
 
 
 @dataclasses.dataclass
@@ -164,7 +181,8 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
     one is saved there) and raises `TrainingInterrupted` (a KeyboardInterrupt) naming it; a
     second one during that save stops it, and orbax's atomic save (a temporary directory renamed
     when complete) leaves the run's previous checkpoint as it was. A checkpoint that cannot be
-    written (a full disk) is an OSError naming the checkpoint directory."""
+    written (a full disk) is a CheckpointWriteError (an OSError) naming the checkpoint
+    directory."""
     run_dir = Path(run_dir)
     _check_inputs(model, train_tokens, eval_tokens, config)
     fingerprint = data_fingerprint(train_tokens, eval_tokens)
@@ -206,8 +224,8 @@ def train(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
 
 def _save(checkpointer: TrainStateCheckpointer, done: tuple) -> None:
     """Save `done` = (step, params, opt_state, rng, data position) as the checkpoint of its step;
-    a failure (orbax raises what tensorstore reports, a ValueError for a full disk) is an
-    OSError naming the checkpoint directory."""
+    a failure (orbax raises what tensorstore reports, a ValueError for a full disk) is a
+    CheckpointWriteError naming the checkpoint directory."""
     step, params, opt_state, rng, position = done
     try:
         checkpointer.save(step, {"params": params, "opt_state": opt_state,
@@ -225,10 +243,21 @@ def _wait(checkpointer: TrainStateCheckpointer) -> None:
         raise _save_error(checkpointer, e) from e
 
 
-def _save_error(checkpointer: TrainStateCheckpointer, error: Exception) -> OSError:
-    """The OSError a failed checkpoint save becomes (a disk-full ValueError from orbax, say)."""
-    return OSError(f"could not write a checkpoint in {checkpointer.directory} (is the disk "
-                   f"full?); the run resumes from its last complete checkpoint: {error}")
+def _sync_with_disk(checkpointer: TrainStateCheckpointer) -> None:
+    """The checkpointer's steps re-read from disk and pruned (its sync_with_disk); a failure as
+    `_save`'s."""
+    try:
+        checkpointer.sync_with_disk()
+    except Exception as e:  # noqa: BLE001 - as in _save
+        raise _save_error(checkpointer, e) from e
+
+
+def _save_error(checkpointer: TrainStateCheckpointer, error: Exception
+                ) -> CheckpointWriteError:
+    """What a failed checkpoint save becomes (a disk-full ValueError from orbax, say)."""
+    return CheckpointWriteError(f"could not write a checkpoint in {checkpointer.directory} (is "
+                                f"the disk full?); the run resumes from its last complete "
+                                f"checkpoint: {error}")
 
 
 def _append(metrics, record: dict) -> None:
@@ -245,9 +274,14 @@ def _save_on_interrupt(checkpointer: TrainStateCheckpointer, done: tuple,
     """After a KeyboardInterrupt: let a save in flight finish, save `done` unless its step is
     saved already (or is 0: nothing to keep), and return the TrainingInterrupted to raise, which
     names the step a resume continues from. A failed save is logged; the run then continues
-    from its previous checkpoint. A second KeyboardInterrupt here propagates as it is."""
+    from its previous checkpoint. A second KeyboardInterrupt here propagates as it is.
+
+    Which steps are saved is read from disk after the wait: an interrupt inside the manager's
+    save can land after its write began but before the manager recorded the step or pruned the
+    old ones, and the write then finishes on its own."""
     try:
         _wait(checkpointer)
+        _sync_with_disk(checkpointer)
         if done[0] > 0 and checkpointer.latest_step() != done[0]:
             log.info("interrupted: saving the checkpoint of step %d in %s", done[0], run_dir)
             _save(checkpointer, done)
@@ -306,7 +340,23 @@ def _run_steps(graphdef: nnx.GraphDef, tx: optax.GradientTransformation,
                     _save(checkpointer, done)
                 if on_step is not None:
                     on_step(record)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, ValueError) as e:
+        if not _is_interrupt(e):
+            raise
         bar.close()
         raise _save_on_interrupt(checkpointer, done, run_dir) from None
     return params
+
+
+def _is_interrupt(error: BaseException) -> bool:
+    """Whether `error` is a KeyboardInterrupt or one that jax wrapped: a ValueError caused by
+    one, or the ValueError it raises for an exception in a static argument's __eq__, which
+    carries the interrupt only in its message (_WRAPPED_INTERRUPT)."""
+    seen = set()
+    while error is not None and id(error) not in seen:
+        seen.add(id(error))
+        if isinstance(error, KeyboardInterrupt) or (
+                isinstance(error, ValueError) and _WRAPPED_INTERRUPT.search(str(error))):
+            return True
+        error = error.__cause__ or error.__context__
+    return False

@@ -13,12 +13,16 @@ import jax
 import numpy as np
 
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
-from jaxinfer.config import read_config_json
+from jaxinfer.config import HYENA_MODEL_TYPE, read_config_json
 from jaxinfer.train.run_files import (CHECKPOINTS_DIR, DATA_FILE, MODEL_CONFIG_FILE,
                                       TRAIN_CONFIG_FILE)
 from jaxinfer.train.train_config import RESUMABLE, TrainConfig
 
 _MISMATCHES_SHOWN = 3  # parameters named in a shape-mismatch error
+# config.json keys that are run settings, not architecture, per model_type: HyenaConfig writes its
+# compute dtype, which a resume may change as Llama's and Mixtral's (whose config.json holds only
+# the storage dtype, as torch_dtype; Hyena's storage dtype is param_dtype, compared)
+_RUN_SETTING_KEYS = {HYENA_MODEL_TYPE: ("dtype",)}
 
 
 def latest_checkpoint_step(run_dir: str | Path) -> int | None:
@@ -85,12 +89,16 @@ def _flat(hf: dict) -> dict:
 
 def model_config_changes(run_dir: Path, hf_config: dict) -> list[str]:
     """How a model's config.json dict (`config.to_hf_config()`: its architecture, without run
-    settings such as remat or attention_backend) differs from the run's config.json, as
-    'name: saved -> given' lines; empty when they agree or the run has none."""
+    settings such as remat or attention_backend; Hyena's compute dtype, which it writes, is
+    skipped here) differs from the run's config.json, as 'name: saved -> given' lines; empty
+    when they agree or the run has none."""
     path = run_dir / MODEL_CONFIG_FILE
     if not path.exists():
         return []
     saved, given = _flat(read_config_json(path)), _flat(hf_config)
+    for key in _RUN_SETTING_KEYS.get(given.get("model_type"), ()):
+        saved.pop(key, None)
+        given.pop(key, None)
     missing = "(absent)"
     return [f"{key}: {saved.get(key, missing)!r} -> {given.get(key, missing)!r}"
             for key in sorted(set(saved) | set(given), key=lambda k: (k not in saved, k))

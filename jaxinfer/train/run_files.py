@@ -20,7 +20,7 @@ log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"
 TRAIN_CONFIG_FILE = "train_config.json"
-RUN_FILE = "run.json"  # the CLI's record of what a run trains on (corpus, held-out, init, remat)
+RUN_FILE = "run.json"  # the CLI's record of a run: corpus, held-out, init, remat, tokenizer hash
 CHECKPOINTS_DIR = "checkpoints"
 MODEL_CONFIG_FILE = "config.json"  # the model's architecture (its to_hf_config())
 DATA_FILE = "data.json"  # lengths and hashes of the run's train and held-out tokens

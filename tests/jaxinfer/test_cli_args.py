@@ -4,7 +4,9 @@ hands it, so these tests take seconds."""
 
 import hashlib
 import json
+import logging
 import shutil
+import sys
 
 import jax
 import numpy as np
@@ -133,6 +135,10 @@ def test_resume_refuses_changed_settings_through_the_library(tmp_path, handed_to
 
 
 def test_a_fresh_run_refused_by_the_library_writes_no_file(tmp_path, monkeypatch, capsys):
+    """...and leaves the loggers and the unraisable hook that the CLI mutes while it trains as
+    they were: only a failed checkpoint write keeps them muted."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    before = (sys.unraisablehook, [lg.level for lg in loggers])
     corpus = tmp_path / "corpus.txt"  # long enough for a held-out window of the model's context
     corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text())
     run = tmp_path / "run"
@@ -141,6 +147,7 @@ def test_a_fresh_run_refused_by_the_library_writes_no_file(tmp_path, monkeypatch
                      "--out", str(run), "--seq-len", str(context + 1)]) == 2
     assert f"max_position_embeddings ({context}); got {context + 1}" in capsys.readouterr().err
     assert not run.exists()
+    assert (sys.unraisablehook, [lg.level for lg in loggers]) == before
 
 
 def test_resume_below_the_runs_step_is_an_error(tmp_path, handed_to_train, monkeypatch, capsys):
@@ -255,6 +262,35 @@ def test_resume_on_another_corpus_is_refused_naming_it(tmp_path, handed_to_train
         capsys.readouterr().err)
     assert _file_states(run) == before
     assert len(handed_to_train) == 1
+
+
+def test_resume_after_the_runs_tokenizer_changed_names_the_tokenizer(tmp_path, handed_to_train,
+                                                                    capsys):
+    """run.json records tokenizer.json's sha256, so that a changed tokenizer is told from a
+    changed corpus; a run begun before that record names both."""
+    corpus, run = _fresh_run(tmp_path)
+    tokenizer_file = run / "tokenizer.json"
+    record = json.loads((run / "run.json").read_text())
+    assert record["tokenizer_sha256"] == hashlib.sha256(tokenizer_file.read_bytes()).hexdigest()
+    original = tokenizer_file.read_text()
+    tokenizer = json.loads(original)
+    tokenizer["model"]["merges"] = tokenizer["model"]["merges"][:-1000]  # other tokens
+    tokenizer_file.write_text(json.dumps(tokenizer))
+    assert cli.main(["train", "--out", str(run), "--resume"]) == 2
+    err = capsys.readouterr().err
+    assert f"its {tokenizer_file}, changed since, gives other tokens" in err
+    assert "its corpus" not in err
+    del record["tokenizer_sha256"]  # as a run begun before the record leaves run.json
+    write_json(run / "run.json", record)
+    assert cli.main(["train", "--out", str(run), "--resume"]) == 2
+    assert (f"its corpus {corpus.absolute()} or its {tokenizer_file}, changed since, gives "
+            f"other tokens") in capsys.readouterr().err
+    assert len(handed_to_train) == 1
+    tokenizer_file.write_text(original)  # the accepted resume records the hash it lacked
+    with pytest.raises(_Stop):
+        cli.main(["train", "--out", str(run), "--resume"])
+    assert json.loads((run / "run.json").read_text())["tokenizer_sha256"] == hashlib.sha256(
+        original.encode()).hexdigest()
 
 
 def test_resume_with_packing_on_a_run_without_it_names_the_setting(tmp_path, handed_to_train,

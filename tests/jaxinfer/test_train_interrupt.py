@@ -1,22 +1,28 @@
 """Ctrl-C and failing saves during training: a KeyboardInterrupt saves the last completed step and
 the resumed run continues the uninterrupted run's curve; a second one during that save leaves the
-previous checkpoint to resume from; a checkpoint that cannot be written is one OSError naming the
-directory, in the library and in the CLI."""
+previous checkpoint to resume from; one that jax wraps in a ValueError, or that lands inside
+orbax's save, is still an interrupt; a checkpoint that cannot be written is one OSError naming the
+directory, in the library and in the CLI, which alone keeps the CLI's mute of orbax's noise."""
 
+import dataclasses
 import json
 import logging
+import pickle
 import re
+import sys
 
 import jax
 import numpy as np
+import orbax.checkpoint as ocp
 import pytest
 from flax import nnx
+from flax.nnx import graphlib
 
 import jaxinfer
 import jaxinfer.train
 from jaxinfer import cli, cli_train
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
-from jaxinfer.train import TrainConfig, TrainingInterrupted, train
+from jaxinfer.train import CheckpointWriteError, TrainConfig, TrainingInterrupted, train
 from jaxinfer.train import loop as train_loop
 from jaxinfer.train.loop import CHECKPOINTS_DIR, METRICS_FILE
 from jaxinfer.train.resume import latest_checkpoint_step
@@ -100,6 +106,89 @@ def test_a_second_interrupt_during_that_save_leaves_the_previous_checkpoint(tmp_
     assert_same_curve(run(run_dir, resume=True), straight)
 
 
+def test_an_interrupt_jax_wraps_while_comparing_the_static_graphdef_is_an_interrupt(
+        tmp_path, straight, monkeypatch):
+    """From a process's second train() on, each step's dispatch compares the GraphDef with the
+    cached step's; jax re-raises a Ctrl-C landing in that __eq__ as a ValueError. It must still
+    save the last completed step."""
+    armed = []
+    compare = graphlib.GraphDef.__eq__
+
+    def interrupted_eq(self, other):
+        if armed:
+            armed.clear()
+            raise KeyboardInterrupt  # what SIGINT's handler raises there
+        return compare(self, other)
+
+    def arm_after_2(record):
+        if record["step"] == 2:
+            armed.append(True)
+
+    monkeypatch.setattr(graphlib.GraphDef, "__eq__", interrupted_eq)
+    run_dir = tmp_path / "run"  # `straight` trained the same step first: it is cached
+    with pytest.raises(TrainingInterrupted) as interrupted:
+        run(run_dir, on_step=arm_after_2)
+    assert not armed  # the trap went off (in step 3's dispatch)
+    assert interrupted.value.step == 2 and latest_checkpoint_step(run_dir) == 2
+    monkeypatch.undo()
+    assert_same_curve(run(run_dir, resume=True), straight)
+
+
+def test_a_value_error_is_no_interrupt_unless_it_carries_one():
+    assert not train_loop._is_interrupt(ValueError("KeyboardInterrupt is a word here"))
+    wrapped = ValueError("static arguments should be comparable using __eq__. The error was:\n"
+                         "Traceback (most recent call last):\n  File ...\nKeyboardInterrupt: ")
+    assert train_loop._is_interrupt(wrapped)
+    try:
+        try:
+            raise KeyboardInterrupt
+        except KeyboardInterrupt as e:
+            raise ValueError("converted") from e
+    except ValueError as e:
+        assert train_loop._is_interrupt(e)
+
+
+@pytest.mark.parametrize("point", ["_add_checkpoint_info", "_get_old_steps_to_remove"])
+def test_an_interrupt_inside_the_managers_save_leaves_the_step_committed_and_pruned(
+        tmp_path, monkeypatch, point):
+    """Ctrl-C inside orbax's CheckpointManager.save, after the write began but before the
+    manager launched the thread that commits the step (renames its temporary directory) and
+    prunes old steps: the manager's memory may hold the step (after _add_checkpoint_info) or not.
+    Decided from disk, the step is written again, committed, and the run keeps the newest two
+    checkpoints (TrainStateCheckpointer's max_to_keep), with no temporary directory left."""
+    config = dataclasses.replace(CONFIG, checkpoint_every=2)  # saves at 2, 4 and 6
+    original = getattr(ocp.CheckpointManager, point)
+    saves = []
+
+    def interrupted(self, *args, **kwargs):
+        if saves == [2, 4, 6]:  # the first save of step 6
+            saves.append("interrupted")
+            raise KeyboardInterrupt
+        return original(self, *args, **kwargs)
+
+    real_save = TrainStateCheckpointer.save
+
+    def counted_save(self, step, state):
+        saves.append(step)
+        real_save(self, step, state)
+
+    monkeypatch.setattr(ocp.CheckpointManager, point, interrupted)
+    monkeypatch.setattr(TrainStateCheckpointer, "save", counted_save)
+    run_dir = tmp_path / "run"
+    with pytest.raises(TrainingInterrupted) as stopped:
+        train(tiny_model(), TOKENS, EVAL_TOKENS, config, run_dir, progress=False)
+    assert saves == [2, 4, 6, "interrupted", 6]
+    assert stopped.value.step == 6 == latest_checkpoint_step(run_dir)
+    assert sorted(p.name for p in (run_dir / CHECKPOINTS_DIR).iterdir()) == ["4", "6"]
+
+
+def test_training_interrupted_survives_a_pickle_round_trip(tmp_path):
+    copy = pickle.loads(pickle.dumps(TrainingInterrupted(5, tmp_path)))
+    assert isinstance(copy, TrainingInterrupted)
+    assert (copy.step, copy.run_dir, str(copy)) == (5, tmp_path, str(TrainingInterrupted(5,
+                                                                                     tmp_path)))
+
+
 def test_a_checkpoint_that_cannot_be_written_is_an_oserror_naming_the_directory(tmp_path,
                                                                                monkeypatch):
     def disk_full(self, step, state):  # what orbax raises for tensorstore's ENOSPC
@@ -107,7 +196,7 @@ def test_a_checkpoint_that_cannot_be_written_is_an_oserror_naming_the_directory(
 
     monkeypatch.setattr(TrainStateCheckpointer, "save", disk_full)
     run_dir = tmp_path / "run"
-    with pytest.raises(OSError, match=re.escape(f"could not write a checkpoint in "
+    with pytest.raises(CheckpointWriteError, match=re.escape(f"could not write a checkpoint in "
                                                 f"{(run_dir / CHECKPOINTS_DIR).absolute()}")
                        + ".*No space left on device"):
         run(run_dir)
@@ -136,10 +225,25 @@ def test_cli_prints_a_resume_hint_and_exits_130_on_ctrl_c(tmp_path, monkeypatch,
     assert "Traceback" not in err and latest_checkpoint_step(run_dir) == 2
 
 
-def test_cli_reports_a_failed_checkpoint_save_in_one_line(tmp_path, monkeypatch, capsys):
+@pytest.fixture
+def noise_settings():
+    """The unraisable hook and the absl and asyncio levels the CLI's mute changes, as they were
+    before the test, set back after it."""
+    loggers = [logging.getLogger(name) for name in ("absl", "asyncio")]
+    before = (sys.unraisablehook, [lg.level for lg in loggers])
+    yield lambda: (sys.unraisablehook, [lg.level for lg in loggers])
+    sys.unraisablehook = before[0]
+    for lg, level in zip(loggers, before[1]):
+        lg.setLevel(level)
+
+
+def test_cli_reports_a_failed_checkpoint_save_in_one_line(tmp_path, monkeypatch, capsys,
+                                                          noise_settings):
+    """The mute stays after a failed save (its futures log again as they are collected)."""
     def disk_full(self, step, state):
         raise ValueError("RESOURCE_EXHAUSTED: Failed writing: No space left on device")
 
+    before = noise_settings()
     monkeypatch.setattr(TrainStateCheckpointer, "save", disk_full)
     corpus = tmp_path / "corpus.txt"
     corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
@@ -153,6 +257,8 @@ def test_cli_reports_a_failed_checkpoint_save_in_one_line(tmp_path, monkeypatch,
                    f"{(run_dir / CHECKPOINTS_DIR).absolute()} (is the disk full?); the run "
                    f"resumes from its last complete checkpoint: RESOURCE_EXHAUSTED: Failed "
                    f"writing: No space left on device"]
+    hook, levels = noise_settings()
+    assert hook is not before[0] and levels == [logging.CRITICAL] * 2
 
 
 def test_checkpoint_noise_is_muted_while_the_cli_trains_and_restored_after(caplog):

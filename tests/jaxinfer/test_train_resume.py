@@ -222,3 +222,20 @@ def test_a_run_begun_without_a_data_record_resumes_and_gets_one(tmp_path):
     run = finished_run(tmp_path / "run", data=False)
     assert resume(run).history == records(2)
     assert json.loads((run / DATA_FILE).read_text()) == data_fingerprint(TOKENS, TOKENS[:100])
+
+
+def tiny_hyena(**changes) -> jaxinfer.HyenaForCausalLM:
+    config = jaxinfer.HyenaConfig(vocab_size=VOCAB, hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=1, max_position_embeddings=16,
+                                  filter_emb_dim=5, filter_hidden_size=8)
+    return jaxinfer.HyenaForCausalLM(config.replace(**changes), rngs=nnx.Rngs(0))
+
+
+def test_a_hyena_run_may_change_its_compute_dtype_not_its_storage_dtype(tmp_path):
+    """HyenaConfig's config.json holds its compute dtype, a run setting (Llama's and Mixtral's
+    hold only the storage dtype); the storage dtype, param_dtype, is the checkpoint's."""
+    run = finished_run(tmp_path / "run", model=tiny_hyena())
+    assert resume(run, model=tiny_hyena(dtype="bfloat16")).history == records(2)
+    with pytest.raises(ValueError, match=r"the model differs in param_dtype: 'float32' -> "
+                                         r"'bfloat16'$"):
+        resume(run, model=tiny_hyena(param_dtype="bfloat16"))
