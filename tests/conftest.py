@@ -34,6 +34,7 @@ os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_COMPILE_TIME_SECS", "0.2")
 os.environ.setdefault("JAX_PERSISTENT_CACHE_MIN_ENTRY_SIZE_BYTES", "0")
 
 import jax  # noqa: E402  (must follow the XLA_FLAGS assignment)
+import pytest  # noqa: E402
 
 jax.config.update("jax_default_matmul_precision", "highest")
 
@@ -51,3 +52,17 @@ def pytest_unconfigure(config):
     process) removes it."""
     if _RUN_CACHE is not None and not hasattr(config, "workerinput"):
         shutil.rmtree(_RUN_CACHE, ignore_errors=True)
+
+
+@pytest.fixture(scope="module")
+def single_threaded_torch():
+    """torch (the models' oracle) on one thread for a module's tests: its idle worker threads spin
+    and slow XLA compilation on a 2-core machine, and the test models are too small to gain from
+    intra-op parallelism. A module asks for it with
+    ``pytestmark = pytest.mark.usefixtures("single_threaded_torch")``."""
+    torch = pytest.importorskip("torch")
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+

@@ -61,10 +61,7 @@ class _Config:
 
     @property
     def masked(self) -> bool:
-        """Can any tile hold an invisible pair (mask, window, segments or padding)?"""
-        spec = self.spec
-        return (spec.causal or spec.window is not None or spec.segments
-                or self.t_pad != spec.t or self.s_pad != spec.s)
+        return tiling.may_mask(self.spec, self.t_pad, self.s_pad)
 
 
 def flash_attention(q, k, v, q_seg, kv_seg, *, spec: MaskSpec, scale: float,

@@ -57,7 +57,6 @@ from __future__ import annotations
 import dataclasses
 import functools
 import inspect
-import math
 
 import jax
 import jax.numpy as jnp
@@ -65,9 +64,9 @@ from jax import lax
 from jax.experimental import pallas as pl
 
 from kernels_pallas.attention import pallas_gpu, tiling
+from kernels_pallas.attention.pallas_gpu import LOG2E  # scores are kept in base 2
 from kernels_pallas.attention.tiling import MASK_VALUE, MaskSpec
 
-LOG2E = math.log2(math.e)  # scores are kept in base 2: exp(x) = exp2(x * log2(e))
 HEAD_DIMS = (64, 128)  # padded head dims the kernel takes (128-byte swizzled 16-bit rows)
 
 
@@ -87,10 +86,7 @@ class _Config:
 
     @property
     def masked(self) -> bool:
-        """Can any tile hold an invisible pair (causal, window or padding)?"""
-        spec = self.spec
-        return (spec.causal or spec.window is not None or self.t_pad != spec.t
-                or self.s_pad != spec.s)
+        return tiling.may_mask(self.spec, self.t_pad, self.s_pad)
 
 
 def padded_head_dim(head_dim: int) -> int:

@@ -100,10 +100,7 @@ class _Config:
 
     @property
     def masked(self) -> bool:
-        """Can any tile hold an invisible pair (causal, window or padding)?"""
-        spec = self.spec
-        return (spec.causal or spec.window is not None or self.t_pad != spec.t
-                or self.s_pad != spec.s)
+        return tiling.may_mask(self.spec, self.t_pad, self.s_pad)
 
 
 @dataclasses.dataclass(frozen=True)

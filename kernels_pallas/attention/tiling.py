@@ -131,6 +131,13 @@ class MaskSpec:
         return self.s - self.t
 
 
+def may_mask(spec: MaskSpec, t_pad: int, s_pad: int) -> bool:
+    """Can any tile hold an invisible pair (causal, window, segments or padding)? If not, no
+    kernel needs to build a mask."""
+    return (spec.causal or spec.window is not None or spec.segments or t_pad != spec.t
+            or s_pad != spec.s)
+
+
 def tile_mask(spec: MaskSpec, rows, cols, q_seg=None, kv_seg=None, *, t_pad: int, s_pad: int):
     """Boolean visibility of a tile, or None when nothing in it can be masked.
 

@@ -39,13 +39,7 @@ MIXTRAL = dict(num_local_experts=4, num_experts_per_tok=2, sliding_window=None)
 IDS = np.random.default_rng(0).integers(3, BASE["vocab_size"], (2, 24)).astype(np.int32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    """Idle torch worker threads slow XLA compilation on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 def build_hf(config_class: str, seed: int = 0, **changes):

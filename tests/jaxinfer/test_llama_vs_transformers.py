@@ -155,14 +155,7 @@ def prompt_ids(vocab_size: int, seed: int = 0) -> np.ndarray:
     return np.random.default_rng(seed).integers(0, vocab_size, (BATCH, PROMPT_LEN)).astype(np.int32)
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    """Idle torch worker threads spin and slow XLA compilation on a 2-core machine; the models here
-    are too small to gain from intra-op parallelism."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 @dataclasses.dataclass

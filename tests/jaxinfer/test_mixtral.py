@@ -78,13 +78,7 @@ def forward(model: MixtralForCausalLM, ids: np.ndarray):
     return np.asarray(logits), routing
 
 
-@pytest.fixture(scope="module", autouse=True)
-def single_threaded_torch():
-    """Idle torch worker threads slow XLA compilation on a 2-core machine."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures("single_threaded_torch")
 
 
 @dataclasses.dataclass
