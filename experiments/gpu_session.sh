@@ -31,7 +31,7 @@ for section in "${sections[@]}"; do
   case $section in
     env)
       nvidia-smi --query-gpu=name,memory.total,driver_version,clocks.sm --format=csv
-      timeout 20 python3 -c "import jax, jaxlib; print('jax', jax.__version__, jax.devices())" ;;
+      timeout 20 python3 -c "import jax, flax; print('jax', jax.__version__, 'flax', flax.__version__, jax.devices())" ;;
     tests)  # the tests that compile a GPU kernel: pallas/triton/paged/ragged in the test's name
       # or parameters (-k would match every test: the package is kernels_pallas). -v writes each
       # result as it comes and SIGINT makes pytest print its summary, so a timeout keeps a verdict.

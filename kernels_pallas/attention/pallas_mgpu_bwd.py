@@ -329,7 +329,18 @@ def _row_vector(ref, axis: int, cfg: _Config):
     from jax.experimental.pallas import mosaic_gpu as plgpu
     if cfg.interpret:
         return ref[...]
-    return plgpu.load(ref, (), layout=plgpu.Layout.WGMMA.reduce(axis))
+    layout = plgpu.Layout.WGMMA.reduce(axis)
+    if _load_takes_index():
+        return plgpu.load(ref, (), layout=layout)
+    return plgpu.load(ref, layout=layout)
+
+
+def _load_takes_index() -> bool:
+    """Whether ``plgpu.load`` still requires the index beside the ref: jax 0.10 does; jax 0.11
+    deprecates it and later releases drop it (``load(src, *, layout=None, optimized=True)``)."""
+    from jax.experimental.pallas import mosaic_gpu as plgpu
+    idx = inspect.signature(plgpu.load).parameters.get("idx")
+    return idx is not None and idx.default is inspect.Parameter.empty
 
 
 def _probs(raw, lse_b, rows, cols, cfg: _Config, masked: bool):
