@@ -1,6 +1,6 @@
 """Meshes, logical-axis rules and collective algorithms for data, fsdp, tensor, sequence and expert
-parallelism (DESIGN.md). Imports jax, flax.nnx (parameter metadata), scipy (MILP placement),
-kernels_pallas.
+parallelism (the design: ../shared/DESIGN.md from the project root). Imports jax, flax.nnx
+(parameter metadata), scipy (MILP placement), kernels_pallas.
 
     import sharding
     mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)       # sizes multiply to the devices used
@@ -19,7 +19,7 @@ operation the partitioner would gather (an FFT) on each device's own block inste
 Multi-host: `sharding.initialize(...)` in every process first; meshes then span all processes.
 Expert parallelism: `expert_parallel_moe` (all_to_all dispatch over the "expert" axis, preset "ep";
 ragged_all_to_all of the filled slots only on GPU/TPU) and expert placement from routing
-statistics (`routing_statistics`, `greedy_placement`).
+statistics (`routing_statistics`, then `greedy_placement` or the MILP `ilp_placement`).
 """
 
 from sharding.constraints import active_rules, constrain, local_map, use_rules
@@ -30,7 +30,7 @@ from sharding.expert_parallel import (MoEResult, capacity_dispatch, capacity_moe
 from sharding.mesh import MESH_AXES, axis_size, make_mesh
 from sharding.params import batch_sharding, head_counts_of, place, shard, state_shardings
 from sharding.placement import (RoutingStats, contiguous_placement, cross_device_transitions,
-                                device_loads, greedy_placement, load_imbalance,
+                                device_loads, greedy_placement, ilp_placement, load_imbalance,
                                 placement_permutation, permute_experts, round_robin_placement,
                                 routing_statistics)
 from sharding.ring_attention import ring_attention, ring_attention_shard
@@ -48,7 +48,8 @@ __all__ = [
     "PRESETS", "Rules",
     "RoutingStats", "SEQUENCE_PARALLEL_IMPL", "capacity_dispatch", "capacity_moe",
     "contiguous_placement", "cross_device_transitions", "device_loads", "expert_capacity",
-    "expert_parallel_moe", "greedy_placement", "jitter_router_input", "load_imbalance",
+    "expert_parallel_moe", "greedy_placement", "ilp_placement", "jitter_router_input",
+    "load_imbalance",
     "permute_experts", "ragged_exchange_layout", "resolve_exchange",
     "placement_permutation", "round_robin_placement", "route_top_k", "routing_statistics",
     "active_rules", "axis_size", "batch_sharding", "column_parallel_matmul",

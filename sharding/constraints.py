@@ -12,7 +12,6 @@ first trace.
 from __future__ import annotations
 
 import contextlib
-import contextvars
 import dataclasses
 from typing import Callable, Sequence
 
@@ -38,27 +37,11 @@ def _freeze(rules: dict) -> tuple:
     return tuple(sorted((k, tuple(v) if isinstance(v, list) else v) for k, v in rules.items()))
 
 
-if hasattr(jax, "make_user_context"):
-    _ACTIVE = jax.make_user_context(None)
+_ACTIVE = jax.make_user_context(None)
 
-    def _current() -> ActiveRules | None:
-        return _ACTIVE.value
 
-    def _set(value: ActiveRules | None):
-        return _ACTIVE(value)
-else:  # older jax: correct only if each jitted function is first traced inside the block
-    _ACTIVE_VAR: contextvars.ContextVar = contextvars.ContextVar("sharding_rules", default=None)
-
-    def _current() -> ActiveRules | None:
-        return _ACTIVE_VAR.get()
-
-    @contextlib.contextmanager
-    def _set(value: ActiveRules | None):
-        token = _ACTIVE_VAR.set(value)
-        try:
-            yield
-        finally:
-            _ACTIVE_VAR.reset(token)
+def _current() -> ActiveRules | None:
+    return _ACTIVE.value
 
 
 @contextlib.contextmanager
@@ -67,7 +50,7 @@ def use_rules(mesh: Mesh, rules: Rules | str):
     check_auto_mesh(mesh)
     table = resolve(rules)
     check_rules_match_mesh(table, mesh.axis_names)
-    with _set(ActiveRules(mesh, _freeze(table))):
+    with _ACTIVE(ActiveRules(mesh, _freeze(table))):
         yield
 
 
@@ -79,8 +62,9 @@ def active_rules() -> ActiveRules | None:
 def activation_spec(shape: Sequence[int], axes: Sequence[str | None], mesh: Mesh,
                     rules: Rules) -> PartitionSpec:
     """Spec for an activation of `shape`; a dimension its mesh axes do not divide stays whole
-    (a decode step's batch of 1 under data parallelism, say): activation shapes vary per call, so
-    this is not an error as it is for parameters, and an uneven constraint would only add padding."""
+    (a decode step's batch of 1 under data parallelism, say): activation shapes vary per call,
+    so this is not an error as it is for parameters, and an uneven constraint would only add
+    padding."""
     entries = []
     for size, mesh_axes in zip(shape, logical_to_mesh_axes(axes, rules)):
         entries.append(None if size % axis_size(mesh, mesh_axes) else spec_entry(mesh_axes))

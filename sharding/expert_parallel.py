@@ -87,9 +87,12 @@ def capacity_dispatch(expert_ids: jax.Array, weights: jax.Array, num_experts: in
     kept = position < capacity  # [K, T]
     slots = jax.nn.one_hot(jnp.where(kept, position, capacity), capacity,
                            dtype=jnp.float32)  # [K, T, C]; a dropped choice gets no slot
-    dispatch_k = onehot.astype(jnp.float32)[..., None] * slots[:, :, None, :]  # [K, T, E, C]
-    dispatch = jnp.sum(dispatch_k, axis=0)  # [T, E, C]
-    combine = jnp.sum(dispatch_k * weights.T[:, :, None, None], axis=0)  # [T, E, C]
+    experts = onehot.astype(jnp.float32)  # [K, T, E]
+    # contractions over k (batched over t): never the [K, T, E, C] product of the two one-hots
+    dispatch = jnp.einsum("kte,ktc->tec", experts, slots)  # [T, E, C]
+    # HIGHEST: the weights must not round to TF32 / bf16 on the way through a GPU / TPU matmul
+    combine = jnp.einsum("kte,ktc->tec", experts, slots * weights.T[..., None],
+                         precision=jax.lax.Precision.HIGHEST)  # [T, E, C]
     dropped = jnp.sum(~kept).astype(jnp.int32)
     return dispatch, combine, dropped
 

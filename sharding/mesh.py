@@ -22,11 +22,6 @@ from jax.sharding import Mesh
 MESH_AXES = ("data", "fsdp", "expert", "sequence", "tensor")
 
 
-def _auto_axis_types(n: int):
-    axis_type = getattr(jax.sharding, "AxisType", None)
-    return None if axis_type is None else (axis_type.Auto,) * n
-
-
 def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, expert: int = 1,
               devices: Sequence[jax.Device] | None = None) -> Mesh:
     """A Mesh with axes MESH_AXES of the given sizes over `devices` (default: all devices of all
@@ -36,19 +31,21 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, 
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"mesh axis size {name} must be an integer >= 1; got {size!r}")
     devices = list(jax.devices() if devices is None else devices)
+    if len(set(devices)) != len(devices):
+        raise ValueError(f"devices must not repeat a device; got {len(devices)} entries for "
+                         f"{len(set(devices))} distinct devices")
     shape = tuple(int(sizes[a]) for a in MESH_AXES)
-    if math.prod(shape) != len(devices):
+    needed = math.prod(shape)
+    if needed != len(devices):
         product = " * ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
+        fix = (f"change the sizes or pass devices=jax.devices()[:{needed}]"
+               if needed < len(devices) else
+               "the mesh needs more devices than exist; change the sizes")
         raise ValueError(
             f"mesh axis sizes must multiply to the number of devices used: {product} = "
-            f"{math.prod(shape)}, but there are {len(devices)} devices; change the sizes or pass "
-            f"devices=jax.devices()[:{math.prod(shape)}]")
-    axis_types = _auto_axis_types(len(MESH_AXES))
-    try:
-        return jax.make_mesh(shape, MESH_AXES, axis_types=axis_types, devices=devices)
-    except TypeError:  # a jax without axis_types / devices keywords on make_mesh
-        from jax.experimental import mesh_utils
-        return Mesh(mesh_utils.create_device_mesh(shape, devices=devices), MESH_AXES)
+            f"{needed}, but there are {len(devices)} devices; {fix}")
+    return jax.make_mesh(shape, MESH_AXES, axis_types=(jax.sharding.AxisType.Auto,) * len(shape),
+                         devices=devices)
 
 
 def check_auto_mesh(mesh: Mesh) -> None:
@@ -56,9 +53,8 @@ def check_auto_mesh(mesh: Mesh) -> None:
     carry shardings and sharded matmuls need out_sharding arguments the models do not give."""
     if not isinstance(mesh, Mesh):
         raise TypeError(f"mesh must be a jax.sharding.Mesh; got {type(mesh).__name__}")
-    axis_type = getattr(jax.sharding, "AxisType", None)
-    explicit = [name for name, t in zip(mesh.axis_names, getattr(mesh, "axis_types", ()) or ())
-                if axis_type is not None and t == axis_type.Explicit]
+    explicit = [name for name, t in zip(mesh.axis_names, mesh.axis_types)
+                if t == jax.sharding.AxisType.Explicit]
     if explicit:
         raise ValueError(
             f"mesh axes {tuple(explicit)} are Explicit (jax.make_mesh's default since jax 0.9); "

@@ -8,6 +8,8 @@ arrays (step counters) are replicated.
 
 from __future__ import annotations
 
+import difflib
+import logging
 from typing import Any, Mapping
 
 import jax
@@ -15,8 +17,10 @@ from flax import nnx
 from jax.sharding import Mesh, NamedSharding, PartitionSpec
 
 from sharding.mesh import axis_size, check_auto_mesh
-from sharding.rules import (Rules, check_rules_match_mesh, logical_to_mesh_axes, resolve,
-                            spec_entry)
+from sharding.rules import (LOGICAL_NAMES, Rules, check_rules_match_mesh, logical_to_mesh_axes,
+                            resolve, spec_entry)
+
+logger = logging.getLogger(__name__)
 
 
 def _is_variable(x) -> bool:
@@ -114,8 +118,29 @@ def shard(model: nnx.Module, mesh: Mesh, rules: Rules | str) -> nnx.Module:
     if not isinstance(model, nnx.Module):
         raise TypeError(f"model must be a flax nnx.Module; got {type(model).__name__}")
     graphdef, state = nnx.split(model)
+    rules = resolve(rules)
+    _warn_unused_rules(rules, state)
     state = place(state, mesh, rules, head_counts=head_counts_of(model))
     return nnx.merge(graphdef, state)
+
+
+def _warn_unused_rules(rules: Rules, state: Any) -> None:
+    """Log a warning for each rule of one's own (a key outside LOGICAL_NAMES) that splits over
+    mesh axes but names no axis of `state`'s parameters ("heads_kv", "embedding"): unless an
+    activation of one's own is constrained by that name, which the parameters cannot show, it
+    matches nothing and what it was meant to split is replicated. Not an error for that reason;
+    close misspellings of known names are (`rules.check_rule_names`)."""
+    used = {name for leaf in jax.tree.leaves(state, is_leaf=_is_variable) if _is_variable(leaf)
+            for name in leaf.get_metadata().get("logical_axes") or () if name is not None}
+    for name, value in rules.items():
+        if name is None or name in LOGICAL_NAMES or name in used or not value:
+            continue
+        close = difflib.get_close_matches(str(name), [*LOGICAL_NAMES, *sorted(used)], n=1)
+        hint = f" (did you mean {close[0]!r}?)" if close else ""
+        logger.warning("sharding rule %r -> %r names no logical axis of the model's parameters "
+                       "and no known one%s; unless an activation of your own is constrained by "
+                       "that name it splits nothing (known: %s)", name, value, hint,
+                       LOGICAL_NAMES)
 
 
 def batch_sharding(mesh: Mesh, rules: Rules | str, axes) -> NamedSharding:

@@ -64,13 +64,14 @@ def routing_statistics(expert_ids: np.ndarray, num_experts: int) -> RoutingStats
     if ids.size and (ids.min() < 0 or ids.max() >= num_experts):
         raise ValueError(f"expert_ids must lie in [0, {num_experts}); got range "
                          f"[{ids.min()}, {ids.max()}]")
-    layers, tokens, top_k = ids.shape
-    onehot = np.zeros((layers, tokens, num_experts), np.int64)  # [L, T, E]
-    layer_idx, token_idx = np.arange(layers)[:, None], np.arange(tokens)[None, :]
-    for k in range(top_k):
-        np.add.at(onehot, (layer_idx, token_idx, ids[:, :, k]), 1)
-    loads = onehot.sum(axis=1)
-    transitions = np.einsum("lti,ltj->lij", onehot[:-1], onehot[1:])
+    layers, _, top_k = ids.shape
+    loads = np.zeros((layers, num_experts), np.int64)  # [L, E]
+    np.add.at(loads, (np.arange(layers)[:, None, None], ids), 1)
+    transitions = np.zeros((max(layers - 1, 0), num_experts, num_experts), np.int64)  # [L-1, E, E]
+    step = np.arange(layers - 1)[:, None]  # [L-1, 1]: layer l's choices meet layer l+1's
+    for i in range(top_k):  # the K^2 (choice at l, choice at l+1) pairs of every token
+        for j in range(top_k):
+            np.add.at(transitions, (step, ids[:-1, :, i], ids[1:, :, j]), 1)
     return RoutingStats(loads, transitions)
 
 

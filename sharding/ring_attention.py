@@ -90,8 +90,9 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bool 
     sp_common.check_batch_axes(mesh, axis, batch_axes, q.shape[0])
     cfg = RingConfig(axis, size, bool(causal), layout,
                      None if softmax_scale is None else float(softmax_scale), backend)
-    return sp_common.shard_over_sequence(functools.partial(ring_attention_shard, cfg=cfg), q, k, v, segment_ids,
-                                         mesh=mesh, axis=axis, batch_axes=batch_axes)
+    return sp_common.shard_over_sequence(functools.partial(ring_attention_shard, cfg=cfg),
+                                         q, k, v, segment_ids, mesh=mesh, axis=axis,
+                                         batch_axes=batch_axes)
 
 
 def ring_attention_shard(q, k, v, segment_ids=None, *, cfg: RingConfig):

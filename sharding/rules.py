@@ -11,6 +11,9 @@ to replicate it. What would otherwise match nothing and replicate silently is re
   * a table key that is a mesh axis name ({"tensor": ...}: keys are logical names, values mesh
     axes) or a close misspelling of a known name that the table leaves out ("embd" without
     "embed": did you mean "embed"?).
+A key of one's own that is no close misspelling ("heads_kv", "embedding") and that no parameter
+carries gets a warning from `sharding.shard`, not an error: it may name an activation of one's
+own, which only a `constrain` call inside the model shows.
 
 Parameter names (jaxinfer/models/layers.py): "vocab", "embed", "heads", "kv_heads", "mlp".
 Activation names (constrained inside the model through `sharding.constrain`):

@@ -1,5 +1,5 @@
-"""Plumbing shared by the sequence-parallel attentions (ring, Ulysses): a `shard_map` that works
-on every jax this project meets, and validation of q, k, v and the mesh at the public boundary
+"""Plumbing shared by the sequence-parallel attentions (ring, Ulysses): `shard_map` without the
+replication check, and validation of q, k, v and the mesh at the public boundary
 (inside the shard_map a shape error would name per-device shapes)."""
 
 from __future__ import annotations
@@ -17,16 +17,10 @@ LAYOUTS = ("contiguous", "zigzag")
 
 
 def shard_map(f: Callable, *, mesh: Mesh, in_specs, out_specs) -> Callable:
-    """`jax.shard_map` (jax >= 0.7) or `jax.experimental.shard_map.shard_map` (older).
-
-    The replication check is off: every output here is sharded over the sequence axis, so it can
-    prove nothing, and the ring's custom VJP carries per-device residuals it cannot type."""
-    if hasattr(jax, "shard_map"):
-        return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)
-    from jax.experimental.shard_map import shard_map as experimental_shard_map
-    return experimental_shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs,
-                                  check_rep=False)
+    """`jax.shard_map` with the replication check off (for every shard_map of this package): the
+    ring's custom VJP carries per-device residuals it cannot type, and Pallas kernels' outputs
+    carry no varying-axes type."""
+    return jax.shard_map(f, mesh=mesh, in_specs=in_specs, out_specs=out_specs, check_vma=False)
 
 
 def axis_size(mesh: Mesh, axis: str, *, name: str = "axis") -> int:
@@ -56,10 +50,11 @@ def check_batch_axes(mesh: Mesh, axis: str, batch_axes, batch: int) -> None:
                          f"{size}")
 
 
-def check_qkv(q, k, v, segment_ids, *, num_shards: int, layout: str, causal: bool) -> None:
+def check_qkv(q, k, v, segment_ids, *, num_shards: int, layout: str, causal: bool,
+              windowed: bool = False) -> None:
     """q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads, head_dim], segment_ids
     None or int [batch, seq]; the sequence splits into num_shards (2 * num_shards chunks for the
-    causal zig-zag layout)."""
+    zig-zag layout under a causal or windowed mask, which needs the natural order back)."""
     # A bool or numpy's (as fftconv takes them); a truthy "no" must not mean True.
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {causal!r}")
@@ -79,7 +74,7 @@ def check_qkv(q, k, v, segment_ids, *, num_shards: int, layout: str, causal: boo
         raise ValueError(f"query heads must be a multiple of KV heads; got {q.shape[2]} query "
                          f"and {k.shape[2]} KV heads")
     seq = q.shape[1]
-    chunks = 2 * num_shards if (causal and layout == "zigzag") else num_shards
+    chunks = 2 * num_shards if ((causal or windowed) and layout == "zigzag") else num_shards
     if seq % chunks:
         what = (f"2 * {num_shards} chunks (zig-zag layout)" if chunks != num_shards
                 else f"{num_shards} shards")

@@ -188,9 +188,9 @@ def vocab_parallel_lookup(table: jax.Array, ids: jax.Array, *, table_axes: Axes,
     caller looks up as it would without this.
 
     Each device looks every id up in its own vocab shard (zero rows for ids it does not hold;
-    NaN rows for ids outside the vocabulary, like the unsharded lookup) and the partial rows are reduce-scattered along the sequence: the whole table never moves
-    and no device holds the full [batch, seq, D] sum, where the partitioner all-reduced it and
-    kept a slice."""
+    NaN rows for ids outside the vocabulary, like the unsharded lookup) and the partial rows are
+    reduce-scattered along the sequence: the whole table never moves and no device holds the
+    full [batch, seq, D] sum, where the partitioner all-reduced it and kept a slice."""
     if table.ndim != 2 or len(table_axes) != 2:
         raise ValueError(f"vocab_parallel_lookup: table must be [vocab, embed] with two logical "
                          f"axes; got shape {tuple(table.shape)} and axes {tuple(table_axes)}")

@@ -49,14 +49,22 @@ class UlyssesConfig:
     local_window: object  # as flash_attention's local_window (None: no window)
 
 
-def kv_head_repeats(heads: int, kv_heads: int, num_shards: int) -> int:
+def kv_head_repeats(heads: int, kv_heads: int, num_shards: int, *, windowed: bool = False
+                    ) -> int:
     """How many times each KV head is replicated so heads split over `num_shards` devices
-    (1: none needed); a ValueError explaining the constraint when no replication helps."""
+    (1: none needed); a ValueError explaining the constraint when no replication helps. windowed:
+    the attention has a sliding window, which the ring cannot take, so the advice is a smaller
+    sequence axis rather than the ring."""
+    advice = ("Sliding-window attention runs sequence-parallel only through Ulysses (a ring block "
+              "cannot carry a window), so the sequence axis must split the heads as above: use "
+              "a smaller sequence axis"
+              if windowed else
+              "Use ring attention (impl='ring'), whose degree is not bounded by the head count, "
+              "or a smaller axis")
     if heads % num_shards:
         raise ValueError(
             f"Ulysses splits attention heads over the {num_shards} devices of the sequence axis, "
-            f"so heads must be divisible by {num_shards}; got heads={heads}. Use ring attention "
-            f"(impl='ring'), whose degree is not bounded by the head count, or a smaller axis")
+            f"so heads must be divisible by {num_shards}; got heads={heads}. {advice}")
     if kv_heads % num_shards == 0:
         return 1
     if num_shards % kv_heads == 0:
@@ -64,7 +72,7 @@ def kv_head_repeats(heads: int, kv_heads: int, num_shards: int) -> int:
     raise ValueError(
         f"Ulysses needs kv_heads divisible by the {num_shards} devices of the sequence axis, or "
         f"{num_shards} divisible by kv_heads (then KV heads are replicated); got "
-        f"kv_heads={kv_heads}. Use ring attention (impl='ring') instead")
+        f"kv_heads={kv_heads}. {advice}")
 
 
 def ulysses_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bool = False,
@@ -77,7 +85,7 @@ def ulysses_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bo
       q: [batch, seq, heads, head_dim]; k, v: [batch, seq, kv_heads, head_dim]; heads divisible
         by P = mesh.shape[axis]; kv_heads divisible by P, or dividing P (replicated, see above).
       layout: "contiguous" (seq % P == 0) or "zigzag" (the ring's balanced layout; seq % 2P == 0
-        when causal): the order the sequence is in, as for `ring_attention`.
+        when causal or windowed): the order the sequence is in, as for `ring_attention`.
       causal, segment_ids ([batch, seq], same layout), local_window, softmax_scale, backend: as
         in `kernels_pallas.flash_attention`, applied to the gathered sequence.
       batch_axes: mesh axes the batch is split over (default: replicated).
@@ -86,17 +94,20 @@ def ulysses_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bo
       out [batch, seq, heads, head_dim] in q's dtype, in the layout and sharding of q.
     """
     size = sp_common.axis_size(mesh, axis)
-    sp_common.check_qkv(q, k, v, segment_ids, num_shards=size, layout=layout, causal=causal)
+    windowed = local_window is not None
+    sp_common.check_qkv(q, k, v, segment_ids, num_shards=size, layout=layout, causal=causal,
+                        windowed=windowed)
     sp_common.check_batch_axes(mesh, axis, batch_axes, q.shape[0])
-    repeats = kv_head_repeats(q.shape[2], k.shape[2], size)
+    repeats = kv_head_repeats(q.shape[2], k.shape[2], size, windowed=windowed)
     if repeats > 1:
         logger.info("ulysses: %d KV heads over %d devices; replicating each KV head %d times",
                     k.shape[2], size, repeats)
     cfg = UlyssesConfig(axis, size, bool(causal), layout,
                         None if softmax_scale is None else float(softmax_scale), backend, repeats,
                         local_window)
-    return sp_common.shard_over_sequence(functools.partial(ulysses_attention_shard, cfg=cfg), q, k, v, segment_ids,
-                                         mesh=mesh, axis=axis, batch_axes=batch_axes)
+    return sp_common.shard_over_sequence(functools.partial(ulysses_attention_shard, cfg=cfg),
+                                         q, k, v, segment_ids, mesh=mesh, axis=axis,
+                                         batch_axes=batch_axes)
 
 
 def ulysses_attention_shard(q, k, v, segment_ids=None, *, cfg: UlyssesConfig):

@@ -38,7 +38,8 @@ PAGED_XLA_CHUNK_TOKENS = 64
 
 
 def attention_mask(q_positions: jax.Array, kv_len: int, sliding_window: int | None) -> jax.Array:
-    """Boolean [batch, T, S]: query at position p sees key slot j iff j <= p (and p - j < window)."""
+    """Boolean [batch, T, S]: query at position p sees key slot j iff j <= p (and
+    p - j < window)."""
     slots = jnp.arange(kv_len)[None, None, :]
     pos = q_positions[:, :, None]
     mask = slots <= pos
@@ -73,11 +74,14 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window
     segment_ids None or int32 [batch, T] (packed sequences: a token sees only earlier tokens
     with its own id; the models pass run ids, `llama.segment_runs`, so each id is one run).
 
-    Where the active sharding rules split "seq" over a mesh axis of more than one device, it runs
-    as ring or Ulysses attention (`sequence_parallel`) over that axis; a sliding window always
-    takes Ulysses, since the ring's blocks cannot carry one. A batch that the rules' batch axes
-    do not divide (a single sequence on a data x sequence mesh) is replicated over them inside
-    the shard_map rather than refused, as `sharding.constrain` leaves such a dimension whole.
+    Where the active sharding rules split "seq" over a mesh axis of P > 1 devices, it runs as
+    ring or Ulysses attention (`sequence_parallel`) over that axis; a sliding window always
+    takes Ulysses, since the ring's blocks cannot carry one. What the mesh does not divide is
+    left whole rather than refused, as `sharding.constrain` leaves such a dimension whole: a
+    batch that the rules' batch axes do not divide (a single sequence on a data x sequence mesh)
+    is replicated over them inside the shard_map, and a sequence length P does not divide runs
+    as `flash_attention` on the whole sequence (zig-zag never arises there: training takes it
+    only when 2P divides T, `DecoderLM.zigzag_shards`).
 
     layout: the order of the T tokens. "contiguous" (natural order) everywhere except in
     training under a causal ring: there `jaxinfer.train.step.training_loss` permutes tokens,
@@ -89,7 +93,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window
     active = sharding.active_rules()
     if active is not None:
         seq_axes, batch_axes = sharding.logical_to_mesh_axes(("seq", "batch"), active.table)
-        if len(seq_axes) == 1 and sharding.axis_size(active.mesh, seq_axes) > 1:
+        shards = sharding.axis_size(active.mesh, seq_axes) if len(seq_axes) == 1 else 1
+        if shards > 1 and q.shape[1] % shards == 0:
             impl = "ulysses" if window is not None else sequence_parallel
             if batch_axes and q.shape[0] % sharding.axis_size(active.mesh, batch_axes):
                 batch_axes = ()
@@ -98,8 +103,9 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window
                 layout=layout, segment_ids=segment_ids, local_window=window, backend=backend,
                 batch_axes=batch_axes or None)
     if layout != "contiguous":
-        raise ValueError(f"layout={layout!r} needs the sequence split over a ring of devices "
-                         f"by the active sharding rules; without one use layout='contiguous'")
+        raise ValueError(f"layout={layout!r} needs the active sharding rules to split the "
+                         f"sequence over P > 1 devices, P dividing its length {q.shape[1]}; "
+                         f"without that use layout='contiguous'")
     return flash_attention(q, k, v, causal=True, segment_ids=segment_ids, local_window=window,
                            backend=backend)
 

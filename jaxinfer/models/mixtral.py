@@ -164,7 +164,18 @@ def apply_expert_placement(model: MixtralForCausalLM, perm: np.ndarray) -> None:
     """Reorder every layer's experts in place so that new expert s of layer l is old expert
     perm[l, s] (router columns and stacked weights together: the model computes the same
     function). With perm = sharding.placement.placement_permutation(device_of), contiguous
-    sharding of the "expert" axis puts each expert on the device the placement chose."""
+    sharding of the "expert" axis puts each expert on the device the placement chose.
+
+    Unchanged: logits, router choices (under new ids), capacity drops, the router z-loss and
+    each layer's own load-balancing loss. Changed where layers get different permutations: the
+    pooled load-balancing loss of `forward_with_aux_losses`, HF's definition, which multiplies
+    expert s's statistics of one layer by expert s's of another (`moe.load_balancing_loss`).
+
+    The model is mutated, not copied, and nothing else is permuted: apply a placement before
+    training starts (or before serving), not mid-run. An optimizer state made earlier holds
+    moments in the old expert order; permute its expert leaves ([E, ...] and the router's
+    [D, E] columns) by the same perm per layer, or re-create it. The model cannot tell whether
+    such a state exists, so this is not checked."""
     perm = np.asarray(perm)
     want = (model.config.num_hidden_layers, model.config.num_local_experts)
     if perm.shape != want:

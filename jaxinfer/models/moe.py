@@ -255,7 +255,15 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, to
     [batch, seq] (1 = real token) excludes padding: f_e and P_e are sums over the real tokens
     divided by their count, over the whole (global) batch, so a sharded batch gives the same
     value. Returns a float32 scalar (0 when no token is real). Training weighs it by
-    `MixtralConfig.router_aux_loss_coef` (`MixtralForCausalLM.aux_loss_weights`)."""
+    `MixtralConfig.router_aux_loss_coef` (`MixtralForCausalLM.aux_loss_weights`).
+
+    Layers are pooled as HF pools them: counts and probability sums are added per expert index
+    over layers before the product, so the value has cross-layer terms f_e(l) * P_e(l') and
+    depends on how expert ids line up across layers. Permuting each layer's experts differently
+    (`apply_expert_placement`) changes it, though the model's function, its drops, the z-loss,
+    each layer's own loss (`load_balancing_loss([logits_l], ...)`) and the pooled loss under one
+    permutation shared by every layer are unchanged. Kept as HF defines it, for parity with HF
+    training of the same checkpoints."""
     if not router_logits:
         raise ValueError("router_logits must hold one [tokens, experts] array per layer; got none")
     counts = jnp.zeros((num_experts,), jnp.float32)

@@ -131,6 +131,22 @@ def test_capacity_dispatch_serves_first_choices_before_second_choices():
     np.testing.assert_allclose(np.asarray(combine[1, 0, 0]), 0.7)
 
 
+def test_capacity_dispatch_never_materialises_the_k_times_larger_product():
+    """Dispatch and combine are contractions over the K choices: the compiled function's scratch
+    stays below one [T, E, C] float32 output, where the [K, T, E, C] product of the two one-hots
+    took K of them. Combine is each kept choice's routing weight, exactly."""
+    tokens, experts, capacity = 512, 16, 64
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(np.argsort(rng.random((tokens, experts)), axis=1)[:, :K], jnp.int32)
+    weights = jnp.asarray(rng.random((tokens, K)), jnp.float32)
+    fn = jax.jit(lambda i, w: capacity_dispatch(i, w, experts, capacity))
+    temp = fn.lower(ids, weights).compile().memory_analysis().temp_size_in_bytes
+    assert temp < tokens * experts * capacity * 4, temp
+    dispatch, combine, _ = fn(ids, weights)
+    chosen = np.einsum("tke,tk->te", np.eye(experts)[np.asarray(ids)], np.asarray(weights))
+    np.testing.assert_array_equal(np.asarray(combine), np.asarray(dispatch) * chosen[..., None])
+
+
 def test_bad_layouts_raise_clear_errors():
     x, router, params = moe_inputs()
     with pytest.raises(ValueError, match="num_experts=8 must be divisible by the size 3"):

@@ -31,6 +31,18 @@ def test_make_mesh_rejects_sizes_that_do_not_multiply_to_the_devices(sizes):
         sharding.make_mesh(**sizes)
 
 
+def test_make_mesh_larger_than_the_devices_says_it_needs_more_devices():
+    with pytest.raises(ValueError, match=r"data=16 .* = 16, but there are 8 devices; the mesh "
+                                         r"needs more devices than exist") as info:
+        sharding.make_mesh(data=16)
+    assert "jax.devices()[:" not in str(info.value)  # slicing 8 devices cannot give 16
+
+
+def test_make_mesh_rejects_a_repeated_device():
+    with pytest.raises(ValueError, match="devices must not repeat a device; got 2 entries for 1"):
+        sharding.make_mesh(data=2, devices=[jax.devices()[0]] * 2)
+
+
 @pytest.mark.parametrize("bad", [0, -2, 2.0, True])
 def test_make_mesh_rejects_non_positive_integer_sizes(bad):
     with pytest.raises(ValueError, match="data must be an integer >= 1"):
@@ -116,6 +128,20 @@ def test_a_name_of_ones_own_with_a_rule_places_and_constrains(rank_rule, a_spec,
     with sharding.use_rules(mesh, rules | {"my_feat": "tensor"}):
         y = jax.jit(lambda x: sharding.constrain(x, ("batch", "my_feat")))(jnp.ones((8, 4)))
     assert y.sharding.spec == P(("data", "fsdp"), "tensor")
+
+
+def test_shard_warns_of_a_rule_of_ones_own_that_names_no_parameter_axis(caplog):
+    """A key no known name is close to ("heads_kv" for "kv_heads", "embedding") used to shard
+    nothing in silence; a name the model's parameters carry, or a rule of None, is quiet."""
+    mesh = sharding.make_mesh(data=2, fsdp=2, tensor=2)
+    rules = sharding.rules_for("fsdp_tp") | {"lora_rank": "data", "heads_kv": "tensor",
+                                             "embedding": "fsdp", "act_lora": None}
+    with caplog.at_level("WARNING", logger="sharding.params"):
+        sharding.shard(_LoRA(), mesh, rules)
+    warned = [r.getMessage() for r in caplog.records]
+    assert len(warned) == 2, warned
+    assert "rule 'heads_kv' -> 'tensor' names no logical axis of the model's" in warned[0]
+    assert "'embedding' -> 'fsdp'" in warned[1] and "did you mean 'embed'?" in warned[1]
 
 
 @pytest.mark.parametrize("rules, message", [

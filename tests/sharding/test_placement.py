@@ -1,6 +1,6 @@
 """Expert placement: routing statistics, the balance and co-location objectives (greedy, and
 MILP against brute-force enumeration), and that applying a placement (permuting router columns
-and stacked experts) leaves the MoE unchanged."""
+and stacked experts) leaves the MoE unchanged, and what of a Mixtral's router losses it keeps."""
 
 from __future__ import annotations
 
@@ -11,7 +11,11 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 import pytest
+from flax import nnx
 
+from jaxinfer.models.mixtral import MixtralForCausalLM, apply_expert_placement
+from jaxinfer.models.mixtral_config import MixtralConfig
+from jaxinfer.models.moe import load_balancing_loss, router_z_loss
 from sharding.expert_parallel import capacity_moe
 from sharding.placement import (RoutingStats, cross_device_transitions, device_loads,
                                 greedy_placement, ilp_placement, load_imbalance, permute_experts,
@@ -29,6 +33,23 @@ def test_routing_statistics_counts_loads_and_all_top_k_transitions():
     for i, j in [(0, 3), (0, 2), (1, 3), (1, 2), (2, 3), (2, 1), (0, 3), (0, 1)]:
         want[0, i, j] += 1
     np.testing.assert_array_equal(stats.transitions, want)
+
+
+def test_routing_statistics_equal_the_one_hot_definition_on_a_random_trace():
+    """The K^2 pairs per token, counted directly, against the dense definition: a one-hot
+    [L, T, E] of each token's choices, loads its token sum, transitions l -> l+1 its outer
+    product summed over tokens."""
+    rng = np.random.default_rng(0)
+    layers, tokens, experts, top_k = 4, 300, 16, 3
+    ids = np.stack([np.argsort(rng.random((tokens, experts)), axis=1)[:, :top_k]
+                    for _ in range(layers)])  # [L, T, K], distinct per token
+    onehot = np.zeros((layers, tokens, experts), np.int64)
+    for k in range(top_k):
+        np.put_along_axis(onehot, ids[:, :, k:k + 1], 1, axis=2)
+    stats = routing_statistics(ids, experts)
+    np.testing.assert_array_equal(stats.loads, onehot.sum(axis=1))
+    np.testing.assert_array_equal(stats.transitions,
+                                  np.einsum("lti,ltj->lij", onehot[:-1], onehot[1:]))
 
 
 def test_greedy_balances_skewed_loads_better_than_round_robin():
@@ -144,6 +165,48 @@ def test_applying_a_placement_leaves_moe_outputs_unchanged():
     np.testing.assert_allclose(np.asarray(got.y), np.asarray(want.y), rtol=0, atol=F32_ATOL)
     np.testing.assert_allclose(np.asarray(got.router_logits),
                                np.asarray(want.router_logits)[:, perm], rtol=0, atol=F32_ATOL)
+
+
+def test_placing_a_models_experts_preserves_outputs_drops_and_per_layer_losses():
+    """What `apply_expert_placement` preserves, with capacity routing dropping tokens: logits,
+    each layer's drop count, the z-loss and each layer's own load-balancing loss. The pooled
+    loss (HF's definition: counts and probabilities summed per expert index over layers, then
+    multiplied) is preserved when every layer gets the same permutation, and not in general:
+    its cross-layer products pair expert s of one layer with expert s of another."""
+    experts, top_k, layers = 8, 2, 2
+    config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
+                           num_hidden_layers=layers, num_attention_heads=4,
+                           num_key_value_heads=2, max_position_embeddings=32,
+                           num_local_experts=experts, num_experts_per_tok=top_k,
+                           moe_impl="capacity", capacity_factor=0.5)
+    model = MixtralForCausalLM(config, rngs=nnx.Rngs(0))
+    rng = np.random.default_rng(0)
+    ids = jnp.asarray(rng.integers(0, 64, (2, 16)), jnp.int32)
+    forward = nnx.jit(lambda m, i: m.forward_with_routing(i))
+
+    def run(perm):
+        placed = nnx.clone(model)
+        if perm is not None:
+            apply_expert_placement(placed, perm)
+        logits, _, routing = forward(placed, ids)
+        return np.asarray(logits), np.asarray(routing.dropped), list(routing.router_logits)
+
+    def pooled(router_logits):
+        return float(load_balancing_loss(router_logits, experts, top_k))
+
+    logits, dropped, router_logits = run(None)
+    assert dropped.min() > 0  # capacity 0.5: the placement must keep the same choices dropped
+    per_layer = np.stack([rng.permutation(experts) for _ in range(layers)])
+    got_logits, got_dropped, got_router = run(per_layer)
+    np.testing.assert_allclose(got_logits, logits, rtol=0, atol=F32_ATOL)
+    np.testing.assert_array_equal(got_dropped, dropped)
+    np.testing.assert_allclose(float(router_z_loss(got_router)),
+                               float(router_z_loss(router_logits)), rtol=F32_ATOL)
+    for got, want in zip(got_router, router_logits):
+        np.testing.assert_allclose(pooled([got]), pooled([want]), rtol=F32_ATOL)
+    assert abs(pooled(got_router) - pooled(router_logits)) > 1e-3  # cross-layer terms moved
+    shared = np.tile(rng.permutation(experts), (layers, 1))
+    np.testing.assert_allclose(pooled(run(shared)[2]), pooled(router_logits), rtol=F32_ATOL)
 
 
 @pytest.mark.parametrize("solver", [greedy_placement, ilp_placement])

@@ -95,3 +95,38 @@ def test_batch_the_data_axes_do_not_divide_matches_single_device(model, preset):
     with sharding.use_rules(mesh, preset):
         got = jax.jit(lambda p, x, s: nnx.merge(graphdef, p)(x, segment_ids=s))(params, ids, segs)
     np.testing.assert_allclose(np.asarray(got), want, rtol=LOSS_RTOL, atol=LOSS_RTOL)
+
+
+@pytest.mark.parametrize("preset", ["sp_ring", "sp_ulysses"])
+def test_sequence_length_the_sequence_axis_does_not_divide_matches_single_device(model, preset):
+    """T = 7 on sequence=2: attention runs whole (as `constrain` leaves the dimension whole)
+    instead of refusing the length; logits, loss and gradients as on a single device."""
+    rng = np.random.default_rng(2)
+    seq = 7
+    batch = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, seq + 1)), jnp.int32)
+    segs = jnp.asarray([[1] * 3 + [2] * 5, [1] * 8], jnp.int32)
+    mesh = make_mesh()
+    want = np.asarray(model(batch[:, :seq]))
+    graphdef, params = nnx.split(sharding.shard(model, mesh, preset))
+    with sharding.use_rules(mesh, preset):
+        got = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, batch[:, :seq])
+    np.testing.assert_allclose(np.asarray(got), want, rtol=LOSS_RTOL, atol=LOSS_RTOL)
+    want_loss, want_grads = loss_and_grads(model, batch, segs)
+    loss, grads = loss_and_grads(model, batch, segs, mesh, preset)
+    np.testing.assert_allclose(loss, want_loss, rtol=LOSS_RTOL)
+    for g, w in zip(jax.tree.leaves(grads), jax.tree.leaves(want_grads)):
+        np.testing.assert_allclose(g, w, rtol=GRAD_RTOL, atol=GRAD_ATOL)
+
+
+def test_a_window_whose_heads_the_sequence_axis_cannot_split_says_ring_cannot_take_it():
+    """A sliding window runs only through Ulysses, even under sp_ring: the error names that
+    and a smaller sequence axis, not the ring (which cannot carry a window)."""
+    config = dataclasses.replace(CONFIG, sliding_window=4)  # 4 query heads over sequence=8
+    model = nnx.eval_shape(lambda: jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    mesh = sharding.make_mesh(sequence=8)
+    with pytest.raises(ValueError, match=r"heads must be divisible by 8; got heads=4\. "
+                                         r"Sliding-window attention runs sequence-parallel only "
+                                         r"through Ulysses.*smaller sequence axis") as info:
+        with sharding.use_rules(mesh, "sp_ring"):
+            jax.eval_shape(lambda m: m(jnp.zeros((1, 16), jnp.int32)), model)
+    assert "impl='ring'" not in str(info.value)

@@ -80,6 +80,25 @@ def test_heads_not_divisible_by_devices_is_an_error():
         sharding.ulysses_attention(q, k, v, mesh=sharding.make_mesh(sequence=4, data=2))
 
 
+def test_a_window_with_heads_the_axis_cannot_split_does_not_point_to_the_ring():
+    q, k, v = zeros_qkv(1, 16, 6, 6, 8)
+    with pytest.raises(ValueError, match=r"got heads=6\. Sliding-window attention runs "
+                                         r"sequence-parallel only through Ulysses") as info:
+        sharding.ulysses_attention(q, k, v, mesh=sharding.make_mesh(sequence=4, data=2),
+                                   local_window=(3, 0))
+    assert "impl='ring'" not in str(info.value)
+
+
+def test_a_window_on_zigzag_needs_2p_chunks_even_without_causal():
+    """Ulysses un-permutes the zig-zag layout for a window as for a causal mask, so a
+    non-causal window needs the 2P chunks too, and says so before the shard_map."""
+    q, k, v = zeros_qkv(2, 12, 4, 2, 8)
+    with pytest.raises(ValueError, match=r"split into 2 \* 4 chunks \(zig-zag layout\); got "
+                                         r"seq=12"):
+        sharding.ulysses_attention(q, k, v, mesh=sharding.make_mesh(sequence=4, data=2),
+                                   layout="zigzag", local_window=(2, 0))
+
+
 def test_kv_heads_neither_dividing_nor_divisible_is_an_error():
     q, k, v = zeros_qkv(1, 16, 12, 3, 8)
     with pytest.raises(ValueError, match=r"kv_heads divisible by the 4 devices.*got kv_heads=3"):
