@@ -9,8 +9,13 @@ how the weights were made (act-order shows in ``g_idx``, asymmetry in ``qzeros``
 Per-module overrides follow GPTQModel's ``dynamic`` (also read by vLLM): an ordered map of regular
 expressions over module names (``model.layers.0.mlp.down_proj``), ``re.match``-ed in order, the
 first match wins; a ``"-:"`` prefix leaves matching modules unquantized (float ``weight``), a
-``"+:"`` prefix or none overrides fields such as ``bits`` and ``group_size``. ``save_pretrained``
-writes one exact-name override per layer that differs from the most common setting.
+``"+:"`` prefix or none overrides the decoding fields (``bits``, ``group_size``, ``desc_act``,
+``sym``). GPTQModel also records quantize-time settings there (``damp_percent``, ``mse``,
+``v2``...): they do not change how tensors decode and are ignored; a per-module LoRA ``adapter``
+or another format would, and is refused. transformers' ``modules_in_block_to_quantize`` (module
+names inside a decoder block, e.g. ``self_attn.q_proj``) leaves the block's other linear modules
+float. ``save_pretrained`` writes one exact-name override per layer that differs from the most
+common setting, and a ``"-:"`` rule per float decoder linear layer.
 """
 
 from __future__ import annotations
@@ -18,6 +23,7 @@ from __future__ import annotations
 import dataclasses
 import json
 import re
+from collections.abc import Sequence
 from pathlib import Path
 from typing import Any
 
@@ -27,6 +33,9 @@ from kernels_pallas.quant_matmul import SUPPORTED_BITS, QuantizedWeight
 
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 OVERRIDABLE = ("bits", "group_size", "desc_act", "sym")
+# Per-module keys that would change how a module decodes (a LoRA adapter added to its output,
+# another packing): refused. Other keys are quantize-time settings, ignored.
+REFUSED_OVERRIDES = ("adapter", "format", "checkpoint_format", "quant_method")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -52,6 +61,15 @@ def _check_spec(spec: dict, where: str) -> None:
             raise ValueError(f"{where}: {key} must be true or false; got {spec.get(key)!r}")
 
 
+def _decoding_fields(spec: dict) -> dict:
+    """The OVERRIDABLE fields of ``spec``, a ``desc_act`` of null (as some writers leave it)
+    read as false."""
+    out = {k: spec[k] for k in OVERRIDABLE if k in spec}
+    if "desc_act" in out and out["desc_act"] is None:
+        out["desc_act"] = False
+    return out
+
+
 @dataclasses.dataclass(frozen=True)
 class GPTQConfig:
     """A validated GPTQ ``quantization_config``; ``dynamic`` keeps its (significant) order."""
@@ -61,7 +79,10 @@ class GPTQConfig:
     desc_act: bool = False
     sym: bool = True
     checkpoint_format: str = "gptq"
+    # pattern -> overrides of OVERRIDABLE fields only
     dynamic: dict[str, dict[str, Any]] = dataclasses.field(default_factory=dict)
+    # module names inside a block (``self_attn.q_proj``); None: every decoder linear module
+    modules_in_block_to_quantize: tuple[str, ...] | None = None
 
     @classmethod
     def from_dict(cls, d: dict, source: str = "quantization_config") -> GPTQConfig:
@@ -83,24 +104,33 @@ class GPTQConfig:
         if d.get("lm_head"):
             raise ValueError(f"{source}: a quantized lm_head (lm_head: true) is not supported")
         base = {"bits": d.get("bits"), "group_size": d.get("group_size", -1),
-                "desc_act": d.get("desc_act", False), "sym": d.get("sym", True)}
+                "desc_act": d.get("desc_act"), "sym": d.get("sym", True)}
+        base = _decoding_fields(base)
         _check_spec(base, source)
         dynamic = d.get("dynamic") or {}
         if not isinstance(dynamic, dict):
             raise ValueError(f"{source}: dynamic must map module regexes to overrides; got "
                              f"{type(dynamic).__name__}")
+        decoding = {}
         for pattern, override in dynamic.items():
             where = f"{source}.dynamic[{pattern!r}]"
             try:
                 re.compile(pattern.removeprefix("-:").removeprefix("+:"))
             except re.error as e:
                 raise ValueError(f"{where}: not a valid regular expression ({e})") from None
-            if not isinstance(override, dict) or set(override) - set(OVERRIDABLE):
-                raise ValueError(f"{where}: overrides must be a dict with keys among "
-                                 f"{OVERRIDABLE}; got {override!r}")
+            if not isinstance(override, dict):
+                raise ValueError(f"{where}: overrides must be a dict; got {override!r}")
+            refused = sorted(set(override) & set(REFUSED_OVERRIDES))
+            if refused:
+                raise ValueError(f"{where}: per-module {refused} would change how the module "
+                                 f"decodes, which jaxinfer does not support; overrides may set "
+                                 f"{OVERRIDABLE} (quantize-time settings are ignored)")
+            decoding[pattern] = _decoding_fields(override)
             if not pattern.startswith("-:"):
-                _check_spec({**base, **override}, where)
-        return cls(checkpoint_format=fmt, dynamic=dict(dynamic), **base)
+                _check_spec({**base, **decoding[pattern]}, where)
+        return cls(checkpoint_format=fmt, dynamic=decoding,
+                   modules_in_block_to_quantize=_block_modules(
+                       d.get("modules_in_block_to_quantize"), source), **base)
 
     def to_dict(self) -> dict[str, Any]:
         """The ``quantization_config`` written to config.json (and quantize_config.json)."""
@@ -110,10 +140,17 @@ class GPTQConfig:
              "format": self.checkpoint_format, "checkpoint_format": self.checkpoint_format}
         if self.dynamic:
             d["dynamic"] = self.dynamic
+        if self.modules_in_block_to_quantize is not None:
+            d["modules_in_block_to_quantize"] = [list(self.modules_in_block_to_quantize)]
         return d
 
     def layer_spec(self, module: str) -> GPTQLayerSpec | None:
-        """The spec of module ``module`` (HF name), or None where ``dynamic`` excludes it."""
+        """The spec of module ``module`` (HF name, ``model.layers.<i>.<name>``), or None where
+        ``modules_in_block_to_quantize`` or ``dynamic`` leaves it float."""
+        in_block = module.split(".", 3)[-1]  # e.g. self_attn.q_proj
+        if (self.modules_in_block_to_quantize is not None
+                and in_block not in self.modules_in_block_to_quantize):
+            return None
         base = {"bits": self.bits, "group_size": self.group_size, "desc_act": self.desc_act,
                 "sym": self.sym}
         for pattern, override in self.dynamic.items():
@@ -123,6 +160,19 @@ class GPTQConfig:
             elif re.match(pattern.removeprefix("+:"), module):
                 return GPTQLayerSpec(**{**base, **override})
         return GPTQLayerSpec(**base)
+
+
+def _block_modules(value, source: str) -> tuple[str, ...] | None:
+    """transformers' ``modules_in_block_to_quantize`` (a list of lists of module names, the
+    groups quantized in turn, or a flat list) as one tuple of names; None when absent."""
+    if value is None:
+        return None
+    names = ([n for item in value for n in (item if isinstance(item, list) else [item])]
+             if isinstance(value, list) else None)
+    if names is None or not all(isinstance(n, str) for n in names):
+        raise ValueError(f"{source}: modules_in_block_to_quantize must be a list of lists of "
+                         f"module names such as [[\"self_attn.q_proj\"]]; got {value!r}")
+    return tuple(names)
 
 
 def read_quantization_config(model_dir: Path, hf_config: dict) -> tuple[dict, str] | None:
@@ -168,9 +218,12 @@ def _is_symmetric(w: QuantizedWeight) -> bool:
     return bool((w.zeros == 2 ** (w.bits - 1)).all())
 
 
-def gptq_config_for(weights: dict[str, QuantizedWeight], checkpoint_format: str) -> GPTQConfig:
+def gptq_config_for(weights: dict[str, QuantizedWeight], checkpoint_format: str,
+                    float_modules: Sequence[str] = ()) -> GPTQConfig:
     """The config describing ``weights`` ({HF module name: weight}): the (bits, group_size) that
-    fits most layers as the base and an exact-name ``dynamic`` override for every other layer.
+    fits most layers as the base and an exact-name ``dynamic`` override for every other layer,
+    and an exact-name ``"-:"`` rule for each of ``float_modules`` (decoder linear modules kept
+    float).
 
     A layer whose one group spans all its rows fits both group_size -1 and its in_features.
     Mixed 2/4-bit layers (their parts appear as ``<layer>.high`` / ``<layer>.low``) are refused:
@@ -194,6 +247,8 @@ def gptq_config_for(weights: dict[str, QuantizedWeight], checkpoint_format: str)
         if not fits(w, bits, group_size):
             g = -1 if w.group_size == w.in_features else w.group_size
             dynamic["+:" + re.escape(name) + "$"] = {"bits": w.bits, "group_size": g}
+    for name in float_modules:
+        dynamic["-:" + re.escape(name) + "$"] = {}
     return GPTQConfig(bits=bits, group_size=group_size,
                       desc_act=any(w.perm is not None for w in weights.values()),
                       sym=all(_is_symmetric(w) for w in weights.values()),

@@ -11,7 +11,8 @@ Per linear layer with K = in_features, N = out_features, b = bits, G = group_siz
   desc_act without static groups).
 * ``checkpoint_format`` "gptq" (v1) stores ``zero - 1``; "gptq_v2" stores the zero itself. v1
   cannot represent zero 0 (AutoGPTQ's writer lets the -1 spill into the neighbouring values), so
-  writing v1 with a zero of 0 raises; reading v1 decodes ``stored + 1`` (up to 2**b).
+  writing v1 with a zero of 0 raises; reading v1 decodes ``stored + 1`` (up to 2**b, which v2
+  cannot store: writing v2 with it raises).
 
 Packing is numpy on the host: it runs once per tensor at load or save time.
 """
@@ -100,6 +101,10 @@ def to_gptq_tensors(w: QuantizedWeight, checkpoint_format: str = "gptq") -> dict
             raise ValueError("checkpoint_format 'gptq' (v1) stores zero - 1 and cannot represent "
                              "a zero point of 0; write checkpoint_format='gptq_v2'")
         zeros = zeros - 1
+    elif zeros.size and zeros.max() >= 2 ** w.bits:
+        raise ValueError(f"checkpoint_format 'gptq_v2' stores the zero point in {w.bits} bits and "
+                         f"cannot represent a zero point of {2 ** w.bits} (read from a v1 "
+                         f"checkpoint, which stores zero - 1); write checkpoint_format='gptq'")
     return {
         "qweight": pack_rows(np.asarray(w.unpack()), w.bits),
         "qzeros": pack_cols(zeros, w.bits),

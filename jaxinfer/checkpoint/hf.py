@@ -36,7 +36,7 @@ from jaxinfer.checkpoint.hf_write import (CONFIG_FILE, INDEX_FILE, SINGLE_FILE,
                                           write_checkpoint)
 from jaxinfer.config import HYENA_MODEL_TYPE, LlamaConfig, read_config_json
 from jaxinfer.models.hyena import HyenaForCausalLM
-from jaxinfer.models.layers import QuantizedLinear
+from jaxinfer.models.layers import Linear, QuantizedLinear
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.llama import LlamaForCausalLM
 from jaxinfer.quant.model import QUANT_BACKENDS, quantized_linear
@@ -47,7 +47,7 @@ log = logging.getLogger(__name__)
 GENERATION_CONFIG_FILE = "generation_config.json"
 # Buffers some exporters write that carry no parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
-GPTQ_TENSORS = ("qweight", "qzeros", "scales", "g_idx")
+REQUIRED_GPTQ_TENSORS = ("qweight", "qzeros", "scales")  # and g_idx, needed under desc_act
 # safetensors dtypes: those of float parameters, and all that safe_open(framework="flax") can
 # read (it fails with an AttributeError on the others, float8 among them).
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -224,22 +224,31 @@ def warn_unused(reader: _TensorReader, tie_word_embeddings: bool) -> None:
 
 
 def _gptq_modules(flat, gptq: GPTQConfig, files) -> dict[tuple, tuple[str, GPTQLayerSpec]]:
-    """{kernel path: (HF module name, spec)} for each decoder linear the checkpoint quantizes."""
-    out = {}
+    """{kernel path: (HF module name, spec)} for each decoder linear the checkpoint quantizes:
+    those the config quantizes, except any stored as a float ``weight`` without a ``qweight``
+    (a partly quantized checkpoint whose config does not say so; logged)."""
+    out, stored_float = {}, []
     for path, var in flat:
         if not (isinstance(var, nnx.Param) and path[0] == "layers" and path[-1] == "kernel"):
             continue
         module = hf_name(path)[0].removesuffix(".weight")
         spec = gptq.layer_spec(module)
-        if spec is None:  # excluded by a "-:" dynamic rule: a float weight
+        if spec is None:  # left float by modules_in_block_to_quantize or a "-:" dynamic rule
             continue
-        missing = [f"{module}.{t}" for t in GPTQ_TENSORS[:3] if f"{module}.{t}" not in files]
+        if f"{module}.qweight" not in files and f"{module}.weight" in files:
+            stored_float.append(module)
+            continue
+        missing = [f"{module}.{t}" for t in REQUIRED_GPTQ_TENSORS if f"{module}.{t}" not in files]
         if spec.desc_act and f"{module}.g_idx" not in files:
             missing.append(f"{module}.g_idx")
         if missing:
             raise ValueError(f"GPTQ checkpoint is missing tensor(s) {missing} (quantization_config "
                              f"quantizes {module} with bits={spec.bits})")
         out[path] = (module, spec)
+    if stored_float:
+        log.warning("quantization_config quantizes %d module(s) that the checkpoint stores as "
+                    "float weights (no qweight), e.g. %s: loading them as float",
+                    len(stored_float), stored_float[0])
     return out
 
 
@@ -403,9 +412,14 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
 
 
 def _gptq_tensors(model, checkpoint_format: str | None) -> tuple[dict, GPTQConfig | None]:
-    """({tensor name: array}, config) for the model's QuantizedLinear layers; ({}, None) if none."""
-    weights = {hf_name(path + ("kernel",))[0].removesuffix(".weight"): node.weight
-               for path, node in nnx.iter_graph(model) if isinstance(node, QuantizedLinear)}
+    """({tensor name: array}, config) for the model's QuantizedLinear layers; ({}, None) if none.
+    The config keeps the model's float decoder linear layers float (a "-:" rule each)."""
+    weights, float_modules = {}, []
+    for path, node in nnx.iter_graph(model):
+        if isinstance(node, QuantizedLinear):
+            weights[hf_name(path + ("kernel",))[0].removesuffix(".weight")] = node.weight
+        elif isinstance(node, Linear) and path[:1] == ("layers",):
+            float_modules.append(hf_name(path + ("kernel",))[0].removesuffix(".weight"))
     if not weights:
         return {}, None
     if checkpoint_format is None:  # v1 (widest reader support) unless a zero point is 0
@@ -414,11 +428,12 @@ def _gptq_tensors(model, checkpoint_format: str | None) -> tuple[dict, GPTQConfi
     elif checkpoint_format not in FORMATS:
         raise ValueError(f"checkpoint_format must be one of {FORMATS} or None; "
                          f"got {checkpoint_format!r}")
+    config = gptq_config_for(weights, checkpoint_format, float_modules)  # refuses mixed bits
     tensors = {}
     for module, w in weights.items():
         for t, x in to_gptq_tensors(w, checkpoint_format).items():
             tensors[f"{module}.{t}"] = jnp.asarray(x)
-    return tensors, gptq_config_for(weights, checkpoint_format)
+    return tensors, config
 
 
 def save_pretrained(model: LlamaForCausalLM | MixtralForCausalLM | HyenaForCausalLM,

@@ -8,33 +8,41 @@ import numpy as np
 from jaxinfer.config import LlamaConfig
 
 
-def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0):
+def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0,
+                    name: str = "input_ids"):
     """Return input_ids as an array after checking that it is an integer [batch, seq] array of
     in-vocabulary ids that leaves room for `new_tokens` more positions within the model's context.
+    Errors call the argument `name`.
 
-    Nested lists are accepted. Value checks are skipped for traced arrays (inside jit the caller
-    is responsible)."""
+    Nested lists and torch tensors (through numpy) are accepted. Value checks are skipped for
+    traced arrays (inside jit the caller is responsible)."""
+    if type(input_ids).__module__ == "torch":  # a torch.Tensor
+        input_ids = input_ids.detach().cpu().numpy()
     if isinstance(input_ids, (list, tuple)):
         try:
             input_ids = np.asarray(input_ids)
         except ValueError:
-            raise ValueError("input_ids must be a rectangular [batch, seq] array; got ragged "
-                             "nested lists") from None
+            raise ValueError(f"{name} must be a rectangular [batch, seq] array; got ragged "
+                             f"nested lists") from None
     shape = getattr(input_ids, "shape", None)
     dtype = getattr(input_ids, "dtype", None)
     if shape is None or len(shape) != 2:
-        raise ValueError(f"input_ids must be a 2-D [batch, seq] array; got shape {shape}")
-    if dtype is None or not np.issubdtype(dtype, np.integer):
-        raise ValueError(f"input_ids must hold integer token ids; got dtype {dtype}")
+        got = type(input_ids).__name__ if shape is None else f"shape {tuple(shape)}"
+        raise ValueError(f"{name} must be a 2-D [batch, seq] array of token ids; got {got}")
+    if not _is_integer_dtype(dtype):
+        raise ValueError(f"{name} must hold integer token ids; got dtype {dtype}")
     batch, seq = shape
     if batch == 0 or seq == 0:
-        raise ValueError(f"input_ids must have at least one sequence and one token; got {shape}")
-    total = seq + new_tokens
-    if total > config.max_position_embeddings:
+        raise ValueError(f"{name} must have at least one sequence and one token; got {shape}")
+    context = config.max_position_embeddings
+    if new_tokens and seq + new_tokens > context:
         raise ValueError(
             f"prompt of {seq} tokens plus {new_tokens} new tokens exceeds the model's context of "
-            f"{config.max_position_embeddings} positions (max_position_embeddings)"
+            f"{context} positions (max_position_embeddings)"
         )
+    if seq > context:
+        raise ValueError(f"{name} has sequences of {seq} tokens, which exceeds the model's context "
+                         f"of {context} positions (max_position_embeddings)")
     if isinstance(input_ids, jax.core.Tracer):
         return input_ids
     ids = np.asarray(input_ids)
@@ -42,9 +50,17 @@ def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0):
     if low < 0 or high >= config.vocab_size:
         bad = low if low < 0 else high
         raise ValueError(
-            f"input_ids must lie in [0, {config.vocab_size}) (vocab_size); found token id {bad}"
+            f"{name} must lie in [0, {config.vocab_size}) (vocab_size); found token id {bad}"
         )
     return input_ids
+
+
+def _is_integer_dtype(dtype) -> bool:
+    """Whether ``dtype`` (numpy-like, or None, or another library's) is an integer type."""
+    try:
+        return np.issubdtype(np.dtype(dtype), np.integer)
+    except TypeError:
+        return False
 
 
 def check_segment_ids(segment_ids, shape: tuple[int, int]):

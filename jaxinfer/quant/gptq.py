@@ -19,7 +19,11 @@ over the not-yet-quantized rows through the upper Cholesky factor U of ``H^-1``:
    later rows get ``-= U[block, :]^T E``;
 6. grids: per channel (fit once up front), static groups (fit up front in original order,
    g_idx = k // G), or dynamic groups fit on the current error-updated rows when a group starts,
-   consecutive in the permuted order (g_idx[perm[p]] = p // G).
+   consecutive in the permuted order (g_idx[perm[p]] = p // G). A group starting inside a block
+   is fit on rows that include the block's earlier updates; AutoGPTQ fits it on its ``W``, which
+   gets them only at the block's end. The integers match AutoGPTQ's (up to float rounding) when
+   every group starts at a block start: per channel, static groups, or group_size a multiple of
+   AutoGPTQ's block size (128).
 
 Mixed 2/4-bit: each group is quantized on its own grid, so a per-group width is all it takes (the
 grid of a 4-bit group has 16 levels, of a 2-bit group 4); the error feedback is unchanged.
@@ -120,7 +124,7 @@ def _gptq(w, h, damp, group_bits, sym, act_order, *, group_size, block_size, sta
             w1, q1, err1, scale, zero, scales, zeros = c
             gi = (i1 + i) // g if dynamic else pos_group[i1 + i]
             bits = group_bits[gi]  # padded rows index past the end: clamped, and they are zero
-            if dynamic:
+            if dynamic:  # on w1, this block's updated rows (AutoGPTQ: stale W; see step 6)
                 def refit(_):
                     s, z = fit_grid(lax.dynamic_slice(w1, (i, 0), (g, n)), bits, sym)
                     return s, z, scales.at[gi].set(s), zeros.at[gi].set(z)

@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import functools
 import logging
+from collections.abc import Mapping
 
 import jax
 import jax.numpy as jnp
@@ -41,12 +42,12 @@ from jaxinfer.quant.hessian import HessianState, accumulate_hessian
 from jaxinfer.quant.mixed import check_mixed_args, packing_bits
 from jaxinfer.quant.mixed_linear import MixedQuantizedLinear
 from jaxinfer.quant.rtn import quantize_rtn
+from kernels_pallas.quant_matmul import BACKENDS as QUANT_BACKENDS
 from kernels_pallas.quant_matmul import MixedQuantizedWeight, QuantizedWeight, check_quant_params
 
 logger = logging.getLogger(__name__)
 
 METHODS = ("gptq", "rtn")
-QUANT_BACKENDS = ("auto", "reference", "xla", "pallas")
 # True-sequential order inside a block: (parent attribute, layer names sharing one input).
 LAYER_GROUPS = (("self_attn", ("q_proj", "k_proj", "v_proj")),
                 ("self_attn", ("o_proj",)),
@@ -110,12 +111,14 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, 
 
 
 def _calibration_batches(calibration, config) -> list[jax.Array]:
-    """Validated int32 [n_samples, seq_len] batches from an array or an iterable of arrays."""
+    """Validated int32 [n_samples, seq_len] batches from an array (numpy, jax or torch), a
+    tokenizer's output (a mapping with ``input_ids``), or an iterable of either."""
     if calibration is None:
         raise ValueError("calibration must be given for method='gptq': int32 token ids "
                          "[n_samples, seq_len] or an iterable of such batches; got None")
-    if hasattr(calibration, "shape") or (isinstance(calibration, (list, tuple)) and calibration
-                                         and np.ndim(calibration[0]) == 1):
+    if isinstance(calibration, Mapping) or hasattr(calibration, "shape") or (
+            isinstance(calibration, (list, tuple)) and calibration
+            and np.ndim(calibration[0]) == 1):
         batches = [calibration]
     else:
         try:
@@ -127,12 +130,24 @@ def _calibration_batches(calibration, config) -> list[jax.Array]:
         raise ValueError("calibration must hold at least one batch of token ids; got none")
     out = []
     for b, batch in enumerate(batches):
-        try:
-            ids = check_input_ids(batch, config)
-        except ValueError as e:
-            raise ValueError(f"calibration batch {b}: {e}") from None
-        out.append(jnp.asarray(ids, jnp.int32))
+        name = f"calibration batch {b}"
+        if isinstance(batch, Mapping):
+            batch = _unpadded_input_ids(batch, name)
+        out.append(jnp.asarray(check_input_ids(batch, config, name=name), jnp.int32))
     return out
+
+
+def _unpadded_input_ids(encoding: Mapping, name: str):
+    """The ``input_ids`` of a tokenizer's output, whose ``attention_mask`` (if any) must mark no
+    padding: GPTQ calibrates on every position."""
+    if "input_ids" not in encoding:
+        raise ValueError(f"{name} is a mapping without 'input_ids' (a tokenizer's output has "
+                         f"them); got keys {sorted(encoding)}")
+    mask = encoding.get("attention_mask")
+    if mask is not None and not np.all(np.asarray(mask)):
+        raise ValueError(f"{name}'s attention_mask marks padding, but GPTQ calibrates on every "
+                         f"position: pass sequences of one length, tokenized without padding")
+    return encoding["input_ids"]
 
 
 def quantized_linear(layer: Linear, weight: QuantizedWeight | MixedQuantizedWeight,
@@ -147,11 +162,6 @@ def quantized_linear(layer: Linear, weight: QuantizedWeight | MixedQuantizedWeig
     bias = None if layer.bias is None else layer.bias[...]
     cls = MixedQuantizedLinear if isinstance(weight, MixedQuantizedWeight) else QuantizedLinear
     return cls(weight, bias, axes=axes, dtype=layer.dtype, backend=backend)
-
-
-def _replace(parent, name, layer: Linear, weight: QuantizedWeight | MixedQuantizedWeight,
-             backend: str):
-    setattr(parent, name, quantized_linear(layer, weight, backend))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "parent_name", "name"))
@@ -194,7 +204,8 @@ def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group
         must divide every layer's in_features.
       act_order: GPTQ's desc_act (quantize inputs by decreasing Hessian diagonal).
       sym: symmetric grid (zero point in the middle) or asymmetric.
-      calibration: int token ids [n_samples, seq_len], or an iterable of such batches.
+      calibration: int token ids [n_samples, seq_len] (numpy, jax or torch), a tokenizer's
+        output (a mapping with ``input_ids`` and no padding), or an iterable of such batches.
       damp: GPTQ's relative Hessian dampening. backend: ``quant_matmul`` backend of the layers.
       static_groups: GPTQ grids fit up front (see ``gptq_quantize_layer``).
       high_fraction: mixed bits only: fraction of groups kept at 4 bits, in [0, 1] (default
@@ -223,7 +234,7 @@ def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group
                 bar.set_postfix_str(f"layers[{i}].{name}")
                 weight = quantize_rtn(layer.kernel[...], bits=bits, group_size=group_size,
                                       sym=bool(sym), **mixed_kw)
-                _replace(parent, name, layer, weight, backend)
+                setattr(parent, name, quantized_linear(layer, weight, backend))
                 bar.update()
         else:
             _gptq_model(new, batches, bar, backend=backend, bits=bits, group_size=group_size,
@@ -260,7 +271,7 @@ def _gptq_model(model, batches, bar, *, backend, **gptq_kw):
                     weight = gptq_quantize_layer(layer.kernel[...], state.h, **gptq_kw)
                 except ValueError as e:  # arguments were checked: a singular Hessian
                     raise ValueError(f"layers[{i}].{parent_name}.{name}: {e}") from None
-                _replace(parent, name, layer, weight, backend)
+                setattr(parent, name, quantized_linear(layer, weight, backend))
                 bar.update()
         graphdef, params = nnx.split(block)
         hidden = [_run_block(graphdef, params, x, rope) for x, rope in zip(hidden, ropes)]

@@ -4,7 +4,7 @@
 One function, several implementations (DESIGN.md):
 
 * ``reference`` (``reference.py``): dequantize the weight to float32, then ``jnp.dot``. The oracle.
-* ``xla`` (``xla.py``): per-group contraction on the raw integers with scales applied late.
+* ``xla`` (``xla.py``): dequantize the weight once in the compute dtype, then one dot.
 * ``pallas`` (``pallas_gpu.py``): a Pallas kernel that unpacks slots, subtracts zeros and applies
   group scales inside, float32 accumulation; lowered through Triton on NVIDIA GPUs and run with
   ``interpret=True`` on CPU.
@@ -12,12 +12,23 @@ One function, several implementations (DESIGN.md):
   grid axis, accumulator in VMEM); what ``pallas`` runs on a TPU, interpreted elsewhere. It needs
   K / vpw and the group size to share a multiple of 128 (or the group to span K / vpw).
 * ``auto``: pallas on GPU and TPU, xla on CPU.
+
+Gradients: every backend has the same ``jax.custom_vjp``, d/dx = g @ dequantize(w)^T (float32,
+through the reference dequantization: a [K, N] float32 weight in the backward pass). The weight
+gets a zero cotangent, its float scales included: a packed weight is frozen, as its
+``QuantParam`` variables in ``jaxinfer.models.layers`` (no ``nnx.Param``) are to optimizers, so
+training a quantized model updates only its float parameters (norms, adapters), with gradients
+flowing through x.
 """
 
 from __future__ import annotations
 
+import functools
+import math
 import numbers
+from typing import NamedTuple
 
+import jax
 import jax.numpy as jnp
 
 from kernels_pallas.backend import resolve_backend
@@ -27,8 +38,9 @@ from kernels_pallas.quant_matmul.weight import (SUPPORTED_BITS, QuantizedWeight,
                                                 check_quant_params, pack_planar, unpack_planar,
                                                 values_per_word)
 
-__all__ = ["quant_matmul", "QuantizedWeight", "MixedQuantizedWeight", "DEFAULT_BLOCK_SIZES",
-           "MIXED_BITS", "SUPPORTED_BITS", "check_quant_params", "pack_planar", "unpack_planar"]
+__all__ = ["quant_matmul", "QuantizedWeight", "MixedQuantizedWeight", "BACKENDS",
+           "DEFAULT_BLOCK_SIZES", "MIXED_BITS", "SUPPORTED_BITS", "check_quant_params",
+           "pack_planar", "unpack_planar"]
 
 BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_tpu")
 # Per-backend tile defaults. block_k counts packed word rows (block_k * vpw weight rows per tile);
@@ -85,7 +97,8 @@ def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str =
         mixed weight, of each part).
 
     Returns:
-      [..., N] in x's dtype.
+      [..., N] in x's dtype (zeros for an empty batch). Differentiable in x on every backend
+      (see the module docstring); the weight is frozen.
     """
     if not isinstance(w, (QuantizedWeight, MixedQuantizedWeight)):
         raise TypeError(f"w must be a QuantizedWeight or MixedQuantizedWeight; got "
@@ -103,23 +116,55 @@ def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str =
     # Checked whatever the backend: "auto" resolves to xla on CPU and to a kernel on GPU/TPU,
     # so a bad block accepted here would fail only on another machine.
     block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k, require_pow2_min16=False)
-    blocks = dict(backend=backend, block_m=block_m, block_n=block_n, block_k=block_k)
     lead = x.shape[:-1]
+    if not math.prod(lead):  # an empty batch: the kernels' grids would have no programs
+        return jnp.zeros((*lead, n), x.dtype)
     x2 = x.reshape(-1, k)  # [M, K]
+    config = _Config(backend, block_m, block_n, block_k, x.dtype)
     if isinstance(w, QuantizedWeight):
-        y = _matmul_2d(x2, w, **blocks)
+        y = _matmul_2d(x2, w, config)
     else:
         xs = jnp.take(x2, w.perm, axis=-1)  # [M, K] in storage order: high rows, then low rows
         y, start = 0.0, 0
         for part in w.parts:
             rows = part.shape[0]
-            y = y + _matmul_2d(xs[:, start:start + rows], part, **blocks)  # [M, N] float32
+            y = y + _matmul_2d(xs[:, start:start + rows], part, config)  # [M, N] float32
             start += rows
     return y.astype(x.dtype).reshape(*lead, n)
 
 
-def _matmul_2d(x2, w: QuantizedWeight, *, backend, block_m, block_n, block_k):
+class _Config(NamedTuple):
+    """Static arguments of ``_matmul_2d``: the backend, the checked blocks and x's dtype."""
+
+    backend: str
+    block_m: int | None
+    block_n: int | None
+    block_k: int | None
+    dtype: jnp.dtype
+
+
+@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+def _matmul_2d(x2, w: QuantizedWeight, config: _Config):
     """x2 [M, K] (validated) @ w [K, N] -> float32 [M, N] on the resolved backend."""
+    return _forward(x2, w, config)
+
+
+def _matmul_2d_fwd(x2, w: QuantizedWeight, config: _Config):
+    return _matmul_2d(x2, w, config), w
+
+
+def _matmul_2d_bwd(config: _Config, w: QuantizedWeight, g):
+    """g float32 [M, N] -> (dx [M, K] in x's dtype, no cotangent for the frozen weight)."""
+    dx = jnp.dot(g, w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
+    return dx.astype(config.dtype), None
+
+
+_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
+
+
+def _forward(x2, w: QuantizedWeight, config: _Config):
+    """``_matmul_2d``'s value: x2 [M, K] @ w [K, N] -> float32 [M, N]."""
+    backend, block_m, block_n, block_k, _ = config
     k, n = w.shape
     impl, interpret = resolve_backend(backend, tpu_kernel=True)
     if backend == "auto" and not _kernel_takes(impl, interpret, w):

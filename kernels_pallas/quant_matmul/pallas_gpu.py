@@ -9,8 +9,9 @@ slot ``j`` of word row ``r`` is storage row ``j * Kw + r``). Per row block it lo
   zeros (one [1, block_n] row: ``block_k`` divides the group size, so a slot's rows never straddle
   two groups) and casts to the activation dtype (exact: |q - z| <= 256);
 * loads the matching contiguous [block_m, block_k] slice of x (columns ``j * Kw + r0 ...``);
-* accumulates ``dot(x, q - z)`` in float32 and multiplies it by the group's float32 scales
-  (scales applied late, per group, so the MXU / tensor cores see raw integers).
+* accumulates ``dot(x, q - z)`` in float32 (IEEE products for float32 x, not TF32) and
+  multiplies it by the group's float32 scales (scales applied late, per group, so the MXU /
+  tensor cores see raw integers).
 
 Memory touched per program: its x rows (each element once), the packed weight column block
 (each word once, reused for all ``vpw`` slots), and one scale and zero row per (slot, row block).
@@ -26,8 +27,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.quant_matmul.weight import (QuantizedWeight, slot_bits, tiled_operands,
-                                                values_per_word)
+from kernels_pallas.quant_matmul.weight import (QuantizedWeight, dot_precision, slot_bits,
+                                                tiled_operands, values_per_word)
 
 
 def _kernel(x_ref, qw_ref, s_ref, z_ref, o_ref, *, kw, block_k, group_size, sb, vpw):
@@ -46,7 +47,8 @@ def _kernel(x_ref, qw_ref, s_ref, z_ref, o_ref, *, kw, block_k, group_size, sb, 
             s = s_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, bn]
             xs = x_ref[:, pl.ds(row0, block_k)]  # [bm, block_k]
             wq = (q - z).astype(xs.dtype)
-            acc = acc + jnp.dot(xs, wq, preferred_element_type=jnp.float32) * s
+            acc = acc + jnp.dot(xs, wq, preferred_element_type=jnp.float32,
+                                precision=dot_precision(xs.dtype)) * s
         return acc
 
     acc = lax.fori_loop(0, kw // block_k, body, jnp.zeros((bm, bn), jnp.float32))

@@ -5,9 +5,9 @@ Algorithm. Grid (M blocks, N blocks, K word-row blocks); the K axis is the inner
 Step (i, j, r) loads one [block_k, block_n] tile of int32 words of the planar packed weight (see
 ``weight.py``: slot ``s`` of word row ``w`` is storage row ``s * Kw + w``) and, for each of the
 ``vpw`` slots (a static loop), extracts the slot with a shift and mask, subtracts the group's
-zeros, multiplies by the matching x tile on the MXU in float32 accumulation and applies the group's
-scales to the product (scales late: the MXU sees raw integers). The output is written once, at the
-last K step.
+zeros, multiplies by the matching x tile on the MXU in float32 accumulation (full float32
+passes for float32 x) and applies the group's scales to the product (scales late: the MXU sees
+raw integers). The output is written once, at the last K step.
 
 Layout for Mosaic's block rule (the last two block dims divisible by (8, 128) or whole): x is
 passed as [vpw, M, Kw] (x's storage-order columns split by slot), so the x tile of slot s is a
@@ -26,8 +26,8 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
-from kernels_pallas.quant_matmul.weight import (QuantizedWeight, slot_bits, tiled_operands,
-                                                values_per_word)
+from kernels_pallas.quant_matmul.weight import (QuantizedWeight, dot_precision, slot_bits,
+                                                tiled_operands, values_per_word)
 
 LANES = 128  # TPU vector lanes: the minor block dims are multiples of this
 SUBLANES = 8  # and the second-minor ones multiples of this (float32)
@@ -52,7 +52,8 @@ def _kernel(x_ref, qw_ref, s_ref, z_ref, o_ref, acc_ref, *, kw, block_k, group_s
         xs = x_ref[s]  # [bm, bk]
         wq = (q - z_ref[pl.ds(g, 1), :]).astype(jnp.float32).astype(xs.dtype)  # [bk, bn]
         scale = s_ref[pl.ds(g, 1), :].astype(jnp.float32)  # [1, bn]
-        acc = acc + jnp.dot(xs, wq, preferred_element_type=jnp.float32) * scale
+        acc = acc + jnp.dot(xs, wq, preferred_element_type=jnp.float32,
+                            precision=dot_precision(xs.dtype)) * scale
     acc_ref[...] = acc
 
     @pl.when(r == pl.num_programs(2) - 1)

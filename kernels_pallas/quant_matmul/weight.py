@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import numbers
 
 import jax
 import jax.numpy as jnp
@@ -113,6 +114,7 @@ class QuantizedWeight:
         check_int_dtype("q", q)
         check_int_dtype("zeros", zeros)
         check_quant_params(q.shape, bits, group_size)
+        bits, group_size = int(bits), int(group_size)  # static metadata: plain ints
         k, n = q.shape
         g = k if group_size == -1 else group_size
         groups = k // g
@@ -199,14 +201,20 @@ def check_int_range(name: str, x, high: int, *, bits: int, inclusive: bool = Fal
                          f"values in [{lo}, {hi}]")
 
 
+def _is_int(value) -> bool:
+    """A Python or numpy integer, not a bool."""
+    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
+
+
 def check_quant_params(shape, bits, group_size) -> None:
-    """Validate a [K, N] shape against bits and group size (public boundaries call this)."""
-    if bits not in SUPPORTED_BITS:
+    """Validate a [K, N] shape against bits and group size, each a Python or numpy int (public
+    boundaries call this)."""
+    if not _is_int(bits) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}; got {bits!r}")
     if len(shape) != 2:
         raise ValueError(f"weight must be 2-D [K, N]; got shape {list(shape)}")
     k, _ = shape
-    if not isinstance(group_size, int) or (group_size != -1 and group_size <= 0):
+    if not _is_int(group_size) or (group_size != -1 and group_size <= 0):
         raise ValueError(
             f"group_size must be a positive int or -1 (per channel); got {group_size!r}")
     if group_size != -1 and k % group_size:
@@ -237,6 +245,14 @@ def unpack_planar(qweight: jax.Array, bits: int) -> jax.Array:
     shifts = (jnp.arange(vpw, dtype=jnp.uint32) * sb)[:, None, None]
     slabs = (words[None] >> shifts) & jnp.uint32((1 << sb) - 1)  # [vpw, Kw, N]
     return slabs.reshape(-1, qweight.shape[1]).astype(jnp.int32)
+
+
+def dot_precision(dtype) -> jax.lax.Precision | None:
+    """The kernels' in-tile dot precision for x of ``dtype``: HIGHEST for float32 (Triton's IEEE
+    input precision, Mosaic's fp32 contract precision; Triton's default is TF32, which rounds x
+    to 10 mantissa bits), the default for 16-bit x (exact in one pass against the small
+    integers ``q - z``)."""
+    return jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
 
 
 def tiled_operands(x: jax.Array, w: QuantizedWeight, block_m: int, block_n: int):

@@ -1,11 +1,17 @@
-"""Quantized matmul in plain jnp, dequantizing per group with scales applied late.
+"""Quantized matmul in plain jnp: dequantize the weight once in the compute dtype, then one dot.
 
-Algorithm: gather ``x[..., perm]`` (act-order) so groups are contiguous, view x as
-[M, groups, G] and the integers as [groups, G, N]; per group compute ``x_g @ (q_g - z_g)`` in the
-activation dtype with float32 accumulation (``q - z`` is an exact small integer in bf16 and f32),
-multiply by the group's float32 scales and sum over groups. XLA fuses the unpack and the zero
-subtraction into the contraction's operand; no float copy of the weight is kept.
-Memory: the [M, groups, N] float32 partial products (small at decode-sized M).
+Algorithm: gather ``x[..., perm]`` (act-order) so that x's columns follow the weight's storage
+order, build ``scales * (q - zeros)`` as a [K, N] weight in the compute dtype c (x's dtype; float32
+on CPU, an exact upcast, as XLA:CPU lacks 16-bit dots into float32) and contract it with x in
+float32 accumulation. Float32 x is exact (HIGHEST: no TF32 or bf16 passes on GPU/TPU), matching
+``reference.py``; 16-bit x sees the weight rounded to c, as a float layer of that dtype holds it.
+
+Memory: the [K, N] weight in c (``K * N * size(c)`` bytes whatever M; XLA may fuse its
+elementwise dequantization into the dot) plus, on CPU, x's float32 copy. The per-group form this
+replaced (``x_g @ (q_g - z_g)`` per group, scales applied late) kept the same [K, N] operand on
+CPU and added [M, groups, N] float32 partial products: measured at 4096 x 4096, G = 128 (CPU,
+``memory_analysis``), 65 against 64 MiB at M = 1 but 2 GiB against 64 MiB at M = 2048; and at
+2048 x 2048 it ran 1.6-5x slower for M = 1..64.
 """
 
 from __future__ import annotations
@@ -20,18 +26,12 @@ from kernels_pallas.quant_matmul.weight import QuantizedWeight
 def quant_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x [M, K] (float32 / bfloat16 / float16) -> float32 [M, N]."""
     k, n = w.shape
-    g = w.group_size
     if w.perm is not None:
-        x = jnp.take(x, w.perm, axis=-1)
-    if x.dtype != jnp.float32 and jax.default_backend() == "cpu":
-        # XLA:CPU has no 16-bit x 16-bit -> f32 batched dot; the upcast is exact.
+        x = jnp.take(x, w.perm, axis=-1)  # [M, K] in storage order
+    if jax.default_backend() == "cpu":
         x = x.astype(jnp.float32)
-    q = w.unpack_storage().reshape(w.num_groups, g, n)  # [groups, G, N] int32
-    wq = (q - w.zeros[:, None, :]).astype(x.dtype)  # exact integers
-    xg = x.reshape(x.shape[0], w.num_groups, g)  # [M, groups, G]
-    # HIGHEST keeps f32 inputs exact on GPU/TPU; 16-bit inputs are exact in one pass anyway.
+    q = w.unpack_storage().reshape(w.num_groups, w.group_size, n)  # [groups, G, N] int32
+    scales = w.scales.astype(jnp.float32)[:, None, :]  # [groups, 1, N]
+    wd = ((q - w.zeros[:, None, :]) * scales).astype(x.dtype).reshape(k, n)  # [K, N] storage
     precision = jax.lax.Precision.HIGHEST if x.dtype == jnp.float32 else None
-    partial = jnp.einsum("mgk,gkn->mgn", xg, wq, preferred_element_type=jnp.float32,
-                         precision=precision)
-    return jnp.einsum("mgn,gn->mn", partial, w.scales.astype(jnp.float32),
-                      precision=jax.lax.Precision.HIGHEST)
+    return jnp.dot(x, wd, preferred_element_type=jnp.float32, precision=precision)

@@ -9,7 +9,7 @@ from kernels_pallas.quant_matmul import (MixedQuantizedWeight, QuantizedWeight, 
                                          quant_matmul, unpack_planar)
 from kernels_pallas.quant_matmul import weight as weight_module
 
-# f32: the backends sum the same products in different orders (per group, scales late).
+# f32: the backends sum the same products in different orders (pallas: per group, scales late).
 F32_RTOL, F32_ATOL = 1e-5, 1e-5
 # bf16: outputs are rounded to bfloat16 (8 mantissa bits); the backends differ before rounding.
 BF16_RTOL, BF16_ATOL = 2e-2, 2e-2
@@ -62,6 +62,48 @@ def test_backends_match_reference(backend, dtype, lead, k, n, bits, group_size, 
     np.testing.assert_allclose(np.asarray(got, np.float32), np.asarray(want, np.float32),
                                rtol=rtol, atol=atol)
 
+
+def test_xla_backend_temp_memory_stays_one_dequantized_weight_at_large_m():
+    # A per-group contraction kept [M, groups, N] float32 partial products: 256 MiB here, 2 GiB
+    # for a 4096 x 4096 layer at M = 2048. The bound: the [K, N] float32 weight (4 MiB) and
+    # room for one more such array (its int32 unpacking, should XLA not fuse the two).
+    k, n, g, m = 1024, 1024, 32, 2048
+    w = jax.eval_shape(lambda: QuantizedWeight(
+        qweight=jnp.zeros((k // 8, n), jnp.int32), scales=jnp.zeros((k // g, n), jnp.float16),
+        zeros=jnp.zeros((k // g, n), jnp.int32), perm=None, bits=4, group_size=g, shape=(k, n)))
+    x = jax.ShapeDtypeStruct((m, k), jnp.float32)
+    compiled = jax.jit(lambda x, w: quant_matmul(x, w, backend="xla")).lower(x, w).compile()
+    assert compiled.memory_analysis().temp_size_in_bytes <= 2 * k * n * 4
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
+def test_empty_batch_gives_empty_output_on_every_backend(backend):
+    w, _ = _random_weight(1024, 128, 4, 128)  # a shape the TPU kernel tiles
+    for lead in ((0,), (2, 0)):
+        y = quant_matmul(jnp.ones((*lead, 1024), jnp.bfloat16), w, backend=backend)
+        assert y.shape == (*lead, 128) and y.dtype == jnp.bfloat16
+
+
+@pytest.mark.parametrize("backend, mixed", [("reference", False), ("xla", False), ("pallas", False),
+                                            ("pallas_tpu", False), ("xla", True)])
+def test_grad_wrt_x_matches_autodiff_of_the_dequantized_matmul(backend, mixed):
+    # Oracle: plain jax autodiff of x @ W with W dequantized in float32 (no custom rule).
+    if mixed:
+        w, _ = _random_mixed_weight(1024, 128, 128, np.array([0, 1, 0, 0, 1, 0, 0, 0], bool))
+    else:
+        w, _ = _random_weight(1024, 128, 4, 128, desc_act=True, seed=8)
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(size=(2, 3, 1024)), jnp.float32)
+    c = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.float32)  # a generic output cotangent
+
+    def loss(x, matmul):
+        return jnp.sum(matmul(x) * c)
+
+    got = jax.grad(loss)(x, lambda x: quant_matmul(x, w, backend=backend))
+    dense = w.dequantize(jnp.float32)
+    want = jax.grad(loss)(x, lambda x: jnp.dot(x, dense, precision=jax.lax.Precision.HIGHEST))
+    assert got.shape == x.shape and got.dtype == x.dtype
+    # float32 sums of N = 128 products in another order
+    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=F32_RTOL, atol=F32_ATOL)
 
 def test_pallas_explicit_blocks_loop_over_row_blocks_and_match_reference():
     # block_k=16 < K / vpw = 32: two row blocks per program, each inside one 128-row group.
@@ -142,6 +184,8 @@ def test_quant_matmul_rejects_bad_arguments():
 
 @pytest.mark.parametrize("kwargs, message", [
     (dict(bits=5), "bits must be one of"),
+    (dict(bits=4.0), "bits must be one of"),  # a float equal to a width is no width
+    (dict(group_size=32.0), "group_size must be a positive int"),
     (dict(group_size=48), "group_size must divide K"),
     (dict(g_idx=np.zeros(128, np.int64)), "exactly group_size=32 rows"),
     (dict(scales=np.ones((3, 32))), "scales and zeros must be"),
@@ -152,6 +196,13 @@ def test_quantized_weight_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         QuantizedWeight.from_ints(**{**args, **kwargs})
 
+
+def test_quantized_weight_takes_numpy_integer_bits_and_group_size_as_plain_ints():
+    q = np.random.default_rng(10).integers(0, 16, (64, 8))
+    w = QuantizedWeight.from_ints(q, np.ones((2, 8)), np.zeros((2, 8), np.int32),
+                                  bits=np.int64(4), group_size=np.int64(32))
+    assert (w.bits, w.group_size) == (4, 32) and type(w.bits) is type(w.group_size) is int
+    np.testing.assert_array_equal(np.asarray(w.unpack()), q)
 
 @pytest.mark.parametrize("field, value, message", [
     # 17 would carry into the neighbouring slot; -1 would set every slot of its word to 15.
@@ -283,6 +334,74 @@ def test_pallas_kernel_lowers_to_triton_for_cuda():
         export.DisabledSafetyCheck.custom_call(triton)])(x, w)
     assert triton in exported.mlir_module()
 
+
+
+def _custom_call_bodies(lowered, target: str) -> list:
+    """The ``backend_config`` dicts of ``lowered``'s custom calls to ``target``."""
+    from jax._src.lib.mlir import ir
+    bodies = []
+
+    def walk(op):
+        for region in op.regions:
+            for block in region:
+                for inner in block:
+                    attrs = inner.attributes
+                    if (inner.name == "stablehlo.custom_call"
+                            and ir.StringAttr(attrs["call_target_name"]).value == target):
+                        bodies.append(attrs)
+                    walk(inner)
+
+    walk(lowered.compiler_ir().operation)
+    return bodies
+
+
+def test_pallas_gpu_dot_is_not_tf32_for_float32_x():
+    # Triton's default dot rounds float32 inputs to TF32 (10 mantissa bits): |error| ~ 1e-3
+    # relative, far outside F32_RTOL, so the GPU kernel would disagree with xla and reference.
+    # Lowering for cuda needs no GPU; the Triton module travels as MLIR bytecode, read back here
+    # in a context with the Triton dialect. IEEE, Triton's default attribute, is not printed.
+    # (16-bit x is exact in one pass; Triton ignores the attribute for it.)
+    from jax._src.lib.mlir import ir
+    from jax._src.pallas.triton.lowering import _new_ir_context
+
+    from kernels_pallas.quant_matmul import pallas_gpu
+    w, _ = _random_weight(256, 64, 4, 32)
+    x = jax.ShapeDtypeStruct((5, 256), jnp.float32)
+
+    def fn(x, w):
+        return pallas_gpu.quant_matmul(x, w, block_m=16, block_n=64, block_k=16, interpret=False)
+
+    with jax.default_matmul_precision("default"):  # as users run it (conftest sets "highest")
+        lowered = jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",))
+    [config] = _custom_call_bodies(lowered, "__gpu$xla.gpu.triton")
+    triton_ir = ir.StringAttr(ir.DictAttr(config["mhlo.backend_config"])["ir"]).value_bytes
+    dots = [line for line in str(ir.Module.parse(triton_ir, context=_new_ir_context())).splitlines()
+            if "tt.dot" in line]
+    assert len(dots) == 8  # one per 4-bit slot of the single row block
+    assert not [line for line in dots if "inputPrecision" in line]
+
+
+@pytest.mark.parametrize("dtype, fp32", [(jnp.float32, True), (jnp.bfloat16, False)])
+def test_pallas_tpu_dot_runs_full_float32_passes_for_float32_x(dtype, fp32):
+    # The Mosaic module travels base64-encoded in tpu_custom_call's config; its precision
+    # attribute is stored as text.
+    import base64
+    import json
+
+    from jax._src.lib.mlir import ir
+
+    from kernels_pallas.quant_matmul import pallas_tpu
+    w, _ = _random_weight(2048, 256, 4, 128)
+    x = jax.ShapeDtypeStruct((1, 2048), dtype)
+
+    def fn(x, w):
+        return pallas_tpu.quant_matmul(x, w, block_m=8, block_n=128, block_k=128, interpret=False)
+
+    with jax.default_matmul_precision("default"):  # as users run it (conftest sets "highest")
+        lowered = jax.jit(fn).trace(x, w).lower(lowering_platforms=("tpu",))
+    [config] = _custom_call_bodies(lowered, "tpu_custom_call")
+    body = json.loads(ir.StringAttr(config["backend_config"]).value)["custom_call_config"]["body"]
+    assert (b"#tpu.contract_precision<fp32>" in base64.b64decode(body)) == fp32
 
 TPU_CASES = [  # (M, K, N, bits, group_size, desc_act): K / vpw and the group share 128 rows
     (5, 1024, 200, 8, 128, True),  # 2 sequential K steps, odd M and N padded, act-order groups

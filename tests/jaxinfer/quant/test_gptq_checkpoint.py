@@ -8,6 +8,7 @@ v1 "gptq" stores zero - 1), scales float16 [K/G, N], g_idx int32 [K]; no ``<modu
 """
 
 import json
+import logging
 
 import jax.numpy as jnp
 import numpy as np
@@ -16,6 +17,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import jaxinfer
+from jaxinfer.checkpoint.gptq_config import GPTQConfig, GPTQLayerSpec
 from jaxinfer.models.layers import Linear, QuantizedLinear
 from tests.jaxinfer.quant.test_gptq_format import _stream_pack  # the independent packer
 
@@ -204,6 +206,79 @@ def test_mixed_per_layer_bits_round_trip_with_dynamic_overrides(model, rtn4, tmp
     assert _module(loaded, "0.mlp.down_proj").bits == 2
     assert _module(loaded, "0.mlp.up_proj").bits == 4
 
+
+def _partly_quantized_checkpoint(rtn4, path, kept):
+    """rtn4 saved with every linear module but those named in ``kept`` (names inside a block)
+    stored as a float ``weight`` (its dequantized value, float16 scales as saved) instead of GPTQ
+    tensors, as transformers saves a model quantized with ``modules_in_block_to_quantize``.
+    Returns the checkpoint as saved, loaded (every module quantized)."""
+    jaxinfer.save_pretrained(rtn4, path)
+    full = jaxinfer.load_pretrained(path)
+    tensors = load_file(path / "model.safetensors")
+    for i in range(CONFIG.num_hidden_layers):
+        for name in set(LINEARS) - set(kept):
+            module = f"model.layers.{i}.{name}"
+            for t in ("qweight", "qzeros", "scales", "g_idx"):
+                del tensors[f"{module}.{t}"]
+            w = np.asarray(_module(full, f"{i}.{name}").weight.dequantize())  # [in, out]
+            # HF's [out, in]; safetensors.numpy writes a transposed view's raw buffer, so copy
+            tensors[f"{module}.weight"] = np.ascontiguousarray(w.T)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+    return full
+
+
+@pytest.mark.parametrize("declared", [True, False])
+def test_partly_quantized_checkpoint_loads_float_modules_and_round_trips(rtn4, tmp_path, caplog,
+                                                                         declared):
+    kept = ("self_attn.q_proj", "mlp.down_proj")
+    full = _partly_quantized_checkpoint(rtn4, tmp_path, kept)
+    if declared:  # transformers' key; without it, float weights where qweight is absent load too
+        _edit_config(tmp_path, modules_in_block_to_quantize=[[kept[0]], [kept[1]]])
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint.hf"):
+        loaded = jaxinfer.load_pretrained(tmp_path)
+    assert ("stores as float weights" in caplog.text) is not declared
+    for i in range(CONFIG.num_hidden_layers):
+        for name in LINEARS:
+            want = QuantizedLinear if name in kept else Linear
+            assert type(_module(loaded, f"{i}.{name}")) is want, name
+    ids = _ids()
+    np.testing.assert_allclose(np.asarray(_logits(loaded, ids)), np.asarray(_logits(full, ids)),
+                               rtol=0, atol=LOGIT_ATOL)
+    # Saved again, each float module gets a "-:" rule, which every GPTQ reader honours.
+    jaxinfer.save_pretrained(loaded, tmp_path / "again")
+    qc = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
+    assert qc["dynamic"][r"-:model\.layers\.1\.mlp\.up_proj$"] == {}
+    again = jaxinfer.load_pretrained(tmp_path / "again")
+    assert type(_module(again, "1.mlp.up_proj")) is Linear
+    np.testing.assert_array_equal(np.asarray(_logits(again, ids)), np.asarray(_logits(loaded, ids)))
+
+
+def test_dynamic_overrides_ignore_quantize_time_keys_and_null_desc_act_is_false():
+    # GPTQModel records its quantize-time settings in per-module overrides; they do not change
+    # how tensors decode. transformers may write desc_act: null.
+    config = GPTQConfig.from_dict({"bits": 4, "group_size": 128, "desc_act": None, "dynamic": {
+        r"+:.*down_proj": {"bits": 8, "damp_percent": 0.05, "mse": 2.4, "static_groups": True,
+                           "v2": True, "v2_alpha": 0.25, "act_group_aware": True,
+                           "desc_act": None},
+        r"-:.*\.1\..*": {"damp_percent": 0.1}}})
+    assert config.desc_act is False
+    assert config.layer_spec("model.layers.0.mlp.down_proj") == GPTQLayerSpec(
+        bits=8, group_size=128, desc_act=False, sym=True)
+    assert config.layer_spec("model.layers.1.mlp.up_proj") is None
+    assert config.dynamic == {r"+:.*down_proj": {"bits": 8, "desc_act": False},
+                              r"-:.*\.1\..*": {}}
+
+
+@pytest.mark.parametrize("changes, match", [
+    (dict(dynamic={"+:.*": {"adapter": {"name": "lora", "rank": 8}}}),
+     r"per-module \['adapter'\] would change how the module decodes"),
+    (dict(dynamic={"+:.*": {"format": "gptq_v2"}}), r"per-module \['format'\]"),
+    (dict(modules_in_block_to_quantize="self_attn.q_proj"),
+     "modules_in_block_to_quantize must be a list of lists of module names"),
+])
+def test_gptq_config_refuses_what_would_change_decoding(changes, match):
+    with pytest.raises(ValueError, match=match):
+        GPTQConfig.from_dict({"bits": 4, "group_size": 128, **changes})
 
 def _edit_config(path, **changes):
     config = json.loads((path / "config.json").read_text())

@@ -147,6 +147,19 @@ def test_v1_writer_rejects_zero_point_zero():
                                np.asarray(qw.dequantize()), rtol=1e-3, atol=1e-6)
 
 
+def test_v2_writer_explains_a_v1_zero_of_two_to_the_bits():
+    # AutoGPTQ's v1 writer lets zero 0 spill -1 into every nibble: stored 15, decoded zero 16,
+    # which 4-bit v2 zeros cannot hold (the packer used to fail on its own range check).
+    qzeros = np.full((1, 1), -1, np.int32)  # [groups, N * 4 / 32]: N = 8
+    qw = from_gptq_tensors(np.zeros((4, 8), np.int32), qzeros, np.ones((1, 8), np.float16),
+                           bits=4, group_size=32, checkpoint_format="gptq")
+    np.testing.assert_array_equal(np.asarray(qw.zeros), 16)
+    with pytest.raises(ValueError, match=r"'gptq_v2' stores the zero point in 4 bits and cannot "
+                                         r"represent a zero point of 16 .* write "
+                                         r"checkpoint_format='gptq'"):
+        to_gptq_tensors(qw, "gptq_v2")
+    np.testing.assert_array_equal(to_gptq_tensors(qw, "gptq")["qzeros"], qzeros)
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(scales=np.zeros((3, 8), np.float16)), "scales must be"),
     (dict(qzeros=np.zeros((2, 2), np.int32)), "qzeros must be"),

@@ -9,7 +9,8 @@ import pytest
 from tests.experiment_runs import run_quick
 
 # float32 on CPU: every backend computes the same dequantized products, only summed in another
-# order (per group, scales applied late), so results agree to a few float32 ulps of the output.
+# order (the pallas kernel per group, scales applied late), so results agree to a few float32
+# ulps of the output.
 F32_MAX_REL_ERR = 1e-5
 
 

@@ -7,6 +7,7 @@ import pytest
 from flax import nnx
 
 import jaxinfer
+from jaxinfer.checkpoint import hf
 from jaxinfer.models.layers import Linear, QuantizedLinear
 from jaxinfer.quant import model as quant_model
 from jaxinfer.quant import MixedQuantizedLinear, MixedQuantizedWeight, QuantizedWeight
@@ -244,7 +245,7 @@ def test_rtn_8bit_logits_match_float(model):
 
 
 def test_mixed_rtn_model_layers_compute_their_dequantized_weights_and_refuse_gptq_save(
-        model, tmp_path):
+        model, tmp_path, monkeypatch):
     q = jaxinfer.quantize(model, method="rtn", bits=(2, 4), group_size=GROUP, high_fraction=0.5)
     for block in q.layers:
         for name in LINEAR_NAMES:
@@ -260,8 +261,11 @@ def test_mixed_rtn_model_layers_compute_their_dequantized_weights_and_refuse_gpt
     x = jax.random.normal(jax.random.key(0), (2, 3, 64), jnp.float32)
     want = x @ layer.weight.dequantize() + layer.bias[...]
     np.testing.assert_allclose(np.asarray(layer(x)), np.asarray(want), atol=MIXED_ATOL)
+    packed = []  # refused before any layer is packed
+    monkeypatch.setattr(hf, "to_gptq_tensors", lambda *args: packed.append(args))
     with pytest.raises(ValueError, match="hold mixed 2/4-bit weights .* one bit width per layer"):
         jaxinfer.save_pretrained(q, tmp_path)
+    assert packed == []
 
 
 @pytest.mark.parametrize("kwargs, match", [
@@ -281,10 +285,16 @@ def test_mixed_rtn_model_layers_compute_their_dequantized_weights_and_refuse_gpt
     (dict(method="gptq", group_size=GROUP), "calibration must be given"),
     (dict(method="gptq", group_size=GROUP,
           calibration=jnp.full((2, 8), CONFIG.vocab_size, jnp.int32)),
-     "calibration batch 0: input_ids must lie in"),
+     r"calibration batch 0 must lie in \[0, 128\)"),
     (dict(method="gptq", group_size=GROUP,
           calibration=[jnp.zeros((2, 8), jnp.int32), jnp.zeros((2, 99), jnp.int32)]),
-     "calibration batch 1: .*exceeds the model's context"),
+     "calibration batch 1 has sequences of 99 tokens, which exceeds the model's context of 64"),
+    (dict(method="gptq", group_size=GROUP, calibration={"ids": np.zeros((2, 8), np.int32)}),
+     r"calibration batch 0 is a mapping without 'input_ids'"),
+    (dict(method="gptq", group_size=GROUP,
+          calibration={"input_ids": np.zeros((2, 8), np.int32),
+                       "attention_mask": np.tri(2, 8, 5, np.int32)}),
+     "calibration batch 0's attention_mask marks padding"),
     (dict(method="gptq", group_size=GROUP, calibration=jnp.zeros((2, 8), jnp.float32)),
      "integer token ids"),
     (dict(method="gptq", group_size=GROUP, calibration=[]), "at least one batch"),
@@ -293,6 +303,17 @@ def test_bad_arguments_raise_clear_errors(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         jaxinfer.quantize(model, **kwargs)
 
+
+def test_calibration_takes_torch_tensors_and_unpadded_tokenizer_output():
+    # What a Hugging Face tokenizer gives (return_tensors="pt" or "np"): a BatchEncoding, a
+    # mapping, holding a torch LongTensor or an int64 numpy array of ids.
+    torch = pytest.importorskip("torch")
+    ids = np.random.default_rng(2).integers(0, 16, (4, 32))
+    for calibration in (torch.tensor(ids), {"input_ids": ids, "attention_mask": np.ones_like(ids)},
+                        [{"input_ids": torch.tensor(ids)}]):
+        [batch] = quant_model._calibration_batches(calibration, CONFIG)
+        assert batch.dtype == jnp.int32
+        np.testing.assert_array_equal(np.asarray(batch), ids)
 
 def test_default_group_size_not_dividing_in_features_names_the_layer(model):
     with pytest.raises(ValueError, match=r"layers\[0\]\.q_proj \[in=64, out=64\]: group_size"):
