@@ -1,4 +1,4 @@
-"""Speculative decoding with a draft model or with prompt lookup, over the dense KV cache.
+"""Speculative decoding with a draft model or with prompt lookup, over the dense decoding cache.
 
 Each round a drafter proposes `gamma` tokens; the target scores all of them in ONE forward pass of
 gamma + 1 tokens and the acceptance rule keeps a prefix of the drafts plus one token of its own, so
@@ -17,7 +17,9 @@ accepts while the draft equals the target's argmax, so it reproduces target gree
 Cache bookkeeping: each cache holds valid K/V for positions 0 .. L-2 of a sequence of length L and
 the last token is fed by the next pass. Rejected drafts leave stale K/V beyond L-1; the next pass
 writes gamma + 1 slots starting at L-1, which covers every stale slot before it can be read (the
-causal mask hides slots beyond a query's position), so rolling back is just keeping L.
+causal mask hides slots beyond a query's position), so rolling back is just keeping L. Hyena's
+cache (``hyena_cache.py``) records its short- and long-convolution inputs by position in the same
+way and reads only positions before the fed chunk, so the same bookkeeping rolls it back.
 
 The whole generation is one jitted `lax.while_loop` with fixed shapes (gamma is static). Batches
 are handled by `vmap` over sequences, each with its own length and acceptance count.

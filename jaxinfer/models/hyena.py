@@ -17,9 +17,10 @@ RMSNorm -> SwiGLU MLP.
 `forward(input_ids, cache, start)` has the Llama decoders' signature, so the training step and
 ``jaxinfer.generate`` drive either model. With a ``HyenaCache`` (``init_cache``, see
 ``hyena_cache.py``) the prefill (a static start of 0) runs the FFT path and records each layer's
-short-convolution window and gated long-convolution inputs; every later call computes its tokens'
-long convolutions as direct sums over those records, O(context) per token instead of an FFT over
-the whole sequence.
+short-convolution inputs and gated long-convolution inputs by position; every later call computes
+its tokens' long convolutions as direct sums over those records, O(context) per token instead of
+an FFT over the whole sequence. The records are position-indexed, so a call may restart at any
+earlier position (a rollback), as with a KV cache.
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ from flax import nnx
 
 from jaxinfer.config import HyenaConfig
 from jaxinfer.models.hyena_cache import (HyenaCache, HyenaLayerCache, cached_long_conv,
-                                         write_positions)
+                                         short_window, write_positions, write_short)
 from jaxinfer.models.hyena_filter import ImplicitFilter
 from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.layers import (Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
@@ -44,9 +45,10 @@ from sharding import constrain, local_map
 # Logical names of activation dimensions (sharding/rules.py maps them to mesh axes).
 RESIDUAL = ("batch", "res_seq", "act_embed")
 LOGITS = ("batch", "seq", "act_vocab")
-# Decoding cache: the short window [batch, taps, channels], gated inputs [batch, D, max_len] and
-# filters [N-1, D, max_len]; channels split like the in_proj outputs they come from.
-SHORT_CACHE_AXES = ("batch", None, "act_heads")
+# Decoding cache: the short-conv inputs [batch, taps - 1 + max_len, channels], gated inputs
+# [batch, D, max_len] and filters [N-1, D, max_len]; channels split like the in_proj outputs
+# they come from.
+SHORT_CACHE_AXES = ("batch", "cache_seq", "act_heads")
 LONG_CACHE_AXES = ("batch", "act_heads", "cache_seq")
 FILTER_CACHE_AXES = (None, "act_heads", None)
 # A long convolution's input and gates [batch, D, T]: rows and channels split like the in_proj
@@ -75,18 +77,16 @@ class ShortConv(nnx.Module):
         self.bias = param(b.astype(param_dtype), ("heads",))
         self.size, self.dtype = size, dtype
 
-    def __call__(self, x: jax.Array, history: jax.Array | None = None
-                 ) -> tuple[jax.Array, jax.Array]:
+    def __call__(self, x: jax.Array, history: jax.Array | None = None) -> jax.Array:
         """x [batch, seq, channels] following `history` [batch, size - 1, channels], the inputs
-        just before it (None: the sequence starts here, zeros) -> (y [batch, seq, channels], the
-        last size - 1 inputs: the history for the next call)."""
+        just before it (None: the sequence starts here, zeros) -> y [batch, seq, channels]."""
         batch, seq, channels = x.shape
         if history is None:
             history = jnp.zeros((batch, self.size - 1, channels), self.dtype)
         xp = jnp.concatenate([history.astype(self.dtype), x.astype(self.dtype)], axis=1)
         w = self.kernel[...].astype(self.dtype)  # [size, channels]
         y = sum(w[j] * xp[:, j:j + seq] for j in range(self.size))
-        return y + self.bias[...].astype(self.dtype), xp[:, seq:]
+        return y + self.bias[...].astype(self.dtype)
 
 
 class HyenaOperator(nnx.Module):
@@ -118,7 +118,7 @@ class HyenaOperator(nnx.Module):
     def init_cache(self, batch: int, max_len: int) -> HyenaLayerCache:
         """An empty decoding cache for `batch` sequences of up to `max_len` positions."""
         n, d = self.order, self.hidden_size
-        short = jnp.zeros((batch, self.short_conv.size - 1, (n + 1) * d), self.dtype)
+        short = jnp.zeros((batch, self.short_conv.size - 1 + max_len, (n + 1) * d), self.dtype)
         long = tuple(constrain(jnp.zeros((batch, d, max_len), self.dtype), LONG_CACHE_AXES)
                      for _ in range(n - 1))
         return HyenaLayerCache(short=constrain(short, SHORT_CACHE_AXES), long=long,
@@ -132,9 +132,14 @@ class HyenaOperator(nnx.Module):
         one FFT over the T tokens; otherwise it is a direct sum over the cached inputs."""
         batch, seq, d = x.shape
         n = self.order
-        short = None if cache is None else cache.short
         (u,) = column_parallel((self.in_proj,), x)  # [batch, T, (N+1) D]; tp_sp: x gathered
-        u, short = self.short_conv(u, short)  # [batch, T, (N+1) D]
+        if cache is None:
+            u = self.short_conv(u)  # [batch, T, (N+1) D]
+        else:
+            size = self.short_conv.size
+            window = short_window(cache.short, start, size)  # [batch, size - 1, (N+1) D]
+            short = write_short(cache.short, u, start, size)
+            u = self.short_conv(u, window)
         u = u.transpose(0, 2, 1).reshape(batch, n + 1, d, seq)  # [batch, N+1, D, T]
         gates, v = [u[:, i] for i in range(n)], u[:, n]  # each [batch, D, T]
         k = self.long_filters(seq) if cache is None else cache.filter  # [N-1, D, T or max_len]

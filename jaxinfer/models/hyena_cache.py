@@ -4,8 +4,11 @@ A Hyena layer mixes tokens in two places (``hyena.py``): the short depthwise con
 taps) and the N - 1 gated long convolutions, whose filters are as long as the context. To decode
 the token at position p, a layer keeps
 
-* ``short``: the last ``short_filter_size - 1`` inputs of the short convolution (in_proj
-  outputs), oldest first: a sliding window, so the short convolution of one token is a few taps;
+* ``short``: the short convolution's inputs (in_proj outputs) by position, in a buffer of
+  ``short_filter_size - 1 + max_len`` slots: slot ``size - 1 + p`` holds position p, and the first
+  ``size - 1`` slots stand for positions -size+1 .. -1 and stay zero (the causal zero padding).
+  The short convolution at start reads the window of positions start-size+1 .. start-1 with one
+  ``dynamic_slice`` (``short_window``);
 * ``long``: per long convolution, its gated input w = x_i * v at every position so far, stored at
   its absolute position in a buffer preallocated to ``max_len`` (like the Llama ``KVCache``);
 * ``filter``: the implicit filter's taps for all ``max_len`` positions, materialized once by
@@ -16,9 +19,11 @@ dot product of length ``max_len`` per channel (``cached_long_conv``), O(max_len 
 rather than an FFT over the whole sequence. Every shape is fixed by (batch, max_len), so a decode
 loop compiles once. Slots after p (not yet written, or stale) meet zero taps and never leak in.
 
-The short window is recurrent state: a forward pass must continue at the position the cache has
-reached (start = the number of tokens it holds). Unlike a KV cache it cannot be rewound, e.g. by
-speculative decoding's rollback.
+Both records are indexed by absolute position, never running state: a forward pass at start
+reads positions < start only and writes start..start+T-1, so going back to an earlier start (a
+fresh prefill at 0, or speculative decoding's rollback) is exact, like keeping a KV cache's
+length. Memory per layer and sequence: ``short`` (N+1)·D·(max_len + size - 1) values and
+``long`` (N-1)·D·max_len, in the compute dtype (order 2: the short record is 3x the long one).
 """
 
 from __future__ import annotations
@@ -30,7 +35,7 @@ from flax import struct
 
 @struct.dataclass
 class HyenaLayerCache:
-    short: jax.Array  # [batch, short_filter_size - 1, (N+1) D]: last in_proj outputs, oldest first
+    short: jax.Array  # [batch, size - 1 + max_len, (N+1) D]: in_proj outputs, slot size-1+p
     long: tuple[jax.Array, ...]  # N-1 x [batch, D, max_len]: gated long-conv inputs by position
     filter: jax.Array  # [N-1, D, max_len] float32: the long filters' taps
 
@@ -47,6 +52,19 @@ class HyenaCache:
 def write_positions(history: jax.Array, w: jax.Array, start: jax.Array | int) -> jax.Array:
     """history [batch, D, max_len] with w [batch, D, T] stored at positions start..start+T-1."""
     return jax.lax.dynamic_update_slice(history, w.astype(history.dtype), (0, 0, start))
+
+
+def short_window(history: jax.Array, start: jax.Array | int, size: int) -> jax.Array:
+    """The inputs at positions start-size+1 .. start-1 (zero before 0), oldest first:
+    history [batch, size - 1 + max_len, C] -> [batch, size - 1, C]."""
+    return jax.lax.dynamic_slice_in_dim(history, start, size - 1, axis=1)
+
+
+def write_short(history: jax.Array, u: jax.Array, start: jax.Array | int, size: int) -> jax.Array:
+    """history [batch, size - 1 + max_len, C] with u [batch, T, C] stored at positions
+    start..start+T-1 (slots size-1+start ..)."""
+    return jax.lax.dynamic_update_slice_in_dim(history, u.astype(history.dtype), start + size - 1,
+                                               axis=1)
 
 
 def causal_taps(k: jax.Array, positions: jax.Array) -> jax.Array:

@@ -14,7 +14,10 @@ One function, several implementations (DESIGN.md):
   chosen by size (``monarch.choose_plan``): order 2 (with the real-to-complex trick from
   N = 257) up to N = 4096, order 3 with it up to N = 16384, an outer XLA step around order-3
   kernels beyond; ``monarch_plan`` forces one. No TPU (Mosaic) kernel yet.
-* ``auto``: pallas on GPU, xla on CPU and TPU.
+* ``auto``: xla on every platform. The shared resolver (``kernels_pallas.backend``) would pick
+  pallas on a GPU, but on the H200 the Pallas kernel ran 37x slower than ``jnp.fft`` at N = 1K
+  and its compile time grows steeply with N (BENCHMARKS.md, "FFT convolution on a GPU"); like
+  attention's ``pallas_mgpu``, auto picks it once a GPU run shows it faster (``_resolve``).
 
 All backends convolve circularly at the same size M (``monarch.fft_size``), which is what makes
 ``freq_sparsity`` mean the same thing everywhere (``filters.py``). A short filter (``partial``, or
@@ -127,6 +130,12 @@ def _check_inputs(u, k, bidirectional, pre_gate, post_gate, bias, partial, freq_
                              f"got block_fft_size={s} and freq_sparsity={freq_sparsity!r}")
 
 
+def _resolve(backend: str) -> tuple[str, bool]:
+    """(implementation, interpret) for ``backend``: "auto" is xla here, before the shared
+    resolver would map it to pallas on a GPU (module docstring: the measured H200 kernel)."""
+    return resolve_backend("xla" if backend == "auto" else backend)
+
+
 def _check_plan(monarch_plan: MonarchPlan, m: int, full: bool, n: int, triton: bool) -> None:
     """The forced plan (or, on a GPU, the plan by size of a forced block size) must fit the FFT
     size m the kernel runs at (``full``: an overlap-save block) and, with ``triton`` (compiled
@@ -159,11 +168,15 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
       pre_gate, post_gate: [batch, channels, N] or None: v = pre_gate * u and
         y = post_gate * (conv(v, k) + bias * v).
       bias: [channels] or None: the skip term bias[c] * v[b,c,t] (Hyena's "D").
-      partial: keep only the first ``partial`` taps of k (the rest are treated as zero).
-      freq_sparsity: r in [0, 1): the filter's spectrum at the FFT size M keeps only the lowest
-        (1 - r) of the frequencies 0..M/2 (``filters.effective_filter``); 0 is the exact
+      partial: p keeps only p taps of k (the rest are treated as zero). Causal: the first p,
+        k[:, :p]. Bidirectional: the p nearest the centre o, k[:, o - (p-1)//2 : o + p//2 + 1],
+        itself a centred filter of length p whose centre (p - 1) // 2 is tap o (an even p keeps
+        one more tap looking back than ahead, as an even L does).
+      freq_sparsity: r in [0, 1): the filter's spectrum at the FFT size M keeps only the
+        frequencies |f| < (1 - r)·M/2 (``filters.effective_filter``); 0 is the exact
         convolution. (The bias is not filtered.)
-      backend: "reference" | "xla" | "pallas" | "auto" (pallas on GPU, xla on CPU/TPU).
+      backend: "reference" | "xla" | "pallas" | "auto" (xla everywhere until the Pallas
+        kernel measures faster on a GPU; module docstring).
       block_c: pallas only: channels per program; None takes ``DEFAULT_KERNEL_OPTIONS``.
       dot_precision: pallas only: the kernel matmuls' products, "float32", "bf16x3" (three
         bfloat16 products, ~5e-6 relative error) or "bf16" (one, ~3e-3); float32 accumulation
@@ -187,13 +200,18 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
 
     Returns:
       y [batch, channels, N] in u's dtype (computed in float32). Differentiable in u, k, the
-      gates and the bias on every backend (pallas: custom VJP).
+      gates and the bias on every backend (pallas: custom VJP). A NaN or Inf input spreads to
+      every output of its FFT (block) on xla and pallas, earlier times included; the reference
+      keeps it to the outputs whose sums include it.
     """
     _check_inputs(u, k, bidirectional, pre_gate, post_gate, bias, partial, freq_sparsity, backend,
                   block_c, dot_precision, monarch_plan, block_fft_size)
     n, l = u.shape[-1], k.shape[1]
-    offset = (l - 1) // 2 if bidirectional else 0
     taps = l if partial is None else int(partial)  # the effective filter length L'
+    # the kept taps: the first L' (causal) or the L' around the centre (l - 1) // 2 (centred)
+    first = (l - 1) // 2 - (taps - 1) // 2 if bidirectional else 0
+    k = k[:, first:first + taps]  # [channels, L']
+    offset = (taps - 1) // 2 if bidirectional else 0
     # checked on every backend, before any runs (the reference ignores both options)
     forced = None
     if block_fft_size:
@@ -205,12 +223,7 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
     if monarch_plan is not None:  # the size the pallas kernel runs at with these options
         _check_plan(monarch_plan, m=monarch.fft_size(n) if forced is None else forced.fft_size,
                     full=forced is not None, n=n, triton=False)
-    if taps < l:
-        if bidirectional:  # keep the centre where it was: zero the dropped taps
-            k = k * (jnp.arange(l) < taps).astype(k.dtype)
-        else:
-            k = k[:, :taps]
-    impl, interpret = resolve_backend(backend)
+    impl, interpret = _resolve(backend)
     freq_sparsity = float(freq_sparsity)
     if impl == "reference":
         y = reference.fftconv(u, k, offset=offset, pre_gate=pre_gate, post_gate=post_gate,
@@ -243,7 +256,7 @@ def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=No
             # slicing's transpose) then sums in float32, and each gradient is rounded once
             return None if a is None else blocked.to_segments(a.astype(jnp.float32), blocking)
 
-        z = conv(seg(u), k[:, :taps], seg(pre_gate), seg(post_gate), bias,
+        z = conv(seg(u), k, seg(pre_gate), seg(post_gate), bias,
                  fft_size=blocking.fft_size)
         y = blocked.from_segments(z, blocking, u.shape[0], n)
     return y.astype(u.dtype)

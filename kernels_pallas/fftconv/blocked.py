@@ -75,8 +75,8 @@ class Blocking:
 
 def back_and_ahead(taps: int, offset: int) -> tuple[int, int]:
     """How far the filter reaches into the past and the future: taps s < ``taps`` with the tap
-    ``offset`` at the present (y[t] = sum_s k[s] v[t + offset - s]) -> (back, ahead)."""
-    return max(0, taps - 1 - offset), offset
+    ``offset`` < ``taps`` at the present (y[t] = sum_s k[s] v[t + offset - s]) -> (back, ahead)."""
+    return taps - 1 - offset, offset
 
 
 def make_blocking(n: int, taps: int, offset: int, fft_size: int) -> Blocking:

@@ -5,8 +5,10 @@ v = pre_gate * u zero-padded to M and h [channels, M] built from the taps k [cha
 
 1. ``partial``: taps s >= partial are zeroed (a shorter filter).
 2. ``freq_sparsity`` = r > 0: the filter's spectrum at size M keeps only the frequencies
-   |f| <= floor((1 - r) * M / 2) (the rest, the highest-frequency bins, are zeroed): a low-pass
-   projection of the filter, so the effective filter becomes circular and dense. r = 0 keeps all.
+   |f| < (1 - r) * M / 2, i.e. |f| <= ``keep_frequencies(M, r)`` (the rest, the highest-frequency
+   bins, are zeroed): a low-pass projection of the filter, so the effective filter becomes
+   circular and dense. r = 0 keeps all; a tiny r drops the Nyquist bin M/2 alone, and each larger
+   r one more bin as (1 - r) M/2 passes an integer.
 3. ``offset`` (bidirectional, centred): h[s] = k[(s + offset) mod M], so tap ``offset`` of k
    multiplies v[t] itself (taps before it look back, taps after it look ahead).
 4. ``bias`` [channels] is added to h[0] (the skip term bias * v), after the frequency mask.
@@ -14,17 +16,20 @@ v = pre_gate * u zero-padded to M and h [channels, M] built from the taps k [cha
 
 from __future__ import annotations
 
+import math
+
 import jax.numpy as jnp
 
 
 def keep_frequencies(m: int, freq_sparsity: float) -> int:
     """Largest kept |frequency| (in bins of size M): M/2 (all) at freq_sparsity 0, otherwise the
-    lowest (1 - s) M/2 frequencies 0 .. (1 - s) M/2 - 1 are kept. Exclusive of (1 - s) M/2, so
-    s = 1/2 keeps exactly half the Monarch kernel's DFT columns (not half plus one, which the
-    kernel would pad back to all of them)."""
+    largest f < (1 - s) M/2 (bins 0 .. ceil((1 - s) M/2) - 1 are kept). Exclusive of (1 - s) M/2,
+    so s = 1/2 keeps exactly half the Monarch kernel's DFT columns (not half plus one, which the
+    kernel would pad back to all of them). M is a power of two, so (1 - s) M/2 is an exact
+    scaling of 1 - s and ceil sees no rounding."""
     if freq_sparsity == 0:
         return m // 2
-    return max(0, int((1.0 - freq_sparsity) * (m // 2)) - 1)
+    return max(0, math.ceil((1.0 - freq_sparsity) * (m // 2)) - 1)
 
 
 def effective_filter(k, bias, *, m: int, offset: int, freq_sparsity: float):

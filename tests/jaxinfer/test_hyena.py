@@ -231,6 +231,26 @@ def test_cached_decode_logits_match_full_forward(decoder):
                                rtol=0, atol=DECODE_ATOL)
 
 
+def test_cached_forward_restarted_at_an_earlier_position_equals_a_clean_cache(decoder):
+    """The cache holds records by position, not running state: after a chunk of wrong tokens at
+    6..10, a forward restarted at 6 (a speculative rollback) or at 0 (a re-prefill into a used
+    cache) gives the logits a clean cache gives, i.e. the full forward's."""
+    graphdef, state = nnx.split(decoder)
+
+    @jax.jit
+    def restarted(state: nnx.State, ids: jax.Array, wrong: jax.Array):  # ids [batch, 10]
+        model = nnx.merge(graphdef, state)
+        _, cache = model.forward(ids[:, :6], model.init_cache(ids.shape[0], 14), 0)
+        _, used = model.forward(wrong, cache, jnp.int32(6))  # wrong [batch, 5] at 6..10
+        rewound, _ = model.forward(ids[:, 6:], used, jnp.int32(6))  # [batch, 4, vocab]
+        again, _ = model.forward(ids[:, :6], used, 0)  # [batch, 6, vocab]
+        return jnp.concatenate([again, rewound], axis=1)  # [batch, 10, vocab]
+
+    ids, wrong = _ids(batch=2, seq=10, seed=2), _ids(batch=2, seq=5, seed=3)
+    np.testing.assert_allclose(np.asarray(restarted(state, jnp.asarray(ids), jnp.asarray(wrong))),
+                               logits_of(decoder, ids), rtol=0, atol=DECODE_ATOL)
+
+
 def test_greedy_generate_equals_token_by_token_recomputation(decoder):
     """Each token generate picks from its cache is the argmax of the full forward over the
     sequence so far (one full forward of the result scores every step: the model is causal)."""

@@ -1,9 +1,11 @@
-"""The Hyena experiments run in --quick mode and write their JSON records, so neither rots."""
+"""The Hyena experiments run in --quick mode and write their JSON records, so neither rots;
+bench_fftconv records an error without a message and covers N = 256 .. 1M on a GPU."""
 
 from pathlib import Path
 
 import pytest
 
+from experiments import bench_fftconv
 from tests.experiment_runs import run_quick
 
 
@@ -40,3 +42,15 @@ def test_experiment_quick_mode_writes_results(name, tmp_path):
         errors = {r["value"]: r["rel_err_random"] for r in sweeps if r["sweep"] == "freq_sparsity"}
         assert errors[0.0] == 0.0 < errors[max(errors)]  # s = 0 is the exact convolution
         assert all(Path(png).exists() for png in record["sweep_pngs"])
+
+
+def test_bench_fftconv_records_an_error_without_a_message():
+    row = {"phase": "compile"}
+    bench_fftconv.record_error(row, MemoryError())
+    assert row == {"error": "MemoryError: "}
+
+
+def test_bench_fftconv_gpu_lengths_span_256_to_1m_with_1k_to_32k_first():
+    lengths = bench_fftconv.GPU_SEQ_LENS
+    assert sorted(lengths) == [2**p for p in range(8, 21)]
+    assert lengths[:6] == tuple(2**p for p in range(10, 16))

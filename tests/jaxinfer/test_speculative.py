@@ -115,6 +115,30 @@ def test_greedy_on_mixtral_batch_equals_target_greedy():
     assert 0 < out.acceptance_rate < 1
 
 
+@pytest.mark.parametrize("drafter", ["draft", "lookup"])
+def test_greedy_on_hyena_equals_target_greedy(drafter):
+    """Hyena's decoding cache (short-convolution inputs and gated long-convolution inputs by
+    position) rolls back as a KV cache does: a rejected draft's records are overwritten before
+    they are read, so verification passes after a rejection see the accepted tokens only."""
+    config = jaxinfer.HyenaConfig(
+        vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+        max_position_embeddings=64, filter_hidden_size=16, filter_emb_dim=5,
+        fftconv_backend="xla")
+    target = jaxinfer.HyenaForCausalLM(config, rngs=nnx.Rngs(0))
+    randomize(target, seed=7)
+    rng = np.random.default_rng(8)
+    if drafter == "draft":
+        prompt = rng.integers(0, config.vocab_size, (1, PROMPT_LEN))
+        kwargs = dict(draft=perturb(target, seed=9, scale=0.1))
+    else:
+        phrase = rng.integers(0, config.vocab_size, (1, 3))
+        prompt = np.concatenate([phrase, phrase, phrase[:, :1]], axis=1)  # [1, PROMPT_LEN]
+        kwargs = dict(lookup_ngram=1)
+    out = speculative_generate(target, prompt, NEW_TOKENS, gamma=GAMMA, **kwargs)
+    assert_greedy_equal(target, prompt, out)
+    assert 0 < out.acceptance_rate < 1  # rollbacks happened after accepted drafts
+
+
 # ----------------------------------------------------------------- end to end, sampling
 
 

@@ -81,8 +81,8 @@ def test_blocked_matches_direct_convolution_with_gates_and_bias(backend, n, l, p
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_blocked_grads_match_reference(backend, bidirectional):
-    # causal: 7 blocks of B = 64 - 20 (308 > N: a ragged end); centred (offset 29 > 20 taps):
-    # 9 blocks of B = 64 - 29, every tap looking ahead
+    # causal: 7 blocks of B = 64 - 20 (308 > N: a ragged end); centred: taps 19..39 around the
+    # centre 29, 7 blocks of B = 64 - 10 - 10
     n, l, p, size = 301, 60, 21, 64
     u, k, pre, post, bias = _inputs(n, l, seed=3)
     w = jnp.asarray(np.random.default_rng(4).normal(size=u.shape), jnp.float32)
@@ -100,7 +100,9 @@ def test_blocked_grads_match_reference(backend, bidirectional):
     for name, g, r in zip(("u", "k", "pre_gate", "post_gate", "bias"), got, want):
         assert g.shape == r.shape, name
         assert _rel(g, r) < GRAD_RTOL, name
-    assert np.all(np.asarray(got[1])[:, p:] == 0)  # the dropped taps get no gradient
+    lo = 19 if bidirectional else 0  # the first kept tap
+    dropped = (np.arange(l) < lo) | (np.arange(l) >= lo + p)
+    assert np.all(np.asarray(got[1])[:, dropped] == 0)  # the dropped taps get no gradient
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
@@ -116,19 +118,22 @@ def test_blocked_partial_equals_short_filter(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-def test_blocked_path_runs_at_the_small_fft_size(backend):
+@pytest.mark.parametrize("bidirectional", [False, True])
+def test_blocked_path_runs_at_the_small_fft_size(backend, bidirectional):
     """The traced program transforms at the block size S only (forward and backward), while the
     unblocked one (block_fft_size=0) runs at M: read from the jnp.fft calls' lengths and the
-    Pallas kernel's per-program samples."""
+    Pallas kernel's per-program samples. Centred, the partial taps around the centre reach as
+    far as the causal ones (25 back, 24 ahead) and block alike."""
     n, l, p = 4000, 4000, 50
     u, k, *_ = _inputs(n, l, seed=7)
-    auto = blocked.choose_blocking(n, p, 0, 0.0, backend)
+    auto = blocked.choose_blocking(n, p, (p - 1) // 2 if bidirectional else 0, 0.0, backend)
     m = monarch.fft_size(n)  # 8192
     # xla: 4·50 -> 256, the smallest size; pallas: 9 r2c blocks of 512 cost less than 20 of 256
     assert auto is not None and auto.fft_size == {"xla": 256, "pallas": 512}[backend]
 
     def loss(size):
         return lambda u, k: jnp.sum(fftconv(u, k, partial=p, backend=backend,
+                                            bidirectional=bidirectional,
                                             block_fft_size=size) ** 2)
 
     for size, want in ((None, auto.fft_size), (0, m)):
