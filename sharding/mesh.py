@@ -30,6 +30,7 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, 
     for name, size in sizes.items():
         if isinstance(size, bool) or not isinstance(size, (int, np.integer)) or size < 1:
             raise ValueError(f"mesh axis size {name} must be an integer >= 1; got {size!r}")
+    given = devices is not None
     devices = list(jax.devices() if devices is None else devices)
     if len(set(devices)) != len(devices):
         raise ValueError(f"devices must not repeat a device; got {len(devices)} entries for "
@@ -38,9 +39,11 @@ def make_mesh(data: int = 1, fsdp: int = 1, tensor: int = 1, sequence: int = 1, 
     needed = math.prod(shape)
     if needed != len(devices):
         product = " * ".join(f"{a}={sizes[a]}" for a in MESH_AXES)
-        fix = (f"change the sizes or pass devices=jax.devices()[:{needed}]"
+        source = "devices" if given else "jax.devices()"
+        fix = (f"change the sizes or pass devices={source}[:{needed}]"
                if needed < len(devices) else
-               "the mesh needs more devices than exist; change the sizes")
+               f"the mesh needs more than the {len(devices)} devices "
+               f"{'given' if given else 'that exist'}; change the sizes")
         raise ValueError(
             f"mesh axis sizes must multiply to the number of devices used: {product} = "
             f"{needed}, but there are {len(devices)} devices; {fix}")

@@ -56,8 +56,8 @@ def kv_head_repeats(heads: int, kv_heads: int, num_shards: int, *, windowed: boo
     the attention has a sliding window, which the ring cannot take, so the advice is a smaller
     sequence axis rather than the ring."""
     advice = ("Sliding-window attention runs sequence-parallel only through Ulysses (a ring block "
-              "cannot carry a window), so the sequence axis must split the heads as above: use "
-              "a smaller sequence axis"
+              "cannot carry a window), so the heads must meet the condition above: use a "
+              "sequence axis that meets it"
               if windowed else
               "Use ring attention (impl='ring'), whose degree is not bounded by the head count, "
               "or a smaller axis")

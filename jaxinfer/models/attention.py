@@ -18,6 +18,9 @@ pages: as ragged query runs or as one decode per token (`PagedBatch.ragged`).
 
 from __future__ import annotations
 
+import functools
+import logging
+
 import jax
 import jax.numpy as jnp
 
@@ -28,6 +31,8 @@ from kernels_pallas import (flash_attention, merge_attention, paged_decode_atten
 from kernels_pallas.attention.ragged_blocks import token_owners
 from kernels_pallas.attention.tiling import dequantize
 from kernels_pallas.backend import resolve_backend
+
+log = logging.getLogger(__name__)
 
 # A large finite negative: fully masked rows stay finite instead of producing NaN.
 MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
@@ -58,12 +63,21 @@ def ring_shards(sliding_window: int | None, sequence_parallel: str) -> int:
     """How many devices causal self-attention runs a ring over under the active sharding rules:
     P > 1 where "seq" is split over one mesh axis of P devices, the impl is the ring and there is
     no sliding window (which takes Ulysses); 1 otherwise. Training permutes its sequences into
-    the zig-zag layout exactly when this is > 1 (`DecoderLM.zigzag_shards`)."""
+    the zig-zag layout only when this is > 1 (and more: `DecoderLM.zigzag_shards` has the exact
+    condition)."""
     active = sharding.active_rules()
     if active is None or sliding_window is not None or sequence_parallel != "ring":
         return 1
     (seq_axes,) = sharding.logical_to_mesh_axes(("seq",), active.table)
     return sharding.axis_size(active.mesh, seq_axes) if len(seq_axes) == 1 else 1
+
+
+@functools.cache
+def _warn_whole_sequence(seq_len: int, shards: int) -> None:
+    """Once per (T, P): attention over a sequence the sequence axis does not divide runs whole."""
+    log.warning("sequence length %d is not divisible by the %d devices of the sequence axis: "
+                   "attention runs on the whole sequence on every one of them; pad the length "
+                   "to a multiple of %d to split it", seq_len, shards, shards)
 
 
 def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window: int | None,
@@ -76,12 +90,13 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window
 
     Where the active sharding rules split "seq" over a mesh axis of P > 1 devices, it runs as
     ring or Ulysses attention (`sequence_parallel`) over that axis; a sliding window always
-    takes Ulysses, since the ring's blocks cannot carry one. What the mesh does not divide is
-    left whole rather than refused, as `sharding.constrain` leaves such a dimension whole: a
-    batch that the rules' batch axes do not divide (a single sequence on a data x sequence mesh)
+    takes Ulysses, since the ring's blocks cannot carry one. A batch or sequence length the
+    mesh does not divide is left whole rather than refused, as `sharding.constrain` leaves such
+    a dimension whole (heads Ulysses cannot split are still refused): a batch that the rules' batch axes do not divide (a single sequence on a data x sequence mesh)
     is replicated over them inside the shard_map, and a sequence length P does not divide runs
-    as `flash_attention` on the whole sequence (zig-zag never arises there: training takes it
-    only when 2P divides T, `DecoderLM.zigzag_shards`).
+    as `flash_attention` on the whole sequence, replicated over the sequence devices, with a
+    warning, since at long context that costs P times the memory (zig-zag never arises there:
+    training takes it only when 2P divides T, `DecoderLM.zigzag_shards`).
 
     layout: the order of the T tokens. "contiguous" (natural order) everywhere except in
     training under a causal ring: there `jaxinfer.train.step.training_loss` permutes tokens,
@@ -102,6 +117,8 @@ def causal_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, sliding_window
                 q, k, v, mesh=active.mesh, impl=impl, causal=True, axis=seq_axes[0],
                 layout=layout, segment_ids=segment_ids, local_window=window, backend=backend,
                 batch_axes=batch_axes or None)
+        if shards > 1:
+            _warn_whole_sequence(q.shape[1], shards)
     if layout != "contiguous":
         raise ValueError(f"layout={layout!r} needs the active sharding rules to split the "
                          f"sequence over P > 1 devices, P dividing its length {q.shape[1]}; "

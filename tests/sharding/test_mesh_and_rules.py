@@ -33,9 +33,13 @@ def test_make_mesh_rejects_sizes_that_do_not_multiply_to_the_devices(sizes):
 
 def test_make_mesh_larger_than_the_devices_says_it_needs_more_devices():
     with pytest.raises(ValueError, match=r"data=16 .* = 16, but there are 8 devices; the mesh "
-                                         r"needs more devices than exist") as info:
+                                         r"needs more than the 8 devices that exist") as info:
         sharding.make_mesh(data=16)
     assert "jax.devices()[:" not in str(info.value)  # slicing 8 devices cannot give 16
+    with pytest.raises(ValueError, match=r"needs more than the 2 devices given"):
+        sharding.make_mesh(data=4, devices=jax.devices()[:2])
+    with pytest.raises(ValueError, match=r"pass devices=devices\[:2\]"):  # the caller's list
+        sharding.make_mesh(data=2, devices=jax.devices()[:4])
 
 
 def test_make_mesh_rejects_a_repeated_device():

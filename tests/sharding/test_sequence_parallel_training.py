@@ -15,6 +15,7 @@ from flax import nnx
 
 import jaxinfer
 import sharding
+from jaxinfer.models import attention
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
 from jaxinfer.train.step import training_loss
@@ -98,9 +99,12 @@ def test_batch_the_data_axes_do_not_divide_matches_single_device(model, preset):
 
 
 @pytest.mark.parametrize("preset", ["sp_ring", "sp_ulysses"])
-def test_sequence_length_the_sequence_axis_does_not_divide_matches_single_device(model, preset):
+def test_sequence_length_the_sequence_axis_does_not_divide_matches_single_device(model, preset,
+                                                                                  caplog):
     """T = 7 on sequence=2: attention runs whole (as `constrain` leaves the dimension whole)
-    instead of refusing the length; logits, loss and gradients as on a single device."""
+    instead of refusing the length, and says so; logits, loss and gradients as on a single
+    device."""
+    attention._warn_whole_sequence.cache_clear()  # it warns once per (T, P) and process
     rng = np.random.default_rng(2)
     seq = 7
     batch = jnp.asarray(rng.integers(0, CONFIG.vocab_size, (2, seq + 1)), jnp.int32)
@@ -111,6 +115,7 @@ def test_sequence_length_the_sequence_axis_does_not_divide_matches_single_device
     with sharding.use_rules(mesh, preset):
         got = jax.jit(lambda p, x: nnx.merge(graphdef, p)(x))(params, batch[:, :seq])
     np.testing.assert_allclose(np.asarray(got), want, rtol=LOSS_RTOL, atol=LOSS_RTOL)
+    assert "sequence length 7 is not divisible by the 2 devices" in caplog.text
     want_loss, want_grads = loss_and_grads(model, batch, segs)
     loss, grads = loss_and_grads(model, batch, segs, mesh, preset)
     np.testing.assert_allclose(loss, want_loss, rtol=LOSS_RTOL)
@@ -120,13 +125,13 @@ def test_sequence_length_the_sequence_axis_does_not_divide_matches_single_device
 
 def test_a_window_whose_heads_the_sequence_axis_cannot_split_says_ring_cannot_take_it():
     """A sliding window runs only through Ulysses, even under sp_ring: the error names that
-    and a smaller sequence axis, not the ring (which cannot carry a window)."""
+    and a sequence axis that splits the heads, not the ring (which cannot carry a window)."""
     config = dataclasses.replace(CONFIG, sliding_window=4)  # 4 query heads over sequence=8
     model = nnx.eval_shape(lambda: jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
     mesh = sharding.make_mesh(sequence=8)
     with pytest.raises(ValueError, match=r"heads must be divisible by 8; got heads=4\. "
                                          r"Sliding-window attention runs sequence-parallel only "
-                                         r"through Ulysses.*smaller sequence axis") as info:
+                                         r"through Ulysses.*sequence axis that meets it") as info:
         with sharding.use_rules(mesh, "sp_ring"):
             jax.eval_shape(lambda m: m(jnp.zeros((1, 16), jnp.int32)), model)
     assert "impl='ring'" not in str(info.value)
