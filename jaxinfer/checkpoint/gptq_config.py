@@ -11,17 +11,22 @@ expressions over module names (``model.layers.0.mlp.down_proj``), ``re.match``-e
 first match wins; a ``"-:"`` prefix leaves matching modules unquantized (float ``weight``), a
 ``"+:"`` prefix or none overrides the decoding fields (``bits``, ``group_size``, ``desc_act``,
 ``sym``). GPTQModel also records quantize-time settings there (``damp_percent``, ``mse``,
-``v2``...): they do not change how tensors decode and are ignored; a per-module LoRA ``adapter``
-or another format would, and is refused. transformers' ``modules_in_block_to_quantize`` (module
-names inside a decoder block, e.g. ``self_attn.q_proj``) leaves the block's other linear modules
-float. ``save_pretrained`` writes one exact-name override per layer that differs from the most
-common setting, and a ``"-:"`` rule per float decoder linear layer.
+``v2``..., ``QUANTIZE_TIME_OVERRIDES``): they do not change how tensors decode and are ignored; a
+per-module LoRA ``adapter``, another format or packing dtype would, and is refused; any other key
+(a typo, a setting newer than this list) is ignored with a logged warning. transformers'
+``modules_in_block_to_quantize`` (module names inside a decoder block, e.g. ``self_attn.q_proj``)
+leaves the block's other linear modules float. ``save_pretrained`` writes one exact-name override
+per layer that differs from the most common setting, a ``"-:"`` rule per float decoder linear
+layer and, when every block keeps the same modules float, ``modules_in_block_to_quantize`` too
+(transformers and optimum read it; AutoGPTQ reads neither it nor ``dynamic``, and vLLM matches
+``dynamic`` rules against its fused modules, ``qkv_proj`` and ``gate_up_proj``).
 """
 
 from __future__ import annotations
 
 import dataclasses
 import json
+import logging
 import re
 from collections.abc import Sequence
 from pathlib import Path
@@ -31,11 +36,23 @@ from jaxinfer.checkpoint.gptq_format import FORMATS
 from jaxinfer.quant.mixed_linear import MIXED_PART_NAMES
 from kernels_pallas.quant_matmul import SUPPORTED_BITS, QuantizedWeight
 
+log = logging.getLogger(__name__)
+
 QUANTIZE_CONFIG_FILE = "quantize_config.json"
 OVERRIDABLE = ("bits", "group_size", "desc_act", "sym")
 # Per-module keys that would change how a module decodes (a LoRA adapter added to its output,
-# another packing): refused. Other keys are quantize-time settings, ignored.
-REFUSED_OVERRIDES = ("adapter", "format", "checkpoint_format", "quant_method")
+# another format or packing): refused. ``pack_dtype`` "int32" is the packing read here.
+REFUSED_OVERRIDES = ("adapter", "format", "checkpoint_format", "quant_method", "is_marlin_format",
+                     "pack_dtype")
+# GPTQModel's quantize-time settings (its QuantizeConfig fields across versions: the Hessian
+# damping, MSE grid search, static groups, GPTQ v2 / GPTAQ, fallback, offloading): they change how
+# the weights were made, not how they decode. Ignored quietly; any other key is ignored with a
+# warning (it may be a typo of a decoding key, or a setting that changes decoding).
+QUANTIZE_TIME_OVERRIDES = (
+    "damp_percent", "damp_auto_increment", "mse", "static_groups", "true_sequential",
+    "act_group_aware", "hyb_act", "v2", "v2_alpha", "v2_memory_device", "gptaq", "gptaq_alpha",
+    "gptaq_memory_device", "hessian", "hessian_chunk_size", "fallback", "fail_safe",
+    "mock_quantization", "pack_impl", "offload_to_disk", "offload_to_disk_path", "buffered_fwd")
 
 
 @dataclasses.dataclass(frozen=True)
@@ -120,11 +137,19 @@ class GPTQConfig:
                 raise ValueError(f"{where}: not a valid regular expression ({e})") from None
             if not isinstance(override, dict):
                 raise ValueError(f"{where}: overrides must be a dict; got {override!r}")
-            refused = sorted(set(override) & set(REFUSED_OVERRIDES))
+            refused = sorted(k for k in set(override) & set(REFUSED_OVERRIDES)
+                             if not (k == "pack_dtype" and override[k] == "int32"))
             if refused:
                 raise ValueError(f"{where}: per-module {refused} would change how the module "
                                  f"decodes, which jaxinfer does not support; overrides may set "
                                  f"{OVERRIDABLE} (quantize-time settings are ignored)")
+            unknown = sorted(set(override) - set(OVERRIDABLE) - set(REFUSED_OVERRIDES)
+                             - set(QUANTIZE_TIME_OVERRIDES))
+            if unknown:
+                log.warning("%s: ignoring unknown per-module key(s) %s: jaxinfer decodes with %s "
+                            "and ignores GPTQModel's quantize-time settings; a key that changes "
+                            "how the module decodes would make its weights wrong", where, unknown,
+                            OVERRIDABLE)
             decoding[pattern] = _decoding_fields(override)
             if not pattern.startswith("-:"):
                 _check_spec({**base, **decoding[pattern]}, where)
@@ -160,6 +185,19 @@ class GPTQConfig:
             elif re.match(pattern.removeprefix("+:"), module):
                 return GPTQLayerSpec(**{**base, **override})
         return GPTQLayerSpec(**base)
+
+    def names_as_quantized(self, module: str) -> str | None:
+        """Where the config names module ``module`` (HF name) as quantized, explicitly: its
+        ``modules_in_block_to_quantize`` entry or the ``"+:"`` (or unprefixed) ``dynamic`` rule that
+        decides it; None when it is quantized only by default or not at all."""
+        if self.layer_spec(module) is None:
+            return None
+        for pattern in self.dynamic:
+            if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), module):
+                return f"dynamic rule {pattern!r}"
+        if self.modules_in_block_to_quantize is not None:
+            return f"modules_in_block_to_quantize entry {module.split('.', 3)[-1]!r}"
+        return None
 
 
 def _block_modules(value, source: str) -> tuple[str, ...] | None:
@@ -252,4 +290,28 @@ def gptq_config_for(weights: dict[str, QuantizedWeight], checkpoint_format: str,
     return GPTQConfig(bits=bits, group_size=group_size,
                       desc_act=any(w.perm is not None for w in weights.values()),
                       sym=all(_is_symmetric(w) for w in weights.values()),
-                      checkpoint_format=checkpoint_format, dynamic=dynamic)
+                      checkpoint_format=checkpoint_format, dynamic=dynamic,
+                      modules_in_block_to_quantize=_same_in_every_block(weights, float_modules))
+
+
+_BLOCK_MODULE = re.compile(r"model\.layers\.(\d+)\.(.+)")
+
+
+def _same_in_every_block(quantized: Sequence[str], float_modules: Sequence[str]
+                         ) -> tuple[str, ...] | None:
+    """The in-block names of the ``quantized`` modules (``self_attn.q_proj``) when some modules
+    are float and every block quantizes the same ones; else None (the ``"-:"`` rules say it)."""
+    if not float_modules:
+        return None
+    blocks: dict[str, tuple[list, list]] = {}
+    for names, kind in ((quantized, 0), (float_modules, 1)):
+        for name in names:
+            match = _BLOCK_MODULE.fullmatch(name)
+            if match is None:
+                return None
+            blocks.setdefault(match[1], ([], []))[kind].append(match[2])
+    sets = {(frozenset(q), frozenset(f)) for q, f in blocks.values()}
+    if len(sets) != 1:
+        return None
+    first = next(iter(blocks.values()))[0]
+    return tuple(first) if first else None

@@ -48,6 +48,7 @@ GENERATION_CONFIG_FILE = "generation_config.json"
 # Buffers some exporters write that carry no parameters.
 IGNORED_SUFFIXES = ("rotary_emb.inv_freq",)
 REQUIRED_GPTQ_TENSORS = ("qweight", "qzeros", "scales")  # and g_idx, needed under desc_act
+GPTQ_TENSORS = (*REQUIRED_GPTQ_TENSORS, "g_idx")
 # safetensors dtypes: those of float parameters, and all that safe_open(framework="flax") can
 # read (it fails with an AttributeError on the others, float8 among them).
 FLOAT_DTYPES = ("F16", "BF16", "F32", "F64")
@@ -225,8 +226,10 @@ def warn_unused(reader: _TensorReader, tie_word_embeddings: bool) -> None:
 
 def _gptq_modules(flat, gptq: GPTQConfig, files) -> dict[tuple, tuple[str, GPTQLayerSpec]]:
     """{kernel path: (HF module name, spec)} for each decoder linear the checkpoint quantizes:
-    those the config quantizes, except any stored as a float ``weight`` without a ``qweight``
-    (a partly quantized checkpoint whose config does not say so; logged)."""
+    those the config quantizes, except any stored as a float ``weight`` alone, with none of its
+    GPTQ tensors (a partly quantized checkpoint whose config does not say so; logged). A module
+    with some GPTQ tensors but not all, or one the config names as quantized
+    (``GPTQConfig.names_as_quantized``) but stored as float, raises."""
     out, stored_float = {}, []
     for path, var in flat:
         if not (isinstance(var, nnx.Param) and path[0] == "layers" and path[-1] == "kernel"):
@@ -235,7 +238,13 @@ def _gptq_modules(flat, gptq: GPTQConfig, files) -> dict[tuple, tuple[str, GPTQL
         spec = gptq.layer_spec(module)
         if spec is None:  # left float by modules_in_block_to_quantize or a "-:" dynamic rule
             continue
-        if f"{module}.qweight" not in files and f"{module}.weight" in files:
+        present = [t for t in GPTQ_TENSORS if f"{module}.{t}" in files]
+        if not present and f"{module}.weight" in files:
+            named = gptq.names_as_quantized(module)
+            if named:
+                raise ValueError(f"quantization_config names {module} as quantized ({named}) but "
+                                 f"the checkpoint stores it as a float weight, with none of its "
+                                 f"GPTQ tensors {list(GPTQ_TENSORS)}")
             stored_float.append(module)
             continue
         missing = [f"{module}.{t}" for t in REQUIRED_GPTQ_TENSORS if f"{module}.{t}" not in files]
@@ -243,11 +252,12 @@ def _gptq_modules(flat, gptq: GPTQConfig, files) -> dict[tuple, tuple[str, GPTQL
             missing.append(f"{module}.g_idx")
         if missing:
             raise ValueError(f"GPTQ checkpoint is missing tensor(s) {missing} (quantization_config "
-                             f"quantizes {module} with bits={spec.bits})")
+                             f"quantizes {module} with bits={spec.bits}; the checkpoint holds "
+                             f"{[f'{module}.{t}' for t in present] or 'none of its GPTQ tensors'})")
         out[path] = (module, spec)
     if stored_float:
         log.warning("quantization_config quantizes %d module(s) that the checkpoint stores as "
-                    "float weights (no qweight), e.g. %s: loading them as float",
+                    "float weights (no GPTQ tensors), e.g. %s: loading them as float",
                     len(stored_float), stored_float[0])
     return out
 

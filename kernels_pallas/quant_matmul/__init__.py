@@ -13,12 +13,16 @@ One function, several implementations (DESIGN.md):
   K / vpw and the group size to share a multiple of 128 (or the group to span K / vpw).
 * ``auto``: pallas on GPU and TPU, xla on CPU.
 
-Gradients: every backend has the same ``jax.custom_vjp``, d/dx = g @ dequantize(w)^T (float32,
-through the reference dequantization: a [K, N] float32 weight in the backward pass). The weight
-gets a zero cotangent, its float scales included: a packed weight is frozen, as its
-``QuantParam`` variables in ``jaxinfer.models.layers`` (no ``nnx.Param``) are to optimizers, so
-training a quantized model updates only its float parameters (norms, adapters), with gradients
-flowing through x.
+Derivatives: every backend has the same ``jax.custom_jvp``. The value runs the chosen backend; the
+tangent is the exact derivative of the dequantize-then-dot computation in every float input:
+``dy = dx @ W + x @ dW`` with ``W = scales * (q - zeros)`` and ``dW = dscales * (q - zeros)`` (minus
+``scales * dzeros`` should zeros be float), in storage order (x gathered by ``perm``; no scatter).
+The tangent is linear in (dx, dscales, dzeros), so reverse mode transposes it: ``jax.grad`` gives
+d/dx and d/dscales, ``jax.jvp`` / ``jacfwd``, higher orders and ``vmap`` work on every backend.
+The tangent dots run in x's dtype with float32 accumulation (HIGHEST for float32 x) and
+materialize the [K, N] weight in that dtype, in reverse mode again in the backward pass (no
+float weight is kept between the passes); a tangent that is zero (the packed integers, or scales
+not being differentiated) costs nothing.
 """
 
 from __future__ import annotations
@@ -97,8 +101,8 @@ def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str =
         mixed weight, of each part).
 
     Returns:
-      [..., N] in x's dtype (zeros for an empty batch). Differentiable in x on every backend
-      (see the module docstring); the weight is frozen.
+      [..., N] in x's dtype (zeros for an empty batch). Differentiable, forward and reverse,
+      in x and in the weight's float scales on every backend (see the module docstring).
     """
     if not isinstance(w, (QuantizedWeight, MixedQuantizedWeight)):
         raise TypeError(f"w must be a QuantizedWeight or MixedQuantizedWeight; got "
@@ -143,23 +147,56 @@ class _Config(NamedTuple):
     dtype: jnp.dtype
 
 
-@functools.partial(jax.custom_vjp, nondiff_argnums=(2,))
+@functools.partial(jax.custom_jvp, nondiff_argnums=(2,))
 def _matmul_2d(x2, w: QuantizedWeight, config: _Config):
     """x2 [M, K] (validated) @ w [K, N] -> float32 [M, N] on the resolved backend."""
     return _forward(x2, w, config)
 
 
-def _matmul_2d_fwd(x2, w: QuantizedWeight, config: _Config):
-    return _matmul_2d(x2, w, config), w
+def _matmul_2d_jvp(config: _Config, primals, tangents):
+    """The backend's value and the dequantize-then-dot tangent (see the module docstring)."""
+    x2, w = primals
+    dx, dw = tangents
+    y = _matmul_2d(x2, w, config)  # [M, N] float32
+    return y, _tangent(x2, w, dx, dw.scales, dw.zeros)
 
 
-def _matmul_2d_bwd(config: _Config, w: QuantizedWeight, g):
-    """g float32 [M, N] -> (dx [M, K] in x's dtype, no cotangent for the frozen weight)."""
-    dx = jnp.dot(g, w.dequantize(jnp.float32).T, precision=jax.lax.Precision.HIGHEST)
-    return dx.astype(config.dtype), None
+def _is_zero(t) -> bool:
+    """A symbolic zero tangent, or the float0 tangent of an integer leaf."""
+    return (isinstance(t, jax.custom_derivatives.SymbolicZero)
+            or getattr(t, "dtype", None) == jax.dtypes.float0)
 
 
-_matmul_2d.defvjp(_matmul_2d_fwd, _matmul_2d_bwd)
+def _tangent(x2, w: QuantizedWeight, dx, dscales, dzeros):
+    """dy float32 [M, N] = dx @ W + x2 @ dW, dots in x2's dtype accumulating in float32."""
+    dy = jnp.zeros((x2.shape[0], w.shape[1]), jnp.float32)
+    if not _is_zero(dx):
+        dy = dy + _dot_dequantized(dx, w, w.scales, w.zeros, x2.dtype, True)
+    if not _is_zero(dscales):
+        dy = dy + _dot_dequantized(x2, w, dscales, w.zeros, x2.dtype, True)
+    if not _is_zero(dzeros):  # float zeros (from_ints stores int32, a hand-built weight may not)
+        dy = dy - _dot_dequantized(x2, w, w.scales, dzeros, x2.dtype, False)
+    return dy
+
+
+# Rematerialized: reverse mode keeps the packed weight for the backward pass and dequantizes it
+# again there, not a [K, N] float copy per layer (the size of a float model) from the forward.
+@functools.partial(jax.checkpoint, static_argnums=(4, 5))
+def _dot_dequantized(a, w: QuantizedWeight, scales, zeros, dtype, with_q: bool):
+    """a [M, K] (original row order) @ V [K, N] -> float32 [M, N], with V in storage order
+    ``(q - zeros) * scales`` (``with_q``) or ``zeros * scales`` (not), per row's group; a is
+    gathered by ``w.perm`` (no scatter of V) and both operands are cast to ``dtype``."""
+    groups = jnp.arange(w.shape[0]) // w.group_size  # [K] storage row -> group
+    v = (w.unpack_storage() - zeros[groups]) if with_q else zeros[groups]  # [K, N]
+    v = v.astype(jnp.float32) * scales.astype(jnp.float32)[groups]
+    if w.perm is not None:
+        a = jnp.take(a, w.perm, axis=-1)
+    precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
+    return jnp.dot(a.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32,
+                   precision=precision)
+
+
+_matmul_2d.defjvp(_matmul_2d_jvp, symbolic_zeros=True)
 
 
 def _forward(x2, w: QuantizedWeight, config: _Config):

@@ -1,5 +1,7 @@
 """quant_matmul: every backend equals the dequantized float matmul (``reference.py``)."""
 
+import dataclasses
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -75,6 +77,7 @@ def test_xla_backend_temp_memory_stays_one_dequantized_weight_at_large_m():
     compiled = jax.jit(lambda x, w: quant_matmul(x, w, backend="xla")).lower(x, w).compile()
     assert compiled.memory_analysis().temp_size_in_bytes <= 2 * k * n * 4
 
+
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
 def test_empty_batch_gives_empty_output_on_every_backend(backend):
     w, _ = _random_weight(1024, 128, 4, 128)  # a shape the TPU kernel tiles
@@ -82,28 +85,6 @@ def test_empty_batch_gives_empty_output_on_every_backend(backend):
         y = quant_matmul(jnp.ones((*lead, 1024), jnp.bfloat16), w, backend=backend)
         assert y.shape == (*lead, 128) and y.dtype == jnp.bfloat16
 
-
-@pytest.mark.parametrize("backend, mixed", [("reference", False), ("xla", False), ("pallas", False),
-                                            ("pallas_tpu", False), ("xla", True)])
-def test_grad_wrt_x_matches_autodiff_of_the_dequantized_matmul(backend, mixed):
-    # Oracle: plain jax autodiff of x @ W with W dequantized in float32 (no custom rule).
-    if mixed:
-        w, _ = _random_mixed_weight(1024, 128, 128, np.array([0, 1, 0, 0, 1, 0, 0, 0], bool))
-    else:
-        w, _ = _random_weight(1024, 128, 4, 128, desc_act=True, seed=8)
-    rng = np.random.default_rng(9)
-    x = jnp.asarray(rng.normal(size=(2, 3, 1024)), jnp.float32)
-    c = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.float32)  # a generic output cotangent
-
-    def loss(x, matmul):
-        return jnp.sum(matmul(x) * c)
-
-    got = jax.grad(loss)(x, lambda x: quant_matmul(x, w, backend=backend))
-    dense = w.dequantize(jnp.float32)
-    want = jax.grad(loss)(x, lambda x: jnp.dot(x, dense, precision=jax.lax.Precision.HIGHEST))
-    assert got.shape == x.shape and got.dtype == x.dtype
-    # float32 sums of N = 128 products in another order
-    np.testing.assert_allclose(np.asarray(got), np.asarray(want), rtol=F32_RTOL, atol=F32_ATOL)
 
 def test_pallas_explicit_blocks_loop_over_row_blocks_and_match_reference():
     # block_k=16 < K / vpw = 32: two row blocks per program, each inside one 128-row group.
@@ -126,6 +107,181 @@ def _random_mixed_weight(k, n, group_size, high, *, seed=0):
     scales = rng.uniform(0.5, 1.5, (groups, n)).astype(np.float32) / maxq[:, None]
     w = MixedQuantizedWeight.from_ints(q, scales, zeros, high, group_size=group_size, g_idx=g_idx)
     return w, scales[g_idx].astype(np.float64) * (q - zeros[g_idx])
+
+
+# Derivatives: the oracle is plain jax autodiff of x @ W with W = w.dequantize() in float32, a
+# function of x and of the weight's float scales (no custom rule anywhere on that path).
+DERIVATIVE_CASES = [("reference", False), ("xla", False), ("pallas", False),
+                    ("pallas_tpu", False), ("xla", True), ("pallas", True)]
+# float32 sums of up to K = 1024 products in another order (and, for pallas, scales applied late)
+DERIV_ATOL = 1e-4
+
+
+def _derivative_weight(mixed):
+    """A K = 1024, N = 128 weight with act-order groups of 128 (a shape every backend tiles), or a
+    mixed 2/4-bit one; the TPU kernel's tile is the binding constraint."""
+    if mixed:
+        return _random_mixed_weight(1024, 128, 128, np.array([0, 1, 0, 0, 1, 0, 0, 0], bool))[0]
+    return _random_weight(1024, 128, 4, 128, desc_act=True, seed=8)[0]
+
+
+def _float_scales(w):
+    """The weight's float leaves: its scales, one array per part (float32)."""
+    parts = w.parts if isinstance(w, MixedQuantizedWeight) else (w,)
+    return tuple(p.scales.astype(jnp.float32) for p in parts)
+
+
+def _with_scales(w, scales):
+    """w with its scales replaced by ``scales`` (as ``_float_scales`` orders them)."""
+    if not isinstance(w, MixedQuantizedWeight):
+        return dataclasses.replace(w, scales=scales[0])
+    parts = iter(scales)
+    return dataclasses.replace(w, **{name: dataclasses.replace(part, scales=next(parts))
+                                     for name, part in (("high", w.high), ("low", w.low))
+                                     if part is not None})
+
+
+def _dense_matmul(x, w):
+    """The oracle: x @ dequantize(w) in float32, differentiated by plain jax autodiff."""
+    return jnp.dot(x, w.dequantize(jnp.float32), precision=jax.lax.Precision.HIGHEST)
+
+
+def _assert_trees_close(got, want, atol=DERIV_ATOL):
+    for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
+        assert g.shape == v.shape and g.dtype == v.dtype
+        np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=F32_RTOL, atol=atol)
+
+
+@pytest.mark.parametrize("backend, mixed", DERIVATIVE_CASES)
+def test_grads_wrt_x_and_scales_match_autodiff_of_the_dequantized_matmul(backend, mixed):
+    w = _derivative_weight(mixed)
+    rng = np.random.default_rng(9)
+    x = jnp.asarray(rng.normal(size=(2, 3, 1024)), jnp.float32)
+    c = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.float32)  # a generic output cotangent
+
+    def loss(x, scales, matmul):
+        return jnp.sum(matmul(x, _with_scales(w, scales)) * c)
+
+    args = (x, _float_scales(w))
+    got = jax.grad(loss, argnums=(0, 1))(*args, lambda x, w: quant_matmul(x, w, backend=backend))
+    want = jax.grad(loss, argnums=(0, 1))(*args, _dense_matmul)
+    assert all(float(jnp.max(jnp.abs(s))) > 1 for s in want[1])  # scales do get a gradient
+    _assert_trees_close(got, want)
+
+
+@pytest.mark.parametrize("backend, mixed", DERIVATIVE_CASES)
+def test_jvp_and_jacfwd_match_the_dequantized_matmul(backend, mixed):
+    w = _derivative_weight(mixed)
+    rng = np.random.default_rng(10)
+    x = jnp.asarray(rng.normal(size=(2, 1024)), jnp.float32)
+    dx = jnp.asarray(rng.normal(size=(2, 1024)), jnp.float32)
+    scales = _float_scales(w)
+    dscales = tuple(jnp.asarray(rng.normal(size=s.shape), jnp.float32) for s in scales)
+
+    def matmul(x, scales):
+        return quant_matmul(x, _with_scales(w, scales), backend=backend)
+
+    def dense(x, scales):
+        return _dense_matmul(x, _with_scales(w, scales))
+
+    got = jax.jvp(matmul, (x, scales), (dx, dscales))
+    want = jax.jvp(dense, (x, scales), (dx, dscales))
+    _assert_trees_close(got, want)
+    # jacfwd: [2, 128, 2, 1024] wrt x (a vmap of the tangent over K * 2 directions)
+    _assert_trees_close(jax.jacfwd(matmul)(x, scales), jax.jacfwd(dense)(x, scales))
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_second_derivatives_and_vmapped_grads_match_the_dequantized_matmul(backend):
+    w = _derivative_weight(False)
+    x = jnp.asarray(np.random.default_rng(11).normal(size=(3, 1024)), jnp.float32) / 64  # tanh unsaturated
+
+    def loss(x, matmul):
+        return jnp.sum(jnp.tanh(matmul(x)))
+
+    def quant(x):
+        return quant_matmul(x, w, backend=backend)
+
+    def dense(x):
+        return _dense_matmul(x, w)
+
+    for derivative in (
+            lambda f: jax.grad(lambda x: jnp.sum(jax.grad(loss)(x, f) ** 2))(x),  # rev over rev
+            lambda f: jax.jacfwd(jax.grad(loss))(x[0], f),  # the Hessian, fwd over rev
+            lambda f: jax.vmap(jax.grad(loss), in_axes=(0, None))(x, f)):
+        want = derivative(dense)
+        # entries span ~1e4 and cancel: float32 reordering error is relative to the largest
+        _assert_trees_close(derivative(quant), want, atol=F32_RTOL * float(jnp.max(jnp.abs(want))))
+
+
+@pytest.mark.parametrize("backend", ["xla", "pallas"])
+def test_reverse_mode_keeps_the_packed_weight_not_a_float_copy(backend):
+    # What jax.vjp saves for the backward pass: x and the weight's own leaves, nothing [K, N] in
+    # float (a float copy per layer would cost the memory of a float model in training).
+    w = _derivative_weight(False)
+    x = jnp.ones((4, 1024), jnp.float32)
+    _, backward = jax.vjp(lambda x, s: quant_matmul(x, _with_scales(w, s), backend=backend), x,
+                          _float_scales(w))
+    saved = [a for a in jax.tree.leaves(backward) if hasattr(a, "shape")]
+    assert not [a.shape for a in saved if a.shape == w.shape and a.dtype != jnp.int32]
+    assert sum(a.size * a.dtype.itemsize for a in saved) < 1024 * 128 * 4 // 2
+
+
+def test_float_zeros_get_exact_derivatives():
+    # from_ints stores int32 zeros; a weight built by hand may hold float ones, and then they
+    # are a float input like the scales.
+    w = _derivative_weight(False)
+    zeros = w.zeros.astype(jnp.float32) + 0.25
+    rng = np.random.default_rng(13)
+    x = jnp.asarray(rng.normal(size=(2, 1024)), jnp.float32)
+    dzeros = jnp.asarray(rng.normal(size=zeros.shape), jnp.float32)
+
+    def matmul(zeros, f):
+        return f(x, dataclasses.replace(w, zeros=zeros))
+
+    def quant(x, w):
+        return quant_matmul(x, w, backend="xla")
+
+    _assert_trees_close(jax.jvp(lambda z: matmul(z, quant), (zeros,), (dzeros,)),
+                        jax.jvp(lambda z: matmul(z, _dense_matmul), (zeros,), (dzeros,)))
+    _assert_trees_close(jax.grad(lambda z: jnp.sum(matmul(z, quant) ** 2))(zeros),
+                        jax.grad(lambda z: jnp.sum(matmul(z, _dense_matmul) ** 2))(zeros),
+                        atol=1e-2)  # entries ~1e3: float32 reordering
+
+
+def _dot_generals(jaxpr):
+    """Every dot_general equation of ``jaxpr`` and of the jaxprs nested in it."""
+    for eqn in jaxpr.eqns:
+        if eqn.primitive.name == "dot_general":
+            yield eqn
+        for param in eqn.params.values():
+            for sub in (param if isinstance(param, (tuple, list)) else (param,)):
+                if isinstance(sub, jax.extend.core.ClosedJaxpr):
+                    yield from _dot_generals(sub.jaxpr)
+                elif isinstance(sub, jax.extend.core.Jaxpr):
+                    yield from _dot_generals(sub)
+
+
+@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
+def test_tangent_dots_run_in_x_dtype_accumulating_in_float32(dtype):
+    # 16-bit x: one pass in x's dtype into float32 (a HIGHEST float32 dot would cost ~6 passes on
+    # GPU/TPU); float32 x: HIGHEST, as the forward runs it. jax.linearize keeps only the tangent.
+    w = _derivative_weight(False)
+    x = jnp.asarray(np.random.default_rng(12).normal(size=(4, 1024)), dtype)
+    scales = _float_scales(w)
+    with jax.default_matmul_precision("default"):  # as users run it (conftest sets "highest")
+        _, tangent = jax.linearize(
+            lambda x, s: quant_matmul(x, _with_scales(w, s), backend="xla"), x, scales)
+        dots = list(_dot_generals(jax.make_jaxpr(tangent)(x, scales).jaxpr))
+    assert len(dots) == 2  # dx @ W and x @ dW
+    highest = jax.lax.Precision.HIGHEST
+    for eqn in dots:
+        assert [v.aval.dtype for v in eqn.invars] == [dtype, dtype]
+        assert eqn.params["preferred_element_type"] == jnp.float32
+        assert (eqn.params["precision"] == (highest, highest)) == (dtype == jnp.float32)
+    # and reverse mode: the gradient wrt x has x's dtype
+    g = jax.grad(lambda x: jnp.sum(quant_matmul(x, w, backend="xla").astype(jnp.float32)))(x)
+    assert g.dtype == dtype
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
@@ -203,6 +359,7 @@ def test_quantized_weight_takes_numpy_integer_bits_and_group_size_as_plain_ints(
                                   bits=np.int64(4), group_size=np.int64(32))
     assert (w.bits, w.group_size) == (4, 32) and type(w.bits) is type(w.group_size) is int
     np.testing.assert_array_equal(np.asarray(w.unpack()), q)
+
 
 @pytest.mark.parametrize("field, value, message", [
     # 17 would carry into the neighbouring slot; -1 would set every slot of its word to 15.
@@ -335,7 +492,6 @@ def test_pallas_kernel_lowers_to_triton_for_cuda():
     assert triton in exported.mlir_module()
 
 
-
 def _custom_call_bodies(lowered, target: str) -> list:
     """The ``backend_config`` dicts of ``lowered``'s custom calls to ``target``."""
     from jax._src.lib.mlir import ir
@@ -355,30 +511,44 @@ def _custom_call_bodies(lowered, target: str) -> list:
     return bodies
 
 
-def test_pallas_gpu_dot_is_not_tf32_for_float32_x():
-    # Triton's default dot rounds float32 inputs to TF32 (10 mantissa bits): |error| ~ 1e-3
-    # relative, far outside F32_RTOL, so the GPU kernel would disagree with xla and reference.
-    # Lowering for cuda needs no GPU; the Triton module travels as MLIR bytecode, read back here
-    # in a context with the Triton dialect. IEEE, Triton's default attribute, is not printed.
-    # (16-bit x is exact in one pass; Triton ignores the attribute for it.)
+def _triton_dot_lines(x, w) -> list[str]:
+    """The ``tt.dot`` lines of the Triton module ``pallas_gpu.quant_matmul`` lowers to for cuda.
+
+    Lowering for cuda needs no GPU; the Triton module travels as MLIR bytecode, read back here in
+    a context with the Triton dialect."""
     from jax._src.lib.mlir import ir
     from jax._src.pallas.triton.lowering import _new_ir_context
 
     from kernels_pallas.quant_matmul import pallas_gpu
-    w, _ = _random_weight(256, 64, 4, 32)
-    x = jax.ShapeDtypeStruct((5, 256), jnp.float32)
 
-    def fn(x, w):
-        return pallas_gpu.quant_matmul(x, w, block_m=16, block_n=64, block_k=16, interpret=False)
+    def fn(x, w):  # unjitted: traced afresh, so a patched dot_precision is seen
+        return pallas_gpu.quant_matmul.__wrapped__(x, w, block_m=16, block_n=64, block_k=16,
+                                                   interpret=False)
 
     with jax.default_matmul_precision("default"):  # as users run it (conftest sets "highest")
         lowered = jax.jit(fn).trace(x, w).lower(lowering_platforms=("cuda",))
     [config] = _custom_call_bodies(lowered, "__gpu$xla.gpu.triton")
     triton_ir = ir.StringAttr(ir.DictAttr(config["mhlo.backend_config"])["ir"]).value_bytes
-    dots = [line for line in str(ir.Module.parse(triton_ir, context=_new_ir_context())).splitlines()
-            if "tt.dot" in line]
+    module = str(ir.Module.parse(triton_ir, context=_new_ir_context()))
+    return [line for line in module.splitlines() if "tt.dot" in line]
+
+
+@pytest.mark.parametrize("kernel_precision", ["ours", "default"])
+def test_pallas_gpu_dot_is_not_tf32_for_float32_x(monkeypatch, kernel_precision):
+    # Triton's default dot rounds float32 inputs to TF32 (10 mantissa bits): |error| ~ 1e-3
+    # relative, far outside F32_RTOL, so the GPU kernel would disagree with xla and reference.
+    # IEEE, Triton's default attribute, is not printed; the positive control (the same kernel
+    # with the dot's precision left at its default) shows what a TF32 dot looks like, so that a
+    # renamed attribute cannot let the check pass vacuously. (16-bit x is exact in one pass;
+    # Triton ignores the attribute for it.)
+    from kernels_pallas.quant_matmul import pallas_gpu
+    if kernel_precision == "default":
+        monkeypatch.setattr(pallas_gpu, "dot_precision", lambda dtype: None)
+    w, _ = _random_weight(256, 64, 4, 32)
+    dots = _triton_dot_lines(jax.ShapeDtypeStruct((5, 256), jnp.float32), w)
     assert len(dots) == 8  # one per 4-bit slot of the single row block
-    assert not [line for line in dots if "inputPrecision" in line]
+    tf32 = [line for line in dots if "tf32" in line]
+    assert len(tf32) == (8 if kernel_precision == "default" else 0), dots[0]
 
 
 @pytest.mark.parametrize("dtype, fp32", [(jnp.float32, True), (jnp.bfloat16, False)])
@@ -402,6 +572,7 @@ def test_pallas_tpu_dot_runs_full_float32_passes_for_float32_x(dtype, fp32):
     [config] = _custom_call_bodies(lowered, "tpu_custom_call")
     body = json.loads(ir.StringAttr(config["backend_config"]).value)["custom_call_config"]["body"]
     assert (b"#tpu.contract_precision<fp32>" in base64.b64decode(body)) == fp32
+
 
 TPU_CASES = [  # (M, K, N, bits, group_size, desc_act): K / vpw and the group share 128 rows
     (5, 1024, 200, 8, 128, True),  # 2 sequential K steps, odd M and N padded, act-order groups

@@ -9,6 +9,7 @@ v1 "gptq" stores zero - 1), scales float16 [K/G, N], g_idx int32 [K]; no ``<modu
 
 import json
 import logging
+import re
 
 import jax.numpy as jnp
 import numpy as np
@@ -17,7 +18,7 @@ from flax import nnx
 from safetensors.numpy import load_file, save_file
 
 import jaxinfer
-from jaxinfer.checkpoint.gptq_config import GPTQConfig, GPTQLayerSpec
+from jaxinfer.checkpoint.gptq_config import GPTQConfig, GPTQLayerSpec, gptq_config_for
 from jaxinfer.models.layers import Linear, QuantizedLinear
 from tests.jaxinfer.quant.test_gptq_format import _stream_pack  # the independent packer
 
@@ -244,10 +245,14 @@ def test_partly_quantized_checkpoint_loads_float_modules_and_round_trips(rtn4, t
     ids = _ids()
     np.testing.assert_allclose(np.asarray(_logits(loaded, ids)), np.asarray(_logits(full, ids)),
                                rtol=0, atol=LOGIT_ATOL)
-    # Saved again, each float module gets a "-:" rule, which every GPTQ reader honours.
+    # Saved again, each float module gets a "-:" rule (GPTQModel's dynamic; vLLM matches these
+    # against its fused qkv_proj / gate_up_proj, AutoGPTQ reads none) and, as every block keeps
+    # the same modules float, modules_in_block_to_quantize (transformers / optimum).
     jaxinfer.save_pretrained(loaded, tmp_path / "again")
     qc = json.loads((tmp_path / "again" / "config.json").read_text())["quantization_config"]
     assert qc["dynamic"][r"-:model\.layers\.1\.mlp\.up_proj$"] == {}
+    [written] = qc["modules_in_block_to_quantize"]  # one group, in the model's module order
+    assert sorted(written) == sorted(kept)
     again = jaxinfer.load_pretrained(tmp_path / "again")
     assert type(_module(again, "1.mlp.up_proj")) is Linear
     np.testing.assert_array_equal(np.asarray(_logits(again, ids)), np.asarray(_logits(loaded, ids)))
@@ -269,16 +274,35 @@ def test_dynamic_overrides_ignore_quantize_time_keys_and_null_desc_act_is_false(
                               r"-:.*\.1\..*": {}}
 
 
+def test_unknown_dynamic_override_key_is_ignored_with_a_warning(caplog):
+    # A typo of a decoding key ("group_szie") must not pass silently; GPTQModel's known
+    # quantize-time keys and a pack_dtype of int32 (the packing read here) do.
+    quiet = {"damp_percent": 0.05, "damp_auto_increment": 0.01, "true_sequential": True,
+             "v2_memory_device": "auto", "gptaq": None, "fail_safe": True, "pack_dtype": "int32"}
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint.gptq_config"):
+        GPTQConfig.from_dict({"bits": 4, "group_size": 128, "dynamic": {r"+:.*q_proj": quiet}})
+        assert not caplog.records
+        config = GPTQConfig.from_dict({"bits": 4, "group_size": 128, "dynamic": {
+            r"+:.*down_proj": {"bits": 8, "group_szie": 32, "mse": 2.4}}})
+    [record] = caplog.records
+    assert record.levelno == logging.WARNING
+    assert "dynamic['+:.*down_proj']: ignoring unknown per-module key(s) ['group_szie']" in (
+        record.getMessage())
+    assert config.layer_spec("model.layers.0.mlp.down_proj").group_size == 128
+
+
 @pytest.mark.parametrize("changes, match", [
     (dict(dynamic={"+:.*": {"adapter": {"name": "lora", "rank": 8}}}),
      r"per-module \['adapter'\] would change how the module decodes"),
     (dict(dynamic={"+:.*": {"format": "gptq_v2"}}), r"per-module \['format'\]"),
+    (dict(dynamic={"+:.*": {"pack_dtype": "int16"}}), r"per-module \['pack_dtype'\]"),
     (dict(modules_in_block_to_quantize="self_attn.q_proj"),
      "modules_in_block_to_quantize must be a list of lists of module names"),
 ])
 def test_gptq_config_refuses_what_would_change_decoding(changes, match):
     with pytest.raises(ValueError, match=match):
         GPTQConfig.from_dict({"bits": 4, "group_size": 128, **changes})
+
 
 def _edit_config(path, **changes):
     config = json.loads((path / "config.json").read_text())
@@ -311,6 +335,69 @@ def test_missing_gptq_tensor_is_named(rtn4, tmp_path):
     with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model\.layers\.1\.mlp\.up_proj"
                                          r"\.qzeros'\]"):
         jaxinfer.load_pretrained(tmp_path)
+
+
+def _edit_tensors(path, edit):
+    tensors = load_file(path / "model.safetensors")
+    edit(tensors)
+    save_file(tensors, path / "model.safetensors", metadata={"format": "pt"})
+
+
+UP = "model.layers.0.mlp.up_proj"  # [in=64, out=128]; HF's float weight is [out, in]
+
+
+def test_module_missing_only_qweight_raises_even_beside_a_float_weight(rtn4, tmp_path):
+    # Its qzeros, scales and g_idx say it was quantized: a stray float weight must not load
+    # in its place.
+    jaxinfer.save_pretrained(rtn4, tmp_path)
+
+    def edit(tensors):
+        del tensors[f"{UP}.qweight"]
+        tensors[f"{UP}.weight"] = np.zeros((128, 64), np.float32)
+
+    _edit_tensors(tmp_path, edit)
+    with pytest.raises(ValueError, match=r"missing tensor\(s\) \['model\.layers\.0\.mlp\.up_proj"
+                                         r"\.qweight'\] .*holds \['model\.layers\.0\.mlp\.up_proj"
+                                         r"\.qzeros'"):
+        jaxinfer.load_pretrained(tmp_path)
+
+
+@pytest.mark.parametrize("changes, named", [
+    (dict(modules_in_block_to_quantize=[["self_attn.q_proj", "mlp.up_proj"]]),
+     "modules_in_block_to_quantize entry 'mlp.up_proj'"),
+    (dict(dynamic={r"-:.*\.1\.mlp\.up_proj": {}, "+:.*up_proj": {"bits": 4}}),
+     "dynamic rule '+:.*up_proj'"),
+    (dict(dynamic={"model.layers.0.mlp.up_proj": {"damp_percent": 0.1}}),  # no prefix: "+:"
+     "dynamic rule 'model.layers.0.mlp.up_proj'"),
+])
+def test_float_module_the_config_names_as_quantized_raises(rtn4, tmp_path, changes, named):
+    # Only a module the config quantizes by default may fall back to a float weight.
+    jaxinfer.save_pretrained(rtn4, tmp_path)
+
+    def edit(tensors):
+        for t in ("qweight", "qzeros", "scales", "g_idx"):
+            del tensors[f"{UP}.{t}"]
+        tensors[f"{UP}.weight"] = np.zeros((128, 64), np.float32)
+
+    _edit_tensors(tmp_path, edit)
+    _edit_config(tmp_path, **changes)
+    with pytest.raises(ValueError, match=re.escape(f"names {UP} as quantized ({named}) but the "
+                                                   f"checkpoint stores it as a float weight")):
+        jaxinfer.load_pretrained(tmp_path)
+
+
+def test_modules_in_block_to_quantize_is_written_only_when_every_block_agrees(rtn4):
+    weights = {f"model.layers.{i}.{name}": _module(rtn4, f"{i}.{name}").weight
+               for i in range(CONFIG.num_hidden_layers) for name in LINEARS}
+    assert gptq_config_for(weights, "gptq").modules_in_block_to_quantize is None  # all quantized
+    same = [f"model.layers.{i}.mlp.up_proj" for i in range(CONFIG.num_hidden_layers)]
+    kept = {k: w for k, w in weights.items() if k not in same}
+    config = gptq_config_for(kept, "gptq", same)
+    assert config.modules_in_block_to_quantize == tuple(n for n in LINEARS if n != "mlp.up_proj")
+    assert config.to_dict()["modules_in_block_to_quantize"] == [
+        list(config.modules_in_block_to_quantize)]
+    differ = {k: w for k, w in weights.items() if k != same[0]}
+    assert gptq_config_for(differ, "gptq", same[:1]).modules_in_block_to_quantize is None
 
 
 def test_v1_checkpoint_cannot_hold_zero_point_zero(model, tmp_path):

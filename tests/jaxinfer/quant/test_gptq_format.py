@@ -160,6 +160,7 @@ def test_v2_writer_explains_a_v1_zero_of_two_to_the_bits():
         to_gptq_tensors(qw, "gptq_v2")
     np.testing.assert_array_equal(to_gptq_tensors(qw, "gptq")["qzeros"], qzeros)
 
+
 @pytest.mark.parametrize("kwargs, message", [
     (dict(scales=np.zeros((3, 8), np.float16)), "scales must be"),
     (dict(qzeros=np.zeros((2, 2), np.int32)), "qzeros must be"),

@@ -315,6 +315,7 @@ def test_calibration_takes_torch_tensors_and_unpadded_tokenizer_output():
         assert batch.dtype == jnp.int32
         np.testing.assert_array_equal(np.asarray(batch), ids)
 
+
 def test_default_group_size_not_dividing_in_features_names_the_layer(model):
     with pytest.raises(ValueError, match=r"layers\[0\]\.q_proj \[in=64, out=64\]: group_size"):
         jaxinfer.quantize(model, method="rtn", bits=4)  # group_size=128 > in_features=64
