@@ -66,13 +66,7 @@ def _config_file(path: str):
 
 
 def _with_remat(model, remat: str):
-    """`model` with its config's remat set (Llama, Mixtral); a model without remat (Hyena) is
-    left as it is for "none", an error otherwise."""
-    if not hasattr(model.config, "remat"):
-        if remat != "none":
-            raise ValueError(f"--remat {remat} needs a model that recomputes decoder layers "
-                             f"(Llama, Mixtral); {type(model).__name__} has no remat")
-        return model
+    """`model` with its config's remat set (Llama, Mixtral and Hyena all recompute layers)."""
     model.config = model.config.replace(remat=remat)
     return model
 

@@ -376,7 +376,9 @@ class HyenaConfig:
     `filter_decay_slow` of the context. `filter_squash` is the soft threshold lambda of "Simple
     Hardware-Efficient Long Convolutions" (k -> sign(k) max(|k| - lambda, 0)); 0 disables it.
     `max_position_embeddings` is the longest sequence (the filters' length).
-    `fftconv_backend` picks `kernels_pallas.fftconv`'s implementation; it is a run setting.
+    `fftconv_backend` picks `kernels_pallas.fftconv`'s implementation and `remat` what the
+    backward pass keeps of each block, as LlamaConfig's ("full": the block's input only; "dots":
+    also the matmul outputs); both are run settings, not written to config.json.
     """
 
     vocab_size: int
@@ -402,12 +404,14 @@ class HyenaConfig:
     dtype: str = "float32"
     param_dtype: str = "float32"
     fftconv_backend: str = "auto"
+    remat: str = "none"  # "none" | "full" | "dots": recompute block activations in the backward
 
     _INT_FIELDS = ("vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
                    "max_position_embeddings", "order", "short_filter_size", "filter_emb_dim",
                    "filter_hidden_size", "filter_inner_layers", "bos_token_id")
     _FLOAT_FIELDS = ("filter_sine_freq", "filter_decay_fast", "filter_decay_slow",
                      "filter_decay_target", "filter_squash", "rms_norm_eps")
+    _RUN_SETTINGS = ("fftconv_backend", "remat")  # fields kept out of config.json
 
     def __post_init__(self) -> None:
         normalize_fields(self, self._INT_FIELDS, self._FLOAT_FIELDS, ("tie_word_embeddings",))
@@ -447,6 +451,8 @@ class HyenaConfig:
         if self.fftconv_backend not in FFTCONV_BACKENDS:
             raise ValueError(f"fftconv_backend must be one of {FFTCONV_BACKENDS}; "
                              f"got {self.fftconv_backend!r}")
+        if self.remat not in REMAT_MODES:
+            raise ValueError(f"remat must be one of {REMAT_MODES}; got {self.remat!r}")
         for name in ("dtype", "param_dtype"):
             if getattr(self, name) not in SUPPORTED_DTYPES:
                 raise ValueError(
@@ -461,7 +467,8 @@ class HyenaConfig:
         hf = dataclasses.asdict(self)
         hf["eos_token_id"] = list(self.eos_token_id)
         hf["architectures"] = ["HyenaForCausalLM"]
-        del hf["fftconv_backend"]  # a run setting, like LlamaConfig's attention_backend
+        for name in self._RUN_SETTINGS:  # like LlamaConfig's attention_backend and remat
+            del hf[name]
         return hf
 
     @classmethod
@@ -470,7 +477,7 @@ class HyenaConfig:
         if hf.get("model_type") != HYENA_MODEL_TYPE:
             raise ValueError(f"config.json: model_type must be {HYENA_MODEL_TYPE!r}; "
                              f"got {hf.get('model_type')!r}")
-        names = {f.name for f in dataclasses.fields(cls)} - {"fftconv_backend"}
+        names = {f.name for f in dataclasses.fields(cls)} - set(cls._RUN_SETTINGS)
         fields = {k: v for k, v in hf.items() if k in names}
         with config_json_errors():  # config.json's values alone, so that errors name the file
             cls(**fields)

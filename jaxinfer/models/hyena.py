@@ -15,7 +15,8 @@ Every operation is causal, so logits at t depend on tokens <= t only. Blocks are
 RMSNorm -> SwiGLU MLP.
 
 `forward(input_ids, cache, start)` has the Llama decoders' signature, so the training step and
-``jaxinfer.generate`` drive either model. With a ``HyenaCache`` (``init_cache``, see
+``jaxinfer.generate`` drive either model; `config.remat` recomputes each block in the backward
+pass with Llama's policies. With a ``HyenaCache`` (``init_cache``, see
 ``hyena_cache.py``) the prefill (a static start of 0) runs the FFT path and records each layer's
 short-convolution inputs and gated long-convolution inputs by position; every later call computes
 its tokens' long convolutions as direct sums over those records, O(context) per token instead of
@@ -39,6 +40,7 @@ from jaxinfer.models.hyena_filter import ImplicitFilter
 from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.layers import (Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
                                      output_logits, param, row_parallel)
+from jaxinfer.models.llama import REMAT_POLICIES
 from kernels_pallas import fftconv
 from sharding import constrain, local_map
 
@@ -116,13 +118,25 @@ class HyenaOperator(nnx.Module):
         return self.filter(length).reshape(self.order - 1, self.hidden_size, length)
 
     def init_cache(self, batch: int, max_len: int) -> HyenaLayerCache:
-        """An empty decoding cache for `batch` sequences of up to `max_len` positions."""
+        """An empty decoding cache for `batch` sequences of `max_len` slots (``hyena_cache.py``).
+
+        Memory per sequence: the short-convolution record (N+1)·D·(max_len + taps - 1) values
+        and the long-convolution records (N-1)·D·max_len, in the compute dtype, so about
+        (N+1)/(N-1) times the long state (order 2: 3x; D = 768 in bfloat16 at max_len 8192:
+        about 38 MB short + 13 MB long per layer), plus the float32 filters (N-1)·D·max_len
+        shared by the batch.
+
+        `max_len` may exceed the filters' l_max (max_position_embeddings), as speculative
+        decoding's scratch slots past the last real position do: taps at lags >= l_max are
+        zero. Real positions lie below l_max, so every lag they read is a real tap."""
         n, d = self.order, self.hidden_size
         short = jnp.zeros((batch, self.short_conv.size - 1 + max_len, (n + 1) * d), self.dtype)
         long = tuple(constrain(jnp.zeros((batch, d, max_len), self.dtype), LONG_CACHE_AXES)
                      for _ in range(n - 1))
+        taps = min(max_len, self.filter.l_max)
+        k = jnp.pad(self.long_filters(taps), ((0, 0), (0, 0), (0, max_len - taps)))
         return HyenaLayerCache(short=constrain(short, SHORT_CACHE_AXES), long=long,
-                               filter=constrain(self.long_filters(max_len), FILTER_CACHE_AXES))
+                               filter=constrain(k, FILTER_CACHE_AXES))  # k [N-1, D, max_len]
 
     def __call__(self, x: jax.Array, cache: HyenaLayerCache | None = None,
                  start: jax.Array | int = 0) -> tuple[jax.Array, HyenaLayerCache | None]:
@@ -182,6 +196,11 @@ class HyenaBlock(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache
 
 
+def _call_block(block: HyenaBlock, x: jax.Array, cache: HyenaLayerCache | None,
+                start: jax.Array | int) -> tuple[jax.Array, HyenaLayerCache | None]:
+    return block(x, cache, start)
+
+
 class HyenaForCausalLM(nnx.Module):
     """Token ids [batch, seq] -> next-token logits float32 [batch, seq, vocab]."""
 
@@ -204,9 +223,25 @@ class HyenaForCausalLM(nnx.Module):
         logits, _ = self.forward(jnp.asarray(input_ids))
         return logits
 
+    def block_caller(self, cached: bool):
+        """How forward calls a block, `call(block, x, cache, start)`: without a cache (training,
+        scoring: what is differentiated) under `nnx.remat` with the policy `config.remat` names
+        (Llama's ``REMAT_POLICIES``), so that the backward pass recomputes what the policy does
+        not keep; with one (decoding, never differentiated) directly, so a prefill's static
+        start of 0 still picks the FFT path and a decode loop's scan needs no remat."""
+        if cached or self.config.remat == "none":
+            return _call_block
+        return nnx.remat(_call_block, policy=REMAT_POLICIES[self.config.remat])
+
     def init_cache(self, batch: int, max_len: int) -> HyenaCache:
-        """An empty decoding cache for `batch` sequences of up to `max_len` positions
-        (<= max_position_embeddings); it materializes every layer's long filters once."""
+        """An empty decoding cache for `batch` sequences of `max_len` slots; it materializes
+        every layer's long filters once. Real positions stay below max_position_embeddings;
+        slots past it are scratch (speculative decoding's last round), whose taps are zero.
+
+        Per layer and sequence it holds the short-convolution inputs by position, about
+        (N+1)/(N-1) times the long-convolution state (order 2: 3x; D = 768 in bfloat16 at
+        max_len 8192: ~38 MB short + ~13 MB long), unlike a recurrent state of fixed size:
+        positions are kept so that a rollback is exact (``HyenaOperator.init_cache``)."""
         return HyenaCache(tuple(layer.mixer.init_cache(batch, max_len) for layer in self.layers))
 
     def embed(self, input_ids: jax.Array) -> jax.Array:
@@ -221,7 +256,10 @@ class HyenaForCausalLM(nnx.Module):
         start..start+T-1, reading and extending `cache` when given (prefill: start=0 with the
         whole prompt; decode: continue where the cache stands, one token or several at a time).
 
-        Without a cache the sequence starts at position 0."""
+        Without a cache the sequence starts at position 0. A Python-int start is checked
+        (start+T <= the cache's max_len and max_position_embeddings); a traced one cannot be:
+        with start+T > max_len the cache writes are clamped into the buffer (over earlier
+        positions' records) and the logits are wrong, NaN at positions >= max_len."""
         if cache is not None and not isinstance(cache, HyenaCache):
             raise TypeError(f"cache must be a HyenaCache (from init_cache) or None; "
                             f"got {type(cache).__name__}")
@@ -233,10 +271,15 @@ class HyenaForCausalLM(nnx.Module):
             if cache is not None and not 0 <= start < end <= cache.max_len:
                 raise ValueError(f"positions start..start+T-1 = {start}..{end - 1} must lie in "
                                  f"the cache's [0, {cache.max_len}) (init_cache max_len)")
+            if end > self.config.max_position_embeddings:
+                raise ValueError(f"positions start..start+T-1 = {start}..{end - 1} must lie "
+                                 f"below max_position_embeddings = "
+                                 f"{self.config.max_position_embeddings} (the filters' length)")
         x = self.embed(input_ids)  # [batch, T, embed]
+        call = self.block_caller(cache is not None)
         new_layers = []
         for i, layer in enumerate(self.layers):
-            x, layer_cache = layer(x, None if cache is None else cache.layers[i], start)
+            x, layer_cache = call(layer, x, None if cache is None else cache.layers[i], start)
             x = constrain(x, RESIDUAL)
             new_layers.append(layer_cache)
         x = self.norm(x)

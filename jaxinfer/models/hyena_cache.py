@@ -11,8 +11,10 @@ the token at position p, a layer keeps
   ``dynamic_slice`` (``short_window``);
 * ``long``: per long convolution, its gated input w = x_i * v at every position so far, stored at
   its absolute position in a buffer preallocated to ``max_len`` (like the Llama ``KVCache``);
-* ``filter``: the implicit filter's taps for all ``max_len`` positions, materialized once by
-  ``HyenaForCausalLM.init_cache`` so that decoding never reruns the sine network.
+* ``filter``: the implicit filter's taps for all ``max_len`` lags, materialized once by
+  ``HyenaForCausalLM.init_cache`` so that decoding never reruns the sine network; lags from
+  max_position_embeddings on (a buffer longer than the context: speculative decoding's scratch
+  slots) are zero, and only positions past the context, whose outputs are discarded, reach them.
 
 The long convolution's output at p is then y[p] = sum_{s <= p} k[p - s] w[s] + bias * w[p]: one
 dot product of length ``max_len`` per channel (``cached_long_conv``), O(max_len * D) per token
@@ -37,7 +39,7 @@ from flax import struct
 class HyenaLayerCache:
     short: jax.Array  # [batch, size - 1 + max_len, (N+1) D]: in_proj outputs, slot size-1+p
     long: tuple[jax.Array, ...]  # N-1 x [batch, D, max_len]: gated long-conv inputs by position
-    filter: jax.Array  # [N-1, D, max_len] float32: the long filters' taps
+    filter: jax.Array  # [N-1, D, max_len] float32: the long filters' taps, zero from l_max on
 
 
 @struct.dataclass

@@ -198,13 +198,16 @@ class DecoderLM(nnx.Module):
             c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False,
             dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
-    def layer_caller(self, **static):
-        """How forward calls a decoder layer, `call(layer, *args)`: directly, or under `nnx.remat`
-        with the policy `config.remat` names, so that the backward pass recomputes what the
-        policy does not keep. `static` keyword arguments (not arrays: the sequence layout, the
-        prefill flag) are bound before the remat, which would otherwise trace them."""
+    def layer_caller(self, cached: bool, **static):
+        """How forward calls a decoder layer, `call(layer, *args)`: without a cache (training,
+        scoring: what is differentiated) under `nnx.remat` with the policy `config.remat` names,
+        so that the backward pass recomputes what the policy does not keep; with one (prefill
+        and decode, never differentiated) directly, since remat only costs there and an
+        `nnx.remat` inside generate's decode loop cannot run. `static` keyword arguments (not
+        arrays: the sequence layout, the prefill flag) are bound before the remat, which would
+        otherwise trace them."""
         call = functools.partial(_call_layer, **static)
-        if self.config.remat == "none":
+        if cached or self.config.remat == "none":
             return call
         return nnx.remat(call, policy=REMAT_POLICIES[self.config.remat])
 
@@ -331,7 +334,7 @@ class LlamaForCausalLM(DecoderLM):
         positions, (cos, sin), runs = self.positions_and_rotary(*input_ids.shape, start,
                                                                 segment_ids, layout)
         x = self.embed(input_ids)  # [batch, T, embed]
-        new_layers, call = [], self.layer_caller(layout=layout,
+        new_layers, call = [], self.layer_caller(cache is not None, layout=layout,
                                                  prefill=is_prefill(cache, start))
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]

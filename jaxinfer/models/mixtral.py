@@ -108,7 +108,8 @@ class MixtralForCausalLM(DecoderLM):
                                                                 segment_ids, layout)
         x = self.embed(input_ids)  # [batch, T, embed]
         new_layers, router_logits, dropped = [], [], []
-        call = self.layer_caller(layout=layout, prefill=is_prefill(cache, start))
+        call = self.layer_caller(cache is not None, layout=layout,
+                                 prefill=is_prefill(cache, start))
         for i, layer in enumerate(self.layers):
             kv = None if cache is None else cache.layers[i]
             key_i = None if router_key is None else jax.random.fold_in(router_key, i)

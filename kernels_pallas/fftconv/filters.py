@@ -3,14 +3,16 @@
 For a FFT size M (``monarch.fft_size``) the op is y[t] = sum_s h[s] v[(t - s) mod M], t < N, with
 v = pre_gate * u zero-padded to M and h [channels, M] built from the taps k [channels, L]:
 
-1. ``partial``: taps s >= partial are zeroed (a shorter filter).
+1. ``partial`` = p is applied by the caller (``fftconv``), which passes only the kept taps as k:
+   the first p taps (causal) or the p nearest the centre (bidirectional), a shorter filter.
 2. ``freq_sparsity`` = r > 0: the filter's spectrum at size M keeps only the frequencies
    |f| < (1 - r) * M / 2, i.e. |f| <= ``keep_frequencies(M, r)`` (the rest, the highest-frequency
    bins, are zeroed): a low-pass projection of the filter, so the effective filter becomes
    circular and dense. r = 0 keeps all; a tiny r drops the Nyquist bin M/2 alone, and each larger
    r one more bin as (1 - r) M/2 passes an integer.
-3. ``offset`` (bidirectional, centred): h[s] = k[(s + offset) mod M], so tap ``offset`` of k
-   multiplies v[t] itself (taps before it look back, taps after it look ahead).
+3. ``offset`` (bidirectional, centred): h[s] = k[(s + offset) mod M], so tap j of k multiplies
+   v[t + offset - j]: tap ``offset`` multiplies v[t] itself, taps j < offset look ahead
+   offset - j steps and taps j > offset look back j - offset.
 4. ``bias`` [channels] is added to h[0] (the skip term bias * v), after the frequency mask.
 """
 

@@ -19,7 +19,7 @@ from jaxinfer import cli
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.train.loop import CHECKPOINTS_DIR, TRAIN_CONFIG_FILE
 from jaxinfer.train.loop import train as real_train
-from jaxinfer.train.resume import data_fingerprint
+from jaxinfer.train.resume import data_fingerprint, model_config_changes
 from jaxinfer.train.run_files import DATA_FILE, write_json
 
 
@@ -171,6 +171,28 @@ def test_remat_reaches_the_model_and_the_resumed_run(tmp_path, handed_to_train):
         cli.main(["train", "--out", str(run), "--resume", "--remat", "full"])
     assert handed_to_train[-1][0].config.remat == "full"
     assert json.loads((run / "run.json").read_text())["remat"] == "full"
+
+
+def test_remat_reaches_a_hyena_model_and_a_resume_may_change_it(tmp_path, handed_to_train):
+    config = jaxinfer.HyenaConfig(vocab_size=4096, hidden_size=16, intermediate_size=32,
+                                  num_hidden_layers=1, max_position_embeddings=32,
+                                  filter_hidden_size=16, filter_emb_dim=5)
+    init = jaxinfer.save_pretrained(jaxinfer.HyenaForCausalLM(config, rngs=nnx.Rngs(0)),
+                                    tmp_path / "hyena")
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    run = tmp_path / "run"
+    with pytest.raises(_Stop):
+        cli.main(["train", "--corpus", str(corpus), "--init", str(init), "--tokenizer",
+                  str(jaxinfer.default_model_dir()), "--out", str(run), "--steps", "3",
+                  "--seq-len", "16", "--remat", "full"])
+    with pytest.raises(_Stop):
+        cli.main(["train", "--out", str(run), "--resume", "--remat", "dots"])
+    (fresh_model, _, _), (resumed_model, _, _) = handed_to_train
+    assert isinstance(resumed_model, jaxinfer.HyenaForCausalLM)
+    assert (fresh_model.config.remat, resumed_model.config.remat) == ("full", "dots")
+    # remat is a run setting: the resumed model's architecture is the run's config.json
+    assert model_config_changes(run, resumed_model.config.to_hf_config()) == []
 
 
 def test_an_unknown_remat_mode_is_a_usage_error(capsys):

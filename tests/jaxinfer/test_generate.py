@@ -137,8 +137,7 @@ def test_greedy_matches_argmax_loop_over_full_forward(sharp_model):
 SAMPLE_TOKENS = 24
 
 
-# the Pallas case also runs its layers under remat, which traces `start`: prefill is decided
-# outside it (one compile per case either way)
+# the Pallas case also sets remat, which a cached forward skips (one compile per case either way)
 @pytest.mark.parametrize("backend, remat", [("xla", "none"), ("pallas", "full")])
 def test_prefill_into_an_empty_cache_runs_flash_attention_with_the_uncached_logits(backend, remat,
                                                                                   monkeypatch):
@@ -169,6 +168,26 @@ def test_prefill_into_an_empty_cache_runs_flash_attention_with_the_uncached_logi
     step, _ = decode(state, jnp.asarray(seq[:, -1:]), cache)
     assert cached_calls  # decode reads the cache
     np.testing.assert_allclose(np.asarray(step)[:, 0], want[:, -1], atol=FORWARD_ATOL)
+
+
+@pytest.mark.parametrize("config_cls, model_cls, extra", [
+    (jaxinfer.LlamaConfig, jaxinfer.LlamaForCausalLM, {}),
+    (jaxinfer.MixtralConfig, jaxinfer.MixtralForCausalLM,
+     dict(num_local_experts=2, num_experts_per_tok=1)),
+])
+def test_a_remat_model_generates_as_without_remat(config_cls, model_cls, extra):
+    """remat is a training setting: cached forwards (prefill, decode) run their layers directly,
+    so generate's decode loop works (nnx.remat inside it raised TraceContextError) and picks
+    the same tokens."""
+    config = config_cls(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
+                        num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
+                        **extra)
+    model = model_cls(config, rngs=nnx.Rngs(0))
+    prompt = jnp.asarray(np.random.default_rng(0).integers(0, 32, (2, 6)), jnp.int32)
+    want = np.asarray(jaxinfer.generate(model, prompt, max_new_tokens=5))
+    model.config = dataclasses.replace(config, remat="full")
+    np.testing.assert_array_equal(np.asarray(jaxinfer.generate(model, prompt, max_new_tokens=5)),
+                                  want)
 
 
 def test_greedy_rows_do_not_depend_on_the_rest_of_the_batch(flat_model):

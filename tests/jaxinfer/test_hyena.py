@@ -1,6 +1,7 @@
 """Hyena decoder: causal, the same logits on every fftconv backend, right shapes and dtypes,
-implicit filters that decay and squash, clear config errors, it trains with the shared step,
-round-trips through save/load_pretrained, and decodes from its cache as the full forward scores."""
+implicit filters that decay and squash, clear config errors, it trains with the shared step
+(remat changing nothing it computes), round-trips through save/load_pretrained, and decodes from
+its cache as the full forward scores, also with a cache longer than the context."""
 
 import dataclasses
 import functools
@@ -18,6 +19,7 @@ from jaxinfer.config import HyenaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
 from jaxinfer.models.hyena_filter import decay_window, squash
 from jaxinfer.train import TrainConfig, train
+from jaxinfer.train.step import next_token_loss
 
 # FFT convolution (xla/pallas) rounds every output with ~eps * log2(M) relative error, so a later
 # token perturbs earlier logits by float32 noise only; measured ~3e-8 on these sizes.
@@ -27,6 +29,8 @@ BACKEND_ATOL = 2e-5
 # Cached decoding sums the long convolutions directly where the full forward uses FFTs (f32);
 # measured ~3e-8 on these sizes.
 DECODE_ATOL = 1e-5
+# remat runs the same ops; XLA may fuse the recomputed forward differently (f32).
+REMAT_RTOL, REMAT_ATOL = 1e-5, 1e-7
 VOCAB, SEQ = 32, 40
 
 
@@ -129,10 +133,24 @@ def test_inputs_are_checked():
         HyenaForCausalLM(dataclasses.asdict(tiny_config()), rngs=nnx.Rngs(0))
 
 
+def test_a_cache_longer_than_the_context_pads_the_filters_with_zero_taps():
+    """Speculative decoding sizes its cache past max_position_embeddings (scratch slots): the
+    filters there are zero, the real taps those of the full-context filter, and a static start
+    may still not reach past the context."""
+    model = tiny_model(num_hidden_layers=1, max_position_embeddings=16)
+    mixer = model.layers[0].mixer
+    cache = model.init_cache(1, 21)
+    k = np.asarray(cache.layers[0].filter)  # [N-1, D, 21]
+    np.testing.assert_array_equal(k[..., :16], np.asarray(mixer.long_filters(16)))
+    np.testing.assert_array_equal(k[..., 16:], 0.0)
+    with pytest.raises(ValueError, match="below max_position_embeddings = 16"):
+        model.forward(jnp.zeros((1, 17), jnp.int32), cache, 0)
+
+
 @pytest.mark.parametrize("field,value", [
     ("hidden_size", 0), ("order", 1), ("filter_emb_dim", 4), ("filter_squash", -1.0),
     ("filter_decay_fast", 2.0), ("filter_decay_target", 1.5), ("fftconv_backend", "cuda"),
-    ("dtype", "float16"), ("model_type", "llama"), ("short_filter_size", 0),
+    ("dtype", "float16"), ("model_type", "llama"), ("short_filter_size", 0), ("remat", "some"),
 ])
 def test_bad_config_names_the_field(field, value):
     with pytest.raises(ValueError, match=field):
@@ -143,6 +161,32 @@ def test_config_round_trips_through_hf_dict():
     config = tiny_config(order=3, eos_token_id=[2], fftconv_backend="reference")
     again = HyenaConfig.from_hf_config(config.to_hf_config(), fftconv_backend="reference")
     assert again == config
+
+
+def test_remat_is_a_run_setting_kept_out_of_config_json():
+    config = tiny_config(remat="dots")
+    hf = config.to_hf_config()
+    assert "remat" not in hf and "fftconv_backend" not in hf
+    assert HyenaConfig.from_hf_config(hf | {"remat": "full"}, fftconv_backend="xla") == (
+        config.replace(remat="none"))
+
+
+@pytest.mark.parametrize("remat", ["full", "dots"])
+def test_remat_recomputes_blocks_and_keeps_loss_and_gradients(remat):
+    """`remat` changes what the backward pass stores, never what it computes."""
+    batch = jnp.asarray(_ids(batch=2, seq=17, seed=4))  # [batch, seq + 1]
+    results = []
+    for mode in ("none", remat):
+        model = tiny_model()
+        model.config = model.config.replace(remat=mode)
+        graphdef, params = nnx.split(model)
+        grad_fn = jax.value_and_grad(lambda p: next_token_loss(graphdef, p, batch))
+        # one rematerialized call per block, and none without remat
+        assert str(jax.make_jaxpr(grad_fn)(params)).count("remat") == (
+            0 if mode == "none" else model.config.num_hidden_layers)
+        results.append(jax.jit(grad_fn)(params))
+    for a, b in zip(jax.tree.leaves(results[0]), jax.tree.leaves(results[1]), strict=True):
+        np.testing.assert_allclose(a, b, rtol=REMAT_RTOL, atol=REMAT_ATOL)
 
 
 @pytest.mark.slow  # compiles a train and an eval step: ~30-80 s on a shared 2-core CPU
@@ -259,3 +303,13 @@ def test_greedy_generate_equals_token_by_token_recomputation(decoder):
     np.testing.assert_array_equal(out[:, :6], prompt)
     logits = logits_of(decoder, out)  # [batch, 14, vocab]
     np.testing.assert_array_equal(out[:, 6:], logits[:, 5:-1].argmax(-1))
+
+
+def test_a_remat_model_decodes_as_without_remat(decoder):
+    """remat is a training setting: a cached forward (never differentiated) runs its blocks
+    directly, so generate's decode loop works and picks the same tokens."""
+    model = nnx.clone(decoder)
+    model.config = model.config.replace(remat="full")
+    prompt = _ids(batch=2, seq=6, seed=1)
+    np.testing.assert_array_equal(np.asarray(jaxinfer.generate(model, prompt, max_new_tokens=4)),
+                                  np.asarray(jaxinfer.generate(decoder, prompt, max_new_tokens=4)))

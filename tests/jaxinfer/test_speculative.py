@@ -119,11 +119,14 @@ def test_greedy_on_mixtral_batch_equals_target_greedy():
 def test_greedy_on_hyena_equals_target_greedy(drafter):
     """Hyena's decoding cache (short-convolution inputs and gated long-convolution inputs by
     position) rolls back as a KV cache does: a rejected draft's records are overwritten before
-    they are read, so verification passes after a rejection see the accepted tokens only."""
+    they are read, so verification passes after a rejection see the accepted tokens only.
+    Prompt and new tokens fill the context exactly, so the last rounds run in the cache's
+    scratch slots past max_position_embeddings (gamma + 1 of them), where the filters' taps
+    are zero padding."""
     config = jaxinfer.HyenaConfig(
         vocab_size=64, hidden_size=16, intermediate_size=32, num_hidden_layers=2,
-        max_position_embeddings=64, filter_hidden_size=16, filter_emb_dim=5,
-        fftconv_backend="xla")
+        max_position_embeddings=PROMPT_LEN + NEW_TOKENS, filter_hidden_size=16,
+        filter_emb_dim=5, fftconv_backend="xla")
     target = jaxinfer.HyenaForCausalLM(config, rngs=nnx.Rngs(0))
     randomize(target, seed=7)
     rng = np.random.default_rng(8)
