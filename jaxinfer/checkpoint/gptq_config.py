@@ -128,7 +128,7 @@ class GPTQConfig:
         if not isinstance(dynamic, dict):
             raise ValueError(f"{source}: dynamic must map module regexes to overrides; got "
                              f"{type(dynamic).__name__}")
-        decoding = {}
+        decoding, unknown_keys = {}, {}
         for pattern, override in dynamic.items():
             where = f"{source}.dynamic[{pattern!r}]"
             try:
@@ -143,16 +143,19 @@ class GPTQConfig:
                 raise ValueError(f"{where}: per-module {refused} would change how the module "
                                  f"decodes, which jaxinfer does not support; overrides may set "
                                  f"{OVERRIDABLE} (quantize-time settings are ignored)")
-            unknown = sorted(set(override) - set(OVERRIDABLE) - set(REFUSED_OVERRIDES)
-                             - set(QUANTIZE_TIME_OVERRIDES))
-            if unknown:
-                log.warning("%s: ignoring unknown per-module key(s) %s: jaxinfer decodes with %s "
-                            "and ignores GPTQModel's quantize-time settings; a key that changes "
-                            "how the module decodes would make its weights wrong", where, unknown,
-                            OVERRIDABLE)
+            for key in (set(override) - set(OVERRIDABLE) - set(REFUSED_OVERRIDES)
+                        - set(QUANTIZE_TIME_OVERRIDES)):
+                unknown_keys.setdefault(key, []).append(pattern)
             decoding[pattern] = _decoding_fields(override)
             if not pattern.startswith("-:"):
                 _check_spec({**base, **decoding[pattern]}, where)
+        if unknown_keys:  # once per load, not once per rule (a rule per module is common)
+            log.warning("%s.dynamic: ignoring unknown per-module key(s) %s (in %d rule(s), e.g. "
+                        "%r): jaxinfer decodes with %s and ignores GPTQModel's quantize-time "
+                        "settings; a key that changes how the module decodes would make its "
+                        "weights wrong", source, sorted(unknown_keys),
+                        len({p for ps in unknown_keys.values() for p in ps}),
+                        next(iter(unknown_keys.values()))[0], OVERRIDABLE)
         return cls(checkpoint_format=fmt, dynamic=decoding,
                    modules_in_block_to_quantize=_block_modules(
                        d.get("modules_in_block_to_quantize"), source), **base)
@@ -189,12 +192,14 @@ class GPTQConfig:
     def names_as_quantized(self, module: str) -> str | None:
         """Where the config names module ``module`` (HF name) as quantized, explicitly: its
         ``modules_in_block_to_quantize`` entry or the ``"+:"`` (or unprefixed) ``dynamic`` rule that
-        decides it; None when it is quantized only by default or not at all."""
+        decides it and sets how it decodes (bits, group size, ...); None when it is quantized
+        only by default or by a rule of quantize-time settings alone (``{".*": {"damp_percent":
+        0.1}}`` names nothing), so such a module stored in float loads as float."""
         if self.layer_spec(module) is None:
             return None
-        for pattern in self.dynamic:
+        for pattern, override in self.dynamic.items():
             if not pattern.startswith("-:") and re.match(pattern.removeprefix("+:"), module):
-                return f"dynamic rule {pattern!r}"
+                return f"dynamic rule {pattern!r}" if override else None
         if self.modules_in_block_to_quantize is not None:
             return f"modules_in_block_to_quantize entry {module.split('.', 3)[-1]!r}"
         return None

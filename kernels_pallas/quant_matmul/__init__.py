@@ -128,7 +128,8 @@ def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str =
     if isinstance(w, QuantizedWeight):
         y = _matmul_2d(x2, w, config)
     else:
-        xs = jnp.take(x2, w.perm, axis=-1)  # [M, K] in storage order: high rows, then low rows
+        # [M, K] in storage order: high rows, then low rows
+        xs = jnp.take(x2, w.perm, axis=-1, unique_indices=True)
         y, start = 0.0, 0
         for part in w.parts:
             rows = part.shape[0]
@@ -190,7 +191,7 @@ def _dot_dequantized(a, w: QuantizedWeight, scales, zeros, dtype, with_q: bool):
     v = (w.unpack_storage() - zeros[groups]) if with_q else zeros[groups]  # [K, N]
     v = v.astype(jnp.float32) * scales.astype(jnp.float32)[groups]
     if w.perm is not None:
-        a = jnp.take(a, w.perm, axis=-1)
+        a = jnp.take(a, w.perm, axis=-1, unique_indices=True)
     precision = jax.lax.Precision.HIGHEST if dtype == jnp.float32 else None
     return jnp.dot(a.astype(dtype), v.astype(dtype), preferred_element_type=jnp.float32,
                    precision=precision)

@@ -260,7 +260,7 @@ def tiled_operands(x: jax.Array, w: QuantizedWeight, block_m: int, block_n: int)
     scales, zeros with N padded to block_n (zero scales: padded columns contribute nothing and
     are sliced off). Returns (x [M_pad, K], qweight, scales, zeros)."""
     if w.perm is not None:
-        x = jnp.take(x, w.perm, axis=-1)
+        x = jnp.take(x, w.perm, axis=-1, unique_indices=True)
     m, n = x.shape[0], w.shape[1]
     x = jnp.pad(x, ((0, -m % block_m), (0, 0)))
     pad = ((0, 0), (0, -n % block_n))

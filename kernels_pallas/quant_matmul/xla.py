@@ -28,7 +28,7 @@ def quant_matmul(x: jax.Array, w: QuantizedWeight) -> jax.Array:
     """x [M, K] (float32 / bfloat16 / float16) -> float32 [M, N]."""
     k, n = w.shape
     if w.perm is not None:
-        x = jnp.take(x, w.perm, axis=-1)  # [M, K] in storage order
+        x = jnp.take(x, w.perm, axis=-1, unique_indices=True)  # [M, K] in storage order
     if jax.default_backend() == "cpu":
         x = x.astype(jnp.float32)
     q = w.unpack_storage().reshape(w.num_groups, w.group_size, n)  # [groups, G, N] int32

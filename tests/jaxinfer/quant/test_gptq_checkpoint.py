@@ -283,11 +283,12 @@ def test_unknown_dynamic_override_key_is_ignored_with_a_warning(caplog):
         GPTQConfig.from_dict({"bits": 4, "group_size": 128, "dynamic": {r"+:.*q_proj": quiet}})
         assert not caplog.records
         config = GPTQConfig.from_dict({"bits": 4, "group_size": 128, "dynamic": {
-            r"+:.*down_proj": {"bits": 8, "group_szie": 32, "mse": 2.4}}})
-    [record] = caplog.records
+            r"+:.*down_proj": {"bits": 8, "group_szie": 32, "mse": 2.4},
+            r"+:.*up_proj": {"group_szie": 32}}})
+    [record] = caplog.records  # one warning per load, however many rules carry the key
     assert record.levelno == logging.WARNING
-    assert "dynamic['+:.*down_proj']: ignoring unknown per-module key(s) ['group_szie']" in (
-        record.getMessage())
+    assert ("dynamic: ignoring unknown per-module key(s) ['group_szie'] (in 2 rule(s), e.g. "
+            "'+:.*down_proj')") in record.getMessage()
     assert config.layer_spec("model.layers.0.mlp.down_proj").group_size == 128
 
 
@@ -367,7 +368,7 @@ def test_module_missing_only_qweight_raises_even_beside_a_float_weight(rtn4, tmp
      "modules_in_block_to_quantize entry 'mlp.up_proj'"),
     (dict(dynamic={r"-:.*\.1\.mlp\.up_proj": {}, "+:.*up_proj": {"bits": 4}}),
      "dynamic rule '+:.*up_proj'"),
-    (dict(dynamic={"model.layers.0.mlp.up_proj": {"damp_percent": 0.1}}),  # no prefix: "+:"
+    (dict(dynamic={"model.layers.0.mlp.up_proj": {"bits": 4}}),  # no prefix: "+:"
      "dynamic rule 'model.layers.0.mlp.up_proj'"),
 ])
 def test_float_module_the_config_names_as_quantized_raises(rtn4, tmp_path, changes, named):
@@ -384,6 +385,19 @@ def test_float_module_the_config_names_as_quantized_raises(rtn4, tmp_path, chang
     with pytest.raises(ValueError, match=re.escape(f"names {UP} as quantized ({named}) but the "
                                                    f"checkpoint stores it as a float weight")):
         jaxinfer.load_pretrained(tmp_path)
+
+
+def test_a_rule_of_quantize_time_settings_alone_names_no_module_as_quantized():
+    # {".*": {"damp_percent": ...}} says how GPTQModel quantized, not which modules it did
+    config = GPTQConfig.from_dict({"bits": 4, "group_size": 128, "dynamic": {
+        ".*": {"damp_percent": 0.1}, "+:.*down_proj": {"bits": 8}}})
+    assert config.names_as_quantized(UP) is None
+    assert config.layer_spec(UP) is not None  # still quantized by default
+    assert config.names_as_quantized("model.layers.0.mlp.down_proj") is None  # ".*" decides it
+    named = GPTQConfig.from_dict({"bits": 4, "group_size": 128,
+                                  "dynamic": {"+:.*down_proj": {"bits": 8}}})
+    assert named.names_as_quantized("model.layers.0.mlp.down_proj") == (
+        "dynamic rule '+:.*down_proj'")
 
 
 def test_modules_in_block_to_quantize_is_written_only_when_every_block_agrees(rtn4):
