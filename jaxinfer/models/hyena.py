@@ -40,7 +40,7 @@ from jaxinfer.models.hyena_filter import ImplicitFilter
 from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.layers import (Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
                                      output_logits, param, row_parallel)
-from jaxinfer.models.llama import REMAT_POLICIES
+from jaxinfer.models.remat import remat_call
 from kernels_pallas import fftconv
 from sharding import constrain, local_map
 
@@ -225,13 +225,11 @@ class HyenaForCausalLM(nnx.Module):
 
     def block_caller(self, cached: bool):
         """How forward calls a block, `call(block, x, cache, start)`: without a cache (training,
-        scoring: what is differentiated) under `nnx.remat` with the policy `config.remat` names
-        (Llama's ``REMAT_POLICIES``), so that the backward pass recomputes what the policy does
+        scoring: what is differentiated) under remat with the policy `config.remat` names
+        (`remat_call`), so that the backward pass recomputes what the policy does
         not keep; with one (decoding, never differentiated) directly, so a prefill's static
         start of 0 still picks the FFT path and a decode loop's scan needs no remat."""
-        if cached or self.config.remat == "none":
-            return _call_block
-        return nnx.remat(_call_block, policy=REMAT_POLICIES[self.config.remat])
+        return _call_block if cached else remat_call(_call_block, self.config.remat)
 
     def init_cache(self, batch: int, max_len: int) -> HyenaCache:
         """An empty decoding cache for `batch` sequences of `max_len` slots; it materializes

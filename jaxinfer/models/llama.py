@@ -28,6 +28,7 @@ from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import (RESIDUAL, Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
                                      output_logits, row_parallel)
 from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, PagedLayerKV
+from jaxinfer.models.remat import remat_call
 from jaxinfer.models.rope import apply_rotary, inverse_frequencies, rotary_tables
 from sharding import constrain, zigzag_permute, zigzag_unpermute
 
@@ -38,9 +39,6 @@ KV_AXES = ("batch", "seq", "act_kv_heads", "head_dim")
 CACHE_AXES = ("batch", "cache_seq", "act_kv_heads", "head_dim")
 LOGITS = ("batch", "seq", "act_vocab")
 SEQUENCE_LAYOUTS = ("contiguous", "zigzag")  # token orders forward takes (causal_attention)
-# LlamaConfig.remat -> what the backward pass keeps of a layer (None: only the layer's inputs);
-# "dots" keeps the projections' outputs, not attention's batched score products
-REMAT_POLICIES = {"full": None, "dots": jax.checkpoint_policies.dots_with_no_batch_dims_saveable}
 
 
 class SelfAttention(nnx.Module):
@@ -200,16 +198,14 @@ class DecoderLM(nnx.Module):
 
     def layer_caller(self, cached: bool, **static):
         """How forward calls a decoder layer, `call(layer, *args)`: without a cache (training,
-        scoring: what is differentiated) under `nnx.remat` with the policy `config.remat` names,
-        so that the backward pass recomputes what the policy does not keep; with one (prefill
-        and decode, never differentiated) directly, since remat only costs there and an
-        `nnx.remat` inside generate's decode loop cannot run. `static` keyword arguments (not
+        scoring: what is differentiated) under remat with the policy `config.remat` names
+        (`remat_call`), so that the backward pass recomputes what the policy does not keep;
+        with one (prefill and decode, never differentiated) directly, since remat only costs
+        there. `static` keyword arguments (not
         arrays: the sequence layout, the prefill flag) are bound before the remat, which would
         otherwise trace them."""
         call = functools.partial(_call_layer, **static)
-        if cached or self.config.remat == "none":
-            return call
-        return nnx.remat(call, policy=REMAT_POLICIES[self.config.remat])
+        return call if cached else remat_call(call, self.config.remat)
 
     def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None
                  ) -> jax.Array:

@@ -102,6 +102,18 @@ def test_remat_recomputes_layers_and_keeps_loss_and_gradients(remat):
         np.testing.assert_allclose(a, b, rtol=1e-5, atol=1e-7)  # same ops, reordered fusions
 
 
+def test_a_remat_model_captured_by_a_transform_runs():
+    """remat is functional (`remat_call`): a model that jit or scan captures, rather than merges
+    inside, runs its layers under remat (nnx.remat raised TraceContextError there)."""
+    model = tiny_model(64)
+    model.config = dataclasses.replace(model.config, remat="full")
+    ids = jax.random.randint(jax.random.key(2), (2, 7), 0, 64)  # [batch, seq]
+    want = model(ids)
+    np.testing.assert_allclose(jax.jit(lambda x: model(x))(ids), want, rtol=1e-6, atol=1e-6)
+    _, scanned = jax.lax.scan(lambda c, row: (c, model(row[None])[0]), 0, ids)
+    np.testing.assert_allclose(scanned, want, rtol=1e-6, atol=1e-6)
+
+
 def test_mixtral_honours_remat_too():
     """MixtralConfig inherits `remat`; its forward must apply it, not ignore it."""
     config = jaxinfer.MixtralConfig(vocab_size=64, hidden_size=16, intermediate_size=32,
