@@ -26,7 +26,8 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from jaxinfer.config import HyenaConfig, LlamaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
 from jaxinfer.models.llama import LlamaForCausalLM
@@ -136,7 +137,7 @@ def main() -> None:
                         help="steps between held-out query-accuracy points of the curve")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "associative_recall.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     if args.quick:
         args.lengths, args.steps, args.batch, args.eval_size, args.eval_every = [31], 10, 8, 32, 5
         args.hidden, args.layers = 32, 1

@@ -24,7 +24,7 @@ from pathlib import Path
 import jax
 import jax.numpy as jnp
 
-from experiments.common import RESULTS, environment, print_table, write_json
+from experiments.common import RESULTS, environment, parse_experiment_args, print_table, write_json
 from kernels_pallas import flash_attention
 
 LINEAR_LIMIT = 4.5  # the most temp bytes may grow when S quadruples, for a linear-memory backend
@@ -103,7 +103,7 @@ def main() -> None:
     parser.add_argument("--full", dest="causal", action="store_false",
                         help="full (non-causal) attention; causal by default")
     parser.add_argument("--out", default=str(RESULTS / "attention_memory.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     platform = jax.default_backend()
     if args.dtype is None:
         args.dtype = "float32" if platform == "cpu" else "bfloat16"

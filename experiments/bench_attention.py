@@ -58,7 +58,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from jaxinfer.models.attention import paged_attention
 from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from kernels_pallas import flash_attention, paged_decode_attention, ragged_paged_attention
@@ -284,7 +285,7 @@ def main() -> None:
     parser.add_argument("--no-ragged", dest="ragged", action="store_false",
                         help="skip the ragged (mixed prefill/decode step) table")
     parser.add_argument("--out", default=str(RESULTS / "bench_attention.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     platform = jax.default_backend()
     gpu = platform == "gpu"
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")

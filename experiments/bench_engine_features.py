@@ -50,7 +50,7 @@ import numpy as np
 import jaxinfer
 from experiments.bench_serving import corpus_stream, latency_row, serve
 from experiments.bench_speculative import truncated_draft
-from experiments.common import RESULTS, environment, print_table, write_json
+from experiments.common import RESULTS, environment, parse_experiment_args, print_table, write_json
 from jaxinfer.generate.engine_step import PAGED_ATTENTION, attends_ragged
 from jaxinfer.generate.scheduler import Chunk, Request
 from jaxinfer.models.paged_kv import page_bytes
@@ -271,7 +271,7 @@ def main() -> None:
                         help="timed steps per mix and path in the step table (0: no table)")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "bench_engine_features.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     if args.quick:  # one token bucket (8) that max_batch rows fill: lookup compiles nothing new
         args.num_requests, args.prefix_len, args.question_len = 4, 32, [4, 8]
         args.output_len, args.passage_len, args.cue_len = [2, 4], 24, 8

@@ -83,7 +83,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from experiments.fftconv_sweep_metrics import (add_sparsity_errors, pallas_kernel_work,
                                                partial_work, plan_label)
 from kernels_pallas import fftconv
@@ -441,7 +442,7 @@ def main() -> None:
                         help="Monarch plans of the pallas monarch_plan sweep (GPU only)")
     parser.add_argument("--reference-max-taps", type=int, default=1024)
     parser.add_argument("--out", default=str(RESULTS / "bench_fftconv.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     gpu = jax.default_backend() == "gpu"
     args.dtypes = args.dtypes or (["bfloat16", "float32"] if gpu else ["float32"])
     args.seq_lens = args.seq_lens or (list(GPU_SEQ_LENS) if gpu else [256, 1024, 4096])

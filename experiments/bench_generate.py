@@ -20,7 +20,7 @@ import jax
 import numpy as np
 
 import jaxinfer
-from experiments.common import RESULTS, environment, print_table, write_json
+from experiments.common import RESULTS, environment, parse_experiment_args, print_table, write_json
 
 
 def _timed(fn, reps: int) -> list[float]:
@@ -42,7 +42,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "bench_generate.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     if args.quick:
         args.batch_sizes, args.prompt_len, args.new_tokens, args.reps = [2], 8, 8, 1
 

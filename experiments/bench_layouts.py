@@ -40,8 +40,8 @@ from flax import nnx  # noqa: E402
 import jaxinfer  # noqa: E402
 import sharding  # noqa: E402
 from experiments.bench_attention import timed  # noqa: E402
-from experiments.common import (RESULTS, environment, peak_bytes, print_table,  # noqa: E402
-                                write_json)
+from experiments.common import (RESULTS, environment, parse_experiment_args,  # noqa: E402
+                                peak_bytes, print_table, write_json)
 from jaxinfer.models.mixtral import MixtralForCausalLM  # noqa: E402
 from jaxinfer.models.mixtral_config import MixtralConfig  # noqa: E402
 from jaxinfer.train.optimizer import make_optimizer  # noqa: E402
@@ -170,7 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--fast-compile", action="store_true",
                         help="compile without XLA backend optimisation (see FAST_COMPILE)")
     parser.add_argument("--out", default=str(RESULTS / "bench_layouts.json"))
-    args = parser.parse_args(argv)
+    args = parse_experiment_args(parser, argv)
     if args.quick:
         args.layouts = [n for n in args.layouts if n in QUICK_LAYOUTS]
         args.vocab, args.hidden, args.layers, args.batch, args.seq = 64, 32, 1, 8, 16

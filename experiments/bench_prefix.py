@@ -25,7 +25,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from jaxinfer.generate.hydragen import shared_prefix_attention
 from jaxinfer.models.attention import cached_attention
 from kernels_pallas import flash_attention
@@ -61,7 +62,7 @@ def main() -> None:
     parser.add_argument("--dtype", default="float32")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS / "bench_prefix.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     if args.quick:
         args.batch_sizes, args.prefix_lens, args.suffix, args.reps = [2, 8], [128], 8, 2
 

@@ -38,7 +38,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul
 
 # Llama-7B's q/k/v/o, gate/up and down projections, then Llama-3-8B's gate/up.
@@ -238,7 +239,7 @@ def main() -> None:
     parser.add_argument("--budget-s", type=float, default=70.0,
                         help="start no new configuration after this many seconds")
     parser.add_argument("--out", default=str(RESULTS / "bench_quant_matmul.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     gpu = jax.default_backend() == "gpu"
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")
     args.shapes = args.shapes or [parse_shape(s) for s in (GPU_SHAPES if gpu else CPU_SHAPES)]

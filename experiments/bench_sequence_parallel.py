@@ -68,8 +68,8 @@ import jaxinfer  # noqa: E402
 import sharding  # noqa: E402
 from experiments.bench_attention import timed  # noqa: E402
 from experiments.bench_layouts import FAST_COMPILE  # noqa: E402
-from experiments.common import (RESULTS, environment, plot_curves, print_table,  # noqa: E402
-                                write_json)
+from experiments.common import (RESULTS, environment, parse_experiment_args,  # noqa: E402
+                                plot_curves, print_table, write_json)
 from jaxinfer.models.llama import RESIDUAL, DecoderLayer  # noqa: E402
 from jaxinfer.models.rope import inverse_frequencies, rotary_tables  # noqa: E402
 from kernels_pallas import flash_attention  # noqa: E402
@@ -374,7 +374,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--comm-seq", type=int, default=1024,
                         help="sequence length of the communication sweep")
     parser.add_argument("--out", default=str(RESULTS / "bench_sequence_parallel.json"))
-    args = parser.parse_args(argv)
+    args = parse_experiment_args(parser, argv)
     on_cpu = jax.devices()[0].platform == "cpu"
     if args.quick:
         args.seq_lens = args.seq_lens or [256]

@@ -45,8 +45,8 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from experiments.common import (RESULTS, environment, init_model, plot_curves, print_table,
-                                write_json)
+from experiments.common import (RESULTS, environment, init_model, parse_experiment_args,
+                                plot_curves, print_table, write_json)
 from jaxinfer.generate.engine_step import PAGED_ATTENTION
 from jaxinfer.models.paged_kv import page_bytes
 
@@ -222,7 +222,7 @@ def main() -> None:
                         help="interleaved engine-offline / peer rounds for the ratio")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "bench_serving.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     if args.quick:
         # one finite rate: the latency plot's point, and the run the roofline and the peer use
         args.num_requests, args.rates = 8, [32.0]

@@ -29,7 +29,8 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_attention import add_ratios, timed, with_backward
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from kernels_pallas import flash_attention, tile_fraction
 from kernels_pallas.attention.tiling import default_block_sizes
 
@@ -82,7 +83,7 @@ def main() -> None:
     parser.add_argument("--dtype", default=None, help="default: bfloat16 on GPU, float32 on CPU")
     parser.add_argument("--reps", type=int, default=5)
     parser.add_argument("--out", default=str(RESULTS / "bench_sparse_attention.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     gpu = jax.default_backend() == "gpu"
     args.backend = args.backend or ("pallas" if gpu else "xla")
     args.dtype = args.dtype or ("bfloat16" if gpu else "float32")

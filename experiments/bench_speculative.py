@@ -30,7 +30,8 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from jaxinfer.generate.speculative import speculative_generate
 
 
@@ -73,7 +74,7 @@ def main() -> None:
     parser.add_argument("--new-tokens", type=int, default=128)
     parser.add_argument("--reps", type=int, default=3)
     parser.add_argument("--out", default=str(RESULTS / "bench_speculative.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     if args.quick:
         args.gammas, args.prompt_len, args.new_tokens, args.reps = [2], 16, 12, 1
 

@@ -58,8 +58,8 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from experiments.common import (RESULTS, environment, init_model, peak_bytes, plot_curves,
-                                print_table, write_json)
+from experiments.common import (RESULTS, environment, init_model, parse_experiment_args, peak_bytes,
+                                plot_curves, print_table, write_json)
 from jaxinfer.config import ATTENTION_BACKENDS, REMAT_MODES
 from jaxinfer.train.optimizer import make_optimizer
 from jaxinfer.train.step import train_step
@@ -230,7 +230,7 @@ def parse_args(argv: list[str] | None) -> argparse.Namespace:
     parser.add_argument("--fast-compile", action="store_true",
                         help="compile without XLA backend optimisation (on with --quick)")
     parser.add_argument("--out", default=str(RESULTS / "bench_train_mfu.json"))
-    args = parser.parse_args(argv)
+    args = parse_experiment_args(parser, argv)
     for name, value in (QUICK if args.quick else FULL).items():
         if getattr(args, name) is None:
             setattr(args, name, value)

@@ -18,7 +18,8 @@ import subprocess
 import tempfile
 from pathlib import Path
 
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from jaxinfer import cli
 from jaxinfer.assets import ASSETS, corpus_sample_path
 
@@ -51,7 +52,7 @@ def main() -> None:
     parser.add_argument("--quick", action="store_true")
     parser.add_argument("--out", default=str(RESULTS / "build_default_model.json"))
     parser.add_argument("--run-dir", help="where the training run lives (default: runs/default_model)")
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
 
     work = Path(tempfile.mkdtemp()) if args.quick else Path(args.run_dir or "runs/default_model")
     work.mkdir(parents=True, exist_ok=True)

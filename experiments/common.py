@@ -1,8 +1,10 @@
-"""Shared plumbing for experiments: the environment record every result JSON carries, its
-(atomic) writing, compiled memory, and tables."""
+"""Shared plumbing for experiments: where a run writes its record (a --quick run: not over the
+committed one), the environment record every result JSON carries, its (atomic) writing, compiled
+memory, and tables."""
 
 from __future__ import annotations
 
+import argparse
 import datetime
 import json
 import os
@@ -13,6 +15,24 @@ from pathlib import Path
 import jax
 
 RESULTS = Path(__file__).parent / "results"
+# where a --quick run given no --out writes (gitignored): a smoke run must not replace the
+# committed record that --out's default names
+QUICK_RESULTS = RESULTS / "quick"
+
+
+def parse_experiment_args(parser: argparse.ArgumentParser,
+                          argv: list[str] | None = None) -> argparse.Namespace:
+    """parser.parse_args(argv) for an experiment with --quick and --out (default: its record in
+    RESULTS): without --out, a --quick run writes the file of that name in QUICK_RESULTS."""
+    record = parser.get_default("out")
+    parser.set_defaults(out=None)  # so that an --out given as the record's own path is kept
+    try:
+        args = parser.parse_args(argv)
+    finally:
+        parser.set_defaults(out=record)
+    if args.out is None:
+        args.out = str(QUICK_RESULTS / Path(record).name) if args.quick else record
+    return args
 
 
 def environment() -> dict:

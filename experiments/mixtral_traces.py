@@ -43,7 +43,7 @@ import numpy as np
 from flax import nnx
 from tokenizers import Tokenizer
 
-from experiments.common import RESULTS, environment, print_table, write_json
+from experiments.common import RESULTS, environment, parse_experiment_args, print_table, write_json
 from experiments.moe_placement import METHODS, place
 from jaxinfer.assets import corpus_sample_path, default_model_dir
 from jaxinfer.models.mixtral import MixtralForCausalLM
@@ -155,7 +155,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--mip-rel-gap", type=float, default=1e-3)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "mixtral_traces.json"))
-    args = parser.parse_args(argv)
+    args = parse_experiment_args(parser, argv)
     if args.quick:
         args.layers, args.hidden, args.steps, args.batch, args.seq = 2, 32, 5, 4, 32
         args.trace_batches = 2

@@ -36,7 +36,8 @@ from pathlib import Path
 
 import numpy as np
 
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from sharding.placement import (RoutingStats, contiguous_placement, cross_device_transitions,
                                 greedy_placement, ilp_placement, load_imbalance,
                                 round_robin_placement, routing_statistics)
@@ -137,7 +138,7 @@ def main(argv: list[str] | None = None) -> dict:
     parser.add_argument("--bytes-per-element", type=int, default=2)
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--out", default=str(RESULTS / "moe_placement.json"))
-    args = parser.parse_args(argv)
+    args = parse_experiment_args(parser, argv)
     if args.quick:
         args.layers, args.experts, args.devices, args.tokens = 4, 16, 4, 2048
         args.zipf = [0.0, 1.0, 2.0]

@@ -31,7 +31,8 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from experiments.common import RESULTS, environment, plot_curves, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
+                                print_table, write_json)
 from experiments.quant_quality import _log_probs, _loss_and_kl
 from jaxinfer.models.layers import QuantizedLinear
 from jaxinfer.quant import token_chunks
@@ -89,7 +90,7 @@ def main() -> None:
     parser.add_argument("--held-out", type=float, default=0.1,
                         help="fraction at the end of the text reserved for evaluation")
     parser.add_argument("--out", default=str(RESULTS / "quant_perplexity.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     if args.quick:
         args.bits = []  # the mixed 2/4 rows only: one GPTQ run, as long as the uniform rows
         args.calibration_chunks, args.eval_chunks, args.seq_len = 2, 4, 64

@@ -20,7 +20,7 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from experiments.common import RESULTS, environment, print_table, write_json
+from experiments.common import RESULTS, environment, parse_experiment_args, print_table, write_json
 
 SEQ = 128
 
@@ -45,7 +45,7 @@ def main() -> None:
     parser.add_argument("--calibration-chunks", type=int, default=32)
     parser.add_argument("--eval-chunks", type=int, default=32)
     parser.add_argument("--out", default=str(RESULTS / "quant_quality.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     if args.quick:
         args.bits, args.group_sizes, args.calibration_chunks, args.eval_chunks = [4], [-1], 4, 4
 

@@ -25,7 +25,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.bench_attention import timed, with_backward
-from experiments.common import RESULTS, environment, print_table, write_json
+from experiments.common import RESULTS, environment, parse_experiment_args, print_table, write_json
 from kernels_pallas import flash_attention, paged_decode_attention
 from kernels_pallas.attention.tiling import BlockSizes, default_block_sizes
 
@@ -76,7 +76,7 @@ def main() -> None:
     parser.add_argument("--head-dim", type=int, default=128)
     parser.add_argument("--reps", type=int, default=10)
     parser.add_argument("--out", default=str(RESULTS / "tune_attention.json"))
-    args = parser.parse_args()
+    args = parse_experiment_args(parser)
     gpu = jax.default_backend() == "gpu"
     dtype = jnp.bfloat16 if gpu else jnp.float32
     forward, backward, paged = FORWARD, BACKWARD, PAGED

@@ -9,7 +9,9 @@ The public API::
     rid = engine.submit(prompt_ids, jaxinfer.SamplingParams(max_tokens=64, temperature=0.8))
     results = engine.run_until_done()                  # {request id: generated token ids}
     jaxinfer.save_pretrained(model, "out_dir")
-    qmodel = jaxinfer.quantize(model, method="gptq", bits=4, calibration=token_ids)
+    # group_size must divide each layer's in_features: 128 suits most checkpoints, 16 the
+    # embedded model (jaxinfer.default_model_dir()), -1 is one group per output channel
+    qmodel = jaxinfer.quantize(model, method="gptq", bits=4, group_size=128, calibration=token_ids)
     tok = jaxinfer.load_tokenizer("path/to/hf_dir")
 """
 

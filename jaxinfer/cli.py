@@ -4,15 +4,20 @@ last two in `cli_checkpoints.py`)."""
 from __future__ import annotations
 
 import argparse
+import contextlib
+import dataclasses
+import inspect
 import logging
 import math
+import re
 import sys
 import time
 from pathlib import Path
 
 from jaxinfer import cli_checkpoints, cli_train
-from jaxinfer.cli_train import HELD_OUT
+from jaxinfer.cli_train import HELD_OUT, TRAIN_FLAGS
 from jaxinfer.config import REMAT_MODES
+from jaxinfer.train.train_config import TrainConfig
 
 EXAMPLES = {
     "generate": """examples:
@@ -62,6 +67,14 @@ def _non_negative_int(text: str) -> int:
     return value
 
 
+def _group_size(text: str) -> int:
+    """argparse type: a quantization group size, an integer >= 1 or -1 (per channel)."""
+    value = int(text)
+    if value < 1 and value != -1:
+        raise argparse.ArgumentTypeError(f"must be an integer >= 1 or -1 (per channel); got {text}")
+    return value
+
+
 # a byte-level BPE holds the 256 bytes and <|endoftext|> whatever size it is asked for
 MIN_BPE_VOCAB = 257
 
@@ -98,34 +111,85 @@ ENGINE_FLAGS = {"prompts_file": None, "min_p": None, "repetition_penalty": 1.0, 
                 "draft_model": None, "snapkv_budget": None, "hydragen": False,
                 "max_batch": 64, "page_size": 16, "num_pages": None, "max_tokens_per_step": 512}
 DEFAULT_PROMPT = "In the beginning"
+# library parameter names in the errors of `jaxinfer generate` -> the flags that set them
+# (SamplingParams' fields and the Engine's arguments); --snapkv-budget's bound on the engine's
+# snapkv_window, which no flag sets, is checked before (_check_generate_args)
+GENERATE_FLAG_NAMES = {"max_tokens": "--max-new-tokens", "temperature": "--temperature",
+                       "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
+                       "repetition_penalty": "--repetition-penalty", "stop": "--stop",
+                       "seed": "--seed", "n": "--n", "first_finish": "--first-finish",
+                       "kv_dtype": "--kv-cache-dtype", "speculative_tokens": "--speculative-tokens",
+                       "snapkv_budget": "--snapkv-budget", "max_batch": "--max-batch",
+                       "page_size": "--page-size", "num_pages": "--num-pages",
+                       "max_tokens_per_step": "--max-tokens-per-step"}
+
+
+class _HelpFormatter(argparse.RawDescriptionHelpFormatter):
+    """The examples as written, and each option's default after its help where it has one to
+    show (not None, False or [], and not already told in the help)."""
+
+    def _get_help_string(self, action: argparse.Action) -> str:
+        help_text = action.help or ""
+        unset = action.default is None or action.default is False or action.default == []
+        if (action.option_strings and not unset and action.default != argparse.SUPPRESS
+                and "default" not in help_text):
+            help_text += " (default: %(default)s)" if help_text else "default: %(default)s"
+        return help_text
+
+
+# --help of `jaxinfer train`'s training-loop flags, before their defaults (_train_help)
+TRAIN_HELP = {"steps": "total optimizer steps; with --resume: extend the run to this many (the "
+                       "learning-rate schedule follows the new total)",
+              "batch_size": "sequences per micro-batch", "seq_len": "tokens per sequence",
+              "grad_accum": "micro-batches averaged per optimizer step",
+              "lr": "peak learning rate (linear warmup, then cosine decay)",
+              "warmup": "warmup steps", "weight_decay": "AdamW weight decay",
+              "eval_every": "steps between held-out evaluations",
+              "checkpoint_every": "steps between checkpoints", "seed": "data and init seed"}
+
+
+def _train_help(flag: str) -> str:
+    """--help of a training-loop flag with TrainConfig's default (the parser's default is None,
+    so that --resume can tell which flags were given: see cli_train)."""
+    field = TRAIN_FLAGS[flag]
+    default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}[field]
+    return f"{TRAIN_HELP[flag]} (default: {default}; on --resume: the run's)"
 
 
 def _parser() -> argparse.ArgumentParser:
-    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__)
+    # allow_abbrev=False: a flag another one begins with (--max-tokens, --max-tokens-per-step)
+    # must not silently set that other one; subparsers do not inherit it
+    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
-    fmt = argparse.RawDescriptionHelpFormatter
 
-    gen = sub.add_parser("generate", help="continue a prompt", epilog=EXAMPLES["generate"],
-                         formatter_class=fmt)
+    def add(name: str, help_text: str) -> argparse.ArgumentParser:
+        return sub.add_parser(name, help=help_text, epilog=EXAMPLES[name], allow_abbrev=False,
+                              formatter_class=_HelpFormatter)
+
+    gen = add("generate", "continue a prompt")
     gen.add_argument("prompt", nargs="?", help=f"default: {DEFAULT_PROMPT!r}")
     gen.add_argument("--prompts-file", help="UTF-8 text file of prompts, one per line, served "
                      "together (instead of PROMPT)")
     gen.add_argument("--model", help="HF model directory (default: the embedded model)")
-    gen.add_argument("--max-new-tokens", type=_positive_int, default=48)
+    gen.add_argument("--max-new-tokens", "--max-tokens", type=_positive_int, default=48,
+                     help="tokens generated per sample (--max-tokens: vLLM's name)")
     gen.add_argument("--temperature", type=float, default=0.0, help="0 = greedy")
-    gen.add_argument("--top-k", type=_positive_int)
-    gen.add_argument("--top-p", type=float)
-    gen.add_argument("--min-p", type=float)
+    gen.add_argument("--top-k", type=_positive_int, help="sample among the k likeliest tokens")
+    gen.add_argument("--top-p", type=float,
+                     help="sample among the likeliest tokens whose probabilities sum to p")
+    gen.add_argument("--min-p", type=float,
+                     help="drop tokens less likely than min-p times the likeliest one")
     gen.add_argument("--repetition-penalty", type=float, default=1.0, help="1 = off")
     gen.add_argument("--stop", action="append", default=[], metavar="TEXT",
                      help="a string that ends a completion (repeatable)")
     gen.add_argument("--n", type=_positive_int, default=1, help="samples per prompt")
     gen.add_argument("--first-finish", action="store_true",
                      help="with --n: First Finish Search, return the shortest sample")
-    gen.add_argument("--seed", type=int, default=0)
+    gen.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed")
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="copies of the prompt decoded together")
-    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    gen.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                     help="the model's parameter and compute dtype")
     gen.add_argument("--max-batch", type=_positive_int, default=ENGINE_FLAGS["max_batch"],
                      help="engine: sequences in flight")
     gen.add_argument("--page-size", type=_positive_int, default=ENGINE_FLAGS["page_size"],
@@ -137,7 +201,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="engine: token budget of one step (decodes + prompt chunks)")
     gen.add_argument("--kv-cache-dtype", default="auto", choices=["auto", "int8"],
                      help="engine: KV pages in the model's dtype or int8 (per-head scales)")
-    gen.add_argument("--speculative-tokens", type=int, default=0, metavar="GAMMA",
+    gen.add_argument("--speculative-tokens", type=_non_negative_int, default=0, metavar="GAMMA",
                      help="engine: tokens drafted per step and verified in one pass (from "
                      "--draft-model, else by prompt lookup); 0 = off")
     gen.add_argument("--draft-model", help="engine: HF model directory of a draft model that "
@@ -147,8 +211,7 @@ def _parser() -> argparse.ArgumentParser:
     gen.add_argument("--hydragen", action="store_true",
                      help="engine: batch the attention over shared prompt prefixes")
 
-    tr = sub.add_parser("train", help="train or fine-tune on a text corpus",
-                        epilog=EXAMPLES["train"], formatter_class=fmt)
+    tr = add("train", "train or fine-tune on a text corpus")
     tr.add_argument("--out", required=True, help="run directory (checkpoints, logs, final model)")
     tr.add_argument("--resume", action="store_true", help="continue from the run's last checkpoint")
     tr.add_argument("--corpus", help="UTF-8 text file (default on --resume: the run's corpus)")
@@ -160,41 +223,41 @@ def _parser() -> argparse.ArgumentParser:
                     help="train a byte-level BPE of this size on the corpus")
     tr.add_argument("--held-out", type=_fraction,
                     help=f"fraction of tokens for evaluation (default {HELD_OUT})")
-    tr.add_argument("--steps", type=_positive_int,
-                    help="total optimizer steps; with --resume: extend the run to this many (the "
-                         "learning-rate schedule follows the new total)")
+    tr.add_argument("--steps", type=_positive_int, help=_train_help("steps"))
     for flag, kind in (("--batch-size", _positive_int), ("--seq-len", _positive_int),
                        ("--grad-accum", _positive_int), ("--lr", float),
                        ("--warmup", _non_negative_int), ("--weight-decay", float),
                        ("--eval-every", _positive_int), ("--checkpoint-every", _positive_int),
                        ("--seed", _non_negative_int)):
-        tr.add_argument(flag, type=kind)
+        tr.add_argument(flag, type=kind, help=_train_help(flag[2:].replace("-", "_")))
     tr.add_argument("--remat", choices=REMAT_MODES,
-                    help="recompute decoder-layer activations in the backward pass to save "
-                         "memory (Llama, Mixtral; results are equal up to float rounding): full "
-                         "keeps each layer's input, dots also its projections (default: the "
-                         "run's own on --resume, else none)")
+                    help="recompute each layer's activations in the backward pass to save "
+                         "memory (results are equal up to float rounding): full keeps each "
+                         "layer's input, dots also its matmul outputs (default: the run's own on "
+                         "--resume, else none)")
     tr.add_argument("--document-separator", type=int, metavar="TOKEN_ID",
                     help="pack documents: the token id that ends each document in the corpus "
                          "(e.g. 0, <|endoftext|> of the embedded tokenizer, which the corpus can "
                          "hold as text); rows then carry segment ids, so no token attends across "
                          "documents")
 
-    cv = sub.add_parser("convert", help="rewrite an HF model directory (dtype, sharding)",
-                        epilog=EXAMPLES["convert"], formatter_class=fmt)
-    cv.add_argument("src")
-    cv.add_argument("dst")
-    cv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"])
+    cv = add("convert", "rewrite an HF model directory (dtype, sharding)")
+    cv.add_argument("src", help="HF model directory")
+    cv.add_argument("dst", help="output directory (may be src: rewritten in place)")
+    cv.add_argument("--dtype", default="float32", choices=["float32", "bfloat16"],
+                    help="the written weights' dtype")
     cv.add_argument("--shard-size-mb", type=_positive_finite,
                     help="split weights into shards of this size")
 
-    qz = sub.add_parser("quantize", help="GPTQ/RTN-quantize a model into an HF GPTQ checkpoint",
-                        epilog=EXAMPLES["quantize"], formatter_class=fmt)
+    qz = add("quantize", "GPTQ/RTN-quantize a model into an HF GPTQ checkpoint")
     qz.add_argument("model", help="HF model directory (float weights)")
     qz.add_argument("out", help="output directory (GPTQ checkpoint + tokenizer)")
-    qz.add_argument("--method", default="gptq", choices=["gptq", "rtn"])
-    qz.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8])
-    qz.add_argument("--group-size", type=int, default=128, help="-1 = per channel")
+    qz.add_argument("--method", default="gptq", choices=["gptq", "rtn"],
+                    help="GPTQ (calibrated) or round to nearest")
+    qz.add_argument("--bits", type=int, default=4, choices=[2, 3, 4, 8], help="weight bits")
+    qz.add_argument("--group-size", type=_group_size, default=128,
+                    help="weights per scale along each layer's in_features, which it must "
+                         "divide; -1 = per channel")
     qz.add_argument("--act-order", action=argparse.BooleanOptionalAction, default=True,
                     help="GPTQ desc_act")
     qz.add_argument("--sym", action=argparse.BooleanOptionalAction, default=True,
@@ -218,17 +281,51 @@ def _prompt_texts(args: argparse.Namespace) -> list[str]:
         return [DEFAULT_PROMPT if args.prompt is None else args.prompt]
     if args.prompt is not None:
         raise ValueError("give PROMPT or --prompts-file, not both")
-    texts = [line for line in Path(args.prompts_file).read_text(encoding="utf-8").splitlines()
-             if line.strip()]
+    try:
+        text = Path(args.prompts_file).read_text(encoding="utf-8")
+    except UnicodeDecodeError as e:
+        raise ValueError(f"--prompts-file {args.prompts_file} is not UTF-8 text: {e}") from None
+    texts = [line for line in text.splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt (no non-blank line)")
     return texts
 
 
+def _check_generate_args(args: argparse.Namespace) -> None:
+    """What the engine would refuse naming one of its own arguments that no flag sets."""
+    import jaxinfer
+
+    window = inspect.signature(jaxinfer.Engine).parameters["snapkv_window"].default
+    if args.snapkv_budget is not None and args.snapkv_budget < window:
+        raise ValueError(f"--snapkv-budget must be at least {window}: SnapKV keeps a prompt's "
+                         f"last {window} tokens (its observation window, whose attention picks "
+                         f"the others); got {args.snapkv_budget}")
+    if args.snapkv_budget is not None and args.max_tokens_per_step < window:
+        raise ValueError(f"--max-tokens-per-step must be at least {window} with --snapkv-budget: "
+                         f"SnapKV's observation window, a prompt's last {window} tokens, comes "
+                         f"from one step; got {args.max_tokens_per_step}")
+
+
+def _in_flag_terms(message: str) -> str:
+    """A library error of `jaxinfer generate` with the parameter names that flags set replaced
+    by those flags: "SamplingParams.top_p must be None or ..." -> "--top-p must be ...",
+    "max_tokens=48" -> "--max-new-tokens 48". Bare names only where they cannot be prose (they
+    hold an underscore)."""
+    def flag(match: re.Match) -> str:
+        name, assigned = match.group(1), match.group(2)
+        if name not in GENERATE_FLAG_NAMES or not (match.group(0).startswith("SamplingParams.")
+                                                   or assigned or "_" in name):
+            return match.group(0)
+        return GENERATE_FLAG_NAMES[name] + (" " if assigned else "")
+    message = re.sub(r"(?:SamplingParams\.|\b)([a-z_]+)\b(=?)", flag, message)
+    return re.sub(r"(--[a-z-]+ must be )None or ", r"\1", message)  # None: the flag left out
+
+
 def _engine_runner(args: argparse.Namespace, model, tokenizer, prompts: list[list[int]]):
     """prepare() -> (engine, run): a new engine per call, so the timed call does not find the
     untimed call's prompt pages in its prefix cache (the compiled steps are shared by every
-    engine)."""
+    engine). The later engines take the first one's pool size: the shapes the untimed call
+    compiled, also where free memory changed, and the pool sized (and logged) once."""
     import jaxinfer
 
     params = jaxinfer.SamplingParams(
@@ -238,13 +335,17 @@ def _engine_runner(args: argparse.Namespace, model, tokenizer, prompts: list[lis
     draft = (None if args.draft_model is None
              else jaxinfer.load_pretrained(Path(args.draft_model), dtype=args.dtype))
 
+    num_pages = args.num_pages
+
     def prepare():
+        nonlocal num_pages
         engine = jaxinfer.Engine(
-            model, max_batch=args.max_batch, page_size=args.page_size, num_pages=args.num_pages,
+            model, max_batch=args.max_batch, page_size=args.page_size, num_pages=num_pages,
             max_tokens_per_step=args.max_tokens_per_step, tokenizer=tokenizer,
             kv_dtype=None if args.kv_cache_dtype == "auto" else args.kv_cache_dtype,
             speculative_tokens=args.speculative_tokens, draft_model=draft,
             snapkv_budget=args.snapkv_budget, hydragen=args.hydragen)
+        num_pages = engine.num_pages
         return engine, lambda: engine.generate(prompts, params)
     return prepare
 
@@ -257,8 +358,9 @@ def _static_batch_runner(args: argparse.Namespace, model, prompts: list[list[int
     given = [f"--{name.replace('_', '-')}" for name, off in ENGINE_FLAGS.items()
              if getattr(args, name) != off]
     if given:
-        raise ValueError(f"{', '.join(given)} need the serving engine, a model with a paged KV "
-                         f"cache; {type(model).__name__} decodes one static batch")
+        raise ValueError(f"{', '.join(given)} need{'s' if len(given) == 1 else ''} the serving "
+                         f"engine, a model with a paged KV cache; {type(model).__name__} decodes "
+                         f"one static batch")
 
     def run() -> list[list[int]]:
         out = jaxinfer.generate(model, prompts, max_new_tokens=args.max_new_tokens,
@@ -273,6 +375,7 @@ def _generate(args: argparse.Namespace) -> int:
 
     import jaxinfer
 
+    _check_generate_args(args)
     model_dir = Path(args.model) if args.model else jaxinfer.default_model_dir()
     model = jaxinfer.load_pretrained(model_dir, dtype=args.dtype)
     tokenizer = jaxinfer.load_tokenizer(model_dir)
@@ -302,8 +405,9 @@ def _generate(args: argparse.Namespace) -> int:
             print(text + tokenizer.decode([t for t in sample
                                            if t not in model.config.eos_token_id]))
     total = sum(len(t) for o in outputs for t in (o if listed else [o]))
+    requests = f"{len(prompts)} request" + ("s" if len(prompts) > 1 else "")
     print(f"\n[{model_dir.name}: {total} tokens in {run_s:.3f} s = {total / run_s:.1f} tokens/s "
-          f"({how}, {len(prompts)} requests, {jax.devices()[0].platform}; first call incl. "
+          f"({how}, {requests}, {jax.devices()[0].platform}; first call incl. "
           f"compile {compile_s:.1f} s)]", file=sys.stderr)
     if engine is not None and engine.num_draft_tokens:
         print(f"[speculative: {engine.num_accepted_tokens} of {engine.num_draft_tokens} drafted "
@@ -312,16 +416,58 @@ def _generate(args: argparse.Namespace) -> int:
     return 0
 
 
+class _StderrHandler(logging.StreamHandler):
+    """A StreamHandler on the sys.stderr of each record's moment, not of its creation: the log
+    lines go where the command's own messages go, also once a caller (a test) swapped
+    sys.stderr."""
+
+    @property
+    def stream(self):
+        return sys.stderr
+
+    @stream.setter
+    def stream(self, value) -> None:  # StreamHandler.__init__ sets it
+        pass
+
+
+@contextlib.contextmanager
+def _logging_to_stderr():
+    """The command's log records on stderr as "LEVEL name: message", jaxinfer's from INFO up and
+    other libraries' from WARNING up; after it, the root logger's handlers and the levels as they
+    were (the process may go on: a test, a notebook). The root's handlers are replaced, not added
+    to, as logging.basicConfig(force=True) does: importing orbax has already given it absl's
+    default handler, which a plain basicConfig keeps (and with it "INFO:name:message")."""
+    root, ours = logging.getLogger(), logging.getLogger("jaxinfer")
+    handlers, root_level, our_level = root.handlers[:], root.level, ours.level
+    handler = _StderrHandler()
+    handler.setFormatter(logging.Formatter("%(levelname)s %(name)s: %(message)s"))
+    for old in handlers:
+        root.removeHandler(old)
+    root.addHandler(handler)
+    root.setLevel(logging.WARNING)
+    ours.setLevel(logging.INFO)
+    try:
+        yield
+    finally:
+        root.removeHandler(handler)
+        for old in handlers:
+            root.addHandler(old)
+        root.setLevel(root_level)
+        ours.setLevel(our_level)
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
-    logging.basicConfig(level=logging.WARNING, format="%(levelname)s %(name)s: %(message)s")
-    logging.getLogger("jaxinfer").setLevel(logging.INFO)
     command = {"generate": _generate, "train": cli_train.train, "convert": cli_checkpoints.convert,
                "quantize": cli_checkpoints.quantize}[args.command]
     try:
-        return command(args)
+        with _logging_to_stderr():
+            return command(args)
     except (ValueError, TypeError, OSError) as e:  # OSError: a missing path, a directory, ...
-        print(f"jaxinfer {args.command}: error: {e}", file=sys.stderr)
+        message = str(e)
+        if args.command == "generate" and not isinstance(e, OSError):
+            message = _in_flag_terms(message)
+        print(f"jaxinfer {args.command}: error: {message}", file=sys.stderr)
         return 2
 
 

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import argparse
 import fnmatch
+import math
 import sys
 import time
 from pathlib import Path
@@ -47,10 +48,12 @@ def convert(args: argparse.Namespace) -> int:
     return 0
 
 
-def _check_gptq_packing(model_dir: str, bits: int) -> None:
-    """Refuse, from config.json alone, `bits` that the GPTQ checkpoint cannot pack for some layer
-    (gptq_format packs qweight along in_features and qzeros along out_features, each a whole
-    number of 32-bit words): found after quantizing, that would waste the whole run."""
+def _check_layer_shapes(model_dir: str, bits: int, group_size: int) -> None:
+    """Refuse, from config.json alone, a `group_size` that does not divide some layer's
+    in_features (naming the ones that would) and `bits` that the GPTQ checkpoint cannot pack for
+    some layer (gptq_format packs qweight along in_features and qzeros along out_features, each a
+    whole number of 32-bit words): found when quantizing or saving, after loading the model and
+    tokenizing the calibration text, that would waste the run."""
     import numpy as np
     from flax import nnx
 
@@ -65,8 +68,15 @@ def _check_gptq_packing(model_dir: str, bits: int) -> None:
         return  # loading or jaxinfer.quantize refuses these, naming the type
     config = LlamaConfig.from_hf_config(hf_config)
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
-    for i, _, name, layer in _linear_layers(abstract):
-        k, n = layer.kernel.shape
+    shapes = [(i, name, *layer.kernel.shape) for i, _, name, layer in _linear_layers(abstract)]
+    common = math.gcd(*(k for _, _, k, _ in shapes))
+    for i, name, k, n in shapes:
+        if group_size != -1 and k % group_size:
+            divisors = ", ".join(str(d) for d in range(1, common + 1) if common % d == 0)
+            raise ValueError(f"--group-size {group_size} must divide every layer's in_features; "
+                             f"layers[{i}].{name} [in={k}, out={n}] has {k}. Group sizes that "
+                             f"divide them all: {divisors}; or -1 (one group per output channel)")
+    for i, name, k, n in shapes:
         try:  # one-column stand-ins: the packing functions' own shape rule, at no real cost
             pack_rows(np.zeros((k, 1), np.int32), bits)  # qweight [K*bits/32, N]
             pack_cols(np.zeros((1, n), np.int32), bits)  # qzeros [groups, N*bits/32]
@@ -85,7 +95,7 @@ def _check_quantize_args(args: argparse.Namespace) -> None:
                          "weights are (nearly) all positive; use --checkpoint-format gptq_v2, "
                          "or leave it out (v1 where the zero points allow it, else v2)")
     check_out_dir(args.out)
-    _check_gptq_packing(args.model, args.bits)
+    _check_layer_shapes(args.model, args.bits, args.group_size)
 
 
 def _calibration_chunks(args: argparse.Namespace, tokenizer):

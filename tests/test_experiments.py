@@ -1,8 +1,14 @@
-"""Every experiment runs in --quick mode and writes its JSON record, so none of them rots."""
+"""Every experiment runs in --quick mode and writes its JSON record, so none of them rots; a
+--quick run given no --out leaves the committed records alone."""
+
+import argparse
+import re
+from pathlib import Path
 
 import pytest
 
-from tests.experiment_runs import run_quick
+from experiments.common import QUICK_RESULTS, RESULTS, parse_experiment_args
+from tests.experiment_runs import ROOT, run_quick
 
 
 @pytest.mark.slow
@@ -13,3 +19,38 @@ def test_experiment_quick_mode_writes_results(name, tmp_path):
         kl = {r["method"]: r["kl"] for r in record["rows"]}
         # Measured with 4 calibration chunks: KL 0.00097 (GPTQ) vs 0.0026 (RTN); 0.5 leaves margin.
         assert kl["gptq"] < 0.5 * kl["rtn"], kl
+
+
+def _experiment_parser() -> argparse.ArgumentParser:
+    """The two flags as every experiment declares them."""
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--quick", action="store_true")
+    parser.add_argument("--out", default=str(RESULTS / "bench_x.json"))
+    return parser
+
+
+@pytest.mark.parametrize("argv, out", [
+    ([], RESULTS / "bench_x.json"),
+    (["--quick"], QUICK_RESULTS / "bench_x.json"),
+    (["--quick", "--out", "/tmp/mine.json"], Path("/tmp/mine.json")),
+    (["--quick", "--out", str(RESULTS / "bench_x.json")], RESULTS / "bench_x.json"),  # asked for
+], ids=["full-run", "quick-run", "quick-run-with-out", "quick-run-onto-the-record"])
+def test_a_quick_run_without_out_writes_beside_not_over_the_record(argv, out):
+    parser = _experiment_parser()
+    assert Path(parse_experiment_args(parser, argv).out) == out
+    assert parser.get_default("out") == str(RESULTS / "bench_x.json")  # the parser is unchanged
+
+
+def test_quick_results_are_ignored_by_git():
+    ignored = (ROOT / ".gitignore").read_text().splitlines()
+    assert f"{QUICK_RESULTS.relative_to(ROOT).as_posix()}/" in ignored
+
+
+EXPERIMENTS = sorted(p for p in (ROOT / "experiments").glob("*.py")
+                     if re.search(r'"--quick"', p.read_text()) and '"--out"' in p.read_text())
+
+
+@pytest.mark.parametrize("path", EXPERIMENTS, ids=lambda p: p.stem)
+def test_every_experiment_with_quick_and_out_parses_through_the_shared_helper(path):
+    source = path.read_text()
+    assert "parse_experiment_args(parser" in source and "parser.parse_args(" not in source

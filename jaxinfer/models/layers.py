@@ -1,10 +1,11 @@
 """Building blocks shared by the decoders: linear, embedding, RMSNorm, SwiGLU MLP.
 
-Every parameter carries `logical_axes` metadata (DESIGN.md's logical names). The `sharding` package
-maps those names to mesh axes, so a new parallel layout never edits a model. The decoders call
-their projections through `column_parallel` (q/k/v, gate/up, the LM head) and `row_parallel`
-(o, down), which hand the arrays' logical names to `sharding`: under Megatron-SP ("tp_sp") that
-is where the all-gather and the reduce-scatter of the sequence-split residual happen.
+Every parameter carries `logical_axes` metadata (the logical names of ../shared/DESIGN.md). The
+`sharding` package maps those names to mesh axes, so a new parallel layout never edits a model. The
+decoders call their projections through `column_parallel` (q/k/v, gate/up, the LM head) and
+`row_parallel` (o, down), which hand the arrays' logical names to `sharding`: under Megatron-SP
+("tp_sp") that is where the all-gather and the reduce-scatter of the sequence-split residual
+happen.
 """
 
 from __future__ import annotations

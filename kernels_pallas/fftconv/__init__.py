@@ -2,7 +2,7 @@
 sequence, computed by FFT (FlashFFTConv), with gating, a skip bias, partial and frequency-sparse
 filters.
 
-One function, several implementations (DESIGN.md):
+One function, several implementations (the pattern of ../shared/DESIGN.md):
 
 * ``reference`` (``reference.py``): the direct O(N·L) convolution in float32. The oracle.
 * ``xla`` (``xla.py``): ``jnp.fft.rfft`` of size M = 2P (P = power of two >= N), gates and bias in

@@ -1,7 +1,7 @@
 """Quantized matmul: ``quant_matmul(x, w)`` for a packed ``QuantizedWeight`` ``w`` [K, N] (or a
 ``MixedQuantizedWeight`` of 4-bit and 2-bit row groups: one matmul per part on any backend).
 
-One function, several implementations (DESIGN.md):
+One function, several implementations (the pattern of ../shared/DESIGN.md):
 
 * ``reference`` (``reference.py``): dequantize the weight to float32, then ``jnp.dot``. The oracle.
 * ``xla`` (``xla.py``): dequantize the weight once in the compute dtype, then one dot.

@@ -54,12 +54,30 @@ def test_convert_to_sharded_bfloat16(tmp_path):
 
 @pytest.mark.parametrize("argv, message", [
     (["generate", "x", "--model", "/nonexistent/model"], "does not exist"),
+    (["generate", "x", "--model", str(jaxinfer.default_model_dir() / "config.json")],
+     "config.json is not a directory; expected a Hugging Face model directory"),
     (["train", "--out", "/tmp/jaxinfer-no-such-run", "--resume"], "no run to resume"),
     (["train", "--out", "/tmp/x"], "--corpus is required"),
-], ids=["missing-model", "resume-without-run", "train-without-corpus"])
+], ids=["missing-model", "model-is-a-file", "resume-without-run", "train-without-corpus"])
 def test_errors_exit_2_with_message(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("command, shown", [
+    ("generate", ["--max-new-tokens MAX_NEW_TOKENS, --max-tokens MAX_NEW_TOKENS",
+                  "(default: 48)", "(default: 512)", "(default: float32)"]),
+    ("train", ["(default: 16; on --resume: the run's)", "(default: 0.003; on --resume"]),
+    ("quantize", ["(default: 128)", "(default: gptq)", "(default: 0.01)"]),
+], ids=["generate", "train", "quantize"])
+def test_help_shows_the_defaults(command, shown, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main([command, "--help"])
+    assert exit_info.value.code == 0
+    text = " ".join(capsys.readouterr().out.split())  # argparse wraps lines at any word
+    for part in shown:
+        assert part in text, (part, text)
+    assert "(default: None)" not in text and "(default: False)" not in text
 
 
 def test_train_fine_tunes_from_hf_dir_and_writes_loadable_model(tmp_path, capsys):

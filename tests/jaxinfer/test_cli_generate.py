@@ -2,6 +2,7 @@
 strings, min-p, repetition penalty, draft-model speculation; and refuses what it cannot honour."""
 
 import argparse
+import logging
 
 import numpy as np
 import pytest
@@ -80,8 +81,15 @@ def _generate_args(*flags: str) -> argparse.Namespace:
 def test_engine_flags_are_refused_for_a_static_batch_model(flags):
     class Hyena:  # stands for a model without a paged KV cache; only its name is read
         pass
-    with pytest.raises(ValueError, match=f"{flags[0]} need the serving engine.*Hyena"):
+    with pytest.raises(ValueError, match=f"^{flags[0]} needs the serving engine.*Hyena"):
         cli._static_batch_runner(_generate_args(*flags), Hyena(), [[1, 2, 3]])
+
+
+def test_several_engine_flags_are_refused_together_for_a_static_batch_model():
+    class Hyena:
+        pass
+    with pytest.raises(ValueError, match="^--stop, --n need the serving engine"):
+        cli._static_batch_runner(_generate_args("--n", "2", "--stop", "."), Hyena(), [[1, 2]])
 
 
 def test_engine_sizes_left_at_their_defaults_pass_for_a_static_batch_model():
@@ -92,19 +100,80 @@ def test_engine_sizes_left_at_their_defaults_pass_for_a_static_batch_model():
 
 
 @pytest.mark.parametrize("argv, message", [
-    (["generate", "x", "--min-p", "1.5"], "min_p"),
-    (["generate", "x", "--repetition-penalty", "0"], "repetition_penalty"),
-    (["generate", "x", "--speculative-tokens", "-1"], "speculative_tokens"),
+    (["generate", "x", "--min-p", "1.5"], "--min-p must be a number in [0, 1]"),
+    (["generate", "x", "--repetition-penalty", "0"], "--repetition-penalty must be a finite"),
     (["generate", "x", "--draft-model", "/nonexistent/draft", "--speculative-tokens", "2"],
      "does not exist"),
     (["generate", "x", "--prompts-file", "p.txt"], "not both"),
     (["generate", "--prompts-file", "/nonexistent/prompts.txt"], "No such file"),
     (["generate", "--prompts-file", "/"], "Is a directory"),
-], ids=["min-p", "repetition-penalty", "speculative-tokens", "missing-draft", "prompt-and-file",
+], ids=["min-p", "repetition-penalty", "missing-draft", "prompt-and-file",
         "missing-prompts-file", "prompts-file-is-a-directory"])
 def test_bad_generate_options_exit_2_with_message(argv, message, capsys):
     assert cli.main(argv) == 2
     assert message in capsys.readouterr().err
+
+
+@pytest.mark.parametrize("flags, message", [
+    (["--top-p", "1.5"], "error: --top-p must be a number in (0, 1]; got 1.5"),
+    (["--seed", str(2**32)], "error: --seed must be an integer in [0, 4294967295]"),
+    (["--num-pages", "1"], "plus --max-new-tokens 48 needs 3 KV pages of 16 tokens; the pool has 1"),
+    (["--snapkv-budget", "1"], "error: --snapkv-budget must be at least 8: SnapKV keeps"),
+    (["--snapkv-budget", "64", "--max-tokens-per-step", "4"],
+     "error: --max-tokens-per-step must be at least 8 with --snapkv-budget"),
+], ids=["SamplingParams-field", "SamplingParams-seed", "max-tokens", "snapkv-budget",
+        "snapkv-step"])
+def test_library_errors_name_the_flags_not_the_parameters(flags, message, capsys):
+    assert cli.main(["generate", "x", *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not any(name in err for name in ("SamplingParams", "max_tokens", "snapkv_"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["generate", "x", "--speculative-tokens", "-1"],
+    ["generate", "x", "--seed", "-1"],
+])
+def test_negative_counts_are_usage_errors(argv, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(argv)
+    assert exit_info.value.code == 2
+    assert "must be an integer >= 0; got -1" in capsys.readouterr().err
+
+
+def test_a_binary_prompts_file_is_refused_naming_it(tmp_path, capsys):
+    binary = tmp_path / "prompts.bin"
+    binary.write_bytes(b"In the beginning \xd0\x28 not UTF-8")
+    assert cli.main(["generate", "--prompts-file", str(binary)]) == 2
+    assert f"error: --prompts-file {binary} is not UTF-8 text: 'utf-8' codec" in (
+        capsys.readouterr().err)
+
+
+def test_max_tokens_is_max_new_tokens_and_no_flag_is_abbreviated(capsys):
+    """vLLM's --max-tokens sets --max-new-tokens; it once set --max-tokens-per-step silently, as
+    argparse took it for an abbreviation of that flag."""
+    args = cli._parser().parse_args(["generate", "x", "--max-tokens", "100"])
+    assert (args.max_new_tokens, args.max_tokens_per_step) == (100, 512)
+    for argv in (["generate", "x", "--max-tokens-per", "64"], ["generate", "x", "--temp", "1"],
+                 ["train", "--out", "r", "--corp", "c.txt"], ["convert", "a", "b", "--shard", "2"],
+                 ["quantize", "a", "b", "--group", "16"]):
+        with pytest.raises(SystemExit) as exit_info:
+            cli._parser().parse_args(argv)
+        assert exit_info.value.code == 2
+        assert f"unrecognized arguments: {argv[-2]}" in capsys.readouterr().err
+
+
+def test_the_kv_pool_is_sized_and_logged_once_in_the_clis_format(capsys):
+    """Two engines serve a generate (an untimed call that compiles, then the timed one): the
+    second takes the first's pool, so the sizing is logged once; the root logger's handlers are
+    the caller's again after the command."""
+    handlers = logging.getLogger().handlers[:]
+    assert cli.main(["generate", "And God said", "--max-new-tokens", "2", "--max-batch",
+                     "2"]) == 0
+    err = capsys.readouterr().err
+    assert err.count("INFO jaxinfer.generate.paged_cache: KV pool: ") == 1, err
+    assert "(engine, 1 request, " in err
+    assert logging.getLogger().handlers == handlers
 
 
 def test_an_empty_prompts_file_is_refused(tmp_path, capsys):

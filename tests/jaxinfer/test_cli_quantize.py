@@ -107,16 +107,32 @@ def test_quantize_gptq_without_calibration_calibrates_on_the_embedded_corpus_hea
     assert isinstance(jaxinfer.load_pretrained(out).layers[0].self_attn.q_proj, QuantizedLinear)
 
 
-def test_quantize_with_group_size_not_dividing_a_layer_exits_2(tmp_path, capsys):
+def _refuse_loading(*args, **kwargs):
+    raise AssertionError("the model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("method", ["rtn", "gptq"])
+def test_the_default_group_size_on_the_embedded_model_is_refused_naming_the_ones_that_fit(
+        tmp_path, capsys, monkeypatch, method):
+    """--group-size 128 (the default) does not divide the embedded model's intermediate size
+    688: refused from config.json, before the model is loaded or calibration text tokenized."""
+    monkeypatch.setattr(jaxinfer, "load_pretrained", _refuse_loading)
+    monkeypatch.setattr(jaxinfer, "load_tokenizer", _refuse_loading)
     assert cli.main(["quantize", str(jaxinfer.default_model_dir()), str(tmp_path / "q"),
-                     "--method", "rtn", "--group-size", "128"]) == 2
-    err = capsys.readouterr().err
-    assert "jaxinfer quantize: error:" in err and "down_proj [in=688" in err
+                     "--method", method]) == 2
+    assert ("jaxinfer quantize: error: --group-size 128 must divide every layer's in_features; "
+            "layers[0].down_proj [in=688, out=256] has 688. Group sizes that divide them all: "
+            "1, 2, 4, 8, 16; or -1 (one group per output channel)") in capsys.readouterr().err
     assert not (tmp_path / "q").exists()
 
 
-def _refuse_loading(*args, **kwargs):
-    raise AssertionError("the model was loaded before the arguments were checked")
+@pytest.mark.parametrize("value", ["0", "-2"])
+def test_a_group_size_below_1_other_than_minus_1_is_a_usage_error(value, capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli.main(["quantize", "model", "out", "--group-size", value])
+    assert exit_info.value.code == 2
+    assert f"--group-size: must be an integer >= 1 or -1 (per channel); got {value}" in (
+        capsys.readouterr().err)
 
 
 @pytest.mark.parametrize("extra, message", [

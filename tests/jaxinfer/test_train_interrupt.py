@@ -250,7 +250,7 @@ def test_cli_reports_a_failed_checkpoint_save_in_one_line(tmp_path, monkeypatch,
     run_dir = tmp_path / "run"
     assert cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
                      "--out", str(run_dir), "--steps", "1", "--batch-size", "1", "--seq-len",
-                     "8", "--eval-every", "5"]) == 2
+                     "8", "--eval-every", "5", "--warmup", "0"]) == 2
     err = [line for line in capsys.readouterr().err.splitlines()
            if line.strip() and "it/s" not in line]  # less the progress bar
     assert err == [f"jaxinfer train: error: could not write a checkpoint in "
