@@ -23,7 +23,8 @@ QUICK_RESULTS = RESULTS / "quick"
 def parse_experiment_args(parser: argparse.ArgumentParser,
                           argv: list[str] | None = None) -> argparse.Namespace:
     """parser.parse_args(argv) for an experiment with --quick and --out (default: its record in
-    RESULTS): without --out, a --quick run writes the file of that name in QUICK_RESULTS."""
+    RESULTS): without --out, a --quick run writes the file of that name in QUICK_RESULTS. The
+    output's folder is created here, since some experiments save a plot before their JSON."""
     record = parser.get_default("out")
     parser.set_defaults(out=None)  # so that an --out given as the record's own path is kept
     try:
@@ -32,6 +33,7 @@ def parse_experiment_args(parser: argparse.ArgumentParser,
         parser.set_defaults(out=record)
     if args.out is None:
         args.out = str(QUICK_RESULTS / Path(record).name) if args.quick else record
+    Path(args.out).parent.mkdir(parents=True, exist_ok=True)
     return args
 
 

@@ -436,7 +436,9 @@ def _logging_to_stderr():
     other libraries' from WARNING up; after it, the root logger's handlers and the levels as they
     were (the process may go on: a test, a notebook). The root's handlers are replaced, not added
     to, as logging.basicConfig(force=True) does: importing orbax has already given it absl's
-    default handler, which a plain basicConfig keeps (and with it "INFO:name:message")."""
+    default handler, which a plain basicConfig keeps (and with it "INFO:name:message"). Those
+    replaced include pytest's capture handlers: a test of a command reads its log lines from
+    stderr (capsys), not caplog."""
     root, ours = logging.getLogger(), logging.getLogger("jaxinfer")
     handlers, root_level, our_level = root.handlers[:], root.level, ours.level
     handler = _StderrHandler()

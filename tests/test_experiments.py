@@ -41,6 +41,16 @@ def test_a_quick_run_without_out_writes_beside_not_over_the_record(argv, out):
     assert parser.get_default("out") == str(RESULTS / "bench_x.json")  # the parser is unchanged
 
 
+def test_the_output_folder_exists_before_the_experiment_writes(tmp_path, monkeypatch):
+    # a fresh clone has no results/quick/, and some experiments save a plot before their JSON
+    monkeypatch.setattr("experiments.common.QUICK_RESULTS", tmp_path / "quick")
+    out = Path(parse_experiment_args(_experiment_parser(), ["--quick"]).out)
+    assert out.parent.is_dir()
+    nested = tmp_path / "a" / "b" / "x.json"
+    parse_experiment_args(_experiment_parser(), ["--out", str(nested)])
+    assert nested.parent.is_dir()
+
+
 def test_quick_results_are_ignored_by_git():
     ignored = (ROOT / ".gitignore").read_text().splitlines()
     assert f"{QUICK_RESULTS.relative_to(ROOT).as_posix()}/" in ignored
