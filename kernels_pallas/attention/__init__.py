@@ -1,7 +1,7 @@
-"""Attention: ``flash_attention``, ``paged_decode_attention``, ``merge_attention`` and the
-``tile_fraction`` helper.
+"""Attention: ``flash_attention``, ``paged_decode_attention``, ``ragged_paged_attention``,
+``merge_attention`` and the ``tile_fraction`` helper.
 
-One function, several implementations (DESIGN.md):
+One function, several implementations (the pattern of ../shared/DESIGN.md):
 
 * ``reference`` (``reference.py``): plain jnp in float32, materializes the scores. The oracle.
 * ``xla`` (``xla.py``): online softmax over KV blocks in jnp, memory linear in S, block-sparse loop
@@ -85,7 +85,9 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
         takes 64 or 128 (its block_sizes.num_stages and num_consumers set the K/V pipeline depth
         and the warpgroups per program).
       block_sizes: a whole ``BlockSizes`` (every kernel's tiles and Triton's warps and stages)
-        in place of the backend's default; block_q / block_k still override its tiles.
+        in place of the backend's default; block_q / block_k still override its tiles. xla and
+        pallas_tpu read only block_q and block_k (their backward passes reuse the forward tiles):
+        the *_bwd, *_dq, warp, stage and consumer fields are ignored there.
 
     Returns:
       out [batch, T, Hq, D] in q's dtype, and with ``return_lse`` also lse float32 [batch, T, Hq].
@@ -95,6 +97,7 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
     checks.check_qkv(q, k, v)
     checks.check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
                          backends=checks.FLASH_BACKENDS)
+    causal, return_lse = bool(causal), bool(return_lse)  # numpy bools too; MaskSpec is static
     window = checks.check_window(local_window)
     batch, t, _, d = q.shape
     s = k.shape[1]
@@ -154,7 +157,10 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
         statistics and accumulators are float32.
       page_table: int [batch, pages_per_seq]: token p of sequence b lives in page
         ``page_table[b, p // page_size]`` at slot ``p % page_size``. Entries past a sequence's
-        length are never read (any value in range will do).
+        length may still be gathered (the kernels read whole blocks of pages) but never count:
+        any value in range will do, and the slots a sequence does not use (past its length,
+        pages only a length-0 sequence points at) may hold anything, NaN and Inf included
+        (their scores are masked and their V rows zeroed before P @ V).
       lengths: int [batch], valid tokens per sequence, 0 <= lengths <= pages_per_seq * page_size.
         A sequence of length 0 gets out = 0 (and lse = -inf).
       softmax_scale: multiplies q·k; default 1/sqrt(D).
@@ -237,7 +243,9 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_len
         bfloat16 or float16), or int8 with ``k_scales``/``v_scales`` float32 [num_pages, page_size,
         Hkv] (as in ``paged_decode_attention``). Softmax statistics and accumulators are float32.
       page_table: int [S, pages_per_seq]: token p of sequence s lives in page
-        ``page_table[s, p // page_size]`` at slot ``p % page_size``.
+        ``page_table[s, p // page_size]`` at slot ``p % page_size``. As in
+        ``paged_decode_attention``, entries past a sequence's kv_length may be anything in range
+        and the slots past it may hold anything, NaN and Inf included.
       query_starts: int [S + 1] (cu_q_lens): sequence s owns q's tokens
         ``query_starts[s] : query_starts[s + 1]``, q_len_s of them (0 allowed).
       kv_lengths: int [S]: tokens cached for each sequence, this step's tokens included (their K/V
@@ -268,7 +276,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_len
 
     query_starts, kv_lengths, num_seqs and the page table are validated when concrete (not under
     jit): query_starts[:num_seqs + 1] non-decreasing within [0, T], q_len <= kv_lengths <=
-    capacity for the real sequences, page ids in range.
+    capacity for the real sequences, page ids in range in the real sequences' rows (with a traced
+    num_seqs no row is known to be real, so a concrete table goes unchecked).
     """
     checks.check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_seqs,
                         k_scales, v_scales)

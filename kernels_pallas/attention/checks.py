@@ -109,9 +109,9 @@ def check_window(local_window):
 
 def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
                   backends: tuple[str, ...] = BACKENDS) -> None:
-    if not isinstance(causal, bool):
+    if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {causal!r}")
-    if not isinstance(return_lse, bool):
+    if not isinstance(return_lse, (bool, np.bool_)):
         raise TypeError(f"return_lse must be a bool; got {return_lse!r}")
     if softmax_scale is not None and not (_is_real(softmax_scale) and softmax_scale != 0
                                           and math.isfinite(softmax_scale)):
@@ -211,7 +211,8 @@ def check_merge(o1, lse1, o2, lse2) -> None:
             raise ValueError(f"{name} must have a floating dtype; got {x.dtype}")
 
 
-def check_tile_fraction(t, s, causal, local_window, segment_ids, block_q, block_k):
+def check_tile_fraction(t, s, causal, local_window, segment_ids, block_q, block_k,
+                        head_dim=None):
     """tile_fraction's arguments -> (window (left, right) or None, q_ids int32 [batch, T] and
     kv_ids int32 [batch, S], or None, None), with flash_attention's rules for T, S, the window and
     the segment ids; any positive block size counts (the XLA path's tiles need not be powers of
@@ -222,10 +223,11 @@ def check_tile_fraction(t, s, causal, local_window, segment_ids, block_q, block_
     if t > s:
         raise ValueError(f"t may not exceed s (T <= S: the queries are the last T of the S "
                          f"positions); got t={t}, s={s}")
-    if not isinstance(causal, bool):
+    if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {causal!r}")
     check_block("block_q", block_q, pallas=False, minimum=1)
     check_block("block_k", block_k, pallas=False, minimum=1)
+    check_block("head_dim", head_dim, pallas=False, minimum=1)
     window = check_window(local_window)
     # The batch is the ids' own: kv_ids [batch, S] (the pair's second entry or the one array).
     pair = isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2
@@ -285,9 +287,14 @@ def check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_
                              f"got {num_seqs!r}")
         if _concrete(num_seqs) and not 0 <= int(num_seqs) <= s:
             raise ValueError(f"num_seqs must lie in [0, S] = [0, {s}]; got {int(num_seqs)}")
-    # the rows of sequences past num_seqs are never read, so they may hold anything
-    real_rows = page_table if num_seqs is None or not _concrete(num_seqs) else (
-        page_table[:int(num_seqs)])
+    # The rows of sequences past num_seqs are never read, so they may hold anything; a traced
+    # num_seqs leaves no row known to be real, so then none is checked.
+    if num_seqs is None:
+        real_rows = page_table
+    elif _concrete(num_seqs):
+        real_rows = page_table[:int(num_seqs)]
+    else:
+        real_rows = page_table[:0]
     _check_table_values(real_rows, k_pages.shape[0])
     if not (_concrete(query_starts) and _concrete(kv_lengths)
             and (num_seqs is None or _concrete(num_seqs))):

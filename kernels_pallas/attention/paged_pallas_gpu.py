@@ -6,11 +6,11 @@ into ``num_splits`` contiguous runs of ``pages_per_split`` entries; program (b, 
 of sequence b, up to the last page its length reaches, ``pages_per_block`` pages per step: it
 reads those page indices from the page table, gathers the pages' K and V rows of KV head h into a
 [pages_per_block * page_size, D] tile, scores it against all ``groups`` query heads of the head
-group at once ([groups, D] x [D, block]), masks positions >= length and keeps a float32 online
-softmax (running max, sum, accumulator). It writes a partial output [groups, D] and its
-log-sum-exp; runs past the length write out 0 and lse -inf. The splits are then merged exactly with
-``merge_attention`` (an XLA epilogue over [batch, Hkv, num_splits, groups, D] float32, small next
-to the KV pages).
+group at once ([groups, D] x [D, block]), masks positions >= length (zeroing their V rows, which
+may hold anything, NaN included) and keeps a float32 online softmax (running max, sum,
+accumulator). It writes a partial output [groups, D] and its log-sum-exp; runs past the length
+write out 0 and lse -inf. The splits are then merged exactly with ``merge_attention`` (an XLA
+epilogue over [batch, Hkv, num_splits, groups, D] float32, small next to the KV pages).
 
 Memory touched: each program reads its q tile once, and each KV page of its run once (K/V are
 read once per KV head, not once per query head); HBM traffic is the visited pages plus the
@@ -135,9 +135,12 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
         k, v = tiling.gather_kv(k_ref, v_ref, ks_ref, vs_ref, ids, q.dtype,
                                 (block, d_pad))  # gathered [ppb * page_size, D]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
-        mask = (page0 * ps + jnp.arange(block, dtype=jnp.int32))[None, :] < length  # [1, block]
+        pos = page0 * ps + jnp.arange(block, dtype=jnp.int32)  # [block]
+        mask = pos[None, :] < length  # [1, block]
         s = jnp.where(mask, s, MASK_VALUE)  # [g_pad, block]
-        return tiling.online_softmax_step(*carry, s, mask, v, "mk,kd->md")
+        # slots past the length may hold anything (NaN included): zero their V rows
+        return tiling.online_softmax_step(*carry, s, mask, v, "mk,kd->md",
+                                          pos[:, None] < length)
 
     g_pad = q.shape[0]
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((g_pad,), -jnp.inf, jnp.float32),
@@ -168,6 +171,10 @@ def _partials(q, k_pages, v_pages, scales, table, lens, cfg: _Config):
                    pl.BlockSpec((sq, sq, sq, g_pad), lambda b, h, s: (b, h, s, 0))],
         out_shape=[jax.ShapeDtypeStruct((batch, hkv, splits, g_pad, d_pad), jnp.float32),
                    jax.ShapeDtypeStruct((batch, hkv, splits, g_pad), jnp.float32)],
+        # 4 warps up to D = 128, one step further than the flash forward's rule (pallas_gpu.py):
+        # a decode tile has only g_pad (16 for most models) query rows, so its [g_pad, D] float32
+        # accumulator is a quarter of the forward's, and decode is bound by reading the pages,
+        # not by the matmuls. Neither rule has been measured against the other.
         compiler_params=tiling.triton_compiler_params(4 if d_pad <= 128 else 8, 2,
                                                       cfg.interpret),
         interpret=cfg.interpret,

@@ -19,11 +19,12 @@ previous step, and the steps wholly past the length repeat that last real step's
 (sequence, head block) thus fetches only its needed pages, plus, when the sequence has fewer than
 ppb pages, step 0's padding slots (each must hold some page; they hold the last one). ``pl.when``
 skips the steps wholly past the length, and positions >= length within a step are masked (with
-per-token limits, positions >= the row's token's limit, a [rows, 1] VMEM tile per block). The
-last step writes out = acc / l and lse = m + log(l); a sequence of length 0 sees nothing and gets
-out 0, lse -inf. There is no context split: a TPU core runs the grid in order, so splitting (the
-GPU kernel's flash-decoding) would add a merge without adding parallelism; batch and KV head
-blocks are "parallel" for megacore chips.
+per-token limits, positions >= the row's token's limit, a [rows, 1] VMEM tile per block); the V
+rows of positions >= length are zeroed, since those slots may hold anything (NaN included) and a
+masked weight 0 times NaN is NaN. The last step writes out = acc / l and lse = m + log(l); a
+sequence of length 0 sees nothing and gets out 0, lse -inf. There is no context split: a TPU core
+runs the grid in order, so splitting (the GPU kernel's flash-decoding) would add a merge without
+adding parallelism; batch and KV head blocks are "parallel" for megacore chips.
 
 SMEM budget. SMEM is small (1 MiB up to v6e) and a scalar-prefetched table must fit in it whole:
 the model's paged attention passes one table row per *token* of a step (e.g. 512 rows of 512
@@ -274,18 +275,19 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
             corr = jnp.exp(m - m_new)
             p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
             l = l * corr + p.sum(axis=1, keepdims=True)
-            v = _dequantized(v_refs[i], vs_refs[i], h, cfg, q.dtype)
+            v = _dequantized(v_refs[i], vs_refs[i], h, cfg, q.dtype)  # [page_size, lanes]
+            # Slots past the block's length may hold anything (NaN included) and 0 * NaN is
+            # NaN: zero their V rows. Rows past a token's own limit (< length) are real tokens.
+            key = start + i * ps + lax.broadcasted_iota(jnp.int32, v.shape, 0)
+            v = jnp.where(key < length, v, jnp.zeros((), v.dtype))
             acc = acc * corr + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
             m = m_new
         acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
 
     @pl.when(j == pl.num_programs(2) - 1)
     def _finish():
-        l = l_ref[...]
-        seen = l > 0.0
-        safe_l = jnp.where(seen, l, 1.0)
-        o_ref[...] = acc_ref[...] / safe_l
-        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(safe_l), -jnp.inf)
+        o_ref[...], lse_ref[...] = tiling.finish_online_softmax(
+            acc_ref[...], m_ref[...], l_ref[...], keepdims=True)  # [rows, lanes], [rows, 1]
 
 
 def table_column(length: jax.Array, j: jax.Array | int, i: jax.Array | int, page_size: int,

@@ -3,8 +3,9 @@
 Algorithm. One query token per sequence. A ``while`` loop walks the page table in chunks of
 ``pages_per_block`` pages, as far as the longest sequence needs; each step gathers the chunk's K and
 V pages of every sequence ([batch, pages_per_block * page_size, Hkv, D]), scores them against the
-query heads of each KV head group, masks positions >= length and folds the chunk into a float32
-running max, sum and accumulator. Rows whose length is 0 see nothing: out 0, lse -inf.
+query heads of each KV head group, masks positions >= length (and zeroes their V rows, which may
+hold anything, NaN included) and folds the chunk into a float32 running max, sum and accumulator.
+Rows whose length is 0 see nothing: out 0, lse -inf.
 
 Memory touched: the query, the visited pages and one chunk of gathered K/V plus its score tile; the
 whole gathered context is never materialized. GQA views q as [batch, Hkv, groups, D], so K/V are
@@ -48,9 +49,11 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
                                 (batch, chunk, hkv, d))  # [batch, chunk, Hkv, D]
         s = jnp.einsum("bhgd,bkhd->bhgk", qg, k, preferred_element_type=jnp.float32) * scale
         pos = j * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
-        mask = (pos[None, :] < lengths[:, None])[:, None, None, :]  # [batch, 1, 1, chunk]
+        valid = pos[None, :] < lengths[:, None]  # [batch, chunk]
+        mask = valid[:, None, None, :]  # [batch, 1, 1, chunk]
         s = jnp.where(mask, s, MASK_VALUE)
-        return tiling.online_softmax_step(acc, m, l, s, mask, v, "bhgk,bkhd->bhgd")
+        return tiling.online_softmax_step(acc, m, l, s, mask, v, "bhgk,bkhd->bhgd",
+                                          v_valid=valid[:, :, None, None])
 
     init = (jnp.zeros((*stat_shape, d), jnp.float32), jnp.full(stat_shape, -jnp.inf),
             jnp.zeros(stat_shape, jnp.float32))

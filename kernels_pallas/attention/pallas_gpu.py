@@ -119,25 +119,19 @@ def _bounds(cfg, block_q, block_k, q_seg, kv_seg, batch, *, transpose: bool):
 
 
 def _compiler_params(cfg, d_pad, *, backward: bool):
-    if cfg.interpret:
-        return None
-    from jax.experimental.pallas import triton as pltriton  # GPU only; deprecated from jax 0.11
     b = cfg.blocks
     warps = b.num_warps_bwd if backward else b.num_warps
-    return pltriton.CompilerParams(num_warps=warps or (4 if d_pad <= 64 else 8),
-                                   num_stages=b.num_stages_bwd if backward else b.num_stages)
+    # Default warps: 4 up to D = 64, 8 above, as the [block_q, D] tiles and float32 accumulator
+    # grow with D (ragged_pallas_gpu.py, whose query block is as tall, follows the same rule).
+    return tiling.triton_compiler_params(warps or (4 if d_pad <= 64 else 8),
+                                         b.num_stages_bwd if backward else b.num_stages,
+                                         cfg.interpret)
 
 
 def _banded_loop(bounds_refs, index, body, init, masked: bool):
-    """fori_loop over the tiles [lo, hi) of row ``index``: masked edges, unmasked middle.
-
-    ``body(j, carry, masked)`` handles tile j; without any possible mask one plain loop runs."""
-    lo, full_lo, full_hi, hi = (ref[index] for ref in bounds_refs)
-    if not masked:
-        return lax.fori_loop(lo, hi, functools.partial(body, masked=False), init)
-    carry = lax.fori_loop(lo, full_lo, functools.partial(body, masked=True), init)
-    carry = lax.fori_loop(full_lo, full_hi, functools.partial(body, masked=False), carry)
-    return lax.fori_loop(full_hi, hi, functools.partial(body, masked=True), carry)
+    """``tiling.banded_loop`` over the tiles of row ``index``, its bounds read from the
+    (lo, full_lo, full_hi, hi) tables."""
+    return tiling.banded_loop(*(ref[index] for ref in bounds_refs), body, init, masked)
 
 
 def _scores(cfg, q, k):
@@ -194,11 +188,10 @@ def _fwd_kernel(*refs, cfg):
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((bq,), -jnp.inf, jnp.float32),
             jnp.zeros((bq,), jnp.float32))
-    acc, m, l = _banded_loop(bounds, i, body, init, cfg.masked)
-    seen = l > 0.0
-    safe_l = jnp.where(seen, l, 1.0)
-    o_ref[...] = (acc / safe_l[:, None]).astype(o_ref.dtype)
-    lse_ref[...] = jnp.where(seen, (m + jnp.log2(safe_l)) / LOG2E, -jnp.inf)
+    out, lse = tiling.finish_online_softmax(*_banded_loop(bounds, i, body, init, cfg.masked),
+                                            log=jnp.log2)  # lse in base 2
+    o_ref[...] = out.astype(o_ref.dtype)
+    lse_ref[...] = lse / LOG2E
 
 
 def _dq_kernel(*refs, cfg):

@@ -144,11 +144,10 @@ def _fwd_kernel(lo_ref, hi_ref, q_ref, k_ref, v_ref, *refs, cfg):
 
     @pl.when(j == pl.num_programs(3) - 1)
     def _finish():
-        l = l_ref[...]
-        seen = l > 0.0
-        safe_l = jnp.where(seen, l, 1.0)
-        o_ref[...] = (acc_ref[...] / safe_l).astype(o_ref.dtype)
-        lse_ref[...] = jnp.where(seen, m_ref[...] + jnp.log(safe_l), -jnp.inf)
+        out, lse = tiling.finish_online_softmax(acc_ref[...], m_ref[...], l_ref[...],
+                                                keepdims=True)  # [bq, D], [bq, 1]
+        o_ref[...] = out.astype(o_ref.dtype)
+        lse_ref[...] = lse
 
 
 def _dq_kernel(lo_ref, hi_ref, q_ref, do_ref, lse_ref, delta_ref, k_ref, v_ref, *refs, cfg):

@@ -16,7 +16,9 @@ the pages' K and V rows of head h ([pages_per_block * page_size, D], int8 pages 
 the load), scores them, and folds them into a float32 online softmax. Steps whose keys every query
 of the block sees (keys <= the first query's position) skip the mask; the rest mask keys past each
 query's position (causal, bottom-right aligned: query i of a sequence with q_len queries and
-kv_len keys sits at kv_len - q_len + i). An empty block runs no step and writes out 0, lse -inf.
+kv_len keys sits at kv_len - q_len + i) and zero the V rows of keys past the block's last real
+query (they may hold anything, NaN included). An empty block runs no step and writes out 0,
+lse -inf.
 
 Memory touched: each program reads its q tile once and each page of its range once, so a
 sequence's pages are read once per query block and KV head, not once per token; HBM traffic is
@@ -122,12 +124,14 @@ def _kernel(seq_ref, pos_ref, count_ref, table_ref, q_ref, k_ref, v_ref, *refs, 
         k, v = tiling.gather_kv(k_ref, v_ref, ks_ref, vs_ref, ids, q.dtype,
                                 (block, d_pad))  # [ppb * page_size, D]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
-        mask = None
+        mask = v_valid = None
         if masked:
             keys = page0 * ps + jnp.arange(block, dtype=jnp.int32)
             mask = keys[None, :] <= positions[:, None]  # [rows, block]
             s = jnp.where(mask, s, MASK_VALUE)
-        return tiling.online_softmax_step(*carry, s, mask, v, "mk,kd->md")
+            # keys no real query of the block sees may hold anything (NaN included): zero their V
+            v_valid = keys[:, None] < pos0 + count  # [block, 1]
+        return tiling.online_softmax_step(*carry, s, mask, v, "mk,kd->md", v_valid)
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
@@ -154,6 +158,8 @@ def _call(meta, table, q, k_pages, v_pages, scales, cfg: _Config):
         out_specs=[tile, pl.BlockSpec((sq, sq, rows), lambda b, h: (b, h, 0))],
         out_shape=[jax.ShapeDtypeStruct(q.shape, q.dtype),
                    jax.ShapeDtypeStruct((nb, hkv, rows), jnp.float32)],
+        # The flash forward's warp rule (pallas_gpu.py), not the decode kernel's: a query block
+        # holds ~64 rows like the forward's q tile, so its accumulator is as large.
         compiler_params=tiling.triton_compiler_params(4 if d_pad <= 64 else 8, 2, cfg.interpret),
         interpret=cfg.interpret,
         name="ragged_paged_attention",

@@ -8,7 +8,8 @@ the block that needs the most keys; each step gathers every block's chunk of K a
 its sequence's page-table row ([NB, pages_per_block * page_size, Hkv, D], int8 pages dequantized
 after the gather), scores it against the block's tokens x the query heads of each KV head, masks
 keys past each query's position (causal, bottom-right aligned; this also hides keys past the
-sequence's length) and folds it into a float32 running max, sum and accumulator. Outputs are
+sequence's length), zeroes the V rows of keys no real query of the block sees (they may hold
+anything, NaN included) and folds it into a float32 running max, sum and accumulator. Outputs are
 gathered back to token order; padding tokens get out 0, lse -inf.
 
 Memory touched: q and the output twice (gathered to and from the block layout), the visited pages
@@ -44,6 +45,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, layout: RaggedLayout
                           * pages_per_block)[layout.block_seq]  # [NB, P'] each block's row
     qb = blocks_from_tokens(q, layout, block_q).reshape(nb, block_q, hkv, groups, d)
     positions = layout.block_pos0[:, None] + jnp.arange(block_q, dtype=jnp.int32)  # [NB, block_q]
+    key_limit = layout.key_limit()[:, None]  # [NB, 1] keys the block's last real query sees
 
     def body(j, carry):
         ids = lax.dynamic_slice_in_dim(table, j * pages_per_block, pages_per_block, 1)
@@ -53,7 +55,9 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, layout: RaggedLayout
         keys = j * chunk + jnp.arange(chunk, dtype=jnp.int32)  # [chunk]
         mask = (keys[None, None, :] <= positions[:, :, None])[:, None, None]  # [NB,1,1,bq,chunk]
         s = jnp.where(mask, s, MASK_VALUE)  # [NB, Hkv, groups, block_q, chunk]
-        return tiling.online_softmax_step(*carry, s, mask, v, "nhgqk,nkhd->nhgqd")
+        # V rows no real query of the block sees may hold anything (NaN included): zero them
+        v_valid = (keys[None, :] < key_limit)[:, :, None, None]  # [NB, chunk, 1, 1]
+        return tiling.online_softmax_step(*carry, s, mask, v, "nhgqk,nkhd->nhgqd", v_valid)
 
     stat_shape = (nb, hkv, groups, block_q)
     init = (jnp.zeros((*stat_shape, d), jnp.float32), jnp.full(stat_shape, -jnp.inf),

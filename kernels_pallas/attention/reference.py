@@ -71,12 +71,16 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
     lse [batch, Hq] float32).
 
     Gathers every page into a dense context (memory batch x pages_per_seq x page_size) and runs
-    dense attention with the keys at positions >= length masked (as a second segment id).
+    dense attention with the keys at positions >= length masked (as a second segment id). Their
+    V rows are zeroed first: slots past a length may hold anything, and a masked weight 0 times a
+    NaN there is still NaN.
     """
     k = gather_pages(k_pages, page_table)  # [batch, L, Hkv, D]
     v = gather_pages(v_pages, page_table)
     positions = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]  # [1, L]
-    kv_ids = (positions >= lengths[:, None]).astype(jnp.int32)  # 0 valid, 1 past the length
+    past = positions >= lengths[:, None]  # [batch, L]
+    v = jnp.where(past[:, :, None, None], jnp.zeros((), v.dtype), v)
+    kv_ids = past.astype(jnp.int32)  # 0 valid, 1 past the length
     q_ids = jnp.zeros((q.shape[0], 1), jnp.int32)
     out, lse = attention(q[:, None], k, v, q_segment_ids=q_ids, kv_segment_ids=kv_ids,
                          softmax_scale=softmax_scale)

@@ -49,7 +49,8 @@ class BlockSizes:
     Forward tiles are (block_q x block_k), the dk/dv kernel's (block_q_bwd x block_k_bwd) and the dq
     kernel's (block_q_dq x block_k_dq), which default to the dk/dv ones. The backward kernels like
     asymmetric tiles: dk/dv holds a KV tile and streams narrow q tiles, dq the reverse. num_warps
-    None picks 4 for head dims up to 64 and 8 above; the XLA path reads only the tile sizes."""
+    None picks 4 for head dims up to 64 and 8 above. The xla and pallas_tpu backends read only
+    block_q and block_k (their backward passes reuse the forward tiles) and ignore the rest."""
 
     block_q: int
     block_k: int
@@ -166,30 +167,44 @@ def tile_mask(spec: MaskSpec, rows, cols, q_seg=None, kv_seg=None, *, t_pad: int
 
 
 def online_softmax_step(acc: jax.Array, m: jax.Array, l: jax.Array, s: jax.Array,
-                        mask: jax.Array | None, v: jax.Array, spec: str):
+                        mask: jax.Array | None, v: jax.Array, spec: str,
+                        v_valid: jax.Array | None = None):
     """Fold one block of scores into the running softmax state (the FlashAttention recurrence).
 
     acc f32 [..., D] is the unnormalized output, m f32 [...] the running max, l f32 [...] the running
     sum; s f32 [..., k] are the block's scores (masked entries already MASK_VALUE); `spec` is the
     einsum of probabilities with v. Masked probabilities are zeroed, so a row that sees nothing
-    keeps l == 0."""
+    keeps l == 0.
+
+    v_valid (bool, broadcastable to v) marks the keys that hold real tokens; the other V rows are
+    zeroed before P @ V. A zeroed probability does not hide them: 0 * NaN = NaN, and a paged cache
+    holds whatever its slots last held (a reused page whose fp16 K/V overflowed, a never-written
+    slot past a sequence's length), so without this one NaN or Inf there poisons every row."""
     m_new = jnp.maximum(m, s.max(-1))
     corr = jnp.exp(m - m_new)
     p = jnp.exp(s - m_new[..., None])
     if mask is not None:
         p = jnp.where(mask, p, 0.0)
+    if v_valid is not None:
+        v = jnp.where(v_valid, v, jnp.zeros((), v.dtype))
     l = l * corr + p.sum(-1)
     acc = acc * corr[..., None] + jnp.einsum(spec, p.astype(v.dtype), v,
                                              preferred_element_type=jnp.float32)
     return acc, m_new, l
 
 
-def finish_online_softmax(acc: jax.Array, m: jax.Array, l: jax.Array):
+def finish_online_softmax(acc: jax.Array, m: jax.Array, l: jax.Array, *, log=jnp.log,
+                          keepdims: bool = False):
     """The running state of ``online_softmax_step`` -> (out f32 [..., D] = acc / l, lse f32
-    [...] = m + log l). Rows that saw no key (l == 0) get out 0 and lse -inf, not NaN."""
+    [...] = m + log l). Rows that saw no key (l == 0) get out 0 and lse -inf, not NaN.
+
+    m, l are [...], or [..., 1] with ``keepdims`` (the Mosaic kernels keep their statistics as
+    [rows, 1] VMEM tiles; lse then is [..., 1] too). ``log`` is that of the scores' base:
+    jnp.log2 for base-2 scores (the Triton forward's exp2), which gives lse in base 2."""
     seen = l > 0.0
     safe_l = jnp.where(seen, l, 1.0)
-    return acc / safe_l[..., None], jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)
+    out = acc / (safe_l if keepdims else safe_l[..., None])
+    return out, jnp.where(seen, m + log(safe_l), -jnp.inf)
 
 
 def triton_compiler_params(num_warps: int, num_stages: int, interpret: bool):
@@ -335,25 +350,33 @@ def full_visibility(spec: MaskSpec, block_q: int, block_k: int, t_pad: int,
 
 
 def tile_fraction(t: int, s: int, *, causal: bool = False, local_window=None, segment_ids=None,
-                  block_q: int | None = None, block_k: int | None = None) -> float:
+                  block_q: int | None = None, block_k: int | None = None,
+                  head_dim: int | None = None) -> float:
     """Fraction of the (block_q x block_k) tiles of a T x S score matrix that the kernels compute.
 
     ``local_window`` is ``(left, right)`` or an int (symmetric); ``segment_ids`` an int array
     [batch, S] (the queries are its last T positions) or a pair ([batch, T], [batch, S]); the
-    fraction is averaged over the batch.
-    Defaults to the Pallas GPU forward tiles. 1.0 means dense; the run time of the masked part of
-    attention scales with this number. Invalid arguments raise ValueError/TypeError as
-    ``flash_attention``'s do (T <= S, windows of ints >= 0, ids [batch, S]; blocks any int >= 1).
+    fraction is averaged over the batch, each example counting its own tiles, as the Pallas
+    kernels visit them. The xla path runs one loop for the whole batch over the union of the
+    examples' tiles (``xla.py``): with segment ids that differ across the batch it may compute
+    more than this average (the same fraction when they agree).
+    block_q / block_k default to the Pallas GPU forward's tiles at ``head_dim`` (the rule
+    ``flash_attention`` uses, ``default_block_sizes("pallas", head_dim)``: 128 x 64, halved to
+    64 x 32 from a padded head dim of 256); head_dim None means a head dim up to 128. 1.0 means
+    dense; the run time of the masked part of attention scales with this number. Invalid
+    arguments raise ValueError/TypeError as ``flash_attention``'s do (T <= S, windows of ints
+    >= 0, ids [batch, S]; blocks and head_dim any int >= 1).
     """
     from kernels_pallas.attention import checks  # checks imports BlockSizes from this module
 
     window, q_seg, kv_seg = checks.check_tile_fraction(t, s, causal, local_window, segment_ids,
-                                                       block_q, block_k)
-    defaults = DEFAULT_BLOCK_SIZES["pallas_gpu"]
+                                                       block_q, block_k, head_dim)
+    defaults = (DEFAULT_BLOCK_SIZES["pallas_gpu"] if head_dim is None
+                else default_block_sizes("pallas", head_dim))
     block_q = defaults.block_q if block_q is None else block_q
     block_k = defaults.block_k if block_k is None else block_k
     nq, nk = cdiv(t, block_q), cdiv(s, block_k)
-    spec = MaskSpec(t, s, causal, window, segment_ids is not None)
+    spec = MaskSpec(t, s, bool(causal), window, segment_ids is not None)
     batch = 1 if q_seg is None else q_seg.shape[0]
     return float(_computed_tiles(spec, block_q, block_k, q_seg, kv_seg)) / (batch * nq * nk)
 

@@ -9,7 +9,10 @@ blocks, recomputing probabilities from the saved lse. GQA: q is viewed as
 [batch, T, Hkv, groups, D], so K/V are never repeated and dk/dv sum over each KV head's group.
 
 Memory touched: inputs, outputs and per step one [batch, Hkv, groups, block_q, block_k] float32
-score tile; nothing of size T x S. The loop bounds are shared by the batch (min/max over it).
+score tile; nothing of size T x S. The loop bounds are shared by the batch (min/max over it): with
+segment ids that differ across the batch every example visits the union of the examples' tiles,
+which may be more than ``tile_fraction`` (the average of each example's own tiles, as the Pallas
+kernels visit them) reports.
 """
 
 from __future__ import annotations
@@ -110,12 +113,9 @@ def _forward(q, k, v, q_seg, kv_seg, bounds, cfg):
 
         init = (jnp.zeros((*stat_shape, d), jnp.float32), jnp.full(stat_shape, -jnp.inf),
                 jnp.zeros(stat_shape, jnp.float32))
-        acc, m, l = lax.fori_loop(kv_lo[i], kv_hi[i], body, init)
-        seen = l > 0
-        safe_l = jnp.where(seen, l, 1.0)
-        out = (acc / safe_l[..., None]).astype(q.dtype)  # [batch, Hkv, groups, bq, D]
-        lse = jnp.where(seen, m + jnp.log(safe_l), -jnp.inf)  # [batch, Hkv, groups, bq]
-        return out, lse
+        out, lse = tiling.finish_online_softmax(*lax.fori_loop(kv_lo[i], kv_hi[i], body, init))
+        # [batch, Hkv, groups, bq, D], [batch, Hkv, groups, bq]
+        return out.astype(q.dtype), lse
 
     nq = cfg.t_pad // cfg.block_q
     out, lse = lax.map(q_block, jnp.arange(nq))  # [nq, batch, Hkv, groups, bq, (D)]

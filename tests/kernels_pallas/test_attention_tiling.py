@@ -38,6 +38,29 @@ def test_tile_fraction_packed_segments_are_block_diagonal():
     assert tile_fraction(64, 64, causal=True, segment_ids=ids, block_q=16, block_k=16) == 6 / 16
 
 
+@pytest.mark.parametrize("head_dim", [64, 128, 256])
+def test_tile_fraction_at_a_head_dim_counts_the_tiles_the_pallas_kernel_runs(head_dim,
+                                                                            monkeypatch):
+    """tile_fraction's default tiles are the ones flash_attention hands the Pallas GPU kernel at
+    that head dim (64 x 32 from D = 256, not the 128 x 64 of D <= 128)."""
+    seen = {}
+
+    def capture(q, k, v, q_seg, kv_seg, *, blocks, **kwargs):
+        seen["blocks"] = blocks
+        return jnp.zeros_like(q), jnp.zeros(q.shape[:3], jnp.float32)
+
+    monkeypatch.setattr(pallas_gpu, "flash_attention", capture)
+    x = jnp.zeros((1, 512, 1, head_dim), jnp.float32)
+    flash_attention(x, x, x, causal=True, backend="pallas")
+    blocks = seen["blocks"]
+    assert (blocks.block_q, blocks.block_k) == ((64, 32) if head_dim >= 256 else (128, 64))
+    kwargs = dict(causal=True, local_window=(100, 0))
+    expected = tile_fraction(512, 512, block_q=blocks.block_q, block_k=blocks.block_k, **kwargs)
+    assert tile_fraction(512, 512, head_dim=head_dim, **kwargs) == expected
+    if head_dim >= 256:  # the narrower band of smaller tiles is a smaller fraction
+        assert expected < tile_fraction(512, 512, **kwargs)
+
+
 @pytest.mark.parametrize("t,s,causal,window", [(17, 33, True, None), (33, 33, False, (5, 3)),
                                                (40, 100, True, (20, 0)), (100, 100, False, None)])
 def test_loop_bounds_cover_exactly_the_non_empty_tiles(t, s, causal, window):
@@ -184,6 +207,7 @@ def test_tpu_kernels_lower_to_mosaic(d):
     ((64, 64), dict(segment_ids=jnp.zeros((2, 63), jnp.int32)), ValueError,
      r"segment_ids must have shape \[batch, S\] = \[2, 64\]; got \[2, 63\]"),
     ((64, 64), dict(causal=1), TypeError, r"causal must be a bool; got 1"),
+    ((64, 64), dict(head_dim=0), ValueError, r"head_dim must be None or a positive int; got 0"),
 ])
 def test_tile_fraction_rejects_invalid_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):

@@ -3,9 +3,10 @@
 from __future__ import annotations
 
 import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from kernels_pallas import flash_attention
+from kernels_pallas import flash_attention, tile_fraction
 
 Q = jnp.zeros((2, 8, 4, 16), jnp.float32)
 KV = jnp.zeros((2, 8, 2, 16), jnp.float32)
@@ -60,6 +61,19 @@ def test_non_bool_flags_and_non_arrays_raise_type_error():
         flash_attention(Q, KV, KV, causal=1)
     with pytest.raises(TypeError, match=r"k must be an array; got list"):
         flash_attention(Q, [1, 2], KV)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla"])
+def test_numpy_bool_flags_act_as_python_bools(backend):
+    """causal and return_lse from numpy (a config loaded through numpy, np.bool_) are bools."""
+    rng = np.random.default_rng(0)
+    q, kv = (jnp.asarray(rng.standard_normal(x.shape), jnp.float32) for x in (Q, KV))
+    expected = flash_attention(q, kv, kv, causal=True, return_lse=True, backend=backend)
+    got = flash_attention(q, kv, kv, causal=np.bool_(True), return_lse=np.bool_(True),
+                          backend=backend)
+    for a, b in zip(got, expected):
+        assert jnp.array_equal(a, b)
+    assert tile_fraction(64, 64, causal=np.True_) == tile_fraction(64, 64, causal=True)
 
 
 def test_single_segment_array_with_t_less_than_s_gives_queries_the_last_ids():

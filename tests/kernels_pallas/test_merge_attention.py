@@ -112,3 +112,16 @@ def test_merge_rejects_non_arrays_and_accepts_mixed_float_dtypes_of_any_rank():
     # decode's [batch, H, D] parts, a float32 accumulator merged with a bfloat16 part
     out, lse = merge_attention(_O[0], _LSE[0], _O[0].astype(jnp.bfloat16), _LSE[0])
     assert out.shape == (2, 1, 4) and out.dtype == jnp.float32 and lse.shape == (2, 1)
+
+
+def test_mixed_dtypes_merge_to_the_promoted_dtype_in_either_order():
+    """A bfloat16 part merged with a float32 one keeps float32 whichever comes first, and the
+    merge is symmetric bit for bit (it must not round to the first argument's dtype)."""
+    o32 = jnp.asarray(np.random.default_rng(3).standard_normal((2, 3, 4)), jnp.float32)
+    o16 = o32[::-1].astype(jnp.bfloat16)
+    lse1, lse2 = jnp.full((2, 3), 0.3), jnp.full((2, 3), -0.2)
+    a, lse_a = merge_attention(o16, lse1, o32, lse2)
+    b, lse_b = merge_attention(o32, lse2, o16, lse1)
+    assert a.dtype == b.dtype == jnp.float32
+    np.testing.assert_array_equal(np.asarray(a), np.asarray(b))
+    np.testing.assert_array_equal(np.asarray(lse_a), np.asarray(lse_b))

@@ -132,6 +132,59 @@ def test_int8_pages_match_dense_attention_over_dequantized_pages(backend, option
     assert rel_err(out, ref_out) < TOLS[case.dtype]
 
 
+def used_slots(num_pages: int, page_size: int, table, keys) -> np.ndarray:
+    """bool [num_pages, page_size]: the slots holding the first ``keys[b]`` tokens of row b."""
+    used = np.zeros((num_pages, page_size), bool)
+    for row, n in zip(np.asarray(table), np.asarray(keys)):
+        for p in range(int(n)):
+            used[row[p // page_size], p % page_size] = True
+    return used
+
+
+def poison(x, used: np.ndarray):
+    """x [num_pages, page_size, ...] with every slot outside ``used`` set to NaN, +Inf or -Inf
+    (in turn): what a reused page whose float16 K/V overflowed, or a freed one, may hold."""
+    x = np.array(x, np.float32)
+    bad = np.array([np.nan, np.inf, -np.inf], np.float32)
+    x[~used] = bad[np.arange((~used).sum()) % 3].reshape(-1, *[1] * (x.ndim - 2))
+    return jnp.asarray(x)
+
+
+# Sequence 1 has length 0 and points at pages nobody uses; the others end mid-page, at a page's
+# end and one slot into a page, with table entries past their lengths pointing at unused pages.
+POISON_TABLE = np.array([[0, 1, 6], [7, 7, 6], [2, 3, 8], [4, 5, 9]], np.int32)
+POISON_LENGTHS = np.array([5, 0, 16, 9], np.int32)
+
+
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+@pytest.mark.parametrize("backend,options", BACKENDS + [("pallas_tpu", {"pages_per_block": 2})],
+                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
+def test_nan_and_inf_in_unused_slots_do_not_change_the_output(backend, options, int8):
+    """K/V slots no sequence uses (past a length, on a sequence's last page, pages only a
+    length-0 sequence points at) may hold NaN or Inf: masked weights are 0 and 0 * NaN = NaN, so
+    every backend must keep them out of P @ V. Outputs and lse equal the clean run's exactly
+    (the poisoned slots' weights are exactly 0 either way)."""
+    rng = np.random.default_rng(7)
+    num_pages, page_size, hq, hkv, d = 10, 8, 4, 2, 16
+    q = jnp.asarray(rng.standard_normal((4, hq, d)), jnp.float32)
+    k_pages, v_pages = (rng.standard_normal((num_pages, page_size, hkv, d)) for _ in range(2))
+    used = used_slots(num_pages, page_size, POISON_TABLE, POISON_LENGTHS)
+    run = functools.partial(paged_decode_attention, backend=backend, return_lse=True, **options)
+    if int8:  # the scales are what a stale slot poisons
+        (k8, ks), (v8, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
+        clean = run(q, k8, v8, POISON_TABLE, POISON_LENGTHS, k_scales=ks, v_scales=vs)
+        dirty = run(q, k8, v8, POISON_TABLE, POISON_LENGTHS, k_scales=poison(ks, used),
+                    v_scales=poison(vs, used))
+    else:
+        k_pages, v_pages = jnp.asarray(k_pages, jnp.float32), jnp.asarray(v_pages, jnp.float32)
+        clean = run(q, k_pages, v_pages, POISON_TABLE, POISON_LENGTHS)
+        dirty = run(q, poison(k_pages, used), poison(v_pages, used), POISON_TABLE,
+                    POISON_LENGTHS)
+    assert np.isfinite(np.asarray(clean[0])).all()
+    for got, expected in zip(dirty, clean):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
 @pytest.mark.parametrize("backend", ["auto", "xla", "pallas"])
 def test_default_options_and_softmax_scale_match_oracle(backend):
     """Default chunking/splits (one chunk, one split at this size) and a custom scale."""

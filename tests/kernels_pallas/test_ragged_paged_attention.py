@@ -17,7 +17,7 @@ from kernels_pallas import paged_decode_attention, ragged_paged_attention
 from kernels_pallas.attention import (checks, paged_pallas_tpu, ragged_blocks, ragged_pallas_gpu,
                                       ragged_pallas_tpu)
 from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
-from tests.kernels_pallas.test_paged_decode_attention import quantize_pages
+from tests.kernels_pallas.test_paged_decode_attention import poison, quantize_pages, used_slots
 
 # Tolerances: TOLS (relative to the largest output entry). float32: the xla and pallas paths fold
 # the keys into an online softmax chunk by chunk while the oracle sums them at once in float64;
@@ -195,6 +195,40 @@ def test_decode_only_step_equals_paged_decode_attention(backend):
     assert rel_err(out, expected) < TOLS["float32"]
 
 
+@pytest.mark.parametrize("int8", [False, True], ids=["float32", "int8"])
+@pytest.mark.parametrize("backend,options", [
+    ("reference", {}), ("xla", {"block_q": 2, "pages_per_block": 1}), ("pallas", {}),
+    ("pallas_tpu", {"block_q": 2, "pages_per_block": 2})], ids=lambda x: x if isinstance(x, str)
+    else "-".join(map(str, x.values())))
+def test_nan_and_inf_in_unused_slots_do_not_change_the_output(backend, options, int8):
+    """Slots past each sequence's kv_length, pages only an empty sequence or one past num_seqs
+    points at, may hold NaN or Inf (a reused page): outputs and lse equal the clean run's
+    exactly. Sequence 0 is a 4-token chunk ending mid-page, 1 a decode at length 1, 2 is empty
+    and 3 lies past num_seqs (its 2 tokens are padding)."""
+    rng = np.random.default_rng(8)
+    num_pages, page_size, hq, hkv, d = 10, 8, 4, 2, 16
+    table = np.array([[0, 1, 6], [2, 7, 7], [8, 8, 8], [9, 9, 9]], np.int32)
+    starts = np.array([0, 4, 5, 5, 7], np.int32)
+    kv_lengths = np.array([13, 1, 0, 5], np.int32)
+    q = jnp.asarray(rng.standard_normal((7, hq, d)), jnp.float32)
+    k_pages, v_pages = (rng.standard_normal((num_pages, page_size, hkv, d)) for _ in range(2))
+    used = used_slots(num_pages, page_size, table[:3], kv_lengths[:3])
+    run = functools.partial(ragged_paged_attention, backend=backend, num_seqs=3,
+                            return_lse=True, **options)
+    if int8:  # the scales are what a stale slot poisons
+        (k8, ks), (v8, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
+        clean = run(q, k8, v8, table, starts, kv_lengths, k_scales=ks, v_scales=vs)
+        dirty = run(q, k8, v8, table, starts, kv_lengths, k_scales=poison(ks, used),
+                    v_scales=poison(vs, used))
+    else:
+        k_pages, v_pages = jnp.asarray(k_pages, jnp.float32), jnp.asarray(v_pages, jnp.float32)
+        clean = run(q, k_pages, v_pages, table, starts, kv_lengths)
+        dirty = run(q, poison(k_pages, used), poison(v_pages, used), table, starts, kv_lengths)
+    assert np.isfinite(np.asarray(clean[0])).all()
+    for got, expected in zip(dirty, clean):
+        np.testing.assert_array_equal(np.asarray(got), np.asarray(expected))
+
+
 def test_traced_num_seqs_serves_every_count_with_one_compilation():
     """num_seqs as a traced scalar: fixed shapes, and the sequences past it (and their tokens)
     turn into padding without recompiling."""
@@ -282,6 +316,23 @@ def test_entries_past_num_seqs_are_not_validated():
     the kernels ignore them too is checked by the num_seqs case above)."""
     checks.check_ragged(Q, PAGES, PAGES, TABLE.at[1:].set(-1), jnp.asarray([0, 4, 1], jnp.int32),
                         jnp.asarray([5, 0], jnp.int32), 1)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
+def test_traced_num_seqs_does_not_validate_a_concrete_table_past_it(backend):
+    """With num_seqs traced and the table concrete, no row is known to be real: the padding
+    row's out-of-range ids pass, and the output equals the call without that sequence."""
+    rng = np.random.default_rng(9)
+    q = jnp.asarray(rng.standard_normal((8, 2, 16)), jnp.float32)
+    pages = jnp.asarray(rng.standard_normal((6, 8, 1, 16)), jnp.float32)
+    table = jnp.asarray([[0, 1, 2], [3, 4, 5], [10**6, -5, 99]], jnp.int32)  # row 2 not real
+    starts = jnp.asarray([0, 3, 8, 8], jnp.int32)
+    kv_lengths = jnp.asarray([5, 20, 7], jnp.int32)
+    expected = ragged_paged_attention(q, pages, pages, table[:2], starts[:3], kv_lengths[:2],
+                                      backend=backend)
+    out = jax.jit(lambda n: ragged_paged_attention(q, pages, pages, table, starts, kv_lengths,
+                                                   num_seqs=n, backend=backend))(jnp.int32(2))
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
 @pytest.mark.parametrize("page_size,d,hq,hkv,int8", [(16, 128, 8, 2, False), (8, 80, 4, 4, False),
