@@ -311,8 +311,8 @@ def read_model_dir(model_dir: str | os.PathLike) -> tuple[Path, dict]:
     which of the two is missing or malformed."""
     model_dir = Path(model_dir)
     if model_dir.exists() and not model_dir.is_dir():
-        raise NotADirectoryError(f"{model_dir} is not a directory; expected a Hugging Face "
-                                 f"model directory (config.json and safetensors weights)")
+        raise FileNotFoundError(f"{model_dir} is not a directory; expected a Hugging Face "
+                                f"model directory (config.json and safetensors weights)")
     if not model_dir.is_dir():
         raise FileNotFoundError(f"model directory {model_dir} does not exist")
     config_file = model_dir / CONFIG_FILE

@@ -81,7 +81,8 @@ def test_missing_directory_is_file_not_found(tmp_path):
 
 
 def test_file_instead_of_directory_is_file_not_found(checkpoint):
-    with pytest.raises(FileNotFoundError, match=r"does not exist"):
+    with pytest.raises(FileNotFoundError, match=r"config\.json is not a directory; expected a "
+                                                r"Hugging Face model directory"):
         jaxinfer.load_pretrained(checkpoint / "config.json")
 
 
