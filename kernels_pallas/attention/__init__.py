@@ -160,7 +160,9 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
         length may still be gathered (the kernels read whole blocks of pages) but never count:
         any value in range will do, and the slots a sequence does not use (past its length,
         pages only a length-0 sequence points at) may hold anything, NaN and Inf included
-        (their scores are masked and their V rows zeroed before P @ V).
+        (their scores are masked and their V rows zeroed before P @ V). Ids are clamped into
+        [0, num_pages) first: one a traced call cannot check reads a wrong page, never memory
+        outside the pool (the GPU and TPU kernels index pages without bounds checks).
       lengths: int [batch], valid tokens per sequence, 0 <= lengths <= pages_per_seq * page_size.
         A sequence of length 0 gets out = 0 (and lse = -inf).
       softmax_scale: multiplies q·k; default 1/sqrt(D).
@@ -199,7 +201,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
         raise ValueError(f"the Pallas backend needs a power-of-two page_size (Triton tiles); "
                          f"got page_size={page_size}; use backend='xla'")
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    page_table = jnp.asarray(page_table, jnp.int32)
+    page_table = tiling.pool_page_ids(page_table, k_pages)
     lengths = jnp.asarray(lengths, jnp.int32)
     if impl == "reference":
         out, lse = reference.paged_decode_attention(
@@ -293,8 +295,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_len
     checks.check_block("block_q", block_q, pallas=impl == "pallas", minimum=1)
     checks.check_block("pages_per_block", pages_per_block, pallas=False, minimum=1)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
-    page_table, query_starts, kv_lengths = (jnp.asarray(x, jnp.int32)
-                                            for x in (page_table, query_starts, kv_lengths))
+    page_table = tiling.pool_page_ids(page_table, k_pages)
+    query_starts, kv_lengths = (jnp.asarray(x, jnp.int32) for x in (query_starts, kv_lengths))
     num_seqs = None if num_seqs is None else jnp.asarray(num_seqs, jnp.int32)
     if impl == "reference":
         out, lse = ragged_reference.ragged_paged_attention(

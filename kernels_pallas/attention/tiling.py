@@ -207,6 +207,13 @@ def finish_online_softmax(acc: jax.Array, m: jax.Array, l: jax.Array, *, log=jnp
     return out, jnp.where(seen, m + log(safe_l), -jnp.inf)
 
 
+def pool_page_ids(page_table, pages: jax.Array) -> jax.Array:
+    """page_table as int32 ids clamped into [0, num_pages) of ``pages`` [num_pages, ...]: the
+    kernels gather pages without bounds checks, and under jit a table (or the count of its real
+    rows) is traced, so a bad id could otherwise read outside the pool."""
+    return jnp.clip(jnp.asarray(page_table, jnp.int32), 0, pages.shape[0] - 1)
+
+
 def triton_compiler_params(num_warps: int, num_stages: int, interpret: bool):
     """A Triton kernel's launch settings, or None when it runs interpreted."""
     if interpret:

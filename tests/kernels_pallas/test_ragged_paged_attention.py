@@ -335,6 +335,22 @@ def test_traced_num_seqs_does_not_validate_a_concrete_table_past_it(backend):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
+def test_a_traced_out_of_range_page_id_reads_a_page_of_the_pool(backend):
+    """No check sees a traced table: its ids are clamped into the pool (the GPU and TPU kernels
+    index pages without bounds checks), so a bad id in a real row reads the nearest pool page."""
+    rng = np.random.default_rng(10)
+    q = jnp.asarray(rng.standard_normal((8, 2, 16)), jnp.float32)
+    pages = jnp.asarray(rng.standard_normal((6, 8, 1, 16)), jnp.float32)
+    table = jnp.asarray([[0, 10**6, 2], [3, -5, 5]], jnp.int32)  # both rows use column 1
+    starts, kv_lengths = jnp.asarray([0, 3, 8], jnp.int32), jnp.asarray([12, 20], jnp.int32)
+    expected = ragged_paged_attention(q, pages, pages, jnp.clip(table, 0, 5), starts, kv_lengths,
+                                      backend=backend)
+    out = jax.jit(lambda t: ragged_paged_attention(q, pages, pages, t, starts, kv_lengths,
+                                                   backend=backend))(table)
+    np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
+
+
 @pytest.mark.parametrize("page_size,d,hq,hkv,int8", [(16, 128, 8, 2, False), (8, 80, 4, 4, False),
                                                      (4, 64, 7, 1, False), (16, 128, 32, 4, True)])
 def test_pallas_kernel_lowers_to_triton(page_size, d, hq, hkv, int8):
