@@ -1,7 +1,5 @@
 """quant_matmul: every backend equals the dequantized float matmul (``reference.py``)."""
 
-import dataclasses
-
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -10,6 +8,7 @@ import pytest
 from kernels_pallas.quant_matmul import (MixedQuantizedWeight, QuantizedWeight, pack_planar,
                                          quant_matmul, unpack_planar)
 from kernels_pallas.quant_matmul import weight as weight_module
+from tests.kernels_pallas.quant_weights import random_mixed_weight, random_weight
 
 # f32: the backends sum the same products in different orders (pallas: per group, scales late).
 F32_RTOL, F32_ATOL = 1e-5, 1e-5
@@ -17,21 +16,8 @@ F32_RTOL, F32_ATOL = 1e-5, 1e-5
 BF16_RTOL, BF16_ATOL = 2e-2, 2e-2
 
 
-def _random_weight(k, n, bits, group_size, *, desc_act=False, seed=0):
-    rng = np.random.default_rng(seed)
-    g = k if group_size == -1 else group_size
-    q = rng.integers(0, 2 ** bits, (k, n))
-    zeros = rng.integers(0, 2 ** bits, (k // g, n))
-    scales = rng.uniform(0.5, 1.5, (k // g, n)).astype(np.float32) / 2 ** bits
-    g_idx = np.arange(k) // g
-    if desc_act:
-        g_idx = g_idx[rng.permutation(k)]
-    return QuantizedWeight.from_ints(q, scales, zeros, bits=bits, group_size=group_size,
-                                     g_idx=g_idx), (q, scales, zeros, g_idx)
-
-
 def test_reference_equals_numpy_dequantized_matmul():
-    w, (q, scales, zeros, g_idx) = _random_weight(128, 24, 4, 32, desc_act=True)
+    w, (q, scales, zeros, g_idx) = random_weight(128, 24, 4, 32, desc_act=True)
     x = np.random.default_rng(1).normal(size=(3, 128)).astype(np.float32)
     expect = x.astype(np.float64) @ (scales[g_idx] * (q - zeros[g_idx]))
     np.testing.assert_allclose(np.asarray(quant_matmul(jnp.asarray(x), w, backend="reference")),
@@ -55,7 +41,7 @@ BACKEND_CASES = [(backend, dtype, *case) for case in CASES for dtype in (jnp.flo
 
 @pytest.mark.parametrize("backend, dtype, lead, k, n, bits, group_size, desc_act", BACKEND_CASES)
 def test_backends_match_reference(backend, dtype, lead, k, n, bits, group_size, desc_act):
-    w, _ = _random_weight(k, n, bits, group_size, desc_act=desc_act)
+    w, _ = random_weight(k, n, bits, group_size, desc_act=desc_act)
     x = jnp.asarray(np.random.default_rng(2).normal(size=(*lead, k)), dtype)
     got = quant_matmul(x, w, backend=backend)
     want = quant_matmul(x, w, backend="reference")
@@ -80,7 +66,7 @@ def test_xla_backend_temp_memory_stays_one_dequantized_weight_at_large_m():
 
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
 def test_empty_batch_gives_empty_output_on_every_backend(backend):
-    w, _ = _random_weight(1024, 128, 4, 128)  # a shape the TPU kernel tiles
+    w, _ = random_weight(1024, 128, 4, 128)  # a shape the TPU kernel tiles
     for lead in ((0,), (2, 0)):
         y = quant_matmul(jnp.ones((*lead, 1024), jnp.bfloat16), w, backend=backend)
         assert y.shape == (*lead, 128) and y.dtype == jnp.bfloat16
@@ -88,206 +74,17 @@ def test_empty_batch_gives_empty_output_on_every_backend(backend):
 
 def test_pallas_explicit_blocks_loop_over_row_blocks_and_match_reference():
     # block_k=16 < K / vpw = 32: two row blocks per program, each inside one 128-row group.
-    w, _ = _random_weight(256, 64, 4, 128, desc_act=True, seed=3)
+    w, _ = random_weight(256, 64, 4, 128, desc_act=True, seed=3)
     x = jnp.asarray(np.random.default_rng(4).normal(size=(9, 256)), jnp.float32)
     got = quant_matmul(x, w, backend="pallas", block_m=16, block_n=64, block_k=16)
     np.testing.assert_allclose(np.asarray(got), np.asarray(quant_matmul(x, w, backend="reference")),
                                rtol=F32_RTOL, atol=F32_ATOL)
 
 
-def _random_mixed_weight(k, n, group_size, high, *, seed=0):
-    """Random mixed weight: groups in ``high`` (bool [groups]) hold 4-bit integers, the rest 2-bit;
-    act-order-like scattered groups. Returns the weight and its float64 numpy dequantization."""
-    rng = np.random.default_rng(seed)
-    groups = k // group_size
-    maxq = np.where(high, 16, 4)  # [groups]
-    g_idx = (np.arange(k) // group_size)[rng.permutation(k)]
-    q = rng.integers(0, maxq[g_idx][:, None], (k, n))
-    zeros = rng.integers(0, maxq[:, None], (groups, n))
-    scales = rng.uniform(0.5, 1.5, (groups, n)).astype(np.float32) / maxq[:, None]
-    w = MixedQuantizedWeight.from_ints(q, scales, zeros, high, group_size=group_size, g_idx=g_idx)
-    return w, scales[g_idx].astype(np.float64) * (q - zeros[g_idx])
-
-
-# Derivatives: the oracle is plain jax autodiff of x @ W with W = w.dequantize() in float32, a
-# function of x and of the weight's float scales (no custom rule anywhere on that path).
-DERIVATIVE_CASES = [("reference", False), ("xla", False), ("pallas", False),
-                    ("pallas_tpu", False), ("xla", True), ("pallas", True)]
-# float32 sums of up to K = 1024 products in another order (and, for pallas, scales applied late)
-DERIV_ATOL = 1e-4
-
-
-def _derivative_weight(mixed):
-    """A K = 1024, N = 128 weight with act-order groups of 128 (a shape every backend tiles), or a
-    mixed 2/4-bit one; the TPU kernel's tile is the binding constraint."""
-    if mixed:
-        return _random_mixed_weight(1024, 128, 128, np.array([0, 1, 0, 0, 1, 0, 0, 0], bool))[0]
-    return _random_weight(1024, 128, 4, 128, desc_act=True, seed=8)[0]
-
-
-def _float_scales(w):
-    """The weight's float leaves: its scales, one array per part (float32)."""
-    parts = w.parts if isinstance(w, MixedQuantizedWeight) else (w,)
-    return tuple(p.scales.astype(jnp.float32) for p in parts)
-
-
-def _with_scales(w, scales):
-    """w with its scales replaced by ``scales`` (as ``_float_scales`` orders them)."""
-    if not isinstance(w, MixedQuantizedWeight):
-        return dataclasses.replace(w, scales=scales[0])
-    parts = iter(scales)
-    return dataclasses.replace(w, **{name: dataclasses.replace(part, scales=next(parts))
-                                     for name, part in (("high", w.high), ("low", w.low))
-                                     if part is not None})
-
-
-def _dense_matmul(x, w):
-    """The oracle: x @ dequantize(w) in float32, differentiated by plain jax autodiff."""
-    return jnp.dot(x, w.dequantize(jnp.float32), precision=jax.lax.Precision.HIGHEST)
-
-
-def _assert_trees_close(got, want, atol=DERIV_ATOL):
-    for g, v in zip(jax.tree.leaves(got), jax.tree.leaves(want), strict=True):
-        assert g.shape == v.shape and g.dtype == v.dtype
-        np.testing.assert_allclose(np.asarray(g), np.asarray(v), rtol=F32_RTOL, atol=atol)
-
-
-@pytest.mark.parametrize("backend, mixed", DERIVATIVE_CASES)
-def test_grads_wrt_x_and_scales_match_autodiff_of_the_dequantized_matmul(backend, mixed):
-    w = _derivative_weight(mixed)
-    rng = np.random.default_rng(9)
-    x = jnp.asarray(rng.normal(size=(2, 3, 1024)), jnp.float32)
-    c = jnp.asarray(rng.normal(size=(2, 3, 128)), jnp.float32)  # a generic output cotangent
-
-    def loss(x, scales, matmul):
-        return jnp.sum(matmul(x, _with_scales(w, scales)) * c)
-
-    args = (x, _float_scales(w))
-    got = jax.grad(loss, argnums=(0, 1))(*args, lambda x, w: quant_matmul(x, w, backend=backend))
-    want = jax.grad(loss, argnums=(0, 1))(*args, _dense_matmul)
-    assert all(float(jnp.max(jnp.abs(s))) > 1 for s in want[1])  # scales do get a gradient
-    _assert_trees_close(got, want)
-
-
-@pytest.mark.parametrize("backend, mixed", DERIVATIVE_CASES)
-def test_jvp_and_jacfwd_match_the_dequantized_matmul(backend, mixed):
-    w = _derivative_weight(mixed)
-    rng = np.random.default_rng(10)
-    x = jnp.asarray(rng.normal(size=(2, 1024)), jnp.float32)
-    dx = jnp.asarray(rng.normal(size=(2, 1024)), jnp.float32)
-    scales = _float_scales(w)
-    dscales = tuple(jnp.asarray(rng.normal(size=s.shape), jnp.float32) for s in scales)
-
-    def matmul(x, scales):
-        return quant_matmul(x, _with_scales(w, scales), backend=backend)
-
-    def dense(x, scales):
-        return _dense_matmul(x, _with_scales(w, scales))
-
-    got = jax.jvp(matmul, (x, scales), (dx, dscales))
-    want = jax.jvp(dense, (x, scales), (dx, dscales))
-    _assert_trees_close(got, want)
-    # jacfwd: [2, 128, 2, 1024] wrt x (a vmap of the tangent over K * 2 directions)
-    _assert_trees_close(jax.jacfwd(matmul)(x, scales), jax.jacfwd(dense)(x, scales))
-
-
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_second_derivatives_and_vmapped_grads_match_the_dequantized_matmul(backend):
-    w = _derivative_weight(False)
-    x = jnp.asarray(np.random.default_rng(11).normal(size=(3, 1024)), jnp.float32) / 64  # tanh unsaturated
-
-    def loss(x, matmul):
-        return jnp.sum(jnp.tanh(matmul(x)))
-
-    def quant(x):
-        return quant_matmul(x, w, backend=backend)
-
-    def dense(x):
-        return _dense_matmul(x, w)
-
-    for derivative in (
-            lambda f: jax.grad(lambda x: jnp.sum(jax.grad(loss)(x, f) ** 2))(x),  # rev over rev
-            lambda f: jax.jacfwd(jax.grad(loss))(x[0], f),  # the Hessian, fwd over rev
-            lambda f: jax.vmap(jax.grad(loss), in_axes=(0, None))(x, f)):
-        want = derivative(dense)
-        # entries span ~1e4 and cancel: float32 reordering error is relative to the largest
-        _assert_trees_close(derivative(quant), want, atol=F32_RTOL * float(jnp.max(jnp.abs(want))))
-
-
-@pytest.mark.parametrize("backend", ["xla", "pallas"])
-def test_reverse_mode_keeps_the_packed_weight_not_a_float_copy(backend):
-    # What jax.vjp saves for the backward pass: x and the weight's own leaves, nothing [K, N] in
-    # float (a float copy per layer would cost the memory of a float model in training).
-    w = _derivative_weight(False)
-    x = jnp.ones((4, 1024), jnp.float32)
-    _, backward = jax.vjp(lambda x, s: quant_matmul(x, _with_scales(w, s), backend=backend), x,
-                          _float_scales(w))
-    saved = [a for a in jax.tree.leaves(backward) if hasattr(a, "shape")]
-    assert not [a.shape for a in saved if a.shape == w.shape and a.dtype != jnp.int32]
-    assert sum(a.size * a.dtype.itemsize for a in saved) < 1024 * 128 * 4 // 2
-
-
-def test_float_zeros_get_exact_derivatives():
-    # from_ints stores int32 zeros; a weight built by hand may hold float ones, and then they
-    # are a float input like the scales.
-    w = _derivative_weight(False)
-    zeros = w.zeros.astype(jnp.float32) + 0.25
-    rng = np.random.default_rng(13)
-    x = jnp.asarray(rng.normal(size=(2, 1024)), jnp.float32)
-    dzeros = jnp.asarray(rng.normal(size=zeros.shape), jnp.float32)
-
-    def matmul(zeros, f):
-        return f(x, dataclasses.replace(w, zeros=zeros))
-
-    def quant(x, w):
-        return quant_matmul(x, w, backend="xla")
-
-    _assert_trees_close(jax.jvp(lambda z: matmul(z, quant), (zeros,), (dzeros,)),
-                        jax.jvp(lambda z: matmul(z, _dense_matmul), (zeros,), (dzeros,)))
-    _assert_trees_close(jax.grad(lambda z: jnp.sum(matmul(z, quant) ** 2))(zeros),
-                        jax.grad(lambda z: jnp.sum(matmul(z, _dense_matmul) ** 2))(zeros),
-                        atol=1e-2)  # entries ~1e3: float32 reordering
-
-
-def _dot_generals(jaxpr):
-    """Every dot_general equation of ``jaxpr`` and of the jaxprs nested in it."""
-    for eqn in jaxpr.eqns:
-        if eqn.primitive.name == "dot_general":
-            yield eqn
-        for param in eqn.params.values():
-            for sub in (param if isinstance(param, (tuple, list)) else (param,)):
-                if isinstance(sub, jax.extend.core.ClosedJaxpr):
-                    yield from _dot_generals(sub.jaxpr)
-                elif isinstance(sub, jax.extend.core.Jaxpr):
-                    yield from _dot_generals(sub)
-
-
-@pytest.mark.parametrize("dtype", [jnp.bfloat16, jnp.float16, jnp.float32])
-def test_tangent_dots_run_in_x_dtype_accumulating_in_float32(dtype):
-    # 16-bit x: one pass in x's dtype into float32 (a HIGHEST float32 dot would cost ~6 passes on
-    # GPU/TPU); float32 x: HIGHEST, as the forward runs it. jax.linearize keeps only the tangent.
-    w = _derivative_weight(False)
-    x = jnp.asarray(np.random.default_rng(12).normal(size=(4, 1024)), dtype)
-    scales = _float_scales(w)
-    with jax.default_matmul_precision("default"):  # as users run it (conftest sets "highest")
-        _, tangent = jax.linearize(
-            lambda x, s: quant_matmul(x, _with_scales(w, s), backend="xla"), x, scales)
-        dots = list(_dot_generals(jax.make_jaxpr(tangent)(x, scales).jaxpr))
-    assert len(dots) == 2  # dx @ W and x @ dW
-    highest = jax.lax.Precision.HIGHEST
-    for eqn in dots:
-        assert [v.aval.dtype for v in eqn.invars] == [dtype, dtype]
-        assert eqn.params["preferred_element_type"] == jnp.float32
-        assert (eqn.params["precision"] == (highest, highest)) == (dtype == jnp.float32)
-    # and reverse mode: the gradient wrt x has x's dtype
-    g = jax.grad(lambda x: jnp.sum(quant_matmul(x, w, backend="xla").astype(jnp.float32)))(x)
-    assert g.dtype == dtype
-
-
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
 def test_mixed_weight_matmul_equals_dequantized_float_matmul(backend):
     high = np.array([0, 1, 0, 0, 1, 0, 0, 0], bool)
-    w, dense = _random_mixed_weight(128, 24, 16, high)
+    w, dense = random_mixed_weight(128, 24, 16, high)
     assert (w.high.bits, w.high.shape, w.low.bits, w.low.shape) == (4, (32, 24), 2, (96, 24))
     x = np.random.default_rng(1).normal(size=(2, 3, 128)).astype(np.float32)
     got = quant_matmul(jnp.asarray(x), w, backend=backend)
@@ -297,15 +94,15 @@ def test_mixed_weight_matmul_equals_dequantized_float_matmul(backend):
 
 
 def test_mixed_weight_with_no_high_groups_is_all_2bit_and_dequantizes_exactly():
-    w, dense = _random_mixed_weight(128, 8, 16, np.zeros(8, bool), seed=2)
+    w, dense = random_mixed_weight(128, 8, 16, np.zeros(8, bool), seed=2)
     assert w.high is None and w.high_fraction == 0 and w.low.bits == 2
     np.testing.assert_allclose(np.asarray(w.dequantize()), dense, rtol=1e-6)
 
 
 def test_bits_per_weight_counts_integers_scales_and_zeros():
-    uniform, _ = _random_weight(128, 8, 4, 32)
+    uniform, _ = random_weight(128, 8, 4, 32)
     assert uniform.bits_per_weight == 4 + (16 + 4) / 32
-    mixed, _ = _random_mixed_weight(128, 8, 16, np.array([1, 0, 0, 1, 0, 0, 0, 0], bool))
+    mixed, _ = random_mixed_weight(128, 8, 16, np.array([1, 0, 0, 1, 0, 0, 0, 0], bool))
     assert mixed.high_fraction == 0.25
     assert mixed.bits_per_weight == 0.25 * (4 + 20 / 16) + 0.75 * (2 + 18 / 16)
 
@@ -324,7 +121,7 @@ def test_planar_packing_round_trips_and_fills_slots_by_row_runs(bits):
 
 
 def test_quant_matmul_rejects_bad_arguments():
-    w, _ = _random_weight(128, 32, 4, 32)
+    w, _ = random_weight(128, 32, 4, 32)
     x = jnp.ones((2, 128), jnp.float32)
     with pytest.raises(ValueError, match="in_features K=128"):
         quant_matmul(jnp.ones((2, 96)), w)
@@ -437,7 +234,7 @@ def test_check_range_false_trusts_the_integers_and_mixed_parts_are_checked_once(
     # MixedQuantizedWeight checks each part at its width; the parts are not scanned again
     calls = []
     monkeypatch.setattr(weight_module, "check_int_range", lambda *a, **k: calls.append(a[0]))
-    _random_mixed_weight(128, 8, 16, np.array([1, 0, 0, 0, 0, 0, 0, 0], bool))
+    random_mixed_weight(128, 8, 16, np.array([1, 0, 0, 0, 0, 0, 0, 0], bool))
     assert calls == []
 
 
@@ -460,14 +257,14 @@ def test_mixed_from_ints_rejects_integers_outside_their_groups_width(field, row,
 @pytest.mark.parametrize("block", [dict(block_m=-8), dict(block_n=-128), dict(block_k=0),
                                    dict(block_m=True), dict(block_k=16.0), dict(block_n="big")])
 def test_every_backend_rejects_non_positive_or_non_integer_blocks(backend, block):
-    w, _ = _random_weight(1024, 128, 4, 128)
+    w, _ = random_weight(1024, 128, 4, 128)
     name, value = next(iter(block.items()))
     with pytest.raises(ValueError, match=f"{name} must be a positive int; got {value!r}"):
         quant_matmul(jnp.ones((2, 1024)), w, backend=backend, **block)
 
 
 def test_pallas_takes_numpy_integer_blocks():
-    w, _ = _random_weight(128, 32, 4, 32)
+    w, _ = random_weight(128, 32, 4, 32)
     x = jnp.asarray(np.random.default_rng(7).normal(size=(3, 128)), jnp.float32)
     got = quant_matmul(x, w, backend="pallas", block_m=np.int64(16), block_n=np.int32(32),
                        block_k=np.int64(16))
@@ -481,7 +278,7 @@ def test_pallas_kernel_lowers_to_triton_for_cuda():
     from jax import export
 
     from kernels_pallas.quant_matmul import pallas_gpu
-    w, _ = _random_weight(256, 64, 4, 32, desc_act=True)
+    w, _ = random_weight(256, 64, 4, 32, desc_act=True)
     x = jnp.ones((5, 256), jnp.bfloat16)
     def fn(x, w):
         return pallas_gpu.quant_matmul(x, w, block_m=16, block_n=64, block_k=16, interpret=False)
@@ -544,7 +341,7 @@ def test_pallas_gpu_dot_is_not_tf32_for_float32_x(monkeypatch, kernel_precision)
     from kernels_pallas.quant_matmul import pallas_gpu
     if kernel_precision == "default":
         monkeypatch.setattr(pallas_gpu, "dot_precision", lambda dtype: None)
-    w, _ = _random_weight(256, 64, 4, 32)
+    w, _ = random_weight(256, 64, 4, 32)
     dots = _triton_dot_lines(jax.ShapeDtypeStruct((5, 256), jnp.float32), w)
     assert len(dots) == 8  # one per 4-bit slot of the single row block
     tf32 = [line for line in dots if "tf32" in line]
@@ -561,7 +358,7 @@ def test_pallas_tpu_dot_runs_full_float32_passes_for_float32_x(dtype, fp32):
     from jax._src.lib.mlir import ir
 
     from kernels_pallas.quant_matmul import pallas_tpu
-    w, _ = _random_weight(2048, 256, 4, 128)
+    w, _ = random_weight(2048, 256, 4, 128)
     x = jax.ShapeDtypeStruct((1, 2048), dtype)
 
     def fn(x, w):
@@ -584,7 +381,7 @@ TPU_ATOL = 1e-4
 
 @pytest.mark.parametrize("m, k, n, bits, group_size, desc_act", TPU_CASES)
 def test_tpu_kernel_matches_reference_in_interpret_mode(m, k, n, bits, group_size, desc_act):
-    w, _ = _random_weight(k, n, bits, group_size, desc_act=desc_act, seed=5)
+    w, _ = random_weight(k, n, bits, group_size, desc_act=desc_act, seed=5)
     x = jnp.asarray(np.random.default_rng(6).normal(size=(m, k)), jnp.float32)
     got = quant_matmul(x, w, backend="pallas_tpu")
     np.testing.assert_allclose(np.asarray(got), np.asarray(quant_matmul(x, w, backend="reference")),
@@ -596,7 +393,7 @@ def test_tpu_kernel_lowers_to_mosaic_and_rejects_groups_it_cannot_tile():
     from jax import export
 
     from kernels_pallas.quant_matmul import pallas_tpu
-    w, _ = _random_weight(2048, 256, 4, 128, desc_act=True)
+    w, _ = random_weight(2048, 256, 4, 128, desc_act=True)
     x = jnp.ones((1, 2048), jnp.bfloat16)  # decode: M = 1 padded to 8
 
     def fn(x, w):
@@ -607,6 +404,6 @@ def test_tpu_kernel_lowers_to_mosaic_and_rejects_groups_it_cannot_tile():
     assert pallas_tpu.default_block_k(kw=256, group_size=128) == 128
     assert pallas_tpu.default_block_k(kw=64, group_size=1024) == 64  # the group spans Kw
     assert pallas_tpu.default_block_k(kw=256, group_size=32) is None
-    small_groups, _ = _random_weight(1024, 32, 4, 32)  # Kw = 128 rows, groups of 32
+    small_groups, _ = random_weight(1024, 32, 4, 32)  # Kw = 128 rows, groups of 32
     with pytest.raises(ValueError, match="share a multiple of 128"):
         quant_matmul(jnp.ones((2, 1024)), small_groups, backend="pallas_tpu")
