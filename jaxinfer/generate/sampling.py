@@ -97,10 +97,13 @@ def sample_next_token(logits: jax.Array, params: SamplingArrays, key: jax.Array,
     """One token id per row of logits [batch, vocab] -> int32 [batch].
 
     key: one PRNG key for the whole batch, or a [batch] array of keys (one stream per row, so that
-    a row's draw does not depend on the other rows). seen: bool [batch, vocab], the tokens each row
+    a row's draw does not depend on the other rows); typed keys (jax.random.key) or legacy raw
+    ones (jax.random.PRNGKey, uint32 [2] or [batch, 2]). seen: bool [batch, vocab], the tokens each row
     has seen, needed only for a repetition penalty. Rows with temperature 0 take the argmax.
     Branches (not masks) keep all-greedy batches free of the vocabulary sort and the random draw."""
     batch = logits.shape[0]
+    if not jnp.issubdtype(key.dtype, jax.dtypes.prng_key):
+        key = jax.random.wrap_key_data(key)  # a legacy raw key: its last axis is the key data
     if seen is not None:
         logits = jax.lax.cond(jnp.any(jnp.asarray(params.repetition_penalty) != 1.0),
                               lambda: apply_repetition_penalty(logits, seen,

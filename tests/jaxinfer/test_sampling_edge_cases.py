@@ -91,3 +91,16 @@ def test_a_top_k_beyond_int32_means_no_top_k_filter(top_k):
     unfiltered = make_sampling_params(1.0, None, None)
     np.testing.assert_array_equal(np.asarray(filter_logits(jnp.asarray(logits), params)),
                                   np.asarray(filter_logits(jnp.asarray(logits), unfiltered)))
+
+
+def test_legacy_raw_keys_draw_as_their_typed_keys():
+    # jax.random.PRNGKey's uint32 [2] (or [batch, 2]) is wrapped, not taken for a [2] key array
+    logits = jnp.asarray(np.random.default_rng(0).normal(size=(3, 16)), jnp.float32)
+    params = make_sampling_params(1.0, None, None)
+    typed = sampling.sample_next_token(logits, params, jax.random.key(7))
+    raw = sampling.sample_next_token(logits, params, jax.random.PRNGKey(7))
+    np.testing.assert_array_equal(np.asarray(raw), np.asarray(typed))
+    keys = jax.random.split(jax.random.key(8), 3)
+    per_row = sampling.sample_next_token(logits, params, jax.random.key_data(keys))
+    np.testing.assert_array_equal(np.asarray(per_row),
+                                  np.asarray(sampling.sample_next_token(logits, params, keys)))
