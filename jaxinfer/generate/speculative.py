@@ -232,7 +232,7 @@ def speculative_generate(target, prompt_ids, max_new_tokens: int, *, draft=None,
     check_model("target", target)
     if draft is not None:
         check_model("draft", draft)
-    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=1)
+    max_new_tokens = check_int("max_new_tokens", max_new_tokens, low=0)
     gamma = check_int("gamma", gamma, low=1)
     if (draft is None) == (lookup_ngram is None):
         raise ValueError("give exactly one drafter: draft (a model) or lookup_ngram (an int); "
@@ -249,6 +249,9 @@ def speculative_generate(target, prompt_ids, max_new_tokens: int, *, draft=None,
     if draft is not None:
         check_input_ids(prompt_ids, draft.config, new_tokens=max_new_tokens)
     prompts = jnp.asarray(prompt_ids, jnp.int32)  # [batch, seq]
+    if max_new_tokens == 0:  # as generate: the prompts, and no target pass
+        nothing = np.zeros(prompts.shape[0], np.int32)
+        return SpeculativeOutput(prompts, nothing, nothing, gamma)
     keys = jax.vmap(lambda b: jax.random.fold_in(jax.random.key(seed), b))(
         jnp.arange(prompts.shape[0]))
     target_def, target_state = nnx.split(target)

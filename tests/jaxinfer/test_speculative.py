@@ -324,12 +324,19 @@ def test_lookup_draft_matches_the_oracle(tokens, ngram):
     (dict(lookup_ngram=0), "lookup_ngram"),
     (dict(), "exactly one drafter"),
     (dict(lookup_ngram=2, temperature=-1.0), "temperature"),
-    (dict(lookup_ngram=2, max_new_tokens=0), "max_new_tokens"),
+    (dict(lookup_ngram=2, max_new_tokens=-1), "max_new_tokens"),
 ])
 def test_bad_arguments_raise_value_error(target, kwargs, match):
     kwargs.setdefault("max_new_tokens", 4)
     with pytest.raises(ValueError, match=match):
         speculative_generate(target, np.zeros((1, 3), np.int32), **kwargs)
+
+
+def test_zero_new_tokens_returns_the_prompts_as_generate_does(target):
+    prompts = np.arange(6, dtype=np.int32).reshape(2, 3)
+    out = speculative_generate(target, prompts, 0, lookup_ngram=2)
+    np.testing.assert_array_equal(out.tokens, jaxinfer.generate(target, prompts, 0))
+    assert out.target_passes.tolist() == [0, 0] and out.acceptance_rate == 0.0
 
 
 def test_draft_with_another_vocabulary_is_rejected(target):
