@@ -56,7 +56,6 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import inspect
 
 import jax
 import jax.numpy as jnp
@@ -404,12 +403,9 @@ def _forward(q, k, v, cfg: _Config):
 
     out_types = [jax.ShapeDtypeStruct(q.shape, q.dtype),
                  jax.ShapeDtypeStruct((batch, hq, cfg.t_pad), jnp.float32)]
-    # jax 0.10 renamed out_shape to out_type (out_shape still works there, with a warning)
-    out_arg = ("out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters
-               else "out_shape")
     kernel = plgpu.kernel(
         entry,
-        **{out_arg: out_types},
+        out_type=out_types,
         grid=(cfg.t_pad // (bq * cw), hq, batch),
         grid_names=("q", "h", "b"),
         compiler_params=plgpu.CompilerParams(approx_math=True),

@@ -589,11 +589,8 @@ def _launch(body, out_types, scratch, grid, grid_names, cfg: _Config):
         pl.run_scoped(lambda smem, bars: body(*refs, smem, bars), buffers, barriers,
                       collective_axes="wg" if specialized else ())
 
-    # jax 0.10 renamed out_shape to out_type (out_shape still works there, with a warning)
-    out_arg = ("out_type" if "out_type" in inspect.signature(plgpu.kernel).parameters
-               else "out_shape")
     return plgpu.kernel(
-        entry, **{out_arg: out_types}, grid=grid, grid_names=grid_names,
+        entry, out_type=out_types, grid=grid, grid_names=grid_names,
         compiler_params=plgpu.CompilerParams(approx_math=True),
         **({"num_threads": cfg.consumers + 1, "thread_name": "wg"} if specialized else {}),
         **({"interpret": interpret_params()} if cfg.interpret else {}))
