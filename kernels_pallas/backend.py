@@ -1,4 +1,5 @@
-"""Backend choice shared by every op: which implementation runs, and whether Pallas interprets."""
+"""Backend choice shared by every op: which implementation runs, whether Pallas interprets, and
+the Triton launch settings of the GPU kernels."""
 
 from __future__ import annotations
 
@@ -31,3 +32,15 @@ def resolve_backend(backend: str, *, tpu_kernel: bool = False) -> tuple[str, boo
     if backend == "pallas_mgpu":
         return "pallas_mgpu", platform != "gpu"
     return backend, False
+
+
+def triton_compiler_params(num_warps: int, num_stages: int, interpret: bool):
+    """A Triton kernel's launch settings, or None when it runs interpreted.
+
+    One place for every op's Triton kernels: passing ``pltriton.CompilerParams`` is also what
+    selects the Triton lowering (the default GPU lowering is Mosaic GPU), and that import is
+    deprecated from jax 0.11, so it has one spot to change."""
+    if interpret:
+        return None
+    from jax.experimental.pallas import triton as pltriton  # GPU only; deprecated from jax 0.11
+    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)

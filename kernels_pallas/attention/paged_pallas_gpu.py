@@ -37,6 +37,7 @@ from jax.experimental import pallas as pl
 from kernels_pallas.attention import tiling
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.attention.tiling import MASK_VALUE
+from kernels_pallas.backend import triton_compiler_params
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 TARGET_PROGRAMS = 256  # enough programs to fill an H100's 132 SMs about twice
@@ -175,7 +176,7 @@ def _partials(q, k_pages, v_pages, scales, table, lens, cfg: _Config):
         # a decode tile has only g_pad (16 for most models) query rows, so its [g_pad, D] float32
         # accumulator is a quarter of the forward's, and decode is bound by reading the pages,
         # not by the matmuls. Neither rule has been measured against the other.
-        compiler_params=tiling.triton_compiler_params(4 if d_pad <= 128 else 8, 2,
+        compiler_params=triton_compiler_params(4 if d_pad <= 128 else 8, 2,
                                                       cfg.interpret),
         interpret=cfg.interpret,
         name="paged_decode_attention",

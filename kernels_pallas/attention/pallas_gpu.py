@@ -40,6 +40,7 @@ from jax.experimental import pallas as pl
 
 from kernels_pallas.attention import tiling
 from kernels_pallas.attention.tiling import MASK_VALUE, MaskSpec
+from kernels_pallas.backend import triton_compiler_params
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 _TN = (((0,), (0,)), ((), ()))  # a.T @ b
@@ -123,7 +124,7 @@ def _compiler_params(cfg, d_pad, *, backward: bool):
     warps = b.num_warps_bwd if backward else b.num_warps
     # Default warps: 4 up to D = 64, 8 above, as the [block_q, D] tiles and float32 accumulator
     # grow with D (ragged_pallas_gpu.py, whose query block is as tall, follows the same rule).
-    return tiling.triton_compiler_params(warps or (4 if d_pad <= 64 else 8),
+    return triton_compiler_params(warps or (4 if d_pad <= 64 else 8),
                                          b.num_stages_bwd if backward else b.num_stages,
                                          cfg.interpret)
 

@@ -47,6 +47,7 @@ from kernels_pallas.attention import tiling
 from kernels_pallas.attention.ragged_blocks import (RaggedLayout, blocks_from_tokens,
                                                     tokens_from_blocks)
 from kernels_pallas.attention.tiling import MASK_VALUE
+from kernels_pallas.backend import triton_compiler_params
 
 _NT = (((1,), (1,)), ((), ()))  # a @ b.T
 
@@ -160,7 +161,7 @@ def _call(meta, table, q, k_pages, v_pages, scales, cfg: _Config):
                    jax.ShapeDtypeStruct((nb, hkv, rows), jnp.float32)],
         # The flash forward's warp rule (pallas_gpu.py), not the decode kernel's: a query block
         # holds ~64 rows like the forward's q tile, so its accumulator is as large.
-        compiler_params=tiling.triton_compiler_params(4 if d_pad <= 64 else 8, 2, cfg.interpret),
+        compiler_params=triton_compiler_params(4 if d_pad <= 64 else 8, 2, cfg.interpret),
         interpret=cfg.interpret,
         name="ragged_paged_attention",
     )(*meta, table, q, k_pages, v_pages, *scales)

@@ -214,14 +214,6 @@ def pool_page_ids(page_table, pages: jax.Array) -> jax.Array:
     return jnp.clip(jnp.asarray(page_table, jnp.int32), 0, pages.shape[0] - 1)
 
 
-def triton_compiler_params(num_warps: int, num_stages: int, interpret: bool):
-    """A Triton kernel's launch settings, or None when it runs interpreted."""
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as pltriton  # GPU only; deprecated from jax 0.11
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 def dequantize(values: jax.Array, scales: jax.Array | None, dtype) -> jax.Array:
     """int8 K/V values [..., D] times their float32 scales [...] (one per token and head), in
     `dtype`; float values (scales None) are only cast. The product is formed in float32."""

@@ -77,6 +77,7 @@ from jax import lax
 from jax.experimental import pallas as pl
 import numpy as np
 
+from kernels_pallas.backend import triton_compiler_params
 from kernels_pallas.fftconv import filters, monarch
 from kernels_pallas.fftconv.monarch import KernelGeometry, MonarchPlan
 
@@ -209,14 +210,6 @@ def _kernel(*refs, names: tuple[str, ...], geo: KernelGeometry, block_c: int, pr
             o_ref[ch, s, :, :] = out.astype(o_ref.dtype)
 
 
-def _compiler_params(interpret: bool, m: int):
-    if interpret:
-        return None
-    from jax.experimental.pallas import triton as pltriton  # GPU only; deprecated from jax 0.11
-    # more threads share the per-sequence planes as m grows (fewer registers per thread)
-    return pltriton.CompilerParams(num_warps=4 if m <= 2048 else 8, num_stages=1)
-
-
 def _filter_planes(spec, m: int, plan: MonarchPlan, cols: tuple[int, ...]):
     """spec [channels, M] complex (the filter's spectrum, or its conjugate for the backward) ->
     [channels', F, spec_rows, Nk] float32 planes in the kernel's spectrum layout: F = 2 (H;
@@ -287,7 +280,8 @@ def _kernel_call(sig: list, bias, filt, *, geo: KernelGeometry, cols: tuple[int,
         out_specs=sig_spec,
         out_shape=jax.ShapeDtypeStruct(sig[0].shape, jnp.float32),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret, geo.size),
+        # more threads share the per-sequence planes as the size grows (fewer registers each)
+        compiler_params=triton_compiler_params(4 if geo.size <= 2048 else 8, 1, interpret),
         name=f"fftconv_monarch_{geo.mode}_order{len(geo.factors)}",
     )(*sig, *extra, filt, *consts)
 

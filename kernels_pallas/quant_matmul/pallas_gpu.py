@@ -27,6 +27,7 @@ import jax.numpy as jnp
 from jax import lax
 from jax.experimental import pallas as pl
 
+from kernels_pallas.backend import triton_compiler_params
 from kernels_pallas.quant_matmul.weight import (QuantizedWeight, dot_precision, slot_bits,
                                                 tiled_operands, values_per_word)
 
@@ -55,14 +56,6 @@ def _kernel(x_ref, qw_ref, s_ref, z_ref, o_ref, *, kw, block_k, group_size, sb, 
     o_ref[...] = acc.astype(o_ref.dtype)
 
 
-def _compiler_params(interpret: bool, num_warps: int, num_stages: int):
-    if interpret:
-        return None
-    # Selects the Triton lowering (the default GPU lowering is Mosaic GPU); deprecated in jax 0.11.
-    from jax.experimental.pallas import triton as pltriton
-    return pltriton.CompilerParams(num_warps=num_warps, num_stages=num_stages)
-
-
 @functools.partial(jax.jit, static_argnames=("block_m", "block_n", "block_k", "interpret"))
 def quant_matmul(x: jax.Array, w: QuantizedWeight, *, block_m: int, block_n: int, block_k: int,
                  interpret: bool) -> jax.Array:
@@ -89,7 +82,7 @@ def quant_matmul(x: jax.Array, w: QuantizedWeight, *, block_m: int, block_n: int
         out_specs=pl.BlockSpec((block_m, block_n), lambda i, j: (i, j)),
         out_shape=jax.ShapeDtypeStruct((m_pad, n_pad), jnp.float32),
         interpret=interpret,
-        compiler_params=_compiler_params(interpret, num_warps=4, num_stages=3),
+        compiler_params=triton_compiler_params(num_warps=4, num_stages=3, interpret=interpret),
         name="quant_matmul",
     )(x, qw, scales, zeros)
     return out[:m, :n]
