@@ -6,7 +6,8 @@ from __future__ import annotations
 import jax
 
 
-def resolve_backend(backend: str, *, tpu_kernel: bool = False) -> tuple[str, bool]:
+def resolve_backend(backend: str, *, tpu_kernel: bool = False,
+                    op: str = "this op") -> tuple[str, bool]:
     """Map a user's backend to (implementation, interpret).
 
     ``backend`` is "auto" | "reference" | "xla" | "pallas", or "pallas_tpu" for an op with a TPU
@@ -15,16 +16,18 @@ def resolve_backend(backend: str, *, tpu_kernel: bool = False) -> tuple[str, boo
     on a CPU the Triton kernel in interpret mode (how the tests exercise kernel code). "pallas_tpu"
     forces the Mosaic kernel, interpreted off a TPU, so CPU tests reach it too. "pallas_mgpu" (ops
     with a Mosaic GPU kernel, for Hopper) runs it compiled on a GPU and in GPU interpret mode
-    elsewhere; "auto" never picks it (until a GPU measurement shows it faster than Triton)."""
+    elsewhere; "auto" never picks it (until a GPU measurement shows it faster than Triton).
+    ``op`` names the calling op in the ValueError that "pallas" on a TPU raises without
+    ``tpu_kernel``."""
     platform = jax.default_backend()
     if backend == "auto":
         backend = "pallas" if platform == "gpu" or (platform == "tpu" and tpu_kernel) else "xla"
     if backend == "pallas":
         if platform == "tpu":
             if not tpu_kernel:
-                raise NotImplementedError(
-                    "backend='pallas' has no TPU (Mosaic) kernel for this op yet; use backend='xla' "
-                    "or 'auto'")
+                raise ValueError(
+                    f"backend='pallas' on a TPU needs a TPU (Mosaic) kernel, which {op} does not "
+                    f"have yet; use backend='xla' or 'auto'")
             return "pallas_tpu", False
         return "pallas", platform != "gpu"
     if backend == "pallas_tpu":

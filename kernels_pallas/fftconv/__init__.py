@@ -133,7 +133,7 @@ def _check_inputs(u, k, bidirectional, pre_gate, post_gate, bias, partial, freq_
 def _resolve(backend: str) -> tuple[str, bool]:
     """(implementation, interpret) for ``backend``: "auto" is xla here, before the shared
     resolver would map it to pallas on a GPU (module docstring: the measured H200 kernel)."""
-    return resolve_backend("xla" if backend == "auto" else backend)
+    return resolve_backend("xla" if backend == "auto" else backend, op="fftconv")
 
 
 def _check_plan(monarch_plan: MonarchPlan, m: int, full: bool, n: int, triton: bool) -> None:

@@ -362,6 +362,14 @@ def test_auto_runs_xla_on_every_platform(monkeypatch, platform):
     assert _rel(fftconv(u, k, backend="auto"), fftconv(u, k, backend="reference")) < F32_RTOL
 
 
+def test_pallas_on_a_tpu_raises_value_error_naming_the_op(monkeypatch):
+    """fftconv has no Mosaic kernel: an explicit "pallas" on a TPU is a bad argument there."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "tpu")
+    u, k = _inputs(300, 40, seed=13)
+    with pytest.raises(ValueError, match=r"backend='pallas' on a TPU .* which fftconv does not"):
+        fftconv(u, k, backend="pallas")
+
+
 @pytest.mark.parametrize("backend", BACKENDS)
 def test_jit_matches_eager(backend):
     n, l = 256, 17
