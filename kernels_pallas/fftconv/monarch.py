@@ -212,7 +212,7 @@ def _dft(r: int) -> np.ndarray:
 
 
 @functools.lru_cache(maxsize=None)
-def spectrum_index(size: int, factors: tuple[int, ...]) -> np.ndarray:
+def spectrum_index(factors: tuple[int, ...]) -> np.ndarray:
     """[spec_rows, N_last] int: the frequency f held at each position of the kernel's spectrum
     layout (order 2: D[k1, k2] = X[k1 + N1*k2]; order 3: D[k1*N2 + k2, k3] =
     X[k1 + N1*k2 + N1*N2*k3])."""
@@ -279,7 +279,7 @@ def frequency_columns(m: int, cutoff: int, factors: tuple[int, ...]) -> tuple[in
     if int(np.prod(factors)) != m:
         raise ValueError(f"factors {factors} must multiply to the kernel size m = {m}")
     n_last = factors[-1]
-    f = spectrum_index(m, tuple(factors))  # [spec_rows, N_last]
+    f = spectrum_index(tuple(factors))  # [spec_rows, N_last]
     needed = np.any((f <= cutoff) | (f >= m - cutoff), axis=0)
     cols = [int(j) for j in np.flatnonzero(needed)]
     width = max(min(16, n_last), 1 << max(0, (len(cols) - 1).bit_length()))

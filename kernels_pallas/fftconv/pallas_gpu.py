@@ -227,7 +227,7 @@ def _filter_planes(spec, m: int, plan: MonarchPlan, cols: tuple[int, ...]):
         filts = [per_residue[:, : monarch.outer_residues(plan.outer)].reshape(-1, geo.size)]
     else:
         filts = [spec]
-    idx = monarch.spectrum_index(geo.size, geo.factors)[:, np.asarray(cols)]  # [rows, Nk]
+    idx = monarch.spectrum_index(geo.factors)[:, np.asarray(cols)]  # [rows, Nk]
     planes = [p for f in filts for p in (f[:, idx].real, f[:, idx].imag)]
     return jnp.stack(planes, axis=1).astype(jnp.float32)
 

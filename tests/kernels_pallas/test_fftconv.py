@@ -317,7 +317,7 @@ def test_frequency_columns_hold_every_kept_frequency(factors):
     """The kept spectrum columns of an order-2 or order-3 layout hold every frequency the
     low-passed filter keeps (so skipping the others is exact) and skip some at s = 0.75."""
     size = int(np.prod(factors))
-    index = monarch.spectrum_index(size, factors)  # [spec_rows, N_last]: the frequency held
+    index = monarch.spectrum_index(factors)  # [spec_rows, N_last]: the frequency held
     assert sorted(index.ravel()) == list(range(size))
     for s in (0.25, 0.75):
         cutoff = filters.keep_frequencies(size, s)
