@@ -1,5 +1,5 @@
 """Attention: ``flash_attention``, ``paged_decode_attention``, ``ragged_paged_attention``,
-``merge_attention`` and the ``tile_fraction`` helper.
+``merge_attention`` and the ``tile_fraction`` helper (``sparsity.py``).
 
 One function, several implementations (the pattern of ../shared/DESIGN.md):
 
@@ -47,8 +47,9 @@ from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu
                                       ragged_reference, ragged_xla, reference, tiling, xla)
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.backend import resolve_backend
+from kernels_pallas.attention.sparsity import tile_fraction
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
-                                             default_block_sizes, tile_fraction)
+                                             default_block_sizes)
 
 __all__ = ["flash_attention", "paged_decode_attention", "ragged_paged_attention",
            "merge_attention", "tile_fraction", "BlockSizes", "DEFAULT_BLOCK_SIZES"]
