@@ -23,8 +23,11 @@ from kernels_pallas.attention.tiling import MASK_VALUE
 DEFAULT_CHUNK_TOKENS = 512  # tokens gathered per loop step: large enough to amortize the loop
 
 
-def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
-    return max(1, min(pages_per_seq, DEFAULT_CHUNK_TOKENS // page_size))
+def default_pages_per_block(page_size: int, pages_per_seq: int,
+                            tokens: int = DEFAULT_CHUNK_TOKENS) -> int:
+    """Pages per loop step of the XLA paged paths: about ``tokens`` context tokens (at least one
+    page, at most the table's width). The ragged path passes its own, smaller chunk."""
+    return max(1, min(pages_per_seq, tokens // page_size))
 
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float,

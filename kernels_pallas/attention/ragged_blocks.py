@@ -22,7 +22,7 @@ from typing import NamedTuple
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.attention import tiling
+from kernels_pallas.attention import paged_xla, tiling
 
 # Per-backend default tiles. xla: every block of a step (empty ones too) walks the pages in
 # lockstep, so its cost is ~(T + S * block_q) query rows of scores plus (T / block_q + S) gathered
@@ -132,4 +132,5 @@ def default_block_q(impl: str, groups: int) -> int:
 
 
 def default_pages_per_block_xla(page_size: int, pages_per_seq: int) -> int:
-    return max(1, min(pages_per_seq, DEFAULT_KV_TOKENS_XLA // page_size))
+    """Pages per step of the XLA path: the paged decode's rule at DEFAULT_KV_TOKENS_XLA tokens."""
+    return paged_xla.default_pages_per_block(page_size, pages_per_seq, DEFAULT_KV_TOKENS_XLA)
