@@ -146,6 +146,19 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
     return (out, lse) if return_lse else out
 
 
+def _paged_impl(backend: str, page_size: int) -> tuple[str, bool]:
+    """(implementation, interpret) of the paged and ragged ops: the Triton kernels need a
+    power-of-two page_size, so "auto" falls back to xla where it is not and an explicit
+    "pallas" raises."""
+    impl, interpret = resolve_backend(backend, tpu_kernel=True)
+    if impl == "pallas" and page_size & (page_size - 1):
+        if backend == "auto":
+            return "xla", interpret  # auto picks what runs
+        raise ValueError(f"the Pallas backend needs a power-of-two page_size (Triton tiles); "
+                         f"got page_size={page_size}; use backend='xla'")
+    return impl, interpret
+
+
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_scale=None,
                            backend="auto", num_splits=None, pages_per_block=None,
                            return_lse=False, k_scales=None, v_scales=None):
@@ -194,13 +207,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
     page_size = k_pages.shape[1]
     for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block)):
         checks.check_block(name, value, pallas=False, minimum=1)
-    power_of_two_pages = page_size & (page_size - 1) == 0
-    impl, interpret = resolve_backend(backend, tpu_kernel=True)
-    if backend == "auto" and impl == "pallas" and not power_of_two_pages:
-        impl = "xla"  # the Triton kernel needs power-of-two pages; auto picks what runs
-    if impl == "pallas" and not power_of_two_pages:
-        raise ValueError(f"the Pallas backend needs a power-of-two page_size (Triton tiles); "
-                         f"got page_size={page_size}; use backend='xla'")
+    impl, interpret = _paged_impl(backend, page_size)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     page_table = tiling.pool_page_ids(page_table, k_pages)
     lengths = jnp.asarray(lengths, jnp.int32)
@@ -285,14 +292,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_len
     checks.check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_seqs,
                         k_scales, v_scales)
     checks.check_scalars(False, softmax_scale, None, return_lse, backend)
-    impl, interpret = resolve_backend(backend, tpu_kernel=True)
     page_size = k_pages.shape[1]
-    power_of_two_pages = page_size & (page_size - 1) == 0
-    if backend == "auto" and impl == "pallas" and not power_of_two_pages:
-        impl = "xla"  # the Triton kernel needs power-of-two pages; auto picks what runs
-    if impl == "pallas" and not power_of_two_pages:
-        raise ValueError(f"the Pallas backend needs a power-of-two page_size (Triton tiles); "
-                         f"got page_size={page_size}; use backend='xla'")
+    impl, interpret = _paged_impl(backend, page_size)
     checks.check_block("block_q", block_q, pallas=impl == "pallas", minimum=1)
     checks.check_block("pages_per_block", pages_per_block, pallas=False, minimum=1)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)

@@ -207,6 +207,23 @@ def test_odd_page_size_runs_on_auto_through_xla():
     assert rel_err(out, ref_out) < TOLS[case.dtype]
 
 
+def test_auto_on_a_gpu_runs_odd_page_sizes_through_xla(monkeypatch):
+    """On a GPU auto would pick the Triton kernel, which needs power-of-two pages: page_size 12
+    falls back to xla (the platform is faked; the Triton kernel must not be reached)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto ran the Triton kernel on page_size 12")
+
+    monkeypatch.setattr(paged_pallas_gpu, "paged_decode_attention", refuse)
+    case = PagedCase("odd_pages", hq=4, hkv=1, d=16, page_size=12, pages_per_seq=3,
+                     lengths=(25, 36, 7, 0))
+    q, k_pages, v_pages, table, lengths = make_inputs(case)
+    out = paged_decode_attention(q, k_pages, v_pages, table, lengths, backend="auto")
+    ref_out, _ = dense_oracle(q, k_pages, v_pages, table, lengths)
+    assert rel_err(out, ref_out) < TOLS[case.dtype]
+
+
 def test_default_pages_per_block_cover_16_tokens_and_stay_in_the_table():
     assert paged_pallas_gpu.default_pages_per_block(page_size=16, pages_per_seq=512) == 4
     assert paged_pallas_gpu.default_pages_per_block(page_size=4, pages_per_seq=2) == 4

@@ -431,6 +431,20 @@ def test_tpu_kernel_lowers_a_large_step_in_calls_whose_table_fits_smem():
     assert 32 * 512 <= paged_pallas_tpu.MAX_TABLE_ENTRIES
 
 
+def test_auto_on_a_gpu_runs_odd_page_sizes_through_xla(monkeypatch):
+    """On a GPU auto would pick the Triton kernel, which needs power-of-two pages: page_size 12
+    falls back to xla (the platform is faked; the Triton kernel must not be reached)."""
+    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
+
+    def refuse(*args, **kwargs):
+        raise AssertionError("auto ran the Triton kernel on page_size 12")
+
+    monkeypatch.setattr(ragged_pallas_gpu, "ragged_paged_attention", refuse)
+    case = RaggedCase("odd_pages", hq=4, hkv=2, d=16, page_size=12, pages_per_seq=3,
+                      q_lens=(1, 5, 9))
+    check_against_oracle(case, "auto", {})
+
+
 @pytest.mark.parametrize("backend", ["auto", "pallas"])
 def test_auto_and_pallas_run_the_tpu_kernel_on_a_tpu_for_any_page_size(backend, monkeypatch):
     """On a TPU, auto and pallas dispatch to the Mosaic kernel, even for page_size 12 (which the
