@@ -46,10 +46,11 @@ from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu
                                       ragged_blocks, ragged_pallas_gpu, ragged_pallas_tpu,
                                       ragged_reference, ragged_xla, reference, tiling, xla)
 from kernels_pallas.attention.merge import merge_attention
-from kernels_pallas.backend import resolve_backend
 from kernels_pallas.attention.sparsity import tile_fraction
 from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
                                              default_block_sizes)
+from kernels_pallas.backend import resolve_backend
+from kernels_pallas.validation import check_block
 
 __all__ = ["flash_attention", "paged_decode_attention", "ragged_paged_attention",
            "merge_attention", "tile_fraction", "BlockSizes", "DEFAULT_BLOCK_SIZES"]
@@ -105,8 +106,8 @@ def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=Non
     q_ids, kv_ids = checks.check_segment_ids(segment_ids, batch, t, s)
     impl, interpret = resolve_backend(backend, tpu_kernel=True)
     pallas = impl.startswith("pallas")
-    checks.check_block("block_q", block_q, pallas=pallas, minimum=16)
-    checks.check_block("block_k", block_k, pallas=pallas, minimum=16)
+    check_block("block_q", block_q, pallas=pallas, minimum=16)
+    check_block("block_k", block_k, pallas=pallas, minimum=16)
     checks.check_block_sizes(block_sizes, pallas=pallas)
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
     softcap = None if logit_softcap is None else float(logit_softcap)
@@ -206,7 +207,7 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
     checks.check_scalars(False, softmax_scale, None, return_lse, backend)
     page_size = k_pages.shape[1]
     for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block)):
-        checks.check_block(name, value, pallas=False, minimum=1)
+        check_block(name, value, pallas=False, minimum=1)
     impl, interpret = _paged_impl(backend, page_size)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     page_table = tiling.pool_page_ids(page_table, k_pages)
@@ -294,8 +295,8 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_len
     checks.check_scalars(False, softmax_scale, None, return_lse, backend)
     page_size = k_pages.shape[1]
     impl, interpret = _paged_impl(backend, page_size)
-    checks.check_block("block_q", block_q, pallas=impl == "pallas", minimum=1)
-    checks.check_block("pages_per_block", pages_per_block, pallas=False, minimum=1)
+    check_block("block_q", block_q, pallas=impl == "pallas", minimum=1)
+    check_block("pages_per_block", pages_per_block, pallas=False, minimum=1)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     page_table = tiling.pool_page_ids(page_table, k_pages)
     query_starts, kv_lengths = (jnp.asarray(x, jnp.int32) for x in (query_starts, kv_lengths))

@@ -1,5 +1,7 @@
 """Validation of flash_attention's, paged_decode_attention's, ragged_paged_attention's,
-merge_attention's and tile_fraction's arguments at the API: one ValueError/TypeError per mistake."""
+merge_attention's and tile_fraction's arguments at the API: one ValueError/TypeError per mistake.
+The checks every op shares (arrays, float dtypes, block sizes) live in
+``kernels_pallas/validation.py``."""
 
 from __future__ import annotations
 
@@ -12,20 +14,13 @@ import jax.numpy as jnp
 import numpy as np
 
 from kernels_pallas.attention.tiling import BlockSizes
+from kernels_pallas.validation import (check_arrays, check_block, check_float_dtype, is_int,
+                                       shape_str)
 
 # every attention op has a TPU (Mosaic) kernel besides the Triton one
 BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_tpu")
 # flash_attention alone also has a Mosaic GPU (Hopper) forward
 FLASH_BACKENDS = BACKENDS + ("pallas_mgpu",)
-DTYPES = (jnp.dtype(jnp.float32), jnp.dtype(jnp.bfloat16), jnp.dtype(jnp.float16))
-
-
-def _shape(x) -> str:
-    return "[" + ", ".join(str(n) for n in x.shape) + "]"
-
-
-def _is_int(x) -> bool:
-    return isinstance(x, numbers.Integral) and not isinstance(x, bool)
 
 
 def _is_real(x) -> bool:
@@ -33,23 +28,23 @@ def _is_real(x) -> bool:
 
 
 def check_qkv(q, k, v) -> None:
-    for name, x in (("q", q), ("k", k), ("v", v)):
-        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-            raise TypeError(f"{name} must be an array; got {type(x).__name__}")
+    check_arrays(q=q, k=k, v=v)
     if q.ndim != 4:
-        raise ValueError(f"q must have rank 4 [batch, T, Hq, D]; got q {_shape(q)}")
+        raise ValueError(f"q must have rank 4 [batch, T, Hq, D]; got q {shape_str(q)}")
     if k.ndim != 4:
-        raise ValueError(f"k must have rank 4 [batch, S, Hkv, D]; got k {_shape(k)}")
+        raise ValueError(f"k must have rank 4 [batch, S, Hkv, D]; got k {shape_str(k)}")
     if k.shape != v.shape:
-        raise ValueError(f"k and v must have the same shape; got k {_shape(k)} and v {_shape(v)}")
+        raise ValueError(f"k and v must have the same shape; "
+                         f"got k {shape_str(k)} and v {shape_str(v)}")
     if q.shape[0] != k.shape[0]:
         raise ValueError(f"q and k must have the same batch size; "
-                         f"got q {_shape(q)} and k {_shape(k)}")
+                         f"got q {shape_str(q)} and k {shape_str(k)}")
     if q.shape[3] != k.shape[3]:
         raise ValueError(f"q and k must have the same head dim D; "
-                         f"got q {_shape(q)} and k {_shape(k)}")
+                         f"got q {shape_str(q)} and k {shape_str(k)}")
     if min(q.shape) < 1 or min(k.shape) < 1:
-        raise ValueError(f"q and k must have no empty axis; got q {_shape(q)} and k {_shape(k)}")
+        raise ValueError(f"q and k must have no empty axis; "
+                         f"got q {shape_str(q)} and k {shape_str(k)}")
     hq, hkv = q.shape[2], k.shape[2]
     if hq % hkv:
         raise ValueError(f"the number of query heads must be a multiple of the number of KV heads "
@@ -61,8 +56,7 @@ def check_qkv(q, k, v) -> None:
     dtypes = {jnp.dtype(x.dtype) for x in (q, k, v)}
     if len(dtypes) != 1:
         raise ValueError(f"q, k and v must share a dtype; got {q.dtype}, {k.dtype}, {v.dtype}")
-    if jnp.dtype(q.dtype) not in DTYPES:
-        raise ValueError(f"q, k and v must be float32, bfloat16 or float16; got {q.dtype}")
+    check_float_dtype("q, k and v", q)
 
 
 def check_segment_ids(segment_ids, batch: int, t: int, s: int):
@@ -86,7 +80,7 @@ def check_segment_ids(segment_ids, batch: int, t: int, s: int):
             raise TypeError(f"{name} must be an integer array; got {type(ids).__name__}")
         if tuple(ids.shape) != shape:
             raise ValueError(f"{name} must have shape {label} = [{shape[0]}, {shape[1]}]; "
-                             f"got {_shape(ids)}")
+                             f"got {shape_str(ids)}")
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"{name} must have an integer dtype; got {ids.dtype}")
     kv_ids = jnp.asarray(kv_ids, jnp.int32)
@@ -98,10 +92,10 @@ def check_segment_ids(segment_ids, batch: int, t: int, s: int):
 def check_window(local_window):
     if local_window is None:
         return None
-    if _is_int(local_window):
+    if is_int(local_window):
         local_window = (local_window, local_window)
     if (not isinstance(local_window, (tuple, list)) or len(local_window) != 2
-            or not all(_is_int(w) and w >= 0 for w in local_window)):
+            or not all(is_int(w) and w >= 0 for w in local_window)):
         raise ValueError(f"local_window must be None, an int >= 0 or a pair (left, right) of ints "
                          f">= 0; got {local_window!r}")
     return (int(local_window[0]), int(local_window[1]))
@@ -125,16 +119,6 @@ def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
         raise ValueError(f"backend must be one of {backends}; got {backend!r}")
 
 
-def check_block(name: str, block, *, pallas: bool, minimum: int) -> None:
-    if block is None:
-        return
-    if not _is_int(block) or block < 1:
-        raise ValueError(f"{name} must be None or a positive int; got {block!r}")
-    if pallas and (block < minimum or block & (block - 1)):
-        raise ValueError(f"{name} must be a power of two >= {minimum} for the Pallas backend "
-                         f"(Triton tiles); got {block}")
-
-
 def check_mgpu(q, *, segments: bool, blocks: BlockSizes) -> None:
     """What the Mosaic GPU forward (``pallas_mgpu.py``) takes beyond flash_attention's rules:
     16-bit inputs (wgmma), D <= 128, no segment ids (not implemented there),
@@ -155,7 +139,7 @@ def check_mgpu(q, *, segments: bool, blocks: BlockSizes) -> None:
     if blocks.block_k not in (64, 128):
         raise ValueError(f"block_k must be 64 or 128 for backend='pallas_mgpu' (128-byte swizzled "
                          f"K^T tiles); got {blocks.block_k}")
-    if not _is_int(blocks.num_stages) or blocks.num_stages < 1:
+    if not is_int(blocks.num_stages) or blocks.num_stages < 1:
         raise ValueError(f"block_sizes.num_stages must be a positive int for "
                          f"backend='pallas_mgpu'; got {blocks.num_stages!r}")
     if blocks.num_consumers not in (1, 2):
@@ -197,15 +181,15 @@ def check_merge(o1, lse1, o2, lse2) -> None:
     o.shape[:-1]. Any leading axes are allowed ([batch, T, H, D] from flash_attention, [batch, H,
     D] from decode); the dtypes may differ between the parts (a float32 accumulator and a bf16
     part)."""
-    _check_arrays(o1=o1, lse1=lse1, o2=o2, lse2=lse2)
+    check_arrays(o1=o1, lse1=lse1, o2=o2, lse2=lse2)
     if o1.ndim < 1 or o1.shape != o2.shape:
         raise ValueError(f"o1 and o2 must have the same shape [..., D]; "
-                         f"got o1 {_shape(o1)} and o2 {_shape(o2)}")
+                         f"got o1 {shape_str(o1)} and o2 {shape_str(o2)}")
     for name, lse in (("lse1", lse1), ("lse2", lse2)):
         if lse.shape != o1.shape[:-1]:
             expected = ", ".join(str(n) for n in o1.shape[:-1])
             raise ValueError(f"{name} must have shape o1.shape[:-1] = [{expected}]; "
-                             f"got {name} {_shape(lse)}")
+                             f"got {name} {shape_str(lse)}")
     for name, x in (("o1", o1), ("lse1", lse1), ("o2", o2), ("lse2", lse2)):
         if not jnp.issubdtype(x.dtype, jnp.floating):
             raise ValueError(f"{name} must have a floating dtype; got {x.dtype}")
@@ -218,7 +202,7 @@ def check_tile_fraction(t, s, causal, local_window, segment_ids, block_q, block_
     the segment ids; any positive block size counts (the XLA path's tiles need not be powers of
     two)."""
     for name, n in (("t", t), ("s", s)):
-        if not _is_int(n) or n < 1:
+        if not is_int(n) or n < 1:
             raise ValueError(f"{name} must be a positive int; got {n!r}")
     if t > s:
         raise ValueError(f"t may not exceed s (T <= S: the queries are the last T of the S "
@@ -239,17 +223,17 @@ def check_tile_fraction(t, s, causal, local_window, segment_ids, block_q, block_
 
 def check_paged(q, k_pages, v_pages, page_table, lengths, k_scales=None, v_scales=None) -> None:
     """paged_decode_attention's arrays: ranks, shapes, dtypes and (when concrete) index ranges."""
-    _check_arrays(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table, lengths=lengths)
+    check_arrays(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table, lengths=lengths)
     if q.ndim != 3:
         raise ValueError(f"q must have rank 3 [batch, Hq, D] (one query token per sequence); "
-                         f"got q {_shape(q)}")
+                         f"got q {shape_str(q)}")
     _check_pages(q, k_pages, v_pages, k_scales, v_scales)
     batch = q.shape[0]
     if page_table.ndim != 2 or page_table.shape[0] != batch or page_table.shape[1] < 1:
         raise ValueError(f"page_table must have shape [batch, pages_per_seq] with batch={batch} "
-                         f"and pages_per_seq >= 1; got {_shape(page_table)}")
+                         f"and pages_per_seq >= 1; got {shape_str(page_table)}")
     if lengths.shape != (batch,):
-        raise ValueError(f"lengths must have shape [batch] = [{batch}]; got {_shape(lengths)}")
+        raise ValueError(f"lengths must have shape [batch] = [{batch}]; got {shape_str(lengths)}")
     _check_integer(page_table=page_table, lengths=lengths)
     _check_table_values(page_table, k_pages.shape[0])
     capacity = page_table.shape[1] * k_pages.shape[1]
@@ -264,24 +248,25 @@ def check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_
                  k_scales=None, v_scales=None) -> None:
     """ragged_paged_attention's arrays: ranks, shapes, dtypes and, where concrete, the layout:
     query_starts sorted within [0, T], kv_lengths within [q_len, capacity] for real sequences."""
-    _check_arrays(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table,
+    check_arrays(q=q, k_pages=k_pages, v_pages=v_pages, page_table=page_table,
                   query_starts=query_starts, kv_lengths=kv_lengths)
     if q.ndim != 3:
         raise ValueError(f"q must have rank 3 [T, Hq, D] (the step's query tokens); "
-                         f"got q {_shape(q)}")
+                         f"got q {shape_str(q)}")
     _check_pages(q, k_pages, v_pages, k_scales, v_scales)
     if query_starts.ndim != 1 or query_starts.shape[0] < 2:
         raise ValueError(f"query_starts must have shape [S + 1] with S >= 1 sequences; "
-                         f"got {_shape(query_starts)}")
+                         f"got {shape_str(query_starts)}")
     s = query_starts.shape[0] - 1
     if page_table.ndim != 2 or page_table.shape[0] != s or page_table.shape[1] < 1:
         raise ValueError(f"page_table must have shape [S, pages_per_seq] with S={s} (from "
-                         f"query_starts [S + 1]) and pages_per_seq >= 1; got {_shape(page_table)}")
+                         f"query_starts [S + 1]) and pages_per_seq >= 1; "
+                         f"got {shape_str(page_table)}")
     if kv_lengths.shape != (s,):
-        raise ValueError(f"kv_lengths must have shape [S] = [{s}]; got {_shape(kv_lengths)}")
+        raise ValueError(f"kv_lengths must have shape [S] = [{s}]; got {shape_str(kv_lengths)}")
     _check_integer(page_table=page_table, query_starts=query_starts, kv_lengths=kv_lengths)
     if num_seqs is not None:
-        if not (_is_int(num_seqs) or (hasattr(num_seqs, "dtype") and num_seqs.shape == ()
+        if not (is_int(num_seqs) or (hasattr(num_seqs, "dtype") and num_seqs.shape == ()
                                       and jnp.issubdtype(num_seqs.dtype, jnp.integer))):
             raise ValueError(f"num_seqs must be None, an int or an integer scalar array; "
                              f"got {num_seqs!r}")
@@ -315,12 +300,6 @@ def check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_
                          f"kv_lengths[{i}]={kv[i]} with q_len={q_lens[i]}")
 
 
-def _check_arrays(**arrays) -> None:
-    for name, x in arrays.items():
-        if not (hasattr(x, "shape") and hasattr(x, "dtype")):
-            raise TypeError(f"{name} must be an array; got {type(x).__name__}")
-
-
 def _check_integer(**arrays) -> None:
     for name, x in arrays.items():
         if not jnp.issubdtype(x.dtype, jnp.integer):
@@ -331,22 +310,21 @@ def _check_pages(q, k_pages, v_pages, k_scales, v_scales) -> None:
     """q [.., Hq, D] against the pages [num_pages, page_size, Hkv, D]: shapes, GQA, dtypes."""
     if k_pages.ndim != 4:
         raise ValueError(f"k_pages must have rank 4 [num_pages, page_size, Hkv, D]; "
-                         f"got k_pages {_shape(k_pages)}")
+                         f"got k_pages {shape_str(k_pages)}")
     if k_pages.shape != v_pages.shape:
         raise ValueError(f"k_pages and v_pages must have the same shape; "
-                         f"got k_pages {_shape(k_pages)} and v_pages {_shape(v_pages)}")
+                         f"got k_pages {shape_str(k_pages)} and v_pages {shape_str(v_pages)}")
     if min(q.shape) < 1 or min(k_pages.shape) < 1:
         raise ValueError(f"q and k_pages must have no empty axis; "
-                         f"got q {_shape(q)} and k_pages {_shape(k_pages)}")
+                         f"got q {shape_str(q)} and k_pages {shape_str(k_pages)}")
     if q.shape[2] != k_pages.shape[3]:
         raise ValueError(f"q and k_pages must have the same head dim D; "
-                         f"got q {_shape(q)} and k_pages {_shape(k_pages)}")
+                         f"got q {shape_str(q)} and k_pages {shape_str(k_pages)}")
     hq, hkv = q.shape[1], k_pages.shape[2]
     if hq % hkv:
         raise ValueError(f"the number of query heads must be a multiple of the number of KV heads "
                          f"(Hq % Hkv == 0); got Hq={hq}, Hkv={hkv}")
-    if jnp.dtype(q.dtype) not in DTYPES:
-        raise ValueError(f"q must be float32, bfloat16 or float16; got {q.dtype}")
+    check_float_dtype("q", q)
     _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales)
 
 
@@ -382,4 +360,4 @@ def _check_page_dtypes(q, k_pages, v_pages, k_scales, v_scales) -> None:
                              f"{list(k_pages.shape[:3])}")
         if scales.shape != k_pages.shape[:3] or jnp.dtype(scales.dtype) != jnp.float32:
             raise ValueError(f"{name} must be float32 [num_pages, page_size, Hkv] = "
-                             f"{list(k_pages.shape[:3])}; got {scales.dtype} {_shape(scales)}")
+                             f"{list(k_pages.shape[:3])}; got {scales.dtype} {shape_str(scales)}")

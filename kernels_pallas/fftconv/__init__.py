@@ -37,6 +37,7 @@ import numpy as np
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.fftconv import blocked, monarch, pallas_gpu, reference, xla
 from kernels_pallas.fftconv.monarch import MonarchPlan
+from kernels_pallas.validation import check_arrays, check_float_dtype, is_int, shape_str
 
 __all__ = ["fftconv", "DEFAULT_KERNEL_OPTIONS", "DOT_PRECISIONS", "BACKENDS", "MonarchPlan"]
 
@@ -56,11 +57,6 @@ DOT_PRECISIONS = pallas_gpu.DOT_PRECISIONS
 #   dot_precision to emulate the GPU's products (summation order aside).
 DEFAULT_KERNEL_OPTIONS = {"pallas": dict(block_c=1, dot_precision="bf16x3"),
                           "pallas_interpret": dict(block_c=1, dot_precision="float32")}
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
-
-
-def _shape(x) -> str:
-    return "[" + ", ".join(str(d) for d in x.shape) + "]"
 
 
 def _is_bool(x) -> bool:
@@ -68,10 +64,8 @@ def _is_bool(x) -> bool:
 
 
 def _check_float(name: str, x) -> None:
-    if not hasattr(x, "dtype") or not hasattr(x, "shape"):
-        raise TypeError(f"{name} must be an array; got {type(x).__name__}")
-    if jnp.dtype(x.dtype) not in [jnp.dtype(d) for d in _FLOAT_DTYPES]:
-        raise TypeError(f"{name} must be float32, bfloat16 or float16; got {x.dtype}")
+    check_arrays(**{name: x})
+    check_float_dtype(name, x)
 
 
 def _check_inputs(u, k, bidirectional, pre_gate, post_gate, bias, partial, freq_sparsity, backend,
@@ -81,26 +75,26 @@ def _check_inputs(u, k, bidirectional, pre_gate, post_gate, bias, partial, freq_
     _check_float("u", u)
     _check_float("k", k)
     if u.ndim != 3:
-        raise ValueError(f"u must be [batch, channels, N]; got shape {_shape(u)}")
+        raise ValueError(f"u must be [batch, channels, N]; got shape {shape_str(u)}")
     if k.ndim != 2:
-        raise ValueError(f"k must be [channels, L]; got shape {_shape(k)}")
+        raise ValueError(f"k must be [channels, L]; got shape {shape_str(k)}")
     b, c, n = u.shape
     if k.shape[0] != c:
-        raise ValueError(f"k must have u's {c} channels; got u {_shape(u)} and k {_shape(k)}")
+        raise ValueError(f"k must have u's {c} channels; got u {shape_str(u)} and k {shape_str(k)}")
     if not 1 <= k.shape[1] <= n:
-        raise ValueError(f"k's length L must satisfy 1 <= L <= N = {n}; got k {_shape(k)}")
+        raise ValueError(f"k's length L must satisfy 1 <= L <= N = {n}; got k {shape_str(k)}")
     for name, gate in (("pre_gate", pre_gate), ("post_gate", post_gate)):
         if gate is not None:
             _check_float(name, gate)
             if gate.shape != u.shape:
-                raise ValueError(f"{name} must have u's shape {_shape(u)}; got {_shape(gate)}")
+                raise ValueError(f"{name} must have u's shape {shape_str(u)}; "
+                                 f"got {shape_str(gate)}")
     if bias is not None:
         _check_float("bias", bias)
         if bias.shape != (c,):
-            raise ValueError(f"bias must be [channels] = [{c}]; got {_shape(bias)}")
+            raise ValueError(f"bias must be [channels] = [{c}]; got {shape_str(bias)}")
     # Python or numpy scalars (np.int64 is an Integral, np.float32 a Real); bools are neither here
-    if partial is not None and (_is_bool(partial) or not isinstance(partial, numbers.Integral)
-                                or not 1 <= partial <= k.shape[1]):
+    if partial is not None and (not is_int(partial) or not 1 <= partial <= k.shape[1]):
         raise ValueError(f"partial must be an int in [1, L = {k.shape[1]}] or None; "
                          f"got {partial!r}")
     if (_is_bool(freq_sparsity) or not isinstance(freq_sparsity, numbers.Real)
@@ -108,8 +102,7 @@ def _check_inputs(u, k, bidirectional, pre_gate, post_gate, bias, partial, freq_
         raise ValueError(f"freq_sparsity must be a float in [0, 1); got {freq_sparsity!r}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if block_c is not None and (_is_bool(block_c) or not isinstance(block_c, numbers.Integral)
-                                or block_c < 1 or c % block_c):
+    if block_c is not None and (not is_int(block_c) or block_c < 1 or c % block_c):
         raise ValueError(f"block_c must be a positive int dividing channels = {c}; "
                          f"got {block_c!r}")
     if dot_precision is not None and dot_precision not in DOT_PRECISIONS:
@@ -120,8 +113,7 @@ def _check_inputs(u, k, bidirectional, pre_gate, post_gate, bias, partial, freq_
                         f"got {type(monarch_plan).__name__}")
     if block_fft_size is not None:
         s = block_fft_size
-        if (_is_bool(s) or not isinstance(s, numbers.Integral)
-                or (s and (s < 8 or s & (s - 1) or s > blocked.MAX_BLOCK_FFT))):
+        if not is_int(s) or (s and (s < 8 or s & (s - 1) or s > blocked.MAX_BLOCK_FFT)):
             raise ValueError(f"block_fft_size must be None, 0 or a power of two in "
                              f"[8, {blocked.MAX_BLOCK_FFT}]; got {s!r}")
         if s and freq_sparsity:

@@ -29,7 +29,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 from typing import NamedTuple
 
 import jax
@@ -41,6 +40,7 @@ from kernels_pallas.quant_matmul.mixed_weight import MIXED_BITS, MixedQuantizedW
 from kernels_pallas.quant_matmul.weight import (SUPPORTED_BITS, QuantizedWeight,
                                                 check_quant_params, pack_planar, unpack_planar,
                                                 values_per_word)
+from kernels_pallas.validation import check_block, check_float_dtype
 
 __all__ = ["quant_matmul", "QuantizedWeight", "MixedQuantizedWeight", "BACKENDS",
            "DEFAULT_BLOCK_SIZES", "MIXED_BITS", "SUPPORTED_BITS", "check_quant_params",
@@ -50,7 +50,6 @@ BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_tpu")
 # Per-backend tile defaults. block_k counts packed word rows (block_k * vpw weight rows per tile);
 # it is lowered to the largest power of two dividing both K / vpw and the group size.
 DEFAULT_BLOCK_SIZES = {"pallas": dict(block_m=16, block_n=128, block_k=64)}
-_FLOAT_DTYPES = (jnp.float32, jnp.bfloat16, jnp.float16)
 
 
 def _pow2_divisor(a: int, cap: int) -> int:
@@ -61,23 +60,10 @@ def _pow2_divisor(a: int, cap: int) -> int:
     return b
 
 
-def _check_block(name, value, *, require_pow2_min16):
-    """None or a positive integer (any ``numbers.Integral`` but bool) -> None or an int; with
-    ``require_pow2_min16`` (the GPU kernel's tiles) a power of two >= 16."""
-    if value is None:
-        return None
-    if not isinstance(value, numbers.Integral) or isinstance(value, bool) or value <= 0:
-        raise ValueError(f"{name} must be a positive int; got {value!r}")
-    value = int(value)
-    if require_pow2_min16 and (value < 16 or value & (value - 1)):
-        raise ValueError(f"{name} must be a power of two >= 16 for the pallas backend on GPU; "
-                         f"got {value}")
-    return value
-
-
-def _check_blocks(block_m, block_n, block_k, *, require_pow2_min16):
-    """(block_m, block_n, block_k), each None or checked by ``_check_block`` and made an int."""
-    return tuple(_check_block(name, value, require_pow2_min16=require_pow2_min16)
+def _check_blocks(block_m, block_n, block_k, *, triton: bool):
+    """(block_m, block_n, block_k), each None or a positive int made a Python int; with
+    ``triton`` (the GPU kernel's tiles) a power of two >= 16."""
+    return tuple(check_block(name, value, pallas=triton, minimum=16)
                  for name, value in (("block_m", block_m), ("block_n", block_n),
                                      ("block_k", block_k)))
 
@@ -111,15 +97,14 @@ def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str =
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
     if not hasattr(x, "shape") or x.ndim < 1:
         raise ValueError(f"x must be an array [..., K]; got {type(x).__name__}")
-    if x.dtype not in _FLOAT_DTYPES:
-        raise TypeError(f"x must be float32, bfloat16 or float16; got {x.dtype}")
+    check_float_dtype("x", x)
     k, n = w.shape
     if x.shape[-1] != k:
         raise ValueError(f"x's last dimension must equal the weight's in_features K={k}; got x "
                          f"{list(x.shape)}")
     # Checked whatever the backend: "auto" resolves to xla on CPU and to a kernel on GPU/TPU,
     # so a bad block accepted here would fail only on another machine.
-    block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k, require_pow2_min16=False)
+    block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k, triton=False)
     lead = x.shape[:-1]
     if not math.prod(lead):  # an empty batch: the kernels' grids would have no programs
         return jnp.zeros((*lead, n), x.dtype)
@@ -215,8 +200,7 @@ def _forward(x2, w: QuantizedWeight, config: _Config):
         return _tpu_matmul(x2, w, block_m, block_n, block_k, interpret)
     on_gpu = not interpret
     if on_gpu:  # quant_matmul made them None or positive ints; Triton tiles need powers of two
-        block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k,
-                                                  require_pow2_min16=True)
+        block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k, triton=True)
     defaults = DEFAULT_BLOCK_SIZES["pallas"]
     kw = k // values_per_word(w.bits)
     limit = _pow2_divisor(kw, 1 << 30)

@@ -23,11 +23,12 @@ from __future__ import annotations
 
 import dataclasses
 import functools
-import numbers
 
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from kernels_pallas.validation import is_int
 
 SUPPORTED_BITS = (2, 3, 4, 8)
 
@@ -177,9 +178,10 @@ def _as_array(x):
 
 
 def check_int_dtype(name: str, x) -> None:
-    """Refuse an array ``x`` (a tracer included) whose dtype is not an integer type."""
+    """Refuse an array ``x`` (a tracer included) whose dtype is not an integer type: a
+    ValueError, as every op's wrong dtype (``kernels_pallas.validation``)."""
     if not jnp.issubdtype(x.dtype, jnp.integer):
-        raise TypeError(f"{name} must be an integer array; got {x.dtype}")
+        raise ValueError(f"{name} must be an integer array; got {x.dtype}")
 
 
 def check_int_range(name: str, x, high: int, *, bits: int, inclusive: bool = False,
@@ -201,20 +203,15 @@ def check_int_range(name: str, x, high: int, *, bits: int, inclusive: bool = Fal
                          f"values in [{lo}, {hi}]")
 
 
-def _is_int(value) -> bool:
-    """A Python or numpy integer, not a bool."""
-    return isinstance(value, numbers.Integral) and not isinstance(value, bool)
-
-
 def check_quant_params(shape, bits, group_size) -> None:
     """Validate a [K, N] shape against bits and group size, each a Python or numpy int (public
     boundaries call this)."""
-    if not _is_int(bits) or bits not in SUPPORTED_BITS:
+    if not is_int(bits) or bits not in SUPPORTED_BITS:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}; got {bits!r}")
     if len(shape) != 2:
         raise ValueError(f"weight must be 2-D [K, N]; got shape {list(shape)}")
     k, _ = shape
-    if not _is_int(group_size) or (group_size != -1 and group_size <= 0):
+    if not is_int(group_size) or (group_size != -1 and group_size <= 0):
         raise ValueError(
             f"group_size must be a positive int or -1 (per channel); got {group_size!r}")
     if group_size != -1 and k % group_size:

@@ -461,8 +461,8 @@ def test_fft_size_and_split_factors_cover_length():
 BAD_INPUTS = [  # (what to change, error type, words the message must contain)
     (dict(k=jnp.zeros((2, 300))), ValueError, "L <= N"),
     (dict(k=jnp.zeros((3, 17))), ValueError, "channels"),
-    (dict(u=jnp.zeros((1, 2, 256), jnp.int32)), TypeError, "u must be float32"),
-    (dict(k=jnp.zeros((2, 17), jnp.int32)), TypeError, "k must be float32"),
+    (dict(u=jnp.zeros((1, 2, 256), jnp.int32)), ValueError, "u must be float32"),
+    (dict(k=jnp.zeros((2, 17), jnp.int32)), ValueError, "k must be float32"),
     (dict(u=jnp.zeros((2, 256))), ValueError, "[batch, channels, N]"),
     (dict(k=jnp.zeros((2, 1, 17))), ValueError, "[channels, L]"),
     (dict(pre_gate=jnp.zeros((1, 2, 255))), ValueError, "pre_gate must have u's shape"),
