@@ -47,17 +47,21 @@ __all__ = ["quant_matmul", "QuantizedWeight", "MixedQuantizedWeight", "BACKENDS"
            "pack_planar", "unpack_planar"]
 
 BACKENDS = ("auto", "reference", "xla", "pallas", "pallas_tpu")
-# Per-backend tile defaults. block_k counts packed word rows (block_k * vpw weight rows per tile);
-# it is lowered to the largest power of two dividing both K / vpw and the group size.
-DEFAULT_BLOCK_SIZES = {"pallas": dict(block_m=16, block_n=128, block_k=64)}
+# Per-backend tile defaults. block_k counts packed word rows (block_k * vpw weight rows per tile).
+# pallas (Triton): block_k is lowered to the largest power of two dividing both K / vpw and the
+#   group size; block_n to N's next power of two (>= 16) when that is smaller.
+# pallas_tpu (Mosaic): block_m is a cap (M rounded up to 8 sublanes when smaller), block_n falls
+#   to one 128-lane tile when N < 256, and block_k comes from ``pallas_tpu.default_block_k`` (a
+#   multiple of 128 dividing K / vpw and the group size, or all of K / vpw).
+DEFAULT_BLOCK_SIZES = {"pallas": dict(block_m=16, block_n=128, block_k=64),
+                       "pallas_tpu": dict(block_m=128, block_n=256)}
 
 
-def _pow2_divisor(a: int, cap: int) -> int:
-    """Largest power of two <= cap dividing a."""
-    b = 1
-    while b * 2 <= cap and a % (b * 2) == 0:
-        b *= 2
-    return b
+def _shared_pow2(kw: int, group_size: int) -> int:
+    """The largest power of two dividing both K / vpw (``kw``) and the group size: the largest
+    block_k the GPU kernel can take (its tiles are powers of two within one group)."""
+    g = math.gcd(kw, group_size)
+    return g & -g
 
 
 def _check_blocks(block_m, block_n, block_k, *, triton: bool):
@@ -203,10 +207,8 @@ def _forward(x2, w: QuantizedWeight, config: _Config):
         block_m, block_n, block_k = _check_blocks(block_m, block_n, block_k, triton=True)
     defaults = DEFAULT_BLOCK_SIZES["pallas"]
     kw = k // values_per_word(w.bits)
-    limit = _pow2_divisor(kw, 1 << 30)
-    limit = min(limit, _pow2_divisor(w.group_size, 1 << 30))
     if block_k is None:
-        block_k = min(defaults["block_k"], limit)
+        block_k = min(defaults["block_k"], _shared_pow2(kw, w.group_size))
     if kw % block_k or w.group_size % block_k:
         raise ValueError(f"block_k must divide K / vpw = {kw} and group_size = "
                          f"{w.group_size}; got block_k={block_k}")
@@ -227,14 +229,13 @@ def _kernel_takes(impl: str, interpret: bool, w: QuantizedWeight) -> bool:
     if impl == "pallas_tpu":
         return pallas_tpu.default_block_k(kw, w.group_size) is not None
     if impl == "pallas" and not interpret:
-        return min(_pow2_divisor(kw, 1 << 30), _pow2_divisor(w.group_size, 1 << 30)) >= 16
+        return _shared_pow2(kw, w.group_size) >= 16
     return True
 
 
 def _tpu_matmul(x2, w: QuantizedWeight, block_m, block_n, block_k, interpret: bool):
-    """The Mosaic kernel's tiles: block_m a multiple of 8 (default: M rounded up to 8, at most
-    128), block_n a multiple of 128 (default 256 where N allows), block_k from
-    ``pallas_tpu.default_block_k`` unless given (blocks: None or positive ints)."""
+    """The Mosaic kernel's tiles: block_m a multiple of 8, block_n a multiple of 128, block_k as
+    ``DEFAULT_BLOCK_SIZES["pallas_tpu"]`` says unless given (blocks: None or positive ints)."""
     k, n = w.shape
     kw = k // values_per_word(w.bits)
     if block_k is None:
@@ -246,8 +247,10 @@ def _tpu_matmul(x2, w: QuantizedWeight, block_m, block_n, block_k, interpret: bo
     if kw % block_k or w.group_size % block_k or (block_k % pallas_tpu.LANES and block_k != kw):
         raise ValueError(f"block_k must be a multiple of 128 (or K / vpw = {kw}) dividing K / vpw "
                          f"and group_size = {w.group_size}; got block_k={block_k}")
-    bm = block_m or min(128, -(-x2.shape[0] // pallas_tpu.SUBLANES) * pallas_tpu.SUBLANES)
-    bn = block_n or (256 if n >= 256 else pallas_tpu.LANES)
+    defaults = DEFAULT_BLOCK_SIZES["pallas_tpu"]
+    rows = -(-x2.shape[0] // pallas_tpu.SUBLANES) * pallas_tpu.SUBLANES  # M rounded up to 8
+    bm = block_m or min(defaults["block_m"], rows)
+    bn = block_n or (defaults["block_n"] if n >= defaults["block_n"] else pallas_tpu.LANES)
     if bm % pallas_tpu.SUBLANES or bn % pallas_tpu.LANES:
         raise ValueError(f"the TPU kernel needs block_m a multiple of 8 and block_n of 128; got "
                          f"block_m={bm}, block_n={bn}")
