@@ -51,7 +51,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -59,7 +58,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, write_json)
+                                print_table, time_calls, with_backward, write_json)
 from jaxinfer.models.attention import paged_attention
 from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from kernels_pallas import flash_attention, paged_decode_attention, ragged_paged_attention
@@ -89,22 +88,11 @@ def our_impls(args) -> tuple[str, ...]:
     return OURS
 
 
-def timed(fn, args, reps: int) -> list[float]:
-    """Seconds per call after one compile-and-run warm-up."""
-    jax.block_until_ready(fn(*args))
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def time_into(row: dict, fn, inputs, reps: int) -> float | None:
     """Time fn(*inputs) into row (median, min and max ms) -> the median in seconds; a failure
     (out of memory, an unsupported shape...) is recorded in row["error"] and gives None."""
     try:
-        times = timed(fn, inputs, reps)
+        times = time_calls(fn, inputs, reps)
     except Exception as e:  # noqa: BLE001
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         return None
@@ -141,16 +129,6 @@ def attention_fn(impl: str, causal: bool, **options):
                                         causal=causal)
         return mha
     raise ValueError(f"unknown implementation {impl!r}")
-
-
-def with_backward(attend):
-    """(q, k, v, ct) -> (out, (dq, dk, dv) of sum(out * ct)): forward and backward in one program.
-    The forward output is returned (and so waited on) as in training: discarded, XLA would drop
-    the work that only it needs (a dense peer's final P @ V, 16% of its FLOPs)."""
-    def fwd_bwd(q, k, v, ct):
-        out, vjp = jax.vjp(attend, q, k, v)
-        return out, vjp(ct)
-    return fwd_bwd
 
 
 def attention_flops(batch: int, heads: int, t: int, s: int, d: int, causal: bool, mode: str):
@@ -196,7 +174,8 @@ def bench_paged(args, rng, gpu: bool) -> tuple[list[dict], float]:
     k_dense, v_dense = (x[table].reshape(batch, ctx, hkv, d) for x in (k_pages, v_pages))
 
     copy = jax.jit(lambda k, v: (k + 1, v + 1))  # reads and writes every K/V byte once
-    stream_gbps = 2 * kv_bytes / statistics.median(timed(copy, (k_pages, v_pages), args.reps)) / 1e9
+    stream_s = statistics.median(time_calls(copy, (k_pages, v_pages), args.reps))
+    stream_gbps = 2 * kv_bytes / stream_s / 1e9
     runs = {impl: (jax.jit(lambda q, k, v, t, n, impl=impl: paged_decode_attention(
         q, k, v, t, n, backend=impl)), (q, k_pages, v_pages, table, lengths))
         for impl in our_impls(args)}
@@ -336,7 +315,7 @@ def main() -> None:
                         try:  # building a peer may fail too (a jax version's changed API)
                             attend = attention_fn(impl, causal)
                             fn = jax.jit(attend if mode == "fwd" else with_backward(attend))
-                            times = timed(fn, inputs, args.reps)
+                            times = time_calls(fn, inputs, args.reps)
                         except Exception as e:  # noqa: BLE001  (OOM, unsupported shape...)
                             row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                             print(f"skipped {impl} {mask} D={d} S={s} {mode}: {row['error']}")

@@ -84,7 +84,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, write_json)
+                                print_table, time_calls, with_backward, write_json)
 from experiments.fftconv_sweep_metrics import (add_sparsity_errors, pallas_kernel_work,
                                                partial_work, plan_label)
 from kernels_pallas import fftconv
@@ -138,25 +138,6 @@ def conv_fn(impl: str, **options):
     return lambda u, k: fftconv(u, k, backend=impl, **options)
 
 
-def with_backward(conv):
-    """(u, k, ct) -> (y, (du, dk)) of sum(conv(u, k) * ct): forward and backward in one program.
-    y is returned, as training uses it; otherwise XLA drops the forward as dead code."""
-    def fwd_bwd(u, k, ct):
-        y, vjp = jax.vjp(conv, u, k)
-        return y, vjp(ct)
-    return fwd_bwd
-
-
-def timed(compiled, args, reps: int) -> list[float]:
-    """Seconds per call of an already compiled (and warmed-up) function."""
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(compiled(*args))
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def temp_mib(compiled) -> float | None:
     analysis = compiled.memory_analysis()
     temp = getattr(analysis, "temp_size_in_bytes", None)
@@ -164,9 +145,10 @@ def temp_mib(compiled) -> float | None:
 
 
 def prepare(row: dict, conv, mode: str, inputs: tuple) -> tuple:
-    """Compile `conv` (u, k) -> y (or its forward+backward), read its memory, make the warm-up
-    call; fills `row` in place (raises on failure). Returns (compiled, its arguments, repetitions
-    to time). `row["phase"]` says what is running, for the deadline watchdog's note."""
+    """Compile `conv` (u, k) -> y (or its forward+backward (u, k, ct) -> (y, (du, dk))), read its
+    memory, make the warm-up call; fills `row` in place (raises on failure). Returns (compiled,
+    its arguments, repetitions to time: as many as fit SLOW_CALL_S at the warm-up call's time).
+    `row["phase"]` says what is running, for the deadline watchdog's note."""
     fn = jax.jit(conv if mode == "fwd" else with_backward(conv))
     args = inputs[:2] if mode == "fwd" else inputs
     row["phase"] = "compile"
@@ -200,7 +182,8 @@ def record_error(row: dict, error: Exception) -> None:
 def measure(row: dict, conv, mode: str, inputs: tuple, reps: int) -> None:
     """Compile, read memory, time `conv` (u, k) -> y; fills `row` in place (raises on failure)."""
     compiled, args, affordable = prepare(row, conv, mode, inputs)
-    record_times(row, timed(compiled, args, max(1, min(reps, affordable))))
+    # prepare() made the warm-up call (its time sets the repetitions): none here
+    record_times(row, time_calls(compiled, args, max(1, min(reps, affordable)), warmup=0))
 
 
 def measure_alternating(rows: list[dict], inputs: tuple, reps: int) -> None:
@@ -218,7 +201,7 @@ def measure_alternating(rows: list[dict], inputs: tuple, reps: int) -> None:
     for i in range(max((n for _, _, _, n, _ in ready), default=0)):
         for row, compiled, args, n, times in ready:
             if i < n:
-                times += timed(compiled, args, 1)
+                times += time_calls(compiled, args, 1, warmup=0)
     for row, _, _, _, times in ready:
         record_times(row, times)
 

@@ -13,24 +13,14 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import jax
 import numpy as np
 
 import jaxinfer
-from experiments.common import RESULTS, environment, parse_experiment_args, print_table, write_json
-
-
-def _timed(fn, reps: int) -> list[float]:
-    fn()  # warm-up: compilation for jax, allocator and thread-pool start-up for torch
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return times
+from experiments.common import (RESULTS, environment, parse_experiment_args, print_table,
+                                time_calls, write_json)
 
 
 def main() -> None:
@@ -79,7 +69,9 @@ def main() -> None:
                                          do_sample=False, max_new_tokens=args.new_tokens,
                                          min_new_tokens=args.new_tokens, pad_token_id=0).cpu().numpy()
 
-        jax_times, torch_times = _timed(run_jax, args.reps), _timed(run_torch, args.reps)
+        # one warm-up each: compilation for jax, allocator and thread-pool start-up for torch
+        jax_times = time_calls(run_jax, (), args.reps)
+        torch_times = time_calls(run_torch, (), args.reps)
         agree = float(np.mean(run_jax()[:, args.prompt_len:] == run_torch()[:, args.prompt_len:]))
         tokens = batch * args.new_tokens
         jax_med, torch_med = statistics.median(jax_times), statistics.median(torch_times)

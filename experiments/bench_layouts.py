@@ -39,9 +39,8 @@ from flax import nnx  # noqa: E402
 
 import jaxinfer  # noqa: E402
 import sharding  # noqa: E402
-from experiments.bench_attention import timed  # noqa: E402
 from experiments.common import (RESULTS, environment, parse_experiment_args,  # noqa: E402
-                                peak_bytes, print_table, write_json)
+                                peak_bytes, print_table, time_calls, write_json)
 from jaxinfer.models.mixtral import MixtralForCausalLM  # noqa: E402
 from jaxinfer.models.mixtral_config import MixtralConfig  # noqa: E402
 from jaxinfer.train.optimizer import make_optimizer  # noqa: E402
@@ -104,7 +103,7 @@ def measure(model: nnx.Module, batches: jax.Array, reps: int, options: dict, mes
         with sharding.use_rules(mesh, rules):
             lowered = train_step.lower(graphdef, tx, params, opt_state, batches)
     compiled = lowered.compile(compiler_options=options)
-    times = timed(compiled, (params, opt_state, batches), reps)
+    times = time_calls(compiled, (params, opt_state, batches), reps)
     median = statistics.median(times)
     tokens = batches.shape[0] * batches.shape[1] * (batches.shape[2] - 1)
     return {"median_ms": 1e3 * median, "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),

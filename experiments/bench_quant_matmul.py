@@ -39,7 +39,7 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, write_json)
+                                print_table, time_calls, write_json)
 from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul
 
 # Llama-7B's q/k/v/o, gate/up and down projections, then Llama-3-8B's gate/up.
@@ -98,13 +98,9 @@ def repeated(matmul, inner: int):
 def time_per_call(fn, args, reps: int, calls: int):
     """(seconds per matmul for each rep, seconds of the first call: compile + run, its output)."""
     t0 = time.perf_counter()
-    out = jax.block_until_ready(fn(*args))
+    out = jax.block_until_ready(fn(*args))  # the warm-up, timed here
     first = time.perf_counter() - t0
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn(*args))
-        times.append((time.perf_counter() - t0) / calls)
+    times = [t / calls for t in time_calls(fn, args, reps, warmup=0)]
     return times, first, out
 
 

@@ -66,10 +66,9 @@ from jax.sharding import NamedSharding, PartitionSpec  # noqa: E402
 
 import jaxinfer  # noqa: E402
 import sharding  # noqa: E402
-from experiments.bench_attention import timed  # noqa: E402
 from experiments.bench_layouts import FAST_COMPILE  # noqa: E402
 from experiments.common import (RESULTS, environment, parse_experiment_args,  # noqa: E402
-                                plot_curves, print_table, write_json)
+                                plot_curves, print_table, time_calls, with_backward, write_json)
 from jaxinfer.models.llama import RESIDUAL, DecoderLayer  # noqa: E402
 from jaxinfer.models.rope import inverse_frequencies, rotary_tables  # noqa: E402
 from kernels_pallas import flash_attention  # noqa: E402
@@ -288,15 +287,6 @@ def attention_fn(impl: str, mesh, causal: bool, backend: str):
         q, k, v, mesh=mesh, impl=impl, causal=causal, backend=backend)
 
 
-def with_backward(attend):
-    """(q, k, v, ct) -> (out, (dq, dk, dv) of sum(out * ct)): forward and backward in one
-    program, the output kept as a training step keeps it."""
-    def fwd_bwd(q, k, v, ct):
-        out, vjp = jax.vjp(attend, q, k, v)
-        return out, vjp(ct)
-    return fwd_bwd
-
-
 def place(impl: str, arrays, mesh, p: int):
     """Put the arrays where `impl` wants them: one device, or the sequence split over the mesh
     (zig-zag permuted for the ring)."""
@@ -327,7 +317,7 @@ def run_config(seq: int, args, mesh, p: int) -> list[dict]:
                 fn, call_args = jax.jit(with_backward(attend)), (q, k, v, ct)
             try:
                 compiled = fn.lower(*call_args).compile()
-                times = timed(compiled, call_args, args.reps)
+                times = time_calls(compiled, call_args, args.reps)
             except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
                 rows.append(row | {"error": f"{type(err).__name__}: {err}"[:300]})
                 continue

@@ -46,7 +46,7 @@ from flax import nnx
 
 import jaxinfer
 from experiments.common import (RESULTS, environment, init_model, parse_experiment_args,
-                                plot_curves, print_table, write_json)
+                                plot_curves, print_table, time_calls, write_json)
 from jaxinfer.generate.engine_step import PAGED_ATTENTION
 from jaxinfer.models.paged_kv import page_bytes
 
@@ -143,13 +143,7 @@ def measure_bandwidth(nbytes: int = 1 << 28) -> float:
     """Bytes/s of a large on-device copy (read + write counted)."""
     x = jnp.ones(nbytes // 4, jnp.float32)
     copy = jax.jit(lambda a: a + 1.0)
-    jax.block_until_ready(copy(x))
-    times = []
-    for _ in range(5):
-        t0 = time.perf_counter()
-        jax.block_until_ready(copy(x))
-        times.append(time.perf_counter() - t0)
-    return 2 * nbytes / statistics.median(times)
+    return 2 * nbytes / statistics.median(time_calls(copy, (x,), 5))
 
 
 def decode_roofline(steps, weight_bytes: int, kv_token_bytes: int, bandwidth: float) -> dict:

@@ -28,9 +28,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_attention import add_ratios, timed, with_backward
+from experiments.bench_attention import add_ratios
 from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, write_json)
+                                print_table, time_calls, with_backward, write_json)
 from kernels_pallas import flash_attention, tile_fraction
 from kernels_pallas.attention.tiling import default_block_sizes
 
@@ -131,7 +131,8 @@ def main() -> None:
                 rows.append(row)
                 try:
                     fn = jax.jit(attend if mode == "fwd" else with_backward(attend))
-                    times = timed(fn, (q, k, v) if mode == "fwd" else (q, k, v, ct), args.reps)
+                    times = time_calls(fn, (q, k, v) if mode == "fwd" else (q, k, v, ct),
+                                       args.reps)
                 except Exception as e:  # noqa: BLE001  (out of memory...): record, go on
                     row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
                     print(f"skipped {impl} {name} {mode}: {row['error']}")

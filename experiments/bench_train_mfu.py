@@ -59,7 +59,7 @@ from flax import nnx
 
 import jaxinfer
 from experiments.common import (RESULTS, environment, init_model, parse_experiment_args, peak_bytes,
-                                plot_curves, print_table, write_json)
+                                plot_curves, print_table, time_calls, write_json)
 from jaxinfer.config import ATTENTION_BACKENDS, REMAT_MODES
 from jaxinfer.train.optimizer import make_optimizer
 from jaxinfer.train.step import train_step
@@ -133,24 +133,12 @@ def spec_peak_flops(device_kind: str) -> float | None:
     return None
 
 
-def timed(fn, reps: int, warmup: int) -> list[float]:
-    """Seconds of `reps` calls of fn() -> pytree, after `warmup` untimed ones."""
-    for _ in range(warmup):
-        jax.block_until_ready(fn())
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        jax.block_until_ready(fn())
-        times.append(time.perf_counter() - t0)
-    return times
-
-
 def matmul_peak(size: int, dtype: str, reps: int, options: dict) -> dict:
     """Achieved FLOP/s of a [size, size] @ [size, size] matmul in `dtype`: the measured peak."""
     rng = np.random.default_rng(2)
     a, b = (jnp.asarray(rng.standard_normal((size, size), np.float32), dtype) for _ in range(2))
     compiled = jax.jit(jnp.matmul).lower(a, b).compile(compiler_options=options)
-    times = timed(lambda: compiled(a, b), max(reps, 5), warmup=2)
+    times = time_calls(compiled, (a, b), max(reps, 5), warmup=2)
     median = statistics.median(times)
     return {"size": size, "dtype": dtype, "median_ms": 1e3 * median,
             "flops_per_s": 2 * size ** 3 / median}
@@ -181,7 +169,7 @@ def measure(model: nnx.Module, batch: int, args, options: dict) -> dict:
             state["params"], state["opt_state"], batches)
         return loss, grad_norm
 
-    times = timed(step, args.steps, args.warmup)
+    times = time_calls(step, (), args.steps, warmup=args.warmup)
     loss = float(step()[0])
     median = statistics.median(times)
     flops = model_flops_per_step(model.config, batch, args.seq)

@@ -1,6 +1,6 @@
 """Shared plumbing for experiments: where a run writes its record (a --quick run: not over the
-committed one), the environment record every result JSON carries, its (atomic) writing, compiled
-memory, and tables."""
+committed one), the environment record every result JSON carries, its (atomic) writing, timing
+calls, a forward+backward program of a function, compiled memory, and tables."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import json
 import os
 import platform
 import sys
+import time
 from pathlib import Path
 
 import jax
@@ -60,6 +61,32 @@ def write_json(record: dict, out: str | Path) -> Path:
     tmp.write_text(json.dumps(record, indent=2) + "\n")
     os.replace(tmp, out)
     return out
+
+
+def time_calls(fn, args: tuple, reps: int, *, warmup: int = 1) -> list[float]:
+    """Seconds of each of `reps` calls fn(*args), each waited on with jax.block_until_ready,
+    after `warmup` untimed calls (the first compiles; 0 where the caller has made and timed its
+    own). The caller takes the median and the spread."""
+    for _ in range(warmup):
+        jax.block_until_ready(fn(*args))
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        jax.block_until_ready(fn(*args))
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def with_backward(fn):
+    """fn(*inputs) -> out becomes (*inputs, ct) -> (out, gradients of sum(out * ct) with respect
+    to each input): forward and backward in one program. The forward output is returned (and so
+    waited on) as a training step uses it: discarded, XLA would drop the work only it needs (a
+    dense attention's final P @ V, 16% of its FLOPs)."""
+    def fwd_bwd(*args):
+        *inputs, ct = args
+        out, vjp = jax.vjp(fn, *inputs)
+        return out, vjp(ct)
+    return fwd_bwd
 
 
 def peak_bytes(compiled) -> int:

@@ -24,10 +24,10 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_attention import timed, with_backward
-from experiments.common import RESULTS, environment, parse_experiment_args, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, print_table,
+                                time_calls, with_backward, write_json)
 from kernels_pallas import flash_attention, paged_decode_attention
-from kernels_pallas.attention.tiling import BlockSizes, default_block_sizes
+from kernels_pallas.attention.tiling import default_block_sizes
 
 # (block_q, block_k, num_warps, num_stages) of the forward kernel.
 FORWARD = [(128, 64, 8, 2), (128, 128, 8, 2), (128, 64, 4, 2), (128, 128, 4, 3),
@@ -51,7 +51,7 @@ def run_variant(row: dict, fn, inputs, want, reps: int) -> dict:
         got = jax.jit(fn)(*inputs)
         row["max_rel_err"] = max(rel_err(g, w) for g, w in zip(jax.tree.leaves(got),
                                                                jax.tree.leaves(want)))
-        times = timed(jax.jit(fn), inputs, reps)
+        times = time_calls(jax.jit(fn), inputs, reps)
     except Exception as e:  # noqa: BLE001  (a setting the compiler rejects, out of resources...)
         row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
         print(f"failed {row}")

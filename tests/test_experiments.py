@@ -5,9 +5,12 @@ import argparse
 import re
 from pathlib import Path
 
+import jax.numpy as jnp
+import numpy as np
 import pytest
 
-from experiments.common import QUICK_RESULTS, RESULTS, parse_experiment_args
+from experiments.common import (QUICK_RESULTS, RESULTS, parse_experiment_args, time_calls,
+                                with_backward)
 from tests.experiment_runs import ROOT, run_quick
 
 
@@ -64,3 +67,26 @@ EXPERIMENTS = sorted(p for p in (ROOT / "experiments").glob("*.py")
 def test_every_experiment_with_quick_and_out_parses_through_the_shared_helper(path):
     source = path.read_text()
     assert "parse_experiment_args(parser" in source and "parser.parse_args(" not in source
+
+
+@pytest.mark.parametrize("warmup", [0, 1, 2])
+def test_time_calls_times_reps_calls_after_warmup_untimed_ones(warmup):
+    calls = []
+
+    def fn(x, y):
+        calls.append((x, y))
+        return jnp.asarray(x + y)
+
+    times = time_calls(fn, (1, 2), 3, warmup=warmup)
+    assert len(times) == 3 and all(t >= 0 for t in times)
+    assert calls == [(1, 2)] * (warmup + 3)
+
+
+def test_with_backward_returns_the_output_and_each_inputs_gradient_of_sum_out_times_ct():
+    a, b, c, ct = (jnp.arange(4.0) + i for i in range(4))
+    out, (da, db, dc) = with_backward(lambda a, b, c: a * b + c)(a, b, c, ct)
+    # d/da sum((a b + c) ct) = b ct, d/db = a ct, d/dc = ct
+    np.testing.assert_array_equal(out, a * b + c)
+    np.testing.assert_array_equal(da, b * ct)
+    np.testing.assert_array_equal(db, a * ct)
+    np.testing.assert_array_equal(dc, ct)
