@@ -33,7 +33,7 @@ from flax import nnx
 import jaxinfer
 from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
                                 print_table, write_json)
-from experiments.quant_quality import _log_probs, _loss_and_kl
+from experiments.quant_quality import loss_and_kl, model_log_probs
 from jaxinfer.models.layers import QuantizedLinear
 from jaxinfer.quant import token_chunks
 from jaxinfer.train.data import read_corpus, split_held_out, tokenize_corpus
@@ -49,7 +49,7 @@ def perplexity_and_kl(model, chunks: np.ndarray,
     loss = kl = 0.0
     for i, ref in zip(range(0, len(chunks), EVAL_BATCH), reference):
         batch = jnp.asarray(chunks[i:i + EVAL_BATCH])
-        batch_loss, batch_kl = _loss_and_kl(model, batch, ref)  # means over the batch
+        batch_loss, batch_kl = loss_and_kl(model, batch, ref)  # means over the batch
         loss += batch_loss * len(batch) / len(chunks)
         kl += batch_kl * len(batch) / len(chunks)
     return float(np.exp(loss)), kl
@@ -57,7 +57,7 @@ def perplexity_and_kl(model, chunks: np.ndarray,
 
 def reference_log_probs(model, chunks: np.ndarray) -> list[jax.Array]:
     """The float model's log-probabilities [batch, seq, vocab] of chunks [n, seq] per batch."""
-    return [_log_probs(model, jnp.asarray(chunks[i:i + EVAL_BATCH]))
+    return [model_log_probs(model, jnp.asarray(chunks[i:i + EVAL_BATCH]))
             for i in range(0, len(chunks), EVAL_BATCH)]
 
 

@@ -26,12 +26,16 @@ SEQ = 128
 
 
 @nnx.jit
-def _log_probs(model, ids):
-    return jax.nn.log_softmax(model(ids), axis=-1)  # [batch, seq, vocab]
+def model_log_probs(model, ids):
+    """The model's next-token log-probabilities [batch, seq, vocab] of ids [batch, seq]."""
+    return jax.nn.log_softmax(model(ids), axis=-1)
 
 
-def _loss_and_kl(model, ids, reference_log_probs) -> tuple[float, float]:
-    log_probs = _log_probs(model, ids)
+def loss_and_kl(model, ids, reference_log_probs) -> tuple[float, float]:
+    """(mean next-token loss of ids [batch, seq], mean KL(reference || model) per position), the
+    reference being another model's ``model_log_probs`` of the same ids; quant_perplexity uses
+    the same metric."""
+    log_probs = model_log_probs(model, ids)
     loss = -jnp.mean(jnp.take_along_axis(log_probs[:, :-1], ids[:, 1:, None], axis=-1))
     kl = jnp.mean(jnp.sum(jnp.exp(reference_log_probs) * (reference_log_probs - log_probs), -1))
     return float(loss), float(kl)
@@ -55,8 +59,8 @@ def main() -> None:
     chunks = ids[: len(ids) // SEQ * SEQ].reshape(-1, SEQ)
     calibration = chunks[: args.calibration_chunks]
     held = jnp.asarray(chunks[-args.eval_chunks:])
-    reference = _log_probs(model, held)
-    float_loss, _ = _loss_and_kl(model, held, reference)
+    reference = model_log_probs(model, held)
+    float_loss, _ = loss_and_kl(model, held, reference)
 
     rows = [{"method": "float", "bits": 32, "group_size": None, "loss": float_loss, "kl": 0.0}]
     for group_size in args.group_sizes:
@@ -66,7 +70,7 @@ def main() -> None:
                 quantized = jaxinfer.quantize(model, method=method, bits=bits,
                                               group_size=group_size, calibration=calibration)
                 seconds = time.perf_counter() - began
-                loss, kl = _loss_and_kl(quantized, held, reference)
+                loss, kl = loss_and_kl(quantized, held, reference)
                 rows.append({"method": method, "bits": bits, "group_size": group_size,
                              "loss": loss, "kl": kl, "quantize_s": seconds})
     print_table(rows, ["method", "bits", "group_size", "loss", "kl", "quantize_s"])
