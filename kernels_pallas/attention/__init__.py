@@ -39,6 +39,7 @@ from __future__ import annotations
 
 import dataclasses
 
+import jax
 import jax.numpy as jnp
 
 from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu, paged_xla,
@@ -56,9 +57,13 @@ __all__ = ["flash_attention", "paged_decode_attention", "ragged_paged_attention"
            "merge_attention", "tile_fraction", "BlockSizes", "DEFAULT_BLOCK_SIZES"]
 
 
-def flash_attention(q, k, v, *, causal=False, segment_ids=None, local_window=None,
-                    softmax_scale=None, logit_softcap=None, return_lse=False, backend="auto",
-                    block_q=None, block_k=None, block_sizes=None):
+def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
+                    segment_ids: jax.Array | tuple[jax.Array, jax.Array] | None = None,
+                    local_window: int | tuple[int, int] | None = None,
+                    softmax_scale: float | None = None, logit_softcap: float | None = None,
+                    return_lse: bool = False, backend: str = "auto", block_q: int | None = None,
+                    block_k: int | None = None, block_sizes: BlockSizes | None = None,
+                    ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Exact softmax attention with memory linear in sequence length.
 
     Args:
@@ -160,9 +165,13 @@ def _paged_impl(backend: str, page_size: int) -> tuple[str, bool]:
     return impl, interpret
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_scale=None,
-                           backend="auto", num_splits=None, pages_per_block=None,
-                           return_lse=False, k_scales=None, v_scales=None):
+def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                           page_table: jax.Array, lengths: jax.Array, *,
+                           softmax_scale: float | None = None, backend: str = "auto",
+                           num_splits: int | None = None, pages_per_block: int | None = None,
+                           return_lse: bool = False, k_scales: jax.Array | None = None,
+                           v_scales: jax.Array | None = None,
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention of one new query token per sequence over a KV cache kept in fixed-size pages.
 
     Args:
@@ -240,9 +249,14 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_
     return (out, lse) if return_lse else out
 
 
-def ragged_paged_attention(q, k_pages, v_pages, page_table, query_starts, kv_lengths, *,
-                           num_seqs=None, softmax_scale=None, backend="auto", return_lse=False,
-                           k_scales=None, v_scales=None, block_q=None, pages_per_block=None):
+def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
+                           page_table: jax.Array, query_starts: jax.Array,
+                           kv_lengths: jax.Array, *, num_seqs: int | jax.Array | None = None,
+                           softmax_scale: float | None = None, backend: str = "auto",
+                           return_lse: bool = False, k_scales: jax.Array | None = None,
+                           v_scales: jax.Array | None = None, block_q: int | None = None,
+                           pages_per_block: int | None = None,
+                           ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Causal attention of a serving step's query tokens, prefill chunks and decodes alike, each
     over its own sequence's KV pages; a sequence's pages are read once per query block, not once
     per token.

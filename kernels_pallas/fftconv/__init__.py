@@ -31,6 +31,7 @@ from __future__ import annotations
 import functools
 import numbers
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -143,9 +144,12 @@ def _check_plan(monarch_plan: MonarchPlan, m: int, full: bool, n: int, triton: b
                          "compile; use a larger N (or block_fft_size), another plan or None")
 
 
-def fftconv(u, k, *, bidirectional=False, pre_gate=None, post_gate=None, bias=None, partial=None,
-            freq_sparsity=0.0, backend="auto", block_c=None, dot_precision=None,
-            monarch_plan=None, block_fft_size=None):
+def fftconv(u: jax.Array, k: jax.Array, *, bidirectional: bool = False,
+            pre_gate: jax.Array | None = None, post_gate: jax.Array | None = None,
+            bias: jax.Array | None = None, partial: int | None = None,
+            freq_sparsity: float = 0.0, backend: str = "auto", block_c: int | None = None,
+            dot_precision: str | None = None, monarch_plan: MonarchPlan | None = None,
+            block_fft_size: int | None = None) -> jax.Array:
     """Depthwise long convolution of each channel of u with its own filter, by FFT.
 
     Args:

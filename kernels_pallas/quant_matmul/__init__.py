@@ -72,9 +72,9 @@ def _check_blocks(block_m, block_n, block_k, *, triton: bool):
                                      ("block_k", block_k)))
 
 
-def quant_matmul(x, w: QuantizedWeight | MixedQuantizedWeight, *, backend: str = "auto",
-                 block_m: int | None = None, block_n: int | None = None,
-                 block_k: int | None = None):
+def quant_matmul(x: jax.Array, w: QuantizedWeight | MixedQuantizedWeight, *,
+                 backend: str = "auto", block_m: int | None = None, block_n: int | None = None,
+                 block_k: int | None = None) -> jax.Array:
     """y = x @ dequantize(w), with float32 accumulation.
 
     Args:
