@@ -27,7 +27,7 @@ import jax.numpy as jnp
 
 from jaxinfer.generate.checks import is_int
 from jaxinfer.models.paged_kv import PagedKVCache, PagedLayerKV
-from kernels_pallas.attention.tiling import dequantize
+from kernels_pallas.attention import dequantize
 
 POOLINGS = ("avg", "max")
 

@@ -28,14 +28,11 @@ import sharding
 from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from kernels_pallas import (flash_attention, merge_attention, paged_decode_attention,
                             ragged_paged_attention)
-from kernels_pallas.attention.ragged_blocks import token_owners
-from kernels_pallas.attention.tiling import dequantize
+from kernels_pallas.attention import MASK_VALUE, dequantize, token_owners
 from kernels_pallas.backend import resolve_backend
 
 log = logging.getLogger(__name__)
 
-# A large finite negative: fully masked rows stay finite instead of producing NaN.
-MASK_VALUE = -0.7 * float(jnp.finfo(jnp.float32).max)
 # Context tokens the XLA paged path gathers per loop step when every token of a step is a query:
 # its gather is [T, chunk, Hkv, D], so a short chunk keeps it near each token's real context (the
 # kernel's decode default, ~512, made a 256-token step of short prompts 3-9x slower on CPU).

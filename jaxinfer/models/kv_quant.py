@@ -16,7 +16,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
-from kernels_pallas.attention.tiling import dequantize
+from kernels_pallas.attention import dequantize
 
 INT8_MAX = 127
 

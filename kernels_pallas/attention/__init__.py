@@ -47,14 +47,19 @@ from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu
                                       ragged_blocks, ragged_pallas_gpu, ragged_pallas_tpu,
                                       ragged_reference, ragged_xla, reference, tiling, xla)
 from kernels_pallas.attention.merge import merge_attention
+from kernels_pallas.attention.ragged_blocks import token_owners
 from kernels_pallas.attention.sparsity import tile_fraction
-from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, BlockSizes, MaskSpec,
-                                             default_block_sizes)
+from kernels_pallas.attention.tiling import (DEFAULT_BLOCK_SIZES, MASK_VALUE, BlockSizes,
+                                             MaskSpec, default_block_sizes, dequantize)
 from kernels_pallas.backend import resolve_backend
 from kernels_pallas.validation import check_block
 
+# MASK_VALUE, dequantize and token_owners are the kernels' conventions that callers attending
+# over the same caches reuse: the masked-score constant, int8 K/V dequantization and a ragged
+# step's token -> (sequence, index, position) map.
 __all__ = ["flash_attention", "paged_decode_attention", "ragged_paged_attention",
-           "merge_attention", "tile_fraction", "BlockSizes", "DEFAULT_BLOCK_SIZES"]
+           "merge_attention", "tile_fraction", "BlockSizes", "DEFAULT_BLOCK_SIZES",
+           "MASK_VALUE", "dequantize", "token_owners"]
 
 
 def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = False,
