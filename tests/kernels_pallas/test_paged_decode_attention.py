@@ -207,15 +207,21 @@ def test_odd_page_size_runs_on_auto_through_xla():
     assert rel_err(out, ref_out) < TOLS[case.dtype]
 
 
-def test_auto_on_a_gpu_runs_odd_page_sizes_through_xla(monkeypatch):
-    """On a GPU auto would pick the Triton kernel, which needs power-of-two pages: page_size 12
-    falls back to xla (the platform is faked; the Triton kernel must not be reached)."""
+def fake_gpu_without_triton(monkeypatch, kernel_module, name: str) -> None:
+    """Fake a GPU platform (so auto would pick the Triton kernel) and make the Triton kernel
+    ``kernel_module.name`` fail if it is reached."""
     monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
 
     def refuse(*args, **kwargs):
-        raise AssertionError("auto ran the Triton kernel on page_size 12")
+        raise AssertionError(f"auto ran the Triton kernel {name}")
 
-    monkeypatch.setattr(paged_pallas_gpu, "paged_decode_attention", refuse)
+    monkeypatch.setattr(kernel_module, name, refuse)
+
+
+def test_auto_on_a_gpu_runs_odd_page_sizes_through_xla(monkeypatch):
+    """On a GPU auto would pick the Triton kernel, which needs power-of-two pages: page_size 12
+    falls back to xla."""
+    fake_gpu_without_triton(monkeypatch, paged_pallas_gpu, "paged_decode_attention")
     case = PagedCase("odd_pages", hq=4, hkv=1, d=16, page_size=12, pages_per_seq=3,
                      lengths=(25, 36, 7, 0))
     q, k_pages, v_pages, table, lengths = make_inputs(case)

@@ -17,7 +17,8 @@ from kernels_pallas import paged_decode_attention, ragged_paged_attention
 from kernels_pallas.attention import (checks, paged_pallas_tpu, ragged_blocks, ragged_pallas_gpu,
                                       ragged_pallas_tpu)
 from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
-from tests.kernels_pallas.test_paged_decode_attention import poison, quantize_pages, used_slots
+from tests.kernels_pallas.test_paged_decode_attention import (fake_gpu_without_triton, poison,
+                                                              quantize_pages, used_slots)
 
 # Tolerances: TOLS (relative to the largest output entry). float32: the xla and pallas paths fold
 # the keys into an online softmax chunk by chunk while the oracle sums them at once in float64;
@@ -433,13 +434,8 @@ def test_tpu_kernel_lowers_a_large_step_in_calls_whose_table_fits_smem():
 
 def test_auto_on_a_gpu_runs_odd_page_sizes_through_xla(monkeypatch):
     """On a GPU auto would pick the Triton kernel, which needs power-of-two pages: page_size 12
-    falls back to xla (the platform is faked; the Triton kernel must not be reached)."""
-    monkeypatch.setattr(jax, "default_backend", lambda: "gpu")
-
-    def refuse(*args, **kwargs):
-        raise AssertionError("auto ran the Triton kernel on page_size 12")
-
-    monkeypatch.setattr(ragged_pallas_gpu, "ragged_paged_attention", refuse)
+    falls back to xla."""
+    fake_gpu_without_triton(monkeypatch, ragged_pallas_gpu, "ragged_paged_attention")
     case = RaggedCase("odd_pages", hq=4, hkv=2, d=16, page_size=12, pages_per_seq=3,
                       q_lens=(1, 5, 9))
     check_against_oracle(case, "auto", {})
