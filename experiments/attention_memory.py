@@ -134,8 +134,7 @@ def main() -> None:
                 "XLA program, not the GPU kernel's; only GPU numbers say anything about the kernel")
         print(f"note: {note}")
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # its folder made by parse_experiment_args
     curves = {f"{b} {kind.replace('_', '+')}": (
         [r["S"] for r in rows if r["backend"] == b],
         [r[f"{kind}_temp_MiB"] for r in rows if r["backend"] == b])

@@ -105,8 +105,7 @@ def main() -> None:
     print_table(rows, ["prefix", "batch", "flash_ms", "einsum_ms", "hydragen_ms", "flash_ratio",
                        "einsum_ratio", "per_sequence_kv_MiB", "hydragen_kv_MiB", "max_abs_diff"])
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # its folder made by parse_experiment_args
     png = plot_curves({f"prefix {p}": ([r["batch"] for r in rows if r["prefix"] == p],
                                        [r["einsum_ratio"] for r in rows if r["prefix"] == p])
                        for p in args.prefix_lens},

@@ -256,8 +256,7 @@ def main() -> None:
                        "speedup_vs_dense", "max_rel_err", "error"])
     if not gpu and "pallas" in args.backends:
         print("note: pallas ran in interpret mode on CPU; its times measure the interpreter")
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # its folder made by parse_experiment_args
     png = plot(rows, args, out)
     settings = {**vars(args), "shapes": [f"{k}x{n}" for k, n in args.shapes]}
     record = {"experiment": "bench_quant_matmul", "quick": args.quick, **environment(),

@@ -114,8 +114,7 @@ def main() -> None:
                        "acceptance_rate", "tokens_per_pass", "memory_bound_speedup",
                        "target_passes", "matches_greedy"])
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # its folder made by parse_experiment_args
     png = plot_curves({name: ([r["gamma"] for r in rows if r["drafter"] == name],
                               [r["speedup"] for r in rows if r["drafter"] == name])
                        for name in drafters},

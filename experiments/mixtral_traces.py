@@ -170,8 +170,7 @@ def main(argv: list[str] | None = None) -> dict:
                            num_experts_per_tok=args.top_k, router_jitter_noise=args.router_jitter)
     batches = TokenWindows(held_out, args.seq, args.batch).fixed_batches(2 * args.trace_batches)
     half = len(batches) // 2
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # its folder made by parse_experiment_args
     traces, runs, rows = {}, {}, []
     for aux_coef in args.aux_coefs:
         run, z_coef = run_name(aux_coef), args.z_coef if aux_coef > 0 else 0.0

@@ -128,8 +128,7 @@ def main() -> None:
     print_table(rows, ["method", "bits", "group_size", "high_fraction", "bits_per_weight",
                        "perplexity", "kl", "quantize_s", "gptq_lower_kl", "gptq_lower_ppl"])
 
-    out = Path(args.out)
-    out.parent.mkdir(parents=True, exist_ok=True)
+    out = Path(args.out)  # its folder made by parse_experiment_args
     curves = {}  # KL spans decades from 8 to 2 bits: its log, which also tells 8 bits apart
     for m in ("rtn", "gptq"):
         points = sorted((r["bits_per_weight"], np.log10(r["kl"])) for r in rows
