@@ -22,7 +22,7 @@ transformers = pytest.importorskip("transformers")
 safetensors_torch = pytest.importorskip("safetensors.torch")
 
 import jaxinfer  # noqa: E402
-from jaxinfer.checkpoint.hf_mixtral import load_mixtral, save_mixtral  # noqa: E402
+from jaxinfer.checkpoint.hf_mixtral import load_mixtral  # noqa: E402
 from jaxinfer.models.mixtral import MixtralForCausalLM, apply_expert_placement  # noqa: E402
 from jaxinfer.models.mixtral_config import MixtralConfig  # noqa: E402
 from jaxinfer.models.moe import (dropless_moe, load_balancing_loss,  # noqa: E402
@@ -336,7 +336,7 @@ def test_engine_serves_mixtral_with_the_greedy_tokens_of_generate(built):
 
 
 def test_export_loads_in_transformers_with_same_logits(built, tmp_path):
-    save_mixtral(built.model, tmp_path)
+    jaxinfer.save_pretrained(built.model, tmp_path)
     names = set(safetensors_torch.load_file(tmp_path / "model.safetensors"))
     assert names == set(safetensors_torch.load_file(built.hf_dir / "model.safetensors"))
     reloaded = transformers.AutoModelForCausalLM.from_pretrained(
