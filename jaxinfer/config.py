@@ -19,6 +19,10 @@ from jaxinfer.config_checks import (check_bools, check_finite, check_token_ids, 
 # RopeScaling and the rope constants live in config_rope; they are part of this module's API
 from jaxinfer.config_rope import (ROPE_TYPE_FIELDS, SUPPORTED_ROPE_TYPES,  # noqa: F401
                                   RopeScaling, hf_rope_fields)
+# the values the kernels and sharding take, imported so that the config accepts exactly those
+from kernels_pallas.attention import BACKENDS as ATTENTION_BACKENDS
+from kernels_pallas.fftconv import BACKENDS as FFTCONV_BACKENDS
+from sharding.sequence_parallel import IMPLS as SEQUENCE_PARALLEL_IMPLS
 
 SUPPORTED_MODEL_TYPES = ("llama", "mistral", "qwen2")
 # What transformers' config classes (Llama/Mistral/Mixtral/Qwen2Config) assume for a key that
@@ -38,8 +42,6 @@ HF_DEFAULTS: dict[str, dict[str, Any]] = {
 # hidden_act values that mean SiLU; to_hf_config writes "silu"
 SILU_NAMES = ("silu", "swish")
 SUPPORTED_DTYPES = ("float32", "bfloat16")
-ATTENTION_BACKENDS = ("auto", "reference", "xla", "pallas")  # see kernels_pallas.flash_attention
-SEQUENCE_PARALLEL_IMPLS = ("ring", "ulysses")
 REMAT_MODES = ("none", "full", "dots")  # see LlamaConfig.remat
 
 
@@ -269,11 +271,6 @@ class LlamaConfig:
                     f"{name} must be one of {SUPPORTED_DTYPES}; got {getattr(self, name)!r}"
                 )
 
-    @property
-    def num_query_groups(self) -> int:
-        """Query heads that share one KV head (1: multi-head, num_attention_heads: multi-query)."""
-        return self.num_attention_heads // self.num_key_value_heads
-
     def replace(self, **changes: Any) -> LlamaConfig:
         return dataclasses.replace(self, **changes)
 
@@ -359,7 +356,6 @@ class LlamaConfig:
 
 
 HYENA_MODEL_TYPE = "hyena"
-FFTCONV_BACKENDS = ("auto", "reference", "xla", "pallas")  # see kernels_pallas.fftconv
 
 
 @dataclasses.dataclass(frozen=True)

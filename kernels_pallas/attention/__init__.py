@@ -46,6 +46,7 @@ from kernels_pallas.attention import (checks, paged_pallas_gpu, paged_pallas_tpu
                                       pallas_gpu, pallas_mgpu, pallas_mgpu_bwd, pallas_tpu,
                                       ragged_blocks, ragged_pallas_gpu, ragged_pallas_tpu,
                                       ragged_reference, ragged_xla, reference, tiling, xla)
+from kernels_pallas.attention.checks import BACKENDS  # every op takes these (flash: +pallas_mgpu)
 from kernels_pallas.attention.merge import merge_attention
 from kernels_pallas.attention.ragged_blocks import token_owners
 from kernels_pallas.attention.sparsity import tile_fraction
