@@ -92,7 +92,7 @@ def hf_rope_fields(hf: Mapping[str, Any], *, max_positions: Any,
       config otherwise, so no default stands in for it.
 
     Numbers pass through as config.json has them, for LlamaConfig's checks to name a wrong one;
-    errors name config.json."""
+    errors name config.json and the key read (`rope_scaling` or `rope_parameters`)."""
     legacy = hf.get("rope_scaling")
     source, rope = (("rope_scaling", legacy) if legacy
                     else ("rope_parameters", hf.get("rope_parameters")))
@@ -123,7 +123,11 @@ def hf_rope_fields(hf: Mapping[str, Any], *, max_positions: Any,
         scaling = RopeScaling(rope_type=rope_type, **{k: v for k, v in rope.items()
                                                       if k in fields})
     except (TypeError, ValueError) as e:
-        raise type(e)(f"config.json: {e}") from None
+        # RopeScaling's messages say "rope_scaling"; name the key this file has
+        message = str(e)
+        if message.startswith("rope_scaling "):
+            message = source + message[len("rope_scaling"):]
+        raise type(e)(f"config.json: {message}") from None
     return rope_theta, scaling
 
 

@@ -291,13 +291,13 @@ def test_heads_not_a_multiple_of_kv_heads_is_rejected():
 
 
 @pytest.mark.parametrize("rope_type", ["yarn", "dynamic", "longrope", "su"])
-def test_unsupported_rope_type_is_rejected(rope_type):
-    message = rf"^config.json: rope_scaling type '{rope_type}' is not supported; expected one of"
-    with pytest.raises(ValueError, match=message):
+def test_unsupported_rope_type_is_rejected_naming_the_key_read(rope_type):
+    message = rf"^config.json: {{}} type '{rope_type}' is not supported; expected one of"
+    with pytest.raises(ValueError, match=message.format("rope_parameters")):
         LlamaConfig.from_hf_config({**BASE, "model_type": "llama",
                                     "rope_parameters": {"rope_type": rope_type, "rope_theta": 1e4,
                                                         "factor": 2.0}})
-    with pytest.raises(ValueError, match=message):
+    with pytest.raises(ValueError, match=message.format("rope_scaling")):
         LlamaConfig.from_hf_config({**BASE, "model_type": "llama", "rope_theta": 1e4,
                                     "rope_scaling": {"type": rope_type, "factor": 2.0}})
 
@@ -349,6 +349,19 @@ def test_unsupported_dtype_is_rejected(field):
         LlamaConfig(**BASE, **{field: "float16"})
     with pytest.raises(ValueError, match=r"dtype must be one of .*'int8'"):
         LlamaConfig.from_hf_config({**BASE, "model_type": "llama"}, dtype="int8")
+
+
+def test_every_backend_the_attention_kernels_take_is_accepted():
+    # the model passes attention_backend to flash, paged and ragged attention alike
+    from kernels_pallas.attention import BACKENDS, checks
+    assert "pallas_tpu" in BACKENDS
+    assert set(BACKENDS) <= set(checks.FLASH_BACKENDS)
+    for backend in BACKENDS:
+        checks.check_scalars(False, None, None, False, backend)  # paged and ragged: BACKENDS
+        checks.check_scalars(False, None, None, False, backend, backends=checks.FLASH_BACKENDS)
+        assert LlamaConfig(**BASE, attention_backend=backend).attention_backend == backend
+    with pytest.raises(ValueError, match=r"attention_backend must be one of .*got 'triton'"):
+        LlamaConfig(**BASE, attention_backend="triton")
 
 
 def test_public_api_exports_config_types():
@@ -467,6 +480,7 @@ def test_nan_rope_factor_error_says_finite():
     ("eos_token_id", "2", "eos_token_id"),
     ("bos_token_id", 128, "bos_token_id"),
     ("rope_scaling", {"rope_type": "linear", "factor": math.nan}, "rope_scaling factor"),
+    ("rope_parameters", {"rope_type": "linear", "factor": math.nan}, "rope_parameters factor"),
 ])
 def test_bad_config_json_values_are_named_with_the_file(key, value, field):
     with pytest.raises((ValueError, TypeError), match=rf"^config.json: {field} must be"):
