@@ -21,6 +21,7 @@ from jax.sharding import Mesh, NamedSharding, PartitionSpec
 from sharding.mesh import axis_size, check_auto_mesh
 from sharding.rules import (Rules, check_rules_match_mesh, logical_to_mesh_axes, resolve,
                             spec_entry)
+from sharding.sp_common import shard_map
 
 
 @dataclasses.dataclass(frozen=True)
@@ -104,7 +105,6 @@ def local_map(fn: Callable, in_axes: Sequence[Sequence[str | None]],
 
         in_specs = tuple(spec(x, axes) for x, axes in zip(args, in_axes, strict=True))
         out_specs = spec(jax.eval_shape(fn, *args), out_axes)
-        return jax.shard_map(fn, mesh=active.mesh, in_specs=in_specs, out_specs=out_specs,
-                             check_vma=False)(*args)
+        return shard_map(fn, mesh=active.mesh, in_specs=in_specs, out_specs=out_specs)(*args)
 
     return mapped

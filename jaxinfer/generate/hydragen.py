@@ -9,6 +9,10 @@ from their outputs and log-sum-exps (`kernels_pallas.merge_attention`):
    whole batch and B matrix-vector products become one matmul.
 2. suffix: causal attention of each sequence over its own suffix K/V.
 3. merge: w_x = exp(lse_x - max lse), O = (w_P O_P + w_S O_S) / (w_P + w_S).
+
+This is the dense-batch form (the prefix and suffixes as dense K/V arrays). The Engine's
+`hydragen=True` runs the paged form, over pages a step's sequences share:
+`models.attention.paged_attention`, with the prefix chosen by `prefix_sharing.shared_prefix`.
 """
 
 from __future__ import annotations

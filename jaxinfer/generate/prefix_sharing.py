@@ -3,7 +3,7 @@
 Prefix caching shares pages, never copies them, so sequences that start with the same cached
 prompt blocks start on the same page ids: a step's chunks are grouped by their first page, and
 the group whose common run of leading pages saves the most page reads is attended as one shared
-prefix (`hydragen.py`, `models.paged_kv.SharedPrefix`).
+prefix (`models.attention.paged_attention` with a `models.paged_kv.SharedPrefix`).
 """
 
 from __future__ import annotations
