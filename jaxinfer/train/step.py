@@ -113,19 +113,13 @@ def _check_packing(model, batch: jax.Array, segment_ids: jax.Array | None) -> di
 def _next_token_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
                      segment_ids: jax.Array | None) -> tuple[jax.Array, jax.Array | float]:
     """(sum, count) of the cross-entropies of predicting batch[:, 1:] from batch[:, :-1] over
-    the counted targets (`_cross_entropy_sum`); arguments as `next_token_loss`."""
+    the counted targets (`_cross_entropy_sum`); batch int32 [B, L+1], segment_ids None or int32
+    [B, L+1] (packed documents; see the module docstring)."""
     model = nnx.merge(graphdef, params)
     packing = _check_packing(model, batch, segment_ids)
     logits, _ = model.forward(batch[:, :-1], **packing)  # [B, L, vocab] float32
     weights = None if segment_ids is None else target_weights(segment_ids)
     return _cross_entropy_sum(logits, batch[:, 1:], weights)
-
-
-def next_token_loss(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
-                    segment_ids: jax.Array | None = None) -> jax.Array:
-    """Mean cross-entropy of predicting batch[:, 1:] from batch[:, :-1]; batch int32 [B, L+1],
-    segment_ids None or int32 [B, L+1] (packed documents; see the module docstring)."""
-    return _mean(*_next_token_sums(graphdef, params, batch, segment_ids))
 
 
 def _resolve_loss_weights(defaults: Mapping[str, float], overrides: LossWeights | None
@@ -239,19 +233,12 @@ def train_step(graphdef: nnx.GraphDef, tx: optax.GradientTransformation, params:
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef",))
-def eval_step(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
-              segment_ids: jax.Array | None = None) -> jax.Array:
-    """Mean next-token cross-entropy of batch int32 [B, L+1] (no auxiliary losses, no jitter);
-    segment_ids None or int32 [B, L+1] for a packed batch."""
-    return next_token_loss(graphdef, params, batch, segment_ids)
-
-
-@functools.partial(jax.jit, static_argnames=("graphdef",))
 def eval_sums(graphdef: nnx.GraphDef, params: nnx.State, batch: jax.Array,
               segment_ids: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
-    """`eval_step`'s loss as (sum, count) float32 scalars, the cross-entropy summed over the
-    counted targets and their number, so that a held-out loss over several batches is the
-    mean over all their targets: sum of sums / sum of counts."""
+    """Next-token cross-entropy of batch int32 [B, L+1] (no auxiliary losses, no jitter;
+    segment_ids None or int32 [B, L+1] for a packed batch) as (sum, count) float32 scalars, the
+    cross-entropy summed over the counted targets and their number, so that a held-out loss over
+    several batches is the mean over all their targets: sum of sums / sum of counts."""
     total, count = _next_token_sums(graphdef, params, batch, segment_ids)
     return total, jnp.asarray(count, jnp.float32)
 

@@ -19,7 +19,7 @@ from jaxinfer.config import HyenaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
 from jaxinfer.models.hyena_filter import decay_window, squash
 from jaxinfer.train import TrainConfig, train
-from jaxinfer.train.step import next_token_loss
+from jaxinfer.train.step import training_loss
 
 # FFT convolution (xla/pallas) rounds every output with ~eps * log2(M) relative error, so a later
 # token perturbs earlier logits by float32 noise only; measured ~3e-8 on these sizes.
@@ -180,7 +180,7 @@ def test_remat_recomputes_blocks_and_keeps_loss_and_gradients(remat):
         model = tiny_model()
         model.config = model.config.replace(remat=mode)
         graphdef, params = nnx.split(model)
-        grad_fn = jax.value_and_grad(lambda p: next_token_loss(graphdef, p, batch))
+        grad_fn = jax.value_and_grad(lambda p: training_loss(graphdef, p, batch)[0])
         # one rematerialized call per block, and none without remat
         assert str(jax.make_jaxpr(grad_fn)(params)).count("remat") == (
             0 if mode == "none" else model.config.num_hidden_layers)

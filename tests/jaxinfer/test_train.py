@@ -23,7 +23,7 @@ from jaxinfer.tokenizer import train_bpe
 from jaxinfer.train import TokenWindows, TrainConfig, split_held_out, tokenize_corpus, train
 from jaxinfer.train.loop import TRAIN_CONFIG_FILE
 from jaxinfer.train.optimizer import learning_rate_schedule, make_optimizer_and_schedule
-from jaxinfer.train.step import next_token_loss, train_step_with_losses, training_loss
+from jaxinfer.train.step import train_step_with_losses, training_loss
 
 # Same program, same inputs, same CPU: a resumed run must match bit for bit; the margin only
 # absorbs a different XLA thread schedule.
@@ -93,7 +93,7 @@ def test_remat_recomputes_layers_and_keeps_loss_and_gradients(remat):
         model = tiny_model(64)
         model.config = dataclasses.replace(model.config, remat=mode)
         graphdef, params = nnx.split(model)
-        grad_fn = jax.value_and_grad(lambda p: next_token_loss(graphdef, p, batch))
+        grad_fn = jax.value_and_grad(lambda p: training_loss(graphdef, p, batch)[0])
         # one rematerialized call per decoder layer, and none without remat
         assert str(jax.make_jaxpr(grad_fn)(params)).count("remat") == (
             0 if mode == "none" else model.config.num_hidden_layers)
@@ -122,7 +122,7 @@ def test_mixtral_honours_remat_too():
                                     num_local_experts=2, num_experts_per_tok=1, remat="full")
     graphdef, params = nnx.split(jaxinfer.MixtralForCausalLM(config, rngs=nnx.Rngs(0)))
     batch = jnp.zeros((1, 9), jnp.int32)
-    grads = jax.grad(lambda p: next_token_loss(graphdef, p, batch))
+    grads = jax.grad(lambda p: training_loss(graphdef, p, batch)[0])
     assert str(jax.make_jaxpr(grads)(params)).count("remat") == config.num_hidden_layers
 
 

@@ -20,7 +20,7 @@ from jaxinfer.models.mixtral_config import MixtralConfig
 from jaxinfer.models.moe import load_balancing_loss, router_z_loss
 from jaxinfer.train import TrainConfig, train
 from jaxinfer.train.optimizer import make_optimizer
-from jaxinfer.train.step import eval_step, train_step_with_losses, training_loss
+from jaxinfer.train.step import held_out_loss, train_step_with_losses, training_loss
 
 LAYERS, EXPERTS, TOP_K, VOCAB, BATCH, SEQ = 2, 4, 2, 48, 2, 8
 AUX_COEF, Z_COEF, JITTER = 0.5, 0.01, 0.1
@@ -100,7 +100,7 @@ def test_step_loss_is_next_token_loss_plus_config_weighted_router_losses(tiny):
     out = train_step_with_losses(graphdef, tx, params, tx.init(params), batch[None],
                                  jax.random.key(0))
     lb, z = router_losses(params, batch, graphdef=graphdef)
-    ce = eval_step(graphdef, params, batch)
+    ce = held_out_loss(graphdef, params, [(batch, None)])
     assert set(out.losses) == {"next_token_loss", "load_balancing_loss", "router_z_loss"}
     np.testing.assert_allclose(out.losses["next_token_loss"], ce, rtol=LOSS_RTOL)
     np.testing.assert_allclose(out.losses["load_balancing_loss"], lb, rtol=LOSS_RTOL)
@@ -136,7 +136,8 @@ def test_zero_weights_give_next_token_loss_exactly_and_router_gradients_come_fro
     zero = {"load_balancing_loss": 0.0, "router_z_loss": 0.0}
     (loss, parts), base = loss_and_grads(params, batch, zero, graphdef=graphdef)
     assert float(loss) == float(parts["next_token_loss"])
-    np.testing.assert_allclose(loss, eval_step(graphdef, params, batch), rtol=LOSS_RTOL)
+    np.testing.assert_allclose(loss, held_out_loss(graphdef, params, [(batch, None)]),
+                               rtol=LOSS_RTOL)
     before = dict(zip(zero, router_losses(params, batch, graphdef=graphdef)))
     for name in zero:
         _, grads = loss_and_grads(params, batch, {**zero, name: 1.0}, graphdef=graphdef)
