@@ -25,34 +25,56 @@ TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len
                "document_separator": "document_separator"}
 # flags that choose a run's data, tokenizer or model: --resume takes them from the run itself
 RUN_FLAGS = ("held_out", "config", "init", "tokenizer", "vocab_size")
-# LlamaConfig fields that are run settings, not Hugging Face config keys: LlamaConfig.from_hf_config
-# would drop them from a --config file without a word -> the flag that sets them (or None)
+# model config fields that are run settings, not Hugging Face config keys: from_hf_config would
+# drop them from a --config file without a word -> the flag that sets them (or None)
 RUN_SETTING_KEYS = {"remat": "--remat", "attention_backend": None, "sequence_parallel": None,
-                    "param_dtype": None}
+                    "param_dtype": None, "moe_impl": None, "capacity_factor": None,
+                    "fftconv_backend": None}
 HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
 TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer; run.json records its sha256
+
+
+def _model_classes() -> dict:
+    """model_type -> (config class, model class): the models `jaxinfer train` builds from a
+    config.json, as jaxinfer.train.train trains them."""
+    import jaxinfer
+    from jaxinfer.config import HYENA_MODEL_TYPE, SUPPORTED_MODEL_TYPES
+    from jaxinfer.models.mixtral_config import MIXTRAL_MODEL_TYPE
+
+    return {**{t: (jaxinfer.LlamaConfig, jaxinfer.LlamaForCausalLM) for t in SUPPORTED_MODEL_TYPES},
+            MIXTRAL_MODEL_TYPE: (jaxinfer.MixtralConfig, jaxinfer.MixtralForCausalLM),
+            HYENA_MODEL_TYPE: (jaxinfer.HyenaConfig, jaxinfer.HyenaForCausalLM)}
+
+
+def _model_config(path: str | Path, name: str) -> tuple:
+    """(model class, model config) of the config.json at `path`, dispatched on its model_type;
+    errors begin with `name` (how the user knows the file), not with the "config.json" of
+    from_hf_config's."""
+    from jaxinfer.config import read_config_json
+
+    hf = read_config_json(path)
+    classes = _model_classes()
+    model_type = hf.get("model_type")
+    if model_type not in classes:
+        raise ValueError(f"{name}: model_type must be one of {tuple(classes)}; got {model_type!r}")
+    config_class, model_class = classes[model_type]
+    try:
+        return model_class, config_class.from_hf_config(hf)
+    except (TypeError, ValueError) as e:
+        raise type(e)(f"{name}: {str(e).removeprefix('config.json: ')}") from None
 
 
 def _model_of_config(config_file: Path, seed: int):
     """A randomly initialised model (from `seed`) of the type and shape config_file describes."""
     from flax import nnx
 
-    import jaxinfer
-    from jaxinfer.config import HYENA_MODEL_TYPE, read_config_json
-
-    rngs = nnx.Rngs(seed)
-    hf = read_config_json(config_file)
-    if hf.get("model_type") == "mixtral":
-        return jaxinfer.MixtralForCausalLM(jaxinfer.MixtralConfig.from_hf_config(hf), rngs=rngs)
-    if hf.get("model_type") == HYENA_MODEL_TYPE:
-        return jaxinfer.HyenaForCausalLM(jaxinfer.HyenaConfig.from_hf_config(hf), rngs=rngs)
-    return jaxinfer.LlamaForCausalLM(jaxinfer.LlamaConfig.from_hf_config(hf), rngs=rngs)
+    model_class, config = _model_config(config_file, str(config_file))
+    return model_class(config, rngs=nnx.Rngs(seed))
 
 
-def _config_file(path: str):
-    """The LlamaConfig of a --config file, refusing jaxinfer's own run settings in it, which
-    LlamaConfig.from_hf_config would otherwise drop without a word."""
-    import jaxinfer
+def _config_file(path: str) -> tuple:
+    """(model class, model config) of a --config file, refusing jaxinfer's own run settings in
+    it, which from_hf_config would otherwise drop without a word."""
     from jaxinfer.config import read_config_json
 
     hf = read_config_json(path)
@@ -62,7 +84,24 @@ def _config_file(path: str):
                else f"{key} (jaxinfer train does not set it)" for key in found]
         raise ValueError(f"--config {path}: run settings are not keys of a model's config.json; "
                          f"got {', '.join(got)}")
-    return jaxinfer.LlamaConfig.from_hf_config(hf)
+    return _model_config(path, f"--config {path}")
+
+
+def _check_model_fits(model_class, model_config, config) -> None:
+    """The refusals of jaxinfer.train.train that the model's config and the run's settings
+    decide alone, made before a tokenizer is trained for nothing: windows longer than the
+    model's context, packed documents for a model whose forward takes no segment ids."""
+    from jaxinfer.train.step import takes_segment_ids
+
+    context = getattr(model_config, "max_position_embeddings", None)
+    if context is not None and config.seq_len > context:
+        raise ValueError(f"seq_len must be at most the model's max_position_embeddings "
+                         f"({context}); got {config.seq_len}")
+    # takes_segment_ids reads forward's signature, which the class has as its instances do
+    if config.document_separator is not None and not takes_segment_ids(model_class):
+        raise ValueError(f"--document-separator {config.document_separator} packs documents, "
+                         f"which needs a model whose forward takes segment_ids (Llama, "
+                         f"Mixtral); {model_class.__name__} does not")
 
 
 def _with_remat(model, remat: str):
@@ -143,7 +182,8 @@ def _resumed_run(args: argparse.Namespace, run: Path) -> _Run:
 
 
 def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
-    """A new run in `run`; write_run_files writes its tokenizer and run.json."""
+    """A new run in `run`; write_run_files writes its tokenizer and run.json. What the flags and
+    the --config file alone refuse is refused before a tokenizer is trained for nothing."""
     from flax import nnx
 
     import jaxinfer
@@ -158,27 +198,39 @@ def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
     held_out = HELD_OUT if args.held_out is None else args.held_out
     config = TrainConfig(**{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
                             if getattr(args, flag) is not None})
-    if args.tokenizer or args.init:
-        tokenizer = jaxinfer.load_tokenizer(args.tokenizer or args.init)
-    elif args.vocab_size is not None:
-        text = _corpus_text(args.corpus)  # an empty one is refused before the tokenizer
-        print(f"training a byte-level BPE tokenizer with {args.vocab_size} tokens ...")
-        tokenizer = train_bpe(text.splitlines(), args.vocab_size, progress=True)
-    else:
+    given = args.tokenizer or args.init  # the tokenizer's source, when not trained here
+    if given and args.vocab_size is not None:
+        # that tokenizer fixes the vocabulary: ignoring the size asked for would give a model
+        # of another size without a word
+        source = "--tokenizer" if args.tokenizer else "--init"
+        raise ValueError(f"--vocab-size trains a new tokenizer, but {source} {given} gives one "
+                         f"(and its vocabulary size): give one of {source} and --vocab-size")
+    if not given and args.vocab_size is None:
         raise ValueError("give --tokenizer, --init or --vocab-size to choose a tokenizer")
     if args.init:
         init = str(Path(args.init).absolute())
         model = jaxinfer.load_pretrained(init)
+        model_class, model_config = type(model), model.config
+    elif args.config:
+        init = None
+        model_class, model_config = _config_file(args.config)
+    else:
+        raise ValueError("give --config (train from scratch) or --init (fine-tune)")
+    _check_model_fits(model_class, model_config, config)
+    if given:
+        tokenizer = jaxinfer.load_tokenizer(given)
+    else:
+        text = _corpus_text(args.corpus)  # an empty one is refused before the tokenizer
+        print(f"training a byte-level BPE tokenizer with {args.vocab_size} tokens ...")
+        tokenizer = train_bpe(text.splitlines(), args.vocab_size, progress=True)
+    if args.init:
         if tokenizer.get_vocab_size() > model.config.vocab_size:
             raise ValueError(f"the tokenizer has {tokenizer.get_vocab_size()} tokens but "
                              f"the model in {args.init} embeds only "
                              f"{model.config.vocab_size}")
-    elif args.config:
-        init = None
-        model_config = _config_file(args.config).replace(vocab_size=tokenizer.get_vocab_size())
-        model = jaxinfer.LlamaForCausalLM(model_config, rngs=nnx.Rngs(config.seed))
     else:
-        raise ValueError("give --config (train from scratch) or --init (fine-tune)")
+        model = model_class(model_config.replace(vocab_size=tokenizer.get_vocab_size()),
+                            rngs=nnx.Rngs(config.seed))
     remat = args.remat or "none"
     model = _with_remat(model, remat)
     record = {"corpus": str(Path(args.corpus).absolute()), "held_out": held_out, "init": init,

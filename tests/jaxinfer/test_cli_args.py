@@ -330,15 +330,15 @@ def test_an_empty_corpus_is_refused_before_a_tokenizer_is_trained(tmp_path, monk
     corpus.write_text("\n \n")
     trained = []
     monkeypatch.setattr("jaxinfer.tokenizer.train_bpe", lambda *a, **k: trained.append(a))
-    assert cli.main(["train", "--corpus", str(corpus), "--config", "c.json", "--vocab-size",
-                     "300", "--out", str(tmp_path / "run")]) == 2
+    assert cli.main(["train", "--corpus", str(corpus), "--config", str(_config_file(tmp_path)),
+                     "--vocab-size", "300", "--seq-len", "16", "--out", str(tmp_path / "run")]) == 2
     assert f"corpus {corpus} is empty: nothing to train on" in capsys.readouterr().err
     assert not trained and not (tmp_path / "run").exists()
 
 
 @pytest.mark.parametrize("flags, advice", [
     ((), "give a longer corpus, a smaller --seq-len or a larger --held-out"),
-    (("--seq-len", "600"), "give a longer corpus or a smaller --seq-len"),
+    (("--seq-len", "512"), "give a longer corpus or a smaller --seq-len"),
 ], ids=["held-out-part", "whole-corpus"])
 def test_a_too_short_corpus_names_the_corpus_and_the_flags(tmp_path, handed_to_train, capsys,
                                                            flags, advice):
@@ -348,4 +348,110 @@ def test_a_too_short_corpus_names_the_corpus_and_the_flags(tmp_path, handed_to_t
                      "--out", str(tmp_path / "run"), "--seq-len", "64", *flags]) == 2
     err = capsys.readouterr().err
     assert f"corpus {corpus} is too short" in err and advice in err
+    assert not handed_to_train and not (tmp_path / "run").exists()
+
+
+TINY_CONFIGS = {  # the smallest model of each type `jaxinfer train --config` builds
+    "llama": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64),
+    "mixtral": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                    num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=64,
+                    num_local_experts=4, num_experts_per_tok=2),
+    "hyena": dict(hidden_size=16, intermediate_size=32, num_hidden_layers=1,
+                  max_position_embeddings=64, filter_hidden_size=16, filter_emb_dim=5),
+}
+
+
+def _config_file(tmp_path, model_type: str = "llama", **changes):
+    """A --config file of the tiny `model_type` model (vocab_size 300), with `changes`."""
+    path = tmp_path / f"{model_type}.json"
+    path.write_text(json.dumps({"model_type": model_type, "vocab_size": 300,
+                                **TINY_CONFIGS[model_type], **changes}))
+    return path
+
+
+@pytest.mark.parametrize("model_type, model_class, kept", [
+    ("mixtral", "MixtralForCausalLM", {"num_local_experts": 4, "num_experts_per_tok": 2}),
+    ("hyena", "HyenaForCausalLM", {"filter_emb_dim": 5}),
+])
+def test_a_fresh_run_builds_the_model_type_its_config_file_names(tmp_path, handed_to_train,
+                                                                 model_type, model_class, kept):
+    """As jaxinfer.train.train trains them and --resume rebuilds them from the run's
+    config.json; the tokenizer sets the vocabulary."""
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    run = tmp_path / "run"
+    with pytest.raises(_Stop):
+        cli.main(["train", "--corpus", str(corpus), "--config",
+                  str(_config_file(tmp_path, model_type)), "--tokenizer",
+                  str(jaxinfer.default_model_dir()), "--out", str(run), "--steps", "3",
+                  "--seq-len", "16"])
+    with pytest.raises(_Stop):
+        cli.main(["train", "--out", str(run), "--resume"])
+    (fresh, _, _), (resumed, _, resume) = handed_to_train
+    assert type(fresh).__name__ == type(resumed).__name__ == model_class and resume
+    hf = fresh.config.to_hf_config()
+    assert hf["vocab_size"] == jaxinfer.load_tokenizer(run).get_vocab_size() == 4096
+    assert {key: hf[key] for key in kept} == kept
+    for got, want in zip(_params(resumed), _params(fresh), strict=True):  # same seed, same init
+        np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("changes, message", [
+    ({"model_type": "gpt2"}, "model_type must be one of ('llama', 'mistral', 'qwen2', "
+                             "'mixtral', 'hyena'); got 'gpt2'"),
+    ({"model_type": "mixtral", "num_experts_per_tok": 5}, "num_experts_per_tok"),
+    ({"model_type": "hyena", "filter_emb_dim": 4}, "filter_emb_dim"),
+], ids=["unsupported", "mixtral", "hyena"])
+def test_errors_in_the_config_file_name_the_file_given(tmp_path, handed_to_train, capsys,
+                                                       changes, message):
+    path = tmp_path / "small.json"
+    model_type = changes["model_type"] if changes["model_type"] in TINY_CONFIGS else "llama"
+    path.write_text(json.dumps({"vocab_size": 300, **TINY_CONFIGS[model_type], **changes}))
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text("In the beginning\n")
+    assert cli.main(["train", "--corpus", str(corpus), "--config", str(path), "--tokenizer",
+                     str(jaxinfer.default_model_dir()), "--out", str(tmp_path / "run")]) == 2
+    err = capsys.readouterr().err
+    assert f"error: --config {path}: " in err and message in err and "config.json" not in err
+    assert not handed_to_train
+
+
+@pytest.mark.parametrize("model_type, flags, message", [
+    ("missing", (), "missing.json"),
+    ("llama", ("--seq-len", "65"), "max_position_embeddings (64); got 65"),
+    ("unsupported", (), "model_type must be one of"),
+    ("hyena", ("--seq-len", "16", "--document-separator", "0"), "HyenaForCausalLM does not"),
+])
+def test_refusals_of_the_flags_and_config_come_before_a_tokenizer_is_trained(
+        tmp_path, monkeypatch, capsys, model_type, flags, message):
+    if model_type == "missing":
+        config = tmp_path / "missing.json"
+    elif model_type == "unsupported":
+        config = _config_file(tmp_path, model_type="llama")
+        config.write_text(config.read_text().replace('"llama"', '"gpt2"'))
+    else:
+        config = _config_file(tmp_path, model_type)
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    trained = []
+    monkeypatch.setattr("jaxinfer.tokenizer.train_bpe", lambda *a, **k: trained.append(a))
+    assert cli.main(["train", "--corpus", str(corpus), "--config", str(config), "--vocab-size",
+                     "300", "--out", str(tmp_path / "run"), *flags]) == 2
+    assert message in capsys.readouterr().err
+    assert not trained and not (tmp_path / "run").exists()
+
+
+@pytest.mark.parametrize("source", ["--tokenizer", "--init"])
+def test_vocab_size_with_a_given_tokenizer_is_refused_not_ignored(tmp_path, handed_to_train,
+                                                                  capsys, source):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    model = (["--config", str(_config_file(tmp_path))] if source == "--tokenizer" else [])
+    given = str(jaxinfer.default_model_dir())
+    assert cli.main(["train", "--corpus", str(corpus), source, given, *model, "--vocab-size",
+                     "400", "--out", str(tmp_path / "run")]) == 2
+    assert (f"--vocab-size trains a new tokenizer, but {source} {given} gives one (and its "
+            f"vocabulary size): give one of {source} and --vocab-size") in (
+        capsys.readouterr().err)
     assert not handed_to_train and not (tmp_path / "run").exists()
