@@ -40,3 +40,13 @@ class KVCache:
     @property
     def max_len(self) -> int:
         return self.layers[0].k.shape[1]
+
+    def check_positions(self, start: jax.Array | int, length: int) -> None:
+        """Refuse a Python-int `start` whose positions start..start+length-1 leave [0, max_len):
+        `dynamic_update_slice` would clamp the write and the logits would be silently wrong. A
+        traced start cannot be checked here."""
+        if isinstance(start, int):
+            end = start + length
+            if not 0 <= start < end <= self.max_len:
+                raise ValueError(f"positions start..start+T-1 = {start}..{end - 1} must lie in "
+                                 f"the cache's [0, {self.max_len}) (init_cache max_len)")

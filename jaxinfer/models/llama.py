@@ -327,6 +327,8 @@ class LlamaForCausalLM(DecoderLM):
         docstring), and layout="zigzag" says the tokens (and segment ids) come in the ring's
         zig-zag order (training under a causal ring; `zigzag_shards`)."""
         check_no_cache_for_packing(cache, segment_ids, layout)
+        if cache is not None:
+            cache.check_positions(start, input_ids.shape[1])
         positions, (cos, sin), runs = self.positions_and_rotary(*input_ids.shape, start,
                                                                 segment_ids, layout)
         x = self.embed(input_ids)  # [batch, T, embed]

@@ -104,6 +104,8 @@ class MixtralForCausalLM(DecoderLM):
         segment_ids int32 [batch, T], layout: packed documents and token order, as in
         `LlamaForCausalLM.forward`."""
         check_no_cache_for_packing(cache, segment_ids, layout)
+        if cache is not None:
+            cache.check_positions(start, input_ids.shape[1])
         positions, (cos, sin), runs = self.positions_and_rotary(*input_ids.shape, start,
                                                                 segment_ids, layout)
         x = self.embed(input_ids)  # [batch, T, embed]
