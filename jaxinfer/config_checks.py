@@ -1,4 +1,5 @@
-"""Field checks shared by the model configs (`LlamaConfig`, `MixtralConfig`, `HyenaConfig`).
+"""Field checks shared by the model configs (`LlamaConfig`, `MixtralConfig`, `HyenaConfig`) and
+the GPTQ settings (`quant.quantize`, a checkpoint's quantization_config).
 
 Configs come from Python, from JSON and from numpy, so numpy scalars count as the Python numbers
 they hold (and are stored as those, which hash alike and can be written as JSON); bools are not
@@ -20,6 +21,15 @@ def is_int(value: Any) -> bool:
 
 def is_real(value: Any) -> bool:
     return isinstance(value, numbers.Real) and not isinstance(value, bool)
+
+
+def check_group_size(value: Any, *, where: str | None = None) -> None:
+    """A GPTQ group size: a positive int (input rows per scale/zero group) or -1 (per channel).
+    `where`, when given, prefixes the message (the file or rule it came from)."""
+    if not is_int(value) or (value != -1 and value <= 0):
+        prefix = "" if where is None else f"{where}: "
+        raise ValueError(f"{prefix}group_size must be a positive int or -1 (per channel); "
+                         f"got {value!r}")
 
 
 def normalize_fields(config: Any, ints: tuple[str, ...], floats: tuple[str, ...],

@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxinfer.checkpoint.gptq_format import FORMATS
+from jaxinfer.config_checks import check_group_size
 from jaxinfer.quant.mixed_linear import MIXED_PART_NAMES
 from kernels_pallas.quant_matmul import SUPPORTED_BITS, QuantizedWeight
 
@@ -69,10 +70,7 @@ def _check_spec(spec: dict, where: str) -> None:
     bits, group_size = spec.get("bits"), spec.get("group_size")
     if isinstance(bits, bool) or bits not in SUPPORTED_BITS:
         raise ValueError(f"{where}: bits must be one of {SUPPORTED_BITS}; got {bits!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or (
-            group_size != -1 and group_size <= 0):
-        raise ValueError(f"{where}: group_size must be a positive int or -1 (per channel); "
-                         f"got {group_size!r}")
+    check_group_size(group_size, where=where)
     for key in ("desc_act", "sym"):
         if not isinstance(spec.get(key), bool):
             raise ValueError(f"{where}: {key} must be true or false; got {spec.get(key)!r}")

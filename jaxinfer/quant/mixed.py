@@ -24,6 +24,7 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from jaxinfer.config_checks import is_real
 from jaxinfer.quant.grid import dequantize_from_grid, fit_group_grids, quantize_to_grid
 from kernels_pallas.quant_matmul import (MIXED_BITS, SUPPORTED_BITS, MixedQuantizedWeight,
                                          QuantizedWeight)
@@ -43,8 +44,8 @@ def check_mixed_args(bits, group_size, high_fraction, criterion) -> bool:
         if group_size == -1:
             raise ValueError("mixed bits=(2, 4) choose a width per group; group_size must be a "
                              "positive int, got -1 (per channel: one group per layer)")
-        if high_fraction is not None and (isinstance(high_fraction, bool) or not isinstance(
-                high_fraction, (int, float)) or not 0 <= high_fraction <= 1):
+        if high_fraction is not None and not (is_real(high_fraction)
+                                              and 0 <= high_fraction <= 1):
             raise ValueError(f"high_fraction must be a number in [0, 1]; got {high_fraction!r}")
         if criterion is not None and criterion not in CRITERIA:
             raise ValueError(f"criterion must be one of {CRITERIA}; got {criterion!r}")

@@ -33,6 +33,7 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
+from jaxinfer.config_checks import check_group_size, is_real
 from jaxinfer.models.inputs import check_input_ids
 from jaxinfer.models.layers import Linear, QuantizedLinear
 from jaxinfer.models.llama import LlamaForCausalLM
@@ -81,10 +82,7 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, 
                 criterion, progress):
     if method not in METHODS:
         raise ValueError(f"method must be one of {METHODS}; got {method!r}")
-    if isinstance(group_size, bool) or not isinstance(group_size, int) or (
-            group_size != -1 and group_size <= 0):
-        raise ValueError(f"group_size must be a positive int or -1 (per channel); "
-                         f"got {group_size!r}")
+    check_group_size(group_size)
     check_mixed_args(bits, group_size, high_fraction, criterion)
     if method == "rtn" and criterion == "hessian":
         raise ValueError("criterion='hessian' needs layer Hessians from calibration: use "
@@ -92,7 +90,7 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, 
     for name, value in (("act_order", act_order), ("sym", sym), ("progress", progress)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
-    if not (isinstance(damp, (int, float)) and damp >= 0):
+    if not (is_real(damp) and damp >= 0):
         raise ValueError(f"damp must be a number >= 0; got {damp!r}")
     if backend not in QUANT_BACKENDS:
         raise ValueError(f"backend must be one of {QUANT_BACKENDS}; got {backend!r}")
@@ -221,6 +219,7 @@ def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group
     """
     _check_args(model, method, bits, group_size, act_order, sym, backend, damp, high_fraction,
                 criterion, progress)
+    group_size = int(group_size)  # numpy ints too: the weights and the saved config hold it
     mixed_kw = dict(high_fraction=high_fraction, criterion=criterion)
     batches = _calibration_batches(calibration, model.config) if method == "gptq" else None
     new = nnx.clone(model)

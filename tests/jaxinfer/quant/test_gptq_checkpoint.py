@@ -305,6 +305,15 @@ def test_gptq_config_refuses_what_would_change_decoding(changes, match):
         GPTQConfig.from_dict({"bits": 4, "group_size": 128, **changes})
 
 
+def test_gptq_config_group_size_takes_numpy_ints_and_refuses_bools():
+    config = GPTQConfig.from_dict({"bits": 4, "group_size": np.int64(64)})
+    assert config.layer_spec("model.layers.0.mlp.up_proj").group_size == 64
+    for group_size in (True, 0, 32.0):
+        with pytest.raises(ValueError, match=rf"group_size must be a positive int or -1 "
+                                             rf"\(per channel\); got {group_size!r}"):
+            GPTQConfig.from_dict({"bits": 4, "group_size": group_size})
+
+
 def _edit_config(path, **changes):
     config = json.loads((path / "config.json").read_text())
     config["quantization_config"].update(changes)

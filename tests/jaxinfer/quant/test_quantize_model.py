@@ -280,6 +280,10 @@ def test_mixed_rtn_model_layers_compute_their_dequantized_weights_and_refuse_gpt
     (dict(method="rtn", bits=True), "bits must be one of"),
     (dict(method="rtn", group_size=48), "group_size must divide K"),
     (dict(method="rtn", group_size=0), "group_size must be a positive int or -1"),
+    (dict(method="rtn", group_size=True), "group_size must be a positive int or -1"),
+    (dict(method="rtn", bits=(2, 4), group_size=GROUP, high_fraction=True),
+     r"high_fraction must be a number in"),
+    (dict(method="gptq", group_size=GROUP, damp=True), "damp must be"),
     (dict(method="rtn", backend="cuda"), "backend must be one of"),
     (dict(method="gptq", group_size=GROUP, damp=-0.1), "damp must be"),
     (dict(method="gptq", group_size=GROUP), "calibration must be given"),
@@ -302,6 +306,21 @@ def test_mixed_rtn_model_layers_compute_their_dequantized_weights_and_refuse_gpt
 def test_bad_arguments_raise_clear_errors(model, kwargs, match):
     with pytest.raises(ValueError, match=match):
         jaxinfer.quantize(model, **kwargs)
+
+
+def test_numpy_scalar_settings_are_accepted_as_python_numbers(model, monkeypatch):
+    want = jaxinfer.quantize(model, method="rtn", bits=(2, 4), group_size=GROUP,
+                             high_fraction=0.5)
+    got = jaxinfer.quantize(model, method="rtn", bits=(2, 4), group_size=np.int64(GROUP),
+                            high_fraction=np.float32(0.5))
+    for a, b in zip(jax.tree.leaves(nnx.state(want)), jax.tree.leaves(nnx.state(got)),
+                    strict=True):
+        np.testing.assert_array_equal(a, b)
+    seen = {}  # GPTQ itself is tested above; here only that the numpy damp gets through
+    monkeypatch.setattr(quant_model, "_gptq_model", lambda *args, **kw: seen.update(kw))
+    jaxinfer.quantize(model, group_size=np.int64(GROUP), damp=np.float32(0.01),
+                      calibration=_calibration())
+    assert (type(seen["group_size"]), type(seen["damp"])) == (int, float)
 
 
 def test_calibration_takes_torch_tensors_and_unpadded_tokenizer_output():
