@@ -7,7 +7,8 @@ every round yields 1 .. gamma + 1 tokens for one target pass.
 * Draft model: a smaller model of the same vocabulary, run autoregressively for gamma steps.
 * Prompt lookup (Aggressive Decoding's input-guided drafts): find the latest earlier occurrence of
   the last `lookup_ngram` tokens in prompt + generated text and propose the tokens that followed.
-  The draft distribution q is then one-hot at the proposed tokens.
+  The draft distribution q is then one-hot at the proposed tokens
+  (`prompt_lookup.lookup_draft_traced`).
 
 Acceptance (Leviathan et al.; Chen et al.): accept draft x with probability min(1, p(x)/q(x)); at
 the first rejection sample from normalize(max(p - q, 0)); if all gamma are accepted, sample a bonus
@@ -35,6 +36,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.generate.checks import MAX_SEED, check_int, check_model
+from jaxinfer.generate.prompt_lookup import lookup_draft_traced
 from jaxinfer.generate.sampling import SamplingArrays, filter_logits, make_sampling_params
 from jaxinfer.models.inputs import check_input_ids
 
@@ -99,25 +101,6 @@ def accept_sampled(p: jax.Array, q: jax.Array, drafts: jax.Array,
 
 
 # ----------------------------------------------------------------- drafting
-
-
-def lookup_draft(tokens: jax.Array, length: jax.Array, ngram: int, gamma: int) -> jax.Array:
-    """Prompt-lookup drafts: the gamma tokens that followed the latest earlier occurrence of the
-    last `ngram` tokens of tokens[:length].
-
-    tokens int32 [buffer]; returns int32 [gamma]. A match at i (i + ngram <= length - 1) implies a
-    period p = length - ngram - i, and the continuation is read periodically (tokens[length - p +
-    (k mod p)]) so drafts never read past `length`. Without a match the draft repeats the last
-    token (p = 1); acceptance decides whether that is any good."""
-    buffer = tokens.shape[0]
-    starts = jnp.arange(buffer - ngram + 1)  # candidate match starts
-    last = jax.lax.dynamic_slice(tokens, (jnp.maximum(length - ngram, 0),), (ngram,))  # [ngram]
-    windows = tokens[starts[:, None] + jnp.arange(ngram)]  # [candidates, ngram]
-    valid = (starts + ngram <= length - 1) & (length >= ngram)
-    hit = jnp.all(windows == last, axis=-1) & valid
-    latest = jnp.max(jnp.where(hit, starts, -1))
-    period = jnp.where(latest >= 0, length - ngram - latest, 1)
-    return tokens[length - period + jnp.arange(gamma) % period]
 
 
 def _probs(logits: jax.Array, params: SamplingArrays) -> jax.Array:
@@ -186,7 +169,7 @@ def _generate_one(target, draft, prompt, key, params, *, max_new_tokens: int, ga
         key_round = jax.random.fold_in(key, passes)
         key_draft, key_accept = jax.random.split(key_round)
         if draft is None:
-            drafts = lookup_draft(tokens, length, ngram, gamma)
+            drafts = lookup_draft_traced(tokens, length, ngram, gamma)
             q = jax.nn.one_hot(drafts, target.config.vocab_size, dtype=jnp.float32)
         else:
             drafts, q, draft_cache = _draft_model(draft, tokens, length, draft_cache, params,

@@ -17,8 +17,8 @@ import pytest
 from flax import nnx
 
 import jaxinfer
-from jaxinfer.generate.speculative import (accept_greedy, accept_sampled, lookup_draft,
-                                           speculative_generate)
+from jaxinfer.generate.prompt_lookup import lookup_draft_traced
+from jaxinfer.generate.speculative import accept_greedy, accept_sampled, speculative_generate
 
 CONFIG = jaxinfer.LlamaConfig(
     vocab_size=64, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
@@ -310,9 +310,9 @@ def lookup_oracle(tokens: list[int], ngram: int, gamma: int) -> list[int]:
     ([1, 2, 3, 4], 2),  # no match: repeat the last token
     ([7], 3),  # shorter than the n-gram
 ])
-def test_lookup_draft_matches_the_oracle(tokens, ngram):
+def test_lookup_draft_traced_matches_the_oracle(tokens, ngram):
     buffer = jnp.zeros((16,), jnp.int32).at[:len(tokens)].set(jnp.asarray(tokens))
-    got = jax.jit(lookup_draft, static_argnums=(2, 3))(buffer, jnp.int32(len(tokens)), ngram, 4)
+    got = jax.jit(lookup_draft_traced, static_argnums=(2, 3))(buffer, jnp.int32(len(tokens)), ngram, 4)
     assert list(map(int, got)) == lookup_oracle(tokens, ngram, gamma=4)
 
 
