@@ -12,7 +12,7 @@ import json
 import logging
 import sys
 from pathlib import Path
-from typing import NamedTuple
+from typing import NamedTuple, NoReturn
 
 # `jaxinfer train` flags -> TrainConfig fields. The parser's defaults are None, so that `--resume`
 # can tell which were given; a fresh run fills the rest from TrainConfig's defaults, and a resumed
@@ -282,15 +282,31 @@ def _tokenizer_sha256(run: Path) -> str:
     return hashlib.sha256((run / TOKENIZER_FILE).read_bytes()).hexdigest()
 
 
-def _check_same_data(args: argparse.Namespace, run: Path, spec: _Run, train_tokens,
-                     eval_tokens) -> None:
+def _resumed_split(args: argparse.Namespace, run: Path, spec: _Run):
+    """`_split_corpus` of a resumed run, refused as other data (`_refuse_other_data`) when its
+    tokens are not those it began with. A split that fails counts as such when the run recorded
+    its data: the run's own tokens split under the same settings (--resume changes neither
+    --held-out nor --document-separator), so the user learns that the data changed, not why
+    the other data do not split."""
+    from jaxinfer.train.resume import data_changes, data_fingerprint
+    from jaxinfer.train.run_files import DATA_FILE
+
+    try:
+        train_tokens, eval_tokens = _split_corpus(args, spec)
+    except ValueError as e:
+        if not (run / DATA_FILE).exists():
+            raise
+        _refuse_other_data(args, run, spec, [f"the run's held-out split fails on them ({e})"])
+    changes = data_changes(run, data_fingerprint(train_tokens, eval_tokens))
+    if changes:
+        _refuse_other_data(args, run, spec, changes)
+    return train_tokens, eval_tokens
+
+
+def _refuse_other_data(args: argparse.Namespace, run: Path, spec: _Run,
+                       changes: list[str]) -> NoReturn:
     """ValueError naming what changed (the given corpus, the run's corpus or its
     tokenizer.json) when a resumed run's tokens are not those it began with."""
-    from jaxinfer.train.resume import data_changes, data_fingerprint
-
-    changes = data_changes(run, data_fingerprint(train_tokens, eval_tokens))
-    if not changes:
-        return
     recorded = spec.tokenizer_sha256
     if recorded is not None and recorded != _tokenizer_sha256(run):
         given = f"its {run / TOKENIZER_FILE}, changed since,"
@@ -355,9 +371,8 @@ def train(args: argparse.Namespace) -> int:
     hint = f"continue with `jaxinfer train --out {run} --resume`"
     try:
         spec = _resumed_run(args, run) if args.resume else _fresh_run(args, run)
-        train_tokens, eval_tokens = _split_corpus(args, spec)
-        if args.resume:
-            _check_same_data(args, run, spec, train_tokens, eval_tokens)
+        train_tokens, eval_tokens = (_resumed_split(args, run, spec) if args.resume
+                                     else _split_corpus(args, spec))
         config, model = spec.config, spec.model
         n_params = sum(int(np.prod(v.shape))
                        for _, v in nnx.to_flat_state(nnx.state(model, nnx.Param)))
@@ -378,20 +393,38 @@ def train(args: argparse.Namespace) -> int:
                                else ""), file=sys.stderr)
         return 130
     out = jaxinfer.save_pretrained(result.model, run / "model", tokenizer=spec.tokenizer)
-    _write_summary(run, result, n_params, train_tokens, eval_tokens)
+    _write_summary(run, result, config.steps, n_params, train_tokens, eval_tokens)
     print(f"model written to {out}")
     return 0
 
 
-def _write_summary(run: Path, result, n_params: int, train_tokens, eval_tokens) -> None:
-    """summary.json of the finished run, printed as well."""
-    from jaxinfer.train.run_files import write_json
+def _write_summary(run: Path, result, steps: int, n_params: int, train_tokens,
+                   eval_tokens) -> None:
+    """summary.json of the run, finished at `steps`, printed as well. A resume with nothing left
+    to do has only its metrics.jsonl's records: when that file was lost, the losses are those of
+    the run's earlier summary.json at this step, or null (said on stderr)."""
+    from jaxinfer.config import read_config_json
+    from jaxinfer.train.run_files import METRICS_FILE, write_json
 
-    last = result.history[-1]
-    evals = [r for r in result.history if "eval_loss" in r]
-    summary = {"steps": last["step"], "final_train_loss": last["loss"],
-               "held_out_loss": evals[-1]["eval_loss"] if evals else None,
-               "held_out_perplexity": evals[-1]["eval_perplexity"] if evals else None,
+    names = ("final_train_loss", "held_out_loss", "held_out_perplexity")
+    if result.history:
+        last = result.history[-1]
+        evals = [r for r in result.history if "eval_loss" in r]
+        steps = last["step"]
+        losses = {"final_train_loss": last["loss"],
+                  "held_out_loss": evals[-1]["eval_loss"] if evals else None,
+                  "held_out_perplexity": evals[-1]["eval_perplexity"] if evals else None}
+    else:
+        try:
+            earlier = read_config_json(run / "summary.json")
+        except (OSError, ValueError):  # none, or damaged: nothing to keep
+            earlier = {}
+        losses = {name: earlier.get(name) if earlier.get("steps") == steps else None
+                  for name in names}
+        if losses["final_train_loss"] is None:
+            print(f"{run / METRICS_FILE} has no record of the run's steps: summary.json's "
+                  f"losses are unknown", file=sys.stderr)
+    summary = {"steps": steps, **losses,
                "wall_seconds_this_invocation": result.wall_seconds,
                "parameters": n_params, "train_tokens": int(len(train_tokens)),
                "held_out_tokens": int(len(eval_tokens))}

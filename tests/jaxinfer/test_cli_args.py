@@ -455,3 +455,48 @@ def test_vocab_size_with_a_given_tokenizer_is_refused_not_ignored(tmp_path, hand
             f"vocabulary size): give one of {source} and --vocab-size") in (
         capsys.readouterr().err)
     assert not handed_to_train and not (tmp_path / "run").exists()
+
+
+def test_a_packed_run_resumed_on_other_data_is_refused_as_other_data(tmp_path, handed_to_train,
+                                                                    capsys):
+    """Not with the held-out split's 'separator does not occur' that the other corpus gives."""
+    lines = jaxinfer.assets.corpus_sample_path().read_text()[:5000].splitlines()
+    corpus = tmp_path / "docs.txt"
+    corpus.write_text("\n".join(line + "<|endoftext|>" * (n % 3 == 2)
+                                for n, line in enumerate(lines)))
+    run = tmp_path / "run"
+    with pytest.raises(_Stop):
+        cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
+                  "--out", str(run), "--steps", "3", "--seq-len", "16",
+                  "--document-separator", "0"])
+    other = tmp_path / "other.txt"
+    other.write_text("\n".join(lines))
+    assert cli.main(["train", "--out", str(run), "--resume", "--corpus", str(other)]) == 2
+    err = capsys.readouterr().err
+    assert (f"--resume continues the run in {run} on the data it began with (corpus "
+            f"{corpus.absolute()}); --corpus {other} gives other tokens: the run's held-out "
+            f"split fails on them (separator 0 does not occur") in err
+    assert len(handed_to_train) == 1
+
+
+@pytest.mark.parametrize("earlier_summary", [True, False], ids=["kept", "unknown"])
+def test_resume_of_a_finished_run_without_its_metrics_log_writes_a_summary(
+        tmp_path, handed_to_train, monkeypatch, capsys, earlier_summary):
+    """A resume with nothing left to do gets no step record from jaxinfer.train.train when
+    metrics.jsonl is lost: the summary keeps the losses of the run's earlier one, or says they
+    are unknown."""
+    _, run = _fresh_run(tmp_path)
+    earlier = {"steps": 3, "final_train_loss": 4.5, "held_out_loss": 4.75,
+               "held_out_perplexity": 115.6}
+    if earlier_summary:
+        write_json(run / "summary.json", earlier)
+
+    def finished(model, *_, **__):  # the run is at its last step: no step runs
+        return jaxinfer.train.TrainResult(model, [], 0.01)
+    monkeypatch.setattr(jaxinfer.train, "train", finished)
+    assert cli.main(["train", "--out", str(run), "--resume"]) == 0
+    summary = json.loads((run / "summary.json").read_text())
+    losses = {key: summary[key] for key in earlier}
+    assert losses == (earlier if earlier_summary else dict.fromkeys(earlier, None) | {"steps": 3})
+    assert ("metrics.jsonl has no record of the run's steps: summary.json's losses are unknown"
+            in capsys.readouterr().err) != earlier_summary
