@@ -28,12 +28,13 @@ def learning_rate_schedule(peak: float, total_steps: int, warmup_steps: int,
         decay_steps=max(total_steps, warmup_steps + 1), end_value=end)
 
 
-@functools.cache  # equal settings -> the same objects, so jitted steps that take them stay cached
-def make_optimizer_and_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int,
-                                weight_decay: float, clip_norm: float, min_lr_ratio: float = 0.1
-                                ) -> tuple[optax.GradientTransformation, optax.Schedule]:
-    """`make_optimizer`'s optimizer and the learning-rate schedule it follows (the same object,
-    so that a log of the learning rate shows what the updates used)."""
+# Equal settings -> the same objects, so jitted steps that take them stay cached. functools.cache
+# keys on how the arguments were spelled (keywords, defaults left out), so both public functions
+# call this one with every argument, positionally.
+@functools.cache
+def _build(learning_rate: float, total_steps: int, warmup_steps: int, weight_decay: float,
+           clip_norm: float, min_lr_ratio: float
+           ) -> tuple[optax.GradientTransformation, optax.Schedule]:
     schedule = learning_rate_schedule(learning_rate, total_steps, warmup_steps, min_lr_ratio)
     decay_mask = lambda params: jax.tree.map(lambda p: p.ndim >= 2, params)  # noqa: E731
     return optax.chain(
@@ -42,12 +43,19 @@ def make_optimizer_and_schedule(*, learning_rate: float, total_steps: int, warmu
     ), schedule
 
 
+def make_optimizer_and_schedule(*, learning_rate: float, total_steps: int, warmup_steps: int,
+                                weight_decay: float, clip_norm: float, min_lr_ratio: float = 0.1
+                                ) -> tuple[optax.GradientTransformation, optax.Schedule]:
+    """`make_optimizer`'s optimizer and the learning-rate schedule it follows (the same object,
+    so that a log of the learning rate shows what the updates used)."""
+    return _build(learning_rate, total_steps, warmup_steps, weight_decay, clip_norm, min_lr_ratio)
+
+
 def make_optimizer(*, learning_rate: float, total_steps: int, warmup_steps: int,
                    weight_decay: float, clip_norm: float, min_lr_ratio: float = 0.1
                    ) -> optax.GradientTransformation:
     """AdamW on `learning_rate_schedule`, after clipping the gradient's global norm to
     clip_norm. Decay applies to matrices only: norms and biases (1-D) are not pulled toward
     zero. Equal settings give the same object (cached)."""
-    return make_optimizer_and_schedule(
-        learning_rate=learning_rate, total_steps=total_steps, warmup_steps=warmup_steps,
-        weight_decay=weight_decay, clip_norm=clip_norm, min_lr_ratio=min_lr_ratio)[0]
+    return _build(learning_rate, total_steps, warmup_steps, weight_decay, clip_norm,
+                  min_lr_ratio)[0]

@@ -22,7 +22,9 @@ from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.tokenizer import train_bpe
 from jaxinfer.train import TokenWindows, TrainConfig, split_held_out, tokenize_corpus, train
 from jaxinfer.train.loop import TRAIN_CONFIG_FILE
-from jaxinfer.train.optimizer import learning_rate_schedule, make_optimizer_and_schedule
+from jaxinfer.train import loop
+from jaxinfer.train.optimizer import (learning_rate_schedule, make_optimizer,
+                                      make_optimizer_and_schedule)
 from jaxinfer.train.step import train_step_with_losses, training_loss
 
 # Same program, same inputs, same CPU: a resumed run must match bit for bit; the margin only
@@ -231,6 +233,18 @@ def test_updates_follow_the_schedule_the_optimizer_returns_and_warmup_0_starts_a
         np.testing.assert_allclose(float(schedule(0)), peak if warmup == 0 else 0.0,
                                    rtol=ADAM_UNIT_RTOL)
     np.testing.assert_allclose(float(schedule(2)), peak, rtol=ADAM_UNIT_RTOL)  # warmup 2
+
+
+def test_equal_optimizer_settings_give_one_object_however_they_are_spelled():
+    """tx is a static argument of the jitted steps: a second object would compile them again."""
+    config = TrainConfig(steps=7, warmup_steps=2, learning_rate=0.25)
+    kw = dict(learning_rate=0.25, total_steps=7, warmup_steps=2, weight_decay=config.weight_decay,
+              clip_norm=config.clip_norm)
+    tx = make_optimizer(**kw)
+    assert make_optimizer_and_schedule(**kw)[0] is tx
+    assert make_optimizer(**kw, min_lr_ratio=0.1) is tx  # the default, spelled out
+    assert loop._optimizer(config)[0] is tx  # what train() runs
+    assert make_optimizer(**{**kw, "min_lr_ratio": 0.2}) is not tx
 
 
 def test_a_warmup_as_long_as_the_run_is_warned_about(caplog):
