@@ -25,13 +25,8 @@ from __future__ import annotations
 
 import os
 
-from flax import nnx
-
 from jaxinfer.checkpoint.gptq_config import refuse_quantized
-from jaxinfer.checkpoint.hf import (EMBEDDING, _tensor_files, _TensorReader, check_present,
-                                    hf_name, read_model_dir, read_param,
-                                    resolve_tied_embeddings, warn_unused,
-                                    with_generation_stop_tokens)
+from jaxinfer.checkpoint.hf_read import load_model, read_model_dir
 from jaxinfer.config import HyenaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
 
@@ -41,25 +36,10 @@ def load_hyena(model_dir: str | os.PathLike, dtype: str = "float32",
     """Load a directory written by `save_pretrained` (safetensors single or sharded).
 
     `dtype` ("float32" or "bfloat16") becomes both the parameter and the compute dtype, as in
-    `load_pretrained`; the implicit filters stay float32 whatever it is."""
+    `load_pretrained`; the implicit filters stay float32 whatever it is. Tied embeddings are read
+    as for the Llama family."""
     model_dir, hf_config = read_model_dir(model_dir)
     config = HyenaConfig.from_hf_config(hf_config, fftconv_backend=fftconv_backend)
-    config = with_generation_stop_tokens(model_dir,
-                                         config.replace(dtype=dtype, param_dtype=dtype))
+    config = config.replace(dtype=dtype, param_dtype=dtype)
     refuse_quantized(model_dir, hf_config, config.model_type)
-    files = _tensor_files(model_dir)
-    config, embedding = resolve_tied_embeddings(config, files)  # as for the Llama family
-    abstract = nnx.eval_shape(lambda: HyenaForCausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    wanted = {path: hf_name(path) for path, var in flat if isinstance(var, nnx.Param)}
-    wanted = {path: (embedding, t) if name == EMBEDDING else (name, t)
-              for path, (name, t) in wanted.items()}
-    check_present(model_dir, [name for name, _ in wanted.values()], files)
-    with _TensorReader(files) as reader:
-        for path, var in flat:
-            if path not in wanted:
-                continue
-            var.value = read_param(reader, files, *wanted[path], var.value)
-        warn_unused(reader, config.tie_word_embeddings)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return load_model(model_dir, config, HyenaForCausalLM)

@@ -12,24 +12,23 @@ transformers 5.x fuses them in memory (`mlp.experts.gate_up_proj` [E, 2F, D] wit
 first, `mlp.experts.down_proj` [E, D, F], router `mlp.gate.weight`) through its
 conversion_mapping; a file in that fused layout loads here too. jaxinfer stacks experts as
 gate_proj/up_proj [E, D, F] and down_proj [E, F, D]. Everything else is named, read and checked
-as in hf.py (`hf_name`, `read_param`, `check_present`), and `save_pretrained` writes it. Only
-float checkpoints load: a quantized one (any `quantization_config`) is refused by name.
+as for every model (`hf_read.load_model`), and `save_pretrained` writes it (`expert_tensors`).
+Only float checkpoints load: a quantized one (any `quantization_config`) is refused by name.
 """
 
 from __future__ import annotations
 
 import os
+from collections.abc import Mapping
 from pathlib import Path
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
 from jaxinfer.checkpoint.gptq_config import refuse_quantized
-from jaxinfer.checkpoint.hf import (EMBEDDING, _tensor_files, _TensorReader, check_present,
-                                    hf_name, hf_tensors, read_model_dir, read_param,
-                                    resolve_tied_embeddings, save_pretrained, warn_unused,
-                                    with_generation_stop_tokens)
+from jaxinfer.checkpoint.hf_read import TensorReader, hf_name, load_model, read_model_dir
 from jaxinfer.models.mixtral import MixtralForCausalLM
 from jaxinfer.models.mixtral_config import MixtralConfig
 
@@ -41,8 +40,10 @@ def _layer_prefix(path: tuple) -> str:
     return f"model.layers.{path[1]}"
 
 
-def _read_stacked_expert(reader: _TensorReader, path: tuple, shape: tuple[int, ...]) -> np.ndarray:
-    """One stacked expert parameter [E, in, out] from per-expert or fused HF tensors."""
+def _read_stacked_expert(reader: TensorReader, path: tuple, current: jax.Array) -> jax.Array:
+    """One stacked expert parameter [E, in, out], now holding `current` (its shape and dtype),
+    from per-expert or fused HF tensors."""
+    shape = tuple(current.shape)
     leaf = str(path[-1])
     w, half = EXPERT_LINEARS[leaf]
     prefix = _layer_prefix(path)
@@ -77,18 +78,20 @@ def _read_stacked_expert(reader: _TensorReader, path: tuple, shape: tuple[int, .
         raise ValueError(f"expert weights {leaf} of layer {path[1]} have shape "
                          f"{list(stacked.shape)} after stacking; config.json implies "
                          f"{list(shape)}")
-    return stacked
+    return jnp.asarray(stacked, dtype=current.dtype)
 
 
-def _hf_name(path: tuple, files: dict, embedding: str) -> tuple[str, bool]:
-    """`hf_name` of a non-expert parameter, except that the embedding is read from `embedding`
-    (`resolve_tied_embeddings`) and a router stored under transformers' fused-layout name
-    (`mlp.gate`) from there."""
-    name, transposed = hf_name(path)
-    if name == EMBEDDING:
-        return embedding, transposed
-    fused = name.replace(".block_sparse_moe.", ".mlp.")
-    return (fused if name not in files and fused in files else name), transposed
+def _names(flat: list, files: Mapping[str, Path]) -> dict[tuple, tuple[str, bool]]:
+    """`hf_name` of each non-expert parameter, except that a router stored under transformers'
+    fused-layout name (`mlp.gate`) is read from there. Stacked experts are read (and their
+    absence reported) by `_read_stacked_expert`."""
+    out = {}
+    for path, var in flat:
+        if isinstance(var, nnx.Param) and str(path[-1]) not in EXPERT_LINEARS:
+            name, transposed = hf_name(path)
+            fused = name.replace(".block_sparse_moe.", ".mlp.")
+            out[path] = (fused if name not in files and fused in files else name), transposed
+    return out
 
 
 def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
@@ -96,31 +99,15 @@ def load_mixtral(model_dir: str | os.PathLike, dtype: str = "float32",
                  capacity_factor: float = 1.25) -> MixtralForCausalLM:
     """Load a local HF Mixtral directory (config.json + safetensors, single or sharded)."""
     model_dir, hf_config = read_model_dir(model_dir)
-    config = with_generation_stop_tokens(model_dir, MixtralConfig.from_hf_config(
+    config = MixtralConfig.from_hf_config(
         hf_config, dtype=dtype, attention_backend=attention_backend, moe_impl=moe_impl,
-        capacity_factor=capacity_factor))
+        capacity_factor=capacity_factor)
     refuse_quantized(model_dir, hf_config, config.model_type)
-    files = _tensor_files(model_dir)
-    config, embedding = resolve_tied_embeddings(config, files)
-    abstract = nnx.eval_shape(lambda: MixtralForCausalLM(config, rngs=nnx.Rngs(0)))
-    graphdef, state = nnx.split(abstract)
-    flat = nnx.to_flat_state(state)
-    # Stacked experts are read (and their absence reported) by _read_stacked_expert.
-    wanted = {path: _hf_name(path, files, embedding) for path, var in flat
-              if isinstance(var, nnx.Param) and str(path[-1]) not in EXPERT_LINEARS}
-    check_present(model_dir, [name for name, _ in wanted.values()], files)
-    with _TensorReader(files) as reader:
-        for path, var in flat:
-            if path in wanted:
-                var.value = read_param(reader, files, *wanted[path], var.value)
-            elif isinstance(var, nnx.Param):
-                stacked = _read_stacked_expert(reader, path, tuple(var.value.shape))
-                var.value = jnp.asarray(stacked, dtype=var.value.dtype)
-        warn_unused(reader, config.tie_word_embeddings)
-    return nnx.merge(graphdef, nnx.from_flat_state(flat))
+    return load_model(model_dir, config, MixtralForCausalLM, names=_names,
+                      read_other=_read_stacked_expert)
 
 
-def _expert_tensors(path: tuple, value: np.ndarray) -> dict[str, np.ndarray] | None:
+def expert_tensors(path: tuple, value: np.ndarray) -> dict[str, np.ndarray] | None:
     """The per-expert HF tensors [out, in] of a stacked expert parameter [E, in, out]; None for
     any other parameter (`hf_tensors` names those)."""
     leaf = str(path[-1])
@@ -129,17 +116,3 @@ def _expert_tensors(path: tuple, value: np.ndarray) -> dict[str, np.ndarray] | N
     w = EXPERT_LINEARS[leaf][0]
     return {f"{_layer_prefix(path)}.block_sparse_moe.experts.{e}.{w}.weight":
             np.ascontiguousarray(value[e].T) for e in range(value.shape[0])}
-
-
-def mixtral_tensors(model: MixtralForCausalLM) -> dict[str, np.ndarray]:
-    """{HF tensor name: array} in the per-expert on-disk layout."""
-    return hf_tensors(model, _expert_tensors)
-
-
-def save_mixtral(model: MixtralForCausalLM, out_dir: str | os.PathLike, *,
-                 max_shard_bytes: int | None = None) -> Path:
-    """`save_pretrained` for a Mixtral model only: config.json and safetensors (sharded with
-    `max_shard_bytes`) that transformers loads as MixtralForCausalLM."""
-    if not isinstance(model, MixtralForCausalLM):
-        raise TypeError(f"model must be a MixtralForCausalLM; got {type(model).__name__}")
-    return save_pretrained(model, out_dir, max_shard_bytes=max_shard_bytes)
