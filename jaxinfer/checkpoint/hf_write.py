@@ -51,7 +51,7 @@ from safetensors import SafetensorError
 from safetensors.flax import save_file
 
 from jaxinfer.checkpoint.gptq_config import QUANTIZE_CONFIG_FILE
-from jaxinfer.train.run_files import new_file_mode
+from jaxinfer.files import new_file_mode
 
 log = logging.getLogger(__name__)
 

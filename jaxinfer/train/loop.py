@@ -28,13 +28,13 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
+from jaxinfer.files import write_atomic, write_json
 from jaxinfer.train.data import PackedDocuments, TokenWindows, split_documents
 from jaxinfer.train.optimizer import make_optimizer_and_schedule
 from jaxinfer.train.resume import (check_no_checkpoints, check_resume, data_fingerprint,
                                    restore_state)
 from jaxinfer.train.run_files import (CHECKPOINTS_DIR, DATA_FILE, METRICS_FILE,
-                                      MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, read_history,
-                                      write_atomic, write_json)
+                                      MODEL_CONFIG_FILE, TRAIN_CONFIG_FILE, read_history)
 from jaxinfer.train.step import held_out_loss, takes_segment_ids, train_step_with_losses
 from jaxinfer.train.train_config import TrainConfig
 

@@ -17,10 +17,11 @@ from flax import nnx
 
 import jaxinfer
 from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
+from jaxinfer.files import write_atomic, write_json
 from jaxinfer.train import TrainConfig, train
 from jaxinfer.train.loop import CHECKPOINTS_DIR, METRICS_FILE, TRAIN_CONFIG_FILE, initial_state
 from jaxinfer.train.resume import data_fingerprint
-from jaxinfer.train.run_files import DATA_FILE, read_history, write_atomic, write_json
+from jaxinfer.train.run_files import DATA_FILE, read_history
 
 VOCAB = 32
 CONFIG = TrainConfig(steps=2, batch_size=2, seq_len=8, warmup_steps=1, eval_every=2,
