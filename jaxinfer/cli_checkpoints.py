@@ -61,14 +61,14 @@ def _check_layer_shapes(model_dir: str, bits: int, group_size: int) -> None:
     from jaxinfer.checkpoint.hf import read_model_dir
     from jaxinfer.config import SUPPORTED_MODEL_TYPES, LlamaConfig
     from jaxinfer.models.llama import LlamaForCausalLM
-    from jaxinfer.quant.model import _linear_layers
+    from jaxinfer.quant.model import linear_layers
 
     _, hf_config = read_model_dir(model_dir)
     if hf_config.get("model_type") not in SUPPORTED_MODEL_TYPES:
         return  # loading or jaxinfer.quantize refuses these, naming the type
     config = LlamaConfig.from_hf_config(hf_config)
     abstract = nnx.eval_shape(lambda: LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
-    shapes = [(i, name, *layer.kernel.shape) for i, _, name, layer in _linear_layers(abstract)]
+    shapes = [(i, name, *layer.kernel.shape) for i, _, name, layer in linear_layers(abstract)]
     common = math.gcd(*(k for _, _, k, _ in shapes))
     for i, name, k, n in shapes:
         if group_size != -1 and k % group_size:

@@ -69,8 +69,9 @@ class _StopAt(nnx.Module):
         raise _Captured(x)
 
 
-def _linear_layers(model):
-    """(block index, parent module, name, Linear) for every decoder linear layer, in order."""
+def linear_layers(model):
+    """(block index, parent module, name, layer) for every decoder linear layer (`LAYER_GROUPS`),
+    in order: what `quantize` replaces."""
     for i, block in enumerate(model.layers):
         for parent_name, names in LAYER_GROUPS:
             parent = getattr(block, parent_name)
@@ -97,7 +98,7 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, 
     if not isinstance(model, LlamaForCausalLM):  # Mixtral's experts and Hyena: not yet
         raise TypeError(f"quantize supports LlamaForCausalLM (Llama, Mistral, Qwen2); "
                         f"got {type(model).__name__}")
-    for i, parent, name, layer in _linear_layers(model):
+    for i, parent, name, layer in linear_layers(model):
         if not isinstance(layer, Linear):
             raise ValueError(f"layers[{i}].{name} is already quantized "
                              f"({type(layer).__name__}); quantize a float model")
@@ -229,7 +230,7 @@ def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group
                disable=not progress)
     try:
         if method == "rtn":
-            for i, parent, name, layer in list(_linear_layers(new)):
+            for i, parent, name, layer in list(linear_layers(new)):
                 bar.set_postfix_str(f"layers[{i}].{name}")
                 weight = quantize_rtn(layer.kernel[...], bits=bits, group_size=group_size,
                                       sym=bool(sym), **mixed_kw)
