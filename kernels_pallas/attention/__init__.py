@@ -171,12 +171,19 @@ def _paged_impl(backend: str, page_size: int) -> tuple[str, bool]:
     return impl, interpret
 
 
+def _paged_window(local_window, capacity: int) -> int | None:
+    """The checked left window of the paged ops; None where it reaches back past every key a
+    table row holds (so the kernels skip the mask)."""
+    window = checks.check_paged_window(local_window)
+    return None if window is None or window >= capacity else window
+
+
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            page_table: jax.Array, lengths: jax.Array, *,
                            softmax_scale: float | None = None, backend: str = "auto",
                            num_splits: int | None = None, pages_per_block: int | None = None,
                            return_lse: bool = False, k_scales: jax.Array | None = None,
-                           v_scales: jax.Array | None = None,
+                           v_scales: jax.Array | None = None, local_window: int | None = None,
                            ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention of one new query token per sequence over a KV cache kept in fixed-size pages.
 
@@ -211,6 +218,10 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       k_scales, v_scales: float32 [num_pages, page_size, Hkv], only with int8 pages: the page
         holds values whose K (V) is ``values * scale`` per (token, head). Each backend dequantizes
         the pages it gathers (in the kernel on pallas), so HBM traffic is the int8 pages.
+      local_window: None (every key), or an int w >= 0: the query, at position length - 1, sees
+        keys length - 1 - w .. length - 1 only (a sliding window: ``flash_attention``'s causal
+        ``local_window=w``, left w; HF Mistral's ``sliding_window`` W is w = W - 1). The xla and
+        GPU paths skip the pages wholly before the window; the TPU kernel skips their compute.
 
     Returns:
       out [batch, Hq, D] in q's dtype (and lse float32 [batch, Hq] with ``return_lse``).
@@ -221,6 +232,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     checks.check_paged(q, k_pages, v_pages, page_table, lengths, k_scales, v_scales)
     checks.check_scalars(False, softmax_scale, None, return_lse, backend)
     page_size = k_pages.shape[1]
+    window = _paged_window(local_window, page_table.shape[1] * page_size)
     for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block)):
         check_block(name, value, pallas=False, minimum=1)
     impl, interpret = _paged_impl(backend, page_size)
@@ -231,19 +243,20 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         out, lse = reference.paged_decode_attention(
             q, tiling.dequantize(k_pages, k_scales, q.dtype),
             tiling.dequantize(v_pages, v_scales, q.dtype), page_table, lengths,
-            softmax_scale=scale)
+            softmax_scale=scale, local_window=window)
         out = out.astype(q.dtype)
     elif impl == "xla":
         if pages_per_block is None:
             pages_per_block = paged_xla.default_pages_per_block(page_size, page_table.shape[1])
         out, lse = paged_xla.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
                                                     scale=scale, pages_per_block=pages_per_block,
-                                                    k_scales=k_scales, v_scales=v_scales)
+                                                    k_scales=k_scales, v_scales=v_scales,
+                                                    local_window=window)
     elif impl == "pallas_tpu":
         out, lse = paged_pallas_tpu.paged_decode_attention(
             q, k_pages, v_pages, page_table, lengths, scale=scale,
             pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,
-            v_scales=v_scales)
+            v_scales=v_scales, local_window=window)
     else:
         if num_splits is None:
             num_splits = paged_pallas_gpu.default_num_splits(q.shape[0], k_pages.shape[2],
@@ -251,7 +264,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         out, lse = paged_pallas_gpu.paged_decode_attention(
             q, k_pages, v_pages, page_table, lengths, scale=scale, num_splits=num_splits,
             pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,
-            v_scales=v_scales)
+            v_scales=v_scales, local_window=window)
     return (out, lse) if return_lse else out
 
 
@@ -261,7 +274,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            softmax_scale: float | None = None, backend: str = "auto",
                            return_lse: bool = False, k_scales: jax.Array | None = None,
                            v_scales: jax.Array | None = None, block_q: int | None = None,
-                           pages_per_block: int | None = None,
+                           pages_per_block: int | None = None, local_window: int | None = None,
                            ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Causal attention of a serving step's query tokens, prefill chunks and decodes alike, each
     over its own sequence's KV pages; a sequence's pages are read once per query block, not once
@@ -300,6 +313,10 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       pages_per_block: pages gathered per loop step; None gives ~128 tokens on xla, ~64 on
         pallas (raised there to a power of two covering >= 16 tokens) and ~256 on pallas_tpu (at
         most 16 pages, one BlockSpec per page: larger values are clipped to 16).
+      local_window: None (causal over every key), or an int w >= 0: the query at position p sees
+        keys p - w .. p only (a sliding window, as in ``paged_decode_attention``; HF Mistral's
+        ``sliding_window`` W is w = W - 1). The xla and GPU paths skip the pages wholly before a
+        query block's window; the TPU kernel masks them.
 
     Returns:
       out [T, Hq, D] in q's dtype (and lse float32 [T, Hq] with ``return_lse``). No gradients are
@@ -314,6 +331,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                         k_scales, v_scales)
     checks.check_scalars(False, softmax_scale, None, return_lse, backend)
     page_size = k_pages.shape[1]
+    window = _paged_window(local_window, page_table.shape[1] * page_size)
     impl, interpret = _paged_impl(backend, page_size)
     check_block("block_q", block_q, pallas=impl == "pallas", minimum=1)
     check_block("pages_per_block", pages_per_block, pallas=False, minimum=1)
@@ -325,7 +343,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         out, lse = ragged_reference.ragged_paged_attention(
             q, tiling.dequantize(k_pages, k_scales, q.dtype),
             tiling.dequantize(v_pages, v_scales, q.dtype), page_table, query_starts, kv_lengths,
-            num_seqs, softmax_scale=scale)
+            num_seqs, softmax_scale=scale, local_window=window)
         out = out.astype(q.dtype)
         return (out, lse) if return_lse else out
     groups = q.shape[1] // k_pages.shape[2]
@@ -339,16 +357,16 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             q, k_pages, v_pages, page_table, layout, scale=scale, block_q=block_q,
             pages_per_block=pages_per_block or ragged_blocks.default_pages_per_block_xla(
                 page_size, pages_per_seq),
-            k_scales=k_scales, v_scales=v_scales)
+            k_scales=k_scales, v_scales=v_scales, local_window=window)
     elif impl == "pallas_tpu":
         out, lse = ragged_pallas_tpu.ragged_paged_attention(
             q, k_pages, v_pages, page_table, layout, scale=scale, block_q=block_q,
             pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,
-            v_scales=v_scales)
+            v_scales=v_scales, local_window=window)
     else:
         out, lse = ragged_pallas_gpu.ragged_paged_attention(
             q, k_pages, v_pages, page_table, layout, scale=scale, block_q=block_q,
             pages_per_block=pages_per_block or paged_pallas_gpu.default_pages_per_block(
                 page_size, pages_per_seq),
-            interpret=interpret, k_scales=k_scales, v_scales=v_scales)
+            interpret=interpret, k_scales=k_scales, v_scales=v_scales, local_window=window)
     return (out, lse) if return_lse else out

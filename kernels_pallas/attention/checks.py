@@ -101,6 +101,17 @@ def check_window(local_window):
     return (int(local_window[0]), int(local_window[1]))
 
 
+def check_paged_window(local_window) -> int | None:
+    """The paged ops' left window: None or an int >= 0 (flash_attention's causal window, whose
+    right side causality makes 0)."""
+    if local_window is None:
+        return None
+    if not is_int(local_window) or local_window < 0:
+        raise ValueError(f"local_window must be None or an int >= 0 (the keys a query sees before "
+                         f"its own position); got {local_window!r}")
+    return int(local_window)
+
+
 def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
                   backends: tuple[str, ...] = BACKENDS) -> None:
     if not isinstance(causal, (bool, np.bool_)):

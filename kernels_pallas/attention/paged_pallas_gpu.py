@@ -7,7 +7,8 @@ of sequence b, up to the last page its length reaches, ``pages_per_block`` pages
 reads those page indices from the page table, gathers the pages' K and V rows of KV head h into a
 [pages_per_block * page_size, D] tile, scores it against all ``groups`` query heads of the head
 group at once ([groups, D] x [D, block]), masks positions >= length (zeroing their V rows, which
-may hold anything, NaN included) and keeps a float32 online softmax (running max, sum,
+may hold anything, NaN included) and, with a left window, positions < length - 1 - window (its
+steps wholly before the window are skipped) and keeps a float32 online softmax (running max, sum,
 accumulator). It writes a partial output [groups, D] and its log-sum-exp; runs past the length
 write out 0 and lse -inf. The splits are then merged exactly with ``merge_attention`` (an XLA
 epilogue over [batch, Hkv, num_splits, groups, D] float32, small next to the KV pages).
@@ -54,6 +55,7 @@ class _Config:
     num_splits: int
     interpret: bool
     quantized: bool  # int8 pages with float32 scales per (token, head)
+    window: int | None  # keys before the query it sees (None: all)
 
 
 def default_num_splits(batch: int, hkv: int, pages_per_seq: int) -> int:
@@ -74,11 +76,11 @@ def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
 
 def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: float,
                            num_splits: int, pages_per_block: int | None, interpret: bool,
-                           k_scales=None, v_scales=None):
+                           k_scales=None, v_scales=None, local_window: int | None = None):
     """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D] (page_size a power of two; int8
     with float32 scales [num_pages, page_size, Hkv], dequantized in the kernel after the gather);
-    page_table int32 [batch, pages_per_seq]; lengths int32 [batch]
-    -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq]).
+    page_table int32 [batch, pages_per_seq]; lengths int32 [batch]; local_window None or the keys
+    before the query it sees -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq]).
 
     ``pages_per_block`` (None: ``default_pages_per_block``) is raised to a power of two with
     pages_per_block * page_size >= 16; ``num_splits`` shrinks so that no split is empty.
@@ -95,7 +97,8 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     per_split = tiling.cdiv(tiling.cdiv(pages_per_seq, num_splits), ppb) * ppb
     num_splits = tiling.cdiv(pages_per_seq, per_split)
     quantized = k_scales is not None
-    cfg = _Config(scale, page_size, ppb, per_split, num_splits, interpret, quantized)
+    cfg = _Config(scale, page_size, ppb, per_split, num_splits, interpret, quantized,
+                  local_window)
     d_pad = tiling.padded_head_dim(d)
     g_pad = max(tiling.PALLAS_MIN_BLOCK, tiling.next_power_of_2(groups))
     qg = q.reshape(batch, hkv, groups, d)  # [batch, Hkv, groups, D]
@@ -127,6 +130,8 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
     first = split * cfg.pages_per_split
     last = jnp.minimum(first + cfg.pages_per_split, (length + ps - 1) // ps)
     steps = jnp.maximum(last - first + ppb - 1, 0) // ppb
+    lowest = 0 if cfg.window is None else length - 1 - cfg.window  # first key the query sees
+    skipped = jnp.maximum(jnp.maximum(lowest, 0) // ps - first, 0) // ppb  # steps before it
     q = q_ref[...]  # [g_pad, D]
     d_pad = q.shape[1]
 
@@ -137,17 +142,18 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
                                 (block, d_pad))  # gathered [ppb * page_size, D]
         s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
         pos = page0 * ps + jnp.arange(block, dtype=jnp.int32)  # [block]
-        mask = pos[None, :] < length  # [1, block]
-        s = jnp.where(mask, s, MASK_VALUE)  # [g_pad, block]
+        valid = (pos < length) & (pos >= lowest)  # [block]
+        s = jnp.where(valid[None, :], s, MASK_VALUE)  # [g_pad, block]
         # slots past the length may hold anything (NaN included): zero their V rows
-        return tiling.online_softmax_step(*carry, s, mask, v, "mk,kd->md",
-                                          pos[:, None] < length)
+        return tiling.online_softmax_step(*carry, s, valid[None, :], v, "mk,kd->md",
+                                          valid[:, None])
 
     g_pad = q.shape[0]
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((g_pad,), -jnp.inf, jnp.float32),
             jnp.zeros((g_pad,), jnp.float32))
-    # An empty loop when the run lies past the length.
-    o_ref[...], lse_ref[...] = tiling.finish_online_softmax(*lax.fori_loop(0, steps, body, init))
+    # An empty loop when the run lies past the length (or wholly before the window).
+    carry = lax.fori_loop(skipped, steps, body, init)
+    o_ref[...], lse_ref[...] = tiling.finish_online_softmax(*carry)
 
 
 def _partials(q, k_pages, v_pages, scales, table, lens, cfg: _Config):

@@ -19,7 +19,9 @@ previous step, and the steps wholly past the length repeat that last real step's
 (sequence, head block) thus fetches only its needed pages, plus, when the sequence has fewer than
 ppb pages, step 0's padding slots (each must hold some page; they hold the last one). ``pl.when``
 skips the steps wholly past the length, and positions >= length within a step are masked (with
-per-token limits, positions >= the row's token's limit, a [rows, 1] VMEM tile per block); the V
+per-token limits, positions >= the row's token's limit, a [rows, 1] VMEM tile per block); with a
+left window, positions < limit - 1 - window are masked too (a decode also skips the compute of the
+steps wholly before its window; their pages are still fetched); the V
 rows of positions >= length are zeroed, since those slots may hold anything (NaN included) and a
 masked weight 0 times NaN is NaN. The last step writes out = acc / l and lse = m + log(l); a
 sequence of length 0 sees nothing and gets out 0, lse -inf. There is no context split: a TPU core
@@ -91,6 +93,7 @@ class _Config:
     head_dim: int
     quantized: bool  # int8 pages with float32 scales per (token, head)
     row_limits: bool  # a key limit per query row (ragged blocks), else the block's length
+    window: int | None  # keys before its position (its limit - 1) a query sees (None: all)
     interpret: bool
 
 
@@ -135,10 +138,12 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            page_table: jax.Array, lengths: jax.Array, *, scale: float,
                            pages_per_block: int | None, interpret: bool,
                            k_scales: jax.Array | None = None,
-                           v_scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                           v_scales: jax.Array | None = None,
+                           local_window: int | None = None) -> tuple[jax.Array, jax.Array]:
     """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D] (q's dtype, or int8 with float32
     scales [num_pages, page_size, Hkv]); page_table int32 [batch, pages_per_seq]; lengths int32
-    [batch] -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq]).
+    [batch]; local_window None or the keys before the query it sees
+    -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq]).
 
     Inputs are validated by the public function. ``pages_per_block`` goes through
     ``resolve_pages_per_block`` (None: the default; else clipped to MAX_PAGES_PER_BLOCK and the
@@ -148,7 +153,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     """
     out, lse = attend_query_blocks(q[:, None], k_pages, v_pages, page_table, lengths, None,
                                    scale=scale, pages_per_block=pages_per_block,
-                                   interpret=interpret, k_scales=k_scales, v_scales=v_scales)
+                                   interpret=interpret, k_scales=k_scales, v_scales=v_scales,
+                                   local_window=local_window)
     return out[:, 0], lse[:, 0]
 
 
@@ -156,13 +162,15 @@ def attend_query_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, ta
                         lengths: jax.Array, row_limits: jax.Array | None, *, scale: float,
                         pages_per_block: int | None, interpret: bool,
                         k_scales: jax.Array | None = None,
-                        v_scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                        v_scales: jax.Array | None = None,
+                        local_window: int | None = None) -> tuple[jax.Array, jax.Array]:
     """Blocks of query tokens, each over its own page-table row (the kernel of this module).
 
     q [n, tokens, Hq, D]; pages as in ``paged_decode_attention``; table int32 [n, pages_per_seq]:
     block b's row; lengths int32 [n]: keys block b needs (the pages past them are neither fetched
     nor scored); row_limits int32 [n, tokens] or None: token t of block b sees keys
-    0 .. row_limits[b, t] - 1 (each <= lengths[b]; 0: nothing), None: all of its block's length
+    0 .. row_limits[b, t] - 1 (each <= lengths[b]; 0: nothing), None: all of its block's length;
+    local_window None or the keys a token sees before its last one (limit - 1 - window on)
     -> (out [n, tokens, Hq, D] in q.dtype, lse float32 [n, tokens, Hq]).
     """
     n, tokens, hq, d = q.shape
@@ -174,7 +182,7 @@ def attend_query_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, ta
                   pages_per_block=resolve_pages_per_block(pages_per_block, page_size,
                                                           pages_per_seq),
                   heads_per_block=hb, head_dim=d, quantized=k_scales is not None,
-                  row_limits=row_limits is not None, interpret=interpret)
+                  row_limits=row_limits is not None, window=local_window, interpret=interpret)
     nhb = hkv // hb
     # Block-diagonal queries: row (t, j, g) holds token t's query head g of KV head j in lanes of
     # head j.
@@ -260,7 +268,11 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
         m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
         l_ref[...] = jnp.zeros_like(l_ref)
 
-    @pl.when(start < length)
+    live = start < length
+    if cfg.window is not None and limit_ref is None:  # a decode: skip steps before its window
+        live &= start + ppb * ps > length - 1 - cfg.window
+
+    @pl.when(live)
     def _step():
         q = q_ref[...]  # [rows, lanes]
         acc, m, l = acc_ref[...], m_ref[...], l_ref[...]  # [rows, lanes], [rows, 1], [rows, 1]
@@ -270,6 +282,8 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
             s = lax.dot_general(q, k, _NT, preferred_element_type=jnp.float32) * cfg.scale
             pos = start + i * ps + lax.broadcasted_iota(jnp.int32, s.shape, 1)  # [rows, ps]
             mask = pos < limit
+            if cfg.window is not None:
+                mask &= pos >= limit - 1 - cfg.window
             s = jnp.where(mask, s, MASK_VALUE)
             m_new = jnp.maximum(m, s.max(axis=1, keepdims=True))
             corr = jnp.exp(m - m_new)

@@ -14,10 +14,12 @@ K/V are never repeated). It walks its sequence's page-table row up to the causal
 last query, ``pages_per_block`` pages per step: it loads those page ids from the table, gathers
 the pages' K and V rows of head h ([pages_per_block * page_size, D], int8 pages dequantized after
 the load), scores them, and folds them into a float32 online softmax. Steps whose keys every query
-of the block sees (keys <= the first query's position) skip the mask; the rest mask keys past each
-query's position (causal, bottom-right aligned: query i of a sequence with q_len queries and
-kv_len keys sits at kv_len - q_len + i) and zero the V rows of keys past the block's last real
-query (they may hold anything, NaN included). An empty block runs no step and writes out 0,
+of the block sees (keys <= the first query's position, and with a left window keys >= the last
+query's position - window) skip the mask; the rest mask keys past each query's position (causal,
+bottom-right aligned: query i of a sequence with q_len queries and kv_len keys sits at
+kv_len - q_len + i) and before its window, and zero the V rows of keys no real query of the block
+sees (they may hold anything, NaN included). Steps wholly before the first query's window are
+skipped. An empty block runs no step and writes out 0,
 lse -inf.
 
 Memory touched: each program reads its q tile once and each page of its range once, so a
@@ -60,6 +62,7 @@ class _Config:
     groups_pad: int
     interpret: bool
     quantized: bool  # int8 pages with float32 scales per (token, head)
+    window: int | None  # keys before its position a query sees (None: all)
 
 
 def kernel_block_q(block_q: int, groups: int) -> int:
@@ -69,10 +72,11 @@ def kernel_block_q(block_q: int, groups: int) -> int:
 
 def ragged_paged_attention(q, k_pages, v_pages, page_table, layout: RaggedLayout, *,
                            scale: float, block_q: int, pages_per_block: int, interpret: bool,
-                           k_scales=None, v_scales=None):
+                           k_scales=None, v_scales=None, local_window: int | None = None):
     """q [T, Hq, D]; pages [num_pages, page_size, Hkv, D] (page_size a power of two; int8 with
     float32 scales [num_pages, page_size, Hkv]); page_table int32 [S, P]; ``layout`` built with
-    ``block_q`` = ``kernel_block_q(...)`` -> (out [T, Hq, D] in q.dtype, lse float32 [T, Hq]).
+    ``block_q`` = ``kernel_block_q(...)``; local_window None or the keys before its position a
+    query sees -> (out [T, Hq, D] in q.dtype, lse float32 [T, Hq]).
 
     ``pages_per_block`` is raised to a power of two with pages_per_block * page_size >= 16."""
     t, hq, d = q.shape
@@ -83,7 +87,7 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, layout: RaggedLayout
     nb = layout.num_blocks
     ppb = max(tiling.next_power_of_2(pages_per_block),
               tiling.cdiv(tiling.PALLAS_MIN_BLOCK, page_size))
-    cfg = _Config(scale, page_size, ppb, g_pad, interpret, k_scales is not None)
+    cfg = _Config(scale, page_size, ppb, g_pad, interpret, k_scales is not None, local_window)
     d_pad = tiling.padded_head_dim(d)
     qb = blocks_from_tokens(q, layout, block_q).reshape(nb, block_q, hkv, groups, d)
     qb = tiling.pad_to(tiling.pad_to(qb, 3, g_pad), 4, d_pad)
@@ -129,15 +133,25 @@ def _kernel(seq_ref, pos_ref, count_ref, table_ref, q_ref, k_ref, v_ref, *refs, 
         if masked:
             keys = page0 * ps + jnp.arange(block, dtype=jnp.int32)
             mask = keys[None, :] <= positions[:, None]  # [rows, block]
-            s = jnp.where(mask, s, MASK_VALUE)
             # keys no real query of the block sees may hold anything (NaN included): zero their V
             v_valid = keys[:, None] < pos0 + count  # [block, 1]
+            if cfg.window is not None:
+                mask &= keys[None, :] >= positions[:, None] - cfg.window
+                v_valid &= keys[:, None] >= pos0 - cfg.window
+            s = jnp.where(mask, s, MASK_VALUE)
         return tiling.online_softmax_step(*carry, s, mask, v, "mk,kd->md", v_valid)
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    carry = lax.fori_loop(0, unmasked, functools.partial(body, masked=False), init)
-    carry = lax.fori_loop(unmasked, steps, functools.partial(body, masked=True), carry)
+    carry, u0, u1 = init, 0, unmasked  # steps [first, u0) and [u1, steps) masked, [u0, u1) not
+    if cfg.window is not None:
+        first = jnp.maximum(pos0 - cfg.window, 0) // block  # before: no query's window
+        every = jnp.maximum(pos0 + count - 1 - cfg.window, 0)  # keys >= it: in every window
+        u0 = jnp.clip((every + block - 1) // block, first, steps)
+        u1 = jnp.maximum(u0, jnp.minimum(unmasked, steps))
+        carry = lax.fori_loop(first, u0, functools.partial(body, masked=True), carry)
+    carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
+    carry = lax.fori_loop(u1, steps, functools.partial(body, masked=True), carry)
     out, lse = tiling.finish_online_softmax(*carry)
     o_ref[...] = out.astype(o_ref.dtype)
     lse_ref[...] = lse

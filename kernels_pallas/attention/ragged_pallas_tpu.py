@@ -22,7 +22,9 @@ token), run with a key limit per query row:
   maps repeat the last needed step's pages (``paged_pallas_tpu.table_column``), so nothing is
   fetched twice; keys past a row's own limit are masked;
 - the last step writes out = acc / l and lse = m + log l; rows that see nothing (padding rows of
-  a block, empty blocks) get out 0 and lse -inf.
+  a block, empty blocks) get out 0 and lse -inf;
+- with a left window, keys before a row's limit - 1 - window are masked as well (the pages
+  wholly before the window are still fetched and scored: no step is skipped).
 
 The block's page-table rows (``page_table[block_seq]``, [NB, pages_per_seq]) are what SMEM holds;
 past ``paged_pallas_tpu.MAX_TABLE_ENTRIES`` the blocks run in chunks under ``lax.map``. Empty
@@ -48,10 +50,12 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            page_table: jax.Array, layout: RaggedLayout, *, scale: float,
                            block_q: int, pages_per_block: int | None, interpret: bool,
                            k_scales: jax.Array | None = None,
-                           v_scales: jax.Array | None = None) -> tuple[jax.Array, jax.Array]:
+                           v_scales: jax.Array | None = None,
+                           local_window: int | None = None) -> tuple[jax.Array, jax.Array]:
     """q [T, Hq, D]; pages [num_pages, page_size, Hkv, D] (any page_size; int8 with float32
     scales [num_pages, page_size, Hkv]); page_table int32 [S, P]; ``layout`` built with
-    ``block_q`` -> (out [T, Hq, D] in q.dtype, lse float32 [T, Hq]).
+    ``block_q``; local_window None or the keys before its position a query sees
+    -> (out [T, Hq, D] in q.dtype, lse float32 [T, Hq]).
 
     ``pages_per_block`` goes through ``paged_pallas_tpu.resolve_pages_per_block`` (None: ~256
     tokens a step; at most 16 pages and the table's width)."""
@@ -66,6 +70,6 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     out, lse = paged_pallas_tpu.attend_query_blocks(
         blocks_from_tokens(q, layout, block_q), k_pages, v_pages, table, limits, row_limits,
         scale=scale, pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,
-        v_scales=v_scales)  # [NB, block_q, Hq, (D)]
+        v_scales=v_scales, local_window=local_window)  # [NB, block_q, Hq, (D)]
     return (tokens_from_blocks(out.reshape(nb * block_q, hq, d), layout, 0.0),
             tokens_from_blocks(lse.reshape(nb * block_q, hq), layout, -jnp.inf))

@@ -65,20 +65,23 @@ def gather_pages(pages, page_table):
     return gathered.reshape(batch, pages_per_seq * pages.shape[1], *pages.shape[2:])
 
 
-def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_scale):
+def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, softmax_scale,
+                           local_window: int | None = None):
     """q [batch, Hq, D]; pages [num_pages, page_size, Hkv, D]; page_table int32
-    [batch, pages_per_seq]; lengths int32 [batch] -> (out [batch, Hq, D] float32,
-    lse [batch, Hq] float32).
+    [batch, pages_per_seq]; lengths int32 [batch]; local_window None or the keys before the query
+    (at position length - 1) it sees -> (out [batch, Hq, D] float32, lse [batch, Hq] float32).
 
     Gathers every page into a dense context (memory batch x pages_per_seq x page_size) and runs
-    dense attention with the keys at positions >= length masked (as a second segment id). Their
-    V rows are zeroed first: slots past a length may hold anything, and a masked weight 0 times a
-    NaN there is still NaN.
+    dense attention with the keys at positions >= length (and < length - 1 - local_window) masked
+    (as a second segment id). Their V rows are zeroed first: slots past a length may hold
+    anything, and a masked weight 0 times a NaN there is still NaN.
     """
     k = gather_pages(k_pages, page_table)  # [batch, L, Hkv, D]
     v = gather_pages(v_pages, page_table)
     positions = jnp.arange(k.shape[1], dtype=jnp.int32)[None, :]  # [1, L]
     past = positions >= lengths[:, None]  # [batch, L]
+    if local_window is not None:  # keys before the window count as unseen too
+        past |= positions < lengths[:, None] - 1 - local_window
     v = jnp.where(past[:, :, None, None], jnp.zeros((), v.dtype), v)
     kv_ids = past.astype(jnp.int32)  # 0 valid, 1 past the length
     q_ids = jnp.zeros((q.shape[0], 1), jnp.int32)

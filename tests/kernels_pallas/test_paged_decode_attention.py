@@ -64,8 +64,9 @@ def make_inputs(case: PagedCase, seed: int = 0):
     return q, k_pages, v_pages, jnp.asarray(table, jnp.int32), jnp.asarray(case.lengths, jnp.int32)
 
 
-def dense_oracle(q, k_pages, v_pages, table, lengths, scale=None):
-    """float64 numpy: gather each sequence's pages, keep its first `length` keys, softmax."""
+def dense_oracle(q, k_pages, v_pages, table, lengths, scale=None, window=None):
+    """float64 numpy: gather each sequence's pages, keep its first `length` keys (with a window
+    only the last window + 1 of them), softmax."""
     q, k_pages, v_pages = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
                            for x in (q, k_pages, v_pages))
     batch, hq, d = q.shape
@@ -77,8 +78,9 @@ def dense_oracle(q, k_pages, v_pages, table, lengths, scale=None):
         n = int(lengths[b])
         if n == 0:
             continue
-        k = np.concatenate([k_pages[p] for p in np.asarray(table[b])])[:n]  # [n, Hkv, D]
-        v = np.concatenate([v_pages[p] for p in np.asarray(table[b])])[:n]
+        lo = 0 if window is None else max(0, n - 1 - window)
+        k = np.concatenate([k_pages[p] for p in np.asarray(table[b])])[lo:n]  # [n - lo, Hkv, D]
+        v = np.concatenate([v_pages[p] for p in np.asarray(table[b])])[lo:n]
         for h in range(hq):
             kh = h // (hq // hkv)
             s = k[:, kh] @ q[b, h] * scale  # [n]
@@ -281,10 +283,59 @@ LENGTHS = jnp.asarray([3, 16], jnp.int32)
      r"num_splits must be None or a positive"),
     ((Q, jnp.zeros((6, 12, 2, 16)), jnp.zeros((6, 12, 2, 16)), TABLE, LENGTHS),
      {"backend": "pallas"}, r"power-of-two page_size .* got page_size=12"),
+    ((Q, PAGES, PAGES, TABLE, LENGTHS), {"local_window": -1},
+     r"local_window must be None or an int >= 0 .*; got -1"),
+    ((Q, PAGES, PAGES, TABLE, LENGTHS), {"local_window": (4, 0)}, r"local_window must be None"),
+    ((Q, PAGES, PAGES, TABLE, LENGTHS), {"local_window": True}, r"local_window must be None"),
 ])
 def test_bad_input_raises_value_error(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
         paged_decode_attention(*args, **kwargs)
+
+
+# --- Sliding windows: the query (at position length - 1) sees keys length - 1 - w .. on. ---
+# Page 8, 6 pages a sequence (capacity 48); GQA 4 with D 64 (two KV heads in one TPU lane
+# block). Windows 0 (the query's own key), 5 (under a page), 13 and 30 (no multiple of the page)
+# and 47 (= capacity - 1: every key, a mask that removes nothing); each call draws 7 lengths in
+# [1, 48] next to 0, so some are shorter than the window, some equal to window + 1, most longer.
+WINDOW_CASE = PagedCase("gqa4_f32_d64_window", hq=8, hkv=2, d=64, page_size=8, pages_per_seq=6,
+                        lengths=())
+WINDOW_BACKENDS = BACKENDS + [("pallas_tpu", {"pages_per_block": 2})]
+
+
+def window_inputs(window: int, seed: int):
+    rng = np.random.default_rng(seed)
+    lengths = (0, min(window + 1, 48), *rng.integers(1, 49, size=6).tolist())
+    case = dataclasses.replace(WINDOW_CASE, lengths=lengths, num_pages=60)
+    return make_inputs(case, seed=seed)
+
+
+@pytest.mark.parametrize("window", [0, 5, 13, 30, 47])
+@pytest.mark.parametrize("backend,options", WINDOW_BACKENDS,
+                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
+def test_local_window_matches_dense_attention_over_the_window(backend, options, window):
+    q, k_pages, v_pages, table, lengths = window_inputs(window, seed=20 + window)
+    run = jax.jit(functools.partial(paged_decode_attention, backend=backend, return_lse=True,
+                                    local_window=window, **options))
+    out, lse = run(q, k_pages, v_pages, table, lengths)
+    ref_out, ref_lse = dense_oracle(q, k_pages, v_pages, table, lengths, window=window)
+    assert rel_err(out, ref_out) < TOLS["float32"]
+    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+
+
+@pytest.mark.parametrize("backend,options", WINDOW_BACKENDS[1:2] + WINDOW_BACKENDS[3:],
+                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
+def test_local_window_over_int8_pages_matches_dense_attention(backend, options):
+    q, k_pages, v_pages, table, lengths = window_inputs(11, seed=30)
+    (k8, ks), (v8, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
+    out = paged_decode_attention(q, k8, v8, table, lengths, k_scales=ks, v_scales=vs,
+                                 local_window=11, backend=backend, **options)
+    dequantized = [np.asarray(x, np.float32) * np.asarray(s)[..., None]
+                   for x, s in ((k8, ks), (v8, vs))]
+    ref_out, _ = dense_oracle(q, *dequantized, table, lengths, window=11)
+    assert rel_err(out, ref_out) < TOLS["float32"]
 
 
 def test_under_jit_the_table_and_lengths_are_traced_and_unchecked():
@@ -488,3 +539,17 @@ def test_auto_and_pallas_run_the_tpu_kernel_on_a_tpu_for_any_page_size(backend, 
     text = jax.jit(attend).trace(q, k, v, table, lengths).lower(
         lowering_platforms=("tpu",)).as_text()
     assert text.count("tpu_custom_call") == 1
+
+
+@pytest.mark.parametrize("platform", ["cuda", "tpu"])
+def test_local_window_kernels_lower_to_triton_and_mosaic(platform):
+    """The window's mask and skipped steps pass the Triton and Mosaic lowerings."""
+    gpu = platform == "cuda"
+    pytest.importorskip("jax.experimental.pallas." + ("triton" if gpu else "tpu"))
+    q, k, v, table, lengths, _, _ = _abstract_inputs(16, 128, 8, 2, False)
+    kernel, options = ((paged_pallas_gpu, {"num_splits": 2}) if gpu else (paged_pallas_tpu, {}))
+    attend = functools.partial(kernel.paged_decode_attention, scale=0.1, pages_per_block=None,
+                               interpret=False, local_window=37, **options)
+    text = jax.jit(attend).trace(q, k, v, table, lengths).lower(
+        lowering_platforms=(platform,)).as_text()
+    assert text.count("__gpu$xla.gpu.triton" if gpu else "tpu_custom_call") == 1

@@ -118,9 +118,10 @@ def make_inputs(case: RaggedCase, seed: int = 0):
     return arrays, scales
 
 
-def dense_oracle(q, k_pages, v_pages, table, starts, kv_lengths, num_seqs, scales):
+def dense_oracle(q, k_pages, v_pages, table, starts, kv_lengths, num_seqs, scales, window=None):
     """float64 numpy, token by token: query i of sequence s attends over the first
-    kv_len - q_len + i + 1 keys of its gathered pages; tokens of no real sequence: 0 and -inf."""
+    kv_len - q_len + i + 1 keys of its gathered pages (with a window only the last window + 1 of
+    them); tokens of no real sequence: 0 and -inf."""
     k_pages, v_pages = (np.asarray(jnp.asarray(x, jnp.float32), np.float64)
                         for x in (k_pages, v_pages))
     if scales:
@@ -136,10 +137,11 @@ def dense_oracle(q, k_pages, v_pages, table, starts, kv_lengths, num_seqs, scale
         first, q_len = int(starts[s]), int(starts[s + 1] - starts[s])
         for i in range(q_len):
             keys = int(kv_lengths[s]) - q_len + i + 1
+            lo = 0 if window is None else max(0, keys - 1 - window)
             for h in range(hq):
-                scores = k[:keys, h // groups] @ q[first + i, h] * d ** -0.5
+                scores = k[lo:keys, h // groups] @ q[first + i, h] * d ** -0.5
                 w = np.exp(scores - scores.max())
-                out[first + i, h] = w @ v[:keys, h // groups] / w.sum()
+                out[first + i, h] = w @ v[lo:keys, h // groups] / w.sum()
                 lse[first + i, h] = scores.max() + np.log(w.sum())
     return out, lse
 
@@ -149,7 +151,8 @@ def check_against_oracle(case: RaggedCase, backend: str, options: dict) -> None:
     run = jax.jit(functools.partial(ragged_paged_attention, backend=backend, return_lse=True,
                                     num_seqs=case.num_seqs, **options))
     out, lse = run(*arrays, **scales)
-    ref_out, ref_lse = dense_oracle(*arrays, case.num_seqs, scales)
+    ref_out, ref_lse = dense_oracle(*arrays, case.num_seqs, scales,
+                                    window=options.get("local_window"))
     q = arrays[0]
     assert out.dtype == q.dtype and out.shape == q.shape
     assert lse.dtype == jnp.float32 and lse.shape == q.shape[:2]
@@ -179,6 +182,31 @@ def test_tpu_kernel_matches_dense_attention_per_token(case, options, table_budge
     if table_budget is not None:
         monkeypatch.setattr(paged_pallas_tpu, "MAX_TABLE_ENTRIES", table_budget)
     check_against_oracle(case, "pallas_tpu", options)
+
+
+# Sliding windows: query at position p sees keys p - w .. p. Windows 0 (its own key), 3 (under a
+# page of 4), 13 and 30 (no multiple of the page or the blocks) and 40 (longer than most chunk
+# starts: with 16-token pallas steps, some steps lie wholly inside every query's window and run
+# unmasked); the cases' kv lengths are drawn in [q_len, capacity], so windows fall both short of
+# and beyond each sequence's context, over chunks, decodes, GQA 2/4, MQA, int8 and num_seqs.
+WINDOW_RUNS = [(backend, {**options, "local_window": w}, case)
+               for case, w in ((CASES[0], 0), (CASES[0], 13), (CASES[2], 30), (CASES[3], 3),
+                               (CASES[1], 40))
+               for backend, options in (("reference", {}), ("xla", SMALL_BLOCKS), ("xla", {}))]
+WINDOW_RUNS += [("pallas", {"block_q": 4, "pages_per_block": 1, "local_window": 3}, CASES[0]),
+                ("pallas", {"block_q": 4, "pages_per_block": 1, "local_window": 40}, CASES[0]),
+                ("pallas", {"local_window": 13}, CASES[3]),
+                ("pallas", {"block_q": 2, "pages_per_block": 1, "local_window": 30}, CASES[2]),
+                ("pallas_tpu", {"block_q": 4, "pages_per_block": 2, "local_window": 6},
+                 TPU_CASES[0]),
+                ("pallas_tpu", {"local_window": 13}, CASES[2])]
+
+
+@pytest.mark.parametrize("backend,options,case", WINDOW_RUNS,
+                         ids=[f"{b}-{'-'.join(map(str, o.values()))}-{c.name}"
+                              for b, o, c in WINDOW_RUNS])
+def test_local_window_matches_dense_attention_over_each_tokens_window(backend, options, case):
+    check_against_oracle(case, backend, options)
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
@@ -306,6 +334,9 @@ KV = jnp.asarray([9, 2], jnp.int32)
      {"backend": "pallas"}, r"power-of-two page_size .* got page_size=12"),
     ((Q, PAGES.astype(jnp.int8), PAGES.astype(jnp.int8), TABLE, STARTS, KV), {},
      r"int8 pages need k_scales"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"local_window": -3},
+     r"local_window must be None or an int >= 0 .*; got -3"),
+    ((Q, PAGES, PAGES, TABLE, STARTS, KV), {"local_window": 2.0}, r"local_window must be None"),
 ])
 def test_bad_input_raises_value_error(args, kwargs, match):
     with pytest.raises(ValueError, match=match):
@@ -352,9 +383,10 @@ def test_a_traced_out_of_range_page_id_reads_a_page_of_the_pool(backend):
     np.testing.assert_array_equal(np.asarray(out), np.asarray(expected))
 
 
-@pytest.mark.parametrize("page_size,d,hq,hkv,int8", [(16, 128, 8, 2, False), (8, 80, 4, 4, False),
-                                                     (4, 64, 7, 1, False), (16, 128, 32, 4, True)])
-def test_pallas_kernel_lowers_to_triton(page_size, d, hq, hkv, int8):
+@pytest.mark.parametrize("page_size,d,hq,hkv,int8,window", [
+    (16, 128, 8, 2, False, None), (8, 80, 4, 4, False, None), (4, 64, 7, 1, False, None),
+    (16, 128, 32, 4, True, None), (16, 128, 8, 2, False, 37)])
+def test_pallas_kernel_lowers_to_triton(page_size, d, hq, hkv, int8, window):
     """The kernel passes the Triton lowering (table and page gathers, padded D and groups, both
     loops, int8 pages dequantized in the kernel); lowering needs no GPU, compiling to PTX does."""
     pytest.importorskip("jax.experimental.pallas.triton")
@@ -372,7 +404,7 @@ def test_pallas_kernel_lowers_to_triton(page_size, d, hq, hkv, int8):
         layout = ragged_blocks.ragged_layout(starts, kv_lengths, None, t, block_q)
         return ragged_pallas_gpu.ragged_paged_attention(
             q, k, v, table, layout, scale=0.1, block_q=block_q, pages_per_block=4,
-            interpret=False, k_scales=ks, v_scales=vs)
+            interpret=False, k_scales=ks, v_scales=vs, local_window=window)
 
     lowered = jax.jit(attend).trace(q, pages, pages, table, starts, kv_lengths, scales,
                                     scales).lower(lowering_platforms=("cuda",))
@@ -390,7 +422,7 @@ def _abstract_ragged_inputs(t, s, page_size, d, hq, hkv, int8, pages_per_seq=7, 
     return q, pages, pages, table, starts, kv_lengths, scales, scales
 
 
-def _lower_tpu_kernel(args, block_q=None, pages_per_block=3) -> str:
+def _lower_tpu_kernel(args, block_q=None, pages_per_block=3, local_window=None) -> str:
     """The Mosaic kernel (with its XLA block gathers) lowered for a TPU, as text."""
     t, groups = args[0].shape[0], args[0].shape[1] // args[1].shape[2]
     block_q = block_q or ragged_blocks.default_block_q("pallas_tpu", groups)
@@ -399,20 +431,22 @@ def _lower_tpu_kernel(args, block_q=None, pages_per_block=3) -> str:
         layout = ragged_blocks.ragged_layout(starts, kv_lengths, None, t, block_q)
         return ragged_pallas_tpu.ragged_paged_attention(
             q, k, v, table, layout, scale=0.1, block_q=block_q, pages_per_block=pages_per_block,
-            interpret=False, k_scales=ks, v_scales=vs)
+            interpret=False, k_scales=ks, v_scales=vs, local_window=local_window)
 
     return jax.jit(attend).trace(*args).lower(lowering_platforms=("tpu",)).as_text()
 
 
-@pytest.mark.parametrize("page_size,d,hq,hkv,int8", [(16, 128, 8, 2, False), (8, 64, 16, 4, True),
-                                                     (12, 80, 4, 2, False)])
-def test_tpu_kernel_lowers_to_mosaic(page_size, d, hq, hkv, int8):
+@pytest.mark.parametrize("page_size,d,hq,hkv,int8,window", [
+    (16, 128, 8, 2, False, None), (8, 64, 16, 4, True, None), (12, 80, 4, 2, False, None),
+    (16, 128, 8, 2, False, 37)])
+def test_tpu_kernel_lowers_to_mosaic(page_size, d, hq, hkv, int8, window):
     """The kernel passes the Pallas -> Mosaic lowering, which checks the TPU block rules (last two
     block dims divisible by 8 and 128 or whole) and the kernel's ops: one head per lane block,
     two int8 heads per block, a whole-row block with a page size that is no power of two.
     Lowering needs no TPU; compiling (Mosaic's layout passes) does."""
     pytest.importorskip("jax.experimental.pallas.tpu")
-    text = _lower_tpu_kernel(_abstract_ragged_inputs(40, 5, page_size, d, hq, hkv, int8))
+    text = _lower_tpu_kernel(_abstract_ragged_inputs(40, 5, page_size, d, hq, hkv, int8),
+                             local_window=window)
     assert text.count("tpu_custom_call") == 1
 
 
