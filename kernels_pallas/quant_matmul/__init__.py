@@ -40,7 +40,7 @@ from kernels_pallas.quant_matmul.mixed_weight import MIXED_BITS, MixedQuantizedW
 from kernels_pallas.quant_matmul.weight import (SUPPORTED_BITS, QuantizedWeight,
                                                 check_quant_params, pack_planar, unpack_planar,
                                                 values_per_word)
-from kernels_pallas.validation import check_block, check_float_dtype
+from kernels_pallas.validation import check_arrays, check_block, check_float_dtype
 
 __all__ = ["quant_matmul", "QuantizedWeight", "MixedQuantizedWeight", "BACKENDS",
            "DEFAULT_BLOCK_SIZES", "MIXED_BITS", "SUPPORTED_BITS", "check_quant_params",
@@ -99,8 +99,9 @@ def quant_matmul(x: jax.Array, w: QuantizedWeight | MixedQuantizedWeight, *,
                         f"{type(w).__name__}")
     if backend not in BACKENDS:
         raise ValueError(f"backend must be one of {BACKENDS}; got {backend!r}")
-    if not hasattr(x, "shape") or x.ndim < 1:
-        raise ValueError(f"x must be an array [..., K]; got {type(x).__name__}")
+    check_arrays(x=x)
+    if x.ndim < 1:
+        raise ValueError(f"x must be an array [..., K]; got a scalar of shape {list(x.shape)}")
     check_float_dtype("x", x)
     k, n = w.shape
     if x.shape[-1] != k:

@@ -43,6 +43,21 @@ def test_a_wrong_dtype_raises_value_error_in_every_op(op):
         WRONG_DTYPE_CALLS[op]()
 
 
+NOT_AN_ARRAY_CALLS = {
+    "flash_attention": lambda: flash_attention([[0.0]], *_int_qkv()[1:]),
+    "paged_decode_attention": lambda: _paged([[0.0]]),
+    "ragged_paged_attention": lambda: _ragged([[0.0]]),
+    "fftconv": lambda: fftconv([[[0.0]]], jnp.zeros((1, 1))),
+    "quant_matmul": lambda: quant_matmul([[1.0] * 128], random_weight(128, 32, 4, 32)[0]),
+}
+
+
+@pytest.mark.parametrize("op", sorted(NOT_AN_ARRAY_CALLS))
+def test_a_list_in_place_of_an_array_raises_type_error_in_every_op(op):
+    with pytest.raises(TypeError, match=r"must be an array; got list"):
+        NOT_AN_ARRAY_CALLS[op]()
+
+
 @pytest.mark.parametrize("value", [None, 1, 16, np.int64(64)])
 def test_check_block_takes_none_and_positive_ints_as_python_ints(value):
     got = check_block("block_q", value)
