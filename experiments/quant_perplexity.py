@@ -34,8 +34,7 @@ import jaxinfer
 from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
                                 print_table, write_json)
 from experiments.quant_quality import loss_and_kl, model_log_probs
-from jaxinfer.models.layers import QuantizedLinear
-from jaxinfer.quant import token_chunks
+from jaxinfer.quant import QuantizedLinear, token_chunks
 from jaxinfer.train.data import read_corpus, split_held_out, tokenize_corpus
 
 EVAL_BATCH = 8

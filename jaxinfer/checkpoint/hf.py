@@ -35,9 +35,10 @@ from jaxinfer.checkpoint.hf_read import (TensorReader, hf_name, load_model, para
 from jaxinfer.checkpoint.hf_write import CONFIG_FILE, write_checkpoint
 from jaxinfer.config import HYENA_MODEL_TYPE, LlamaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
-from jaxinfer.models.layers import Linear, QuantizedLinear
+from jaxinfer.models.layers import Linear
 from jaxinfer.models.llama import LlamaForCausalLM
 from jaxinfer.models.mixtral import MixtralForCausalLM
+from jaxinfer.quant.linear import QuantizedLinear
 from jaxinfer.quant.model import QUANT_BACKENDS, quantized_linear
 from kernels_pallas.quant_matmul import QuantizedWeight
 

@@ -16,7 +16,6 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul
 from sharding import (column_parallel_matmul, constrain, row_parallel_matmul,
                       vocab_parallel_lookup)
 
@@ -87,45 +86,6 @@ def row_parallel(layer: nnx.Module, x: jax.Array, x_axes: Sequence[str | None]) 
     y = row_parallel_matmul(x.astype(layer.dtype), layer.kernel[...].astype(layer.dtype),
                             x_axes=x_axes, w_axes=_kernel_axes(layer), out_axes=RESIDUAL)
     return _add_bias(layer, y)
-
-
-class QuantParam(nnx.Variable):
-    """Packed weight state of a ``QuantizedLinear`` (integers, scales, zeros, perm): not an
-    ``nnx.Param``, so optimizers and float-checkpoint writers that filter on Param skip it."""
-
-
-class QuantizedLinear(nnx.Module):
-    """y = quant_matmul(x, w) (+ bias) for a packed ``QuantizedWeight`` w [in, out].
-
-    The weight's arrays are ``QuantParam`` variables (sharded along the output axis, like the
-    float kernel; packed input rows stay replicated) and its bits / group size / shape are static
-    attributes, so the layer survives ``nnx.split``/``merge`` and ``jax.jit``. The bias stays float.
-    """
-
-    def __init__(self, weight: QuantizedWeight, bias: jax.Array | None, *, axes: tuple[str, str],
-                 dtype: jnp.dtype, backend: str = "auto"):
-        out_axes = (None, axes[1])
-        self.qweight = QuantParam(weight.qweight, logical_axes=out_axes)  # [K / vpw, N] int32
-        self.scales = QuantParam(weight.scales, logical_axes=out_axes)  # [groups, N]
-        self.zeros = QuantParam(weight.zeros, logical_axes=out_axes)  # [groups, N] int32
-        self.perm = None if weight.perm is None else QuantParam(weight.perm, logical_axes=(None,))
-        self.bits, self.group_size, self.shape = weight.bits, weight.group_size, weight.shape
-        self.bias = None if bias is None else param(jnp.asarray(bias), axes[1:])
-        self.dtype = dtype
-        self.backend = backend
-
-    @property
-    def weight(self) -> QuantizedWeight:
-        return QuantizedWeight(
-            qweight=self.qweight[...], scales=self.scales[...], zeros=self.zeros[...],
-            perm=None if self.perm is None else self.perm[...], bits=self.bits,
-            group_size=self.group_size, shape=self.shape)
-
-    def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
-        y = quant_matmul(x.astype(self.dtype), self.weight, backend=self.backend)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
 
 
 class Embedding(nnx.Module):

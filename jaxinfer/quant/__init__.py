@@ -10,6 +10,7 @@ from jaxinfer.quant.gptq import gptq_quantize_layer
 from jaxinfer.quant.grid import (dequantize_from_grid, fit_grid, fit_group_grids,
                                  quantize_to_grid)
 from jaxinfer.quant.hessian import HessianState, accumulate_hessian, hessian_from_activations
+from jaxinfer.quant.linear import QuantizedLinear
 from jaxinfer.quant.mixed import select_high_groups
 from jaxinfer.quant.mixed_linear import MixedQuantizedLinear
 from jaxinfer.quant.model import quantize
@@ -20,6 +21,7 @@ __all__ = [
     "HessianState",
     "MixedQuantizedLinear",
     "MixedQuantizedWeight",
+    "QuantizedLinear",
     "QuantizedWeight",
     "accumulate_hessian",
     "dequantize_from_grid",

@@ -14,8 +14,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from jaxinfer.models.layers import QuantizedLinear, QuantParam, param
-from kernels_pallas.quant_matmul import MixedQuantizedWeight, quant_matmul
+from jaxinfer.models.layers import param
+from jaxinfer.quant.linear import QuantizedLinear, QuantParam, quantized_forward
+from kernels_pallas.quant_matmul import MixedQuantizedWeight
 
 MIXED_PART_NAMES = ("high", "low")
 
@@ -44,7 +45,4 @@ class MixedQuantizedLinear(nnx.Module):
             perm=self.perm[...], shape=self.shape)
 
     def __call__(self, x: jax.Array) -> jax.Array:  # [..., in] -> [..., out]
-        y = quant_matmul(x.astype(self.dtype), self.weight, backend=self.backend)
-        if self.bias is not None:
-            y = y + self.bias[...].astype(self.dtype)
-        return y
+        return quantized_forward(self, x)

@@ -35,11 +35,12 @@ from tqdm.auto import tqdm
 
 from jaxinfer.config_checks import check_group_size, is_real
 from jaxinfer.models.inputs import check_input_ids
-from jaxinfer.models.layers import Linear, QuantizedLinear
+from jaxinfer.models.layers import Linear
 from jaxinfer.models.llama import LlamaForCausalLM
 from jaxinfer.models.rope import inverse_frequencies, rotary_tables
 from jaxinfer.quant.gptq import gptq_quantize_layer
 from jaxinfer.quant.hessian import HessianState, accumulate_hessian
+from jaxinfer.quant.linear import QuantizedLinear
 from jaxinfer.quant.mixed import check_mixed_args, packing_bits
 from jaxinfer.quant.mixed_linear import MixedQuantizedLinear
 from jaxinfer.quant.rtn import quantize_rtn

@@ -8,7 +8,7 @@ from flax import nnx
 
 import jaxinfer
 from jaxinfer import cli
-from jaxinfer.models.layers import QuantizedLinear
+from jaxinfer.quant import QuantizedLinear
 
 # The embedded model: hidden 256, intermediate 688 = 16 * 43, so 16 is the largest power-of-two
 # group size dividing every layer's in_features.

@@ -19,7 +19,8 @@ from safetensors.numpy import load_file, save_file
 
 import jaxinfer
 from jaxinfer.checkpoint.gptq_config import GPTQConfig, GPTQLayerSpec, gptq_config_for
-from jaxinfer.models.layers import Linear, QuantizedLinear
+from jaxinfer.models.layers import Linear
+from jaxinfer.quant import QuantizedLinear
 from tests.jaxinfer.quant.test_gptq_format import _stream_pack  # the independent packer
 
 CONFIG = jaxinfer.LlamaConfig(vocab_size=128, hidden_size=64, intermediate_size=128,

@@ -8,9 +8,10 @@ from flax import nnx
 
 import jaxinfer
 from jaxinfer.checkpoint import hf
-from jaxinfer.models.layers import Linear, QuantizedLinear
+from jaxinfer.models.layers import Linear
 from jaxinfer.quant import model as quant_model
-from jaxinfer.quant import MixedQuantizedLinear, MixedQuantizedWeight, QuantizedWeight
+from jaxinfer.quant import (MixedQuantizedLinear, MixedQuantizedWeight, QuantizedLinear,
+                            QuantizedWeight)
 
 LINEAR_NAMES = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj",
                 "mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
