@@ -66,9 +66,11 @@ class _Part(NamedTuple):
 _ALL = slice(None)
 
 
-def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bool = False,
-                   layout: str = "zigzag", segment_ids=None, softmax_scale: float | None = None,
-                   backend: str = "auto", batch_axes: str | Sequence[str] | None = None):
+def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
+                   axis: str = "sequence", causal: bool = False, layout: str = "zigzag",
+                   segment_ids: jax.Array | None = None, softmax_scale: float | None = None,
+                   backend: str = "auto", batch_axes: str | Sequence[str] | None = None
+                   ) -> jax.Array:
     """Ring attention of q against k, v whose sequence dimension is sharded over mesh axis `axis`.
 
     Args:
@@ -95,7 +97,8 @@ def ring_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bool 
                                          batch_axes=batch_axes)
 
 
-def ring_attention_shard(q, k, v, segment_ids=None, *, cfg: RingConfig):
+def ring_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array,
+                         segment_ids: jax.Array | None = None, *, cfg: RingConfig) -> jax.Array:
     """The per-device body, for callers already inside a `shard_map` over `cfg.axis_name`.
 
     q [batch, n, heads, head_dim], k, v [batch, n, kv_heads, head_dim], segment_ids int

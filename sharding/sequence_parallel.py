@@ -12,6 +12,7 @@ from __future__ import annotations
 
 from typing import Sequence
 
+import jax
 from jax.sharding import Mesh
 
 from sharding.ring_attention import ring_attention
@@ -20,12 +21,14 @@ from sharding.ulysses import kv_head_repeats, ulysses_attention
 IMPLS = ("ring", "ulysses")
 
 
-def sequence_parallel_attention(q, k, v, *, mesh: Mesh, impl: str = "ring", causal: bool = False,
+def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
+                                impl: str = "ring", causal: bool = False,
                                 axis: str = "sequence", layout: str | None = None,
-                                segment_ids=None, local_window=None,
+                                segment_ids: jax.Array | None = None,
+                                local_window: int | tuple[int, int] | None = None,
                                 softmax_scale: float | None = None,
                                 backend: str = "auto",
-                                batch_axes: str | Sequence[str] | None = None):
+                                batch_axes: str | Sequence[str] | None = None) -> jax.Array:
     """Attention of q [batch, seq, heads, head_dim] against k, v [batch, seq, kv_heads, head_dim]
     whose seq dimension is split over mesh axis `axis`; returns [batch, seq, heads, head_dim] with
     the same sharding.

@@ -26,6 +26,7 @@ import functools
 import logging
 from typing import Sequence
 
+import jax
 import jax.numpy as jnp
 from jax import lax
 from jax.sharding import Mesh
@@ -75,10 +76,12 @@ def kv_head_repeats(heads: int, kv_heads: int, num_shards: int, *, windowed: boo
         f"kv_heads={kv_heads}. {advice}")
 
 
-def ulysses_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bool = False,
-                      layout: str = "contiguous", segment_ids=None, local_window=None,
+def ulysses_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
+                      axis: str = "sequence", causal: bool = False, layout: str = "contiguous",
+                      segment_ids: jax.Array | None = None,
+                      local_window: int | tuple[int, int] | None = None,
                       softmax_scale: float | None = None, backend: str = "auto",
-                      batch_axes: str | Sequence[str] | None = None):
+                      batch_axes: str | Sequence[str] | None = None) -> jax.Array:
     """Ulysses attention of q against k, v whose sequence dimension is sharded over `axis`.
 
     Args:
@@ -110,7 +113,9 @@ def ulysses_attention(q, k, v, *, mesh: Mesh, axis: str = "sequence", causal: bo
                                          batch_axes=batch_axes)
 
 
-def ulysses_attention_shard(q, k, v, segment_ids=None, *, cfg: UlyssesConfig):
+def ulysses_attention_shard(q: jax.Array, k: jax.Array, v: jax.Array,
+                            segment_ids: jax.Array | None = None, *, cfg: UlyssesConfig
+                            ) -> jax.Array:
     """The per-device body, for callers already inside a `shard_map` over `cfg.axis_name`.
 
     q [batch, n, heads, head_dim], k, v [batch, n, kv_heads, head_dim], segment_ids int

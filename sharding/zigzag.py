@@ -19,6 +19,7 @@ sequence dimension over the ring's mesh axis, and restore the natural order with
 
 from __future__ import annotations
 
+import jax
 import jax.numpy as jnp
 import numpy as np
 
@@ -42,7 +43,7 @@ def zigzag_positions(seq_len: int, num_shards: int) -> np.ndarray:
     return chunks[order].reshape(-1)
 
 
-def zigzag_permute(x, num_shards: int, axis: int = 1):
+def zigzag_permute(x: jax.Array | np.ndarray, num_shards: int, axis: int = 1) -> jax.Array:
     """Natural token order -> zig-zag layout along `axis` (the sequence dimension).
 
     x: e.g. [batch, seq, heads, head_dim] or segment ids [batch, seq]. Exact (a gather)."""
@@ -50,7 +51,7 @@ def zigzag_permute(x, num_shards: int, axis: int = 1):
     return jnp.take(x, zigzag_positions(x.shape[axis], num_shards), axis=axis)
 
 
-def zigzag_unpermute(x, num_shards: int, axis: int = 1):
+def zigzag_unpermute(x: jax.Array | np.ndarray, num_shards: int, axis: int = 1) -> jax.Array:
     """Zig-zag layout -> natural token order along `axis`; the inverse of `zigzag_permute`."""
     x = jnp.asarray(x)
     inverse = np.argsort(zigzag_positions(x.shape[axis], num_shards))

@@ -15,6 +15,7 @@ document (`segment_runs`).
 from __future__ import annotations
 
 import functools
+from typing import Callable
 
 import jax
 import jax.numpy as jnp
@@ -127,14 +128,22 @@ class DecoderLayer(nnx.Module):
         self.mlp = SwiGLU(c.hidden_size, c.intermediate_size, use_bias=c.mlp_bias,
                           dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
 
-    def __call__(self, x, cos, sin, positions, kv, start, segment_ids=None, *,
-                 layout="contiguous", prefill=False):
+    def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,
+                 kv: LayerKV | None, start: jax.Array | int, segment_ids: jax.Array | None = None,
+                 *, layout: str = "contiguous", prefill: bool = False
+                 ) -> tuple[jax.Array, LayerKV | None]:
+        """x [batch, T, embed] -> (x after attention and MLP [batch, T, embed], the layer's cache);
+        cos, sin float32 [batch, T, head_dim], positions int32 [batch, T], segment_ids int32
+        [batch, T] or None; the rest as `SelfAttention.__call__`."""
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start,
                                segment_ids, layout=layout, prefill=prefill)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv
 
-    def paged(self, x, cos, sin, kv: PagedLayerKV, meta: PagedBatch):
+    def paged(self, x: jax.Array, cos: jax.Array, sin: jax.Array, kv: PagedLayerKV,
+              meta: PagedBatch) -> tuple[jax.Array, PagedLayerKV, jax.Array]:
+        """x [1, T, embed], cos, sin float32 [1, T, head_dim] -> (x [1, T, embed], the layer's
+        pages with the T tokens' K/V, rotated queries [T, Hq, D]); as `SelfAttention.paged`."""
         h, kv, q = self.self_attn.paged(self.input_layernorm(x), cos, sin, kv, meta)
         x = x + h
         return x + self.mlp(self.post_attention_layernorm(x)), kv, q
@@ -160,9 +169,10 @@ def segment_runs(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     return runs, index - run_start
 
 
-def check_no_cache_for_packing(cache, segment_ids, layout: str) -> None:
+def check_no_cache_for_packing(cache: KVCache | None, segment_ids: jax.Array | None,
+                               layout: str) -> None:
     """Packed documents and the zig-zag layout are whole-sequence (training) inputs: a KV cache
-    holds one sequence per row in natural order."""
+    holds one sequence per row in natural order. segment_ids: int32 [batch, T] or None."""
     if layout not in SEQUENCE_LAYOUTS:
         raise ValueError(f"layout must be one of {SEQUENCE_LAYOUTS}; got {layout!r}")
     if cache is not None and segment_ids is not None:
@@ -173,7 +183,7 @@ def check_no_cache_for_packing(cache, segment_ids, layout: str) -> None:
                          f"layout='contiguous'")
 
 
-def is_prefill(cache, start: jax.Array | int) -> bool:
+def is_prefill(cache: KVCache | None, start: jax.Array | int) -> bool:
     """Whether a forward is a prefill: a cache given and start the Python int 0, so the queries
     see only their own K/V (`SelfAttention`'s `prefill`)."""
     return cache is not None and isinstance(start, int) and start == 0
@@ -185,7 +195,8 @@ class DecoderLM(nnx.Module):
     the paged forward the serving engine runs (each layer's ``paged`` method). Subclasses define
     ``forward``."""
 
-    def __init__(self, config: LlamaConfig, make_layer, *, rngs: nnx.Rngs):
+    def __init__(self, config: LlamaConfig, make_layer: Callable[[], nnx.Module], *,
+                 rngs: nnx.Rngs):
         c = config
         self.config = c
         self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
@@ -286,16 +297,18 @@ class DecoderLM(nnx.Module):
                                   jnp.dtype(c.dtype if kv_dtype is None else kv_dtype))
 
     def forward_paged(self, input_ids: jax.Array, meta: PagedBatch, cache: PagedKVCache,
-                      logit_rows: jax.Array, observe_rows: jax.Array | None = None) -> tuple:
+                      logit_rows: jax.Array, observe_rows: jax.Array | None = None
+                      ) -> (tuple[jax.Array, PagedKVCache]
+                            | tuple[jax.Array, PagedKVCache, jax.Array]):
         """One flat batch of T tokens from many sequences over the paged KV cache.
 
         input_ids int32 [T]; meta: positions (for RoPE) and K/V write slots per token, runs of
         tokens, page-table rows and attention lengths per sequence (a SnapKV-compressed sequence
         attends over fewer cached keys than its position); logit_rows int32 [R]: the tokens
         whose next-token logits are wanted (the last token of each sequence in the batch), so
-        the vocabulary projection runs on R rows, not T. Returns logits float32 [R, vocab] and the cache with the T tokens' K/V
-        written; with observe_rows int32 [W] also every layer's rotated queries of those tokens,
-        [layers, W, Hq, D] (SnapKV's observation window)."""
+        the vocabulary projection runs on R rows, not T. Returns logits float32 [R, vocab] and the
+        cache with the T tokens' K/V written; with observe_rows int32 [W] also every layer's
+        rotated queries of those tokens, [layers, W, Hq, D] (SnapKV's observation window)."""
         positions = meta.positions[None]  # [1, T]
         cos, sin = rotary_tables(positions, inverse_frequencies(self.config))
         x = self.embed_tokens(input_ids[None])  # [1, T, embed]
