@@ -22,6 +22,7 @@ torch = pytest.importorskip("torch")
 transformers = pytest.importorskip("transformers")
 
 import jaxinfer  # noqa: E402
+from kernels_pallas.attention import DEFAULT_BLOCK_SIZES, BlockSizes  # noqa: E402
 from jaxinfer.models.rope import inverse_frequencies  # noqa: E402
 
 # float32 on both sides with "highest" matmul precision (conftest); only the summation order
@@ -56,6 +57,8 @@ class Case:
     sliding_window: int | None = None
     rope_scaling: dict | None = None
     rope_theta: float = 10000.0
+    head_dim: int = 16  # 4 heads x 16 = hidden 64; other values set head_dim explicitly
+    max_position_embeddings: int = 128
 
 
 LLAMA3_SCALING = {
@@ -85,6 +88,11 @@ CASES = {
                                 num_key_value_heads=1),
     # use_sliding_window with max_window_layers 0: every layer has the window
     "qwen2_sliding_window_every_layer": Case("qwen2", vocab_size=136, sliding_window=5),
+    # head_dim set apart from hidden_size / num_attention_heads: heads narrower than the hidden
+    # size as in Mistral Nemo (32 x 128 = 4096 < 5120; here 4 x 8 = 32 < 64), and wider ones
+    "mistral_nemo_narrow_head_dim": Case("mistral", vocab_size=152, head_dim=8,
+                                         sliding_window=5),
+    "qwen2_wide_head_dim": Case("qwen2", vocab_size=208, head_dim=32),
 }
 
 HF_CONFIG_CLASSES = {
@@ -106,7 +114,8 @@ def hf_config_for(case: Case):
     kwargs = dict(
         vocab_size=case.vocab_size, hidden_size=64, intermediate_size=96, num_hidden_layers=2,
         num_attention_heads=case.num_attention_heads, num_key_value_heads=case.num_key_value_heads,
-        head_dim=16, max_position_embeddings=128, rms_norm_eps=1e-5,
+        head_dim=case.head_dim, max_position_embeddings=case.max_position_embeddings,
+        rms_norm_eps=1e-5,
         initializer_range=INITIALIZER_RANGE, tie_word_embeddings=case.tie_word_embeddings,
         bos_token_id=1, eos_token_id=2, **_rope_kwargs(case),
     )
@@ -194,6 +203,7 @@ def test_loaded_config_matches_hf_architecture(built):
     assert c.vocab_size == case.vocab_size
     assert c.num_attention_heads == case.num_attention_heads
     assert c.num_key_value_heads == case.num_key_value_heads
+    assert c.head_dim == case.head_dim
     assert c.tie_word_embeddings == case.tie_word_embeddings
     assert c.sliding_window == case.sliding_window
     assert c.qkv_bias == (case.attention_bias or case.model_type == "qwen2")
@@ -296,6 +306,48 @@ def test_sliding_window_changes_logits(tmp_path):
     np.testing.assert_allclose(windowed_logits[:, :case.sliding_window],
                                full_logits[:, :case.sliding_window], rtol=0, atol=LOGITS_ATOL)
     assert np.abs(windowed_logits - full_logits).max() > MIN_MEANINGFUL_LOGIT_CHANGE
+
+
+# ----------------------------------------------------------------- windows over many tiles
+# flash_attention tiles queries and keys; a sliding window leaves some key tiles wholly out of a
+# query tile's reach (skipped), some in part (masked) and some whole. The 24-token cases above fit
+# in one tile. Here 300 tokens under window 37 over 64 x 32 tiles (set in place of the 512 x 512
+# xla and 128 x 64 pallas defaults, so that a sequence a CPU scores quickly spans 5 query and 10
+# key tiles); neither 300 nor 37 is a multiple of a tile, so the last tiles are ragged too.
+# LOGITS_ATOL holds: the online softmax over tiles moved logits by at most 1.4e-5 (measured).
+LONG_LEN = 300
+LONG_WINDOW = 37
+LONG_TILES = BlockSizes(block_q=64, block_k=32, block_q_bwd=64, block_k_bwd=32)
+LONG_CASES = {
+    "mistral": Case("mistral", vocab_size=120, sliding_window=LONG_WINDOW,
+                    max_position_embeddings=512),
+    "qwen2": Case("qwen2", vocab_size=104, sliding_window=LONG_WINDOW,
+                  max_position_embeddings=512),
+}
+
+
+@pytest.fixture(scope="module", params=list(LONG_CASES), ids=list(LONG_CASES))
+def long_window(request, tmp_path_factory):
+    """(checkpoint dir, ids [1, LONG_LEN], transformers' logits) of a windowed model."""
+    case = LONG_CASES[request.param]
+    hf_model = build_hf_model(case, seed=5)
+    hf_dir = tmp_path_factory.mktemp(f"long_{request.param}")
+    hf_model.save_pretrained(hf_dir, safe_serialization=True)
+    ids = np.random.default_rng(5).integers(0, case.vocab_size, (1, LONG_LEN)).astype(np.int32)
+    return hf_dir, ids, hf_logits(hf_model, ids)
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas"])
+def test_sliding_window_over_many_attention_tiles_matches_transformers(long_window, backend,
+                                                                       monkeypatch):
+    hf_dir, ids, expected = long_window
+    for table_entry in ("xla", "pallas_gpu"):  # "pallas" on a CPU interprets the GPU kernel
+        assert table_entry in DEFAULT_BLOCK_SIZES
+        monkeypatch.setitem(DEFAULT_BLOCK_SIZES, table_entry, LONG_TILES)
+    assert LONG_LEN > 4 * LONG_TILES.block_q and LONG_WINDOW > LONG_TILES.block_k
+    model = jaxinfer.load_pretrained(hf_dir, attention_backend=backend)
+    assert model.config.sliding_window == LONG_WINDOW
+    np.testing.assert_allclose(jx_logits(model, ids), expected, rtol=0, atol=LOGITS_ATOL)
 
 
 # ----------------------------------------------------------------- sharding and dtypes
