@@ -27,6 +27,7 @@ from jaxinfer.models.mixtral import MixtralForCausalLM, apply_expert_placement  
 from jaxinfer.models.mixtral_config import MixtralConfig  # noqa: E402
 from jaxinfer.models.moe import (dropless_moe, load_balancing_loss,  # noqa: E402
                                  router_z_loss, swiglu_experts)
+from jaxinfer.train.step import training_loss  # noqa: E402
 
 # float32 both sides, "highest" matmul precision (conftest): only summation order differs
 # (torch's per-expert index_add vs a grouped matmul + weighted sum), ~1e-6 on O(1) logits.
@@ -130,6 +131,58 @@ def test_logits_match_transformers_with_sliding_window(tmp_path, changes):
     with torch.no_grad():
         want = hf_model(torch.from_numpy(ids).long()).logits.numpy()
     np.testing.assert_allclose(forward(model, ids)[0], want, rtol=0, atol=LOGITS_ATOL)
+
+
+# float32 both sides: the loss and each gradient differ in summation order alone (measured: 2e-6
+# of a tensor's largest entry); a wrong expert, routing weight or router term is O(1) of it.
+GRAD_ATOL_OF_MAX = 1e-4
+AUX_COEF = 0.1  # router_aux_loss_coef; with output_router_logits HF's loss adds coef * aux
+
+
+@pytest.mark.parametrize("top_k", [1, 3])
+def test_top_k_logits_loss_and_gradients_match_torch_autograd(tmp_path, top_k):
+    """num_experts_per_tok 1 and 3 of 4 (elsewhere 2): logits, HF's training loss
+    (cross-entropy + coef * load balancing) and the gradient of every parameter against torch
+    autograd. With one expert the renormalised routing weight is exactly 1, so the routers'
+    gradient comes from the load-balancing term alone."""
+    hf_model = build_hf_model(seed=5, num_experts_per_tok=top_k, output_router_logits=True,
+                              router_aux_loss_coef=AUX_COEF)
+    hf_model.save_pretrained(tmp_path / "model", safe_serialization=True)
+    model = load_mixtral(tmp_path / "model")
+    assert model.config.num_experts_per_tok == top_k
+    batch = np.random.default_rng(5).integers(0, VOCAB, (BATCH, SEQ + 1)).astype(np.int32)
+    inputs, targets = torch.from_numpy(batch).long()[:, :-1], torch.from_numpy(batch).long()[:, 1:]
+
+    from transformers.models.mixtral.modeling_mixtral import load_balancing_loss_func
+    hf_model.train()  # no dropout and no router jitter in this config: the eval function
+    out = hf_model(inputs, output_router_logits=True)
+    want_loss = torch.nn.functional.cross_entropy(out.logits.reshape(-1, VOCAB),
+                                                  targets.reshape(-1)) \
+        + AUX_COEF * load_balancing_loss_func(out.router_logits, NUM_EXPERTS, top_k)
+    want_loss.backward()
+    np.testing.assert_allclose(forward(model, batch[:, :-1])[0], out.logits.detach().numpy(),
+                               rtol=0, atol=LOGITS_ATOL)
+
+    graphdef, params = nnx.split(model)
+    loss, grads = jax.jit(jax.value_and_grad(
+        lambda p: training_loss(graphdef, p, jnp.asarray(batch))[0]))(params)
+    np.testing.assert_allclose(float(loss), want_loss.item(), rtol=AUX_LOSS_RTOL)
+    # torch's gradients, named as its parameters, read by the loader into jaxinfer's layout
+    # (a transpose or a split per tensor, which carries gradients as it carries weights)
+    grad_dir = tmp_path / "grads"
+    grad_dir.mkdir()
+    safetensors_torch.save_file({name: p.grad.contiguous()
+                                 for name, p in hf_model.named_parameters()},
+                                grad_dir / "model.safetensors", metadata={"format": "pt"})
+    shutil.copy(tmp_path / "model" / "config.json", grad_dir)
+    want, want_tree = jax.tree_util.tree_flatten(nnx.state(load_mixtral(grad_dir)))
+    got, tree = jax.tree_util.tree_flatten_with_path(grads)
+    assert tree == want_tree
+    for (path, g), w in zip(got, want):
+        np.testing.assert_allclose(g, w, rtol=0, atol=GRAD_ATOL_OF_MAX * np.abs(w).max(),
+                                   err_msg=jax.tree_util.keystr(path))
+    router = jax.tree.leaves(grads.layers[0].block_sparse_moe.gate)
+    assert np.abs(np.asarray(router[0])).max() > 1e-3  # a router gradient to test, not 0 == 0
 
 
 def copy_checkpoint(src, dst):
