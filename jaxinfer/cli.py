@@ -6,7 +6,6 @@ from __future__ import annotations
 import argparse
 import contextlib
 import dataclasses
-import inspect
 import logging
 import math
 import re
@@ -293,9 +292,7 @@ def _prompt_texts(args: argparse.Namespace) -> list[str]:
 
 def _check_generate_args(args: argparse.Namespace) -> None:
     """What the engine would refuse naming one of its own arguments that no flag sets."""
-    import jaxinfer
-
-    window = inspect.signature(jaxinfer.Engine).parameters["snapkv_window"].default
+    from jaxinfer.generate.engine import DEFAULT_SNAPKV_WINDOW as window
     if args.snapkv_budget is not None and args.snapkv_budget < window:
         raise ValueError(f"--snapkv-budget must be at least {window}: SnapKV keeps a prompt's "
                          f"last {window} tokens (its observation window, whose attention picks "

@@ -51,7 +51,7 @@ by the draft's own window queries (from its pass over the prompt's last chunk).
 from __future__ import annotations
 
 import logging
-from typing import Iterator, NamedTuple, Sequence
+from typing import TYPE_CHECKING, Iterator, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -71,8 +71,15 @@ from jaxinfer.generate.prompt_lookup import lookup_draft
 from jaxinfer.generate.sampling_params import SamplingParams
 from jaxinfer.generate.scheduler import Chunk, Request, Scheduler
 from jaxinfer.generate.snapkv import compress_sequence
+from jaxinfer.generate.stopping import (Tokenizer, aborted_first_finish, decide_tokens,
+                                        first_finish)
+
+if TYPE_CHECKING:
+    from jaxinfer.models.llama import DecoderLM
 
 log = logging.getLogger(__name__)
+
+DEFAULT_SNAPKV_WINDOW = 8  # SnapKV's observation window (Engine's snapkv_window; the CLI's too)
 
 # a draft model's guesses are computed after scheduling; until then the draft holds this token
 # (never verified: `_fill_drafts` replaces every placeholder of a scheduled request)
@@ -136,6 +143,7 @@ class Engine:
     tokens per KV head once it is prefilled (SnapKV: the votes of its last `snapkv_window` tokens'
     attention, avg-pooled over 5 positions, pick them; the window is always kept). Such prompts
     take no part in prefix caching; their tokens' K/V no longer depend on the prompt alone.
+    A budget of max_model_len - 1 or more is accepted and never compresses (a prompt is shorter).
     paged_attention: how a step's tokens attend over their pages: "ragged" (each chunk as a run
     of queries, `kernels_pallas.ragged_paged_attention`: its pages are read once per query block),
     "per_token" (one decode per token) or "auto", by the bucket's size: ragged from 8 token slots
@@ -145,13 +153,13 @@ class Engine:
     so its logits' last bits, then depends on the batch); only speed differs.
     """
 
-    def __init__(self, model, max_batch: int = 64, page_size: int = 16,
-                 num_pages: int | None = None, max_tokens_per_step: int = 512, *, tokenizer=None,
-                 max_model_len: int | None = None, kv_dtype: str | None = None,
-                 prefix_caching: bool = True, speculative_tokens: int = 0,
-                 lookup_ngram: int = 3, hydragen: bool = False,
-                 snapkv_budget: int | None = None, snapkv_window: int = 8, draft_model=None,
-                 paged_attention: str = "auto"):
+    def __init__(self, model: DecoderLM, max_batch: int = 64, page_size: int = 16,
+                 num_pages: int | None = None, max_tokens_per_step: int = 512, *,
+                 tokenizer: Tokenizer | None = None, max_model_len: int | None = None,
+                 kv_dtype: str | None = None, prefix_caching: bool = True,
+                 speculative_tokens: int = 0, lookup_ngram: int = 3, hydragen: bool = False,
+                 snapkv_budget: int | None = None, snapkv_window: int = DEFAULT_SNAPKV_WINDOW,
+                 draft_model: DecoderLM | None = None, paged_attention: str = "auto"):
         check_paged_model("model", model)
         config = model.config
         max_batch = check_int("max_batch", max_batch, low=1)
@@ -236,7 +244,8 @@ class Engine:
         """Requests submitted and neither finished nor aborted."""
         return len(self._live)
 
-    def submit(self, prompt_ids, params: SamplingParams | None = None) -> int:
+    def submit(self, prompt_ids: Sequence[int] | np.ndarray,
+               params: SamplingParams | None = None) -> int:
         """Queue a request; returns its id. Raises ValueError (TypeError) for anything that could
         never be served: empty or out-of-vocabulary prompt, prompt + max_tokens beyond the context
         or the page pool, stop strings without a tokenizer."""
@@ -273,18 +282,25 @@ class Engine:
         return request_id
 
     def abort(self, request_id: int) -> list:
-        """Stop a queued or running request; returns what it generated so far."""
+        """Stop a queued or running request; returns what it generated so far, in the form of
+        its result: a list per sample when n > 1; with first_finish one list, the shortest
+        finished sample's or, while none has finished, that of the sample furthest along."""
         samples = self._live.pop(request_id, None)
         if samples is None:
             raise KeyError(f"unknown request id {request_id!r}: never submitted, already finished "
                            f"or already aborted")
-        self._shortest.pop(request_id, None)
+        shortest = self._shortest.pop(request_id, None)
         for request in samples:
             self._scheduler.finish(request)
+        if samples[0].params.first_finish:
+            return aborted_first_finish(samples, shortest)
         return self._output(samples)
 
     def step(self) -> list[Event]:
-        """Run one scheduled step; returns the events it produced (empty when idle)."""
+        """Run one scheduled step; returns the events it produced (empty when idle). A step that
+        raises (say a tokenizer's decode, for stop strings) changes no request: the exception
+        propagates, and the next step computes the same tokens again (abort a request whose
+        tokenizer keeps raising)."""
         if self.speculative_tokens:
             self._propose_drafts()
         chunks = self._scheduler.schedule()
@@ -307,36 +323,36 @@ class Engine:
         draft_queries = None
         if draft_inputs is not None:  # the proposal wrote the drafting chunks' draft K/V
             draft_queries = self._draft_pass(draft_inputs)
+        # every request's tokens are decided before any request changes: a stop-string check
+        # may raise (a user's tokenizer), and a step that raises then leaves every request as it
+        # was (the next step computes the same tokens again), so stream() misses none
+        tokens, decided, row = np.asarray(tokens).tolist(), [], 0
+        for chunk in chunks:
+            decision = None  # (kept tokens, stops) of a chunk that samples
+            if chunk.samples:
+                sampled = tokens[row:row + len(chunk.request.draft) + 1]
+                row += len(sampled)
+                decision = decide_tokens(chunk.request, sampled, self.config.eos_token_id,
+                                         self.tokenizer)
+            decided.append(decision)
         for chunk in chunks:
             if chunk.compresses:  # before the chunk's request may finish and free its pages
                 self._compress(chunk.request, queries, draft_queries)
-        tokens = np.asarray(tokens).tolist()
         new: dict[int, list[tuple[Request, int]]] = {}
-        row = 0
-        for chunk in chunks:
+        for chunk, decision in zip(chunks, decided):
             request = chunk.request
-            if not chunk.samples:
+            if decision is None:
                 request.computed += chunk.count
                 self._scheduler.register_computed(request)
             else:
-                drafted = len(request.draft)
-                produced = self._accept(request, chunk, tokens[row:row + drafted + 1])
-                row += drafted + 1
-                new.setdefault(request.request_id, []).extend((request, t) for t in produced)
+                self._accept(request, chunk, *decision)
+                new.setdefault(request.request_id, []).extend((request, t) for t in decision[0])
         return [self._event(request_id, produced) for request_id, produced in new.items()]
 
-    def _accept(self, request: Request, chunk: Chunk, sampled: list[int]) -> list[int]:
-        """Append the tokens sampled at the chunk's last token and draft tokens: each draft token
-        stands while it equals the token sampled before it, so every kept token is the one plain
-        decoding would sample there (same logits, same key). Returns the appended tokens."""
+    def _accept(self, request: Request, chunk: Chunk, kept: list[int], stop: bool) -> None:
+        """Append the tokens `decide_tokens` kept; finish the request if it stops."""
         draft, request.draft = request.draft, []
-        kept, stop = [], False
-        for i, token in enumerate(sampled):
-            request.output.append(token)
-            kept.append(token)
-            stop = self._should_stop(request, token)
-            if stop or i == len(draft) or token != draft[i]:
-                break
+        request.output.extend(kept)
         accepted = len(kept) - 1  # draft tokens whose K/V this step computed correctly
         request.computed = chunk.start + chunk.count - len(draft) + accepted
         self.num_draft_tokens += len(draft)
@@ -344,7 +360,6 @@ class Engine:
         self._scheduler.register_computed(request)  # before finish frees the pages
         if stop:
             self._scheduler.finish(request)
-        return kept
 
     def _propose_drafts(self) -> None:
         """Drafts of up to speculative_tokens tokens (never past max_tokens) for running requests
@@ -466,7 +481,8 @@ class Engine:
             _, self._draft_cache = self._propose(
                 self._draft_state, self._draft_cache,
                 empty_propose_inputs(self.max_batch, self.pages_per_seq, self.num_pages))
-        if self.snapkv_budget is not None:
+        # a budget of max_model_len - 1 or more never compresses: a prompt leaves room for a token
+        if self.snapkv_budget is not None and self.snapkv_budget < self.max_model_len - 1:
             self._compress_pages(np.full(self.pages_per_seq, self.num_pages, np.int32),
                                  self.snapkv_budget + 1, queries,
                                  None if self._draft is None else draft_queries)
@@ -537,17 +553,6 @@ class Engine:
                 row = rows.stop
         return inputs, row
 
-    def _should_stop(self, request: Request, token: int) -> bool:
-        p = request.params
-        if len(request.output) >= p.max_tokens or token in p.stop_token_ids:
-            return True
-        if not p.ignore_eos and token in self.config.eos_token_id:
-            return True
-        if p.stop:
-            text = self.tokenizer.decode(request.output)
-            return any(s in text for s in p.stop)
-        return False
-
     def _event(self, request_id: int, produced: list[tuple[Request, int]]) -> Event:
         samples = self._live[request_id]
         shortest = (self._first_finish(request_id, produced) if samples[0].params.first_finish
@@ -567,23 +572,14 @@ class Engine:
 
     def _first_finish(self, request_id: int,
                       produced: list[tuple[Request, int]]) -> Request | None:
-        """First Finish Search after a step: the shortest sample finished so far (the lowest
-        sample index on a tie), or None. Stops every unfinished sample that can no longer beat
-        it: one already as long (it can only finish longer), or one token shorter with a higher
-        index (it could at best tie, and lose the tie); shorter ones go on. So the result is the
-        shortest of the n samples whatever order they finish in: it does not depend on how the
-        engine's batching staggers them."""
-        candidates = [request for request, _ in produced if request.finished]  # this step's
-        if request_id in self._shortest:
-            candidates.append(self._shortest[request_id])
-        if not candidates:
-            return None
-        shortest = min(candidates, key=lambda r: (len(r.output), r.sample_index))
-        self._shortest[request_id] = shortest
-        for request in self._live[request_id]:
-            loses_a_tie = request.sample_index > shortest.sample_index
-            if not request.finished and len(request.output) >= len(shortest.output) - loses_a_tie:
-                self._scheduler.finish(request)
+        """First Finish Search after a step (`stopping.first_finish`): stops the samples that can
+        no longer beat the shortest finished one; returns that one (None: none finished yet)."""
+        shortest, beaten = first_finish(self._live[request_id], self._shortest.get(request_id),
+                                        [request for request, _ in produced if request.finished])
+        if shortest is not None:
+            self._shortest[request_id] = shortest
+        for request in beaten:
+            self._scheduler.finish(request)
         return shortest
 
     @staticmethod

@@ -2,9 +2,10 @@
 
 A step takes T token slots (a bucket size) that mix decode tokens of running requests with prompt
 chunks of waiting ones (Dynamic SplitFuse), writes their K/V into the pages, lets each token attend
-over its own sequence, and samples the next token at R = min(T, max_batch) rows (the last token of
-each sequence in the step). All sampling settings are [R] arrays, so the compiled step depends
-only on (T, R): serving never recompiles after each bucket has run once.
+over its own sequence, and samples the next token at R = min(T, max_rows) rows, max_rows =
+max_batch * (1 + speculative_tokens): the last token of each sequence in the step and each of its
+draft tokens. All sampling settings are [R] arrays, so the compiled step depends only on (T, R):
+serving never recompiles after each bucket has run once.
 
 The scheduler gives each request at most one chunk and the engine lays each chunk's tokens out
 contiguously in position order, so the step also describes its chunks as sequences, S = min(T,

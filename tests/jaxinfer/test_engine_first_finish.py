@@ -5,8 +5,8 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from tests.jaxinfer.test_engine import (  # noqa: F401  (model: a fixture)
-    ENGINE, GREEDY, ORACLE_NEW, VOCAB, model)
+from tests.jaxinfer.test_engine import (  # noqa: F401  (model, oracle: fixtures)
+    ENGINE, GREEDY, ORACLE_NEW, VOCAB, model, oracle)
 
 
 def test_first_finish_search_returns_the_shortest_sample_and_leaves_none_running(model):
@@ -50,3 +50,29 @@ def test_first_finish_search_returns_the_shortest_sample_whatever_the_batching(m
             others + [prompt], [GREEDY] * 2 + [ffs])[2]
         assert engine.num_unfinished == 0
     assert results == {name: shortest for name in results}
+
+
+def test_aborting_a_first_finish_request_returns_one_list_as_its_result_would_be(model, oracle):
+    """Greedy samples all follow the oracle; a step budget of 8 makes a 13-token prompt's second
+    sample start two steps after the first (no prefix caching: the second would reuse the
+    first's prompt pages). Aborted before any sample finished, the request
+    returns the tokens of the sample furthest along; aborted once sample 0 has stopped (at the
+    oracle's second token, a stop token) while sample 1 could still finish shorter, sample 0's."""
+    rng = np.random.default_rng(10)
+    engine = jaxinfer.Engine(model, **{**ENGINE, "max_tokens_per_step": 8}, prefix_caching=False)
+    for phase in ("none finished", "sample 0 finished"):
+        prompt = rng.integers(0, VOCAB, size=13).tolist()
+        want = oracle(prompt)
+        assert want[1] not in want[:1], "precondition: the stop token first appears second"
+        params = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0.0, n=2,
+                                         first_finish=True, stop_token_ids=(want[1],))
+        rid = engine.submit(prompt, params)
+        per_sample = [[], []]
+        while len(per_sample[0]) < (1 if phase == "none finished" else 2):
+            for event in engine.step():
+                assert not event.finished
+                for sample, new in zip(per_sample, event.token_ids):
+                    sample.extend(new)
+        assert len(per_sample[1]) < len(per_sample[0]), "precondition: sample 1 lags"
+        assert engine.abort(rid) == per_sample[0] == want[:len(per_sample[0])]
+    assert engine.num_unfinished == 0

@@ -123,6 +123,23 @@ def test_snapkv_arguments_are_validated(model):
         jaxinfer.Engine(model, **ENGINE, snapkv_budget=32, snapkv_window=17)
 
 
+@pytest.mark.parametrize("budget, max_model_len", [(100, None), (30, 20), (19, 20)])
+def test_a_budget_no_prompt_exceeds_warms_up_and_serves_uncompressed_without_compiling(
+        model, oracle, budget, max_model_len):
+    """A prompt leaves room for a token, so a budget of max_model_len - 1 or more never
+    compresses: like vLLM's, it is accepted, warmup() compiles what serving runs (it used to ask
+    SnapKV for more positions than a sequence holds) and outputs are the oracle's."""
+    prompt = np.random.default_rng(16).integers(0, VOCAB, 13).tolist()
+    want = oracle(prompt)[:6]
+    engine = jaxinfer.Engine(model, **ENGINE, max_model_len=max_model_len, snapkv_budget=budget)
+    engine.warmup()
+    with backend_compiles() as compiles:
+        out = engine.generate([prompt], jaxinfer.SamplingParams(max_tokens=6, temperature=0.0,
+                                                                ignore_eos=True))[0]
+    assert compiles == []
+    assert out == want
+
+
 def test_a_snapkv_prompt_is_served_within_a_few_steps_under_steady_decode_traffic(model, oracle):
     """With max_tokens_per_step equal to the window, an 18-token prompt's last chunk (its 8
     window tokens) takes a whole step: it must be scheduled before the decodes, or it waits as
