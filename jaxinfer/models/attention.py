@@ -13,7 +13,8 @@ over KV heads by a reshape: K/V are never repeated in memory.
 
 The serving engine's paged path (`paged_attention`) takes a flat batch of tokens from many
 sequences, each sequence's tokens a contiguous run, and attends each run over its own sequence's
-pages: as ragged query runs or as one decode per token (`PagedBatch.ragged`).
+pages: as ragged query runs or as one decode per token (`PagedBatch.ragged`), with the sliding
+window as the kernels' left window.
 """
 
 from __future__ import annotations
@@ -153,8 +154,8 @@ def cached_attention(q: jax.Array, k: jax.Array, v: jax.Array, q_positions: jax.
     return out.reshape(batch, t, hq, d).astype(q.dtype)
 
 
-def paged_attention(q: jax.Array, kv: PagedLayerKV, meta: PagedBatch, *,
-                    backend: str) -> jax.Array:
+def paged_attention(q: jax.Array, kv: PagedLayerKV, meta: PagedBatch, *, backend: str,
+                    sliding_window: int | None = None) -> jax.Array:
     """Each sequence's tokens of a flat batch attend causally over its own cached keys.
 
     q [T, Hq, D]; kv: one layer's pages [num_pages, page_size, Hkv, D] (float, or int8 with
@@ -166,11 +167,19 @@ def paged_attention(q: jax.Array, kv: PagedLayerKV, meta: PagedBatch, *,
     shared prefix once for all their tokens (Hydragen) and page through only the rest of their
     sequence: their table rows start after the prefix's pages and their lengths drop by its
     tokens, which keeps the bottom-right causal alignment of their queries.
+
+    sliding_window: None, or W: the token at position p sees keys p - W + 1 .. p (HF Mistral's
+    mask), the kernels' `local_window` W - 1. With a window the shared prefix is not split off:
+    its non-causal read has no per-query positions to cut a window by, so members attend over
+    their whole rows like every other sequence (the same result, without Hydragen's saving).
     """
     k_pages, v_pages = kv.k, kv.v
     if not kv.quantized:
         k_pages, v_pages = k_pages.astype(q.dtype), v_pages.astype(q.dtype)
     table, kv_lengths, shared = meta.page_table, meta.kv_lengths, meta.shared
+    window = None if sliding_window is None else local_window(sliding_window)[0]  # left side
+    if window is not None:
+        shared = None
     if shared is not None:  # members start paging after the prefix
         first_tokens = meta.query_starts[:-1]  # [S]; padding sequences point past the tokens
         member = jnp.take(shared.member, first_tokens, mode="fill", fill_value=False)  # [S]
@@ -184,7 +193,7 @@ def paged_attention(q: jax.Array, kv: PagedLayerKV, meta: PagedBatch, *,
     if meta.ragged:
         out, lse = ragged_paged_attention(q, k_pages, v_pages, table, meta.query_starts,
                                           kv_lengths, num_seqs=meta.num_seqs, backend=backend,
-                                          **scales)
+                                          local_window=window, **scales)
     else:
         seq, _, position, owned = token_owners(meta.query_starts, kv_lengths, meta.num_seqs,
                                                q.shape[0])  # [T] each
@@ -193,7 +202,8 @@ def paged_attention(q: jax.Array, kv: PagedLayerKV, meta: PagedBatch, *,
             pages_per_block = max(1, min(table.shape[1], PAGED_XLA_CHUNK_TOKENS // kv.k.shape[1]))
         out, lse = paged_decode_attention(q, k_pages, v_pages, table[seq],
                                           jnp.where(owned, position + 1, 0), backend=backend,
-                                          pages_per_block=pages_per_block, **scales)
+                                          pages_per_block=pages_per_block, local_window=window,
+                                          **scales)
     if shared is None:
         return out
     prefix_k, prefix_v = (dequantize(pages[shared.pages], None if s is None else s[shared.pages],

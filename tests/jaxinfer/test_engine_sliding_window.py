@@ -1,0 +1,143 @@
+"""The serving `Engine` on a sliding-window (Mistral) model whose window is shorter than the served
+context: the paged kernels' left window (`local_window` = sliding_window - 1) must reproduce what
+`jaxinfer.generate` computes alone (its dense and flash paths mask with the same window), with
+chunked prefill, prefix caching, preemption, every paged-attention mode and Hydragen.
+
+Window 8 with 20-token prompts and 16 new tokens: every token past position 7 drops keys, and
+(test_the_window_changes_the_greedy_tokens) the greedy tokens differ from full attention's, so an
+engine that ignored the window would fail.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import functools
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+import jaxinfer
+from jaxinfer.generate.checks import check_context
+
+VOCAB = 96
+WINDOW = 8
+CONFIG = jaxinfer.LlamaConfig(
+    vocab_size=VOCAB, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+    num_attention_heads=4, num_key_value_heads=2, head_dim=8, max_position_embeddings=64,
+    model_type="mistral", sliding_window=WINDOW)
+NEW = 16
+GREEDY = jaxinfer.SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=True)
+# 4-token pages, 8-token steps (a 20-token prompt prefills in 3 chunks) and 14 pages: three
+# requests of 36 tokens need 27, so the newest are preempted and recomputed.
+ENGINE = dict(max_batch=3, page_size=4, num_pages=14, max_tokens_per_step=8)
+
+
+def _engine_serves_windows() -> bool:
+    try:
+        check_context("the model's", CONFIG, CONFIG.max_position_embeddings)
+    except ValueError:
+        return False
+    return True
+
+
+# The engine attends with the window once the model's paged layer passes it on
+# (jaxinfer/models/llama.py: paged_attention(..., sliding_window=self.sliding_window)) and
+# generate/checks.check_context stops refusing windows shorter than max_model_len.
+needs_engine_windows = pytest.mark.skipif(
+    not _engine_serves_windows(), reason="the Engine still refuses sliding windows shorter than "
+    "max_model_len (checks.check_context)")
+
+
+def _model(config):
+    """O(1) weights (the default init is near-uniform: a wrong key would barely move the argmax),
+    built abstractly and filled from a seeded generator."""
+    model = nnx.eval_shape(lambda: jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    rng = np.random.default_rng(0)
+
+    def draw(path, x):
+        offset = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
+        return jnp.asarray(offset + 0.5 * rng.normal(size=x.shape), x.dtype)
+
+    nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model, nnx.Param)))
+    return model
+
+
+@pytest.fixture(scope="module")
+def model():
+    return _model(CONFIG)
+
+
+def _oracle_of(model):
+    @functools.lru_cache(maxsize=None)
+    def run(prompt: tuple[int, ...]) -> list[int]:
+        out = jaxinfer.generate(model, np.array([prompt], np.int32), max_new_tokens=NEW)
+        return np.asarray(out)[0, len(prompt):].tolist()
+    return lambda prompt: run(tuple(prompt))
+
+
+@pytest.fixture(scope="module")
+def oracle(model):
+    """Greedy continuation (NEW tokens) of one prompt by `jaxinfer.generate` alone."""
+    return _oracle_of(model)
+
+
+def prompts_with_shared_prefixes(seed: int, count: int) -> list[list[int]]:
+    """20-token prompts; pairs share a 12-token prefix (3 pages: prefix-cache hits)."""
+    rng = np.random.default_rng(seed)
+    prefixes = [rng.integers(0, VOCAB, 12).tolist() for _ in range(count // 2 + 1)]
+    return [prefixes[i // 2] + rng.integers(0, VOCAB, 8).tolist() for i in range(count)]
+
+
+def test_the_window_changes_the_greedy_tokens(model, oracle):
+    """The same weights without the window continue differently: the tests below can tell."""
+    full = _oracle_of(_model(dataclasses.replace(CONFIG, sliding_window=None)))
+    prompts = prompts_with_shared_prefixes(3, 4)
+    assert any(oracle(p) != full(p) for p in prompts)
+
+
+@needs_engine_windows
+@pytest.mark.parametrize("paged_attention", ["per_token", "ragged", "auto"])
+def test_greedy_matches_generate_with_chunks_prefix_hits_and_preemption(model, oracle,
+                                                                        paged_attention):
+    prompts = prompts_with_shared_prefixes(1, 6)
+    engine = jaxinfer.Engine(model, **ENGINE, paged_attention=paged_attention)
+    ids = []
+    for prompt in prompts:  # two at a time, so later pairs find their prefix cached
+        ids.append(engine.submit(prompt, GREEDY))
+        engine.step()
+    results = engine.run_until_done()
+    assert engine.num_preemptions > 0, "pages were meant to be scarce enough to preempt"
+    assert engine.num_cached_tokens > 0, "pairs were meant to share cached prefix pages"
+    for rid, prompt in zip(ids, prompts):
+        assert results[rid] == oracle(prompt), f"request {rid}"
+
+
+@needs_engine_windows
+@pytest.mark.parametrize("paged_attention", ["per_token", "ragged"])
+def test_hydragen_steps_keep_the_window(model, oracle, paged_attention):
+    """Sequences that share a cached 12-token prefix in one step (Hydragen): with a window they
+    attend over their whole rows (the prefix is not split off), so outputs stay the oracle's."""
+    rng = np.random.default_rng(5)
+    prefix = rng.integers(0, VOCAB, 12).tolist()
+    prompts = [prefix + rng.integers(0, VOCAB, 8).tolist() for _ in range(3)]
+    engine = jaxinfer.Engine(model, **{**ENGINE, "num_pages": 30, "max_tokens_per_step": 32},
+                             hydragen=True, paged_attention=paged_attention)
+    ids = [engine.submit(prompts[0], GREEDY)]
+    engine.step()  # prefills the first prompt whole, caching the prefix's pages
+    ids += [engine.submit(p, GREEDY) for p in prompts[1:]]
+    engine.step()
+    assert engine.last_step.shared_prefix == 12
+    results = engine.run_until_done()
+    for rid, prompt in zip(ids, prompts):
+        assert results[rid] == oracle(prompt), f"request {rid}"
+
+
+@needs_engine_windows
+def test_snapkv_with_a_window_is_refused(model):
+    """SnapKV compacts a prompt's kept tokens into consecutive slots, so a window over slots
+    would not be the window over positions: the combination is refused."""
+    with pytest.raises(ValueError, match=r"snapkv_budget .*sliding_window"):
+        jaxinfer.Engine(model, **ENGINE, snapkv_budget=12)
