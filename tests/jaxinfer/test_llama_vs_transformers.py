@@ -436,7 +436,7 @@ def test_single_file_wins_over_index_as_in_transformers(shard_source, tmp_path, 
     want = hf_logits(transformers.AutoModelForCausalLM.from_pretrained(
         tmp_path, attn_implementation="eager", dtype=torch.float32).eval(), ids)
     np.testing.assert_allclose(want, hf_logits(hf_b, ids), rtol=0, atol=LOGITS_ATOL)
-    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint.hf"):
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint"):
         model = jaxinfer.load_pretrained(tmp_path)
     np.testing.assert_allclose(jx_logits(model, ids), want, rtol=0, atol=LOGITS_ATOL)
     assert "has both model.safetensors and model.safetensors.index.json" in caplog.text

@@ -257,7 +257,7 @@ def test_unread_expert_tensors_are_reported(built, tmp_path, caplog):
     tensors[scale] = torch.ones(32)
     safetensors_torch.save_file(tensors, directory / "model.safetensors",
                                 metadata={"format": "pt"})
-    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint.hf"):
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint"):
         load_mixtral(directory)
     assert "ignoring 1 tensor(s)" in caplog.text and scale in caplog.text
 

@@ -236,7 +236,7 @@ def test_partly_quantized_checkpoint_loads_float_modules_and_round_trips(rtn4, t
     full = _partly_quantized_checkpoint(rtn4, tmp_path, kept)
     if declared:  # transformers' key; without it, float weights where qweight is absent load too
         _edit_config(tmp_path, modules_in_block_to_quantize=[[kept[0]], [kept[1]]])
-    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint.hf"):
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint"):
         loaded = jaxinfer.load_pretrained(tmp_path)
     assert ("stores as float weights" in caplog.text) is not declared
     for i in range(CONFIG.num_hidden_layers):
