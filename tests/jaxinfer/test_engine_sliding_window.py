@@ -51,10 +51,10 @@ needs_engine_windows = pytest.mark.skipif(
     "max_model_len (checks.check_context)")
 
 
-def _model(config):
+def _model(config, cls=jaxinfer.LlamaForCausalLM):
     """O(1) weights (the default init is near-uniform: a wrong key would barely move the argmax),
     built abstractly and filled from a seeded generator."""
-    model = nnx.eval_shape(lambda: jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0)))
+    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
     rng = np.random.default_rng(0)
 
     def draw(path, x):
@@ -133,6 +133,21 @@ def test_hydragen_steps_keep_the_window(model, oracle, paged_attention):
     results = engine.run_until_done()
     for rid, prompt in zip(ids, prompts):
         assert results[rid] == oracle(prompt), f"request {rid}"
+
+
+@needs_engine_windows
+def test_mixtral_with_a_window_matches_generate():
+    """Mixtral's layers attend through the same paged layer: windowed, ragged and chunked."""
+    config = jaxinfer.MixtralConfig(**{f.name: getattr(CONFIG, f.name)
+                                       for f in dataclasses.fields(CONFIG)
+                                       if f.name not in ("model_type", "rope_theta",
+                                                         "rms_norm_eps")},
+                                    num_local_experts=4, num_experts_per_tok=2)
+    model = _model(config, jaxinfer.MixtralForCausalLM)
+    oracle = _oracle_of(model)
+    prompts = prompts_with_shared_prefixes(7, 3)
+    engine = jaxinfer.Engine(model, **{**ENGINE, "num_pages": 30}, paged_attention="ragged")
+    assert engine.generate(prompts, GREEDY) == [oracle(p) for p in prompts]
 
 
 @needs_engine_windows
