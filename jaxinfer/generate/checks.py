@@ -119,14 +119,10 @@ def check_paged_model(name: str, model) -> None:
 
 
 def check_context(whose: str, config, max_model_len: int) -> None:
-    """ValueError unless the model serves max_model_len positions with full attention."""
+    """ValueError unless the model serves max_model_len positions."""
     if max_model_len > config.max_position_embeddings:
         raise ValueError(f"max_model_len must be <= {whose} context "
                          f"({config.max_position_embeddings}); got {max_model_len}")
-    if config.sliding_window is not None and config.sliding_window < max_model_len:
-        raise ValueError(f"the paged engine has no sliding-window attention yet: need "
-                         f"max_model_len <= {whose} sliding_window ({config.sliding_window}); "
-                         f"got max_model_len={max_model_len}")
 
 
 def check_snapkv_window(config, snapkv_budget: int | None) -> None:

@@ -59,7 +59,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.generate.checks import (check_context, check_draft_model, check_int,
-                                       check_paged_model, check_prompt)
+                                       check_paged_model, check_prompt, check_snapkv_window)
 from jaxinfer.generate.draft_step import (compiled_draft_pass, compiled_propose,
                                           empty_propose_inputs)
 from jaxinfer.generate.engine_step import (PAGED_ATTENTION, StepInputs, attends_ragged,
@@ -185,6 +185,7 @@ class Engine:
                                  f"max_tokens_per_step (the window's queries come from one step);"
                                  f" got snapkv_window={snapkv_window}, snapkv_budget="
                                  f"{snapkv_budget}, max_tokens_per_step={max_tokens_per_step}")
+        check_snapkv_window(config, snapkv_budget)
         if draft_model is not None:
             check_draft_model(draft_model, config, max_model_len, speculative_tokens)
         # the step returns the queries of snapkv_window tokens even when SnapKV is off (a few

@@ -78,7 +78,8 @@ class SelfAttention(nnx.Module):
         _, t, _ = x.shape
         q, k, v = self._project(x, cos, sin)
         kv = kv.write(k[0], v[0], meta.write_slots)
-        out = paged_attention(q[0], kv, meta, backend=self.attention_backend)  # [T, Hq, D]
+        out = paged_attention(q[0], kv, meta, backend=self.attention_backend,
+                              sliding_window=self.sliding_window)  # [T, Hq, D]
         return self.o_proj(out.reshape(1, t, self.num_heads * self.head_dim)), kv, q[0]
 
     def __call__(self, x: jax.Array, cos: jax.Array, sin: jax.Array, positions: jax.Array,

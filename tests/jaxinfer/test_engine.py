@@ -571,10 +571,10 @@ def test_engine_arguments_are_validated(model):
         jaxinfer.Engine(model, max_batch=0)
     with pytest.raises(ValueError, match="max_model_len must be <= the model's context"):
         jaxinfer.Engine(model, max_model_len=65)
-    with pytest.raises(ValueError, match="sliding_window"):
+    with pytest.raises(ValueError, match="snapkv_budget needs a model without sliding_window"):
         windowed = jaxinfer.LlamaForCausalLM(CONFIG.replace(model_type="mistral", sliding_window=8),
                                              rngs=nnx.Rngs(0))
-        jaxinfer.Engine(windowed, num_pages=4)
+        jaxinfer.Engine(windowed, num_pages=4, snapkv_budget=12)
     class HyenaLike(nnx.Module):  # a model without forward_paged (as HyenaForCausalLM)
         config = CONFIG
     with pytest.raises(TypeError, match="HyenaLike has no paged KV cache: use jaxinfer.generate"):
