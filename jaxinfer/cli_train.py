@@ -87,23 +87,6 @@ def _config_file(path: str) -> tuple:
     return _model_config(path, f"--config {path}")
 
 
-def _check_model_fits(model_class, model_config, config) -> None:
-    """The refusals of jaxinfer.train.train that the model's config and the run's settings
-    decide alone, made before a tokenizer is trained for nothing: windows longer than the
-    model's context, packed documents for a model whose forward takes no segment ids."""
-    from jaxinfer.train.step import takes_segment_ids
-
-    context = getattr(model_config, "max_position_embeddings", None)
-    if context is not None and config.seq_len > context:
-        raise ValueError(f"seq_len must be at most the model's max_position_embeddings "
-                         f"({context}); got {config.seq_len}")
-    # takes_segment_ids reads forward's signature, which the class has as its instances do
-    if config.document_separator is not None and not takes_segment_ids(model_class):
-        raise ValueError(f"--document-separator {config.document_separator} packs documents, "
-                         f"which needs a model whose forward takes segment_ids (Llama, "
-                         f"Mixtral); {model_class.__name__} does not")
-
-
 def _with_remat(model, remat: str):
     """`model` with its config's remat set (Llama, Mixtral and Hyena all recompute layers)."""
     model.config = model.config.replace(remat=remat)
@@ -189,6 +172,7 @@ def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
     import jaxinfer
     from jaxinfer.tokenizer import train_bpe
     from jaxinfer.train import TrainConfig
+    from jaxinfer.train.loop import check_model_fits
     from jaxinfer.train.resume import check_no_checkpoints
     from jaxinfer.train.run_files import RUN_FILE, write_json
 
@@ -216,7 +200,7 @@ def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
         model_class, model_config = _config_file(args.config)
     else:
         raise ValueError("give --config (train from scratch) or --init (fine-tune)")
-    _check_model_fits(model_class, model_config, config)
+    check_model_fits(model_class, model_config, config)
     if given:
         tokenizer = jaxinfer.load_tokenizer(given)
     else:

@@ -105,20 +105,27 @@ def _as_pair(batch: np.ndarray | tuple[np.ndarray, np.ndarray]
     return batch if isinstance(batch, tuple) else (batch, None)
 
 
-def _check_inputs(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
-                  config: TrainConfig) -> None:
-    """ValueError for a run that cannot train as asked: windows longer than the model's context,
-    packed documents for a model whose forward takes no segment ids, streams shorter than one
-    window, token ids outside the vocabulary."""
-    context = getattr(model.config, "max_position_embeddings", None)
+def check_model_fits(model_class: type, model_config, config: TrainConfig) -> None:
+    """ValueError for a run the model cannot train, decided by the model's class and config
+    alone (so the CLI asks before it trains a tokenizer): windows longer than the model's
+    context, packed documents for a model whose forward takes no segment ids."""
+    context = getattr(model_config, "max_position_embeddings", None)
     if context is not None and config.seq_len > context:
         raise ValueError(f"seq_len must be at most the model's max_position_embeddings "
                          f"({context}); got {config.seq_len}")
-    if config.document_separator is not None and not takes_segment_ids(model):
+    # takes_segment_ids reads forward's signature, which the class has as its instances do
+    if config.document_separator is not None and not takes_segment_ids(model_class):
         raise ValueError(f"document_separator={config.document_separator} packs documents, "
                          f"which needs a model whose forward takes segment_ids (Llama, "
-                         f"Mixtral); {type(model).__name__} does not: leave document_separator "
+                         f"Mixtral); {model_class.__name__} does not: leave document_separator "
                          f"None")
+
+
+def _check_inputs(model: nnx.Module, train_tokens: np.ndarray, eval_tokens: np.ndarray,
+                  config: TrainConfig) -> None:
+    """ValueError for a run that cannot train as asked: what check_model_fits refuses, streams
+    shorter than one window, token ids outside the vocabulary."""
+    check_model_fits(type(model), model.config, config)
     for name, tokens in (("train_tokens", train_tokens), ("eval_tokens (held-out)", eval_tokens)):
         if len(tokens) < config.seq_len + 1:
             raise ValueError(f"{name} has {len(tokens)} tokens; need at least one window of "

@@ -9,7 +9,6 @@ the pages are deliberately scarce so that preemption happens.
 from __future__ import annotations
 
 import contextlib
-import functools
 import logging
 
 import jax
@@ -22,6 +21,7 @@ import jaxinfer
 from jaxinfer.generate import engine as engine_module
 from jaxinfer.models.kv_quant import dequantize_kv
 from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, PagedLayerKV
+from tests.jaxinfer.engine_cases import greedy_oracle, peaky_model
 
 VOCAB = 96
 EOS = 13  # a token the greedy continuations of the test prompts produce (see test_eos_*)
@@ -41,28 +41,12 @@ GREEDY = jaxinfer.SamplingParams(max_tokens=ORACLE_NEW, temperature=0.0, ignore_
 
 @pytest.fixture(scope="module")
 def model():
-    """O(1) logits and attention scores (the default init is near-uniform, where a wrong page or
-    position would barely move the argmax). Built abstractly, then filled: running the default
-    initializers eagerly would compile each of them (seconds on a busy CPU) for nothing."""
-    model = nnx.eval_shape(lambda: jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-
-    def draw(path, x):
-        offset = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
-        return jnp.asarray(offset + 0.5 * rng.normal(size=x.shape), x.dtype)
-
-    nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model, nnx.Param)))
-    return model
+    return peaky_model(CONFIG)
 
 
 @pytest.fixture(scope="module")
 def oracle(model):
-    """Greedy continuation (ORACLE_NEW tokens) of one prompt by `jaxinfer.generate` alone."""
-    @functools.lru_cache(maxsize=None)
-    def run(prompt: tuple[int, ...]) -> list[int]:
-        out = jaxinfer.generate(model, np.array([prompt], np.int32), max_new_tokens=ORACLE_NEW)
-        return np.asarray(out)[0, len(prompt):].tolist()
-    return lambda prompt: run(tuple(prompt))
+    return greedy_oracle(model, ORACLE_NEW)
 
 
 def random_prompts(rng: np.random.Generator, count: int) -> list[list[int]]:

@@ -11,16 +11,12 @@ engine that ignored the window would fail.
 from __future__ import annotations
 
 import dataclasses
-import functools
 
-import jax
-import jax.numpy as jnp
 import numpy as np
 import pytest
-from flax import nnx
 
 import jaxinfer
-from jaxinfer.generate.checks import check_context
+from tests.jaxinfer.engine_cases import greedy_oracle, peaky_model
 
 VOCAB = 96
 WINDOW = 8
@@ -35,53 +31,14 @@ GREEDY = jaxinfer.SamplingParams(max_tokens=NEW, temperature=0.0, ignore_eos=Tru
 ENGINE = dict(max_batch=3, page_size=4, num_pages=14, max_tokens_per_step=8)
 
 
-def _engine_serves_windows() -> bool:
-    try:
-        check_context("the model's", CONFIG, CONFIG.max_position_embeddings)
-    except ValueError:
-        return False
-    return True
-
-
-# The engine attends with the window once the model's paged layer passes it on
-# (jaxinfer/models/llama.py: paged_attention(..., sliding_window=self.sliding_window)) and
-# generate/checks.check_context stops refusing windows shorter than max_model_len.
-needs_engine_windows = pytest.mark.skipif(
-    not _engine_serves_windows(), reason="the Engine still refuses sliding windows shorter than "
-    "max_model_len (checks.check_context)")
-
-
-def _model(config, cls=jaxinfer.LlamaForCausalLM):
-    """O(1) weights (the default init is near-uniform: a wrong key would barely move the argmax),
-    built abstractly and filled from a seeded generator."""
-    model = nnx.eval_shape(lambda: cls(config, rngs=nnx.Rngs(0)))
-    rng = np.random.default_rng(0)
-
-    def draw(path, x):
-        offset = 1.0 if "norm" in jax.tree_util.keystr(path) else 0.0
-        return jnp.asarray(offset + 0.5 * rng.normal(size=x.shape), x.dtype)
-
-    nnx.update(model, jax.tree_util.tree_map_with_path(draw, nnx.state(model, nnx.Param)))
-    return model
-
-
 @pytest.fixture(scope="module")
 def model():
-    return _model(CONFIG)
-
-
-def _oracle_of(model):
-    @functools.lru_cache(maxsize=None)
-    def run(prompt: tuple[int, ...]) -> list[int]:
-        out = jaxinfer.generate(model, np.array([prompt], np.int32), max_new_tokens=NEW)
-        return np.asarray(out)[0, len(prompt):].tolist()
-    return lambda prompt: run(tuple(prompt))
+    return peaky_model(CONFIG)
 
 
 @pytest.fixture(scope="module")
 def oracle(model):
-    """Greedy continuation (NEW tokens) of one prompt by `jaxinfer.generate` alone."""
-    return _oracle_of(model)
+    return greedy_oracle(model, NEW)
 
 
 def prompts_with_shared_prefixes(seed: int, count: int) -> list[list[int]]:
@@ -93,12 +50,11 @@ def prompts_with_shared_prefixes(seed: int, count: int) -> list[list[int]]:
 
 def test_the_window_changes_the_greedy_tokens(model, oracle):
     """The same weights without the window continue differently: the tests below can tell."""
-    full = _oracle_of(_model(dataclasses.replace(CONFIG, sliding_window=None)))
+    full = greedy_oracle(peaky_model(dataclasses.replace(CONFIG, sliding_window=None)), NEW)
     prompts = prompts_with_shared_prefixes(3, 4)
     assert any(oracle(p) != full(p) for p in prompts)
 
 
-@needs_engine_windows
 @pytest.mark.parametrize("paged_attention", ["per_token", "ragged", "auto"])
 def test_greedy_matches_generate_with_chunks_prefix_hits_and_preemption(model, oracle,
                                                                         paged_attention):
@@ -115,7 +71,6 @@ def test_greedy_matches_generate_with_chunks_prefix_hits_and_preemption(model, o
         assert results[rid] == oracle(prompt), f"request {rid}"
 
 
-@needs_engine_windows
 @pytest.mark.parametrize("paged_attention", ["per_token", "ragged"])
 def test_hydragen_steps_keep_the_window(model, oracle, paged_attention):
     """Sequences that share a cached 12-token prefix in one step (Hydragen): with a window they
@@ -135,7 +90,6 @@ def test_hydragen_steps_keep_the_window(model, oracle, paged_attention):
         assert results[rid] == oracle(prompt), f"request {rid}"
 
 
-@needs_engine_windows
 def test_mixtral_with_a_window_matches_generate():
     """Mixtral's layers attend through the same paged layer: windowed, ragged and chunked."""
     config = jaxinfer.MixtralConfig(**{f.name: getattr(CONFIG, f.name)
@@ -143,14 +97,13 @@ def test_mixtral_with_a_window_matches_generate():
                                        if f.name not in ("model_type", "rope_theta",
                                                          "rms_norm_eps")},
                                     num_local_experts=4, num_experts_per_tok=2)
-    model = _model(config, jaxinfer.MixtralForCausalLM)
-    oracle = _oracle_of(model)
+    model = peaky_model(config, jaxinfer.MixtralForCausalLM)
+    oracle = greedy_oracle(model, NEW)
     prompts = prompts_with_shared_prefixes(7, 3)
     engine = jaxinfer.Engine(model, **{**ENGINE, "num_pages": 30}, paged_attention="ragged")
     assert engine.generate(prompts, GREEDY) == [oracle(p) for p in prompts]
 
 
-@needs_engine_windows
 def test_snapkv_with_a_window_is_refused(model):
     """SnapKV compacts a prompt's kept tokens into consecutive slots, so a window over slots
     would not be the window over positions: the combination is refused."""
