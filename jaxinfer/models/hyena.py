@@ -37,7 +37,7 @@ from jaxinfer.config import HyenaConfig
 from jaxinfer.models.hyena_cache import (HyenaCache, HyenaLayerCache, cached_long_conv,
                                          short_window, write_positions, write_short)
 from jaxinfer.models.hyena_filter import ImplicitFilter
-from jaxinfer.models.inputs import check_input_ids
+from jaxinfer.models.inputs import check_input_ids, known_start
 from jaxinfer.models.layers import (Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
                                      output_logits, param, row_parallel)
 from jaxinfer.models.remat import remat_call
@@ -261,12 +261,13 @@ class HyenaForCausalLM(nnx.Module):
         if cache is not None and not isinstance(cache, HyenaCache):
             raise TypeError(f"cache must be a HyenaCache (from init_cache) or None; "
                             f"got {type(cache).__name__}")
+        start = known_start(start)
         if isinstance(start, int):
             if cache is None and start != 0:
                 raise ValueError(f"without a cache, start must be 0 (nothing precedes the "
                                  f"input); got start={start}")
             end = start + input_ids.shape[1]
-            if cache is not None and not 0 <= start < end <= cache.max_len:
+            if cache is not None and not 0 <= start <= end <= cache.max_len:
                 raise ValueError(f"positions start..start+T-1 = {start}..{end - 1} must lie in "
                                  f"the cache's [0, {cache.max_len}) (init_cache max_len)")
             if end > self.config.max_position_embeddings:

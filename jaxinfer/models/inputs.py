@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import operator
+
 import jax
 import numpy as np
 
@@ -76,3 +78,12 @@ def check_segment_ids(segment_ids, shape: tuple[int, int]):
     if dtype is None or not np.issubdtype(dtype, np.integer):
         raise ValueError(f"segment_ids must hold integer ids; got dtype {dtype}")
     return jax.numpy.asarray(segment_ids, jax.numpy.int32)
+
+
+def known_start(start: jax.Array | int) -> jax.Array | int:
+    """A cache start as a Python int when its value is known (a Python, NumPy or concrete JAX
+    integer), so that it can be checked against the cache; a traced start unchanged."""
+    try:
+        return operator.index(start)
+    except TypeError:  # a tracer: jax raises TracerIntegerConversionError, a TypeError
+        return start

@@ -11,6 +11,8 @@ import jax
 import jax.numpy as jnp
 from flax import struct
 
+from jaxinfer.models.inputs import known_start
+
 
 @struct.dataclass
 class LayerKV:
@@ -42,11 +44,12 @@ class KVCache:
         return self.layers[0].k.shape[1]
 
     def check_positions(self, start: jax.Array | int, length: int) -> None:
-        """Refuse a Python-int `start` whose positions start..start+length-1 leave [0, max_len):
-        `dynamic_update_slice` would clamp the write and the logits would be silently wrong. A
-        traced start cannot be checked here."""
+        """Refuse a known `start` (a Python, NumPy or concrete JAX integer) whose positions
+        start..start+length-1 leave [0, max_len): `dynamic_update_slice` would clamp the write
+        and the logits would be silently wrong. A traced start cannot be checked here."""
+        start = known_start(start)
         if isinstance(start, int):
             end = start + length
-            if not 0 <= start < end <= self.max_len:
+            if not 0 <= start <= end <= self.max_len:
                 raise ValueError(f"positions start..start+T-1 = {start}..{end - 1} must lie in "
                                  f"the cache's [0, {self.max_len}) (init_cache max_len)")

@@ -197,19 +197,21 @@ def test_a_remat_model_generates_as_without_remat(config_cls, model_cls, extra):
 ])
 def test_a_cache_write_past_max_len_is_refused_not_clamped(config_cls, model_cls, extra):
     """XLA clamps an out-of-range dynamic_update_slice: positions 3..5 in a 4-slot cache would
-    overwrite slots 1..3 and give wrong logits, so a Python-int start is checked."""
+    overwrite slots 1..3 and give wrong logits, so a known start (Python, NumPy or concrete JAX
+    integer) is checked."""
     config = config_cls(vocab_size=32, hidden_size=16, intermediate_size=32, num_hidden_layers=1,
                         num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=32,
                         **extra)
     model = model_cls(config, rngs=nnx.Rngs(0))
     ids = jnp.ones((1, 3), jnp.int32)
     cache = model.init_cache(1, 4)
-    for start in (3, 2, -1):
+    for start in (3, 2, -1, np.int64(3), jnp.int32(2)):
         with pytest.raises(ValueError, match=rf"positions start..start\+T-1 = {start}\.\.\d+ "
                                              rf"must lie in the cache's \[0, 4\)"):
             model.forward(ids, cache, start=start)
     _, cache = model.forward(ids, cache, start=0)
     model.forward(ids[:, :1], cache, start=3)  # the last slot: fits
+    model.forward(ids[:, :1], cache, start=jnp.int32(3))
 
 
 def test_greedy_rows_do_not_depend_on_the_rest_of_the_batch(flat_model):
