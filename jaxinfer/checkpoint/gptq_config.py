@@ -33,7 +33,7 @@ from pathlib import Path
 from typing import Any
 
 from jaxinfer.checkpoint.gptq_format import FORMATS
-from jaxinfer.config_checks import check_group_size
+from jaxinfer.config_checks import check_group_size, is_int
 from jaxinfer.quant.mixed_linear import MIXED_PART_NAMES
 from kernels_pallas.quant_matmul import SUPPORTED_BITS, QuantizedWeight
 
@@ -78,10 +78,13 @@ def _check_spec(spec: dict, where: str) -> None:
 
 def _decoding_fields(spec: dict) -> dict:
     """The OVERRIDABLE fields of ``spec``, a ``desc_act`` of null (as some writers leave it)
-    read as false."""
+    read as false, and NumPy integers as Python ones (so that the config saves as JSON)."""
     out = {k: spec[k] for k in OVERRIDABLE if k in spec}
     if "desc_act" in out and out["desc_act"] is None:
         out["desc_act"] = False
+    for key in ("bits", "group_size"):
+        if is_int(out.get(key)):
+            out[key] = int(out[key])
     return out
 
 

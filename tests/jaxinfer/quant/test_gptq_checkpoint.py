@@ -307,8 +307,10 @@ def test_gptq_config_refuses_what_would_change_decoding(changes, match):
 
 
 def test_gptq_config_group_size_takes_numpy_ints_and_refuses_bools():
-    config = GPTQConfig.from_dict({"bits": 4, "group_size": np.int64(64)})
-    assert config.layer_spec("model.layers.0.mlp.up_proj").group_size == 64
+    config = GPTQConfig.from_dict({"bits": np.int32(4), "group_size": np.int64(64),
+                                   "dynamic": {"+:.*up_proj": {"group_size": np.int64(32)}}})
+    assert config.layer_spec("model.layers.0.mlp.up_proj").group_size == 32
+    assert json.loads(json.dumps(config.to_dict()))["group_size"] == 64  # stored as Python ints
     for group_size in (True, 0, 32.0):
         with pytest.raises(ValueError, match=rf"group_size must be a positive int or -1 "
                                              rf"\(per channel\); got {group_size!r}"):
