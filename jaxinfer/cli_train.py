@@ -46,13 +46,20 @@ def _model_classes() -> dict:
             HYENA_MODEL_TYPE: (jaxinfer.HyenaConfig, jaxinfer.HyenaForCausalLM)}
 
 
-def _model_config(path: str | Path, name: str) -> tuple:
-    """(model class, model config) of the config.json at `path`, dispatched on its model_type;
-    errors begin with `name` (how the user knows the file), not with the "config.json" of
-    from_hf_config's."""
+def _read_config(path: str | Path, name: str) -> dict:
+    """The JSON object in the file at `path`; errors begin with `name` (how the user knows it)."""
     from jaxinfer.config import read_config_json
 
-    hf = read_config_json(path)
+    try:
+        return read_config_json(path)
+    except OSError as e:  # a missing file, a directory: said in the user's terms
+        raise ValueError(f"{name}: cannot be read ({e.strerror or e})") from None
+
+
+def _model_config(hf: dict, name: str) -> tuple:
+    """(model class, model config) of a config.json's values, dispatched on its model_type;
+    errors begin with `name` (how the user knows the file), not with the "config.json" of
+    from_hf_config's."""
     classes = _model_classes()
     model_type = hf.get("model_type")
     if model_type not in classes:
@@ -68,23 +75,23 @@ def _model_of_config(config_file: Path, seed: int):
     """A randomly initialised model (from `seed`) of the type and shape config_file describes."""
     from flax import nnx
 
-    model_class, config = _model_config(config_file, str(config_file))
+    name = str(config_file)
+    model_class, config = _model_config(_read_config(config_file, name), name)
     return model_class(config, rngs=nnx.Rngs(seed))
 
 
 def _config_file(path: str) -> tuple:
     """(model class, model config) of a --config file, refusing jaxinfer's own run settings in
     it, which from_hf_config would otherwise drop without a word."""
-    from jaxinfer.config import read_config_json
-
-    hf = read_config_json(path)
+    name = f"--config {path}"
+    hf = _read_config(path, name)
     found = sorted(set(hf) & set(RUN_SETTING_KEYS))
     if found:
         got = [f"{key} (give it as {RUN_SETTING_KEYS[key]})" if RUN_SETTING_KEYS[key]
                else f"{key} (jaxinfer train does not set it)" for key in found]
-        raise ValueError(f"--config {path}: run settings are not keys of a model's config.json; "
+        raise ValueError(f"{name}: run settings are not keys of a model's config.json; "
                          f"got {', '.join(got)}")
-    return _model_config(path, f"--config {path}")
+    return _model_config(hf, name)
 
 
 def _with_remat(model, remat: str):

@@ -418,7 +418,7 @@ def test_errors_in_the_config_file_name_the_file_given(tmp_path, handed_to_train
 
 
 @pytest.mark.parametrize("model_type, flags, message", [
-    ("missing", (), "missing.json"),
+    ("missing", (), "missing.json: cannot be read (No such file or directory)"),
     ("llama", ("--seq-len", "65"), "max_position_embeddings (64); got 65"),
     ("unsupported", (), "model_type must be one of"),
     ("hyena", ("--seq-len", "16", "--document-separator", "0"), "HyenaForCausalLM does not"),
