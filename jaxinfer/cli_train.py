@@ -137,7 +137,8 @@ def _resumed_run(args: argparse.Namespace, run: Path) -> _Run:
     import jaxinfer
     from jaxinfer.train import TrainConfig
     from jaxinfer.train.resume import check_resume, latest_checkpoint_step
-    from jaxinfer.train.run_files import RUN_FILE, TRAIN_CONFIG_FILE, write_json
+    from jaxinfer.files import write_json
+    from jaxinfer.train.run_files import RUN_FILE, TRAIN_CONFIG_FILE
 
     if not (run / TRAIN_CONFIG_FILE).exists():
         raise FileNotFoundError(f"{run} holds no run to resume ({TRAIN_CONFIG_FILE} missing)")
@@ -181,7 +182,8 @@ def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
     from jaxinfer.train import TrainConfig
     from jaxinfer.train.loop import check_model_fits
     from jaxinfer.train.resume import check_no_checkpoints
-    from jaxinfer.train.run_files import RUN_FILE, write_json
+    from jaxinfer.files import write_json
+    from jaxinfer.train.run_files import RUN_FILE
 
     if not args.corpus:
         raise ValueError("--corpus is required unless --resume is given")
@@ -395,7 +397,8 @@ def _write_summary(run: Path, result, steps: int, n_params: int, train_tokens,
     to do has only its metrics.jsonl's records: when that file was lost, the losses are those of
     the run's earlier summary.json at this step, or null (said on stderr)."""
     from jaxinfer.config import read_config_json
-    from jaxinfer.train.run_files import METRICS_FILE, write_json
+    from jaxinfer.files import write_json
+    from jaxinfer.train.run_files import METRICS_FILE
 
     names = ("final_train_loss", "held_out_loss", "held_out_perplexity")
     if result.history:

@@ -12,9 +12,6 @@ import json
 import logging
 from pathlib import Path
 
-# the run's files are written with these (`jaxinfer.files`); callers may import them from here
-from jaxinfer.files import new_file_mode, write_atomic, write_json  # noqa: F401
-
 log = logging.getLogger(__name__)
 
 METRICS_FILE = "metrics.jsonl"

@@ -10,7 +10,7 @@ from pathlib import Path
 import numpy as np
 
 from jaxinfer.config import read_config_json
-from jaxinfer.train.run_files import write_json
+from jaxinfer.files import write_json
 
 # what a resumed run may change: how long it goes on and how often it evaluates and saves. The
 # rest fix what batch i is (batch_size, grad_accum, seq_len, seed, packing) or how the update

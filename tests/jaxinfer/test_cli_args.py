@@ -20,7 +20,8 @@ from jaxinfer.checkpoint.train_state import TrainStateCheckpointer
 from jaxinfer.train.loop import CHECKPOINTS_DIR, TRAIN_CONFIG_FILE
 from jaxinfer.train.loop import train as real_train
 from jaxinfer.train.resume import data_fingerprint, model_config_changes
-from jaxinfer.train.run_files import DATA_FILE, write_json
+from jaxinfer.files import write_json
+from jaxinfer.train.run_files import DATA_FILE
 
 
 @pytest.mark.parametrize("argv", [
