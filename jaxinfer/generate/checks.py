@@ -125,14 +125,14 @@ def check_context(whose: str, config, max_model_len: int) -> None:
                          f"({config.max_position_embeddings}); got {max_model_len}")
 
 
-def check_snapkv_window(config, snapkv_budget: int | None) -> None:
-    """ValueError for SnapKV on a sliding-window model: SnapKV packs a prompt's kept tokens into
-    consecutive cache slots, and the paged kernels cut their window by slot, so the window would
-    span other tokens than the model's (HF's mask is by position)."""
+def check_snapkv_window(config, snapkv_budget: int | None, whose: str = "the model's") -> None:
+    """ValueError for SnapKV on a sliding-window model (target or draft): SnapKV packs a prompt's
+    kept tokens into consecutive cache slots, and the paged kernels cut their window by slot, so
+    the window would span other tokens than the model's (HF's mask is by position)."""
     if snapkv_budget is not None and config.sliding_window is not None:
         raise ValueError(f"snapkv_budget needs a model without sliding_window: SnapKV's compacted "
                          f"cache has no positions to cut the window by; got snapkv_budget="
-                         f"{snapkv_budget} with sliding_window={config.sliding_window}")
+                         f"{snapkv_budget} with {whose} sliding_window={config.sliding_window}")
 
 
 def check_draft_model(draft_model, config, max_model_len: int, speculative_tokens: int) -> None:

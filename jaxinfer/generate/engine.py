@@ -133,7 +133,8 @@ class Engine:
     (the draft's pages of a compressed prompt are compressed as well, by its own votes).
     hydragen: in a step where several sequences start with the same cached pages, attend to those
     pages once for all their tokens (one dense attention, Hydragen) and page through only the rest
-    of each sequence; costs one more compiled variant per token bucket. Any max_tokens_per_step
+    of each sequence; costs one more compiled variant per token bucket; off for a sliding-window
+    model (the shared prefix has no per-query window to cut). Any max_tokens_per_step
     works, also one above max_model_len (vLLM allows a step budget beyond the context, and a
     step of many short sequences uses it): a step's tokens then attend to the prefix in rows of
     the context's size (`attention_over_keys`), reading the prefix once per row.
@@ -188,12 +189,13 @@ class Engine:
         check_snapkv_window(config, snapkv_budget)
         if draft_model is not None:
             check_draft_model(draft_model, config, max_model_len, speculative_tokens)
+            check_snapkv_window(draft_model.config, snapkv_budget, "the draft model's")
         # the step returns the queries of snapkv_window tokens even when SnapKV is off (a few
         # rows), so that engines of one geometry share one compiled step either way
         self.snapkv_budget, self.snapkv_window = snapkv_budget, snapkv_window
         self.speculative_tokens, self.lookup_ngram = speculative_tokens, lookup_ngram
         self.num_draft_tokens = self.num_accepted_tokens = 0
-        self.hydragen = bool(hydragen)
+        self.hydragen = bool(hydragen) and config.sliding_window is None
         self.config = config
         self.tokenizer = tokenizer
         self.max_batch, self.page_size = max_batch, page_size

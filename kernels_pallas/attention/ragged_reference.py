@@ -4,7 +4,8 @@ Token t of sequence s (index i among its q_len tokens) sits at position kv_len -
 sees keys 0 .. that position (with a window, position - local_window .. position): one decode over
 its sequence's page-table row with length position + 1. The reference gathers each token's whole
 row ([T, pages_per_seq * page_size, Hkv, D]) and materializes its [T, keys] mask
-(``reference.paged_decode_attention``); padding tokens get length 0, hence out 0 and lse -inf. Memory grows with T x context: the oracle, not a fast path.
+(``reference.paged_decode_attention``); padding tokens get length 0, hence out 0 and lse -inf.
+Memory grows with T x context: the oracle, not a fast path.
 """
 
 from __future__ import annotations

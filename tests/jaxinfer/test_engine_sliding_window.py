@@ -72,9 +72,10 @@ def test_greedy_matches_generate_with_chunks_prefix_hits_and_preemption(model, o
 
 
 @pytest.mark.parametrize("paged_attention", ["per_token", "ragged"])
-def test_hydragen_steps_keep_the_window(model, oracle, paged_attention):
-    """Sequences that share a cached 12-token prefix in one step (Hydragen): with a window they
-    attend over their whole rows (the prefix is not split off), so outputs stay the oracle's."""
+def test_hydragen_is_off_with_a_window(model, oracle, paged_attention):
+    """Sequences that share a cached 12-token prefix in one step: the shared prefix has no
+    per-query window to cut, so a windowed engine attends page by page and outputs stay the
+    oracle's."""
     rng = np.random.default_rng(5)
     prefix = rng.integers(0, VOCAB, 12).tolist()
     prompts = [prefix + rng.integers(0, VOCAB, 8).tolist() for _ in range(3)]
@@ -84,7 +85,7 @@ def test_hydragen_steps_keep_the_window(model, oracle, paged_attention):
     engine.step()  # prefills the first prompt whole, caching the prefix's pages
     ids += [engine.submit(p, GREEDY) for p in prompts[1:]]
     engine.step()
-    assert engine.last_step.shared_prefix == 12
+    assert not engine.hydragen and engine.last_step.shared_prefix == 0
     results = engine.run_until_done()
     for rid, prompt in zip(ids, prompts):
         assert results[rid] == oracle(prompt), f"request {rid}"
@@ -109,3 +110,10 @@ def test_snapkv_with_a_window_is_refused(model):
     would not be the window over positions: the combination is refused."""
     with pytest.raises(ValueError, match=r"snapkv_budget .*sliding_window"):
         jaxinfer.Engine(model, **ENGINE, snapkv_budget=12)
+
+
+def test_snapkv_with_a_windowed_draft_is_refused(model):
+    target = peaky_model(dataclasses.replace(CONFIG, sliding_window=None))
+    with pytest.raises(ValueError, match=r"snapkv_budget .*the draft model's sliding_window"):
+        jaxinfer.Engine(target, **ENGINE, snapkv_budget=12, draft_model=model,
+                        speculative_tokens=2)
