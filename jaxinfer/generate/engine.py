@@ -301,7 +301,8 @@ class Engine:
 
     def step(self) -> list[Event]:
         """Run one scheduled step; returns the events it produced (empty when idle). A step that
-        raises (say a tokenizer's decode, for stop strings) changes no request: the exception
+        raises (say a tokenizer's decode, for stop strings) changes no request's output or
+        computed position (its scheduling, drafts and written KV may have moved): the exception
         propagates, and the next step computes the same tokens again (abort a request whose
         tokenizer keeps raising)."""
         if self.speculative_tokens:
