@@ -30,13 +30,14 @@ from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from kernels_pallas import (flash_attention, merge_attention, paged_decode_attention,
                             ragged_paged_attention)
 from kernels_pallas.attention import MASK_VALUE, dequantize, token_owners
-from kernels_pallas.backend import resolve_backend
 
 log = logging.getLogger(__name__)
 
-# Context tokens the XLA paged path gathers per loop step when every token of a step is a query:
-# its gather is [T, chunk, Hkv, D], so a short chunk keeps it near each token's real context (the
-# kernel's decode default, ~512, made a 256-token step of short prompts 3-9x slower on CPU).
+# Context tokens the XLA paged path gathers per loop step when every token of a step is a query
+# (`paged_decode_attention`'s xla_chunk_tokens; the kernels pick the backend and the Pallas ones
+# ignore it): its gather is [T, chunk, Hkv, D], so a short chunk keeps it near each token's real
+# context (the kernel's decode default, ~512, made a 256-token step of short prompts 3-9x slower
+# on CPU).
 PAGED_XLA_CHUNK_TOKENS = 64
 
 
@@ -188,7 +189,6 @@ def paged_attention(q: jax.Array, kv: PagedLayerKV, meta: PagedBatch, *, backend
         cols = jnp.arange(pages_per_seq)[None, :] + (skip // page_size)[:, None]
         table = jnp.take_along_axis(table, jnp.minimum(cols, pages_per_seq - 1), axis=1)
         kv_lengths = kv_lengths - skip
-    impl = resolve_backend(backend, tpu_kernel=True)[0]
     scales = dict(k_scales=kv.k_scale, v_scales=kv.v_scale, return_lse=True)
     if meta.ragged:
         out, lse = ragged_paged_attention(q, k_pages, v_pages, table, meta.query_starts,
@@ -197,13 +197,10 @@ def paged_attention(q: jax.Array, kv: PagedLayerKV, meta: PagedBatch, *, backend
     else:
         seq, _, position, owned = token_owners(meta.query_starts, kv_lengths, meta.num_seqs,
                                                q.shape[0])  # [T] each
-        pages_per_block = None  # the TPU kernel sizes its own
-        if impl == "xla":
-            pages_per_block = max(1, min(table.shape[1], PAGED_XLA_CHUNK_TOKENS // kv.k.shape[1]))
         out, lse = paged_decode_attention(q, k_pages, v_pages, table[seq],
                                           jnp.where(owned, position + 1, 0), backend=backend,
-                                          pages_per_block=pages_per_block, local_window=window,
-                                          **scales)
+                                          xla_chunk_tokens=PAGED_XLA_CHUNK_TOKENS,
+                                          local_window=window, **scales)
     if shared is None:
         return out
     prefix_k, prefix_v = (dequantize(pages[shared.pages], None if s is None else s[shared.pages],

@@ -184,6 +184,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
                            num_splits: int | None = None, pages_per_block: int | None = None,
                            return_lse: bool = False, k_scales: jax.Array | None = None,
                            v_scales: jax.Array | None = None, local_window: int | None = None,
+                           xla_chunk_tokens: int | None = None,
                            ) -> jax.Array | tuple[jax.Array, jax.Array]:
     """Attention of one new query token per sequence over a KV cache kept in fixed-size pages.
 
@@ -222,6 +223,11 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         keys length - 1 - w .. length - 1 only (a sliding window: ``flash_attention``'s causal
         ``local_window=w``, left w; HF Mistral's ``sliding_window`` W is w = W - 1). The xla and
         GPU paths skip the pages wholly before the window; the TPU kernel skips their compute.
+      xla_chunk_tokens: where the xla path runs and ``pages_per_block`` is None, the context
+        tokens it gathers per loop step in place of its ~512 (``paged_xla.DEFAULT_CHUNK_TOKENS``).
+        A caller whose batch rows are many tokens of the same few sequences (a serving step's
+        one decode per token) passes fewer, keeping each row's gather near its real context. The
+        Pallas kernels ignore it.
 
     Returns:
       out [batch, Hq, D] in q's dtype (and lse float32 [batch, Hq] with ``return_lse``).
@@ -233,7 +239,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     checks.check_scalars(False, softmax_scale, None, return_lse, backend)
     page_size = k_pages.shape[1]
     window = _paged_window(local_window, page_table.shape[1] * page_size)
-    for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block)):
+    for name, value in (("num_splits", num_splits), ("pages_per_block", pages_per_block),
+                        ("xla_chunk_tokens", xla_chunk_tokens)):
         check_block(name, value, pallas=False, minimum=1)
     impl, interpret = _paged_impl(backend, page_size)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
@@ -247,7 +254,8 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         out = out.astype(q.dtype)
     elif impl == "xla":
         if pages_per_block is None:
-            pages_per_block = paged_xla.default_pages_per_block(page_size, page_table.shape[1])
+            pages_per_block = paged_xla.default_pages_per_block(
+                page_size, page_table.shape[1], xla_chunk_tokens or paged_xla.DEFAULT_CHUNK_TOKENS)
         out, lse = paged_xla.paged_decode_attention(q, k_pages, v_pages, page_table, lengths,
                                                     scale=scale, pages_per_block=pages_per_block,
                                                     k_scales=k_scales, v_scales=v_scales,

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import paged_decode_attention
-from kernels_pallas.attention import paged_pallas_gpu, paged_pallas_tpu
+from kernels_pallas.attention import paged_pallas_gpu, paged_pallas_tpu, paged_xla
 from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
 
 
@@ -238,6 +238,23 @@ def test_default_pages_per_block_cover_16_tokens_and_stay_in_the_table():
     assert paged_pallas_gpu.default_pages_per_block(page_size=128, pages_per_seq=8) == 1
 
 
+def test_xla_chunk_tokens_set_the_xla_default_pages_per_block_and_nothing_else(monkeypatch):
+    """The hint replaces xla's ~512 tokens a step (page 8, 2-page table: 16 -> 2 pages; 8 -> 1),
+    an explicit pages_per_block wins, and on the Pallas kernels it changes nothing."""
+    seen = []
+
+    def capture(*args, pages_per_block, **kwargs):
+        seen.append(pages_per_block)
+        return Q, jnp.zeros(Q.shape[:2], jnp.float32)
+
+    for module in (paged_xla, paged_pallas_gpu):
+        monkeypatch.setattr(module, "paged_decode_attention", capture)
+    for kwargs in ({}, {"xla_chunk_tokens": 8}, {"xla_chunk_tokens": 8, "pages_per_block": 2},
+                   {"xla_chunk_tokens": 8, "backend": "pallas"}, {"backend": "pallas"}):
+        paged_decode_attention(Q, PAGES, PAGES, TABLE, LENGTHS, **{"backend": "xla", **kwargs})
+    assert seen == [2, 1, 2, None, None]
+
+
 def test_default_num_splits_fill_the_grid_but_keep_pages_per_split():
     assert paged_pallas_gpu.default_num_splits(batch=1, hkv=8, pages_per_seq=1024) == 32
     assert paged_pallas_gpu.default_num_splits(batch=64, hkv=8, pages_per_seq=1024) == 1
@@ -281,6 +298,8 @@ LENGTHS = jnp.asarray([3, 16], jnp.int32)
     ((Q, PAGES, PAGES, TABLE, LENGTHS), {"backend": "tpu"}, r"backend must be one of"),
     ((Q, PAGES, PAGES, TABLE, LENGTHS), {"num_splits": 0},
      r"num_splits must be None or a positive"),
+    ((Q, PAGES, PAGES, TABLE, LENGTHS), {"xla_chunk_tokens": 0},
+     r"xla_chunk_tokens must be None or a positive int; got 0"),
     ((Q, jnp.zeros((6, 12, 2, 16)), jnp.zeros((6, 12, 2, 16)), TABLE, LENGTHS),
      {"backend": "pallas"}, r"power-of-two page_size .* got page_size=12"),
     ((Q, PAGES, PAGES, TABLE, LENGTHS), {"local_window": -1},
