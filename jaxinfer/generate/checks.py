@@ -18,6 +18,7 @@ import numpy as np
 from flax import nnx
 
 from jaxinfer.config_checks import is_int
+from jaxinfer.models.inputs import check_in_vocab, check_integer_ids, token_array
 
 MAX_SEED = 2**32 - 1  # seeds travel to the device as uint32
 
@@ -83,21 +84,14 @@ def _fail(name: str, value, expected: str, optional: bool) -> NoReturn:
 
 
 def check_prompt(prompt_ids, vocab_size: int) -> list[int]:
-    """A request's prompt as a list of ids: a non-empty 1-D integer sequence in the vocabulary."""
-    try:
-        ids = np.asarray(prompt_ids)
-    except ValueError:
-        raise ValueError("prompt_ids must be a flat sequence of token ids; got ragged "
-                         "nested lists") from None
+    """A request's prompt as a list of ids: a non-empty 1-D integer sequence in the vocabulary
+    (a list, a NumPy or JAX array or a torch tensor; the models' `check_input_ids` rules)."""
+    ids = np.asarray(token_array(prompt_ids, "prompt_ids", "a flat sequence of token ids"))
     if ids.ndim != 1 or ids.size == 0:
         raise ValueError(f"prompt_ids must be a non-empty 1-D sequence of token ids; got "
                          f"shape {ids.shape}")
-    if not np.issubdtype(ids.dtype, np.integer):
-        raise ValueError(f"prompt_ids must hold integer token ids; got dtype {ids.dtype}")
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= vocab_size:
-        raise ValueError(f"prompt_ids must lie in [0, {vocab_size}) (vocab_size); "
-                         f"found token id {low if low < 0 else high}")
+    check_integer_ids(ids.dtype, "prompt_ids")
+    check_in_vocab(ids, vocab_size, "prompt_ids")
     return ids.tolist()
 
 

@@ -18,21 +18,12 @@ def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0,
 
     Nested lists and torch tensors (through numpy) are accepted. Value checks are skipped for
     traced arrays (inside jit the caller is responsible)."""
-    if type(input_ids).__module__ == "torch":  # a torch.Tensor
-        input_ids = input_ids.detach().cpu().numpy()
-    if isinstance(input_ids, (list, tuple)):
-        try:
-            input_ids = np.asarray(input_ids)
-        except ValueError:
-            raise ValueError(f"{name} must be a rectangular [batch, seq] array; got ragged "
-                             f"nested lists") from None
+    input_ids = token_array(input_ids, name, "a rectangular [batch, seq] array")
     shape = getattr(input_ids, "shape", None)
-    dtype = getattr(input_ids, "dtype", None)
     if shape is None or len(shape) != 2:
         got = type(input_ids).__name__ if shape is None else f"shape {tuple(shape)}"
         raise ValueError(f"{name} must be a 2-D [batch, seq] array of token ids; got {got}")
-    if not _is_integer_dtype(dtype):
-        raise ValueError(f"{name} must hold integer token ids; got dtype {dtype}")
+    check_integer_ids(getattr(input_ids, "dtype", None), name)
     batch, seq = shape
     if batch == 0 or seq == 0:
         raise ValueError(f"{name} must have at least one sequence and one token; got {shape}")
@@ -47,22 +38,45 @@ def check_input_ids(input_ids, config: LlamaConfig, *, new_tokens: int = 0,
                          f"of {context} positions (max_position_embeddings)")
     if isinstance(input_ids, jax.core.Tracer):
         return input_ids
-    ids = np.asarray(input_ids)
-    low, high = int(ids.min()), int(ids.max())
-    if low < 0 or high >= config.vocab_size:
-        bad = low if low < 0 else high
-        raise ValueError(
-            f"{name} must lie in [0, {config.vocab_size}) (vocab_size); found token id {bad}"
-        )
+    check_in_vocab(np.asarray(input_ids), config.vocab_size, name)
     return input_ids
 
 
-def _is_integer_dtype(dtype) -> bool:
-    """Whether ``dtype`` (numpy-like, or None, or another library's) is an integer type."""
+# The token-id checks every entry point shares (here for the models' [batch, seq] ids, and for
+# the engine's 1-D prompts in `jaxinfer.generate.checks.check_prompt`), so they accept the same
+# inputs and refuse them with the same messages.
+
+def token_array(ids, name: str, expected: str):
+    """ids as an array where it arrives as a torch tensor (detached, through numpy on the CPU) or
+    as nested lists or tuples (ValueError "<name> must be <expected>; got ragged nested lists"
+    where they are not rectangular); anything else (NumPy and JAX arrays, tracers) unchanged."""
+    if type(ids).__module__ == "torch":  # a torch.Tensor
+        ids = ids.detach().cpu().numpy()
+    if isinstance(ids, (list, tuple)):
+        try:
+            ids = np.asarray(ids)
+        except ValueError:
+            raise ValueError(f"{name} must be {expected}; got ragged nested lists") from None
+    return ids
+
+
+def check_integer_ids(dtype, name: str) -> None:
+    """ValueError unless ``dtype`` (NumPy-like, None or another library's) is an integer type."""
     try:
-        return np.issubdtype(np.dtype(dtype), np.integer)
+        integer = np.issubdtype(np.dtype(dtype), np.integer)
     except TypeError:
-        return False
+        integer = False
+    if not integer:
+        raise ValueError(f"{name} must hold integer token ids; got dtype {dtype}")
+
+
+def check_in_vocab(ids: np.ndarray, vocab_size: int, name: str) -> None:
+    """ValueError naming the first out-of-range id found (the lowest if negative, else the
+    highest) unless every id of the non-empty integer array lies in [0, vocab_size)."""
+    low, high = int(ids.min()), int(ids.max())
+    if low < 0 or high >= vocab_size:
+        raise ValueError(f"{name} must lie in [0, {vocab_size}) (vocab_size); found token id "
+                         f"{low if low < 0 else high}")
 
 
 def check_segment_ids(segment_ids, shape: tuple[int, int]):
