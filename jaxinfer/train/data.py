@@ -66,9 +66,11 @@ class PackedDocuments:
 
     def __post_init__(self) -> None:
         docs = tuple(np.asarray(d, np.int32) for d in self.documents)
-        if not docs or any(d.ndim != 1 or len(d) == 0 for d in docs):
-            raise ValueError("documents must be a non-empty sequence of non-empty 1-D token "
-                             "arrays")
+        bad = next((i for i, d in enumerate(docs) if d.ndim != 1 or d.size == 0), None)
+        if not docs or bad is not None:
+            got = "0 documents" if not docs else f"documents[{bad}] of shape {docs[bad].shape}"
+            raise ValueError(f"documents must be a non-empty sequence of non-empty 1-D token "
+                             f"arrays; got {got}")
         object.__setattr__(self, "documents", docs)
         # computed once: batch() must cost O(its rows), not O(documents), every step
         object.__setattr__(self, "_lengths", np.fromiter((len(d) for d in docs), np.int64,

@@ -100,6 +100,18 @@ def test_an_epochs_order_and_offsets_are_computed_once_not_every_batch(monkeypat
     assert layouts == [500, 500]  # epochs 0 and 1, once each
 
 
+@pytest.mark.parametrize("documents,got", [
+    ((), "got 0 documents"),
+    (([1, 2], [], [3]), r"got documents\[1\] of shape \(0,\)"),
+    (([1, 2], [3], [[4, 5]]), r"got documents\[2\] of shape \(1, 2\)"),
+    ((7,), r"got documents\[0\] of shape \(\)"),
+])
+def test_bad_documents_are_named_by_their_index_and_shape(documents, got):
+    with pytest.raises(ValueError, match=r"documents must be a non-empty sequence of non-empty "
+                                         r"1-D token arrays; " + got):
+        PackedDocuments(documents, seq_len=2, batch_size=1)
+
+
 def test_split_documents_keeps_each_separator_with_its_document():
     docs = split_documents(np.array([5, 6, 0, 7, 0, 8, 9]), separator=0)
     assert [d.tolist() for d in docs] == [[5, 6, 0], [7, 0], [8, 9]]
