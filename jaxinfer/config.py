@@ -53,6 +53,9 @@ def read_config_json(path: str | os.PathLike) -> dict[str, Any]:
             hf = json.load(f)
     except json.JSONDecodeError as e:
         raise ValueError(f"{path} is not valid JSON: {e}") from None
+    except UnicodeDecodeError as e:  # a binary file given where a JSON file belongs
+        raise ValueError(f"{path} is not a UTF-8 text (JSON) file: {e.reason} at byte "
+                         f"{e.start}") from None
     if not isinstance(hf, dict):
         raise ValueError(f"{path} must hold a JSON object; got {type(hf).__name__}")
     return hf

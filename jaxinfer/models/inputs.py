@@ -82,21 +82,24 @@ def check_in_vocab(ids: np.ndarray, vocab_size: int, name: str) -> None:
 def check_segment_ids(segment_ids, shape: tuple[int, int]):
     """Return segment_ids as an array after checking that it is an integer [batch, seq] array of
     the input ids' `shape` (packed documents: each contiguous run of one id is a document)."""
-    if isinstance(segment_ids, (list, tuple)):
-        segment_ids = np.asarray(segment_ids)
+    segment_ids = token_array(segment_ids, "segment_ids", "a rectangular [batch, seq] array")
     got = tuple(getattr(segment_ids, "shape", ()) or ())
     if got != tuple(shape):
         raise ValueError(f"segment_ids must be [batch, seq] = {list(shape)} like input_ids; got "
                          f"shape {list(got) if hasattr(segment_ids, 'shape') else None}")
-    dtype = getattr(segment_ids, "dtype", None)
-    if dtype is None or not np.issubdtype(dtype, np.integer):
-        raise ValueError(f"segment_ids must hold integer ids; got dtype {dtype}")
+    check_integer_ids(getattr(segment_ids, "dtype", None), "segment_ids")
     return jax.numpy.asarray(segment_ids, jax.numpy.int32)
 
 
 def known_start(start: jax.Array | int) -> jax.Array | int:
     """A cache start as a Python int when its value is known (a Python, NumPy or concrete JAX
-    integer), so that it can be checked against the cache; a traced start unchanged."""
+    integer), so that it can be checked against the cache; a traced start unchanged. Anything
+    but an integer scalar (a bool, a float, an array of positions) is a ValueError."""
+    dtype = getattr(start, "dtype", None)
+    integer = (isinstance(start, int) if dtype is None
+               else np.issubdtype(np.dtype(dtype), np.integer) and np.ndim(start) == 0)
+    if not integer or isinstance(start, bool):
+        raise ValueError(f"start must be an integer scalar (the first position); got {start!r}")
     try:
         return operator.index(start)
     except TypeError:  # a tracer: jax raises TracerIntegerConversionError, a TypeError

@@ -113,6 +113,12 @@ def test_malformed_config_json_is_invalid_json(checkpoint):
     assert_raised_by_jaxinfer(excinfo)
 
 
+def test_binary_config_json_is_named(checkpoint):
+    (checkpoint / "config.json").write_bytes(b"\xff\xfe\x00binary")
+    with pytest.raises(ValueError, match=r"config\.json is not a UTF-8 text \(JSON\) file"):
+        jaxinfer.load_pretrained(checkpoint)
+
+
 def test_config_json_that_is_not_an_object_is_rejected(checkpoint):
     (checkpoint / "config.json").write_text("[1, 2, 3]")
     with pytest.raises(ValueError, match=r"JSON object; got list"):

@@ -6,13 +6,15 @@ from __future__ import annotations
 
 import re
 
+import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 import torch
 
 import jaxinfer
 from jaxinfer.generate.checks import check_prompt
-from jaxinfer.models.inputs import check_input_ids
+from jaxinfer.models.inputs import check_input_ids, check_segment_ids, known_start
 from tests.jaxinfer.test_engine import (  # noqa: F401  (model, oracle: fixtures)
     CONFIG, ENGINE, GREEDY, VOCAB, model, oracle)
 
@@ -52,3 +54,26 @@ def test_integer_torch_tensors_pass_both_checks_unchanged():
     out = check_input_ids(ids, CONFIG)
     assert isinstance(out, np.ndarray) and out.dtype == np.int32
     assert out.tolist() == [[4, 0, VOCAB - 1]]
+
+
+def test_segment_ids_take_torch_tensors_and_refuse_ragged_or_float_ones():
+    np.testing.assert_array_equal(check_segment_ids(torch.tensor([[0, 0, 1]]), (1, 3)), [[0, 0, 1]])
+    with pytest.raises(ValueError, match="segment_ids must be a rectangular .* ragged"):
+        check_segment_ids([[0, 1], [0]], (2, 2))
+    with pytest.raises(ValueError, match="segment_ids must hold integer token ids; got dtype"):
+        check_segment_ids(torch.zeros((1, 3)), (1, 3))
+
+
+@pytest.mark.parametrize("start", [3, np.int64(3), np.uint32(3), np.array(3), jnp.int32(3)])
+def test_a_known_start_is_a_python_int(start):
+    assert known_start(start) == 3 and type(known_start(start)) is int
+
+
+def test_a_traced_start_stays_traced():
+    assert int(jax.jit(lambda s: jnp.asarray(known_start(s)) + 1)(jnp.int32(3))) == 4
+
+
+@pytest.mark.parametrize("start", [True, np.True_, 2.0, jnp.float32(2), np.array([3]), "3"])
+def test_a_start_that_is_not_an_integer_scalar_is_refused(start):
+    with pytest.raises(ValueError, match="start must be an integer scalar"):
+        known_start(start)
