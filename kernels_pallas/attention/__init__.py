@@ -212,9 +212,10 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       num_splits: GPU pallas only: context splits per (sequence, KV head) (flash-decoding); None
         picks enough to fill the GPU (``paged_pallas_gpu.default_num_splits``). The TPU kernel
         walks each sequence's pages in order (its grid is sequential) and ignores it.
-      pages_per_block: pages gathered per loop step; None gives ~512 tokens a step on xla, ~64 on
-        GPU pallas (raised there to a power of two covering >= 16 tokens) and ~256 on pallas_tpu
-        (at most 16 pages, one BlockSpec per page: larger values are clipped to 16).
+      pages_per_block: pages gathered per loop step; None gives ~512 tokens a step on xla (or
+        ``xla_chunk_tokens``), ~64 on GPU pallas (raised there to a power of two covering >= 16
+        tokens) and ~256 on pallas_tpu (at most 16 pages, one BlockSpec per page: larger values
+        are clipped to 16).
       return_lse: also return the float32 log-sum-exp [batch, Hq] (to merge with other parts).
       k_scales, v_scales: float32 [num_pages, page_size, Hkv], only with int8 pages: the page
         holds values whose K (V) is ``values * scale`` per (token, head). Each backend dequantizes
@@ -227,7 +228,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         tokens it gathers per loop step in place of its ~512 (``paged_xla.DEFAULT_CHUNK_TOKENS``).
         A caller whose batch rows are many tokens of the same few sequences (a serving step's
         one decode per token) passes fewer, keeping each row's gather near its real context. The
-        Pallas kernels ignore it.
+        reference and the Pallas kernels ignore it.
 
     Returns:
       out [batch, Hq, D] in q's dtype (and lse float32 [batch, Hq] with ``return_lse``).
