@@ -38,15 +38,13 @@ from jaxinfer.models.hyena_cache import (HyenaCache, HyenaLayerCache, cached_lon
                                          short_window, write_positions, write_short)
 from jaxinfer.models.hyena_filter import ImplicitFilter
 from jaxinfer.models.inputs import check_input_ids, known_start
-from jaxinfer.models.layers import (Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
-                                     output_logits, param, row_parallel)
-from jaxinfer.models.remat import remat_call
+from jaxinfer.models.layers import (RESIDUAL, CausalLM, Linear, RMSNorm, SwiGLU, column_parallel,
+                                     param, row_parallel)
 from kernels_pallas import fftconv
 from sharding import constrain, local_map
 
-# Logical names of activation dimensions (sharding/rules.py maps them to mesh axes).
-RESIDUAL = ("batch", "res_seq", "act_embed")
-LOGITS = ("batch", "seq", "act_vocab")
+# Logical names of activation dimensions (sharding/rules.py maps them to mesh axes); RESIDUAL,
+# the residual stream's, comes from layers.py.
 # Decoding cache: the short-conv inputs [batch, taps - 1 + max_len, channels], gated inputs
 # [batch, D, max_len] and filters [N-1, D, max_len]; channels split like the in_proj outputs
 # they come from.
@@ -196,40 +194,20 @@ class HyenaBlock(nnx.Module):
         return x + self.mlp(self.mlp_norm(x)), cache
 
 
-def _call_block(block: HyenaBlock, x: jax.Array, cache: HyenaLayerCache | None,
-                start: jax.Array | int) -> tuple[jax.Array, HyenaLayerCache | None]:
-    return block(x, cache, start)
-
-
-class HyenaForCausalLM(nnx.Module):
-    """Token ids [batch, seq] -> next-token logits float32 [batch, seq, vocab]."""
+class HyenaForCausalLM(CausalLM):
+    """Token ids [batch, seq] -> next-token logits float32 [batch, seq, vocab]. Embedding, blocks,
+    final norm and LM head as `CausalLM`; no packed documents (segment_ids), no paged serving."""
 
     def __init__(self, config: HyenaConfig, *, rngs: nnx.Rngs):
         if not isinstance(config, HyenaConfig):
             raise TypeError(f"config must be a HyenaConfig; got {type(config).__name__}")
-        c = config
-        self.config = c
-        dt, pd = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pd,
-                                      rngs=rngs)
-        self.layers = nnx.List([HyenaBlock(c, rngs=rngs) for _ in range(c.num_hidden_layers)])
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=pd)
-        self.lm_head = None if c.tie_word_embeddings else Linear(
-            c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dt,
-            param_dtype=pd, rngs=rngs)
+        super().__init__(config, lambda: HyenaBlock(config, rngs=rngs), rngs=rngs)
 
     def __call__(self, input_ids: jax.Array) -> jax.Array:
+        """Logits float32 [batch, T, vocab] of input_ids [batch, T]."""
         input_ids = check_input_ids(input_ids, self.config)
         logits, _ = self.forward(jnp.asarray(input_ids))
         return logits
-
-    def block_caller(self, cached: bool):
-        """How forward calls a block, `call(block, x, cache, start)`: without a cache (training,
-        scoring: what is differentiated) under remat with the policy `config.remat` names
-        (`remat_call`), so that the backward pass recomputes what the policy does
-        not keep; with one (decoding, never differentiated) directly, so a prefill's static
-        start of 0 still picks the FFT path and a decode loop's scan needs no remat."""
-        return _call_block if cached else remat_call(_call_block, self.config.remat)
 
     def init_cache(self, batch: int, max_len: int) -> HyenaCache:
         """An empty decoding cache for `batch` sequences of `max_len` slots; it materializes
@@ -241,12 +219,6 @@ class HyenaForCausalLM(nnx.Module):
         max_len 8192: ~38 MB short + ~13 MB long), unlike a recurrent state of fixed size:
         positions are kept so that a rollback is exact (``HyenaOperator.init_cache``)."""
         return HyenaCache(tuple(layer.mixer.init_cache(batch, max_len) for layer in self.layers))
-
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Token embeddings [batch, T, embed] of input_ids [batch, T], in the residual layout,
-        as `DecoderLM.embed` (`Embedding.lookup_residual`, which keeps tp_sp from all-gathering
-        the vocab-split table into the sequence-split residual)."""
-        return self.embed_tokens.lookup_residual(input_ids)
 
     def forward(self, input_ids: jax.Array, cache: HyenaCache | None = None,
                 start: jax.Array | int = 0) -> tuple[jax.Array, HyenaCache | None]:
@@ -275,13 +247,12 @@ class HyenaForCausalLM(nnx.Module):
                                  f"below max_position_embeddings = "
                                  f"{self.config.max_position_embeddings} (the filters' length)")
         x = self.embed(input_ids)  # [batch, T, embed]
-        call = self.block_caller(cache is not None)
+        # cached (decoding): no remat, so a prefill's static start of 0 picks the FFT path
+        call = self.layer_caller(cache is not None)
         new_layers = []
         for i, layer in enumerate(self.layers):
             x, layer_cache = call(layer, x, None if cache is None else cache.layers[i], start)
             x = constrain(x, RESIDUAL)
             new_layers.append(layer_cache)
-        x = self.norm(x)
-        logits = output_logits(self.embed_tokens, self.lm_head, x)
         new_cache = None if cache is None else HyenaCache(tuple(new_layers))
-        return constrain(logits, LOGITS).astype(jnp.float32), new_cache
+        return self.logits(x), new_cache

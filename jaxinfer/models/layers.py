@@ -1,4 +1,5 @@
-"""Building blocks shared by the decoders: linear, embedding, RMSNorm, SwiGLU MLP.
+"""Building blocks shared by the decoders: linear, embedding, RMSNorm, SwiGLU MLP, and
+`CausalLM`, the embedding, layer stack, final norm and LM head every model here is built on.
 
 Every parameter carries `logical_axes` metadata (the logical names of ../shared/DESIGN.md). The
 `sharding` package maps those names to mesh axes, so a new parallel layout never edits a model. The
@@ -10,18 +11,24 @@ happen.
 
 from __future__ import annotations
 
-from typing import Sequence
+import functools
+from typing import TYPE_CHECKING, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from jaxinfer.models.remat import remat_call
 from sharding import (column_parallel_matmul, constrain, row_parallel_matmul,
                       vocab_parallel_lookup)
 
 INIT_STDDEV = 0.02  # the initializer_range of HF Llama configs
 # Logical names of the residual stream [batch, seq, embed] (sharding/rules.py).
 RESIDUAL = ("batch", "res_seq", "act_embed")
+LOGITS = ("batch", "seq", "act_vocab")  # the logits [batch, seq, vocab]
+
+if TYPE_CHECKING:
+    from jaxinfer.config import HyenaConfig, LlamaConfig
 
 
 def param(value: jax.Array, axes: Sequence[str | None]) -> nnx.Param:
@@ -169,3 +176,49 @@ class SwiGLU(nnx.Module):
             return self.down_proj(hidden)
         hidden = constrain(hidden, ("batch", "seq", "act_mlp"))
         return row_parallel(self.down_proj, hidden, ("batch", "seq", "act_mlp"))
+
+
+def _call_layer(layer: nnx.Module, *args, **static):
+    return layer(*args, **static)
+
+
+class CausalLM(nnx.Module):
+    """What every language model here shares: the token embedding (`embed_tokens`), a stack of
+    `layers` (``make_layer()`` each), the final `norm` and the tied (None) or untied `lm_head`,
+    named as Hugging Face names them; the embedding lookup, the logits, and how a forward calls
+    a layer. Subclasses define ``forward`` and ``__call__``."""
+
+    def __init__(self, config: LlamaConfig | HyenaConfig, make_layer: Callable[[], nnx.Module],
+                 *, rngs: nnx.Rngs):
+        c = config
+        self.config = c
+        dt, pd = jnp.dtype(c.dtype), jnp.dtype(c.param_dtype)
+        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=dt, param_dtype=pd,
+                                      rngs=rngs)
+        self.layers = nnx.List([make_layer() for _ in range(c.num_hidden_layers)])
+        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=pd)
+        self.lm_head = None if c.tie_word_embeddings else Linear(
+            c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False, dtype=dt,
+            param_dtype=pd, rngs=rngs)
+
+    def layer_caller(self, cached: bool, **static):
+        """How forward calls a layer, `call(layer, *args)`: without a cache (training, scoring:
+        what is differentiated) under remat with the policy `config.remat` names
+        (`remat_call`), so that the backward pass recomputes what the policy does not keep;
+        with one (prefill and decode, never differentiated) directly, since remat only costs
+        there and would trace a prefill's static start of 0. `static` keyword arguments (not
+        arrays: the sequence layout, the prefill flag) are bound before the remat, which would
+        otherwise trace them."""
+        call = functools.partial(_call_layer, **static)
+        return call if cached else remat_call(call, self.config.remat)
+
+    def embed(self, input_ids: jax.Array) -> jax.Array:
+        """Token embeddings [batch, T, embed] of input_ids [batch, T], in the residual layout
+        (`Embedding.lookup_residual`: under tp_sp a vocab-parallel lookup reduce-scattered onto
+        the sequence-split residual, never an all-gather of the table)."""
+        return self.embed_tokens.lookup_residual(input_ids)
+
+    def logits(self, x: jax.Array) -> jax.Array:
+        """Final norm and LM head: x [batch, T, embed] -> float32 logits [batch, T, vocab]."""
+        logits = output_logits(self.embed_tokens, self.lm_head, self.norm(x))
+        return constrain(logits, LOGITS).astype(jnp.float32)

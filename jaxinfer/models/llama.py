@@ -14,7 +14,6 @@ document (`segment_runs`).
 
 from __future__ import annotations
 
-import functools
 from typing import Callable
 
 import jax
@@ -26,19 +25,17 @@ from jaxinfer.models.attention import (cached_attention, causal_attention, paged
                                        prefill_attention, ring_shards)
 from jaxinfer.models.inputs import check_input_ids, check_segment_ids
 from jaxinfer.models.kv_cache import KVCache, LayerKV
-from jaxinfer.models.layers import (RESIDUAL, Embedding, Linear, RMSNorm, SwiGLU, column_parallel,
-                                     output_logits, row_parallel)
+from jaxinfer.models.layers import (LOGITS, RESIDUAL, CausalLM, Linear, RMSNorm, SwiGLU,
+                                     column_parallel, output_logits, row_parallel)
 from jaxinfer.models.paged_kv import PagedBatch, PagedKVCache, PagedLayerKV
-from jaxinfer.models.remat import remat_call
 from jaxinfer.models.rope import apply_rotary, inverse_frequencies, rotary_tables
 from sharding import constrain, zigzag_permute, zigzag_unpermute
 
 # Logical names of activation dimensions (sharding/rules.py maps them to mesh axes); RESIDUAL,
-# the residual stream's, comes from layers.py.
+# the residual stream's, and LOGITS come from layers.py.
 Q_AXES = ("batch", "seq", "act_heads", "head_dim")
 KV_AXES = ("batch", "seq", "act_kv_heads", "head_dim")
 CACHE_AXES = ("batch", "cache_seq", "act_kv_heads", "head_dim")
-LOGITS = ("batch", "seq", "act_vocab")
 SEQUENCE_LAYOUTS = ("contiguous", "zigzag")  # token orders forward takes (causal_attention)
 
 
@@ -150,10 +147,6 @@ class DecoderLayer(nnx.Module):
         return x + self.mlp(self.post_attention_layernorm(x)), kv, q
 
 
-def _call_layer(layer: nnx.Module, *args, **static):
-    return layer(*args, **static)
-
-
 def segment_runs(segment_ids: jax.Array) -> tuple[jax.Array, jax.Array]:
     """(run ids, positions) int32 [batch, T] each, of segment_ids int [batch, T] in natural order.
 
@@ -190,34 +183,11 @@ def is_prefill(cache: KVCache | None, start: jax.Array | int) -> bool:
     return cache is not None and isinstance(start, int) and start == 0
 
 
-class DecoderLM(nnx.Module):
-    """What every decoder here shares: token embedding, a stack of layers (``make_layer()`` each),
-    the final norm and the tied or untied LM head, the checked ``__call__``, the dense KV cache and
-    the paged forward the serving engine runs (each layer's ``paged`` method). Subclasses define
-    ``forward``."""
-
-    def __init__(self, config: LlamaConfig, make_layer: Callable[[], nnx.Module], *,
-                 rngs: nnx.Rngs):
-        c = config
-        self.config = c
-        self.embed_tokens = Embedding(c.vocab_size, c.hidden_size, dtype=jnp.dtype(c.dtype),
-                                      param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-        self.layers = nnx.List([make_layer() for _ in range(c.num_hidden_layers)])
-        self.norm = RMSNorm(c.hidden_size, eps=c.rms_norm_eps, param_dtype=jnp.dtype(c.param_dtype))
-        self.lm_head = None if c.tie_word_embeddings else Linear(
-            c.hidden_size, c.vocab_size, axes=("embed", "vocab"), use_bias=False,
-            dtype=jnp.dtype(c.dtype), param_dtype=jnp.dtype(c.param_dtype), rngs=rngs)
-
-    def layer_caller(self, cached: bool, **static):
-        """How forward calls a decoder layer, `call(layer, *args)`: without a cache (training,
-        scoring: what is differentiated) under remat with the policy `config.remat` names
-        (`remat_call`), so that the backward pass recomputes what the policy does not keep;
-        with one (prefill and decode, never differentiated) directly, since remat only costs
-        there. `static` keyword arguments (not
-        arrays: the sequence layout, the prefill flag) are bound before the remat, which would
-        otherwise trace them."""
-        call = functools.partial(_call_layer, **static)
-        return call if cached else remat_call(call, self.config.remat)
+class DecoderLM(CausalLM):
+    """What every attention decoder here shares beyond `CausalLM` (embedding, layers, norm, head):
+    the checked ``__call__``, RoPE positions, the dense KV cache and the layer loop over it
+    (``run_layers``), and the paged forward the serving engine runs (each layer's ``paged``
+    method). Subclasses define ``forward``."""
 
     def __call__(self, input_ids: jax.Array, *, segment_ids: jax.Array | None = None
                  ) -> jax.Array:
@@ -277,17 +247,33 @@ class DecoderLM(nnx.Module):
             positions, runs = jax.tree.map(lambda a: zigzag_permute(a, p), (positions, runs))
         return positions, rotary_tables(positions, inverse_frequencies(self.config)), runs
 
-    def embed(self, input_ids: jax.Array) -> jax.Array:
-        """Token embeddings [batch, T, embed] of input_ids [batch, T], in the residual layout
-        (`Embedding.lookup_residual`: under tp_sp a vocab-parallel lookup reduce-scattered onto
-        the sequence-split residual, never an all-gather of the table)."""
-        return self.embed_tokens.lookup_residual(input_ids)
+    def run_layers(self, input_ids: jax.Array, cache: KVCache | None, start: jax.Array | int,
+                   segment_ids: jax.Array | None, layout: str,
+                   layer_args: Callable[[int], tuple] = lambda i: ()
+                   ) -> tuple[jax.Array, KVCache | None, list[tuple]]:
+        """The forward pass every decoder runs: (logits float32 [batch, T, vocab], the cache with
+        the T tokens' K/V or None, each layer's outputs after (x, kv)) for input_ids [batch, T]
+        at positions start..start+T-1, as `LlamaForCausalLM.forward` describes its arguments.
 
-    def logits(self, x: jax.Array) -> jax.Array:
-        """Final norm and LM head: x [batch, T, embed] -> float32 logits [batch, T, vocab]."""
-        x = self.norm(x)
-        logits = output_logits(self.embed_tokens, self.lm_head, x)
-        return constrain(logits, LOGITS).astype(jnp.float32)
+        Layer i is called `layer(x, cos, sin, positions, kv, start, runs, *layer_args(i))`
+        (Mixtral's router key is such an argument)."""
+        check_no_cache_for_packing(cache, segment_ids, layout)
+        if cache is not None:
+            cache.check_positions(start, input_ids.shape[1])
+        positions, (cos, sin), runs = self.positions_and_rotary(*input_ids.shape, start,
+                                                                segment_ids, layout)
+        x = self.embed(input_ids)  # [batch, T, embed]
+        new_layers, outputs = [], []
+        call = self.layer_caller(cache is not None, layout=layout,
+                                 prefill=is_prefill(cache, start))
+        for i, layer in enumerate(self.layers):
+            kv = None if cache is None else cache.layers[i]
+            x, kv, *rest = call(layer, x, cos, sin, positions, kv, start, runs, *layer_args(i))
+            x = constrain(x, RESIDUAL)
+            new_layers.append(kv)
+            outputs.append(tuple(rest))
+        new_cache = None if cache is None else KVCache(tuple(new_layers))
+        return self.logits(x), new_cache, outputs
 
     def init_paged_cache(self, num_pages: int, page_size: int,
                          kv_dtype: jnp.dtype | str | None = None) -> PagedKVCache:
@@ -319,8 +305,8 @@ class DecoderLM(nnx.Module):
             new_layers.append(kv)
             if observe_rows is not None:
                 queries.append(q[observe_rows])  # [W, Hq, D]
-        x = self.norm(x[:, logit_rows])  # [1, R, embed]
-        logits = self.embed_tokens.attend(x) if self.lm_head is None else self.lm_head(x)
+        logits = output_logits(self.embed_tokens, self.lm_head,
+                               self.norm(x[:, logit_rows]))  # [1, R, vocab]
         out = logits[0].astype(jnp.float32), PagedKVCache(tuple(new_layers))
         return out if observe_rows is None else (*out, jnp.stack(queries))
 
@@ -340,19 +326,6 @@ class LlamaForCausalLM(DecoderLM):
         Without a cache: segment_ids int32 [batch, T] packs documents into a row (the module
         docstring), and layout="zigzag" says the tokens (and segment ids) come in the ring's
         zig-zag order (training under a causal ring; `zigzag_shards`)."""
-        check_no_cache_for_packing(cache, segment_ids, layout)
-        if cache is not None:
-            cache.check_positions(start, input_ids.shape[1])
-        positions, (cos, sin), runs = self.positions_and_rotary(*input_ids.shape, start,
-                                                                segment_ids, layout)
-        x = self.embed(input_ids)  # [batch, T, embed]
-        new_layers, call = [], self.layer_caller(cache is not None, layout=layout,
-                                                 prefill=is_prefill(cache, start))
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else cache.layers[i]
-            x, kv = call(layer, x, cos, sin, positions, kv, start, runs)
-            x = constrain(x, RESIDUAL)
-            new_layers.append(kv)
-        new_cache = None if cache is None else KVCache(tuple(new_layers))
-        return self.logits(x), new_cache
+        logits, new_cache, _ = self.run_layers(input_ids, cache, start, segment_ids, layout)
+        return logits, new_cache
 

@@ -22,12 +22,10 @@ from flax import nnx
 
 from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import RMSNorm
-from jaxinfer.models.llama import (RESIDUAL, DecoderLM, SelfAttention,
-                                   check_no_cache_for_packing, is_prefill)
+from jaxinfer.models.llama import DecoderLM, SelfAttention
 from jaxinfer.models.mixtral_config import MixtralConfig
 from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from jaxinfer.models.moe import SparseMoE, load_balancing_loss, router_z_loss
-from sharding import constrain
 from sharding.placement import permute_experts
 
 
@@ -49,7 +47,7 @@ class MixtralDecoderLayer(nnx.Module):
         self.block_sparse_moe = SparseMoE(c, rngs=rngs)
 
     def __call__(self, x, cos, sin, positions, kv: LayerKV | None, start,
-                 router_key: jax.Array | None = None, segment_ids: jax.Array | None = None, *,
+                 segment_ids: jax.Array | None = None, router_key: jax.Array | None = None, *,
                  layout: str = "contiguous", prefill: bool = False):
         """x [batch, T, embed] -> (x, kv, router_logits [batch * T, E], dropped). router_key:
         this layer's router-jitter key (training only; see SparseMoE); segment_ids, layout,
@@ -103,27 +101,13 @@ class MixtralForCausalLM(DecoderLM):
         (`model.train()`); layer i uses fold_in(router_key, i). Without it routing is exact.
         segment_ids int32 [batch, T], layout: packed documents and token order, as in
         `LlamaForCausalLM.forward`."""
-        check_no_cache_for_packing(cache, segment_ids, layout)
-        if cache is not None:
-            cache.check_positions(start, input_ids.shape[1])
-        positions, (cos, sin), runs = self.positions_and_rotary(*input_ids.shape, start,
-                                                                segment_ids, layout)
-        x = self.embed(input_ids)  # [batch, T, embed]
-        new_layers, router_logits, dropped = [], [], []
-        call = self.layer_caller(cache is not None, layout=layout,
-                                 prefill=is_prefill(cache, start))
-        for i, layer in enumerate(self.layers):
-            kv = None if cache is None else cache.layers[i]
-            key_i = None if router_key is None else jax.random.fold_in(router_key, i)
-            x, kv, logits_i, dropped_i = call(layer, x, cos, sin, positions, kv, start, key_i,
-                                              runs)
-            x = constrain(x, RESIDUAL)
-            new_layers.append(kv)
-            router_logits.append(logits_i)
-            dropped.append(dropped_i)
-        new_cache = None if cache is None else KVCache(tuple(new_layers))
-        routing = RoutingOutput(jnp.stack(router_logits), jnp.stack(dropped))
-        return self.logits(x), new_cache, routing
+        def router_key_of(i: int) -> tuple[jax.Array | None]:
+            return (None if router_key is None else jax.random.fold_in(router_key, i),)
+
+        logits, new_cache, outputs = self.run_layers(input_ids, cache, start, segment_ids,
+                                                     layout, router_key_of)
+        router_logits, dropped = zip(*outputs)  # layers x [batch * T, E], layers x []
+        return logits, new_cache, RoutingOutput(jnp.stack(router_logits), jnp.stack(dropped))
 
     def forward_with_aux_losses(self, input_ids: jax.Array, *, key: jax.Array | None = None,
                                 segment_ids: jax.Array | None = None,
