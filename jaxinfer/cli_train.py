@@ -34,18 +34,6 @@ HELD_OUT = 0.05  # default fraction of the corpus kept for evaluation
 TOKENIZER_FILE = "tokenizer.json"  # the run's tokenizer; run.json records its sha256
 
 
-def _model_classes() -> dict:
-    """model_type -> (config class, model class): the models `jaxinfer train` builds from a
-    config.json, as jaxinfer.train.train trains them."""
-    import jaxinfer
-    from jaxinfer.config import HYENA_MODEL_TYPE, SUPPORTED_MODEL_TYPES
-    from jaxinfer.models.mixtral_config import MIXTRAL_MODEL_TYPE
-
-    return {**{t: (jaxinfer.LlamaConfig, jaxinfer.LlamaForCausalLM) for t in SUPPORTED_MODEL_TYPES},
-            MIXTRAL_MODEL_TYPE: (jaxinfer.MixtralConfig, jaxinfer.MixtralForCausalLM),
-            HYENA_MODEL_TYPE: (jaxinfer.HyenaConfig, jaxinfer.HyenaForCausalLM)}
-
-
 def _read_config(path: str | Path, name: str) -> dict:
     """The JSON object in the file at `path`; errors begin with `name` (how the user knows it)."""
     from jaxinfer.config import read_config_json
@@ -60,11 +48,9 @@ def _model_config(hf: dict, name: str) -> tuple:
     """(model class, model config) of a config.json's values, dispatched on its model_type;
     errors begin with `name` (how the user knows the file), not with the "config.json" of
     from_hf_config's."""
-    classes = _model_classes()
-    model_type = hf.get("model_type")
-    if model_type not in classes:
-        raise ValueError(f"{name}: model_type must be one of {tuple(classes)}; got {model_type!r}")
-    config_class, model_class = classes[model_type]
+    from jaxinfer.models.registry import model_classes
+
+    config_class, model_class = model_classes(hf.get("model_type"), name)
     try:
         return model_class, config_class.from_hf_config(hf)
     except (TypeError, ValueError) as e:

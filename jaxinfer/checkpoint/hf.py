@@ -33,11 +33,12 @@ from jaxinfer.checkpoint.hf_mixtral import expert_tensors, load_mixtral
 from jaxinfer.checkpoint.hf_read import (TensorReader, hf_name, load_model, param_names,
                                          read_model_dir)
 from jaxinfer.checkpoint.hf_write import CONFIG_FILE, write_checkpoint
-from jaxinfer.config import HYENA_MODEL_TYPE, LlamaConfig
+from jaxinfer.config import LlamaConfig
 from jaxinfer.models.hyena import HyenaForCausalLM
 from jaxinfer.models.layers import Linear
 from jaxinfer.models.llama import LlamaForCausalLM
 from jaxinfer.models.mixtral import MixtralForCausalLM
+from jaxinfer.models.registry import model_classes
 from jaxinfer.quant.linear import QuantizedLinear
 from jaxinfer.quant.model import QUANT_BACKENDS, quantized_linear
 from kernels_pallas.quant_matmul import QuantizedWeight
@@ -153,8 +154,8 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
                     quant_backend: str = "auto"
                     ) -> LlamaForCausalLM | MixtralForCausalLM | HyenaForCausalLM:
     """Load a local Hugging Face model directory (config.json + safetensors) as an NNX model:
-    a `MixtralForCausalLM` or `HyenaForCausalLM` where config.json's model_type says so, else a
-    `LlamaForCausalLM`.
+    the `LlamaForCausalLM`, `MixtralForCausalLM` or `HyenaForCausalLM` that config.json's
+    model_type names (`jaxinfer.models.registry`).
 
     `dtype` ("float32" or "bfloat16") is both the parameter and the compute dtype;
     `attention_backend` is that of `kernels_pallas.flash_attention`. A GPTQ checkpoint loads
@@ -162,10 +163,10 @@ def load_pretrained(model_dir: str | os.PathLike, dtype: str = "float32",
     if quant_backend not in QUANT_BACKENDS:
         raise ValueError(f"quant_backend must be one of {QUANT_BACKENDS}; got {quant_backend!r}")
     model_dir, hf_config = read_model_dir(model_dir)
-    model_type = hf_config.get("model_type")
-    if model_type == "mixtral":
+    _, model_class = model_classes(hf_config.get("model_type"))
+    if model_class is MixtralForCausalLM:
         return load_mixtral(model_dir, dtype=dtype, attention_backend=attention_backend)
-    if model_type == HYENA_MODEL_TYPE:
+    if model_class is HyenaForCausalLM:
         return load_hyena(model_dir, dtype=dtype)
     config = LlamaConfig.from_hf_config(hf_config, dtype=dtype,
                                         attention_backend=attention_backend)
