@@ -226,10 +226,11 @@ class HyenaForCausalLM(CausalLM):
         start..start+T-1, reading and extending `cache` when given (prefill: start=0 with the
         whole prompt; decode: continue where the cache stands, one token or several at a time).
 
-        Without a cache the sequence starts at position 0. A Python-int start is checked
-        (start+T <= the cache's max_len and max_position_embeddings); a traced one cannot be:
-        with start+T > max_len the cache writes are clamped into the buffer (over earlier
-        positions' records) and the logits are wrong, NaN at positions >= max_len."""
+        Without a cache the sequence starts at position 0. A known start (a Python, NumPy or
+        concrete JAX integer) is checked (start+T <= the cache's max_len and
+        max_position_embeddings); a traced one cannot be: with start+T > max_len the cache writes
+        are clamped into the buffer (over earlier positions' records) and the logits are wrong,
+        NaN at positions >= max_len."""
         if cache is not None and not isinstance(cache, HyenaCache):
             raise TypeError(f"cache must be a HyenaCache (from init_cache) or None; "
                             f"got {type(cache).__name__}")

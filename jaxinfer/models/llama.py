@@ -23,7 +23,7 @@ from flax import nnx
 from jaxinfer.config import LlamaConfig
 from jaxinfer.models.attention import (cached_attention, causal_attention, paged_attention,
                                        prefill_attention, ring_shards)
-from jaxinfer.models.inputs import check_input_ids, check_segment_ids
+from jaxinfer.models.inputs import check_input_ids, check_segment_ids, known_start
 from jaxinfer.models.kv_cache import KVCache, LayerKV
 from jaxinfer.models.layers import (LOGITS, RESIDUAL, CausalLM, Linear, RMSNorm, SwiGLU,
                                      column_parallel, output_logits, row_parallel)
@@ -257,6 +257,7 @@ class DecoderLM(CausalLM):
 
         Layer i is called `layer(x, cos, sin, positions, kv, start, runs, *layer_args(i))`
         (Mixtral's router key is such an argument)."""
+        start = known_start(start)  # a NumPy or concrete JAX start checks and runs as an int
         check_no_cache_for_packing(cache, segment_ids, layout)
         if cache is not None:
             cache.check_positions(start, input_ids.shape[1])
