@@ -258,6 +258,8 @@ class DecoderLM(CausalLM):
         Layer i is called `layer(x, cos, sin, positions, kv, start, runs, *layer_args(i))`
         (Mixtral's router key is such an argument)."""
         start = known_start(start)  # a NumPy or concrete JAX start checks and runs as an int
+        if not isinstance(start, int):  # traced: as int32, the type the cache writes index with
+            start = jnp.asarray(start, jnp.int32)
         check_no_cache_for_packing(cache, segment_ids, layout)
         if cache is not None:
             cache.check_positions(start, input_ids.shape[1])

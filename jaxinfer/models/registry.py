@@ -22,7 +22,7 @@ MODEL_CLASSES: dict[str, tuple[type, type[nnx.Module]]] = {
 def model_classes(model_type: object, name: str = "config.json") -> tuple[type, type[nnx.Module]]:
     """(config class, model class) of a config.json's `model_type`; a ValueError naming the
     file as `name` (how the user knows it) and the supported types for any other value."""
-    if model_type not in MODEL_CLASSES:
+    if not isinstance(model_type, str) or model_type not in MODEL_CLASSES:  # a list: unhashable
         raise ValueError(f"{name}: model_type must be one of {tuple(MODEL_CLASSES)}; "
                          f"got {model_type!r}")
     return MODEL_CLASSES[model_type]

@@ -212,6 +212,8 @@ def test_a_cache_write_past_max_len_is_refused_not_clamped(config_cls, model_cls
     _, cache = model.forward(ids, cache, start=0)
     model.forward(ids[:, :1], cache, start=3)  # the last slot: fits
     model.forward(ids[:, :1], cache, start=jnp.int32(3))
+    # a traced start of another integer type indexes the cache writes as int32
+    jax.jit(lambda s: model.forward(ids[:, :1], cache, start=s)[0])(jnp.uint32(3))
 
 
 def test_greedy_rows_do_not_depend_on_the_rest_of_the_batch(flat_model):

@@ -19,7 +19,7 @@ def test_every_supported_model_type_names_its_config_and_model_class():
     assert tuple(MODEL_CLASSES) == (*SUPPORTED_MODEL_TYPES, MIXTRAL_MODEL_TYPE, HYENA_MODEL_TYPE)
 
 
-@pytest.mark.parametrize("model_type", ["gpt2", None])
+@pytest.mark.parametrize("model_type", ["gpt2", None, ["llama"]])
 def test_unknown_model_type_error_names_the_file_and_every_supported_type(model_type):
     with pytest.raises(ValueError, match=r"^my.json: model_type must be one of \('llama', "
                                          r"'mistral', 'qwen2', 'mixtral', 'hyena'\); got "):
