@@ -196,6 +196,8 @@ class Engine:
         self.speculative_tokens, self.lookup_ngram = speculative_tokens, lookup_ngram
         self.num_draft_tokens = self.num_accepted_tokens = 0
         self.hydragen = bool(hydragen) and config.sliding_window is None
+        if hydragen and not self.hydragen:
+            log.info("hydragen is off: a sliding-window model attends page by page")
         self.config = config
         self.tokenizer = tokenizer
         self.max_batch, self.page_size = max_batch, page_size

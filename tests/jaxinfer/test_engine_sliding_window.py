@@ -11,6 +11,7 @@ engine that ignored the window would fail.
 from __future__ import annotations
 
 import dataclasses
+import logging
 
 import numpy as np
 import pytest
@@ -72,15 +73,17 @@ def test_greedy_matches_generate_with_chunks_prefix_hits_and_preemption(model, o
 
 
 @pytest.mark.parametrize("paged_attention", ["per_token", "ragged"])
-def test_hydragen_is_off_with_a_window(model, oracle, paged_attention):
+def test_hydragen_is_off_with_a_window(model, oracle, paged_attention, caplog):
     """Sequences that share a cached 12-token prefix in one step: the shared prefix has no
     per-query window to cut, so a windowed engine attends page by page and outputs stay the
     oracle's."""
     rng = np.random.default_rng(5)
     prefix = rng.integers(0, VOCAB, 12).tolist()
     prompts = [prefix + rng.integers(0, VOCAB, 8).tolist() for _ in range(3)]
-    engine = jaxinfer.Engine(model, **{**ENGINE, "num_pages": 30, "max_tokens_per_step": 32},
-                             hydragen=True, paged_attention=paged_attention)
+    with caplog.at_level(logging.INFO, logger="jaxinfer.generate.engine"):
+        engine = jaxinfer.Engine(model, **{**ENGINE, "num_pages": 30, "max_tokens_per_step": 32},
+                                 hydragen=True, paged_attention=paged_attention)
+    assert "hydragen is off" in caplog.text
     ids = [engine.submit(prompts[0], GREEDY)]
     engine.step()  # prefills the first prompt whole, caching the prefix's pages
     ids += [engine.submit(p, GREEDY) for p in prompts[1:]]
