@@ -209,9 +209,11 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         "pallas_tpu" forces the Mosaic kernel (interpreted off a TPU). "auto": the TPU kernel on a
         TPU (any page_size), the Triton kernel on a GPU where page_size is a power of two (which
         it needs), xla otherwise.
-      num_splits: GPU pallas only: context splits per (sequence, KV head) (flash-decoding); None
-        picks enough to fill the GPU (``paged_pallas_gpu.default_num_splits``). The TPU kernel
-        walks each sequence's pages in order (its grid is sequential) and ignores it.
+      num_splits: GPU pallas only: context splits per (sequence, KV head) (flash-decoding) of
+        the pages a query sees: the table row, or with ``local_window`` the window's pages (each
+        sequence's splits start where its window does); None picks enough to fill the GPU
+        (``paged_pallas_gpu.default_num_splits``). The TPU kernel walks each sequence's pages in
+        order (its grid is sequential) and ignores it.
       pages_per_block: pages gathered per loop step; None gives ~512 tokens a step on xla (or
         ``xla_chunk_tokens``), ~64 on GPU pallas (raised there to a power of two covering >= 16
         tokens) and ~256 on pallas_tpu (at most 16 pages, one BlockSpec per page: larger values
@@ -268,8 +270,9 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
             v_scales=v_scales, local_window=window)
     else:
         if num_splits is None:
-            num_splits = paged_pallas_gpu.default_num_splits(q.shape[0], k_pages.shape[2],
-                                                             page_table.shape[1])
+            num_splits = paged_pallas_gpu.default_num_splits(
+                q.shape[0], k_pages.shape[2],
+                paged_pallas_gpu.span_pages(page_table.shape[1], page_size, window))
         out, lse = paged_pallas_gpu.paged_decode_attention(
             q, k_pages, v_pages, page_table, lengths, scale=scale, num_splits=num_splits,
             pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,

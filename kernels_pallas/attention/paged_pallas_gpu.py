@@ -1,28 +1,39 @@
 """Paged decode attention as a Pallas flash-decoding kernel for NVIDIA GPUs (Triton lowering;
 ``interpret=True`` on CPU).
 
-Algorithm (flash-decoding). Grid (batch, Hkv, num_splits). The page table of a sequence is cut
-into ``num_splits`` contiguous runs of ``pages_per_split`` entries; program (b, h, s) walks run s
-of sequence b, up to the last page its length reaches, ``pages_per_block`` pages per step: it
-reads those page indices from the page table, gathers the pages' K and V rows of KV head h into a
+Algorithm (flash-decoding). Grid (batch, Hkv, num_splits). The splits cut a sequence's *span*,
+the pages its query can see, into ``num_splits`` contiguous runs of ``pages_per_split`` page-table
+entries (``split_layout``). Without a window the span is the whole table and run s of sequence b
+covers entries s * pages_per_split .. on. With a left window w the span is the pages the window's
+w + 1 keys can straddle (``span_pages``: cdiv(w, page_size) + 1, at most the table's width), and
+each sequence's runs start at the page its window begins in: run s covers entries
+first_page + s * pages_per_split .. on, first_page = max(length - 1 - w, 0) // page_size. So a
+4K-token window over a 128K-token table is cut into splits that each hold part of the window,
+rather than most splits looping over nothing while a few walk the whole window. Program (b, h, s)
+walks its run up to the last page its length reaches, ``pages_per_block`` pages per step: it reads
+those page indices from the page table, gathers the pages' K and V rows of KV head h into a
 [pages_per_block * page_size, D] tile, scores it against all ``groups`` query heads of the head
-group at once ([groups, D] x [D, block]), masks positions >= length (zeroing their V rows, which
-may hold anything, NaN included) and, with a left window, positions < length - 1 - window (its
-steps wholly before the window are skipped) and keeps a float32 online softmax (running max, sum,
-accumulator). It writes a partial output [groups, D] and its log-sum-exp; runs past the length
-write out 0 and lse -inf. The splits are then merged exactly with ``merge_attention`` (an XLA
-epilogue over [batch, Hkv, num_splits, groups, D] float32, small next to the KV pages).
+group at once ([groups, D] x [D, block]), masks positions >= length and, with a window, positions
+< length - 1 - w (zeroing their V rows: those slots may hold anything, NaN included), and keeps a
+float32 online softmax (running max, sum, accumulator). It writes a partial output [groups, D] and
+its log-sum-exp; runs past the length write out 0 and lse -inf. The splits are then merged exactly
+with ``merge_attention`` (an XLA epilogue over [batch, Hkv, num_splits, groups, D] float32, small
+next to the KV pages).
 
 Memory touched: each program reads its q tile once, and each KV page of its run once (K/V are
-read once per KV head, not once per query head); HBM traffic is the visited pages plus the
-partials. The page table and lengths are kernel inputs (Triton has no scalar prefetch).
+read once per KV head, not once per query head); HBM traffic is the visited pages (with a window,
+the window's pages only) plus the partials. The page table and lengths are kernel inputs (Triton
+has no scalar prefetch).
 
 Shapes. Triton needs power-of-two loads of at least 16 for its dot: the wrapper pads the query
 group to a power of two >= 16, D to a power of two, and the page table and lengths to power-of-two
 lengths; page_size must be a power of two (checked by the public function) and
 pages_per_block * page_size >= 16. ``pages_per_split`` is a multiple of ``pages_per_block``, so a
-block never reaches into the next split's pages. A head dim that is not a power of two (80, 96)
-costs a padded copy of the whole page pool per call: keep D a power of two for serving.
+block never reaches into the next split's pages. A run that starts at a window's first page is not
+aligned to ``pages_per_block``, so its last step may read up to pages_per_block - 1 entries past
+the table's last column: the table is padded by that much (with page 0, a valid index, whose
+positions lie past every length). A head dim that is not a power of two (80, 96) costs a padded
+copy of the whole page pool per call: keep D a power of two for serving.
 """
 
 from __future__ import annotations
@@ -58,19 +69,38 @@ class _Config:
     window: int | None  # keys before the query it sees (None: all)
 
 
-def default_num_splits(batch: int, hkv: int, pages_per_seq: int) -> int:
-    """Split the context until batch x Hkv x splits reaches ~TARGET_PROGRAMS (a power of two)."""
+def span_pages(pages_per_seq: int, page_size: int, window: int | None) -> int:
+    """Pages of a table row that one query's keys can lie in: the whole row, or with a left window
+    w the pages its w + 1 keys can straddle (a partial page at each end: cdiv(w, page_size) + 1),
+    at most the row's width. The splits cut this span, not the row."""
+    if window is None:
+        return pages_per_seq
+    return min(pages_per_seq, tiling.cdiv(window, page_size) + 1)
+
+
+def default_num_splits(batch: int, hkv: int, span: int) -> int:
+    """Split a query's span of pages (``span_pages``) until batch x Hkv x splits reaches
+    ~TARGET_PROGRAMS (a power of two), keeping >= MIN_PAGES_PER_SPLIT pages a split."""
     splits = tiling.next_power_of_2(tiling.cdiv(TARGET_PROGRAMS, batch * hkv))
-    most = max(1, pages_per_seq // MIN_PAGES_PER_SPLIT)
+    most = max(1, span // MIN_PAGES_PER_SPLIT)
     while splits > 1 and splits > most:
         splits //= 2
     return splits
 
 
-def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
-    """A power of two giving ~TARGET_BLOCK_TOKENS per step, and >= 16 tokens (Triton's dot)."""
+def split_layout(span: int, num_splits: int, pages_per_block: int) -> tuple[int, int]:
+    """(pages_per_split, num_splits) cutting ``span`` pages into at most ``num_splits`` runs of a
+    multiple of ``pages_per_block`` pages each, none of them wholly past the span."""
+    num_splits = max(1, min(num_splits, tiling.cdiv(span, pages_per_block)))
+    per_split = tiling.cdiv(tiling.cdiv(span, num_splits), pages_per_block) * pages_per_block
+    return per_split, tiling.cdiv(span, per_split)
+
+
+def default_pages_per_block(page_size: int, span: int) -> int:
+    """A power of two giving ~TARGET_BLOCK_TOKENS per step (no more than the ``span`` pages to walk
+    need), and >= 16 tokens (Triton's dot)."""
     wanted = max(1, TARGET_BLOCK_TOKENS // page_size)
-    return max(min(wanted, tiling.next_power_of_2(pages_per_seq)),
+    return max(min(wanted, tiling.next_power_of_2(span)),
                tiling.cdiv(tiling.PALLAS_MIN_BLOCK, page_size))
 
 
@@ -82,20 +112,20 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     page_table int32 [batch, pages_per_seq]; lengths int32 [batch]; local_window None or the keys
     before the query it sees -> (out [batch, Hq, D] in q.dtype, lse float32 [batch, Hq]).
 
-    ``pages_per_block`` (None: ``default_pages_per_block``) is raised to a power of two with
-    pages_per_block * page_size >= 16; ``num_splits`` shrinks so that no split is empty.
+    ``pages_per_block`` (None: ``default_pages_per_block`` over the span) is raised to a power of
+    two with pages_per_block * page_size >= 16; ``num_splits`` shrinks so that no split lies wholly
+    past the span (``span_pages``: the table row, or a window's pages).
     """
     batch, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     groups = hq // hkv
     pages_per_seq = page_table.shape[1]
+    span = span_pages(pages_per_seq, page_size, local_window)
     if pages_per_block is None:
-        pages_per_block = default_pages_per_block(page_size, pages_per_seq)
+        pages_per_block = default_pages_per_block(page_size, span)
     ppb = max(tiling.next_power_of_2(pages_per_block),
               tiling.cdiv(tiling.PALLAS_MIN_BLOCK, page_size))
-    num_splits = max(1, min(num_splits, tiling.cdiv(pages_per_seq, ppb)))
-    per_split = tiling.cdiv(tiling.cdiv(pages_per_seq, num_splits), ppb) * ppb
-    num_splits = tiling.cdiv(pages_per_seq, per_split)
+    per_split, num_splits = split_layout(span, num_splits, ppb)
     quantized = k_scales is not None
     cfg = _Config(scale, page_size, ppb, per_split, num_splits, interpret, quantized,
                   local_window)
@@ -105,9 +135,12 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
     qg = tiling.pad_to(tiling.pad_to(qg, 2, g_pad), 3, d_pad)
     kp = tiling.pad_to(k_pages, 3, d_pad)
     vp = tiling.pad_to(v_pages, 3, d_pad)
-    # Padding entries point at page 0 (a valid index); their positions are past every length.
-    table = tiling.pad_to(page_table.astype(jnp.int32), 1,
-                          tiling.next_power_of_2(num_splits * per_split))
+    # Each step reads ppb entries from its first page: a multiple of ppb without a window, any
+    # page before the row's end with one. Padding entries point at page 0 (a valid index); their
+    # positions are past every length.
+    columns = (tiling.cdiv(pages_per_seq, ppb) * ppb if local_window is None
+               else pages_per_seq + ppb - 1)
+    table = tiling.pad_to(page_table.astype(jnp.int32), 1, tiling.next_power_of_2(columns))
     lens = tiling.pad_to(lengths.astype(jnp.int32), 0, tiling.next_power_of_2(batch))
     scales = (k_scales, v_scales) if quantized else ()
     # [batch, Hkv, splits, g_pad, (d_pad)]
@@ -127,11 +160,11 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
     ps, ppb = cfg.page_size, cfg.pages_per_block
     block = ps * ppb
     length = len_ref[b]
-    first = split * cfg.pages_per_split
+    lowest = 0 if cfg.window is None else length - 1 - cfg.window  # first key the query sees
+    # The span starts at the page holding the window's first key (page 0 without a window).
+    first = jnp.maximum(lowest, 0) // ps + split * cfg.pages_per_split
     last = jnp.minimum(first + cfg.pages_per_split, (length + ps - 1) // ps)
     steps = jnp.maximum(last - first + ppb - 1, 0) // ppb
-    lowest = 0 if cfg.window is None else length - 1 - cfg.window  # first key the query sees
-    skipped = jnp.maximum(jnp.maximum(lowest, 0) // ps - first, 0) // ppb  # steps before it
     q = q_ref[...]  # [g_pad, D]
     d_pad = q.shape[1]
 
@@ -151,8 +184,8 @@ def _kernel(len_ref, table_ref, q_ref, k_ref, v_ref, *refs, cfg: _Config):
     g_pad = q.shape[0]
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((g_pad,), -jnp.inf, jnp.float32),
             jnp.zeros((g_pad,), jnp.float32))
-    # An empty loop when the run lies past the length (or wholly before the window).
-    carry = lax.fori_loop(skipped, steps, body, init)
+    # An empty loop when the run lies past the length.
+    carry = lax.fori_loop(0, steps, body, init)
     o_ref[...], lse_ref[...] = tiling.finish_online_softmax(*carry)
 
 

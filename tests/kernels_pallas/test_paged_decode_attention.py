@@ -232,10 +232,11 @@ def test_auto_on_a_gpu_runs_odd_page_sizes_through_xla(monkeypatch):
     assert rel_err(out, ref_out) < TOLS[case.dtype]
 
 
-def test_default_pages_per_block_cover_16_tokens_and_stay_in_the_table():
-    assert paged_pallas_gpu.default_pages_per_block(page_size=16, pages_per_seq=512) == 4
-    assert paged_pallas_gpu.default_pages_per_block(page_size=4, pages_per_seq=2) == 4
-    assert paged_pallas_gpu.default_pages_per_block(page_size=128, pages_per_seq=8) == 1
+def test_default_pages_per_block_cover_16_tokens_and_stay_in_the_span():
+    assert paged_pallas_gpu.default_pages_per_block(page_size=16, span=512) == 4
+    assert paged_pallas_gpu.default_pages_per_block(page_size=16, span=2) == 2
+    assert paged_pallas_gpu.default_pages_per_block(page_size=4, span=2) == 4
+    assert paged_pallas_gpu.default_pages_per_block(page_size=128, span=8) == 1
 
 
 def test_xla_chunk_tokens_set_the_xla_default_pages_per_block_and_nothing_else(monkeypatch):
@@ -256,10 +257,63 @@ def test_xla_chunk_tokens_set_the_xla_default_pages_per_block_and_nothing_else(m
 
 
 def test_default_num_splits_fill_the_grid_but_keep_pages_per_split():
-    assert paged_pallas_gpu.default_num_splits(batch=1, hkv=8, pages_per_seq=1024) == 32
-    assert paged_pallas_gpu.default_num_splits(batch=64, hkv=8, pages_per_seq=1024) == 1
+    assert paged_pallas_gpu.default_num_splits(batch=1, hkv=8, span=1024) == 32
+    assert paged_pallas_gpu.default_num_splits(batch=64, hkv=8, span=1024) == 1
     # 16 pages allow at most 4 splits of >= MIN_PAGES_PER_SPLIT pages.
-    assert paged_pallas_gpu.default_num_splits(batch=1, hkv=1, pages_per_seq=16) == 4
+    assert paged_pallas_gpu.default_num_splits(batch=1, hkv=1, span=16) == 4
+
+
+@pytest.mark.parametrize("pages_per_seq,page_size,window,span", [
+    (8192, 16, None, 8192),  # no window: the whole row
+    (8192, 16, 4095, 257),  # 4096 keys straddle 257 pages of 16 when they start mid-page
+    (8192, 16, 4096, 257),  # 4097 keys: at most 257 pages too
+    (8192, 16, 0, 1),  # the query's own key
+    (8192, 16, 15, 2),  # one page's worth of keys, straddling two pages
+    (8192, 16, 16, 2),
+    (8192, 16, 17, 3),
+    (4, 16, 40, 4),  # at most the row
+])
+def test_span_pages_is_the_window_pages_at_most_the_row(pages_per_seq, page_size, window, span):
+    assert paged_pallas_gpu.span_pages(pages_per_seq, page_size, window) == span
+
+
+@pytest.mark.parametrize("span,num_splits,pages_per_block,layout", [
+    (257, 32, 4, (12, 22)),  # cdiv(257 / 32) = 9 pages, rounded up to whole blocks of 4
+    (257, 1, 4, (260, 1)),
+    (8192, 128, 4, (64, 128)),
+    (3, 64, 1, (1, 3)),  # no more splits than the span has blocks
+    (3, 64, 2, (2, 2)),
+    (1, 2, 4, (4, 1)),
+])
+def test_split_layout_covers_the_span_with_whole_blocks_and_no_empty_split(
+        span, num_splits, pages_per_block, layout):
+    per_split, splits = paged_pallas_gpu.split_layout(span, num_splits, pages_per_block)
+    assert (per_split, splits) == layout
+    assert per_split % pages_per_block == 0 and splits <= num_splits
+    assert splits * per_split >= span > (splits - 1) * per_split
+
+
+def test_a_windowed_call_sizes_its_splits_by_the_window_not_the_table(monkeypatch):
+    """A 255-key window over a 16K-token table (1024 pages of 16): the default splits cut the
+    window's 17 pages (3 runs of 8 over the window), not the table's 1024 (128 runs of 8, of which
+    all but ~3 would loop over nothing for every sequence)."""
+    seen = []
+
+    def capture(q, k_pages, v_pages, scales, table, lens, cfg):
+        seen.append((cfg.pages_per_split, cfg.num_splits, table.shape[1]))
+        shape = (*q.shape[:2], cfg.num_splits, *q.shape[2:])  # [batch, Hkv, splits, g_pad, D]
+        return jnp.zeros(shape, jnp.float32), jnp.zeros(shape[:-1], jnp.float32)
+
+    monkeypatch.setattr(paged_pallas_gpu, "_partials", capture)
+    q = jnp.zeros((1, 4, 16), jnp.float32)
+    pages = jnp.zeros((1024, 16, 2, 16), jnp.float32)
+    table = jnp.zeros((1, 1024), jnp.int32)
+    for window in (255, None):
+        paged_decode_attention(q, pages, pages, table, jnp.asarray([9000], jnp.int32),
+                               backend="pallas", local_window=window)
+    # Default pages_per_block: 4 pages (64 tokens). With the window a step may start at the
+    # row's last page, so the table is padded past it (1024 + 3 columns, to a power of two).
+    assert seen == [(8, 3, 2048), (8, 128, 1024)]
 
 
 Q = jnp.zeros((2, 4, 16), jnp.float32)
@@ -355,6 +409,78 @@ def test_local_window_over_int8_pages_matches_dense_attention(backend, options):
                    for x, s in ((k8, ks), (v8, vs))]
     ref_out, _ = dense_oracle(q, *dequantized, table, lengths, window=11)
     assert rel_err(out, ref_out) < TOLS["float32"]
+
+
+# --- The GPU kernel's window splits: each sequence's runs start at its window's first page. ---
+# Page sizes 4, 8 and 16 (steps of at least 16 tokens: 4, 2 and 1 or 4 pages, so a run that starts
+# at the window's page is mostly not step-aligned and its last step reads past the table's end);
+# windows under a page (3), of exactly one page's keys and two pages' (7 and 15 at page 8, 15 at
+# page 16), and longer (30, 40); num_splits 1, 2, 3 and 64 (capped to the window's blocks). The
+# lengths hold 0, 1, 2, the window's w and w + 1 and w + 2 keys, page ends and the slots past
+# them, and the capacity, so windows start at every offset in a page and some lengths are
+# shorter than the window. Every K/V slot outside each row's window (before it, past the length,
+# the pages only a length-0 row points at) is NaN or +-Inf; a run starting a page late loses
+# window keys, one starting early reads NaN past a missed mask: either moves the output.
+WINDOW_SPLIT_RUNS = [  # (page_size, window, num_splits, pages_per_block, int8)
+    (8, 3, 1, None, False),
+    (8, 3, 2, None, True),
+    (8, 7, 64, None, False),
+    (8, 15, 3, 4, False),
+    (16, 15, 2, 1, True),
+    (16, 40, 64, 1, False),
+    (4, 30, 2, None, False),
+]
+
+
+def window_split_inputs(page_size: int, window: int, seed: int):
+    """GQA 4 (8 query heads, 2 KV heads), 16 pages a row from a shuffled pool (a power of two, so
+    the table has no padding but what the window's runs need): q, K/V pages, table, lengths."""
+    capacity = 16 * page_size
+    wanted = {0, 1, 2, window, window + 1, window + 2, page_size, page_size + 1,
+              2 * page_size - 1, 2 * page_size, 5 * page_size + 3, capacity - 1, capacity}
+    lengths = tuple(sorted(n for n in wanted if n <= capacity))
+    case = PagedCase("window_splits", hq=8, hkv=2, d=32, page_size=page_size, pages_per_seq=16,
+                     lengths=lengths, num_pages=16 * len(lengths) + 5)
+    return make_inputs(case, seed=seed)
+
+
+def window_slots(num_pages: int, page_size: int, table, lengths, window: int) -> np.ndarray:
+    """bool [num_pages, page_size]: the slots holding a key of some row's window."""
+    seen = np.zeros((num_pages, page_size), bool)
+    for row, n in zip(np.asarray(table), np.asarray(lengths)):
+        for p in range(max(0, int(n) - 1 - window), int(n)):
+            seen[row[p // page_size], p % page_size] = True
+    return seen
+
+
+@pytest.mark.parametrize("page_size,window,num_splits,pages_per_block,int8", WINDOW_SPLIT_RUNS)
+def test_window_splits_start_at_each_sequences_window(page_size, window, num_splits,
+                                                      pages_per_block, int8):
+    q, k_pages, v_pages, table, lengths = window_split_inputs(page_size, window, seed=window)
+    seen = window_slots(k_pages.shape[0], page_size, table, lengths, window)
+    scales, dirty_scales = {}, {}
+    if int8:  # the scales are what a stale slot poisons
+        (k_pages, ks), (v_pages, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
+        scales = {"k_scales": ks, "v_scales": vs}
+        dirty_scales = {"k_scales": poison(ks, seen), "v_scales": poison(vs, seen)}
+        dirty = (k_pages, v_pages)
+    else:
+        dirty = (poison(k_pages, seen), poison(v_pages, seen))
+
+    def attend(k, v, backend, **options):
+        return jax.jit(functools.partial(paged_decode_attention, backend=backend,
+                                         return_lse=True, local_window=window, **options))(
+            q, k, v, table, lengths)
+
+    out, lse = attend(*dirty, "pallas", num_splits=num_splits, pages_per_block=pages_per_block,
+                      **dirty_scales)
+    ref_out, ref_lse = attend(k_pages, v_pages, "reference", **scales)
+    assert np.isfinite(np.asarray(out)).all()
+    assert rel_err(out, np.asarray(ref_out)) < TOLS["float32"]
+    ref_lse = np.asarray(ref_lse)
+    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
 
 
 def test_under_jit_the_table_and_lengths_are_traced_and_unchecked():
@@ -560,15 +686,20 @@ def test_auto_and_pallas_run_the_tpu_kernel_on_a_tpu_for_any_page_size(backend, 
     assert text.count("tpu_custom_call") == 1
 
 
-@pytest.mark.parametrize("platform", ["cuda", "tpu"])
-def test_local_window_kernels_lower_to_triton_and_mosaic(platform):
-    """The window's mask and skipped steps pass the Triton and Mosaic lowerings."""
+@pytest.mark.parametrize("platform,page_size,window,options", [
+    ("cuda", 16, 37, {"num_splits": 2}),
+    ("cuda", 8, 5, {"num_splits": 8}),  # 2-page steps from any page: the padded table's reads
+    ("tpu", 16, 37, {}),
+])
+def test_local_window_kernels_lower_to_triton_and_mosaic(platform, page_size, window, options):
+    """The window's mask, the GPU kernel's runs from each window's first page and the TPU
+    kernel's skipped steps pass the Triton and Mosaic lowerings."""
     gpu = platform == "cuda"
     pytest.importorskip("jax.experimental.pallas." + ("triton" if gpu else "tpu"))
-    q, k, v, table, lengths, _, _ = _abstract_inputs(16, 128, 8, 2, False)
-    kernel, options = ((paged_pallas_gpu, {"num_splits": 2}) if gpu else (paged_pallas_tpu, {}))
+    q, k, v, table, lengths, _, _ = _abstract_inputs(page_size, 128, 8, 2, False)
+    kernel = paged_pallas_gpu if gpu else paged_pallas_tpu
     attend = functools.partial(kernel.paged_decode_attention, scale=0.1, pages_per_block=None,
-                               interpret=False, local_window=37, **options)
+                               interpret=False, local_window=window, **options)
     text = jax.jit(attend).trace(q, k, v, table, lengths).lower(
         lowering_platforms=(platform,)).as_text()
     assert text.count("__gpu$xla.gpu.triton" if gpu else "tpu_custom_call") == 1
