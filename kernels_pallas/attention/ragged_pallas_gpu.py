@@ -11,16 +11,19 @@ program reads its block's sequence, first position and token count with three sc
 Program (b, h) holds block b's tokens x the ``groups`` query heads of KV head h as the M
 dimension of its matmuls: [block_q * groups_pad, D] rows, token-major (GQA packs heads into M, so
 K/V are never repeated). It walks its sequence's page-table row up to the causal limit of its
-last query, ``pages_per_block`` pages per step: it loads those page ids from the table, gathers
+last query, ``pages_per_block`` pages per step, from page 0, or with a left window w from the
+page holding the block's first query's window start (first query at position pos0: page
+max(pos0 - w, 0) // page_size; the later queries' windows start later), so the pages wholly
+before every query's window are never read. Each step loads its page ids from the table, gathers
 the pages' K and V rows of head h ([pages_per_block * page_size, D], int8 pages dequantized after
 the load), scores them, and folds them into a float32 online softmax. Steps whose keys every query
-of the block sees (keys <= the first query's position, and with a left window keys >= the last
-query's position - window) skip the mask; the rest mask keys past each query's position (causal,
-bottom-right aligned: query i of a sequence with q_len queries and kv_len keys sits at
-kv_len - q_len + i) and before its window, and zero the V rows of keys no real query of the block
-sees (they may hold anything, NaN included). Steps wholly before the first query's window are
-skipped. An empty block runs no step and writes out 0,
-lse -inf.
+of the block sees (keys <= the first query's position, and with a window keys >= the last query's
+position - w) skip the mask; the rest mask keys past each query's position (causal, bottom-right
+aligned: query i of a sequence with q_len queries and kv_len keys sits at kv_len - q_len + i) and
+before its window, and zero the V rows of keys no real query of the block sees (they may hold
+anything, NaN included). An empty block runs no step and writes out 0, lse -inf. There are no
+context splits: one program walks a block's whole range, so a step of few long decodes uses few
+SMs (``paged_pallas_gpu`` splits a decode's context, or its window, flash-decoding style).
 
 Memory touched: each program reads its q tile once and each page of its range once, so a
 sequence's pages are read once per query block and KV head, not once per token; HBM traffic is
@@ -32,7 +35,9 @@ Shapes. Triton needs power-of-two loads, its dot operands at least 16 wide: the 
 padded to a power of two, block_q is a power of two with block_q * groups_pad >= 16, D is padded
 to a power of two, pages_per_block is a power of two with pages_per_block * page_size >= 16 and
 page_size a power of two (checked by the public function); the table and metadata are padded to
-power-of-two lengths.
+power-of-two lengths. A walk that starts at a window's page is not aligned to pages_per_block, so
+its last step may read up to pages_per_block - 1 entries past the row's last column: the table is
+padded by that much (with page 0, a valid index, whose keys lie past every query).
 """
 
 from __future__ import annotations
@@ -93,9 +98,13 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, layout: RaggedLayout
     qb = tiling.pad_to(tiling.pad_to(qb, 3, g_pad), 4, d_pad)
     qb = qb.transpose(0, 2, 1, 3, 4).reshape(nb, hkv, rows, d_pad)  # M rows: (token, head)
     kp, vp = (tiling.pad_to(x, 3, d_pad) for x in (k_pages, v_pages))
-    # Padding entries point at page 0 (a valid index); their keys lie past every query.
-    columns = tiling.next_power_of_2(tiling.cdiv(page_table.shape[1], ppb) * ppb)
-    table = tiling.pad_to(tiling.pad_to(page_table, 1, columns), 0,
+    # Each step reads ppb entries from its first page: a multiple of ppb without a window, any
+    # page before the row's end with one. Padding entries point at page 0 (a valid index); their
+    # keys lie past every query.
+    pages_per_seq = page_table.shape[1]
+    columns = (tiling.cdiv(pages_per_seq, ppb) * ppb if local_window is None
+               else pages_per_seq + ppb - 1)
+    table = tiling.pad_to(tiling.pad_to(page_table, 1, tiling.next_power_of_2(columns)), 0,
                           tiling.next_power_of_2(page_table.shape[0]))
     meta = [tiling.pad_to(x, 0, tiling.next_power_of_2(nb))
             for x in (layout.block_seq, layout.block_pos0, layout.block_count)]
@@ -120,11 +129,15 @@ def _kernel(seq_ref, pos_ref, count_ref, table_ref, q_ref, k_ref, v_ref, *refs, 
     q = q_ref[...]  # [rows, D]: the block's tokens, each with its group's query heads
     rows, d_pad = q.shape
     positions = pos0 + jnp.arange(rows, dtype=jnp.int32) // cfg.groups_pad  # [rows]
-    steps = (jnp.where(count > 0, pos0 + count, 0) + block - 1) // block  # to the causal limit
-    unmasked = jnp.where(count > 0, pos0 + 1, 0) // block  # keys every query of the block sees
+    # The walk starts at the page holding the first query's window start (page 0 without one).
+    base = 0 if cfg.window is None else jnp.maximum(pos0 - cfg.window, 0) // ps
+    start = base * ps  # the first key of step 0
+    live = count > 0
+    steps = jnp.where(live, pos0 + count - start + block - 1, 0) // block  # to the causal limit
+    unmasked = jnp.where(live, pos0 + 1 - start, 0) // block  # steps before: keys <= pos0
 
     def body(step, carry, masked: bool):
-        page0 = step * ppb
+        page0 = base + step * ppb
         ids = table_ref[seq, pl.ds(page0, ppb)]  # [ppb] page indices
         k, v = tiling.gather_kv(k_ref, v_ref, ks_ref, vs_ref, ids, q.dtype,
                                 (block, d_pad))  # [ppb * page_size, D]
@@ -143,13 +156,12 @@ def _kernel(seq_ref, pos_ref, count_ref, table_ref, q_ref, k_ref, v_ref, *refs, 
 
     init = (jnp.zeros(q.shape, jnp.float32), jnp.full((rows,), -jnp.inf, jnp.float32),
             jnp.zeros((rows,), jnp.float32))
-    carry, u0, u1 = init, 0, unmasked  # steps [first, u0) and [u1, steps) masked, [u0, u1) not
+    carry, u0, u1 = init, 0, unmasked  # steps [0, u0) and [u1, steps) masked, [u0, u1) not
     if cfg.window is not None:
-        first = jnp.maximum(pos0 - cfg.window, 0) // block  # before: no query's window
-        every = jnp.maximum(pos0 + count - 1 - cfg.window, 0)  # keys >= it: in every window
-        u0 = jnp.clip((every + block - 1) // block, first, steps)
+        every = jnp.maximum(pos0 + count - 1 - cfg.window - start, 0)  # keys from start + every
+        u0 = jnp.minimum((every + block - 1) // block, steps)  # on lie in every query's window
         u1 = jnp.maximum(u0, jnp.minimum(unmasked, steps))
-        carry = lax.fori_loop(first, u0, functools.partial(body, masked=True), carry)
+        carry = lax.fori_loop(0, u0, functools.partial(body, masked=True), carry)
     carry = lax.fori_loop(u0, u1, functools.partial(body, masked=False), carry)
     carry = lax.fori_loop(u1, steps, functools.partial(body, masked=True), carry)
     out, lse = tiling.finish_online_softmax(*carry)

@@ -209,6 +209,64 @@ def test_local_window_matches_dense_attention_over_each_tokens_window(backend, o
     check_against_oracle(case, backend, options)
 
 
+# The Triton kernel walks a block's pages from the one holding its first query's window start;
+# the keys before it, and past each sequence's kv_length, are NaN or +-Inf (a walk starting a page
+# late loses keys, a mask or V zeroing that misses one lets NaN in). Page 8 (2-page steps at
+# least, so most walks are not step-aligned), 16 pages a row (a power of two: the table has no
+# padding but what a walk from the row's last page needs); decodes at lengths 1, 8 (a page's end)
+# and 128 (the capacity), chunks of 5, 9 and 20 tokens starting at a page's start (32), mid-page
+# (21) and at 0, an empty sequence; windows under a page (3), of exactly one page's keys (7) and
+# spanning blocks (20); GQA 4; float32 and int8 pages; block_q 4 (several blocks per chunk, each
+# with its own window start) and the defaults.
+WINDOW_GARBAGE_Q_LENS = (1, 5, 1, 9, 0, 20, 1)
+WINDOW_GARBAGE_KV_LENGTHS = (1, 37, 8, 30, 0, 20, 128)
+WINDOW_GARBAGE_RUNS = [  # (options, window, int8)
+    ({"block_q": 4, "pages_per_block": 1}, 3, True),
+    ({"block_q": 4, "pages_per_block": 2}, 7, False),
+    ({}, 20, False),
+]
+
+
+@pytest.mark.parametrize("options,window,int8", WINDOW_GARBAGE_RUNS)
+def test_triton_kernel_ignores_nan_and_inf_before_every_window(options, window, int8):
+    rng = np.random.default_rng(window)
+    page_size, pages_per_seq, hq, hkv, d = 8, 16, 8, 2, 32
+    q_lens, kv_lengths = np.array(WINDOW_GARBAGE_Q_LENS), np.array(WINDOW_GARBAGE_KV_LENGTHS)
+    num_pages = len(q_lens) * pages_per_seq + 3
+    table = rng.permutation(num_pages)[:len(q_lens) * pages_per_seq].reshape(len(q_lens), -1)
+    starts = np.concatenate([[0], np.cumsum(q_lens)]).astype(np.int32)
+    q = jnp.asarray(rng.standard_normal((int(starts[-1]), hq, d)), jnp.float32)
+    k_pages, v_pages = (rng.standard_normal((num_pages, page_size, hkv, d)) for _ in range(2))
+    # The keys some query sees: from the first query's window start to the kv_length.
+    seen = np.zeros((num_pages, page_size), bool)
+    for row, n, first in zip(table, kv_lengths, kv_lengths - q_lens):
+        for p in range(max(0, first - window), n):
+            seen[row[p // page_size], p % page_size] = True
+    scales, dirty_scales = {}, {}
+    if int8:  # the scales are what a stale slot poisons
+        (k_pages, ks), (v_pages, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
+        scales = {"k_scales": ks, "v_scales": vs}
+        dirty_scales = {"k_scales": poison(ks, seen), "v_scales": poison(vs, seen)}
+        dirty = (k_pages, v_pages)
+    else:
+        k_pages, v_pages = jnp.asarray(k_pages, jnp.float32), jnp.asarray(v_pages, jnp.float32)
+        dirty = (poison(k_pages, seen), poison(v_pages, seen))
+
+    def attend(k, v, backend, **options):
+        return jax.jit(functools.partial(ragged_paged_attention, backend=backend,
+                                         return_lse=True, local_window=window, **options))(
+            q, k, v, table, starts, kv_lengths)
+
+    out, lse = attend(*dirty, "pallas", **options, **dirty_scales)
+    ref_out, ref_lse = attend(k_pages, v_pages, "reference", **scales)
+    assert np.isfinite(np.asarray(out)).all()
+    assert rel_err(out, np.asarray(ref_out)) < TOLS["float32"]
+    ref_lse = np.asarray(ref_lse)
+    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+
+
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
 def test_decode_only_step_equals_paged_decode_attention(backend):
     """Every q_len 1: each token is its sequence's newest, so the ragged call is a batch of
@@ -385,7 +443,7 @@ def test_a_traced_out_of_range_page_id_reads_a_page_of_the_pool(backend):
 
 @pytest.mark.parametrize("page_size,d,hq,hkv,int8,window", [
     (16, 128, 8, 2, False, None), (8, 80, 4, 4, False, None), (4, 64, 7, 1, False, None),
-    (16, 128, 32, 4, True, None), (16, 128, 8, 2, False, 37)])
+    (16, 128, 32, 4, True, None), (16, 128, 8, 2, False, 37), (8, 64, 8, 2, True, 5)])
 def test_pallas_kernel_lowers_to_triton(page_size, d, hq, hkv, int8, window):
     """The kernel passes the Triton lowering (table and page gathers, padded D and groups, both
     loops, int8 pages dequantized in the kernel); lowering needs no GPU, compiling to PTX does."""
