@@ -50,15 +50,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, time_calls, with_backward, write_json)
+from experiments.common import (RESULTS, add_speedups, copy_bandwidth, environment, error_text,
+                                parse_experiment_args, plot_curves, print_table, record_timing,
+                                time_calls, with_backward, write_json)
 from jaxinfer.models.attention import paged_attention
 from jaxinfer.models.paged_kv import PagedBatch, PagedLayerKV
 from kernels_pallas import flash_attention, paged_decode_attention, ragged_paged_attention
@@ -94,11 +94,9 @@ def time_into(row: dict, fn, inputs, reps: int) -> float | None:
     try:
         times = time_calls(fn, inputs, reps)
     except Exception as e:  # noqa: BLE001
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        row["error"] = error_text(e)
         return None
-    med = statistics.median(times)
-    row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3)
-    return med
+    return record_timing(row, times)
 
 
 def attention_fn(impl: str, causal: bool, **options):
@@ -144,17 +142,6 @@ def default_impls(platform: str) -> list[str]:
     return impls
 
 
-def add_ratios(rows: list[dict], key_fields: tuple[str, ...], peers: list[str]) -> None:
-    """speedup_vs_<peer> = time(peer) / time(row) among rows sharing ``key_fields``."""
-    times = {(tuple(r[f] for f in key_fields), r["impl"]): r.get("median_ms") for r in rows}
-    for r in rows:
-        key = tuple(r[f] for f in key_fields)
-        for peer in peers:
-            peer_ms = times.get((key, peer))
-            if peer_ms and r.get("median_ms"):
-                r[f"speedup_vs_{peer}"] = peer_ms / r["median_ms"]
-
-
 def bench_paged(args, rng, gpu: bool) -> tuple[list[dict], float]:
     """Paged decode rows (ms, K/V GB/s, fraction of the streaming bandwidth) and that bandwidth."""
     batch, hq, hkv, d, page, ctx = ((8, 32, 8, 128, 16, 8192) if gpu else
@@ -173,9 +160,7 @@ def bench_paged(args, rng, gpu: bool) -> tuple[list[dict], float]:
     # The same context, contiguous, for the dense peer: [batch, ctx, Hkv, D].
     k_dense, v_dense = (x[table].reshape(batch, ctx, hkv, d) for x in (k_pages, v_pages))
 
-    copy = jax.jit(lambda k, v: (k + 1, v + 1))  # reads and writes every K/V byte once
-    stream_s = statistics.median(time_calls(copy, (k_pages, v_pages), args.reps))
-    stream_gbps = 2 * kv_bytes / stream_s / 1e9
+    stream_gbps = copy_bandwidth((k_pages, v_pages), args.reps) / 1e9  # kv_bytes read, written
     runs = {impl: (jax.jit(lambda q, k, v, t, n, impl=impl: paged_decode_attention(
         q, k, v, t, n, backend=impl)), (q, k_pages, v_pages, table, lengths))
         for impl in our_impls(args)}
@@ -190,11 +175,7 @@ def bench_paged(args, rng, gpu: bool) -> tuple[list[dict], float]:
         if med is not None:
             row.update(kv_GBps=kv_bytes / med / 1e9,
                        frac_of_stream=kv_bytes / med / 1e9 / stream_gbps)
-    peer = next((r["median_ms"] for r in rows if r["impl"] == "jax_nn_xla_dense"
-                 and "median_ms" in r), None)
-    for r in rows:
-        if peer and "median_ms" in r:
-            r["speedup_vs_jax_nn_xla_dense"] = peer / r["median_ms"]
+    add_speedups(rows, (), ["jax_nn_xla_dense"])  # one peer for every row
     return rows, stream_gbps
 
 
@@ -236,11 +217,9 @@ def bench_ragged(args, rng, gpu: bool) -> list[dict]:
             rows.append(row)
             if time_into(row, fn, inputs, args.reps) is not None:
                 outputs[impl, path] = np.asarray(fn(*inputs), np.float32)
+    add_speedups(rows, ("impl",), ["per_token"], name_field="path")
     for r in rows:
-        per_token = next((p for p in rows if p["impl"] == r["impl"] and p["path"] == "per_token"
-                          and "median_ms" in p), None)
-        if per_token and "median_ms" in r:
-            r["speedup_vs_per_token"] = per_token["median_ms"] / r["median_ms"]
+        if "speedup_vs_per_token" in r:
             r["max_abs_diff_vs_per_token"] = float(np.max(np.abs(
                 outputs[r["impl"], r["path"]] - outputs[r["impl"], "per_token"])))
     return rows
@@ -290,7 +269,7 @@ def main() -> None:
               "ragged_step": {"rows": []}, "png": None}
 
     def save() -> None:  # after every row: a run killed by a timeout keeps what it measured
-        add_ratios(rows, ("mask", "D", "S", "mode"), peers)
+        add_speedups(rows, ("mask", "D", "S", "mode"), peers)
         write_json(record, out)
 
     for mask in args.masks:
@@ -317,14 +296,13 @@ def main() -> None:
                             fn = jax.jit(attend if mode == "fwd" else with_backward(attend))
                             times = time_calls(fn, inputs, args.reps)
                         except Exception as e:  # noqa: BLE001  (OOM, unsupported shape...)
-                            row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                            row["error"] = error_text(e)
                             print(f"skipped {impl} {mask} D={d} S={s} {mode}: {row['error']}")
                             save()
                             continue
-                        med = statistics.median(times)
+                        med = record_timing(row, times)
                         flops = attention_flops(batch, heads, s, s, d, causal, mode)
-                        row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3,
-                                   max_ms=max(times) * 1e3, tflops=flops / med / 1e12)
+                        row["tflops"] = flops / med / 1e12
                         save()
     columns = ["mask", "D", "S", "mode", "impl", "median_ms", "min_ms", "max_ms", "tflops"]
     print_table(rows, columns + [f"speedup_vs_{p}" for p in peers])

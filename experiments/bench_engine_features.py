@@ -43,14 +43,14 @@ import statistics
 import time
 from pathlib import Path
 
-import jax
 import jax.numpy as jnp
 import numpy as np
 
 import jaxinfer
 from experiments.bench_serving import corpus_stream, latency_row, serve
 from experiments.bench_speculative import truncated_draft
-from experiments.common import RESULTS, environment, parse_experiment_args, print_table, write_json
+from experiments.common import (RESULTS, environment, parse_experiment_args, print_table,
+                                time_interleaved, write_json)
 from jaxinfer.generate.engine_step import PAGED_ATTENTION, attends_ragged
 from jaxinfer.generate.scheduler import Chunk, Request
 from jaxinfer.models.paged_kv import page_bytes
@@ -200,14 +200,10 @@ def time_steps(model, args) -> list[dict]:
     pages = np.random.default_rng(args.seed).permutation(engines["ragged"].num_pages)
     rows = []
     for mix in mixes:
-        times: dict[str, list[float]] = {mode: [] for mode in engines}
         inputs = engines["ragged"]._build_inputs(step_mix(engines["ragged"], mix, pages))[0]
-        for rep in range(args.step_reps + 1):  # the first round compiles
-            for mode, e in engines.items():
-                t0 = time.perf_counter()
-                tokens, _ = e._step(inputs)
-                jax.block_until_ready(tokens)
-                times[mode] += [time.perf_counter() - t0] * (rep > 0)
+        # the warm-up round compiles; a step's sampled tokens are what it is waited on by
+        times = time_interleaved({mode: lambda e=e: e._step(inputs)[0]
+                                  for mode, e in engines.items()}, args.step_reps)
         ragged, per_token = (1e3 * statistics.median(times[m]) for m in ("ragged", "per_token"))
         bucket, seqs = len(inputs.valid), len(inputs.seq_slot)
         rows.append({"decodes": mix[0], "context": mix[1], "chunk": mix[2], "bucket": bucket,

@@ -73,8 +73,8 @@ implementation at the most exact setting it ran (s = 0; the longest L; the order
 from __future__ import annotations
 
 import argparse
+import functools
 import os
-import statistics
 import threading
 import time
 from pathlib import Path
@@ -83,14 +83,16 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, time_calls, with_backward, write_json)
+from experiments.common import (RESULTS, add_speedups, environment, error_text,
+                                parse_experiment_args, plot_curves, print_table, record_timing,
+                                time_calls, time_interleaved, with_backward, write_json)
 from experiments.fftconv_sweep_metrics import (add_sparsity_errors, pallas_kernel_work,
                                                partial_work, plan_label)
 from kernels_pallas import fftconv
 from kernels_pallas.fftconv import DOT_PRECISIONS, MonarchPlan, monarch
 
 PEER = "jnp_fft"
+PEER_KEY = ("dtype", "N", "mode")  # a row's speedup_vs_jnp_fft: the peer's row of these values
 # N on a GPU: 256 .. 1M where memory allows (a failing N records its error), the 1K..32K rows
 # first, so that the budget or the deadline cuts the outer lengths rather than those
 GPU_SEQ_LENS = (tuple(2**p for p in range(10, 16)) + (256, 512)
@@ -166,17 +168,15 @@ def prepare(row: dict, conv, mode: str, inputs: tuple) -> tuple:
 
 def record_times(row: dict, times: list[float]) -> None:
     """Median, spread and count of the seconds per call, in ms, into `row`."""
-    med = statistics.median(times)
     row.pop("phase", None)
-    row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
-               reps=len(times))
+    record_timing(row, times)
+    row["reps"] = len(times)
 
 
 def record_error(row: dict, error: Exception) -> None:
     """Record a failed row's error: its type and first line."""
     row.pop("phase", None)
-    first = (str(error).splitlines() or [""])[0]  # MemoryError() has no message
-    row["error"] = f"{type(error).__name__}: {first[:200]}"
+    row["error"] = error_text(error)
 
 
 def measure(row: dict, conv, mode: str, inputs: tuple, reps: int) -> None:
@@ -190,20 +190,17 @@ def measure_alternating(rows: list[dict], inputs: tuple, reps: int) -> None:
     """Time the rows of one sweep and implementation in turn, one call of each per round, so
     that a shared machine's changing load falls on every setting alike (the sweep compares them
     with each other); fills the rows in place, a failing one with its error."""
-    ready = []  # (row, compiled, arguments, repetitions, times)
-    for row in rows:
+    calls, counts = {}, {}  # by the row's index: its compiled call, its repetitions
+    for i, row in enumerate(rows):
         try:
             compiled, args, affordable = prepare(
                 row, conv_fn(row["impl"], **row_options(row)), row["mode"], inputs)
-            ready.append((row, compiled, args, max(1, min(reps, affordable)), []))
+            calls[i], counts[i] = functools.partial(compiled, *args), max(1, min(reps, affordable))
         except Exception as e:  # noqa: BLE001 - record and go on to the next one
             record_error(row, e)
-    for i in range(max((n for _, _, _, n, _ in ready), default=0)):
-        for row, compiled, args, n, times in ready:
-            if i < n:
-                times += time_calls(compiled, args, 1, warmup=0)
-    for row, _, _, _, times in ready:
-        record_times(row, times)
+    # prepare() made each warm-up call: none here
+    for i, times in time_interleaved(calls, counts, warmup=0).items():
+        record_times(rows[i], times)
 
 
 def sweep_groups(rows: list[dict]) -> list[list[dict]]:
@@ -213,15 +210,6 @@ def sweep_groups(rows: list[dict]) -> list[list[dict]]:
         if "skipped" not in r:
             groups.setdefault((r["sweep"], r["impl"]), []).append(r)
     return list(groups.values())
-
-
-def add_ratios(rows: list[dict]) -> None:
-    peer = {(r["dtype"], r["N"], r["mode"]): r.get("median_ms") for r in rows
-            if r["impl"] == PEER}
-    for r in rows:
-        peer_ms = peer.get((r["dtype"], r["N"], r["mode"]))
-        if peer_ms and r.get("median_ms"):
-            r[f"speedup_vs_{PEER}"] = peer_ms / r["median_ms"]
 
 
 def plan(args, gpu: bool) -> list[dict]:
@@ -367,7 +355,7 @@ def plot_sweeps(sweeps: list[dict], out: Path) -> list[str]:
 def finish(record: dict, out: Path, args) -> None:
     """Tables, PNGs (median time versus N for the first dtype; the sweeps) and the JSON record."""
     rows = record["rows"]
-    add_ratios(rows)
+    add_speedups(rows, PEER_KEY, [PEER])
     add_sweep_ratios(record["sweeps"])
     print_table(sorted(rows, key=lambda r: (
         args.dtypes.index(r["dtype"]), r["N"], args.modes.index(r["mode"]),
@@ -500,7 +488,7 @@ def main() -> None:
                 if not {"median_ms", "error"} & row.keys():
                     record_error(row, e)
         with lock:
-            add_ratios(rows)
+            add_speedups(rows, PEER_KEY, [PEER])
             write_json(record, out)
         for row in unit:
             sweep = f" {row['sweep']}={row['value']}" if "sweep" in row else ""

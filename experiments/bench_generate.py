@@ -20,7 +20,7 @@ import numpy as np
 
 import jaxinfer
 from experiments.common import (RESULTS, environment, parse_experiment_args, print_table,
-                                time_calls, write_json)
+                                spread_text, time_calls, write_json)
 
 
 def main() -> None:
@@ -78,9 +78,9 @@ def main() -> None:
         rows.append({
             "batch": batch, "prompt_len": args.prompt_len, "new_tokens": args.new_tokens,
             "jaxinfer_tok_s": tokens / jax_med,
-            "jaxinfer_spread_s": f"{min(jax_times):.3f}-{max(jax_times):.3f}",
+            "jaxinfer_spread_s": spread_text(jax_times),
             "transformers_tok_s": tokens / torch_med,
-            "transformers_spread_s": f"{min(torch_times):.3f}-{max(torch_times):.3f}",
+            "transformers_spread_s": spread_text(torch_times),
             "ratio": torch_med / jax_med, "greedy_token_agreement": agree,
         })
         write_json(record, args.out)  # a run killed by a timeout keeps the batches it finished

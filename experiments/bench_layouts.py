@@ -30,7 +30,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
                                + " --xla_force_host_platform_device_count=8").strip()
 
 import argparse  # noqa: E402
-import statistics  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -40,7 +39,8 @@ from flax import nnx  # noqa: E402
 import jaxinfer  # noqa: E402
 import sharding  # noqa: E402
 from experiments.common import (RESULTS, environment, parse_experiment_args,  # noqa: E402
-                                peak_bytes, print_table, time_calls, write_json)
+                                peak_bytes, print_table, record_timing, time_calls,
+                                write_json)
 from jaxinfer.models.mixtral import MixtralForCausalLM  # noqa: E402
 from jaxinfer.models.mixtral_config import MixtralConfig  # noqa: E402
 from jaxinfer.train.optimizer import make_optimizer  # noqa: E402
@@ -103,12 +103,11 @@ def measure(model: nnx.Module, batches: jax.Array, reps: int, options: dict, mes
         with sharding.use_rules(mesh, rules):
             lowered = train_step.lower(graphdef, tx, params, opt_state, batches)
     compiled = lowered.compile(compiler_options=options)
-    times = time_calls(compiled, (params, opt_state, batches), reps)
-    median = statistics.median(times)
+    row: dict = {}
+    median = record_timing(row, time_calls(compiled, (params, opt_state, batches), reps))
     tokens = batches.shape[0] * batches.shape[1] * (batches.shape[2] - 1)
-    return {"median_ms": 1e3 * median, "min_ms": 1e3 * min(times), "max_ms": 1e3 * max(times),
-            "steps_per_s": 1 / median, "tokens_per_s": tokens / median,
-            "peak_MB": peak_bytes(compiled) / 1e6}
+    return row | {"steps_per_s": 1 / median, "tokens_per_s": tokens / median,
+                  "peak_MB": peak_bytes(compiled) / 1e6}
 
 
 def run(args) -> list[dict]:

@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import argparse
 import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -26,24 +25,10 @@ import jax.numpy as jnp
 import numpy as np
 
 from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, write_json)
+                                print_table, spread_text, time_interleaved, write_json)
 from jaxinfer.generate.hydragen import shared_prefix_attention
 from jaxinfer.models.attention import cached_attention
 from kernels_pallas import flash_attention
-
-
-def interleaved_times(fns: dict, reps: int) -> dict[str, list[float]]:
-    """Each function warmed up (compiled), then all run in turn `reps` times, so that load drift
-    on a shared machine hits every contender alike."""
-    for fn in fns.values():
-        jax.block_until_ready(fn())
-    times = {name: [] for name in fns}
-    for _ in range(reps):
-        for name, fn in fns.items():
-            t0 = time.perf_counter()
-            jax.block_until_ready(fn())
-            times[name].append(time.perf_counter() - t0)
-    return times
 
 
 def median_ms(times: list[float]) -> float:
@@ -82,7 +67,7 @@ def main() -> None:
             full_k = jnp.concatenate([jnp.broadcast_to(pk, (batch, *pk.shape)), sk], axis=1)
             full_v = jnp.concatenate([jnp.broadcast_to(pv, (batch, *pv.shape)), sv], axis=1)
             positions = jnp.full((batch, 1), prefix + s - 1, jnp.int32)  # the query's position
-            times = interleaved_times({
+            times = time_interleaved({
                 "flash": lambda: per_sequence(q, full_k, full_v),
                 "einsum": lambda: dense_decode(q, full_k, full_v, positions),
                 "hydragen": lambda: hydragen(q, pk, pv, sk, sv)}, args.reps)
@@ -94,8 +79,7 @@ def main() -> None:
                 "prefix": prefix, "batch": batch, "suffix": s,
                 "flash_ms": median_ms(times["flash"]), "einsum_ms": median_ms(times["einsum"]),
                 "hydragen_ms": hyd,
-                "hydragen_spread_ms": "-".join(f"{1e3 * f(times['hydragen']):.3f}"
-                                               for f in (min, max)),
+                "hydragen_spread_ms": spread_text(times["hydragen"], 1e3),
                 "flash_ratio": median_ms(times["flash"]) / hyd,
                 "einsum_ratio": median_ms(times["einsum"]) / hyd,
                 "per_sequence_kv_MiB": batch * (prefix + s) * kv_token_bytes / 2**20,

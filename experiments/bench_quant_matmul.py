@@ -30,7 +30,6 @@ its table; configurations are ordered by priority (int4 decode first).
 from __future__ import annotations
 
 import argparse
-import statistics
 import time
 from pathlib import Path
 
@@ -38,8 +37,9 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, time_calls, write_json)
+from experiments.common import (RESULTS, add_speedups, copy_bandwidth, environment, error_text,
+                                parse_experiment_args, plot_curves, print_table, record_timing,
+                                time_calls, write_json)
 from kernels_pallas.quant_matmul import QuantizedWeight, quant_matmul
 
 # Llama-7B's q/k/v/o, gate/up and down projections, then Llama-3-8B's gate/up.
@@ -55,11 +55,6 @@ def parse_shape(text: str) -> tuple[int, int]:
         raise argparse.ArgumentTypeError(
             f"shape must be KxN like 4096x4096; got {text!r}") from None
     return k, n
-
-
-def error_text(e: Exception) -> str:
-    lines = str(e).strip().splitlines() or [""]
-    return f"{type(e).__name__}: {lines[0][:200]}"
 
 
 def random_weight(rng: np.random.Generator, k: int, n: int, bits: int,
@@ -106,10 +101,7 @@ def time_per_call(fn, args, reps: int, calls: int):
 
 def stream_bandwidth(nbytes: int, reps: int) -> float:
     """GB/s of a jitted copy (read + write) of an ``nbytes`` float32 buffer."""
-    a = jnp.ones((nbytes // 4,), jnp.float32)
-    copy = jax.jit(lambda a: a + 1)
-    times, _, _ = time_per_call(copy, (a,), reps, 1)
-    return 2 * nbytes / statistics.median(times) / 1e9
+    return copy_bandwidth([jnp.ones((nbytes // 4,), jnp.float32)], reps) / 1e9
 
 
 def max_rel_err(y, y_ref) -> float:
@@ -183,18 +175,12 @@ def bench(args) -> tuple[list[dict], float]:
                 print(f"skipped {impl} K={k} N={n} M={m} int{bits} g={g}: {row['error']}")
                 rows.append(row)
                 continue
-            med = statistics.median(times)
-            row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3,
-                       first_call_s=first, weight_MB=nbytes / 1e6,
+            med = record_timing(row, times)
+            row.update(first_call_s=first, weight_MB=nbytes / 1e6,
                        weight_GBps=nbytes / med / 1e9, frac_of_stream=nbytes / med / 1e9 / stream,
                        max_rel_err=err)
             rows.append(row)
-    dense = {(r["K"], r["N"], r["M"]): r["median_ms"] for r in rows
-             if r["impl"] == "dense" and "median_ms" in r}
-    for r in rows:
-        peer = dense.get((r["K"], r["N"], r["M"]))
-        if peer and "median_ms" in r:
-            r["speedup_vs_dense"] = peer / r["median_ms"]
+    add_speedups(rows, ("K", "N", "M"), ["dense"])
     return rows, stream
 
 

@@ -55,7 +55,6 @@ if "xla_force_host_platform_device_count" not in os.environ.get("XLA_FLAGS", "")
 
 import argparse  # noqa: E402
 import re  # noqa: E402
-import statistics  # noqa: E402
 from pathlib import Path  # noqa: E402
 
 import jax  # noqa: E402
@@ -68,7 +67,8 @@ import jaxinfer  # noqa: E402
 import sharding  # noqa: E402
 from experiments.bench_layouts import FAST_COMPILE  # noqa: E402
 from experiments.common import (RESULTS, environment, parse_experiment_args,  # noqa: E402
-                                plot_curves, print_table, time_calls, with_backward, write_json)
+                                plot_curves, print_table, record_timing, time_calls,
+                                with_backward, write_json)
 from jaxinfer.models.llama import RESIDUAL, DecoderLayer  # noqa: E402
 from jaxinfer.models.rope import inverse_frequencies, rotary_tables  # noqa: E402
 from kernels_pallas import flash_attention  # noqa: E402
@@ -321,8 +321,7 @@ def run_config(seq: int, args, mesh, p: int) -> list[dict]:
             except Exception as err:  # noqa: BLE001 - recorded, the sweep goes on
                 rows.append(row | {"error": f"{type(err).__name__}: {err}"[:300]})
                 continue
-            row |= {"median_ms": 1e3 * statistics.median(times), "min_ms": 1e3 * min(times),
-                    "max_ms": 1e3 * max(times)}
+            record_timing(row, times)
             if impl == "single":
                 single[mode] = row["median_ms"]
             row["vs_single"] = single.get(mode, float("nan")) / row["median_ms"]

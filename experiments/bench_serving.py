@@ -45,8 +45,8 @@ import numpy as np
 from flax import nnx
 
 import jaxinfer
-from experiments.common import (RESULTS, environment, init_model, parse_experiment_args,
-                                plot_curves, print_table, time_calls, write_json)
+from experiments.common import (RESULTS, copy_bandwidth, environment, init_model,
+                                parse_experiment_args, plot_curves, print_table, write_json)
 from jaxinfer.generate.engine_step import PAGED_ATTENTION
 from jaxinfer.models.paged_kv import page_bytes
 
@@ -141,9 +141,7 @@ def latency_row(run: dict, num_requests: int) -> dict:
 
 def measure_bandwidth(nbytes: int = 1 << 28) -> float:
     """Bytes/s of a large on-device copy (read + write counted)."""
-    x = jnp.ones(nbytes // 4, jnp.float32)
-    copy = jax.jit(lambda a: a + 1.0)
-    return 2 * nbytes / statistics.median(time_calls(copy, (x,), 5))
+    return copy_bandwidth([jnp.ones(nbytes // 4, jnp.float32)], 5)
 
 
 def decode_roofline(steps, weight_bytes: int, kv_token_bytes: int, bandwidth: float) -> dict:

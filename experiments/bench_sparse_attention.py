@@ -21,16 +21,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.bench_attention import add_ratios
-from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, time_calls, with_backward, write_json)
+from experiments.common import (RESULTS, add_speedups, environment, error_text,
+                                parse_experiment_args, plot_curves, print_table, record_timing,
+                                time_calls, with_backward, write_json)
 from kernels_pallas import flash_attention, tile_fraction
 from kernels_pallas.attention.tiling import default_block_sizes
 
@@ -64,7 +63,7 @@ def add_relative(rows: list[dict]) -> None:
         if "median_ms" in r and (r["mode"], r["impl"]) in full:
             r["time_rel_full"] = r["median_ms"] / full[(r["mode"], r["impl"])]
             r["time_rel_per_fraction"] = r["time_rel_full"] / r["tile_fraction"]
-    add_ratios(rows, ("mask", "mode"), ["jax_nn_xla"])
+    add_speedups(rows, ("mask", "mode"), ["jax_nn_xla"])
 
 
 def main() -> None:
@@ -134,11 +133,10 @@ def main() -> None:
                     times = time_calls(fn, (q, k, v) if mode == "fwd" else (q, k, v, ct),
                                        args.reps)
                 except Exception as e:  # noqa: BLE001  (out of memory...): record, go on
-                    row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+                    row["error"] = error_text(e)
                     print(f"skipped {impl} {name} {mode}: {row['error']}")
                 else:
-                    row.update(median_ms=statistics.median(times) * 1e3,
-                               min_ms=min(times) * 1e3, max_ms=max(times) * 1e3)
+                    record_timing(row, times)
                 add_relative(rows)
                 write_json(record, out)  # after every row: a killed run keeps what it measured
     print_table(rows, ["mask", "tile_fraction", "mode", "impl", "median_ms", "min_ms", "max_ms",

@@ -22,7 +22,6 @@ from __future__ import annotations
 import argparse
 import dataclasses
 import statistics
-import time
 from pathlib import Path
 
 import jax
@@ -31,7 +30,7 @@ from flax import nnx
 
 import jaxinfer
 from experiments.common import (RESULTS, environment, parse_experiment_args, plot_curves,
-                                print_table, write_json)
+                                print_table, spread_text, time_interleaved, write_json)
 from jaxinfer.generate.speculative import speculative_generate
 
 
@@ -41,22 +40,6 @@ def truncated_draft(target, layers: int):
     draft.layers = nnx.List(list(draft.layers)[:layers])
     draft.config = dataclasses.replace(target.config, num_hidden_layers=layers)
     return draft
-
-
-def paired_times(baseline, fn, reps: int) -> tuple[list[float], list[float], object]:
-    """Times of `baseline` and `fn` run alternately `reps` times after a warm-up (compilation):
-    on a shared machine, load drifts between settings but rarely within one adjacent pair."""
-    baseline()
-    result = fn()
-    base_times, times = [], []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        baseline()
-        base_times.append(time.perf_counter() - t0)
-        t0 = time.perf_counter()
-        result = fn()
-        times.append(time.perf_counter() - t0)
-    return base_times, times, result
 
 
 def parameter_count(model) -> int:
@@ -98,13 +81,21 @@ def main() -> None:
     rows = []
     for name, (drafter, cost) in drafters.items():
         for gamma in args.gammas:
-            base_times, times, out = paired_times(baseline, lambda: jax.block_until_ready(
-                speculative_generate(target, prompt, args.new_tokens, gamma=gamma, **drafter)),
-                args.reps)
-            base, median = statistics.median(base_times), statistics.median(times)
+            def speculate(gamma=gamma, drafter=drafter):
+                return speculative_generate(target, prompt, args.new_tokens, gamma=gamma,
+                                            **drafter)
+
+            # the warm-ups (compilation) here, the speculative one's output kept: greedy, every
+            # call gives the same; then the two alternately, so that load drift on a shared
+            # machine, rare within one adjacent pair, falls on both alike
+            baseline()
+            out = jax.block_until_ready(speculate())
+            times = time_interleaved({"generate": baseline, "speculative": speculate},
+                                     args.reps, warmup=0)
+            base, median = (statistics.median(times[k]) for k in ("generate", "speculative"))
             rows.append({
                 "drafter": name, "gamma": gamma, "generate_s": base, "speculative_s": median,
-                "spread_s": f"{min(times):.3f}-{max(times):.3f}", "speedup": base / median,
+                "spread_s": spread_text(times["speculative"]), "speedup": base / median,
                 "acceptance_rate": out.acceptance_rate, "tokens_per_pass": out.tokens_per_pass,
                 "target_passes": int(out.target_passes.sum()),
                 "memory_bound_speedup": out.tokens_per_pass / (gamma * cost + 1),

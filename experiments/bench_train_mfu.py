@@ -59,7 +59,7 @@ from flax import nnx
 
 import jaxinfer
 from experiments.common import (RESULTS, environment, init_model, parse_experiment_args, peak_bytes,
-                                plot_curves, print_table, time_calls, write_json)
+                                plot_curves, print_table, record_timing, time_calls, write_json)
 from jaxinfer.config import ATTENTION_BACKENDS, REMAT_MODES
 from jaxinfer.train.optimizer import make_optimizer
 from jaxinfer.train.step import train_step
@@ -171,14 +171,14 @@ def measure(model: nnx.Module, batch: int, args, options: dict) -> dict:
 
     times = time_calls(step, (), args.steps, warmup=args.warmup)
     loss = float(step()[0])
-    median = statistics.median(times)
     flops = model_flops_per_step(model.config, batch, args.seq)
     row = {"batch": batch, "seq": args.seq, "tokens_per_step": batch * args.seq,
-           "compile_s": compile_s, "median_ms": 1e3 * median, "min_ms": 1e3 * min(times),
-           "max_ms": 1e3 * max(times), "tokens_per_s": batch * args.seq / median,
-           "model_tflops_per_step": flops["total"] / 1e12,
-           "attention_flops_fraction": flops["attention"] / flops["total"],
-           "achieved_tflops": flops["total"] / median / 1e12, "loss": loss}
+           "compile_s": compile_s}
+    median = record_timing(row, times)
+    row |= {"tokens_per_s": batch * args.seq / median,
+            "model_tflops_per_step": flops["total"] / 1e12,
+            "attention_flops_fraction": flops["attention"] / flops["total"],
+            "achieved_tflops": flops["total"] / median / 1e12, "loss": loss}
     if memory is not None:
         row |= {"argument_MB": memory.argument_size_in_bytes / 1e6,
                 "temp_MB": memory.temp_size_in_bytes / 1e6,

@@ -1,6 +1,8 @@
 """Shared plumbing for experiments: where a run writes its record (a --quick run: not over the
 committed one), the environment record every result JSON carries, its (atomic) writing, timing
-calls, a forward+backward program of a function, compiled memory, and tables."""
+calls (one at a time or several in turn) and a row's timing fields (median/min/max, an error,
+speed ratios against a peer row), a copy's streaming bandwidth, a forward+backward program of a
+function, compiled memory, and tables."""
 
 from __future__ import annotations
 
@@ -9,8 +11,10 @@ import datetime
 import json
 import os
 import platform
+import statistics
 import sys
 import time
+from collections.abc import Callable, Hashable, Mapping, Sequence
 from pathlib import Path
 
 import jax
@@ -75,6 +79,75 @@ def time_calls(fn, args: tuple, reps: int, *, warmup: int = 1) -> list[float]:
         jax.block_until_ready(fn(*args))
         times.append(time.perf_counter() - t0)
     return times
+
+
+def copy_bandwidth(arrays: Sequence[jax.Array], reps: int) -> float:
+    """Bytes per second of a jitted x + 1 over each of `arrays` (every byte read once and written
+    once), the median of `reps` calls after a warm-up: the streaming bandwidth that a
+    memory-bound kernel's bytes per second are held against."""
+    copy = jax.jit(lambda *xs: tuple(x + 1 for x in xs))
+    nbytes = sum(x.nbytes for x in arrays)
+    return 2 * nbytes / statistics.median(time_calls(copy, tuple(arrays), reps))
+
+
+def time_interleaved(calls: Mapping[Hashable, Callable[[], object]],
+                     reps: int | Mapping[Hashable, int], *, warmup: int = 1
+                     ) -> dict[Hashable, list[float]]:
+    """Seconds of each named call's runs, the calls run in turn: `warmup` untimed rounds (the
+    first compiles), then rounds in which each call, in `calls`' order, runs once and is waited on
+    with jax.block_until_ready, so that a shared machine's drifting load falls on every call
+    alike and their ratio is fair. `reps` is the number of timed rounds, or a number per call (a
+    call with fewer sits out the later rounds)."""
+    counts = {name: reps[name] if isinstance(reps, Mapping) else reps for name in calls}
+    for _ in range(warmup):
+        for call in calls.values():
+            jax.block_until_ready(call())
+    times: dict[Hashable, list[float]] = {name: [] for name in calls}
+    for i in range(max(counts.values(), default=0)):
+        for name, call in calls.items():
+            if i < counts[name]:
+                t0 = time.perf_counter()
+                jax.block_until_ready(call())
+                times[name].append(time.perf_counter() - t0)
+    return times
+
+
+def record_timing(row: dict, times: Sequence[float]) -> float:
+    """Write the median, min and max of `times` (seconds) into `row` as median_ms, min_ms and
+    max_ms; returns the median in seconds (for the rates a row derives from it)."""
+    median = statistics.median(times)
+    row.update(median_ms=median * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3)
+    return median
+
+
+def spread_text(times: Sequence[float], scale: float = 1.0) -> str:
+    """The spread of `times` (times `scale`) in one table cell: "min-max", to 3 decimals."""
+    return f"{scale * min(times):.3f}-{scale * max(times):.3f}"
+
+
+def error_text(error: BaseException) -> str:
+    """A failed measurement's record: the exception's type and the first line of its message,
+    cut to 200 characters (an XLA error runs to pages; MemoryError() has no message)."""
+    first = (str(error).strip().splitlines() or [""])[0]
+    return f"{type(error).__name__}: {first[:200]}"
+
+
+def add_speedups(rows: list[dict], key_fields: Sequence[str], peers: Sequence[str], *,
+                 name_field: str = "impl") -> None:
+    """rows[i]["speedup_vs_<peer>"] = the peer row's median_ms / this row's, for each of `peers`
+    (a value of `name_field`) that has a timed row agreeing with this one on every one of
+    `key_fields` (a peer's own row gets 1.0). Rows without a median_ms (failed, skipped, not yet
+    run) get no ratio and serve as no peer; with repeated calls, ratios appear as peers finish."""
+    medians = {(tuple(r[f] for f in key_fields), r[name_field]): r["median_ms"] for r in rows
+               if r.get("median_ms")}
+    for r in rows:
+        if not r.get("median_ms"):
+            continue
+        key = tuple(r[f] for f in key_fields)
+        for peer in peers:
+            peer_ms = medians.get((key, peer))
+            if peer_ms:
+                r[f"speedup_vs_{peer}"] = peer_ms / r["median_ms"]
 
 
 def with_backward(fn):

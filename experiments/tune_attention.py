@@ -17,15 +17,15 @@ from __future__ import annotations
 
 import argparse
 import dataclasses
-import statistics
 from pathlib import Path
 
 import jax
 import jax.numpy as jnp
 import numpy as np
 
-from experiments.common import (RESULTS, environment, parse_experiment_args, print_table,
-                                time_calls, with_backward, write_json)
+from experiments.common import (RESULTS, environment, error_text, parse_experiment_args,
+                                print_table, record_timing, time_calls, with_backward,
+                                write_json)
 from kernels_pallas import flash_attention, paged_decode_attention
 from kernels_pallas.attention.tiling import default_block_sizes
 
@@ -53,11 +53,10 @@ def run_variant(row: dict, fn, inputs, want, reps: int) -> dict:
                                                                jax.tree.leaves(want)))
         times = time_calls(jax.jit(fn), inputs, reps)
     except Exception as e:  # noqa: BLE001  (a setting the compiler rejects, out of resources...)
-        row["error"] = f"{type(e).__name__}: {str(e).splitlines()[0][:200]}"
+        row["error"] = error_text(e)
         print(f"failed {row}")
         return row
-    med = statistics.median(times)
-    row.update(median_ms=med * 1e3, min_ms=min(times) * 1e3, max_ms=max(times) * 1e3)
+    record_timing(row, times)
     return row
 
 

@@ -9,8 +9,10 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 
-from experiments.common import (QUICK_RESULTS, RESULTS, parse_experiment_args, time_calls,
-                                with_backward)
+import experiments.common as common
+from experiments.common import (QUICK_RESULTS, RESULTS, add_speedups, copy_bandwidth, error_text,
+                                parse_experiment_args, record_timing, spread_text, time_calls,
+                                time_interleaved, with_backward)
 from tests.experiment_runs import ROOT, run_quick
 
 
@@ -90,3 +92,106 @@ def test_with_backward_returns_the_output_and_each_inputs_gradient_of_sum_out_ti
     np.testing.assert_array_equal(da, b * ct)
     np.testing.assert_array_equal(db, a * ct)
     np.testing.assert_array_equal(dc, ct)
+
+
+class _FakeClock:
+    """perf_counter for experiments.common: time moves only when a fake call says so."""
+
+    def __init__(self):
+        self.now = 0.0
+
+    def perf_counter(self) -> float:
+        return self.now
+
+
+def _recording_calls(clock: _FakeClock, seconds: dict[str, float], order: list[str]) -> dict:
+    """Zero-argument calls that log their name in `order` and take `seconds[name]` on `clock`."""
+    def make(name):
+        def call():
+            order.append(name)
+            clock.now += seconds[name]
+            return jnp.zeros(())
+        return call
+    return {name: make(name) for name in seconds}
+
+
+def test_time_interleaved_runs_the_calls_in_turn_after_warmup_rounds(monkeypatch):
+    clock, order = _FakeClock(), []
+    monkeypatch.setattr(common, "time", clock)
+    calls = _recording_calls(clock, {"a": 1.0, "b": 2.0, "c": 4.0}, order)
+    times = time_interleaved(calls, 3, warmup=2)
+    assert order == ["a", "b", "c"] * (2 + 3)  # rounds of one call each, never a's reps in a row
+    assert times == {"a": [1.0] * 3, "b": [2.0] * 3, "c": [4.0] * 3}  # each call's own seconds
+
+
+def test_time_interleaved_with_repetitions_per_call_drops_a_call_after_its_last():
+    order = []
+    calls = {name: (lambda name=name: order.append(name)) for name in ("a", "b", "c")}
+    times = time_interleaved(calls, {"a": 3, "b": 1, "c": 2}, warmup=0)
+    assert order == ["a", "b", "c", "a", "c", "a"]
+    assert {name: len(t) for name, t in times.items()} == {"a": 3, "b": 1, "c": 2}
+
+
+def test_time_interleaved_with_no_calls_times_nothing():
+    assert time_interleaved({}, 3) == {}
+
+
+def test_record_timing_writes_median_min_max_ms_and_returns_the_median_seconds():
+    row = {"impl": "xla"}
+    assert record_timing(row, [0.003, 0.001, 0.010, 0.002]) == pytest.approx(0.0025)
+    assert row.keys() == {"impl", "median_ms", "min_ms", "max_ms"}
+    assert (row["median_ms"], row["min_ms"], row["max_ms"]) == pytest.approx((2.5, 1.0, 10.0))
+
+
+def test_spread_text_is_min_dash_max_to_three_decimals_after_scaling():
+    assert spread_text([0.25, 0.5, 0.125]) == "0.125-0.500"
+    assert spread_text([0.00125, 0.002], 1e3) == "1.250-2.000"
+
+
+def test_error_text_keeps_the_type_and_the_first_line_cut_to_200_characters():
+    assert error_text(ValueError("bad shape\nlong XLA dump")) == "ValueError: bad shape"
+    assert error_text(MemoryError()) == "MemoryError: "  # no message at all
+    assert error_text(RuntimeError("\n  out of memory\n")) == "RuntimeError: out of memory"
+    assert error_text(RuntimeError("x" * 500)) == "RuntimeError: " + "x" * 200
+
+
+def test_add_speedups_divides_the_peer_median_by_the_rows_among_rows_of_the_same_key():
+    rows = [
+        {"S": 256, "impl": "peer", "median_ms": 4.0},
+        {"S": 256, "impl": "xla", "median_ms": 2.0},
+        {"S": 256, "impl": "pallas", "error": "OOM"},  # failed: no ratio
+        {"S": 512, "impl": "xla", "median_ms": 8.0},  # its peer failed: no ratio
+        {"S": 512, "impl": "peer", "error": "OOM"},
+        {"S": 1024, "impl": "xla", "median_ms": 3.0},  # no peer row (yet): no ratio
+    ]
+    add_speedups(rows, ("S",), ["peer", "absent"])
+    ratios = [{k: v for k, v in r.items() if k.startswith("speedup_vs_")} for r in rows]
+    assert ratios == [{"speedup_vs_peer": 1.0}, {"speedup_vs_peer": 2.0}, {}, {}, {}, {}]
+    rows.append({"S": 1024, "impl": "peer", "median_ms": 6.0})  # the peer finishes later
+    add_speedups(rows, ("S",), ["peer"])
+    assert rows[5]["speedup_vs_peer"] == 2.0
+
+
+def test_add_speedups_matches_peers_by_the_named_field_across_several_key_fields():
+    rows = [{"impl": impl, "mode": mode, "path": path, "median_ms": ms}
+            for impl, mode, path, ms in [("xla", "fwd", "ragged", 1.0),
+                                         ("xla", "fwd", "per_token", 3.0),
+                                         ("xla", "bwd", "ragged", 2.0),
+                                         ("xla", "bwd", "per_token", 5.0),
+                                         ("pallas", "fwd", "ragged", 0.5)]]
+    add_speedups(rows, ("impl", "mode"), ["per_token"], name_field="path")
+    assert [r.get("speedup_vs_per_token") for r in rows] == [3.0, 1.0, 2.5, 1.0, None]
+
+
+def test_copy_bandwidth_counts_every_arrays_bytes_read_and_written_over_the_median_call(
+        monkeypatch):
+    class TickingClock:  # every reading 0.25 s after the last: each timed call takes 0.25 s
+        now = 0.0
+
+        def perf_counter(self):
+            self.now += 0.25
+            return self.now
+
+    monkeypatch.setattr(common, "time", TickingClock())
+    arrays = [jnp.zeros(1000, jnp.float32), jnp.zeros(256, jnp.int8)]  # 4000 + 256 bytes
+    assert copy_bandwidth(arrays, 3) == pytest.approx(2 * 4256 / 0.25)
