@@ -224,8 +224,10 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         the pages it gathers (in the kernel on pallas), so HBM traffic is the int8 pages.
       local_window: None (every key), or an int w >= 0: the query, at position length - 1, sees
         keys length - 1 - w .. length - 1 only (a sliding window: ``flash_attention``'s causal
-        ``local_window=w``, left w; HF Mistral's ``sliding_window`` W is w = W - 1). The xla and
-        GPU paths skip the pages wholly before the window; the TPU kernel skips their compute.
+        ``local_window=w``, left w; HF Mistral's ``sliding_window`` W is w = W - 1). The Pallas
+        kernels walk each sequence's pages from its window's first page (the GPU kernel's splits
+        cut the window's pages, not the table's); xla skips the chunks before every sequence's
+        window.
       xla_chunk_tokens: where the xla path runs and ``pages_per_block`` is None, the context
         tokens it gathers per loop step in place of its ~512 (``paged_xla.DEFAULT_CHUNK_TOKENS``).
         A caller whose batch rows are many tokens of the same few sequences (a serving step's
@@ -272,7 +274,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         if num_splits is None:
             num_splits = paged_pallas_gpu.default_num_splits(
                 q.shape[0], k_pages.shape[2],
-                paged_pallas_gpu.span_pages(page_table.shape[1], page_size, window))
+                tiling.span_pages(page_table.shape[1], page_size, window))
         out, lse = paged_pallas_gpu.paged_decode_attention(
             q, k_pages, v_pages, page_table, lengths, scale=scale, num_splits=num_splits,
             pages_per_block=pages_per_block, interpret=interpret, k_scales=k_scales,
@@ -327,8 +329,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
         most 16 pages, one BlockSpec per page: larger values are clipped to 16).
       local_window: None (causal over every key), or an int w >= 0: the query at position p sees
         keys p - w .. p only (a sliding window, as in ``paged_decode_attention``; HF Mistral's
-        ``sliding_window`` W is w = W - 1). The xla and GPU paths skip the pages wholly before a
-        query block's window; the TPU kernel masks them.
+        ``sliding_window`` W is w = W - 1). The Pallas kernels walk each query block's pages
+        from its first query's window; xla skips the chunks before every block's window.
 
     Returns:
       out [T, Hq, D] in q's dtype (and lse float32 [T, Hq] with ``return_lse``). No gradients are

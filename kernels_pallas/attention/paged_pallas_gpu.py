@@ -5,8 +5,8 @@ Algorithm (flash-decoding). Grid (batch, Hkv, num_splits). The splits cut a sequ
 the pages its query can see, into ``num_splits`` contiguous runs of ``pages_per_split`` page-table
 entries (``split_layout``). Without a window the span is the whole table and run s of sequence b
 covers entries s * pages_per_split .. on. With a left window w the span is the pages the window's
-w + 1 keys can straddle (``span_pages``: cdiv(w, page_size) + 1, at most the table's width), and
-each sequence's runs start at the page its window begins in: run s covers entries
+w + 1 keys can straddle (``tiling.span_pages``: cdiv(w, page_size) + 1, at most the table's
+width), and each sequence's runs start at the page its window begins in: run s covers entries
 first_page + s * pages_per_split .. on, first_page = max(length - 1 - w, 0) // page_size. So a
 4K-token window over a 128K-token table is cut into splits that each hold part of the window,
 rather than most splits looping over nothing while a few walk the whole window. Program (b, h, s)
@@ -69,17 +69,8 @@ class _Config:
     window: int | None  # keys before the query it sees (None: all)
 
 
-def span_pages(pages_per_seq: int, page_size: int, window: int | None) -> int:
-    """Pages of a table row that one query's keys can lie in: the whole row, or with a left window
-    w the pages its w + 1 keys can straddle (a partial page at each end: cdiv(w, page_size) + 1),
-    at most the row's width. The splits cut this span, not the row."""
-    if window is None:
-        return pages_per_seq
-    return min(pages_per_seq, tiling.cdiv(window, page_size) + 1)
-
-
 def default_num_splits(batch: int, hkv: int, span: int) -> int:
-    """Split a query's span of pages (``span_pages``) until batch x Hkv x splits reaches
+    """Split a query's span of pages (``tiling.span_pages``) until batch x Hkv x splits reaches
     ~TARGET_PROGRAMS (a power of two), keeping >= MIN_PAGES_PER_SPLIT pages a split."""
     splits = tiling.next_power_of_2(tiling.cdiv(TARGET_PROGRAMS, batch * hkv))
     most = max(1, span // MIN_PAGES_PER_SPLIT)
@@ -114,13 +105,13 @@ def paged_decode_attention(q, k_pages, v_pages, page_table, lengths, *, scale: f
 
     ``pages_per_block`` (None: ``default_pages_per_block`` over the span) is raised to a power of
     two with pages_per_block * page_size >= 16; ``num_splits`` shrinks so that no split lies wholly
-    past the span (``span_pages``: the table row, or a window's pages).
+    past the span (``tiling.span_pages``: the table row, or a window's pages).
     """
     batch, hq, d = q.shape
     page_size, hkv = k_pages.shape[1], k_pages.shape[2]
     groups = hq // hkv
     pages_per_seq = page_table.shape[1]
-    span = span_pages(pages_per_seq, page_size, local_window)
+    span = tiling.span_pages(pages_per_seq, page_size, local_window)
     if pages_per_block is None:
         pages_per_block = default_pages_per_block(page_size, span)
     ppb = max(tiling.next_power_of_2(pages_per_block),

@@ -8,25 +8,30 @@ mask). Below, "sequence" is a block and its "length" the keys its last token see
 Algorithm. Grid (batch, KV head blocks, page steps); the page-step axis is the innermost,
 sequential ("arbitrary") one, and a float32 online softmax (running max m, sum l, accumulator)
 lives in VMEM scratch across it, as in the TPU flash-attention kernel (``pallas_tpu.py``). The
-lengths and the page table (flattened: SMEM pads 2-D arrays) are scalar-prefetched into SMEM
-(``PrefetchScalarGridSpec``), so the BlockSpec index maps read the table and each step's K/V
-blocks are the *physical* pages the sequence uses: step j of sequence b fetches pages
-``page_table[b, j * ppb + i]`` for i < ``pages_per_block`` (ppb; one BlockSpec per page, since
-pages are not contiguous). The pipeline fetches a block only when its block index changes from the
-previous grid step, so the index map (``table_column``) never moves a slot off its page without
-need: in the step holding a sequence's end, a slot past the length keeps the page it held in the
-previous step, and the steps wholly past the length repeat that last real step's pages. Each
-(sequence, head block) thus fetches only its needed pages, plus, when the sequence has fewer than
-ppb pages, step 0's padding slots (each must hold some page; they hold the last one). ``pl.when``
-skips the steps wholly past the length, and positions >= length within a step are masked (with
-per-token limits, positions >= the row's token's limit, a [rows, 1] VMEM tile per block); with a
-left window, positions < limit - 1 - window are masked too (a decode also skips the compute of the
-steps wholly before its window; their pages are still fetched); the V
-rows of positions >= length are zeroed, since those slots may hold anything (NaN included) and a
-masked weight 0 times NaN is NaN. The last step writes out = acc / l and lse = m + log(l); a
-sequence of length 0 sees nothing and gets out 0, lse -inf. There is no context split: a TPU core
-runs the grid in order, so splitting (the GPU kernel's flash-decoding) would add a merge without
-adding parallelism; batch and KV head blocks are "parallel" for megacore chips.
+lengths, the page table (flattened: SMEM pads 2-D arrays) and the first key each block sees are
+scalar-prefetched into SMEM (``PrefetchScalarGridSpec``), so the BlockSpec index maps read the
+table and each step's K/V blocks are the *physical* pages the sequence uses: step j of sequence b
+fetches pages ``page_table[b, first + j * ppb + i]`` for i < ``pages_per_block`` (ppb; one
+BlockSpec per page, since pages are not contiguous). Without a window first = 0 and the grid has
+the steps of the whole table row. With a left window w, first is the page holding the first key the
+block sees (``first_page``: the decode's length - 1 - w; a block of tokens, its first token's),
+scalar-prefetched per block, and the grid has only the steps of the pages its window can straddle
+(``tiling.span_pages``): a 4K-token window over a 128K-token table walks ~17 steps of 16 pages, not
+512, so neither the pages before the window nor the per-step overhead of the steps over them is
+paid. The pipeline fetches a block only when its block index changes from the previous grid step,
+so the index map (``table_column``) never moves a slot off its page without need: in the step
+holding a sequence's end, a slot past the length keeps the page it held in the previous step, and
+the steps wholly past the length repeat that last real step's pages. Each (sequence, head block)
+thus fetches only its needed pages, plus, when it needs fewer than ppb pages, step 0's padding
+slots (each must hold some page; they hold the last one). ``pl.when`` skips the steps wholly past
+the length, and positions >= length within a step are masked (with per-token limits, positions >=
+the row's token's limit, a [rows, 1] VMEM tile per block); with a window, positions < limit - 1 - w
+are masked too. The V rows of positions >= length, and before the first key the block sees, are
+zeroed, since those slots may hold anything (NaN included) and a masked weight 0 times NaN is NaN.
+The last step writes out = acc / l and lse = m + log(l); a sequence of length 0 sees nothing and
+gets out 0, lse -inf. There is no context split: a TPU core runs the grid in order, so splitting
+(the GPU kernel's flash-decoding) would add a merge without adding parallelism; batch and KV head
+blocks are "parallel" for megacore chips.
 
 SMEM budget. SMEM is small (1 MiB up to v6e) and a scalar-prefetched table must fit in it whole:
 the model's paged attention passes one table row per *token* of a step (e.g. 512 rows of 512
@@ -88,6 +93,7 @@ class _Config:
     scale: float
     page_size: int
     pages_per_seq: int
+    span: int  # pages a block's keys can lie in, from its first page on (the grid's steps)
     pages_per_block: int
     heads_per_block: int  # hb: KV heads in one lane block
     head_dim: int
@@ -106,20 +112,21 @@ def heads_per_block(hkv: int, head_dim: int) -> int:
     return hkv
 
 
-def default_pages_per_block(page_size: int, pages_per_seq: int) -> int:
-    """~TARGET_BLOCK_TOKENS per step, at most MAX_PAGES_PER_BLOCK pages and the table's width."""
+def default_pages_per_block(page_size: int, span: int) -> int:
+    """~TARGET_BLOCK_TOKENS per step, at most MAX_PAGES_PER_BLOCK pages and the ``span`` pages a
+    block walks (the table's width, or a window's pages)."""
     wanted = max(1, TARGET_BLOCK_TOKENS // page_size)
-    return max(1, min(wanted, MAX_PAGES_PER_BLOCK, pages_per_seq))
+    return max(1, min(wanted, MAX_PAGES_PER_BLOCK, span))
 
 
-def resolve_pages_per_block(pages_per_block: int | None, page_size: int,
-                            pages_per_seq: int) -> int:
+def resolve_pages_per_block(pages_per_block: int | None, page_size: int, span: int) -> int:
     """None: ``default_pages_per_block``; a requested value is clipped to
-    [1, min(MAX_PAGES_PER_BLOCK, pages_per_seq)] (the option is shared with the other backends, so
-    a value that suits them must not fail here)."""
+    [1, min(MAX_PAGES_PER_BLOCK, span)], ``span`` the pages a block walks (``tiling.span_pages``;
+    the option is shared with the other backends, so a value that suits them must not fail
+    here)."""
     if pages_per_block is None:
-        return default_pages_per_block(page_size, pages_per_seq)
-    return max(1, min(pages_per_block, MAX_PAGES_PER_BLOCK, pages_per_seq))
+        return default_pages_per_block(page_size, span)
+    return max(1, min(pages_per_block, MAX_PAGES_PER_BLOCK, span))
 
 
 def batch_chunks(batch: int, pages_per_seq: int, max_table_entries: int) -> tuple[int, int]:
@@ -170,7 +177,8 @@ def attend_query_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, ta
     block b's row; lengths int32 [n]: keys block b needs (the pages past them are neither fetched
     nor scored); row_limits int32 [n, tokens] or None: token t of block b sees keys
     0 .. row_limits[b, t] - 1 (each <= lengths[b]; 0: nothing), None: all of its block's length;
-    local_window None or the keys a token sees before its last one (limit - 1 - window on)
+    local_window None or the keys a token sees before its last one (limit - 1 - window on; the
+    pages before the earliest such key of a block are neither fetched nor scored)
     -> (out [n, tokens, Hq, D] in q.dtype, lse float32 [n, tokens, Hq]).
     """
     n, tokens, hq, d = q.shape
@@ -178,11 +186,17 @@ def attend_query_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, ta
     groups = hq // hkv
     pages_per_seq = table.shape[1]
     hb = heads_per_block(hkv, d)
-    cfg = _Config(scale=scale, page_size=page_size, pages_per_seq=pages_per_seq,
-                  pages_per_block=resolve_pages_per_block(pages_per_block, page_size,
-                                                          pages_per_seq),
+    span = tiling.span_pages(pages_per_seq, page_size, local_window, tokens)
+    cfg = _Config(scale=scale, page_size=page_size, pages_per_seq=pages_per_seq, span=span,
+                  pages_per_block=resolve_pages_per_block(pages_per_block, page_size, span),
                   heads_per_block=hb, head_dim=d, quantized=k_scales is not None,
                   row_limits=row_limits is not None, window=local_window, interpret=interpret)
+    lowest = jnp.zeros((n,), jnp.int32)  # [n] the first key a block's rows see
+    if local_window is not None:
+        # Rows that see nothing (limit 0) do not count: min over the others (all: the length).
+        limits = lengths if row_limits is None else jnp.min(
+            jnp.where(row_limits > 0, row_limits, lengths[:, None]), axis=1)
+        lowest = limits.astype(jnp.int32) - 1 - local_window
     nhb = hkv // hb
     # Block-diagonal queries: row (t, j, g) holds token t's query head g of KV head j in lanes of
     # head j.
@@ -197,7 +211,7 @@ def attend_query_blocks(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array, ta
     pages = [x.reshape(num_pages, page_size, hkv * d) for x in (k_pages, v_pages)]  # free views
     scales = [k_scales, v_scales] if cfg.quantized else []
     call = functools.partial(_call, pages=pages, scales=scales, cfg=cfg)
-    out, lse = _call_in_chunks(call, table.astype(jnp.int32), lengths.astype(jnp.int32),
+    out, lse = _call_in_chunks(call, table.astype(jnp.int32), lengths.astype(jnp.int32), lowest,
                                *operands)
     # out [n, nhb, rows, hb * D]: keep each row's own head's lanes.
     out = out.reshape(n, nhb, tokens, hb, groups, hb, d)
@@ -212,10 +226,10 @@ def _call_in_chunks(call: Callable[..., tuple[jax.Array, jax.Array]], table: jax
     """``call(flat table, lens, *operands)`` on chunks of the batch whose table fits
     MAX_TABLE_ENTRIES.
 
-    table int32 [batch, pages_per_seq]; lens int32 [batch]; operands [batch, ...] (the query
-    tiles, the row limits) -> call's (out [batch, ...], lse [batch, ...]). Padding sequences have
-    length 0, page 0 and zeros: they attend to nothing (one fetch of page 0 per slot) and are
-    dropped.
+    table int32 [batch, pages_per_seq]; lens int32 [batch]; operands [batch, ...] (the first keys
+    seen, the query tiles, the row limits) -> call's (out [batch, ...], lse [batch, ...]). Padding
+    sequences have length 0, page 0 and zeros: they attend to nothing (one fetch of page 0 per
+    slot) and are dropped.
     """
     batch, width = table.shape
     calls, seqs = batch_chunks(batch, width, MAX_TABLE_ENTRIES)  # seqs per call
@@ -248,7 +262,7 @@ def _dequantized(page_ref, scale_ref, head_block, cfg: _Config, dtype):
     return (x.astype(jnp.float32) * full).astype(dtype)
 
 
-def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
+def _kernel(lens_ref, table_ref, lowest_ref, q_ref, *refs, cfg: _Config):
     """refs: (row limits), ppb K pages, ppb V pages, (ppb K scales, ppb V scales), out, lse, acc,
     m, l."""
     ppb, ps = cfg.pages_per_block, cfg.page_size
@@ -259,8 +273,8 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
     vs_refs = refs[3 * ppb:4 * ppb] if cfg.quantized else (None,) * ppb
     o_ref, lse_ref, acc_ref, m_ref, l_ref = refs[n_in:]
     b, h, j = pl.program_id(0), pl.program_id(1), pl.program_id(2)
-    length = lens_ref[b]
-    start = j * (ppb * ps)  # first position of this step
+    length, lowest = lens_ref[b], lowest_ref[b]
+    start = (first_page(lowest, ps) + j * ppb) * ps  # first position of this step
 
     @pl.when(j == 0)
     def _init():
@@ -268,11 +282,7 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
         m_ref[...] = jnp.full_like(m_ref, -jnp.inf)
         l_ref[...] = jnp.zeros_like(l_ref)
 
-    live = start < length
-    if cfg.window is not None and limit_ref is None:  # a decode: skip steps before its window
-        live &= start + ppb * ps > length - 1 - cfg.window
-
-    @pl.when(live)
+    @pl.when(start < length)
     def _step():
         q = q_ref[...]  # [rows, lanes]
         acc, m, l = acc_ref[...], m_ref[...], l_ref[...]  # [rows, lanes], [rows, 1], [rows, 1]
@@ -290,10 +300,11 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
             p = jnp.where(mask, jnp.exp(s - m_new), 0.0)
             l = l * corr + p.sum(axis=1, keepdims=True)
             v = _dequantized(v_refs[i], vs_refs[i], h, cfg, q.dtype)  # [page_size, lanes]
-            # Slots past the block's length may hold anything (NaN included) and 0 * NaN is
-            # NaN: zero their V rows. Rows past a token's own limit (< length) are real tokens.
+            # Slots past the block's length or before every row's window may hold anything (NaN
+            # included) and 0 * NaN is NaN: zero their V rows. Rows past a token's own limit
+            # (< length) are real tokens.
             key = start + i * ps + lax.broadcasted_iota(jnp.int32, v.shape, 0)
-            v = jnp.where(key < length, v, jnp.zeros((), v.dtype))
+            v = jnp.where((key < length) & (key >= lowest), v, jnp.zeros((), v.dtype))
             acc = acc * corr + jnp.dot(p.astype(v.dtype), v, preferred_element_type=jnp.float32)
             m = m_new
         acc_ref[...], m_ref[...], l_ref[...] = acc, m, l
@@ -304,23 +315,31 @@ def _kernel(lens_ref, table_ref, q_ref, *refs, cfg: _Config):
             acc_ref[...], m_ref[...], l_ref[...], keepdims=True)  # [rows, lanes], [rows, 1]
 
 
-def table_column(length: jax.Array, j: jax.Array | int, i: jax.Array | int, page_size: int,
-                 pages_per_block: int) -> jax.Array:
+def first_page(lowest: jax.Array, page_size: int) -> jax.Array:
+    """The page (within the sequence) holding key ``lowest``, the first one a block sees (< 0:
+    page 0); a block's steps walk its pages from there."""
+    # lax.div: jnp's floor division lowers through sign(), which Mosaic lowers only on a TPU.
+    return lax.div(jnp.maximum(lowest, 0), page_size)
+
+
+def table_column(length: jax.Array, lowest: jax.Array, j: jax.Array | int, i: jax.Array | int,
+                 page_size: int, pages_per_block: int) -> jax.Array:
     """The page-table column (page index within the sequence) that page slot i reads at step j
-    for a sequence of ``length`` tokens: j * ppb + i while that page is in use. The pipeline
+    for a sequence of ``length`` tokens whose first seen key is ``lowest`` (0 without a window):
+    first + j * ppb + i while that page is in use, first = ``first_page(lowest)``. The pipeline
     fetches a slot's block only when its index changes, so a slot past the end must not move:
 
-    - steps past the last one in use (jj = last // ppb) repeat that step's columns;
+    - steps past the last one in use (jj = (last - first) // ppb) repeat that step's columns;
     - in that step, a slot past the last page keeps its column of the step before (jj - 1), or,
       at step 0 where there is none, reads the last page (padding: some page must be there).
 
     Works on int32 scalars (the index map, traced) and arrays (tests): j may be a vector.
     """
     ppb = pages_per_block
-    # lax.div: jnp's floor division lowers through sign(), which Mosaic lowers only on a TPU.
-    last = jnp.maximum(lax.div(length + page_size - 1, page_size) - 1, 0)  # 0 when empty
-    jj = jnp.minimum(j, lax.div(last, ppb))
-    col = jj * ppb + i
+    first = first_page(lowest, page_size)
+    last = jnp.maximum(lax.div(length + page_size - 1, page_size) - 1, first)  # first if empty
+    jj = jnp.minimum(j, lax.div(last - first, ppb))
+    col = first + jj * ppb + i
     return jnp.where(col > last, jnp.where(jj > 0, col - ppb, last), col)
 
 
@@ -328,8 +347,8 @@ def _page_map(i: int, cfg: _Config):
     """Index map of page slot i of each step: the physical page at ``table_column``."""
     ps, ppb, width = cfg.page_size, cfg.pages_per_block, cfg.pages_per_seq
 
-    def index_map(b, h, j, lens, table):
-        return table[b * width + table_column(lens[b], j, i, ps, ppb)], 0, h
+    def index_map(b, h, j, lens, table, lowest):
+        return table[b * width + table_column(lens[b], lowest[b], j, i, ps, ppb)], 0, h
 
     return index_map
 
@@ -337,17 +356,18 @@ def _page_map(i: int, cfg: _Config):
 def _scale_map(i: int, cfg: _Config):
     page = _page_map(i, cfg)
 
-    def index_map(b, h, j, lens, table):
-        return page(b, h, j, lens, table)[0], 0, 0
+    def index_map(b, h, j, lens, table, lowest):
+        return page(b, h, j, lens, table, lowest)[0], 0, 0
 
     return index_map
 
 
-def _call(table: jax.Array, lens: jax.Array, qx: jax.Array, *row_limits: jax.Array,
-          pages: list[jax.Array], scales: list[jax.Array],
+def _call(table: jax.Array, lens: jax.Array, lowest: jax.Array, qx: jax.Array,
+          *row_limits: jax.Array, pages: list[jax.Array], scales: list[jax.Array],
           cfg: _Config) -> tuple[jax.Array, jax.Array]:
-    """table int32 [batch * pages_per_seq]; lens int32 [batch]; qx [batch, nhb, rows, lanes];
-    row_limits: int32 [batch, rows, 1] with ``cfg.row_limits``, else nothing; pages
+    """table int32 [batch * pages_per_seq]; lens int32 [batch]; lowest int32 [batch] (the first
+    key a block sees); qx [batch, nhb, rows, lanes]; row_limits: int32 [batch, rows, 1] with
+    ``cfg.row_limits``, else nothing; pages
     2 x [num_pages, page_size, Hkv * D]; scales 0 or 2 x [num_pages, page_size, Hkv]
     -> (out float32 [batch, nhb, rows, lanes], lse float32 [batch, nhb, rows, 1])."""
     from jax.experimental.pallas import tpu as pltpu  # TPU dialect; importable on any jaxlib
@@ -356,20 +376,20 @@ def _call(table: jax.Array, lens: jax.Array, qx: jax.Array, *row_limits: jax.Arr
     ps, ppb = cfg.page_size, cfg.pages_per_block
     hkv = scales[0].shape[2] if scales else 0
     sq = pl.squeezed
-    n_steps = tiling.cdiv(cfg.pages_per_seq, ppb)
-    tile = lambda b, h, j, lens, table: (b, h, 0, 0)  # noqa: E731
+    n_steps = tiling.cdiv(cfg.span, ppb)
+    tile = lambda b, h, j, lens, table, lowest: (b, h, 0, 0)  # noqa: E731
     page_specs = [pl.BlockSpec((sq, ps, lanes), _page_map(i, cfg)) for i in range(ppb)]
     scale_specs = [pl.BlockSpec((sq, ps, hkv), _scale_map(i, cfg)) for i in range(ppb)]
     in_specs = [pl.BlockSpec((sq, sq, rows, lanes), tile)]
-    in_specs += [pl.BlockSpec((sq, rows, 1), lambda b, h, j, lens, table: (b, 0, 0))] * len(
-        row_limits)
+    in_specs += [pl.BlockSpec((sq, rows, 1), lambda b, h, j, lens, table, lowest: (b, 0, 0))
+                 ] * len(row_limits)
     in_specs += [*page_specs, *page_specs]
     args = [*row_limits, *[pages[0]] * ppb, *[pages[1]] * ppb]  # one operand per page slot
     if scales:
         in_specs += [*scale_specs, *scale_specs]
         args += [*[scales[0]] * ppb, *[scales[1]] * ppb]
     grid_spec = pltpu.PrefetchScalarGridSpec(
-        num_scalar_prefetch=2, grid=(batch, nhb, n_steps), in_specs=in_specs,
+        num_scalar_prefetch=3, grid=(batch, nhb, n_steps), in_specs=in_specs,
         out_specs=[pl.BlockSpec((sq, sq, rows, lanes), tile),
                    pl.BlockSpec((sq, sq, rows, 1), tile)],
         scratch_shapes=[pltpu.VMEM((rows, lanes), jnp.float32),
@@ -382,4 +402,4 @@ def _call(table: jax.Array, lens: jax.Array, qx: jax.Array, *row_limits: jax.Arr
             dimension_semantics=("parallel", "parallel", "arbitrary")),
         interpret=cfg.interpret,
         name="ragged_paged_attention_tpu" if cfg.row_limits else "paged_decode_attention_tpu",
-    )(lens, table, qx, *args)
+    )(lens, table, lowest, qx, *args)

@@ -23,8 +23,10 @@ token), run with a key limit per query row:
   fetched twice; keys past a row's own limit are masked;
 - the last step writes out = acc / l and lse = m + log l; rows that see nothing (padding rows of
   a block, empty blocks) get out 0 and lse -inf;
-- with a left window, keys before a row's limit - 1 - window are masked as well (the pages
-  wholly before the window are still fetched and scored: no step is skipped).
+- with a left window w, keys before a row's limit - 1 - w are masked as well, and a block's walk
+  starts at the page holding its first token's window start, the grid having the steps of the
+  pages its w + block_q keys can straddle (``tiling.span_pages``), not of the whole row: the pages
+  wholly before every token's window are neither fetched nor scored.
 
 The block's page-table rows (``page_table[block_seq]``, [NB, pages_per_seq]) are what SMEM holds;
 past ``paged_pallas_tpu.MAX_TABLE_ENTRIES`` the blocks run in chunks under ``lax.map``. Empty
@@ -58,7 +60,7 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     -> (out [T, Hq, D] in q.dtype, lse float32 [T, Hq]).
 
     ``pages_per_block`` goes through ``paged_pallas_tpu.resolve_pages_per_block`` (None: ~256
-    tokens a step; at most 16 pages and the table's width)."""
+    tokens a step; at most 16 pages and the pages a block walks)."""
     _, hq, d = q.shape
     nb = layout.num_blocks
     limits = layout.key_limit()  # [NB] keys the block's last token sees

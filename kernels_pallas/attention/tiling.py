@@ -117,6 +117,17 @@ def cdiv(a: int, b: int) -> int:
     return -(-a // b)
 
 
+def span_pages(pages_per_seq: int, page_size: int, window: int | None, tokens: int = 1) -> int:
+    """Pages of a page-table row that the keys of ``tokens`` consecutive queries can lie in: the
+    whole row, or with a left window w the pages their w + tokens keys (from the first query's
+    window start to the last query) can straddle, a partial page at each end:
+    cdiv(w + tokens - 1, page_size) + 1, at most the row's width. What the paged kernels walk
+    (and the GPU decode kernel splits) when a window is given."""
+    if window is None:
+        return pages_per_seq
+    return min(pages_per_seq, cdiv(window + tokens - 1, page_size) + 1)
+
+
 @dataclasses.dataclass(frozen=True)
 class MaskSpec:
     """Static description of the mask (see the module docstring for the rule)."""

@@ -12,7 +12,7 @@ import numpy as np
 import pytest
 
 from kernels_pallas import paged_decode_attention
-from kernels_pallas.attention import paged_pallas_gpu, paged_pallas_tpu, paged_xla
+from kernels_pallas.attention import paged_pallas_gpu, paged_pallas_tpu, paged_xla, tiling
 from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
 
 
@@ -263,18 +263,22 @@ def test_default_num_splits_fill_the_grid_but_keep_pages_per_split():
     assert paged_pallas_gpu.default_num_splits(batch=1, hkv=1, span=16) == 4
 
 
-@pytest.mark.parametrize("pages_per_seq,page_size,window,span", [
-    (8192, 16, None, 8192),  # no window: the whole row
-    (8192, 16, 4095, 257),  # 4096 keys straddle 257 pages of 16 when they start mid-page
-    (8192, 16, 4096, 257),  # 4097 keys: at most 257 pages too
-    (8192, 16, 0, 1),  # the query's own key
-    (8192, 16, 15, 2),  # one page's worth of keys, straddling two pages
-    (8192, 16, 16, 2),
-    (8192, 16, 17, 3),
-    (4, 16, 40, 4),  # at most the row
+@pytest.mark.parametrize("pages_per_seq,page_size,window,tokens,span", [
+    (8192, 16, None, 1, 8192),  # no window: the whole row
+    (8192, 16, 4095, 1, 257),  # 4096 keys straddle 257 pages of 16 when they start mid-page
+    (8192, 16, 4096, 1, 257),  # 4097 keys: at most 257 pages too
+    (8192, 16, 0, 1, 1),  # the query's own key
+    (8192, 16, 15, 1, 2),  # one page's worth of keys, straddling two pages
+    (8192, 16, 16, 1, 2),
+    (8192, 16, 17, 1, 3),
+    (8192, 16, 15, 2, 2),  # two queries: 17 keys from the first one's window start
+    (8192, 16, 16, 2, 3),  # 18 keys
+    (8192, 16, 0, 16, 2),  # 16 queries with windows of their own key: 16 keys
+    (4, 16, 40, 1, 4),  # at most the row
 ])
-def test_span_pages_is_the_window_pages_at_most_the_row(pages_per_seq, page_size, window, span):
-    assert paged_pallas_gpu.span_pages(pages_per_seq, page_size, window) == span
+def test_span_pages_is_the_window_pages_at_most_the_row(pages_per_seq, page_size, window, tokens,
+                                                        span):
+    assert tiling.span_pages(pages_per_seq, page_size, window, tokens) == span
 
 
 @pytest.mark.parametrize("span,num_splits,pages_per_block,layout", [
@@ -411,7 +415,7 @@ def test_local_window_over_int8_pages_matches_dense_attention(backend, options):
     assert rel_err(out, ref_out) < TOLS["float32"]
 
 
-# --- The GPU kernel's window splits: each sequence's runs start at its window's first page. ---
+# --- Window walks: each sequence's runs (GPU splits, TPU steps) start at its window's page. ---
 # Page sizes 4, 8 and 16 (steps of at least 16 tokens: 4, 2 and 1 or 4 pages, so a run that starts
 # at the window's page is mostly not step-aligned and its last step reads past the table's end);
 # windows under a page (3), of exactly one page's keys and two pages' (7 and 15 at page 8, 15 at
@@ -421,14 +425,18 @@ def test_local_window_over_int8_pages_matches_dense_attention(backend, options):
 # shorter than the window. Every K/V slot outside each row's window (before it, past the length,
 # the pages only a length-0 row points at) is NaN or +-Inf; a run starting a page late loses
 # window keys, one starting early reads NaN past a missed mask: either moves the output.
-WINDOW_SPLIT_RUNS = [  # (page_size, window, num_splits, pages_per_block, int8)
-    (8, 3, 1, None, False),
-    (8, 3, 2, None, True),
-    (8, 7, 64, None, False),
-    (8, 15, 3, 4, False),
-    (16, 15, 2, 1, True),
-    (16, 40, 64, 1, False),
-    (4, 30, 2, None, False),
+# The TPU kernel walks from the window's first page too (its grid has the window's steps): two
+# runs, one with a window under a page and int8 pages, one with several steps.
+WINDOW_SPLIT_RUNS = [  # (backend, page_size, window, options, int8)
+    ("pallas", 8, 3, {"num_splits": 1}, False),
+    ("pallas", 8, 3, {"num_splits": 2}, True),
+    ("pallas", 8, 7, {"num_splits": 64}, False),
+    ("pallas", 8, 15, {"num_splits": 3, "pages_per_block": 4}, False),
+    ("pallas", 16, 15, {"num_splits": 2, "pages_per_block": 1}, True),
+    ("pallas", 16, 40, {"num_splits": 64, "pages_per_block": 1}, False),
+    ("pallas", 4, 30, {"num_splits": 2}, False),
+    ("pallas_tpu", 8, 3, {}, True),
+    ("pallas_tpu", 4, 30, {"pages_per_block": 3}, False),
 ]
 
 
@@ -453,9 +461,10 @@ def window_slots(num_pages: int, page_size: int, table, lengths, window: int) ->
     return seen
 
 
-@pytest.mark.parametrize("page_size,window,num_splits,pages_per_block,int8", WINDOW_SPLIT_RUNS)
-def test_window_splits_start_at_each_sequences_window(page_size, window, num_splits,
-                                                      pages_per_block, int8):
+@pytest.mark.parametrize("backend,page_size,window,options,int8", WINDOW_SPLIT_RUNS,
+                         ids=[f"{b}-page{p}-window{w}-{'-'.join(map(str, o.values()))}"
+                              f"{'-int8' if i else ''}" for b, p, w, o, i in WINDOW_SPLIT_RUNS])
+def test_window_walks_start_at_each_sequences_window(backend, page_size, window, options, int8):
     q, k_pages, v_pages, table, lengths = window_split_inputs(page_size, window, seed=window)
     seen = window_slots(k_pages.shape[0], page_size, table, lengths, window)
     scales, dirty_scales = {}, {}
@@ -472,8 +481,7 @@ def test_window_splits_start_at_each_sequences_window(page_size, window, num_spl
                                          return_lse=True, local_window=window, **options))(
             q, k, v, table, lengths)
 
-    out, lse = attend(*dirty, "pallas", num_splits=num_splits, pages_per_block=pages_per_block,
-                      **dirty_scales)
+    out, lse = attend(*dirty, backend, **options, **dirty_scales)
     ref_out, ref_lse = attend(k_pages, v_pages, "reference", **scales)
     assert np.isfinite(np.asarray(out)).all()
     assert rel_err(out, np.asarray(ref_out)) < TOLS["float32"]
@@ -481,6 +489,27 @@ def test_window_splits_start_at_each_sequences_window(page_size, window, num_spl
     np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
     finite = np.isfinite(ref_lse)
     np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+
+
+def test_a_windowed_tpu_call_has_the_windows_steps_not_the_tables(monkeypatch):
+    """A 255-key window over a 1024-page table of 16-token pages: the grid walks the window's 17
+    pages (2 steps of 16 pages), not the table's 64 steps, and each sequence starts at the page of
+    its first seen key (length - 1 - window)."""
+    seen = []
+
+    def capture(table, lens, lowest, qx, *row_limits, pages, scales, cfg):
+        seen.append((cfg.span, cfg.pages_per_block, np.asarray(lowest).tolist()))
+        return jnp.zeros(qx.shape, jnp.float32), jnp.zeros((*qx.shape[:3], 1), jnp.float32)
+
+    monkeypatch.setattr(paged_pallas_tpu, "_call", capture)
+    q = jnp.zeros((2, 4, 128), jnp.float32)
+    pages = jnp.zeros((1024, 16, 2, 128), jnp.float32)
+    table = jnp.zeros((2, 1024), jnp.int32)
+    lengths = jnp.asarray([9000, 100], jnp.int32)
+    for window in (255, None):
+        paged_decode_attention(q, pages, pages, table, lengths, backend="pallas_tpu",
+                               local_window=window)
+    assert seen == [(17, 16, [9000 - 256, 100 - 256]), (1024, 16, [0, 0])]
 
 
 def test_under_jit_the_table_and_lengths_are_traced_and_unchecked():
@@ -572,25 +601,31 @@ def test_tpu_kernel_matches_reference_backend(case, pages_per_block, int8, table
 
 
 @jax.jit  # one compilation for every length, not one per eager op
-def _table_columns(length):
+def _table_columns(length, lowest):
     """Columns that 16 page slots read over 4 steps of 16 pages of 16 tokens: [steps, slots]."""
-    return paged_pallas_tpu.table_column(length, jnp.arange(4)[:, None], jnp.arange(16)[None, :],
-                                         page_size=16, pages_per_block=16)
+    return paged_pallas_tpu.table_column(length, lowest, jnp.arange(4)[:, None],
+                                         jnp.arange(16)[None, :], page_size=16, pages_per_block=16)
 
 
-@pytest.mark.parametrize("length,needed,fetches", [(0, 1, 16), (1, 1, 16), (128, 8, 16),
-                                                   (256, 16, 16), (300, 19, 19), (1024, 64, 64)])
-def test_tpu_index_map_fetches_each_needed_page_once(length, needed, fetches):
+@pytest.mark.parametrize("length,lowest,first,needed,fetches", [
+    (0, 0, 0, 1, 16), (1, 0, 0, 1, 16), (128, 0, 0, 8, 16), (256, 0, 0, 16, 16),
+    (300, 0, 0, 19, 19), (1024, 0, 0, 64, 64),
+    # With a window the walk starts at the page of the first key seen (lowest).
+    (300, 200, 12, 7, 16), (1024, 700, 43, 21, 21), (1024, 1023, 63, 1, 16), (5, -20, 0, 1, 16)])
+def test_tpu_index_map_fetches_each_needed_page_once(length, lowest, first, needed, fetches):
     """Page 16, 16 pages a step, 64 pages in the table (4 steps). The pipeline fetches a slot's
     page at step 0 and whenever its column changes; a slot past the length must not change, so
-    the fetches are the needed pages plus step 0's padding (16 - needed slots, when fewer)."""
+    the fetches are the needed pages (first .. first + needed - 1) plus step 0's padding
+    (16 - needed slots, when fewer)."""
     steps, ppb = 4, 16
-    cols = np.asarray(_table_columns(jnp.int32(length)))  # [steps, slots]
-    assert cols[0].tolist() == [min(i, needed - 1) for i in range(ppb)]
+    cols = np.asarray(_table_columns(jnp.int32(length), jnp.int32(lowest)))  # [steps, slots]
+    last = first + needed - 1
+    assert cols[0].tolist() == [min(first + i, last) for i in range(ppb)]
     for j in range(steps):  # a slot holding a needed page holds the page of its position
-        in_use = j * ppb + np.arange(ppb) < needed
-        np.testing.assert_array_equal(cols[j][in_use], (j * ppb + np.arange(ppb))[in_use])
-    assert set(cols.ravel().tolist()) == set(range(needed))
+        pages = first + j * ppb + np.arange(ppb)
+        in_use = pages <= last
+        np.testing.assert_array_equal(cols[j][in_use], pages[in_use])
+    assert set(cols.ravel().tolist()) == set(range(first, last + 1))
     assert ppb + int((np.diff(cols, axis=0) != 0).sum()) == fetches
 
 
@@ -613,15 +648,15 @@ def test_tpu_lane_blocks_and_default_pages_per_block():
     assert paged_pallas_tpu.heads_per_block(hkv=8, head_dim=64) == 2
     assert paged_pallas_tpu.heads_per_block(hkv=8, head_dim=80) == 8
     assert paged_pallas_tpu.heads_per_block(hkv=6, head_dim=80) == 6
-    # ~256 tokens a step, at most 16 pages and the table's width.
-    assert paged_pallas_tpu.default_pages_per_block(page_size=16, pages_per_seq=512) == 16
-    assert paged_pallas_tpu.default_pages_per_block(page_size=128, pages_per_seq=512) == 2
-    assert paged_pallas_tpu.default_pages_per_block(page_size=4, pages_per_seq=3) == 3
-    # A requested value is clipped to MAX_PAGES_PER_BLOCK (16) and the table's width.
-    assert paged_pallas_tpu.resolve_pages_per_block(64, page_size=4, pages_per_seq=512) == 16
-    assert paged_pallas_tpu.resolve_pages_per_block(7, page_size=16, pages_per_seq=3) == 3
-    assert paged_pallas_tpu.resolve_pages_per_block(5, page_size=16, pages_per_seq=512) == 5
-    assert paged_pallas_tpu.resolve_pages_per_block(None, page_size=16, pages_per_seq=512) == 16
+    # ~256 tokens a step, at most 16 pages and the span (the table's width or a window's pages).
+    assert paged_pallas_tpu.default_pages_per_block(page_size=16, span=512) == 16
+    assert paged_pallas_tpu.default_pages_per_block(page_size=128, span=512) == 2
+    assert paged_pallas_tpu.default_pages_per_block(page_size=4, span=3) == 3
+    # A requested value is clipped to MAX_PAGES_PER_BLOCK (16) and the span.
+    assert paged_pallas_tpu.resolve_pages_per_block(64, page_size=4, span=512) == 16
+    assert paged_pallas_tpu.resolve_pages_per_block(7, page_size=16, span=3) == 3
+    assert paged_pallas_tpu.resolve_pages_per_block(5, page_size=16, span=512) == 5
+    assert paged_pallas_tpu.resolve_pages_per_block(None, page_size=16, span=512) == 16
 
 
 def _abstract_inputs(page_size, d, hq, hkv, int8, dtype=jnp.bfloat16):

@@ -209,9 +209,9 @@ def test_local_window_matches_dense_attention_over_each_tokens_window(backend, o
     check_against_oracle(case, backend, options)
 
 
-# The Triton kernel walks a block's pages from the one holding its first query's window start;
-# the keys before it, and past each sequence's kv_length, are NaN or +-Inf (a walk starting a page
-# late loses keys, a mask or V zeroing that misses one lets NaN in). Page 8 (2-page steps at
+# The Triton and Mosaic kernels walk a block's pages from the one holding its first query's window
+# start; the keys before it, and past each sequence's kv_length, are NaN or +-Inf (a walk starting
+# a page late loses keys, a mask or V zeroing that misses one lets NaN in). Page 8 (2-page steps at
 # least, so most walks are not step-aligned), 16 pages a row (a power of two: the table has no
 # padding but what a walk from the row's last page needs); decodes at lengths 1, 8 (a page's end)
 # and 128 (the capacity), chunks of 5, 9 and 20 tokens starting at a page's start (32), mid-page
@@ -220,15 +220,16 @@ def test_local_window_matches_dense_attention_over_each_tokens_window(backend, o
 # with its own window start) and the defaults.
 WINDOW_GARBAGE_Q_LENS = (1, 5, 1, 9, 0, 20, 1)
 WINDOW_GARBAGE_KV_LENGTHS = (1, 37, 8, 30, 0, 20, 128)
-WINDOW_GARBAGE_RUNS = [  # (options, window, int8)
-    ({"block_q": 4, "pages_per_block": 1}, 3, True),
-    ({"block_q": 4, "pages_per_block": 2}, 7, False),
-    ({}, 20, False),
+WINDOW_GARBAGE_RUNS = [  # (backend, options, window, int8)
+    ("pallas", {"block_q": 4, "pages_per_block": 1}, 3, True),
+    ("pallas", {"block_q": 4, "pages_per_block": 2}, 7, False),
+    ("pallas", {}, 20, False),
+    ("pallas_tpu", {"block_q": 4, "pages_per_block": 2}, 7, True),
 ]
 
 
-@pytest.mark.parametrize("options,window,int8", WINDOW_GARBAGE_RUNS)
-def test_triton_kernel_ignores_nan_and_inf_before_every_window(options, window, int8):
+@pytest.mark.parametrize("backend,options,window,int8", WINDOW_GARBAGE_RUNS)
+def test_kernels_ignore_nan_and_inf_before_every_window(backend, options, window, int8):
     rng = np.random.default_rng(window)
     page_size, pages_per_seq, hq, hkv, d = 8, 16, 8, 2, 32
     q_lens, kv_lengths = np.array(WINDOW_GARBAGE_Q_LENS), np.array(WINDOW_GARBAGE_KV_LENGTHS)
@@ -257,7 +258,7 @@ def test_triton_kernel_ignores_nan_and_inf_before_every_window(options, window, 
                                          return_lse=True, local_window=window, **options))(
             q, k, v, table, starts, kv_lengths)
 
-    out, lse = attend(*dirty, "pallas", **options, **dirty_scales)
+    out, lse = attend(*dirty, backend, **options, **dirty_scales)
     ref_out, ref_lse = attend(k_pages, v_pages, "reference", **scales)
     assert np.isfinite(np.asarray(out)).all()
     assert rel_err(out, np.asarray(ref_out)) < TOLS["float32"]
