@@ -61,7 +61,10 @@ def ragged_paged_attention(q, k_pages, v_pages, page_table, layout: RaggedLayout
         mask = mask[:, None, None]  # [NB, 1, 1, block_q, chunk]
         s = jnp.where(mask, s, MASK_VALUE)  # [NB, Hkv, groups, block_q, chunk]
         # V rows no real query of the block sees may hold anything (NaN included): zero them
-        v_valid = (keys[None, :] < key_limit)[:, :, None, None]  # [NB, chunk, 1, 1]
+        seen = keys[None, :] < key_limit  # [NB, chunk]
+        if local_window is not None:  # nor the keys before its first query's window
+            seen &= keys[None, :] >= layout.block_pos0[:, None] - local_window
+        v_valid = seen[:, :, None, None]  # [NB, chunk, 1, 1]
         return tiling.online_softmax_step(*carry, s, mask, v, "nhgqk,nkhd->nhgqd", v_valid)
 
     stat_shape = (nb, hkv, groups, block_q)

@@ -210,7 +210,8 @@ def test_local_window_matches_dense_attention_over_each_tokens_window(backend, o
 
 
 # The Triton and Mosaic kernels walk a block's pages from the one holding its first query's window
-# start; the keys before it, and past each sequence's kv_length, are NaN or +-Inf (a walk starting
+# start (xla walks chunks from the batch's earliest window, zeroing V rows before each block's
+# window); the keys before it, and past each sequence's kv_length, are NaN or +-Inf (a walk starting
 # a page late loses keys, a mask or V zeroing that misses one lets NaN in). Page 8 (2-page steps at
 # least, so most walks are not step-aligned), 16 pages a row (a power of two: the table has no
 # padding but what a walk from the row's last page needs); decodes at lengths 1, 8 (a page's end)
@@ -225,11 +226,13 @@ WINDOW_GARBAGE_RUNS = [  # (backend, options, window, int8)
     ("pallas", {"block_q": 4, "pages_per_block": 2}, 7, False),
     ("pallas", {}, 20, False),
     ("pallas_tpu", {"block_q": 4, "pages_per_block": 2}, 7, True),
+    ("xla", {"block_q": 4, "pages_per_block": 2}, 7, True),
+    ("xla", {}, 20, False),
 ]
 
 
 @pytest.mark.parametrize("backend,options,window,int8", WINDOW_GARBAGE_RUNS)
-def test_kernels_ignore_nan_and_inf_before_every_window(backend, options, window, int8):
+def test_backends_ignore_nan_and_inf_before_every_window(backend, options, window, int8):
     rng = np.random.default_rng(window)
     page_size, pages_per_seq, hq, hkv, d = 8, 16, 8, 2, 32
     q_lens, kv_lengths = np.array(WINDOW_GARBAGE_Q_LENS), np.array(WINDOW_GARBAGE_KV_LENGTHS)
