@@ -2,8 +2,10 @@
 mixture of SwiGLU experts (jaxinfer/models/moe.py), as a Flax NNX module.
 
 The interface matches `LlamaForCausalLM` (`__call__`, `init_cache`, `forward`), so
-`jaxinfer.generate` runs it unchanged; `forward_with_routing` also returns every layer's router
-logits (for routing statistics) and the capacity-drop counts. Training asks the model for its
+`jaxinfer.generate` runs it unchanged. With a KV cache (generation, serving) routing is dropless
+whatever `moe_impl`, so a prompt's tokens never depend on the rest of the batch or on the mesh.
+`forward_with_routing` also returns every layer's router logits (for routing statistics) and
+the capacity-drop counts. Training asks the model for its
 auxiliary losses (`forward_with_aux_losses`, `aux_loss_weights`: the router losses of
 `jaxinfer.models.moe`, weighted by the config), so jaxinfer.train optimises them without knowing
 what a router is.
@@ -51,11 +53,18 @@ class MixtralDecoderLayer(nnx.Module):
                  layout: str = "contiguous", prefill: bool = False):
         """x [batch, T, embed] -> (x, kv, router_logits [batch * T, E], dropped). router_key:
         this layer's router-jitter key (training only; see SparseMoE); segment_ids, layout,
-        prefill: as in `SelfAttention`."""
+        prefill: as in `SelfAttention`.
+
+        With a KV cache (inference: `jaxinfer.generate`'s prefill and decode steps, speculative
+        decoding) routing is dropless whatever the config's `moe_impl`, as in `paged`: capacity
+        is shared by every token of the batch, so under capacity routing a prompt's tokens would
+        depend on the other prompts in the batch and on the mesh. Without a cache (training,
+        scoring a batch) `moe_impl` applies."""
         h, kv = self.self_attn(self.input_layernorm(x), cos, sin, positions, kv, start,
                                segment_ids, layout=layout, prefill=prefill)
         x = x + h
-        moe = self.block_sparse_moe(self.post_attention_layernorm(x), router_key)
+        moe = self.block_sparse_moe(self.post_attention_layernorm(x), router_key,
+                                    dropless=kv is not None)
         return x + moe.y, kv, moe.router_logits, moe.dropped
 
     def paged(self, x, cos, sin, kv: PagedLayerKV, meta: PagedBatch):
@@ -87,7 +96,9 @@ class MixtralForCausalLM(DecoderLM):
                 start: jax.Array | int = 0, *, segment_ids: jax.Array | None = None,
                 layout: str = "contiguous") -> tuple[jax.Array, KVCache | None]:
         """Logits for input_ids [batch, T] at positions start..start+T-1 (as LlamaForCausalLM,
-        segment_ids and layout too)."""
+        segment_ids and layout too). With a cache, routing is dropless whatever `moe_impl`
+        (see `MixtralDecoderLayer.__call__`), so `jaxinfer.generate` gives each prompt the
+        tokens it gets alone, on any mesh."""
         logits, cache, _ = self.forward_with_routing(input_ids, cache, start,
                                                      segment_ids=segment_ids, layout=layout)
         return logits, cache

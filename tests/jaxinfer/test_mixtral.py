@@ -356,15 +356,27 @@ def test_router_jitter_changes_routing_only_in_training_with_a_key(built):
         built.model.config.replace(router_jitter_noise=1.5)
 
 
+def hf_greedy(built) -> np.ndarray:
+    with torch.no_grad():
+        ids = torch.from_numpy(built.ids).long()
+        return built.hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
+                                       max_new_tokens=NEW_TOKENS,
+                                       min_new_tokens=NEW_TOKENS).numpy()
+
+
 def test_greedy_generation_matches_transformers(built):
     got = np.asarray(jaxinfer.generate(built.model, jnp.asarray(built.ids),
                                        max_new_tokens=NEW_TOKENS, temperature=0.0))
-    with torch.no_grad():
-        ids = torch.from_numpy(built.ids).long()
-        want = built.hf_model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False,
-                                       max_new_tokens=NEW_TOKENS,
-                                       min_new_tokens=NEW_TOKENS).numpy()
-    np.testing.assert_array_equal(got, want)
+    np.testing.assert_array_equal(got, hf_greedy(built))
+
+
+def test_generation_is_dropless_under_a_capacity_config(built):
+    """generate's cached forward routes every token whatever moe_impl says (as the engine does):
+    under capacity routing a prompt's tokens would depend on the other prompts in the batch."""
+    model = load_mixtral(built.hf_dir, moe_impl="capacity", capacity_factor=0.25)
+    got = np.asarray(jaxinfer.generate(model, jnp.asarray(built.ids),
+                                       max_new_tokens=NEW_TOKENS, temperature=0.0))
+    np.testing.assert_array_equal(got, hf_greedy(built))
 
 
 def test_engine_serves_mixtral_with_the_greedy_tokens_of_generate(built):
