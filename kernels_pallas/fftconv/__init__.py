@@ -195,7 +195,8 @@ def fftconv(u: jax.Array, k: jax.Array, *, bidirectional: bool = False,
         outputs and gradients are rounded once, as unblocked).
 
     Returns:
-      y [batch, channels, N] in u's dtype (computed in float32). Differentiable in u, k, the
+      y [batch, channels, N] in u's dtype (computed in float32); zeros when batch or channels
+      is 0 (every option is still validated). Differentiable in u, k, the
       gates and the bias on every backend (pallas: custom VJP). A NaN or Inf input spreads to
       every output of its FFT (block) on xla and pallas, earlier times included; the reference
       keeps it to the outputs whose sums include it.
@@ -220,6 +221,9 @@ def fftconv(u: jax.Array, k: jax.Array, *, bidirectional: bool = False,
         _check_plan(monarch_plan, m=monarch.fft_size(n) if forced is None else forced.fft_size,
                     full=forced is not None, n=n, triton=False)
     impl, interpret = _resolve(backend)
+    if u.size == 0:  # no batch rows or no channels: nothing to convolve (the kernels' grids and
+        # lax.conv's channel groups would be empty); zeros, so every gradient is zero too
+        return jnp.zeros(u.shape, u.dtype)
     freq_sparsity = float(freq_sparsity)
     if impl == "reference":
         y = reference.fftconv(u, k, offset=offset, pre_gate=pre_gate, post_gate=post_gate,

@@ -511,3 +511,20 @@ def test_numpy_scalar_options_equal_python_scalars():
     want = fftconv(u, k, partial=9, freq_sparsity=0.25, backend="xla")
     got = fftconv(u, k, partial=np.int64(9), freq_sparsity=np.float32(0.25), backend="xla")
     np.testing.assert_array_equal(got, want)
+
+
+@pytest.mark.parametrize("backend", ("reference",) + BACKENDS)
+@pytest.mark.parametrize("batch, channels", [(0, 2), (1, 0)])
+def test_empty_batch_or_channels_give_zeros_and_zero_grads(backend, batch, channels):
+    """No batch rows or no channels: zeros of u's shape and dtype (the Pallas grid and the
+    reference's channel groups would be empty), and zero gradients for every input."""
+    u = jnp.ones((batch, channels, 8), jnp.bfloat16)
+    k, pre = jnp.ones((channels, 3)), jnp.ones((batch, channels, 8))
+    bias = jnp.ones((channels,))
+    y = fftconv(u, k, pre_gate=pre, bias=bias, backend=backend)
+    assert y.shape == u.shape and y.dtype == u.dtype
+    grads = jax.grad(lambda k, pre, bias: fftconv(u, k, pre_gate=pre, bias=bias,
+                                                 backend=backend).astype(jnp.float32).sum(),
+                     argnums=(0, 1, 2))(k, pre, bias)
+    for g, a in zip(grads, (k, pre, bias)):
+        assert g.shape == a.shape and not np.any(np.asarray(g))
