@@ -284,7 +284,8 @@ def attention_fn(impl: str, mesh, causal: bool, backend: str):
     if impl == "single":
         return lambda q, k, v: flash_attention(q, k, v, causal=causal, backend=backend)
     return lambda q, k, v: sharding.sequence_parallel_attention(
-        q, k, v, mesh=mesh, impl=impl, causal=causal, backend=backend)
+        q, k, v, mesh=mesh, impl=impl, causal=causal, backend=backend,
+        layout="zigzag" if impl == "ring" else "contiguous")
 
 
 def place(impl: str, arrays, mesh, p: int):

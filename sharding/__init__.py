@@ -10,7 +10,8 @@ parallelism (the design: ../shared/DESIGN.md from the project root). Imports jax
         out = jaxinfer.generate(model, prompts)
 
 Sequence parallelism: `sequence_parallel_attention(q, k, v, mesh=mesh, impl="ring" | "ulysses")`
-over the "sequence" axis (ring attention with zig-zag balancing, or DeepSpeed-Ulysses).
+over the "sequence" axis (ring attention, or DeepSpeed-Ulysses), tokens in natural order unless
+layout="zigzag" (tokens permuted by `zigzag_permute`, which balances the causal ring's work).
 Megatron-SP (preset "tp_sp"): `column_parallel_matmul` all-gathers the sequence-split residual
 before the column-parallel projections, `row_parallel_matmul` reduce-scatters the row-parallel
 ones back onto it and `vocab_parallel_lookup` the embedding; under other layouts the first two

@@ -23,7 +23,7 @@ IMPLS = ("ring", "ulysses")
 
 def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
                                 impl: str = "ring", causal: bool = False,
-                                axis: str = "sequence", layout: str | None = None,
+                                axis: str = "sequence", layout: str = "contiguous",
                                 segment_ids: jax.Array | None = None,
                                 local_window: int | tuple[int, int] | None = None,
                                 softmax_scale: float | None = None,
@@ -33,16 +33,18 @@ def sequence_parallel_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mes
     whose seq dimension is split over mesh axis `axis`; returns [batch, seq, heads, head_dim] with
     the same sharding.
 
-    layout: the order of the sequence over the devices, "zigzag" or "contiguous"; None takes
-    "zigzag" for the ring (balanced causal work) and "contiguous" for Ulysses. Both impls accept
-    both layouts, so one input pipeline can serve either. local_window (sliding-window
-    attention) is Ulysses only: a ring block's window would need global offsets that
-    flash_attention's masks do not take. Other arguments as in `ring_attention`.
+    layout: the order of the sequence over the devices, the same default for both impls:
+    "contiguous" (natural order, device i holding the i-th slice) or "zigzag" (opt-in, permute
+    the tokens with `sharding.zigzag_permute` first: under a causal mask it balances the ring's
+    work, device i holding chunks i and 2P-1-i of 2P). Both impls accept both layouts, so one
+    input pipeline can serve either; the output is in the input's layout.
+
+    local_window (sliding-window attention) is Ulysses only: a ring block's window would need
+    global offsets that flash_attention's masks do not take. Other arguments as in
+    `ring_attention`.
     """
     if impl not in IMPLS:
         raise ValueError(f"impl must be one of {IMPLS}; got {impl!r}")
-    if layout is None:
-        layout = "zigzag" if impl == "ring" else "contiguous"
     if local_window is not None and impl == "ring":
         raise ValueError(f"local_window={local_window!r} is not supported by impl='ring'; use "
                          f"impl='ulysses' for sliding-window attention")

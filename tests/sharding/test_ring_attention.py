@@ -223,6 +223,17 @@ def test_numpy_bool_causal_is_taken_and_means_causal():
     np.testing.assert_allclose(got, want, rtol=F32_ATOL, atol=F32_ATOL)
 
 
+def test_default_layout_is_the_natural_order_for_both_impls():
+    """Without a layout both impls take the tokens in natural order (zig-zag is opt-in), so the
+    same causal call gives the same answer whichever impl runs it."""
+    q, k, v, _ = make_qkv(2, 16, 4, 2, 8)
+    mesh = sharding.make_mesh(data=2, sequence=4)
+    want = flash_attention(q, k, v, causal=True, backend="reference")
+    for impl in ("ring", "ulysses"):
+        got = sharding.sequence_parallel_attention(q, k, v, mesh=mesh, impl=impl, causal=True)
+        np.testing.assert_allclose(got, want, rtol=F32_ATOL, atol=F32_ATOL, err_msg=impl)
+
+
 def test_mismatched_k_and_v_is_an_error():
     q, k, _ = zeros_qkv(1, 16, 4, 2, 8)
     mesh = sharding.make_mesh(sequence=8)
