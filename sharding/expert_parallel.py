@@ -28,6 +28,7 @@ import jax.numpy as jnp
 from jax.sharding import Mesh, PartitionSpec
 
 from sharding.expert_exchange import from_experts, resolve_exchange, to_experts
+from sharding.mesh import check_auto_mesh
 from sharding.sp_common import shard_map
 
 ExpertFn = Callable[[Any, jax.Array], jax.Array]
@@ -121,6 +122,7 @@ def _check_inputs(x, router_kernel, expert_params, mesh: Mesh, expert_axis: str,
         if name not in mesh.axis_names:
             raise ValueError(f"mesh axis {name!r} is not in the mesh; its axes are "
                              f"{tuple(mesh.axis_names)}")
+    check_auto_mesh(mesh)  # as sharding.shard and use_rules: shard_map would blame in_specs
     if expert_axis not in token_axes:
         raise ValueError(f"token_axes must include expert_axis={expert_axis!r} (tokens are "
                          f"exchanged over it); got {token_axes}")

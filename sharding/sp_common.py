@@ -12,6 +12,7 @@ import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from sharding.mesh import axis_size as mesh_axis_size
+from sharding.mesh import check_auto_mesh
 
 LAYOUTS = ("contiguous", "zigzag")
 
@@ -24,10 +25,14 @@ def shard_map(f: Callable, *, mesh: Mesh, in_specs, out_specs) -> Callable:
 
 
 def axis_size(mesh: Mesh, axis: str, *, name: str = "axis") -> int:
-    """Size of the one mesh axis `axis` (`sharding.axis_size`'s check and message)."""
+    """Size of the one mesh axis `axis` (`sharding.axis_size`'s check and message) of an Auto
+    mesh: the entry check of ring and Ulysses attention, which refuses Explicit axes as
+    `sharding.shard` and `use_rules` do (shard_map would otherwise blame its in_specs)."""
     if not isinstance(axis, str):
         raise TypeError(f"{name} must be a mesh axis name (a str); got {axis!r}")
-    return mesh_axis_size(mesh, axis, name=name)
+    size = mesh_axis_size(mesh, axis, name=name)
+    check_auto_mesh(mesh)
+    return size
 
 
 def check_batch_axes(mesh: Mesh, axis: str, batch_axes, batch: int) -> None:

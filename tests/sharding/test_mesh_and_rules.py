@@ -233,6 +233,25 @@ def test_explicit_mesh_is_rejected_with_the_fix():
         sharding.state_shardings({"x": jnp.ones(8)}, mesh, {})
 
 
+@pytest.mark.skipif(not hasattr(jax.sharding, "AxisType"), reason="no axis types in this jax")
+@pytest.mark.parametrize("impl", ["ring", "ulysses", "expert_parallel_moe"])
+def test_collectives_reject_an_explicit_mesh_with_the_fix(impl):
+    """The shard_map collectives check the mesh as use_rules does, before shard_map would blame
+    its in_specs."""
+    explicit = (jax.sharding.AxisType.Explicit,) * 2
+    with pytest.raises(ValueError, match=r"are Explicit.*sharding\.make_mesh"):
+        if impl == "expert_parallel_moe":
+            mesh = jax.make_mesh((8, 1), ("expert", "data"), axis_types=explicit)
+            params = {"w": jnp.ones((8, 4, 4))}
+            sharding.expert_parallel_moe(jnp.ones((16, 4)), jnp.ones((4, 8)), params,
+                                         lambda p, xs: xs, mesh=mesh, top_k=2,
+                                         capacity_factor=1.0)
+        else:
+            mesh = jax.make_mesh((2, 4), ("data", "sequence"), axis_types=explicit)
+            q = jnp.ones((2, 16, 4, 8))
+            sharding.sequence_parallel_attention(q, q, q, mesh=mesh, impl=impl, causal=True)
+
+
 def test_constrain_is_identity_without_rules():
     x = jnp.ones((8, 4))
     assert sharding.constrain(x, ("batch", "act_embed")) is x
