@@ -5,8 +5,10 @@ filters.
 One function, several implementations (the pattern of ../shared/DESIGN.md):
 
 * ``reference`` (``reference.py``): the direct O(N·L) convolution in float32. The oracle.
-* ``xla`` (``xla.py``): ``jnp.fft.rfft`` of size M = 2P (P = power of two >= N), gates and bias in
-  the same jnp graph; backward by autodiff through the FFT. What CPU users run.
+* ``xla`` (``xla.py``): ``jnp.fft.rfft`` at the smallest exact size, the power of two
+  >= N + the filter's reach (``monarch.linear_fft_size``: 32 at N = 16), or at M (below) with
+  freq_sparsity > 0; gates and bias in the same jnp graph; backward by autodiff through the FFT.
+  What CPU users run.
 * ``pallas`` (``pallas_gpu.py``): the Monarch FFT convolution as a Pallas kernel (DFT and
   twiddle matrices as real/imaginary matmuls at ``dot_precision``, gates fused; the outer step
   computes the Q/2 + 1 inner convolutions that a real signal needs) with a custom VJP, lowered
@@ -19,8 +21,12 @@ One function, several implementations (the pattern of ../shared/DESIGN.md):
   and its compile time grows steeply with N (BENCHMARKS.md, "FFT convolution on a GPU"); like
   attention's ``pallas_mgpu``, auto picks it once a GPU run shows it faster (``_resolve``).
 
-All backends convolve circularly at the same size M (``monarch.fft_size``), which is what makes
-``freq_sparsity`` mean the same thing everywhere (``filters.py``). A short filter (``partial``, or
+The Pallas kernel convolves circularly at M = 2P, P = the power of two >= max(N, 256)
+(``monarch.fft_size``; the floor M >= 512 keeps its matmuls at least 16 wide for Triton).
+``freq_sparsity``'s frequency mask is defined on the filter's spectrum at that M on every
+backend (``filters.py``; the reference and xla low-pass at it too), which is what makes it mean
+the same thing everywhere: the kept band |f| < (1 - r)·M/2 is a fraction of M/2 bins, so for
+N < 256 it is measured against the floored M = 512, not against 2N. A short filter (``partial``, or
 a small L) on the xla and pallas backends is instead convolved by overlap-save blocks at a smaller
 FFT size S (``blocked.py``: the rule, and ``block_fft_size`` to force or disable it); the result
 is the same convolution, only cheaper.
@@ -168,9 +174,10 @@ def fftconv(u: jax.Array, k: jax.Array, *, bidirectional: bool = False,
         k[:, :p]. Bidirectional: the p nearest the centre o, k[:, o - (p-1)//2 : o + p//2 + 1],
         itself a centred filter of length p whose centre (p - 1) // 2 is tap o (an even p keeps
         one more tap looking back than ahead, as an even L does).
-      freq_sparsity: r in [0, 1): the filter's spectrum at the FFT size M keeps only the
-        frequencies |f| < (1 - r)·M/2 (``filters.effective_filter``); 0 is the exact
-        convolution. (The bias is not filtered.)
+      freq_sparsity: r in [0, 1): the filter's spectrum at the FFT size M =
+        ``monarch.fft_size(N)`` (2P, P = the power of two >= max(N, 256)) keeps only the
+        frequencies |f| < (1 - r)·M/2 (``filters.effective_filter``), on every backend; 0 is
+        the exact convolution. (The bias is not filtered.)
       backend: "reference" | "xla" | "pallas" | "auto" (xla everywhere until the Pallas
         kernel measures faster on a GPU; module docstring).
       block_c: pallas only: channels per program; None takes ``DEFAULT_KERNEL_OPTIONS``.
@@ -235,7 +242,13 @@ def fftconv(u: jax.Array, k: jax.Array, *, bidirectional: bool = False,
     if block_fft_size is None and (impl == "xla" or monarch_plan is None):
         blocking = blocked.choose_blocking(n, taps, offset, freq_sparsity, impl)
     if impl == "xla":
-        conv = functools.partial(xla.fftconv, offset=offset, freq_sparsity=freq_sparsity)
+        # exact at freq_sparsity 0: the smallest size without wrap-around, not the kernel's floor
+        size = monarch.fft_size(n) if freq_sparsity else monarch.linear_fft_size(
+            n, *blocked.back_and_ahead(taps, offset))
+
+        def conv(u, k, pre_gate, post_gate, bias, fft_size=size):
+            return xla.fftconv(u, k, pre_gate, post_gate, bias, offset=offset,
+                               freq_sparsity=freq_sparsity, fft_size=fft_size)
     else:
         defaults = DEFAULT_KERNEL_OPTIONS["pallas_interpret" if interpret else "pallas"]
         bc = defaults["block_c"] if block_c is None else block_c

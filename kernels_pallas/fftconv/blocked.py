@@ -1,7 +1,9 @@
 """Overlap-save blocking: a short filter convolved at a small FFT size.
 
-Unblocked, every backend convolves the whole sequence at M = 2P (P = the power of two >= N),
-whatever the filter's length. A filter whose effective taps (L' = ``partial``, or a short L)
+Unblocked, a backend convolves the whole sequence in one transform, whatever the filter's
+length: the Pallas kernel at M = ``monarch.fft_size(N)`` (2P, P = the power of two >= max(N,
+256)), xla at M' = ``monarch.linear_fft_size`` (the power of two >= N + max(back, ahead), no
+floor). A filter whose effective taps (L' = ``partial``, or a short L)
 reach ``back`` samples into the past and ``ahead`` into the future (causal: back = L' - 1,
 ahead = 0; centred: ``back_and_ahead``) only needs, for each output, the window
 [t - back, t + ahead]. Overlap-save cuts the outputs into blocks of B and gives each block the
@@ -26,8 +28,9 @@ non-zero, so no short segment reproduces it). The candidate sizes S are the powe
 the one >= OVERLAP_FACTOR · (back + ahead + 1) up to the one a single block of all N outputs
 needs, within [MIN_BLOCK_FFT, MAX_BLOCK_FFT]. The decision depends on the backend:
 
-* xla: S = the smallest candidate, taken when the blocks transform fewer samples in all
-  (blocks · S < M): an FFT's cost per sample grows only like log S (BENCHMARKS.md: 0.94x to
+* xla: S = the smallest candidate, taken when the blocks transform fewer samples in all than
+  the one unblocked transform (blocks · S < M' = ``monarch.linear_fft_size``; the MIN_BLOCK_FFT
+  floor stays, so short sequences, whose M' is small, run unblocked): an FFT's cost per sample grows only like log S (BENCHMARKS.md: 0.94x to
   1.58x on CPU over the blocked rows, the 0.94x within the noise).
 * pallas: the candidate whose kernels cost least (``kernel_cost``: the Monarch kernel's
   real-matmul MACs times its outer residues, as ``experiments/bench_fftconv.py`` reports
@@ -103,7 +106,8 @@ def choose_blocking(n: int, taps: int, offset: int, freq_sparsity: float,
                     backend: str) -> Blocking | None:
     """The size rule (module docstring) of ``backend`` ("xla" or "pallas"): the overlap-save
     blocking for n outputs of a filter of ``taps`` effective taps centred at ``offset``, or None
-    when a single transform at M = ``monarch.fft_size(n)`` costs no more (or freq_sparsity > 0)."""
+    when a single transform costs no more (xla: at M' = ``monarch.linear_fft_size``; pallas: at
+    M = ``monarch.fft_size(n)``) or freq_sparsity > 0."""
     if backend not in ("xla", "pallas"):
         raise ValueError(f"choose_blocking: backend must be 'xla' or 'pallas'; got {backend!r}")
     if freq_sparsity > 0:
@@ -115,11 +119,11 @@ def choose_blocking(n: int, taps: int, offset: int, freq_sparsity: float,
     if smallest > MAX_BLOCK_FFT:
         return None
     largest = max(smallest, min(MAX_BLOCK_FFT, one_block))
-    m = monarch.fft_size(n)
     if backend == "xla":
         blocking = make_blocking(n, taps, offset, smallest)
-        return blocking if blocking.blocks * smallest < m else None
-    best, best_cost = None, kernel_cost(m, False)
+        return (blocking if blocking.blocks * smallest < monarch.linear_fft_size(n, back, ahead)
+                else None)
+    best, best_cost = None, kernel_cost(monarch.fft_size(n), False)
     size = smallest
     while size <= largest:
         blocking = make_blocking(n, taps, offset, size)

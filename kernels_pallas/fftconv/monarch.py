@@ -1,7 +1,10 @@
 """FFT sizes, Monarch decompositions and their DFT/twiddle factors (numpy, cached once per size).
 
-Every convolution here is circular of size M = 2P, P = the power of two >= N (at least
-``MIN_PADDED``): the signal is zero on [P, M) and only outputs t < P are wanted.
+The Pallas kernel's convolutions are circular of size M = 2P (``fft_size``), P = the power of
+two >= max(N, ``MIN_PADDED``): the signal is zero on [P, M) and only outputs t < P are wanted. The
+floor (M >= 512) is the kernel's (Triton's matmul widths), and freq_sparsity is defined on the
+spectrum at this M on every backend (``filters.py``). An exact convolution (freq_sparsity 0) on
+the xla path needs no floor and runs at ``linear_fft_size`` instead, which can be smaller.
 
 Order-2 Monarch FFT of length m = N1 * N2 (ω = exp(-2πi/m), n = N2*n1 + n2, f = k1 + N1*k2):
 
@@ -50,15 +53,30 @@ MAX_ORDER2_SIZE = 4096
 MAX_DENSE_OUTER_DFT = 128
 
 
+def _pow2_at_least(x: int) -> int:
+    return 1 << max(0, (x - 1).bit_length())
+
+
 def padded_length(n: int) -> int:
-    """P: the power of two >= n (and >= MIN_PADDED) that the signal is zero-padded to."""
-    return max(MIN_PADDED, 1 << max(0, (n - 1).bit_length()))
+    """P: the power of two >= max(n, MIN_PADDED) that the Pallas kernel zero-pads the signal to."""
+    return max(MIN_PADDED, _pow2_at_least(n))
 
 
 def fft_size(n: int) -> int:
-    """M = 2P, the circular FFT size every backend uses for a length-n signal (linear causal
-    convolution of two length-P signals fits without wrap-around)."""
+    """M = 2P (at least 2 * MIN_PADDED = 512), the circular FFT size of the Pallas kernel for a
+    length-n signal (a linear causal convolution of two length-P signals fits without
+    wrap-around), and the size at which freq_sparsity's frequency mask is defined on every
+    backend (``filters.effective_filter``)."""
     return 2 * padded_length(n)
+
+
+def linear_fft_size(n: int, back: int, ahead: int) -> int:
+    """The smallest power of two M' at which a circular convolution of a length-n signal
+    zero-padded to M' gives the n outputs of the linear one exactly, for a filter reaching
+    ``back`` samples into the past and ``ahead`` into the future (``blocked.back_and_ahead``;
+    back + ahead < n): M' >= n + max(back, ahead), so no window wraps onto the signal (at most
+    2·(the power of two >= n), and no floor). The xla path's size when freq_sparsity is 0."""
+    return _pow2_at_least(n + max(back, ahead))
 
 
 def _log2(m: int) -> int:

@@ -1,7 +1,8 @@
 """FlashFFTConv as a Pallas kernel for NVIDIA GPUs (Triton lowering; ``interpret=True`` on CPU).
 
-Algorithm (``monarch.py``). The signal is zero-padded to P (a power of two >= N) and convolved
-circularly at size M = 2P with the effective filter h (``filters.py``), whose spectrum H is
+Algorithm (``monarch.py``). The signal is zero-padded to P (the power of two >= max(N, 256):
+``monarch.padded_length``, the floor keeping every matmul >= 16 wide) and convolved circularly
+at size M = 2P with the effective filter h (``filters.py``), whose spectrum H is
 computed once per call (per channel, not per batch row) and handed to the kernel in the plan's
 spectrum layout as real and imaginary planes. Pallas has no complex type and no FFT, so every
 complex product is written on real planes and every DFT is a pair (real operand) or four

@@ -1,6 +1,10 @@
-"""``fftconv`` through ``jnp.fft``: rfft of size M = 2P (P = the power of two >= N), pointwise
-product with the effective filter's spectrum, irfft, first N samples; gates and bias fused in the
-same jitted jnp graph. Computation in float32 (XLA's FFT rejects bf16/f16).
+"""``fftconv`` through ``jnp.fft``: rfft of size M, pointwise product with the effective filter's
+spectrum, irfft, first N samples; gates and bias fused in the same jitted jnp graph. Computation
+in float32 (XLA's FFT rejects bf16/f16). The caller picks M: with freq_sparsity 0 the smallest
+exact size, ``monarch.linear_fft_size`` (the power of two >= N + the filter's reach, no floor:
+N = 16 transforms 32 points); with freq_sparsity > 0 ``monarch.fft_size(N)`` = 2P, P = the
+power of two >= max(N, 256), the size the frequency mask is defined at (``filters.py``), as on
+every backend; an overlap-save block its own size S (``blocked.py``).
 
 Backward: plain autodiff through jnp.fft (the transpose of an rfft product is the correlation the
 custom VJP of the Pallas path computes by hand); memory is O(batch·channels·M) per residual.
@@ -21,8 +25,9 @@ def fftconv(u, k, pre_gate, post_gate, bias, *, offset: int, freq_sparsity: floa
             fft_size: int | None = None):
     """u [batch, channels, N]; k [channels, L]; gates [batch, channels, N] or None; bias
     [channels] or None -> float32 y [batch, channels, N]. ``fft_size``: the circular size M
-    (None: ``monarch.fft_size(N)``, the linear convolution; overlap-save blocks pass M = N and
-    keep only their unwrapped outputs, ``blocked.py``)."""
+    (None: ``monarch.fft_size(N)``, exact, and the size freq_sparsity is defined at; ``fftconv``
+    passes ``monarch.linear_fft_size`` when freq_sparsity is 0; overlap-save blocks pass M = N
+    and keep only their unwrapped outputs, ``blocked.py``)."""
     n = u.shape[-1]
     m = monarch.fft_size(n) if fft_size is None else fft_size
     v = u.astype(jnp.float32)

@@ -90,8 +90,9 @@ def test_reference_gates_and_bias_follow_definition():
     assert _rel(got, want) < 1e-6
 
 
-# L = 17 blocks automatically at N = 1000 and 4096 (overlap-save, blocked.py); block_fft_size=0
-# keeps the unblocked transform at M covered with a short filter too
+# L = 17 blocks automatically at N = 4096 (overlap-save, blocked.py; at N = 1000 xla's exact
+# unblocked size 1024 costs less); block_fft_size=0 keeps the unblocked transform covered with a
+# short filter too
 @pytest.mark.parametrize("n, l, size", [(n, l, None) for n in (256, 1000, 4096)
                                         for l in (n, 17, n // 2)]
                          + [(1000, 17, 0), (4096, 17, 0)])
@@ -130,7 +131,8 @@ def test_backends_match_direct_convolution_long(backend, l):
 @pytest.mark.parametrize("backend", BACKENDS)
 @pytest.mark.parametrize("n, l, size", [(1000, 500, None), (300, 17, None), (300, 17, 0)])
 def test_bidirectional_matches_direct_convolution(backend, n, l, size):
-    # (300, 17) blocks automatically (size None); size 0 keeps it unblocked
+    # (300, 17) blocks automatically on pallas (size None; xla's exact size 512 needs none);
+    # size 0 keeps it unblocked
     u, k = _inputs(n, l, seed=3)
     pre, post, bias = _gates(n)
     kw = dict(bidirectional=True, pre_gate=pre, post_gate=post, bias=bias)
@@ -144,8 +146,9 @@ def test_gates_and_bias_match_reference(backend):
     u, k = _inputs(n, l, seed=4)
     pre, post, bias = _gates(n)
     # pallas: one kernel per gate combination and each compiles in interpret mode; the grad tests
-    # run every gate together too. L = 17 blocks automatically here (blocked.py): xla also runs
-    # each case unblocked (block_fft_size=0); pallas's unblocked gates run in the grad tests.
+    # run every gate together too. L = 17 blocks automatically here on pallas (blocked.py; xla
+    # runs unblocked at its exact size either way); pallas's unblocked gates run in the grad
+    # tests, xla's blocked ones in test_fftconv_blocked.py.
     cases = [dict(pre_gate=pre), dict(post_gate=post), dict(bias=bias)] if backend == "xla" else []
     for kw in cases + [dict(pre_gate=pre, post_gate=post, bias=bias)]:
         for size in (None, 0) if backend == "xla" else (None,):
@@ -154,7 +157,7 @@ def test_gates_and_bias_match_reference(backend):
 
 
 @pytest.mark.parametrize("backend", BACKENDS)
-@pytest.mark.parametrize("size", [None, 0])  # L = 17: blocked automatically, and unblocked
+@pytest.mark.parametrize("size", [None, 0])  # L = 17: pallas blocks automatically; unblocked
 def test_bf16_inputs_within_bf16_tolerance(backend, size):
     n, l = 1000, 17
     u, k = _inputs(n, l, seed=5)
@@ -172,11 +175,13 @@ OUTER, OUTER_ORDER3 = MonarchPlan(order=2, outer=4), MonarchPlan(order=3, outer=
 # (backend, bidirectional, freq_sparsity, monarch_plan, block_fft_size): every Monarch plan,
 # forced at a small size (odd N, L < N, every gate), forward and backward; None is the plan by
 # size (r2c here). (Plain order 2 shares its backward with ORDER3's "real" kernel mode; its
-# forward runs at N = 256 in the other tests.) L = 40 at N = 299 blocks automatically where
-# freq_sparsity is 0 and no plan is forced (blocked.py, whose gradients test_fftconv_blocked.py
-# checks): the xla case runs both ways.
+# forward runs at N = 256 in the other tests.) L = 40 at N = 299 blocks automatically on pallas
+# where freq_sparsity is 0 and no plan is forced (blocked.py, whose gradients
+# test_fftconv_blocked.py checks); xla runs unblocked at its exact size 512, and forced into
+# blocks of 256.
 GRAD_CASES = [
-    ("xla", False, 0.0, None, None), ("xla", False, 0.0, None, 0), ("xla", True, 0.6, None, None),
+    ("xla", False, 0.0, None, None), ("xla", False, 0.0, None, 256),
+    ("xla", True, 0.6, None, None),
     ("pallas", True, 0.6, None, None), ("pallas", False, 0.0, ORDER3, None),
     ("pallas", True, 0.6, ORDER3_R2C, None), ("pallas", True, 0.0, OUTER, None),
     ("pallas", False, 0.6, OUTER_ORDER3, None)]
@@ -257,7 +262,8 @@ def test_partial_equals_direct_convolution_with_the_truncated_filter(backend, bi
     n, l, p = 1000, 500, 37
     u, k = _inputs(n, l, seed=8)
     want = _direct_truncated(u, k, p, bidirectional)
-    # partial = 37 blocks automatically (blocked.py); xla runs unblocked (size 0) as well
+    # partial = 37 blocks automatically (blocked.py; xla centred: its exact size 1024 is
+    # cheaper); xla runs unblocked (size 0) as well
     for size in (None, 0) if backend == "xla" else (None,):
         got = _fftconv(u, k, partial=p, bidirectional=bidirectional, backend=backend,
                        block_fft_size=size)

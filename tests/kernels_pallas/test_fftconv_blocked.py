@@ -121,14 +121,18 @@ def test_blocked_partial_equals_short_filter(backend):
 @pytest.mark.parametrize("bidirectional", [False, True])
 def test_blocked_path_runs_at_the_small_fft_size(backend, bidirectional):
     """The traced program transforms at the block size S only (forward and backward), while the
-    unblocked one (block_fft_size=0) runs at M: read from the jnp.fft calls' lengths and the
-    Pallas kernel's per-program samples. Centred, the partial taps around the centre reach as
-    far as the causal ones (25 back, 24 ahead) and block alike."""
-    n, l, p = 4000, 4000, 50
+    unblocked one (block_fft_size=0) runs at its size (pallas: M; xla: the exact M' <= M): read
+    from the jnp.fft calls' lengths and the Pallas kernel's per-program samples. Centred, the
+    partial taps around the centre reach as far as the causal ones (25 back, 24 ahead) and
+    block alike."""
+    n, l, p = 4500, 4500, 50
     u, k, *_ = _inputs(n, l, seed=7)
-    auto = blocked.choose_blocking(n, p, (p - 1) // 2 if bidirectional else 0, 0.0, backend)
-    m = monarch.fft_size(n)  # 8192
-    # xla: 4·50 -> 256, the smallest size; pallas: 9 r2c blocks of 512 cost less than 20 of 256
+    offset = (p - 1) // 2 if bidirectional else 0
+    auto = blocked.choose_blocking(n, p, offset, 0.0, backend)
+    m = (monarch.fft_size(n) if backend == "pallas"  # 16384
+         else monarch.linear_fft_size(n, *blocked.back_and_ahead(p, offset)))  # 8192
+    # xla: 4·50 -> 256, the smallest size (22 blocks, 5632 < 8192 samples); pallas: 10 r2c
+    # blocks of 512 cost less than 22 of 256
     assert auto is not None and auto.fft_size == {"xla": 256, "pallas": 512}[backend]
 
     def loss(size):
@@ -144,16 +148,21 @@ def test_blocked_path_runs_at_the_small_fft_size(backend, bidirectional):
 
 
 def test_choose_blocking_xla_counts_transformed_samples():
-    for n, taps, offset in ((4096, 64, 0), (4096, 256, 0), (300, 17, 0), (1000, 61, 30),
-                            (100, 3, 0), (3000, 1000, 0)):
+    """xla blocks when the blocks transform fewer samples than its one unblocked transform at
+    the exact size M' = linear_fft_size (no 512 floor, so short sequences stay unblocked)."""
+    for n, taps, offset in ((4096, 64, 0), (4096, 256, 0), (1000, 61, 30), (1000, 37, 0)):
         b = blocked.choose_blocking(n, taps, offset, 0.0, "xla")
         assert b is not None, (n, taps)
         s = b.fft_size
         assert s & (s - 1) == 0 and blocked.MIN_BLOCK_FFT <= s <= blocked.MAX_BLOCK_FFT
-        assert b.blocks * s < monarch.fft_size(n)  # fewer samples transformed than one size M
+        # fewer samples transformed than one exact transform
+        assert b.blocks * s < monarch.linear_fft_size(n, *blocked.back_and_ahead(taps, offset))
         assert b.block + taps - 1 == s and b.blocks * b.block >= n > (b.blocks - 1) * b.block
-    assert blocked.choose_blocking(3000, 1000, 0, 0.0, "xla").blocks == 1  # 4096 < M = 8192
-    assert blocked.choose_blocking(4096, 2048, 0, 0.0, "xla") is None  # 2 x 8192 = M: no gain
+    assert blocked.choose_blocking(4096, 2048, 0, 0.0, "xla") is None  # 2 x 8192 = M': no gain
+    # M' = 512, 128, 4096: blocks of 256 or more save nothing (against the kernel's M = 1024,
+    # 512, 8192 they would), and a single block (n + back + ahead) is never smaller than M'
+    for n, taps in ((300, 17), (100, 3), (3000, 1000)):
+        assert blocked.choose_blocking(n, taps, 0, 0.0, "xla") is None, n
     for backend in BACKENDS:
         assert blocked.choose_blocking(4096, 4096, 0, 0.0, backend) is None
         assert blocked.choose_blocking(4096, 64, 0, 0.5, backend) is None  # sparsity: size M
@@ -246,7 +255,7 @@ def test_monarch_plan_checked_against_the_kernel_size_on_every_backend(backend):
 def test_monarch_plan_turns_off_automatic_blocking_on_pallas_only():
     """xla ignores the plan and keeps its automatic blocks; the pallas path, whose kernel the
     plan is meant for at size M, runs unblocked (traced only: no kernel is compiled)."""
-    n, p = 4000, 50
+    n, p = 4500, 50
     u, k, *_ = _inputs(n, n, seed=7)
     plan = monarch.MonarchPlan(order=3, r2c=True)
     for backend, want in (("xla", 256), ("pallas", monarch.fft_size(n))):
@@ -287,7 +296,7 @@ def test_blocked_bf16_gradients_rounded_once(backend):
     unblocked: each is rounded to bf16 once (2^-9 relative, plus the bf16 rounding of the output
     cotangent's path), not per segment and again in a bf16 overlap-add of the segments (which
     measured up to 2.0 relative error on an element)."""
-    n, l = 1000, 16  # blocked by both rules (5 blocks of 256 on xla, 2 r2c blocks of 512 pallas)
+    n, l = 1100, 16  # blocked by both rules (5 blocks of 256 each)
     rng = np.random.default_rng(11)
     u, pre, w = (jnp.asarray(rng.normal(size=(1, CHANNELS, n)), jnp.bfloat16) for _ in range(3))
     k = jnp.asarray(rng.normal(size=(CHANNELS, l)), jnp.float32)
@@ -310,3 +319,37 @@ def test_blocked_bf16_gradients_rounded_once(backend):
     for name in ("u", "pre_gate"):
         assert errors[0, name] < 2 ** -7, errors
         assert errors[None, name] < max(2 * errors[0, name], 2 ** -8), errors
+
+
+@pytest.mark.parametrize("n, l, bidirectional, freq_sparsity, want", [
+    (16, 16, False, 0.0, 32), (33, 5, True, 0.0, 64), (200, 200, True, 0.0, 512),
+    (33, 5, False, 0.5, 512)])
+def test_xla_unblocked_runs_at_the_smallest_exact_size(n, l, bidirectional, freq_sparsity, want):
+    """Exact (freq_sparsity 0), the xla path transforms at the power of two >= N + the filter's
+    reach, without the Pallas kernel's floor M >= 512 (N = 16: 32 points, not 512), forward and
+    backward; with freq_sparsity it keeps M = monarch.fft_size(N), where the mask is defined."""
+    u, k, *_ = _inputs(n, l, seed=11)
+    assert monarch.fft_size(n) == 512  # the kernel's floor
+
+    def loss(u, k):
+        return jnp.sum(fftconv(u, k, bidirectional=bidirectional, freq_sparsity=freq_sparsity,
+                               backend="xla") ** 2)
+
+    ffts, _ = _transform_sizes(jax.grad(loss, argnums=(0, 1)), u, k)
+    assert ffts == {(want,)}, ffts
+
+
+@pytest.mark.parametrize("bidirectional", [False, True])
+@pytest.mark.parametrize("n", [1, 2, 5, 16, 28, 30, 33])
+def test_xla_small_n_equals_reference_at_every_filter_length(n, bidirectional):
+    """At the exact size no window wraps onto the signal, also at its edge (N + reach = a power
+    of two: N = 30, L = 3 causal and N = 28, L = 9 centred reach exactly 32); and the xla and
+    pallas backends agree."""
+    for l in sorted({1, 2, 3, 9, n // 2 + 1, n} & set(range(1, n + 1))):
+        u, k, pre, post, bias = _inputs(n, l, seed=n + l)
+        kw = dict(bidirectional=bidirectional, pre_gate=pre, post_gate=post, bias=bias)
+        want = fftconv(u, k, backend="reference", **kw)
+        assert _rel(fftconv(u, k, backend="xla", **kw), want) < F32_RTOL, l
+    if n == 33:  # one interpreted kernel (M = 512) for the cross-backend check
+        got = fftconv(u, k, backend="pallas", dot_precision="float32", **kw)
+        assert _rel(got, fftconv(u, k, backend="xla", **kw)) < F32_RTOL
