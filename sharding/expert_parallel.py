@@ -25,6 +25,7 @@ from typing import Any, Callable, NamedTuple, Sequence
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
 from sharding.expert_exchange import from_experts, resolve_exchange, to_experts
@@ -43,10 +44,26 @@ class MoEResult(NamedTuple):
     dropped: jax.Array
 
 
+def check_routing(top_k: Any, num_experts: int, capacity_factor: Any = None) -> None:
+    """The routing arguments every public function here takes, checked in one place: an int
+    top_k in [1, num_experts] and, where given, a finite positive capacity_factor."""
+    if (isinstance(top_k, bool) or not isinstance(top_k, (int, np.integer))
+            or not 1 <= top_k <= num_experts):
+        raise ValueError(f"top_k must be an int in [1, num_experts={num_experts}]; got "
+                         f"{top_k!r}")
+    if capacity_factor is not None and (
+            isinstance(capacity_factor, bool)
+            or not isinstance(capacity_factor, (int, float, np.integer, np.floating))
+            or not (math.isfinite(capacity_factor) and capacity_factor > 0)):
+        raise ValueError(f"capacity_factor must be a finite positive number; got "
+                         f"{capacity_factor!r}")
+
+
 def route_top_k(x: jax.Array, router_kernel: jax.Array, top_k: int
                 ) -> tuple[jax.Array, jax.Array, jax.Array]:
     """x [T, D], router_kernel [D, E] -> logits float32 [T, E], weights float32 [T, K] (summing to
     1 per token), expert ids int32 [T, K] (best first)."""
+    check_routing(top_k, router_kernel.shape[-1])
     logits = jnp.dot(x, router_kernel.astype(x.dtype), preferred_element_type=jnp.float32)
     probs = jax.nn.softmax(logits.astype(jnp.float32), axis=-1)  # [T, E]
     weights, ids = jax.lax.top_k(probs, top_k)  # [T, K]
@@ -67,8 +84,7 @@ def jitter_router_input(x: jax.Array, key: jax.Array, eps: float) -> jax.Array:
 
 def expert_capacity(num_tokens: int, num_experts: int, top_k: int, capacity_factor: float) -> int:
     """Slots per expert for a group of `num_tokens` tokens: ceil(cf * T * K / E), at least 1."""
-    if not capacity_factor > 0:
-        raise ValueError(f"capacity_factor must be positive; got {capacity_factor}")
+    check_routing(top_k, num_experts, capacity_factor)
     return max(1, math.ceil(capacity_factor * num_tokens * top_k / num_experts))
 
 
@@ -103,7 +119,10 @@ def capacity_moe(x: jax.Array, router_kernel: jax.Array, expert_params: Any, exp
                  ) -> MoEResult:
     """Single-device capacity-routed MoE (the per-device body of `expert_parallel_moe` without the
     exchange). x [T, D]; router_kernel [D, E]; expert_params: pytree of [E, ...] arrays;
-    router_input [T, D]: what the router sees instead of x (e.g. `jitter_router_input(x)`)."""
+    router_input [T, D]: what the router sees instead of x (e.g. `jitter_router_input(x)`).
+    top_k in [1, E]; capacity: slots per expert, a positive int (`expert_capacity`)."""
+    if isinstance(capacity, bool) or not isinstance(capacity, (int, np.integer)) or capacity < 1:
+        raise ValueError(f"capacity must be a positive int (slots per expert); got {capacity!r}")
     logits, weights, ids = route_top_k(x if router_input is None else router_input,
                                        router_kernel, top_k)
     dispatch, combine, dropped = capacity_dispatch(ids, weights, router_kernel.shape[1], capacity)
@@ -165,6 +184,7 @@ def expert_parallel_moe(x: jax.Array, router_kernel: jax.Array, expert_params: A
     Returns MoEResult with `dropped` summed over all devices."""
     token_axes = (expert_axis,) if token_axes is None else tuple(token_axes)
     p, shards = _check_inputs(x, router_kernel, expert_params, mesh, expert_axis, token_axes)
+    check_routing(top_k, router_kernel.shape[1], capacity_factor)
     if router_input is not None and router_input.shape != x.shape:
         raise ValueError(f"router_input must have x's shape {list(x.shape)}; got "
                          f"{list(router_input.shape)}")

@@ -162,6 +162,32 @@ def test_bad_layouts_raise_clear_errors():
                             capacity_factor=1.0)
 
 
+@pytest.mark.parametrize("top_k, capacity_factor, message", [
+    (0, 1.0, r"top_k must be an int in \[1, num_experts=8\]; got 0"),
+    (-1, 1.0, r"top_k must be an int in \[1, num_experts=8\]; got -1"),
+    (E + 1, 1.0, r"top_k must be an int in \[1, num_experts=8\]; got 9"),
+    (K, float("inf"), r"capacity_factor must be a finite positive number; got inf"),
+    (K, float("nan"), r"capacity_factor must be a finite positive number; got nan"),
+    (K, 0.0, r"capacity_factor must be a finite positive number; got 0.0"),
+])
+def test_bad_top_k_or_capacity_factor_is_a_clear_error(top_k, capacity_factor, message):
+    """Checked at every public entry before routing: top_k=0 would otherwise route nothing
+    (all-zero output) or fail inside the shard_map, and an infinite capacity factor overflow."""
+    x, router, params = moe_inputs()
+    with pytest.raises(ValueError, match=message):
+        expert_parallel_moe(x, router, params, swiglu_experts, mesh=expert_mesh(8), top_k=top_k,
+                            capacity_factor=capacity_factor)
+    with pytest.raises(ValueError, match=message):
+        expert_capacity(T, E, top_k, capacity_factor)
+    if capacity_factor == 1.0:
+        with pytest.raises(ValueError, match=message):
+            capacity_moe(x, router, params, swiglu_experts, top_k=top_k, capacity=4)
+        with pytest.raises(ValueError, match=message):
+            route_top_k(x, router, top_k)
+    with pytest.raises(ValueError, match=r"capacity must be a positive int .*; got 0"):
+        capacity_moe(x, router, params, swiglu_experts, top_k=K, capacity=0)
+
+
 def test_mixtral_model_expert_parallel_under_rules_equals_dropless():
     """The model names no mesh axis: the rules' "expert" entry turns on the shard_map path."""
     config = MixtralConfig(vocab_size=64, hidden_size=32, intermediate_size=48,
