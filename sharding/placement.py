@@ -173,10 +173,13 @@ def _swap_search(device_of: np.ndarray, loads: np.ndarray, affinity: np.ndarray,
 def _validated_loads(stats: RoutingStats, num_devices: int, load_slack: float) -> np.ndarray:
     """float64 [L, E] loads, after checking the statistics and the arguments both solvers share."""
     loads = np.asarray(stats.loads, np.float64)
-    transitions = np.asarray(stats.transitions)
+    transitions = np.asarray(stats.transitions, np.float64)
     if loads.ndim != 2:
         raise ValueError(f"loads must be [layers, experts]; got shape {loads.shape}")
     layers, experts = loads.shape
+    if layers < 1 or experts < 1:
+        raise ValueError(f"loads must hold at least one layer and one expert; got shape "
+                         f"{loads.shape}")
     if num_devices < 1:
         raise ValueError(f"num_devices must be >= 1; got {num_devices}")
     if experts % num_devices:
@@ -184,11 +187,16 @@ def _validated_loads(stats: RoutingStats, num_devices: int, load_slack: float) -
     if transitions.shape != (max(layers - 1, 0), experts, experts):
         raise ValueError(f"transitions must be [L-1, E, E] = [{layers - 1}, {experts}, "
                          f"{experts}]; got {transitions.shape}")
+    # a NaN compares False everywhere, so it would pass the sign check and place silently
+    for name, counts in (("loads", loads), ("transitions", transitions)):
+        if not np.isfinite(counts).all():
+            raise ValueError(f"{name} must be finite token counts; got "
+                             f"{int((~np.isfinite(counts)).sum())} NaN or infinite entries")
     if (loads < 0).any() or (transitions < 0).any():
         raise ValueError(f"loads and transitions must be non-negative token counts; got minima "
                          f"{loads.min(initial=0)} and {transitions.min(initial=0)}")
-    if load_slack < 0:
-        raise ValueError(f"load_slack must be >= 0; got {load_slack}")
+    if not (np.isfinite(load_slack) and load_slack >= 0):
+        raise ValueError(f"load_slack must be a finite number >= 0; got {load_slack}")
     return loads
 
 

@@ -227,6 +227,20 @@ def test_bad_inputs_raise_clear_errors(solver):
         permute_experts(jnp.zeros((4, 3)), {}, np.array([0, 0, 1]))
 
 
+@pytest.mark.parametrize("solver", [greedy_placement, ilp_placement])
+@pytest.mark.parametrize("loads, transitions, message", [
+    (np.full((3, 8), np.nan), np.zeros((2, 8, 8)), r"loads must be finite token counts"),
+    (np.full((3, 8), np.inf), np.zeros((2, 8, 8)), r"loads must be finite token counts"),
+    (np.ones((3, 8)), np.full((2, 8, 8), np.nan), r"transitions must be finite token counts"),
+    (np.zeros((0, 8)), np.zeros((0, 8, 8)), r"at least one layer and one expert; got shape"),
+])
+def test_non_finite_counts_or_no_layers_are_clear_errors(solver, loads, transitions, message):
+    """A NaN passes every comparison (it would place silently), an Inf fails downstream and no
+    layers fails in np.stack: each is refused up front, naming the argument."""
+    with pytest.raises(ValueError, match=message):
+        solver(RoutingStats(loads, transitions), 4)
+
+
 def test_ilp_rejects_a_non_positive_time_limit():
     with pytest.raises(ValueError, match="time_limit must be > 0"):
         ilp_placement(RoutingStats(np.ones((2, 8)), np.zeros((1, 8, 8))), 4, time_limit=0)
