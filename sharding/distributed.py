@@ -20,8 +20,14 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
                process_id: int | None = None, *, local_device_count: int | None = None) -> None:
     """Join this process to the job (`jax.distributed.initialize`) and log the global topology.
 
-    Must run before JAX touches a device. ``local_device_count`` (CPU only) sets how many devices
-    this process emulates."""
+    Must run once per process, before JAX touches a device; a second call is a RuntimeError
+    that says so. ``local_device_count`` (CPU only) sets how many devices this process
+    emulates. Arguments left None come from the cluster's environment (SLURM, TPU pods, ...);
+    where none is detected, a ValueError asks for them."""
+    if _distributed_is_initialized():
+        raise RuntimeError("sharding.initialize was already called in this process "
+                           "(jax.distributed is initialized); call it once per process, "
+                           "before any other JAX work")
     for name, value in (("num_processes", num_processes), ("local_device_count",
                                                            local_device_count)):
         if value is not None and (not isinstance(value, int) or isinstance(value, bool)
@@ -33,7 +39,26 @@ def initialize(coordinator_address: str | None = None, num_processes: int | None
     if local_device_count is not None:
         jax.config.update("jax_num_cpu_devices", local_device_count)
         jax.config.update("jax_cpu_collectives_implementation", "gloo")
-    jax.distributed.initialize(coordinator_address=coordinator_address,
-                               num_processes=num_processes, process_id=process_id)
-    log.info("process %d of %d: %d local of %d devices", jax.process_index(),
-             jax.process_count(), jax.local_device_count(), jax.device_count())
+    try:
+        jax.distributed.initialize(coordinator_address=coordinator_address,
+                                   num_processes=num_processes, process_id=process_id)
+    except ValueError as e:
+        missing = [name for name, value in (("coordinator_address", coordinator_address),
+                                            ("num_processes", num_processes),
+                                            ("process_id", process_id)) if value is None]
+        if not missing:
+            raise
+        raise ValueError(
+            f"sharding.initialize: no cluster environment (SLURM, a TPU pod, ...) supplied "
+            f"{', '.join(missing)}; pass coordinator_address='host:port', num_processes and "
+            f"process_id (and on CPU local_device_count) explicitly. JAX said: {e}") from e
+    if log.isEnabledFor(logging.INFO):  # the queries start the backend: only when logged
+        log.info("process %d of %d: %d local of %d devices", jax.process_index(),
+                 jax.process_count(), jax.local_device_count(), jax.device_count())
+
+
+def _distributed_is_initialized() -> bool:
+    """`jax.distributed.is_initialized()` (public since jax 0.4.x), read defensively: a jax
+    without it is treated as not initialized, leaving JAX's own check to fire."""
+    is_initialized = getattr(jax.distributed, "is_initialized", None)
+    return bool(is_initialized()) if is_initialized is not None else False

@@ -64,3 +64,32 @@ def test_two_processes_of_four_devices_train_like_one_process_of_eight():
 def test_initialize_rejects_bad_arguments_before_touching_jax(kwargs, message):
     with pytest.raises(ValueError, match=message):
         sharding.initialize("localhost:1", **kwargs)
+
+
+_INITIALIZE_TWICE = """
+import sharding
+try:
+    sharding.initialize()
+except ValueError as e:
+    print("no arguments:", e)
+sharding.initialize("localhost:{port}", 1, 0, local_device_count=2)
+try:
+    sharding.initialize("localhost:{port}", 1, 0, local_device_count=2)
+except RuntimeError as e:
+    print("twice:", e)
+"""
+
+
+def test_initialize_without_a_cluster_or_twice_says_what_to_do():
+    """In a fresh process (initialize is once per process): with no arguments and no cluster
+    the error names the missing arguments; a second call says it was already called, not that
+    JAX was touched first."""
+    env = {k: v for k, v in os.environ.items()
+           if k != "XLA_FLAGS" and not k.startswith(("SLURM", "JAX_COORDINATOR", "OMPI_"))}
+    env["JAX_PLATFORMS"] = "cpu"
+    done = subprocess.run([sys.executable, "-c", _INITIALIZE_TWICE.format(port=_free_port())],
+                          cwd=ROOT, env=env, text=True, capture_output=True, timeout=120)
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "no arguments: sharding.initialize: no cluster environment" in done.stdout
+    assert "pass coordinator_address='host:port', num_processes and process_id" in done.stdout
+    assert "twice: sharding.initialize was already called in this process" in done.stdout
