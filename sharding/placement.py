@@ -358,8 +358,12 @@ def placement_permutation(device_of: np.ndarray) -> np.ndarray:
 def permute_experts(router_kernel: jax.Array, expert_params: Any, perm: np.ndarray
                     ) -> tuple[jax.Array, Any]:
     """One layer's router [D, E] columns and stacked expert weights ([E, ...] leaves) reordered so
-    that new expert s is old expert perm[s]. The layer computes the same function: routing picks
-    the same experts under new ids."""
+    that new expert s is old expert perm[s]. The layer computes the same function, routing
+    picking the same experts under new ids, unless a token's router probabilities tie across
+    its k-th choice: top-k breaks a tie by the lower expert index, and the permutation changes
+    which of the tied experts that is, so such a token may be served by another expert (a
+    zero-initialised router ties everywhere; trained or random float routers practically
+    never tie exactly). Routing itself is left as it is."""
     perm = np.asarray(perm)
     if sorted(perm.tolist()) != list(range(router_kernel.shape[1])):
         raise ValueError(f"perm must be a permutation of range({router_kernel.shape[1]}); "

@@ -161,13 +161,20 @@ class MixtralForCausalLM(DecoderLM):
 def apply_expert_placement(model: MixtralForCausalLM, perm: np.ndarray) -> None:
     """Reorder every layer's experts in place so that new expert s of layer l is old expert
     perm[l, s] (router columns and stacked weights together: the model computes the same
-    function). With perm = sharding.placement.placement_permutation(device_of), contiguous
-    sharding of the "expert" axis puts each expert on the device the placement chose.
+    function, tied routes aside, below). With perm =
+    sharding.placement.placement_permutation(device_of), contiguous sharding of the "expert"
+    axis puts each expert on the device the placement chose.
 
     Unchanged: logits, router choices (under new ids), capacity drops, the router z-loss and
     each layer's own load-balancing loss. Changed where layers get different permutations: the
     pooled load-balancing loss of `forward_with_aux_losses`, HF's definition, which multiplies
     expert s's statistics of one layer by expert s's of another (`moe.load_balancing_loss`).
+
+    Tied routes: "unchanged" holds for every token whose router probabilities do not tie across
+    its k-th choice. Top-k breaks a tie by the lower expert index, which a permutation changes,
+    so a tied token can be served by another of the tied experts and the logits change (a
+    zero-initialised router ties everywhere; trained or random float routers practically never
+    tie exactly). Routing is left as it is.
 
     The model is mutated, not copied, and nothing else is permuted: apply a placement before
     training starts (or before serving), not mid-run. An optimizer state made earlier holds
