@@ -29,8 +29,10 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
+from jaxinfer.checkpoint.gptq_config import read_quantization_config
 from jaxinfer.checkpoint.hf_write import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from jaxinfer.config import read_config_json
+from jaxinfer.config_checks import is_int
 
 log = logging.getLogger(__name__)
 
@@ -88,33 +90,63 @@ def with_generation_stop_tokens(model_dir: Path, config):
         raise ValueError(f"{path}: {e}") from None
 
 
+def weight_file_names(model_dir: Path) -> list[tuple[str, str]]:
+    """The (single file, index) name pairs the weights may be stored under, in the order
+    ``tensor_files`` tries them: transformers' model.safetensors and its index, then, for an
+    AutoGPTQ checkpoint (a GPTQ quantization config), ``<base>.safetensors`` and
+    ``<base>.safetensors.index.json`` with <base> its ``model_file_base_name``, or, where that is
+    absent, AutoGPTQ's default ``gptq_model-<bits>bit-<group_size>g``."""
+    names = [(SINGLE_FILE, INDEX_FILE)]
+    found = read_quantization_config(model_dir, read_config_json(model_dir / CONFIG_FILE))
+    if found is None or not isinstance(found[0], dict):  # a malformed one fails later, named
+        return names
+    qconfig, source = found
+    base = qconfig.get("model_file_base_name")
+    if base is None and is_int(qconfig.get("bits")) and is_int(qconfig.get("group_size")):
+        base = f"gptq_model-{qconfig['bits']}bit-{qconfig['group_size']}g"
+    elif base is not None and (not isinstance(base, str) or not base or "/" in base
+                               or "\\" in base):
+        raise ValueError(f"{source}: model_file_base_name must be a file name without its "
+                         f".safetensors extension, e.g. 'gptq_model-4bit-128g'; got {base!r}")
+    if base is not None:
+        base = base.removesuffix(".safetensors")
+        if base + ".safetensors" != SINGLE_FILE:
+            names.append((base + ".safetensors", base + ".safetensors.index.json"))
+    return names
+
+
 def tensor_files(model_dir: Path) -> dict[str, Path]:
     """Map each tensor name to the safetensors file that holds it.
 
-    Where the directory has both model.safetensors and an index, model.safetensors wins, as in
-    transformers (`modeling_utils._get_resolved_checkpoint_files`), so that both load the same
-    weights; transformers' own single-file save over a sharded one deletes the shards but leaves
-    the index behind."""
-    single, index = model_dir / SINGLE_FILE, model_dir / INDEX_FILE
-    if single.exists():
+    The weights are the first of ``weight_file_names`` present (model.safetensors or its index,
+    else AutoGPTQ's ``<model_file_base_name>.safetensors`` or its index). Where the directory has
+    both a single file and its index, the single file wins, as in transformers
+    (`modeling_utils._get_resolved_checkpoint_files`), so that both load the same weights;
+    transformers' own single-file save over a sharded one deletes the shards but leaves the
+    index behind."""
+    names = weight_file_names(model_dir)
+    for single_name, index_name in names:
+        single, index = model_dir / single_name, model_dir / index_name
+        if single.exists():
+            if index.exists():
+                log.warning("%s has both %s and %s; loading %s and ignoring the index, as "
+                            "transformers does", model_dir, single_name, index_name, single_name)
+            try:
+                with safe_open(single, framework="flax") as f:
+                    return {name: single for name in f.keys()}
+            except SafetensorError as e:
+                raise ValueError(f"{single} is not a readable safetensors file: {e}") from None
         if index.exists():
-            log.warning("%s has both %s and %s; loading %s and ignoring the index, as "
-                        "transformers does", model_dir, SINGLE_FILE, INDEX_FILE, SINGLE_FILE)
-        try:
-            with safe_open(single, framework="flax") as f:
-                return {name: single for name in f.keys()}
-        except SafetensorError as e:
-            raise ValueError(f"{single} is not a readable safetensors file: {e}") from None
-    if not index.exists():
-        raise FileNotFoundError(
-            f"{model_dir} has neither {SINGLE_FILE} nor {INDEX_FILE}; expected safetensors weights")
-    weight_map = _read_weight_map(index)
-    shards = sorted(set(weight_map.values()))
-    missing = [s for s in shards if not (model_dir / s).exists()]
-    if missing:
-        raise FileNotFoundError(
-            f"{index} names shard file(s) that are missing from {model_dir}: {missing}")
-    return {name: model_dir / shard for name, shard in weight_map.items()}
+            weight_map = _read_weight_map(index)
+            shards = sorted(set(weight_map.values()))
+            missing = [s for s in shards if not (model_dir / s).exists()]
+            if missing:
+                raise FileNotFoundError(f"{index} names shard file(s) that are missing from "
+                                        f"{model_dir}: {missing}")
+            return {name: model_dir / shard for name, shard in weight_map.items()}
+    looked_for = ", ".join(name for pair in names for name in pair)
+    raise FileNotFoundError(f"{model_dir} has none of the weight files {looked_for}; expected "
+                            f"safetensors weights")
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:

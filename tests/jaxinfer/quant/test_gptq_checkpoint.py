@@ -449,3 +449,54 @@ def test_quantize_config_json_alone_marks_a_gptq_checkpoint(rtn4, tmp_path):
     jaxinfer.save_pretrained(jaxinfer.LlamaForCausalLM(CONFIG, rngs=nnx.Rngs(1)), tmp_path)
     assert not (tmp_path / "quantize_config.json").exists()
     assert isinstance(_module(jaxinfer.load_pretrained(tmp_path), "1.mlp.gate_proj"), Linear)
+
+
+def _as_autogptq_dir(rtn4, path, base, sharded=False):
+    """AutoGPTQ's own layout: config.json without quantization_config, quantize_config.json
+    (with model_file_base_name = base unless base is None) and the weights as <base>.safetensors
+    (or, sharded, the index as <base>.safetensors.index.json); returns the weights' name."""
+    jaxinfer.save_pretrained(rtn4, path, max_shard_bytes=40_000 if sharded else None)
+    config = json.loads((path / "config.json").read_text())
+    qconfig = config.pop("quantization_config")
+    (path / "config.json").write_text(json.dumps(config))
+    if base is not None:
+        qconfig["model_file_base_name"] = base
+    (path / "quantize_config.json").write_text(json.dumps(qconfig))
+    name = base or f"gptq_model-4bit-{GROUP}g"
+    if sharded:
+        (path / "model.safetensors.index.json").rename(path / f"{name}.safetensors.index.json")
+    else:
+        (path / "model.safetensors").rename(path / f"{name}.safetensors")
+    return name
+
+
+@pytest.mark.parametrize("base, sharded", [("gptq_model-4bit-32g", False), ("my_weights", True),
+                                           (None, False)])
+def test_autogptq_model_file_base_name_names_the_weight_file(rtn4, tmp_path, base, sharded):
+    """quantize_config.json's model_file_base_name names <base>.safetensors (or its index);
+    without it, AutoGPTQ's default gptq_model-<bits>bit-<group_size>g."""
+    _as_autogptq_dir(rtn4, tmp_path, base, sharded)
+    loaded = jaxinfer.load_pretrained(tmp_path)
+    want = _with_fp16_scales(rtn4)
+    got, ref = _module(loaded, "1.mlp.gate_proj"), _module(want, "1.mlp.gate_proj")
+    np.testing.assert_array_equal(np.asarray(got.weight.dequantize()),
+                                  np.asarray(ref.weight.dequantize()))
+
+
+def test_missing_weights_error_names_every_file_looked_for(rtn4, tmp_path):
+    name = _as_autogptq_dir(rtn4, tmp_path, "gptq_model-4bit-32g")
+    (tmp_path / f"{name}.safetensors").unlink()
+    with pytest.raises(FileNotFoundError) as info:
+        jaxinfer.load_pretrained(tmp_path)
+    for file in ("model.safetensors", "model.safetensors.index.json",
+                 "gptq_model-4bit-32g.safetensors", "gptq_model-4bit-32g.safetensors.index.json"):
+        assert file in str(info.value)
+
+
+def test_bad_model_file_base_name_raises_naming_the_field(rtn4, tmp_path):
+    _as_autogptq_dir(rtn4, tmp_path, "w")
+    qconfig = json.loads((tmp_path / "quantize_config.json").read_text())
+    qconfig["model_file_base_name"] = 7
+    (tmp_path / "quantize_config.json").write_text(json.dumps(qconfig))
+    with pytest.raises(ValueError, match="model_file_base_name must be a file name"):
+        jaxinfer.load_pretrained(tmp_path)
