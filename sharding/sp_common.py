@@ -11,6 +11,7 @@ import jax.numpy as jnp
 import numpy as np
 from jax.sharding import Mesh, PartitionSpec
 
+from kernels_pallas.attention.checks import check_segment_ids
 from sharding.mesh import axis_size as mesh_axis_size
 from sharding.mesh import check_auto_mesh
 
@@ -58,7 +59,7 @@ def check_batch_axes(mesh: Mesh, axis: str, batch_axes, batch: int) -> None:
 def check_qkv(q, k, v, segment_ids, *, num_shards: int, layout: str, causal: bool,
               windowed: bool = False) -> None:
     """q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads, head_dim], segment_ids
-    None or int [batch, seq]; the sequence splits into num_shards (2 * num_shards chunks for the
+    None or an integer array [batch, seq]; the sequence splits into num_shards (2 * num_shards chunks for the
     zig-zag layout under a causal or windowed mask, which needs the natural order back)."""
     # A bool or numpy's (as fftconv takes them); a truthy "no" must not mean True.
     if not isinstance(causal, (bool, np.bool_)):
@@ -85,9 +86,13 @@ def check_qkv(q, k, v, segment_ids, *, num_shards: int, layout: str, causal: boo
                 else f"{num_shards} shards")
         raise ValueError(f"the sequence length must split into {what}; got seq={seq}, which "
                          f"{chunks} does not divide")
-    if segment_ids is not None and tuple(segment_ids.shape) != tuple(q.shape[:2]):
-        raise ValueError(f"segment_ids must be [batch, seq] = {list(q.shape[:2])}; got "
-                         f"{list(segment_ids.shape)}")
+    if segment_ids is not None:
+        if hasattr(segment_ids, "shape") and tuple(segment_ids.shape) != tuple(q.shape[:2]):
+            raise ValueError(f"segment_ids must be [batch, seq] = {list(q.shape[:2])}; got "
+                             f"{list(segment_ids.shape)}")
+        # flash_attention's own check (an integer array): shard_over_sequence casts the ids to
+        # int32, which would truncate float ids and merge documents 1.2 and 1.7
+        check_segment_ids(segment_ids, q.shape[0], seq, seq)
 
 
 def activation_specs(axis: str, batch_axes: str | Sequence[str] | None

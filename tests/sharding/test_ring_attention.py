@@ -234,6 +234,17 @@ def test_default_layout_is_the_natural_order_for_both_impls():
         np.testing.assert_allclose(got, want, rtol=F32_ATOL, atol=F32_ATOL, err_msg=impl)
 
 
+@pytest.mark.parametrize("impl", ["ring", "ulysses"])
+def test_float_segment_ids_are_an_error_not_truncated(impl):
+    """Float ids would be cast to int32 on the way into the shard_map: 1.2 and 1.7 would become
+    one document."""
+    q, k, v = zeros_qkv(2, 16, 4, 2, 8)
+    seg = jnp.repeat(jnp.asarray([[1.2, 1.7]]), 8, axis=1).repeat(2, axis=0)  # [2, 16]
+    with pytest.raises(ValueError, match=r"segment_ids must have an integer dtype; got float32"):
+        sharding.sequence_parallel_attention(q, k, v, mesh=sharding.make_mesh(data=2, sequence=4),
+                                             impl=impl, segment_ids=seg)
+
+
 def test_mismatched_k_and_v_is_an_error():
     q, k, _ = zeros_qkv(1, 16, 4, 2, 8)
     mesh = sharding.make_mesh(sequence=8)
