@@ -59,8 +59,9 @@ def check_batch_axes(mesh: Mesh, axis: str, batch_axes, batch: int) -> None:
 def check_qkv(q, k, v, segment_ids, *, num_shards: int, layout: str, causal: bool,
               windowed: bool = False) -> None:
     """q [batch, seq, heads, head_dim], k and v [batch, seq, kv_heads, head_dim], segment_ids
-    None or an integer array [batch, seq]; the sequence splits into num_shards (2 * num_shards chunks for the
-    zig-zag layout under a causal or windowed mask, which needs the natural order back)."""
+    None or an integer array [batch, seq]; the sequence splits into num_shards (2 * num_shards
+    chunks for the zig-zag layout under a causal or windowed mask, which needs the natural order
+    back)."""
     # A bool or numpy's (as fftconv takes them); a truthy "no" must not mean True.
     if not isinstance(causal, (bool, np.bool_)):
         raise TypeError(f"causal must be a bool; got {causal!r}")
