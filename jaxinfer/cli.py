@@ -8,15 +8,15 @@ import contextlib
 import dataclasses
 import logging
 import math
-import re
 import sys
 import time
 from pathlib import Path
 
 from jaxinfer import cli_checkpoints, cli_train
+from jaxinfer.cli_flags import flag_errors
 from jaxinfer.cli_train import HELD_OUT, TRAIN_FLAGS
 from jaxinfer.config import REMAT_MODES
-from jaxinfer.train.train_config import TrainConfig
+from jaxinfer.train.train_config import RESUMABLE, TrainConfig
 
 EXAMPLES = {
     "generate": """examples:
@@ -111,13 +111,15 @@ ENGINE_FLAGS = {"prompts_file": None, "min_p": None, "repetition_penalty": 1.0, 
                 "max_batch": 64, "page_size": 16, "num_pages": None, "max_tokens_per_step": 512}
 DEFAULT_PROMPT = "In the beginning"
 # library parameter names in the errors of `jaxinfer generate` -> the flags that set them
-# (SamplingParams' fields and the Engine's arguments); --snapkv-budget's bound on the engine's
-# snapkv_window, which no flag sets, is checked before (_check_generate_args)
+# (SamplingParams' fields and the Engine's arguments; cli_flags.in_flag_terms); --snapkv-budget's
+# bound on the engine's snapkv_window, which no flag sets, is checked before
+# (_check_generate_args)
 GENERATE_FLAG_NAMES = {"max_tokens": "--max-new-tokens", "temperature": "--temperature",
                        "top_k": "--top-k", "top_p": "--top-p", "min_p": "--min-p",
                        "repetition_penalty": "--repetition-penalty", "stop": "--stop",
                        "seed": "--seed", "n": "--n", "first_finish": "--first-finish",
                        "kv_dtype": "--kv-cache-dtype", "speculative_tokens": "--speculative-tokens",
+                       "draft_model": "--draft-model",
                        "snapkv_budget": "--snapkv-budget", "max_batch": "--max-batch",
                        "page_size": "--page-size", "num_pages": "--num-pages",
                        "max_tokens_per_step": "--max-tokens-per-step"}
@@ -149,17 +151,34 @@ TRAIN_HELP = {"steps": "total optimizer steps; with --resume: extend the run to 
 
 def _train_help(flag: str) -> str:
     """--help of a training-loop flag with TrainConfig's default (the parser's default is None,
-    so that --resume can tell which flags were given: see cli_train)."""
+    so that --resume can tell which flags were given: see cli_train) and what --resume does
+    with it: a resumed run may change only the RESUMABLE settings."""
     field = TRAIN_FLAGS[flag]
     default = {f.name: f.default for f in dataclasses.fields(TrainConfig)}[field]
-    return f"{TRAIN_HELP[flag]} (default: {default}; on --resume: the run's)"
+    on_resume = ("on --resume: the run's unless given" if field in RESUMABLE
+                 else "--resume keeps the run's")
+    return f"{TRAIN_HELP[flag]} (default: {default}; {on_resume})"
+
+
+class _Parser(argparse.ArgumentParser):
+    """The top-level parser, whose unrecognized arguments (a misspelt or abbreviated flag) the
+    command's own parser reports, with the command's usage line, not the top-level one's."""
+
+    commands: dict[str, argparse.ArgumentParser]  # set by _parser
+
+    def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        parsed, unknown = self.parse_known_args(args, namespace)
+        if unknown:
+            self.commands[parsed.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+        return parsed
 
 
 def _parser() -> argparse.ArgumentParser:
     # allow_abbrev=False: a flag another one begins with (--max-tokens, --max-tokens-per-step)
     # must not silently set that other one; subparsers do not inherit it
-    parser = argparse.ArgumentParser(prog="jaxinfer", description=__doc__, allow_abbrev=False)
+    parser = _Parser(prog="jaxinfer", description=__doc__, allow_abbrev=False)
     sub = parser.add_subparsers(dest="command", required=True)
+    parser.commands = sub.choices
 
     def add(name: str, help_text: str) -> argparse.ArgumentParser:
         return sub.add_parser(name, help=help_text, epilog=EXAMPLES[name], allow_abbrev=False,
@@ -183,7 +202,7 @@ def _parser() -> argparse.ArgumentParser:
                      help="a string that ends a completion (repeatable)")
     gen.add_argument("--n", type=_positive_int, default=1, help="samples per prompt")
     gen.add_argument("--first-finish", action="store_true",
-                     help="with --n: First Finish Search, return the shortest sample")
+                     help="with --n 2 or more: First Finish Search, return the shortest sample")
     gen.add_argument("--seed", type=_non_negative_int, default=0, help="sampling seed")
     gen.add_argument("--batch-size", type=_positive_int, default=1,
                      help="copies of the prompt decoded together")
@@ -238,7 +257,7 @@ def _parser() -> argparse.ArgumentParser:
                     help="pack documents: the token id that ends each document in the corpus "
                          "(e.g. 0, <|endoftext|> of the embedded tokenizer, which the corpus can "
                          "hold as text); rows then carry segment ids, so no token attends across "
-                         "documents")
+                         "documents (--resume keeps the run's)")
 
     cv = add("convert", "rewrite an HF model directory (dtype, sharding)")
     cv.add_argument("src", help="HF model directory")
@@ -284,6 +303,9 @@ def _prompt_texts(args: argparse.Namespace) -> list[str]:
         text = Path(args.prompts_file).read_text(encoding="utf-8")
     except UnicodeDecodeError as e:
         raise ValueError(f"--prompts-file {args.prompts_file} is not UTF-8 text: {e}") from None
+    except OSError as e:  # a missing file, a directory: said in the user's terms
+        raise ValueError(f"--prompts-file {args.prompts_file} cannot be read "
+                         f"({e.strerror or e})") from None
     texts = [line for line in text.splitlines() if line.strip()]
     if not texts:
         raise ValueError(f"--prompts-file {args.prompts_file} holds no prompt (no non-blank line)")
@@ -291,8 +313,16 @@ def _prompt_texts(args: argparse.Namespace) -> list[str]:
 
 
 def _check_generate_args(args: argparse.Namespace) -> None:
-    """What the engine would refuse naming one of its own arguments that no flag sets."""
+    """What the flags alone refuse, checked before a model is loaded (which can take long):
+    flags that need another one, and what the engine would refuse naming one of its own
+    arguments that no flag sets. SamplingParams checks the sampling flags (_sampling_params)."""
     from jaxinfer.generate.engine import DEFAULT_SNAPKV_WINDOW as window
+    if args.first_finish and args.n < 2:
+        raise ValueError(f"--first-finish needs --n >= 2: First Finish Search returns the "
+                         f"shortest of the --n samples; got --n {args.n}")
+    if args.draft_model is not None and args.speculative_tokens == 0:
+        raise ValueError("--draft-model needs --speculative-tokens >= 1 (the tokens it guesses "
+                         "per step); got --speculative-tokens 0")
     if args.snapkv_budget is not None and args.snapkv_budget < window:
         raise ValueError(f"--snapkv-budget must be at least {window}: SnapKV keeps a prompt's "
                          f"last {window} tokens (its observation window, whose attention picks "
@@ -303,32 +333,25 @@ def _check_generate_args(args: argparse.Namespace) -> None:
                          f"from one step; got {args.max_tokens_per_step}")
 
 
-def _in_flag_terms(message: str) -> str:
-    """A library error of `jaxinfer generate` with the parameter names that flags set replaced
-    by those flags: "SamplingParams.top_p must be None or ..." -> "--top-p must be ...",
-    "max_tokens=48" -> "--max-new-tokens 48". Bare names only where they cannot be prose (they
-    hold an underscore)."""
-    def flag(match: re.Match) -> str:
-        name, assigned = match.group(1), match.group(2)
-        if name not in GENERATE_FLAG_NAMES or not (match.group(0).startswith("SamplingParams.")
-                                                   or assigned or "_" in name):
-            return match.group(0)
-        return GENERATE_FLAG_NAMES[name] + (" " if assigned else "")
-    message = re.sub(r"(?:SamplingParams\.|\b)([a-z_]+)\b(=?)", flag, message)
-    return re.sub(r"(--[a-z-]+ must be )None or ", r"\1", message)  # None: the flag left out
+def _sampling_params(args: argparse.Namespace):
+    """The engine's SamplingParams of the flags; built before the model is loaded, so that a bad
+    sampling flag is refused first (a static batch takes the same checks)."""
+    import jaxinfer
+
+    return jaxinfer.SamplingParams(
+        max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
+        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
+        stop=tuple(args.stop), seed=args.seed, n=args.n, first_finish=args.first_finish)
 
 
-def _engine_runner(args: argparse.Namespace, model, tokenizer, prompts: list[list[int]]):
+def _engine_runner(args: argparse.Namespace, params, model, tokenizer,
+                   prompts: list[list[int]]):
     """prepare() -> (engine, run): a new engine per call, so the timed call does not find the
     untimed call's prompt pages in its prefix cache (the compiled steps are shared by every
     engine). The later engines take the first one's pool size: the shapes the untimed call
     compiled, also where free memory changed, and the pool sized (and logged) once."""
     import jaxinfer
 
-    params = jaxinfer.SamplingParams(
-        max_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k,
-        top_p=args.top_p, min_p=args.min_p, repetition_penalty=args.repetition_penalty,
-        stop=tuple(args.stop), seed=args.seed, n=args.n, first_finish=args.first_finish)
     draft = (None if args.draft_model is None
              else jaxinfer.load_pretrained(Path(args.draft_model), dtype=args.dtype))
 
@@ -368,22 +391,29 @@ def _static_batch_runner(args: argparse.Namespace, model, prompts: list[list[int
 
 
 def _generate(args: argparse.Namespace) -> int:
+    """The `jaxinfer generate` command; library errors name the flags (GENERATE_FLAG_NAMES)."""
+    with flag_errors(GENERATE_FLAG_NAMES):
+        return _run_generate(args)
+
+
+def _run_generate(args: argparse.Namespace) -> int:
     import jax
 
     import jaxinfer
 
     _check_generate_args(args)
+    texts = _prompt_texts(args)
+    params = _sampling_params(args)
     model_dir = Path(args.model) if args.model else jaxinfer.default_model_dir()
     model = jaxinfer.load_pretrained(model_dir, dtype=args.dtype)
     tokenizer = jaxinfer.load_tokenizer(model_dir)
-    texts = _prompt_texts(args)
     encoded = [tokenizer.encode(text, add_special_tokens=False).ids for text in texts]
     for line, ids in enumerate(encoded, 1):
         if not ids:
             raise ValueError(f"prompt {line} ({texts[line - 1]!r}) encodes to no tokens")
     prompts = [ids for ids in encoded for _ in range(args.batch_size)]
     if hasattr(model, "forward_paged"):
-        prepare, how = _engine_runner(args, model, tokenizer, prompts), "engine"
+        prepare, how = _engine_runner(args, params, model, tokenizer, prompts), "engine"
     else:
         prepare, how = _static_batch_runner(args, model, prompts), "static batch"
     t0 = time.perf_counter()
@@ -463,10 +493,7 @@ def main(argv: list[str] | None = None) -> int:
         with _logging_to_stderr():
             return command(args)
     except (ValueError, TypeError, OSError) as e:  # OSError: a missing path, a directory, ...
-        message = str(e)
-        if args.command == "generate" and not isinstance(e, OSError):
-            message = _in_flag_terms(message)
-        print(f"jaxinfer {args.command}: error: {message}", file=sys.stderr)
+        print(f"jaxinfer {args.command}: error: {e}", file=sys.stderr)
         return 2
 
 

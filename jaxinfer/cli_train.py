@@ -14,6 +14,8 @@ import sys
 from pathlib import Path
 from typing import NamedTuple, NoReturn
 
+from jaxinfer.cli_flags import flag_errors
+
 # `jaxinfer train` flags -> TrainConfig fields. The parser's defaults are None, so that `--resume`
 # can tell which were given; a fresh run fills the rest from TrainConfig's defaults, and a resumed
 # run takes its train_config.json with the given ones replaced (jaxinfer.train.train refuses
@@ -23,6 +25,8 @@ TRAIN_FLAGS = {"steps": "steps", "batch_size": "batch_size", "seq_len": "seq_len
                "weight_decay": "weight_decay", "eval_every": "eval_every",
                "checkpoint_every": "checkpoint_every", "seed": "seed",
                "document_separator": "document_separator"}
+# TrainConfig fields in the library's errors -> the flags that set them (cli_flags.flag_errors)
+TRAIN_FLAG_NAMES = {field: f"--{flag.replace('_', '-')}" for flag, field in TRAIN_FLAGS.items()}
 # flags that choose a run's data, tokenizer or model: --resume takes them from the run itself
 RUN_FLAGS = ("held_out", "config", "init", "tokenizer", "vocab_size")
 # model config fields that are run settings, not Hugging Face config keys: from_hf_config would
@@ -132,10 +136,14 @@ def _resumed_run(args: argparse.Namespace, run: Path) -> _Run:
     if fixed:
         raise ValueError(f"--resume continues the run in {run} on its own held-out split, "
                          f"tokenizer and model; {', '.join(fixed)} cannot change them")
-    config = dataclasses.replace(TrainConfig.load(run / TRAIN_CONFIG_FILE), **{
-        field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
-        if getattr(args, flag) is not None})
-    check_resume(run, config)  # jaxinfer.train.train checks it again, with the model and data
+    saved = TrainConfig.load(run / TRAIN_CONFIG_FILE)  # its errors name the file's keys
+    given = {field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
+             if getattr(args, flag) is not None}
+    with flag_errors(TRAIN_FLAG_NAMES):
+        config = dataclasses.replace(saved, **given)
+    _refuse_changed_settings(run, saved, config)
+    with flag_errors(TRAIN_FLAG_NAMES):  # --steps below the run's step
+        check_resume(run, config)  # jaxinfer.train.train checks it again, with the model and data
     meta = _run_record(run, corpus_given=bool(args.corpus))
     remat = args.remat or meta.get("remat", "none")
     # a model of the run's shape, whose weights the checkpoint replaces; killed before its
@@ -158,6 +166,22 @@ def _resumed_run(args: argparse.Namespace, run: Path) -> _Run:
                 meta.get("tokenizer_sha256"))
 
 
+def _refuse_changed_settings(run: Path, saved, config) -> None:
+    """ValueError in flag terms when `config` changes one of the resumed run's `saved` settings
+    that a flag sets outside RESUMABLE (check_resume's check, which names TrainConfig's fields);
+    --remat, a model setting, may change too."""
+    from jaxinfer.train.train_config import RESUMABLE
+
+    changes = [f"{TRAIN_FLAG_NAMES[field]}: {getattr(saved, field)!r} -> "
+               f"{getattr(config, field)!r}" for field in TRAIN_FLAGS.values()
+               if field not in RESUMABLE and getattr(saved, field) != getattr(config, field)]
+    if changes:
+        may_change = [TRAIN_FLAG_NAMES[field] for field in RESUMABLE]
+        raise ValueError(f"--resume continues the run in {run} with its settings; only "
+                         f"{', '.join(may_change)} and --remat may change; got other values "
+                         f"for {'; '.join(changes)}")
+
+
 def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
     """A new run in `run`; write_run_files writes its tokenizer and run.json. What the flags and
     the --config file alone refuse is refused before a tokenizer is trained for nothing."""
@@ -175,8 +199,9 @@ def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
         raise ValueError("--corpus is required unless --resume is given")
     check_no_checkpoints(run)  # before a tokenizer is trained for nothing
     held_out = HELD_OUT if args.held_out is None else args.held_out
-    config = TrainConfig(**{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
-                            if getattr(args, flag) is not None})
+    with flag_errors(TRAIN_FLAG_NAMES):
+        config = TrainConfig(**{field: getattr(args, flag) for flag, field in TRAIN_FLAGS.items()
+                                if getattr(args, flag) is not None})
     given = args.tokenizer or args.init  # the tokenizer's source, when not trained here
     if given and args.vocab_size is not None:
         # that tokenizer fixes the vocabulary: ignoring the size asked for would give a model
@@ -195,7 +220,8 @@ def _fresh_run(args: argparse.Namespace, run: Path) -> _Run:
         model_class, model_config = _config_file(args.config)
     else:
         raise ValueError("give --config (train from scratch) or --init (fine-tune)")
-    check_model_fits(model_class, model_config, config)
+    with flag_errors(TRAIN_FLAG_NAMES):
+        check_model_fits(model_class, model_config, config)
     if given:
         tokenizer = jaxinfer.load_tokenizer(given)
     else:
@@ -242,7 +268,7 @@ def _split_corpus(args: argparse.Namespace, spec: _Run):
     short = f"corpus {spec.corpus} is too short: its {len(tokens)} tokens"
     if len(tokens) < 2 * window:
         raise ValueError(f"{short} must give the training and the held-out part one window of "
-                         f"seq_len + 1 = {window} tokens each"
+                         f"--seq-len + 1 = {window} tokens each"
                          + ("" if args.resume else "; give a longer corpus or a smaller --seq-len"))
     train_tokens, eval_tokens = split_held_out(tokens, spec.held_out,
                                                separator=spec.config.document_separator)
@@ -250,7 +276,7 @@ def _split_corpus(args: argparse.Namespace, spec: _Run):
                             ("held-out", eval_tokens, "a larger --held-out")):
         if len(got) < window:
             raise ValueError(f"{short} leave {len(got)} for the {part} part (held-out fraction "
-                             f"{spec.held_out}), under one window of seq_len + 1 = {window}"
+                             f"{spec.held_out}), under one window of --seq-len + 1 = {window}"
                              + ("" if args.resume else f"; give a longer corpus, a smaller "
                                                        f"--seq-len or {flag}"))
     return train_tokens, eval_tokens
@@ -360,7 +386,7 @@ def train(args: argparse.Namespace) -> int:
               f"{config.batch_size * config.grad_accum}x{config.seq_len} tokens")
         # the run's files are written once train() has accepted the run: a refused one
         # changes none
-        with _quiet_checkpoint_noise():
+        with _quiet_checkpoint_noise(), flag_errors(TRAIN_FLAG_NAMES):
             result = train_model(model, train_tokens, eval_tokens, config, run,
                                  resume=args.resume, on_start=spec.write_run_files)
     except TrainingInterrupted as e:

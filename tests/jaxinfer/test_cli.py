@@ -67,7 +67,10 @@ def test_errors_exit_2_with_message(argv, message, capsys):
 @pytest.mark.parametrize("command, shown", [
     ("generate", ["--max-new-tokens MAX_NEW_TOKENS, --max-tokens MAX_NEW_TOKENS",
                   "(default: 48)", "(default: 512)", "(default: float32)"]),
-    ("train", ["(default: 16; on --resume: the run's)", "(default: 0.003; on --resume"]),
+    # only --steps, --eval-every and --checkpoint-every may change on --resume
+    ("train", ["sequences per micro-batch (default: 16; --resume keeps the run's)",
+               "(default: 0.003; --resume keeps the run's)",
+               "held-out evaluations (default: 100; on --resume: the run's unless given)"]),
     ("quantize", ["(default: 128)", "(default: gptq)", "(default: 0.01)"]),
 ], ids=["generate", "train", "quantize"])
 def test_help_shows_the_defaults(command, shown, capsys):

@@ -113,19 +113,21 @@ def _file_states(run) -> dict:
 
 def test_resume_refuses_changed_settings_through_the_library(tmp_path, handed_to_train,
                                                             monkeypatch, capsys):
-    """The CLI hands the changed settings to jaxinfer.train.train, which refuses them before
-    any file changes (run.json's remat included); flags that pick the run's data or model the
-    CLI refuses itself."""
+    """Changed settings are refused in flag terms, naming what --resume may change, before any
+    file changes (run.json's remat included); so are flags that pick the run's data or model."""
     _, run = _fresh_run(tmp_path)
     before = _file_states(run)
     monkeypatch.setattr(jaxinfer.train, "train", real_train)
     assert cli.main(["train", "--out", str(run), "--resume", "--lr", "1.0",
                      "--batch-size", "2", "--steps", "5"]) == 2
     err = capsys.readouterr().err
-    assert "got other values for batch_size: 16 -> 2; learning_rate: 0.003 -> 1.0" in err
+    assert (f"--resume continues the run in {run} with its settings; only --steps, --eval-every, "
+            f"--checkpoint-every and --remat may change; got other values for --batch-size: "
+            f"16 -> 2; --lr: 0.003 -> 1.0") in err
+    assert "learning_rate" not in err and "batch_size" not in err
     assert cli.main(["train", "--out", str(run), "--resume", "--remat", "full",
                      "--batch-size", "4"]) == 2
-    assert "got other values for batch_size: 16 -> 4" in capsys.readouterr().err
+    assert "got other values for --batch-size: 16 -> 4" in capsys.readouterr().err
     assert cli.main(["train", "--out", str(run), "--resume", "--remat", "dots",
                      "--corpus", str(tmp_path / "missing.txt")]) == 2
     assert "missing.txt" in capsys.readouterr().err
@@ -151,6 +153,26 @@ def test_a_fresh_run_refused_by_the_library_writes_no_file(tmp_path, monkeypatch
     assert (sys.unraisablehook, [lg.level for lg in loggers]) == before
 
 
+@pytest.mark.parametrize("flags, message, library_name", [
+    (("--lr", "-1"), "error: --lr must be a finite number > 0; got -1.0", "learning_rate"),
+    (("--weight-decay", "-1"), "error: --weight-decay must be a finite number >= 0; got -1.0",
+     "weight_decay"),
+    (("--document-separator", "-1"), "error: --document-separator must be a token id >= 0; "
+     "got -1", "document_separator"),
+    (("--seq-len", "1024"), "error: --seq-len must be at most the model's "
+     "max_position_embeddings", "seq_len"),
+], ids=["lr", "weight-decay", "document-separator", "seq-len"])
+def test_refused_training_settings_name_the_flags_not_the_config_fields(
+        tmp_path, handed_to_train, capsys, flags, message, library_name):
+    corpus = tmp_path / "corpus.txt"
+    corpus.write_text(jaxinfer.assets.corpus_sample_path().read_text()[:5000])
+    assert cli.main(["train", "--corpus", str(corpus), "--init", str(jaxinfer.default_model_dir()),
+                     "--out", str(tmp_path / "run"), *flags]) == 2
+    err = capsys.readouterr().err
+    assert message in err and library_name not in err
+    assert not handed_to_train and not (tmp_path / "run").exists()
+
+
 def test_resume_below_the_runs_step_is_an_error(tmp_path, handed_to_train, monkeypatch, capsys):
     _, run = _fresh_run(tmp_path)
     checkpointer = TrainStateCheckpointer(run / CHECKPOINTS_DIR)
@@ -158,7 +180,7 @@ def test_resume_below_the_runs_step_is_an_error(tmp_path, handed_to_train, monke
     checkpointer.wait()
     monkeypatch.setattr(jaxinfer.train, "train", real_train)
     assert cli.main(["train", "--out", str(run), "--resume", "--steps", "1"]) == 2
-    assert "steps must be at least the run's current step 2" in capsys.readouterr().err
+    assert "error: --steps must be at least the run's current step 2" in capsys.readouterr().err
 
 
 def test_remat_reaches_the_model_and_the_resumed_run(tmp_path, handed_to_train):
@@ -322,7 +344,7 @@ def test_resume_with_packing_on_a_run_without_it_names_the_setting(tmp_path, han
     not the held-out split's 'separator does not occur'."""
     _, run = _fresh_run(tmp_path)
     assert cli.main(["train", "--out", str(run), "--resume", "--document-separator", "0"]) == 2
-    assert "got other values for document_separator: None -> 0" in capsys.readouterr().err
+    assert "got other values for --document-separator: None -> 0" in capsys.readouterr().err
 
 
 def test_an_empty_corpus_is_refused_before_a_tokenizer_is_trained(tmp_path, monkeypatch,
@@ -422,7 +444,9 @@ def test_errors_in_the_config_file_name_the_file_given(tmp_path, handed_to_train
     ("missing", (), "missing.json: cannot be read (No such file or directory)"),
     ("llama", ("--seq-len", "65"), "max_position_embeddings (64); got 65"),
     ("unsupported", (), "model_type must be one of"),
-    ("hyena", ("--seq-len", "16", "--document-separator", "0"), "HyenaForCausalLM does not"),
+    ("hyena", ("--seq-len", "16", "--document-separator", "0"),
+     "error: --document-separator 0 packs documents, which needs a model whose forward takes "
+     "segment_ids (Llama, Mixtral); HyenaForCausalLM does not: leave out --document-separator"),
 ])
 def test_refusals_of_the_flags_and_config_come_before_a_tokenizer_is_trained(
         tmp_path, monkeypatch, capsys, model_type, flags, message):

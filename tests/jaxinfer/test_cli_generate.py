@@ -105,8 +105,10 @@ def test_engine_sizes_left_at_their_defaults_pass_for_a_static_batch_model():
     (["generate", "x", "--draft-model", "/nonexistent/draft", "--speculative-tokens", "2"],
      "does not exist"),
     (["generate", "x", "--prompts-file", "p.txt"], "not both"),
-    (["generate", "--prompts-file", "/nonexistent/prompts.txt"], "No such file"),
-    (["generate", "--prompts-file", "/"], "Is a directory"),
+    (["generate", "--prompts-file", "/nonexistent/prompts.txt"],
+     "error: --prompts-file /nonexistent/prompts.txt cannot be read (No such file or directory)"),
+    (["generate", "--prompts-file", "/"],
+     "error: --prompts-file / cannot be read (Is a directory)"),
 ], ids=["min-p", "repetition-penalty", "missing-draft", "prompt-and-file",
         "missing-prompts-file", "prompts-file-is-a-directory"])
 def test_bad_generate_options_exit_2_with_message(argv, message, capsys):
@@ -160,7 +162,9 @@ def test_max_tokens_is_max_new_tokens_and_no_flag_is_abbreviated(capsys):
         with pytest.raises(SystemExit) as exit_info:
             cli._parser().parse_args(argv)
         assert exit_info.value.code == 2
-        assert f"unrecognized arguments: {argv[-2]}" in capsys.readouterr().err
+        err = capsys.readouterr().err
+        assert f"jaxinfer {argv[0]}: error: unrecognized arguments: {argv[-2]}" in err
+        assert err.startswith(f"usage: jaxinfer {argv[0]} "), err  # the subcommand's usage
 
 
 def test_the_kv_pool_is_sized_and_logged_once_in_the_clis_format(capsys):
@@ -192,3 +196,43 @@ def test_a_top_k_beyond_int32_samples_as_no_top_k(capsys):
     huge_top_k = capsys.readouterr().out
     assert cli.main(argv) == 0
     assert huge_top_k == capsys.readouterr().out
+
+
+def _refuse_loading(*args, **kwargs):
+    raise AssertionError("a model was loaded before the arguments were checked")
+
+
+@pytest.mark.parametrize("argv, message", [
+    (["generate", "x", "--top-p", "2"], "error: --top-p must be a number in (0, 1]; got 2.0"),
+    (["generate", "x", "--temperature", "-1"], "error: --temperature must be"),
+    (["generate", "--prompts-file", "/nonexistent/prompts.txt"],
+     "error: --prompts-file /nonexistent/prompts.txt cannot be read (No such file or directory)"),
+    (["generate", "x", "--first-finish"], "error: --first-finish needs --n >= 2"),
+    (["generate", "x", "--first-finish", "--n", "1"], "error: --first-finish needs --n >= 2"),
+    (["generate", "x", "--draft-model", "draft_dir"],
+     "error: --draft-model needs --speculative-tokens >= 1"),
+], ids=["top-p", "temperature", "missing-prompts-file", "first-finish", "first-finish-n-1",
+        "draft-model-without-speculation"])
+def test_model_independent_errors_come_before_the_model_is_loaded(argv, message, monkeypatch,
+                                                                  capsys):
+    """A big checkpoint takes long to load: what the flags alone refuse is refused first."""
+    monkeypatch.setattr(jaxinfer, "load_pretrained", _refuse_loading)
+    assert cli.main(argv) == 2
+    err = capsys.readouterr().err
+    assert message in err
+    assert not any(name in err for name in ("SamplingParams", "draft_model", "Errno"))
+
+
+def test_a_draft_model_of_another_vocabulary_is_refused_naming_the_flag(tmp_path, capsys):
+    from flax import nnx
+
+    config = jaxinfer.LlamaConfig(vocab_size=64, hidden_size=32, intermediate_size=64,
+                                  num_hidden_layers=1, num_attention_heads=4,
+                                  num_key_value_heads=2, max_position_embeddings=64)
+    draft = jaxinfer.save_pretrained(jaxinfer.LlamaForCausalLM(config, rngs=nnx.Rngs(0)),
+                                     tmp_path / "draft")
+    assert cli.main(["generate", "x", "--draft-model", str(draft), "--speculative-tokens",
+                     "2"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --draft-model must share the model's vocabulary" in err
+    assert "draft_model" not in err
