@@ -11,7 +11,8 @@ One function, several implementations (the pattern of ../shared/DESIGN.md):
   What CPU users run.
 * ``pallas`` (``pallas_gpu.py``): the Monarch FFT convolution as a Pallas kernel (DFT and
   twiddle matrices as real/imaginary matmuls at ``dot_precision``, gates fused; the outer step
-  computes the Q/2 + 1 inner convolutions that a real signal needs) with a custom VJP, lowered
+  computes the Q/2 + 1 inner convolutions that a real signal needs) with a custom VJP (reverse
+  mode to any order; no forward mode), lowered
   through Triton on NVIDIA GPUs and run with ``interpret=True`` on CPU. The decomposition is
   chosen by size (``monarch.choose_plan``): order 2 (with the real-to-complex trick from
   N = 257) up to N = 4096, order 3 with it up to N = 16384, an outer XLA step around order-3
@@ -203,8 +204,13 @@ def fftconv(u: jax.Array, k: jax.Array, *, bidirectional: bool = False,
 
     Returns:
       y [batch, channels, N] in u's dtype (computed in float32); zeros when batch or channels
-      is 0 (every option is still validated). Differentiable in u, k, the
-      gates and the bias on every backend (pallas: custom VJP). A NaN or Inf input spreads to
+      is 0 (every option is still validated). Differentiable in u, k, the gates and the bias:
+      reverse mode to any order on every backend (pallas: a custom VJP whose backward is again
+      fftconv, so grad of grad and ``jax.jacrev(jax.jacrev(f))`` run the kernels); forward
+      mode (``jax.jvp``, ``jacfwd``, ``jax.hessian``, which is jacfwd of jacrev) on xla and
+      reference only, as JAX refuses it through a custom VJP ("can't apply forward-mode
+      autodiff (jvp) to a custom_vjp function"): use backend="xla", or jacrev(jacrev(f)) for a
+      Hessian. A NaN or Inf input spreads to
       every output of its FFT (block) on xla and pallas, earlier times included; the reference
       keeps it to the outputs whose sums include it.
     """

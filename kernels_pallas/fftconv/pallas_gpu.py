@@ -62,8 +62,11 @@ checked off-device by the tests; compiling and running it needs a GPU.
 
 Backward (``jax.custom_vjp``): the gradient of the input is the correlation of the output
 gradient with h plus bias times it, i.e. the same kernel run with conj(H) (post-gate fused as its
-pre-gate); the filter gradient, a sum over the batch, is one jnp.fft correlation; gate and bias
-gradients are elementwise.
+pre-gate): ``fftconv`` of the reversed taps flip(k) centred at L - 1 - offset; the filter
+gradient, a sum over the batch, is one jnp.fft correlation; gate and bias gradients are
+elementwise. The forward and backward rules call ``fftconv`` itself (not the kernel), so they
+are differentiable in turn: reverse mode works to any order. Forward mode does not: JAX refuses
+``jvp`` through a custom VJP.
 """
 
 from __future__ import annotations
@@ -377,8 +380,11 @@ def fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot
     ``monarch.MonarchPlan`` or None for ``monarch.choose_plan``'s by size. ``fft_size``: None
     (M = ``monarch.fft_size(N)``, the linear convolution) or N itself (a full overlap-save
     block, convolved circularly at size N: ``blocked.py``)."""
-    return _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot_precision,
-                interpret, plan, fft_size)[0]
+    n = u.shape[-1]
+    m = monarch.fft_size(n) if fft_size is None else fft_size
+    spec, plan, cols = _filter(k, n, offset, freq_sparsity, plan, m)
+    return _circular_conv(u, pre_gate, post_gate, bias, spec, plan=plan, cols=cols,
+                          block_c=block_c, precision=dot_precision, interpret=interpret)
 
 
 def _filter(k, n: int, offset: int, freq_sparsity: float, plan: MonarchPlan | None,
@@ -400,28 +406,33 @@ def _filter(k, n: int, offset: int, freq_sparsity: float, plan: MonarchPlan | No
 
 def _fwd(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot_precision,
          interpret, plan, fft_size):
-    n = u.shape[-1]
-    m = monarch.fft_size(n) if fft_size is None else fft_size
-    spec, plan, cols = _filter(k, n, offset, freq_sparsity, plan, m)
-    y = _circular_conv(u, pre_gate, post_gate, bias, spec, plan=plan, cols=cols,
-                       block_c=block_c, precision=dot_precision, interpret=interpret)
+    # y through fftconv itself, not the kernel: under a second derivative the forward is
+    # differentiated too (without one, the call is the kernel alone)
+    y = fftconv(u, k, pre_gate, post_gate, bias, offset, freq_sparsity, block_c, dot_precision,
+                interpret, plan, fft_size)
     return y, (u, k, pre_gate, post_gate, bias)
 
 
 def _bwd(offset, freq_sparsity, block_c, dot_precision, interpret, plan, fft_size, res, g):
+    """The VJP, written with ``fftconv`` itself (and jnp), so that it is differentiable in turn:
+    reverse-over-reverse (grad of grad, ``jax.jacrev(jax.jacrev(f))``) works to any order, each
+    level running the kernels. Outside a transformation a custom-VJP call is its forward alone,
+    so the first-order backward runs the same two kernels as a direct call would."""
     u, k, pre_gate, post_gate, bias = res
     n = u.shape[-1]
     m = monarch.fft_size(n) if fft_size is None else fft_size
-    spec, plan, cols = _filter(k, n, offset, freq_sparsity, plan, m)
     g = g.astype(jnp.float32)
-    run = functools.partial(_circular_conv, plan=plan, cols=cols, block_c=block_c,
-                            precision=dot_precision, interpret=interpret)
+    conv = functools.partial(fftconv, freq_sparsity=freq_sparsity, block_c=block_c,
+                             dot_precision=dot_precision, interpret=interpret, plan=plan,
+                             fft_size=fft_size)
     d_post = None
     if post_gate is not None:
-        y_core = run(u, pre_gate, None, bias, spec)  # recomputed rather than kept as a residual
+        y_core = conv(u, k, pre_gate, None, bias, offset)  # recomputed, not kept as a residual
         d_post = (g * y_core).astype(post_gate.dtype)
-    # dL/dv = correlation of gc = post * g with h (conj(H)) plus bias * gc: the same kernel
-    dv = run(g, post_gate, None, bias, jnp.conj(spec))
+    # dL/dv = the correlation of gc = post * g with h, plus bias * gc: a convolution with the
+    # reversed filter h[-s mod M], which is flip(k) centred at tap L - 1 - offset (the frequency
+    # mask is symmetric, so it commutes with the reversal)
+    dv = conv(g, jnp.flip(k, axis=-1), post_gate, None, bias, k.shape[-1] - 1 - offset)
     v = u.astype(jnp.float32)
     if pre_gate is not None:
         v = v * pre_gate.astype(jnp.float32)
