@@ -104,6 +104,10 @@ class MixedQuantizedWeight:
             raise ValueError(f"high must be a bool mask [groups] = [{groups}]; got "
                              f"{list(high.shape)}")
         g_idx = np.arange(k) // group_size if g_idx is None else np.asarray(g_idx)
+        if g_idx.size and (not np.issubdtype(g_idx.dtype, np.integer) or g_idx.min() < 0
+                           or g_idx.max() >= groups):  # bincount refuses or counts them
+            raise ValueError(f"g_idx must hold integer group indices in [0, {groups}); got "
+                             f"{g_idx.dtype} values in [{g_idx.min()}, {g_idx.max()}]")
         sizes = np.bincount(g_idx, minlength=groups)
         if g_idx.shape != (k,) or sizes.shape != (groups,) or (sizes != group_size).any():
             raise ValueError(f"g_idx must be [K] = [{k}] assigning exactly group_size="

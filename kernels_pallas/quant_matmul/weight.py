@@ -119,6 +119,9 @@ class QuantizedWeight:
         k, n = q.shape
         g = k if group_size == -1 else group_size
         groups = k // g
+        scales = _as_array(scales)
+        if not jnp.issubdtype(scales.dtype, jnp.floating):  # an int scale would truncate
+            raise ValueError(f"scales must be a float array; got {scales.dtype}")
         scales = jnp.asarray(scales)
         if scales.shape != (groups, n) or zeros.shape != (groups, n):
             raise ValueError(f"scales and zeros must be [groups, N] = [{groups}, {n}]; got scales "
@@ -130,12 +133,18 @@ class QuantizedWeight:
         q, zeros = jnp.asarray(q), jnp.asarray(zeros)
         perm = None
         if g_idx is not None:  # host-side: g_idx must be concrete (not traced)
-            g_idx = jnp.asarray(g_idx).astype(jnp.int32)
+            g_idx = _as_array(g_idx)
+            check_int_dtype("g_idx", g_idx)
             if g_idx.shape != (k,):
                 raise ValueError(f"g_idx must be [K] = [{k}]; got {list(g_idx.shape)}")
+            lo, hi = int(np.min(g_idx)), int(np.max(g_idx))  # before bincount, which clips
+            if lo < 0 or hi >= groups:
+                raise ValueError(f"g_idx must hold group indices in [0, {groups}) (K / "
+                                 f"group_size = {k} / {g}); got values in [{lo}, {hi}]")
+            g_idx = jnp.asarray(g_idx).astype(jnp.int32)
             order = jnp.argsort(g_idx, stable=True).astype(jnp.int32)
             if not bool(jnp.array_equal(g_idx[order], jnp.arange(k) // g)):
-                sizes = jnp.bincount(g_idx, length=max(groups, int(g_idx.max()) + 1))
+                sizes = jnp.bincount(g_idx, length=groups)
                 raise ValueError(f"g_idx must assign exactly group_size={g} rows to each of the "
                                  f"{groups} groups; got group sizes {sizes.tolist()[:8]}...")
             if not bool(jnp.array_equal(order, jnp.arange(k))):
@@ -210,7 +219,10 @@ def check_quant_params(shape, bits, group_size) -> None:
         raise ValueError(f"bits must be one of {SUPPORTED_BITS}; got {bits!r}")
     if len(shape) != 2:
         raise ValueError(f"weight must be 2-D [K, N]; got shape {list(shape)}")
-    k, _ = shape
+    k, n = shape
+    if k == 0 or n == 0:
+        raise ValueError(f"weight must have K >= 1 (in_features) and N >= 1 (out_features); "
+                         f"got shape {list(shape)}")
     if not is_int(group_size) or (group_size != -1 and group_size <= 0):
         raise ValueError(
             f"group_size must be a positive int or -1 (per channel); got {group_size!r}")

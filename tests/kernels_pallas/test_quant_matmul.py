@@ -1,5 +1,7 @@
 """quant_matmul: every backend equals the dequantized float matmul (``reference.py``)."""
 
+import re
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -142,6 +144,17 @@ def test_quant_matmul_rejects_bad_arguments():
     (dict(group_size=48), "group_size must divide K"),
     (dict(g_idx=np.zeros(128, np.int64)), "exactly group_size=32 rows"),
     (dict(scales=np.ones((3, 32))), "scales and zeros must be"),
+    # a -1 used to be counted into group 0 by bincount: "got group sizes [16, 16, 16, 16]"
+    (dict(g_idx=np.r_[np.full(32, -1), np.arange(96) // 32 + 1]),
+     re.escape("g_idx must hold group indices in [0, 4) (K / group_size = 128 / 32); got "
+               "values in [-1, 3]")),
+    (dict(g_idx=np.arange(128) // 32 + 1), re.escape("got values in [1, 4]")),
+    (dict(g_idx=np.zeros(128, np.float32)), "g_idx must be an integer array"),
+    (dict(scales=np.ones((4, 32), np.int32)), "scales must be a float array; got int32"),
+    # K = 0 or N = 0 used to divide by zero (K // K per channel) deep inside
+    (dict(q=np.zeros((0, 32), np.int32), group_size=-1), re.escape(
+        "weight must have K >= 1 (in_features) and N >= 1 (out_features); got shape [0, 32]")),
+    (dict(q=np.zeros((128, 0), np.int32)), re.escape("got shape [128, 0]")),
 ])
 def test_quantized_weight_rejects_bad_arguments(kwargs, message):
     args = dict(q=np.zeros((128, 32), np.int32), scales=np.ones((4, 32)),
@@ -250,6 +263,17 @@ def test_mixed_from_ints_rejects_integers_outside_their_groups_width(field, row,
     {"q": q, "zeros": zeros}[field][row, 0] = value
     with pytest.raises(ValueError, match=message):
         MixedQuantizedWeight.from_ints(q, np.ones((8, 8)), zeros, high, group_size=16)
+
+
+def test_mixed_from_ints_rejects_group_indices_outside_the_groups():
+    """A -1 in g_idx is refused by name (numpy's bincount raised its own error on it)."""
+    q, zeros = np.zeros((128, 8), np.int32), np.zeros((8, 8), np.int32)
+    g_idx = np.arange(128) // 16
+    g_idx[0] = -1
+    with pytest.raises(ValueError, match=re.escape("g_idx must hold integer group indices in "
+                                                   "[0, 8); got int64 values in [-1, 7]")):
+        MixedQuantizedWeight.from_ints(q, np.ones((8, 8)), zeros, np.ones(8, bool),
+                                       group_size=16, g_idx=g_idx)
 
 
 # every backend: "auto" resolves to xla on CPU, and a bad block must not wait for a GPU to fail
