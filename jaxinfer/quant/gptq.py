@@ -40,7 +40,8 @@ import jax.numpy as jnp
 import numpy as np
 from jax import lax
 
-from jaxinfer.quant.grid import fit_grid, fit_group_grids, quantize_to_grid
+from jaxinfer.config_checks import is_int, is_real
+from jaxinfer.quant.grid import check_finite_weight, fit_grid, fit_group_grids, quantize_to_grid
 from jaxinfer.quant.mixed import check_mixed_args, group_bit_widths, packed_weight, packing_bits
 from kernels_pallas.quant_matmul import MixedQuantizedWeight, QuantizedWeight, check_quant_params
 
@@ -181,8 +182,9 @@ def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size:
       group_size: rows per group, -1 for per channel (not with mixed bits); must divide K.
       sym: symmetric grid (zero at the middle) or asymmetric.
       act_order: quantize rows in order of decreasing Hessian diagonal (GPTQ's desc_act).
-      damp: relative dampening, a fraction of mean(diag H), >= 0. A Hessian that stays singular
-        after dampening raises ValueError. block_size: lazy-update block.
+      damp: relative dampening, a fraction of mean(diag H), finite and >= 0. A Hessian that
+        stays singular after dampening raises ValueError, as does a weight holding NaN or Inf.
+        block_size: lazy-update block (a Python or NumPy int).
       static_groups: fit group grids up front in original order (g_idx = k // G even with
         act_order), instead of on the error-updated weights as groups start.
       high_fraction: mixed bits only: fraction of groups kept at 4 bits (default 0.25).
@@ -196,13 +198,15 @@ def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size:
     w, hessian = jnp.asarray(w), jnp.asarray(hessian)
     mixed = check_mixed_args(bits, group_size, high_fraction, criterion)
     check_quant_params(w.shape, packing_bits(bits), group_size)
+    check_finite_weight(w)
     k = w.shape[0]
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [K, K] = [{k}, {k}]; got {list(hessian.shape)}")
-    if not damp >= 0:
-        raise ValueError(f"damp must be >= 0; got {damp!r}")
-    if not isinstance(block_size, int) or block_size <= 0:
+    if not (is_real(damp) and 0 <= damp < float("inf")):  # inf would read as a singular H
+        raise ValueError(f"damp must be a finite number >= 0; got {damp!r}")
+    if not is_int(block_size) or block_size <= 0:  # a Python or NumPy int, as bits
         raise ValueError(f"block_size must be a positive int; got {block_size!r}")
+    block_size, damp = int(block_size), float(damp)
     act_grouped = act_order and group_size != -1 and not static_groups
     # Mixed widths are chosen among the groups GPTQ forms: runs of its quantization order.
     w_g, h_g = w, hessian

@@ -13,6 +13,18 @@ import jax
 import jax.numpy as jnp
 
 
+def check_finite_weight(w) -> None:
+    """ValueError unless every value of the weight ``w`` is finite, for RTN and GPTQ alike: a NaN
+    or Inf has no grid point (its group's scale turns NaN or Inf, and the whole group decodes to
+    garbage). A traced ``w`` (under jit) is trusted."""
+    if isinstance(w, jax.core.Tracer):
+        return
+    bad = int(w.size - jnp.count_nonzero(jnp.isfinite(w)))
+    if bad:
+        raise ValueError(f"the weight must be finite; got {bad} NaN or Inf value(s) in w "
+                         f"{list(w.shape)}")
+
+
 def fit_grid(w: jax.Array, bits: int, sym: bool) -> tuple[jax.Array, jax.Array]:
     """Fit one grid per column over the rows of ``w`` [rows, N] -> (scale [N] f32, zero [N] f32).
 

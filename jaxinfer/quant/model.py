@@ -92,8 +92,8 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, 
     for name, value in (("act_order", act_order), ("sym", sym), ("progress", progress)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
-    if not (is_real(damp) and damp >= 0):
-        raise ValueError(f"damp must be a number >= 0; got {damp!r}")
+    if not (is_real(damp) and 0 <= damp < float("inf")):  # inf would read as a singular H
+        raise ValueError(f"damp must be a finite number >= 0; got {damp!r}")
     if backend not in QUANT_BACKENDS:
         raise ValueError(f"backend must be one of {QUANT_BACKENDS}; got {backend!r}")
     if not isinstance(model, LlamaForCausalLM):  # Mixtral's experts and Hyena: not yet
@@ -233,8 +233,11 @@ def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group
         if method == "rtn":
             for i, parent, name, layer in list(linear_layers(new)):
                 bar.set_postfix_str(f"layers[{i}].{name}")
-                weight = quantize_rtn(layer.kernel[...], bits=bits, group_size=group_size,
-                                      sym=bool(sym), **mixed_kw)
+                try:
+                    weight = quantize_rtn(layer.kernel[...], bits=bits, group_size=group_size,
+                                          sym=bool(sym), **mixed_kw)
+                except ValueError as e:  # arguments were checked: a NaN or Inf weight
+                    raise ValueError(f"layers[{i}].{name}: {e}") from None
                 setattr(parent, name, quantized_linear(layer, weight, backend))
                 bar.update()
         else:
@@ -270,7 +273,8 @@ def _gptq_model(model, batches, bar, *, backend, **gptq_kw):
                 layer = getattr(parent, name)
                 try:
                     weight = gptq_quantize_layer(layer.kernel[...], state.h, **gptq_kw)
-                except ValueError as e:  # arguments were checked: a singular Hessian
+                except ValueError as e:  # arguments were checked: a singular Hessian, a NaN
+                    # or Inf weight
                     raise ValueError(f"layers[{i}].{parent_name}.{name}: {e}") from None
                 setattr(parent, name, quantized_linear(layer, weight, backend))
                 bar.update()

@@ -7,7 +7,7 @@ import functools
 import jax
 import jax.numpy as jnp
 
-from jaxinfer.quant.grid import fit_group_grids, quantize_to_grid
+from jaxinfer.quant.grid import check_finite_weight, fit_group_grids, quantize_to_grid
 from jaxinfer.quant.mixed import check_mixed_args, group_bit_widths, packed_weight, packing_bits
 from kernels_pallas.quant_matmul import MixedQuantizedWeight, QuantizedWeight, check_quant_params
 
@@ -30,11 +30,12 @@ def quantize_rtn(w, bits: int | tuple[int, int] = 4, group_size: int = 128, sym:
     ``bits``: 2, 3, 4, 8, or the pair (2, 4) for mixed 2/4-bit groups -> a
     ``MixedQuantizedWeight`` whose ``high_fraction`` of groups (default 0.25) are 4-bit, chosen by
     ``criterion`` "range" (default) or "hessian" (needs ``hessian`` [K, K]); see
-    ``jaxinfer.quant.mixed``.
+    ``jaxinfer.quant.mixed``. A weight holding NaN or Inf raises ValueError, as in GPTQ.
     """
     w = jnp.asarray(w)
     mixed = check_mixed_args(bits, group_size, high_fraction, criterion)
     check_quant_params(w.shape, packing_bits(bits), group_size)
+    check_finite_weight(w)
     if hessian is not None and not mixed:
         raise ValueError("hessian is used only to choose mixed bits=(2, 4) groups; got bits="
                          f"{bits!r}")

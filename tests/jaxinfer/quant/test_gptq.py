@@ -218,9 +218,22 @@ def test_gptq_on_singular_hessian_without_damp_raises_instead_of_returning_garba
     (dict(hessian=jnp.eye(64)), "hessian must be"),
     (dict(group_size=48), "group_size must divide K"),
     (dict(bits=1), "bits must be one of"),
-    (dict(damp=-1.0), "damp must be >= 0"),
+    (dict(damp=-1.0), "damp must be a finite number >= 0"),
+    (dict(damp=float("inf")), "damp must be a finite number >= 0; got inf"),  # was "singular"
+    (dict(damp=float("nan")), "damp must be a finite number >= 0; got nan"),
+    (dict(block_size=np.float64(64)), "block_size must be a positive int"),
+    (dict(block_size=True), "block_size must be a positive int"),
+    (dict(w=_weight().at[3, 2].set(jnp.nan)), r"the weight must be finite; got 1 NaN or Inf"),
 ])
 def test_gptq_rejects_bad_arguments(kwargs, message):
     args = dict(w=_weight(), hessian=jnp.eye(K), bits=4, group_size=32)
     with pytest.raises(ValueError, match=message):
         gptq_quantize_layer(**{**args, **kwargs})
+
+
+def test_gptq_takes_numpy_integer_block_size_like_bits():
+    """block_size from NumPy (as bits and group_size may be) gives what the Python int gives."""
+    args = dict(w=_weight(), hessian=jnp.eye(K), group_size=32)
+    want = gptq_quantize_layer(**args, bits=4, block_size=64)
+    got = gptq_quantize_layer(**args, bits=np.int64(4), block_size=np.int64(64))
+    np.testing.assert_array_equal(np.asarray(got.dequantize()), np.asarray(want.dequantize()))

@@ -287,6 +287,9 @@ def test_mixed_rtn_model_layers_compute_their_dequantized_weights_and_refuse_gpt
     (dict(method="gptq", group_size=GROUP, damp=True), "damp must be"),
     (dict(method="rtn", backend="cuda"), "backend must be one of"),
     (dict(method="gptq", group_size=GROUP, damp=-0.1), "damp must be"),
+    # inf used to pass here and be reported as a singular Hessian
+    (dict(method="gptq", group_size=GROUP, damp=float("inf")),
+     "damp must be a finite number >= 0; got inf"),
     (dict(method="gptq", group_size=GROUP), "calibration must be given"),
     (dict(method="gptq", group_size=GROUP,
           calibration=jnp.full((2, 8), CONFIG.vocab_size, jnp.int32)),

@@ -60,3 +60,20 @@ def test_quantized_weight_is_a_pytree_with_static_metadata():
 def test_rtn_rejects_bad_arguments(kwargs, message):
     with pytest.raises(ValueError, match=message):
         quantize_rtn(_weight(), **{"bits": 4, "group_size": 32, **kwargs})
+
+
+@pytest.mark.parametrize("bad", [np.nan, np.inf, -np.inf])
+def test_rtn_refuses_a_non_finite_weight_as_gptq_does(bad):
+    """RTN used to quantize a NaN/Inf weight silently (its group decoding to NaN); GPTQ refuses
+    one, and both now share the check."""
+    w = _weight().at[5, 3].set(bad)
+    with pytest.raises(ValueError, match=r"the weight must be finite; got 1 NaN or Inf value\(s\) "
+                                         r"in w \[128, 24\]"):
+        quantize_rtn(w, bits=4, group_size=32)
+
+
+@pytest.mark.parametrize("shape", [(0, 24), (128, 0)])
+def test_rtn_refuses_an_empty_weight(shape):
+    """K = 0 per channel used to divide by zero (K // K)."""
+    with pytest.raises(ValueError, match="weight must have K >= 1"):
+        quantize_rtn(jnp.ones(shape), bits=4, group_size=-1)
