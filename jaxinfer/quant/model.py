@@ -34,7 +34,7 @@ from flax import nnx
 from tqdm.auto import tqdm
 
 from jaxinfer.config_checks import check_group_size, is_real
-from jaxinfer.models.inputs import check_input_ids
+from jaxinfer.models.inputs import check_input_ids, token_array
 from jaxinfer.models.layers import Linear
 from jaxinfer.models.llama import LlamaForCausalLM
 from jaxinfer.models.rope import inverse_frequencies, rotary_tables
@@ -112,11 +112,19 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, 
 
 def _calibration_batches(calibration, config) -> list[jax.Array]:
     """Validated int32 [n_samples, seq_len] batches from an array (numpy, jax or torch), a
-    tokenizer's output (a mapping with ``input_ids``), or an iterable of either."""
+    tokenizer's output (a mapping with ``input_ids``), an iterable of either, or a list of 1-D
+    token sequences: of one length, one [n, seq_len] batch; of different lengths (one per
+    text), one [1, seq_i] batch each (the Hessian is a mean over tokens, so the split does not
+    weigh them differently)."""
     if calibration is None:
         raise ValueError("calibration must be given for method='gptq': int32 token ids "
                          "[n_samples, seq_len] or an iterable of such batches; got None")
-    if isinstance(calibration, Mapping) or hasattr(calibration, "shape") or (
+    sequences = (isinstance(calibration, (list, tuple)) and calibration
+                 and all(not isinstance(c, Mapping) and np.ndim(c) == 1 for c in calibration))
+    if sequences and len({len(c) for c in calibration}) > 1:  # ragged: a sample per sequence
+        batches = [token_array(c, f"calibration sequence {i}", "a 1-D token sequence")[None]
+                   for i, c in enumerate(calibration)]
+    elif isinstance(calibration, Mapping) or hasattr(calibration, "shape") or (
             isinstance(calibration, (list, tuple)) and calibration
             and np.ndim(calibration[0]) == 1):
         batches = [calibration]
@@ -205,7 +213,10 @@ def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group
       act_order: GPTQ's desc_act (quantize inputs by decreasing Hessian diagonal).
       sym: symmetric grid (zero point in the middle) or asymmetric.
       calibration: int token ids [n_samples, seq_len] (numpy, jax or torch), a tokenizer's
-        output (a mapping with ``input_ids`` and no padding), or an iterable of such batches.
+        output (a mapping with ``input_ids`` and no padding), an iterable of such batches, or a
+        list of 1-D token sequences (e.g. one per text): of different lengths, each is its own
+        [1, seq] sample. Every sequence must fit the model's context (nothing is cut here: cut
+        a long text with ``token_chunks``).
       damp: GPTQ's relative Hessian dampening. backend: ``quant_matmul`` backend of the layers.
       static_groups: GPTQ grids fit up front (see ``gptq_quantize_layer``).
       high_fraction: mixed bits only: fraction of groups kept at 4 bits, in [0, 1] (default

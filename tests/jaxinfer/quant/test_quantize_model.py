@@ -339,6 +339,27 @@ def test_calibration_takes_torch_tensors_and_unpadded_tokenizer_output():
         np.testing.assert_array_equal(np.asarray(batch), ids)
 
 
+def test_calibration_ragged_sequences_are_one_sample_each():
+    """A list of 1-D token sequences of different lengths (one per text) used to be refused as
+    "ragged nested lists": each is now its own [1, seq] sample (as numpy, a Python list or a torch
+    tensor); of one length they stay one [n, seq] batch."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(3)
+    texts = [rng.integers(0, 16, n) for n in (10, 12, 7)]
+    for calibration in (texts, [t.tolist() for t in texts], tuple(torch.tensor(t) for t in texts)):
+        batches = quant_model._calibration_batches(calibration, CONFIG)
+        assert [b.shape for b in batches] == [(1, 10), (1, 12), (1, 7)]
+        for batch, want in zip(batches, texts):
+            assert batch.dtype == jnp.int32
+            np.testing.assert_array_equal(np.asarray(batch)[0], want)
+    [batch] = quant_model._calibration_batches([texts[0], texts[0] + 1], CONFIG)
+    assert batch.shape == (2, 10)
+    with pytest.raises(ValueError, match="calibration batch 1 has sequences of 99 tokens"):
+        quant_model._calibration_batches([texts[0], np.zeros(99, np.int32)], CONFIG)
+    with pytest.raises(ValueError, match="calibration batch 1 must hold integer token ids"):
+        quant_model._calibration_batches([texts[0], np.zeros(3)], CONFIG)
+
+
 def test_default_group_size_not_dividing_in_features_names_the_layer(model):
     with pytest.raises(ValueError, match=r"layers\[0\]\.q_proj \[in=64, out=64\]: group_size"):
         jaxinfer.quantize(model, method="rtn", bits=4)  # group_size=128 > in_features=64
