@@ -8,7 +8,8 @@ forward time versus ``freq_sparsity`` and versus ``partial`` at one sequence len
     python -m experiments.bench_fftconv --out $OUT/bench_fftconv.json
 
 Implementations, on the same inputs in the same process:
-  xla      fftconv(backend="xla"): rfft of size M = 2P (P the power of two >= N) in float32
+  xla      fftconv(backend="xla"): rfft at the smallest exact size, the power of two >= N + the
+           filter's reach (``monarch.linear_fft_size``), in float32
   pallas   fftconv(backend="pallas"): the Monarch kernel (Triton on GPU) with the decomposition
            chosen by size (``monarch.choose_plan``; the row's ``plan``), once per matmul precision
            of --dot-precisions (the row's ``dot_precision``: float32 IEEE dots, bf16x3's three
@@ -46,11 +47,11 @@ timed for the backends where the option changes the work, plus xla as the contro
   partial L  xla and pallas (pallas on GPU only), each twice in the same run: with the automatic
            overlap-save blocking (``fftconv.blocked``: a short filter convolved in blocks at a
            small FFT size S, ``block_fft`` and ``blocks`` in the row) and unblocked
-           (block_fft_size=0, label "unblocked": the L taps zero-padded to M, the same FFT work
-           whatever L; only where the backend's rule blocks, elsewhere both are the same
+           (block_fft_size=0, label "unblocked": one transform of the whole sequence, at M on
+           pallas whatever L, at the exact size for N + L - 1 on xla; only where the backend's rule blocks, elsewhere both are the same
            program: the xla rule counts transformed samples, the pallas rule the kernel's
            real-matmul work, ``blocked.choose_blocking``).
-           ``fft_samples`` = blocks * S (or M), the transformed samples per (batch row,
+           ``fft_samples`` = blocks * S (or the one transform's size), the transformed samples per (batch row,
            channel); ``speedup_vs_unblocked`` and ``temp_ratio_vs_unblocked`` = the unblocked
            row's time and compiled temp bytes over the blocked row's, at the same L. reference:
            the direct O(N L) convolution, whose work also falls with L; it runs only up to

@@ -21,12 +21,14 @@ def plan_label(plan: MonarchPlan) -> str:
 def partial_work(n: int, taps: int, backend: str, blocking: bool = True) -> dict:
     """The transforms a causal filter of ``taps`` taps costs at length n on ``backend`` ("xla"
     or "pallas", whose rules differ): with the automatic overlap-save rule
-    (``blocked.choose_blocking``) or unblocked (one transform at M). The block FFT size S (or
-    M), the number of blocks, the transformed samples blocks * S per (batch row, channel), and
+    (``blocked.choose_blocking``) or unblocked (one transform: at the exact linear size
+    ``monarch.linear_fft_size`` on xla, at M on pallas). The block FFT size S (or that one
+    transform's size), the number of blocks, the transformed samples blocks * S per (batch row, channel), and
     the Pallas kernel's plan and real-matmul MFLOP for them (its plan by size,
     ``KernelGeometry.real_macs``, times the outer step's residues); ``blocked``: whether it
     blocks (popped by the caller)."""
-    m = monarch.fft_size(n)
+    m = (monarch.linear_fft_size(n, *blocked.back_and_ahead(taps, 0)) if backend == "xla"
+         else monarch.fft_size(n))
     choice = blocked.choose_blocking(n, taps, 0, 0.0, backend) if blocking else None
     size, blocks = (m, 1) if choice is None else (choice.fft_size, choice.blocks)
     full = choice is not None
