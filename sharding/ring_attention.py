@@ -10,15 +10,16 @@ K/V are never repeated.
 
 Causal masks need global positions, fixed by the layout of the sequence over the devices:
 
-* "zigzag" (default, see `sharding.zigzag`): device i holds chunks i and 2P-1-i of 2P. At step 0
+* "zigzag" (opt-in, see `sharding.zigzag`): device i holds chunks i and 2P-1-i of 2P. At step 0
   a device attends its own block causally. At step s >= 1 it holds the block of device
   j = i - s (mod P): if j < i, both local query chunks see all of K/V chunk j and none of chunk
   2P-1-j (one [2c x c] block); if j > i, only the late query chunk sees anything, all of both K/V
   chunks (one [c x 2c] block). Every device does the same work at every step, and blocks wholly
   in the future are never computed (a `lax.cond` on the device index picks the block).
-* "contiguous": device i holds tokens [i N/P, (i+1) N/P). Step 0 is causal, a block from an
-  earlier device is dense, a block from a later one is skipped by the `lax.cond`. Correct, but
-  device P-1 does P times the work of device 0.
+* "contiguous" (default: the natural order, so an unpermuted input is never mis-masked): device
+  i holds tokens [i N/P, (i+1) N/P). Step 0 is causal, a block from an earlier device is dense, a
+  block from a later one is skipped by the `lax.cond`. Correct, but device P-1 does P times the
+  work of device 0.
 
 Without a causal mask the layout does not matter: every step is one dense block.
 
@@ -67,7 +68,7 @@ _ALL = slice(None)
 
 
 def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
-                   axis: str = "sequence", causal: bool = False, layout: str = "zigzag",
+                   axis: str = "sequence", causal: bool = False, layout: str = "contiguous",
                    segment_ids: jax.Array | None = None, softmax_scale: float | None = None,
                    backend: str = "auto", batch_axes: str | Sequence[str] | None = None
                    ) -> jax.Array:
@@ -79,7 +80,8 @@ def ring_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, mesh: Mesh,
         `sharding.zigzag_permute(x, mesh.shape[axis])` first (and back with `zigzag_unpermute`).
       mesh, axis: the mesh and the name of the axis the sequence is split over (P devices).
       causal: causal mask on the global positions the layout implies.
-      layout: "zigzag" (balanced; seq % 2P == 0 when causal) or "contiguous" (seq % P == 0).
+      layout: "contiguous" (natural order; seq % P == 0) or "zigzag" (balanced causal work;
+        seq % 2P == 0 when causal).
       segment_ids: optional int [batch, seq] in the same layout; a query sees only keys with its id.
       softmax_scale, backend: passed to `kernels_pallas.flash_attention` per block.
       batch_axes: mesh axes the batch is split over (default: replicated).

@@ -262,8 +262,9 @@ def load_balancing_loss(router_logits: Sequence[jax.Array], num_experts: int, to
     depends on how expert ids line up across layers. Permuting each layer's experts differently
     (`apply_expert_placement`) changes it, though the model's function, its drops, the z-loss,
     each layer's own loss (`load_balancing_loss([logits_l], ...)`) and the pooled loss under one
-    permutation shared by every layer are unchanged. Kept as HF defines it, for parity with HF
-    training of the same checkpoints."""
+    permutation shared by every layer are unchanged (up to router ties at the k-th choice, which
+    top-k breaks by expert index). Kept as HF defines it, for parity with HF training of the
+    same checkpoints."""
     if not router_logits:
         raise ValueError("router_logits must hold one [tokens, experts] array per layer; got none")
     counts = jnp.zeros((num_experts,), jnp.float32)

@@ -134,8 +134,8 @@ def test_batch_split_over_data_axis_matches_reference():
 
     def ring(q, k, v):
         perm = [sharding.zigzag_permute(x, 4) for x in (q, k, v)]
-        out = sharding.ring_attention(*perm, mesh=mesh, causal=True, batch_axes="data",
-                                      backend="xla")
+        out = sharding.ring_attention(*perm, mesh=mesh, causal=True, layout="zigzag",
+                                      batch_axes="data", backend="xla")
         return sharding.zigzag_unpermute(out, 4)
 
     def reference(q, k, v):
@@ -189,7 +189,7 @@ def test_sequence_not_divisible_by_2p_is_an_error():
     q, k, v = zeros_qkv(1, 24, 2, 2, 8)
     mesh = sharding.make_mesh(sequence=8)
     with pytest.raises(ValueError, match=r"split into 2 \* 8 chunks.*got seq=24"):
-        sharding.ring_attention(q, k, v, mesh=mesh, causal=True)
+        sharding.ring_attention(q, k, v, mesh=mesh, causal=True, layout="zigzag")
 
 
 def test_missing_mesh_axis_is_an_error():
@@ -224,14 +224,16 @@ def test_numpy_bool_causal_is_taken_and_means_causal():
 
 
 def test_default_layout_is_the_natural_order_for_both_impls():
-    """Without a layout both impls take the tokens in natural order (zig-zag is opt-in), so the
-    same causal call gives the same answer whichever impl runs it."""
+    """Without a layout both impls, and ring_attention itself, take the tokens in natural order
+    (zig-zag is opt-in), so the same causal call gives the same answer whichever runs it."""
     q, k, v, _ = make_qkv(2, 16, 4, 2, 8)
     mesh = sharding.make_mesh(data=2, sequence=4)
     want = flash_attention(q, k, v, causal=True, backend="reference")
     for impl in ("ring", "ulysses"):
         got = sharding.sequence_parallel_attention(q, k, v, mesh=mesh, impl=impl, causal=True)
         np.testing.assert_allclose(got, want, rtol=F32_ATOL, atol=F32_ATOL, err_msg=impl)
+    got = sharding.ring_attention(q, k, v, mesh=mesh, causal=True, batch_axes="data")
+    np.testing.assert_allclose(got, want, rtol=F32_ATOL, atol=F32_ATOL, err_msg="ring_attention")
 
 
 @pytest.mark.parametrize("impl", ["ring", "ulysses"])
