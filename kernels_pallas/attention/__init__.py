@@ -238,7 +238,9 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
       out [batch, Hq, D] in q's dtype (and lse float32 [batch, Hq] with ``return_lse``).
       Decode only: no gradients are defined through the xla and pallas paths.
 
-    The page table's and lengths' ranges are validated when they are concrete (not under jit).
+    The page table's and lengths' ranges are validated when they are concrete (not under jit);
+    traced lengths are clipped to [0, pages_per_seq * page_size], so that a bad one cannot make a
+    kernel read past the page table (a windowed walk starts at the window's page).
     """
     checks.check_paged(q, k_pages, v_pages, page_table, lengths, k_scales, v_scales)
     checks.check_scalars(False, softmax_scale, None, return_lse, backend)
@@ -250,7 +252,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     impl, interpret = _paged_impl(backend, page_size)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     page_table = tiling.pool_page_ids(page_table, k_pages)
-    lengths = jnp.asarray(lengths, jnp.int32)
+    lengths = jnp.clip(jnp.asarray(lengths, jnp.int32), 0, page_table.shape[1] * page_size)
     if impl == "reference":
         out, lse = reference.paged_decode_attention(
             q, tiling.dequantize(k_pages, k_scales, q.dtype),
@@ -339,7 +341,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     query_starts, kv_lengths, num_seqs and the page table are validated when concrete (not under
     jit): query_starts[:num_seqs + 1] non-decreasing within [0, T], q_len <= kv_lengths <=
     capacity for the real sequences, page ids in range in the real sequences' rows (with a traced
-    num_seqs no row is known to be real, so a concrete table goes unchecked).
+    num_seqs no row is known to be real, so a concrete table goes unchecked). Traced kv_lengths
+    are clipped to [0, capacity], so that a bad one cannot make a kernel read past the table.
     """
     checks.check_ragged(q, k_pages, v_pages, page_table, query_starts, kv_lengths, num_seqs,
                         k_scales, v_scales)
@@ -351,7 +354,8 @@ def ragged_paged_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
     check_block("pages_per_block", pages_per_block, pallas=False, minimum=1)
     scale = float(q.shape[-1] ** -0.5 if softmax_scale is None else softmax_scale)
     page_table = tiling.pool_page_ids(page_table, k_pages)
-    query_starts, kv_lengths = (jnp.asarray(x, jnp.int32) for x in (query_starts, kv_lengths))
+    query_starts = jnp.asarray(query_starts, jnp.int32)
+    kv_lengths = jnp.clip(jnp.asarray(kv_lengths, jnp.int32), 0, page_table.shape[1] * page_size)
     num_seqs = None if num_seqs is None else jnp.asarray(num_seqs, jnp.int32)
     if impl == "reference":
         out, lse = ragged_reference.ragged_paged_attention(

@@ -154,7 +154,7 @@ def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,
 
     Inputs are validated by the public function. ``pages_per_block`` goes through
     ``resolve_pages_per_block`` (None: the default; else clipped to MAX_PAGES_PER_BLOCK and the
-    table's width). Any page_size and head dim work (multiples of 8 / 16 / 32 rows for float32 /
+    span a block walks: the table's width, or a window's pages). Any page_size and head dim work (multiples of 8 / 16 / 32 rows for float32 /
     bfloat16 / int8 pages tile best). Batches whose table exceeds ``MAX_TABLE_ENTRIES`` run in
     chunks (see the module docstring).
     """

@@ -517,6 +517,21 @@ def test_under_jit_the_table_and_lengths_are_traced_and_unchecked():
     assert out.shape == Q.shape
 
 
+@pytest.mark.parametrize("backend,options", WINDOW_BACKENDS,
+                         ids=lambda x: x if isinstance(x, str) else "-".join(map(str, x.values())))
+def test_traced_lengths_past_the_capacity_are_clipped_to_it(backend, options):
+    """Under jit nothing checks the lengths; one past the table would start a windowed walk past
+    the table's end (an out-of-bounds read on a GPU), so it is clipped: the query sits at the
+    table's last position."""
+    q, k_pages, v_pages, table, lengths = window_inputs(13, seed=7)
+    capacity = table.shape[1] * k_pages.shape[1]
+    run = jax.jit(functools.partial(paged_decode_attention, backend=backend, local_window=13,
+                                    **options))
+    over = run(q, k_pages, v_pages, table, lengths.at[1].set(capacity + 40))
+    want = run(q, k_pages, v_pages, table, lengths.at[1].set(capacity))
+    np.testing.assert_array_equal(np.asarray(over), np.asarray(want))
+
+
 @pytest.mark.parametrize("page_size,d,hq,hkv,int8", [(16, 128, 8, 2, False), (8, 80, 4, 4, False),
                                                      (32, 256, 32, 4, False), (16, 128, 8, 2, True)])
 def test_pallas_paged_kernel_lowers_to_triton(page_size, d, hq, hkv, int8):

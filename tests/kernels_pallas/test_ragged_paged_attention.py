@@ -272,6 +272,24 @@ def test_backends_ignore_nan_and_inf_before_every_window(backend, options, windo
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
+def test_traced_kv_lengths_past_the_capacity_are_clipped_to_it(backend):
+    """Under jit nothing checks kv_lengths; one past the table would start a windowed walk past
+    the table's end (an out-of-bounds read on a GPU), so it is clipped to the capacity."""
+    rng = np.random.default_rng(3)
+    page_size, pages_per_seq, hq, hkv, d = 8, 4, 4, 2, 16
+    table = rng.permutation(12)[:8].reshape(2, pages_per_seq)
+    starts = np.array([0, 3, 4], np.int32)
+    q = jnp.asarray(rng.standard_normal((4, hq, d)), jnp.float32)
+    k_pages, v_pages = (jnp.asarray(rng.standard_normal((12, page_size, hkv, d)), jnp.float32)
+                        for _ in range(2))
+    run = jax.jit(functools.partial(ragged_paged_attention, backend=backend, local_window=5))
+    capacity = pages_per_seq * page_size
+    over = run(q, k_pages, v_pages, table, starts, jnp.array([capacity + 24, 9]))
+    want = run(q, k_pages, v_pages, table, starts, jnp.array([capacity, 9]))
+    np.testing.assert_array_equal(np.asarray(over), np.asarray(want))
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
 def test_decode_only_step_equals_paged_decode_attention(backend):
     """Every q_len 1: each token is its sequence's newest, so the ragged call is a batch of
     decodes; paged_decode_attention's reference backend (one gathered context per sequence) must
