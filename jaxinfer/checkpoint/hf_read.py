@@ -29,7 +29,7 @@ from flax import nnx
 from safetensors import SafetensorError, safe_open
 from tqdm.auto import tqdm
 
-from jaxinfer.checkpoint.gptq_config import read_quantization_config
+from jaxinfer.checkpoint.gptq_config import QUANTIZE_CONFIG_FILE, read_quantization_config
 from jaxinfer.checkpoint.hf_write import CONFIG_FILE, INDEX_FILE, SINGLE_FILE
 from jaxinfer.config import read_config_json
 from jaxinfer.config_checks import is_int
@@ -90,63 +90,111 @@ def with_generation_stop_tokens(model_dir: Path, config):
         raise ValueError(f"{path}: {e}") from None
 
 
-def weight_file_names(model_dir: Path) -> list[tuple[str, str]]:
-    """The (single file, index) name pairs the weights may be stored under, in the order
-    ``tensor_files`` tries them: transformers' model.safetensors and its index, then, for an
-    AutoGPTQ checkpoint (a GPTQ quantization config), ``<base>.safetensors`` and
-    ``<base>.safetensors.index.json`` with <base> its ``model_file_base_name``, or, where that is
-    absent, AutoGPTQ's default ``gptq_model-<bits>bit-<group_size>g``."""
-    names = [(SINGLE_FILE, INDEX_FILE)]
+def _autogptq_base_name(model_dir: Path) -> tuple[object, str] | None:
+    """The <base> of an AutoGPTQ checkpoint's ``<base>.safetensors``, unchecked, and where it was
+    read (for error messages); None for a checkpoint without a GPTQ config or without a name.
+
+    It is the quantization config's ``model_file_base_name``, else quantize_config.json's:
+    transformers and optimum write config.json's ``quantization_config`` without the field, and
+    AutoGPTQ reads quantize_config.json, which keeps it. Without either, AutoGPTQ's default
+    ``gptq_model-<bits>bit-<group_size>g``."""
     found = read_quantization_config(model_dir, read_config_json(model_dir / CONFIG_FILE))
     if found is None or not isinstance(found[0], dict):  # a malformed one fails later, named
-        return names
+        return None
     qconfig, source = found
-    base = qconfig.get("model_file_base_name")
-    if base is None and is_int(qconfig.get("bits")) and is_int(qconfig.get("group_size")):
-        base = f"gptq_model-{qconfig['bits']}bit-{qconfig['group_size']}g"
-    elif base is not None and (not isinstance(base, str) or not base or "/" in base
-                               or "\\" in base):
+    if qconfig.get("model_file_base_name") is not None:
+        return qconfig["model_file_base_name"], source
+    file = model_dir / QUANTIZE_CONFIG_FILE
+    if file.exists() and source != str(file):
+        try:
+            autogptq = json.loads(file.read_text())
+        except json.JSONDecodeError as e:  # config.json's config is the one read; only the name
+            log.warning("%s is not valid JSON (%s); ignoring its model_file_base_name", file, e)
+            autogptq = None
+        if isinstance(autogptq, dict) and autogptq.get("model_file_base_name") is not None:
+            return autogptq["model_file_base_name"], str(file)
+    if is_int(qconfig.get("bits")) and is_int(qconfig.get("group_size")):
+        return f"gptq_model-{qconfig['bits']}bit-{qconfig['group_size']}g", source
+    return None
+
+
+def _checked_base_name(base: object, source: str) -> str:
+    """``base`` without a ``.safetensors`` extension, refusing what is not a file name in the
+    model directory (a path would read outside it)."""
+    name = base.removesuffix(".safetensors") if isinstance(base, str) else None
+    if not name or "/" in name or "\\" in name:
         raise ValueError(f"{source}: model_file_base_name must be a file name without its "
                          f".safetensors extension, e.g. 'gptq_model-4bit-128g'; got {base!r}")
-    if base is not None:
-        base = base.removesuffix(".safetensors")
-        if base + ".safetensors" != SINGLE_FILE:
-            names.append((base + ".safetensors", base + ".safetensors.index.json"))
-    return names
+    return name
+
+
+def _weights_in(model_dir: Path, single_name: str, index_name: str) -> dict[str, Path] | None:
+    """{tensor name: file} of the single file ``single_name``, else of the shards the index
+    ``index_name`` names; None where neither exists. Where both do, the single file wins, as in
+    transformers (`modeling_utils._get_resolved_checkpoint_files`), so that both load the same
+    weights; transformers' own single-file save over a sharded one deletes the shards but leaves
+    the index behind."""
+    single, index = model_dir / single_name, model_dir / index_name
+    if single.exists():
+        if index.exists():
+            log.warning("%s has both %s and %s; loading %s and ignoring the index, as "
+                        "transformers does", model_dir, single_name, index_name, single_name)
+        try:
+            with safe_open(single, framework="flax") as f:
+                return {name: single for name in f.keys()}
+        except SafetensorError as e:
+            raise ValueError(f"{single} is not a readable safetensors file: {e}") from None
+    if index.exists():
+        weight_map = _read_weight_map(index)
+        shards = sorted(set(weight_map.values()))
+        missing = [s for s in shards if not (model_dir / s).exists()]
+        if missing:
+            raise FileNotFoundError(f"{index} names shard file(s) that are missing from "
+                                    f"{model_dir}: {missing}")
+        return {name: model_dir / shard for name, shard in weight_map.items()}
+    return None
 
 
 def tensor_files(model_dir: Path) -> dict[str, Path]:
     """Map each tensor name to the safetensors file that holds it.
 
-    The weights are the first of ``weight_file_names`` present (model.safetensors or its index,
-    else AutoGPTQ's ``<model_file_base_name>.safetensors`` or its index). Where the directory has
-    both a single file and its index, the single file wins, as in transformers
-    (`modeling_utils._get_resolved_checkpoint_files`), so that both load the same weights;
-    transformers' own single-file save over a sharded one deletes the shards but leaves the
-    index behind."""
-    names = weight_file_names(model_dir)
-    for single_name, index_name in names:
-        single, index = model_dir / single_name, model_dir / index_name
-        if single.exists():
-            if index.exists():
-                log.warning("%s has both %s and %s; loading %s and ignoring the index, as "
-                            "transformers does", model_dir, single_name, index_name, single_name)
-            try:
-                with safe_open(single, framework="flax") as f:
-                    return {name: single for name in f.keys()}
-            except SafetensorError as e:
-                raise ValueError(f"{single} is not a readable safetensors file: {e}") from None
-        if index.exists():
-            weight_map = _read_weight_map(index)
-            shards = sorted(set(weight_map.values()))
-            missing = [s for s in shards if not (model_dir / s).exists()]
-            if missing:
-                raise FileNotFoundError(f"{index} names shard file(s) that are missing from "
-                                        f"{model_dir}: {missing}")
-            return {name: model_dir / shard for name, shard in weight_map.items()}
+    The weights are transformers' model.safetensors or its index, else, for an AutoGPTQ
+    checkpoint (a GPTQ quantization config), ``<base>.safetensors`` or
+    ``<base>.safetensors.index.json`` (see `_autogptq_base_name`). The base name is checked only
+    when it is read, so that a bad one does not refuse a directory with model.safetensors."""
+    found = _weights_in(model_dir, SINGLE_FILE, INDEX_FILE)
+    base = _autogptq_base_name(model_dir)
+    if found is not None:
+        if base is not None:
+            _warn_if_autogptq_weights_too(model_dir, *base)
+        return found
+    names = [(SINGLE_FILE, INDEX_FILE)]
+    if base is not None:
+        name = _checked_base_name(*base)
+        if name + ".safetensors" != SINGLE_FILE:
+            names.append((name + ".safetensors", name + ".safetensors.index.json"))
+            found = _weights_in(model_dir, *names[-1])
+            if found is not None:
+                return found
     looked_for = ", ".join(name for pair in names for name in pair)
     raise FileNotFoundError(f"{model_dir} has none of the weight files {looked_for}; expected "
                             f"safetensors weights")
+
+
+def _warn_if_autogptq_weights_too(model_dir: Path, base: object, source: str) -> None:
+    """Warn where AutoGPTQ's <base> weights sit beside the model.safetensors (or index) read:
+    AutoGPTQ would load the other file."""
+    try:
+        name = _checked_base_name(base, source)
+    except ValueError:  # not a file AutoGPTQ could load either
+        return
+    loaded = SINGLE_FILE if (model_dir / SINGLE_FILE).exists() else INDEX_FILE
+    for other in (name + ".safetensors", name + ".safetensors.index.json"):
+        if other not in (SINGLE_FILE, INDEX_FILE) and (model_dir / other).exists():
+            log.warning("%s has both %s and AutoGPTQ's %s (the model_file_base_name of %s); "
+                        "loading %s, as transformers does, where AutoGPTQ would load %s",
+                        model_dir, loaded, other, source, loaded, other)
+            return
 
 
 def _read_weight_map(index: Path) -> dict[str, str]:

@@ -500,3 +500,45 @@ def test_bad_model_file_base_name_raises_naming_the_field(rtn4, tmp_path):
     (tmp_path / "quantize_config.json").write_text(json.dumps(qconfig))
     with pytest.raises(ValueError, match="model_file_base_name must be a file name"):
         jaxinfer.load_pretrained(tmp_path)
+
+
+def _assert_loads_rtn4(rtn4, path):
+    loaded = jaxinfer.load_pretrained(path)
+    got = _module(loaded, "1.mlp.gate_proj")
+    ref = _module(_with_fp16_scales(rtn4), "1.mlp.gate_proj")
+    np.testing.assert_array_equal(np.asarray(got.weight.dequantize()),
+                                  np.asarray(ref.weight.dequantize()))
+
+
+def test_quantize_config_base_name_is_read_when_config_json_quantization_config_lacks_it(
+        rtn4, tmp_path):
+    """transformers and optimum write config.json's quantization_config without
+    model_file_base_name; AutoGPTQ keeps it in quantize_config.json, and so reads my_weights."""
+    _as_autogptq_dir(rtn4, tmp_path, "my_weights")
+    qconfig = json.loads((tmp_path / "quantize_config.json").read_text())
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"] = {k: v for k, v in qconfig.items()
+                                     if k != "model_file_base_name"}
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _assert_loads_rtn4(rtn4, tmp_path)
+
+
+@pytest.mark.parametrize("base", ["../outside", 7])
+def test_bad_model_file_base_name_does_not_refuse_model_safetensors(rtn4, tmp_path, base):
+    """The base name is only checked where it is read: model.safetensors comes first."""
+    jaxinfer.save_pretrained(rtn4, tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    config["quantization_config"]["model_file_base_name"] = base
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    _assert_loads_rtn4(rtn4, tmp_path)
+
+
+def test_model_safetensors_beside_autogptq_weights_warns_naming_the_file_loaded(
+        rtn4, tmp_path, caplog):
+    """model.safetensors wins, as in transformers, but AutoGPTQ would load my_weights: say so."""
+    _as_autogptq_dir(rtn4, tmp_path, "my_weights")
+    (tmp_path / "model.safetensors").write_bytes((tmp_path / "my_weights.safetensors").read_bytes())
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint"):
+        _assert_loads_rtn4(rtn4, tmp_path)
+    assert re.search(r"both model\.safetensors and AutoGPTQ's my_weights\.safetensors.*"
+                     r"loading model\.safetensors", caplog.text)
