@@ -167,9 +167,14 @@ class _Parser(argparse.ArgumentParser):
     commands: dict[str, argparse.ArgumentParser]  # set by _parser
 
     def parse_args(self, args=None, namespace=None) -> argparse.Namespace:
+        args = sys.argv[1:] if args is None else list(args)
         parsed, unknown = self.parse_known_args(args, namespace)
         if unknown:
-            self.commands[parsed.command].error(f"unrecognized arguments: {' '.join(unknown)}")
+            # the first token that is not an option names the command (the top level has no
+            # options but -h): what comes before it is the top level's to refuse
+            before = args[:args.index(parsed.command)]
+            owner = self if any(a in before for a in unknown) else self.commands[parsed.command]
+            owner.error(f"unrecognized arguments: {' '.join(unknown)}")
         return parsed
 
 

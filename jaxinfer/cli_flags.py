@@ -8,8 +8,11 @@ import contextlib
 import re
 from collections.abc import Iterator, Mapping
 
-# a name (with an optional "ClassName." before it, and "=" after it when a value follows)
-_NAME = re.compile(r"(?:\b[A-Z][A-Za-z]*\.|\b)([a-z_]+)\b(=?)(?=( must\b)?)")
+# a name (with an optional "ClassName." before it, and "=" after it when a value follows); never
+# part of a path, a file name or a flag ("runs/seed=0", "top_k.txt", "--seed"): not after a word
+# character, "/", "-" or "x.", nor before a word character, "/", "-x" or ".x"
+_NAME = re.compile(r"(?<![\w/-])(?<!\w\.)(?:[A-Z][A-Za-z]*\.)?([a-z_]+)(?![\w/]|[.-]\w)(=?)"
+                   r"(?=( must\b)?)")
 
 
 def in_flag_terms(message: str, flag_names: Mapping[str, str]) -> str:

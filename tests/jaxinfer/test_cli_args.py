@@ -183,6 +183,21 @@ def test_resume_below_the_runs_step_is_an_error(tmp_path, handed_to_train, monke
     assert "error: --steps must be at least the run's current step 2" in capsys.readouterr().err
 
 
+def test_a_flag_name_in_the_runs_path_stays_a_path(tmp_path, handed_to_train, monkeypatch,
+                                                   capsys):
+    sweep = tmp_path / "sweep" / "seed=0"
+    sweep.mkdir(parents=True)
+    _, run = _fresh_run(sweep)
+    checkpointer = TrainStateCheckpointer(run / CHECKPOINTS_DIR)
+    checkpointer.save(2, {"x": np.zeros(2)})
+    checkpointer.wait()
+    monkeypatch.setattr(jaxinfer.train, "train", real_train)
+    assert cli.main(["train", "--out", str(run), "--resume", "--steps", "1"]) == 2
+    err = capsys.readouterr().err
+    assert "error: --steps must be at least the run's current step 2" in err
+    assert str(run) in err
+
+
 def test_remat_reaches_the_model_and_the_resumed_run(tmp_path, handed_to_train):
     _, run = _fresh_run(tmp_path, "--remat", "dots")
     assert json.loads((run / "run.json").read_text())["remat"] == "dots"

@@ -8,7 +8,7 @@ import numpy as np
 import pytest
 
 import jaxinfer
-from jaxinfer import cli
+from jaxinfer import cli, cli_flags
 
 
 def _continuations(out: str, texts: list[str], n: int) -> list[list[str]]:
@@ -165,6 +165,33 @@ def test_max_tokens_is_max_new_tokens_and_no_flag_is_abbreviated(capsys):
         err = capsys.readouterr().err
         assert f"jaxinfer {argv[0]}: error: unrecognized arguments: {argv[-2]}" in err
         assert err.startswith(f"usage: jaxinfer {argv[0]} "), err  # the subcommand's usage
+
+
+def test_an_unknown_argument_before_the_command_is_the_top_levels_to_refuse(capsys):
+    with pytest.raises(SystemExit) as exit_info:
+        cli._parser().parse_args(["--foo", "generate", "x"])
+    assert exit_info.value.code == 2
+    err = capsys.readouterr().err
+    assert "jaxinfer: error: unrecognized arguments: --foo" in err
+    assert err.startswith("usage: jaxinfer [-h]"), err
+
+
+@pytest.mark.parametrize("message,want", [
+    ("SamplingParams.top_p must be None or a float; got 2", "--top-p must be a float; got 2"),
+    ("max_tokens=48 leaves no room", "--max-new-tokens 48 leaves no room"),
+    ("seed must be >= 0", "--seed must be >= 0"),
+    ("got other values for top_k.", "got other values for --top-k."),
+    # paths, file names and flags keep their names
+    ("--prompts-file /tmp/seed=1/p.txt cannot be read", None),
+    ("/data/top_k.txt and runs/max_tokens are missing", None),
+    ("--stop must be non-empty; use --seed=3", None),
+])
+def test_flag_terms_leave_paths_and_flags_alone_and_translate_once(message, want):
+    """A name is a flag only where it is one word of prose: never part of a path or file name,
+    and a translated message translates to itself."""
+    once = cli_flags.in_flag_terms(message, cli.GENERATE_FLAG_NAMES)
+    assert once == (message if want is None else want)
+    assert cli_flags.in_flag_terms(once, cli.GENERATE_FLAG_NAMES) == once
 
 
 def test_the_kv_pool_is_sized_and_logged_once_in_the_clis_format(capsys):
