@@ -166,6 +166,27 @@ def _gptq(w, h, damp, group_bits, sym, act_order, *, group_size, block_size, sta
     return q, scales, zeros.astype(jnp.int32), g_idx, finite
 
 
+def check_damp(damp) -> float:
+    """GPTQ's relative dampening as a float: a finite real number >= 0, given as a Python or
+    NumPy number or a 0-d real array (``jnp.float32(0.01)``, ``np.array(0.01)``); bools,
+    strings, complex numbers and arrays with axes raise, as does a NaN or an infinity (which
+    would read as a singular Hessian)."""
+    value = None
+    if is_real(damp):
+        value = float(damp)
+    elif not isinstance(damp, (str, bytes)) and np.ndim(damp) == 0:  # a jax, NumPy or torch one
+        try:
+            dtype = np.asarray(damp).dtype
+        except (TypeError, ValueError, RuntimeError):
+            dtype = None
+        if dtype is not None and (jnp.issubdtype(dtype, jnp.integer)  # bool is neither
+                                  or jnp.issubdtype(dtype, jnp.floating)):
+            value = float(damp)
+    if value is None or not 0 <= value < float("inf"):
+        raise ValueError(f"damp must be a finite number >= 0; got {damp!r}")
+    return value
+
+
 def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size: int = 128,
                         sym: bool = True, act_order: bool = False, damp: float = 0.01,
                         block_size: int = 128, static_groups: bool = False, *,
@@ -182,8 +203,9 @@ def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size:
       group_size: rows per group, -1 for per channel (not with mixed bits); must divide K.
       sym: symmetric grid (zero at the middle) or asymmetric.
       act_order: quantize rows in order of decreasing Hessian diagonal (GPTQ's desc_act).
-      damp: relative dampening, a fraction of mean(diag H), finite and >= 0. A Hessian that
-        stays singular after dampening raises ValueError, as does a weight holding NaN or Inf.
+      damp: relative dampening, a fraction of mean(diag H), finite and >= 0 (a number or a
+        0-d real array, see `check_damp`). A Hessian that stays singular after dampening
+        raises ValueError, as does a weight holding NaN or Inf.
         block_size: lazy-update block (a Python or NumPy int).
       static_groups: fit group grids up front in original order (g_idx = k // G even with
         act_order), instead of on the error-updated weights as groups start.
@@ -202,11 +224,10 @@ def gptq_quantize_layer(w, hessian, bits: int | tuple[int, int] = 4, group_size:
     k = w.shape[0]
     if hessian.shape != (k, k):
         raise ValueError(f"hessian must be [K, K] = [{k}, {k}]; got {list(hessian.shape)}")
-    if not (is_real(damp) and 0 <= damp < float("inf")):  # inf would read as a singular H
-        raise ValueError(f"damp must be a finite number >= 0; got {damp!r}")
+    damp = check_damp(damp)
     if not is_int(block_size) or block_size <= 0:  # a Python or NumPy int, as bits
         raise ValueError(f"block_size must be a positive int; got {block_size!r}")
-    block_size, damp = int(block_size), float(damp)
+    block_size = int(block_size)
     act_grouped = act_order and group_size != -1 and not static_groups
     # Mixed widths are chosen among the groups GPTQ forms: runs of its quantization order.
     w_g, h_g = w, hessian

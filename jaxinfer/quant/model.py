@@ -33,12 +33,12 @@ import numpy as np
 from flax import nnx
 from tqdm.auto import tqdm
 
-from jaxinfer.config_checks import check_group_size, is_real
+from jaxinfer.config_checks import check_group_size
 from jaxinfer.models.inputs import check_input_ids, token_array
 from jaxinfer.models.layers import Linear
 from jaxinfer.models.llama import LlamaForCausalLM
 from jaxinfer.models.rope import inverse_frequencies, rotary_tables
-from jaxinfer.quant.gptq import gptq_quantize_layer
+from jaxinfer.quant.gptq import check_damp, gptq_quantize_layer
 from jaxinfer.quant.hessian import HessianState, accumulate_hessian
 from jaxinfer.quant.linear import QuantizedLinear
 from jaxinfer.quant.mixed import check_mixed_args, packing_bits
@@ -92,8 +92,7 @@ def _check_args(model, method, bits, group_size, act_order, sym, backend, damp, 
     for name, value in (("act_order", act_order), ("sym", sym), ("progress", progress)):
         if not isinstance(value, (bool, np.bool_)):
             raise TypeError(f"{name} must be a bool; got {type(value).__name__}")
-    if not (is_real(damp) and 0 <= damp < float("inf")):  # inf would read as a singular H
-        raise ValueError(f"damp must be a finite number >= 0; got {damp!r}")
+    check_damp(damp)
     if backend not in QUANT_BACKENDS:
         raise ValueError(f"backend must be one of {QUANT_BACKENDS}; got {backend!r}")
     if not isinstance(model, LlamaForCausalLM):  # Mixtral's experts and Hyena: not yet
@@ -121,10 +120,19 @@ def _calibration_batches(calibration, config) -> list[jax.Array]:
                          "[n_samples, seq_len] or an iterable of such batches; got None")
     sequences = (isinstance(calibration, (list, tuple)) and calibration
                  and all(not isinstance(c, Mapping) and np.ndim(c) == 1 for c in calibration))
+    context = config.max_position_embeddings
+    for i, c in enumerate(calibration if sequences else ()):  # [] would read as float ids
+        if len(c) == 0:
+            raise ValueError(f"calibration sequence {i} is empty; each 1-D token sequence must "
+                             f"hold at least one token")
+        if len(c) > context:
+            raise ValueError(f"calibration sequence {i} has {len(c)} tokens, which exceeds the "
+                             f"model's context of {context} positions (max_position_embeddings)")
     if sequences and len({len(c) for c in calibration}) > 1:  # ragged: a sample per sequence
-        batches = [token_array(c, f"calibration sequence {i}", "a 1-D token sequence")[None]
-                   for i, c in enumerate(calibration)]
-    elif isinstance(calibration, Mapping) or hasattr(calibration, "shape") or (
+        names = [f"calibration sequence {i}" for i in range(len(calibration))]
+        return [_checked_batch(token_array(c, name, "a 1-D token sequence")[None], config, name)
+                for name, c in zip(names, calibration, strict=True)]
+    if isinstance(calibration, Mapping) or hasattr(calibration, "shape") or (
             isinstance(calibration, (list, tuple)) and calibration
             and np.ndim(calibration[0]) == 1):
         batches = [calibration]
@@ -136,13 +144,16 @@ def _calibration_batches(calibration, config) -> list[jax.Array]:
                              f"iterable of them; got {type(calibration).__name__}") from None
     if not batches:
         raise ValueError("calibration must hold at least one batch of token ids; got none")
-    out = []
-    for b, batch in enumerate(batches):
-        name = f"calibration batch {b}"
-        if isinstance(batch, Mapping):
-            batch = _unpadded_input_ids(batch, name)
-        out.append(jnp.asarray(check_input_ids(batch, config, name=name), jnp.int32))
-    return out
+    return [_checked_batch(batch, config, f"calibration batch {b}")
+            for b, batch in enumerate(batches)]
+
+
+def _checked_batch(batch, config, name: str) -> jax.Array:
+    """One calibration batch (an array or a tokenizer's output) as int32 [n, seq] token ids,
+    checked, with errors that call it ``name``."""
+    if isinstance(batch, Mapping):
+        batch = _unpadded_input_ids(batch, name)
+    return jnp.asarray(check_input_ids(batch, config, name=name), jnp.int32)
 
 
 def _unpadded_input_ids(encoding: Mapping, name: str):
@@ -253,7 +264,7 @@ def quantize(model, method: str = "gptq", bits: int | tuple[int, int] = 4, group
                 bar.update()
         else:
             _gptq_model(new, batches, bar, backend=backend, bits=bits, group_size=group_size,
-                        act_order=bool(act_order), sym=bool(sym), damp=float(damp),
+                        act_order=bool(act_order), sym=bool(sym), damp=check_damp(damp),
                         static_groups=bool(static_groups), **mixed_kw)
     finally:
         bar.close()

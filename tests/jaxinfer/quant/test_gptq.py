@@ -221,6 +221,10 @@ def test_gptq_on_singular_hessian_without_damp_raises_instead_of_returning_garba
     (dict(damp=-1.0), "damp must be a finite number >= 0"),
     (dict(damp=float("inf")), "damp must be a finite number >= 0; got inf"),  # was "singular"
     (dict(damp=float("nan")), "damp must be a finite number >= 0; got nan"),
+    (dict(damp=jnp.float32(jnp.inf)), "damp must be a finite number >= 0"),  # 0-d arrays too
+    (dict(damp=np.array(True)), "damp must be a finite number >= 0"),
+    (dict(damp=np.array([0.01])), "damp must be a finite number >= 0"),
+    (dict(damp="0.01"), "damp must be a finite number >= 0"),
     (dict(block_size=np.float64(64)), "block_size must be a positive int"),
     (dict(block_size=True), "block_size must be a positive int"),
     (dict(w=_weight().at[3, 2].set(jnp.nan)), r"the weight must be finite; got 1 NaN or Inf"),
@@ -236,4 +240,14 @@ def test_gptq_takes_numpy_integer_block_size_like_bits():
     args = dict(w=_weight(), hessian=jnp.eye(K), group_size=32)
     want = gptq_quantize_layer(**args, bits=4, block_size=64)
     got = gptq_quantize_layer(**args, bits=np.int64(4), block_size=np.int64(64))
+    np.testing.assert_array_equal(np.asarray(got.dequantize()), np.asarray(want.dequantize()))
+
+
+@pytest.mark.parametrize("damp", [jnp.float32(0.01), np.array(0.01), np.float32(0.01)])
+def test_gptq_takes_a_0d_real_array_damp_like_a_float(damp):
+    """A 0-d jax or NumPy damp (as from a config held in arrays) gives what the float gives."""
+    x = np.random.default_rng(0).standard_normal((256, K)).astype(np.float32)
+    args = dict(w=_weight(), hessian=jnp.asarray(x.T @ x / 256), bits=4, group_size=32)
+    want = gptq_quantize_layer(**args, damp=0.01)
+    got = gptq_quantize_layer(**args, damp=damp)
     np.testing.assert_array_equal(np.asarray(got.dequantize()), np.asarray(want.dequantize()))

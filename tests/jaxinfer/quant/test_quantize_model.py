@@ -327,6 +327,14 @@ def test_numpy_scalar_settings_are_accepted_as_python_numbers(model, monkeypatch
     assert (type(seen["group_size"]), type(seen["damp"])) == (int, float)
 
 
+@pytest.mark.parametrize("damp", [jnp.float32(0.01), np.array(0.01)])
+def test_quantize_takes_a_0d_real_array_damp_as_a_float(model, monkeypatch, damp):
+    seen = {}  # gptq_quantize_layer's own test checks the result; here that it gets through
+    monkeypatch.setattr(quant_model, "_gptq_model", lambda *args, **kw: seen.update(kw))
+    jaxinfer.quantize(model, group_size=GROUP, damp=damp, calibration=_calibration())
+    assert type(seen["damp"]) is float and seen["damp"] == pytest.approx(0.01)
+
+
 def test_calibration_takes_torch_tensors_and_unpadded_tokenizer_output():
     # What a Hugging Face tokenizer gives (return_tensors="pt" or "np"): a BatchEncoding, a
     # mapping, holding a torch LongTensor or an int64 numpy array of ids.
@@ -354,10 +362,26 @@ def test_calibration_ragged_sequences_are_one_sample_each():
             np.testing.assert_array_equal(np.asarray(batch)[0], want)
     [batch] = quant_model._calibration_batches([texts[0], texts[0] + 1], CONFIG)
     assert batch.shape == (2, 10)
-    with pytest.raises(ValueError, match="calibration batch 1 has sequences of 99 tokens"):
-        quant_model._calibration_batches([texts[0], np.zeros(99, np.int32)], CONFIG)
-    with pytest.raises(ValueError, match="calibration batch 1 must hold integer token ids"):
-        quant_model._calibration_batches([texts[0], np.zeros(3)], CONFIG)
+
+
+
+@pytest.mark.parametrize("second, message", [
+    (np.zeros(99, np.int32), "calibration sequence 1 has 99 tokens, which exceeds the model's "
+                             "context of 64 positions"),
+    (np.zeros(4), "calibration sequence 1 must hold integer token ids; got dtype float64"),
+    ([1, 200], r"calibration sequence 1 must lie in \[0, 128\)"),
+    ([], "calibration sequence 1 is empty"),  # np.asarray([]) is float: not a dtype error
+    (np.zeros(0, np.int32), "calibration sequence 1 is empty"),
+])
+def test_calibration_ragged_sequence_errors_name_the_sequence(second, message):
+    """Each ragged sequence is its own sample, and its errors call it a sequence, not a batch."""
+    with pytest.raises(ValueError, match=message):
+        quant_model._calibration_batches([[1, 2, 3], second], CONFIG)
+
+
+def test_calibration_empty_sequences_of_one_length_are_refused_as_empty():
+    with pytest.raises(ValueError, match="calibration sequence 0 is empty"):
+        quant_model._calibration_batches([[], []], CONFIG)
 
 
 def test_default_group_size_not_dividing_in_features_names_the_layer(model):
