@@ -182,8 +182,17 @@ def _dequantize(w: QuantizedWeight, dtype) -> jax.Array:
 
 def _as_array(x):
     """x as an array with a dtype: a jax or numpy array (a tracer included) as it is, anything
-    else (a list) through numpy."""
-    return x if isinstance(x, (jax.Array, np.ndarray)) else np.asarray(x)
+    else (a list, a torch tensor) through numpy, or, for a dtype numpy lacks (a torch bfloat16
+    tensor), through DLPack: copied, so that an in-place change to x later leaves it alone."""
+    if isinstance(x, (jax.Array, np.ndarray)):
+        return x
+    try:
+        return np.asarray(x)
+    except TypeError:
+        if not hasattr(x, "__dlpack__"):
+            raise
+        # from_dlpack(copy=True) still aliases a CPU tensor's memory here (jax 0.10.2)
+        return jnp.array(jnp.from_dlpack(x), copy=True)
 
 
 def check_int_dtype(name: str, x) -> None:

@@ -171,6 +171,22 @@ def test_quantized_weight_takes_numpy_integer_bits_and_group_size_as_plain_ints(
     np.testing.assert_array_equal(np.asarray(w.unpack()), q)
 
 
+def test_from_ints_takes_torch_tensors_bfloat16_scales_included():
+    """A checkpoint read with torch gives bfloat16 scales, which numpy cannot hold: they come
+    in through DLPack (as a copy), the int tensors through numpy."""
+    torch = pytest.importorskip("torch")
+    rng = np.random.default_rng(11)
+    q, zeros = rng.integers(0, 16, (64, 8)), rng.integers(0, 16, (2, 8))
+    scales = torch.tensor(rng.uniform(0.5, 2, (2, 8)), dtype=torch.float32).to(torch.bfloat16)
+    want = QuantizedWeight.from_ints(q, jnp.asarray(scales.float().numpy(), jnp.bfloat16),
+                                     zeros, bits=4, group_size=32)
+    got = QuantizedWeight.from_ints(torch.tensor(q), scales, torch.tensor(zeros), bits=4,
+                                    group_size=32)
+    scales.zero_()  # a copy: a later in-place change to the tensor does not reach the weight
+    assert got.scales.dtype == jnp.bfloat16
+    np.testing.assert_array_equal(np.asarray(got.dequantize()), np.asarray(want.dequantize()))
+
+
 @pytest.mark.parametrize("field, value, message", [
     # 17 would carry into the neighbouring slot; -1 would set every slot of its word to 15.
     ("q", 17, r"q must hold integers in \[0, 16\) for bits=4; got values in \[0, 17\]"),
