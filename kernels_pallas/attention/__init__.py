@@ -83,7 +83,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         (q_ids [batch, T], kv_ids [batch, S]). A query sees only keys with its own id.
       local_window: (left, right) or an int w meaning (w, w), as in
         ``jax.nn.dot_product_attention``'s ``local_window_size``: the query at position p sees keys
-        p - left .. p + right. Combined with ``causal`` the right side is 0 in effect.
+        p - left .. p + right. Combined with ``causal`` the right side is 0 in effect. Sides are
+        ints >= 0; a side >= S is unbounded (any large int, e.g. sys.maxsize, will do).
       softmax_scale: multiplies q·k; default 1/sqrt(D).
       logit_softcap: scores become cap * tanh(scores / cap) (after scaling), as in Gemma 2.
       return_lse: also return the float32 log-sum-exp of the (scaled, capped) scores
@@ -111,9 +112,9 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     checks.check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
                          backends=checks.FLASH_BACKENDS)
     causal, return_lse = bool(causal), bool(return_lse)  # numpy bools too; MaskSpec is static
-    window = checks.check_window(local_window)
     batch, t, _, d = q.shape
     s = k.shape[1]
+    window = checks.check_window(local_window, s)
     q_ids, kv_ids = checks.check_segment_ids(segment_ids, batch, t, s)
     impl, interpret = resolve_backend(backend, tpu_kernel=True)
     pallas = impl.startswith("pallas")
@@ -173,9 +174,8 @@ def _paged_impl(backend: str, page_size: int) -> tuple[str, bool]:
 
 def _paged_window(local_window, capacity: int) -> int | None:
     """The checked left window of the paged ops; None where it reaches back past every key a
-    table row holds (so the kernels skip the mask)."""
-    window = checks.check_paged_window(local_window)
-    return None if window is None or window >= capacity else window
+    table row holds (so the kernels skip the mask): ``checks.bound_window``, as flash_attention's."""
+    return checks.check_paged_window(local_window, capacity)
 
 
 def paged_decode_attention(q: jax.Array, k_pages: jax.Array, v_pages: jax.Array,

@@ -89,7 +89,9 @@ def check_segment_ids(segment_ids, batch: int, t: int, s: int):
     return q_ids, kv_ids
 
 
-def check_window(local_window):
+def check_window(local_window, length: int) -> tuple[int, int] | None:
+    """flash_attention's window -> (left, right) bounded by ``length`` (the key length S), or
+    None. Sides are ints >= 0; a side >= S reaches past every key, i.e. is unbounded."""
     if local_window is None:
         return None
     if is_int(local_window):
@@ -98,18 +100,29 @@ def check_window(local_window):
             or not all(is_int(w) and w >= 0 for w in local_window)):
         raise ValueError(f"local_window must be None, an int >= 0 or a pair (left, right) of ints "
                          f">= 0; got {local_window!r}")
-    return (int(local_window[0]), int(local_window[1]))
+    return bound_window((int(local_window[0]), int(local_window[1])), length)
 
 
-def check_paged_window(local_window) -> int | None:
-    """The paged ops' left window: None or an int >= 0 (flash_attention's causal window, whose
-    right side causality makes 0)."""
+def check_paged_window(local_window, capacity: int) -> int | None:
+    """The paged ops' left window (flash_attention's causal window, whose right side causality
+    makes 0) bounded by ``capacity`` (a table row's tokens): None or an int >= 0."""
     if local_window is None:
         return None
     if not is_int(local_window) or local_window < 0:
         raise ValueError(f"local_window must be None or an int >= 0 (the keys a query sees before "
                          f"its own position); got {local_window!r}")
-    return int(local_window)
+    bounded = bound_window((int(local_window),), capacity)
+    return None if bounded is None else bounded[0]
+
+
+def bound_window(sides: tuple[int, ...], length: int) -> tuple[int, ...] | None:
+    """Checked window sides against the ``length`` keys they can reach: a side >= length reaches
+    past every key, so it is clamped to length (the masks compute position +- side in int32, where
+    a side near 2**31 wrapped and hid every key); a window unbounded on every side is None, so the
+    kernels skip its mask."""
+    if all(w >= length for w in sides):
+        return None
+    return tuple(min(w, length) for w in sides)
 
 
 def check_scalars(causal, softmax_scale, logit_softcap, return_lse, backend,
@@ -223,7 +236,7 @@ def check_tile_fraction(t, s, causal, local_window, segment_ids, block_q, block_
     check_block("block_q", block_q, pallas=False, minimum=1)
     check_block("block_k", block_k, pallas=False, minimum=1)
     check_block("head_dim", head_dim, pallas=False, minimum=1)
-    window = check_window(local_window)
+    window = check_window(local_window, s)
     # The batch is the ids' own: kv_ids [batch, S] (the pair's second entry or the one array).
     pair = isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2
     kv = segment_ids[1] if pair else segment_ids

@@ -34,7 +34,7 @@ def tile_fraction(t: int, s: int, *, causal: bool = False, local_window=None, se
     64 x 32 from a padded head dim of 256); head_dim None means a head dim up to 128. 1.0 means
     dense; the run time of the masked part of attention scales with this number. Invalid
     arguments raise ValueError/TypeError as ``flash_attention``'s do (T <= S, windows of ints
-    >= 0, ids [batch, S]; blocks and head_dim any int >= 1).
+    >= 0, a side >= S unbounded, ids [batch, S]; blocks and head_dim any int >= 1).
     """
     window, q_seg, kv_seg = checks.check_tile_fraction(t, s, causal, local_window, segment_ids,
                                                        block_q, block_k, head_dim)

@@ -4,6 +4,7 @@ kernels."""
 from __future__ import annotations
 
 import functools
+import sys
 
 import jax
 import jax.numpy as jnp
@@ -212,3 +213,13 @@ def test_tpu_kernels_lower_to_mosaic(d):
 def test_tile_fraction_rejects_invalid_arguments(args, kwargs, error, match):
     with pytest.raises(error, match=match):
         tile_fraction(*args, **kwargs)
+
+
+def test_tile_fraction_window_sides_past_the_keys_are_unbounded_even_near_int32_max():
+    """A side >= S is unbounded; one near int32's max once wrapped and left no tile at all."""
+    tiles = dict(block_q=2, block_k=2)
+    assert tile_fraction(4, 6, local_window=2 ** 31 - 1, **tiles) == 1.0
+    # right side unbounded, left 0: the rows at positions 2..5 see keys p..5, 3 of the 6 tiles
+    assert tile_fraction(4, 6, local_window=(0, 2 ** 31 - 1), **tiles) == 0.5
+    assert (tile_fraction(4, 6, causal=True, local_window=(sys.maxsize, 0), **tiles)
+            == tile_fraction(4, 6, causal=True, **tiles))

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import sys
+
 import jax
 import jax.numpy as jnp
 import numpy as np
@@ -9,7 +11,7 @@ import pytest
 
 from kernels_pallas import flash_attention
 from kernels_pallas.backend import resolve_backend
-from tests.kernels_pallas.attention_cases import (CASES, F32_TOL, TOLS, Case,
+from tests.kernels_pallas.attention_cases import (CASES, F32_TOL, LSE_ATOL, TOLS, Case,
                                                   check_against_oracle, make_inputs, rel_err)
 
 BACKENDS = ["xla", "pallas"]  # pallas runs its kernels with interpret=True on CPU
@@ -100,3 +102,25 @@ def test_float16_forward_on_xla_matches_reference():
     ref = jax.jit(lambda q, k: flash_attention(q, k, k, causal=True, backend="reference"))(*up)
     assert out.dtype == jnp.float16
     assert rel_err(out, ref) < TOLS["float16"]
+
+
+# A window side >= S reaches past every key: unbounded. Sides near or past int32's range (an
+# "unbounded" 2**31 - 1 or sys.maxsize) once wrapped position + side in int32 and hid every key.
+HUGE = 2 ** 31 - 1
+HUGE_WINDOWS = [((0, HUGE), False, (0, 6)), ((HUGE, HUGE), False, None),
+                ((2 ** 31, 0), True, None), ((sys.maxsize, sys.maxsize), False, None)]
+
+
+@pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
+def test_window_sides_past_the_keys_are_unbounded_even_near_int32_max(backend):
+    rng = np.random.default_rng(3)
+    q = jnp.asarray(rng.standard_normal((1, 4, 1, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 6, 1, 16)), jnp.float32) for _ in range(2))
+    blocks = {} if backend == "reference" else dict(block_q=16, block_k=16)
+    for window, causal, same_as in HUGE_WINDOWS:
+        out, lse = flash_attention(q, k, v, causal=causal, local_window=window, return_lse=True,
+                                   backend=backend, **blocks)
+        ref, ref_lse = flash_attention(q, k, v, causal=causal, local_window=same_as,
+                                       return_lse=True, backend="reference")
+        assert rel_err(out, ref) < F32_TOL, window
+        np.testing.assert_allclose(lse, ref_lse, atol=LSE_ATOL, err_msg=str(window))
