@@ -20,7 +20,8 @@ arithmetic. HBM traffic is O(visited tiles x tile size), as on the GPU.
 
 Layout. Mosaic wants the last two dims of every block divisible by (8, 128) or whole, so the wrapper
 works in [batch, heads, seq, D] (one transpose each way). Row statistics (lse, delta) are
-[batch, heads, seq, 1] and segment ids [batch, T, 1] / [batch, 1, S], so their blocks satisfy the
+[batch, heads, seq, 1] and segment ids [batch, T, 1] / [batch, KV blocks, 1, block_k] (each KV
+block's ids a whole [1, block_k] slab, legal for block_k < 128 too), so their blocks satisfy the
 same rule. T and S are padded to block multiples; padded keys are masked, padded query rows are
 dropped. In-tile index vectors are 2-D iotas (Mosaic has no 1-D iota).
 """
@@ -225,9 +226,13 @@ def _call(kernel, cfg, *, grid, in_specs, out_specs, out_shape, scratch, semanti
         interpret=cfg.interpret, name=name)(*args)
 
 
-def _seg_args(q_seg, kv_seg):
-    """Segment ids shaped so their blocks obey Mosaic's rule: [batch, T, 1] and [batch, 1, S]."""
-    return [q_seg[:, :, None], kv_seg[:, None, :]]
+def _seg_args(q_seg, kv_seg, cfg):
+    """Segment ids shaped so their blocks obey Mosaic's rule: q ids [batch, T_pad, 1] (blocks
+    (block_q, 1)) and kv ids [batch, KV blocks, 1, block_k], whose (1, block_k) blocks are the
+    array's whole last two dims for any block_k (a (1, block_k) block of [batch, 1, S] needed
+    block_k % 128 == 0)."""
+    batch = kv_seg.shape[0]
+    return [q_seg[:, :, None], kv_seg.reshape(batch, cfg.s_pad // cfg.block_k, 1, cfg.block_k)]
 
 
 def _forward(q, k, v, q_seg, kv_seg, cfg):
@@ -247,9 +252,9 @@ def _forward(q, k, v, q_seg, kv_seg, cfg):
     args = [lo, hi, q, k, v]
     if cfg.spec.segments:
         in_specs += [pl.BlockSpec((sq, bq, 1), lambda b, h, i, j, lo, hi: (b, i, 0)),
-                     pl.BlockSpec((sq, 1, bk), lambda b, h, i, j, lo, hi: (
-                         b, 0, _clamp(j, lo[b, i], hi[b, i])))]
-        args += _seg_args(q_seg, kv_seg)
+                     pl.BlockSpec((sq, sq, 1, bk), lambda b, h, i, j, lo, hi: (
+                         b, _clamp(j, lo[b, i], hi[b, i]), 0, 0))]
+        args += _seg_args(q_seg, kv_seg, cfg)
     row = lambda b, h, i, j, lo, hi: (b, h, i, 0)  # noqa: E731
     return _call(
         _fwd_kernel, cfg, grid=(batch, hq, nq, nk), in_specs=in_specs,
@@ -275,7 +280,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg):
     # Empty rows have lse -inf; +inf makes their recomputed probabilities exactly 0.
     lse = jnp.where(lse == -jnp.inf, jnp.inf, lse)
     sq = pl.squeezed
-    seg_args = _seg_args(q_seg, kv_seg) if cfg.spec.segments else []
+    seg_args = _seg_args(q_seg, kv_seg, cfg) if cfg.spec.segments else []
 
     lo, hi = _tables(cfg, q_seg, kv_seg, batch, transpose=False)
     row = lambda b, h, i, j, lo, hi: (b, h, i, 0)  # noqa: E731
@@ -288,8 +293,8 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg):
                 pl.BlockSpec((sq, sq, bk, d), kv_map), pl.BlockSpec((sq, sq, bk, d), kv_map)]
     if cfg.spec.segments:
         dq_specs += [pl.BlockSpec((sq, bq, 1), lambda b, h, i, j, lo, hi: (b, i, 0)),
-                     pl.BlockSpec((sq, 1, bk), lambda b, h, i, j, lo, hi: (
-                         b, 0, _clamp(j, lo[b, i], hi[b, i])))]
+                     pl.BlockSpec((sq, sq, 1, bk), lambda b, h, i, j, lo, hi: (
+                         b, _clamp(j, lo[b, i], hi[b, i]), 0, 0))]
     dq = _call(
         _dq_kernel, cfg, grid=(batch, hq, nq, nk), in_specs=dq_specs,
         out_specs=pl.BlockSpec((sq, sq, bq, d), row),
@@ -310,7 +315,7 @@ def _backward(q, k, v, q_seg, kv_seg, out, lse, d_out, d_lse, cfg):
     if cfg.spec.segments:
         dkv_specs += [pl.BlockSpec((sq, bq, 1), lambda b, h, j, g, i, lo, hi: (
                           b, _clamp(i, lo[b, j], hi[b, j]), 0)),
-                      pl.BlockSpec((sq, 1, bk), lambda b, h, j, g, i, lo, hi: (b, 0, j))]
+                      pl.BlockSpec((sq, sq, 1, bk), lambda b, h, j, g, i, lo, hi: (b, j, 0, 0))]
     dk, dv = _call(
         _dkv_kernel, cfg, grid=(batch, hkv, nk, groups, nq), in_specs=dkv_specs,
         out_specs=[pl.BlockSpec((sq, sq, bk, d), kv_block), pl.BlockSpec((sq, sq, bk, d), kv_block)],
