@@ -80,7 +80,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         sits at position r + S - T), so the causal mask aligns bottom-right as chunked prefill
         needs: key j is visible to row r iff j <= r + S - T.
       segment_ids: int [batch, S] (ids of all S positions; the queries take the last T), or a pair
-        (q_ids [batch, T], kv_ids [batch, S]). A query sees only keys with its own id.
+        (q_ids [batch, T], kv_ids [batch, S]). A query sees only keys with its own id. Ids are
+        compared as int32: wider ids outside its range raise ValueError (when concrete).
       local_window: (left, right) or an int w meaning (w, w), as in
         ``jax.nn.dot_product_attention``'s ``local_window_size``: the query at position p sees keys
         p - left .. p + right. Combined with ``causal`` the right side is 0 in effect. Sides are

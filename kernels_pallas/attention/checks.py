@@ -83,10 +83,26 @@ def check_segment_ids(segment_ids, batch: int, t: int, s: int):
                              f"got {shape_str(ids)}")
         if not jnp.issubdtype(ids.dtype, jnp.integer):
             raise ValueError(f"{name} must have an integer dtype; got {ids.dtype}")
+        _check_int32_ids(name, ids)
     kv_ids = jnp.asarray(kv_ids, jnp.int32)
     # One array covers all S positions; the queries are the last T of them.
     q_ids = kv_ids[:, s - t:] if single else jnp.asarray(q_ids, jnp.int32)
     return q_ids, kv_ids
+
+
+def _check_int32_ids(name: str, ids) -> None:
+    """The kernels compare ids as int32: wider ids (int64, uint32) must hold int32 values, or the
+    cast would wrap distinct ids into one (2**32 into 0). Checked when concrete; traced ids are
+    trusted."""
+    i32 = jnp.iinfo(jnp.int32)
+    info = jnp.iinfo(ids.dtype)
+    if (i32.min <= info.min and info.max <= i32.max) or not _concrete(ids) or not ids.size:
+        return
+    x = np.asarray(ids)
+    if x.min() < i32.min or x.max() > i32.max:
+        raise ValueError(f"{name} must hold int32 values [{i32.min}, {i32.max}] (the kernels "
+                         f"compare ids as int32); got {ids.dtype} values in [{x.min()}, "
+                         f"{x.max()}]")
 
 
 def check_window(local_window, length: int) -> tuple[int, int] | None:

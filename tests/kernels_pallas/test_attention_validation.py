@@ -83,3 +83,21 @@ def test_single_segment_array_with_t_less_than_s_gives_queries_the_last_ids():
     out_single = flash_attention(q, kv, kv, segment_ids=ids, backend="reference")
     out_pair = flash_attention(q, kv, kv, segment_ids=(ids[:, 2:], ids), backend="reference")
     assert jnp.array_equal(out_single, out_pair)
+
+
+def test_int64_segment_ids_outside_int32_raise_instead_of_wrapping():
+    """Ids 0 and 2**32 are two documents; cast to int32 they became one."""
+    q = jnp.ones((1, 4, 1, 16))
+    ids = np.array([[0, 0, 2 ** 32, 2 ** 32]], np.int64)
+    match = r"segment_ids must hold int32 values .*; got int64 values in \[0, 4294967296\]"
+    with pytest.raises(ValueError, match=match):
+        flash_attention(q, q, q, segment_ids=ids, backend="xla")
+    with pytest.raises(ValueError, match=r"segment_ids\[1\] \(kv_ids\) must hold int32 values"):
+        flash_attention(q, q, q, segment_ids=(ids.clip(0, 1), ids), backend="xla")
+    with pytest.raises(ValueError, match=match):
+        tile_fraction(4, 4, segment_ids=ids)
+    # int64 ids within int32's range are taken as they are
+    small = np.array([[0, 0, 7, 7]], np.int64)
+    assert jnp.array_equal(flash_attention(q, q, q, segment_ids=small, backend="reference"),
+                           flash_attention(q, q, q, segment_ids=jnp.asarray(small, jnp.int32),
+                                           backend="reference"))
