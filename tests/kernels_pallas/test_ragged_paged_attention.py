@@ -17,8 +17,8 @@ from kernels_pallas import paged_decode_attention, ragged_paged_attention
 from kernels_pallas.attention import (checks, paged_pallas_tpu, ragged_blocks, ragged_pallas_gpu,
                                       ragged_pallas_tpu)
 from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
-from tests.kernels_pallas.test_paged_decode_attention import (fake_gpu_without_triton, poison,
-                                                              quantize_pages, used_slots)
+from tests.kernels_pallas.paged_cases import (fake_gpu_without_triton, poison, quantize_pages,
+                                              used_slots)
 
 # Tolerances: TOLS (relative to the largest output entry). float32: the xla and pallas paths fold
 # the keys into an online softmax chunk by chunk while the oracle sums them at once in float64;
