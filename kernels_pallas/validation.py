@@ -3,7 +3,7 @@ that one mistake reads and raises alike whichever op it is made in.
 
 The exception types follow CONVENTIONS.md: an argument that is not an array at all is a
 TypeError; an array of a wrong dtype, and a block size that is not a positive int (or, for a
-Triton tile, not a power of two), are a ValueError, the error of a well-typed argument whose
+Triton tile, not a power of two; for a Mosaic (TPU) tile, not a multiple of 8), are a ValueError, the error of a well-typed argument whose
 value is wrong. Each message names the argument, what was expected and what came.
 """
 
@@ -40,11 +40,17 @@ def check_float_dtype(name: str, x) -> None:
         raise ValueError(f"{name} must be float32, bfloat16 or float16; got {x.dtype}")
 
 
-def check_block(name: str, value, *, pallas: bool = False, minimum: int = 1) -> int | None:
+TPU_SUBLANES = 8  # a Mosaic block's second-to-last dim is a multiple of this (or the whole dim)
+
+
+def check_block(name: str, value, *, pallas: bool = False, minimum: int = 1,
+                tpu: bool = False) -> int | None:
     """A tile size or count: None, or a positive int (numpy ints too) -> None or a Python int.
 
     With ``pallas`` (a Triton tile: Triton's blocks are powers of two, and its dots need every
-    operand dimension >= 16) it must also be a power of two >= ``minimum``."""
+    operand dimension >= 16) it must also be a power of two >= ``minimum``. With ``tpu`` (a tile
+    of rows of a Mosaic block) it must be a multiple of 8, the TPU's sublanes, and need not be a
+    power of two."""
     if value is None:
         return None
     if not is_int(value) or value < 1:
@@ -53,4 +59,7 @@ def check_block(name: str, value, *, pallas: bool = False, minimum: int = 1) -> 
     if pallas and (value < minimum or value & (value - 1)):
         raise ValueError(f"{name} must be a power of two >= {minimum} for the Pallas backend "
                          f"(Triton tiles); got {value}")
+    if tpu and value % TPU_SUBLANES:
+        raise ValueError(f"{name} must be a multiple of {TPU_SUBLANES} for the TPU backend "
+                         f"(Mosaic block rows span 8 sublanes); got {value}")
     return value

@@ -96,7 +96,8 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
         only (float32 is refused, not cast: wgmma takes 16-bit inputs), D <= 128, no
         segment_ids (ValueError).
       block_q, block_k: tile sizes (forward and backward); None takes the backend's defaults
-        from ``DEFAULT_BLOCK_SIZES``. Pallas needs powers of two >= 16; pallas_mgpu's forward
+        from ``DEFAULT_BLOCK_SIZES``. pallas (Triton) needs powers of two >= 16, pallas_tpu
+        multiples of 8 (128 suits the MXU); pallas_mgpu's forward
         takes 64 or 128 (its block_sizes.num_stages and num_consumers set the K/V pipeline depth
         and the warpgroups per program).
       block_sizes: a whole ``BlockSizes`` (every kernel's tiles and Triton's warps and stages)
@@ -118,10 +119,11 @@ def flash_attention(q: jax.Array, k: jax.Array, v: jax.Array, *, causal: bool = 
     window = checks.check_window(local_window, s)
     q_ids, kv_ids = checks.check_segment_ids(segment_ids, batch, t, s)
     impl, interpret = resolve_backend(backend, tpu_kernel=True)
-    pallas = impl.startswith("pallas")
-    check_block("block_q", block_q, pallas=pallas, minimum=16)
-    check_block("block_k", block_k, pallas=pallas, minimum=16)
-    checks.check_block_sizes(block_sizes, pallas=pallas)
+    # Triton tiles are powers of two >= 16; the TPU kernel's are multiples of 8 (Mosaic rows)
+    pallas, tpu = impl.startswith("pallas"), impl == "pallas_tpu"
+    check_block("block_q", block_q, pallas=pallas and not tpu, minimum=16, tpu=tpu)
+    check_block("block_k", block_k, pallas=pallas and not tpu, minimum=16, tpu=tpu)
+    checks.check_block_sizes(block_sizes, pallas=pallas, tpu=tpu)
     scale = float(d ** -0.5 if softmax_scale is None else softmax_scale)
     softcap = None if logit_softcap is None else float(logit_softcap)
     spec = MaskSpec(t, s, causal, window, q_ids is not None)

@@ -201,8 +201,11 @@ def check_mgpu(q, *, segments: bool, blocks: BlockSizes) -> None:
                              f"{blocks.num_consumers_bwd!r}")
 
 
-def check_block_sizes(blocks, *, pallas: bool) -> None:
-    """A user's ``BlockSizes``: every tile a valid block for the backend, launch settings >= 1."""
+def check_block_sizes(blocks, *, pallas: bool, tpu: bool = False) -> None:
+    """A user's ``BlockSizes``: every tile a valid block for the backend, launch settings >= 1.
+    With ``tpu`` (the Mosaic kernels, which read only block_q and block_k) those two are
+    multiples of 8 and the rest need only be positive; with ``pallas`` (Triton) every tile is a
+    power of two >= 16."""
     if blocks is None:
         return
     if not isinstance(blocks, BlockSizes):
@@ -211,9 +214,10 @@ def check_block_sizes(blocks, *, pallas: bool) -> None:
         if field.name == "mgpu_backward":  # a kernel choice, checked by check_mgpu
             continue
         value = getattr(blocks, field.name)
-        minimum = 16 if field.name.startswith("block") else 1
-        check_block(f"block_sizes.{field.name}", value, pallas=pallas and minimum == 16,
-                    minimum=minimum)
+        tile = field.name.startswith("block")
+        check_block(f"block_sizes.{field.name}", value, pallas=pallas and tile and not tpu,
+                    minimum=16 if tile else 1,
+                    tpu=tpu and field.name in ("block_q", "block_k"))
 
 
 def check_merge(o1, lse1, o2, lse2) -> None:

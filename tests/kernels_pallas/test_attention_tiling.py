@@ -225,10 +225,11 @@ def test_tile_fraction_window_sides_past_the_keys_are_unbounded_even_near_int32_
             == tile_fraction(4, 6, causal=True, **tiles))
 
 
-@pytest.mark.parametrize("block_k", [16, 32, 64])
-def test_tpu_kernels_with_segment_ids_lower_to_mosaic_at_narrow_key_tiles(block_k):
+@pytest.mark.parametrize("block_q,block_k", [(128, 16), (128, 32), (128, 64), (24, 40)])
+def test_tpu_kernels_with_segment_ids_lower_to_mosaic_at_narrow_key_tiles(block_q, block_k):
     """The kv segment ids' blocks obey Mosaic's rule below 128 keys a tile too (a (1, block_k)
-    block of [batch, 1, S] did not: last dim neither a multiple of 128 nor whole)."""
+    block of [batch, 1, S] did not: last dim neither a multiple of 128 nor whole), and so do
+    tiles that are multiples of 8 but not powers of two."""
     pytest.importorskip("jax.experimental.pallas.tpu")
     q = jax.ShapeDtypeStruct((1, 256, 2, 128), jnp.bfloat16)
     kv = jax.ShapeDtypeStruct((1, 512, 1, 128), jnp.bfloat16)
@@ -238,7 +239,7 @@ def test_tpu_kernels_with_segment_ids_lower_to_mosaic_at_narrow_key_tiles(block_
     def fwd_bwd(q, k, v, kv_ids):
         def attend(q, k, v):
             return pallas_tpu.flash_attention(q, k, v, kv_ids[:, 256:], kv_ids, spec=spec,
-                                              scale=0.1, softcap=None, block_q=128,
+                                              scale=0.1, softcap=None, block_q=block_q,
                                               block_k=block_k, interpret=False)
         outs, vjp = jax.vjp(attend, q, k, v)
         return vjp(outs)

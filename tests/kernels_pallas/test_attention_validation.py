@@ -7,6 +7,8 @@ import numpy as np
 import pytest
 
 from kernels_pallas import flash_attention, tile_fraction
+from kernels_pallas.attention import BlockSizes
+from tests.kernels_pallas.attention_cases import F32_TOL
 
 Q = jnp.zeros((2, 8, 4, 16), jnp.float32)
 KV = jnp.zeros((2, 8, 2, 16), jnp.float32)
@@ -101,3 +103,28 @@ def test_int64_segment_ids_outside_int32_raise_instead_of_wrapping():
     assert jnp.array_equal(flash_attention(q, q, q, segment_ids=small, backend="reference"),
                            flash_attention(q, q, q, segment_ids=jnp.asarray(small, jnp.int32),
                                            backend="reference"))
+
+
+@pytest.mark.parametrize("kwargs,match", [
+    (dict(block_q=12), r"block_q must be a multiple of 8 for the TPU backend .*; got 12"),
+    (dict(block_k=4), r"block_k must be a multiple of 8 for the TPU backend .*; got 4"),
+    (dict(block_sizes=BlockSizes(block_q=16, block_k=20, block_q_bwd=3, block_k_bwd=3)),
+     r"block_sizes.block_k must be a multiple of 8 for the TPU backend .*; got 20"),
+])
+def test_tpu_tiles_must_be_multiples_of_8_not_triton_powers_of_two(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        flash_attention(Q, KV, KV, backend="pallas_tpu", **kwargs)
+
+
+def test_tpu_kernel_takes_tiles_that_are_multiples_of_8_but_not_powers_of_two():
+    """block_q=24 (refused once with a Triton message) runs on the TPU kernel, and matches the
+    reference; the *_bwd tiles, which the TPU kernel ignores, need only be positive."""
+    rng = np.random.default_rng(4)
+    q = jnp.asarray(rng.standard_normal((1, 20, 2, 16)), jnp.float32)
+    k, v = (jnp.asarray(rng.standard_normal((1, 28, 1, 16)), jnp.float32) for _ in range(2))
+    ref = flash_attention(q, k, v, causal=True, backend="reference")
+    out = flash_attention(q, k, v, causal=True, backend="pallas_tpu", block_q=24, block_k=8)
+    np.testing.assert_allclose(out, ref, atol=F32_TOL, rtol=F32_TOL)
+    blocks = BlockSizes(block_q=8, block_k=24, block_q_bwd=3, block_k_bwd=3)
+    out = flash_attention(q, k, v, causal=True, backend="pallas_tpu", block_sizes=blocks)
+    np.testing.assert_allclose(out, ref, atol=F32_TOL, rtol=F32_TOL)

@@ -80,3 +80,10 @@ def test_check_block_holds_triton_tiles_to_powers_of_two_from_the_minimum(value)
 def test_is_int_counts_numpy_ints_but_not_bools():
     assert is_int(3) and is_int(np.int32(3))
     assert not any(is_int(x) for x in (True, np.bool_(True), 3.0))
+
+
+@pytest.mark.parametrize("value", [8, 24, 40])
+def test_check_block_holds_tpu_tiles_to_multiples_of_8_not_powers_of_two(value):
+    assert check_block("block_q", value, tpu=True) == value
+    with pytest.raises(ValueError, match=rf"block_q must be a multiple of 8 .*; got {value + 4}"):
+        check_block("block_q", value + 4, tpu=True)
