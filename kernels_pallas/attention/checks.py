@@ -260,7 +260,11 @@ def check_tile_fraction(t, s, causal, local_window, segment_ids, block_q, block_
     # The batch is the ids' own: kv_ids [batch, S] (the pair's second entry or the one array).
     pair = isinstance(segment_ids, (tuple, list)) and len(segment_ids) == 2
     kv = segment_ids[1] if pair else segment_ids
-    batch = kv.shape[0] if getattr(kv, "ndim", 0) >= 1 else 1
+    if hasattr(kv, "shape") and len(kv.shape) != 2:
+        name = "segment_ids[1] (kv_ids)" if pair else "segment_ids"
+        raise ValueError(f"{name} must be 2-D [batch, S] = [batch, {s}]; got shape "
+                         f"{shape_str(kv)}")
+    batch = kv.shape[0] if hasattr(kv, "shape") else 1
     q_ids, kv_ids = check_segment_ids(segment_ids, batch, t, s)
     return window, q_ids, kv_ids
 

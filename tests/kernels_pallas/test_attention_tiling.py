@@ -207,6 +207,10 @@ def test_tpu_kernels_lower_to_mosaic(d):
     ((0, 64), {}, ValueError, r"t must be a positive int; got 0"),
     ((64, 64), dict(segment_ids=jnp.zeros((2, 63), jnp.int32)), ValueError,
      r"segment_ids must have shape \[batch, S\] = \[2, 64\]; got \[2, 63\]"),
+    ((6, 6), dict(segment_ids=jnp.zeros((6,), jnp.int32)), ValueError,
+     r"segment_ids must be 2-D \[batch, S\] = \[batch, 6\]; got shape \[6\]$"),
+    ((4, 6), dict(segment_ids=(jnp.zeros((1, 4), jnp.int32), jnp.zeros((6,), jnp.int32))),
+     ValueError, r"segment_ids\[1\] \(kv_ids\) must be 2-D \[batch, S\] .*; got shape \[6\]"),
     ((64, 64), dict(causal=1), TypeError, r"causal must be a bool; got 1"),
     ((64, 64), dict(head_dim=0), ValueError, r"head_dim must be None or a positive int; got 0"),
 ])
