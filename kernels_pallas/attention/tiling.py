@@ -13,8 +13,10 @@ Block sparsity. For a q block the visible keys of the causal/window band form on
 interval (each row sees an interval whose ends grow with the row), so the KV blocks a q block must
 visit are a contiguous range ``[lo, hi)``, and likewise the q blocks a KV block must visit. With
 segment ids, a tile whose q-id range ``[min, max]`` and kv-id range do not intersect is dropped too;
-the loops then run from the first to the last surviving tile, which is exact for packed sequences
-(sorted ids) and conservative (computes some empty tiles, masked) for unsorted ids.
+the loops then run from the first to the last surviving tile. That is exact for packed sequences
+given as one sorted [batch, S] array (the q ids are the kv ids at the query positions); otherwise
+(unsorted ids, or a (q_ids, kv_ids) pair, even each sorted) it is conservative: it may keep a tile
+without a visible pair (computed, all masked), and never skips a tile that holds one.
 """
 
 from __future__ import annotations

@@ -250,3 +250,32 @@ def test_tpu_kernels_with_segment_ids_lower_to_mosaic_at_narrow_key_tiles(block_
 
     lowered = jax.jit(fwd_bwd).trace(q, kv, kv, ids).lower(lowering_platforms=("tpu",))
     assert lowered.as_text().count("tpu_custom_call") == 3
+
+
+def _visited_and_nonempty(t, s, causal, window, q_ids, kv_ids, block=16):
+    """(tiles the loops visit, tiles holding a visible pair), bool [batch, nq, nk]."""
+    spec = tiling.MaskSpec(t, s, causal, window, True)
+    t_pad, s_pad = tiling.cdiv(t, block) * block, tiling.cdiv(s, block) * block
+    q_pad, kv_pad = (tiling.pad_to(x, 1, n, mode="edge") for x, n in ((q_ids, t_pad),
+                                                                      (kv_ids, s_pad)))
+    lo, hi = tiling.loop_bounds(tiling.block_visibility(spec, block, block, t_pad, s_pad,
+                                                        q_pad, kv_pad))
+    cols = np.arange(s_pad // block)
+    visited = (cols >= np.asarray(lo)[..., None]) & (cols < np.asarray(hi)[..., None])
+    dense = np.zeros((q_ids.shape[0], t_pad, s_pad), bool)
+    dense[:, :t, :s] = dense_mask(t, s, causal=causal, local_window=window,
+                                  q_segment_ids=q_ids, kv_segment_ids=kv_ids)
+    return visited, dense.reshape(-1, t_pad // block, block, s_pad // block, block).any((2, 4))
+
+
+def test_segment_tile_skipping_is_exact_for_one_sorted_array_and_conservative_for_a_pair():
+    """tiling's docstring: one sorted [batch, S] array skips exactly the empty tiles; a pair of
+    independently sorted ids (T < S) may keep empty tiles but never skips a non-empty one."""
+    rng = np.random.default_rng(9)
+    kv_ids = jnp.asarray(np.sort(rng.integers(0, 4, (2, 100)), 1), jnp.int32)
+    visited, nonempty = _visited_and_nonempty(40, 100, True, (30, 0), kv_ids[:, 60:], kv_ids)
+    np.testing.assert_array_equal(visited, nonempty)
+    q_ids = jnp.asarray(np.sort(rng.integers(0, 4, (2, 40)), 1), jnp.int32)
+    visited, nonempty = _visited_and_nonempty(40, 100, True, (30, 0), q_ids, kv_ids)
+    assert not (nonempty & ~visited).any()
+    assert (visited & ~nonempty).any()  # the conservative case does happen
