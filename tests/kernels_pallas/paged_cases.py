@@ -10,6 +10,8 @@ import jax
 import jax.numpy as jnp
 import numpy as np
 
+from tests.kernels_pallas.attention_cases import LSE_ATOL
+
 
 @dataclasses.dataclass(frozen=True)
 class PagedCase:
@@ -120,3 +122,23 @@ def fake_gpu_without_triton(monkeypatch, kernel_module, name: str) -> None:
         raise AssertionError(f"auto ran the Triton kernel {name}")
 
     monkeypatch.setattr(kernel_module, name, refuse)
+
+
+def poisoned_pages(k_pages, v_pages, seen: np.ndarray, int8: bool) -> tuple[tuple, tuple]:
+    """((k, v, scales), (k, v, scales)): clean pages, and the same with every slot outside
+    ``seen`` poisoned (``poison``); float32 pages, or int8 ones whose float32 scales (``scales``
+    holds k_scales and v_scales) are what a stale slot poisons."""
+    if int8:
+        (k8, ks), (v8, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
+        return ((k8, v8, {"k_scales": ks, "v_scales": vs}),
+                (k8, v8, {"k_scales": poison(ks, seen), "v_scales": poison(vs, seen)}))
+    k, v = (jnp.asarray(x, jnp.float32) for x in (k_pages, v_pages))
+    return (k, v, {}), (poison(k, seen), poison(v, seen), {})
+
+
+def assert_lse_matches(lse, ref_lse) -> None:
+    """-inf (nothing seen) in the same rows as the reference, the finite ones within LSE_ATOL."""
+    lse, ref_lse = np.asarray(lse), np.asarray(ref_lse)
+    np.testing.assert_array_equal(np.isinf(lse), np.isinf(ref_lse))
+    finite = np.isfinite(ref_lse)
+    np.testing.assert_allclose(lse[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)

@@ -13,10 +13,10 @@ import pytest
 
 from kernels_pallas import paged_decode_attention
 from kernels_pallas.attention import paged_pallas_gpu, paged_pallas_tpu, paged_xla, tiling
-from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
-from tests.kernels_pallas.paged_cases import (BACKENDS, CASES, PagedCase, dense_oracle,
-                                              fake_gpu_without_triton, make_inputs, poison,
-                                              quantize_pages, used_slots)
+from tests.kernels_pallas.attention_cases import TOLS, rel_err
+from tests.kernels_pallas.paged_cases import (BACKENDS, CASES, PagedCase, assert_lse_matches,
+                                              dense_oracle, fake_gpu_without_triton, make_inputs,
+                                              poison, quantize_pages, used_slots)
 
 
 @pytest.mark.parametrize("case", CASES, ids=lambda c: c.name)
@@ -33,9 +33,7 @@ def test_matches_dense_attention_over_gathered_pages(backend, options, case):
     assert rel_err(out, ref_out) < TOLS[case.dtype]
     empty = np.asarray(lengths) == 0
     assert np.all(np.asarray(out, np.float32)[empty] == 0)  # length 0: zeros, not NaN
-    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+    assert_lse_matches(lse, ref_lse)
 
 
 @pytest.mark.parametrize("backend,options", BACKENDS[:2] + BACKENDS[3:],
@@ -344,10 +342,7 @@ def test_tpu_kernel_matches_reference_backend(case, pages_per_block, int8, table
     assert rel_err(out, np.asarray(ref_out, np.float32)) < TOLS[case.dtype]
     empty = np.asarray(lengths) == 0
     assert np.all(np.asarray(out, np.float32)[empty] == 0)  # length 0: zeros, not NaN
-    ref_lse = np.asarray(ref_lse)
-    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+    assert_lse_matches(lse, ref_lse)
 
 
 @jax.jit  # one compilation for every length, not one per eager op

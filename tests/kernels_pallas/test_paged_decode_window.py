@@ -14,9 +14,10 @@ import pytest
 
 from kernels_pallas import paged_decode_attention
 from kernels_pallas.attention import paged_pallas_tpu
-from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
-from tests.kernels_pallas.paged_cases import (BACKENDS, PagedCase, dense_oracle, make_inputs,
-                                              poison, quantize_pages)
+from tests.kernels_pallas.attention_cases import TOLS, rel_err
+from tests.kernels_pallas.paged_cases import (BACKENDS, PagedCase, assert_lse_matches,
+                                              dense_oracle, make_inputs, poisoned_pages,
+                                              quantize_pages)
 
 
 # --- Sliding windows: the query (at position length - 1) sees keys length - 1 - w .. on. ---
@@ -46,9 +47,7 @@ def test_local_window_matches_dense_attention_over_the_window(backend, options, 
     out, lse = run(q, k_pages, v_pages, table, lengths)
     ref_out, ref_lse = dense_oracle(q, k_pages, v_pages, table, lengths, window=window)
     assert rel_err(out, ref_out) < TOLS["float32"]
-    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+    assert_lse_matches(lse, ref_lse)
 
 
 @pytest.mark.parametrize("backend,options", WINDOW_BACKENDS[1:2] + WINDOW_BACKENDS[3:],
@@ -116,28 +115,18 @@ def window_slots(num_pages: int, page_size: int, table, lengths, window: int) ->
 def test_window_walks_start_at_each_sequences_window(backend, page_size, window, options, int8):
     q, k_pages, v_pages, table, lengths = window_split_inputs(page_size, window, seed=window)
     seen = window_slots(k_pages.shape[0], page_size, table, lengths, window)
-    scales, dirty_scales = {}, {}
-    if int8:  # the scales are what a stale slot poisons
-        (k_pages, ks), (v_pages, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
-        scales = {"k_scales": ks, "v_scales": vs}
-        dirty_scales = {"k_scales": poison(ks, seen), "v_scales": poison(vs, seen)}
-        dirty = (k_pages, v_pages)
-    else:
-        dirty = (poison(k_pages, seen), poison(v_pages, seen))
+    clean, dirty = poisoned_pages(k_pages, v_pages, seen, int8)
 
-    def attend(k, v, backend, **options):
+    def attend(k, v, scales, backend, **options):
         return jax.jit(functools.partial(paged_decode_attention, backend=backend,
                                          return_lse=True, local_window=window, **options))(
-            q, k, v, table, lengths)
+            q, k, v, table, lengths, **scales)
 
-    out, lse = attend(*dirty, backend, **options, **dirty_scales)
-    ref_out, ref_lse = attend(k_pages, v_pages, "reference", **scales)
+    out, lse = attend(*dirty, backend, **options)
+    ref_out, ref_lse = attend(*clean, "reference")
     assert np.isfinite(np.asarray(out)).all()
     assert rel_err(out, np.asarray(ref_out)) < TOLS["float32"]
-    ref_lse = np.asarray(ref_lse)
-    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+    assert_lse_matches(lse, ref_lse)
 
 
 def test_a_windowed_tpu_call_has_the_windows_steps_not_the_tables(monkeypatch):

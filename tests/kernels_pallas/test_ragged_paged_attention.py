@@ -16,9 +16,9 @@ import pytest
 from kernels_pallas import paged_decode_attention, ragged_paged_attention
 from kernels_pallas.attention import (checks, paged_pallas_tpu, ragged_blocks, ragged_pallas_gpu,
                                       ragged_pallas_tpu)
-from tests.kernels_pallas.attention_cases import LSE_ATOL, TOLS, rel_err
-from tests.kernels_pallas.paged_cases import (fake_gpu_without_triton, poison, quantize_pages,
-                                              used_slots)
+from tests.kernels_pallas.attention_cases import TOLS, rel_err
+from tests.kernels_pallas.paged_cases import (assert_lse_matches, fake_gpu_without_triton, poison,
+                                              poisoned_pages, quantize_pages, used_slots)
 
 # Tolerances: TOLS (relative to the largest output entry). float32: the xla and pallas paths fold
 # the keys into an online softmax chunk by chunk while the oracle sums them at once in float64;
@@ -159,9 +159,7 @@ def check_against_oracle(case: RaggedCase, backend: str, options: dict) -> None:
     assert rel_err(out, ref_out) < TOLS[case.dtype]
     padding = np.isinf(ref_lse[:, 0])
     assert np.all(np.asarray(out, np.float32)[padding] == 0)  # padding tokens: zeros, not NaN
-    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+    assert_lse_matches(lse, ref_lse)
 
 
 @pytest.mark.parametrize("backend,options,case", XLA_RUNS,
@@ -246,29 +244,18 @@ def test_backends_ignore_nan_and_inf_before_every_window(backend, options, windo
     for row, n, first in zip(table, kv_lengths, kv_lengths - q_lens):
         for p in range(max(0, first - window), n):
             seen[row[p // page_size], p % page_size] = True
-    scales, dirty_scales = {}, {}
-    if int8:  # the scales are what a stale slot poisons
-        (k_pages, ks), (v_pages, vs) = quantize_pages(k_pages), quantize_pages(v_pages)
-        scales = {"k_scales": ks, "v_scales": vs}
-        dirty_scales = {"k_scales": poison(ks, seen), "v_scales": poison(vs, seen)}
-        dirty = (k_pages, v_pages)
-    else:
-        k_pages, v_pages = jnp.asarray(k_pages, jnp.float32), jnp.asarray(v_pages, jnp.float32)
-        dirty = (poison(k_pages, seen), poison(v_pages, seen))
+    clean, dirty = poisoned_pages(k_pages, v_pages, seen, int8)
 
-    def attend(k, v, backend, **options):
+    def attend(k, v, scales, backend, **options):
         return jax.jit(functools.partial(ragged_paged_attention, backend=backend,
                                          return_lse=True, local_window=window, **options))(
-            q, k, v, table, starts, kv_lengths)
+            q, k, v, table, starts, kv_lengths, **scales)
 
-    out, lse = attend(*dirty, backend, **options, **dirty_scales)
-    ref_out, ref_lse = attend(k_pages, v_pages, "reference", **scales)
+    out, lse = attend(*dirty, backend, **options)
+    ref_out, ref_lse = attend(*clean, "reference")
     assert np.isfinite(np.asarray(out)).all()
     assert rel_err(out, np.asarray(ref_out)) < TOLS["float32"]
-    ref_lse = np.asarray(ref_lse)
-    np.testing.assert_array_equal(np.isinf(np.asarray(lse)), np.isinf(ref_lse))
-    finite = np.isfinite(ref_lse)
-    np.testing.assert_allclose(np.asarray(lse)[finite], ref_lse[finite], atol=LSE_ATOL, rtol=0)
+    assert_lse_matches(lse, ref_lse)
 
 
 @pytest.mark.parametrize("backend", ["reference", "xla", "pallas", "pallas_tpu"])
