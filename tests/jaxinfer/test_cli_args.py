@@ -173,21 +173,12 @@ def test_refused_training_settings_name_the_flags_not_the_config_fields(
     assert not handed_to_train and not (tmp_path / "run").exists()
 
 
-def test_resume_below_the_runs_step_is_an_error(tmp_path, handed_to_train, monkeypatch, capsys):
-    _, run = _fresh_run(tmp_path)
-    checkpointer = TrainStateCheckpointer(run / CHECKPOINTS_DIR)
-    checkpointer.save(2, {"x": np.zeros(2)})
-    checkpointer.wait()
-    monkeypatch.setattr(jaxinfer.train, "train", real_train)
-    assert cli.main(["train", "--out", str(run), "--resume", "--steps", "1"]) == 2
-    assert "error: --steps must be at least the run's current step 2" in capsys.readouterr().err
-
-
-def test_a_flag_name_in_the_runs_path_stays_a_path(tmp_path, handed_to_train, monkeypatch,
-                                                   capsys):
-    sweep = tmp_path / "sweep" / "seed=0"
-    sweep.mkdir(parents=True)
-    _, run = _fresh_run(sweep)
+@pytest.mark.parametrize("parent", [".", "sweep/seed=0"])
+def test_resume_below_the_runs_step_is_an_error(parent, tmp_path, handed_to_train, monkeypatch,
+                                                capsys):
+    """The error names --steps, and a flag's name in the run's path ("seed=0") stays a path."""
+    (tmp_path / parent).mkdir(parents=True, exist_ok=True)
+    _, run = _fresh_run(tmp_path / parent)
     checkpointer = TrainStateCheckpointer(run / CHECKPOINTS_DIR)
     checkpointer.save(2, {"x": np.zeros(2)})
     checkpointer.wait()
