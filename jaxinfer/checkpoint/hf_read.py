@@ -107,9 +107,11 @@ def _autogptq_base_name(model_dir: Path) -> tuple[object, str] | None:
     file = model_dir / QUANTIZE_CONFIG_FILE
     if file.exists() and source != str(file):
         try:
-            autogptq = json.loads(file.read_text())
-        except json.JSONDecodeError as e:  # config.json's config is the one read; only the name
-            log.warning("%s is not valid JSON (%s); ignoring its model_file_base_name", file, e)
+            autogptq = json.loads(file.read_text(encoding="utf-8"))
+        except (OSError, ValueError) as e:  # config.json's config is the one read; only the name
+            # (unreadable, not UTF-8, not JSON: each a ValueError or an OSError)
+            log.warning("%s cannot be read as JSON (%s); ignoring its model_file_base_name",
+                        file, e)
             autogptq = None
         if isinstance(autogptq, dict) and autogptq.get("model_file_base_name") is not None:
             return autogptq["model_file_base_name"], str(file)

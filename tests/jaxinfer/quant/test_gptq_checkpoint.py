@@ -533,6 +533,24 @@ def test_bad_model_file_base_name_does_not_refuse_model_safetensors(rtn4, tmp_pa
     _assert_loads_rtn4(rtn4, tmp_path)
 
 
+@pytest.mark.parametrize("damage", ["not json", "not utf-8", "a directory"])
+def test_an_unreadable_quantize_config_beside_model_safetensors_is_ignored_with_a_warning(
+        rtn4, tmp_path, caplog, damage):
+    """config.json's quantization_config is the one read; quantize_config.json could only name
+    the weights file, so a damaged one is a warning, not a failed load."""
+    jaxinfer.save_pretrained(rtn4, tmp_path)
+    file = tmp_path / "quantize_config.json"
+    if file.exists():
+        file.unlink()
+    if damage == "a directory":
+        file.mkdir()
+    else:
+        file.write_bytes(b"{bits: 4" if damage == "not json" else b"\xff\xfe{}")
+    with caplog.at_level(logging.WARNING, logger="jaxinfer.checkpoint"):
+        _assert_loads_rtn4(rtn4, tmp_path)
+    assert "quantize_config.json cannot be read as JSON" in caplog.text
+
+
 def test_model_safetensors_beside_autogptq_weights_warns_naming_the_file_loaded(
         rtn4, tmp_path, caplog):
     """model.safetensors wins, as in transformers, but AutoGPTQ would load my_weights: say so."""
